@@ -1,0 +1,150 @@
+"""Replay a captured trace through kvtier's public API the way a KV cache uses it.
+
+For each (layer, KV head) one collection: the prefill's keys and values enter as one batch,
+then each decoding step moves the token leaving the recent window into the store (one
+``add`` of one entry). The first ``sinks`` positions and the last ``window`` positions are
+always resident and never in the store. Every ``every`` steps the GQA group's queries
+``retrieve`` clusters under a budget of ``budget`` x context entries, and the step's
+attention recall is measured:
+
+    recall = (attention mass of the fetched entries) / (attention mass of all stored entries)
+
+with attention = softmax(q . k / sqrt(d)) over every position <= t, averaged over the query
+heads of the group (EVAL.md, "Metrics").
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+
+import kvtier
+
+
+@dataclass
+class ReplayResult:
+    policy: str
+    budget: float
+    recall: float                       # mean over steps, layers and heads
+    oracle_recall: float                # token-level exact top-budget by attention (upper bound)
+    steps: int
+    retrieves: int
+    fetched_per_retrieve: float
+    read_ops_per_retrieve: float
+    read_bytes_per_retrieve: float
+    modeled_io_s_per_retrieve: float
+    mean_read_entries: float
+    clusters: float                     # mean over collections at the end
+    mean_cluster_size: float
+    mean_variance: float
+    dram_peak_bytes: int
+    dram_budget: int
+    wall_s: float
+    per_layer_recall: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "per_layer_recall"}
+
+
+def _softmax_rows(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, window: int = 32,
+           every: int = 4, layers: Optional[Iterable[int]] = None, dram_budget="256MiB",
+           device="ufs4.0", store_dir: Optional[str] = None, progress=None,
+           **collection_kwargs) -> ReplayResult:
+    """Runs the replay and returns averaged metrics. ``budget`` is a fraction of the
+    context (positions <= t) or an int entry count; ``progress`` a tqdm-like callable."""
+    layers = list(range(trace.n_layers)) if layers is None else list(layers)
+    g = trace.group_size
+    d = trace.head_dim
+    scale = 1.0 / math.sqrt(d)
+    P, T = trace.prefill, trace.length
+    if P <= sinks + window:
+        raise ValueError(f"prefill ({P}) must exceed sinks + window ({sinks + window})")
+    tmp = None
+    if store_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="kvtier-replay-")
+        store_dir = tmp.name
+    steps = list(range(P, T, every))
+    recalls, oracle = [], []
+    per_layer: dict[int, list] = {l: [] for l in layers}
+    fetched = 0
+    n_retrieves = 0
+    t0 = time.perf_counter()
+    store = kvtier.open(store_dir, dram_budget=dram_budget, device=device)
+    try:
+        colls = {}
+        for l in layers:
+            for h in range(trace.n_kv_heads):
+                c = store.collection(f"L{l}.H{h}", dim=d, value_dim=d, dtype="float16",
+                                     policy=policy, **collection_kwargs)
+                c.add(trace.keys[l, h, sinks:P - window], trace.values[l, h, sinks:P - window])
+                colls[l, h] = c
+        store.reset_io_stats()
+        in_store = P - window  # positions [sinks, in_store) are stored
+        it = range(P, T)
+        if progress is not None:
+            it = progress(it, desc=f"replay {policy}", unit="step")
+        for t in it:
+            # token t - window leaves the window and enters the store
+            while in_store <= t - window:
+                for l in layers:
+                    for h in range(trace.n_kv_heads):
+                        colls[l, h].add(trace.keys[l, h, in_store:in_store + 1],
+                                        trace.values[l, h, in_store:in_store + 1])
+                in_store += 1
+            if (t - P) % every:
+                continue
+            n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
+            for l in layers:
+                for h in range(trace.n_kv_heads):
+                    q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
+                    got = colls[l, h].retrieve(q, budget=n_budget)
+                    n_retrieves += 1
+                    fetched += len(got)
+                    logits = (q @ trace.keys[l, h, :t + 1].astype(np.float32).T) * scale
+                    p = _softmax_rows(logits)
+                    stored = p[:, sinks:in_store]
+                    mass = stored.sum(axis=1)
+                    pos = got.ids + sinks
+                    r = (p[:, pos].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
+                    # token-level oracle at the same budget: the best entries for the group
+                    k_or = min(n_budget, stored.shape[1])
+                    if k_or:
+                        top = np.argpartition(-stored.max(axis=0), k_or - 1)[:k_or]
+                        o = (stored[:, top].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
+                    else:
+                        o = 0.0
+                    recalls.append(r)
+                    oracle.append(o)
+                    per_layer[l].append(r)
+        st = store.stats()
+        cs = [c.stats() for c in colls.values()]
+    finally:
+        store.close()
+        if tmp is not None:
+            tmp.cleanup()
+    n = max(n_retrieves, 1)
+    return ReplayResult(
+        policy=policy, budget=budget, recall=float(np.mean(recalls)),
+        oracle_recall=float(np.mean(oracle)), steps=len(steps), retrieves=n_retrieves,
+        fetched_per_retrieve=fetched / n, read_ops_per_retrieve=st["read_ops"] / n,
+        read_bytes_per_retrieve=st["read_bytes"] / n,
+        modeled_io_s_per_retrieve=st["modeled_io_seconds"] / n,
+        mean_read_entries=st["mean_read_entries"],
+        clusters=float(np.mean([c["clusters"] for c in cs])),
+        mean_cluster_size=float(np.mean([c["mean_cluster_size"] for c in cs])),
+        mean_variance=float(np.mean([c["mean_variance"] for c in cs])),
+        dram_peak_bytes=st["dram_peak_bytes"], dram_budget=st["dram_budget"],
+        wall_s=time.perf_counter() - t0,
+        per_layer_recall={l: float(np.mean(v)) for l, v in per_layer.items() if v},
+    )

@@ -1,0 +1,194 @@
+/*
+ * kvtier.h — the public C API of the kvtier engine.
+ *
+ * kvtier keeps vectors (keys) with attached values mostly on flash and a budgeted hot set in
+ * DRAM. Entries are grouped into clusters; a cluster's entries (id, key, value) are stored
+ * contiguously in an extent of a pool on flash, so a cluster is one read.
+ *
+ * Conventions (in the manner of LMDB's header):
+ *  - Handles are opaque. Every call returns int: 0 is success, negative codes are kvtier's
+ *    own (KVT_E*), positive codes are errno values from the system.
+ *  - kvt_strerror(code) returns "KVT_NAME: text" for every code; kvt_last_error() returns the
+ *    detailed message of the calling thread's last failed call (file, operation, syscall).
+ *  - The engine persists data files only. The catalog (collection parameters, the cluster
+ *    directory, the id map) is owned by the caller: kvt_coll_export_* produce blobs that the
+ *    caller commits atomically after kvt_coll_sync() returned, and kvt_coll_open() takes them
+ *    back. Data written after the last committed blobs is ignored on reopen.
+ *  - A store serialises its calls internally: any call may come from any thread.
+ *  - Memory returned by the engine (kvt_result, exported blobs) is owned by the caller and
+ *    released with kvt_result_free() / kvt_free().
+ */
+#ifndef KVTIER_H
+#define KVTIER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVT_VERSION_MAJOR 0
+#define KVT_VERSION_MINOR 1
+/* Bumped whenever the layout of data files or exported blobs changes. */
+#define KVT_FORMAT_VERSION 1
+
+/* ---- error codes ------------------------------------------------------------------------ */
+#define KVT_OK 0
+#define KVT_EINVAL (-30001)   /* an argument is out of range or inconsistent */
+#define KVT_ECORRUPT (-30002) /* a checksum or structural check failed on data read back */
+#define KVT_EBUDGET (-30003)  /* the DRAM budget cannot hold what the call must keep resident */
+#define KVT_ENOTFOUND (-30004) /* an id that was never added */
+#define KVT_EFORMAT (-30005)  /* an exported blob or file of another format version */
+#define KVT_ECLOSED (-30006)  /* the store was closed */
+#define KVT_EINJECTED (-30007) /* a fault injected by a test hook (never in production) */
+
+/* "KVT_NAME: text" for kvtier codes, "ENAME: strerror" for errno values. Never NULL. */
+const char *kvt_strerror(int code);
+/* The calling thread's last detailed error message ("" if none). Valid until the next call. */
+const char *kvt_last_error(void);
+
+/* ---- enums -------------------------------------------------------------------------------- */
+enum kvt_dtype { KVT_F32 = 0, KVT_F16 = 1 };
+enum kvt_metric { KVT_METRIC_IP = 0, KVT_METRIC_L2 = 1 };
+enum kvt_policy { KVT_POLICY_STATIC = 0, KVT_POLICY_ADAPTIVE = 1, KVT_POLICY_LOCAL = 2,
+                  KVT_POLICY_NONE = 3 };
+enum kvt_direct { KVT_DIRECT_AUTO = -1, KVT_DIRECT_OFF = 0, KVT_DIRECT_ON = 1 };
+
+/* ---- device model ------------------------------------------------------------------------- */
+/* Every read is charged to this model: a batch of reads issued together costs
+ * latency + max(ops / iops, bytes / bandwidth), so bandwidth(size) = min(BW, IOPS * size).
+ * bandwidth == 0 disables the model (modeled time stays 0). With throttle != 0 the engine
+ * also sleeps until the modeled time has passed. */
+typedef struct kvt_device {
+    double latency_s;       /* per batch of reads, seconds */
+    double iops;            /* read operations per second ceiling */
+    double bandwidth_Bps;   /* sequential read bandwidth, bytes per second */
+    int queue_depth;        /* informational: reads the device overlaps */
+    int page_size;          /* flash page, bytes */
+    int throttle;
+} kvt_device;
+
+typedef struct kvt_store_opts {
+    uint64_t dram_budget;   /* bytes; hard cap on engine-held data memory */
+    kvt_device device;
+    int direct;             /* enum kvt_direct */
+} kvt_store_opts;
+
+typedef struct kvt_coll_params {
+    uint32_t dim;               /* key dimension, 1..4096 */
+    uint32_t value_dim;         /* value dimension, 0..4096 */
+    int dtype;                  /* enum kvt_dtype, for keys and values */
+    int metric;                 /* enum kvt_metric */
+    int policy;                 /* enum kvt_policy */
+    uint32_t init_cluster_size; /* target entries per cluster of the first partition */
+    uint32_t max_cluster_size;  /* a pool holds twice this many entries */
+    uint32_t kmeans_iters;
+    uint64_t seed;
+} kvt_coll_params;
+
+typedef struct kvt_store kvt_store;
+typedef struct kvt_coll kvt_coll;
+typedef struct kvt_result kvt_result;
+
+/* ---- store -------------------------------------------------------------------------------- */
+/* Opens (creating if needed) the data directory `dir` (which must exist).
+ * Errors: KVT_EINVAL, errno from open/stat. */
+int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out);
+/* Closes every collection and frees the store. Does NOT sync: call kvt_coll_sync first.
+ * Safe on NULL. */
+void kvt_store_close(kvt_store *store);
+
+typedef struct kvt_store_stats {
+    uint64_t dram_bytes, dram_budget, dram_peak_bytes;
+    uint64_t cache_bytes, cached_clusters;
+    uint64_t cache_hits, cache_misses, evictions;
+    uint64_t read_ops, read_bytes;  /* device reads actually issued (aligned sizes) */
+    uint64_t read_entries;          /* entries those reads carried */
+    uint64_t write_ops, write_bytes, sync_ops;
+    double modeled_io_seconds;
+    int direct_io;                  /* 1 if reads use O_DIRECT */
+    uint64_t read_size_hist[24];    /* reads with size in [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */
+} kvt_store_stats;
+int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out);
+int kvt_store_reset_io_stats(kvt_store *store);
+
+/* ---- collections -------------------------------------------------------------------------- */
+/* Creates collection number `coll_no` with an empty data file "c<coll_no>.kvd" (truncating
+ * any leftover file of that name). Errors: KVT_EINVAL, KVT_EBUDGET, errno. */
+int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
+                    kvt_coll **out);
+/* Reopens a collection from its committed directory blob and id-map chunks (see export).
+ * chunks[i] holds chunk i (KVT_LOC_CHUNK ids). Errors: KVT_EFORMAT, KVT_ECORRUPT, KVT_EBUDGET,
+ * KVT_EINVAL, errno. */
+int kvt_coll_open(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
+                  const void *dir_blob, size_t dir_len, const void *const *chunks,
+                  const size_t *chunk_lens, size_t n_chunks, kvt_coll **out);
+
+/* Appends n entries (keys: n*dim, values: n*value_dim, both in the collection dtype).
+ * Ids are assigned consecutively; *first_id receives the first. On error nothing is added.
+ * Errors: KVT_EINVAL, KVT_EBUDGET, errno from pwrite. */
+int kvt_coll_add(kvt_coll *coll, const void *keys, const void *values, uint64_t n,
+                 int64_t *first_id);
+
+/* Approximate top-k per query (float32 queries, nq*dim): scores the representatives, reads
+ * the `nprobe` best clusters and rescores their entries exactly. Rows with fewer than k hits
+ * are padded with id -1 and score -inf. Errors: KVT_EINVAL, KVT_ECORRUPT, errno. */
+int kvt_coll_search(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k,
+                    uint32_t nprobe, int64_t *ids_out, float *scores_out);
+
+/* Whole clusters in descending score (max over the query group) whose entry counts fit in
+ * `budget` entries in total. The result owns its arrays. Errors: as search. */
+int kvt_coll_retrieve(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
+                      kvt_result **out);
+uint64_t kvt_result_count(const kvt_result *res);
+uint64_t kvt_result_nclusters(const kvt_result *res);
+/* Copies the result out; any pointer may be NULL. keys/values in the collection dtype. */
+void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *values,
+                     int32_t *clusters);
+void kvt_result_free(kvt_result *res);
+
+/* Keys and values of n ids (any order, repeats allowed). Errors: KVT_ENOTFOUND, KVT_ECORRUPT,
+ * errno. */
+int kvt_coll_get(kvt_coll *coll, const int64_t *ids, uint64_t n, void *keys_out,
+                 void *values_out);
+
+uint64_t kvt_coll_count(const kvt_coll *coll);
+
+typedef struct kvt_coll_stats {
+    uint64_t entries, clusters, pools, data_file_bytes;
+    double mean_cluster_size, max_cluster_size, mean_variance;
+    uint64_t cached_clusters;
+} kvt_coll_stats;
+int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
+/* Entry count of every cluster (cap entries written, total returned in *n_clusters). */
+int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters);
+
+/* ---- durability --------------------------------------------------------------------------- */
+/* Writes everything buffered and fdatasyncs the data file. After it returns 0, the blobs
+ * exported next describe only data that is on stable storage. */
+int kvt_coll_sync(kvt_coll *coll);
+#define KVT_LOC_CHUNK 65536u
+/* The cluster directory as one self-checking blob (kvt_free it). */
+int kvt_coll_export_dir(kvt_coll *coll, void **blob, size_t *len);
+/* Indices of id-map chunks changed since the last kvt_coll_committed (kvt_free the array). */
+int kvt_coll_dirty_chunks(kvt_coll *coll, uint64_t **idx, size_t *n);
+/* One id-map chunk as a blob (kvt_free it). */
+int kvt_coll_export_chunk(kvt_coll *coll, uint64_t chunk, void **blob, size_t *len);
+/* Tells the engine the exported state was committed: dirty marks are cleared and space freed
+ * by that state becomes reusable. */
+int kvt_coll_committed(kvt_coll *coll);
+void kvt_free(void *p);
+
+/* ---- test hooks --------------------------------------------------------------------------- */
+/* Makes the nth (0-based) subsequent I/O call of kind op ('r' read, 'w' write, 's' sync) fail
+ * with `code` (an errno, or KVT_EINJECTED); code 0 clears. For fault-injection tests. */
+int kvt_store_inject_fault(kvt_store *store, char op, uint64_t nth, int code);
+
+/* Which dot-product kernel the engine chose at run time: "avx2", "neon" or "scalar". */
+const char *kvt_simd_kernel(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVTIER_H */

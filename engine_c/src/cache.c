@@ -1,0 +1,131 @@
+/*
+ * cache.c — budget accounting and LRU replacement of whole clusters.
+ *
+ * Invariants:
+ * 1. used <= budget at every return, and peak is the largest value used has had.
+ * 2. used counts every reservation not yet released, including the bytes of every cached
+ *    entry (cap * esz + the entry header).
+ * 3. A pinned entry is never evicted; an evicted entry's owner is told through on_evict
+ *    before the entry is freed.
+ */
+#include <stdlib.h>
+
+#include "common.h"
+#include "cache.h"
+
+static void unlink_ent(kvt_cache_ent *e) {
+    e->prev->next = e->next;
+    e->next->prev = e->prev;
+}
+
+static void push_front(kvt_cache *c, kvt_cache_ent *e) {
+    e->next = c->lru.next;
+    e->prev = &c->lru;
+    c->lru.next->prev = e;
+    c->lru.next = e;
+}
+
+static uint64_t ent_bytes(const kvt_cache_ent *e) { return sizeof *e + (uint64_t)e->cap * e->esz; }
+
+void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, uint32_t)) {
+    memset(c, 0, sizeof *c);
+    c->budget = budget;
+    c->lru.next = c->lru.prev = &c->lru;
+    c->on_evict = on_evict;
+}
+
+static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
+    unlink_ent(e);
+    uint64_t b = ent_bytes(e);
+    c->used -= b;
+    c->cache_bytes -= b;
+    c->cached--;
+    free(e->rec);
+    free(e);
+}
+
+void kvt_cache_destroy(kvt_cache *c) {
+    while (c->lru.next != &c->lru) free_ent(c, c->lru.next);
+}
+
+int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) {
+    kvt_cache_ent *e = c->lru.prev;
+    while (c->used + bytes > c->budget && e != &c->lru) {
+        kvt_cache_ent *prev = e->prev;
+        if (!e->pins) {
+            if (c->on_evict) c->on_evict(e->owner, e->cluster);
+            free_ent(c, e);
+            c->evictions++;
+        }
+        e = prev;
+    }
+    if (c->used + bytes > c->budget)
+        return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes (%llu in use that cannot be evicted)",
+                        (unsigned long long)c->budget, (unsigned long long)bytes,
+                        (unsigned long long)c->used);
+    c->used += bytes;
+    if (c->used > c->peak) c->peak = c->used;
+    return 0;
+}
+
+void kvt_mem_release(kvt_cache *c, uint64_t bytes) { c->used -= bytes; }
+
+kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint32_t n, size_t esz) {
+    uint64_t need = sizeof(kvt_cache_ent) + (uint64_t)n * esz;
+    if (need > c->budget / 2) return NULL; /* one cluster may not flush the whole cache */
+    if (kvt_mem_reserve(c, need)) return NULL;
+    kvt_cache_ent *e = calloc(1, sizeof *e);
+    uint8_t *rec = n ? malloc((size_t)n * esz) : NULL;
+    if (!e || (n && !rec)) {
+        free(e);
+        free(rec);
+        kvt_mem_release(c, need);
+        return NULL;
+    }
+    e->owner = owner;
+    e->cluster = cluster;
+    e->cap = n;
+    e->esz = esz;
+    e->rec = rec;
+    e->pins = 1;
+    push_front(c, e);
+    c->cache_bytes += need;
+    c->cached++;
+    return e;
+}
+
+int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
+    if (e->n + extra <= e->cap) return 0;
+    uint32_t cap = e->cap ? e->cap : 8;
+    while (cap < e->n + extra) cap *= 2;
+    uint64_t more = (uint64_t)(cap - e->cap) * e->esz;
+    e->pins++;
+    int rc = kvt_mem_reserve(c, more);
+    e->pins--;
+    if (rc) return rc;
+    uint8_t *rec = realloc(e->rec, (size_t)cap * e->esz);
+    if (!rec) {
+        kvt_mem_release(c, more);
+        return kvt_fail(KVT_EBUDGET, "cache: cannot grow a cached cluster to %u records", cap);
+    }
+    e->rec = rec;
+    e->cap = cap;
+    c->cache_bytes += more;
+    return 0;
+}
+
+void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e) {
+    unlink_ent(e);
+    push_front(c, e);
+}
+
+void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e) { free_ent(c, e); }
+
+void kvt_cache_drop_owner(kvt_cache *c, void *owner) {
+    kvt_cache_ent *e = c->lru.next;
+    while (e != &c->lru) {
+        kvt_cache_ent *next = e->next;
+        if (e->owner == owner) free_ent(c, e);
+        e = next;
+    }
+}

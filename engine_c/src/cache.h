@@ -1,0 +1,54 @@
+/*
+ * cache.h — the DRAM budget and the cluster cache.
+ *
+ * Every byte the engine holds for data (representatives, the id map, pool tables, write and
+ * read buffers, cached clusters) is reserved here first. A reservation that does not fit
+ * evicts whole cached clusters, least recently used first, and fails with KVT_EBUDGET when
+ * nothing evictable is left. The cache holds whole clusters as decoded record arrays in
+ * insertion order.
+ */
+#ifndef KVT_CACHE_H
+#define KVT_CACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct kvt_cache_ent {
+    struct kvt_cache_ent *prev, *next; /* LRU list, most recent after the sentinel */
+    void *owner;                       /* the collection */
+    uint32_t cluster;
+    uint32_t n, cap;                   /* records held / allocated */
+    uint32_t pins;                     /* > 0: in use, not evictable */
+    size_t esz;
+    uint8_t *rec;
+} kvt_cache_ent;
+
+typedef struct kvt_cache {
+    uint64_t budget, used, peak;
+    uint64_t cache_bytes, cached, hits, misses, evictions;
+    kvt_cache_ent lru;                 /* sentinel */
+    /* Called when an entry is evicted, so the owner can forget it. */
+    void (*on_evict)(void *owner, uint32_t cluster);
+} kvt_cache;
+
+void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, uint32_t));
+/* Frees every entry (without calling on_evict). */
+void kvt_cache_destroy(kvt_cache *c);
+
+/* Reserves bytes of the budget, evicting unpinned clusters as needed. KVT_EBUDGET if it
+ * cannot. */
+int kvt_mem_reserve(kvt_cache *c, uint64_t bytes);
+void kvt_mem_release(kvt_cache *c, uint64_t bytes);
+
+/* A new entry with room for n records (reserved and allocated), pinned, at the MRU end, or
+ * NULL when the budget cannot hold it without evicting pinned entries. */
+kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint32_t n, size_t esz);
+/* Makes room for `extra` more records; on failure drops nothing and returns KVT_EBUDGET. */
+int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra);
+void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e);
+/* Removes and frees an entry (no on_evict call). */
+void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e);
+/* Drops every entry owned by `owner`. */
+void kvt_cache_drop_owner(kvt_cache *c, void *owner);
+
+#endif

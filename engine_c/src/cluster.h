@@ -1,0 +1,53 @@
+/*
+ * cluster.h — representatives and the arithmetic on them: k-means for a first partition,
+ * nearest-representative assignment, Welford updates of a cluster's mean and variance, and
+ * scoring of representatives against a query group.
+ *
+ * Keys arrive in the collection dtype (float16 or float32); representatives are float32.
+ * A cluster's variance is the mean squared distance of its entries to its mean.
+ */
+#ifndef KVT_CLUSTER_H
+#define KVT_CLUSTER_H
+
+#include <stdint.h>
+
+#include "cache.h"
+#include "pool.h"
+#include "simd.h"
+
+typedef struct kvt_cluster {
+    uint32_t n;            /* entries */
+    uint32_t nseg, segcap;
+    kvt_seg *segs;         /* in insertion order; the last one takes appends */
+    double m2;             /* sum of squared distances to the mean (Welford) */
+    kvt_cache_ent *ent;    /* cached copy, or NULL */
+} kvt_cluster;
+
+typedef struct kvt_kmeans_scratch {
+    double *sums;          /* k * dim */
+    uint32_t *counts;      /* k */
+    float *norms;          /* k */
+} kvt_kmeans_scratch;
+
+/* Bytes of working memory kvt_kmeans needs for n points and k centroids (for accounting). */
+uint64_t kvt_kmeans_bytes(uint64_t n, uint32_t k, uint32_t dim);
+
+/* Lloyd's k-means over points idx[0..n) of `keys` (row stride dim, in dtype). Writes k
+ * centroids and, for each listed point, its cluster in assign[i]. Deterministic for a seed.
+ * When k is large the partition is built in two levels (sqrt(k) coarse clusters, each split
+ * in proportion to its size), so the cost stays about n * 2 sqrt(k) * dim per iteration. */
+int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, const uint32_t *idx,
+               uint64_t n, uint32_t k, uint32_t iters, uint64_t seed, float *centroids,
+               uint32_t *assign);
+
+/* Index of the representative nearest (L2) to key; norms[c] = |centroid c|^2. */
+uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const float *centroids,
+                     const float *norms, uint32_t k, uint32_t dim);
+
+/* Adds x (float32) to a cluster of n entries with mean `mean` and sum of squares *m2. */
+void kvt_welford_add(float *mean, double *m2, uint32_t n, const float *x, uint32_t dim);
+
+/* Converts one key of dtype into float32. */
+void kvt_key_to_f32(const kvt_kernels *K, int dtype, const void *key, float *out, uint32_t dim);
+
+#endif

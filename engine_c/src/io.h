@@ -1,0 +1,77 @@
+/*
+ * io.h — the io layer: files behind a backend function table, O_DIRECT reads with aligned
+ * bounce buffers, read accounting, the device model and fault injection.
+ *
+ * Upper layers see byte ranges of files; this layer hides alignment, retries of short
+ * transfers, the choice of backend and what a read costs on the modeled device.
+ */
+#ifndef KVT_IO_H
+#define KVT_IO_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "kvtier.h"
+
+#define KVT_IO_ALIGN 4096u
+
+typedef struct kvt_file kvt_file;
+typedef struct kvt_io kvt_io;
+
+/* A backend: chosen once when the io context is made. Every method returns 0 or an errno. */
+typedef struct kvt_io_backend {
+    const char *name;
+    int (*pread_full)(int fd, void *buf, size_t len, uint64_t off, size_t *got);
+    int (*pwrite_full)(int fd, const void *buf, size_t len, uint64_t off);
+    int (*datasync)(int fd);
+} kvt_io_backend;
+
+typedef struct kvt_io_stats {
+    uint64_t read_ops, read_bytes, read_entries;
+    uint64_t write_ops, write_bytes, sync_ops;
+    double modeled_seconds;
+    uint64_t size_hist[24];
+} kvt_io_stats;
+
+struct kvt_io {
+    const kvt_io_backend *be;
+    kvt_device dev;
+    int direct_mode;          /* enum kvt_direct as asked */
+    pthread_mutex_t mu;       /* guards stats and fault state */
+    kvt_io_stats st;
+    uint64_t batch_ops, batch_bytes; int batch_open;
+    /* fault injection: fail the nth next op of a kind */
+    int fault_code[3]; uint64_t fault_countdown[3];
+};
+
+int kvt_io_init(kvt_io *io, const kvt_device *dev, int direct_mode);
+void kvt_io_destroy(kvt_io *io);
+
+/* Opens `path` (creating it; truncating when `truncate`). Direct reads are tried when the
+ * io's direct mode allows and silently fall back to buffered when the file system refuses.
+ */
+int kvt_file_open(kvt_io *io, const char *path, int truncate, kvt_file **out);
+void kvt_file_close(kvt_file *f);
+int kvt_file_is_direct(const kvt_file *f);
+uint64_t kvt_file_size(const kvt_file *f);
+const char *kvt_file_path(const kvt_file *f);
+
+/* Reads exactly len bytes at off into dst (any alignment). Counted as one read carrying
+ * `entries` entries; with O_DIRECT the device sees the aligned window around the range.
+ * Short reads past end of file give KVT_ECORRUPT. */
+int kvt_file_read(kvt_file *f, uint64_t off, size_t len, void *dst, uint64_t entries);
+/* Bytes of scratch a direct read of this range needs (for DRAM accounting). */
+size_t kvt_file_read_scratch(const kvt_file *f, uint64_t off, size_t len);
+int kvt_file_write(kvt_file *f, uint64_t off, const void *src, size_t len);
+int kvt_file_sync(kvt_file *f);
+
+/* Reads between begin and end form one batch for the device model (issued together). */
+void kvt_io_batch_begin(kvt_io *io);
+void kvt_io_batch_end(kvt_io *io);
+void kvt_io_stats_get(kvt_io *io, kvt_io_stats *out);
+void kvt_io_stats_reset(kvt_io *io);
+/* Modeled seconds for `ops` reads of `bytes` in total issued as one batch. */
+double kvt_device_time(const kvt_device *dev, uint64_t ops, uint64_t bytes);
+int kvt_io_inject(kvt_io *io, char op, uint64_t nth, int code);
+
+#endif

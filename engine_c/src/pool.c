@@ -1,0 +1,125 @@
+/*
+ * pool.c — record encoding and pool allocation.
+ *
+ * Invariants:
+ * 1. A record's bytes depend only on (id, key, value) and the layout; its CRC covers them all.
+ * 2. For every pool, used[0] + used[1] <= pool_cap, and a head with used > 0 has an owner.
+ * 3. pool_bytes is a multiple of the I/O alignment, so pools never share an aligned page and
+ *    direct reads of one pool never touch bytes another writer is appending.
+ * 4. Appends only write slots past a head's used count: data already written never moves.
+ */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "common.h"
+#include "io.h"
+#include "pool.h"
+
+void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster) {
+    L->dim = dim;
+    L->value_dim = value_dim;
+    L->elsize = dtype == KVT_F16 ? 2 : 4;
+    L->key_bytes = dim * L->elsize;
+    L->value_bytes = value_dim * L->elsize;
+    L->esz = (uint32_t)kvt_round_up(KVT_REC_HEADER + L->key_bytes + L->value_bytes, 8);
+    L->pool_bytes = kvt_round_up((uint64_t)2 * max_cluster * L->esz, KVT_IO_ALIGN);
+    L->pool_cap = (uint32_t)(L->pool_bytes / L->esz);
+}
+
+static uint32_t rec_crc(const kvt_layout *L, const uint8_t *rec) {
+    uint32_t c = kvt_crc32c(0, rec, 8);
+    return kvt_crc32c(c, rec + KVT_REC_HEADER, L->key_bytes + L->value_bytes);
+}
+
+void kvt_rec_encode(const kvt_layout *L, uint8_t *dst, int64_t id, const void *key, const void *value) {
+    memcpy(dst, &id, 8);
+    memcpy(dst + KVT_REC_HEADER, key, L->key_bytes);
+    if (L->value_bytes) memcpy(dst + KVT_REC_HEADER + L->key_bytes, value, L->value_bytes);
+    size_t used = KVT_REC_HEADER + L->key_bytes + L->value_bytes;
+    memset(dst + used, 0, L->esz - used);
+    uint32_t crc = rec_crc(L, dst), size = L->esz;
+    memcpy(dst + 8, &crc, 4);
+    memcpy(dst + 12, &size, 4);
+}
+
+int kvt_rec_check(const kvt_layout *L, const uint8_t *rec, int64_t *id) {
+    uint32_t crc, size;
+    memcpy(id, rec, 8);
+    memcpy(&crc, rec + 8, 4);
+    memcpy(&size, rec + 12, 4);
+    if (size != L->esz || crc != rec_crc(L, rec)) return KVT_ECORRUPT;
+    return 0;
+}
+
+void kvt_rec_reverse(const kvt_layout *L, uint8_t *recs, uint32_t n) {
+    uint8_t tmp[KVT_REC_HEADER + 2 * 4096 * 4 + 8];
+    for (uint32_t i = 0, j = n ? n - 1 : 0; i < j; i++, j--) {
+        uint8_t *a = recs + (size_t)i * L->esz, *b = recs + (size_t)j * L->esz;
+        memcpy(tmp, a, L->esz);
+        memcpy(a, b, L->esz);
+        memcpy(b, tmp, L->esz);
+    }
+}
+
+void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page[KVT_DATA_HEADER]) {
+    memset(page, 0, KVT_DATA_HEADER);
+    kvt_wbuf w = {0};
+    kvt_wbuf_put(&w, KVT_DATA_MAGIC, 8);
+    kvt_wbuf_u32(&w, KVT_FORMAT_VERSION);
+    kvt_wbuf_u32(&w, L->dim);
+    kvt_wbuf_u32(&w, L->value_dim);
+    kvt_wbuf_u32(&w, (uint32_t)p->dtype);
+    kvt_wbuf_u32(&w, L->esz);
+    kvt_wbuf_u64(&w, L->pool_bytes);
+    uint32_t crc = kvt_crc32c(0, w.p, w.len);
+    kvt_wbuf_u32(&w, crc);
+    if (!w.oom) memcpy(page, w.p, w.len);
+    free(w.p);
+}
+
+int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER]) {
+    uint8_t want[KVT_DATA_HEADER];
+    if (memcmp(page, KVT_DATA_MAGIC, 8) != 0) return KVT_ECORRUPT;
+    uint32_t version;
+    memcpy(&version, page + 8, 4);
+    if (version != KVT_FORMAT_VERSION) return KVT_EFORMAT;
+    kvt_data_header(L, p, want);
+    return memcmp(page, want, 64) == 0 ? 0 : KVT_ECORRUPT;
+}
+
+int kvt_pools_reserve(kvt_pools *P, uint32_t need) {
+    if (need <= P->cap) return 0;
+    uint32_t cap = P->cap ? P->cap : 16;
+    while (cap < need) cap *= 2;
+    kvt_pool *p = realloc(P->p, (size_t)cap * sizeof *p);
+    if (!p) return kvt_fail(ENOMEM, "pool table: out of memory");
+    P->p = p;
+    P->cap = cap;
+    return 0;
+}
+
+int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *seg) {
+    if (P->half_free >= 0) {
+        kvt_pool *p = &P->p[P->half_free];
+        uint32_t idx = (uint32_t)P->half_free;
+        P->half_free = -1;
+        if (p->owner[1] < 0 && kvt_pool_room(L, p) > 0 && p->owner[0] != owner) {
+            p->owner[1] = owner;
+            *seg = (kvt_seg){idx, 1, 0};
+            return 0;
+        }
+    }
+    int rc = kvt_pools_reserve(P, P->n + 1);
+    if (rc) return rc;
+    uint32_t idx = P->n++;
+    P->p[idx] = (kvt_pool){{owner, -1}, {0, 0}};
+    P->half_free = idx;
+    *seg = (kvt_seg){idx, 0, 0};
+    return 0;
+}
+
+void kvt_pools_free(kvt_pools *P) {
+    free(P->p);
+    memset(P, 0, sizeof *P);
+    P->half_free = -1;
+}

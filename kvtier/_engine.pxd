@@ -1,0 +1,89 @@
+# Declarations of the C engine's public header (engine_c/include/kvtier.h); nothing else.
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+
+cdef extern from "kvtier.h" nogil:
+    int KVT_FORMAT_VERSION
+    int KVT_EINVAL, KVT_ECORRUPT, KVT_EBUDGET, KVT_ENOTFOUND, KVT_EFORMAT, KVT_ECLOSED, KVT_EINJECTED
+    unsigned int KVT_LOC_CHUNK
+
+    const char *kvt_strerror(int code)
+    const char *kvt_last_error()
+
+    ctypedef struct kvt_device:
+        double latency_s
+        double iops
+        double bandwidth_Bps
+        int queue_depth
+        int page_size
+        int throttle
+
+    ctypedef struct kvt_store_opts:
+        uint64_t dram_budget
+        kvt_device device
+        int direct
+
+    ctypedef struct kvt_coll_params:
+        uint32_t dim
+        uint32_t value_dim
+        int dtype
+        int metric
+        int policy
+        uint32_t init_cluster_size
+        uint32_t max_cluster_size
+        uint32_t kmeans_iters
+        uint64_t seed
+
+    ctypedef struct kvt_store:
+        pass
+    ctypedef struct kvt_coll:
+        pass
+    ctypedef struct kvt_result:
+        pass
+
+    int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
+    void kvt_store_close(kvt_store *store)
+
+    ctypedef struct kvt_store_stats:
+        uint64_t dram_bytes, dram_budget, dram_peak_bytes
+        uint64_t cache_bytes, cached_clusters
+        uint64_t cache_hits, cache_misses, evictions
+        uint64_t read_ops, read_bytes, read_entries
+        uint64_t write_ops, write_bytes, sync_ops
+        double modeled_io_seconds
+        int direct_io
+        uint64_t read_size_hist[24]
+    int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out)
+    int kvt_store_reset_io_stats(kvt_store *store)
+
+    int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params, kvt_coll **out)
+    int kvt_coll_open(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
+                      const void *dir_blob, size_t dir_len, const void *const *chunks,
+                      const size_t *chunk_lens, size_t n_chunks, kvt_coll **out)
+    int kvt_coll_add(kvt_coll *coll, const void *keys, const void *values, uint64_t n, int64_t *first_id)
+    int kvt_coll_search(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k,
+                        uint32_t nprobe, int64_t *ids_out, float *scores_out)
+    int kvt_coll_retrieve(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
+                          kvt_result **out)
+    uint64_t kvt_result_count(const kvt_result *res)
+    uint64_t kvt_result_nclusters(const kvt_result *res)
+    void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *values, int32_t *clusters)
+    void kvt_result_free(kvt_result *res)
+    int kvt_coll_get(kvt_coll *coll, const int64_t *ids, uint64_t n, void *keys_out, void *values_out)
+    uint64_t kvt_coll_count(const kvt_coll *coll)
+
+    ctypedef struct kvt_coll_stats:
+        uint64_t entries, clusters, pools, data_file_bytes
+        double mean_cluster_size, max_cluster_size, mean_variance
+        uint64_t cached_clusters
+    int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
+    int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters)
+
+    int kvt_coll_sync(kvt_coll *coll)
+    int kvt_coll_export_dir(kvt_coll *coll, void **blob, size_t *len)
+    int kvt_coll_dirty_chunks(kvt_coll *coll, uint64_t **idx, size_t *n)
+    int kvt_coll_export_chunk(kvt_coll *coll, uint64_t chunk, void **blob, size_t *len)
+    int kvt_coll_committed(kvt_coll *coll)
+    void kvt_free(void *p)
+
+    int kvt_store_inject_fault(kvt_store *store, char op, uint64_t nth, int code)
+    const char *kvt_simd_kernel()

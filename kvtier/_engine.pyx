@@ -1,0 +1,298 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Thin binding of the C engine. Validation lives in kvtier.store; this module converts
+buffers, releases the GIL around every engine call, frees engine memory in ``finally`` and
+maps each error code to one exception class (kvtier.errors)."""
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, free
+
+from kvtier._engine cimport *
+
+import numpy as np
+
+from kvtier.errors import error_class, StoreClosedError
+
+FORMAT_VERSION = KVT_FORMAT_VERSION
+LOC_CHUNK = KVT_LOC_CHUNK
+
+
+def simd_kernel():
+    return kvt_simd_kernel().decode()
+
+
+def strerror(int code):
+    return kvt_strerror(code).decode()
+
+
+cdef int check(int rc) except -1:
+    if rc == 0:
+        return 0
+    detail = kvt_last_error().decode(errors="replace")
+    name = kvt_strerror(rc).decode()
+    raise error_class(rc)(f"{name} — {detail}" if detail else name, rc)
+
+
+cdef class Engine:
+    """An open engine store (the data directory); owns every collection handle."""
+    cdef kvt_store *ptr
+    cdef public object path
+
+    def __cinit__(self, str path, uint64_t dram_budget, tuple device, int direct):
+        cdef kvt_store_opts o
+        o.dram_budget = dram_budget
+        o.device.latency_s, o.device.iops, o.device.bandwidth_Bps = device[0], device[1], device[2]
+        o.device.queue_depth, o.device.page_size, o.device.throttle = device[3], device[4], device[5]
+        o.direct = direct
+        cdef bytes p = path.encode()
+        cdef const char *cp = p
+        cdef int rc
+        with nogil:
+            rc = kvt_store_open(cp, &o, &self.ptr)
+        check(rc)
+        self.path = path
+
+    def __dealloc__(self):
+        if self.ptr is not NULL:
+            kvt_store_close(self.ptr)
+            self.ptr = NULL
+
+    cdef kvt_store *live(self) except NULL:
+        if self.ptr is NULL:
+            raise StoreClosedError("the store is closed", -30006)
+        return self.ptr
+
+    def close(self):
+        if self.ptr is not NULL:
+            with nogil:
+                kvt_store_close(self.ptr)
+            self.ptr = NULL
+
+    def stats(self):
+        cdef kvt_store_stats s
+        cdef kvt_store *p = self.live()
+        with nogil:
+            kvt_store_stats_get(p, &s)
+        hist = [int(s.read_size_hist[i]) for i in range(24)]
+        return {
+            "dram_bytes": s.dram_bytes, "dram_budget": s.dram_budget,
+            "dram_peak_bytes": s.dram_peak_bytes, "cache_bytes": s.cache_bytes,
+            "cached_clusters": s.cached_clusters, "cache_hits": s.cache_hits,
+            "cache_misses": s.cache_misses, "evictions": s.evictions,
+            "read_ops": s.read_ops, "read_bytes": s.read_bytes, "read_entries": s.read_entries,
+            "write_ops": s.write_ops, "write_bytes": s.write_bytes, "sync_ops": s.sync_ops,
+            "modeled_io_seconds": s.modeled_io_seconds, "direct_io": bool(s.direct_io),
+            "read_size_histogram": hist,
+        }
+
+    def reset_io_stats(self):
+        cdef kvt_store *p = self.live()
+        with nogil:
+            kvt_store_reset_io_stats(p)
+
+    def inject_fault(self, str op, uint64_t nth, int code):
+        check(kvt_store_inject_fault(self.live(), ord(op), nth, code))
+
+    def create(self, uint32_t no, dict params):
+        cdef kvt_coll_params cp = _params(params)
+        cdef kvt_coll *c = NULL
+        cdef kvt_store *p = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_create(p, no, &cp, &c)
+        check(rc)
+        return Coll._wrap(self, c, params)
+
+    def open_coll(self, uint32_t no, dict params, bytes dir_blob, list chunks):
+        cdef kvt_coll_params cp = _params(params)
+        cdef kvt_coll *c = NULL
+        cdef kvt_store *p = self.live()
+        cdef size_t n = len(chunks), i
+        cdef const void **ptrs = <const void **>malloc((n + 1) * sizeof(void *))
+        cdef size_t *lens = <size_t *>malloc((n + 1) * sizeof(size_t))
+        cdef const char *d = dir_blob
+        cdef size_t dl = len(dir_blob)
+        cdef int rc
+        try:
+            for i in range(n):
+                ptrs[i] = <const char *>chunks[i]
+                lens[i] = len(chunks[i])
+            with nogil:
+                rc = kvt_coll_open(p, no, &cp, d, dl, ptrs, lens, n, &c)
+            check(rc)
+        finally:
+            free(ptrs)
+            free(lens)
+        return Coll._wrap(self, c, params)
+
+
+cdef kvt_coll_params _params(dict p) except *:
+    cdef kvt_coll_params cp
+    cp.dim = p["dim"]
+    cp.value_dim = p["value_dim"]
+    cp.dtype = {"float32": 0, "float16": 1}[p["dtype"]]
+    cp.metric = {"ip": 0, "l2": 1}[p["metric"]]
+    cp.policy = {"static": 0, "adaptive": 1, "local": 2, "none": 3}[p["policy"]]
+    cp.init_cluster_size = p["init_cluster_size"]
+    cp.max_cluster_size = p["max_cluster_size"]
+    cp.kmeans_iters = p["kmeans_iters"]
+    cp.seed = p["seed"]
+    return cp
+
+
+cdef class Coll:
+    """One collection's engine handle; valid while its Engine is open."""
+    cdef kvt_coll *ptr
+    cdef Engine owner
+    cdef public int dim, value_dim
+    cdef public object dtype
+
+    @staticmethod
+    cdef Coll _wrap(Engine owner, kvt_coll *c, dict params):
+        cdef Coll o = Coll.__new__(Coll)
+        o.ptr = c
+        o.owner = owner
+        o.dim = params["dim"]
+        o.value_dim = params["value_dim"]
+        o.dtype = np.dtype(params["dtype"])
+        return o
+
+    cdef kvt_coll *live(self) except NULL:
+        if self.owner.ptr is NULL:
+            raise StoreClosedError("the store is closed", -30006)
+        return self.ptr
+
+    def count(self):
+        return kvt_coll_count(self.live())
+
+    def add(self, keys, values):
+        """keys: C-contiguous [n, dim] and values [n, value_dim] in the collection dtype."""
+        cdef const unsigned char[::1] kb = keys.reshape(-1).view(np.uint8)
+        cdef const unsigned char[::1] vb = values.reshape(-1).view(np.uint8)
+        cdef uint64_t n = keys.shape[0]
+        cdef int64_t first = 0
+        cdef kvt_coll *c = self.live()
+        cdef const void *vp = &vb[0] if vb.shape[0] else NULL
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_add(c, &kb[0], vp, n, &first)
+        check(rc)
+        return first
+
+    def search(self, const float[:, ::1] q, uint32_t k, uint32_t nprobe):
+        cdef uint64_t nq = q.shape[0]
+        ids = np.empty((nq, k), dtype=np.int64)
+        scores = np.empty((nq, k), dtype=np.float32)
+        cdef int64_t[:, ::1] iv = ids
+        cdef float[:, ::1] sv = scores
+        cdef kvt_coll *c = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_search(c, &q[0, 0], nq, k, nprobe, &iv[0, 0], &sv[0, 0])
+        check(rc)
+        return ids, scores
+
+    def retrieve(self, const float[:, ::1] q, uint64_t budget):
+        cdef kvt_result *r = NULL
+        cdef kvt_coll *c = self.live()
+        cdef uint64_t nq = q.shape[0], n
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_retrieve(c, &q[0, 0], nq, budget, &r)
+        check(rc)
+        try:
+            n = kvt_result_count(r)
+            ids = np.empty(n, dtype=np.int64)
+            keys = np.empty((n, self.dim), dtype=self.dtype)
+            values = np.empty((n, self.value_dim), dtype=self.dtype)
+            clusters = np.empty(n, dtype=np.int32)
+            if n:
+                _copy_result(r, ids, keys, values, clusters)
+            return ids, keys, values, clusters
+        finally:
+            kvt_result_free(r)
+
+    def get(self, const int64_t[::1] ids):
+        cdef uint64_t n = ids.shape[0]
+        keys = np.empty((n, self.dim), dtype=self.dtype)
+        values = np.empty((n, self.value_dim), dtype=self.dtype)
+        if n == 0:
+            return keys, values
+        cdef unsigned char[::1] kb = keys.reshape(-1).view(np.uint8)
+        cdef unsigned char[::1] vb = values.reshape(-1).view(np.uint8)
+        cdef void *vp = &vb[0] if vb.shape[0] else NULL
+        cdef kvt_coll *c = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_get(c, &ids[0], n, &kb[0], vp)
+        check(rc)
+        return keys, values
+
+    def stats(self):
+        cdef kvt_coll_stats s
+        cdef kvt_coll *c = self.live()
+        with nogil:
+            kvt_coll_stats_get(c, &s)
+        return {
+            "entries": s.entries, "clusters": s.clusters, "pools": s.pools,
+            "data_file_bytes": s.data_file_bytes, "mean_cluster_size": s.mean_cluster_size,
+            "max_cluster_size": int(s.max_cluster_size), "mean_variance": s.mean_variance,
+            "cached_clusters": s.cached_clusters,
+        }
+
+    def cluster_sizes(self):
+        cdef kvt_coll *c = self.live()
+        cdef uint64_t n = 0
+        kvt_coll_cluster_sizes(c, NULL, 0, &n)
+        out = np.zeros(n, dtype=np.uint32)
+        cdef uint32_t[::1] ov = out
+        if n:
+            kvt_coll_cluster_sizes(c, &ov[0], n, &n)
+        return out[:n]
+
+    def sync(self):
+        cdef kvt_coll *c = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_sync(c)
+        check(rc)
+
+    def export_dir(self):
+        cdef void *b = NULL
+        cdef size_t n = 0
+        cdef kvt_coll *c = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_export_dir(c, &b, &n)
+        check(rc)
+        try:
+            return (<const char *>b)[:n]
+        finally:
+            kvt_free(b)
+
+    def dirty_chunks(self):
+        cdef uint64_t *idx = NULL
+        cdef size_t n = 0, i
+        check(kvt_coll_dirty_chunks(self.live(), &idx, &n))
+        try:
+            return [idx[i] for i in range(n)]
+        finally:
+            kvt_free(idx)
+
+    def export_chunk(self, uint64_t chunk):
+        cdef void *b = NULL
+        cdef size_t n = 0
+        check(kvt_coll_export_chunk(self.live(), chunk, &b, &n))
+        try:
+            return (<const char *>b)[:n]
+        finally:
+            kvt_free(b)
+
+    def committed(self):
+        check(kvt_coll_committed(self.live()))
+
+
+cdef void _copy_result(kvt_result *r, int64_t[::1] ids, keys, values, int32_t[::1] clusters):
+    cdef unsigned char[::1] kb = keys.reshape(-1).view(np.uint8)
+    cdef unsigned char[::1] vb = values.reshape(-1).view(np.uint8)
+    cdef void *vp = &vb[0] if vb.shape[0] else NULL
+    with nogil:
+        kvt_result_copy(r, &ids[0], &kb[0], vp, &clusters[0])

@@ -1,0 +1,409 @@
+"""The Python face of the store: ``kvtier.open``, ``Store`` and ``Collection``.
+
+This layer validates every argument (so that a rejected call changes nothing), converts
+arrays to what the engine takes, keeps the catalog, and otherwise hands work to the C engine
+with the GIL released.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from kvtier import _engine
+from kvtier.catalog import Catalog, StoreLock
+from kvtier.config import DTYPES, METRICS, POLICIES, DeviceProfile, parse_size, resolve_device
+from kvtier.errors import InvalidArgumentError, NotFoundError, StoreClosedError
+
+#: Policies the engine implements in this version. The others of POLICIES are rejected with
+#: a clear error rather than silently served by another policy.
+IMPLEMENTED_POLICIES = ("static",)
+DEFAULT_POLICY = "static"
+
+DEFAULT_DRAM_BUDGET = "256MiB"
+_DIRECT = {"auto": -1, False: 0, True: 1}
+
+
+@dataclass(frozen=True)
+class SearchHits:
+    """Approximate top-k: ``ids`` (int64, -1 where fewer than k) and ``scores`` (float32;
+    inner product for ``ip``, negative squared distance for ``l2``), best first."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Whole clusters fetched by ``retrieve``: parallel arrays over the fetched entries."""
+
+    ids: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+    clusters: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class _Gate:
+    """Lets many calls run at once and ``close`` wait for them (GIL is released inside)."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._active = 0
+        self.closed = False
+
+    def __enter__(self):
+        with self._cv:
+            if self.closed:
+                raise StoreClosedError("the store is closed")
+            self._active += 1
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._active -= 1
+            if self._active == 0:
+                self._cv.notify_all()
+
+    def close(self):
+        with self._cv:
+            self.closed = True
+            while self._active:
+                self._cv.wait()
+
+
+def _as_matrix(name: str, x: Any, dim: int, dtype: np.dtype, allow_1d: bool = True) -> tuple[np.ndarray, bool]:
+    """A C-contiguous [n, dim] array of dtype; rejects wrong shapes, non-numbers, NaN/inf."""
+    try:
+        a = np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise InvalidArgumentError(f"{name}: an array of shape (n, {dim}) expected ({e})") from None
+    if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
+        raise InvalidArgumentError(f"{name}: a numeric array expected, got dtype {a.dtype}")
+    one = False
+    if a.ndim == 1 and allow_1d:
+        a, one = a.reshape(1, -1), True
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise InvalidArgumentError(f"{name}: shape (n, {dim}) expected, got {tuple(a.shape)}")
+    if a.shape[0] == 0:
+        raise InvalidArgumentError(f"{name}: at least one row expected, got an empty array")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(a, dtype=dtype)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        what = "NaN or inf" if not np.isfinite(a).all() else f"values outside the {dtype} range"
+        raise InvalidArgumentError(f"{name}: finite values expected, found {what}")
+    return out, one
+
+
+def _positive_int(name: str, v: Any, lo: int = 1, hi: int = 2**31 - 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= hi:
+        raise InvalidArgumentError(f"{name}: an integer in [{lo}, {hi}] expected, got {v!r}")
+    return int(v)
+
+
+class Collection:
+    """A named set of (key, value) entries with stable int64 ids 0, 1, 2, … in insertion order."""
+
+    def __init__(self, store: "Store", name: str, params: dict, handle):
+        self._store = store
+        self.name = name
+        self.params = params
+        self._h = handle
+        self.dim: int = params["dim"]
+        self.value_dim: int = params["value_dim"]
+        self.dtype = np.dtype(params["dtype"])
+        self.metric: str = params["metric"]
+        self.policy: str = params["policy"]
+
+    def __repr__(self):
+        return (f"Collection({self.name!r}, dim={self.dim}, value_dim={self.value_dim}, "
+                f"dtype={self.dtype.name!r}, metric={self.metric!r}, policy={self.policy!r}, "
+                f"entries={len(self) if not self._store.closed else '?'})")
+
+    def __len__(self) -> int:
+        with self._store._gate:
+            return int(self._h.count())
+
+    def add(self, keys, values=None) -> np.ndarray:
+        """Appends entries; returns their ids (int64, consecutive). Nothing is added on error."""
+        k, one = _as_matrix("keys", keys, self.dim, self.dtype)
+        if values is None:
+            if self.value_dim:
+                raise InvalidArgumentError(f"values: shape (n, {self.value_dim}) expected, got None")
+            v = np.empty((k.shape[0], 0), dtype=self.dtype)
+        else:
+            v, _ = _as_matrix("values", values, self.value_dim, self.dtype) if self.value_dim else (
+                np.asarray(values, dtype=self.dtype).reshape(k.shape[0], 0), False)
+            if v.shape[0] != k.shape[0]:
+                raise InvalidArgumentError(
+                    f"values: one row per key expected ({k.shape[0]}), got {v.shape[0]}")
+        with self._store._gate:
+            first = self._h.add(k, v)
+        return np.arange(first, first + k.shape[0], dtype=np.int64)
+
+    def search(self, queries, k: int = 10, nprobe: Optional[int] = None) -> SearchHits:
+        """Approximate top-k per query: representatives are scored, the ``nprobe`` best
+        clusters are read and their entries rescored exactly. A 1-d query gives 1-d rows."""
+        q, one = _as_matrix("queries", queries, self.dim, np.float32)
+        k = _positive_int("k", k, 1, 1 << 20)
+        if nprobe is None:
+            nprobe = self.params.get("nprobe") or 0
+        nprobe = _positive_int("nprobe", nprobe, 0, 2**31 - 1)
+        with self._store._gate:
+            if nprobe == 0:
+                nclusters = self._h.stats()["clusters"]
+                nprobe = default_nprobe(nclusters)
+            ids, scores = self._h.search(q, k, nprobe)
+        return SearchHits(ids[0], scores[0]) if one else SearchHits(ids, scores)
+
+    def retrieve(self, query_group, budget: Union[int, float] = 0.1) -> Retrieved:
+        """Whole clusters, best first by the group's max score, whose sizes fit in ``budget``
+        entries: an int count, or a float fraction of ``len(self)`` in (0, 1]."""
+        q, _ = _as_matrix("query_group", query_group, self.dim, np.float32)
+        with self._store._gate:
+            n = self._h.count()
+            if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+                raise InvalidArgumentError(f"budget: an entry count (int) or a fraction (float) expected, got {budget!r}")
+            if isinstance(budget, (float, np.floating)):
+                if not (0.0 <= budget <= 1.0) or math.isnan(budget):
+                    raise InvalidArgumentError(f"budget: a fraction in [0, 1] expected, got {budget!r}")
+                entries = int(math.ceil(float(budget) * n))
+            else:
+                if budget < 0:
+                    raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {budget!r}")
+                entries = int(budget)
+            ids, keys, values, clusters = self._h.retrieve(q, entries)
+        return Retrieved(ids, keys, values, clusters)
+
+    def get(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of the given ids, in the given order."""
+        a = np.asarray(ids)
+        if a.dtype.kind not in "iu" or a.ndim > 1:
+            raise InvalidArgumentError(f"ids: a 1-d array of integer ids expected, got dtype {a.dtype} shape {a.shape}")
+        a = np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+        with self._store._gate:
+            n = self._h.count()
+            if a.size and (a.min() < 0 or a.max() >= n):
+                bad = int(a[(a < 0) | (a >= n)][0])
+                raise NotFoundError(f"ids: id {bad} is not in collection {self.name!r} (valid ids are 0..{n - 1})")
+            return self._h.get(a)
+
+    def stats(self) -> dict:
+        """Entries, clusters, mean/max cluster size, mean variance, pools, cached clusters."""
+        with self._store._gate:
+            s = self._h.stats()
+        s["name"] = self.name
+        s["policy"] = self.policy
+        return s
+
+    def cluster_sizes(self) -> np.ndarray:
+        with self._store._gate:
+            return self._h.cluster_sizes()
+
+
+def default_nprobe(nclusters: int) -> int:
+    """Clusters read per query when search() is not told: 1/16 of them, at least 8."""
+    return max(8, -(-nclusters // 16))
+
+
+class Store:
+    """An open store: a directory with an LMDB catalog and one data file per collection."""
+
+    def __init__(self, path: Union[str, os.PathLike], dram_budget=DEFAULT_DRAM_BUDGET, device=None,
+                 direct_io: Union[bool, str] = "auto"):
+        path = os.fspath(path)
+        budget = parse_size(dram_budget, "dram_budget")
+        if budget < 64 * 1024:
+            raise InvalidArgumentError(f"dram_budget: at least 64KiB expected, got {budget} bytes")
+        self.device, dev = resolve_device(device)
+        if direct_io not in _DIRECT:
+            raise InvalidArgumentError(f"direct_io: True, False or 'auto' expected, got {direct_io!r}")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise InvalidArgumentError(f"path: a directory expected, {path!r} is a file")
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self._lock = StoreLock(path)
+        try:
+            self._catalog = Catalog(path)
+            self._engine = _engine.Engine(path, budget, dev, _DIRECT[direct_io])
+        except BaseException:
+            self._lock.release()
+            raise
+        self._gate = _Gate()
+        self._meta = threading.Lock()  # collection table and flush
+        self._colls: dict[str, Collection] = {}
+        self._committed = self._catalog.collections()
+        self._next_no = self._catalog.next_no()
+
+    # -- context manager --------------------------------------------------------------------
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._gate.closed
+
+    def __repr__(self):
+        return f"Store({self.path!r}, {'closed' if self.closed else f'{len(self.collections())} collections'})"
+
+    # -- collections ------------------------------------------------------------------------
+    def collections(self) -> list[str]:
+        """Names of the committed and the open collections."""
+        with self._meta:
+            return sorted(set(self._committed) | set(self._colls))
+
+    def collection(self, name: str, dim: Optional[int] = None, value_dim: Optional[int] = None,
+                   dtype: Optional[str] = None, metric: Optional[str] = None, policy: Optional[str] = None,
+                   init_cluster_size: int = 32, max_cluster_size: int = 64, kmeans_iters: int = 10,
+                   seed: int = 0, nprobe: Optional[int] = None) -> Collection:
+        """Creates or reopens a collection. Reopening checks that what is given matches.
+
+        ``dim`` key dimension; ``value_dim`` value dimension (default: ``dim``); ``dtype``
+        float16 (default) or float32, for keys and values; ``metric`` ip (default) or l2;
+        ``policy`` how new entries
+        join clusters; ``init_cluster_size`` target size of the first batch's clusters;
+        ``max_cluster_size`` sets the pool size (two clusters of this size share a pool);
+        ``nprobe`` default clusters probed by search.
+        """
+        if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > 400:
+            raise InvalidArgumentError(f"name: a non-empty string without '/' (at most 400 bytes) expected, got {name!r}")
+        given = {"dim": dim, "value_dim": value_dim, "dtype": dtype, "metric": metric, "policy": policy}
+        with self._gate, self._meta:
+            if name in self._colls:
+                coll = self._colls[name]
+                self._check_same(name, coll.params, given)
+                return coll
+            if name in self._committed:
+                params = self._committed[name]
+                self._check_same(name, params, given)
+                blob, chunks = self._catalog.load(params["no"])
+                h = self._engine.open_coll(params["no"], params, blob, chunks)
+            else:
+                params = self._new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
+                                          max_cluster_size, kmeans_iters, seed, nprobe)
+                params["no"] = self._next_no
+                h = self._engine.create(params["no"], params)
+                self._next_no += 1
+            coll = Collection(self, name, params, h)
+            self._colls[name] = coll
+            return coll
+
+    @staticmethod
+    def _check_same(name, params, given):
+        for key, v in given.items():
+            if v is None:
+                continue
+            if key == "dtype":
+                try:
+                    v = np.dtype(v).name
+                except TypeError:
+                    pass
+            if v != params[key]:
+                raise InvalidArgumentError(
+                    f"{key}: collection {name!r} exists with {key}={params[key]!r}, got {v!r}")
+
+    @staticmethod
+    def _new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_cluster_size,
+                    kmeans_iters, seed, nprobe) -> dict:
+        if dim is None:
+            raise InvalidArgumentError("dim: required when creating a collection")
+        dim = _positive_int("dim", dim, 1, 4096)
+        value_dim = dim if value_dim is None else _positive_int("value_dim", value_dim, 0, 4096)
+        dtype = "float16" if dtype is None else dtype
+        metric = "ip" if metric is None else metric
+        try:
+            dt = np.dtype(dtype).name
+        except TypeError:
+            dt = str(dtype)
+        if dt not in DTYPES:
+            raise InvalidArgumentError(f"dtype: one of {DTYPES} expected, got {dtype!r}")
+        if metric not in METRICS:
+            raise InvalidArgumentError(f"metric: one of {METRICS} expected, got {metric!r}")
+        policy = DEFAULT_POLICY if policy is None else policy
+        if policy not in POLICIES:
+            raise InvalidArgumentError(f"policy: one of {POLICIES} expected, got {policy!r}")
+        if policy not in IMPLEMENTED_POLICIES:
+            raise InvalidArgumentError(
+                f"policy: {policy!r} is not implemented in this version of kvtier "
+                f"(available: {IMPLEMENTED_POLICIES})")
+        init_cluster_size = _positive_int("init_cluster_size", init_cluster_size, 1, 1 << 20)
+        max_cluster_size = _positive_int("max_cluster_size", max_cluster_size, 1, 1 << 20)
+        kmeans_iters = _positive_int("kmeans_iters", kmeans_iters, 0, 1000)
+        seed = _positive_int("seed", seed, 0, 2**63 - 1)
+        if nprobe is not None:
+            nprobe = _positive_int("nprobe", nprobe, 1)
+        return {"dim": dim, "value_dim": value_dim, "dtype": dt, "metric": metric, "policy": policy,
+                "init_cluster_size": init_cluster_size, "max_cluster_size": max_cluster_size,
+                "kmeans_iters": kmeans_iters, "seed": seed, "nprobe": nprobe}
+
+    # -- durability -------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Makes everything added so far durable: data files synced, then one catalog commit."""
+        with self._gate, self._meta:
+            self._flush_locked()
+
+    def _flush_locked(self):
+        records = []
+        for name, coll in self._colls.items():
+            h = coll._h
+            h.sync()
+            chunks = {ch: h.export_chunk(ch) for ch in h.dirty_chunks()}
+            records.append((name, coll.params, h.export_dir(), chunks))
+        self._catalog.commit(self._next_no, records)
+        for name, coll in self._colls.items():
+            coll._h.committed()
+            self._committed[name] = coll.params
+
+    def close(self) -> None:
+        """Flushes and closes. Further calls raise StoreClosedError; closing twice is fine."""
+        if self._gate.closed:
+            return
+        with self._meta:
+            if self._gate.closed:
+                return
+            self._gate.close()  # waits for calls in flight
+            try:
+                self._flush_locked()
+            finally:
+                self._engine.close()
+                self._catalog.close()
+                self._lock.release()
+
+    # -- introspection ----------------------------------------------------------------------
+    def stats(self) -> dict:
+        """DRAM (bytes, budget, peak), cache and I/O counters, the device model's time."""
+        with self._gate:
+            s = self._engine.stats()
+        s["device"] = self.device.name if self.device else None
+        s["simd"] = _engine.simd_kernel()
+        reads = s["read_ops"]
+        s["mean_read_entries"] = s["read_entries"] / reads if reads else 0.0
+        return s
+
+    def reset_io_stats(self) -> None:
+        """Zeroes I/O and cache counters and restarts the DRAM peak from current use."""
+        with self._gate:
+            self._engine.reset_io_stats()
+
+    def _inject_fault(self, op: str, nth: int, code: int) -> None:
+        """Test hook: the nth next I/O of kind op ('r', 'w', 's') fails with code."""
+        with self._gate:
+            self._engine.inject_fault(op, nth, code)
+
+
+def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto") -> Store:  # noqa: A001
+    """Opens (creating if needed) the store at ``path``.
+
+    ``dram_budget`` is a hard cap on what the engine holds in DRAM (bytes or "256MiB");
+    ``device`` is None (real file, unthrottled), a profile name (ufs4.0, ufs3.1, emmc5.1,
+    nvme) or a :class:`DeviceProfile`; ``direct_io`` True, False or "auto".
+    """
+    return Store(path, dram_budget=dram_budget, device=device, direct_io=direct_io)

@@ -1,0 +1,111 @@
+"""Property-based tests: a hypothesis state machine drives a store and a plain numpy reference
+model side by side (add, search, retrieve, get, flush, reopen) and checks they agree."""
+import shutil
+import tempfile
+
+import numpy as np
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import kvtier
+
+DIM, VDIM = 8, 4
+
+
+class StoreVsReference(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="kvt-model-")
+        self.budget = "1MiB"
+        self.store = kvtier.open(self.dir, dram_budget=self.budget)
+        self.dtype = np.float16
+        self.coll = self.store.collection("m", dim=DIM, value_dim=VDIM, init_cluster_size=4,
+                                          max_cluster_size=8)
+        self.keys = np.zeros((0, DIM), self.dtype)
+        self.values = np.zeros((0, VDIM), self.dtype)
+        self.flushed = 0
+
+    def teardown(self):
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+    def add(self, n, seed):
+        rng = np.random.default_rng(seed)
+        k = rng.standard_normal((n, DIM)).astype(self.dtype)
+        v = rng.standard_normal((n, VDIM)).astype(self.dtype)
+        ids = self.coll.add(k, v)
+        assert ids.tolist() == list(range(len(self.keys), len(self.keys) + n))
+        self.keys = np.concatenate([self.keys, k])
+        self.values = np.concatenate([self.values, v])
+
+    @precondition(lambda self: len(self.keys) > 0)
+    @rule(data=st.data())
+    def get(self, data):
+        ids = data.draw(st.lists(st.integers(0, len(self.keys) - 1), min_size=1, max_size=20))
+        k, v = self.coll.get(ids)
+        assert np.array_equal(k, self.keys[ids]) and np.array_equal(v, self.values[ids])
+
+    @precondition(lambda self: len(self.keys) > 0)
+    @rule(seed=st.integers(0, 1000), k=st.integers(1, 12))
+    def search_exhaustive_is_exact(self, seed, k):
+        q = np.random.default_rng(seed).standard_normal((2, DIM)).astype(np.float32)
+        hits = self.coll.search(q, k=k, nprobe=1 << 30)
+        scores = q @ self.keys.astype(np.float32).T
+        kk = min(k, len(self.keys))
+        for row in range(2):
+            got = hits.scores[row, :kk]
+            want = np.sort(scores[row])[::-1][:kk]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            assert set(hits.ids[row, :kk].tolist()) <= set(range(len(self.keys)))
+            np.testing.assert_allclose(scores[row, hits.ids[row, :kk]], got, rtol=1e-4, atol=1e-4)
+
+    @precondition(lambda self: len(self.keys) > 0)
+    @rule(seed=st.integers(0, 1000), frac=st.floats(0.0, 1.0))
+    def retrieve(self, seed, frac):
+        q = np.random.default_rng(seed).standard_normal((3, DIM)).astype(np.float32)
+        got = self.coll.retrieve(q, budget=frac)
+        assert len(got) <= int(np.ceil(frac * len(self.keys)))
+        assert len(set(got.ids.tolist())) == len(got)
+        assert np.array_equal(got.keys, self.keys[got.ids]) and np.array_equal(got.values, self.values[got.ids])
+        full = self.coll.retrieve(q, budget=len(self.keys))
+        assert sorted(full.ids.tolist()) == list(range(len(self.keys)))
+
+    @rule()
+    def flush(self):
+        self.store.flush()
+        self.flushed = len(self.keys)
+
+    @rule()
+    def reopen(self):
+        self.store.close()
+        self.store = kvtier.open(self.dir, dram_budget=self.budget)
+        self.coll = self.store.collection("m")
+        self.flushed = len(self.keys)
+
+    @rule()
+    def crash_and_reopen(self):
+        """Drop the engine without flushing: only what was flushed survives."""
+        s = self.store
+        s._engine.close()
+        s._catalog.close()
+        s._lock.release()
+        s._gate.closed = True
+        self.store = kvtier.open(self.dir, dram_budget=self.budget)
+        if self.flushed == 0 and "m" not in self.store.collections():
+            self.coll = self.store.collection("m", dim=DIM, value_dim=VDIM, init_cluster_size=4,
+                                              max_cluster_size=8)
+        else:
+            self.coll = self.store.collection("m")
+        self.keys = self.keys[: self.flushed]
+        self.values = self.values[: self.flushed]
+
+    @invariant()
+    def sizes_agree(self):
+        assert len(self.coll) == len(self.keys)
+        st_ = self.store.stats()
+        assert st_["dram_peak_bytes"] <= st_["dram_budget"]
+
+
+StoreVsReference.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+TestStoreVsReference = StoreVsReference.TestCase
