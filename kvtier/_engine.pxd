@@ -32,6 +32,9 @@ cdef extern from "kvtier.h" nogil:
         uint32_t max_cluster_size
         uint32_t kmeans_iters
         uint64_t seed
+        double tau, tau_factor
+        uint32_t pending_budget
+        uint32_t local_window, local_cluster_size
 
     ctypedef struct kvt_store:
         pass
@@ -75,14 +78,20 @@ cdef extern from "kvtier.h" nogil:
         uint64_t entries, clusters, pools, data_file_bytes
         double mean_cluster_size, max_cluster_size, mean_variance
         uint64_t cached_clusters
+        double tau
+        uint64_t splits, unsplittable, deferred_splits, forced_loads, pending_entries
+        uint64_t flagged_clusters, split_read_bytes, split_write_bytes, split_errors
     int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
     int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters)
 
-    int kvt_coll_sync(kvt_coll *coll)
-    int kvt_coll_export_dir(kvt_coll *coll, void **blob, size_t *len)
-    int kvt_coll_dirty_chunks(kvt_coll *coll, uint64_t **idx, size_t *n)
-    int kvt_coll_export_chunk(kvt_coll *coll, uint64_t chunk, void **blob, size_t *len)
-    int kvt_coll_committed(kvt_coll *coll)
+    ctypedef struct kvt_checkpoint:
+        pass
+    int kvt_coll_checkpoint(kvt_coll *coll, kvt_checkpoint **out)
+    const void *kvt_checkpoint_dir(const kvt_checkpoint *cp, size_t *len)
+    size_t kvt_checkpoint_nchunks(const kvt_checkpoint *cp)
+    const void *kvt_checkpoint_chunk(const kvt_checkpoint *cp, size_t i, uint64_t *chunk, size_t *len)
+    int kvt_coll_committed(kvt_coll *coll, const kvt_checkpoint *cp)
+    void kvt_checkpoint_free(kvt_checkpoint *cp)
     void kvt_free(void *p)
 
     int kvt_store_inject_fault(kvt_store *store, char op, uint64_t nth, int code)

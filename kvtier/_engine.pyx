@@ -135,6 +135,11 @@ cdef kvt_coll_params _params(dict p) except *:
     cp.max_cluster_size = p["max_cluster_size"]
     cp.kmeans_iters = p["kmeans_iters"]
     cp.seed = p["seed"]
+    cp.tau = p.get("tau") or 0.0
+    cp.tau_factor = p["tau_factor"]
+    cp.pending_budget = p["pending_budget"]
+    cp.local_window = p["local_window"]
+    cp.local_cluster_size = p["local_cluster_size"]
     return cp
 
 
@@ -235,7 +240,11 @@ cdef class Coll:
             "entries": s.entries, "clusters": s.clusters, "pools": s.pools,
             "data_file_bytes": s.data_file_bytes, "mean_cluster_size": s.mean_cluster_size,
             "max_cluster_size": int(s.max_cluster_size), "mean_variance": s.mean_variance,
-            "cached_clusters": s.cached_clusters,
+            "cached_clusters": s.cached_clusters, "tau": s.tau, "splits": s.splits,
+            "unsplittable": s.unsplittable, "deferred_splits": s.deferred_splits,
+            "forced_loads": s.forced_loads, "pending_entries": s.pending_entries,
+            "flagged_clusters": s.flagged_clusters, "split_read_bytes": s.split_read_bytes,
+            "split_write_bytes": s.split_write_bytes, "split_errors": s.split_errors,
         }
 
     def cluster_sizes(self):
@@ -248,46 +257,43 @@ cdef class Coll:
             kvt_coll_cluster_sizes(c, &ov[0], n, &n)
         return out[:n]
 
-    def sync(self):
+    def checkpoint(self):
+        """Writes buffered entries, syncs, and captures the state to commit."""
+        cdef kvt_checkpoint *cp = NULL
         cdef kvt_coll *c = self.live()
         cdef int rc
         with nogil:
-            rc = kvt_coll_sync(c)
+            rc = kvt_coll_checkpoint(c, &cp)
         check(rc)
+        return Checkpoint._wrap(cp)
 
-    def export_dir(self):
-        cdef void *b = NULL
-        cdef size_t n = 0
-        cdef kvt_coll *c = self.live()
-        cdef int rc
-        with nogil:
-            rc = kvt_coll_export_dir(c, &b, &n)
-        check(rc)
-        try:
-            return (<const char *>b)[:n]
-        finally:
-            kvt_free(b)
+    def committed(self, Checkpoint cp):
+        check(kvt_coll_committed(self.live(), cp.ptr))
 
-    def dirty_chunks(self):
-        cdef uint64_t *idx = NULL
+
+cdef class Checkpoint:
+    """A collection state captured for commit: ``dir`` blob and changed ``chunks``."""
+    cdef kvt_checkpoint *ptr
+    cdef public bytes dir
+    cdef public dict chunks
+
+    @staticmethod
+    cdef Checkpoint _wrap(kvt_checkpoint *cp):
+        cdef Checkpoint o = Checkpoint.__new__(Checkpoint)
         cdef size_t n = 0, i
-        check(kvt_coll_dirty_chunks(self.live(), &idx, &n))
-        try:
-            return [idx[i] for i in range(n)]
-        finally:
-            kvt_free(idx)
+        cdef uint64_t idx = 0
+        cdef const void *p
+        o.ptr = cp
+        p = kvt_checkpoint_dir(cp, &n)
+        o.dir = (<const char *>p)[:n]
+        o.chunks = {}
+        for i in range(kvt_checkpoint_nchunks(cp)):
+            p = kvt_checkpoint_chunk(cp, i, &idx, &n)
+            o.chunks[idx] = (<const char *>p)[:n]
+        return o
 
-    def export_chunk(self, uint64_t chunk):
-        cdef void *b = NULL
-        cdef size_t n = 0
-        check(kvt_coll_export_chunk(self.live(), chunk, &b, &n))
-        try:
-            return (<const char *>b)[:n]
-        finally:
-            kvt_free(b)
-
-    def committed(self):
-        check(kvt_coll_committed(self.live()))
+    def __dealloc__(self):
+        kvt_checkpoint_free(self.ptr)
 
 
 cdef void _copy_result(kvt_result *r, int64_t[::1] ids, keys, values, int32_t[::1] clusters):

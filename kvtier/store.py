@@ -19,10 +19,7 @@ from kvtier.catalog import Catalog, StoreLock
 from kvtier.config import DTYPES, METRICS, POLICIES, DeviceProfile, parse_size, resolve_device
 from kvtier.errors import InvalidArgumentError, NotFoundError, StoreClosedError
 
-#: Policies the engine implements in this version. The others of POLICIES are rejected with
-#: a clear error rather than silently served by another policy.
-IMPLEMENTED_POLICIES = ("static",)
-DEFAULT_POLICY = "static"
+DEFAULT_POLICY = "adaptive"
 
 DEFAULT_DRAM_BUDGET = "256MiB"
 _DIRECT = {"auto": -1, False: 0, True: 1}
@@ -263,7 +260,9 @@ class Store:
     def collection(self, name: str, dim: Optional[int] = None, value_dim: Optional[int] = None,
                    dtype: Optional[str] = None, metric: Optional[str] = None, policy: Optional[str] = None,
                    init_cluster_size: int = 32, max_cluster_size: int = 64, kmeans_iters: int = 10,
-                   seed: int = 0, nprobe: Optional[int] = None) -> Collection:
+                   seed: int = 0, nprobe: Optional[int] = None, tau: Optional[float] = None,
+                   tau_factor: float = 1.0, pending_budget: int = 128, local_window: int = 256,
+                   local_cluster_size: int = 16) -> Collection:
         """Creates or reopens a collection. Reopening checks that what is given matches.
 
         ``dim`` key dimension; ``value_dim`` value dimension (default: ``dim``); ``dtype``
@@ -288,7 +287,9 @@ class Store:
                 h = self._engine.open_coll(params["no"], params, blob, chunks)
             else:
                 params = self._new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
-                                          max_cluster_size, kmeans_iters, seed, nprobe)
+                                          max_cluster_size, kmeans_iters, seed, nprobe, tau,
+                                          tau_factor, pending_budget, local_window,
+                                          local_cluster_size)
                 params["no"] = self._next_no
                 h = self._engine.create(params["no"], params)
                 self._next_no += 1
@@ -312,7 +313,8 @@ class Store:
 
     @staticmethod
     def _new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_cluster_size,
-                    kmeans_iters, seed, nprobe) -> dict:
+                    kmeans_iters, seed, nprobe, tau, tau_factor, pending_budget, local_window,
+                    local_cluster_size) -> dict:
         if dim is None:
             raise InvalidArgumentError("dim: required when creating a collection")
         dim = _positive_int("dim", dim, 1, 4096)
@@ -330,19 +332,27 @@ class Store:
         policy = DEFAULT_POLICY if policy is None else policy
         if policy not in POLICIES:
             raise InvalidArgumentError(f"policy: one of {POLICIES} expected, got {policy!r}")
-        if policy not in IMPLEMENTED_POLICIES:
-            raise InvalidArgumentError(
-                f"policy: {policy!r} is not implemented in this version of kvtier "
-                f"(available: {IMPLEMENTED_POLICIES})")
         init_cluster_size = _positive_int("init_cluster_size", init_cluster_size, 1, 1 << 20)
-        max_cluster_size = _positive_int("max_cluster_size", max_cluster_size, 1, 1 << 20)
+        max_cluster_size = _positive_int("max_cluster_size", max_cluster_size, 2, 1 << 20)
         kmeans_iters = _positive_int("kmeans_iters", kmeans_iters, 0, 1000)
         seed = _positive_int("seed", seed, 0, 2**63 - 1)
         if nprobe is not None:
             nprobe = _positive_int("nprobe", nprobe, 1)
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float))
+                                or not math.isfinite(tau) or tau <= 0):
+            raise InvalidArgumentError(f"tau: None (derive it) or a finite number > 0 expected, got {tau!r}")
+        if isinstance(tau_factor, bool) or not isinstance(tau_factor, (int, float)) \
+                or not math.isfinite(tau_factor) or tau_factor <= 0:
+            raise InvalidArgumentError(f"tau_factor: a finite number > 0 expected, got {tau_factor!r}")
+        pending_budget = _positive_int("pending_budget", pending_budget, 0, 1 << 30)
+        local_window = _positive_int("local_window", local_window, 2, 1 << 24)
+        local_cluster_size = _positive_int("local_cluster_size", local_cluster_size, 1, local_window)
         return {"dim": dim, "value_dim": value_dim, "dtype": dt, "metric": metric, "policy": policy,
                 "init_cluster_size": init_cluster_size, "max_cluster_size": max_cluster_size,
-                "kmeans_iters": kmeans_iters, "seed": seed, "nprobe": nprobe}
+                "kmeans_iters": kmeans_iters, "seed": seed, "nprobe": nprobe,
+                "tau": float(tau) if tau is not None else None, "tau_factor": float(tau_factor),
+                "pending_budget": pending_budget, "local_window": local_window,
+                "local_cluster_size": local_cluster_size}
 
     # -- durability -------------------------------------------------------------------------
     def flush(self) -> None:
@@ -351,16 +361,15 @@ class Store:
             self._flush_locked()
 
     def _flush_locked(self):
-        records = []
+        records, cps = [], []
         for name, coll in self._colls.items():
-            h = coll._h
-            h.sync()
-            chunks = {ch: h.export_chunk(ch) for ch in h.dirty_chunks()}
-            records.append((name, coll.params, h.export_dir(), chunks))
+            cp = coll._h.checkpoint()
+            cps.append((coll, cp))
+            records.append((name, coll.params, cp.dir, cp.chunks))
         self._catalog.commit(self._next_no, records)
-        for name, coll in self._colls.items():
-            coll._h.committed()
-            self._committed[name] = coll.params
+        for coll, cp in cps:
+            coll._h.committed(cp)
+            self._committed[coll.name] = coll.params
 
     def close(self) -> None:
         """Flushes and closes. Further calls raise StoreClosedError; closing twice is fine."""

@@ -86,11 +86,34 @@ def test_search_pads_when_fewer_than_k(store):
     assert np.isneginf(hits.scores[3:]).all()
 
 
+@pytest.mark.parametrize("policy", ["adaptive", "static", "local", "none"])
+def test_reopen_keeps_the_clustering(store_path, policy):
+    """Adaptive retrieves split clusters, so compare what does not mutate: search, get and
+    the cluster sizes after the last retrieve."""
+    k, v = make_data(2000, seed=9)
+    q = np.random.default_rng(10).standard_normal((5, 16)).astype(np.float32)
+    with kvtier.open(store_path, dram_budget="1MiB") as s:
+        c = s.collection("x", dim=16, value_dim=8, policy=policy, local_window=64)
+        c.add(k[:1000], v[:1000])
+        for i in range(1000, 2000, 10):
+            c.add(k[i:i + 10], v[i:i + 10])
+            c.retrieve(q[:2], budget=0.1)
+        before = (c.search(q, k=10), c.get(np.arange(2000)), np.sort(c.cluster_sizes()), c.stats())
+    with kvtier.open(store_path, dram_budget="1MiB") as s:
+        c = s.collection("x")
+        after = (c.search(q, k=10), c.get(np.arange(2000)), np.sort(c.cluster_sizes()), c.stats())
+    assert np.array_equal(before[0].ids, after[0].ids) and np.array_equal(before[0].scores, after[0].scores)
+    assert np.array_equal(before[1][0], after[1][0]) and np.array_equal(before[1][1], after[1][1])
+    assert np.array_equal(before[2], after[2])
+    for key in ("entries", "clusters", "tau", "mean_variance"):
+        assert before[3][key] == pytest.approx(after[3][key])
+
+
 def test_reopen_gives_identical_results(store_path):
     k, v = make_data(3000, seed=7)
     q = np.random.default_rng(8).standard_normal((5, 16)).astype(np.float32)
     with kvtier.open(store_path, dram_budget="4MiB") as s:
-        c = s.collection("x", dim=16, value_dim=8)
+        c = s.collection("x", dim=16, value_dim=8, policy="static")
         c.add(k[:2000], v[:2000])
         c.add(k[2000:], v[2000:])
         before = (c.search(q, k=10), c.retrieve(q, budget=0.2), c.get(np.arange(3000)))
@@ -230,9 +253,24 @@ def test_open_rejects_bad_arguments(tmp_path):
         kvtier.open(tmp_path / "file")
 
 
-def test_unimplemented_policy_is_refused_not_substituted(store):
-    with pytest.raises(kvtier.InvalidArgumentError, match="not implemented"):
-        store.collection("a", dim=4, policy="adaptive")
+@pytest.mark.parametrize("policy", ["adaptive", "static", "local", "none"])
+def test_every_policy_stores_and_answers(store, policy):
+    c = store.collection(policy, dim=16, value_dim=8, dtype="float32", policy=policy,
+                         local_window=40, local_cluster_size=8)
+    assert c.policy == policy
+    k, v = make_data(300, dtype=np.float32)
+    c.add(k[:200], v[:200])
+    for i in range(200, 300):
+        c.add(k[i], v[i])
+    got = c.retrieve(np.ones(16), budget=1.0)
+    assert sorted(got.ids.tolist()) == list(range(300))
+    assert np.array_equal(got.keys, k[got.ids]) and np.array_equal(got.values, v[got.ids])
+    hits = c.search(k[:3], k=1, nprobe=10_000)
+    assert hits.ids[:, 0].tolist() == [int(np.argmax(k @ q)) for q in k[:3]]
+
+
+def test_policy_default_is_adaptive(store):
+    assert store.collection("d", dim=4).policy == "adaptive"
 
 
 def test_parse_size():

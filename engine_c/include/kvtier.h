@@ -85,6 +85,14 @@ typedef struct kvt_coll_params {
     uint32_t max_cluster_size;  /* a pool holds twice this many entries */
     uint32_t kmeans_iters;
     uint64_t seed;
+    /* adaptive: a cluster is flagged for a split when its variance (mean squared distance of
+     * its keys to their mean) exceeds tau, or its size exceeds max_cluster_size. tau <= 0
+     * derives it from the first partition: tau_factor x the median cluster variance. */
+    double tau, tau_factor;
+    uint32_t pending_budget;     /* adaptive: entries buffered for flagged clusters on flash */
+    /* local: new entries gather in a staging cluster; every local_window of them are
+     * clustered on their own into clusters of about local_cluster_size */
+    uint32_t local_window, local_cluster_size;
 } kvt_coll_params;
 
 typedef struct kvt_store kvt_store;
@@ -159,25 +167,37 @@ typedef struct kvt_coll_stats {
     uint64_t entries, clusters, pools, data_file_bytes;
     double mean_cluster_size, max_cluster_size, mean_variance;
     uint64_t cached_clusters;
+    double tau;
+    uint64_t splits;            /* clusters split (adaptive) or reclustered windows (local) */
+    uint64_t unsplittable;      /* split attempts that found no two groups */
+    uint64_t deferred_splits;   /* clusters flagged while on flash (split waits for a read) */
+    uint64_t forced_loads;      /* clusters read only to split them (pending budget overflow) */
+    uint64_t pending_entries;   /* entries buffered in DRAM for flagged clusters */
+    uint64_t flagged_clusters;
+    uint64_t split_read_bytes;  /* bytes read on behalf of splits (forced loads only) */
+    uint64_t split_write_bytes; /* bytes written by splits */
+    uint64_t split_errors;      /* splits that failed on I/O and were left for later */
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */
 int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters);
 
 /* ---- durability --------------------------------------------------------------------------- */
-/* Writes everything buffered and fdatasyncs the data file. After it returns 0, the blobs
- * exported next describe only data that is on stable storage. */
-int kvt_coll_sync(kvt_coll *coll);
+/* A checkpoint captures, in one atomic step under the store's lock, a collection's state as
+ * the caller must commit it: it first writes every buffered entry and fdatasyncs the data
+ * file, then exports the cluster directory and every id-map chunk changed since the last
+ * commit. After the caller committed the blobs, kvt_coll_committed(coll, cp) lets the engine
+ * reuse space that state no longer names. Adds may continue between the two calls. */
 #define KVT_LOC_CHUNK 65536u
-/* The cluster directory as one self-checking blob (kvt_free it). */
-int kvt_coll_export_dir(kvt_coll *coll, void **blob, size_t *len);
-/* Indices of id-map chunks changed since the last kvt_coll_committed (kvt_free the array). */
-int kvt_coll_dirty_chunks(kvt_coll *coll, uint64_t **idx, size_t *n);
-/* One id-map chunk as a blob (kvt_free it). */
-int kvt_coll_export_chunk(kvt_coll *coll, uint64_t chunk, void **blob, size_t *len);
-/* Tells the engine the exported state was committed: dirty marks are cleared and space freed
- * by that state becomes reusable. */
-int kvt_coll_committed(kvt_coll *coll);
+typedef struct kvt_checkpoint kvt_checkpoint;
+int kvt_coll_checkpoint(kvt_coll *coll, kvt_checkpoint **out);
+/* The directory blob. */
+const void *kvt_checkpoint_dir(const kvt_checkpoint *cp, size_t *len);
+size_t kvt_checkpoint_nchunks(const kvt_checkpoint *cp);
+/* The i-th changed chunk: its index and blob. */
+const void *kvt_checkpoint_chunk(const kvt_checkpoint *cp, size_t i, uint64_t *chunk, size_t *len);
+int kvt_coll_committed(kvt_coll *coll, const kvt_checkpoint *cp);
+void kvt_checkpoint_free(kvt_checkpoint *cp);
 void kvt_free(void *p);
 
 /* ---- test hooks --------------------------------------------------------------------------- */

@@ -23,8 +23,9 @@ void kvt_key_to_f32(const kvt_kernels *K, int dtype, const void *key, float *out
         memcpy(out, key, (size_t)dim * 4);
 }
 
-static inline const void *row(int dtype, const void *keys, uint32_t dim, uint64_t i) {
-    return (const uint8_t *)keys + i * dim * (dtype == KVT_F16 ? 2u : 4u);
+/* Keys are rows `stride` bytes apart: a plain key matrix, or the keys inside records. */
+static inline const void *row(size_t stride, const void *keys, uint64_t i) {
+    return (const uint8_t *)keys + i * stride;
 }
 
 uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const float *centroids,
@@ -69,7 +70,7 @@ static void centroid_norms(const kvt_kernels *K, const float *c, uint32_t k, uin
 }
 
 /* Flat Lloyd iterations over idx[0..n). */
-static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim,
+static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, size_t stride,
                        const uint32_t *idx, uint64_t n, uint32_t k, uint32_t iters, uint64_t seed,
                        float *cent, uint32_t *assign) {
     double *sums = calloc((size_t)k * dim, sizeof *sums);
@@ -87,13 +88,13 @@ static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32
     if (n == 1) step = 1;
     for (uint32_t c = 0; c < k; c++) {
         uint64_t i = (start + (uint64_t)c * step) % n;
-        kvt_key_to_f32(K, dtype, row(dtype, keys, dim, idx ? idx[i] : i), cent + (size_t)c * dim, dim);
+        kvt_key_to_f32(K, dtype, row(stride, keys, idx ? idx[i] : i), cent + (size_t)c * dim, dim);
     }
     for (uint32_t it = 0; it <= iters; it++) {
         centroid_norms(K, cent, k, dim, norms);
         int changed = 0;
         for (uint64_t i = 0; i < n; i++) {
-            uint32_t a = kvt_nearest(K, dtype, row(dtype, keys, dim, idx ? idx[i] : i), cent, norms, k, dim);
+            uint32_t a = kvt_nearest(K, dtype, row(stride, keys, idx ? idx[i] : i), cent, norms, k, dim);
             if (it == 0 || a != assign[i]) changed = 1;
             assign[i] = a;
         }
@@ -101,7 +102,7 @@ static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32
         memset(sums, 0, (size_t)k * dim * sizeof *sums);
         memset(counts, 0, (size_t)k * sizeof *counts);
         for (uint64_t i = 0; i < n; i++) {
-            kvt_key_to_f32(K, dtype, row(dtype, keys, dim, idx ? idx[i] : i), x, dim);
+            kvt_key_to_f32(K, dtype, row(stride, keys, idx ? idx[i] : i), x, dim);
             double *sm = sums + (size_t)assign[i] * dim;
             for (uint32_t j = 0; j < dim; j++) sm[j] += x[j];
             counts[assign[i]]++;
@@ -116,12 +117,12 @@ static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32
                 uint64_t pick = 0;
                 for (int t = 0; t < 16; t++) {
                     uint64_t i = kvt_rng_next(&s) % n;
-                    kvt_key_to_f32(K, dtype, row(dtype, keys, dim, idx ? idx[i] : i), x, dim);
+                    kvt_key_to_f32(K, dtype, row(stride, keys, idx ? idx[i] : i), x, dim);
                     const float *ca = cent + (size_t)assign[i] * dim;
                     float d = norms[assign[i]] - 2 * K->dot_f32(x, ca, dim) + K->dot_f32(x, x, dim);
                     if (d > worst) { worst = d; pick = i; }
                 }
-                kvt_key_to_f32(K, dtype, row(dtype, keys, dim, idx ? idx[pick] : pick), cc, dim);
+                kvt_key_to_f32(K, dtype, row(stride, keys, idx ? idx[pick] : pick), cc, dim);
             }
         }
     }
@@ -131,11 +132,11 @@ static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32
 
 typedef struct { uint32_t coarse, pos; } coarse_pos;
 
-int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, const uint32_t *idx,
+int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, size_t stride, const uint32_t *idx,
                uint64_t n, uint32_t k, uint32_t iters, uint64_t seed, float *centroids,
                uint32_t *assign) {
     if (n == 0 || k == 0 || k > n) return kvt_fail(KVT_EINVAL, "k-means: need 0 < k <= n (k=%u, n=%llu)", k, (unsigned long long)n);
-    if (k <= 256) return kmeans_flat(K, dtype, keys, dim, idx, n, k, iters, seed, centroids, assign);
+    if (k <= 256) return kmeans_flat(K, dtype, keys, dim, stride, idx, n, k, iters, seed, centroids, assign);
     uint32_t k1 = (uint32_t)ceil(sqrt((double)k));
     float *c1 = malloc((size_t)k1 * dim * sizeof *c1);
     uint32_t *a1 = malloc(n * sizeof *a1), *order = malloc(n * sizeof *order);
@@ -144,7 +145,7 @@ int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, 
         free(c1); free(a1); free(order); free(start);
         return kvt_fail(ENOMEM, "k-means: out of memory for %llu points", (unsigned long long)n);
     }
-    int rc = kmeans_flat(K, dtype, keys, dim, idx, n, k1, iters, seed, c1, a1);
+    int rc = kmeans_flat(K, dtype, keys, dim, stride, idx, n, k1, iters, seed, c1, a1);
     if (!rc) {
         for (uint64_t i = 0; i < n; i++) start[a1[i] + 1]++;
         for (uint32_t c = 0; c < k1; c++) start[c + 1] += start[c];
@@ -170,7 +171,7 @@ int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, 
             uint32_t *sub = malloc(m * sizeof *sub), *sa = malloc(m * sizeof *sa);
             if (!sub || !sa) { free(sub); free(sa); rc = kvt_fail(ENOMEM, "k-means: out of memory"); break; }
             for (uint64_t i = 0; i < m; i++) sub[i] = idx ? idx[order[start[c] + i]] : order[start[c] + i];
-            rc = kmeans_flat(K, dtype, keys, dim, sub, m, kc, iters, seed + c + 1, centroids + (size_t)given * dim, sa);
+            rc = kmeans_flat(K, dtype, keys, dim, stride, sub, m, kc, iters, seed + c + 1, centroids + (size_t)given * dim, sa);
             for (uint64_t i = 0; !rc && i < m; i++) assign[order[start[c] + i]] = given + sa[i];
             free(sub); free(sa);
             given += kc;

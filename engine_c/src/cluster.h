@@ -21,6 +21,10 @@ typedef struct kvt_cluster {
     kvt_seg *segs;         /* in insertion order; the last one takes appends */
     double m2;             /* sum of squared distances to the mean (Welford) */
     kvt_cache_ent *ent;    /* cached copy, or NULL */
+    uint32_t pend, pcap;   /* the last `pend` entries wait in pbuf, not yet on flash */
+    uint8_t *pbuf;
+    uint32_t flagged;      /* adaptive: a split is wanted */
+    uint32_t hold;         /* adaptive: a failed split waits until the cluster grows past this */
 } kvt_cluster;
 
 typedef struct kvt_kmeans_scratch {
@@ -32,11 +36,12 @@ typedef struct kvt_kmeans_scratch {
 /* Bytes of working memory kvt_kmeans needs for n points and k centroids (for accounting). */
 uint64_t kvt_kmeans_bytes(uint64_t n, uint32_t k, uint32_t dim);
 
-/* Lloyd's k-means over points idx[0..n) of `keys` (row stride dim, in dtype). Writes k
+/* Lloyd's k-means over points idx[0..n) of `keys` (dim values of dtype per row, rows `stride`
+ * bytes apart; idx NULL means rows 0..n-1). Writes k
  * centroids and, for each listed point, its cluster in assign[i]. Deterministic for a seed.
  * When k is large the partition is built in two levels (sqrt(k) coarse clusters, each split
  * in proportion to its size), so the cost stays about n * 2 sqrt(k) * dim per iteration. */
-int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, const uint32_t *idx,
+int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, size_t stride, const uint32_t *idx,
                uint64_t n, uint32_t k, uint32_t iters, uint64_t seed, float *centroids,
                uint32_t *assign);
 

@@ -10,6 +10,9 @@
  * 3. Every read issued is counted exactly once (ops, bytes as the device sees them, entries)
  *    and charged to the device model, in its batch when one is open.
  * 4. Error details name the file, the operation and the system call.
+ * 5. Built with KVT_NO_DIRECT (systems whose file systems refuse O_DIRECT, e.g. Android app
+ *    storage), no O_DIRECT descriptor is ever opened: "auto" means buffered and is reported
+ *    so (direct_io = 0), and "on" fails at open with an error that names the build option.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -75,6 +78,9 @@ int kvt_io_init(kvt_io *io, const kvt_device *dev, int direct_mode) {
     io->be = &posix_backend;
     if (dev) io->dev = *dev;
     io->direct_mode = direct_mode;
+#if defined(KVT_NO_DIRECT) || !defined(O_DIRECT)
+    if (direct_mode == KVT_DIRECT_AUTO) io->direct_mode = KVT_DIRECT_OFF; /* invariant 5 */
+#endif
     return pthread_mutex_init(&io->mu, NULL);
 }
 
@@ -119,7 +125,7 @@ int kvt_file_open(kvt_io *io, const char *path, int truncate, kvt_file **out) {
         free(f);
         return kvt_fail(e, "open(%s) for read/write: %s (syscall open)", path, strerror(e));
     }
-#ifdef O_DIRECT
+#if defined(O_DIRECT) && !defined(KVT_NO_DIRECT)
     if (io->direct_mode != KVT_DIRECT_OFF) {
         f->dfd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
         if (f->dfd < 0 && io->direct_mode == KVT_DIRECT_ON) {
@@ -131,7 +137,14 @@ int kvt_file_open(kvt_io *io, const char *path, int truncate, kvt_file **out) {
 #else
     if (io->direct_mode == KVT_DIRECT_ON) {
         kvt_file_close(f);
-        return kvt_fail(KVT_EINVAL, "open(%s): O_DIRECT is not available in this build", path);
+        return kvt_fail(KVT_EINVAL, "open(%s): direct I/O was required but this build has no O_DIRECT%s",
+                        path,
+#ifdef KVT_NO_DIRECT
+                        " (built with KVT_NO_DIRECT)"
+#else
+                        ""
+#endif
+        );
     }
 #endif
     *out = f;

@@ -2,6 +2,10 @@
  * io.h — the io layer: files behind a backend function table, O_DIRECT reads with aligned
  * bounce buffers, read accounting, the device model and fault injection.
  *
+ * Build options (see engine_c/README.md): -DKVT_NO_DIRECT never opens O_DIRECT (all reads
+ * buffered, direct_io reported 0); -DKVT_IO_ALIGN=N sets the alignment below;
+ * -DKVT_NO_IO_URING is reserved (see below).
+ *
  * Upper layers see byte ranges of files; this layer hides alignment, retries of short
  * transfers, the choice of backend and what a read costs on the modeled device.
  */
@@ -13,7 +17,23 @@
 
 #include "kvtier.h"
 
+/* Alignment (bytes) of direct reads, their bounce buffers and pool sizes. 4 KiB fits the
+ * logical block of every common SSD/UFS device; a build for 16 KiB-page systems passes
+ * -DKVT_IO_ALIGN=16384 (a multiple of 4096 keeps every direct transfer legal). Data files
+ * record the pool size it implies, so a store is refused, not misread, by a build with
+ * another alignment. */
+#ifndef KVT_IO_ALIGN
 #define KVT_IO_ALIGN 4096u
+#endif
+_Static_assert((KVT_IO_ALIGN) >= 4096 && ((KVT_IO_ALIGN) & ((KVT_IO_ALIGN) - 1)) == 0,
+               "KVT_IO_ALIGN must be a power of two of at least 4096");
+
+/* io_uring: the engine has no io_uring backend yet (every read is a pread through the table
+ * below). One added later is compiled under KVT_HAVE_IO_URING; -DKVT_NO_IO_URING, accepted
+ * today and changing nothing yet, then keeps it out of a build for kernels that lack it. */
+#ifdef KVT_NO_IO_URING
+#undef KVT_HAVE_IO_URING
+#endif
 
 typedef struct kvt_file kvt_file;
 typedef struct kvt_io kvt_io;

@@ -92,34 +92,89 @@ int kvt_pools_reserve(kvt_pools *P, uint32_t need) {
     uint32_t cap = P->cap ? P->cap : 16;
     while (cap < need) cap *= 2;
     kvt_pool *p = realloc(P->p, (size_t)cap * sizeof *p);
-    if (!p) return kvt_fail(ENOMEM, "pool table: out of memory");
-    P->p = p;
+    if (p) P->p = p;
+    /* each pool appears at most twice in avail (pushed per freed head) and has two heads */
+    uint32_t *a = p ? realloc(P->avail, (size_t)cap * 2 * sizeof *a) : NULL;
+    if (a) P->avail = a;
+    kvt_seg *r = a ? realloc(P->retired, (size_t)cap * 2 * sizeof *r) : NULL;
+    if (r) P->retired = r;
+    if (!p || !a || !r) return kvt_fail(ENOMEM, "pool table: out of memory");
     P->cap = cap;
     return 0;
 }
 
+static void push_avail(kvt_pools *P, uint32_t pool) {
+    /* dedupe the common case; stale or repeated entries are filtered when popped */
+    if (P->navail && P->avail[P->navail - 1] == pool) return;
+    if (P->navail < 2 * P->cap) P->avail[P->navail++] = pool;
+}
+
 int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *seg) {
-    if (P->half_free >= 0) {
-        kvt_pool *p = &P->p[P->half_free];
-        uint32_t idx = (uint32_t)P->half_free;
-        P->half_free = -1;
-        if (p->owner[1] < 0 && kvt_pool_room(L, p) > 0 && p->owner[0] != owner) {
-            p->owner[1] = owner;
-            *seg = (kvt_seg){idx, 1, 0};
-            return 0;
+    /* Look at the few most recently freed pools; drop stale entries, skip pools whose only
+     * free head would pair a cluster with itself (another cluster can still use them). */
+    for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 8; looked++) {
+        uint32_t idx = P->avail[i];
+        kvt_pool *p = idx < P->n ? &P->p[idx] : NULL;
+        int h0 = p && p->owner[0] == KVT_HEAD_FREE, h1 = p && p->owner[1] == KVT_HEAD_FREE;
+        if (!p || (!h0 && !h1) || kvt_pool_room(L, p) == 0) {
+            P->avail[i] = P->avail[--P->navail];
+            continue;
         }
+        int head = h0 && p->owner[1] != owner ? 0 : h1 && p->owner[0] != owner ? 1 : -1;
+        if (head < 0) continue;
+        p->owner[head] = owner;
+        if (p->owner[1 - head] != KVT_HEAD_FREE) P->avail[i] = P->avail[--P->navail];
+        *seg = (kvt_seg){idx, (uint32_t)head, 0};
+        return 0;
     }
-    int rc = kvt_pools_reserve(P, P->n + 1);
-    if (rc) return rc;
+    if (P->n >= P->cap) return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
     uint32_t idx = P->n++;
-    P->p[idx] = (kvt_pool){{owner, -1}, {0, 0}};
-    P->half_free = idx;
+    P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}};
+    push_avail(P, idx);
     *seg = (kvt_seg){idx, 0, 0};
     return 0;
 }
 
+void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg) {
+    kvt_pool *p = &P->p[seg->pool];
+    p->owner[seg->head] = KVT_HEAD_FREE;
+    p->used[seg->head] = 0;
+    push_avail(P, seg->pool);
+}
+
+void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg) {
+    P->p[seg->pool].owner[seg->head] = KVT_HEAD_RETIRED;
+    P->retired[P->nretired++] = *seg;
+}
+
+void kvt_pools_committed(kvt_pools *P, uint32_t count) {
+    if (count > P->nretired) count = P->nretired;
+    for (uint32_t i = 0; i < count; i++) {
+        kvt_seg *s = &P->retired[i];
+        if (s->pool < P->n && P->p[s->pool].owner[s->head] == KVT_HEAD_RETIRED) kvt_pools_unclaim(P, s);
+    }
+    memmove(P->retired, P->retired + count, (P->nretired - count) * sizeof *P->retired);
+    P->nretired -= count;
+}
+
+void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
+    P->navail = 0;
+    P->nretired = 0;
+    for (uint32_t i = 0; i < P->n; i++) {
+        kvt_pool *p = &P->p[i];
+        for (int h = 0; h < 2; h++)
+            if (p->owner[h] < 0) {
+                p->owner[h] = KVT_HEAD_FREE;
+                p->used[h] = 0;
+            }
+        if ((p->owner[0] == KVT_HEAD_FREE || p->owner[1] == KVT_HEAD_FREE) && kvt_pool_room(L, p) > 0)
+            push_avail(P, i);
+    }
+}
+
 void kvt_pools_free(kvt_pools *P) {
     free(P->p);
+    free(P->avail);
+    free(P->retired);
     memset(P, 0, sizeof *P);
-    P->half_free = -1;
 }

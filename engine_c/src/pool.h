@@ -32,10 +32,18 @@ typedef struct kvt_layout {
 typedef struct kvt_seg { uint32_t pool, head, n; } kvt_seg;
 typedef struct kvt_pool { int32_t owner[2]; uint32_t used[2]; } kvt_pool;
 
+/* The pool table. Heads are free (owner -1), owned by a cluster (owner >= 0), or retired
+ * (owner -2): released since the last catalog commit and not reusable until it, because the
+ * committed catalog may still name their data. */
+#define KVT_HEAD_FREE (-1)
+#define KVT_HEAD_RETIRED (-2)
 typedef struct kvt_pools {
     kvt_pool *p;
     uint32_t n, cap;
-    int64_t half_free;   /* a pool whose head 1 is free with room, or -1 */
+    uint32_t *avail;       /* pools that had a free head when pushed (checked when popped) */
+    uint32_t navail;
+    kvt_seg *retired;      /* heads released since the last commit */
+    uint32_t nretired;
 } kvt_pools;
 
 void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster);
@@ -70,11 +78,23 @@ void kvt_rec_reverse(const kvt_layout *L, uint8_t *recs, uint32_t n);
 void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page[KVT_DATA_HEADER]);
 int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER]);
 
-/* Claims a head for `owner` with room for at least one record: the back head of the pool
- * left half free last, else the front head of a new pool. Returns 0 and fills *seg, or an
- * error if the pool table cannot grow (the caller reserved memory beforehand). */
+/* Claims a head for `owner` with room for at least one record: a free head of a pool whose
+ * other head belongs to another cluster (so two clusters pair up), else a free pool, else a
+ * new pool at the end of the file. The table must have room (kvt_pools_reserve). */
 int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *seg);
+/* Gives back a head claimed in this same uncommitted operation (its data was never named). */
+void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg);
+/* Retires a head whose data the committed catalog may name. */
+void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg);
+/* After a catalog commit: the first `count` retired heads (those retired before the
+ * committed state was captured) become free. */
+void kvt_pools_committed(kvt_pools *P, uint32_t count);
+/* Rebuilds the free lists from owners (after loading). */
+void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L);
+/* Makes room for `need` pools (and their list entries). */
 int kvt_pools_reserve(kvt_pools *P, uint32_t need);
+/* Bytes of memory per pool of capacity, for budget accounting. */
+#define KVT_POOL_BYTES (sizeof(kvt_pool) + sizeof(uint32_t) * 2 + sizeof(kvt_seg) * 2)
 void kvt_pools_free(kvt_pools *P);
 
 #endif

@@ -1,18 +1,24 @@
 /*
- * store.c — collections: add, retrieve, search, get, and the exported catalog state.
+ * store.c — collections: add, retrieve, search, get, the clustering policies, checkpoints.
  *
  * Invariants:
  * 1. Every public call takes the store mutex for its whole duration; the structures below are
  *    only touched under it.
  * 2. For every id < n, loc[id] = (c, i) with i < cl[c].n, and the i-th record of cluster c
- *    (segments in order, slots in order) carries that id. Sum of cl[c].n is n.
- * 3. An add writes every record before it changes any metadata visible to readers; if a write
- *    fails, the pool and segment claims it made are rolled back and nothing is added.
- * 4. cent[c] is the exact running mean of cluster c's keys (Welford), cnorm[c] its squared
- *    norm; cl[c].m2 the running sum of squared distances to it.
- * 5. A cached cluster's records equal the records on flash, in insertion order.
+ *    (segments in order, slots in order, then its pending buffer) carries that id. The sum of
+ *    cl[c].n is n; a cluster with n == 0 owns nothing and is a free slot.
+ * 3. An add writes every record before it changes any metadata readers see; if a write fails,
+ *    the heads it claimed are given back and nothing is added. A split or a recluster writes
+ *    the new clusters to fresh heads (copy on write) and only then switches the directory;
+ *    the old heads are retired until the next committed checkpoint, because the committed
+ *    catalog still names them.
+ * 4. cent[c] is the mean of cluster c's keys, cnorm[c] its squared norm (FLT_MAX for free
+ *    slots, so nothing joins them), cl[c].m2 the sum of squared distances to the mean.
+ * 5. A cached cluster's records equal its records on flash plus its pending buffer, in order.
  * 6. Every byte held for data is reserved against the DRAM budget first (coll->acct for the
- *    long-lived structures, transient reservations released before return).
+ *    long-lived structures; transient reservations are released before return).
+ * 7. A split never reads flash: it runs on a cluster already in DRAM (cached, or read by this
+ *    retrieve). The one exception is the pending budget's overflow, counted as forced loads.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -56,12 +62,16 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
 static void coll_free(kvt_coll *c) {
     if (!c) return;
     kvt_cache_drop_owner(&c->st->cache, c);
-    for (uint32_t i = 0; i < c->clcap; i++) free(c->cl[i].segs);
+    for (uint32_t i = 0; i < c->clcap; i++) {
+        free(c->cl[i].segs);
+        free(c->cl[i].pbuf);
+    }
     free(c->cl);
     free(c->cent);
     free(c->cnorm);
     free(c->loc);
-    free(c->dirty);
+    free(c->mod);
+    free(c->keys);
     kvt_pools_free(&c->pools);
     kvt_file_close(c->f);
     kvt_mem_release(&c->st->cache, c->acct);
@@ -126,8 +136,8 @@ static int grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint6
     if (need <= *cap) return 0;
     /* 1.5x growth: the id map is the largest structure, and doubling it would spend up to
      * half of it as slack against a tight budget */
-    uint64_t nc = *cap ? *cap : 16;
-    while (nc < need) nc += nc / 2;
+    uint64_t nc = *cap ? *cap : (need < 4 ? 4 : need);
+    while (nc < need) nc += nc / 2 + 1;
     uint64_t more = (nc - *cap) * size;
     int rc = kvt_mem_reserve(&c->st->cache, more);
     if (rc) return rc;
@@ -143,6 +153,13 @@ static int grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint6
     return 0;
 }
 
+/* Frees an array grown by grow_array and returns its bytes to the budget. */
+static void free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) {
+    free(p);
+    kvt_mem_release(&c->st->cache, cap * size);
+    c->acct -= cap * size;
+}
+
 static int ensure_clusters(kvt_coll *c, uint32_t need) {
     if (need <= c->clcap) return 0;
     uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap;
@@ -150,8 +167,8 @@ static int ensure_clusters(kvt_coll *c, uint32_t need) {
     if (!rc) rc = grow_array(c, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap2, need);
     if (!rc) rc = grow_array(c, (void **)&c->cnorm, sizeof(float), &cap3, need);
     if (rc) return rc;
-    /* the three grew by the same rule from the same capacity */
-    c->clcap = (uint32_t)cap;
+    for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
+    c->clcap = (uint32_t)cap; /* the three grew by the same rule from the same capacity */
     return 0;
 }
 
@@ -162,31 +179,77 @@ static int ensure_segs(kvt_coll *c, kvt_cluster *k, uint32_t need) {
     return rc;
 }
 
+static int ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need) {
+    uint64_t cap = k->pcap;
+    int rc = grow_array(c, (void **)&k->pbuf, c->L.esz, &cap, need);
+    k->pcap = (uint32_t)cap;
+    return rc;
+}
+
 static int ensure_pools(kvt_coll *c, uint32_t need) {
     if (need <= c->pools.cap) return 0;
     uint32_t old = c->pools.cap, nc = old ? old : 16;
     while (nc < need) nc *= 2;
-    int rc = kvt_mem_reserve(&c->st->cache, (uint64_t)(nc - old) * sizeof(kvt_pool));
+    uint64_t more = (uint64_t)(nc - old) * KVT_POOL_BYTES;
+    int rc = kvt_mem_reserve(&c->st->cache, more);
     if (rc) return rc;
     rc = kvt_pools_reserve(&c->pools, nc);
     if (rc) {
-        kvt_mem_release(&c->st->cache, (uint64_t)(nc - old) * sizeof(kvt_pool));
+        kvt_mem_release(&c->st->cache, more);
         return rc;
     }
-    c->acct += (uint64_t)(c->pools.cap - old) * sizeof(kvt_pool);
+    c->acct += more;
     return 0;
 }
 
 static int ensure_ids(kvt_coll *c, uint64_t need) {
     int rc = grow_array(c, (void **)&c->loc, sizeof *c->loc, &c->loccap, need);
-    if (!rc) rc = grow_array(c, (void **)&c->dirty, 1, &c->dirtycap, need / KVT_LOC_CHUNK + 1);
+    if (!rc) rc = grow_array(c, (void **)&c->mod, sizeof *c->mod, &c->modcap, need / KVT_LOC_CHUNK + 1);
+    if (!rc && c->p.policy == KVT_POLICY_NONE) rc = grow_array(c, (void **)&c->keys, c->L.key_bytes, &c->keyscap, need);
     return rc;
+}
+
+static inline void set_loc(kvt_coll *c, uint64_t id, uint32_t cl, uint32_t idx) {
+    c->loc[id] = (kvt_loc){cl, idx};
+    c->mod[id / KVT_LOC_CHUNK] = ++c->modc;
 }
 
 static void update_norm(kvt_coll *c, uint32_t k) {
     const float *x = c->cent + (size_t)k * c->p.dim;
-    c->cnorm[k] = c->st->K->dot_f32(x, x, c->p.dim);
+    c->cnorm[k] = c->cl[k].n ? c->st->K->dot_f32(x, x, c->p.dim) : FLT_MAX;
 }
+
+/* A free cluster slot (n == 0, owning nothing), growing the table if needed. */
+static int new_cluster(kvt_coll *c, uint32_t *out) {
+    int rc = ensure_clusters(c, c->ncl + 1);
+    if (rc) return rc;
+    uint32_t j = c->ncl++;
+    kvt_cluster *k = &c->cl[j];
+    k->n = k->nseg = k->pend = k->flagged = k->hold = 0;
+    k->m2 = 0;
+    k->ent = NULL;
+    c->cnorm[j] = FLT_MAX;
+    *out = j;
+    return 0;
+}
+
+/* Exact mean and squared-distance sum of n records' keys. */
+static void stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_t n, float *x) {
+    const kvt_kernels *K = c->st->K;
+    uint32_t d = c->p.dim;
+    float *mean = c->cent + (size_t)j * d;
+    double m2 = 0;
+    memset(mean, 0, (size_t)d * 4);
+    for (uint32_t i = 0; i < n; i++) {
+        kvt_key_to_f32(K, c->p.dtype, kvt_rec_key(recs + (size_t)i * c->L.esz), x, d);
+        kvt_welford_add(mean, &m2, i, x, d);
+    }
+    c->cl[j].m2 = m2;
+    c->cl[j].n = n;
+    update_norm(c, j);
+}
+
+static double variance(const kvt_cluster *k) { return k->n ? k->m2 / k->n : 0; }
 
 /* ---- collections ------------------------------------------------------------------------- */
 
@@ -196,9 +259,12 @@ static int check_params(const kvt_coll_params *p) {
     if (p->dtype != KVT_F32 && p->dtype != KVT_F16) return kvt_fail(KVT_EINVAL, "dtype: float32 or float16 expected");
     if (p->metric != KVT_METRIC_IP && p->metric != KVT_METRIC_L2) return kvt_fail(KVT_EINVAL, "metric: ip or l2 expected");
     if (p->policy < KVT_POLICY_STATIC || p->policy > KVT_POLICY_NONE) return kvt_fail(KVT_EINVAL, "policy: unknown value %d", p->policy);
-    if (p->policy != KVT_POLICY_STATIC) return kvt_fail(KVT_EINVAL, "policy: only static is implemented in this engine version");
     if (p->init_cluster_size < 1 || p->init_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "init_cluster_size: 1..2^20 expected, got %u", p->init_cluster_size);
-    if (p->max_cluster_size < 1 || p->max_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "max_cluster_size: 1..2^20 expected, got %u", p->max_cluster_size);
+    if (p->max_cluster_size < 2 || p->max_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "max_cluster_size: 2..2^20 expected, got %u", p->max_cluster_size);
+    if (!(p->tau >= 0) || !isfinite(p->tau)) return kvt_fail(KVT_EINVAL, "tau: a finite value >= 0 expected (0 derives it)");
+    if (!(p->tau_factor > 0) || !isfinite(p->tau_factor)) return kvt_fail(KVT_EINVAL, "tau_factor: a finite value > 0 expected");
+    if (p->policy == KVT_POLICY_LOCAL && (p->local_window < 2 || p->local_cluster_size < 1 || p->local_cluster_size > p->local_window))
+        return kvt_fail(KVT_EINVAL, "local_window / local_cluster_size: 1 <= local_cluster_size <= local_window and local_window >= 2 expected");
     return 0;
 }
 
@@ -212,7 +278,8 @@ static int coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int tru
     c->st = s;
     c->no = no;
     c->p = *p;
-    c->pools.half_free = -1;
+    c->tau = p->tau;
+    c->staging = KVT_NONE;
     kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size);
     char path[4096];
     snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no);
@@ -263,36 +330,62 @@ int kvt_coll_create(kvt_store *s, uint32_t no, const kvt_coll_params *p, kvt_col
 
 uint64_t kvt_coll_count(const kvt_coll *c) { return c->n; }
 
-/* ---- add ---------------------------------------------------------------------------------- */
+/* ---- writing records to flash ------------------------------------------------------------ */
+
+/* Where the records of an append come from: encoded on the fly from the caller's key and
+ * value rows (add), or copied from records already in memory (split, pending flush). */
+typedef struct rec_src {
+    const uint32_t *members;    /* row numbers, encode mode */
+    const uint8_t *keys, *values;
+    int64_t first_id;
+    const uint8_t *recs;        /* copy mode when not NULL */
+} rec_src;
+
+static void src_get(const kvt_coll *c, const rec_src *s, uint32_t j, uint8_t *dst) {
+    const kvt_layout *L = &c->L;
+    if (s->recs) {
+        memcpy(dst, s->recs + (size_t)j * L->esz, L->esz);
+        return;
+    }
+    uint32_t r = s->members[j];
+    kvt_rec_encode(L, dst, s->first_id + r, s->keys + (size_t)r * L->key_bytes,
+                   s->values + (size_t)r * L->value_bytes);
+}
 
 typedef struct undo { uint32_t cl, seg, run; int claimed; } undo;
+typedef struct undo_log { undo *u; size_t n, cap; } undo_log;
 
-static void rollback(kvt_coll *c, undo *log, size_t nlog, uint32_t pools_n, int64_t half_free) {
-    while (nlog--) {
-        undo *u = &log[nlog];
+/* Reverts the appends of a failed operation, newest first: heads it claimed are unclaimed. */
+static void rollback(kvt_coll *c, undo_log *log) {
+    while (log->n) {
+        undo *u = &log->u[--log->n];
         kvt_cluster *k = &c->cl[u->cl];
         kvt_seg *sg = &k->segs[u->seg];
         sg->n -= u->run;
         c->pools.p[sg->pool].used[sg->head] -= u->run;
         if (u->claimed) {
-            c->pools.p[sg->pool].owner[sg->head] = -1;
+            kvt_pools_unclaim(&c->pools, sg);
             k->nseg--;
         }
     }
-    c->pools.n = pools_n;
-    c->pools.half_free = half_free;
 }
 
-/* Writes members[0..m) of cluster ci (row numbers into keys/values) as records with ids
- * first_id + row, appending to the cluster's segments. */
-static int write_members(kvt_coll *c, uint32_t ci, const uint32_t *members, uint32_t m,
-                         const uint8_t *keys, const uint8_t *values, int64_t first_id,
-                         uint8_t *scratch, uint32_t scratch_recs, undo **log, size_t *nlog, size_t *logcap) {
+/* Appends m records to cluster ci's flash segments (claiming heads as needed), through the
+ * scratch buffer of scratch_recs records. Every append is logged for rollback. */
+static int append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, uint8_t *scratch,
+                        uint32_t scratch_recs, undo_log *log) {
     const kvt_layout *L = &c->L;
     uint32_t done = 0;
     while (done < m) {
         kvt_cluster *k = &c->cl[ci];
         int claimed = 0;
+        if (log->n == log->cap) {
+            size_t nc = log->cap ? log->cap * 2 : 64;
+            undo *nl = realloc(log->u, nc * sizeof *nl);
+            if (!nl) return kvt_fail(ENOMEM, "append: out of memory");
+            log->u = nl;
+            log->cap = nc;
+        }
         if (k->nseg == 0 || kvt_pool_room(L, &c->pools.p[k->segs[k->nseg - 1].pool]) == 0) {
             int rc = ensure_segs(c, k, k->nseg + 1);
             if (!rc) rc = ensure_pools(c, c->pools.n + 1);
@@ -309,182 +402,89 @@ static int write_members(kvt_coll *c, uint32_t ci, const uint32_t *members, uint
         if (run > room) run = room;
         if (run > scratch_recs) run = scratch_recs;
         for (uint32_t j = 0; j < run; j++) {
-            uint32_t r = members[done + j];
             /* head 1 grows downward: its run is laid out last-first in address order */
             uint32_t pos = sg->head == 0 ? j : run - 1 - j;
-            kvt_rec_encode(L, scratch + (size_t)pos * L->esz, first_id + r,
-                           keys + (size_t)r * L->key_bytes, values + (size_t)r * L->value_bytes);
-        }
-        if (*nlog == *logcap) {
-            size_t nc = *logcap ? *logcap * 2 : 64;
-            undo *nl = realloc(*log, nc * sizeof *nl);
-            if (!nl) return kvt_fail(ENOMEM, "add: out of memory");
-            *log = nl;
-            *logcap = nc;
+            src_get(c, src, done + j, scratch + (size_t)pos * L->esz);
         }
         uint64_t off = kvt_run_offset(L, sg->pool, sg->head, sg->n, run);
         int rc = kvt_file_write(c->f, off, scratch, (size_t)run * L->esz);
         if (rc) {
             if (claimed) { /* the claim wrote nothing: undo it here, the log has no entry */
-                pl->owner[sg->head] = -1;
+                kvt_pools_unclaim(&c->pools, sg);
                 k->nseg--;
             }
             return rc;
         }
         sg->n += run;
         pl->used[sg->head] += run;
-        (*log)[(*nlog)++] = (undo){ci, k->nseg - 1, run, claimed};
+        log->u[log->n++] = (undo){ci, k->nseg - 1, run, claimed};
         done += run;
     }
     return 0;
 }
 
-int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
-    kvt_clear_error();
-    if (!keys || (!values && c->p.value_dim) || n == 0) return kvt_fail(KVT_EINVAL, "add: keys/values must be non-empty");
-    kvt_store *s = c->st;
-    const kvt_kernels *K = s->K;
-    const kvt_layout *L = &c->L;
-    LOCK(s);
-    int rc = 0;
-    uint32_t *assign = NULL, *order = NULL, *start = NULL;
-    float *cent = NULL, *x = NULL;
-    uint8_t *scratch = NULL;
-    undo *log = NULL;
-    size_t nlog = 0, logcap = 0;
-    uint64_t transient = 0, n0 = c->n;
-    uint32_t ncl0 = c->ncl, pools_n0 = c->pools.n;
-    int64_t half_free0 = c->pools.half_free;
-    if (n > UINT32_MAX || n0 + n > ((uint64_t)1 << 40)) {
-        rc = kvt_fail(KVT_EINVAL, "add: too many entries at once (%llu)", (unsigned long long)n);
-        goto out;
-    }
-    rc = ensure_ids(c, n0 + n);
-    if (rc) goto out;
+/* Scratch for appends: one pool's worth of records at most. */
+static uint32_t scratch_records(const kvt_coll *c, uint64_t m) {
+    return (uint32_t)(m < c->L.pool_cap ? (m ? m : 1) : c->L.pool_cap);
+}
 
-    /* 1. assignment */
-    uint32_t k = 0;
-    uint64_t kmb = 0;
-    if (c->ncl == 0) {
-        k = (uint32_t)((n + c->p.init_cluster_size - 1) / c->p.init_cluster_size);
-        if (k < 1) k = 1;
-        kmb = kvt_kmeans_bytes(n, k, c->p.dim) + (uint64_t)k * c->p.dim * 4;
+/* Writes whole new clusters: for each t, recs[t] (counts[t] records) become the only data of
+ * cluster dst[t], which must own no segments. On failure every head claimed is given back. */
+static int write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts,
+                       uint32_t nt) {
+    uint64_t most = 0;
+    for (uint32_t t = 0; t < nt; t++) most = counts[t] > most ? counts[t] : most;
+    uint32_t sr = scratch_records(c, most);
+    uint64_t sbytes = (uint64_t)sr * c->L.esz;
+    int rc = kvt_mem_reserve(&c->st->cache, sbytes);
+    if (rc) return rc;
+    uint8_t *scratch = malloc(sbytes);
+    undo_log log = {0};
+    if (!scratch) rc = kvt_fail(ENOMEM, "split: out of memory");
+    for (uint32_t t = 0; t < nt && !rc; t++) {
+        rec_src src = {.recs = recs[t]};
+        rc = append_flash(c, dst[t], &src, counts[t], scratch, sr, &log);
     }
-    uint32_t scratch_recs = c->L.pool_cap;
-    transient = (uint64_t)n * 4 * 2 + kmb + (uint64_t)scratch_recs * L->esz + (uint64_t)c->p.dim * 4 +
-                ((c->ncl ? c->ncl : k) + 1) * 4ull;
-    rc = kvt_mem_reserve(&s->cache, transient);
-    if (rc) {
-        transient = 0;
-        goto out;
-    }
-    assign = malloc(n * 4);
-    order = malloc(n * 4);
-    scratch = malloc((size_t)scratch_recs * L->esz);
-    x = malloc((size_t)c->p.dim * 4);
-    if (!assign || !order || !scratch || !x) {
-        rc = kvt_fail(ENOMEM, "add: out of memory");
-        goto out;
-    }
-    if (c->ncl == 0) {
-        cent = malloc((size_t)k * c->p.dim * 4);
-        if (!cent) {
-            rc = kvt_fail(ENOMEM, "add: out of memory");
-            goto out;
-        }
-        rc = kvt_kmeans(K, c->p.dtype, keys, c->p.dim, NULL, n, k, c->p.kmeans_iters, c->p.seed, cent, assign);
-        if (rc) goto out;
-        /* drop clusters k-means left empty, keeping the order of the rest */
-        uint32_t *remap = calloc(k, 4);
-        if (!remap) {
-            rc = kvt_fail(ENOMEM, "add: out of memory");
-            goto out;
-        }
-        for (uint64_t i = 0; i < n; i++) remap[assign[i]] = 1;
-        uint32_t kept = 0;
-        for (uint32_t j = 0; j < k; j++) remap[j] = remap[j] ? kept++ : UINT32_MAX;
-        for (uint64_t i = 0; i < n; i++) assign[i] = remap[assign[i]];
-        free(remap);
-        rc = ensure_clusters(c, kept);
-        if (rc) goto out;
-        for (uint32_t j = 0; j < kept; j++) { /* keep segment arrays of a rolled-back add */
-            kvt_cluster *cl = &c->cl[j];
-            cl->n = cl->nseg = 0;
-            cl->m2 = 0;
-            cl->ent = NULL;
-        }
-        c->ncl = kept;
-        k = kept;
-    } else {
-        k = c->ncl;
-        for (uint64_t i = 0; i < n; i++)
-            assign[i] = kvt_nearest(K, c->p.dtype, (const uint8_t *)keys + i * L->key_bytes, c->cent,
-                                    c->cnorm, c->ncl, c->p.dim);
-    }
-
-    /* 2. group by cluster (counting sort keeps id order inside a cluster) */
-    start = calloc((size_t)k + 1, 4);
-    if (!start) {
-        rc = kvt_fail(ENOMEM, "add: out of memory");
-        goto out;
-    }
-    for (uint64_t i = 0; i < n; i++) start[assign[i] + 1]++;
-    for (uint32_t j = 0; j < k; j++) start[j + 1] += start[j];
-    for (uint64_t i = 0; i < n; i++) order[start[assign[i]]++] = (uint32_t)i;
-    for (uint32_t j = k; j > 0; j--) start[j] = start[j - 1];
-    start[0] = 0;
-
-    /* 3. write every record before touching what readers see */
-    for (uint32_t j = 0; j < k && !rc; j++) {
-        uint32_t m = start[j + 1] - start[j];
-        if (m) rc = write_members(c, j, order + start[j], m, keys, values, (int64_t)n0, scratch,
-                                  scratch_recs, &log, &nlog, &logcap);
-    }
-    if (rc) {
-        rollback(c, log, nlog, pools_n0, half_free0);
-        c->ncl = ncl0;
-        goto out;
-    }
-
-    /* 4. metadata: id map, running means and variances, cached copies */
-    for (uint32_t j = 0; j < k; j++) {
-        uint32_t m = start[j + 1] - start[j];
-        if (!m) continue;
-        kvt_cluster *cl = &c->cl[j];
-        float *mean = c->cent + (size_t)j * c->p.dim;
-        if (cl->ent && kvt_cache_grow(&s->cache, cl->ent, m)) {
-            kvt_cache_drop(&s->cache, cl->ent);
-            cl->ent = NULL;
-        }
-        for (uint32_t t = 0; t < m; t++) {
-            uint32_t r = order[start[j] + t];
-            const uint8_t *key = (const uint8_t *)keys + (size_t)r * L->key_bytes;
-            c->loc[n0 + r] = (kvt_loc){j, cl->n};
-            kvt_key_to_f32(K, c->p.dtype, key, x, c->p.dim);
-            kvt_welford_add(mean, &cl->m2, cl->n, x, c->p.dim);
-            cl->n++;
-            if (cl->ent) {
-                kvt_rec_encode(L, cl->ent->rec + (size_t)cl->ent->n * L->esz, (int64_t)(n0 + r), key,
-                               (const uint8_t *)values + (size_t)r * L->value_bytes);
-                cl->ent->n++;
-            }
-        }
-        update_norm(c, j);
-    }
-    for (uint64_t ch = n0 / KVT_LOC_CHUNK; ch <= (n0 + n - 1) / KVT_LOC_CHUNK; ch++) c->dirty[ch] = 1;
-    c->n = n0 + n;
-    *first_id = (int64_t)n0;
-out:
-    free(assign);
-    free(order);
-    free(start);
-    free(cent);
-    free(x);
+    if (rc) rollback(c, &log);
+    free(log.u);
     free(scratch);
-    free(log);
-    kvt_mem_release(&s->cache, transient);
-    UNLOCK(s);
+    kvt_mem_release(&c->st->cache, sbytes);
     return rc;
+}
+
+/* Moves cluster j's segments aside (to be retired or restored). */
+typedef struct seg_save { kvt_seg *segs; uint32_t nseg, segcap; } seg_save;
+static seg_save detach_segs(kvt_coll *c, uint32_t j) {
+    kvt_cluster *k = &c->cl[j];
+    seg_save s = {k->segs, k->nseg, k->segcap};
+    k->segs = NULL;
+    k->nseg = k->segcap = 0;
+    return s;
+}
+static void drop_segs(kvt_coll *c, uint32_t j) {
+    kvt_cluster *k = &c->cl[j];
+    for (uint32_t g = 0; g < k->nseg; g++) kvt_pools_unclaim(&c->pools, &k->segs[g]);
+    free_array(c, k->segs, k->segcap, sizeof(kvt_seg));
+    k->segs = NULL;
+    k->nseg = k->segcap = 0;
+}
+static void restore_segs(kvt_coll *c, uint32_t j, seg_save s) {
+    drop_segs(c, j);
+    kvt_cluster *k = &c->cl[j];
+    k->segs = s.segs;
+    k->nseg = s.nseg;
+    k->segcap = s.segcap;
+}
+static void retire_segs(kvt_coll *c, seg_save s) {
+    for (uint32_t g = 0; g < s.nseg; g++) kvt_pools_retire(&c->pools, &s.segs[g]);
+    free_array(c, s.segs, s.segcap, sizeof(kvt_seg));
+}
+
+static void free_pending(kvt_coll *c, kvt_cluster *k) {
+    c->pending_total -= k->pend;
+    free_array(c, k->pbuf, k->pcap, c->L.esz);
+    k->pbuf = NULL;
+    k->pend = k->pcap = 0;
 }
 
 /* ---- reading clusters --------------------------------------------------------------------- */
@@ -503,8 +503,9 @@ static int check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t
     return 0;
 }
 
-/* Calls fn on every record of cluster ci, in insertion order, in one or more runs; from the
- * cache when it is there, else from flash (one read per segment), caching it when it fits. */
+/* Calls fn on every record of cluster ci, in insertion order, in one or more runs: from the
+ * cache when it is there, else from flash (one read per segment) and the pending buffer,
+ * caching the cluster when the budget allows. */
 static int visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx) {
     kvt_store *s = c->st;
     kvt_cluster *k = &c->cl[ci];
@@ -540,6 +541,10 @@ static int visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx) {
         kvt_mem_release(&s->cache, need);
         base += sg->n;
     }
+    if (!rc && k->pend) {
+        fn(ctx, ci, k->pbuf, k->pend);
+        if (e) memcpy(e->rec + (size_t)base * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+    }
     if (e) {
         if (rc) {
             kvt_cache_drop(&s->cache, e);
@@ -551,6 +556,529 @@ static int visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx) {
     }
     return rc;
 }
+
+typedef struct collect_ctx { uint8_t *dst; size_t esz; } collect_ctx;
+static void collect(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    collect_ctx *x = vctx;
+    memcpy(x->dst, recs, (size_t)n * x->esz);
+    x->dst += (size_t)n * x->esz;
+}
+
+/* All records of cluster j in one buffer: the cached copy, pinned (*pinned), or a reserved
+ * buffer read from flash (*owned = its bytes; those reads are counted as a split's). */
+static int load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned) {
+    kvt_cluster *k = &c->cl[j];
+    *owned = 0;
+    *pinned = NULL;
+    if (!k->ent) {
+        uint64_t bytes = (uint64_t)k->n * c->L.esz;
+        int rc = kvt_mem_reserve(&c->st->cache, bytes);
+        if (rc) return rc;
+        uint8_t *buf = malloc(bytes ? bytes : 1);
+        if (!buf) {
+            kvt_mem_release(&c->st->cache, bytes);
+            return kvt_fail(ENOMEM, "split: out of memory");
+        }
+        kvt_io_stats before, after;
+        kvt_io_stats_get(&c->st->io, &before);
+        collect_ctx x = {buf, c->L.esz};
+        rc = visit_cluster(c, j, collect, &x);
+        kvt_io_stats_get(&c->st->io, &after);
+        c->ctr.split_read_bytes += after.read_bytes - before.read_bytes;
+        if (rc || k->ent) { /* failed, or the visit cached it after all: use that copy */
+            free(buf);
+            kvt_mem_release(&c->st->cache, bytes);
+            if (rc) return rc;
+        } else {
+            *recs = buf;
+            *owned = bytes;
+            return 0;
+        }
+    }
+    k->ent->pins++;
+    *pinned = k->ent;
+    *recs = k->ent->rec;
+    return 0;
+}
+
+/* Undoes load_records. `consumed`: a regroup replaced the cluster, which freed the pinned
+ * cache entry along with the old cluster. */
+static void release_records(kvt_coll *c, uint8_t *recs, uint64_t owned, kvt_cache_ent *pinned, int consumed) {
+    if (owned) {
+        free(recs);
+        kvt_mem_release(&c->st->cache, owned);
+    }
+    if (pinned && !consumed) pinned->pins--;
+}
+
+/* ---- the clustering policies ------------------------------------------------------------- */
+
+static int wants_split(const kvt_coll *c, const kvt_cluster *k) {
+    if (c->p.policy != KVT_POLICY_ADAPTIVE || k->n < 2 || k->n < k->hold + k->hold / 2) return 0;
+    return k->n > c->p.max_cluster_size || (c->tau > 0 && variance(k) > c->tau);
+}
+
+static void maybe_flag(kvt_coll *c, uint32_t j) {
+    kvt_cluster *k = &c->cl[j];
+    if (!k->flagged && wants_split(c, k)) {
+        k->flagged = 1;
+        if (!k->ent) c->ctr.deferred_splits++;
+    }
+}
+
+/* tau from the partition in force: tau_factor x the median variance of clusters of 2+. */
+static void derive_tau(kvt_coll *c) {
+    if (c->p.policy != KVT_POLICY_ADAPTIVE || c->tau > 0) return;
+    double *v = malloc((size_t)c->ncl * sizeof *v + 8);
+    uint32_t m = 0;
+    if (!v) return; /* retried after the next add */
+    for (uint32_t j = 0; j < c->ncl; j++)
+        if (c->cl[j].n >= 2) v[m++] = variance(&c->cl[j]);
+    if (m) {
+        /* insertion sort is fine: this runs once per collection, on the first partition */
+        for (uint32_t i = 1; i < m; i++)
+            for (uint32_t t = i; t > 0 && v[t - 1] > v[t]; t--) {
+                double x = v[t];
+                v[t] = v[t - 1];
+                v[t - 1] = x;
+            }
+        double med = m % 2 ? v[m / 2] : 0.5 * (v[m / 2 - 1] + v[m / 2]);
+        if (med > 0) c->tau = c->p.tau_factor * med;
+    }
+    free(v);
+}
+
+/* Replaces cluster `src` (whose records, in order, are `recs`) by nt clusters: group t gets
+ * the records with part[i] == t. Group 0 keeps the index src; the others take new slots.
+ * Copy on write: the groups go to fresh heads, then src's old heads are retired. The new
+ * clusters are cached when the budget allows (they were just updated: likely read soon).
+ * *first_new receives the first new slot. */
+static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt,
+                   uint32_t *first_new) {
+    kvt_store *s = c->st;
+    const kvt_layout *L = &c->L;
+    uint32_t n = c->cl[src].n, ncl0 = c->ncl;
+    uint64_t bytes = (uint64_t)n * L->esz, extra = (uint64_t)nt * (sizeof(uint8_t *) + 12) + (uint64_t)c->p.dim * 4;
+    int rc = kvt_mem_reserve(&s->cache, bytes + extra);
+    if (rc) return rc;
+    uint8_t *sorted = malloc(bytes + 8), **grp = calloc(nt, sizeof *grp);
+    uint32_t *cnt = calloc(nt, 4), *dst = calloc(nt, 4);
+    float *x = malloc((size_t)c->p.dim * 4);
+    if (!sorted || !grp || !cnt || !dst || !x) rc = kvt_fail(ENOMEM, "split: out of memory");
+    /* group the records, keeping their order inside each group */
+    if (!rc) {
+        for (uint32_t i = 0; i < n; i++) cnt[part[i]]++;
+        size_t off = 0;
+        for (uint32_t t = 0; t < nt; t++) {
+            grp[t] = sorted + off * L->esz;
+            off += cnt[t];
+        }
+        uint32_t *fill = calloc(nt, 4);
+        if (!fill) rc = kvt_fail(ENOMEM, "split: out of memory");
+        for (uint32_t i = 0; !rc && i < n; i++) {
+            uint32_t t = part[i];
+            memcpy(grp[t] + (size_t)fill[t]++ * L->esz, recs + (size_t)i * L->esz, L->esz);
+        }
+        free(fill);
+    }
+    dst[0] = src;
+    for (uint32_t t = 1; t < nt && !rc; t++) rc = new_cluster(c, &dst[t]);
+    seg_save old = detach_segs(c, src);
+    if (!rc) rc = write_fresh(c, dst, grp, cnt, nt);
+    if (rc) {
+        restore_segs(c, src, old);
+        c->ncl = ncl0;
+        goto out;
+    }
+    retire_segs(c, old);
+    kvt_cluster *k = &c->cl[src];
+    free_pending(c, k);
+    if (k->ent) {
+        kvt_cache_drop(&s->cache, k->ent);
+        k->ent = NULL;
+    }
+    for (uint32_t t = 0; t < nt; t++) {
+        uint32_t j = dst[t];
+        kvt_cluster *kj = &c->cl[j];
+        stats_from_records(c, j, grp[t], cnt[t], x);
+        kj->flagged = kj->hold = 0;
+        for (uint32_t i = 0; i < cnt[t]; i++) {
+            int64_t id;
+            memcpy(&id, grp[t] + (size_t)i * L->esz, 8);
+            set_loc(c, (uint64_t)id, j, i);
+        }
+        kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, j, cnt[t], L->esz);
+        if (e) {
+            memcpy(e->rec, grp[t], (size_t)cnt[t] * L->esz);
+            e->n = cnt[t];
+            e->pins--;
+            kj->ent = e;
+        }
+    }
+    c->ctr.splits++;
+    c->ctr.split_write_bytes += bytes;
+    *first_new = ncl0;
+out:
+    free(sorted);
+    free(grp);
+    free(cnt);
+    free(dst);
+    free(x);
+    kvt_mem_release(&s->cache, bytes + extra);
+    return rc;
+}
+
+/* Splits cluster j in two by 2-means over its records. Returns 1 if it split, 0 if the
+ * records form no two groups (the cluster then waits to grow by half), or an error. */
+static int split_cluster(kvt_coll *c, uint32_t j, const uint8_t *recs) {
+    kvt_cluster *k = &c->cl[j];
+    uint32_t n = k->n;
+    uint64_t tmp = (uint64_t)n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim);
+    int rc = kvt_mem_reserve(&c->st->cache, tmp);
+    if (rc) return rc;
+    uint32_t *part = malloc((size_t)n * 4);
+    float *cent = malloc(2ull * c->p.dim * 4);
+    if (!part || !cent) rc = kvt_fail(ENOMEM, "split: out of memory");
+    if (!rc)
+        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, c->L.esz, NULL, n, 2,
+                        c->p.kmeans_iters, c->p.seed + j, cent, part);
+    int split = 0;
+    if (!rc) {
+        uint32_t ones = 0;
+        for (uint32_t i = 0; i < n; i++) ones += part[i];
+        if (ones == 0 || ones == n) {
+            k->flagged = 0;
+            k->hold = n;
+            c->ctr.unsplittable++;
+        } else {
+            uint32_t first_new;
+            rc = regroup(c, j, recs, part, 2, &first_new);
+            split = !rc;
+        }
+    }
+    free(part);
+    free(cent);
+    kvt_mem_release(&c->st->cache, tmp);
+    return rc ? rc : split;
+}
+
+/* Splits flagged clusters that are in DRAM, starting from `list`, and their children while
+ * they still want it. Split failures leave the cluster flagged (counted), never the caller's
+ * operation failed: the entries are safe either way. */
+static void split_in_dram(kvt_coll *c, const uint32_t *list, uint32_t nlist) {
+    uint32_t stack[64], top = 0;
+    for (uint32_t i = 0; i < nlist; i++) {
+        uint32_t j = list[i];
+        if (j < c->ncl && c->cl[j].flagged && c->cl[j].ent && top < 62) stack[top++] = j;
+        while (top) {
+            uint32_t s = stack[--top];
+            kvt_cluster *k = &c->cl[s];
+            if (!k->flagged || !k->ent) continue;
+            uint32_t before = c->ncl;
+            kvt_cache_ent *pinned = k->ent;
+            pinned->pins++;
+            int rc = split_cluster(c, s, pinned->rec);
+            release_records(c, NULL, 0, pinned, rc == 1);
+            if (rc < 0 || rc > 1) {
+                c->ctr.split_errors++;
+                continue;
+            }
+            if (rc == 1) {
+                maybe_flag(c, s);
+                if (c->ncl > before) maybe_flag(c, before);
+                if (c->cl[s].flagged && top < 62) stack[top++] = s;
+                if (c->ncl > before && c->cl[before].flagged && top < 62) stack[top++] = before;
+            }
+        }
+    }
+}
+
+/* Pending budget overflow: load and split the cluster with the most pending entries until
+ * the budget holds. A cluster that cannot split has its pending entries written instead. */
+static void relieve_pending(kvt_coll *c) {
+    /* every round removes one cluster's pending entries or stops */
+    while (c->pending_total > c->p.pending_budget) {
+        uint32_t best = KVT_NONE, most = 0;
+        for (uint32_t j = 0; j < c->ncl; j++)
+            if (c->cl[j].pend > most) {
+                most = c->cl[j].pend;
+                best = j;
+            }
+        if (best == KVT_NONE) break;
+        uint8_t *recs;
+        uint64_t owned;
+        kvt_cache_ent *pinned;
+        c->ctr.forced_loads++;
+        int rc = load_records(c, best, &recs, &owned, &pinned);
+        if (!rc) {
+            rc = split_cluster(c, best, recs);
+            release_records(c, recs, owned, pinned, rc == 1);
+        }
+        if (rc == 1) {
+            uint32_t two[2] = {best, c->ncl - 1};
+            maybe_flag(c, two[0]);
+            maybe_flag(c, two[1]);
+            split_in_dram(c, two, 2);
+            continue;
+        }
+        if (rc < 0 || rc > 1) c->ctr.split_errors++;
+        /* not split: write its pending entries so the budget holds */
+        kvt_cluster *k = &c->cl[best];
+        if (k->pend) {
+            uint32_t sr = scratch_records(c, k->pend);
+            uint64_t sb = (uint64_t)sr * c->L.esz;
+            uint8_t *scratch = NULL;
+            undo_log log = {0};
+            if (!kvt_mem_reserve(&c->st->cache, sb)) {
+                if ((scratch = malloc(sb))) {
+                    rec_src src = {.recs = k->pbuf};
+                    if (append_flash(c, best, &src, k->pend, scratch, sr, &log) == 0) free_pending(c, k);
+                    else rollback(c, &log);
+                }
+                free(scratch);
+                free(log.u);
+                kvt_mem_release(&c->st->cache, sb);
+            }
+            if (k->pend) break; /* could not write: stop rather than loop */
+        }
+    }
+}
+
+/* Local policy: the staging cluster reached its window: cluster its entries on their own. */
+static int recluster_staging(kvt_coll *c) {
+    uint32_t s = c->staging, n = c->cl[s].n;
+    uint32_t k = (n + c->p.local_cluster_size - 1) / c->p.local_cluster_size;
+    uint8_t *recs;
+    uint64_t owned;
+    kvt_cache_ent *pinned;
+    int rc = load_records(c, s, &recs, &owned, &pinned);
+    if (rc) return rc;
+    uint64_t tmp = (uint64_t)n * 4 + (uint64_t)k * (c->p.dim * 4 + 4) + kvt_kmeans_bytes(n, k, c->p.dim);
+    rc = kvt_mem_reserve(&c->st->cache, tmp);
+    if (rc) {
+        release_records(c, recs, owned, pinned, 0);
+        return rc;
+    }
+    uint32_t *part = malloc((size_t)n * 4), *map = calloc(k, 4), used = 0;
+    float *cent = malloc((size_t)k * c->p.dim * 4);
+    if (!part || !cent || !map) rc = kvt_fail(ENOMEM, "recluster: out of memory");
+    if (!rc)
+        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, c->L.esz, NULL, n, k,
+                        c->p.kmeans_iters, c->p.seed + c->ctr.splits, cent, part);
+    if (!rc) {
+        /* renumber the parts that got points, so that every new cluster is non-empty */
+        for (uint32_t i = 0; i < n; i++) map[part[i]] = 1;
+        for (uint32_t t = 0; t < k; t++) map[t] = map[t] ? used++ : 0;
+        for (uint32_t i = 0; i < n; i++) part[i] = map[part[i]];
+        uint32_t first_new;
+        rc = regroup(c, s, recs, part, used, &first_new);
+        if (!rc) c->staging = KVT_NONE;
+    }
+    release_records(c, recs, owned, pinned, rc == 0);
+    free(part);
+    free(map);
+    free(cent);
+    kvt_mem_release(&c->st->cache, tmp);
+    return rc;
+}
+
+/* ---- add ---------------------------------------------------------------------------------- */
+
+int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
+    kvt_clear_error();
+    if (!keys || (!values && c->p.value_dim) || n == 0) return kvt_fail(KVT_EINVAL, "add: keys/values must be non-empty");
+    kvt_store *s = c->st;
+    const kvt_kernels *K = s->K;
+    const kvt_layout *L = &c->L;
+    LOCK(s);
+    int rc = 0;
+    uint32_t *assign = NULL, *order = NULL, *start = NULL;
+    uint8_t *scratch = NULL, *topend = NULL;
+    float *cent = NULL, *x = NULL;
+    undo_log log = {0};
+    uint64_t transient = 0, n0 = c->n;
+    uint32_t ncl0 = c->ncl, staging0 = c->staging;
+    int first_batch = 0;
+    if (n > UINT32_MAX || n0 + n > ((uint64_t)1 << 40)) {
+        rc = kvt_fail(KVT_EINVAL, "add: too many entries at once (%llu)", (unsigned long long)n);
+        goto out;
+    }
+    rc = ensure_ids(c, n0 + n);
+    if (rc) goto out;
+
+    /* 1. assignment */
+    uint32_t k = 0;
+    uint64_t kmb = 0;
+    int policy = c->p.policy;
+    if (policy != KVT_POLICY_NONE && c->ncl == 0) {
+        first_batch = 1;
+        k = (uint32_t)((n + c->p.init_cluster_size - 1) / c->p.init_cluster_size);
+        kmb = kvt_kmeans_bytes(n, k, c->p.dim) + (uint64_t)k * c->p.dim * 4;
+    }
+    uint32_t sr = scratch_records(c, n);
+    uint64_t nk = (uint64_t)(first_batch ? k : c->ncl) + 2;
+    transient = n * 8 + kmb + (uint64_t)sr * L->esz + (uint64_t)c->p.dim * 4 + nk * 5;
+    rc = kvt_mem_reserve(&s->cache, transient);
+    if (rc) {
+        transient = 0;
+        goto out;
+    }
+    assign = malloc(n * 4);
+    order = malloc(n * 4);
+    scratch = malloc((size_t)sr * L->esz);
+    x = malloc((size_t)c->p.dim * 4);
+    if (!assign || !order || !scratch || !x) {
+        rc = kvt_fail(ENOMEM, "add: out of memory");
+        goto out;
+    }
+    if (policy == KVT_POLICY_NONE) {
+        /* no clustering: one chain of entries in token order, keys also kept for scoring */
+        if (c->ncl == 0 && (rc = new_cluster(c, &k))) goto out;
+        memset(assign, 0, n * 4);
+        k = 1;
+    } else if (first_batch) {
+        cent = malloc((size_t)k * c->p.dim * 4);
+        if (!cent) {
+            rc = kvt_fail(ENOMEM, "add: out of memory");
+            goto out;
+        }
+        rc = kvt_kmeans(K, c->p.dtype, keys, c->p.dim, L->key_bytes, NULL, n, k, c->p.kmeans_iters, c->p.seed, cent, assign);
+        if (rc) goto out;
+        /* drop clusters k-means left empty, keeping the order of the rest */
+        uint32_t *remap = calloc(k, 4);
+        if (!remap) {
+            rc = kvt_fail(ENOMEM, "add: out of memory");
+            goto out;
+        }
+        for (uint64_t i = 0; i < n; i++) remap[assign[i]] = 1;
+        uint32_t kept = 0;
+        for (uint32_t j = 0; j < k; j++) remap[j] = remap[j] ? kept++ : UINT32_MAX;
+        for (uint64_t i = 0; i < n; i++) assign[i] = remap[assign[i]];
+        free(remap);
+        for (uint32_t j = 0; j < kept && !rc; j++) {
+            uint32_t slot;
+            rc = new_cluster(c, &slot);
+        }
+        if (rc) goto fail;
+        k = kept;
+    } else if (policy == KVT_POLICY_LOCAL) {
+        if (c->staging == KVT_NONE && (rc = new_cluster(c, &c->staging))) goto fail;
+        for (uint64_t i = 0; i < n; i++) assign[i] = c->staging;
+        k = c->ncl;
+    } else {
+        k = c->ncl;
+        for (uint64_t i = 0; i < n; i++)
+            assign[i] = kvt_nearest(K, c->p.dtype, (const uint8_t *)keys + i * L->key_bytes, c->cent,
+                                    c->cnorm, c->ncl, c->p.dim);
+    }
+
+    /* 2. group by cluster (counting sort keeps id order inside a cluster) */
+    start = calloc((size_t)k + 1, 4);
+    topend = calloc((size_t)k + 1, 1);
+    if (!start || !topend) {
+        rc = kvt_fail(ENOMEM, "add: out of memory");
+        goto fail;
+    }
+    for (uint64_t i = 0; i < n; i++) start[assign[i] + 1]++;
+    for (uint32_t j = 0; j < k; j++) start[j + 1] += start[j];
+    for (uint64_t i = 0; i < n; i++) order[start[assign[i]]++] = (uint32_t)i;
+    for (uint32_t j = k; j > 0; j--) start[j] = start[j - 1];
+    start[0] = 0;
+
+    /* 3. entries joining a flagged cluster that is on flash wait in DRAM (adaptive): make
+     *    room first, so that nothing can fail after the writes */
+    for (uint32_t j = 0; j < k && !rc; j++) {
+        uint32_t m = start[j + 1] - start[j];
+        kvt_cluster *cl = &c->cl[j];
+        /* once a cluster has pending entries, later ones queue behind them: a cluster's
+         * records are its flash segments followed by its pending buffer */
+        if (m && ((policy == KVT_POLICY_ADAPTIVE && cl->flagged && !cl->ent) || cl->pend)) {
+            topend[j] = 1;
+            rc = ensure_pbuf(c, cl, cl->pend + m);
+        }
+        if (m && cl->ent && kvt_cache_grow(&s->cache, cl->ent, m)) {
+            kvt_cache_drop(&s->cache, cl->ent);
+            cl->ent = NULL;
+        }
+    }
+    if (rc) goto fail;
+
+    /* 4. write every record bound for flash before touching what readers see */
+    for (uint32_t j = 0; j < k && !rc; j++) {
+        uint32_t m = start[j + 1] - start[j];
+        rec_src src = {order + start[j], keys, values, (int64_t)n0, NULL};
+        if (m && !topend[j]) rc = append_flash(c, j, &src, m, scratch, sr, &log);
+    }
+    if (rc) {
+        rollback(c, &log);
+        goto fail;
+    }
+
+    /* 5. metadata: id map, running means and variances, cached copies, pending buffers */
+    for (uint32_t j = 0; j < k; j++) {
+        uint32_t m = start[j + 1] - start[j];
+        if (!m) continue;
+        kvt_cluster *cl = &c->cl[j];
+        float *mean = c->cent + (size_t)j * c->p.dim;
+        for (uint32_t t = 0; t < m; t++) {
+            uint32_t r = order[start[j] + t];
+            const uint8_t *key = (const uint8_t *)keys + (size_t)r * L->key_bytes;
+            const uint8_t *val = (const uint8_t *)values + (size_t)r * L->value_bytes;
+            set_loc(c, n0 + r, j, cl->n);
+            kvt_key_to_f32(K, c->p.dtype, key, x, c->p.dim);
+            kvt_welford_add(mean, &cl->m2, cl->n, x, c->p.dim);
+            cl->n++;
+            if (topend[j]) {
+                kvt_rec_encode(L, cl->pbuf + (size_t)cl->pend++ * L->esz, (int64_t)(n0 + r), key, val);
+                c->pending_total++;
+            }
+            if (cl->ent) {
+                kvt_rec_encode(L, cl->ent->rec + (size_t)cl->ent->n * L->esz, (int64_t)(n0 + r), key, val);
+                cl->ent->n++;
+            }
+        }
+        update_norm(c, j);
+    }
+    if (policy == KVT_POLICY_NONE) memcpy(c->keys + n0 * L->key_bytes, keys, n * L->key_bytes);
+    c->n = n0 + n;
+    *first_id = (int64_t)n0;
+
+    /* 6. policy upkeep, which never fails the add: its entries are in place either way */
+    kvt_mem_release(&s->cache, transient);
+    transient = 0;
+    if (policy == KVT_POLICY_ADAPTIVE) {
+        derive_tau(c);
+        uint32_t nt = 0;
+        for (uint32_t j = 0; j < k; j++)
+            if (start[j + 1] > start[j]) {
+                maybe_flag(c, j);
+                if (c->cl[j].flagged && c->cl[j].ent) order[nt++] = j; /* order is free now */
+            }
+        split_in_dram(c, order, nt);
+        relieve_pending(c);
+    } else if (policy == KVT_POLICY_LOCAL && c->staging != KVT_NONE && c->cl[c->staging].n >= c->p.local_window) {
+        if (recluster_staging(c)) c->ctr.split_errors++;
+    }
+    goto out;
+fail:
+    for (uint32_t j = ncl0; j < c->ncl; j++) drop_segs(c, j);
+    c->ncl = ncl0;
+    c->staging = staging0;
+out:
+    free(assign);
+    free(order);
+    free(start);
+    free(topend);
+    free(cent);
+    free(x);
+    free(scratch);
+    free(log.u);
+    kvt_mem_release(&s->cache, transient);
+    UNLOCK(s);
+    return rc;
+}
+
+/* ---- scoring ------------------------------------------------------------------------------ */
 
 static void score_clusters(kvt_coll *c, const float *q, uint64_t nq, float *scores) {
     const kvt_kernels *K = c->st->K;
@@ -568,6 +1096,17 @@ static void score_clusters(kvt_coll *c, const float *q, uint64_t nq, float *scor
     }
 }
 
+/* Score of one stored key against a query, by the collection's metric. */
+static inline float entry_score(kvt_coll *c, const void *key, const float *qv, float *x) {
+    const kvt_kernels *K = c->st->K;
+    uint32_t d = c->p.dim;
+    if (c->p.metric == KVT_METRIC_L2) {
+        kvt_key_to_f32(K, c->p.dtype, key, x, d);
+        return 2 * K->dot_f32(x, qv, d) - K->dot_f32(x, x, d) - K->dot_f32(qv, qv, d);
+    }
+    return kvt_dot_key(K, c->p.dtype, key, qv, d);
+}
+
 static const float *sort_scores;
 static int by_score_desc(const void *a, const void *b) {
     float x = sort_scores[*(const uint32_t *)a], y = sort_scores[*(const uint32_t *)b];
@@ -575,12 +1114,17 @@ static int by_score_desc(const void *a, const void *b) {
     return *(const uint32_t *)a < *(const uint32_t *)b ? -1 : 1;
 }
 
-/* Sorts cluster indices by descending score (ties by index, so the order is total). Runs
- * under the store mutex, which also guards the comparator's static. */
+/* Sorts indices by descending score (ties by index, so the order is total). Runs under the
+ * store mutex, which also guards the comparator's static. */
 static void order_by_score(uint32_t *idx, uint32_t n, const float *scores) {
     for (uint32_t i = 0; i < n; i++) idx[i] = i;
     sort_scores = scores;
     qsort(idx, n, sizeof *idx, by_score_desc);
+}
+
+static int by_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
 }
 
 /* ---- retrieve ----------------------------------------------------------------------------- */
@@ -593,17 +1137,18 @@ struct kvt_result {
     int32_t *clusters;
 };
 
+static void put_result(kvt_result *r, const kvt_layout *L, const uint8_t *rec, int32_t ci) {
+    memcpy(&r->ids[r->n], rec, 8);
+    memcpy(r->keys + r->n * L->key_bytes, kvt_rec_key(rec), L->key_bytes);
+    memcpy(r->values + r->n * L->value_bytes, kvt_rec_value(L, rec), L->value_bytes);
+    r->clusters[r->n] = ci;
+    r->n++;
+}
+
 static void fill_result(void *ctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
     kvt_result *r = ((void **)ctx)[0];
     const kvt_layout *L = ((void **)ctx)[1];
-    for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *rec = recs + (size_t)i * L->esz;
-        memcpy(&r->ids[r->n], rec, 8);
-        memcpy(r->keys + r->n * L->key_bytes, kvt_rec_key(rec), L->key_bytes);
-        memcpy(r->values + r->n * L->value_bytes, kvt_rec_value(L, rec), L->value_bytes);
-        r->clusters[r->n] = (int32_t)ci;
-        r->n++;
-    }
+    for (uint32_t i = 0; i < n; i++) put_result(r, L, recs + (size_t)i * L->esz, (int32_t)ci);
 }
 
 void kvt_result_free(kvt_result *r) {
@@ -625,6 +1170,72 @@ void kvt_result_copy(const kvt_result *r, int64_t *ids, void *keys, void *values
     if (clusters) memcpy(clusters, r->clusters, r->n * 4);
 }
 
+static int result_alloc(kvt_result *r, const kvt_layout *L, uint64_t total) {
+    r->key_bytes = L->key_bytes;
+    r->value_bytes = L->value_bytes;
+    r->ids = malloc(total * 8 + 8);
+    r->keys = malloc(total * L->key_bytes + 8);
+    r->values = malloc(total * L->value_bytes + 8);
+    r->clusters = malloc(total * 4 + 4);
+    if (!r->ids || !r->keys || !r->values || !r->clusters)
+        return kvt_fail(ENOMEM, "retrieve: out of memory for %llu entries", (unsigned long long)total);
+    return 0;
+}
+
+/* File offset of the record of id (which must be on flash). */
+static int record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
+    kvt_loc lc = c->loc[id];
+    kvt_cluster *k = &c->cl[lc.cl];
+    uint32_t slot = lc.idx, g = 0;
+    while (g < k->nseg && slot >= k->segs[g].n) slot -= k->segs[g++].n;
+    if (g == k->nseg) return kvt_fail(KVT_ECORRUPT, "id %llu maps outside its cluster", (unsigned long long)id);
+    *off = kvt_slot_offset(&c->L, k->segs[g].pool, k->segs[g].head, slot);
+    return 0;
+}
+
+/* Policy none: the exact top-budget entries by score, each read from flash on its own, in
+ * token order, as a system without clusters would. */
+static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result *r) {
+    kvt_store *s = c->st;
+    const kvt_layout *L = &c->L;
+    uint64_t n = c->n, m = budget < n ? budget : n;
+    uint64_t tmp = n * 8 + L->esz + KVT_IO_ALIGN * 2 + (uint64_t)c->p.dim * 4;
+    int rc = kvt_mem_reserve(&s->cache, tmp);
+    if (rc) return rc;
+    float *scores = malloc(n * 4 + 4), *x = malloc((size_t)c->p.dim * 4);
+    uint32_t *idx = malloc(n * 4 + 4);
+    uint8_t *rec = malloc(L->esz);
+    if (!scores || !idx || !rec || !x) rc = kvt_fail(ENOMEM, "retrieve: out of memory");
+    if (!rc) {
+        for (uint64_t i = 0; i < n; i++) {
+            float best = -FLT_MAX;
+            for (uint64_t t = 0; t < nq; t++) {
+                float sc = entry_score(c, c->keys + i * L->key_bytes, q + t * c->p.dim, x);
+                if (sc > best) best = sc;
+            }
+            scores[i] = best;
+        }
+        order_by_score(idx, (uint32_t)n, scores);
+        qsort(idx, m, 4, by_u32);
+        rc = result_alloc(r, L, m);
+    }
+    kvt_io_batch_begin(&s->io);
+    for (uint64_t i = 0; i < m && !rc; i++) {
+        uint64_t off;
+        rc = record_offset(c, idx[i], &off);
+        if (!rc) rc = kvt_file_read(c->f, off, L->esz, rec, 1);
+        if (!rc) rc = check_run(c, c->loc[idx[i]].cl, c->loc[idx[i]].idx, rec, 1, off);
+        if (!rc) put_result(r, L, rec, -1);
+    }
+    kvt_io_batch_end(&s->io);
+    free(scores);
+    free(idx);
+    free(rec);
+    free(x);
+    kvt_mem_release(&s->cache, tmp);
+    return rc;
+}
+
 int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
     kvt_clear_error();
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
@@ -633,8 +1244,17 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     int rc = 0;
     float *scores = NULL;
     uint32_t *idx = NULL;
-    kvt_result *r = NULL;
-    uint64_t transient = (uint64_t)c->ncl * 8;
+    kvt_result *r = calloc(1, sizeof *r);
+    uint64_t transient = 0;
+    if (!r) {
+        rc = kvt_fail(ENOMEM, "retrieve: out of memory");
+        goto out;
+    }
+    if (c->p.policy == KVT_POLICY_NONE) {
+        rc = retrieve_tokens(c, q, nq, budget, r);
+        goto out;
+    }
+    transient = (uint64_t)c->ncl * 8 + 8;
     rc = kvt_mem_reserve(&s->cache, transient);
     if (rc) {
         transient = 0;
@@ -642,8 +1262,7 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     }
     scores = malloc((size_t)c->ncl * 4 + 4);
     idx = malloc((size_t)c->ncl * 4 + 4);
-    r = calloc(1, sizeof *r);
-    if (!scores || !idx || !r) {
+    if (!scores || !idx) {
         rc = kvt_fail(ENOMEM, "retrieve: out of memory");
         goto out;
     }
@@ -659,21 +1278,21 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
             idx[taken++] = idx[j];
         }
     }
-    r->key_bytes = c->L.key_bytes;
-    r->value_bytes = c->L.value_bytes;
     r->ncl = taken;
-    r->ids = malloc(total * 8 + 8);
-    r->keys = malloc(total * c->L.key_bytes + 8);
-    r->values = malloc(total * c->L.value_bytes + 8);
-    r->clusters = malloc(total * 4 + 4);
-    if (!r->ids || !r->keys || !r->values || !r->clusters) {
-        rc = kvt_fail(ENOMEM, "retrieve: out of memory for %llu entries", (unsigned long long)total);
-        goto out;
-    }
+    rc = result_alloc(r, &c->L, total);
     void *ctx[2] = {r, &c->L};
     kvt_io_batch_begin(&s->io);
     for (uint64_t j = 0; j < taken && !rc; j++) rc = visit_cluster(c, idx[j], fill_result, ctx);
     kvt_io_batch_end(&s->io);
+    /* the clusters just read are in DRAM: the moment to split the flagged ones */
+    if (!rc && c->p.policy == KVT_POLICY_ADAPTIVE) {
+        kvt_mem_release(&s->cache, transient);
+        transient = 0;
+        split_in_dram(c, idx, (uint32_t)taken);
+        relieve_pending(c);
+        /* report the clusters the entries belong to now, after any split */
+        for (uint64_t i = 0; i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
+    }
 out:
     free(scores);
     free(idx);
@@ -701,8 +1320,7 @@ static void heap_push(int64_t *ids, float *sc, uint32_t *fill, uint32_t k, int64
     uint32_t n = *fill;
     if (n == k) {
         if (s <= sc[0]) return;
-        /* replace the minimum and sift down */
-        uint32_t i = 0;
+        uint32_t i = 0; /* replace the minimum and sift down */
         for (;;) {
             uint32_t l = 2 * i + 1, r = l + 1, m = i;
             float mv = s;
@@ -731,31 +1349,21 @@ static void heap_push(int64_t *ids, float *sc, uint32_t *fill, uint32_t k, int64
 }
 
 static void score_entries(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
-    (void)ci;
     search_ctx *sx = vctx;
     kvt_coll *c = sx->c;
-    const kvt_kernels *K = c->st->K;
-    uint32_t d = c->p.dim;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *rec = recs + (size_t)i * c->L.esz;
         int64_t id;
         memcpy(&id, rec, 8);
-        float knorm = 0;
-        if (c->p.metric == KVT_METRIC_L2) {
-            kvt_key_to_f32(K, c->p.dtype, kvt_rec_key(rec), sx->x, d);
-            knorm = K->dot_f32(sx->x, sx->x, d);
-        }
         for (uint32_t t = 0; t < sx->nql; t++) {
             uint32_t qi = sx->qlist[t];
-            const float *qv = sx->q + (size_t)qi * d;
-            float s = kvt_dot_key(K, c->p.dtype, kvt_rec_key(rec), qv, d);
-            if (c->p.metric == KVT_METRIC_L2) s = 2 * s - knorm - K->dot_f32(qv, qv, d);
+            float s = entry_score(c, kvt_rec_key(rec), sx->q + (size_t)qi * c->p.dim, sx->x);
             heap_push(sx->ids + (size_t)qi * sx->k, sx->scores + (size_t)qi * sx->k, &sx->fill[qi], sx->k, id, s);
         }
     }
 }
 
-/* Insertion sort of one query's hits, best first: k is small. */
+/* Insertion sort of one query's hits, best first (ties by id): k is small. */
 static void sort_hits(int64_t *ids, float *sc, uint32_t n) {
     for (uint32_t i = 1; i < n; i++) {
         int64_t id = ids[i];
@@ -808,7 +1416,14 @@ int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32
         goto out;
     }
     search_ctx sx = {c, q, qlist, 0, k, ids_out, scores_out, fill, x};
-    for (uint64_t b0 = 0; b0 < nq && !rc; b0 += B) {
+    if (c->p.policy == KVT_POLICY_NONE) {
+        /* exact: every key is in DRAM */
+        for (uint64_t i = 0; i < nq; i++)
+            for (uint64_t e = 0; e < c->n; e++)
+                heap_push(ids_out + i * k, scores_out + i * k, &fill[i], k, (int64_t)e,
+                          entry_score(c, c->keys + e * c->L.key_bytes, q + i * c->p.dim, x));
+    }
+    for (uint64_t b0 = 0; b0 < nq && !rc && c->p.policy != KVT_POLICY_NONE; b0 += B) {
         uint64_t b1 = b0 + B < nq ? b0 + B : nq, np = 0;
         for (uint64_t i = b0; i < b1; i++) {
             score_clusters(c, q + i * c->p.dim, 1, scores);
@@ -827,7 +1442,6 @@ int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32
         kvt_io_batch_end(&s->io);
     }
     if (!rc) {
-        /* heaps to rows sorted by descending score (ties by id), padded */
         for (uint64_t i = 0; i < nq; i++) {
             int64_t *hid = ids_out + i * k;
             float *hs = scores_out + i * k;
@@ -877,15 +1491,12 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
         if (k->ent && lc.idx < k->ent->n) {
             s->cache.hits++;
             rec = k->ent->rec + (size_t)lc.idx * L->esz;
+        } else if (lc.idx >= k->n - k->pend) {
+            rec = k->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz;
         } else {
-            uint32_t slot = lc.idx, g = 0;
-            while (g < k->nseg && slot >= k->segs[g].n) slot -= k->segs[g++].n;
-            if (g == k->nseg) {
-                rc = kvt_fail(KVT_ECORRUPT, "get: id %lld maps outside its cluster", (long long)ids[i]);
-                break;
-            }
-            uint64_t off = kvt_slot_offset(L, k->segs[g].pool, k->segs[g].head, slot);
-            rc = kvt_file_read(c->f, off, L->esz, buf, 1);
+            uint64_t off;
+            rc = record_offset(c, (uint64_t)ids[i], &off);
+            if (!rc) rc = kvt_file_read(c->f, off, L->esz, buf, 1);
             if (!rc) rc = check_run(c, lc.cl, lc.idx, buf, 1, off);
             if (rc) break;
             rec = buf;
@@ -904,19 +1515,24 @@ out:
 /* ---- stats -------------------------------------------------------------------------------- */
 
 int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
-    memset(o, 0, sizeof *o);
     LOCK(c->st);
+    *o = c->ctr;
     o->entries = c->n;
     o->pools = c->pools.n;
     o->data_file_bytes = kvt_pool_base(&c->L, c->pools.n);
+    o->tau = c->tau;
+    o->pending_entries = c->pending_total;
+    o->cached_clusters = o->flagged_clusters = 0;
+    o->max_cluster_size = 0;
     double var = 0;
     uint64_t nonempty = 0;
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
         if (k->ent) o->cached_clusters++;
+        if (k->flagged) o->flagged_clusters++;
         if (!k->n) continue;
         nonempty++;
-        var += k->m2 / k->n;
+        var += variance(k);
         if (k->n > o->max_cluster_size) o->max_cluster_size = k->n;
     }
     o->clusters = nonempty;
@@ -939,22 +1555,43 @@ int kvt_coll_cluster_sizes(kvt_coll *c, uint32_t *sizes, uint64_t cap, uint64_t 
     return 0;
 }
 
-/* ---- durability: sync, export, reopen ----------------------------------------------------- */
-
-int kvt_coll_sync(kvt_coll *c) {
-    kvt_clear_error();
-    LOCK(c->st);
-    int rc = kvt_file_sync(c->f);
-    UNLOCK(c->st);
-    return rc;
-}
+/* ---- durability: checkpoints and reopen --------------------------------------------------- */
 
 #define DIR_MAGIC "KVTDIR01"
 #define LOC_MAGIC "KVTLOC01"
 
-int kvt_coll_export_dir(kvt_coll *c, void **blob, size_t *len) {
-    kvt_clear_error();
-    LOCK(c->st);
+struct kvt_checkpoint {
+    void *dir;
+    size_t dirlen, nch;
+    uint64_t *idx;
+    void **blob;
+    size_t *len;
+    uint64_t mod_at;
+    uint32_t retired_at;
+};
+
+void kvt_checkpoint_free(kvt_checkpoint *cp) {
+    if (!cp) return;
+    free(cp->dir);
+    for (size_t i = 0; i < cp->nch; i++) free(cp->blob[i]);
+    free(cp->blob);
+    free(cp->idx);
+    free(cp->len);
+    free(cp);
+}
+
+const void *kvt_checkpoint_dir(const kvt_checkpoint *cp, size_t *len) {
+    *len = cp->dirlen;
+    return cp->dir;
+}
+size_t kvt_checkpoint_nchunks(const kvt_checkpoint *cp) { return cp->nch; }
+const void *kvt_checkpoint_chunk(const kvt_checkpoint *cp, size_t i, uint64_t *chunk, size_t *len) {
+    *chunk = cp->idx[i];
+    *len = cp->len[i];
+    return cp->blob[i];
+}
+
+static int export_dir(kvt_coll *c, void **blob, size_t *len) {
     kvt_wbuf w = {0};
     kvt_wbuf_put(&w, DIR_MAGIC, 8);
     kvt_wbuf_u32(&w, KVT_FORMAT_VERSION);
@@ -968,11 +1605,15 @@ int kvt_coll_export_dir(kvt_coll *c, void **blob, size_t *len) {
     kvt_wbuf_u64(&w, c->n);
     kvt_wbuf_u32(&w, c->ncl);
     kvt_wbuf_u32(&w, c->pools.n);
+    kvt_wbuf_f64(&w, c->tau);
+    kvt_wbuf_u32(&w, c->staging);
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
         kvt_wbuf_u32(&w, k->n);
         kvt_wbuf_u32(&w, k->nseg);
         kvt_wbuf_f64(&w, k->m2);
+        kvt_wbuf_u32(&w, k->flagged);
+        kvt_wbuf_u32(&w, k->hold);
         for (uint32_t g = 0; g < k->nseg; g++) {
             kvt_wbuf_u32(&w, k->segs[g].pool);
             kvt_wbuf_u32(&w, k->segs[g].head);
@@ -982,7 +1623,6 @@ int kvt_coll_export_dir(kvt_coll *c, void **blob, size_t *len) {
     }
     uint32_t crc = kvt_crc32c(0, w.p, w.len);
     kvt_wbuf_u32(&w, crc);
-    UNLOCK(c->st);
     if (w.oom) {
         free(w.p);
         return kvt_fail(ENOMEM, "export: out of memory");
@@ -992,30 +1632,8 @@ int kvt_coll_export_dir(kvt_coll *c, void **blob, size_t *len) {
     return 0;
 }
 
-int kvt_coll_dirty_chunks(kvt_coll *c, uint64_t **idx, size_t *n) {
-    LOCK(c->st);
-    uint64_t nch = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0, m = 0;
-    uint64_t *a = malloc(nch * 8 + 8);
-    if (!a) {
-        UNLOCK(c->st);
-        return kvt_fail(ENOMEM, "export: out of memory");
-    }
-    for (uint64_t i = 0; i < nch; i++)
-        if (c->dirty[i]) a[m++] = i;
-    UNLOCK(c->st);
-    *idx = a;
-    *n = m;
-    return 0;
-}
-
-int kvt_coll_export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len) {
-    kvt_clear_error();
-    LOCK(c->st);
+static int export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len) {
     uint64_t lo = chunk * KVT_LOC_CHUNK;
-    if (lo >= c->n) {
-        UNLOCK(c->st);
-        return kvt_fail(KVT_EINVAL, "export_chunk: chunk %llu is past the end", (unsigned long long)chunk);
-    }
     uint32_t cnt = (uint32_t)(c->n - lo < KVT_LOC_CHUNK ? c->n - lo : KVT_LOC_CHUNK);
     kvt_wbuf w = {0};
     kvt_wbuf_put(&w, LOC_MAGIC, 8);
@@ -1024,7 +1642,6 @@ int kvt_coll_export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len)
     kvt_wbuf_put(&w, c->loc + lo, (size_t)cnt * sizeof(kvt_loc));
     uint32_t crc = kvt_crc32c(0, w.p, w.len);
     kvt_wbuf_u32(&w, crc);
-    UNLOCK(c->st);
     if (w.oom) {
         free(w.p);
         return kvt_fail(ENOMEM, "export: out of memory");
@@ -1034,9 +1651,65 @@ int kvt_coll_export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len)
     return 0;
 }
 
-int kvt_coll_committed(kvt_coll *c) {
+/* Writes every cluster's pending entries to flash (they then stop being pending). */
+static int write_all_pending(kvt_coll *c) {
+    int rc = 0;
+    for (uint32_t j = 0; j < c->ncl && !rc; j++) {
+        kvt_cluster *k = &c->cl[j];
+        if (!k->pend) continue;
+        uint32_t sr = scratch_records(c, k->pend);
+        uint64_t sb = (uint64_t)sr * c->L.esz;
+        rc = kvt_mem_reserve(&c->st->cache, sb);
+        if (rc) break;
+        uint8_t *scratch = malloc(sb);
+        undo_log log = {0};
+        if (!scratch) rc = kvt_fail(ENOMEM, "checkpoint: out of memory");
+        rec_src src = {.recs = k->pbuf};
+        if (!rc) rc = append_flash(c, j, &src, k->pend, scratch, sr, &log);
+        if (rc) rollback(c, &log);
+        else free_pending(c, k);
+        free(log.u);
+        free(scratch);
+        kvt_mem_release(&c->st->cache, sb);
+    }
+    return rc;
+}
+
+int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
+    kvt_clear_error();
     LOCK(c->st);
-    memset(c->dirty, 0, c->dirtycap);
+    kvt_checkpoint *cp = calloc(1, sizeof *cp);
+    int rc = cp ? 0 : kvt_fail(ENOMEM, "checkpoint: out of memory");
+    if (!rc) rc = write_all_pending(c);
+    if (!rc) rc = kvt_file_sync(c->f);
+    if (!rc) rc = export_dir(c, &cp->dir, &cp->dirlen);
+    uint64_t nch = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0;
+    if (!rc) {
+        cp->idx = malloc(nch * 8 + 8);
+        cp->blob = calloc(nch + 1, sizeof *cp->blob);
+        cp->len = malloc(nch * sizeof *cp->len + 8);
+        if (!cp->idx || !cp->blob || !cp->len) rc = kvt_fail(ENOMEM, "checkpoint: out of memory");
+    }
+    for (uint64_t ch = 0; ch < nch && !rc; ch++) {
+        if (c->mod[ch] <= c->committed_mod) continue;
+        cp->idx[cp->nch] = ch;
+        rc = export_chunk(c, ch, &cp->blob[cp->nch], &cp->len[cp->nch]);
+        if (!rc) cp->nch++;
+    }
+    if (cp) {
+        cp->mod_at = c->modc;
+        cp->retired_at = c->pools.nretired;
+    }
+    UNLOCK(c->st);
+    if (rc) kvt_checkpoint_free(cp);
+    else *out = cp;
+    return rc;
+}
+
+int kvt_coll_committed(kvt_coll *c, const kvt_checkpoint *cp) {
+    LOCK(c->st);
+    if (cp->mod_at > c->committed_mod) c->committed_mod = cp->mod_at;
+    kvt_pools_committed(&c->pools, cp->retired_at);
     UNLOCK(c->st);
     return 0;
 }
@@ -1060,23 +1733,29 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len) {
              metric = kvt_rbuf_u32(&r), policy = kvt_rbuf_u32(&r), esz = kvt_rbuf_u32(&r);
     uint64_t pool_bytes = kvt_rbuf_u64(&r), n = kvt_rbuf_u64(&r);
     uint32_t ncl = kvt_rbuf_u32(&r), npools = kvt_rbuf_u32(&r);
+    double tau = kvt_rbuf_f64(&r);
+    uint32_t staging = kvt_rbuf_u32(&r);
     if (r.bad || dim != c->p.dim || vdim != c->p.value_dim || dtype != (uint32_t)c->p.dtype ||
         metric != (uint32_t)c->p.metric || policy != (uint32_t)c->p.policy || esz != c->L.esz ||
         pool_bytes != c->L.pool_bytes)
         return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u does not match its parameters", what, c->no);
-    if (ncl > len / 16 || npools > (1u << 30))
+    if (ncl > len / 16 || npools > (1u << 30) || (staging != KVT_NONE && staging >= ncl) || !(tau >= 0))
         return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u has impossible counts", what, c->no);
     int rc = ensure_clusters(c, ncl);
     if (!rc) rc = ensure_pools(c, npools);
     if (!rc) rc = ensure_ids(c, n);
     if (rc) return rc;
+    c->tau = tau;
+    c->staging = staging;
     c->pools.n = npools;
-    for (uint32_t p = 0; p < npools; p++) c->pools.p[p] = (kvt_pool){{-1, -1}, {0, 0}};
+    for (uint32_t p = 0; p < npools; p++) c->pools.p[p] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
     uint64_t total = 0;
     for (uint32_t j = 0; j < ncl && !r.bad; j++) {
         kvt_cluster *k = &c->cl[j];
         uint32_t kn = kvt_rbuf_u32(&r), nseg = kvt_rbuf_u32(&r);
         k->m2 = kvt_rbuf_f64(&r);
+        k->flagged = kvt_rbuf_u32(&r) ? 1 : 0;
+        k->hold = kvt_rbuf_u32(&r);
         if (r.bad || nseg > (len - r.pos) / 12) {
             r.bad = 1;
             break;
@@ -1086,7 +1765,7 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len) {
         uint32_t sum = 0;
         for (uint32_t g = 0; g < nseg; g++) {
             kvt_seg sg = {kvt_rbuf_u32(&r), kvt_rbuf_u32(&r), kvt_rbuf_u32(&r)};
-            if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] >= 0) {
+            if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] != KVT_HEAD_FREE) {
                 r.bad = 1;
                 break;
             }
@@ -1105,15 +1784,14 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len) {
         if (sum != kn) r.bad = 1;
         total += kn;
         kvt_rbuf_get(&r, c->cent + (size_t)j * dim, (size_t)dim * 4);
+        c->ncl = j + 1;
         update_norm(c, j);
     }
     c->ncl = ncl;
     if (r.bad || total != n || r.pos != r.len)
         return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u is inconsistent", what, c->no);
     c->n = n;
-    /* the last pool's back head is the natural next partner */
-    if (npools && c->pools.p[npools - 1].owner[1] < 0 && kvt_pool_room(&c->L, &c->pools.p[npools - 1]))
-        c->pools.half_free = npools - 1;
+    kvt_pools_rebuild(&c->pools, &c->L);
     return 0;
 }
 
@@ -1135,6 +1813,18 @@ static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len,
         counts[l.cl]++;
     }
     return 0;
+}
+
+/* Policy none keeps every key in DRAM: read them back from the records. */
+typedef struct keys_ctx { kvt_coll *c; } keys_ctx;
+static void take_keys(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    kvt_coll *c = ((keys_ctx *)vctx)->c;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *rec = recs + (size_t)i * c->L.esz;
+        int64_t id;
+        memcpy(&id, rec, 8);
+        memcpy(c->keys + (uint64_t)id * c->L.key_bytes, kvt_rec_key(rec), c->L.key_bytes);
+    }
 }
 
 int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const void *dir_blob,
@@ -1161,6 +1851,13 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
     for (uint32_t j = 0; j < c->ncl && !rc; j++)
         if (counts[j] != c->cl[j].n)
             rc = kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has %u entries but the id map names %u", j, no, c->cl[j].n, counts[j]);
+    if (!rc && p->policy == KVT_POLICY_NONE) {
+        keys_ctx kc = {c};
+        for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = visit_cluster(c, j, take_keys, &kc);
+        kvt_cache_drop_owner(&s->cache, c);
+        for (uint32_t j = 0; j < c->ncl; j++) c->cl[j].ent = NULL;
+    }
+    if (!rc) c->committed_mod = c->modc;
     if (rc) coll_forget(s, c);
     else *out = c;
 done:

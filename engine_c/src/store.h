@@ -36,13 +36,22 @@ struct kvt_coll {
     uint64_t n;                 /* entries; ids are 0..n-1 */
     kvt_cluster *cl;
     float *cent, *cnorm;        /* clcap * dim representatives and their squared norms */
-    uint32_t ncl, clcap;
+    uint32_t ncl, clcap;        /* clusters with n == 0 are free slots */
     kvt_pools pools;
     kvt_loc *loc;               /* id -> (cluster, index in cluster) */
     uint64_t loccap;
-    uint8_t *dirty;             /* per id-map chunk: changed since last commit */
-    uint64_t dirtycap;
+    uint64_t *mod;              /* per id-map chunk: change counter value of its last change */
+    uint64_t modcap;
+    uint64_t modc, committed_mod; /* change counter; its value at the last committed checkpoint */
+    uint8_t *keys;              /* policy none: every key, for exact scoring */
+    uint64_t keyscap;           /* in entries */
+    double tau;                 /* adaptive split threshold in force */
+    uint32_t staging;           /* local: the cluster gathering new entries, or KVT_NONE */
+    uint64_t pending_total;
+    kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
     uint64_t acct;              /* budget bytes reserved for the structures above */
 };
+
+#define KVT_NONE UINT32_MAX
 
 #endif
