@@ -45,9 +45,10 @@ class ReplayResult:
     dram_budget: int
     wall_s: float
     per_layer_recall: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "per_layer_recall"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("per_layer_recall", "extra")}
 
 
 def _softmax_rows(x: np.ndarray) -> np.ndarray:
@@ -59,10 +60,12 @@ def _softmax_rows(x: np.ndarray) -> np.ndarray:
 
 def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, window: int = 32,
            every: int = 4, layers: Optional[Iterable[int]] = None, dram_budget="256MiB",
-           device="ufs4.0", store_dir: Optional[str] = None, progress=None,
-           **collection_kwargs) -> ReplayResult:
+           device="ufs4.0", store_dir: Optional[str] = None, progress=None, direct_io="auto",
+           collect_stats: bool = False, **collection_kwargs) -> ReplayResult:
     """Runs the replay and returns averaged metrics. ``budget`` is a fraction of the
-    context (positions <= t) or an int entry count; ``progress`` a tqdm-like callable."""
+    context (positions <= t) or an int entry count; ``progress`` a tqdm-like callable.
+    ``direct_io=False`` lets accuracy runs read through the page cache (the modeled device
+    time is charged either way; only real time differs)."""
     layers = list(range(trace.n_layers)) if layers is None else list(layers)
     g = trace.group_size
     d = trace.head_dim
@@ -79,8 +82,9 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
     per_layer: dict[int, list] = {l: [] for l in layers}
     fetched = 0
     n_retrieves = 0
+    retrieve_s = 0.0
     t0 = time.perf_counter()
-    store = kvtier.open(store_dir, dram_budget=dram_budget, device=device)
+    store = kvtier.open(store_dir, dram_budget=dram_budget, device=device, direct_io=direct_io)
     try:
         colls = {}
         for l in layers:
@@ -108,7 +112,9 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
             for l in layers:
                 for h in range(trace.n_kv_heads):
                     q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
+                    t1 = time.perf_counter()
                     got = colls[l, h].retrieve(q, budget=n_budget)
+                    retrieve_s += time.perf_counter() - t1
                     n_retrieves += 1
                     fetched += len(got)
                     logits = (q @ trace.keys[l, h, :t + 1].astype(np.float32).T) * scale
@@ -147,4 +153,5 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
         dram_peak_bytes=st["dram_peak_bytes"], dram_budget=st["dram_budget"],
         wall_s=time.perf_counter() - t0,
         per_layer_recall={l: float(np.mean(v)) for l, v in per_layer.items() if v},
+        extra={"store": st, "collections": cs, "read_seconds": retrieve_s} if collect_stats else {},
     )

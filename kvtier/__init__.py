@@ -7,6 +7,7 @@
         hits = coll.search(queries, k=10)
         got = coll.retrieve(query_group, budget=0.1)
 """
+from kvtier.calibrate import CalibrationResult, calibrate, load_profile
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import (
     BudgetError,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open", "Store", "Collection", "SearchHits", "Retrieved", "DeviceProfile", "PROFILES",
-    "parse_size", "KvtierError", "InvalidArgumentError", "CorruptionError", "BudgetError",
+    "parse_size", "calibrate", "load_profile", "CalibrationResult", "KvtierError", "InvalidArgumentError", "CorruptionError", "BudgetError",
     "NotFoundError", "FormatVersionError", "StoreClosedError", "StoreLockedError",
     "StorageIOError", "StorageFullError", "InjectedFaultError", "__version__",
 ]

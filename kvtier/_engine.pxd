@@ -21,6 +21,7 @@ cdef extern from "kvtier.h" nogil:
         uint64_t dram_budget
         kvt_device device
         int direct
+        uint64_t merge_gap
 
     ctypedef struct kvt_coll_params:
         uint32_t dim
@@ -35,6 +36,8 @@ cdef extern from "kvtier.h" nogil:
         double tau, tau_factor
         uint32_t pending_budget
         uint32_t local_window, local_cluster_size
+        double score_temp
+        uint32_t colocate_after
 
     ctypedef struct kvt_store:
         pass
@@ -80,7 +83,8 @@ cdef extern from "kvtier.h" nogil:
         uint64_t cached_clusters
         double tau
         uint64_t splits, unsplittable, deferred_splits, forced_loads, pending_entries
-        uint64_t flagged_clusters, split_read_bytes, split_write_bytes, split_errors
+        uint64_t flagged_clusters, split_read_bytes, split_write_bytes, split_errors, split_skipped
+        uint64_t relayouts, relayout_bytes, relayout_read_bytes, append_bytes, naive_move_bytes
     int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
     int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters)
 

@@ -36,12 +36,13 @@ cdef class Engine:
     cdef kvt_store *ptr
     cdef public object path
 
-    def __cinit__(self, str path, uint64_t dram_budget, tuple device, int direct):
+    def __cinit__(self, str path, uint64_t dram_budget, tuple device, int direct, uint64_t merge_gap=4096):
         cdef kvt_store_opts o
         o.dram_budget = dram_budget
         o.device.latency_s, o.device.iops, o.device.bandwidth_Bps = device[0], device[1], device[2]
         o.device.queue_depth, o.device.page_size, o.device.throttle = device[3], device[4], device[5]
         o.direct = direct
+        o.merge_gap = merge_gap
         cdef bytes p = path.encode()
         cdef const char *cp = p
         cdef int rc
@@ -140,6 +141,8 @@ cdef kvt_coll_params _params(dict p) except *:
     cp.pending_budget = p["pending_budget"]
     cp.local_window = p["local_window"]
     cp.local_cluster_size = p["local_cluster_size"]
+    cp.score_temp = p.get("score_temp") or 0.0
+    cp.colocate_after = p.get("colocate_after") or 0
     return cp
 
 
@@ -245,6 +248,9 @@ cdef class Coll:
             "forced_loads": s.forced_loads, "pending_entries": s.pending_entries,
             "flagged_clusters": s.flagged_clusters, "split_read_bytes": s.split_read_bytes,
             "split_write_bytes": s.split_write_bytes, "split_errors": s.split_errors,
+            "split_skipped": s.split_skipped, "relayouts": s.relayouts,
+            "relayout_bytes": s.relayout_bytes, "relayout_read_bytes": s.relayout_read_bytes,
+            "append_bytes": s.append_bytes, "naive_move_bytes": s.naive_move_bytes,
         }
 
     def cluster_sizes(self):

@@ -21,6 +21,23 @@ from kvtier.errors import CorruptionError, FormatVersionError, StoreLockedError
 
 CATALOG_FORMAT = 1
 
+_kill = {"name": None, "left": -1}
+
+
+def kill_point(name: str) -> None:
+    """Crash testing, as the engine's kvt_kill_point: KVTIER_KILL_AT=name:n kills this process
+    with SIGKILL the n-th time it reaches the named point."""
+    if _kill["name"] is None:
+        spec = os.environ.get("KVTIER_KILL_AT", "")
+        point, _, n = spec.rpartition(":")
+        _kill["name"], _kill["left"] = (point, int(n)) if point and n.lstrip("-").isdigit() else ("", -1)
+    if _kill["left"] >= 0 and name == _kill["name"]:
+        left, _kill["left"] = _kill["left"], _kill["left"] - 1
+        if left == 0:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
 
 def _k(*parts) -> bytes:
     return "/".join(str(p) for p in parts).encode()
@@ -87,6 +104,7 @@ class Catalog:
     def commit(self, next_no: int, records: list[tuple[str, dict, bytes, dict[int, bytes]]]):
         """One transaction: for each collection (name, params, dir blob, {chunk: blob})."""
         def write():
+            kill_point("catalog.before_commit")
             with self.env.begin(write=True) as txn:
                 txn.put(b"meta/next_no", str(next_no).encode())
                 for name, params, dir_blob, chunks in records:
@@ -97,6 +115,7 @@ class Catalog:
                         txn.put(_k("loc", f"{no:08d}", f"{ch:012d}"), blob)
         try:
             write()
+            kill_point("catalog.committed")
         except lmdb.MapFullError:
             self.env.set_mapsize(self.env.info()["map_size"] * 2 + sum(
                 len(r[2]) + sum(len(b) for b in r[3].values()) for r in records))

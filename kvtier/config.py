@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from typing import Union
 
@@ -100,8 +101,14 @@ def resolve_device(device) -> tuple[DeviceProfile | None, tuple]:
         return device, device.engine_tuple()
     if isinstance(device, str) and device in PROFILES:
         return PROFILES[device], PROFILES[device].engine_tuple()
+    if isinstance(device, (str, os.PathLike)) and os.path.isfile(device):
+        from kvtier.calibrate import load_profile  # late: calibrate imports config
+
+        p = load_profile(device)
+        return p, p.engine_tuple()
     raise InvalidArgumentError(
-        f"device: None, a DeviceProfile or one of {sorted(PROFILES)} expected, got {device!r}")
+        f"device: None, a DeviceProfile, one of {sorted(PROFILES)} or the path of a saved "
+        f"profile JSON expected, got {device!r}")
 
 
 POLICIES = ("adaptive", "static", "local", "none")

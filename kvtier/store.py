@@ -212,7 +212,7 @@ class Store:
     """An open store: a directory with an LMDB catalog and one data file per collection."""
 
     def __init__(self, path: Union[str, os.PathLike], dram_budget=DEFAULT_DRAM_BUDGET, device=None,
-                 direct_io: Union[bool, str] = "auto"):
+                 direct_io: Union[bool, str] = "auto", merge_gap=None):
         path = os.fspath(path)
         budget = parse_size(dram_budget, "dram_budget")
         if budget < 64 * 1024:
@@ -220,6 +220,10 @@ class Store:
         self.device, dev = resolve_device(device)
         if direct_io not in _DIRECT:
             raise InvalidArgumentError(f"direct_io: True, False or 'auto' expected, got {direct_io!r}")
+        if merge_gap is None:
+            # the device's knee: below it, reading a gap costs less than one more request
+            merge_gap = int(self.device.knee_bytes) if self.device and self.device.iops else 4096
+        merge_gap = parse_size(merge_gap, "merge_gap")
         if os.path.exists(path) and not os.path.isdir(path):
             raise InvalidArgumentError(f"path: a directory expected, {path!r} is a file")
         os.makedirs(path, exist_ok=True)
@@ -227,7 +231,7 @@ class Store:
         self._lock = StoreLock(path)
         try:
             self._catalog = Catalog(path)
-            self._engine = _engine.Engine(path, budget, dev, _DIRECT[direct_io])
+            self._engine = _engine.Engine(path, budget, dev, _DIRECT[direct_io], merge_gap)
         except BaseException:
             self._lock.release()
             raise
@@ -261,8 +265,9 @@ class Store:
                    dtype: Optional[str] = None, metric: Optional[str] = None, policy: Optional[str] = None,
                    init_cluster_size: int = 32, max_cluster_size: int = 64, kmeans_iters: int = 10,
                    seed: int = 0, nprobe: Optional[int] = None, tau: Optional[float] = None,
-                   tau_factor: float = 1.0, pending_budget: int = 128, local_window: int = 256,
-                   local_cluster_size: int = 16) -> Collection:
+                   tau_factor: float = 3.0, pending_budget: int = 128, local_window: int = 64,
+                   local_cluster_size: int = 16, score_temp: float = 0.0,
+                   colocate_after: int = 32) -> Collection:
         """Creates or reopens a collection. Reopening checks that what is given matches.
 
         ``dim`` key dimension; ``value_dim`` value dimension (default: ``dim``); ``dtype``
@@ -289,7 +294,7 @@ class Store:
                 params = self._new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
                                           max_cluster_size, kmeans_iters, seed, nprobe, tau,
                                           tau_factor, pending_budget, local_window,
-                                          local_cluster_size)
+                                          local_cluster_size, score_temp, colocate_after)
                 params["no"] = self._next_no
                 h = self._engine.create(params["no"], params)
                 self._next_no += 1
@@ -314,7 +319,7 @@ class Store:
     @staticmethod
     def _new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_cluster_size,
                     kmeans_iters, seed, nprobe, tau, tau_factor, pending_budget, local_window,
-                    local_cluster_size) -> dict:
+                    local_cluster_size, score_temp, colocate_after) -> dict:
         if dim is None:
             raise InvalidArgumentError("dim: required when creating a collection")
         dim = _positive_int("dim", dim, 1, 4096)
@@ -347,12 +352,17 @@ class Store:
         pending_budget = _positive_int("pending_budget", pending_budget, 0, 1 << 30)
         local_window = _positive_int("local_window", local_window, 2, 1 << 24)
         local_cluster_size = _positive_int("local_cluster_size", local_cluster_size, 1, local_window)
+        if isinstance(score_temp, bool) or not isinstance(score_temp, (int, float)) \
+                or not math.isfinite(score_temp) or score_temp < 0:
+            raise InvalidArgumentError(f"score_temp: a finite number >= 0 expected, got {score_temp!r}")
+        colocate_after = _positive_int("colocate_after", colocate_after, 0, 1 << 20)
         return {"dim": dim, "value_dim": value_dim, "dtype": dt, "metric": metric, "policy": policy,
                 "init_cluster_size": init_cluster_size, "max_cluster_size": max_cluster_size,
                 "kmeans_iters": kmeans_iters, "seed": seed, "nprobe": nprobe,
                 "tau": float(tau) if tau is not None else None, "tau_factor": float(tau_factor),
                 "pending_budget": pending_budget, "local_window": local_window,
-                "local_cluster_size": local_cluster_size}
+                "local_cluster_size": local_cluster_size, "score_temp": float(score_temp),
+                "colocate_after": colocate_after}
 
     # -- durability -------------------------------------------------------------------------
     def flush(self) -> None:
@@ -408,11 +418,13 @@ class Store:
             self._engine.inject_fault(op, nth, code)
 
 
-def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto") -> Store:  # noqa: A001
+def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", merge_gap=None) -> Store:  # noqa: A001
     """Opens (creating if needed) the store at ``path``.
 
     ``dram_budget`` is a hard cap on what the engine holds in DRAM (bytes or "256MiB");
     ``device`` is None (real file, unthrottled), a profile name (ufs4.0, ufs3.1, emmc5.1,
-    nvme) or a :class:`DeviceProfile`; ``direct_io`` True, False or "auto".
+    nvme), a :class:`DeviceProfile` or the path of a saved profile; ``direct_io`` True, False
+    or "auto"; ``merge_gap`` (bytes) reads neighbouring extents of one retrieve as one request
+    when the gap between them is at most this (default: the device's knee, else 4 KiB).
     """
-    return Store(path, dram_budget=dram_budget, device=device, direct_io=direct_io)
+    return Store(path, dram_budget=dram_budget, device=device, direct_io=direct_io, merge_gap=merge_gap)

@@ -73,6 +73,10 @@ typedef struct kvt_store_opts {
     uint64_t dram_budget;   /* bytes; hard cap on engine-held data memory */
     kvt_device device;
     int direct;             /* enum kvt_direct */
+    /* Extents read in one batch whose gap is at most this many bytes are read as one request
+     * (the gap is read and dropped). 0 merges only touching extents. A good value is the
+     * device's knee, bandwidth / IOPS: reading the gap then costs less than another request. */
+    uint64_t merge_gap;
 } kvt_store_opts;
 
 typedef struct kvt_coll_params {
@@ -93,6 +97,17 @@ typedef struct kvt_coll_params {
     /* local: new entries gather in a staging cluster; every local_window of them are
      * clustered on their own into clusters of about local_cluster_size */
     uint32_t local_window, local_cluster_size;
+    /* How representatives are scored against a query q. 0: q . mean (the centroid). t > 0:
+     * q . mean + t/2 * sum_j q_j^2 var_j, the log of the mean of exp(t * q . k) over a cluster
+     * whose keys are Gaussian with per-dimension variances var_j: for an LLM's keys with
+     * t = 1/sqrt(head_dim) it ranks clusters by expected attention mass per entry, which
+     * favours a loose cluster that still holds high-scoring keys. */
+    double score_temp;
+    /* Co-location (DESIGN 2.2): the first `colocate_after` retrieves count which clusters are
+     * fetched together; then the collection is rewritten once so that clusters often fetched
+     * together sit next to each other (a co-retrieval chain laid across dual-head pools), and
+     * one retrieve becomes a few merged reads. 0 disables it. */
+    uint32_t colocate_after;
 } kvt_coll_params;
 
 typedef struct kvt_store kvt_store;
@@ -177,6 +192,14 @@ typedef struct kvt_coll_stats {
     uint64_t split_read_bytes;  /* bytes read on behalf of splits (forced loads only) */
     uint64_t split_write_bytes; /* bytes written by splits */
     uint64_t split_errors;      /* splits that failed on I/O and were left for later */
+    uint64_t split_skipped;     /* splits postponed: the DRAM budget had no room for them */
+    uint64_t relayouts;         /* co-location rewrites done */
+    uint64_t relayout_bytes;    /* bytes they wrote */
+    uint64_t relayout_read_bytes; /* bytes they read (clusters not in the cache) */
+    uint64_t append_bytes;      /* bytes of entries added */
+    /* what a naive cluster-by-cluster layout (clusters packed back to back, no room to grow)
+     * would have moved for the same appends: each append relocates its cluster's entries */
+    uint64_t naive_move_bytes;
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */

@@ -42,12 +42,14 @@ uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const flo
     return best;
 }
 
-void kvt_welford_add(float *mean, double *m2, uint32_t n, const float *x, uint32_t dim) {
+void kvt_welford_add(float *mean, double *m2, float *m2d, uint32_t n, const float *x, uint32_t dim) {
     double inv = 1.0 / (double)(n + 1), acc = 0;
     for (uint32_t j = 0; j < dim; j++) {
         double delta = (double)x[j] - mean[j];
         double nm = mean[j] + delta * inv;
-        acc += delta * ((double)x[j] - nm);
+        double t = delta * ((double)x[j] - nm);
+        acc += t;
+        if (m2d) m2d[j] = (float)(m2d[j] + t);
         mean[j] = (float)nm;
     }
     *m2 += acc;

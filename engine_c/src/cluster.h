@@ -49,8 +49,9 @@ int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, 
 uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const float *centroids,
                      const float *norms, uint32_t k, uint32_t dim);
 
-/* Adds x (float32) to a cluster of n entries with mean `mean` and sum of squares *m2. */
-void kvt_welford_add(float *mean, double *m2, uint32_t n, const float *x, uint32_t dim);
+/* Adds x (float32) to a cluster of n entries with mean `mean` and sum of squared distances
+ * *m2; m2d (may be NULL) holds the same sum per dimension. */
+void kvt_welford_add(float *mean, double *m2, float *m2d, uint32_t n, const float *x, uint32_t dim);
 
 /* Converts one key of dtype into float32. */
 void kvt_key_to_f32(const kvt_kernels *K, int dtype, const void *key, float *out, uint32_t dim);

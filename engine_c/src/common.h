@@ -16,6 +16,11 @@
 int kvt_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void kvt_clear_error(void);
 
+/* Crash testing: when the environment names this point (KVTIER_KILL_AT=name:n), the n-th
+ * time the process reaches it, it kills itself with SIGKILL, as a power cut at that moment
+ * would. Costs one comparison when unset. */
+void kvt_kill_point(const char *name);
+
 /* CRC-32C (Castagnoli); `crc` is the running value, 0 to start. */
 uint32_t kvt_crc32c(uint32_t crc, const void *data, size_t len);
 

@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +47,28 @@ const char *kvt_strerror(int code) {
     case EDQUOT: return "EDQUOT: disk quota exceeded";
     default: return code > 0 ? "ERRNO: system error (see kvt_last_error)" : "KVT_UNKNOWN: unknown error";
     }
+}
+
+static char kill_name[64];
+static long kill_count = -1;
+static pthread_once_t kill_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t kill_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void kill_init(void) {
+    const char *v = getenv("KVTIER_KILL_AT");
+    const char *colon = v ? strrchr(v, ':') : NULL;
+    if (!colon || colon == v || (size_t)(colon - v) >= sizeof kill_name) return;
+    memcpy(kill_name, v, (size_t)(colon - v));
+    kill_count = strtol(colon + 1, NULL, 10);
+}
+
+void kvt_kill_point(const char *name) {
+    pthread_once(&kill_once, kill_init);
+    if (kill_count < 0 || strcmp(name, kill_name) != 0) return;
+    pthread_mutex_lock(&kill_mu);
+    long left = kill_count--;
+    pthread_mutex_unlock(&kill_mu);
+    if (left == 0) raise(SIGKILL);
 }
 
 static uint32_t crc_table[8][256];

@@ -157,19 +157,24 @@ void kvt_pools_committed(kvt_pools *P, uint32_t count) {
     P->nretired -= count;
 }
 
-void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
-    P->navail = 0;
-    P->nretired = 0;
-    for (uint32_t i = 0; i < P->n; i++) {
+void kvt_pools_push_free(kvt_pools *P, const kvt_layout *L, uint32_t from) {
+    for (uint32_t i = from; i < P->n; i++) {
         kvt_pool *p = &P->p[i];
-        for (int h = 0; h < 2; h++)
-            if (p->owner[h] < 0) {
-                p->owner[h] = KVT_HEAD_FREE;
-                p->used[h] = 0;
-            }
         if ((p->owner[0] == KVT_HEAD_FREE || p->owner[1] == KVT_HEAD_FREE) && kvt_pool_room(L, p) > 0)
             push_avail(P, i);
     }
+}
+
+void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
+    P->navail = 0;
+    P->nretired = 0;
+    for (uint32_t i = 0; i < P->n; i++)
+        for (int h = 0; h < 2; h++)
+            if (P->p[i].owner[h] < 0) {
+                P->p[i].owner[h] = KVT_HEAD_FREE;
+                P->p[i].used[h] = 0;
+            }
+    kvt_pools_push_free(P, L, 0);
 }
 
 void kvt_pools_free(kvt_pools *P) {

@@ -89,6 +89,8 @@ void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg);
 /* After a catalog commit: the first `count` retired heads (those retired before the
  * committed state was captured) become free. */
 void kvt_pools_committed(kvt_pools *P, uint32_t count);
+/* Offers the free heads of pools from..n-1 to later claims. */
+void kvt_pools_push_free(kvt_pools *P, const kvt_layout *L, uint32_t from);
 /* Rebuilds the free lists from owners (after loading). */
 void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L);
 /* Makes room for `need` pools (and their list entries). */

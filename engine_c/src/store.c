@@ -55,6 +55,7 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     kvt_io_init(&s->io, &opts->device, opts->direct);
     kvt_cache_init(&s->cache, opts->dram_budget, on_evict);
     s->K = kvt_simd();
+    s->merge_gap = opts->merge_gap;
     *out = s;
     return 0;
 }
@@ -69,6 +70,8 @@ static void coll_free(kvt_coll *c) {
     free(c->cl);
     free(c->cent);
     free(c->cnorm);
+    free(c->m2d);
+    free(c->cofreq);
     free(c->loc);
     free(c->mod);
     free(c->keys);
@@ -134,10 +137,10 @@ int kvt_store_inject_fault(kvt_store *s, char op, uint64_t nth, int code) {
  * the budget first. New elements are zeroed. */
 static int grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
     if (need <= *cap) return 0;
-    /* 1.5x growth: the id map is the largest structure, and doubling it would spend up to
-     * half of it as slack against a tight budget */
+    /* 1.5x growth, 1.25x past 1 MiB: the id map is the largest structure, and doubling it
+     * would spend up to half of it as slack against a tight budget */
     uint64_t nc = *cap ? *cap : (need < 4 ? 4 : need);
-    while (nc < need) nc += nc / 2 + 1;
+    while (nc < need) nc += (nc * size > (1u << 20) ? nc / 4 : nc / 2) + 1; /* big ones: 1.25x */
     uint64_t more = (nc - *cap) * size;
     int rc = kvt_mem_reserve(&c->st->cache, more);
     if (rc) return rc;
@@ -162,10 +165,12 @@ static void free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) {
 
 static int ensure_clusters(kvt_coll *c, uint32_t need) {
     if (need <= c->clcap) return 0;
-    uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap;
+    uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap, cap4 = c->clcap;
     int rc = grow_array(c, (void **)&c->cl, sizeof *c->cl, &cap, need);
     if (!rc) rc = grow_array(c, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap2, need);
     if (!rc) rc = grow_array(c, (void **)&c->cnorm, sizeof(float), &cap3, need);
+    /* per-dimension variances only serve the Gaussian score: kept only when it is on */
+    if (!rc && c->p.score_temp > 0) rc = grow_array(c, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, need);
     if (rc) return rc;
     for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
     c->clcap = (uint32_t)cap; /* the three grew by the same rule from the same capacity */
@@ -229,6 +234,7 @@ static int new_cluster(kvt_coll *c, uint32_t *out) {
     k->m2 = 0;
     k->ent = NULL;
     c->cnorm[j] = FLT_MAX;
+    if (c->m2d) memset(c->m2d + (size_t)j * c->p.dim, 0, (size_t)c->p.dim * 4);
     *out = j;
     return 0;
 }
@@ -237,12 +243,13 @@ static int new_cluster(kvt_coll *c, uint32_t *out) {
 static void stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_t n, float *x) {
     const kvt_kernels *K = c->st->K;
     uint32_t d = c->p.dim;
-    float *mean = c->cent + (size_t)j * d;
+    float *mean = c->cent + (size_t)j * d, *m2d = c->m2d ? c->m2d + (size_t)j * d : NULL;
     double m2 = 0;
     memset(mean, 0, (size_t)d * 4);
+    if (m2d) memset(m2d, 0, (size_t)d * 4);
     for (uint32_t i = 0; i < n; i++) {
         kvt_key_to_f32(K, c->p.dtype, kvt_rec_key(recs + (size_t)i * c->L.esz), x, d);
-        kvt_welford_add(mean, &m2, i, x, d);
+        kvt_welford_add(mean, &m2, m2d, i, x, d);
     }
     c->cl[j].m2 = m2;
     c->cl[j].n = n;
@@ -263,6 +270,7 @@ static int check_params(const kvt_coll_params *p) {
     if (p->max_cluster_size < 2 || p->max_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "max_cluster_size: 2..2^20 expected, got %u", p->max_cluster_size);
     if (!(p->tau >= 0) || !isfinite(p->tau)) return kvt_fail(KVT_EINVAL, "tau: a finite value >= 0 expected (0 derives it)");
     if (!(p->tau_factor > 0) || !isfinite(p->tau_factor)) return kvt_fail(KVT_EINVAL, "tau_factor: a finite value > 0 expected");
+    if (!(p->score_temp >= 0) || !isfinite(p->score_temp)) return kvt_fail(KVT_EINVAL, "score_temp: a finite value >= 0 expected");
     if (p->policy == KVT_POLICY_LOCAL && (p->local_window < 2 || p->local_cluster_size < 1 || p->local_cluster_size > p->local_window))
         return kvt_fail(KVT_EINVAL, "local_window / local_cluster_size: 1 <= local_cluster_size <= local_window and local_window >= 2 expected");
     return 0;
@@ -503,58 +511,152 @@ static int check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t
     return 0;
 }
 
-/* Calls fn on every record of cluster ci, in insertion order, in one or more runs: from the
- * cache when it is there, else from flash (one read per segment) and the pending buffer,
- * caching the cluster when the budget allows. */
-static int visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx) {
+/* One extent of a cluster to read: a segment, and where its records go. */
+typedef struct extent {
+    uint64_t off;
+    uint32_t nrec, base, slot, head, seg;
+} extent;
+
+static int by_offset(const void *a, const void *b) {
+    uint64_t x = ((const extent *)a)->off, y = ((const extent *)b)->off;
+    return x < y ? -1 : x > y;
+}
+
+/* Calls fn(ctx, cluster, records, n) once per listed cluster with all its records in order:
+ * from the cache, or from flash plus its pending buffer. Clusters are read in batches of
+ * bounded bytes; within a batch their extents are sorted by offset and neighbours closer
+ * than the store's merge gap become one read, so co-located clusters cost one I/O. A cluster
+ * read from flash is cached when the budget allows. */
+static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx) {
     kvt_store *s = c->st;
-    kvt_cluster *k = &c->cl[ci];
     const kvt_layout *L = &c->L;
-    if (k->ent) {
-        s->cache.hits++;
-        kvt_cache_touch(&s->cache, k->ent);
-        fn(ctx, ci, k->ent->rec, k->ent->n);
-        return 0;
-    }
-    s->cache.misses++;
-    if (k->n == 0) return 0;
-    kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, ci, k->n, L->esz);
+    uint64_t max_batch = s->cache.budget / 4 > L->pool_bytes ? s->cache.budget / 4 : L->pool_bytes;
     int rc = 0;
-    uint32_t base = 0;
-    for (uint32_t g = 0; g < k->nseg && !rc; g++) {
-        kvt_seg *sg = &k->segs[g];
-        if (!sg->n) continue;
-        size_t bytes = (size_t)sg->n * L->esz;
-        uint64_t off = kvt_run_offset(L, sg->pool, sg->head, 0, sg->n);
-        uint8_t *buf = e ? e->rec + (size_t)base * L->esz : NULL;
-        uint64_t need = kvt_file_read_scratch(c->f, off, bytes) + (buf ? 0 : bytes);
-        rc = kvt_mem_reserve(&s->cache, need);
+    for (uint32_t i = 0; i < nlist && !rc;) {
+        /* the batch: consecutive list entries up to max_batch bytes of misses */
+        uint32_t end = i, nseg = 0;
+        uint64_t bytes = 0;
+        while (end < nlist) {
+            kvt_cluster *k = &c->cl[list[end]];
+            uint64_t b = k->ent ? 0 : (uint64_t)k->n * L->esz;
+            if (end > i && bytes + b > max_batch) break;
+            bytes += b;
+            nseg += k->nseg; /* all: admitting one miss may evict a hit of this batch */
+            end++;
+        }
+        uint32_t nb = end - i;
+        uint64_t meta = (uint64_t)nb * (sizeof(uint8_t *) + sizeof(kvt_cache_ent *) + 8) + (uint64_t)nseg * sizeof(extent);
+        rc = kvt_mem_reserve(&s->cache, meta);
         if (rc) break;
-        if (!buf && !(buf = malloc(bytes))) rc = kvt_fail(ENOMEM, "read: out of memory");
-        if (!rc) rc = kvt_file_read(c->f, off, bytes, buf, sg->n);
-        if (!rc) {
-            if (sg->head == 1) kvt_rec_reverse(L, buf, sg->n);
-            rc = check_run(c, ci, base, buf, sg->n, off);
+        uint8_t **buf = calloc(nb, sizeof *buf);
+        kvt_cache_ent **ent = calloc(nb, sizeof *ent);
+        uint64_t *owned = calloc(nb, sizeof *owned);
+        extent *ex = malloc((size_t)nseg * sizeof *ex + 1);
+        uint32_t nex = 0;
+        if (!buf || !ent || !owned || !ex) rc = kvt_fail(ENOMEM, "read: out of memory");
+        /* hits go straight through; misses get a buffer (their cache entry if it fits) */
+        for (uint32_t b = 0; b < nb && !rc; b++) {
+            uint32_t ci = list[i + b];
+            kvt_cluster *k = &c->cl[ci];
+            if (k->ent) {
+                s->cache.hits++;
+                kvt_cache_touch(&s->cache, k->ent);
+                fn(ctx, ci, k->ent->rec, k->ent->n);
+                continue;
+            }
+            s->cache.misses++;
+            if (!k->n) continue;
+            ent[b] = kvt_cache_admit(&s->cache, c, ci, k->n, L->esz);
+            if (ent[b]) {
+                buf[b] = ent[b]->rec;
+            } else {
+                owned[b] = (uint64_t)k->n * L->esz;
+                rc = kvt_mem_reserve(&s->cache, owned[b]);
+                if (rc) {
+                    owned[b] = 0;
+                    break;
+                }
+                if (!(buf[b] = malloc(owned[b]))) rc = kvt_fail(ENOMEM, "read: out of memory");
+            }
+            uint32_t base = 0;
+            for (uint32_t g = 0; g < k->nseg; g++) {
+                kvt_seg *sg = &k->segs[g];
+                if (sg->n)
+                    ex[nex++] = (extent){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), sg->n, base, b, sg->head, g};
+                base += sg->n;
+            }
         }
-        if (!rc) fn(ctx, ci, buf, sg->n);
-        if (!e) free(buf);
-        kvt_mem_release(&s->cache, need);
-        base += sg->n;
-    }
-    if (!rc && k->pend) {
-        fn(ctx, ci, k->pbuf, k->pend);
-        if (e) memcpy(e->rec + (size_t)base * L->esz, k->pbuf, (size_t)k->pend * L->esz);
-    }
-    if (e) {
-        if (rc) {
-            kvt_cache_drop(&s->cache, e);
-        } else {
-            e->n = k->n;
-            e->pins--;
-            k->ent = e;
+        qsort(ex, nex, sizeof *ex, by_offset);
+        /* merged reads: a run of extents whose gaps are all within the merge gap */
+        for (uint32_t a = 0; a < nex && !rc;) {
+            uint32_t e = a + 1;
+            uint64_t run_end = ex[a].off + (uint64_t)ex[a].nrec * L->esz, entries = ex[a].nrec;
+            while (e < nex && ex[e].off >= run_end && ex[e].off - run_end <= s->merge_gap &&
+                   ex[e].off + (uint64_t)ex[e].nrec * L->esz - ex[a].off <= max_batch) {
+                run_end = ex[e].off + (uint64_t)ex[e].nrec * L->esz;
+                entries += ex[e].nrec;
+                e++;
+            }
+            size_t len = (size_t)(run_end - ex[a].off);
+            uint64_t need = len + kvt_file_read_scratch(c->f, ex[a].off, len);
+            if (e > a + 1 && kvt_mem_reserve(&s->cache, need) != 0) {
+                /* no room for the merged read: read this extent alone */
+                e = a + 1;
+                entries = ex[a].nrec;
+                len = (size_t)ex[a].nrec * L->esz;
+                need = len + kvt_file_read_scratch(c->f, ex[a].off, len);
+                rc = kvt_mem_reserve(&s->cache, need);
+            } else if (e == a + 1) {
+                rc = kvt_mem_reserve(&s->cache, need);
+            }
+            if (rc) break;
+            uint8_t *run = malloc(len);
+            if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
+            if (!rc) rc = kvt_file_read(c->f, ex[a].off, len, run, entries);
+            for (uint32_t t = a; t < e && !rc; t++) {
+                extent *x = &ex[t];
+                uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
+                memcpy(dst, run + (x->off - ex[a].off), (size_t)x->nrec * L->esz);
+                if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
+                rc = check_run(c, list[i + x->slot], x->base, dst, x->nrec, x->off);
+            }
+            free(run);
+            kvt_mem_release(&s->cache, need);
+            a = e;
         }
+        /* pending entries complete each cluster; then hand it over and cache or free it */
+        for (uint32_t b = 0; b < nb; b++) {
+            if (!buf[b]) continue;
+            uint32_t ci = list[i + b];
+            kvt_cluster *k = &c->cl[ci];
+            if (!rc && k->pend)
+                memcpy(buf[b] + (size_t)(k->n - k->pend) * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+            if (!rc) fn(ctx, ci, buf[b], k->n);
+            if (ent[b]) {
+                if (rc) {
+                    kvt_cache_drop(&s->cache, ent[b]);
+                } else {
+                    ent[b]->n = k->n;
+                    ent[b]->pins--;
+                    k->ent = ent[b];
+                }
+            } else if (owned[b]) {
+                free(buf[b]);
+                kvt_mem_release(&s->cache, owned[b]);
+            }
+        }
+        free(buf);
+        free(ent);
+        free(owned);
+        free(ex);
+        kvt_mem_release(&s->cache, meta);
+        i = end;
     }
     return rc;
+}
+
+static int visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx) {
+    return visit_clusters(c, &ci, 1, fn, ctx);
 }
 
 typedef struct collect_ctx { uint8_t *dst; size_t esz; } collect_ctx;
@@ -566,7 +668,8 @@ static void collect(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
 
 /* All records of cluster j in one buffer: the cached copy, pinned (*pinned), or a reserved
  * buffer read from flash (*owned = its bytes; those reads are counted as a split's). */
-static int load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned) {
+static int load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned,
+                        uint64_t *read_bytes) {
     kvt_cluster *k = &c->cl[j];
     *owned = 0;
     *pinned = NULL;
@@ -584,7 +687,7 @@ static int load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned
         collect_ctx x = {buf, c->L.esz};
         rc = visit_cluster(c, j, collect, &x);
         kvt_io_stats_get(&c->st->io, &after);
-        c->ctr.split_read_bytes += after.read_bytes - before.read_bytes;
+        *read_bytes += after.read_bytes - before.read_bytes;
         if (rc || k->ent) { /* failed, or the visit cached it after all: use that copy */
             free(buf);
             kvt_mem_release(&c->st->cache, bytes);
@@ -685,6 +788,7 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     for (uint32_t t = 1; t < nt && !rc; t++) rc = new_cluster(c, &dst[t]);
     seg_save old = detach_segs(c, src);
     if (!rc) rc = write_fresh(c, dst, grp, cnt, nt);
+    if (!rc) kvt_kill_point("split.written");
     if (rc) {
         restore_segs(c, src, old);
         c->ncl = ncl0;
@@ -733,6 +837,15 @@ out:
 static int split_cluster(kvt_coll *c, uint32_t j, const uint8_t *recs) {
     kvt_cluster *k = &c->cl[j];
     uint32_t n = k->n;
+    /* A split adds a representative and moves data through DRAM; under a budget nearly
+     * filled by what cannot be evicted it would starve reads, so it waits (counted). */
+    kvt_cache *ch = &c->st->cache;
+    uint64_t pinned_bytes = ch->used - ch->cache_bytes;
+    uint64_t need = 2ull * n * c->L.esz + (uint64_t)c->p.dim * 16 + sizeof(kvt_cluster) + 256;
+    if (pinned_bytes + need > ch->budget - ch->budget / 4) {
+        c->ctr.split_skipped++;
+        return 0;
+    }
     uint64_t tmp = (uint64_t)n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim);
     int rc = kvt_mem_reserve(&c->st->cache, tmp);
     if (rc) return rc;
@@ -809,7 +922,7 @@ static void relieve_pending(kvt_coll *c) {
         uint64_t owned;
         kvt_cache_ent *pinned;
         c->ctr.forced_loads++;
-        int rc = load_records(c, best, &recs, &owned, &pinned);
+        int rc = load_records(c, best, &recs, &owned, &pinned, &c->ctr.split_read_bytes);
         if (!rc) {
             rc = split_cluster(c, best, recs);
             release_records(c, recs, owned, pinned, rc == 1);
@@ -851,7 +964,7 @@ static int recluster_staging(kvt_coll *c) {
     uint8_t *recs;
     uint64_t owned;
     kvt_cache_ent *pinned;
-    int rc = load_records(c, s, &recs, &owned, &pinned);
+    int rc = load_records(c, s, &recs, &owned, &pinned, &c->ctr.split_read_bytes);
     if (rc) return rc;
     uint64_t tmp = (uint64_t)n * 4 + (uint64_t)k * (c->p.dim * 4 + 4) + kvt_kmeans_bytes(n, k, c->p.dim);
     rc = kvt_mem_reserve(&c->st->cache, tmp);
@@ -1013,6 +1126,7 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
         rollback(c, &log);
         goto fail;
     }
+    kvt_kill_point("add.written");
 
     /* 5. metadata: id map, running means and variances, cached copies, pending buffers */
     for (uint32_t j = 0; j < k; j++) {
@@ -1025,8 +1139,9 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
             const uint8_t *key = (const uint8_t *)keys + (size_t)r * L->key_bytes;
             const uint8_t *val = (const uint8_t *)values + (size_t)r * L->value_bytes;
             set_loc(c, n0 + r, j, cl->n);
+            if (!first_batch) c->ctr.naive_move_bytes += (uint64_t)cl->n * L->esz;
             kvt_key_to_f32(K, c->p.dtype, key, x, c->p.dim);
-            kvt_welford_add(mean, &cl->m2, cl->n, x, c->p.dim);
+            kvt_welford_add(mean, &cl->m2, c->m2d ? c->m2d + (size_t)j * c->p.dim : NULL, cl->n, x, c->p.dim);
             cl->n++;
             if (topend[j]) {
                 kvt_rec_encode(L, cl->pbuf + (size_t)cl->pend++ * L->esz, (int64_t)(n0 + r), key, val);
@@ -1041,6 +1156,7 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
     }
     if (policy == KVT_POLICY_NONE) memcpy(c->keys + n0 * L->key_bytes, keys, n * L->key_bytes);
     c->n = n0 + n;
+    c->ctr.append_bytes += n * L->esz;
     *first_id = (int64_t)n0;
 
     /* 6. policy upkeep, which never fails the add: its entries are in place either way */
@@ -1080,16 +1196,22 @@ out:
 
 /* ---- scoring ------------------------------------------------------------------------------ */
 
-static void score_clusters(kvt_coll *c, const float *q, uint64_t nq, float *scores) {
+/* Each cluster's score against a query group: the best over the group (GQA). q2 is scratch
+ * for nq * dim floats (the squared queries, when score_temp > 0). */
+static void score_clusters(kvt_coll *c, const float *q, uint64_t nq, float *scores, float *q2) {
     const kvt_kernels *K = c->st->K;
     uint32_t d = c->p.dim;
+    float half_t = (float)(0.5 * c->p.score_temp);
+    if (half_t > 0)
+        for (uint64_t i = 0; i < nq * d; i++) q2[i] = q[i] * q[i];
     for (uint32_t j = 0; j < c->ncl; j++) {
         const float *r = c->cent + (size_t)j * d;
-        float best = -FLT_MAX;
+        float best = -FLT_MAX, inv_n = c->cl[j].n ? 1.0f / (float)c->cl[j].n : 0;
         for (uint64_t i = 0; i < nq; i++) {
             const float *qi = q + i * d;
             float sc = K->dot_f32(qi, r, d);
             if (c->p.metric == KVT_METRIC_L2) sc = 2 * sc - c->cnorm[j] - K->dot_f32(qi, qi, d);
+            if (half_t > 0) sc += half_t * inv_n * K->dot_f32(q2 + i * d, c->m2d + (size_t)j * d, d);
             if (sc > best) best = sc;
         }
         scores[j] = c->cl[j].n ? best : -FLT_MAX;
@@ -1122,9 +1244,172 @@ static void order_by_score(uint32_t *idx, uint32_t n, const float *scores) {
     qsort(idx, n, sizeof *idx, by_score_desc);
 }
 
+/* Puts the m best indices (descending score, ties by index) first, in order, without
+ * sorting the rest: a quickselect partition, then a sort of the m. A search probes a few
+ * of thousands of clusters per query, where a full sort would dominate its time. */
+static inline int better(const float *sc, uint32_t a, uint32_t b) {
+    return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);
+}
+static void top_by_score(uint32_t *idx, uint32_t n, uint32_t m, const float *scores) {
+    for (uint32_t i = 0; i < n; i++) idx[i] = i;
+    if (m >= n) {
+        order_by_score(idx, n, scores);
+        return;
+    }
+    uint32_t lo = 0, hi = n; /* the m-th best lies in [lo, hi) */
+    while (hi - lo > 1) {
+        uint32_t a = idx[lo], b = idx[lo + (hi - lo) / 2], c3 = idx[hi - 1], pivot;
+        /* median of three */
+        if (better(scores, a, b)) { uint32_t t = a; a = b; b = t; }
+        if (better(scores, b, c3)) { uint32_t t = b; b = c3; c3 = t; }
+        if (better(scores, a, b)) { uint32_t t = a; a = b; b = t; }
+        pivot = b;
+        uint32_t i = lo, j = hi;
+        for (uint32_t k = lo; k < j;) {
+            if (better(scores, idx[k], pivot)) {
+                uint32_t t = idx[k]; idx[k] = idx[i]; idx[i] = t;
+                i++, k++;
+            } else if (better(scores, pivot, idx[k])) {
+                j--;
+                uint32_t t = idx[k]; idx[k] = idx[j]; idx[j] = t;
+            } else {
+                k++;
+            }
+        }
+        /* [lo,i) better than pivot, [i,j) equal to it (just the pivot: ties break by index), [j,hi) worse */
+        if (m <= i) hi = i;
+        else if (m <= j) break;
+        else lo = j;
+    }
+    sort_scores = scores;
+    qsort(idx, m, sizeof *idx, by_score_desc);
+}
+
 static int by_u32(const void *a, const void *b) {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
     return x < y ? -1 : x > y;
+}
+
+/* ---- co-location ---------------------------------------------------------------------------- */
+
+#define KVT_COLOCATE_MAX 1024 /* clusters; past this the dense count matrix costs too much */
+
+/* Counts which clusters one retrieve fetched together (the first colocate_after retrieves). */
+static void count_coretrieval(kvt_coll *c, const uint32_t *sel, uint64_t nsel) {
+    if (!c->p.colocate_after || c->ctr.relayouts || c->retrieves >= c->p.colocate_after) return;
+    if (!c->cofreq) {
+        c->nco = c->ncl;
+        uint64_t bytes = (uint64_t)c->nco * c->nco * sizeof(uint16_t);
+        if (c->nco > KVT_COLOCATE_MAX || kvt_mem_reserve(&c->st->cache, bytes)) {
+            c->retrieves = c->p.colocate_after; /* too many clusters or no room: never */
+            return;
+        }
+        if (!(c->cofreq = calloc((size_t)c->nco * c->nco, sizeof(uint16_t)))) {
+            kvt_mem_release(&c->st->cache, bytes);
+            c->retrieves = c->p.colocate_after;
+            return;
+        }
+        c->acct += bytes;
+    }
+    c->retrieves++;
+    for (uint64_t a = 0; a < nsel; a++)
+        for (uint64_t b = 0; b < nsel; b++)
+            if (sel[a] < c->nco && sel[b] < c->nco && c->cofreq[(size_t)sel[a] * c->nco + sel[b]] < UINT16_MAX)
+                c->cofreq[(size_t)sel[a] * c->nco + sel[b]]++;
+}
+
+/* The one-time rewrite: orders the counted clusters in a chain that follows co-retrieval
+ * (from the most fetched, repeatedly the unplaced cluster most often fetched with the last
+ * one) and lays the chain across fresh consecutive pools: chain[0] at the front of pool 0,
+ * then chain[2i+1] at the back of pool i and chain[2i+2] at the front of pool i+1, so each
+ * neighbouring pair of the chain across a pool boundary is contiguous on flash and the pair
+ * sharing a pool is one merged read apart. Copy on write, like a split, one cluster at a
+ * time so that it needs no more DRAM than the largest cluster. */
+static int relayout(kvt_coll *c) {
+    kvt_store *s = c->st;
+    uint32_t k = c->nco < c->ncl ? c->nco : c->ncl, m = 0, done = 0, sr = c->L.pool_cap;
+    uint64_t meta = (uint64_t)k * (4 + 4 + sizeof(seg_save)) + 16, sbytes = 0, written = 0;
+    int rc = kvt_mem_reserve(&s->cache, meta);
+    if (rc) goto spent;
+    uint32_t *chain = malloc((size_t)k * 4 + 4), *placed = calloc(k + 1, 4);
+    seg_save *old = calloc(k + 1, sizeof *old);
+    uint8_t *scratch = NULL;
+    undo_log log = {0};
+    if (!chain || !placed || !old) rc = kvt_fail(ENOMEM, "relayout: out of memory");
+    while (!rc && m < k) {
+        uint32_t best = KVT_NONE;
+        uint64_t bs = 0;
+        if (m) {
+            const uint16_t *row = c->cofreq + (size_t)chain[m - 1] * c->nco;
+            for (uint32_t j = 0; j < k; j++)
+                if (!placed[j] && c->cl[j].n && row[j] > bs) bs = row[j], best = j;
+        }
+        if (best == KVT_NONE) /* start, or restart, from the most fetched */
+            for (uint32_t j = 0; j < k; j++) {
+                uint64_t f = (uint64_t)c->cofreq[(size_t)j * c->nco + j] + 1;
+                if (!placed[j] && c->cl[j].n && f > bs) bs = f, best = j;
+            }
+        if (best == KVT_NONE) break; /* the rest are empty */
+        placed[best] = 1;
+        chain[m++] = best;
+    }
+    /* the chain's pools, all made up front so that a spilling cluster cannot take one */
+    uint32_t pools0 = c->pools.n, npools = m / 2 + 1;
+    if (!rc) rc = ensure_pools(c, pools0 + npools);
+    if (!rc && !(rc = kvt_mem_reserve(&s->cache, (uint64_t)sr * c->L.esz))) {
+        sbytes = (uint64_t)sr * c->L.esz;
+        if (!(scratch = malloc(sbytes))) rc = kvt_fail(ENOMEM, "relayout: out of memory");
+    }
+    if (!rc)
+        for (; c->pools.n < pools0 + npools; c->pools.n++)
+            c->pools.p[c->pools.n] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+    for (; done < m && !rc; done++) {
+        uint32_t j = chain[done], pool = pools0 + (done + 1) / 2, head = done % 2;
+        uint8_t *recs;
+        uint64_t owned;
+        kvt_cache_ent *pinned;
+        rc = load_records(c, j, &recs, &owned, &pinned, &c->ctr.relayout_read_bytes);
+        if (rc) break;
+        old[done] = detach_segs(c, j);
+        rc = ensure_segs(c, &c->cl[j], 1);
+        if (!rc) {
+            c->pools.p[pool].owner[head] = (int32_t)j;
+            c->cl[j].segs[0] = (kvt_seg){pool, head, 0};
+            c->cl[j].nseg = 1;
+            log.n = 0; /* on failure restore_segs gives back every head this cluster holds */
+            rec_src src = {.recs = recs};
+            uint32_t flashed = c->cl[j].n - c->cl[j].pend;
+            rc = append_flash(c, j, &src, flashed, scratch, sr, &log);
+            written += (uint64_t)flashed * c->L.esz;
+        }
+        release_records(c, recs, owned, pinned, 0);
+        if (rc) {
+            done++; /* restore this one too */
+            break;
+        }
+    }
+    if (rc) {
+        for (uint32_t t = 0; t < done; t++) restore_segs(c, chain[t], old[t]);
+    } else {
+        for (uint32_t t = 0; t < m; t++) retire_segs(c, old[t]);
+        kvt_pools_push_free(&c->pools, &c->L, pools0);
+        c->ctr.relayouts++;
+        c->ctr.relayout_bytes += written;
+    }
+    free(log.u);
+    free(scratch);
+    kvt_mem_release(&s->cache, sbytes);
+    free(chain);
+    free(placed);
+    free(old);
+    kvt_mem_release(&s->cache, meta);
+spent: /* the counts are spent either way */
+    free(c->cofreq);
+    c->cofreq = NULL;
+    kvt_mem_release(&s->cache, (uint64_t)c->nco * c->nco * sizeof(uint16_t));
+    c->acct -= (uint64_t)c->nco * c->nco * sizeof(uint16_t);
+    c->retrieves = c->p.colocate_after;
+    return rc;
 }
 
 /* ---- retrieve ----------------------------------------------------------------------------- */
@@ -1242,7 +1527,7 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     kvt_store *s = c->st;
     LOCK(s);
     int rc = 0;
-    float *scores = NULL;
+    float *scores = NULL, *q2 = NULL;
     uint32_t *idx = NULL;
     kvt_result *r = calloc(1, sizeof *r);
     uint64_t transient = 0;
@@ -1254,7 +1539,7 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         rc = retrieve_tokens(c, q, nq, budget, r);
         goto out;
     }
-    transient = (uint64_t)c->ncl * 8 + 8;
+    transient = (uint64_t)c->ncl * 8 + 8 + nq * c->p.dim * 4;
     rc = kvt_mem_reserve(&s->cache, transient);
     if (rc) {
         transient = 0;
@@ -1262,27 +1547,37 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     }
     scores = malloc((size_t)c->ncl * 4 + 4);
     idx = malloc((size_t)c->ncl * 4 + 4);
-    if (!scores || !idx) {
+    q2 = malloc(nq * c->p.dim * 4);
+    if (!scores || !idx || !q2) {
         rc = kvt_fail(ENOMEM, "retrieve: out of memory");
         goto out;
     }
-    score_clusters(c, q, nq, scores);
-    order_by_score(idx, c->ncl, scores);
+    score_clusters(c, q, nq, scores, q2);
     /* Whole clusters in score order; one that does not fit the remaining budget is skipped so
-     * the budget is filled by the next best that do. */
+     * the budget is filled by the next best that do. Only the best few need ordering: twice
+     * the clusters the budget holds at the mean size, and all of them if that falls short. */
     uint64_t total = 0, taken = 0;
-    for (uint32_t j = 0; j < c->ncl && total < budget; j++) {
-        uint32_t n = c->cl[idx[j]].n;
-        if (n && total + n <= budget) {
-            total += n;
-            idx[taken++] = idx[j];
+    uint64_t mean = c->ncl ? c->n / c->ncl + 1 : 1, guess = 2 * (budget / mean) + 16;
+    uint32_t m = guess < c->ncl ? (uint32_t)guess : c->ncl;
+    for (int pass = 0; pass < 2; pass++) {
+        top_by_score(idx, c->ncl, m, scores);
+        total = taken = 0;
+        for (uint32_t j = 0; j < m && total < budget; j++) {
+            uint32_t n = c->cl[idx[j]].n;
+            if (n && total + n <= budget) {
+                total += n;
+                idx[taken++] = idx[j];
+            }
         }
+        if (total >= budget || m == c->ncl) break;
+        m = c->ncl;
     }
     r->ncl = taken;
     rc = result_alloc(r, &c->L, total);
     void *ctx[2] = {r, &c->L};
     kvt_io_batch_begin(&s->io);
-    for (uint64_t j = 0; j < taken && !rc; j++) rc = visit_cluster(c, idx[j], fill_result, ctx);
+    rc = visit_clusters(c, idx, (uint32_t)taken, fill_result, ctx);
+    if (!rc) count_coretrieval(c, idx, taken);
     kvt_io_batch_end(&s->io);
     /* the clusters just read are in DRAM: the moment to split the flagged ones */
     if (!rc && c->p.policy == KVT_POLICY_ADAPTIVE) {
@@ -1290,12 +1585,14 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         transient = 0;
         split_in_dram(c, idx, (uint32_t)taken);
         relieve_pending(c);
-        /* report the clusters the entries belong to now, after any split */
-        for (uint64_t i = 0; i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
     }
+    if (!rc && c->cofreq && c->retrieves >= c->p.colocate_after && relayout(c)) c->ctr.split_errors++;
+    /* report the clusters the entries belong to now, after any split */
+    for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
 out:
     free(scores);
     free(idx);
+    free(q2);
     kvt_mem_release(&s->cache, transient);
     UNLOCK(s);
     if (rc) kvt_result_free(r);
@@ -1426,8 +1723,8 @@ int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32
     for (uint64_t b0 = 0; b0 < nq && !rc && c->p.policy != KVT_POLICY_NONE; b0 += B) {
         uint64_t b1 = b0 + B < nq ? b0 + B : nq, np = 0;
         for (uint64_t i = b0; i < b1; i++) {
-            score_clusters(c, q + i * c->p.dim, 1, scores);
-            order_by_score(idx, c->ncl, scores);
+            score_clusters(c, q + i * c->p.dim, 1, scores, x);
+            top_by_score(idx, c->ncl, nprobe, scores);
             for (uint32_t j = 0; j < nprobe; j++) pr[np++] = (probe){idx[j], (uint32_t)i};
         }
         qsort(pr, np, sizeof *pr, by_probe);
@@ -1494,6 +1791,7 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
         } else if (lc.idx >= k->n - k->pend) {
             rec = k->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz;
         } else {
+            s->cache.misses++;
             uint64_t off;
             rc = record_offset(c, (uint64_t)ids[i], &off);
             if (!rc) rc = kvt_file_read(c->f, off, L->esz, buf, 1);
@@ -1620,6 +1918,7 @@ static int export_dir(kvt_coll *c, void **blob, size_t *len) {
             kvt_wbuf_u32(&w, k->segs[g].n);
         }
         kvt_wbuf_put(&w, c->cent + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
+        if (c->m2d) kvt_wbuf_put(&w, c->m2d + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
     }
     uint32_t crc = kvt_crc32c(0, w.p, w.len);
     kvt_wbuf_u32(&w, crc);
@@ -1681,7 +1980,9 @@ int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
     kvt_checkpoint *cp = calloc(1, sizeof *cp);
     int rc = cp ? 0 : kvt_fail(ENOMEM, "checkpoint: out of memory");
     if (!rc) rc = write_all_pending(c);
+    if (!rc) kvt_kill_point("checkpoint.pending_written");
     if (!rc) rc = kvt_file_sync(c->f);
+    if (!rc) kvt_kill_point("checkpoint.synced");
     if (!rc) rc = export_dir(c, &cp->dir, &cp->dirlen);
     uint64_t nch = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0;
     if (!rc) {
@@ -1784,6 +2085,7 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len) {
         if (sum != kn) r.bad = 1;
         total += kn;
         kvt_rbuf_get(&r, c->cent + (size_t)j * dim, (size_t)dim * 4);
+        if (c->m2d) kvt_rbuf_get(&r, c->m2d + (size_t)j * dim, (size_t)dim * 4);
         c->ncl = j + 1;
         update_norm(c, j);
     }

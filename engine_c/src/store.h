@@ -23,6 +23,7 @@ struct kvt_store {
     kvt_cache cache;
     const kvt_kernels *K;
     char *dir;
+    uint64_t merge_gap;     /* bytes: extents of one read batch closer than this are read as one */
     kvt_coll **colls;
     uint32_t ncolls, collcap;
 };
@@ -36,6 +37,7 @@ struct kvt_coll {
     uint64_t n;                 /* entries; ids are 0..n-1 */
     kvt_cluster *cl;
     float *cent, *cnorm;        /* clcap * dim representatives and their squared norms */
+    float *m2d;                 /* clcap * dim: per-dimension sums of squared distances */
     uint32_t ncl, clcap;        /* clusters with n == 0 are free slots */
     kvt_pools pools;
     kvt_loc *loc;               /* id -> (cluster, index in cluster) */
@@ -48,6 +50,8 @@ struct kvt_coll {
     double tau;                 /* adaptive split threshold in force */
     uint32_t staging;           /* local: the cluster gathering new entries, or KVT_NONE */
     uint64_t pending_total;
+    uint16_t *cofreq;           /* co-location: nco x nco co-retrieval counts, until relayout */
+    uint32_t nco, retrieves;
     kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
     uint64_t acct;              /* budget bytes reserved for the structures above */
 };

@@ -269,7 +269,7 @@ static void test_cluster(void) {
     /* Welford equals the batch mean and variance */
     float mean[D] = {0};
     double m2 = 0;
-    for (int i = 0; i < 50; i++) kvt_welford_add(mean, &m2, (uint32_t)i, x + i * D, D);
+    for (int i = 0; i < 50; i++) kvt_welford_add(mean, &m2, NULL, (uint32_t)i, x + i * D, D);
     double bm[D] = {0}, bv = 0;
     for (int i = 0; i < 50; i++)
         for (int j = 0; j < D; j++) bm[j] += x[i * D + j] / 50.0;
@@ -695,6 +695,41 @@ static void test_local_and_none(void) {
     remove_dir(d);
 }
 
+/* Co-location: after the counted retrieves the collection is rewritten once in co-retrieval
+ * order; everything stays there, and reads of a retrieve merge into fewer requests. */
+static void test_colocate(void) {
+    char *d = make_dir();
+    kvt_store_opts o = {256 << 10, {0}, KVT_DIRECT_AUTO, 64 << 10};
+    kvt_store *st;
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    p.colocate_after = 8;
+    kvt_coll *c;
+    CHECK_OK(kvt_coll_create(st, 7, &p, &c));
+    enum { N = 600 };
+    float *k = drift_data(N, 0, 13);
+    int64_t first;
+    CHECK_OK(kvt_coll_add(c, k, NULL, N, &first));
+    float q[2 * 16];
+    uint64_t s = 3;
+    for (int i = 0; i < 32; i++) q[i] = frand(&s);
+    kvt_result *r;
+    for (int t = 0; t < 8; t++) {
+        CHECK_OK(kvt_coll_retrieve(c, q + (t % 2) * 16, 1, 120, &r));
+        kvt_result_free(r);
+    }
+    kvt_coll_stats cs;
+    CHECK_OK(kvt_coll_stats_get(c, &cs));
+    CHECK(cs.relayouts == 1 && cs.relayout_bytes > 0);
+    check_all_there(c, k, N);
+    c = reopen(d, &st, c, &p, 7, 256 << 10);
+    check_all_there(c, k, N);
+    kvt_store_close(st);
+    free(k);
+    remove_dir(d);
+}
+
 static void test_errors(void) {
     CHECK(strncmp(kvt_strerror(KVT_ECORRUPT), "KVT_ECORRUPT:", 13) == 0);
     CHECK(strncmp(kvt_strerror(EIO), "EIO:", 4) == 0);
@@ -717,6 +752,7 @@ int main(void) {
     test_budget();
     test_adaptive();
     test_local_and_none();
+    test_colocate();
     test_errors();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;

@@ -1,0 +1,275 @@
+"""The ``kvtier`` command: demo, bench, calibrate, inspect.
+
+Each subcommand is a thin shell over a library call (``kvtier.calibrate``, ``kvtier.open``), so
+that what the command prints is what a script gets. ``main(argv)`` returns the exit status:
+0 success, 1 a kvtier or OS error (printed on one line), 2 bad usage or a command this version
+does not have yet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from typing import Optional, Sequence
+
+import numpy as np
+
+import kvtier
+from kvtier.config import parse_size
+from kvtier.errors import InvalidArgumentError, KvtierError
+
+EXIT_ERROR = 1
+EXIT_UNAVAILABLE = 2
+
+# Commands the spec names whose machinery lands later. They are listed so that `--help` shows
+# the whole tool, and refuse to run rather than pretend.
+_NOT_YET = {
+    "demo": "long decoding of the real model through kvtier needs the torch adapter, "
+            "which this version does not have yet",
+    "bench": "the end-to-end benchmark suite (tier configurations on real traces) is not in "
+             "this version yet; the micro-benchmarks run with `pytest bench/test_micro.py`",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvtier",
+        description="kvtier: tiered KV-cache and vector storage (vectors on flash, a budgeted DRAM hot set).")
+    p.add_argument("--version", action="version", version=f"kvtier {kvtier.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser(
+        "demo", help="long decoding of a real model with its KV cache in kvtier (not available yet)",
+        description="Long decoding of the real model (SmolLM2-135M) through kvtier on a temporary store, "
+                    "ending with DRAM used, tokens/s, agreement with full attention and I/O per step. "
+                    "Not available in this version yet: it needs the torch adapter.")
+    sub.add_parser(
+        "bench", help="benchmark tier configurations on real traces (not available yet)",
+        description="Device profile x DRAM budget x policy x layout x cache policy on real traces, "
+                    "with JSON results and PNG plots. Not available in this version yet.")
+
+    c = sub.add_parser(
+        "calibrate", help="measure a device's read bandwidth vs request size; save it as a profile",
+        description="Writes a random test file under PATH (a directory on the device to measure), reads "
+                    "it at random aligned offsets with O_DIRECT for each request size at queue depths 1 "
+                    "and 32, prints the curve and the derived device profile, then removes the file. "
+                    "Where the file system refuses O_DIRECT the reads are buffered and the output says so.",
+        epilog="Use a saved profile: from kvtier.calibrate import load_profile; "
+               "kvtier.open(path, device=load_profile(FILE)).")
+    c.add_argument("path", metavar="PATH", help="a directory on the device to measure")
+    c.add_argument("--save", metavar="FILE", help="write the profile (and the measured curve) as JSON")
+    c.add_argument("--plot", metavar="FILE.png", help="plot bandwidth vs request size (needs matplotlib)")
+    c.add_argument("--quick", action="store_true", help="a ~1 s run: fewer sizes, a small file, short runs")
+    c.add_argument("--name", help="profile name (default: calibrated)")
+    c.add_argument("--sizes", metavar="LIST",
+                   help="request sizes, e.g. 4KiB,64KiB,1MiB (default 4KiB..4MiB, powers of two)")
+    c.add_argument("--queue-depths", metavar="LIST", default="1,32", help="concurrent requests (default 1,32)")
+    c.add_argument("--duration", type=float, metavar="SECONDS", help="seconds per timed run (default 0.15)")
+    c.add_argument("--runs", type=int, help="timed runs per point; the median is reported (default 5)")
+    c.add_argument("--file-size", metavar="SIZE", help="test file size (default 256MiB)")
+    c.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
+
+    i = sub.add_parser(
+        "inspect", help="show a store's collections, clusters, pools, format and stats",
+        description="Opens STORE (it takes the store's exclusive lock: close other users first), prints "
+                    "its format version, each collection's parameters, entries, cluster count and size "
+                    "distribution, pools and data file bytes, then the store's stats. Closing commits an "
+                    "unchanged catalog; nothing stored changes.")
+    i.add_argument("store", metavar="STORE", help="a store directory (made by kvtier.open)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--dram-budget", default="256MiB", metavar="SIZE",
+                   help="DRAM budget to open with; must hold every collection's representatives (default 256MiB)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in _NOT_YET:
+        print(f"kvtier {args.command}: not available yet: {_NOT_YET[args.command]}.", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        return {"calibrate": _calibrate, "inspect": _inspect}[args.command](args)
+    except BrokenPipeError:  # `kvtier inspect S | head`: stop quietly, and keep Python's exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flush from failing again
+        return EXIT_ERROR
+    except (KvtierError, OSError) as e:
+        print(f"kvtier {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# -- calibrate ----------------------------------------------------------------------------------
+
+def _size_list(text: str, name: str) -> list[int]:
+    try:
+        return [parse_size(t.strip(), name) for t in text.split(",") if t.strip()]
+    except InvalidArgumentError:
+        raise InvalidArgumentError(
+            f"{name}: a comma-separated list of sizes like 4KiB,64KiB expected, got {text!r}") from None
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"{name}: a comma-separated list of integers expected, got {text!r}") from None
+
+
+def _calibrate(args) -> int:
+    from kvtier.calibrate import _check_writable_dir, calibrate
+
+    if args.plot:  # fail before a 20-second run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InvalidArgumentError("--plot: needs matplotlib (pip install 'kvtier[bench]')") from None
+        _check_writable_dir("--plot", args.plot)
+    res = calibrate(
+        args.path, quick=args.quick, name=args.name, save=args.save, duration=args.duration, runs=args.runs,
+        sizes=_size_list(args.sizes, "--sizes") if args.sizes else None,
+        queue_depths=_int_list(args.queue_depths, "--queue-depths"),
+        file_size=args.file_size)
+    if args.plot:
+        res.plot(args.plot)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+    else:
+        print(res.table())
+        if args.save:
+            print(f"profile saved to {args.save}")
+        if args.plot:
+            print(f"plot saved to {args.plot}")
+    return 0
+
+
+# -- inspect ------------------------------------------------------------------------------------
+
+_SHOWN_COLL_STATS = ("entries", "clusters", "pools", "data_file_bytes", "mean_cluster_size",
+                     "max_cluster_size", "mean_variance", "cached_clusters", "name", "policy")
+_PARAM_ORDER = ("dim", "value_dim", "dtype", "metric", "policy", "init_cluster_size", "max_cluster_size")
+
+
+def inspect_store(path: str, dram_budget="256MiB") -> dict:
+    """Everything ``kvtier inspect`` shows, as a JSON-ready dict."""
+    from kvtier import _engine
+    from kvtier.catalog import CATALOG_FORMAT
+
+    # kvtier.open would create a store where there is none; inspect must not.
+    if not os.path.isdir(os.path.join(path, "catalog")):
+        raise InvalidArgumentError(f"STORE: {path!r} is not a kvtier store (no catalog/ directory in it)")
+    out = {"path": os.path.abspath(path), "kvtier": kvtier.__version__,
+           "format": {"catalog": CATALOG_FORMAT, "data": int(_engine.FORMAT_VERSION)},
+           "collections": []}
+    with kvtier.open(path, dram_budget=dram_budget) as store:
+        for name in store.collections():
+            coll = store.collection(name)
+            st = coll.stats()
+            sizes = np.asarray(coll.cluster_sizes())
+            data_file = f"c{coll.params['no']}.kvd"  # the engine's naming (README "On disk")
+            params = {k: coll.params[k] for k in _PARAM_ORDER if k in coll.params}
+            params.update({k: v for k, v in sorted(coll.params.items()) if k not in params and k != "no"})
+            dist = ({"min": int(sizes.min()), "p10": float(np.percentile(sizes, 10)),
+                     "median": float(np.median(sizes)), "p90": float(np.percentile(sizes, 90)),
+                     "max": int(sizes.max()), "mean": float(sizes.mean())} if sizes.size else None)
+            out["collections"].append({
+                "name": name, "params": params, "entries": int(st["entries"]),
+                "clusters": int(st["clusters"]), "cluster_sizes": dist,
+                "mean_variance": float(st["mean_variance"]), "pools": int(st["pools"]),
+                "data_file": data_file, "data_file_bytes": int(st["data_file_bytes"]),
+                "file_size": _file_size(os.path.join(path, data_file)),
+                "cached_clusters": int(st["cached_clusters"]),
+                # whatever else the engine reports for this collection (policy counters: splits,
+                # tau, deferred and pending entries, ...), as it grows
+                "more": {k: v for k, v in st.items() if k not in _SHOWN_COLL_STATS}})
+        out["stats"] = store.stats()
+    data = sum(c["data_file_bytes"] for c in out["collections"])
+    out["disk_bytes"] = {"data_files": data, "catalog": _du(os.path.join(path, "catalog"))}
+    return out
+
+
+def _file_size(path: str) -> Optional[int]:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:  # a collection created but never written
+        return None
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _inspect(args) -> int:
+    info = inspect_store(args.store, dram_budget=args.dram_budget)
+    if args.json:
+        print(json.dumps(info, indent=1, default=_json_default))
+        return 0
+    colls = info["collections"]
+    print(f"store {info['path']}")
+    print(f"  format: catalog {info['format']['catalog']}, data files {info['format']['data']} "
+          f"(kvtier {info['kvtier']})")
+    print(f"  disk: {info['disk_bytes']['data_files']:,} bytes allocated in data files, "
+          f"{info['disk_bytes']['catalog']:,} bytes of catalog")
+    print(f"  {len(colls)} collection{'s' if len(colls) != 1 else ''}")
+    for c in colls:
+        p = c["params"]
+        print(f"\ncollection {c['name']!r}")
+        print(textwrap.fill(" ".join(f"{k}={'default' if v is None else v}" for k, v in p.items()),
+                            width=100, initial_indent="  ", subsequent_indent="  "))
+        # data_file_bytes is the space the engine has given to pools (written or not);
+        # the file itself can be shorter until the last pool fills.
+        print(f"  entries {c['entries']:,}  clusters {c['clusters']:,}  pools {c['pools']:,}  "
+              f"{c['data_file']}: {c['data_file_bytes']:,} bytes allocated, "
+              f"{'missing' if c['file_size'] is None else format(c['file_size'], ',') + ' bytes on disk'}")
+        d = c["cluster_sizes"]
+        if d:
+            print(f"  cluster sizes: min {d['min']}  p10 {d['p10']:g}  median {d['median']:g}  "
+                  f"p90 {d['p90']:g}  max {d['max']}  (mean {d['mean']:.1f}); "
+                  f"mean variance {c['mean_variance']:.4g}")
+        if c["more"]:
+            print(textwrap.fill("  ".join(f"{k} {_num(v)}" for k, v in c["more"].items()), width=100,
+                                initial_indent="  ", subsequent_indent="  "))
+    s = dict(info["stats"])
+    print("\nstore stats (this process, since opening):")
+    hist = s.pop("read_size_histogram", None)
+    width = max(map(len, s))
+    for k, v in s.items():
+        print(f"  {k:<{width}}  {_num(v)}")
+    if hist and any(hist):
+        # bucket i holds reads of [2^(i+9), 2^(i+10)) bytes, bucket 0 everything under 1 KiB
+        print("  reads by size: " + ", ".join(
+            f"{'<1KiB' if i == 0 else '>=' + _pow2(i + 9)}: {n:,}" for i, n in enumerate(hist) if n))
+    return 0
+
+
+def _num(v) -> str:
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _pow2(e: int) -> str:
+    return f"{1 << (e - 20)}MiB" if e >= 20 else f"{1 << (e - 10)}KiB" if e >= 10 else f"{1 << e}B"
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The kvtier command: help, calibrate, inspect, and the commands not available yet."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kvtier
+from conftest import make_data
+from kvtier.calibrate import load_profile
+import kvtier.cli
+from kvtier.cli import main
+
+COMMANDS = ("demo", "bench", "calibrate", "inspect")
+
+
+def test_help_lists_the_four_commands(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert f"\n    {cmd}" in out
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "kvtier.cli", "--version"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"kvtier {kvtier.__version__}"
+
+
+@pytest.mark.parametrize("cmd", ["demo", "bench"])
+def test_commands_not_in_this_version_refuse_with_exit_2(cmd, capsys):
+    assert main([cmd]) == 2
+    err = capsys.readouterr().err
+    assert f"kvtier {cmd}: not available yet" in err
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    path = tmp_path / "store"
+    with kvtier.open(path, dram_budget="8MiB") as s:
+        c = s.collection("L3.H1", dim=16, value_dim=8)
+        c.add(*make_data(1500))
+        e = s.collection("emb", dim=32, value_dim=0, dtype="float32", metric="l2")
+        e.add(np.random.default_rng(1).standard_normal((300, 32)))
+        expect = {name: (s.collection(name).stats(), np.sort(s.collection(name).cluster_sizes()))
+                  for name in ("L3.H1", "emb")}
+    return path, expect
+
+
+def test_inspect_prints_the_collections(small_store, capsys):
+    path, expect = small_store
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "format: catalog 1" in out
+    for name, (st, sizes) in expect.items():
+        assert f"collection {name!r}" in out
+        assert f"entries {st['entries']:,}  clusters {st['clusters']:,}  pools {st['pools']:,}" in out
+        assert f"min {sizes[0]} " in out and f"max {sizes[-1]} " in out
+    assert "metric=l2" in out and "dram_budget" in out
+
+
+def test_inspect_json_matches_the_store(small_store, capsys):
+    path, expect = small_store
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {c["name"] for c in info["collections"]} == set(expect)
+    for c in info["collections"]:
+        st, sizes = expect[c["name"]]
+        assert c["entries"] == st["entries"] and c["clusters"] == st["clusters"] == len(sizes)
+        assert c["pools"] == st["pools"] and c["data_file_bytes"] == st["data_file_bytes"]
+        assert c["cluster_sizes"]["min"] == sizes[0] and c["cluster_sizes"]["max"] == sizes[-1]
+        assert c["cluster_sizes"]["median"] == pytest.approx(float(np.median(sizes)))
+        assert c["file_size"] == os.path.getsize(path / c["data_file"]) > 0
+        assert set(c["more"]) == set(st) - set(kvtier.cli._SHOWN_COLL_STATS)  # nothing dropped
+    assert info["collections"][0]["params"]["dim"] in (16, 32)
+    assert info["stats"]["dram_budget"] == 256 << 20
+    # inspecting changes nothing: the store reopens with the same contents
+    with kvtier.open(path) as s:
+        assert len(s.collection("L3.H1")) == 1500 and len(s.collection("emb")) == 300
+
+
+def test_inspect_refuses_a_non_store_without_creating_one(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothing")]) == 1
+    assert "is not a kvtier store" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_inspect_of_a_store_in_use_says_so(small_store, capsys):
+    path, _ = small_store
+    with kvtier.open(path):
+        assert main(["inspect", str(path)]) == 1
+    assert "open in another process" in capsys.readouterr().err
+
+
+def test_calibrate_quick_saves_a_loadable_profile_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the bench extra)")
+    (tmp_path / "dev").mkdir()
+    prof, png = tmp_path / "p.json", tmp_path / "p.png"
+    assert main(["calibrate", str(tmp_path / "dev"), "--quick", "--save", str(prof), "--plot", str(png),
+                 "--name", "here"]) == 0
+    out = capsys.readouterr().out
+    assert "qd1 MB/s" in out and "qd32 IOPS" in out and "profile 'here'" in out
+    assert os.listdir(tmp_path / "dev") == []
+    p = load_profile(prof)
+    assert p.name == "here" and p.bandwidth_Bps > 0 and p.iops > 0 and p.queue_depth == 32
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_json_and_bad_arguments(tmp_path, capsys):
+    assert main(["calibrate", str(tmp_path), "--sizes", "4KiB,64KiB", "--queue-depths", "1,2",
+                 "--duration", "0.01", "--runs", "1", "--file-size", "1MiB", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(p["size"], p["queue_depth"]) for p in doc["calibration"]["points"]] == [
+        (4096, 1), (4096, 2), (65536, 1), (65536, 2)]
+    assert main(["calibrate", str(tmp_path / "missing"), "--quick"]) == 1
+    assert "path" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path), "--queue-depths", "1,x"]) == 1
+    assert "--queue-depths" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path), "--quick", "--save", str(tmp_path / "no" / "p.json")]) == 1
+    assert "save" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # refused before measuring
