@@ -22,6 +22,7 @@ cdef extern from "kvtier.h" nogil:
         kvt_device device
         int direct
         uint64_t merge_gap
+        int cache_policy
 
     ctypedef struct kvt_coll_params:
         uint32_t dim

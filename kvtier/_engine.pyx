@@ -36,13 +36,15 @@ cdef class Engine:
     cdef kvt_store *ptr
     cdef public object path
 
-    def __cinit__(self, str path, uint64_t dram_budget, tuple device, int direct, uint64_t merge_gap=4096):
+    def __cinit__(self, str path, uint64_t dram_budget, tuple device, int direct, uint64_t merge_gap=4096,
+                  int cache_policy=2):
         cdef kvt_store_opts o
         o.dram_budget = dram_budget
         o.device.latency_s, o.device.iops, o.device.bandwidth_Bps = device[0], device[1], device[2]
         o.device.queue_depth, o.device.page_size, o.device.throttle = device[3], device[4], device[5]
         o.direct = direct
         o.merge_gap = merge_gap
+        o.cache_policy = cache_policy
         cdef bytes p = path.encode()
         cdef const char *cp = p
         cdef int rc

@@ -23,6 +23,7 @@ DEFAULT_POLICY = "adaptive"
 
 DEFAULT_DRAM_BUDGET = "256MiB"
 _DIRECT = {"auto": -1, False: 0, True: 1}
+CACHE_POLICIES = {"lru": 0, "lfu": 1, "cluster": 2}
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ class Store:
     """An open store: a directory with an LMDB catalog and one data file per collection."""
 
     def __init__(self, path: Union[str, os.PathLike], dram_budget=DEFAULT_DRAM_BUDGET, device=None,
-                 direct_io: Union[bool, str] = "auto", merge_gap=None):
+                 direct_io: Union[bool, str] = "auto", merge_gap=None, cache_policy: str = "cluster"):
         path = os.fspath(path)
         budget = parse_size(dram_budget, "dram_budget")
         if budget < 64 * 1024:
@@ -224,6 +225,9 @@ class Store:
             # the device's knee: below it, reading a gap costs less than one more request
             merge_gap = int(self.device.knee_bytes) if self.device and self.device.iops else 4096
         merge_gap = parse_size(merge_gap, "merge_gap")
+        if cache_policy not in CACHE_POLICIES:
+            raise InvalidArgumentError(f"cache_policy: one of {sorted(CACHE_POLICIES)} expected, got {cache_policy!r}")
+        self.cache_policy = cache_policy
         if os.path.exists(path) and not os.path.isdir(path):
             raise InvalidArgumentError(f"path: a directory expected, {path!r} is a file")
         os.makedirs(path, exist_ok=True)
@@ -231,7 +235,8 @@ class Store:
         self._lock = StoreLock(path)
         try:
             self._catalog = Catalog(path)
-            self._engine = _engine.Engine(path, budget, dev, _DIRECT[direct_io], merge_gap)
+            self._engine = _engine.Engine(path, budget, dev, _DIRECT[direct_io], merge_gap,
+                                          CACHE_POLICIES[cache_policy])
         except BaseException:
             self._lock.release()
             raise
@@ -402,6 +407,7 @@ class Store:
         with self._gate:
             s = self._engine.stats()
         s["device"] = self.device.name if self.device else None
+        s["cache_policy"] = self.cache_policy
         s["simd"] = _engine.simd_kernel()
         reads = s["read_ops"]
         s["mean_read_entries"] = s["read_entries"] / reads if reads else 0.0
@@ -418,13 +424,17 @@ class Store:
             self._engine.inject_fault(op, nth, code)
 
 
-def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", merge_gap=None) -> Store:  # noqa: A001
+def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", merge_gap=None,  # noqa: A001
+         cache_policy="cluster") -> Store:
     """Opens (creating if needed) the store at ``path``.
 
     ``dram_budget`` is a hard cap on what the engine holds in DRAM (bytes or "256MiB");
     ``device`` is None (real file, unthrottled), a profile name (ufs4.0, ufs3.1, emmc5.1,
     nvme), a :class:`DeviceProfile` or the path of a saved profile; ``direct_io`` True, False
     or "auto"; ``merge_gap`` (bytes) reads neighbouring extents of one retrieve as one request
-    when the gap between them is at most this (default: the device's knee, else 4 KiB).
+    when the gap between them is at most this (default: the device's knee, else 4 KiB);
+    ``cache_policy`` which cached clusters make room: ``cluster`` (default: recently updated
+    clusters keep a reserved share, then small clusters are preferred), ``lru`` or ``lfu``.
     """
-    return Store(path, dram_budget=dram_budget, device=device, direct_io=direct_io, merge_gap=merge_gap)
+    return Store(path, dram_budget=dram_budget, device=device, direct_io=direct_io,
+                 merge_gap=merge_gap, cache_policy=cache_policy)

@@ -273,6 +273,22 @@ def test_policy_default_is_adaptive(store):
     assert store.collection("d", dim=4).policy == "adaptive"
 
 
+@pytest.mark.parametrize("cache_policy", ["lru", "lfu", "cluster"])
+def test_cache_policies_answer_alike_and_hold_the_budget(tmp_path, cache_policy):
+    k, v = make_data(3000, seed=4)
+    q = np.random.default_rng(6).standard_normal((30, 16)).astype(np.float32)
+    with kvtier.open(tmp_path / "s", dram_budget="256KiB", cache_policy=cache_policy) as s:
+        c = s.collection("c", dim=16, value_dim=8, policy="static")
+        c.add(k, v)
+        for row in q:
+            got = c.retrieve(row, budget=0.05)
+            assert np.array_equal(got.keys, k[got.ids])
+        st = s.stats()
+        assert st["cache_policy"] == cache_policy and st["dram_peak_bytes"] <= st["dram_budget"]
+    with pytest.raises(kvtier.InvalidArgumentError, match="cache_policy"):
+        kvtier.open(tmp_path / "t", cache_policy="fifo")
+
+
 def test_parse_size():
     assert kvtier.parse_size("64MiB") == 64 << 20
     assert kvtier.parse_size("1.5 GB") == 1_500_000_000

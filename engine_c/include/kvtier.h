@@ -77,6 +77,10 @@ typedef struct kvt_store_opts {
      * (the gap is read and dropped). 0 merges only touching extents. A good value is the
      * device's knee, bandwidth / IOPS: reading the gap then costs less than another request. */
     uint64_t merge_gap;
+    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (DESIGN 2.3: recently
+     * updated clusters keep a reserved share of the budget; among the rest the one with the
+     * largest idle time x size goes first, so small clusters stay). */
+    int cache_policy;
 } kvt_store_opts;
 
 typedef struct kvt_coll_params {

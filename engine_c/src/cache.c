@@ -7,6 +7,9 @@
  *    entry (cap * esz + the entry header).
  * 3. A pinned entry is never evicted; an evicted entry's owner is told through on_evict
  *    before the entry is freed.
+ * 4. The LRU list order is kept under every policy (most recent first); LFU and the
+ *    cluster-aligned policy choose their victim by scanning it, which costs a pass over the
+ *    cached clusters per eviction: hundreds to a few thousand, cheap next to a read.
  */
 #include <stdlib.h>
 
@@ -32,6 +35,9 @@ void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, uint
     c->budget = budget;
     c->lru.next = c->lru.prev = &c->lru;
     c->on_evict = on_evict;
+    c->policy = KVT_CACHE_LRU;
+    c->reserve_share = 0.25;
+    c->recent_ticks = 64;
 }
 
 static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
@@ -48,16 +54,47 @@ void kvt_cache_destroy(kvt_cache *c) {
     while (c->lru.next != &c->lru) free_ent(c, c->lru.next);
 }
 
-int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) {
-    kvt_cache_ent *e = c->lru.prev;
-    while (c->used + bytes > c->budget && e != &c->lru) {
-        kvt_cache_ent *prev = e->prev;
-        if (!e->pins) {
-            if (c->on_evict) c->on_evict(e->owner, e->cluster);
-            free_ent(c, e);
-            c->evictions++;
+/* The entry to evict next under the policy, or NULL if every entry is pinned. */
+static kvt_cache_ent *victim(kvt_cache *c) {
+    kvt_cache_ent *best = NULL;
+    if (c->policy == KVT_CACHE_LRU) {
+        for (kvt_cache_ent *e = c->lru.prev; e != &c->lru; e = e->prev)
+            if (!e->pins) return e;
+        return NULL;
+    }
+    if (c->policy == KVT_CACHE_LFU) {
+        for (kvt_cache_ent *e = c->lru.prev; e != &c->lru; e = e->prev)
+            if (!e->pins && (!best || e->uses < best->uses)) best = e;
+        return best;
+    }
+    /* cluster-aligned: protect recent updates up to the reserved share, newest first */
+    uint64_t protect = (uint64_t)(c->reserve_share * (double)c->budget), prot = 0;
+    double worst = -1;
+    kvt_cache_ent *fallback = NULL;
+    for (kvt_cache_ent *e = c->lru.next; e != &c->lru; e = e->next) {
+        if (e->pins) continue;
+        uint64_t bytes = (uint64_t)e->cap * e->esz;
+        if (e->updated && c->tick - e->updated <= c->recent_ticks && prot + bytes <= protect) {
+            prot += bytes;
+            fallback = e; /* protected, but evictable if nothing else is */
+            continue;
         }
-        e = prev;
+        double score = (double)(c->tick - e->last_use + 1) * (double)(bytes + 1);
+        if (score > worst) {
+            worst = score;
+            best = e;
+        }
+    }
+    return best ? best : fallback;
+}
+
+int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) {
+    while (c->used + bytes > c->budget) {
+        kvt_cache_ent *e = victim(c);
+        if (!e) break;
+        if (c->on_evict) c->on_evict(e->owner, e->cluster);
+        free_ent(c, e);
+        c->evictions++;
     }
     if (c->used + bytes > c->budget)
         return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes (%llu in use that cannot be evicted)",
@@ -88,6 +125,8 @@ kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint
     e->esz = esz;
     e->rec = rec;
     e->pins = 1;
+    e->uses = 1;
+    e->last_use = ++c->tick;
     push_front(c, e);
     c->cache_bytes += need;
     c->cached++;
@@ -115,8 +154,15 @@ int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
 }
 
 void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e) {
+    e->uses++;
+    e->last_use = ++c->tick;
     unlink_ent(e);
     push_front(c, e);
+}
+
+void kvt_cache_updated(kvt_cache *c, kvt_cache_ent *e) {
+    e->updated = ++c->tick;
+    e->last_use = c->tick;
 }
 
 void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e) { free_ent(c, e); }

@@ -6,6 +6,12 @@
  * evicts whole cached clusters, least recently used first, and fails with KVT_EBUDGET when
  * nothing evictable is left. The cache holds whole clusters as decoded record arrays in
  * insertion order.
+ *
+ * Replacement policies: LRU; LFU (fewest uses first, LRU among equals); and the
+ * cluster-aligned policy of DESIGN 2.3: entries updated recently (appended to, or made by a
+ * split) are kept as long as they fit in a reserved share of the budget, and among the rest
+ * the victim is the one with the largest (idle time x size), so small clusters, which read
+ * least efficiently and cost least DRAM, stay longer.
  */
 #ifndef KVT_CACHE_H
 #define KVT_CACHE_H
@@ -19,12 +25,19 @@ typedef struct kvt_cache_ent {
     uint32_t cluster;
     uint32_t n, cap;                   /* records held / allocated */
     uint32_t pins;                     /* > 0: in use, not evictable */
+    uint64_t uses, last_use, updated;  /* policy bookkeeping, in cache ticks */
     size_t esz;
     uint8_t *rec;
 } kvt_cache_ent;
 
+enum kvt_cache_policy { KVT_CACHE_LRU = 0, KVT_CACHE_LFU = 1, KVT_CACHE_CLUSTER = 2 };
+
 typedef struct kvt_cache {
     uint64_t budget, used, peak;
+    int policy;
+    uint64_t tick;
+    double reserve_share;              /* cluster policy: budget share kept for recent updates */
+    uint64_t recent_ticks;             /* ... updated within this many ticks */
     uint64_t cache_bytes, cached, hits, misses, evictions;
     kvt_cache_ent lru;                 /* sentinel */
     /* Called when an entry is evicted, so the owner can forget it. */
@@ -46,6 +59,8 @@ kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint
 /* Makes room for `extra` more records; on failure drops nothing and returns KVT_EBUDGET. */
 int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra);
 void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e);
+/* Marks an entry as just updated (appended to, or made by a split). */
+void kvt_cache_updated(kvt_cache *c, kvt_cache_ent *e);
 /* Removes and frees an entry (no on_evict call). */
 void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e);
 /* Drops every entry owned by `owner`. */

@@ -56,6 +56,11 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     kvt_cache_init(&s->cache, opts->dram_budget, on_evict);
     s->K = kvt_simd();
     s->merge_gap = opts->merge_gap;
+    if (opts->cache_policy < KVT_CACHE_LRU || opts->cache_policy > KVT_CACHE_CLUSTER) {
+        kvt_store_close(s);
+        return kvt_fail(KVT_EINVAL, "cache_policy: 0 (lru), 1 (lfu) or 2 (cluster) expected, got %d", opts->cache_policy);
+    }
+    s->cache.policy = opts->cache_policy;
     *out = s;
     return 0;
 }
@@ -816,6 +821,7 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
             memcpy(e->rec, grp[t], (size_t)cnt[t] * L->esz);
             e->n = cnt[t];
             e->pins--;
+            kvt_cache_updated(&s->cache, e);
             kj->ent = e;
         }
     }
@@ -1150,6 +1156,7 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
             if (cl->ent) {
                 kvt_rec_encode(L, cl->ent->rec + (size_t)cl->ent->n * L->esz, (int64_t)(n0 + r), key, val);
                 cl->ent->n++;
+                kvt_cache_updated(&s->cache, cl->ent);
             }
         }
         update_norm(c, j);

@@ -313,6 +313,36 @@ static void test_cache(void) {
 }
 
 /* ---- store -------------------------------------------------------------------------------- */
+/* LFU evicts the least used; the cluster policy keeps recent updates and small clusters. */
+static void test_cache_policies(void) {
+    memset(evicted, 0, sizeof evicted);
+    kvt_cache c;
+    kvt_cache_init(&c, 20000, note_evict);
+    c.policy = KVT_CACHE_LFU;
+    kvt_cache_ent *a = kvt_cache_admit(&c, NULL, 0, 10, 100), *b = kvt_cache_admit(&c, NULL, 1, 10, 100);
+    a->pins--;
+    b->pins--;
+    kvt_cache_touch(&c, a);
+    kvt_cache_touch(&c, a);
+    kvt_cache_touch(&c, b); /* b is most recent, a most used */
+    CHECK_OK(kvt_mem_reserve(&c, 20000 - c.used + 10));
+    CHECK(evicted[1] == 1 && evicted[0] == 0);
+    kvt_cache_destroy(&c);
+    memset(evicted, 0, sizeof evicted);
+    kvt_cache_init(&c, 40000, note_evict);
+    c.policy = KVT_CACHE_CLUSTER;
+    kvt_cache_ent *big = kvt_cache_admit(&c, NULL, 2, 100, 100), *small = kvt_cache_admit(&c, NULL, 3, 10, 100),
+                  *upd = kvt_cache_admit(&c, NULL, 4, 30, 100);
+    big->pins--;
+    small->pins--;
+    upd->pins--;
+    kvt_cache_touch(&c, big); /* big is the most recently used, but large */
+    kvt_cache_updated(&c, upd);
+    CHECK_OK(kvt_mem_reserve(&c, 40000 - c.used + 10));
+    CHECK(evicted[2] == 1 && evicted[3] == 0 && evicted[4] == 0);
+    kvt_cache_destroy(&c);
+}
+
 static kvt_coll_params params(int dtype) {
     kvt_coll_params p = {16, 8, dtype, KVT_METRIC_IP, KVT_POLICY_STATIC, 8, 16, 10, 3, 0, 1.0, 64, 64, 8};
     return p;
@@ -747,6 +777,7 @@ int main(void) {
     test_pool();
     test_cluster();
     test_cache();
+    test_cache_policies();
     test_store();
     test_add_atomic();
     test_budget();
