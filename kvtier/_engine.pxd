@@ -59,6 +59,8 @@ cdef extern from "kvtier.h" nogil:
         double modeled_io_seconds
         int direct_io
         uint64_t read_size_hist[24]
+        uint64_t prefetch_issued, prefetch_hits, prefetch_read_bytes, prefetch_errors
+        double io_wait_seconds
     int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out)
     int kvt_store_reset_io_stats(kvt_store *store)
 
@@ -71,6 +73,7 @@ cdef extern from "kvtier.h" nogil:
                         uint32_t nprobe, int64_t *ids_out, float *scores_out)
     int kvt_coll_retrieve(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
                           kvt_result **out)
+    int kvt_coll_prefetch(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget, uint64_t *queued)
     uint64_t kvt_result_count(const kvt_result *res)
     uint64_t kvt_result_nclusters(const kvt_result *res)
     void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *values, int32_t *clusters)

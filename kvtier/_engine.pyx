@@ -83,7 +83,9 @@ cdef class Engine:
             "read_ops": s.read_ops, "read_bytes": s.read_bytes, "read_entries": s.read_entries,
             "write_ops": s.write_ops, "write_bytes": s.write_bytes, "sync_ops": s.sync_ops,
             "modeled_io_seconds": s.modeled_io_seconds, "direct_io": bool(s.direct_io),
-            "read_size_histogram": hist,
+            "read_size_histogram": hist, "prefetch_issued": s.prefetch_issued,
+            "prefetch_hits": s.prefetch_hits, "prefetch_read_bytes": s.prefetch_read_bytes,
+            "prefetch_errors": s.prefetch_errors, "io_wait_seconds": s.io_wait_seconds,
         }
 
     def reset_io_stats(self):
@@ -219,6 +221,15 @@ cdef class Coll:
             return ids, keys, values, clusters
         finally:
             kvt_result_free(r)
+
+    def prefetch(self, const float[:, ::1] q, uint64_t budget):
+        cdef kvt_coll *c = self.live()
+        cdef uint64_t nq = q.shape[0], queued = 0
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_prefetch(c, &q[0, 0], nq, budget, &queued)
+        check(rc)
+        return queued
 
     def get(self, const int64_t[::1] ids):
         cdef uint64_t n = ids.shape[0]

@@ -159,24 +159,33 @@ class Collection:
             ids, scores = self._h.search(q, k, nprobe)
         return SearchHits(ids[0], scores[0]) if one else SearchHits(ids, scores)
 
+    def _entries(self, budget) -> int:
+        n = self._h.count()
+        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+            raise InvalidArgumentError(f"budget: an entry count (int) or a fraction (float) expected, got {budget!r}")
+        if isinstance(budget, (float, np.floating)):
+            if not (0.0 <= budget <= 1.0) or math.isnan(budget):
+                raise InvalidArgumentError(f"budget: a fraction in [0, 1] expected, got {budget!r}")
+            return int(math.ceil(float(budget) * n))
+        if budget < 0:
+            raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {budget!r}")
+        return int(budget)
+
     def retrieve(self, query_group, budget: Union[int, float] = 0.1) -> Retrieved:
         """Whole clusters, best first by the group's max score, whose sizes fit in ``budget``
         entries: an int count, or a float fraction of ``len(self)`` in (0, 1]."""
         q, _ = _as_matrix("query_group", query_group, self.dim, np.float32)
         with self._store._gate:
-            n = self._h.count()
-            if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
-                raise InvalidArgumentError(f"budget: an entry count (int) or a fraction (float) expected, got {budget!r}")
-            if isinstance(budget, (float, np.floating)):
-                if not (0.0 <= budget <= 1.0) or math.isnan(budget):
-                    raise InvalidArgumentError(f"budget: a fraction in [0, 1] expected, got {budget!r}")
-                entries = int(math.ceil(float(budget) * n))
-            else:
-                if budget < 0:
-                    raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {budget!r}")
-                entries = int(budget)
-            ids, keys, values, clusters = self._h.retrieve(q, entries)
+            ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
         return Retrieved(ids, keys, values, clusters)
+
+    def prefetch(self, query_group, budget: Union[int, float] = 0.1) -> int:
+        """Starts reading in the background what ``retrieve(query_group, budget)`` would read
+        from flash, and returns at once (the number of clusters queued). A later call on this
+        collection waits only for what is still loading; results are exactly retrieve's."""
+        q, _ = _as_matrix("query_group", query_group, self.dim, np.float32)
+        with self._store._gate:
+            return int(self._h.prefetch(q, self._entries(budget)))
 
     def get(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of the given ids, in the given order."""
@@ -412,6 +421,16 @@ class Store:
         reads = s["read_ops"]
         s["mean_read_entries"] = s["read_entries"] / reads if reads else 0.0
         return s
+
+    def prefetch(self, requests) -> int:
+        """Prefetch for a group of collections (for an LLM: the KV heads of one layer):
+        ``requests`` is an iterable of ``(collection, query_group, budget)``."""
+        total = 0
+        for coll, query_group, budget in requests:
+            if not isinstance(coll, Collection) or coll._store is not self:
+                raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {coll!r}")
+            total += coll.prefetch(query_group, budget)
+        return total
 
     def reset_io_stats(self) -> None:
         """Zeroes I/O and cache counters and restarts the DRAM peak from current use."""

@@ -136,6 +136,11 @@ typedef struct kvt_store_stats {
     double modeled_io_seconds;
     int direct_io;                  /* 1 if reads use O_DIRECT */
     uint64_t read_size_hist[24];    /* reads with size in [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */
+    uint64_t prefetch_issued;       /* clusters queued by prefetch */
+    uint64_t prefetch_hits;         /* of those, found (loaded or loading) by a later read */
+    uint64_t prefetch_read_bytes;   /* bytes the loader threads read */
+    uint64_t prefetch_errors;       /* prefetch reads that failed (the cluster is read again on use) */
+    double io_wait_seconds;         /* time calls spent waiting for prefetches still loading */
 } kvt_store_stats;
 int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out);
 int kvt_store_reset_io_stats(kvt_store *store);
@@ -174,6 +179,14 @@ uint64_t kvt_result_nclusters(const kvt_result *res);
 void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *values,
                      int32_t *clusters);
 void kvt_result_free(kvt_result *res);
+
+/* Starts reading, in the background, the clusters kvt_coll_retrieve(coll, queries, nq,
+ * budget) would read from flash, and returns at once; the reads land in the cache, and a
+ * later retrieve waits only for what is still loading. Charged to the device model as one
+ * batch. `queued` (may be NULL) receives the number of clusters queued. Errors: KVT_EINVAL,
+ * ENOMEM. Reads that fail are counted and retried by the call that needs the cluster. */
+int kvt_coll_prefetch(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
+                      uint64_t *queued);
 
 /* Keys and values of n ids (any order, repeats allowed). Errors: KVT_ENOTFOUND, KVT_ECORRUPT,
  * errno. */

@@ -25,6 +25,8 @@ typedef struct kvt_cache_ent {
     uint32_t cluster;
     uint32_t n, cap;                   /* records held / allocated */
     uint32_t pins;                     /* > 0: in use, not evictable */
+    uint32_t loading;                  /* a loader thread is filling it: rec not ready, n == 0 */
+    uint32_t prefetched;               /* loaded by a prefetch and not yet used */
     uint64_t uses, last_use, updated;  /* policy bookkeeping, in cache ticks */
     size_t esz;
     uint8_t *rec;

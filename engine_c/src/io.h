@@ -51,6 +51,7 @@ typedef struct kvt_io_stats {
     uint64_t write_ops, write_bytes, sync_ops;
     double modeled_seconds;
     uint64_t size_hist[24];
+    uint64_t prefetch_read_bytes;
 } kvt_io_stats;
 
 struct kvt_io {
@@ -93,5 +94,9 @@ void kvt_io_stats_reset(kvt_io *io);
 /* Modeled seconds for `ops` reads of `bytes` in total issued as one batch. */
 double kvt_device_time(const kvt_device *dev, uint64_t ops, uint64_t bytes);
 int kvt_io_inject(kvt_io *io, char op, uint64_t nth, int code);
+/* Charges `ops` reads of `bytes` as one batch to the device model (for prefetches). */
+void kvt_io_charge(kvt_io *io, uint64_t ops, uint64_t bytes);
+/* Reads of the calling thread are counted but not charged (loader threads). */
+void kvt_io_thread_uncharged(int on);
 
 #endif

@@ -28,12 +28,15 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "common.h"
 #include "store.h"
 
 #define LOCK(s) pthread_mutex_lock(&(s)->mu)
 #define UNLOCK(s) pthread_mutex_unlock(&(s)->mu)
+
+static void wait_idle(kvt_coll *c);
 
 static void on_evict(void *owner, uint32_t cluster) {
     kvt_coll *c = owner;
@@ -52,6 +55,8 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
         return kvt_fail(ENOMEM, "store_open: out of memory");
     }
     pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->job_cv, NULL);
+    pthread_cond_init(&s->done_cv, NULL);
     kvt_io_init(&s->io, &opts->device, opts->direct);
     kvt_cache_init(&s->cache, opts->dram_budget, on_evict);
     s->K = kvt_simd();
@@ -88,6 +93,22 @@ static void coll_free(kvt_coll *c) {
 
 void kvt_store_close(kvt_store *s) {
     if (!s) return;
+    /* stop the loaders: queued jobs are dropped, running ones finish */
+    LOCK(s);
+    s->shutdown = 1;
+    for (kvt_job *j = s->jobs, *next; j; j = next) {
+        next = j->next;
+        j->c->cl[j->cl].ent = NULL;
+        kvt_cache_drop(&s->cache, j->e);
+        j->c->inflight--;
+        free(j);
+    }
+    s->jobs = s->jobs_tail = NULL;
+    pthread_cond_broadcast(&s->job_cv);
+    UNLOCK(s);
+    for (int i = 0; i < s->nloaders; i++) pthread_join(s->loaders[i], NULL);
+    pthread_cond_destroy(&s->job_cv);
+    pthread_cond_destroy(&s->done_cv);
     for (uint32_t i = 0; i < s->ncolls; i++) coll_free(s->colls[i]);
     free(s->colls);
     kvt_cache_destroy(&s->cache);
@@ -119,6 +140,11 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     o->modeled_io_seconds = io.modeled_seconds;
     memcpy(o->read_size_hist, io.size_hist, sizeof o->read_size_hist);
     o->direct_io = s->ncolls ? kvt_file_is_direct(s->colls[0]->f) : (s->io.direct_mode != KVT_DIRECT_OFF);
+    o->prefetch_issued = s->prefetch_issued;
+    o->prefetch_hits = s->prefetch_hits;
+    o->prefetch_errors = s->prefetch_errors;
+    o->prefetch_read_bytes = io.prefetch_read_bytes;
+    o->io_wait_seconds = s->io_wait_seconds;
     UNLOCK(s);
     return 0;
 }
@@ -565,6 +591,10 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
             kvt_cluster *k = &c->cl[ci];
             if (k->ent) {
                 s->cache.hits++;
+                if (k->ent->prefetched) {
+                    s->prefetch_hits++;
+                    k->ent->prefetched = 0;
+                }
                 kvt_cache_touch(&s->cache, k->ent);
                 fn(ctx, ci, k->ent->rec, k->ent->n);
                 continue;
@@ -1010,6 +1040,7 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
     const kvt_kernels *K = s->K;
     const kvt_layout *L = &c->L;
     LOCK(s);
+    wait_idle(c);
     int rc = 0;
     uint32_t *assign = NULL, *order = NULL, *start = NULL;
     uint8_t *scratch = NULL, *topend = NULL;
@@ -1437,10 +1468,15 @@ static void put_result(kvt_result *r, const kvt_layout *L, const uint8_t *rec, i
     r->n++;
 }
 
-static void fill_result(void *ctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
-    kvt_result *r = ((void **)ctx)[0];
-    const kvt_layout *L = ((void **)ctx)[1];
-    for (uint32_t i = 0; i < n; i++) put_result(r, L, recs + (size_t)i * L->esz, (int32_t)ci);
+/* Result rows go where their cluster's place in the selection puts them (pos[ci]), so the
+ * order does not depend on which clusters came from the cache first. */
+typedef struct fill_ctx { kvt_result *r; const kvt_layout *L; const uint64_t *pos; } fill_ctx;
+static void fill_result(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    fill_ctx *x = vctx;
+    uint64_t keep = x->r->n;
+    x->r->n = x->pos[ci];
+    for (uint32_t i = 0; i < n; i++) put_result(x->r, x->L, recs + (size_t)i * x->L->esz, (int32_t)ci);
+    x->r->n = keep + n;
 }
 
 void kvt_result_free(kvt_result *r) {
@@ -1528,41 +1564,12 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     return rc;
 }
 
-int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
-    kvt_clear_error();
-    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
-    kvt_store *s = c->st;
-    LOCK(s);
-    int rc = 0;
-    float *scores = NULL, *q2 = NULL;
-    uint32_t *idx = NULL;
-    kvt_result *r = calloc(1, sizeof *r);
-    uint64_t transient = 0;
-    if (!r) {
-        rc = kvt_fail(ENOMEM, "retrieve: out of memory");
-        goto out;
-    }
-    if (c->p.policy == KVT_POLICY_NONE) {
-        rc = retrieve_tokens(c, q, nq, budget, r);
-        goto out;
-    }
-    transient = (uint64_t)c->ncl * 8 + 8 + nq * c->p.dim * 4;
-    rc = kvt_mem_reserve(&s->cache, transient);
-    if (rc) {
-        transient = 0;
-        goto out;
-    }
-    scores = malloc((size_t)c->ncl * 4 + 4);
-    idx = malloc((size_t)c->ncl * 4 + 4);
-    q2 = malloc(nq * c->p.dim * 4);
-    if (!scores || !idx || !q2) {
-        rc = kvt_fail(ENOMEM, "retrieve: out of memory");
-        goto out;
-    }
+/* Whole clusters in score order; one that does not fit the remaining budget is skipped so
+ * the budget is filled by the next best that do. Only the best few need ordering: twice the
+ * clusters the budget holds at the mean size, and all of them if that falls short. */
+static void select_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, float *scores,
+                            float *q2, uint32_t *idx, uint64_t *taken_out, uint64_t *total_out) {
     score_clusters(c, q, nq, scores, q2);
-    /* Whole clusters in score order; one that does not fit the remaining budget is skipped so
-     * the budget is filled by the next best that do. Only the best few need ordering: twice
-     * the clusters the budget holds at the mean size, and all of them if that falls short. */
     uint64_t total = 0, taken = 0;
     uint64_t mean = c->ncl ? c->n / c->ncl + 1 : 1, guess = 2 * (budget / mean) + 16;
     uint32_t m = guess < c->ncl ? (uint32_t)guess : c->ncl;
@@ -1579,11 +1586,203 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         if (total >= budget || m == c->ncl) break;
         m = c->ncl;
     }
+    *taken_out = taken;
+    *total_out = total;
+}
+
+/* ---- prefetch: loader threads ------------------------------------------------------------- */
+
+/* Waits (releasing the store mutex) until no prefetch of collection c is queued or loading:
+ * every operation on c starts here, so none sees a cluster half loaded or changes one under
+ * a loader. */
+static void wait_idle(kvt_coll *c) {
+    kvt_store *s = c->st;
+    if (!c->inflight) return;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (c->inflight) pthread_cond_wait(&s->done_cv, &s->mu);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    s->io_wait_seconds += (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+}
+
+/* Runs one job without the store mutex for the reads, with it to check and publish. */
+static void run_job(kvt_store *s, kvt_job *j) {
+    kvt_coll *c = j->c;
+    const kvt_layout *L = &c->L;
+    int rc = 0;
+    uint32_t base = 0;
+    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
+        kvt_seg *sg = &j->segs[g];
+        if (!sg->n) continue;
+        uint8_t *dst = j->e->rec + (size_t)base * L->esz;
+        rc = kvt_file_read(c->f, kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), (size_t)sg->n * L->esz, dst, sg->n);
+        if (!rc && sg->head == 1) kvt_rec_reverse(L, dst, sg->n);
+        base += sg->n;
+    }
+    LOCK(s);
+    kvt_cluster *k = &c->cl[j->cl];
+    base = 0;
+    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
+        kvt_seg *sg = &j->segs[g];
+        rc = check_run(c, j->cl, base, j->e->rec + (size_t)base * L->esz, sg->n,
+                       kvt_run_offset(L, sg->pool, sg->head, 0, sg->n ? sg->n : 1));
+        base += sg->n;
+    }
+    if (!rc) {
+        if (k->pend) memcpy(j->e->rec + (size_t)base * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+        j->e->n = k->n;
+        j->e->loading = 0;
+        j->e->pins--;
+    } else {
+        k->ent = NULL;
+        kvt_cache_drop(&s->cache, j->e);
+        s->prefetch_errors++;
+    }
+    c->inflight--;
+    pthread_cond_broadcast(&s->done_cv);
+    UNLOCK(s);
+    free(j);
+}
+
+static void *loader_main(void *arg) {
+    kvt_store *s = arg;
+    kvt_io_thread_uncharged(1);
+    LOCK(s);
+    for (;;) {
+        while (!s->jobs && !s->shutdown) pthread_cond_wait(&s->job_cv, &s->mu);
+        kvt_job *j = s->jobs;
+        if (!j) break; /* shut down, queue empty */
+        s->jobs = j->next;
+        if (!s->jobs) s->jobs_tail = NULL;
+        UNLOCK(s);
+        run_job(s, j);
+        LOCK(s);
+    }
+    UNLOCK(s);
+    return NULL;
+}
+
+int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, uint64_t *queued) {
+    kvt_clear_error();
+    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "prefetch: query_group must hold at least one query");
+    kvt_store *s = c->st;
+    LOCK(s);
+    wait_idle(c);
+    int rc = 0;
+    uint64_t nq_out = 0, ops = 0, bytes = 0;
+    float *scores = NULL, *q2 = NULL;
+    uint32_t *idx = NULL;
+    uint64_t transient = (uint64_t)c->ncl * 8 + 8 + nq * c->p.dim * 4;
+    if (c->p.policy == KVT_POLICY_NONE) goto out; /* nothing to prefetch: no clusters */
+    rc = kvt_mem_reserve(&s->cache, transient);
+    if (rc) {
+        transient = 0;
+        goto out;
+    }
+    scores = malloc((size_t)c->ncl * 4 + 4);
+    idx = malloc((size_t)c->ncl * 4 + 4);
+    q2 = malloc(nq * c->p.dim * 4);
+    if (!scores || !idx || !q2) {
+        rc = kvt_fail(ENOMEM, "prefetch: out of memory");
+        goto out;
+    }
+    uint64_t taken, total;
+    select_clusters(c, q, nq, budget, scores, q2, idx, &taken, &total);
+    while (!rc && s->nloaders < KVT_LOADERS) {
+        if (pthread_create(&s->loaders[s->nloaders], NULL, loader_main, s)) {
+            if (!s->nloaders) rc = kvt_fail(EAGAIN, "prefetch: cannot start a loader thread (syscall pthread_create)");
+            break;
+        }
+        s->nloaders++;
+    }
+    for (uint64_t t = 0; t < taken && !rc; t++) {
+        kvt_cluster *k = &c->cl[idx[t]];
+        if (k->ent || k->n == k->pend) continue; /* cached, or nothing on flash */
+        kvt_job *j = malloc(sizeof *j + (size_t)k->nseg * sizeof(kvt_seg));
+        kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], k->n, c->L.esz) : NULL;
+        if (!e) { /* no room in the budget: that cluster is read on use */
+            free(j);
+            continue;
+        }
+        e->loading = 1;
+        e->prefetched = 1;
+        k->ent = e;
+        *j = (kvt_job){NULL, c, idx[t], k->nseg, e};
+        memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
+        for (uint32_t g = 0; g < k->nseg; g++)
+            if (k->segs[g].n) {
+                ops++;
+                bytes += kvt_file_read_scratch(c->f, kvt_run_offset(&c->L, k->segs[g].pool, k->segs[g].head, 0, k->segs[g].n),
+                                               (size_t)k->segs[g].n * c->L.esz);
+                if (!kvt_file_is_direct(c->f)) bytes += (uint64_t)k->segs[g].n * c->L.esz;
+            }
+        if (s->jobs_tail) s->jobs_tail->next = j;
+        else s->jobs = j;
+        s->jobs_tail = j;
+        c->inflight++;
+        nq_out++;
+    }
+    if (nq_out) {
+        s->prefetch_issued += nq_out;
+        kvt_io_charge(&s->io, ops, bytes);
+        pthread_cond_broadcast(&s->job_cv);
+    }
+out:
+    free(scores);
+    free(idx);
+    free(q2);
+    kvt_mem_release(&s->cache, transient);
+    UNLOCK(s);
+    if (queued) *queued = nq_out;
+    return rc;
+}
+
+int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
+    kvt_clear_error();
+    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
+    kvt_store *s = c->st;
+    LOCK(s);
+    wait_idle(c);
+    int rc = 0;
+    float *scores = NULL, *q2 = NULL;
+    uint32_t *idx = NULL;
+    kvt_result *r = calloc(1, sizeof *r);
+    uint64_t transient = 0;
+    if (!r) {
+        rc = kvt_fail(ENOMEM, "retrieve: out of memory");
+        goto out;
+    }
+    if (c->p.policy == KVT_POLICY_NONE) {
+        rc = retrieve_tokens(c, q, nq, budget, r);
+        goto out;
+    }
+    transient = (uint64_t)c->ncl * 12 + 12 + nq * c->p.dim * 4;
+    rc = kvt_mem_reserve(&s->cache, transient);
+    if (rc) {
+        transient = 0;
+        goto out;
+    }
+    scores = malloc((size_t)c->ncl * 8 + 8); /* later reused for uint64 row positions */
+    idx = malloc((size_t)c->ncl * 4 + 4);
+    q2 = malloc(nq * c->p.dim * 4);
+    if (!scores || !idx || !q2) {
+        rc = kvt_fail(ENOMEM, "retrieve: out of memory");
+        goto out;
+    }
+    uint64_t total = 0, taken = 0;
+    select_clusters(c, q, nq, budget, scores, q2, idx, &taken, &total);
     r->ncl = taken;
     rc = result_alloc(r, &c->L, total);
-    void *ctx[2] = {r, &c->L};
+    if (!rc) { /* scores is free now: it holds each cluster's first result row */
+        uint64_t *pos = (uint64_t *)scores, at = 0;
+        for (uint64_t t = 0; t < taken; t++) {
+            pos[idx[t]] = at;
+            at += c->cl[idx[t]].n;
+        }
+    }
+    fill_ctx fx = {r, &c->L, (const uint64_t *)scores};
     kvt_io_batch_begin(&s->io);
-    rc = visit_clusters(c, idx, (uint32_t)taken, fill_result, ctx);
+    if (!rc) rc = visit_clusters(c, idx, (uint32_t)taken, fill_result, &fx);
     if (!rc) count_coretrieval(c, idx, taken);
     kvt_io_batch_end(&s->io);
     /* the clusters just read are in DRAM: the moment to split the flagged ones */
@@ -1696,6 +1895,7 @@ int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32
     if (!q || nq == 0 || k == 0) return kvt_fail(KVT_EINVAL, "search: need at least one query and k >= 1");
     kvt_store *s = c->st;
     LOCK(s);
+    wait_idle(c);
     int rc = 0;
     uint32_t *fill = NULL, *idx = NULL, *qlist = NULL;
     float *scores = NULL, *x = NULL;
@@ -1775,6 +1975,7 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
     LOCK(s);
+    wait_idle(c);
     int rc = 0;
     for (uint64_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint64_t)ids[i] >= c->n) {
@@ -1984,6 +2185,7 @@ static int write_all_pending(kvt_coll *c) {
 int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
     kvt_clear_error();
     LOCK(c->st);
+    wait_idle(c);
     kvt_checkpoint *cp = calloc(1, sizeof *cp);
     int rc = cp ? 0 : kvt_fail(ENOMEM, "checkpoint: out of memory");
     if (!rc) rc = write_all_pending(c);

@@ -17,8 +17,27 @@
 
 typedef struct kvt_loc { uint32_t cl, idx; } kvt_loc;
 
+/* A prefetch job: one cluster to read into its (pinned, loading) cache entry. The segments
+ * are copied at submission; no operation changes a collection while it has jobs in flight. */
+typedef struct kvt_job {
+    struct kvt_job *next;
+    kvt_coll *c;
+    uint32_t cl, nseg;
+    kvt_cache_ent *e;
+    kvt_seg segs[];
+} kvt_job;
+
+#define KVT_LOADERS 4
+
 struct kvt_store {
     pthread_mutex_t mu;     /* serialises every call on the store and its collections */
+    pthread_cond_t job_cv;  /* a job was queued, or shutdown */
+    pthread_cond_t done_cv; /* a job finished */
+    kvt_job *jobs, *jobs_tail;
+    pthread_t loaders[KVT_LOADERS];
+    int nloaders, shutdown;
+    uint64_t prefetch_issued, prefetch_hits, prefetch_errors;
+    double io_wait_seconds;
     kvt_io io;
     kvt_cache cache;
     const kvt_kernels *K;
@@ -53,6 +72,7 @@ struct kvt_coll {
     uint16_t *cofreq;           /* co-location: nco x nco co-retrieval counts, until relayout */
     uint32_t nco, retrieves;
     kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
+    uint32_t inflight;          /* prefetch jobs queued or running */
     uint64_t acct;              /* budget bytes reserved for the structures above */
 };
 

@@ -760,6 +760,60 @@ static void test_colocate(void) {
     remove_dir(d);
 }
 
+/* Prefetch + retrieve returns exactly what retrieve alone returns; closing with reads in
+ * flight is clean. Two stores on copies of the same data, one prefetching. */
+static void test_prefetch(void) {
+    char *d1 = make_dir(), *d2 = make_dir();
+    kvt_store_opts o = {256 << 10, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_LRU};
+    kvt_store *a, *b;
+    CHECK_OK(kvt_store_open(d1, &o, &a));
+    CHECK_OK(kvt_store_open(d2, &o, &b));
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    kvt_coll *ca, *cb;
+    CHECK_OK(kvt_coll_create(a, 8, &p, &ca));
+    CHECK_OK(kvt_coll_create(b, 8, &p, &cb));
+    enum { N = 3000 };
+    float *k = drift_data(N, 0, 17);
+    int64_t first;
+    CHECK_OK(kvt_coll_add(ca, k, NULL, N, &first));
+    CHECK_OK(kvt_coll_add(cb, k, NULL, N, &first));
+    uint64_t s = 9, queued = 0, total_q = 0;
+    int same = 1;
+    for (int t = 0; t < 20; t++) {
+        float q[32];
+        for (int i = 0; i < 32; i++) q[i] = frand(&s);
+        CHECK_OK(kvt_coll_prefetch(cb, q, 2, 150, &queued));
+        total_q += queued;
+        kvt_result *ra, *rb;
+        CHECK_OK(kvt_coll_retrieve(ca, q, 2, 150, &ra));
+        CHECK_OK(kvt_coll_retrieve(cb, q, 2, 150, &rb));
+        uint64_t n = kvt_result_count(ra);
+        same &= n == kvt_result_count(rb);
+        int64_t ia[200], ib[200];
+        if (n <= 200) {
+            kvt_result_copy(ra, ia, NULL, NULL, NULL);
+            kvt_result_copy(rb, ib, NULL, NULL, NULL);
+            same &= memcmp(ia, ib, n * 8) == 0;
+        }
+        kvt_result_free(ra);
+        kvt_result_free(rb);
+    }
+    CHECK(same && total_q > 0);
+    kvt_store_stats st;
+    CHECK_OK(kvt_store_stats_get(b, &st));
+    CHECK(st.prefetch_issued == total_q && st.prefetch_hits > 0 && st.prefetch_read_bytes > 0);
+    CHECK(st.dram_peak_bytes <= st.dram_budget);
+    /* reads in flight at close */
+    float q[16] = {1};
+    CHECK_OK(kvt_coll_prefetch(cb, q, 1, 2000, &queued));
+    kvt_store_close(b);
+    kvt_store_close(a);
+    free(k);
+    remove_dir(d1);
+    remove_dir(d2);
+}
+
 static void test_errors(void) {
     CHECK(strncmp(kvt_strerror(KVT_ECORRUPT), "KVT_ECORRUPT:", 13) == 0);
     CHECK(strncmp(kvt_strerror(EIO), "EIO:", 4) == 0);
@@ -784,6 +838,7 @@ int main(void) {
     test_adaptive();
     test_local_and_none();
     test_colocate();
+    test_prefetch();
     test_errors();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
