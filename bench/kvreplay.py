@@ -61,7 +61,8 @@ def _softmax_rows(x: np.ndarray) -> np.ndarray:
 def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, window: int = 32,
            every: int = 4, layers: Optional[Iterable[int]] = None, dram_budget="256MiB",
            device="ufs4.0", store_dir: Optional[str] = None, progress=None, direct_io="auto",
-           collect_stats: bool = False, **collection_kwargs) -> ReplayResult:
+           collect_stats: bool = False, store_kwargs: Optional[dict] = None,
+           **collection_kwargs) -> ReplayResult:
     """Runs the replay and returns averaged metrics. ``budget`` is a fraction of the
     context (positions <= t) or an int entry count; ``progress`` a tqdm-like callable.
     ``direct_io=False`` lets accuracy runs read through the page cache (the modeled device
@@ -84,7 +85,8 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
     n_retrieves = 0
     retrieve_s = 0.0
     t0 = time.perf_counter()
-    store = kvtier.open(store_dir, dram_budget=dram_budget, device=device, direct_io=direct_io)
+    store = kvtier.open(store_dir, dram_budget=dram_budget, device=device, direct_io=direct_io,
+                        **(store_kwargs or {}))
     try:
         colls = {}
         for l in layers:
