@@ -16,10 +16,12 @@
 
 #include <stdint.h>
 
+#include "io.h"
 #include "kvtier.h"
 
 #define KVT_DATA_MAGIC "KVTDATA1"
-#define KVT_DATA_HEADER 4096u
+/* The header page: one I/O alignment unit, so that pools start aligned (16 KiB builds too). */
+#define KVT_DATA_HEADER (KVT_IO_ALIGN > 4096u ? KVT_IO_ALIGN : 4096u)
 #define KVT_REC_HEADER 16u
 
 typedef struct kvt_layout {

@@ -19,6 +19,9 @@ typedef struct kvt_kernels {
 
 /* The kernels for this CPU (resolved on first use; thread-safe). */
 const kvt_kernels *kvt_simd(void);
+/* A kernel set by name ("scalar", "avx2", "neon", "neon-fp16") if this build and CPU have it,
+ * else NULL. */
+const kvt_kernels *kvt_simd_named(const char *name);
 
 /* Scalar IEEE half <-> float conversions (round to nearest even). */
 float kvt_half_to_float(uint16_t h);

@@ -58,7 +58,6 @@ static float frand(uint64_t *s) { return (float)((kvt_rng_next(s) >> 11) * (1.0 
 
 /* ---- simd --------------------------------------------------------------------------------- */
 /* Defined in simd.c (every kernel set this build has and this CPU runs, by name). */
-const kvt_kernels *kvt_simd_named(const char *name);
 
 /* Each kernel set against a double-precision reference computed from the same inputs. The
  * fp32-accumulating sets must agree to float rounding; "neon-fp16" to the bound documented
