@@ -12,6 +12,9 @@ and a 10% fetch budget, for each policy and layout, and reports what the device 
 - bytes moved by updates (splits, co-location) against what a naive cluster-by-cluster
   layout, with no room for clusters to grow, would have moved for the same appends.
 
+The ``none`` policy keeps every key in DRAM to score it, so it is given the key bytes on top
+of the same DRAM budget.
+
 Layouts: ``clustered`` (each cluster contiguous in a dual-head pool head, no co-location),
 ``colocated`` (the same, rewritten once after the first retrieves so that clusters fetched
 together are neighbours, and neighbouring extents of a retrieve merged into one read).
@@ -63,8 +66,13 @@ def main(argv=None):
             for lay in a.layouts.split(","):
                 if pol == "none" and lay != "clustered":
                     continue  # no clusters to place
+                dram = kvtier.parse_size(a.dram_budget)
+                if pol == "none":
+                    # a system without clusters scores every key: it keeps them all in DRAM,
+                    # so it gets that much on top of the same cache budget
+                    dram += heads * trace.length * trace.head_dim * 2 * 3 // 2  # + growth slack
                 r = replay(trace, policy=pol, budget=a.budget, layers=layers, every=a.every,
-                           dram_budget=a.dram_budget, device=a.device, direct_io=True,
+                           dram_budget=dram, device=a.device, direct_io=True,
                            collect_stats=True, **LAYOUTS[lay])
                 st = r.extra["store"]
                 cs = r.extra["collections"]

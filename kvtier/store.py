@@ -74,6 +74,10 @@ class _Gate:
             while self._active:
                 self._cv.wait()
 
+    def reopen(self):
+        with self._cv:
+            self.closed = False
+
 
 def _as_matrix(name: str, x: Any, dim: int, dtype: np.dtype, allow_1d: bool = True) -> tuple[np.ndarray, bool]:
     """A C-contiguous [n, dim] array of dtype; rejects wrong shapes, non-numbers, NaN/inf."""
@@ -396,19 +400,24 @@ class Store:
             self._committed[coll.name] = coll.params
 
     def close(self) -> None:
-        """Flushes and closes. Further calls raise StoreClosedError; closing twice is fine."""
+        """Flushes and closes. Further calls raise StoreClosedError; closing twice is fine. If
+        the flush fails, the error is raised and the store stays open (nothing is lost)."""
         if self._gate.closed:
             return
         with self._meta:
             if self._gate.closed:
                 return
-            self._gate.close()  # waits for calls in flight
+            self._gate.close()  # waits for calls in flight, refuses new ones
             try:
                 self._flush_locked()
-            finally:
-                self._engine.close()
-                self._catalog.close()
-                self._lock.release()
+            except BaseException:
+                # nothing is lost: the store stays open so that the caller can fix the cause
+                # (disk space, budget) and close again
+                self._gate.reopen()
+                raise
+            self._engine.close()
+            self._catalog.close()
+            self._lock.release()
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict:

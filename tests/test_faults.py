@@ -69,3 +69,17 @@ def test_truncated_data_file_is_an_error(tmp_path):
         c = s.collection("c")
         with pytest.raises(kvtier.CorruptionError):
             c.retrieve(np.ones(16), budget=1.0)
+
+
+def test_failed_close_keeps_the_store_open(tmp_path):
+    k, v = make_data(200)
+    s = kvtier.open(tmp_path / "s", dram_budget="1MiB")
+    c = s.collection("c", dim=16, value_dim=8)
+    c.add(k, v)
+    s._inject_fault("s", 0, errno.EIO)
+    with pytest.raises(kvtier.StorageIOError):
+        s.close()
+    assert not s.closed and len(c) == 200  # still open, nothing lost
+    s.close()
+    with kvtier.open(tmp_path / "s") as s2:
+        assert np.array_equal(s2.collection("c").get(np.arange(200))[0], k)

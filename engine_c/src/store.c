@@ -378,6 +378,7 @@ typedef struct rec_src {
     const uint8_t *keys, *values;
     int64_t first_id;
     const uint8_t *recs;        /* copy mode when not NULL */
+    uint8_t *mrecs;             /* in-place mode: records in a buffer the writer may permute */
 } rec_src;
 
 static void src_get(const kvt_coll *c, const rec_src *s, uint32_t j, uint8_t *dst) {
@@ -439,14 +440,23 @@ static int append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m
         kvt_pool *pl = &c->pools.p[sg->pool];
         uint32_t run = m - done, room = kvt_pool_room(L, pl);
         if (run > room) run = room;
-        if (run > scratch_recs) run = scratch_recs;
-        for (uint32_t j = 0; j < run; j++) {
-            /* head 1 grows downward: its run is laid out last-first in address order */
-            uint32_t pos = sg->head == 0 ? j : run - 1 - j;
-            src_get(c, src, done + j, scratch + (size_t)pos * L->esz);
-        }
+        if (!src->mrecs && run > scratch_recs) run = scratch_recs;
         uint64_t off = kvt_run_offset(L, sg->pool, sg->head, sg->n, run);
-        int rc = kvt_file_write(c->f, off, scratch, (size_t)run * L->esz);
+        int rc;
+        if (src->mrecs) {
+            /* records already in a buffer of ours: written in place (head 1 grows downward,
+             * so its run is laid out last-first: reversed around the write), no scratch */
+            uint8_t *p = src->mrecs + (size_t)done * L->esz;
+            if (sg->head == 1) kvt_rec_reverse(L, p, run);
+            rc = kvt_file_write(c->f, off, p, (size_t)run * L->esz);
+            if (sg->head == 1) kvt_rec_reverse(L, p, run);
+        } else {
+            for (uint32_t j = 0; j < run; j++) {
+                uint32_t pos = sg->head == 0 ? j : run - 1 - j;
+                src_get(c, src, done + j, scratch + (size_t)pos * L->esz);
+            }
+            rc = kvt_file_write(c->f, off, scratch, (size_t)run * L->esz);
+        }
         if (rc) {
             if (claimed) { /* the claim wrote nothing: undo it here, the log has no entry */
                 kvt_pools_unclaim(&c->pools, sg);
@@ -471,23 +481,14 @@ static uint32_t scratch_records(const kvt_coll *c, uint64_t m) {
  * cluster dst[t], which must own no segments. On failure every head claimed is given back. */
 static int write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts,
                        uint32_t nt) {
-    uint64_t most = 0;
-    for (uint32_t t = 0; t < nt; t++) most = counts[t] > most ? counts[t] : most;
-    uint32_t sr = scratch_records(c, most);
-    uint64_t sbytes = (uint64_t)sr * c->L.esz;
-    int rc = kvt_mem_reserve(&c->st->cache, sbytes);
-    if (rc) return rc;
-    uint8_t *scratch = malloc(sbytes);
     undo_log log = {0};
-    if (!scratch) rc = kvt_fail(ENOMEM, "split: out of memory");
+    int rc = 0;
     for (uint32_t t = 0; t < nt && !rc; t++) {
-        rec_src src = {.recs = recs[t]};
-        rc = append_flash(c, dst[t], &src, counts[t], scratch, sr, &log);
+        rec_src src = {.mrecs = recs[t]}; /* the caller's buffers: written in place */
+        rc = append_flash(c, dst[t], &src, counts[t], NULL, 0, &log);
     }
     if (rc) rollback(c, &log);
     free(log.u);
-    free(scratch);
-    kvt_mem_release(&c->st->cache, sbytes);
     return rc;
 }
 
@@ -974,20 +975,11 @@ static void relieve_pending(kvt_coll *c) {
         /* not split: write its pending entries so the budget holds */
         kvt_cluster *k = &c->cl[best];
         if (k->pend) {
-            uint32_t sr = scratch_records(c, k->pend);
-            uint64_t sb = (uint64_t)sr * c->L.esz;
-            uint8_t *scratch = NULL;
             undo_log log = {0};
-            if (!kvt_mem_reserve(&c->st->cache, sb)) {
-                if ((scratch = malloc(sb))) {
-                    rec_src src = {.recs = k->pbuf};
-                    if (append_flash(c, best, &src, k->pend, scratch, sr, &log) == 0) free_pending(c, k);
-                    else rollback(c, &log);
-                }
-                free(scratch);
-                free(log.u);
-                kvt_mem_release(&c->st->cache, sb);
-            }
+            rec_src src = {.mrecs = k->pbuf};
+            if (append_flash(c, best, &src, k->pend, NULL, 0, &log) == 0) free_pending(c, k);
+            else rollback(c, &log);
+            free(log.u);
             if (k->pend) break; /* could not write: stop rather than loop */
         }
     }
@@ -2164,20 +2156,14 @@ static int write_all_pending(kvt_coll *c) {
     for (uint32_t j = 0; j < c->ncl && !rc; j++) {
         kvt_cluster *k = &c->cl[j];
         if (!k->pend) continue;
-        uint32_t sr = scratch_records(c, k->pend);
-        uint64_t sb = (uint64_t)sr * c->L.esz;
-        rc = kvt_mem_reserve(&c->st->cache, sb);
-        if (rc) break;
-        uint8_t *scratch = malloc(sb);
+        /* in place from the pending buffer: a checkpoint needs no scratch, so a store whose
+         * budget is full can still make its data durable */
         undo_log log = {0};
-        if (!scratch) rc = kvt_fail(ENOMEM, "checkpoint: out of memory");
-        rec_src src = {.recs = k->pbuf};
-        if (!rc) rc = append_flash(c, j, &src, k->pend, scratch, sr, &log);
+        rec_src src = {.mrecs = k->pbuf};
+        rc = append_flash(c, j, &src, k->pend, NULL, 0, &log);
         if (rc) rollback(c, &log);
         else free_pending(c, k);
         free(log.u);
-        free(scratch);
-        kvt_mem_release(&c->st->cache, sb);
     }
     return rc;
 }
