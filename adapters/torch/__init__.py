@@ -1,0 +1,27 @@
+"""kvtier as the KV cache of transformers decoding.
+
+    from kvtier.adapters.torch import TieredCache
+    with TieredCache(model, budget=0.1, sinks=4, window=32, device="ufs4.0") as cache:
+        out = model.generate(ids, cache=cache, max_new_tokens=2000)  # or past_key_values=cache
+        print(cache.stats())
+
+The model's attention is bound to kvtier's while a TieredCache built for it is open (the same
+model run with any other cache, or none, still gets ordinary SDPA attention). Each step, per
+layer and KV head, attention is exact over the 4 sink tokens, the 32 most recent tokens, the
+current token and the clusters that the group's queries retrieve from the store under the
+budget (10% of the context here); tokens leaving the window go to the store.
+
+Supported: transformers 5.x (``SUPPORTED_TRANSFORMERS``), decoder-only models whose every
+layer is full causal attention over rotary (post-RoPE) keys computed through transformers'
+``AttentionInterface`` (Llama, Qwen2/3, Mistral-style without sliding window, SmolLM2, ...),
+one sequence (batch size 1) without padding. Sliding-window, chunked, hybrid (linear-attention
+or SSM) and encoder-decoder models are refused when the cache is constructed.
+"""
+from kvtier.adapters.torch.cache import (
+    ATTENTION_NAME,
+    SUPPORTED_TRANSFORMERS,
+    TieredCache,
+    check_model,
+)
+
+__all__ = ["TieredCache", "check_model", "ATTENTION_NAME", "SUPPORTED_TRANSFORMERS"]

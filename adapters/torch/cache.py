@@ -1,0 +1,614 @@
+"""``TieredCache``: a transformers ``Cache`` whose past keys and values live in a kvtier store.
+
+How it binds (why it looks the way it does):
+
+1. transformers computes attention in a function looked up by name in ``AttentionInterface``;
+   ``Cache.update`` only receives the new keys and values, never the queries. Sparse
+   attention needs both, so kvtier registers its own attention function (``"kvtier"``) and
+   selects it on the model the cache is built for (``model.set_attn_implementation``, which
+   touches that model's config only). ``update`` hands the layer's new states to that
+   function through a thread-local slot; the function recognises them by identity, so the
+   same model run with any other cache (or none) gets plain SDPA attention.
+2. Per layer and KV head, the first ``sinks`` tokens and the last ``window`` tokens stay in
+   DRAM as torch tensors; every older token is in a kvtier collection (one per layer x KV
+   head, ids in token order: id i is position ``sinks + i``). A forward pass over q new
+   tokens attends exactly to: the clusters the GQA group's queries ``retrieve`` under the
+   budget, the sinks, the window and the q new tokens (causally among themselves). Then the
+   new tokens join the window and what overflows it is ``add``-ed to the store, in one batch
+   (a whole prompt at prefill, one entry per step while decoding).
+3. The prefill (a first chunk on an empty cache) therefore is ordinary full attention: all
+   its keys are in DRAM for the chunk, and only afterwards go to the store.
+4. Nothing is kept with autograd history: decoding state is detached.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import transformers
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import kvtier
+from kvtier.config import DTYPES
+from kvtier.errors import InvalidArgumentError
+
+#: transformers versions this adapter is written against: [5.0, 6). It relies on 5.x's
+#: ``CacheLayerMixin`` layers, ``get_layer_types_and_kwargs`` and the mask interface.
+SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))
+#: The name under which the attention and mask functions are registered.
+ATTENTION_NAME = "kvtier"
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = v.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+if not SUPPORTED_TRANSFORMERS[0] <= _version_tuple(transformers.__version__) < SUPPORTED_TRANSFORMERS[1]:
+    raise ImportError(
+        f"kvtier.adapters.torch supports transformers>=5.0,<6; found {transformers.__version__}")
+
+# ----------------------------------------------------------------------------- binding
+
+_HANDOFF = threading.local()  # .slot = (cache, layer_idx, key, value) between update and attention
+
+
+def _kvtier_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The registered attention: kvtier's sparse attention when ``key`` is what a TieredCache's
+    ``update`` just returned, else plain SDPA (the model run with another cache or none)."""
+    slot = getattr(_HANDOFF, "slot", None)
+    if slot is None or slot[2] is not key:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    _HANDOFF.slot = None
+    cache, layer_idx = slot[0], slot[1]
+    if getattr(module, "layer_idx", layer_idx) != layer_idx:
+        raise RuntimeError(f"attention of layer {module.layer_idx} received the states cached for layer {layer_idx}")
+    for name in ("s_aux", "sinks", "position_bias", "sliding_window"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"TieredCache: this model passes {name!r} to its attention, which kvtier's sparse attention does not handle")
+    if dropout and module.training:
+        raise NotImplementedError("TieredCache is for inference: attention dropout in training mode is not supported")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return cache._attend(layer_idx, query, key, value, attention_mask, scaling), None
+
+
+def _kvtier_mask(*args, **kwargs):
+    """SDPA's mask: exact for the SDPA fallback; the sparse path checks it is plain causal."""
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, _kvtier_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _kvtier_mask)
+
+# model -> [attention implementation before binding, live TieredCaches bound to it]
+_BINDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_BIND_LOCK = threading.Lock()
+
+
+def _bind(model) -> None:
+    with _BIND_LOCK:
+        entry = _BINDINGS.get(model)
+        if entry is None:
+            previous = model.config._attn_implementation
+            model.set_attn_implementation(ATTENTION_NAME)
+            if model.config._attn_implementation != ATTENTION_NAME:
+                raise InvalidArgumentError(
+                    f"model: {type(model).__name__} did not accept the attention implementation "
+                    f"{ATTENTION_NAME!r} (it does not compute attention through AttentionInterface)")
+            _BINDINGS[model] = [previous, 1]
+        else:
+            entry[1] += 1
+
+
+def _unbind(model_ref) -> None:
+    model = model_ref()
+    if model is None:
+        return
+    with _BIND_LOCK:
+        entry = _BINDINGS.get(model)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _BINDINGS[model]
+            model.set_attn_implementation(entry[0])
+
+
+def check_model(model) -> dict:
+    """Checks that ``model`` is an architecture TieredCache handles; returns its geometry
+    (layers, q_heads, kv_heads, head_dim). Raises InvalidArgumentError naming what is not."""
+    if not isinstance(model, PreTrainedModel):
+        raise InvalidArgumentError(f"model: a transformers PreTrainedModel expected, got {type(model).__name__}")
+    cfg = model.config
+    name = f"{type(model).__name__} ({getattr(cfg, 'model_type', '?')})"
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise InvalidArgumentError(f"model: {name} is an encoder-decoder model; TieredCache supports decoder-only models")
+    text = cfg.get_text_config(decoder=True)
+    if text is not cfg:
+        raise InvalidArgumentError(f"model: {name} is a composite (multimodal) model; TieredCache supports text decoders")
+    layer_types, _ = get_layer_types_and_kwargs(cfg)
+    odd = sorted({t for t in layer_types if t != "full_attention"})
+    if odd:
+        kind = ("sliding-window" if set(odd) <= {"sliding_attention", "chunked_attention"}
+                else "hybrid" if set(odd) & {"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"}
+                else "non-standard")
+        raise InvalidArgumentError(
+            f"model: {name} has {kind} layers ({', '.join(odd)}); TieredCache supports models whose every "
+            "layer is full causal attention")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise InvalidArgumentError(
+            f"model: {name} does not compute attention through transformers' AttentionInterface")
+    n_q, n_kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+    if not n_q or not n_kv or n_q % n_kv:
+        raise InvalidArgumentError(f"model: {name} has {n_q} query heads and {n_kv} KV heads; a whole number of query heads per KV head expected")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+    return {"layers": len(layer_types), "q_heads": int(n_q), "kv_heads": int(n_kv), "head_dim": int(head_dim)}
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+class _TieredLayer(CacheLayerMixin):
+    """One layer's DRAM part (sinks, window) and its store collections (one per KV head)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, colls):
+        super().__init__()
+        self.colls = colls
+        self.seen = 0          # tokens this layer has cached
+        self.stored = 0        # of which in the store (same count in every KV head)
+        self.sink_k = self.sink_v = self.win_k = self.win_v = None  # [kv_heads, n, head_dim]
+        self.prev_clusters: list = [None] * len(colls)
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device, self.dtype = key_states.device, key_states.dtype
+        empty = key_states.new_empty((key_states.shape[1], 0, key_states.shape[3])).detach()
+        self.sink_k = self.sink_v = self.win_k = self.win_v = empty
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - TieredCache.update is the entry
+        raise RuntimeError("TieredCache layers are updated through TieredCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def resident_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.win_k, self.win_v))
+
+    def reset(self):
+        raise NotImplementedError("TieredCache cannot be reset (stored entries cannot be removed): make a new one")
+
+    def crop(self, tokens_to_remove: int):
+        raise NotImplementedError("TieredCache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("TieredCache holds one sequence: beam search is not supported")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("TieredCache holds one sequence: batch expansion is not supported")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("TieredCache holds one sequence: batch selection is not supported")
+
+
+def _release(store, tmpdir, model_ref) -> None:
+    """Closes the store, removes a temporary one, unbinds the model (close() or garbage)."""
+    try:
+        store.close()
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        _unbind(model_ref)
+
+
+class TieredCache(Cache):
+    """A transformers ``Cache`` keeping sinks and a recent window in DRAM and everything
+    older in a kvtier store, from which each step fetches only the relevant clusters.
+
+    ``model`` a transformers causal LM (see :func:`check_model` and the module docstring for
+    what is supported); constructing the cache binds the model's attention to kvtier's
+    (undone by ``close()``). ``budget`` entries fetched per layer, KV head and step: a float
+    fraction in [0, 1] of the context (tokens seen so far, rounded up) or an int count; 0
+    means sinks + window only (a StreamingLLM-style baseline). ``policy`` how new entries join
+    clusters (``adaptive``, ``static``, ``local``, ``none``), passed to the store unchanged;
+    None means the store's default (``kvtier.store.DEFAULT_POLICY``, the paper's
+    ``adaptive``); a policy the store does not implement is refused, never replaced. ``sinks`` first tokens
+    and ``window`` most recent tokens always attended from DRAM. ``dram_budget`` the engine's
+    DRAM cap (bytes or "64MiB"; None: kvtier's default). ``device`` the flash device model
+    (None, "ufs4.0", ... or a kvtier.DeviceProfile; not a torch device: tensors stay on the
+    model's device). ``path`` the store directory (must not hold collections yet); None
+    means a temporary store removed by ``close()``. ``store_dtype`` float16 (default, half
+    the flash bytes) or float32 (exact values); ``collection_options`` extra arguments of
+    ``Store.collection`` (init_cluster_size, max_cluster_size, ...).
+
+    Works with ``model.generate(..., cache=cache)`` and manual ``model(ids, cache=cache,
+    use_cache=True)`` loops (``past_key_values=`` is transformers 5's deprecated alias of
+    ``cache=``); one sequence (batch size 1), no padding; inference only.
+    """
+
+    def __init__(self, model, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
+                 sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
+                 store_dtype: str = "float16", collection_options: Optional[dict] = None):
+        geo = check_model(model)
+        self.budget = _check_budget(budget)
+        self.sinks = _check_count("sinks", sinks)
+        self.window = _check_count("window", window)
+        if store_dtype not in DTYPES:
+            raise InvalidArgumentError(f"store_dtype: one of {DTYPES} expected, got {store_dtype!r}")
+        if collection_options is not None and not isinstance(collection_options, dict):
+            raise InvalidArgumentError(f"collection_options: a dict expected, got {type(collection_options).__name__}")
+        self.n_layers, self.n_kv, self.head_dim = geo["layers"], geo["kv_heads"], geo["head_dim"]
+        self.group = geo["q_heads"] // geo["kv_heads"]
+
+        self._tmpdir = None
+        if path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="kvtier-cache-")
+            path = self._tmpdir
+        try:
+            open_kw = {} if dram_budget is None else {"dram_budget": dram_budget}
+            self.store = kvtier.open(path, device=device, **open_kw)
+        except BaseException:
+            if self._tmpdir:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+            raise
+        try:
+            if self.store.collections():
+                raise InvalidArgumentError(
+                    f"path: the store at {path!r} already holds collections; TieredCache needs a new or empty store")
+            opts = dict(collection_options or {})
+            layers = []
+            for l in range(self.n_layers):
+                colls = [self.store.collection(f"L{l}.H{h}", dim=self.head_dim, value_dim=self.head_dim,
+                                               dtype=store_dtype, metric="ip", policy=policy, **opts)
+                         for h in range(self.n_kv)]
+                layers.append(_TieredLayer(colls))
+            self.policy = layers[0].colls[0].policy if layers else policy
+            _bind(model)
+        except BaseException:
+            _release(self.store, self._tmpdir, lambda: None)
+            raise
+        super().__init__(layers=layers)
+        self._model_ref = weakref.ref(model)
+        self._finalizer = weakref.finalize(self, _release, self.store, self._tmpdir, self._model_ref)
+        self._pending: Optional[int] = None
+        self._broken: Optional[str] = None
+        self._resident = 0
+        self._peak = 0
+        self._counts = {"decode_steps": 0, "forwards": 0, "retrieves": 0, "fetched": 0, "adds": 0,
+                        "overlap": 0, "overlap_of": 0}
+        self._seconds = {"retrieve": 0.0, "add": 0.0}
+
+    # -- context manager / lifetime --------------------------------------------------------
+    def __enter__(self) -> "TieredCache":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Closes the store (removing it if temporary) and restores the model's attention
+        implementation once no other TieredCache is bound to it. Closing twice is fine."""
+        self._finalizer()
+
+    def __repr__(self):
+        return (f"TieredCache(layers={self.n_layers}, kv_heads={self.n_kv}, budget={self.budget!r}, "
+                f"policy={self.policy!r}, sinks={self.sinks}, window={self.window}, "
+                f"tokens={self.get_seq_length()}{', closed' if self.closed else ''})")
+
+    # -- Cache interface -------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Records the layer's new states for kvtier's attention function and returns them
+        unchanged; the attention function does the retrieval, the attention and the spill."""
+        if self.closed:
+            raise kvtier.StoreClosedError("TieredCache is closed")
+        if self._broken:
+            raise RuntimeError(f"TieredCache is unusable after an earlier error ({self._broken}); make a new one")
+        if self._pending is not None:
+            self._broken = f"layer {self._pending}'s attention did not run through kvtier"
+            raise RuntimeError(
+                f"TieredCache: the attention of layer {self._pending} did not run through kvtier's attention "
+                f"function (model attention implementation is {self._model_attn()!r}, {ATTENTION_NAME!r} expected)")
+        b, h, q, d = key_states.shape
+        if b != 1:
+            raise ValueError(f"TieredCache holds one sequence: batch size 1 expected, got {b}")
+        if h != self.n_kv or d != self.head_dim or value_states.shape != key_states.shape:
+            raise ValueError(
+                f"TieredCache: key/value states of shape ({self.n_kv} KV heads, {self.head_dim} dims) expected, "
+                f"got keys {tuple(key_states.shape)}, values {tuple(value_states.shape)}")
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if layer_idx == 0:
+            self._counts["forwards"] += 1
+            self._counts["decode_steps"] += q == 1
+        elif layer.seen != self.layers[0].seen - q:
+            self._broken = "layers out of step"
+            raise RuntimeError("TieredCache: layers are out of step (an earlier forward was interrupted); make a new cache")
+        layer.seen += q
+        self._pending = layer_idx
+        _HANDOFF.slot = (self, layer_idx, key_states, value_states)
+        return key_states, value_states
+
+    def _model_attn(self):
+        model = self._model_ref()
+        return None if model is None else model.config._attn_implementation
+
+    # -- the sparse attention ------------------------------------------------------------
+    def _attend(self, l: int, query, key, value, mask, scaling: float):
+        try:
+            out = self._attend_unchecked(l, query, key, value, mask, scaling)
+        except BaseException as e:
+            self._broken = f"{type(e).__name__} in layer {l}: {e}"
+            raise
+        finally:
+            self._pending = None
+        return out
+
+    def _attend_unchecked(self, l, query, key, value, mask, scaling):
+        layer: _TieredLayer = self.layers[l]
+        g, n_kv, d = self.group, self.n_kv, self.head_dim
+        q_len = query.shape[2]
+        if mask is not None:
+            _check_causal(mask, q_len, layer.seen)
+        new_k, new_v = key[0].detach(), value[0].detach()  # [kv_heads, q_len, d]
+        fetched = None
+        n_budget = self._entries(layer.seen)
+        if layer.stored and n_budget:
+            # Queries grouped by KV head: [kv_heads, group * q_len, d] (query head h*g+j uses KV head h).
+            fetched = self._fetch(layer, query[0].reshape(n_kv, g * q_len, d), n_budget)
+            # PIPELINING (issue 6, item 2) goes here: once collections can prefetch, ask layer
+            # l + 1's collections for the clusters they fetched at the previous step
+            # (self.layers[l + 1].prev_clusters) so those reads overlap this layer's compute.
+        if q_len == 1:
+            out, transient = self._attend_step(layer, query, new_k, new_v, fetched, scaling)
+        else:
+            out, transient = self._attend_chunk(layer, query, new_k, new_v, fetched, scaling)
+        self._peak = max(self._peak, self._resident + transient)
+        self._spill(layer, new_k, new_v)
+        return out.transpose(0, 1).unsqueeze(0)  # [1, q_len, q_heads, d], as transformers' attention returns
+
+    def _attend_step(self, layer, query, new_k, new_v, fetched, scaling):
+        """One new token: all KV heads in one batched SDPA; the fetched part is padded to the
+        longest head and masked. Returns ([q_heads, 1, d], working-set bytes)."""
+        g, n_kv, d = self.group, self.n_kv, self.head_dim
+        dev, dt = layer.device, layer.dtype
+        parts_k, parts_v, valid = [], [], None
+        if fetched is not None and max(len(k) for k, _ in fetched):
+            lens = [len(k) for k, _ in fetched]
+            width = max(lens)
+            fk = np.zeros((n_kv, width, d), dtype=fetched[0][0].dtype)
+            fv = np.zeros_like(fk)
+            for h, (k, v) in enumerate(fetched):
+                fk[h, : lens[h]] = k
+                fv[h, : lens[h]] = v
+            parts_k.append(torch.from_numpy(fk).to(dev, dt))
+            parts_v.append(torch.from_numpy(fv).to(dev, dt))
+            if min(lens) < width:
+                valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+        keys = torch.cat(parts_k + [layer.sink_k, layer.win_k, new_k], dim=1)
+        values = torch.cat(parts_v + [layer.sink_v, layer.win_v, new_v], dim=1)
+        attn_mask = None
+        if valid is not None:  # [kv_heads, 1, keys], broadcast over the group's queries
+            attn_mask = torch.ones((n_kv, 1, keys.shape[1]), dtype=torch.bool, device=dev)
+            attn_mask[:, 0, : valid.shape[1]] = valid
+        qg = query[0].reshape(n_kv, g, d)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qg, keys.to(qg.dtype), values.to(qg.dtype), attn_mask=attn_mask, scale=scaling)
+        transient = 2 * keys.numel() * keys.element_size() + (attn_mask.numel() if attn_mask is not None else 0)
+        return out.reshape(n_kv * g, 1, d), transient
+
+    def _attend_chunk(self, layer, query, new_k, new_v, fetched, scaling):
+        """Several new tokens (a prefill or a chunk): one SDPA per KV head over its own keys,
+        causal among the new tokens; a chunk on an empty cache is plain causal attention
+        (no mask materialised, so a long prompt costs no [q, q] mask per head)."""
+        g, d = self.group, self.head_dim
+        dev, dt = layer.device, layer.dtype
+        q_len = query.shape[2]
+        outs, transient = [], 0
+        for h in range(self.n_kv):
+            parts_k, parts_v = [], []
+            if fetched is not None and len(fetched[h][0]):
+                parts_k.append(torch.from_numpy(fetched[h][0]).to(dev, dt))
+                parts_v.append(torch.from_numpy(fetched[h][1]).to(dev, dt))
+            keys = torch.cat(parts_k + [layer.sink_k[h], layer.win_k[h], new_k[h]])[None]
+            values = torch.cat(parts_v + [layer.sink_v[h], layer.win_v[h], new_v[h]])[None]
+            qh = query[0, h * g:(h + 1) * g]  # [g, q_len, d]
+            past = keys.shape[1] - q_len
+            mask_bytes = 0
+            if past == 0:
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qh, keys.to(qh.dtype), values.to(qh.dtype), is_causal=True, scale=scaling)
+            else:
+                attn_mask = torch.ones((q_len, keys.shape[1]), dtype=torch.bool, device=dev)
+                attn_mask[:, past:] = torch.ones((q_len, q_len), dtype=torch.bool, device=dev).tril()
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qh, keys.to(qh.dtype), values.to(qh.dtype), attn_mask=attn_mask, scale=scaling)
+                mask_bytes = attn_mask.numel()
+            outs.append(o)
+            # one head's keys, values and mask are alive at a time
+            transient = max(transient, 2 * keys.numel() * keys.element_size() + mask_bytes)
+        return torch.cat(outs), transient
+
+    def _entries(self, context: int) -> int:
+        b = self.budget
+        return b if isinstance(b, int) else int(math.ceil(b * context))
+
+    def _fetch(self, layer, qg, n_budget):
+        """One ``retrieve`` per KV head with its GQA group's queries ([kv_heads, rows, d]);
+        returns a list of (keys, values) numpy arrays per KV head."""
+        qn = qg.detach().to(torch.float32).cpu().numpy()
+        t0 = time.perf_counter()
+        got = [coll.retrieve(qn[h], budget=n_budget) for h, coll in enumerate(layer.colls)]
+        self._seconds["retrieve"] += time.perf_counter() - t0
+        c = self._counts
+        c["retrieves"] += len(got)
+        for h, r in enumerate(got):
+            c["fetched"] += len(r)
+            ids, counts = np.unique(r.clusters, return_counts=True)
+            ids, counts = ids.tolist(), counts.tolist()
+            prev = layer.prev_clusters[h]
+            if prev is not None and ids:
+                c["overlap"] += sum(n for i, n in zip(ids, counts) if i in prev)
+                c["overlap_of"] += len(r)
+            layer.prev_clusters[h] = set(ids)
+        return [(r.keys, r.values) for r in got]
+
+    def _spill(self, layer: _TieredLayer, new_k, new_v):
+        """New tokens fill the sinks first, then join the window; what overflows the window
+        goes to the store in one add per KV head."""
+        before = layer.resident_bytes()
+        take = min(self.sinks - layer.sink_k.shape[1], new_k.shape[1])
+        if take > 0:
+            layer.sink_k = torch.cat([layer.sink_k, new_k[:, :take]], dim=1)
+            layer.sink_v = torch.cat([layer.sink_v, new_v[:, :take]], dim=1)
+            new_k, new_v = new_k[:, take:], new_v[:, take:]
+        win_k = torch.cat([layer.win_k, new_k], dim=1)
+        win_v = torch.cat([layer.win_v, new_v], dim=1)
+        over = win_k.shape[1] - self.window
+        if over > 0:
+            dt = torch.float16 if layer.colls[0].dtype == np.float16 else torch.float32
+            out_k = win_k[:, :over].to(dt).cpu().numpy()
+            out_v = win_v[:, :over].to(dt).cpu().numpy()
+            # clone: a slice would keep the whole prompt's tensor alive after a prefill
+            win_k, win_v = win_k[:, over:].clone(), win_v[:, over:].clone()
+            t0 = time.perf_counter()
+            for h, coll in enumerate(layer.colls):
+                coll.add(out_k[h], out_v[h])
+            self._seconds["add"] += time.perf_counter() - t0
+            layer.stored += over
+            self._counts["adds"] += len(layer.colls)
+        layer.win_k, layer.win_v = win_k, win_v
+        self._resident += layer.resident_bytes() - before
+
+    # -- unsupported Cache operations ------------------------------------------------------
+    def reset(self):
+        raise NotImplementedError("TieredCache cannot be reset (stored entries cannot be removed): make a new one")
+
+    # -- introspection ---------------------------------------------------------------------
+    def stats(self) -> dict:
+        """What the cache did so far.
+
+        ``tokens_seen``; ``stored_tokens`` / ``resident_tokens`` per (layer, KV head) in the
+        store and in DRAM; ``decode_steps`` forwards of one token; ``retrieves`` calls and
+        ``fetched_per_step`` mean entries fetched per retrieve (one retrieve per layer, KV
+        head and step); ``add_calls`` (one per layer and KV head whenever tokens leave the
+        window); ``prefetchable_share`` of the fetched entries, those in clusters the
+        same layer and head fetched at its previous retrieve (what prefetching the previous
+        step's clusters could overlap); ``adapter_dram_bytes`` the sink and window tensors,
+        ``adapter_dram_peak_bytes`` their peak plus the largest per-layer working set (keys,
+        values and mask assembled for one attention call); ``engine_dram_bytes`` /
+        ``engine_dram_peak_bytes`` the store's; ``dram_bytes`` / ``dram_peak_bytes`` their
+        sums (the peak sum is an upper bound: the two peaks need not coincide);
+        ``full_cache_bytes`` what a full cache (DynamicCache) of the model's dtype would hold
+        now; ``retrieve_seconds`` / ``add_seconds`` wall time in store calls; the store's I/O
+        figures (``read_ops``, ``read_bytes``, ``mean_read_entries``, ``modeled_io_seconds``,
+        ``cache_hits``, ``cache_misses``, ``write_bytes``, ...) and ``store`` its whole stats.
+        """
+        s = self.store.stats()
+        c = self._counts
+        first = self.layers[0] if self.layers else None
+        seen = first.seen if first else 0
+        elem = first.sink_k.element_size() if first is not None and first.is_initialized else 4
+        full = self.n_layers * self.n_kv * seen * self.head_dim * 2 * elem
+        out = {
+            "tokens_seen": seen,
+            "stored_tokens": first.stored if first else 0,
+            "resident_tokens": seen - (first.stored if first else 0),
+            "decode_steps": c["decode_steps"],
+            "forwards": c["forwards"],
+            "retrieves": c["retrieves"],
+            "add_calls": c["adds"],
+            "fetched_per_step": c["fetched"] / c["retrieves"] if c["retrieves"] else 0.0,
+            "prefetchable_share": c["overlap"] / c["overlap_of"] if c["overlap_of"] else 0.0,
+            "adapter_dram_bytes": self._resident,
+            "adapter_dram_peak_bytes": self._peak,
+            "engine_dram_bytes": s["dram_bytes"],
+            "engine_dram_peak_bytes": s["dram_peak_bytes"],
+            "engine_dram_budget": s["dram_budget"],
+            "dram_bytes": self._resident + s["dram_bytes"],
+            "dram_peak_bytes": self._peak + s["dram_peak_bytes"],
+            "full_cache_bytes": full,
+            "retrieve_seconds": self._seconds["retrieve"],
+            "add_seconds": self._seconds["add"],
+            "budget": self.budget,
+            "policy": self.policy,
+            "sinks": self.sinks,
+            "window": self.window,
+        }
+        for k in ("read_ops", "read_bytes", "read_entries", "mean_read_entries", "modeled_io_seconds",
+                  "cache_hits", "cache_misses", "evictions", "write_ops", "write_bytes", "device"):
+            if k in s:
+                out[k] = s[k]
+        out["store"] = s
+        return out
+
+    def cluster_stats(self) -> dict:
+        """Mean clusters, cluster size and variance over all collections (cluster health)."""
+        cs = [c.stats() for layer in self.layers for c in layer.colls]
+        return {"clusters": float(np.mean([c["clusters"] for c in cs])),
+                "mean_cluster_size": float(np.mean([c["mean_cluster_size"] for c in cs])),
+                "mean_variance": float(np.mean([c["mean_variance"] for c in cs]))}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_budget(budget):
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise InvalidArgumentError(f"budget: a fraction (float in [0, 1]) or an entry count (int >= 0) expected, got {budget!r}")
+    if isinstance(budget, (float, np.floating)):
+        if math.isnan(budget) or not 0.0 <= budget <= 1.0:
+            raise InvalidArgumentError(f"budget: a fraction in [0, 1] expected, got {budget!r}")
+        return float(budget)
+    if budget < 0:
+        raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {budget!r}")
+    return int(budget)
+
+
+def _check_count(name: str, v: Any) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 1 << 20:
+        raise InvalidArgumentError(f"{name}: an integer in [0, {1 << 20}] expected, got {v!r}")
+    return int(v)
+
+
+def _check_causal(mask, q_len: int, kv_len: int) -> None:
+    """The sparse path builds its own causal layout; refuse anything else (padding, custom masks)."""
+    if mask.dtype != torch.bool or mask.shape[-2:] != (q_len, kv_len):
+        raise NotImplementedError(
+            f"TieredCache: an unexpected attention mask (dtype {mask.dtype}, shape {tuple(mask.shape)}) for "
+            f"{q_len} queries over {kv_len} keys; padding and custom masks are not supported")
+    past = kv_len - q_len
+    m = mask.reshape(-1, q_len, kv_len)
+    expect = torch.ones((q_len, q_len), dtype=torch.bool, device=mask.device).tril()
+    if not (bool(m[:, :, :past].all()) and bool((m[:, :, past:] == expect).all())):
+        raise NotImplementedError(
+            "TieredCache: the attention mask is not plain causal (padding or a custom mask); "
+            "TieredCache supports one unpadded sequence")

@@ -1,0 +1,361 @@
+"""kvtier.adapters.torch.TieredCache on tiny randomly initialised transformers models.
+
+With a budget covering everything the sparse path must reproduce full attention (DynamicCache
+with SDPA) up to float rounding, for a prefill and many decoding steps; smaller budgets must
+respect the budget; bad configurations and unsupported architectures must fail clearly.
+"""
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
+transformers = pytest.importorskip("transformers", reason="the torch adapter needs transformers")
+if int(transformers.__version__.split(".")[0]) != 5:
+    pytest.skip(f"the torch adapter supports transformers 5.x, found {transformers.__version__}",
+                allow_module_level=True)
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import kvtier  # noqa: E402
+from kvtier.adapters.torch import ATTENTION_NAME, TieredCache, check_model  # noqa: E402
+
+VOCAB = 96
+
+
+def tiny_llama(seed=0, layers=2):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.from_numpy(np.random.default_rng(1).integers(0, VOCAB, size=(1, 200)))
+
+
+def full_logits(model, ids):
+    """Full attention, one pass (DynamicCache-free SDPA)."""
+    with torch.no_grad():
+        return model(ids).logits[0]
+
+
+def run(model, cache, ids, prefill, chunks=()):
+    """Prefill, then optional multi-token chunks, then one token per step; all logits."""
+    out = []
+    pos = 0
+    with torch.no_grad():
+        for n in (prefill, *chunks):
+            out.append(model(ids[:, pos:pos + n], cache=cache, use_cache=True).logits[0])
+            pos += n
+        for t in range(pos, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("sinks,window", [(4, 8), (0, 16), (4, 0), (0, 0)])
+def test_full_budget_equals_full_attention(model, tokens, sinks, window):
+    ids = tokens[:, :150]
+    ref = full_logits(model, ids)
+    with TieredCache(model, budget=1.0, sinks=sinks, window=window, store_dtype="float32") as cache:
+        got = run(model, cache, ids, prefill=60)
+        st = cache.stats()
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert st["tokens_seen"] == 150 and st["decode_steps"] == 90
+    assert st["stored_tokens"] == 150 - sinks - window
+    assert st["retrieves"] == 90 * 2 * 2  # steps x layers x KV heads (none at the prefill)
+    # everything outside sinks + window was fetched at every step: 60 - s - w, ..., 149 - s - w
+    assert st["fetched_per_step"] == pytest.approx(np.mean(np.arange(60, 150)) - sinks - window)
+
+
+def test_full_budget_with_chunks_and_int_budget(model, tokens):
+    """A prefill, then multi-token chunks that retrieve with all their queries, then decoding."""
+    ref = full_logits(model, tokens)
+    with TieredCache(model, budget=10_000, sinks=4, window=8, store_dtype="float32") as cache:
+        got = run(model, cache, tokens, prefill=50, chunks=(20, 7))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_float16_store_is_close(model, tokens):
+    """The default float16 store rounds the stored keys/values: close, not bitwise."""
+    ref = full_logits(model, tokens)
+    with TieredCache(model, budget=1.0) as cache:
+        got = run(model, cache, tokens, prefill=64)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-2)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+def test_partial_budget_is_exact_attention_over_what_was_fetched(model, tokens, monkeypatch):
+    """At a partial budget: each KV head's retrieve gets its own GQA group's queries, and the
+    attention equals exact attention restricted to fetched + sinks + window + current token
+    (a reference masked attention over a full cache, built from the recorded fetches)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    prefill, sinks, window, steps = 64, 4, 8, 30
+    ids = tokens[:, :prefill + steps]
+    calls = []
+    real_retrieve = kvtier.Collection.retrieve
+
+    def recording_retrieve(self, query_group, budget=0.1):
+        got = real_retrieve(self, query_group, budget)
+        calls.append((self.name, np.array(query_group, np.float32), got.ids.copy()))
+        return got
+
+    monkeypatch.setattr(kvtier.Collection, "retrieve", recording_retrieve)
+    with TieredCache(model, budget=0.25, sinks=sinks, window=window, store_dtype="float32",
+                     collection_options={"init_cluster_size": 4}) as cache:
+        got = run(model, cache, ids, prefill=prefill)
+    n_layers, n_kv, g = 2, 2, 2
+    assert len(calls) == steps * n_layers * n_kv
+    fetched = {}  # (step, layer, head) -> (query group, fetched positions)
+    for i, (name, q, got_ids) in enumerate(calls):
+        layer, head = (int(x[1:]) for x in name.split("."))
+        assert (layer, head) == ((i // n_kv) % n_layers, i % n_kv)  # one call per layer x head, in order
+        fetched[i // (n_layers * n_kv), layer, head] = (q, sinks + got_ids)
+    assert 0 < np.mean([len(p) for _, p in fetched.values()]) < prefill  # partial, not empty
+
+    def reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        t = key.shape[2] - 1
+        if query.shape[2] > 1:  # the prefill: full causal attention
+            mask = torch.ones(query.shape[2], t + 1, dtype=torch.bool).tril(t + 1 - query.shape[2])
+            mask = mask.expand(1, query.shape[1], -1, -1)
+        else:
+            mask = torch.zeros(1, query.shape[1], 1, t + 1, dtype=torch.bool)
+            for h in range(n_kv):
+                q_group, positions = fetched[t - prefill, module.layer_idx, h]
+                # the group's queries are what went to that head's retrieve
+                np.testing.assert_allclose(q_group, query[0, h * g:(h + 1) * g, 0].numpy(), rtol=1e-6, atol=1e-6)
+                allowed = torch.zeros(t + 1, dtype=torch.bool)
+                allowed[:sinks] = True
+                allowed[max(t - window, 0):] = True
+                allowed[torch.from_numpy(positions)] = True
+                mask[0, h * g:(h + 1) * g, 0] = allowed
+        k = key.repeat_interleave(g, dim=1)
+        v = value.repeat_interleave(g, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("kvtier_test_reference", reference)
+    AttentionMaskInterface.register("kvtier_test_reference", sdpa_mask)
+    model.set_attn_implementation("kvtier_test_reference")
+    try:
+        ref = run(model, DynamicCache(config=model.config), ids, prefill=prefill)
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # and it is not simply full attention
+    assert (got[prefill:] - full_logits(model, ids)[prefill:]).abs().max() > 1e-3
+
+
+def test_generate_matches_full_attention(model, tokens):
+    prompt = tokens[:, :60]
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=DynamicCache(config=model.config),
+                             max_new_tokens=40, do_sample=False)
+        with TieredCache(model, budget=1.0, sinks=4, window=8, store_dtype="float32") as cache, \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it to cache=
+            got = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                                 max_new_tokens=40, do_sample=False)
+            assert cache.get_seq_length() == 99  # the last sampled token is never fed back
+    assert torch.equal(got, ref)
+
+
+def test_generate_sparse_budget(model, tokens):
+    prompt = tokens[:, :100]
+    with torch.no_grad(), TieredCache(model, budget=16, sinks=2, window=4, policy="static",
+                                      collection_options={"init_cluster_size": 8}) as cache:
+        out = model.generate(prompt, cache=cache, max_new_tokens=30, do_sample=False)
+        st = cache.stats()
+    assert out.shape == (1, 130)
+    assert 0 < st["fetched_per_step"] <= 16
+    assert st["policy"] == "static"
+
+
+def test_budget_fraction_is_respected(model, tokens):
+    with torch.no_grad(), TieredCache(model, budget=0.1, sinks=4, window=8,
+                                      collection_options={"init_cluster_size": 4}) as cache:
+        run(model, cache, tokens[:, :150], prefill=100)
+        st = cache.stats()
+    # one retrieve per layer x KV head x step, each under ceil(0.1 * context) entries
+    assert st["retrieves"] == 50 * 2 * 2
+    assert 0 < st["fetched_per_step"] <= np.ceil(0.1 * 150)
+
+
+def test_sink_window_only_never_reads(model, tokens):
+    with torch.no_grad(), TieredCache(model, budget=0, sinks=4, window=8) as cache:
+        logits = run(model, cache, tokens[:, :120], prefill=60)
+        st = cache.stats()
+    assert torch.isfinite(logits).all()
+    assert st["retrieves"] == 0 and st["fetched_per_step"] == 0.0 and st["read_ops"] == 0
+    assert st["stored_tokens"] == 120 - 12
+
+
+def test_stats_are_sane(model, tokens):
+    with torch.no_grad(), TieredCache(model, budget=0.2, sinks=4, window=8, dram_budget="1MiB",
+                                      device="ufs4.0") as cache:
+        run(model, cache, tokens[:, :160], prefill=100)
+        st = cache.stats()
+    layers, kv, d = 2, 2, 16
+    for key in ("tokens_seen", "fetched_per_step", "dram_bytes", "read_ops", "read_bytes",
+                "mean_read_entries", "modeled_io_seconds", "dram_peak_bytes", "full_cache_bytes"):
+        assert key in st, key
+    assert st["tokens_seen"] == 160 and st["decode_steps"] == 60 and st["forwards"] == 61
+    # DRAM: exactly sinks + window tokens per layer and KV head (float32 keys and values)
+    assert st["adapter_dram_bytes"] == layers * kv * (4 + 8) * d * 2 * 4
+    assert st["dram_bytes"] == st["adapter_dram_bytes"] + st["engine_dram_bytes"]
+    assert st["engine_dram_peak_bytes"] <= st["engine_dram_budget"] == 1 << 20
+    assert st["full_cache_bytes"] == layers * kv * 160 * d * 2 * 4
+    # the prefill's working set (the whole prompt of one KV head) is part of the peak
+    assert st["adapter_dram_peak_bytes"] >= max(st["adapter_dram_bytes"], 100 * d * 2 * 4)
+    assert st["read_ops"] > 0 and st["modeled_io_seconds"] > 0 and st["device"] == "ufs4.0"
+    assert 0.0 <= st["prefetchable_share"] <= 1.0
+
+
+def test_temporary_store_removed_and_model_restored(model, tokens):
+    cache = TieredCache(model, budget=0.5)
+    path = cache.store.path
+    assert os.path.isdir(path) and model.config._attn_implementation == ATTENTION_NAME
+    with torch.no_grad():
+        run(model, cache, tokens[:, :80], prefill=70)
+    cache.close()
+    cache.close()  # twice is fine
+    assert not os.path.exists(path)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(kvtier.StoreClosedError):
+        with torch.no_grad():
+            model(tokens[:, :5], cache=cache, use_cache=True)
+
+
+def test_two_caches_on_one_model_and_other_caches_still_exact(model, tokens):
+    """While bound, the model run with a DynamicCache (or none) is plain full attention."""
+    ref = full_logits(model, tokens[:, :90])
+    a, b = TieredCache(model, budget=0.5), TieredCache(model, budget=0.5)
+    try:
+        dyn = DynamicCache(config=model.config)
+        with torch.no_grad():
+            got = torch.cat([model(tokens[:, :60], cache=dyn, use_cache=True).logits[0],
+                             model(tokens[:, 60:90], cache=dyn, use_cache=True).logits[0]])
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(full_logits(model, tokens[:, :90]), ref)
+        a.close()
+        assert model.config._attn_implementation == ATTENTION_NAME  # b still bound
+    finally:
+        a.close()
+        b.close()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_given_path_is_kept_and_must_be_empty(model, tokens, tmp_path):
+    path = tmp_path / "kv"
+    with torch.no_grad(), TieredCache(model, budget=0.5, path=path) as cache:
+        run(model, cache, tokens[:, :60], prefill=50)
+    assert (path / "catalog").is_dir()
+    with pytest.raises(kvtier.InvalidArgumentError, match="path: .*already holds collections"):
+        TieredCache(model, path=path)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"budget": -1}, "budget"), ({"budget": 1.5}, "budget"), ({"budget": float("nan")}, "budget"),
+    ({"budget": "10%"}, "budget"), ({"budget": True}, "budget"),
+    ({"sinks": -1}, "sinks"), ({"window": 2.5}, "window"),
+    ({"policy": "bogus"}, "policy"), ({"store_dtype": "int8"}, "store_dtype"),
+    ({"dram_budget": "lots"}, "dram_budget"), ({"device": "floppy"}, "device"),
+    ({"collection_options": {"max_cluster_size": 0}}, "max_cluster_size"),
+])
+def test_bad_configuration(model, kwargs, match):
+    with pytest.raises(kvtier.InvalidArgumentError, match=match):
+        TieredCache(model, **kwargs)
+    assert model.config._attn_implementation == "sdpa"  # a refused cache leaves the model alone
+
+
+def test_policies_not_in_this_build_are_refused_not_replaced(model):
+    """Policies the store does not implement yet fail clearly instead of silently running static."""
+    for policy in ("adaptive", "local", "none"):
+        try:
+            cache = TieredCache(model, policy=policy)
+        except kvtier.InvalidArgumentError as e:
+            assert "policy" in str(e) and "not implemented" in str(e)
+        else:
+            assert cache.policy == policy and cache.stats()["policy"] == policy
+            cache.close()
+
+
+def test_batch_and_padding_are_refused(model, tokens):
+    with TieredCache(model) as cache, torch.no_grad():
+        with pytest.raises(ValueError, match="batch size 1"):
+            model(tokens[:, :10].repeat(2, 1), cache=cache, use_cache=True)
+    with TieredCache(model) as cache, torch.no_grad():
+        model(tokens[:, :10], cache=cache, use_cache=True)
+        mask = torch.ones(1, 15, dtype=torch.long)
+        mask[0, 3] = 0
+        with pytest.raises(NotImplementedError, match="mask"):
+            model(tokens[:, 10:15], attention_mask=mask, cache=cache, use_cache=True)
+        with pytest.raises(RuntimeError, match="unusable"):
+            model(tokens[:, 15:16], cache=cache, use_cache=True)
+
+
+def test_not_a_model():
+    with pytest.raises(kvtier.InvalidArgumentError, match="model: a transformers PreTrainedModel"):
+        TieredCache(torch.nn.Linear(2, 2))
+
+
+def test_sliding_window_model_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    with pytest.raises(kvtier.InvalidArgumentError, match="sliding-window"):
+        check_model(MistralForCausalLM(cfg))
+
+
+def test_hybrid_model_refused():
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    cfg = Lfm2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, full_attn_idxs=[1])
+    with pytest.raises(kvtier.InvalidArgumentError, match="hybrid"):
+        TieredCache(Lfm2ForCausalLM(cfg))
+
+
+def test_encoder_decoder_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    with pytest.raises(kvtier.InvalidArgumentError, match="encoder-decoder"):
+        TieredCache(T5ForConditionalGeneration(cfg))
+
+
+def test_attention_switched_away_is_detected(tokens):
+    model = tiny_llama(seed=2)
+    with TieredCache(model) as cache, torch.no_grad():
+        model(tokens[:, :20], cache=cache, use_cache=True)
+        model.set_attn_implementation("sdpa")  # behind the cache's back
+        with pytest.raises(RuntimeError, match="did not run through kvtier"):
+            model(tokens[:, 20:21], cache=cache, use_cache=True)
+
+
+def test_other_llama_like_architecture(tokens):
+    """Qwen2 (biased projections, its own config class) goes through the same path."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = tokens[:, :90]
+    ref = full_logits(model, ids)
+    with TieredCache(model, budget=1.0, sinks=2, window=8, store_dtype="float32") as cache:
+        got = run(model, cache, ids, prefill=40)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
