@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import textwrap
+import time as _time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,8 +29,6 @@ EXIT_UNAVAILABLE = 2
 _NOT_YET = {
     "demo": "long decoding of the real model through kvtier needs the torch adapter, "
             "which this version does not have yet",
-    "bench": "the end-to-end benchmark suite (tier configurations on real traces) is not in "
-             "this version yet; the micro-benchmarks run with `pytest bench/test_micro.py`",
 }
 
 
@@ -45,10 +44,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Long decoding of the real model (SmolLM2-135M) through kvtier on a temporary store, "
                     "ending with DRAM used, tokens/s, agreement with full attention and I/O per step. "
                     "Not available in this version yet: it needs the torch adapter.")
-    sub.add_parser(
-        "bench", help="benchmark tier configurations on real traces (not available yet)",
-        description="Device profile x DRAM budget x policy x layout x cache policy on real traces, "
-                    "with JSON results and PNG plots. Not available in this version yet.")
+    b = sub.add_parser(
+        "bench", help="benchmark tier configurations on real traces; JSON results and PNG plots",
+        description="Device profile x DRAM budget x policy x layout x cache policy, replayed on real "
+                    "SmolLM2 KV traces (W1 long generation, W2 document + continuation) as a KV cache; "
+                    "recall vs fetch budget, I/O time per step vs context length, hit rate vs DRAM budget, "
+                    "read bandwidth vs request size (measured on DIR's file system and modeled), and W4 "
+                    "search recall vs queries/s against hnswlib and faiss. Writes DIR/bench.json (machine, "
+                    "versions, profiles, parameters, medians and spreads), DIR/bench.md and DIR/plots/*.png. "
+                    "Needs the source tree (the bench/ package and its trace cache): run it from the "
+                    "repository root.",
+        epilog="Lists take commas or spaces: --policies static,adaptive. `python -m bench.report` turns "
+               "bench/results/ into bench/REPORT.md.")
+    _bench_arguments(b)
 
     c = sub.add_parser(
         "calibrate", help="measure a device's read bandwidth vs request size; save it as a profile",
@@ -86,17 +94,107 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    args._argv = argv
     if args.command in _NOT_YET:
         print(f"kvtier {args.command}: not available yet: {_NOT_YET[args.command]}.", file=sys.stderr)
         return EXIT_UNAVAILABLE
     try:
-        return {"calibrate": _calibrate, "inspect": _inspect}[args.command](args)
+        return {"bench": _bench, "calibrate": _calibrate, "inspect": _inspect}[args.command](args)
     except BrokenPipeError:  # `kvtier inspect S | head`: stop quietly, and keep Python's exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flush from failing again
         return EXIT_ERROR
     except (KvtierError, OSError) as e:
         print(f"kvtier {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# -- bench --------------------------------------------------------------------------------------
+
+_BENCH_NEEDS_SOURCE = (
+    "kvtier bench: needs the kvtier source tree: its bench/ package (benchmark code, real-model "
+    "trace capture and cache) does not ship in the installed package. Run it from the repository "
+    "root (a checkout of kvtier), e.g. `cd kvtier && kvtier bench --quick --out DIR`")
+
+
+def _import_suite():
+    """bench.suite from the source tree, or None. The console script's sys.path holds its own
+    directory, not the working directory, so a checkout in the working directory is added."""
+    import importlib
+
+    for attempt in range(2):
+        try:
+            return importlib.import_module("bench.suite")
+        except ImportError as e:
+            # an ImportError from inside the suite (a missing dependency) is not a missing tree
+            if e.name not in ("bench", "bench.suite"):
+                raise
+            if attempt:
+                return None
+            here = os.getcwd()
+            if not os.path.isfile(os.path.join(here, "bench", "suite.py")) or here in sys.path:
+                return None
+            sys.path.insert(0, here)
+    return None
+
+
+def _bench_arguments(p) -> None:
+    """The options of ``kvtier bench`` (``python -m bench.suite`` takes the same). They are
+    declared here rather than imported from the suite so that ``--help`` works, and every other
+    command stays independent of the source tree; the presets' numbers quoted in the help are
+    checked against bench.suite.Settings by the tests."""
+    from kvtier.config import PROFILES
+
+    p.add_argument("--quick", action="store_true",
+                   help="the small preset: 3 layers, 512+1024 tokens, retrieval every 8th step, one device, "
+                        "a 20000-key W4 set; under 10 minutes on 2 cores. Without it the full preset runs "
+                        "every device profile and more of everything (hours)")
+    # required: a full run takes hours and `python -m bench.report` reads bench/results, so where
+    # results land is the caller's explicit choice
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="results directory (required): bench.json, bench.md, plots/*.png, w4/; "
+                        "bench/results is what `python -m bench.report` reads")
+    p.add_argument("--workloads", nargs="+", metavar="W", help="of W1, W2 (replayed), W4 (search); default all")
+    p.add_argument("--devices", nargs="+", metavar="DEV",
+                   help=f"device profiles ({', '.join(PROFILES)}), 'calibrated' (the profile this run measures "
+                        "on DIR) or saved profile files; quick: ufs4.0; full: every profile")
+    p.add_argument("--dram-budgets", nargs="+", metavar="B",
+                   help="DRAM budgets: shares of the replayed KV bytes (25%%, 0.25) or sizes (4MiB); "
+                        "quick: 20%%,50%%,100%%; full: 10%%,20%%,50%%,100%%")
+    p.add_argument("--policies", nargs="+", metavar="P", help="of none, static, local, adaptive; default all")
+    p.add_argument("--layouts", nargs="+", metavar="L", help="of clustered, colocated; default both")
+    p.add_argument("--cache-policies", nargs="+", metavar="C", help="of lru, lfu, cluster; default all")
+    p.add_argument("--budgets", nargs="+", metavar="F",
+                   help="fetch budgets of the recall sweep (fractions of the context; the grid uses 0.1); "
+                        "quick: 0.05,0.1,0.2; full: 0.02,0.05,0.1,0.2,0.3")
+    p.add_argument("--layers", nargs="+", metavar="N",
+                   help="replayed layers; default: quick 3 spread over the depth, full every 3rd")
+    p.add_argument("--every", type=int, metavar="N", help="retrieve every N decoding steps; quick: 8; full: 4")
+    p.add_argument("--prefill", type=int, metavar="N", help="context tokens before decoding (default 512)")
+    p.add_argument("--decode", type=int, metavar="N", help="decoded tokens; quick: 1024; full: 2048")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help="runs of the I/O-vs-context replays, for medians of real time; quick: 1; full: 3")
+    p.add_argument("--w4-keys", type=int, metavar="N", help="W4 data vectors; quick: 20000; full: 200000")
+    p.add_argument("--w4-queries", type=int, metavar="N", help="W4 queries; quick: 200; full: 1000")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip measuring DIR's read bandwidth (the bandwidth plot then shows profile models only)")
+    p.add_argument("--trace-dir", metavar="DIR", help="trace cache (default bench/.cache or $KVTIER_TRACE_DIR)")
+
+
+def _bench(args) -> int:
+    suite = _import_suite()
+    if suite is None:
+        print(_BENCH_NEEDS_SOURCE, file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    settings, out = suite.settings_from_args(args)
+    argv = sys.argv[1:] if args._argv is None else list(args._argv)
+    started = _time.perf_counter()
+    report = suite.run_suite(settings, out, command=suite.command_line(argv[1:] if argv[:1] == ["bench"] else argv))
+    took = _time.perf_counter() - started
+    print(f"\nkvtier bench ({report['mode']}): {took / 60:.1f} min; wrote {out}/bench.json, {out}/bench.md and "
+          f"{len(report['plots'])} plots: {', '.join(os.path.join(out, p) for p in report['plots'])}")
+    for e in report["stage_errors"]:
+        print(f"kvtier bench: error: {e}", file=sys.stderr)
+    return EXIT_ERROR if report["stage_errors"] else 0
 
 
 # -- calibrate ----------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ class Store:
                    dtype: Optional[str] = None, metric: Optional[str] = None, policy: Optional[str] = None,
                    init_cluster_size: int = 32, max_cluster_size: int = 64, kmeans_iters: int = 10,
                    seed: int = 0, nprobe: Optional[int] = None, tau: Optional[float] = None,
-                   tau_factor: float = 3.0, pending_budget: int = 128, local_window: int = 64,
+                   tau_factor: float = 3.0, pending_budget: int = 16, local_window: int = 64,
                    local_cluster_size: int = 16, score_temp: float = 0.0,
                    colocate_after: int = 32) -> Collection:
         """Creates or reopens a collection. Reopening checks that what is given matches.

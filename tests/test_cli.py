@@ -31,7 +31,7 @@ def test_module_entry_point_runs():
     assert r.returncode == 0 and r.stdout.strip() == f"kvtier {kvtier.__version__}"
 
 
-@pytest.mark.parametrize("cmd", ["demo", "bench"])
+@pytest.mark.parametrize("cmd", ["demo"])
 def test_commands_not_in_this_version_refuse_with_exit_2(cmd, capsys):
     assert main([cmd]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,400 @@
+"""Regenerates ``bench/REPORT.md`` (tables + PNG plots) from the results under ``bench/results/``.
+
+    python -m bench.report [--results bench/results] [--report bench/REPORT.md]
+
+Nothing is rerun: each benchmark's JSON (and the Markdown table it wrote beside it) is read,
+its plots are redrawn into ``<results>/plots/``, and each section names the command that
+reproduces it. A benchmark whose results are absent gets a one-line note with that command
+instead of a section. Sections, in order: the ``kvtier bench`` suite (``bench.json``), policies,
+flash layout, cache policies, pipelining, W4 search, model quality through torch, llama.cpp,
+and the micro-benchmark baseline (``bench/baseline``).
+
+Commands are shown with this repository's relative paths: an output path recorded by a run is
+rewritten to the results directory, so the report never carries one machine's directories.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+
+
+class Section:
+    """One benchmark's part of the report: a title, the command, Markdown body, plot files."""
+
+    def __init__(self, title: str, command: str, body: str = "", plots: Optional[list] = None,
+                 missing: bool = False):
+        self.title, self.command, self.body = title, command, body
+        self.plots = plots or []
+        self.missing = missing
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _load(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _md_parts(path: Path) -> tuple[Optional[str], str]:
+    """(recorded command, the rest) of a results .md: its '# ' title dropped, its first
+    backticked line taken as the command."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, ""
+    cmd, keep = None, []
+    for line in text.splitlines():
+        s = line.strip()
+        if cmd is None and re.fullmatch(r"`[^`]+`", s):
+            cmd = s.strip("`")
+            continue
+        if s.startswith("# ") and not keep:
+            continue
+        keep.append(line)
+    return cmd, "\n".join(keep).strip()
+
+
+def portable(cmd: str, results_rel: str) -> str:
+    """``cmd`` with output paths pointing into the results directory and any other absolute
+    path reduced to its file name, so no machine's directories end up in the report."""
+    try:
+        parts = shlex.split(cmd)
+    except ValueError:
+        return cmd
+    out = []
+    prev = None
+    for part in parts:
+        if "=" in part and part.startswith("--"):
+            key, _, val = part.partition("=")
+            out.append(f"{key}={_path_arg(key, val, results_rel)}")
+        elif prev is not None and prev.startswith("--"):
+            out.append(_path_arg(prev, part, results_rel))
+        else:
+            out.append(part)
+        prev = part
+    return " ".join(shlex.quote(p) for p in out)
+
+
+def _path_arg(key: str, val: str, results_rel: str) -> str:
+    if key == "--out":
+        if val == "OUT" or os.path.isabs(val) or val.startswith("bench/results"):
+            base = os.path.basename(val.rstrip("/"))
+            return f"{results_rel}/{base}" if "." in base else results_rel
+        return val
+    if os.path.isabs(val):
+        return os.path.basename(val.rstrip("/")) or val
+    return val
+
+
+def _args_command(module: str, args: dict, skip=("out",), extra: str = "") -> str:
+    """``python -m module --key value ...`` from an argparse namespace saved as a dict."""
+    parts = [f"python -m {module}"]
+    for k, v in args.items():
+        if k in skip or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, (list, tuple)):
+            parts.append(f"{flag} {','.join(map(str, v))}")
+        else:
+            parts.append(f"{flag} {shlex.quote(str(v))}")
+    return " ".join(parts) + (f" {extra}" if extra else "")
+
+
+def _rel(path, start: Path) -> str:
+    return os.path.relpath(path, start).replace(os.sep, "/")
+
+
+def _try_plot(fn: Callable[[], str], notes: list) -> list:
+    try:
+        return [fn()]
+    except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn is noted, the tables stay
+        notes.append(f"_plot not drawn: {type(e).__name__}: {e}_")
+        return []
+
+
+def _when(path: Path) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+
+
+# -- sections -----------------------------------------------------------------------------------
+
+def suite_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    cmd = "kvtier bench --out " + rr
+    data = _load(results / "bench.json")
+    if data is None:
+        return Section("Tier configurations (`kvtier bench`)", cmd, missing=True)
+    from bench import suite
+
+    notes: list = []
+    made = _try_plot(lambda: suite.make_plots(data, plots_dir), notes)
+    body = suite.markdown(data, plot_prefix=_rel(plots_dir, report_dir) + "/", plots_made=made[0] if made else [])
+    # demote the suite's headings one level below the report's section
+    lines = body.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    body = "\n".join(("#" + ln if ln.startswith("#") else ln) for ln in lines).strip()
+    rec = data.get("command")
+    return Section("Tier configurations (`kvtier bench`)", portable(rec, rr) if rec else cmd,
+                   "\n\n".join([body] + notes), [])  # the suite's body embeds its own plots
+
+
+def policies_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "Clustering policies: attention recall on real traces"
+    cmd = f"python -m bench.policies --out {rr}"
+    data = _load(results / "policies.json")
+    rec, table = _md_parts(results / "policies.md")
+    if data is None and not table:
+        return Section(title, cmd, missing=True)
+    notes: list = []
+    made = []
+    if data and data.get("rows"):
+        from bench import plots
+        args = (data.get("meta") or {}).get("args", {})
+        made = _try_plot(lambda: plots.recall_vs_budget(
+            data["rows"], plots_dir / "policies_recall_vs_budget.png",
+            f"python -m bench.policies: layers {args.get('layers', '?')}, every {args.get('every', '?')} steps, "
+            f"prefill {args.get('prefill', '?')} + decode {args.get('decode', '?')}, DRAM {args.get('dram_budget', '?')}"),
+            notes)
+        if not table:
+            table = plots_table(data["rows"], ("workload", "budget", "policy", "recall", "oracle_recall",
+                                               "clusters", "mean_cluster_size", "read_ops_per_retrieve"))
+    return Section(title, portable(rec, rr) if rec else cmd, "\n\n".join([table] + notes), made)
+
+
+def flash_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "Flash layout: what the device sees"
+    cmd = f"python -m bench.flash --out {rr}"
+    data = _load(results / "flash.json")
+    rec, table = _md_parts(results / "flash.md")
+    if data is None and not table:
+        return Section(title, cmd, missing=True)
+    notes: list = []
+    made = []
+    if data and data.get("rows"):
+        from bench import plots
+        args = (data.get("meta") or {}).get("args", {})
+        made = _try_plot(lambda: plots.io_by_policy_layout(
+            data["rows"], plots_dir / "flash_io_by_policy_layout.png",
+            f"python -m bench.flash: device {args.get('device', '?')}, DRAM {args.get('dram_budget', '?')}, "
+            f"fetch budget {args.get('budget', '?')}, layers {args.get('layers', '?')}"), notes)
+    return Section(title, portable(rec, rr) if rec else cmd, "\n\n".join([table] + notes), made)
+
+
+def cache_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "Cache policies: hit rate and flash reads vs DRAM budget"
+    cmd = f"python -m bench.cache --out {rr}"
+    data = _load(results / "cache.json")
+    rec, table = _md_parts(results / "cache.md")
+    if data is None and not table:
+        return Section(title, cmd, missing=True)
+    notes: list = []
+    made = []
+    if data and data.get("rows"):
+        from bench import plots
+        args = data.get("args", {})
+        made = _try_plot(lambda: plots.hit_rate_vs_dram(
+            data["rows"], plots_dir / "cache_hit_rate_vs_dram.png",
+            f"python -m bench.cache: policy adaptive, fetch budget 10%, layers {args.get('layers', '?')}, "
+            f"every {args.get('every', '?')} steps"), notes)
+    return Section(title, portable(rec, rr) if rec else cmd, "\n\n".join([table] + notes), made)
+
+
+def pipeline_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "Pipelining: prefetch against per-layer compute"
+    data = _load(results / "pipeline.json")
+    if data is None:
+        return Section(title, f"python -m bench.pipeline --out {rr}", missing=True)
+    rows = data.get("rows", {})
+    lines = ["| mode | step ms (median) | runs ms | modeled I/O ms/step | waited for I/O ms/step | prefetch hits / issued |",
+             "|---|---:|---|---:|---:|---:|"]
+    for mode, r in rows.items():
+        lines.append(f"| {mode} | {r['step_ms']:.2f} | {', '.join(f'{x:.2f}' for x in r.get('step_ms_all', []))} | "
+                     f"{r.get('modeled_io_ms_per_step', 0):.2f} | {r.get('io_wait_ms_per_step', 0):.2f} | "
+                     f"{r.get('prefetch_hits', 0)} / {r.get('prefetch_issued', 0)} |")
+    if "ratio" in data:
+        lines += ["", f"pipelined / max(compute, I/O) = {data['ratio']:.2f} (target <= 1.15); "
+                      f"{data.get('matmuls_per_layer', '?')} matmuls per layer of synthetic compute"]
+    notes: list = []
+    from bench import plots
+    args = data.get("args", {})
+    made = _try_plot(lambda: plots.pipeline_steps(
+        rows, plots_dir / "pipeline_step_time.png",
+        f"python -m bench.pipeline: {args.get('compute_ms', '?')} ms compute per layer, {args.get('steps', '?')} steps, "
+        f"DRAM {args.get('dram_budget', '?')}, UFS 4.0 throttled"), notes)
+    return Section(title, _args_command("bench.pipeline", args, extra=f"--out {rr}"),
+                   "\n".join(lines) + ("\n\n" + "\n\n".join(notes) if notes else ""), made)
+
+
+def w4_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "W4 search: kvtier against hnswlib and faiss"
+    data = _load(results / "w4_search.json")
+    _, table = _md_parts(results / "w4_search.md")
+    if data is None:
+        return Section(title, f"python -m bench.w4_search --out {rr}", missing=True)
+    from bench import plots, w4_search
+    params = data.get("parameters", {})
+    defaults = vars(w4_search.parse_args([]))
+    changed = {k: v for k, v in params.items() if k in defaults and k not in ("out", "cache_dir", "workdir")
+               and v != defaults[k]}
+    notes: list = []
+    made = _try_plot(lambda: plots.search_recall_vs_qps(
+        data.get("results", []), plots_dir / "w4_search_recall_vs_qps.png",
+        f"{params.get('n_keys')} SmolLM2 keys, {params.get('n_queries')} queries, top-10 inner product, "
+        f"{params.get('threads', 1)} search thread(s)"), notes)
+    if not table:
+        table = w4_search.markdown_table(data.get("results", []), params.get("data_bytes", 0))
+    return Section(title, _args_command("bench.w4_search", changed, extra=f"--out {rr}"),
+                   "\n\n".join([table] + notes), made)
+
+
+def torch_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "Model quality: kvtier as the KV cache of SmolLM2 (torch)"
+    data = _load(results / "torch_quality.json")
+    if data is None:
+        return Section(title, f"python -m bench.torch_quality --out {rr}/torch_quality.json", missing=True)
+    from bench import torch_quality
+    try:
+        table = torch_quality.markdown(data["rows"])
+    except (KeyError, TypeError) as e:
+        table = f"_table not rendered ({type(e).__name__}: {e}); raw rows in torch_quality.json_"
+    lines = [table, ""] + [f"- {t}" for t in data.get("targets", [])]
+    if data.get("prefetch"):
+        lines.append(f"- prefetch: {data['prefetch']}")
+    return Section(title, _args_command("bench.torch_quality", data.get("params", {}),
+                                        extra=f"--out {rr}/torch_quality.json"), "\n".join(lines))
+
+
+def llama_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "llama.cpp with a bounded KV cache (TieredLlama)"
+    path = next((results / n for n in ("llama_cpp.json", "llama_cpp_bench.json") if (results / n).exists()), None)
+    if path is None:
+        return Section(title, f"python -m bench.llama_cpp_bench --out {rr}/llama_cpp.json", missing=True)
+    data = _load(path)
+    from bench import llama_cpp_bench as lb
+    try:
+        text = "\n".join([lb.QUALITY_HEADER] + [lb._fmt_row(r) for r in data["quality"]] + ["", lb.SWITCH_HEADER]
+                         + [lb._fmt_switch(r) for r in data.get("switch", [])])
+        body = f"{data.get('workload', '')}\n\n```\n{text}\n```"
+    except (KeyError, TypeError) as e:
+        body = f"_table not rendered ({type(e).__name__}: {e}); raw results in {path.name}_"
+    rec = data.get("command")
+    return Section(title, portable(rec, rr) if rec else f"python -m bench.llama_cpp_bench --out {rr}/{path.name}", body)
+
+
+def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+    title = "Micro-benchmarks of the engine's hot paths (stored baseline)"
+    cmd = ("pytest bench/test_micro.py --benchmark-storage=bench/baseline --benchmark-compare=0001 "
+           "--benchmark-compare-fail=median:30%")
+    files = sorted(glob.glob(str(BENCH_DIR / "baseline" / "*" / "*.json")))
+    if not files:
+        return Section(title, "pytest bench/test_micro.py --benchmark-storage=bench/baseline --benchmark-save=baseline",
+                       missing=True)
+    data = _load(Path(files[-1]))
+    mi = data.get("machine_info", {})
+    lines = [f"Baseline `{Path(files[-1]).name}` ({data.get('datetime', '')[:16]}, commit "
+             f"{(data.get('commit_info') or {}).get('id', '?')[:7]}, {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))}, "
+             f"Python {mi.get('python_version', '?')}).", "",
+             "| benchmark | median µs | IQR µs | rounds |", "|---|---:|---:|---:|"]
+    for b in data.get("benchmarks", []):
+        st = b["stats"]
+        lines.append(f"| {b['name']} | {st['median'] * 1e6:.1f} | {st['iqr'] * 1e6:.1f} | {st['rounds']} |")
+    return Section(title, cmd, "\n".join(lines))
+
+
+SECTIONS = (suite_section, policies_section, flash_section, cache_section, pipeline_section, w4_section,
+            torch_section, llama_section, micro_section)
+
+
+def plots_table(rows: list, keys: tuple) -> str:
+    """A plain Markdown table of the given keys (numbers to 3 decimals)."""
+    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
+    body = ["| " + " | ".join(f"{r.get(k):.3f}" if isinstance(r.get(k), float) else str(r.get(k, "–"))
+                              for k in keys) + " |" for r in rows]
+    return "\n".join([head] + body)
+
+
+# -- the report -------------------------------------------------------------------------------
+
+def build(results, report_path) -> str:
+    """Writes the report (and the plots under ``<results>/plots``); returns its text."""
+    results = Path(results).resolve()
+    report_path = Path(report_path).resolve()
+    if not results.is_dir():
+        raise SystemExit(f"--results: {results.name!r} is not a directory")
+    report_dir = report_path.parent
+    plots_dir = results / "plots"
+    rr = _results_arg(results)
+    sections = [fn(results, plots_dir, report_dir, rr) for fn in SECTIONS]
+    present = [s for s in sections if not s.missing]
+    missing = [s for s in sections if s.missing]
+    files = sorted(p.name for p in results.iterdir() if p.suffix in (".json", ".md"))
+    L = ["# kvtier benchmark report", "",
+         f"Generated by `python -m bench.report --results {rr}` from {', '.join(f'`{f}`' for f in files) or 'no files'}"
+         f" ({time.strftime('%Y-%m-%d %H:%M')}). Do not edit: rerun the commands below, then regenerate.", "",
+         "Absolute times come from a shared 2-core machine and are noisy; recall, bytes, read counts and "
+         "modeled device times are deterministic, and ratios measured side by side in one run are what to "
+         "compare (EVAL.md, Reporting).", ""]
+    if present:
+        L += ["Contents:"] + [f"- [{s.title}](#{_anchor(s.title)})" for s in present] + [""]
+    for s in present:
+        L += [f"## {s.title}", "", "Reproduce:", "", "```", s.command, "```", ""]
+        if s.body:
+            L += [s.body, ""]
+        for p in s.plots:
+            L += [f"![{Path(p).stem}]({_rel(p, report_dir)})", ""]
+    if missing:
+        L += ["## Not in these results", ""]
+        L += [f"- {s.title}: no results file; `{s.command}` produces it." for s in missing]
+        L.append("")
+    text = "\n".join(L).rstrip() + "\n"
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(text)
+    return text
+
+
+def _results_arg(results: Path) -> str:
+    """The results directory as a command argument: relative to the repository root when
+    inside it, else just its name (no machine path in the report)."""
+    try:
+        return _rel(results, REPO) if REPO in results.parents or results == REPO else results.name
+    except ValueError:
+        return results.name
+
+
+def _anchor(title: str) -> str:
+    a = re.sub(r"[^\w\- ]", "", title.lower()).strip().replace(" ", "-")
+    return a
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=str(BENCH_DIR / "results"), help="results directory (default bench/results)")
+    ap.add_argument("--report", default=None, help="output Markdown file (default: REPORT.md beside the results "
+                                                   "directory's parent, i.e. bench/REPORT.md)")
+    a = ap.parse_args(argv)
+    report = a.report or str(Path(a.results).resolve().parent / "REPORT.md")
+    text = build(a.results, report)
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    missing = text.split("\n## Not in these results", 1)[1].count("\n- ") if "## Not in these results" in text else 0
+    sections = text.count("\n## ") - (1 if missing else 0)
+    print(f"wrote {report}: {sections} sections, {len(pngs)} plots; {missing} benchmark(s) without results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""`kvtier bench` and bench/suite.py, bench/plots.py, bench/report.py on tiny synthetic traces.
+
+The real suite replays SmolLM2 traces for minutes; here traces of the same shape (random keys,
+values and queries, a few layers and positions) are written into a temporary trace cache, so
+the whole plumbing runs in seconds: trace loading and cutting, the grid, the recall sweep, the
+prefix-difference spans, the calibration, W4 through bench.w4_search, the JSON, the Markdown
+and every PNG, and the report built from a results directory.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ is a source-tree package, not installed
+    sys.path.insert(0, str(REPO))
+
+from kvtier.cli import main  # noqa: E402
+from kvtier.errors import InvalidArgumentError  # noqa: E402
+
+pytest.importorskip("matplotlib", reason="the suite draws PNG plots (the bench extra)")
+
+from bench import suite  # noqa: E402
+from bench.capture import Trace, save_trace, trace_path  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def synthetic_trace(workload, prefill, decode, layers=2, kv_heads=2, q_heads=4, dim=32, seed=0):
+    """A Trace with the real one's fields and dtypes: random float16 states, GQA groups of 2."""
+    rng = np.random.default_rng(seed)
+    T = prefill + decode
+    keys = rng.standard_normal((layers, kv_heads, T, dim)).astype(np.float16)
+    queries = rng.standard_normal((layers, q_heads, T, dim)).astype(np.float16)
+    return Trace(workload=workload, keys=keys, values=rng.standard_normal(keys.shape).astype(np.float16),
+                 queries=queries, tokens=np.arange(T, dtype=np.int32), nll=np.ones(T - 1, np.float32),
+                 prefill=prefill, meta={"workload": workload, "seed": 0, "model_file": "synthetic"})
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("traces")
+    # longer than asked for: the suite cuts the prefix it needs
+    save_trace(synthetic_trace("W1", 128, 192, seed=1), trace_path("W1", 128, 192, 0, d))
+    # W4 draws its vectors from a W1 capture with a 512-token prefill
+    save_trace(synthetic_trace("W1", 512, 64, seed=9), trace_path("W1", 512, 64, 0, d))
+    return d
+
+
+def settings(trace_dir, **kw):
+    s = suite.Settings(quick=True, workloads=["W1"], devices=["ufs4.0", "calibrated"],
+                       dram_budgets=["70%", "1MiB"], policies=["static", "adaptive", "none"],
+                       layouts=["clustered", "colocated"], cache_policies=["lru", "cluster"],
+                       fetch_budget=0.3, budgets=[0.3, 0.5], every=8, prefill=128, decode=160,
+                       context_points=3, repeats=2,
+                       calibrate=True, cache_dir=str(trace_dir))
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+@pytest.fixture(scope="module")
+def run(trace_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    report = suite.run_suite(settings(trace_dir), out, log=lambda m: None, command="kvtier bench --out OUT")
+    return out, report
+
+
+def test_suite_writes_json_markdown_and_plots(run):
+    out, report = run
+    assert report["stage_errors"] == []
+    data = json.loads((out / "bench.json").read_text())
+    for key in ("machine", "versions", "devices", "parameters", "calibration", "traces", "replays", "seconds"):
+        assert key in data, key
+    assert set(data["devices"]) == {"ufs4.0", "calibrated"}
+    assert data["devices"]["ufs4.0"]["bandwidth_Bps"] == pytest.approx(2.9e9)
+    assert data["calibration"]["calibration"]["points"]
+    # the trace is 128+160 tokens cut from the cached 128+192 capture
+    assert data["traces"]["W1"]["decode"] == 160 and data["traces"]["W1"]["cut_from_decode"] == 192
+    # grid: devices x DRAM budgets x (2 clustered policies x 2 layouts x 2 cache policies + none once)
+    grid = data["replays"]["grid"]
+    assert len(grid) == 2 * 2 * (2 * 2 * 2 + 1)
+    ok = [r for r in grid if "error" not in r]
+    assert ok, "every configuration refused"
+    for r in ok:
+        assert 0.0 < r["recall"] <= 1.0 and r["dram_peak_bytes"] <= r["dram_budget_bytes"]
+    assert {r["layout"] for r in grid if r["policy"] == "none"} == {"n/a"}
+    # the recall sweep covers every policy and budget
+    rec = data["replays"]["recall_vs_budget"]
+    assert {(r["policy"], r["budget"]) for r in rec} == {(p, b) for p in ("static", "adaptive", "none")
+                                                         for b in (0.3, 0.5)}
+    names = sorted(p.name for p in (out / "plots").iterdir())
+    assert names == sorted(os.path.basename(p) for p in data["plots"])
+    for want in ("bench_recall_vs_budget.png", "bench_io_vs_context.png", "bench_bandwidth_vs_request_size.png",
+                 "bench_hit_rate_vs_dram.png", "bench_io_by_policy_layout.png"):
+        assert want in names
+        blob = (out / "plots" / want).read_bytes()
+        assert blob.startswith(PNG_MAGIC) and len(blob) > 10_000
+    md = (out / "bench.md").read_text()
+    assert "## Tier configurations" in md and "![recall vs budget](plots/bench_recall_vs_budget.png)" in md
+
+
+def test_context_spans_add_up_to_the_whole_run(run):
+    """The spans come from differences of prefix replays: summed back they must give the
+    modeled I/O of the whole run at the same configuration (the engine is deterministic)."""
+    out, report = run
+    layers = {w: len(t["layers"]) for w, t in report["traces"].items()}
+    spans = [r for r in report["replays"]["io_vs_context"] if "error" not in r]
+    assert spans
+    for (w, pol), rows in _group(spans).items():
+        assert [r["span"][0] for r in rows][1:] == [r["span"][1] for r in rows][:-1]  # contiguous
+        assert all(r["deterministic"] for r in rows)
+        assert all(len(r["real_us_per_step_layer"]["runs"]) == 2 for r in rows)  # --repeats 2
+        total = sum(r["modeled_us_per_step_layer"] * r["retrieval_steps"] * layers[w] for r in rows) / 1e6
+        ref = report["traces"][w]["reference"]
+        dram = ref["none_dram"] if pol == "none" else ref["dram"]
+        whole = [g for g in report["replays"]["grid"] if g["workload"] == w and g["policy"] == pol
+                 and g["device"] == ref["device"] and g["dram"] == dram and "error" not in g
+                 and g["layout"] in (ref["layout"], "n/a") and g["cache_policy"] in (ref["cache_policy"], "n/a")]
+        assert len(whole) == 1
+        assert total == pytest.approx(whole[0]["modeled_io_s_total"], rel=1e-9, abs=1e-12)
+
+
+def _group(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["workload"], r["policy"]), []).append(r)
+    return {k: sorted(v, key=lambda r: r["span"][0]) for k, v in out.items()}
+
+
+def test_report_from_a_results_directory(run, tmp_path):
+    """bench.report turns a results directory into REPORT.md with plots and commands, and notes
+    what is missing; no absolute path of this machine ends up in it."""
+    from bench import report
+
+    out, _ = run
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench.json").write_text((out / "bench.json").read_text())
+    rows = [{"workload": "W1", "budget": b, "policy": p, "recall": 0.1 + b + (p == "adaptive") * 0.2,
+             "oracle_recall": 0.9, "clusters": 10, "mean_cluster_size": 30.0, "read_ops_per_retrieve": 0.5}
+            for p in ("static", "adaptive") for b in (0.05, 0.1)]
+    (results / "policies.json").write_text(json.dumps({"meta": {"args": {"layers": "all"}}, "rows": rows}))
+    (results / "policies.md").write_text(f"# Policies\n\n`python -m bench.policies --out {tmp_path}/elsewhere`\n\n"
+                                         "| a | b |\n|---|---|\n| 1 | 2 |\n")
+    path = tmp_path / "REPORT.md"
+    text = report.build(results, path)
+    assert path.read_text() == text
+    assert "## Tier configurations (`kvtier bench`)" in text and "## Clustering policies" in text
+    assert "python -m bench.policies --out results" in text  # the recorded --out, made portable
+    assert str(tmp_path) not in text
+    assert "## Not in these results" in text and "python -m bench.flash --out results" in text
+    links = [ln.split("](")[1].rstrip(")") for ln in text.splitlines() if ln.startswith("![")]
+    assert "results/plots/policies_recall_vs_budget.png" in links
+    assert "results/plots/bench_io_vs_context.png" in links
+    for link in links:
+        assert (tmp_path / link).read_bytes().startswith(PNG_MAGIC), link
+
+
+def test_w4_search_through_the_suite(trace_dir, tmp_path):
+    pytest.importorskip("hnswlib", reason="W4 compares against hnswlib (the bench extra)")
+    s = settings(trace_dir, workloads=["W4"], calibrate=False, devices=["ufs4.0"], w4_keys=1500, w4_queries=30,
+                 w4_repeats=1, w4_methods=["exact", "hnswlib", "kvtier"], w4_trace_decode=64)
+    report = suite.run_suite(s, tmp_path, log=lambda m: None)
+    assert report["stage_errors"] == []
+    res = {(e["method"], e.get("budget_fraction")): e for e in report["w4_search"]["results"]}
+    assert res["exact", None]["points"][0]["recall_at_10"] == 1.0
+    assert res["hnswlib", None]["points"] and res["kvtier", 1.0]["points"]
+    assert str(tmp_path) not in json.dumps(report["w4_search"]["argv"])
+    assert (tmp_path / "plots" / "bench_search_recall_vs_qps.png").read_bytes().startswith(PNG_MAGIC)
+    assert "## W4 search" in (tmp_path / "bench.md").read_text()
+
+
+def test_cli_bench_runs_the_suite(trace_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["bench", "--quick", "--out", str(out), "--workloads", "W1", "--policies", "static",
+               "--layouts", "clustered", "--cache-policies", "lru,cluster", "--dram-budgets", "50%", "100%",
+               "--prefill", "128", "--decode", "64", "--layers", "1", "--no-calibrate", "--trace-dir", str(trace_dir)])
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["command"].startswith("kvtier bench --quick --out OUT ")
+    assert data["parameters"]["dram_budgets"] == ["50%", "100%"] and data["parameters"]["layers"] == [1]
+    assert data["parameters"]["budgets"] == [0.05, 0.1, 0.2]
+    assert len(data["replays"]["grid"]) == 4
+    assert any(p.endswith(".png") for p in data["plots"])
+    assert "kvtier bench (quick)" in capsys.readouterr().out
+
+
+def test_bench_help_lists_the_axes_and_the_presets(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["bench", "--help"])
+    assert ei.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for opt in ("--quick", "--out", "--workloads", "--devices", "--dram-budgets", "--policies", "--layouts",
+                "--cache-policies"):
+        assert opt in text
+    # the preset numbers the help quotes are the suite's
+    q, f = suite.Settings.preset(True), suite.Settings.preset(False)
+    assert f"quick: {','.join(q.dram_budgets)}; full: {','.join(f.dram_budgets)}" in text
+    assert f"quick: {','.join(map(str, q.budgets))}; full: {','.join(map(str, f.budgets))}" in text
+    assert f"quick: {q.every}; full: {f.every}" in text
+    assert f"quick: {q.decode}; full: {f.decode}" in text
+    assert f"quick: {q.repeats}; full: {f.repeats}" in text
+    assert f"quick: {q.w4_keys}; full: {f.w4_keys}" in text and f"quick: {q.w4_queries}; full: {f.w4_queries}" in text
+    assert q.devices == ["ufs4.0"] and "quick: ufs4.0; full: every profile" in text
+    from kvtier.config import PROFILES
+    assert set(f.devices) == set(PROFILES)
+
+
+def test_bench_outside_the_source_tree_says_run_from_the_repository_root(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "--quick", "--out", str(out)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "repository root" in r.stderr and "kvtier bench" in r.stderr
+    assert not out.exists()
+
+
+def test_bench_without_the_bench_package_in_process(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "bench", None)  # importing it now fails like a missing tree
+    monkeypatch.setitem(sys.modules, "bench.suite", None)
+    assert main(["bench", "--quick", "--out", str(tmp_path / "out")]) == 2
+    assert "run it from the repository root" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("kw, name", [
+    ({"policies": ["static", "bogus"]}, "--policies"),
+    ({"layouts": ["diagonal"]}, "--layouts"),
+    ({"cache_policies": ["fifo"]}, "--cache-policies"),
+    ({"workloads": ["W9"]}, "--workloads"),
+    ({"devices": ["floppy"]}, "--devices"),
+    ({"dram_budgets": ["lots"]}, "--dram-budgets"),
+    ({"dram_budgets": ["150%"]}, "--dram-budgets"),
+    ({"budgets": [0.0]}, "--budgets"),
+    ({"every": 0}, "--every"),
+    ({"prefill": 20}, "--prefill"),
+])
+def test_bad_settings_name_the_option(trace_dir, kw, name):
+    with pytest.raises(InvalidArgumentError, match=name):
+        settings(trace_dir, **kw).validate()
+
+
+def test_presets_are_valid():
+    for quick in (True, False):
+        suite.Settings.preset(quick).validate()
+
+
+def test_dram_budget_specs():
+    assert suite.parse_dram("25%") == ("fraction", 0.25)
+    assert suite.parse_dram("0.5") == ("fraction", 0.5)
+    assert suite.parse_dram("1") == ("fraction", 1.0)
+    assert suite.parse_dram("4MiB") == ("bytes", 4 * 2**20)
+    assert suite.parse_dram("65536") == ("bytes", 65536)
