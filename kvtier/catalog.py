@@ -12,12 +12,13 @@ catalog never names data that is not on stable storage.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 
 import lmdb
 
-from kvtier.errors import CorruptionError, FormatVersionError, StoreLockedError
+from kvtier.errors import CorruptionError, FormatVersionError, StorageIOError, StoreLockedError
 
 CATALOG_FORMAT = 1
 
@@ -52,11 +53,32 @@ class Catalog:
                                  create=not readonly)
         except lmdb.Error as e:
             raise CorruptionError(f"catalog: cannot open the LMDB environment at {self.path}: {e}") from e
-        with self.env.begin(write=not readonly) as txn:
+        try:
+            self._check_length()
+            self._init_format(readonly)
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _check_length(self):
+        """LMDB maps the file and trusts it: a page past the end of a truncated data.mdb is a
+        SIGBUS, not an error. Refuse a file shorter than the pages its meta page names."""
+        data = os.path.join(self.path, "data.mdb")
+        need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        have = os.path.getsize(data) if os.path.exists(data) else 0
+        if have < need:
+            raise CorruptionError(f"catalog: {data} is truncated ({have} bytes, its last page ends at {need})")
+
+    def _init_format(self, readonly):
+        with _lmdb_errors("open"), self.env.begin(write=not readonly) as txn:
             fmt = txn.get(b"meta/format")
             if fmt is None:
                 if readonly:
                     raise CorruptionError(f"catalog: {self.path} holds no kvtier catalog")
+                data = glob.glob(os.path.join(os.path.dirname(self.path), "c*.kvd"))
+                if data:  # an empty catalog over data files would forget (and reuse) them
+                    raise CorruptionError(f"catalog: {self.path} is missing or empty but the store holds "
+                                          f"{len(data)} data files: the catalog was lost")
                 txn.put(b"meta/format", str(CATALOG_FORMAT).encode())
                 txn.put(b"meta/next_no", b"0")
             elif fmt != str(CATALOG_FORMAT).encode():
@@ -69,25 +91,39 @@ class Catalog:
 
     def collections(self) -> dict[str, dict]:
         out = {}
-        with self.env.begin() as txn:
+        with _lmdb_errors("read"), self.env.begin() as txn:
             cur = txn.cursor()
             if cur.set_range(b"coll/"):
                 for k, v in cur:
                     if not k.startswith(b"coll/"):
                         break
                     try:
-                        out[k[5:].decode()] = json.loads(v)
+                        name, params = k[5:].decode(), json.loads(v)
                     except ValueError as e:
                         raise CorruptionError(f"catalog: collection record {k!r} is not valid JSON") from e
+                    out[name] = _check_params(name, params)
+            listed = txn.get(b"meta/collections")
+        if listed is not None:
+            try:
+                listed = json.loads(bytes(listed))
+            except ValueError:
+                listed = None
+            if not isinstance(listed, list) or sorted(listed) != sorted(out):
+                raise CorruptionError(f"catalog: the collection records ({sorted(out)}) do not match "
+                                      f"the list of collections ({listed}): a damaged catalog page")
         return out
 
     def next_no(self) -> int:
-        with self.env.begin() as txn:
-            return int(txn.get(b"meta/next_no", b"0"))
+        with _lmdb_errors("read"), self.env.begin() as txn:
+            v = txn.get(b"meta/next_no", b"0")
+        if not v.isdigit():
+            raise CorruptionError(f"catalog: meta/next_no is not a number ({bytes(v)!r})")
+        # never below a number in use: a damaged counter must not reuse (truncate) a data file
+        return max([int(v)] + [p["no"] + 1 for p in self.collections().values()])
 
     def load(self, no: int) -> tuple[bytes, list[bytes]]:
         """The committed directory blob and id-map chunks of collection ``no``."""
-        with self.env.begin() as txn:
+        with _lmdb_errors("read"), self.env.begin() as txn:
             d = txn.get(_k("dir", f"{no:08d}"))
             if d is None:
                 raise CorruptionError(f"catalog: collection {no} has no cluster directory")
@@ -113,13 +149,66 @@ class Catalog:
                     txn.put(_k("dir", f"{no:08d}"), dir_blob)
                     for ch, blob in chunks.items():
                         txn.put(_k("loc", f"{no:08d}", f"{ch:012d}"), blob)
+                # the names of every collection, so that a record lost to a damaged page
+                # (LMDB pages carry no checksum) is noticed on open rather than missing quietly
+                txn.put(b"meta/collections", json.dumps(sorted(_names(txn))).encode())
         try:
-            write()
-            kill_point("catalog.committed")
-        except lmdb.MapFullError:
-            self.env.set_mapsize(self.env.info()["map_size"] * 2 + sum(
-                len(r[2]) + sum(len(b) for b in r[3].values()) for r in records))
-            write()
+            try:
+                write()
+                kill_point("catalog.committed")
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2 + sum(
+                    len(r[2]) + sum(len(b) for b in r[3].values()) for r in records))
+                write()
+        except lmdb.Error as e:
+            raise StorageIOError(f"catalog: commit to {self.path} failed: {e}") from e
+
+
+def _names(txn) -> list[str]:
+    cur = txn.cursor()
+    out = []
+    if cur.set_range(b"coll/"):
+        for k in cur.iternext(values=False):
+            if not k.startswith(b"coll/"):
+                break
+            out.append(bytes(k[5:]).decode())
+    return out
+
+
+class _lmdb_errors:
+    """Turns an LMDB error (a damaged page, a failed read) into CorruptionError."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, tp, e, tb):
+        if tp is not None and issubclass(tp, lmdb.Error):
+            raise CorruptionError(f"catalog: {self.what} failed: {e}") from e
+        return False
+
+
+# A collection record's fields and their types: a record missing one or holding another type
+# is damaged (JSON carries no checksum of its own).
+_PARAM_TYPES = {"no": int, "dim": int, "value_dim": int, "dtype": str, "metric": str, "policy": str,
+                "init_cluster_size": int, "max_cluster_size": int, "kmeans_iters": int, "seed": int,
+                "tau_factor": (int, float), "pending_budget": int, "local_window": int,
+                "local_cluster_size": int}
+
+
+def _check_params(name: str, p) -> dict:
+    bad = not isinstance(p, dict) or any(
+        not isinstance(p.get(k), t) or isinstance(p.get(k), bool) for k, t in _PARAM_TYPES.items())
+    if not bad:
+        from kvtier.config import DTYPES, METRICS, POLICIES
+
+        bad = (p["dtype"] not in DTYPES or p["metric"] not in METRICS or p["policy"] not in POLICIES
+               or not 0 <= p["no"] < 2**32 or p.get("name", name) != name)
+    if bad:
+        raise CorruptionError(f"catalog: the record of collection {name!r} is damaged ({str(p)[:200]})")
+    return p
 
 
 class StoreLock:

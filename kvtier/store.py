@@ -139,8 +139,17 @@ class Collection:
                 raise InvalidArgumentError(f"values: shape (n, {self.value_dim}) expected, got None")
             v = np.empty((k.shape[0], 0), dtype=self.dtype)
         else:
-            v, _ = _as_matrix("values", values, self.value_dim, self.dtype) if self.value_dim else (
-                np.asarray(values, dtype=self.dtype).reshape(k.shape[0], 0), False)
+            if self.value_dim:
+                v, _ = _as_matrix("values", values, self.value_dim, self.dtype)
+            else:
+                try:
+                    size = np.asarray(values).size
+                except Exception:  # ragged lists and the like
+                    size = -1
+                if size != 0:
+                    raise InvalidArgumentError(f"values: collection {self.name!r} has value_dim=0: "
+                                               "None or an empty array expected")
+                v = np.empty((k.shape[0], 0), dtype=self.dtype)
             if v.shape[0] != k.shape[0]:
                 raise InvalidArgumentError(
                     f"values: one row per key expected ({k.shape[0]}), got {v.shape[0]}")
@@ -193,7 +202,10 @@ class Collection:
 
     def get(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of the given ids, in the given order."""
-        a = np.asarray(ids)
+        try:
+            a = np.asarray(ids)
+        except Exception as e:  # ragged lists and the like
+            raise InvalidArgumentError(f"ids: a 1-d array of integer ids expected ({e})") from None
         if a.dtype.kind not in "iu" or a.ndim > 1:
             raise InvalidArgumentError(f"ids: a 1-d array of integer ids expected, got dtype {a.dtype} shape {a.shape}")
         a = np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
@@ -313,7 +325,7 @@ class Store:
                                           max_cluster_size, kmeans_iters, seed, nprobe, tau,
                                           tau_factor, pending_budget, local_window,
                                           local_cluster_size, score_temp, colocate_after)
-                params["no"] = self._next_no
+                params["no"], params["name"] = self._next_no, name
                 h = self._engine.create(params["no"], params)
                 self._next_no += 1
             coll = Collection(self, name, params, h)

@@ -21,3 +21,16 @@ def make_data(n, dim=16, value_dim=8, seed=0, dtype=np.float16):
     keys = rng.standard_normal((n, dim)).astype(dtype)
     values = rng.standard_normal((n, value_dim)).astype(dtype)
     return keys, values
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability counts (kills survived, faults injected, fuzz cases run) that tests
+    record with record_property("reliability", ...): shown even under -q."""
+    lines = [f"{rep.nodeid.split('::', 1)[-1]}: {value}"
+             for key in ("passed", "failed", "xfailed", "xpassed")
+             for rep in terminalreporter.stats.get(key, [])
+             for name, value in getattr(rep, "user_properties", ()) if name == "reliability"]
+    if lines:
+        terminalreporter.section("reliability counts")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -326,6 +326,17 @@ int kvt_file_sync(kvt_file *f) {
     return 0;
 }
 
+int kvt_dir_sync(const char *dir) {
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        return kvt_fail(e, "open(%s) to sync it: %s (syscall open)", dir, strerror(e));
+    }
+    int e = fsync(fd) ? errno : 0;
+    close(fd);
+    return e ? kvt_fail(e, "fsync(%s): %s (syscall fsync)", dir, strerror(e)) : 0;
+}
+
 void kvt_io_stats_get(kvt_io *io, kvt_io_stats *out) {
     pthread_mutex_lock(&io->mu);
     *out = io->st;

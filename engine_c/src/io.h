@@ -85,6 +85,8 @@ int kvt_file_read(kvt_file *f, uint64_t off, size_t len, void *dst, uint64_t ent
 size_t kvt_file_read_scratch(const kvt_file *f, uint64_t off, size_t len);
 int kvt_file_write(kvt_file *f, uint64_t off, const void *src, size_t len);
 int kvt_file_sync(kvt_file *f);
+/* fsyncs a directory, so that the files just created in it survive a power cut. */
+int kvt_dir_sync(const char *dir);
 
 /* Reads between begin and end form one batch for the device model (issued together). */
 void kvt_io_batch_begin(kvt_io *io);

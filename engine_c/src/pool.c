@@ -153,7 +153,7 @@ void kvt_pools_committed(kvt_pools *P, uint32_t count) {
         kvt_seg *s = &P->retired[i];
         if (s->pool < P->n && P->p[s->pool].owner[s->head] == KVT_HEAD_RETIRED) kvt_pools_unclaim(P, s);
     }
-    memmove(P->retired, P->retired + count, (P->nretired - count) * sizeof *P->retired);
+    if (count) memmove(P->retired, P->retired + count, (P->nretired - count) * sizeof *P->retired);
     P->nretired -= count;
 }
 

@@ -360,6 +360,8 @@ int kvt_coll_create(kvt_store *s, uint32_t no, const kvt_coll_params *p, kvt_col
         uint8_t page[KVT_DATA_HEADER];
         kvt_data_header(&c->L, p, page);
         rc = kvt_file_write(c->f, 0, page, sizeof page);
+        /* the new file's directory entry must be durable before a catalog commit names it */
+        if (!rc) rc = kvt_dir_sync(s->dir);
         if (rc) coll_forget(s, c);
         else *out = c;
     }
