@@ -1558,6 +1558,34 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     return rc;
 }
 
+/* Scratch of one cluster selection (scores, squared queries, order), reserved against the
+ * budget. scores has 8 bytes per cluster: retrieve reuses it for result row positions. */
+typedef struct selection { float *scores, *q2; uint32_t *idx; uint64_t reserved; } selection;
+
+static int selection_alloc(kvt_coll *c, uint64_t nq, selection *sel) {
+    uint64_t bytes = (uint64_t)c->ncl * 12 + 12 + nq * c->p.dim * 4;
+    int rc = kvt_mem_reserve(&c->st->cache, bytes);
+    if (rc) return rc;
+    sel->reserved = bytes;
+    sel->scores = malloc((size_t)c->ncl * 8 + 8);
+    sel->idx = malloc((size_t)c->ncl * 4 + 4);
+    sel->q2 = malloc(nq * c->p.dim * 4);
+    if (!sel->scores || !sel->idx || !sel->q2) return kvt_fail(ENOMEM, "out of memory selecting clusters");
+    return 0;
+}
+
+static void selection_release_budget(kvt_coll *c, selection *sel) {
+    kvt_mem_release(&c->st->cache, sel->reserved);
+    sel->reserved = 0;
+}
+
+static void selection_free(kvt_coll *c, selection *sel) {
+    free(sel->scores);
+    free(sel->idx);
+    free(sel->q2);
+    selection_release_budget(c, sel);
+}
+
 /* Whole clusters in score order; one that does not fit the remaining budget is skipped so
  * the budget is filled by the next best that do. Only the best few need ordering: twice the
  * clusters the budget holds at the mean size, and all of them if that falls short. */
@@ -1664,24 +1692,13 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     wait_idle(c);
     int rc = 0;
     uint64_t nq_out = 0, ops = 0, bytes = 0;
-    float *scores = NULL, *q2 = NULL;
-    uint32_t *idx = NULL;
-    uint64_t transient = (uint64_t)c->ncl * 8 + 8 + nq * c->p.dim * 4;
+    selection sel = {0};
     if (c->p.policy == KVT_POLICY_NONE) goto out; /* nothing to prefetch: no clusters */
-    rc = kvt_mem_reserve(&s->cache, transient);
-    if (rc) {
-        transient = 0;
-        goto out;
-    }
-    scores = malloc((size_t)c->ncl * 4 + 4);
-    idx = malloc((size_t)c->ncl * 4 + 4);
-    q2 = malloc(nq * c->p.dim * 4);
-    if (!scores || !idx || !q2) {
-        rc = kvt_fail(ENOMEM, "prefetch: out of memory");
-        goto out;
-    }
+    rc = selection_alloc(c, nq, &sel);
+    if (rc) goto out;
+    uint32_t *idx = sel.idx;
     uint64_t taken, total;
-    select_clusters(c, q, nq, budget, scores, q2, idx, &taken, &total);
+    select_clusters(c, q, nq, budget, sel.scores, sel.q2, idx, &taken, &total);
     while (!rc && s->nloaders < KVT_LOADERS) {
         if (pthread_create(&s->loaders[s->nloaders], NULL, loader_main, s)) {
             if (!s->nloaders) rc = kvt_fail(EAGAIN, "prefetch: cannot start a loader thread (syscall pthread_create)");
@@ -1722,10 +1739,7 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         pthread_cond_broadcast(&s->job_cv);
     }
 out:
-    free(scores);
-    free(idx);
-    free(q2);
-    kvt_mem_release(&s->cache, transient);
+    selection_free(c, &sel);
     UNLOCK(s);
     if (queued) *queued = nq_out;
     return rc;
@@ -1738,10 +1752,8 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     LOCK(s);
     wait_idle(c);
     int rc = 0;
-    float *scores = NULL, *q2 = NULL;
-    uint32_t *idx = NULL;
+    selection sel = {0};
     kvt_result *r = calloc(1, sizeof *r);
-    uint64_t transient = 0;
     if (!r) {
         rc = kvt_fail(ENOMEM, "retrieve: out of memory");
         goto out;
@@ -1750,39 +1762,28 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         rc = retrieve_tokens(c, q, nq, budget, r);
         goto out;
     }
-    transient = (uint64_t)c->ncl * 12 + 12 + nq * c->p.dim * 4;
-    rc = kvt_mem_reserve(&s->cache, transient);
-    if (rc) {
-        transient = 0;
-        goto out;
-    }
-    scores = malloc((size_t)c->ncl * 8 + 8); /* later reused for uint64 row positions */
-    idx = malloc((size_t)c->ncl * 4 + 4);
-    q2 = malloc(nq * c->p.dim * 4);
-    if (!scores || !idx || !q2) {
-        rc = kvt_fail(ENOMEM, "retrieve: out of memory");
-        goto out;
-    }
+    rc = selection_alloc(c, nq, &sel);
+    if (rc) goto out;
+    uint32_t *idx = sel.idx;
     uint64_t total = 0, taken = 0;
-    select_clusters(c, q, nq, budget, scores, q2, idx, &taken, &total);
+    select_clusters(c, q, nq, budget, sel.scores, sel.q2, idx, &taken, &total);
     r->ncl = taken;
     rc = result_alloc(r, &c->L, total);
-    if (!rc) { /* scores is free now: it holds each cluster's first result row */
-        uint64_t *pos = (uint64_t *)scores, at = 0;
+    if (!rc) { /* the scores are spent: their buffer holds each cluster's first result row */
+        uint64_t *pos = (uint64_t *)sel.scores, at = 0;
         for (uint64_t t = 0; t < taken; t++) {
             pos[idx[t]] = at;
             at += c->cl[idx[t]].n;
         }
     }
-    fill_ctx fx = {r, &c->L, (const uint64_t *)scores};
+    fill_ctx fx = {r, &c->L, (const uint64_t *)sel.scores};
     kvt_io_batch_begin(&s->io);
     if (!rc) rc = visit_clusters(c, idx, (uint32_t)taken, fill_result, &fx);
     if (!rc) count_coretrieval(c, idx, taken);
     kvt_io_batch_end(&s->io);
     /* the clusters just read are in DRAM: the moment to split the flagged ones */
     if (!rc && c->p.policy == KVT_POLICY_ADAPTIVE) {
-        kvt_mem_release(&s->cache, transient);
-        transient = 0;
+        selection_release_budget(c, &sel); /* room for the splits; idx is still read */
         split_in_dram(c, idx, (uint32_t)taken);
         relieve_pending(c);
     }
@@ -1790,10 +1791,7 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     /* report the clusters the entries belong to now, after any split */
     for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
 out:
-    free(scores);
-    free(idx);
-    free(q2);
-    kvt_mem_release(&s->cache, transient);
+    selection_free(c, &sel);
     UNLOCK(s);
     if (rc) kvt_result_free(r);
     else *out = r;
