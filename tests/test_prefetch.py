@@ -96,3 +96,12 @@ def test_group_prefetch(tmp_path):
         s.prefetch([(c, q, 0.1) for c in heads])
         for c in heads:
             assert len(c.retrieve(q, budget=0.1)) > 0
+
+
+def test_prefetch_on_a_collection_without_clusters_queues_nothing(tmp_path):
+    with kvtier.open(tmp_path / "s", dram_budget="1MiB") as s:
+        c = s.collection("c", dim=16, value_dim=8, policy="none")
+        c.add(*make_data(300))
+        before = s.stats()["dram_bytes"]
+        assert c.prefetch(np.ones(16), budget=0.1) == 0
+        assert s.stats()["dram_bytes"] == before  # nothing reserved, nothing released
