@@ -26,10 +26,7 @@ EXIT_UNAVAILABLE = 2
 
 # Commands the spec names whose machinery lands later. They are listed so that `--help` shows
 # the whole tool, and refuse to run rather than pretend.
-_NOT_YET = {
-    "demo": "long decoding of the real model through kvtier needs the torch adapter, "
-            "which this version does not have yet",
-}
+_NOT_YET: dict = {}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,11 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kvtier {kvtier.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    sub.add_parser(
-        "demo", help="long decoding of a real model with its KV cache in kvtier (not available yet)",
-        description="Long decoding of the real model (SmolLM2-135M) through kvtier on a temporary store, "
-                    "ending with DRAM used, tokens/s, agreement with full attention and I/O per step. "
-                    "Not available in this version yet: it needs the torch adapter.")
+    from kvtier import demo  # its options; torch is imported only when it runs
+    demo.add_arguments(sub.add_parser(
+        "demo", help="long decoding of a real model with its KV cache in kvtier",
+        description=demo.DESCRIPTION))
     b = sub.add_parser(
         "bench", help="benchmark tier configurations on real traces; JSON results and PNG plots",
         description="Device profile x DRAM budget x policy x layout x cache policy, replayed on real "
@@ -99,6 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kvtier {args.command}: not available yet: {_NOT_YET[args.command]}.", file=sys.stderr)
         return EXIT_UNAVAILABLE
     try:
+        if args.command == "demo":
+            from kvtier.demo import main as demo
+            return demo(args)
         return {"bench": _bench, "calibrate": _calibrate, "inspect": _inspect}[args.command](args)
     except BrokenPipeError:  # `kvtier inspect S | head`: stop quietly, and keep Python's exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flush from failing again

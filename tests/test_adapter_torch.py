@@ -193,13 +193,16 @@ def test_budget_fraction_is_respected(model, tokens):
 
 
 def test_sink_window_only_never_reads(model, tokens):
-    with torch.no_grad(), TieredCache(model, budget=0, sinks=4, window=8) as cache:
+    # static: adaptive's own reorganisation on add may read a cluster back, which is the
+    # store's maintenance, not attention reading (budget 0 must neither retrieve nor prefetch)
+    with torch.no_grad(), TieredCache(model, budget=0, sinks=4, window=8, policy="static") as cache:
         logits = run(model, cache, tokens[:, :120], prefill=60)
         st = cache.stats()
     assert torch.isfinite(logits).all()
     # attention fetches nothing; the store may still read for its own upkeep (an adaptive
     # collection force-loads a cluster to split it when its pending budget overflows)
     assert st["retrieves"] == 0 and st["fetched_per_step"] == 0.0
+    assert st["prefetch_calls"] == 0 and st["prefetch_issued"] == 0
     assert st["stored_tokens"] == 120 - 12
 
 
@@ -361,3 +364,76 @@ def test_other_llama_like_architecture(tokens):
     with TieredCache(model, budget=1.0, sinks=2, window=8, store_dtype="float32") as cache:
         got = run(model, cache, ids, prefill=40)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- pipelining
+
+@pytest.mark.parametrize("policy,dram", [("static", "64KiB"), ("local", "160KiB")])  # local: more representatives
+def test_prefetch_does_not_change_results(tokens, policy, dram):
+    """Pipelining only moves reads earlier: logits are bitwise those without prefetch, on a
+    DRAM budget small enough (the engine's minimum) that clusters really come from flash.
+    (Not asserted for adaptive: it splits clusters when they are in DRAM, and a prefetch
+    changes what is, so its clustering may legitimately take another course.)"""
+    model = tiny_llama(seed=4, layers=3)
+    got, st = {}, {}
+    for pf in (False, True):
+        with torch.no_grad(), TieredCache(model, budget=0.2, sinks=4, window=8, dram_budget=dram, policy=policy,
+                                          device="ufs4.0", prefetch=pf,
+                                          collection_options={"init_cluster_size": 4}) as cache:
+            got[pf] = run(model, cache, tokens[:, :180], prefill=100)
+            st[pf] = cache.stats()
+    assert torch.equal(got[True], got[False])
+    assert st[False]["prefetch"] is False and st[False]["prefetch_calls"] == st[False]["prefetch_issued"] == 0
+    on = st[True]
+    assert on["prefetch"] is True and on["prefetch_calls"] > 0
+    assert on["prefetch_queued"] == on["prefetch_issued"] > 0
+    assert 0 < on["prefetch_hits"] <= on["prefetch_issued"]  # some prefetched clusters were used
+    assert on["cache_misses"] < st[False]["cache_misses"]      # ... and those were not read again
+    assert on["io_wait_seconds"] >= 0.0
+
+
+def test_prefetch_uses_previous_step_queries_of_the_next_layer(tokens, monkeypatch):
+    """While layer l attends, layer l+1's collections prefetch with the query groups they
+    retrieved with at the previous step, under the budget their coming retrieve uses, before
+    layer l's own retrieve; the last layer prefetches the first layer's next step."""
+    model = tiny_llama(seed=5, layers=3)
+    events = []  # (kind, collection, query group, budget) in call order
+    real_retrieve, real_prefetch = kvtier.Collection.retrieve, kvtier.Collection.prefetch
+
+    def retrieve(self, query_group, budget=0.1):
+        events.append(("r", self.name, np.array(query_group, np.float32), budget))
+        return real_retrieve(self, query_group, budget)
+
+    def prefetch(self, query_group, budget=0.1):
+        events.append(("p", self.name, np.array(query_group, np.float32), budget))
+        return real_prefetch(self, query_group, budget)
+
+    monkeypatch.setattr(kvtier.Collection, "retrieve", retrieve)
+    monkeypatch.setattr(kvtier.Collection, "prefetch", prefetch)
+    prefill, steps, n_layers, n_kv = 64, 40, 3, 2
+    with torch.no_grad(), TieredCache(model, budget=0.25, sinks=4, window=8,
+                                      collection_options={"init_cluster_size": 4}) as cache:
+        run(model, cache, tokens[:, :prefill + steps], prefill=prefill)
+        st = cache.stats()
+    prefetches = [i for i, e in enumerate(events) if e[0] == "p"]
+    # the first decoding step has nothing to go on until layer 0 has retrieved (then the last
+    # layer prefetches layer 0); every later step prefetches every layer
+    assert len(prefetches) == n_kv + (steps - 1) * n_layers * n_kv == st["prefetch_calls"]
+    for i in prefetches:
+        _, name, q, budget = events[i]
+        layer = int(name.split(".")[0][1:])
+        before = [e for e in events[:i] if e[0] == "r" and e[1] == name]
+        assert before and np.array_equal(before[-1][2], q)  # the previous step's query group
+        after = [e for e in events[i + 1:] if e[0] == "r"]
+        # issued before the current layer's retrieve: the next retrieve is the layer before
+        assert int(after[0][1].split(".")[0][1:]) == (layer - 1) % n_layers
+        nxt = next((e for e in after if e[1] == name), None)  # None: the last step's wrap-around
+        assert nxt is not None or i > len(events) - n_layers * n_kv * 2
+        if nxt is not None:
+            assert nxt[3] == budget  # the budget of the retrieve it prepares
+
+
+def test_prefetch_argument_checked(model):
+    with pytest.raises(kvtier.InvalidArgumentError, match="prefetch"):
+        TieredCache(model, prefetch="yes")
+    assert model.config._attn_implementation == "sdpa"

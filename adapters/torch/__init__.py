@@ -9,7 +9,9 @@ The model's attention is bound to kvtier's while a TieredCache built for it is o
 model run with any other cache, or none, still gets ordinary SDPA attention). Each step, per
 layer and KV head, attention is exact over the 4 sink tokens, the 32 most recent tokens, the
 current token and the clusters that the group's queries retrieve from the store under the
-budget (10% of the context here); tokens leaving the window go to the store.
+budget (10% of the context here); tokens leaving the window go to the store. With
+``prefetch=True`` (the default) each layer's attention first queues, on the store's loader
+threads, the flash reads the next layer's previous-step queries select, so reads overlap compute.
 
 Supported: transformers 5.x (``SUPPORTED_TRANSFORMERS``), decoder-only models whose every
 layer is full causal attention over rotary (post-RoPE) keys computed through transformers'

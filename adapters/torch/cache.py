@@ -18,7 +18,21 @@ How it binds (why it looks the way it does):
    (a whole prompt at prefill, one entry per step while decoding).
 3. The prefill (a first chunk on an empty cache) therefore is ordinary full attention: all
    its keys are in DRAM for the chunk, and only afterwards go to the store.
-4. Nothing is kept with autograd history: decoding state is detached.
+4. Pipelining (``prefetch=True``, the default): when layer l's attention starts, layer l+1's
+   collections are asked to ``prefetch`` with the query groups layer l+1 retrieved with at the
+   previous step (the current ones do not exist yet: they come out of layer l's output), so
+   the flash reads of the clusters those queries select run on the store's loader threads
+   while layer l retrieves, attends and runs its MLP. The last layer prefetches the first
+   layer's clusters for the next step, overlapping the LM head and sampling. Consecutive
+   steps' queries mostly select the same clusters (``stats()["prefetchable_share"]``); what
+   they miss is read by the retrieve as without prefetch, and a prefetched cluster the
+   retrieve does not take was read for nothing (it shows in ``read_bytes`` and
+   ``modeled_io_seconds``). A retrieve returns exactly what it would without the prefetch.
+   With the ``static``, ``local`` and ``none`` policies the whole run is therefore identical
+   (logits bitwise); ``adaptive`` splits a flagged cluster when it is in DRAM, so a cluster
+   that is there because it was prefetched can split earlier than it would have, and later
+   retrievals (and logits) may differ slightly, as they do between two DRAM budgets.
+5. Nothing is kept with autograd history: decoding state is detached.
 """
 from __future__ import annotations
 
@@ -175,6 +189,7 @@ class _TieredLayer(CacheLayerMixin):
         self.stored = 0        # of which in the store (same count in every KV head)
         self.sink_k = self.sink_v = self.win_k = self.win_v = None  # [kv_heads, n, head_dim]
         self.prev_clusters: list = [None] * len(colls)
+        self.prev_query = None  # [kv_heads, rows, head_dim] float32: the last retrieve's query groups
 
     def lazy_initialization(self, key_states, value_states):
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -241,7 +256,10 @@ class TieredCache(Cache):
     DRAM cap (bytes or "64MiB"; None: kvtier's default). ``device`` the flash device model
     (None, "ufs4.0", ... or a kvtier.DeviceProfile; not a torch device: tensors stay on the
     model's device). ``path`` the store directory (must not hold collections yet); None
-    means a temporary store removed by ``close()``. ``store_dtype`` float16 (default, half
+    means a temporary store removed by ``close()``. ``prefetch`` (default True) overlaps the
+    next layer's flash reads with this layer's compute (module docstring, point 4); False
+    reads only when a layer retrieves (for comparison: the same results except that the
+    ``adaptive`` policy's splits may take another course). ``store_dtype`` float16 (default, half
     the flash bytes) or float32 (exact values); ``collection_options`` extra arguments of
     ``Store.collection`` (init_cluster_size, max_cluster_size, ...).
 
@@ -252,8 +270,13 @@ class TieredCache(Cache):
 
     def __init__(self, model, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
                  sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
-                 store_dtype: str = "float16", collection_options: Optional[dict] = None):
+                 prefetch: bool = True, store_dtype: str = "float16",
+                 collection_options: Optional[dict] = None):
         geo = check_model(model)
+        if not isinstance(prefetch, (bool, np.bool_)):
+            raise InvalidArgumentError(f"prefetch: True or False expected, got {prefetch!r}")
+        # not ``self.prefetch``: that is transformers' Cache.prefetch (offloading), kept intact
+        self.prefetching = bool(prefetch)
         self.budget = _check_budget(budget)
         self.sinks = _check_count("sinks", sinks)
         self.window = _check_count("window", window)
@@ -299,8 +322,8 @@ class TieredCache(Cache):
         self._resident = 0
         self._peak = 0
         self._counts = {"decode_steps": 0, "forwards": 0, "retrieves": 0, "fetched": 0, "adds": 0,
-                        "overlap": 0, "overlap_of": 0}
-        self._seconds = {"retrieve": 0.0, "add": 0.0}
+                        "overlap": 0, "overlap_of": 0, "prefetches": 0, "prefetched": 0}
+        self._seconds = {"retrieve": 0.0, "add": 0.0, "prefetch": 0.0}
 
     # -- context manager / lifetime --------------------------------------------------------
     def __enter__(self) -> "TieredCache":
@@ -321,7 +344,7 @@ class TieredCache(Cache):
     def __repr__(self):
         return (f"TieredCache(layers={self.n_layers}, kv_heads={self.n_kv}, budget={self.budget!r}, "
                 f"policy={self.policy!r}, sinks={self.sinks}, window={self.window}, "
-                f"tokens={self.get_seq_length()}{', closed' if self.closed else ''})")
+                f"prefetch={self.prefetching}, tokens={self.get_seq_length()}{', closed' if self.closed else ''})")
 
     # -- Cache interface -------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -381,12 +404,15 @@ class TieredCache(Cache):
         new_k, new_v = key[0].detach(), value[0].detach()  # [kv_heads, q_len, d]
         fetched = None
         n_budget = self._entries(layer.seen)
+        if self.prefetching:
+            # before this layer's own retrieve, so the next layer's reads overlap it too
+            if l + 1 < self.n_layers:  # layer l+1 is about to see the same tokens as this one
+                self._prefetch(self.layers[l + 1], n_budget)
+            else:  # the first layer of the next forward, assumed one decoded token
+                self._prefetch(self.layers[0], self._entries(layer.seen + 1))
         if layer.stored and n_budget:
             # Queries grouped by KV head: [kv_heads, group * q_len, d] (query head h*g+j uses KV head h).
             fetched = self._fetch(layer, query[0].reshape(n_kv, g * q_len, d), n_budget)
-            # PIPELINING (issue 6, item 2) goes here: once collections can prefetch, ask layer
-            # l + 1's collections for the clusters they fetched at the previous step
-            # (self.layers[l + 1].prev_clusters) so those reads overlap this layer's compute.
         if q_len == 1:
             out, transient = self._attend_step(layer, query, new_k, new_v, fetched, scaling)
         else:
@@ -461,10 +487,23 @@ class TieredCache(Cache):
         b = self.budget
         return b if isinstance(b, int) else int(math.ceil(b * context))
 
+    def _prefetch(self, layer, n_budget: int) -> None:
+        """Queues on the store's loader threads the clusters ``layer``'s previous query groups
+        select under ``n_budget`` (nothing before its first retrieve: after a prefill no layer
+        has retrieved yet)."""
+        if layer.prev_query is None or not layer.stored or not n_budget:
+            return
+        t0 = time.perf_counter()
+        queued = self.store.prefetch([(coll, layer.prev_query[h], n_budget) for h, coll in enumerate(layer.colls)])
+        self._seconds["prefetch"] += time.perf_counter() - t0
+        self._counts["prefetches"] += len(layer.colls)
+        self._counts["prefetched"] += queued
+
     def _fetch(self, layer, qg, n_budget):
         """One ``retrieve`` per KV head with its GQA group's queries ([kv_heads, rows, d]);
         returns a list of (keys, values) numpy arrays per KV head."""
-        qn = qg.detach().to(torch.float32).cpu().numpy()
+        qn = np.ascontiguousarray(qg.detach().to(torch.float32).cpu().numpy())
+        layer.prev_query = qn  # the next step's prefetch for this layer (a fresh array each call)
         t0 = time.perf_counter()
         got = [coll.retrieve(qn[h], budget=n_budget) for h, coll in enumerate(layer.colls)]
         self._seconds["retrieve"] += time.perf_counter() - t0
@@ -528,9 +567,15 @@ class TieredCache(Cache):
         ``engine_dram_peak_bytes`` the store's; ``dram_bytes`` / ``dram_peak_bytes`` their
         sums (the peak sum is an upper bound: the two peaks need not coincide);
         ``full_cache_bytes`` what a full cache (DynamicCache) of the model's dtype would hold
-        now; ``retrieve_seconds`` / ``add_seconds`` wall time in store calls; the store's I/O
+        now; ``retrieve_seconds`` / ``add_seconds`` / ``prefetch_seconds`` wall time in store
+        calls (with prefetch, ``retrieve_seconds`` includes waiting for reads still loading);
+        ``prefetch`` whether pipelining is on, ``prefetch_calls`` collections asked (one per
+        layer, KV head and step), ``prefetch_queued`` clusters they queued; the store's I/O
         figures (``read_ops``, ``read_bytes``, ``mean_read_entries``, ``modeled_io_seconds``,
-        ``cache_hits``, ``cache_misses``, ``write_bytes``, ...) and ``store`` its whole stats.
+        ``cache_hits``, ``cache_misses``, ``write_bytes``, ``prefetch_issued``,
+        ``prefetch_hits`` (prefetched clusters a retrieve then used), ``prefetch_read_bytes``,
+        ``io_wait_seconds`` (time retrieves waited for prefetches still loading), ...) and
+        ``store`` its whole stats.
         """
         s = self.store.stats()
         c = self._counts
@@ -558,13 +603,18 @@ class TieredCache(Cache):
             "full_cache_bytes": full,
             "retrieve_seconds": self._seconds["retrieve"],
             "add_seconds": self._seconds["add"],
+            "prefetch_seconds": self._seconds["prefetch"],
+            "prefetch": self.prefetching,
+            "prefetch_calls": c["prefetches"],
+            "prefetch_queued": c["prefetched"],
             "budget": self.budget,
             "policy": self.policy,
             "sinks": self.sinks,
             "window": self.window,
         }
         for k in ("read_ops", "read_bytes", "read_entries", "mean_read_entries", "modeled_io_seconds",
-                  "cache_hits", "cache_misses", "evictions", "write_ops", "write_bytes", "device"):
+                  "cache_hits", "cache_misses", "evictions", "write_ops", "write_bytes", "device",
+                  "prefetch_issued", "prefetch_hits", "prefetch_read_bytes", "prefetch_errors", "io_wait_seconds"):
             if k in s:
                 out[k] = s[k]
         out["store"] = s
