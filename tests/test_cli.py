@@ -1,4 +1,4 @@
-"""The kvtier command: help, calibrate, inspect, and the commands not available yet."""
+"""The kvtier command: help, demo dispatch, calibrate, inspect."""
 import json
 import os
 import subprocess
