@@ -54,6 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from kvtier.cli import json_default
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
 
@@ -423,7 +424,7 @@ def run_suite(settings: Settings, out, log: Callable[[str], None] = print, comma
     report["seconds"]["plots"] = time.perf_counter() - t
     report["seconds"]["total"] = time.perf_counter() - started
     report["machine"]["load_average_end"] = _loadavg()
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=json_default) + "\n")
     (out / "bench.md").write_text(markdown(report) + "\n")
     return report
 
@@ -784,16 +785,6 @@ def _public_settings(s: Settings) -> dict:
     d = dataclasses.asdict(s)
     d["cache_dir"] = None if s.cache_dir is None else "<given>"  # no machine paths in results
     return d
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # -- command line -------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def _du(path: str) -> int:
 def _inspect(args) -> int:
     info = inspect_store(args.store, dram_budget=args.dram_budget)
     if args.json:
-        print(json.dumps(info, indent=1, default=_json_default))
+        print(json.dumps(info, indent=1, default=json_default))
         return 0
     colls = info["collections"]
     print(f"store {info['path']}")
@@ -358,7 +358,8 @@ def _pow2(e: int) -> str:
     return f"{1 << (e - 20)}MiB" if e >= 20 else f"{1 << (e - 10)}KiB" if e >= 10 else f"{1 << e}B"
 
 
-def _json_default(o):
+def json_default(o):
+    """json.dumps default for numpy scalars and arrays (also used by the bench suite)."""
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
