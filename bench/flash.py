@@ -15,7 +15,9 @@ and a 10% fetch budget, for each policy and layout, and reports what the device 
 The ``none`` policy keeps every key in DRAM to score it, so it is given the key bytes on top
 of the same DRAM budget.
 
-Layouts: ``clustered`` (each cluster contiguous in a dual-head pool head, no co-location),
+Layouts: ``token`` (the baseline: one log in insertion order, a cluster read as runs of
+consecutive ids, runs closer than the merge gap read as one request), ``clustered`` (each
+cluster contiguous in a dual-head pool head, no co-location),
 ``colocated`` (the same, rewritten once after the first retrieves so that clusters fetched
 together are neighbours, and neighbouring extents of a retrieve merged into one read).
 
@@ -38,14 +40,15 @@ import kvtier
 from bench.capture import load_trace
 from bench.kvreplay import replay
 
-LAYOUTS = {"clustered": {"colocate_after": 0}, "colocated": {"colocate_after": 32}}
+LAYOUTS = {"token": {"layout": "token"}, "clustered": {"layout": "clustered"},
+           "colocated": {"layout": "colocated", "colocate_after": 32}}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default="W1,W2")
     ap.add_argument("--policies", default="none,static,local,adaptive")
-    ap.add_argument("--layouts", default="clustered,colocated")
+    ap.add_argument("--layouts", default="token,clustered,colocated")
     ap.add_argument("--layers", default="0,3,6,9,12,15,18,21,24,27")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=2048)
@@ -79,6 +82,7 @@ def main(argv=None):
                 moved = sum(c["split_write_bytes"] + c["relayout_bytes"] for c in cs)
                 naive = sum(c["naive_move_bytes"] for c in cs)
                 appended = sum(c["append_bytes"] for c in cs)
+                partial = sum(c["partial_page_writes"] for c in cs)
                 steps = r.retrieves / heads
                 bw = st["read_bytes"] / st["modeled_io_seconds"] if st["modeled_io_seconds"] else 0.0
                 row = {
@@ -92,6 +96,7 @@ def main(argv=None):
                     "cache_hit_rate": st["cache_hits"] / max(1, st["cache_hits"] + st["cache_misses"]),
                     "moved_bytes": moved, "naive_move_bytes": naive, "appended_bytes": appended,
                     "mean_cluster_size": r.mean_cluster_size, "steps": steps,
+                    "partial_page_writes": partial, "write_ops": st["write_ops"],
                 }
                 rows.append(row)
                 print(f"{w} {pol:9s} {lay:10s} recall={r.recall:.3f} entries/read={row['entries_per_read']:.1f} "
@@ -99,13 +104,15 @@ def main(argv=None):
                       f"modeled={row['modeled_io_ms_per_step']:.3f}ms/step real={row['real_read_ms_per_step']:.2f}ms/step "
                       f"moved={moved / 2**20:.1f}MiB naive={naive / 2**20:.1f}MiB [{r.wall_s:.0f}s]", flush=True)
     md = ("| workload | policy | layout | recall | entries/read | reads/retrieve | KiB/retrieve | eff. BW GB/s "
-          "| share of profile BW | modeled I/O ms/step | real read ms/step | hit rate | moved MiB | naive MiB |\n"
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+          "| share of profile BW | modeled I/O ms/step | real read ms/step | hit rate | moved MiB | naive MiB "
+          "| partial-page writes |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in rows:
         md += (f"| {r['workload']} | {r['policy']} | {r['layout']} | {r['recall']:.3f} | {r['entries_per_read']:.1f} | "
                f"{r['reads_per_retrieve']:.2f} | {r['kib_per_retrieve']:.1f} | {r['effective_bw_GBps']:.2f} | "
                f"{r['bw_share_of_profile']:.0%} | {r['modeled_io_ms_per_step']:.3f} | {r['real_read_ms_per_step']:.2f} | "
-               f"{r['cache_hit_rate']:.2f} | {r['moved_bytes'] / 2**20:.1f} | {r['naive_move_bytes'] / 2**20:.1f} |\n")
+               f"{r['cache_hit_rate']:.2f} | {r['moved_bytes'] / 2**20:.1f} | {r['naive_move_bytes'] / 2**20:.1f} | "
+               f"{r['partial_page_writes']} |\n")
     by = {(r["workload"], r["policy"], r["layout"]): r for r in rows}
     notes = []
     for w in a.workloads.split(","):

@@ -11,6 +11,11 @@ attention recall is measured:
 
 with attention = softmax(q . k / sqrt(d)) over every position <= t, averaged over the query
 heads of the group (EVAL.md, "Metrics").
+
+With ``virtualize=True`` the replay runs layer by layer as decoding does, and keeps only the
+layers in use in DRAM (DESIGN 2.3): when layer l starts, layer l+1's group is brought back
+from the swap area in the background (``Store.unpark(wait=False)``); when layer l is done,
+its group is parked (``Store.park``).
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
            every: int = 4, layers: Optional[Iterable[int]] = None, dram_budget="256MiB",
            device="ufs4.0", store_dir: Optional[str] = None, progress=None, direct_io="auto",
            collect_stats: bool = False, store_kwargs: Optional[dict] = None,
-           **collection_kwargs) -> ReplayResult:
+           virtualize: bool = False, park_keep_cache: bool = True, **collection_kwargs) -> ReplayResult:
     """Runs the replay and returns averaged metrics. ``budget`` is a fraction of the
     context (positions <= t) or an int entry count; ``progress`` a tqdm-like callable.
     ``direct_io=False`` lets accuracy runs read through the page cache (the modeled device
@@ -95,46 +100,58 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
                                      policy=policy, **collection_kwargs)
                 c.add(trace.keys[l, h, sinks:P - window], trace.values[l, h, sinks:P - window])
                 colls[l, h] = c
+            if virtualize:
+                store.park([colls[l, h] for h in range(trace.n_kv_heads)])
+        group = {l: [colls[l, h] for h in range(trace.n_kv_heads)] for l in layers}
         store.reset_io_stats()
         in_store = P - window  # positions [sinks, in_store) are stored
+
+        def recall_layer(l, t, n_budget):
+            nonlocal fetched, n_retrieves, retrieve_s
+            for h in range(trace.n_kv_heads):
+                q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
+                t1 = time.perf_counter()
+                got = colls[l, h].retrieve(q, budget=n_budget)
+                retrieve_s += time.perf_counter() - t1
+                n_retrieves += 1
+                fetched += len(got)
+                logits = (q @ trace.keys[l, h, :t + 1].astype(np.float32).T) * scale
+                p = _softmax_rows(logits)
+                stored = p[:, sinks:in_store]
+                mass = stored.sum(axis=1)
+                pos = got.ids + sinks
+                r = (p[:, pos].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
+                # token-level oracle at the same budget: the best entries for the group
+                k_or = min(n_budget, stored.shape[1])
+                if k_or:
+                    top = np.argpartition(-stored.max(axis=0), k_or - 1)[:k_or]
+                    o = (stored[:, top].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
+                else:
+                    o = 0.0
+                recalls.append(r)
+                oracle.append(o)
+                per_layer[l].append(r)
+
         it = range(P, T)
         if progress is not None:
             it = progress(it, desc=f"replay {policy}", unit="step")
         for t in it:
             # token t - window leaves the window and enters the store
-            while in_store <= t - window:
-                for l in layers:
-                    for h in range(trace.n_kv_heads):
-                        colls[l, h].add(trace.keys[l, h, in_store:in_store + 1],
-                                        trace.values[l, h, in_store:in_store + 1])
-                in_store += 1
-            if (t - P) % every:
-                continue
+            lo = in_store
+            in_store = max(in_store, t - window + 1)
+            sampled = (t - P) % every == 0
             n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
-            for l in layers:
-                for h in range(trace.n_kv_heads):
-                    q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
-                    t1 = time.perf_counter()
-                    got = colls[l, h].retrieve(q, budget=n_budget)
-                    retrieve_s += time.perf_counter() - t1
-                    n_retrieves += 1
-                    fetched += len(got)
-                    logits = (q @ trace.keys[l, h, :t + 1].astype(np.float32).T) * scale
-                    p = _softmax_rows(logits)
-                    stored = p[:, sinks:in_store]
-                    mass = stored.sum(axis=1)
-                    pos = got.ids + sinks
-                    r = (p[:, pos].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
-                    # token-level oracle at the same budget: the best entries for the group
-                    k_or = min(n_budget, stored.shape[1])
-                    if k_or:
-                        top = np.argpartition(-stored.max(axis=0), k_or - 1)[:k_or]
-                        o = (stored[:, top].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
-                    else:
-                        o = 0.0
-                    recalls.append(r)
-                    oracle.append(o)
-                    per_layer[l].append(r)
+            for i, l in enumerate(layers):
+                if virtualize:
+                    store.unpark(group[layers[(i + 1) % len(layers)]], wait=False)
+                if lo < in_store:
+                    for h in range(trace.n_kv_heads):
+                        colls[l, h].add(trace.keys[l, h, lo:in_store], trace.values[l, h, lo:in_store])
+                if sampled:
+                    recall_layer(l, t, n_budget)
+                if virtualize:
+                    store.park(group[l], keep_cache=park_keep_cache)
+
         st = store.stats()
         cs = [c.stats() for c in colls.values()]
     finally:

@@ -82,7 +82,7 @@ class Settings:
     devices: list = dataclasses.field(default_factory=lambda: ["ufs4.0"])
     dram_budgets: list = dataclasses.field(default_factory=lambda: ["20%", "50%", "100%"])
     policies: list = dataclasses.field(default_factory=lambda: list(POLICIES))
-    layouts: list = dataclasses.field(default_factory=lambda: list(LAYOUTS))
+    layouts: list = dataclasses.field(default_factory=lambda: ["clustered", "colocated"])  # full: + token
     cache_policies: list = dataclasses.field(default_factory=lambda: list(CACHE_POLICIES))
     fetch_budget: float = 0.1                      # the grid's, EVAL.md's 10%
     budgets: list = dataclasses.field(default_factory=lambda: [0.05, 0.1, 0.2])  # recall sweep
@@ -108,7 +108,7 @@ class Settings:
         if quick:
             return cls(quick=True)
         return cls(quick=False, devices=[n for n in PROFILES], dram_budgets=["10%", "20%", "50%", "100%"],
-                   budgets=[0.02, 0.05, 0.1, 0.2, 0.3], every=4, decode=2048, repeats=3,
+                   layouts=list(LAYOUTS), budgets=[0.02, 0.05, 0.1, 0.2, 0.3], every=4, decode=2048, repeats=3,
                    w4_keys=200_000, w4_queries=1000)
 
     def replay_layers(self, n_layers: int) -> list[int]:

@@ -39,6 +39,7 @@ cdef extern from "kvtier.h" nogil:
         uint32_t local_window, local_cluster_size
         double score_temp
         uint32_t colocate_after
+        int layout
 
     ctypedef struct kvt_store:
         pass
@@ -61,8 +62,15 @@ cdef extern from "kvtier.h" nogil:
         uint64_t read_size_hist[24]
         uint64_t prefetch_issued, prefetch_hits, prefetch_read_bytes, prefetch_errors
         double io_wait_seconds
+        uint64_t parked_collections, swap_outs, swap_ins, swap_demand_ins
+        uint64_t swap_write_bytes, swap_read_bytes, swap_file_bytes
+        uint64_t split_read_bytes, relayout_read_bytes, partial_page_writes
+        double read_seconds
+        double read_size_seconds[24]
+        uint64_t read_size_bytes[24]
     int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out)
     int kvt_store_reset_io_stats(kvt_store *store)
+    const char *kvt_store_io_backend(kvt_store *store)
 
     int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params, kvt_coll **out)
     int kvt_coll_open(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
@@ -89,7 +97,12 @@ cdef extern from "kvtier.h" nogil:
         uint64_t splits, unsplittable, deferred_splits, forced_loads, pending_entries
         uint64_t flagged_clusters, split_read_bytes, split_write_bytes, split_errors, split_skipped
         uint64_t relayouts, relayout_bytes, relayout_read_bytes, append_bytes, naive_move_bytes
+        uint64_t parked, partial_page_writes
     int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
+    int kvt_store_park(kvt_store *store, kvt_coll *const *collections, size_t n, int keep_cache)
+    int kvt_store_unpark(kvt_store *store, kvt_coll *const *collections, size_t n, int async_)
+    int kvt_coll_is_parked(kvt_coll *coll)
+    int kvt_coll_changed(kvt_coll *coll)
     int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters)
 
     ctypedef struct kvt_checkpoint:

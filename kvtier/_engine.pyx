@@ -86,7 +86,40 @@ cdef class Engine:
             "read_size_histogram": hist, "prefetch_issued": s.prefetch_issued,
             "prefetch_hits": s.prefetch_hits, "prefetch_read_bytes": s.prefetch_read_bytes,
             "prefetch_errors": s.prefetch_errors, "io_wait_seconds": s.io_wait_seconds,
+            "parked_collections": s.parked_collections, "swap_outs": s.swap_outs,
+            "swap_ins": s.swap_ins, "swap_demand_ins": s.swap_demand_ins,
+            "swap_write_bytes": s.swap_write_bytes, "swap_read_bytes": s.swap_read_bytes,
+            "swap_file_bytes": s.swap_file_bytes, "partial_page_writes": s.partial_page_writes,
+            "io_backend": kvt_store_io_backend(p).decode(), "read_seconds": s.read_seconds,
+            "read_size_seconds": [float(s.read_size_seconds[i]) for i in range(24)],
+            "read_size_bytes": [int(s.read_size_bytes[i]) for i in range(24)],
+            "read_bytes_by_cause": {
+                "prefetch": s.prefetch_read_bytes, "swap": s.swap_read_bytes,
+                "split": s.split_read_bytes, "relayout": s.relayout_read_bytes,
+                "retrieve": s.read_bytes - min(s.read_bytes, s.prefetch_read_bytes + s.swap_read_bytes
+                                               + s.split_read_bytes + s.relayout_read_bytes),
+            },
         }
+
+    def park(self, list colls, bint unpark=False, bint async_=False, bint keep_cache=True):
+        """Parks (or, with unpark, brings back) a group of Coll handles."""
+        cdef size_t n = len(colls), i
+        cdef kvt_store *p = self.live()
+        cdef kvt_coll **v = <kvt_coll **>malloc((n + 1) * sizeof(kvt_coll *))
+        cdef int rc, a = async_, kc = keep_cache
+        if v is NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                v[i] = (<Coll?>colls[i]).live()
+            with nogil:
+                if unpark:
+                    rc = kvt_store_unpark(p, v, n, a)
+                else:
+                    rc = kvt_store_park(p, v, n, kc)
+            check(rc)
+        finally:
+            free(v)
 
     def reset_io_stats(self):
         cdef kvt_store *p = self.live()
@@ -147,6 +180,7 @@ cdef kvt_coll_params _params(dict p) except *:
     cp.local_cluster_size = p["local_cluster_size"]
     cp.score_temp = p.get("score_temp") or 0.0
     cp.colocate_after = p.get("colocate_after") or 0
+    cp.layout = {"token": 1}.get(p.get("layout"), 0)  # colocated and clustered: the pools
     return cp
 
 
@@ -261,20 +295,34 @@ cdef class Coll:
             "forced_loads": s.forced_loads, "pending_entries": s.pending_entries,
             "flagged_clusters": s.flagged_clusters, "split_read_bytes": s.split_read_bytes,
             "split_write_bytes": s.split_write_bytes, "split_errors": s.split_errors,
-            "split_skipped": s.split_skipped, "relayouts": s.relayouts,
+            "split_skipped": s.split_skipped, "relayouts": s.relayouts, "parked": bool(s.parked),
+            "partial_page_writes": s.partial_page_writes,
             "relayout_bytes": s.relayout_bytes, "relayout_read_bytes": s.relayout_read_bytes,
             "append_bytes": s.append_bytes, "naive_move_bytes": s.naive_move_bytes,
         }
 
     def cluster_sizes(self):
         cdef kvt_coll *c = self.live()
-        cdef uint64_t n = 0
-        kvt_coll_cluster_sizes(c, NULL, 0, &n)
-        out = np.zeros(n, dtype=np.uint32)
+        cdef uint64_t n = 0, cap
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_cluster_sizes(c, NULL, 0, &n)
+        check(rc)
+        out = np.zeros(n + 1, dtype=np.uint32)
         cdef uint32_t[::1] ov = out
-        if n:
-            kvt_coll_cluster_sizes(c, &ov[0], n, &n)
+        cap = n + 1
+        with nogil:
+            rc = kvt_coll_cluster_sizes(c, &ov[0], cap, &n)
+        check(rc)
         return out[:n]
+
+    @property
+    def parked(self):
+        return bool(kvt_coll_is_parked(self.live()))
+
+    def changed(self):
+        """True if anything changed since the last committed checkpoint."""
+        return bool(kvt_coll_changed(self.live()))
 
     def checkpoint(self):
         """Writes buffered entries, syncs, and captures the state to commit."""

@@ -114,3 +114,4 @@ def resolve_device(device) -> tuple[DeviceProfile | None, tuple]:
 POLICIES = ("adaptive", "static", "local", "none")
 METRICS = ("ip", "l2")
 DTYPES = ("float16", "float32")
+LAYOUTS = ("colocated", "clustered", "token")

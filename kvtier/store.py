@@ -16,7 +16,7 @@ import numpy as np
 
 from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
-from kvtier.config import DTYPES, METRICS, POLICIES, DeviceProfile, parse_size, resolve_device
+from kvtier.config import DTYPES, LAYOUTS, METRICS, POLICIES, DeviceProfile, parse_size, resolve_device
 from kvtier.errors import InvalidArgumentError, NotFoundError, StoreClosedError
 
 DEFAULT_POLICY = "adaptive"
@@ -228,6 +228,12 @@ class Collection:
         with self._store._gate:
             return self._h.cluster_sizes()
 
+    @property
+    def parked(self) -> bool:
+        """True while the collection sits in the swap area (see :meth:`Store.park`)."""
+        with self._store._gate:
+            return self._h.parked
+
 
 def default_nprobe(nclusters: int) -> int:
     """Clusters read per query when search() is not told: 1/16 of them, at least 8."""
@@ -297,7 +303,7 @@ class Store:
                    seed: int = 0, nprobe: Optional[int] = None, tau: Optional[float] = None,
                    tau_factor: float = 3.0, pending_budget: int = 16, local_window: int = 64,
                    local_cluster_size: int = 16, score_temp: float = 0.0,
-                   colocate_after: int = 32) -> Collection:
+                   colocate_after: int = 32, layout: Optional[str] = None) -> Collection:
         """Creates or reopens a collection. Reopening checks that what is given matches.
 
         ``dim`` key dimension; ``value_dim`` value dimension (default: ``dim``); ``dtype``
@@ -305,11 +311,17 @@ class Store:
         ``policy`` how new entries
         join clusters; ``init_cluster_size`` target size of the first batch's clusters;
         ``max_cluster_size`` sets the pool size (two clusters of this size share a pool);
-        ``nprobe`` default clusters probed by search.
+        ``nprobe`` default clusters probed by search; ``layout`` where records live on flash:
+        ``colocated`` (default: each cluster contiguous in dual-head pools, and clusters often
+        retrieved together rewritten next to each other after ``colocate_after`` retrieves),
+        ``clustered`` (the pools without co-location) or ``token`` (one log in insertion
+        order, a baseline: a cluster is read as runs of consecutive ids). Policy ``none``
+        keeps token order whatever the layout.
         """
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > 400:
             raise InvalidArgumentError(f"name: a non-empty string without '/' (at most 400 bytes) expected, got {name!r}")
-        given = {"dim": dim, "value_dim": value_dim, "dtype": dtype, "metric": metric, "policy": policy}
+        given = {"dim": dim, "value_dim": value_dim, "dtype": dtype, "metric": metric, "policy": policy,
+                 "layout": layout}
         with self._gate, self._meta:
             if name in self._colls:
                 coll = self._colls[name]
@@ -324,7 +336,7 @@ class Store:
                 params = self._new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
                                           max_cluster_size, kmeans_iters, seed, nprobe, tau,
                                           tau_factor, pending_budget, local_window,
-                                          local_cluster_size, score_temp, colocate_after)
+                                          local_cluster_size, score_temp, colocate_after, layout)
                 params["no"], params["name"] = self._next_no, name
                 h = self._engine.create(params["no"], params)
                 self._next_no += 1
@@ -342,14 +354,14 @@ class Store:
                     v = np.dtype(v).name
                 except TypeError:
                     pass
-            if v != params[key]:
+            if v != params.get(key, "colocated" if key == "layout" else None):
                 raise InvalidArgumentError(
                     f"{key}: collection {name!r} exists with {key}={params[key]!r}, got {v!r}")
 
     @staticmethod
     def _new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_cluster_size,
                     kmeans_iters, seed, nprobe, tau, tau_factor, pending_budget, local_window,
-                    local_cluster_size, score_temp, colocate_after) -> dict:
+                    local_cluster_size, score_temp, colocate_after, layout=None) -> dict:
         if dim is None:
             raise InvalidArgumentError("dim: required when creating a collection")
         dim = _positive_int("dim", dim, 1, 4096)
@@ -386,13 +398,18 @@ class Store:
                 or not math.isfinite(score_temp) or score_temp < 0:
             raise InvalidArgumentError(f"score_temp: a finite number >= 0 expected, got {score_temp!r}")
         colocate_after = _positive_int("colocate_after", colocate_after, 0, 1 << 20)
+        layout = "colocated" if layout is None else layout
+        if layout not in LAYOUTS:
+            raise InvalidArgumentError(f"layout: one of {LAYOUTS} expected, got {layout!r}")
+        if layout != "colocated":
+            colocate_after = 0
         return {"dim": dim, "value_dim": value_dim, "dtype": dt, "metric": metric, "policy": policy,
                 "init_cluster_size": init_cluster_size, "max_cluster_size": max_cluster_size,
                 "kmeans_iters": kmeans_iters, "seed": seed, "nprobe": nprobe,
                 "tau": float(tau) if tau is not None else None, "tau_factor": float(tau_factor),
                 "pending_budget": pending_budget, "local_window": local_window,
                 "local_cluster_size": local_cluster_size, "score_temp": float(score_temp),
-                "colocate_after": colocate_after}
+                "colocate_after": colocate_after, "layout": layout}
 
     # -- durability -------------------------------------------------------------------------
     def flush(self) -> None:
@@ -403,6 +420,8 @@ class Store:
     def _flush_locked(self):
         records, cps = [], []
         for name, coll in self._colls.items():
+            if coll._h.parked and name in self._committed and not coll._h.changed():
+                continue  # committed as it stands: left parked, no swap-in
             cp = coll._h.checkpoint()
             cps.append((coll, cp))
             records.append((name, coll.params, cp.dir, cp.chunks))
@@ -452,6 +471,43 @@ class Store:
                 raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {coll!r}")
             total += coll.prefetch(query_group, budget)
         return total
+
+    def _group(self, collections, what: str) -> list:
+        if isinstance(collections, Collection):
+            collections = [collections]
+        try:
+            group = list(collections)
+        except TypeError:
+            raise InvalidArgumentError(f"collections: an iterable of collections of this store expected, got {collections!r}") from None
+        for c in group:
+            if not isinstance(c, Collection) or c._store is not self:
+                raise InvalidArgumentError(f"collections: collections of this store expected in {what}, got {c!r}")
+        if len({id(c) for c in group}) != len(group):
+            raise InvalidArgumentError(f"collections: each collection at most once in {what}")
+        return group
+
+    def park(self, collections, keep_cache: bool = True) -> None:
+        """Moves a group of collections (for an LLM: the KV heads of one layer) out of DRAM:
+        their representatives, id maps and pending entries go to a swap area on flash, as
+        one contiguous range per group, and their DRAM returns to the budget. With
+        ``keep_cache`` (default) the clusters they used since they were last brought in go
+        along and come back with them; their other cached clusters (clean copies of the data
+        files) are dropped, all of them with ``keep_cache=False``. Results do not change:
+        an operation on a parked collection brings it back first. Use :meth:`unpark` to
+        bring a group back ahead of use."""
+        if not isinstance(keep_cache, (bool, np.bool_)):
+            raise InvalidArgumentError(f"keep_cache: True or False expected, got {keep_cache!r}")
+        group = self._group(collections, "park")
+        with self._gate:
+            self._engine.park([c._h for c in group], keep_cache=bool(keep_cache))
+
+    def unpark(self, collections, wait: bool = True) -> None:
+        """Brings parked collections back with one sequential read per contiguous range.
+        With ``wait=False`` the reads run on the loader threads and the call returns at
+        once; an operation on a collection still loading waits for it."""
+        group = self._group(collections, "unpark")
+        with self._gate:
+            self._engine.park([c._h for c in group], unpark=True, async_=not wait)
 
     def reset_io_stats(self) -> None:
         """Zeroes I/O and cache counters and restarts the DRAM peak from current use."""

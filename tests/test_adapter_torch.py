@@ -392,6 +392,27 @@ def test_prefetch_does_not_change_results(tokens, policy, dram):
     assert on["io_wait_seconds"] >= 0.0
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_virtualize_does_not_change_results_and_bounds_dram(tokens, prefetch):
+    """Parking each layer after use and bringing it back ahead of use changes no logit, and
+    the engine's DRAM peak falls to a few layers' worth."""
+    model = tiny_llama(seed=5, layers=6)
+    got, st = {}, {}
+    for virt in (False, True):
+        with torch.no_grad(), TieredCache(model, budget=0.2, sinks=4, window=8, dram_budget="4MiB", policy="static",
+                                          device="ufs4.0", prefetch=prefetch, virtualize=virt,
+                                          collection_options={"init_cluster_size": 4}) as cache:
+            got[virt] = run(model, cache, tokens[:, :160], prefill=100)
+            st[virt] = cache.stats()
+    assert torch.equal(got[True], got[False])
+    on, off = st[True], st[False]
+    assert on["virtualize"] and not off["virtualize"]
+    assert off["swap_ins"] == 0 and on["swap_ins"] > 0 and on["swap_read_bytes"] > 0
+    assert on["swap_demand_ins"] == 0  # every layer was brought back ahead of its use
+    assert on["store"]["parked_collections"] >= 6 - 3  # at most three layers resident
+    assert on["dram_peak_bytes"] < off["dram_peak_bytes"]
+
+
 def test_prefetch_uses_previous_step_queries_of_the_next_layer(tokens, monkeypatch):
     """While layer l attends, layer l+1's collections prefetch with the query groups they
     retrieved with at the previous step, under the budget their coming retrieve uses, before

@@ -1,5 +1,6 @@
 """Property-based tests: a hypothesis state machine drives a store and a plain numpy reference
-model side by side (add, search, retrieve, get, flush, reopen) and checks they agree."""
+model side by side (add, search, retrieve, get, flush, reopen, crash, park/unpark) and checks
+they agree."""
 import shutil
 import tempfile
 
@@ -13,6 +14,8 @@ DIM, VDIM = 8, 4
 
 
 class StoreVsReference(RuleBasedStateMachine):
+    LAYOUT = "colocated"
+
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="kvt-model-")
@@ -20,7 +23,7 @@ class StoreVsReference(RuleBasedStateMachine):
         self.store = kvtier.open(self.dir, dram_budget=self.budget)
         self.dtype = np.float16
         self.coll = self.store.collection("m", dim=DIM, value_dim=VDIM, init_cluster_size=4,
-                                          max_cluster_size=8)
+                                          max_cluster_size=8, layout=self.LAYOUT)
         self.keys = np.zeros((0, DIM), self.dtype)
         self.values = np.zeros((0, VDIM), self.dtype)
         self.flushed = 0
@@ -72,6 +75,19 @@ class StoreVsReference(RuleBasedStateMachine):
         assert sorted(full.ids.tolist()) == list(range(len(self.keys)))
 
     @rule()
+    def park(self):
+        """Parking moves the collection to the swap area; nothing it answers may change."""
+        self.store.park([self.coll])
+        assert self.coll.parked
+        assert self.store.stats()["parked_collections"] == 1
+
+    @rule(wait=st.booleans())
+    def unpark(self, wait):
+        self.store.unpark([self.coll], wait=wait)
+        if wait:
+            assert not self.coll.parked
+
+    @rule()
     def flush(self):
         self.store.flush()
         self.flushed = len(self.keys)
@@ -94,7 +110,7 @@ class StoreVsReference(RuleBasedStateMachine):
         self.store = kvtier.open(self.dir, dram_budget=self.budget)
         if self.flushed == 0 and "m" not in self.store.collections():
             self.coll = self.store.collection("m", dim=DIM, value_dim=VDIM, init_cluster_size=4,
-                                              max_cluster_size=8)
+                                              max_cluster_size=8, layout=self.LAYOUT)
         else:
             self.coll = self.store.collection("m")
         self.keys = self.keys[: self.flushed]
@@ -107,5 +123,12 @@ class StoreVsReference(RuleBasedStateMachine):
         assert st_["dram_peak_bytes"] <= st_["dram_budget"]
 
 
+class TokenLayoutVsReference(StoreVsReference):
+    """The same machine on the token-order layout baseline (a log; clusters as id runs)."""
+    LAYOUT = "token"
+
+
 StoreVsReference.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
 TestStoreVsReference = StoreVsReference.TestCase
+TokenLayoutVsReference.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
+TestTokenLayoutVsReference = TokenLayoutVsReference.TestCase

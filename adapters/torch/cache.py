@@ -261,7 +261,13 @@ class TieredCache(Cache):
     reads only when a layer retrieves (for comparison: the same results except that the
     ``adaptive`` policy's splits may take another course). ``store_dtype`` float16 (default, half
     the flash bytes) or float32 (exact values); ``collection_options`` extra arguments of
-    ``Store.collection`` (init_cluster_size, max_cluster_size, ...).
+    ``Store.collection`` (init_cluster_size, max_cluster_size, ...). ``virtualize`` (default
+    False) keeps only the layers in use in the engine's DRAM (``Store.park``): a layer's
+    collections are parked when its attention is done and brought back in the background
+    ahead of use (two layers ahead with prefetch, so that the next layer's prefetch finds
+    its representatives; one layer ahead without), so the engine's DRAM is bounded by a few
+    layers rather than all of them, at the price of reading each layer's index (and its
+    cache working set) back from flash at every step; results are unchanged.
 
     Works with ``model.generate(..., cache=cache)`` and manual ``model(ids, cache=cache,
     use_cache=True)`` loops (``past_key_values=`` is transformers 5's deprecated alias of
@@ -271,10 +277,13 @@ class TieredCache(Cache):
     def __init__(self, model, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
                  sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
                  prefetch: bool = True, store_dtype: str = "float16",
-                 collection_options: Optional[dict] = None):
+                 collection_options: Optional[dict] = None, virtualize: bool = False):
         geo = check_model(model)
         if not isinstance(prefetch, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefetch: True or False expected, got {prefetch!r}")
+        if not isinstance(virtualize, (bool, np.bool_)):
+            raise InvalidArgumentError(f"virtualize: True or False expected, got {virtualize!r}")
+        self.virtualize = bool(virtualize)
         # not ``self.prefetch``: that is transformers' Cache.prefetch (offloading), kept intact
         self.prefetching = bool(prefetch)
         self.budget = _check_budget(budget)
@@ -404,6 +413,9 @@ class TieredCache(Cache):
         new_k, new_v = key[0].detach(), value[0].detach()  # [kv_heads, q_len, d]
         fetched = None
         n_budget = self._entries(layer.seen)
+        if self.virtualize:
+            ahead = self.layers[(l + (2 if self.prefetching else 1)) % self.n_layers]
+            self.store.unpark(ahead.colls, wait=False)
         if self.prefetching:
             # before this layer's own retrieve, so the next layer's reads overlap it too
             if l + 1 < self.n_layers:  # layer l+1 is about to see the same tokens as this one
@@ -419,6 +431,8 @@ class TieredCache(Cache):
             out, transient = self._attend_chunk(layer, query, new_k, new_v, fetched, scaling)
         self._peak = max(self._peak, self._resident + transient)
         self._spill(layer, new_k, new_v)
+        if self.virtualize:
+            self.store.park(layer.colls)
         return out.transpose(0, 1).unsqueeze(0)  # [1, q_len, q_heads, d], as transformers' attention returns
 
     def _attend_step(self, layer, query, new_k, new_v, fetched, scaling):
@@ -574,7 +588,9 @@ class TieredCache(Cache):
         figures (``read_ops``, ``read_bytes``, ``mean_read_entries``, ``modeled_io_seconds``,
         ``cache_hits``, ``cache_misses``, ``write_bytes``, ``prefetch_issued``,
         ``prefetch_hits`` (prefetched clusters a retrieve then used), ``prefetch_read_bytes``,
-        ``io_wait_seconds`` (time retrieves waited for prefetches still loading), ...) and
+        ``io_wait_seconds`` (time retrieves waited for prefetches still loading),
+        ``dram_peak_bytes`` (the engine's), ``swap_ins`` / ``swap_demand_ins`` /
+        ``swap_read_bytes`` / ``swap_write_bytes`` (with ``virtualize``), ...) and
         ``store`` its whole stats.
         """
         s = self.store.stats()
@@ -605,6 +621,7 @@ class TieredCache(Cache):
             "add_seconds": self._seconds["add"],
             "prefetch_seconds": self._seconds["prefetch"],
             "prefetch": self.prefetching,
+            "virtualize": self.virtualize,
             "prefetch_calls": c["prefetches"],
             "prefetch_queued": c["prefetched"],
             "budget": self.budget,
@@ -614,7 +631,8 @@ class TieredCache(Cache):
         }
         for k in ("read_ops", "read_bytes", "read_entries", "mean_read_entries", "modeled_io_seconds",
                   "cache_hits", "cache_misses", "evictions", "write_ops", "write_bytes", "device",
-                  "prefetch_issued", "prefetch_hits", "prefetch_read_bytes", "prefetch_errors", "io_wait_seconds"):
+                  "prefetch_issued", "prefetch_hits", "prefetch_read_bytes", "prefetch_errors", "io_wait_seconds",
+                  "dram_peak_bytes", "swap_ins", "swap_demand_ins", "swap_read_bytes", "swap_write_bytes"):
             if k in s:
                 out[k] = s[k]
         out["store"] = s

@@ -112,7 +112,14 @@ typedef struct kvt_coll_params {
      * together sit next to each other (a co-retrieval chain laid across dual-head pools), and
      * one retrieve becomes a few merged reads. 0 disables it. */
     uint32_t colocate_after;
+    /* Where records live (a baseline switch, DESIGN 2.2): KVT_LAYOUT_CLUSTERED (0, the method:
+     * each cluster contiguous in dual-head pools) or KVT_LAYOUT_TOKEN (1: one log in insertion
+     * order, clusters only in the directory, so a cluster is read as runs of consecutive ids;
+     * nothing moves on a split and there is no co-location). Policy none always keeps token
+     * order. */
+    int layout;
 } kvt_coll_params;
+enum kvt_layout_kind { KVT_LAYOUT_CLUSTERED = 0, KVT_LAYOUT_TOKEN = 1 };
 
 typedef struct kvt_store kvt_store;
 typedef struct kvt_coll kvt_coll;
@@ -141,9 +148,29 @@ typedef struct kvt_store_stats {
     uint64_t prefetch_read_bytes;   /* bytes the loader threads read */
     uint64_t prefetch_errors;       /* prefetch reads that failed (the cluster is read again on use) */
     double io_wait_seconds;         /* time calls spent waiting for prefetches still loading */
+    /* group virtualization (kvt_store_park) */
+    uint64_t parked_collections;    /* parked now */
+    uint64_t swap_outs, swap_ins;   /* collection images written / installed */
+    uint64_t swap_demand_ins;       /* of the installs, those an operation waited for */
+    uint64_t swap_write_bytes, swap_read_bytes;
+    uint64_t swap_file_bytes;       /* the swap file's size in use */
+    /* bytes read by cause: split_read_bytes (forced loads) and relayout_read_bytes of every
+     * collection; with prefetch_read_bytes and swap_read_bytes the rest of read_bytes is
+     * what retrieve, search and get read on demand */
+    uint64_t split_read_bytes, relayout_read_bytes;
+    uint64_t partial_page_writes;   /* summed over the collections (kvt_coll_stats) */
+    /* measured (wall-clock) seconds in read system calls and bytes read, by the buckets of
+     * read_size_hist: the real bandwidth by request size (reads issued together share their
+     * batch's time in proportion to their bytes) */
+    double read_seconds, read_size_seconds[24];
+    uint64_t read_size_bytes[24];
 } kvt_store_stats;
 int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out);
 int kvt_store_reset_io_stats(kvt_store *store);
+/* The read backend in force for the store's files: "io_uring" (built with liburing, not turned
+ * off by KVTIER_IO_URING=0, and granted a ring by the kernel when the store was opened) or
+ * "pread". A static string. */
+const char *kvt_store_io_backend(kvt_store *store);
 
 /* ---- collections -------------------------------------------------------------------------- */
 /* Creates collection number `coll_no` with an empty data file "c<coll_no>.kvd" (truncating
@@ -217,10 +244,34 @@ typedef struct kvt_coll_stats {
     /* what a naive cluster-by-cluster layout (clusters packed back to back, no room to grow)
      * would have moved for the same appends: each append relocates its cluster's entries */
     uint64_t naive_move_bytes;
+    uint64_t parked;            /* 1 while parked (kvt_store_park) */
+    /* writes that rewrote a flash page already holding data (the page where an append meets
+     * earlier records): each costs the device a read-modify-write of that page */
+    uint64_t partial_page_writes;
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */
 int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters);
+
+/* ---- group virtualization (DESIGN 2.3) ---------------------------------------------------- */
+/* A group of collections (for an LLM: the KV heads of one layer) can be parked: each one's
+ * representatives, cluster directory, id map, pending buffers and, with keep_cache != 0, its
+ * cache working set (the cached clusters used since it was last brought in; its other cached
+ * clusters are clean copies of the data file and are dropped, as all are with keep_cache 0)
+ * are written to the store's swap file "swap.kvs",
+ * the group's images in consecutive ranges, and their
+ * DRAM is given back to the budget. Parking changes no results: any operation on a parked
+ * collection first brings it back (an on-demand swap-in, counted); kvt_store_unpark brings a
+ * group back ahead of use with one sequential read per run of consecutive images, and with
+ * async != 0 queues those reads on the loader threads and returns at once (an operation on a
+ * collection still loading waits for it). Stats and checkpoints of a parked collection leave
+ * it parked. The swap file is volatile: it is recreated by the first park of a store and
+ * removed on close; what is durable is what checkpoints made so, parked or not.
+ * collections: n distinct collections of this store. Errors: KVT_EINVAL, KVT_EBUDGET (an
+ * unpark whose image does not fit), KVT_ECORRUPT (a damaged image), errno. */
+int kvt_store_park(kvt_store *store, kvt_coll *const *collections, size_t n, int keep_cache);
+int kvt_store_unpark(kvt_store *store, kvt_coll *const *collections, size_t n, int async);
+int kvt_coll_is_parked(kvt_coll *coll);
 
 /* ---- durability --------------------------------------------------------------------------- */
 /* A checkpoint captures, in one atomic step under the store's lock, a collection's state as
@@ -237,6 +288,11 @@ size_t kvt_checkpoint_nchunks(const kvt_checkpoint *cp);
 /* The i-th changed chunk: its index and blob. */
 const void *kvt_checkpoint_chunk(const kvt_checkpoint *cp, size_t i, uint64_t *chunk, size_t *len);
 int kvt_coll_committed(kvt_coll *coll, const kvt_checkpoint *cp);
+/* 1 if the collection changed (entries, their places, the cluster directory) since the state
+ * last passed to kvt_coll_committed, or since it was opened; 0 otherwise. A caller may skip
+ * checkpointing an unchanged collection whose state it already committed (a parked one then
+ * stays parked). */
+int kvt_coll_changed(kvt_coll *coll);
 void kvt_checkpoint_free(kvt_checkpoint *cp);
 void kvt_free(void *p);
 

@@ -71,6 +71,9 @@ void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page
     kvt_wbuf_u32(&w, (uint32_t)p->dtype);
     kvt_wbuf_u32(&w, L->esz);
     kvt_wbuf_u64(&w, L->pool_bytes);
+    /* only a non-default layout is recorded, so the headers of clustered files (all files of
+     * format 1 before layouts existed) stay byte for byte what they were */
+    if (p->layout && p->policy != KVT_POLICY_NONE) kvt_wbuf_u32(&w, (uint32_t)p->layout);
     uint32_t crc = kvt_crc32c(0, w.p, w.len);
     kvt_wbuf_u32(&w, crc);
     if (!w.oom) memcpy(page, w.p, w.len);

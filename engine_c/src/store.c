@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common.h"
 #include "store.h"
@@ -37,6 +38,11 @@
 #define UNLOCK(s) pthread_mutex_unlock(&(s)->mu)
 
 static void wait_idle(kvt_coll *c);
+static int ready(kvt_coll *c);
+static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len);
+static void cluster_stats(kvt_coll *c, kvt_coll_stats *o);
+static int peek_begin(kvt_coll *c, int *was_parked);
+static void peek_end(kvt_coll *c, int was_parked);
 
 static void on_evict(void *owner, uint32_t cluster) {
     kvt_coll *c = owner;
@@ -76,6 +82,7 @@ static void coll_free(kvt_coll *c) {
     for (uint32_t i = 0; i < c->clcap; i++) {
         free(c->cl[i].segs);
         free(c->cl[i].pbuf);
+        free(c->cl[i].mem);
     }
     free(c->cl);
     free(c->cent);
@@ -98,9 +105,18 @@ void kvt_store_close(kvt_store *s) {
     s->shutdown = 1;
     for (kvt_job *j = s->jobs, *next; j; j = next) {
         next = j->next;
-        j->c->cl[j->cl].ent = NULL;
-        kvt_cache_drop(&s->cache, j->e);
-        j->c->inflight--;
+        if (j->cl == KVT_SWAP_JOB) {
+            for (uint32_t t = 0; t < j->nseg; t++) j->run[t]->inflight--;
+            s->loading_bytes -= j->swap_len;
+            free(j->swap_buf);
+            kvt_mem_release(&s->cache, j->swap_len);
+            free(j->run);
+        } else {
+            s->loading_bytes -= (uint64_t)j->c->cl[j->cl].n * j->c->L.esz;
+            j->c->cl[j->cl].ent = NULL;
+            kvt_cache_drop(&s->cache, j->e);
+            j->c->inflight--;
+        }
         free(j);
     }
     s->jobs = s->jobs_tail = NULL;
@@ -111,6 +127,13 @@ void kvt_store_close(kvt_store *s) {
     pthread_cond_destroy(&s->done_cv);
     for (uint32_t i = 0; i < s->ncolls; i++) coll_free(s->colls[i]);
     free(s->colls);
+    if (s->swap) { /* volatile: nothing in it outlives the store */
+        char path[4096];
+        snprintf(path, sizeof path, "%s/swap.kvs", s->dir);
+        kvt_file_close(s->swap);
+        unlink(path);
+    }
+    free(s->sfree);
     kvt_cache_destroy(&s->cache);
     kvt_io_destroy(&s->io);
     pthread_mutex_destroy(&s->mu);
@@ -139,12 +162,28 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     o->sync_ops = io.sync_ops;
     o->modeled_io_seconds = io.modeled_seconds;
     memcpy(o->read_size_hist, io.size_hist, sizeof o->read_size_hist);
+    memcpy(o->read_size_seconds, io.size_seconds, sizeof o->read_size_seconds);
+    memcpy(o->read_size_bytes, io.size_bytes, sizeof o->read_size_bytes);
+    o->read_seconds = io.read_seconds;
     o->direct_io = s->ncolls ? kvt_file_is_direct(s->colls[0]->f) : (s->io.direct_mode != KVT_DIRECT_OFF);
     o->prefetch_issued = s->prefetch_issued;
     o->prefetch_hits = s->prefetch_hits;
     o->prefetch_errors = s->prefetch_errors;
-    o->prefetch_read_bytes = io.prefetch_read_bytes;
+    o->prefetch_read_bytes = io.prefetch_read_bytes - (io.prefetch_read_bytes >= s->swap_async_bytes ? s->swap_async_bytes : io.prefetch_read_bytes);
     o->io_wait_seconds = s->io_wait_seconds;
+    o->swap_outs = s->swap_outs;
+    o->swap_ins = s->swap_ins;
+    o->swap_demand_ins = s->swap_demand_ins;
+    o->swap_write_bytes = s->swap_write_bytes;
+    o->swap_read_bytes = s->swap_read_bytes;
+    o->swap_file_bytes = s->swap_end;
+    for (uint32_t i = 0; i < s->ncolls; i++) {
+        kvt_coll *c = s->colls[i];
+        o->parked_collections += c->parked;
+        o->split_read_bytes += c->ctr.split_read_bytes;
+        o->relayout_read_bytes += c->ctr.relayout_read_bytes;
+        o->partial_page_writes += c->ctr.partial_page_writes;
+    }
     UNLOCK(s);
     return 0;
 }
@@ -152,11 +191,15 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
 int kvt_store_reset_io_stats(kvt_store *s) {
     LOCK(s);
     kvt_io_stats_reset(&s->io);
+    s->swap_async_bytes = s->swap_read_bytes = s->swap_write_bytes = 0;
+    s->swap_ins = s->swap_outs = s->swap_demand_ins = 0;
     s->cache.hits = s->cache.misses = s->cache.evictions = 0;
     s->cache.peak = s->cache.used;
     UNLOCK(s);
     return 0;
 }
+
+const char *kvt_store_io_backend(kvt_store *s) { return kvt_io_backend_name(&s->io); }
 
 int kvt_store_inject_fault(kvt_store *s, char op, uint64_t nth, int code) {
     return kvt_io_inject(&s->io, op, nth, code);
@@ -213,6 +256,38 @@ static int ensure_segs(kvt_coll *c, kvt_cluster *k, uint32_t need) {
     int rc = grow_array(c, (void **)&k->segs, sizeof *k->segs, &cap, need);
     k->segcap = (uint32_t)cap;
     return rc;
+}
+
+/* Token layout (kvt_coll_params.layout): records sit in one log in id order. */
+static inline int token(const kvt_coll *c) {
+    return c->p.layout == KVT_LAYOUT_TOKEN && c->p.policy != KVT_POLICY_NONE;
+}
+static inline uint64_t token_offset(const kvt_coll *c, uint64_t id) {
+    return KVT_DATA_HEADER + id * c->L.esz;
+}
+
+static int ensure_mem(kvt_coll *c, kvt_cluster *k, uint32_t need) {
+    uint64_t cap = k->memcap;
+    int rc = grow_array(c, (void **)&k->mem, sizeof *k->mem, &cap, need);
+    k->memcap = (uint32_t)cap;
+    return rc;
+}
+
+/* Token layout: every cluster's member list from the id map (after a load); KVT_ECORRUPT if
+ * the map does not name each (cluster, index) once, in ascending id order. */
+static int rebuild_members(kvt_coll *c) {
+    for (uint32_t j = 0; j < c->ncl; j++) {
+        kvt_cluster *k = &c->cl[j];
+        int rc = ensure_mem(c, k, k->n);
+        if (rc) return rc;
+        for (uint32_t i = 0; i < k->n; i++) k->mem[i] = UINT64_MAX;
+    }
+    for (uint64_t id = 0; id < c->n; id++) c->cl[c->loc[id].cl].mem[c->loc[id].idx] = id;
+    for (uint32_t j = 0; j < c->ncl; j++)
+        for (uint32_t i = 0; i < c->cl[j].n; i++)
+            if (c->cl[j].mem[i] == UINT64_MAX || (i && c->cl[j].mem[i] <= c->cl[j].mem[i - 1]))
+                return kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has an inconsistent member list", j, c->no);
+    return 0;
 }
 
 static int ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need) {
@@ -302,6 +377,8 @@ static int check_params(const kvt_coll_params *p) {
     if (!(p->tau >= 0) || !isfinite(p->tau)) return kvt_fail(KVT_EINVAL, "tau: a finite value >= 0 expected (0 derives it)");
     if (!(p->tau_factor > 0) || !isfinite(p->tau_factor)) return kvt_fail(KVT_EINVAL, "tau_factor: a finite value > 0 expected");
     if (!(p->score_temp >= 0) || !isfinite(p->score_temp)) return kvt_fail(KVT_EINVAL, "score_temp: a finite value >= 0 expected");
+    if (p->layout != KVT_LAYOUT_CLUSTERED && p->layout != KVT_LAYOUT_TOKEN)
+        return kvt_fail(KVT_EINVAL, "layout: 0 (clustered) or 1 (token) expected, got %d", p->layout);
     if (p->policy == KVT_POLICY_LOCAL && (p->local_window < 2 || p->local_cluster_size < 1 || p->local_cluster_size > p->local_window))
         return kvt_fail(KVT_EINVAL, "local_window / local_cluster_size: 1 <= local_cluster_size <= local_window and local_window >= 2 expected");
     return 0;
@@ -412,6 +489,21 @@ static void rollback(kvt_coll *c, undo_log *log) {
     }
 }
 
+/* 1 if a write of len bytes at off into segment sg (before its records count) rewrites a
+ * flash page that already holds data: the page where it meets the head's earlier records
+ * (head 0 grows upward, head 1 downward) or the other head's. Flash cannot update a page in
+ * place, so each such write costs the device a read-modify-write of that page. */
+static int rewrites_page(const kvt_coll *c, const kvt_seg *sg, const kvt_pool *pl, uint64_t off, uint64_t len) {
+    const kvt_layout *L = &c->L;
+    uint64_t P = c->st->io.dev.page_size > 0 ? (uint64_t)c->st->io.dev.page_size : KVT_IO_ALIGN;
+    uint64_t end = off + len, lo_page = kvt_round_down(off, P), hi_page = kvt_round_up(end, P);
+    if (sg->n && (sg->head == 0 ? off % P : end % P)) return 1;
+    uint32_t other = pl->used[!sg->head];
+    if (!other) return 0;
+    uint64_t olo = kvt_run_offset(L, sg->pool, !sg->head, 0, other), ohi = olo + (uint64_t)other * L->esz;
+    return olo < hi_page && ohi > lo_page;
+}
+
 /* Appends m records to cluster ci's flash segments (claiming heads as needed), through the
  * scratch buffer of scratch_recs records. Every append is logged for rollback. */
 static int append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, uint8_t *scratch,
@@ -444,6 +536,7 @@ static int append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m
         if (run > room) run = room;
         if (!src->mrecs && run > scratch_recs) run = scratch_recs;
         uint64_t off = kvt_run_offset(L, sg->pool, sg->head, sg->n, run);
+        int partial = rewrites_page(c, sg, pl, off, (uint64_t)run * L->esz);
         int rc;
         if (src->mrecs) {
             /* records already in a buffer of ours: written in place (head 1 grows downward,
@@ -468,6 +561,8 @@ static int append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m
         }
         sg->n += run;
         pl->used[sg->head] += run;
+        c->ctr.partial_page_writes += (uint64_t)partial;
+        c->modc++; /* the directory changed: kvt_coll_changed reports it */
         log->u[log->n++] = (undo){ci, k->nseg - 1, run, claimed};
         done += run;
     }
@@ -518,6 +613,7 @@ static void restore_segs(kvt_coll *c, uint32_t j, seg_save s) {
     k->segcap = s.segcap;
 }
 static void retire_segs(kvt_coll *c, seg_save s) {
+    c->modc++;
     for (uint32_t g = 0; g < s.nseg; g++) kvt_pools_retire(&c->pools, &s.segs[g]);
     free_array(c, s.segs, s.segcap, sizeof(kvt_seg));
 }
@@ -551,9 +647,39 @@ typedef struct extent {
     uint32_t nrec, base, slot, head, seg;
 } extent;
 
+/* A merged read: extents a..e-1 (sorted by offset), and its buffer when it merges several. */
+typedef struct run_plan { uint32_t a, e; uint8_t *run; } run_plan;
+
 static int by_offset(const void *a, const void *b) {
     uint64_t x = ((const extent *)a)->off, y = ((const extent *)b)->off;
     return x < y ? -1 : x > y;
+}
+
+/* Reads extents a..e-1 (sorted by offset, gaps within the merge gap) as one request into
+ * their clusters' buffers and checks them; its buffer is reserved for the call. */
+static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8_t *const *buf,
+                    const uint32_t *clusters) {
+    kvt_store *s = c->st;
+    const kvt_layout *L = &c->L;
+    uint64_t entries = 0;
+    for (uint32_t t = a; t < e; t++) entries += ex[t].nrec;
+    size_t len = (size_t)(ex[e - 1].off + (uint64_t)ex[e - 1].nrec * L->esz - ex[a].off);
+    uint64_t need = len + kvt_file_read_scratch(c->f, ex[a].off, len);
+    int rc = kvt_mem_reserve(&s->cache, need);
+    if (rc) return rc;
+    uint8_t *run = malloc(len);
+    if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
+    if (!rc) rc = kvt_file_read(c->f, ex[a].off, len, run, entries);
+    for (uint32_t t = a; t < e && !rc; t++) {
+        const extent *x = &ex[t];
+        uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
+        memcpy(dst, run + (x->off - ex[a].off), (size_t)x->nrec * L->esz);
+        if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
+        rc = check_run(c, clusters[x->slot], x->base, dst, x->nrec, x->off);
+    }
+    free(run);
+    kvt_mem_release(&s->cache, need);
+    return rc;
 }
 
 /* Calls fn(ctx, cluster, records, n) once per listed cluster with all its records in order:
@@ -575,19 +701,22 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
             uint64_t b = k->ent ? 0 : (uint64_t)k->n * L->esz;
             if (end > i && bytes + b > max_batch) break;
             bytes += b;
-            nseg += k->nseg; /* all: admitting one miss may evict a hit of this batch */
+            nseg += token(c) ? k->n : k->nseg; /* all: admitting one miss may evict a hit of this batch */
             end++;
         }
         uint32_t nb = end - i;
-        uint64_t meta = (uint64_t)nb * (sizeof(uint8_t *) + sizeof(kvt_cache_ent *) + 8) + (uint64_t)nseg * sizeof(extent);
+        uint64_t meta = (uint64_t)nb * (sizeof(uint8_t *) + sizeof(kvt_cache_ent *) + 8) +
+                        (uint64_t)nseg * (sizeof(extent) + sizeof(run_plan) + sizeof(kvt_read_req));
         rc = kvt_mem_reserve(&s->cache, meta);
         if (rc) break;
         uint8_t **buf = calloc(nb, sizeof *buf);
         kvt_cache_ent **ent = calloc(nb, sizeof *ent);
         uint64_t *owned = calloc(nb, sizeof *owned);
         extent *ex = malloc((size_t)nseg * sizeof *ex + 1);
+        run_plan *plan = malloc((size_t)nseg * sizeof *plan + 1);
+        kvt_read_req *req = malloc((size_t)nseg * sizeof *req + 1);
         uint32_t nex = 0;
-        if (!buf || !ent || !owned || !ex) rc = kvt_fail(ENOMEM, "read: out of memory");
+        if (!buf || !ent || !owned || !ex || !plan || !req) rc = kvt_fail(ENOMEM, "read: out of memory");
         /* hits go straight through; misses get a buffer (their cache entry if it fits) */
         for (uint32_t b = 0; b < nb && !rc; b++) {
             uint32_t ci = list[i + b];
@@ -623,9 +752,20 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
                     ex[nex++] = (extent){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), sg->n, base, b, sg->head, g};
                 base += sg->n;
             }
+            for (uint32_t i0 = 0; token(c) && i0 < k->n;) { /* runs of consecutive ids in the log */
+                uint32_t i1 = i0 + 1;
+                while (i1 < k->n && k->mem[i1] == k->mem[i1 - 1] + 1) i1++;
+                ex[nex++] = (extent){token_offset(c, k->mem[i0]), i1 - i0, i0, b, 0, 0};
+                i0 = i1;
+            }
         }
         qsort(ex, nex, sizeof *ex, by_offset);
-        /* merged reads: a run of extents whose gaps are all within the merge gap */
+        /* merged reads: runs of extents whose gaps are all within the merge gap. When the
+         * budget holds all of them at once they are issued together (one io_uring submission
+         * where the kernel allows it: the device overlaps them); a run of one extent is read
+         * straight into its cluster's buffer. Otherwise they are read one run at a time. */
+        uint32_t nrun = 0;
+        uint64_t all = 0;
         for (uint32_t a = 0; a < nex && !rc;) {
             uint32_t e = a + 1;
             uint64_t run_end = ex[a].off + (uint64_t)ex[a].nrec * L->esz, entries = ex[a].nrec;
@@ -636,31 +776,40 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
                 e++;
             }
             size_t len = (size_t)(run_end - ex[a].off);
-            uint64_t need = len + kvt_file_read_scratch(c->f, ex[a].off, len);
-            if (e > a + 1 && kvt_mem_reserve(&s->cache, need) != 0) {
-                /* no room for the merged read: read this extent alone */
-                e = a + 1;
-                entries = ex[a].nrec;
-                len = (size_t)ex[a].nrec * L->esz;
-                need = len + kvt_file_read_scratch(c->f, ex[a].off, len);
-                rc = kvt_mem_reserve(&s->cache, need);
-            } else if (e == a + 1) {
-                rc = kvt_mem_reserve(&s->cache, need);
-            }
-            if (rc) break;
-            uint8_t *run = malloc(len);
-            if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
-            if (!rc) rc = kvt_file_read(c->f, ex[a].off, len, run, entries);
-            for (uint32_t t = a; t < e && !rc; t++) {
-                extent *x = &ex[t];
-                uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
-                memcpy(dst, run + (x->off - ex[a].off), (size_t)x->nrec * L->esz);
-                if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
-                rc = check_run(c, list[i + x->slot], x->base, dst, x->nrec, x->off);
-            }
-            free(run);
-            kvt_mem_release(&s->cache, need);
+            plan[nrun] = (run_plan){a, e, NULL};
+            req[nrun++] = (kvt_read_req){ex[a].off, len, NULL, entries};
+            all += (e > a + 1 ? len : 0) + kvt_file_read_scratch(c->f, ex[a].off, len);
             a = e;
+        }
+        if (!rc && nrun > 1 && kvt_mem_reserve(&s->cache, all) == 0) { /* all at once */
+            for (uint32_t r = 0; r < nrun && !rc; r++) {
+                extent *x = &ex[plan[r].a];
+                if (plan[r].e == plan[r].a + 1) {
+                    req[r].dst = buf[x->slot] + (size_t)x->base * L->esz;
+                } else if (!(req[r].dst = plan[r].run = malloc(req[r].len))) {
+                    rc = kvt_fail(ENOMEM, "read: out of memory");
+                }
+            }
+            if (!rc) rc = kvt_file_read_batch(c->f, req, nrun);
+            for (uint32_t r = 0; r < nrun; r++) {
+                for (uint32_t t = plan[r].a; t < plan[r].e && !rc; t++) {
+                    extent *x = &ex[t];
+                    uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
+                    if (plan[r].run) memcpy(dst, plan[r].run + (x->off - ex[plan[r].a].off), (size_t)x->nrec * L->esz);
+                    if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
+                    rc = check_run(c, list[i + x->slot], x->base, dst, x->nrec, x->off);
+                }
+                free(plan[r].run);
+            }
+            kvt_mem_release(&s->cache, all);
+            nex = 0; /* done: skip the one-at-a-time loop */
+        }
+        for (uint32_t r = 0; r < nrun && nex && !rc; r++) {
+            rc = read_run(c, ex, plan[r].a, plan[r].e, buf, list + i);
+            if (rc == KVT_EBUDGET && plan[r].e > plan[r].a + 1) { /* no room to merge: one at a time */
+                rc = 0;
+                for (uint32_t t = plan[r].a; t < plan[r].e && !rc; t++) rc = read_run(c, ex, t, t + 1, buf, list + i);
+            }
         }
         /* pending entries complete each cluster; then hand it over and cache or free it */
         for (uint32_t b = 0; b < nb; b++) {
@@ -687,6 +836,8 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
         free(ent);
         free(owned);
         free(ex);
+        free(plan);
+        free(req);
         kvt_mem_release(&s->cache, meta);
         i = end;
     }
@@ -825,7 +976,10 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     dst[0] = src;
     for (uint32_t t = 1; t < nt && !rc; t++) rc = new_cluster(c, &dst[t]);
     seg_save old = detach_segs(c, src);
-    if (!rc) rc = write_fresh(c, dst, grp, cnt, nt);
+    if (token(c)) /* the records stay where they are in the log: only member lists change */
+        for (uint32_t t = 1; t < nt && !rc; t++) rc = ensure_mem(c, &c->cl[dst[t]], cnt[t]);
+    else if (!rc)
+        rc = write_fresh(c, dst, grp, cnt, nt);
     if (!rc) kvt_kill_point("split.written");
     if (rc) {
         restore_segs(c, src, old);
@@ -848,6 +1002,7 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
             int64_t id;
             memcpy(&id, grp[t] + (size_t)i * L->esz, 8);
             set_loc(c, (uint64_t)id, j, i);
+            if (token(c)) kj->mem[i] = (uint64_t)id;
         }
         kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, j, cnt[t], L->esz);
         if (e) {
@@ -859,7 +1014,7 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
         }
     }
     c->ctr.splits++;
-    c->ctr.split_write_bytes += bytes;
+    if (!token(c)) c->ctr.split_write_bytes += bytes;
     *first_new = ncl0;
 out:
     free(sorted);
@@ -1027,14 +1182,23 @@ static int recluster_staging(kvt_coll *c) {
 
 /* ---- add ---------------------------------------------------------------------------------- */
 
-int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
+/* A call that failed for want of budget while reads were in flight (their buffers are pinned
+ * until they land) waits for them and runs once more: KVT_EAGAIN_PINNED says so. A failed
+ * add, retrieve or search changes nothing a second run depends on. */
+#define KVT_EAGAIN_PINNED (-29999)
+static int retry_when_pinned(kvt_coll *c, int rc) {
+    kvt_store *s = c->st;
+    if (rc != KVT_EBUDGET || !s->loading_bytes) return rc;
+    while (s->loading_bytes) pthread_cond_wait(&s->done_cv, &s->mu);
     kvt_clear_error();
-    if (!keys || (!values && c->p.value_dim) || n == 0) return kvt_fail(KVT_EINVAL, "add: keys/values must be non-empty");
+    int again = ready(c);
+    return again ? again : KVT_EAGAIN_PINNED;
+}
+
+static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
     kvt_store *s = c->st;
     const kvt_kernels *K = s->K;
     const kvt_layout *L = &c->L;
-    LOCK(s);
-    wait_idle(c);
     int rc = 0;
     uint32_t *assign = NULL, *order = NULL, *start = NULL;
     uint8_t *scratch = NULL, *topend = NULL;
@@ -1136,7 +1300,9 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
         kvt_cluster *cl = &c->cl[j];
         /* once a cluster has pending entries, later ones queue behind them: a cluster's
          * records are its flash segments followed by its pending buffer */
-        if (m && ((policy == KVT_POLICY_ADAPTIVE && cl->flagged && !cl->ent) || cl->pend)) {
+        if (m && token(c)) {
+            rc = ensure_mem(c, cl, cl->n + m); /* token layout: nothing waits, records go to the log */
+        } else if (m && ((policy == KVT_POLICY_ADAPTIVE && cl->flagged && !cl->ent) || cl->pend)) {
             topend[j] = 1;
             rc = ensure_pbuf(c, cl, cl->pend + m);
         }
@@ -1148,10 +1314,20 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
     if (rc) goto fail;
 
     /* 4. write every record bound for flash before touching what readers see */
-    for (uint32_t j = 0; j < k && !rc; j++) {
+    for (uint32_t j = 0; j < k && !rc && !token(c); j++) {
         uint32_t m = start[j + 1] - start[j];
         rec_src src = {order + start[j], keys, values, (int64_t)n0, NULL};
         if (m && !topend[j]) rc = append_flash(c, j, &src, m, scratch, sr, &log);
+    }
+    for (uint64_t at = 0; at < n && !rc && token(c);) { /* the log, in id order */
+        uint64_t cnt = n - at < sr ? n - at : sr, off = token_offset(c, n0 + at);
+        uint64_t P = s->io.dev.page_size > 0 ? (uint64_t)s->io.dev.page_size : KVT_IO_ALIGN;
+        for (uint64_t r = at; r < at + cnt; r++)
+            kvt_rec_encode(L, scratch + (size_t)(r - at) * L->esz, (int64_t)(n0 + r),
+                           (const uint8_t *)keys + (size_t)r * L->key_bytes, (const uint8_t *)values + (size_t)r * L->value_bytes);
+        rc = kvt_file_write(c->f, off, scratch, (size_t)cnt * L->esz);
+        if (!rc && off % P && n0 + at > 0) c->ctr.partial_page_writes++;
+        at += cnt;
     }
     if (rc) {
         rollback(c, &log);
@@ -1169,6 +1345,7 @@ int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, 
             uint32_t r = order[start[j] + t];
             const uint8_t *key = (const uint8_t *)keys + (size_t)r * L->key_bytes;
             const uint8_t *val = (const uint8_t *)values + (size_t)r * L->value_bytes;
+            if (cl->mem && token(c)) cl->mem[cl->n] = n0 + r;
             set_loc(c, n0 + r, j, cl->n);
             if (!first_batch) c->ctr.naive_move_bytes += (uint64_t)cl->n * L->esz;
             kvt_key_to_f32(K, c->p.dtype, key, x, c->p.dim);
@@ -1222,6 +1399,18 @@ out:
     free(scratch);
     free(log.u);
     kvt_mem_release(&s->cache, transient);
+    return rc;
+}
+
+int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
+    kvt_clear_error();
+    if (!keys || (!values && c->p.value_dim) || n == 0) return kvt_fail(KVT_EINVAL, "add: keys/values must be non-empty");
+    kvt_store *s = c->st;
+    LOCK(s);
+    int rc = ready(c);
+    if (!rc) rc = add_locked(c, keys, values, n, first_id);
+    rc = retry_when_pinned(c, rc);
+    if (rc == KVT_EAGAIN_PINNED) rc = add_locked(c, keys, values, n, first_id);
     UNLOCK(s);
     return rc;
 }
@@ -1328,7 +1517,7 @@ static int by_u32(const void *a, const void *b) {
 
 /* Counts which clusters one retrieve fetched together (the first colocate_after retrieves). */
 static void count_coretrieval(kvt_coll *c, const uint32_t *sel, uint64_t nsel) {
-    if (!c->p.colocate_after || c->ctr.relayouts || c->retrieves >= c->p.colocate_after) return;
+    if (!c->p.colocate_after || token(c) || c->ctr.relayouts || c->retrieves >= c->p.colocate_after) return;
     if (!c->cofreq) {
         c->nco = c->ncl;
         uint64_t bytes = (uint64_t)c->nco * c->nco * sizeof(uint16_t);
@@ -1506,6 +1695,10 @@ static int result_alloc(kvt_result *r, const kvt_layout *L, uint64_t total) {
 
 /* File offset of the record of id (which must be on flash). */
 static int record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
+    if (token(c)) {
+        *off = token_offset(c, id);
+        return 0;
+    }
     kvt_loc lc = c->loc[id];
     kvt_cluster *k = &c->cl[lc.cl];
     uint32_t slot = lc.idx, g = 0;
@@ -1521,12 +1714,19 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
     uint64_t n = c->n, m = budget < n ? budget : n;
-    uint64_t tmp = n * 8 + L->esz + KVT_IO_ALIGN * 2 + (uint64_t)c->p.dim * 4;
+    /* reads go in batches (one submission each) of up to 32 records, each read into its own
+     * slot with a direct-read window of up to two alignment units; fewer under a small budget */
+    uint64_t per = L->esz + 2 * KVT_IO_ALIGN + sizeof(kvt_read_req) + 8, fit = s->cache.budget / 8 / per;
+    const uint32_t TOKEN_BATCH = fit < 1 ? 1 : fit > 32 ? 32 : (uint32_t)fit;
+    uint64_t tmp = n * 8 + (uint64_t)TOKEN_BATCH * per + (uint64_t)c->p.dim * 4;
     int rc = kvt_mem_reserve(&s->cache, tmp);
     if (rc) return rc;
     float *scores = malloc(n * 4 + 4), *x = malloc((size_t)c->p.dim * 4);
     uint32_t *idx = malloc(n * 4 + 4);
-    uint8_t *rec = malloc(L->esz);
+    uint8_t *rec = malloc((size_t)TOKEN_BATCH * L->esz);
+    kvt_read_req *req = malloc(TOKEN_BATCH * sizeof *req);
+    uint64_t *offs = malloc(TOKEN_BATCH * sizeof *offs);
+    if (!req || !offs) rc = kvt_fail(ENOMEM, "retrieve: out of memory");
     if (!scores || !idx || !rec || !x) rc = kvt_fail(ENOMEM, "retrieve: out of memory");
     if (!rc) {
         for (uint64_t i = 0; i < n; i++) {
@@ -1542,17 +1742,25 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
         rc = result_alloc(r, L, m);
     }
     kvt_io_batch_begin(&s->io);
-    for (uint64_t i = 0; i < m && !rc; i++) {
-        uint64_t off;
-        rc = record_offset(c, idx[i], &off);
-        if (!rc) rc = kvt_file_read(c->f, off, L->esz, rec, 1);
-        if (!rc) rc = check_run(c, c->loc[idx[i]].cl, c->loc[idx[i]].idx, rec, 1, off);
-        if (!rc) put_result(r, L, rec, -1);
+    for (uint64_t i0 = 0; i0 < m && !rc; i0 += TOKEN_BATCH) {
+        uint32_t nb = (uint32_t)(m - i0 < TOKEN_BATCH ? m - i0 : TOKEN_BATCH);
+        for (uint32_t t = 0; t < nb && !rc; t++) {
+            rc = record_offset(c, idx[i0 + t], &offs[t]);
+            req[t] = (kvt_read_req){offs[t], L->esz, rec + (size_t)t * L->esz, 1};
+        }
+        if (!rc) rc = kvt_file_read_batch(c->f, req, nb);
+        for (uint32_t t = 0; t < nb && !rc; t++) {
+            const kvt_loc lc = c->loc[idx[i0 + t]];
+            rc = check_run(c, lc.cl, lc.idx, rec + (size_t)t * L->esz, 1, offs[t]);
+            if (!rc) put_result(r, L, rec + (size_t)t * L->esz, -1);
+        }
     }
     kvt_io_batch_end(&s->io);
     free(scores);
     free(idx);
     free(rec);
+    free(req);
+    free(offs);
     free(x);
     kvt_mem_release(&s->cache, tmp);
     return rc;
@@ -1628,21 +1836,72 @@ static void wait_idle(kvt_coll *c) {
 }
 
 /* Runs one job without the store mutex for the reads, with it to check and publish. */
+/* A swap-in: one read of consecutive images, then each installed under the mutex. A failed
+ * read or install leaves the collection parked (counted): its next operation reads it again
+ * and reports the error. */
+static void run_swap_job(kvt_store *s, kvt_job *j) {
+    int rc = kvt_file_read(s->swap, j->run[0]->swap_off, j->swap_len, j->swap_buf, 0);
+    LOCK(s);
+    if (!rc) s->swap_read_bytes += j->swap_len;
+    s->swap_async_bytes += j->swap_len; /* a loader's read: counted by io as a prefetch's */
+    s->loading_bytes -= j->swap_len;
+    uint64_t at = 0;
+    for (uint32_t t = 0; t < j->nseg; t++) {
+        kvt_coll *c = j->run[t];
+        uint64_t l = c->swap_len;
+        if (rc || install_image(c, j->swap_buf + at, l)) s->prefetch_errors++;
+        at += l;
+        c->inflight--;
+    }
+    free(j->swap_buf);
+    kvt_mem_release(&s->cache, j->swap_len);
+    pthread_cond_broadcast(&s->done_cv);
+    UNLOCK(s);
+    free(j->run);
+    free(j);
+}
+
 static void run_job(kvt_store *s, kvt_job *j) {
+    if (j->cl == KVT_SWAP_JOB) {
+        run_swap_job(s, j);
+        return;
+    }
     kvt_coll *c = j->c;
     const kvt_layout *L = &c->L;
     int rc = 0;
-    uint32_t base = 0;
+    uint32_t base = 0, nreq = 0;
+    /* the cluster's extents, read as one batch. The token layout's member list is read
+     * without the mutex: no operation changes a collection with jobs in flight (they all
+     * start in wait_idle). Its scratch was reserved with the job (the cache entry). */
+    const kvt_cluster *tk = &c->cl[j->cl];
+    size_t cap = token(c) ? tk->n : j->nseg;
+    kvt_read_req *req = malloc(cap * sizeof *req + 1);
+    if (!req) rc = kvt_fail(ENOMEM, "prefetch: out of memory");
     for (uint32_t g = 0; g < j->nseg && !rc; g++) {
         kvt_seg *sg = &j->segs[g];
-        if (!sg->n) continue;
-        uint8_t *dst = j->e->rec + (size_t)base * L->esz;
-        rc = kvt_file_read(c->f, kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), (size_t)sg->n * L->esz, dst, sg->n);
-        if (!rc && sg->head == 1) kvt_rec_reverse(L, dst, sg->n);
+        if (sg->n)
+            req[nreq++] = (kvt_read_req){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), (size_t)sg->n * L->esz,
+                                         j->e->rec + (size_t)base * L->esz, sg->n};
+        base += sg->n;
+    }
+    for (uint32_t i0 = 0; token(c) && !rc && i0 < tk->n;) {
+        uint32_t i1 = i0 + 1;
+        while (i1 < tk->n && tk->mem[i1] == tk->mem[i1 - 1] + 1) i1++;
+        req[nreq++] = (kvt_read_req){token_offset(c, tk->mem[i0]), (size_t)(i1 - i0) * L->esz,
+                                     j->e->rec + (size_t)i0 * L->esz, i1 - i0};
+        i0 = i1;
+    }
+    if (!rc) rc = kvt_file_read_batch(c->f, req, nreq);
+    free(req);
+    base = 0;
+    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
+        kvt_seg *sg = &j->segs[g];
+        if (sg->head == 1) kvt_rec_reverse(L, j->e->rec + (size_t)base * L->esz, sg->n);
         base += sg->n;
     }
     LOCK(s);
     kvt_cluster *k = &c->cl[j->cl];
+    if (token(c) && !rc) rc = check_run(c, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, k->mem[0]) : 0);
     base = 0;
     for (uint32_t g = 0; g < j->nseg && !rc; g++) {
         kvt_seg *sg = &j->segs[g];
@@ -1650,6 +1909,7 @@ static void run_job(kvt_store *s, kvt_job *j) {
                        kvt_run_offset(L, sg->pool, sg->head, 0, sg->n ? sg->n : 1));
         base += sg->n;
     }
+    s->loading_bytes -= (uint64_t)k->n * L->esz;
     if (!rc) {
         if (k->pend) memcpy(j->e->rec + (size_t)base * L->esz, k->pbuf, (size_t)k->pend * L->esz);
         j->e->n = k->n;
@@ -1684,13 +1944,27 @@ static void *loader_main(void *arg) {
     return NULL;
 }
 
+/* Starts the loader threads on first use; *rc is set only if none can start. */
+static void start_loaders(kvt_store *s, int *rc) {
+    while (s->nloaders < KVT_LOADERS) {
+        if (pthread_create(&s->loaders[s->nloaders], NULL, loader_main, s)) {
+            if (!s->nloaders) *rc = kvt_fail(EAGAIN, "cannot start a loader thread (syscall pthread_create)");
+            break;
+        }
+        s->nloaders++;
+    }
+}
+
 int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, uint64_t *queued) {
     kvt_clear_error();
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "prefetch: query_group must hold at least one query");
     kvt_store *s = c->st;
     LOCK(s);
-    wait_idle(c);
-    int rc = 0;
+    int rc = ready(c);
+    if (rc) {
+        UNLOCK(s);
+        return rc;
+    }
     uint64_t nq_out = 0, ops = 0, bytes = 0;
     selection sel = {0};
     if (c->p.policy == KVT_POLICY_NONE) goto out; /* nothing to prefetch: no clusters */
@@ -1699,16 +1973,14 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     uint32_t *idx = sel.idx;
     uint64_t taken, total;
     select_clusters(c, q, nq, budget, sel.scores, sel.q2, idx, &taken, &total);
-    while (!rc && s->nloaders < KVT_LOADERS) {
-        if (pthread_create(&s->loaders[s->nloaders], NULL, loader_main, s)) {
-            if (!s->nloaders) rc = kvt_fail(EAGAIN, "prefetch: cannot start a loader thread (syscall pthread_create)");
-            break;
-        }
-        s->nloaders++;
-    }
+    if (!rc) start_loaders(s, &rc);
     for (uint64_t t = 0; t < taken && !rc; t++) {
         kvt_cluster *k = &c->cl[idx[t]];
         if (k->ent || k->n == k->pend) continue; /* cached, or nothing on flash */
+        /* reads in flight pin their buffers: past a quarter of the budget, a call needing
+         * room could find nothing to evict and fail, so the rest is read on use */
+        uint64_t pin = (uint64_t)k->n * c->L.esz;
+        if (s->loading_bytes + pin > s->cache.budget / 4) continue;
         kvt_job *j = malloc(sizeof *j + (size_t)k->nseg * sizeof(kvt_seg));
         kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], k->n, c->L.esz) : NULL;
         if (!e) { /* no room in the budget: that cluster is read on use */
@@ -1717,9 +1989,18 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         }
         e->loading = 1;
         e->prefetched = 1;
+        s->loading_bytes += pin;
         k->ent = e;
-        *j = (kvt_job){NULL, c, idx[t], k->nseg, e};
+        *j = (kvt_job){NULL, c, idx[t], k->nseg, e, NULL, NULL, 0};
         memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
+        for (uint32_t i0 = 0; token(c) && i0 < k->n;) {
+            uint32_t i1 = i0 + 1;
+            while (i1 < k->n && k->mem[i1] == k->mem[i1 - 1] + 1) i1++;
+            ops++;
+            size_t len = (size_t)(i1 - i0) * c->L.esz;
+            bytes += kvt_file_is_direct(c->f) ? kvt_file_read_scratch(c->f, token_offset(c, k->mem[i0]), len) : len;
+            i0 = i1;
+        }
         for (uint32_t g = 0; g < k->nseg; g++)
             if (k->segs[g].n) {
                 ops++;
@@ -1745,12 +2026,8 @@ out:
     return rc;
 }
 
-int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
-    kvt_clear_error();
-    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
+static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
     kvt_store *s = c->st;
-    LOCK(s);
-    wait_idle(c);
     int rc = 0;
     selection sel = {0};
     kvt_result *r = calloc(1, sizeof *r);
@@ -1792,10 +2069,496 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
 out:
     selection_free(c, &sel);
-    UNLOCK(s);
     if (rc) kvt_result_free(r);
     else *out = r;
     return rc;
+}
+
+int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
+    kvt_clear_error();
+    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
+    kvt_store *s = c->st;
+    LOCK(s);
+    int rc = ready(c);
+    if (!rc) rc = retrieve_locked(c, q, nq, budget, out);
+    rc = retry_when_pinned(c, rc);
+    if (rc == KVT_EAGAIN_PINNED) rc = retrieve_locked(c, q, nq, budget, out);
+    UNLOCK(s);
+    return rc;
+}
+
+/* ---- group virtualization: parking collections in the swap file --------------------------- */
+
+/* A parked collection's image: everything it holds in DRAM except the pool table and its
+ * counters, written as one contiguous range of the store's swap file "swap.kvs". The file
+ * is volatile (recreated at the first park of each run): a parked collection's durable
+ * state is its data file and catalog as ever, so a crash while parked loses nothing a
+ * checkpoint had made durable.
+ *
+ *   "KVTSWAP1" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
+ *   per cluster: u32 n, nseg, pend, flagged, hold; f64 m2; nseg x (u32 pool, head, n);
+ *                pend records (its pending buffer)
+ *   ncl x dim f32 representatives [, ncl x dim f32 per-dimension m2]
+ *   n x kvt_loc id map [, n x key keys (policy none)] [, nco x nco u16 co-retrieval counts]
+ *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
+ *   u32 CRC-32C of all the above, then zeros to the I/O alignment
+ */
+#define SWAP_MAGIC "KVTSWAP1"
+/* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
+ * I/O alignment, so the image's zero tail always fits in it). */
+static uint64_t swap_stage(const kvt_store *s) {
+    uint64_t b = kvt_round_down(s->cache.budget / 16, KVT_IO_ALIGN);
+    return b < KVT_IO_ALIGN ? KVT_IO_ALIGN : b > (256u << 10) ? (256u << 10) : b;
+}
+
+/* Streams an image to the swap file through a staging buffer; with f == NULL it only
+ * counts, so the same code sizes the range before writing it. */
+typedef struct swap_writer {
+    kvt_file *f;
+    uint64_t off, total;
+    uint8_t *buf;
+    size_t len, cap;
+    uint32_t crc;
+    int rc;
+} swap_writer;
+
+static void sw_flush(swap_writer *w) {
+    if (!w->len || w->rc) return;
+    if (w->f) w->rc = kvt_file_write(w->f, w->off, w->buf, w->len);
+    w->off += w->len;
+    w->len = 0;
+}
+
+static void sw_put(swap_writer *w, const void *p, size_t n) {
+    w->total += n;
+    if (!w->f) return;
+    w->crc = kvt_crc32c(w->crc, p, n);
+    const uint8_t *src = p;
+    while (n && !w->rc) {
+        size_t take = w->cap - w->len < n ? w->cap - w->len : n;
+        memcpy(w->buf + w->len, src, take);
+        w->len += take;
+        src += take;
+        n -= take;
+        if (w->len == w->cap) sw_flush(w);
+    }
+}
+static void sw_u32(swap_writer *w, uint32_t v) { sw_put(w, &v, 4); }
+
+static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
+    const kvt_layout *L = &c->L;
+    /* the working set: clusters used (read, appended to, split) since the collection was
+     * last brought in. The rest are clean copies of the data file, read again from it if
+     * ever needed; carrying them would rewrite and reread the whole cache at every park. */
+    uint32_t ncached = 0;
+    for (uint32_t j = 0; j < c->ncl && keep_cache; j++)
+        ncached += c->cl[j].ent != NULL && c->cl[j].ent->last_use > c->resident_tick;
+    sw_put(w, SWAP_MAGIC, 8);
+    sw_u32(w, c->ncl);
+    sw_u32(w, c->cofreq ? c->nco : 0);
+    sw_put(w, &c->n, 8);
+    sw_u32(w, ncached);
+    sw_u32(w, c->m2d != NULL);
+    for (uint32_t j = 0; j < c->ncl; j++) {
+        kvt_cluster *k = &c->cl[j];
+        uint32_t f[5] = {k->n, k->nseg, k->pend, k->flagged, k->hold};
+        sw_put(w, f, sizeof f);
+        sw_put(w, &k->m2, 8);
+        for (uint32_t g = 0; g < k->nseg; g++) {
+            uint32_t sg[3] = {k->segs[g].pool, k->segs[g].head, k->segs[g].n};
+            sw_put(w, sg, sizeof sg);
+        }
+        sw_put(w, k->pbuf, (size_t)k->pend * L->esz);
+    }
+    sw_put(w, c->cent, (size_t)c->ncl * c->p.dim * 4);
+    if (c->m2d) sw_put(w, c->m2d, (size_t)c->ncl * c->p.dim * 4);
+    sw_put(w, c->loc, c->n * sizeof(kvt_loc));
+    if (c->keys) sw_put(w, c->keys, c->n * L->key_bytes);
+    if (c->cofreq) sw_put(w, c->cofreq, (size_t)c->nco * c->nco * 2);
+    /* cached clusters oldest first, so that re-admitting them in order restores recency */
+    for (kvt_cache_ent *e = c->st->cache.lru.prev; e != &c->st->cache.lru; e = e->prev) {
+        if (!keep_cache || e->owner != c || e->last_use <= c->resident_tick) continue;
+        sw_u32(w, e->cluster);
+        sw_u32(w, e->n);
+        sw_put(w, e->rec, (size_t)e->n * L->esz);
+    }
+    uint32_t crc = w->crc;
+    sw_u32(w, crc);
+}
+
+/* The swap file's free ranges: first fit, coalesced on free. */
+static void swap_alloc(kvt_store *s, uint64_t len, uint64_t *off) {
+    for (uint32_t i = 0; i < s->nsfree; i++)
+        if (s->sfree[i].len >= len) {
+            *off = s->sfree[i].off;
+            s->sfree[i].off += len;
+            s->sfree[i].len -= len;
+            if (!s->sfree[i].len) memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree), s->nsfree--;
+            return;
+        }
+    *off = s->swap_end;
+    s->swap_end += len;
+}
+
+static void swap_free(kvt_store *s, uint64_t off, uint64_t len) {
+    if (!len) return;
+    if (off + len == s->swap_end) {
+        s->swap_end = off;
+        /* the range before may now end the file too */
+        while (s->nsfree && s->sfree[s->nsfree - 1].off + s->sfree[s->nsfree - 1].len == s->swap_end)
+            s->swap_end = s->sfree[--s->nsfree].off;
+        return;
+    }
+    if (s->nsfree == s->sfreecap) {
+        uint32_t cap = s->sfreecap ? s->sfreecap * 2 : 16;
+        kvt_range *r = realloc(s->sfree, cap * sizeof *r);
+        if (!r) return; /* the range leaks until the file is recreated: harmless */
+        s->sfree = r;
+        s->sfreecap = cap;
+    }
+    uint32_t i = 0;
+    while (i < s->nsfree && s->sfree[i].off < off) i++;
+    memmove(&s->sfree[i + 1], &s->sfree[i], (s->nsfree - i) * sizeof *s->sfree);
+    s->sfree[i] = (kvt_range){off, len};
+    s->nsfree++;
+    if (i + 1 < s->nsfree && s->sfree[i].off + s->sfree[i].len == s->sfree[i + 1].off) {
+        s->sfree[i].len += s->sfree[i + 1].len;
+        memmove(&s->sfree[i + 1], &s->sfree[i + 2], (s->nsfree - i - 2) * sizeof *s->sfree);
+        s->nsfree--;
+    }
+    if (i > 0 && s->sfree[i - 1].off + s->sfree[i - 1].len == s->sfree[i].off) {
+        s->sfree[i - 1].len += s->sfree[i].len;
+        memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree);
+        s->nsfree--;
+    }
+}
+
+static int swap_open(kvt_store *s) {
+    if (s->swap) return 0;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/swap.kvs", s->dir);
+    return kvt_file_open(&s->io, path, 1, &s->swap);
+}
+
+/* Frees what a resident collection holds in DRAM besides the pool table (park, or a failed
+ * install). Cached clusters are dropped. */
+static void drop_resident(kvt_coll *c) {
+    kvt_cache_drop_owner(&c->st->cache, c);
+    for (uint32_t j = 0; j < c->clcap; j++) {
+        kvt_cluster *k = &c->cl[j];
+        if (k->segs) free_array(c, k->segs, k->segcap, sizeof(kvt_seg));
+        if (k->pbuf) free_array(c, k->pbuf, k->pcap, c->L.esz);
+        if (k->mem) free_array(c, k->mem, k->memcap, sizeof *k->mem);
+    }
+    free_array(c, c->cl, c->clcap, sizeof *c->cl);
+    free_array(c, c->cent, c->clcap, (size_t)c->p.dim * 4);
+    free_array(c, c->cnorm, c->clcap, 4);
+    if (c->m2d) free_array(c, c->m2d, c->clcap, (size_t)c->p.dim * 4);
+    free_array(c, c->loc, c->loccap, sizeof *c->loc);
+    if (c->keys) free_array(c, c->keys, c->keyscap, c->L.key_bytes);
+    if (c->cofreq) free_array(c, c->cofreq, (uint64_t)c->nco * c->nco, 2);
+    c->cl = NULL;
+    c->cent = c->cnorm = c->m2d = NULL;
+    c->loc = NULL;
+    c->keys = NULL;
+    c->cofreq = NULL;
+    c->clcap = 0;
+    c->loccap = c->keyscap = 0;
+}
+
+/* Writes c's image to a fresh range of the swap file and frees what it holds in DRAM.
+ * On a write error c stays resident and unchanged. */
+static int park_one(kvt_coll *c, int keep_cache) {
+    kvt_store *s = c->st;
+    if (c->parked) return 0;
+    int rc = swap_open(s);
+    if (rc) return rc;
+    /* the staging buffer: the image's size up to swap_stage. Reserving it may evict some of
+     * c's cached clusters, so the image is sized again after */
+    swap_writer count = {0};
+    write_image(c, &count, keep_cache);
+    uint64_t sb = kvt_round_up(count.total, KVT_IO_ALIGN), len, off;
+    if (sb > swap_stage(s)) sb = swap_stage(s);
+    if ((rc = kvt_mem_reserve(&s->cache, sb))) return rc;
+    uint8_t *stage = malloc(sb);
+    if (!stage) {
+        kvt_mem_release(&s->cache, sb);
+        return kvt_fail(ENOMEM, "park: out of memory");
+    }
+    count = (swap_writer){0};
+    write_image(c, &count, keep_cache);
+    len = kvt_round_up(count.total, KVT_IO_ALIGN);
+    swap_alloc(s, len, &off);
+    swap_writer w = {s->swap, off, 0, stage, 0, (size_t)sb, 0, 0};
+    write_image(c, &w, keep_cache);
+    if (!w.rc && w.len) { /* zero the tail to the alignment: a direct read covers it */
+        size_t pad = (size_t)(kvt_round_up(w.off + w.len, KVT_IO_ALIGN) - (w.off + w.len));
+        memset(w.buf + w.len, 0, pad);
+        w.len += pad;
+        sw_flush(&w);
+    }
+    free(stage);
+    kvt_mem_release(&s->cache, sb);
+    if (w.rc) {
+        swap_free(s, off, len);
+        return w.rc;
+    }
+    uint32_t ncl = c->ncl;
+    cluster_stats(c, &c->parked_stats);
+    drop_resident(c);
+    c->ncl = ncl;
+    c->parked = 1;
+    c->swap_off = off;
+    c->swap_len = len;
+    s->swap_outs++;
+    s->swap_write_bytes += len;
+    return 0;
+}
+
+/* Rebuilds c from its image (len bytes at img). On failure c stays parked, holding nothing. */
+static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
+    kvt_store *s = c->st;
+    const kvt_layout *L = &c->L;
+    uint32_t dim = c->p.dim;
+    kvt_rbuf r = {img, (size_t)len, 8, 0};
+    uint32_t ncl = kvt_rbuf_u32(&r), nco = kvt_rbuf_u32(&r);
+    uint64_t n = kvt_rbuf_u64(&r);
+    uint32_t ncached = kvt_rbuf_u32(&r), has_m2d = kvt_rbuf_u32(&r);
+    if (memcmp(img, SWAP_MAGIC, 8) != 0 || r.bad || ncl != c->ncl || n != c->n || has_m2d != (c->p.score_temp > 0))
+        return kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u at offset %llu is damaged", c->no,
+                        (unsigned long long)c->swap_off);
+    c->ncl = 0; /* ensure_clusters grows from zero */
+    int rc = ensure_clusters(c, ncl);
+    if (!rc) rc = ensure_ids(c, n);
+    if (!rc && nco) {
+        uint64_t cap = 0;
+        rc = grow_array(c, (void **)&c->cofreq, 2, &cap, (uint64_t)nco * nco);
+    }
+    c->ncl = ncl;
+    c->nco = nco ? nco : c->nco;
+    for (uint32_t j = 0; j < ncl && !rc && !r.bad; j++) {
+        kvt_cluster *k = &c->cl[j];
+        memset(k, 0, sizeof *k);
+        uint32_t f[5];
+        kvt_rbuf_get(&r, f, sizeof f);
+        kvt_rbuf_get(&r, &k->m2, 8);
+        k->n = f[0];
+        k->flagged = f[3];
+        k->hold = f[4];
+        if (r.bad || f[1] > (r.len - r.pos) / 12 || (uint64_t)f[2] * L->esz > r.len - r.pos) {
+            r.bad = 1;
+            break;
+        }
+        if (f[1] && (rc = ensure_segs(c, k, f[1]))) break;
+        for (uint32_t g = 0; g < f[1]; g++) {
+            uint32_t sg[3];
+            kvt_rbuf_get(&r, sg, sizeof sg);
+            k->segs[g] = (kvt_seg){sg[0], sg[1], sg[2]};
+        }
+        k->nseg = f[1];
+        if (f[2]) {
+            if ((rc = ensure_pbuf(c, k, f[2]))) break;
+            kvt_rbuf_get(&r, k->pbuf, (size_t)f[2] * L->esz);
+            k->pend = f[2];
+        }
+    }
+    if (!rc) {
+        kvt_rbuf_get(&r, c->cent, (size_t)ncl * dim * 4);
+        if (c->m2d) kvt_rbuf_get(&r, c->m2d, (size_t)ncl * dim * 4);
+        kvt_rbuf_get(&r, c->loc, n * sizeof(kvt_loc));
+        if (c->keys) kvt_rbuf_get(&r, c->keys, n * L->key_bytes);
+        if (nco) kvt_rbuf_get(&r, c->cofreq, (size_t)nco * nco * 2);
+        for (uint32_t j = 0; j < ncl; j++) update_norm(c, j);
+        if (!r.bad && token(c)) rc = rebuild_members(c);
+    }
+    /* cached clusters: re-admitted while the budget has room for them without evicting
+     * (what is not admitted is read from the data file on use, as after an eviction) */
+    for (uint32_t t = 0; t < ncached && !rc && !r.bad; t++) {
+        uint32_t cl = kvt_rbuf_u32(&r), cn = kvt_rbuf_u32(&r);
+        if (r.bad || cl >= ncl || cn != c->cl[cl].n || (uint64_t)cn * L->esz > r.len - r.pos) {
+            r.bad = 1;
+            break;
+        }
+        const uint8_t *recs = r.p + r.pos;
+        r.pos += (size_t)cn * L->esz;
+        uint64_t need = (uint64_t)cn * L->esz + sizeof(kvt_cache_ent);
+        if (s->cache.used + need > s->cache.budget) continue;
+        kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, cl, cn, L->esz);
+        if (!e) continue;
+        memcpy(e->rec, recs, (size_t)cn * L->esz);
+        e->n = cn;
+        e->pins--;
+        c->cl[cl].ent = e;
+    }
+    if (!rc && (r.bad || r.len - r.pos < 4)) rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u is inconsistent", c->no);
+    if (!rc) {
+        uint32_t crc;
+        memcpy(&crc, r.p + r.pos, 4);
+        if (crc != kvt_crc32c(0, img, r.pos)) rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u fails its checksum", c->no);
+    }
+    if (rc) {
+        drop_resident(c);
+        c->ncl = ncl;
+        return rc;
+    }
+    swap_free(s, c->swap_off, c->swap_len);
+    c->resident_tick = s->cache.tick;
+    c->parked = 0;
+    c->swap_off = c->swap_len = 0;
+    s->swap_ins++;
+    return 0;
+}
+
+/* Reads and installs one parked collection now (an operation needs it). */
+static int unpark_now(kvt_coll *c, int demand) {
+    kvt_store *s = c->st;
+    if (!c->parked) return 0;
+    uint64_t len = c->swap_len; /* an install clears c->swap_len */
+    int rc = kvt_mem_reserve(&s->cache, len);
+    if (rc) return rc;
+    uint8_t *img = malloc(len);
+    if (!img) rc = kvt_fail(ENOMEM, "unpark: out of memory");
+    if (!rc) rc = kvt_file_read(s->swap, c->swap_off, len, img, 0);
+    if (!rc) s->swap_read_bytes += len;
+    if (!rc) rc = install_image(c, img, len);
+    if (!rc && demand) s->swap_demand_ins++;
+    free(img);
+    kvt_mem_release(&s->cache, len);
+    return rc;
+}
+
+/* Every operation on a collection starts here: no loader busy with it, and it is resident. */
+static int ready(kvt_coll *c) {
+    wait_idle(c);
+    return c->parked ? unpark_now(c, 1) : 0;
+}
+
+static int check_group(kvt_store *s, kvt_coll *const *colls, size_t n) {
+    if (!colls && n) return kvt_fail(KVT_EINVAL, "collections: NULL list");
+    for (size_t i = 0; i < n; i++) {
+        if (!colls[i] || colls[i]->st != s) return kvt_fail(KVT_EINVAL, "collections: entry %zu is not a collection of this store", i);
+        for (size_t t = 0; t < i; t++)
+            if (colls[t] == colls[i]) return kvt_fail(KVT_EINVAL, "collections: entry %zu repeats entry %zu", i, t);
+    }
+    return 0;
+}
+
+int kvt_store_park(kvt_store *s, kvt_coll *const *colls, size_t n, int keep_cache) {
+    kvt_clear_error();
+    LOCK(s);
+    int rc = check_group(s, colls, n);
+    /* the group's images go to consecutive ranges when the file has no hole for them, so an
+     * unpark of the whole group is one sequential read */
+    for (size_t i = 0; i < n && !rc; i++) {
+        wait_idle(colls[i]);
+        rc = park_one(colls[i], keep_cache);
+    }
+    UNLOCK(s);
+    return rc;
+}
+
+/* Operations that only look (stats, checkpoints) leave a parked collection parked: it is
+ * brought in for the call and written back after. */
+static int peek_begin(kvt_coll *c, int *was_parked) {
+    wait_idle(c);
+    *was_parked = c->parked;
+    return c->parked ? unpark_now(c, 0) : 0;
+}
+
+static void peek_end(kvt_coll *c, int was_parked) {
+    if (was_parked && !c->parked) park_one(c, 1); /* on failure it stays resident: nothing is lost */
+}
+
+/* Group swap-ins: the parked collections sorted by image offset; images that touch form one
+ * read. */
+static int by_swap_off(const void *a, const void *b) {
+    uint64_t x = (*(kvt_coll *const *)a)->swap_off, y = (*(kvt_coll *const *)b)->swap_off;
+    return x < y ? -1 : x > y;
+}
+
+int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) {
+    kvt_clear_error();
+    LOCK(s);
+    int rc = check_group(s, colls, n);
+    kvt_coll **v = NULL;
+    size_t m = 0;
+    if (!rc && n && !(v = malloc(n * sizeof *v))) rc = kvt_fail(ENOMEM, "unpark: out of memory");
+    for (size_t i = 0; i < n && !rc; i++) {
+        if (!async) wait_idle(colls[i]);
+        if (colls[i]->parked && !colls[i]->inflight) v[m++] = colls[i];
+    }
+    if (!rc && m) qsort(v, m, sizeof *v, by_swap_off);
+    if (async && !rc && m) start_loaders(s, &rc);
+    uint64_t ops = 0, bytes = 0;
+    for (size_t a = 0; a < m && !rc;) {
+        size_t e = a + 1;
+        uint64_t len = v[a]->swap_len;
+        while (e < m && v[e]->swap_off == v[a]->swap_off + len) len += v[e++]->swap_len;
+        if (kvt_mem_reserve(&s->cache, len) != 0) { /* no room for the whole run: one at a time */
+            e = a + 1;
+            len = v[a]->swap_len;
+            if ((rc = kvt_mem_reserve(&s->cache, len))) break;
+        }
+        uint8_t *img = malloc(len);
+        if (!img) {
+            kvt_mem_release(&s->cache, len);
+            rc = kvt_fail(ENOMEM, "unpark: out of memory");
+            break;
+        }
+        if (async) {
+            kvt_job *j = malloc(sizeof *j);
+            if (!j) {
+                free(img);
+                kvt_mem_release(&s->cache, len);
+                rc = kvt_fail(ENOMEM, "unpark: out of memory");
+                break;
+            }
+            *j = (kvt_job){NULL, v[a], KVT_SWAP_JOB, (uint32_t)(e - a), NULL, NULL, img, len};
+            if (!(j->run = malloc((e - a) * sizeof(kvt_coll *)))) {
+                free(j);
+                free(img);
+                kvt_mem_release(&s->cache, len);
+                rc = kvt_fail(ENOMEM, "unpark: out of memory");
+                break;
+            }
+            memcpy(j->run, &v[a], (e - a) * sizeof(kvt_coll *));
+            for (size_t t = a; t < e; t++) v[t]->inflight++;
+            s->loading_bytes += len;
+            if (s->jobs_tail) s->jobs_tail->next = j;
+            else s->jobs = j;
+            s->jobs_tail = j;
+            ops++;
+            bytes += len;
+        } else {
+            kvt_io_batch_begin(&s->io);
+            rc = kvt_file_read(s->swap, v[a]->swap_off, len, img, 0);
+            kvt_io_batch_end(&s->io);
+            if (!rc) s->swap_read_bytes += len;
+            uint64_t at = 0;
+            for (size_t t = a; t < e && !rc; t++) {
+                uint64_t l = v[t]->swap_len;
+                rc = install_image(v[t], img + at, l);
+                at += l;
+            }
+            free(img);
+            kvt_mem_release(&s->cache, len);
+        }
+        a = e;
+    }
+    if (async && ops) {
+        kvt_io_charge(&s->io, ops, bytes);
+        pthread_cond_broadcast(&s->job_cv);
+    }
+    free(v);
+    UNLOCK(s);
+    return rc;
+}
+
+int kvt_coll_is_parked(kvt_coll *c) {
+    LOCK(c->st);
+    int p = c->parked;
+    UNLOCK(c->st);
+    return p;
 }
 
 /* ---- search ------------------------------------------------------------------------------- */
@@ -1881,13 +2644,9 @@ static int by_probe(const void *a, const void *b) {
     return x->q < y->q ? -1 : x->q > y->q;
 }
 
-int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe,
-                    int64_t *ids_out, float *scores_out) {
-    kvt_clear_error();
-    if (!q || nq == 0 || k == 0) return kvt_fail(KVT_EINVAL, "search: need at least one query and k >= 1");
+static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe,
+                         int64_t *ids_out, float *scores_out) {
     kvt_store *s = c->st;
-    LOCK(s);
-    wait_idle(c);
     int rc = 0;
     uint32_t *fill = NULL, *idx = NULL, *qlist = NULL;
     float *scores = NULL, *x = NULL;
@@ -1956,6 +2715,19 @@ out:
     free(qlist);
     free(x);
     kvt_mem_release(&s->cache, transient);
+    return rc;
+}
+
+int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe,
+                    int64_t *ids_out, float *scores_out) {
+    kvt_clear_error();
+    if (!q || nq == 0 || k == 0) return kvt_fail(KVT_EINVAL, "search: need at least one query and k >= 1");
+    kvt_store *s = c->st;
+    LOCK(s);
+    int rc = ready(c);
+    if (!rc) rc = search_locked(c, q, nq, k, nprobe, ids_out, scores_out);
+    rc = retry_when_pinned(c, rc);
+    if (rc == KVT_EAGAIN_PINNED) rc = search_locked(c, q, nq, k, nprobe, ids_out, scores_out);
     UNLOCK(s);
     return rc;
 }
@@ -1967,8 +2739,11 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
     LOCK(s);
-    wait_idle(c);
-    int rc = 0;
+    int rc = ready(c);
+    if (rc) {
+        UNLOCK(s);
+        return rc;
+    }
     for (uint64_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint64_t)ids[i] >= c->n) {
             rc = kvt_fail(KVT_ENOTFOUND, "ids: id %lld is not in the collection (0..%llu)", (long long)ids[i],
@@ -2012,14 +2787,8 @@ out:
 
 /* ---- stats -------------------------------------------------------------------------------- */
 
-int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
-    LOCK(c->st);
-    *o = c->ctr;
-    o->entries = c->n;
-    o->pools = c->pools.n;
-    o->data_file_bytes = kvt_pool_base(&c->L, c->pools.n);
-    o->tau = c->tau;
-    o->pending_entries = c->pending_total;
+/* The fields of kvt_coll_stats that come from the cluster table. */
+static void cluster_stats(kvt_coll *c, kvt_coll_stats *o) {
     o->cached_clusters = o->flagged_clusters = 0;
     o->max_cluster_size = 0;
     double var = 0;
@@ -2036,21 +2805,46 @@ int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
     o->clusters = nonempty;
     o->mean_cluster_size = nonempty ? (double)c->n / (double)nonempty : 0;
     o->mean_variance = nonempty ? var / (double)nonempty : 0;
+}
+
+int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
+    LOCK(c->st);
+    kvt_coll_stats parked = c->parked_stats;
+    *o = c->ctr;
+    o->entries = c->n;
+    o->pools = c->pools.n;
+    o->data_file_bytes = token(c) ? token_offset(c, c->n) : kvt_pool_base(&c->L, c->pools.n);
+    o->tau = c->tau;
+    o->pending_entries = c->pending_total;
+    o->parked = (uint64_t)c->parked;
+    if (c->parked) { /* as it was when parked: nothing changes a parked collection */
+        o->clusters = parked.clusters;
+        o->mean_cluster_size = parked.mean_cluster_size;
+        o->mean_variance = parked.mean_variance;
+        o->max_cluster_size = parked.max_cluster_size;
+        o->flagged_clusters = parked.flagged_clusters;
+        o->cached_clusters = 0;
+    } else {
+        cluster_stats(c, o);
+    }
     UNLOCK(c->st);
     return 0;
 }
 
 int kvt_coll_cluster_sizes(kvt_coll *c, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters) {
+    kvt_clear_error();
     LOCK(c->st);
+    int was_parked, rc = peek_begin(c, &was_parked);
     uint64_t m = 0;
-    for (uint32_t j = 0; j < c->ncl; j++) {
+    for (uint32_t j = 0; j < c->ncl && !rc; j++) {
         if (!c->cl[j].n) continue;
         if (m < cap) sizes[m] = c->cl[j].n;
         m++;
     }
     *n_clusters = m;
+    if (!rc) peek_end(c, was_parked);
     UNLOCK(c->st);
-    return 0;
+    return rc;
 }
 
 /* ---- durability: checkpoints and reopen --------------------------------------------------- */
@@ -2171,9 +2965,10 @@ static int write_all_pending(kvt_coll *c) {
 int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
     kvt_clear_error();
     LOCK(c->st);
-    wait_idle(c);
+    int was_parked = 0;
     kvt_checkpoint *cp = calloc(1, sizeof *cp);
     int rc = cp ? 0 : kvt_fail(ENOMEM, "checkpoint: out of memory");
+    if (!rc) rc = peek_begin(c, &was_parked);
     if (!rc) rc = write_all_pending(c);
     if (!rc) kvt_kill_point("checkpoint.pending_written");
     if (!rc) rc = kvt_file_sync(c->f);
@@ -2196,10 +2991,18 @@ int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
         cp->mod_at = c->modc;
         cp->retired_at = c->pools.nretired;
     }
+    if (cp && !c->parked) peek_end(c, was_parked);
     UNLOCK(c->st);
     if (rc) kvt_checkpoint_free(cp);
     else *out = cp;
     return rc;
+}
+
+int kvt_coll_changed(kvt_coll *c) {
+    LOCK(c->st);
+    int changed = c->modc != c->committed_mod;
+    UNLOCK(c->st);
+    return changed;
 }
 
 int kvt_coll_committed(kvt_coll *c, const kvt_checkpoint *cp) {
@@ -2277,7 +3080,7 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len) {
         }
         k->nseg = nseg;
         k->n = kn;
-        if (sum != kn) r.bad = 1;
+        if (token(c) ? nseg != 0 : sum != kn) r.bad = 1;
         total += kn;
         kvt_rbuf_get(&r, c->cent + (size_t)j * dim, (size_t)dim * 4);
         if (c->m2d) kvt_rbuf_get(&r, c->m2d + (size_t)j * dim, (size_t)dim * 4);
@@ -2348,6 +3151,7 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
     for (uint32_t j = 0; j < c->ncl && !rc; j++)
         if (counts[j] != c->cl[j].n)
             rc = kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has %u entries but the id map names %u", j, no, c->cl[j].n, counts[j]);
+    if (!rc && token(c)) rc = rebuild_members(c);
     if (!rc && p->policy == KVT_POLICY_NONE) {
         keys_ctx kc = {c};
         for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = visit_cluster(c, j, take_keys, &kc);

@@ -22,10 +22,17 @@ typedef struct kvt_loc { uint32_t cl, idx; } kvt_loc;
 typedef struct kvt_job {
     struct kvt_job *next;
     kvt_coll *c;
-    uint32_t cl, nseg;
+    uint32_t cl, nseg;          /* cl == KVT_SWAP_JOB: a swap-in of nseg collections' images */
     kvt_cache_ent *e;
+    kvt_coll **run;             /* swap-in: the collections, images consecutive from run[0]'s */
+    uint8_t *swap_buf;          /* swap-in: their images, swap_len bytes reserved */
+    uint64_t swap_len;
     kvt_seg segs[];
 } kvt_job;
+#define KVT_SWAP_JOB UINT32_MAX
+
+/* A free range of the swap file. */
+typedef struct kvt_range { uint64_t off, len; } kvt_range;
 
 #define KVT_LOADERS 4
 
@@ -37,6 +44,7 @@ struct kvt_store {
     pthread_t loaders[KVT_LOADERS];
     int nloaders, shutdown;
     uint64_t prefetch_issued, prefetch_hits, prefetch_errors;
+    uint64_t loading_bytes;  /* records of prefetches queued or loading (pinned) */
     double io_wait_seconds;
     kvt_io io;
     kvt_cache cache;
@@ -45,6 +53,13 @@ struct kvt_store {
     uint64_t merge_gap;     /* bytes: extents of one read batch closer than this are read as one */
     kvt_coll **colls;
     uint32_t ncolls, collcap;
+    /* group virtualization (DESIGN 2.3): parked collections' images in a volatile swap file */
+    kvt_file *swap;
+    kvt_range *sfree;       /* free ranges of the swap file, sorted by offset, coalesced */
+    uint32_t nsfree, sfreecap;
+    uint64_t swap_end;      /* the file's used size */
+    uint64_t swap_outs, swap_ins, swap_demand_ins, swap_write_bytes, swap_read_bytes;
+    uint64_t swap_async_bytes; /* of swap_read_bytes, read by loaders */
 };
 
 struct kvt_coll {
@@ -74,6 +89,12 @@ struct kvt_coll {
     kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
     uint32_t inflight;          /* prefetch jobs queued or running */
     uint64_t acct;              /* budget bytes reserved for the structures above */
+    /* parked: cl, cent, cnorm, m2d, loc, keys, cofreq and cached clusters live only in the
+     * swap image [swap_off, swap_off + swap_len); ncl, n and the pool table stay */
+    int parked;
+    uint64_t swap_off, swap_len;
+    kvt_coll_stats parked_stats; /* its cluster statistics when it was parked */
+    uint64_t resident_tick;     /* cache tick when it was last brought in (0: never parked) */
 };
 
 #define KVT_NONE UINT32_MAX

@@ -763,7 +763,7 @@ static void test_colocate(void) {
  * flight is clean. Two stores on copies of the same data, one prefetching. */
 static void test_prefetch(void) {
     char *d1 = make_dir(), *d2 = make_dir();
-    kvt_store_opts o = {256 << 10, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_LRU};
+    kvt_store_opts o = {320 << 10, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_LRU};
     kvt_store *a, *b;
     CHECK_OK(kvt_store_open(d1, &o, &a));
     CHECK_OK(kvt_store_open(d2, &o, &b));
@@ -823,6 +823,472 @@ static void test_errors(void) {
     CHECK(strstr(kvt_last_error(), "dram_budget") != NULL);
 }
 
+/* ---- batched reads and the io_uring backend ----------------------------------------------- */
+#ifdef KVT_HAVE_IO_URING
+#include <liburing.h>
+#endif
+#include <pthread.h>
+#include <sys/wait.h>
+
+static uint8_t pattern_byte(uint64_t i) { return (uint8_t)(i * 131 + (i >> 9) + 7); }
+
+/* A file of `size` pattern bytes, written through the io layer. */
+static void write_pattern(kvt_io *io, const char *path, uint64_t size) {
+    kvt_file *f;
+    CHECK_OK(kvt_file_open(io, path, 1, &f));
+    uint8_t chunk[65536];
+    for (uint64_t off = 0; off < size; off += sizeof chunk) {
+        size_t n = size - off < sizeof chunk ? (size_t)(size - off) : sizeof chunk;
+        for (size_t i = 0; i < n; i++) chunk[i] = pattern_byte(off + i);
+        CHECK_OK(kvt_file_write(f, off, chunk, n));
+    }
+    CHECK_OK(kvt_file_sync(f));
+    kvt_file_close(f);
+}
+
+static int is_pattern(const uint8_t *p, uint64_t off, size_t len) {
+    for (size_t i = 0; i < len; i++)
+        if (p[i] != pattern_byte(off + i)) return 0;
+    return 1;
+}
+
+/* n requests at random (unaligned) offsets and lengths inside [0, size), into one buffer. */
+static void random_reqs(kvt_read_req *r, size_t n, uint64_t size, size_t maxlen, uint8_t *dst, uint64_t *s) {
+    size_t pos = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = 1 + (size_t)(kvt_rng_next(s) % maxlen);
+        uint64_t off = kvt_rng_next(s) % (size - len);
+        r[i] = (kvt_read_req){off, len, dst + pos, i % 3};
+        pos += len;
+    }
+}
+
+/* What a read of [off, off+len) moves on this file: its aligned window when direct. */
+static uint64_t moved(const kvt_file *f, uint64_t off, size_t len) {
+    return kvt_file_is_direct(f) ? kvt_round_up(off + len, KVT_IO_ALIGN) - kvt_round_down(off, KVT_IO_ALIGN) : len;
+}
+
+/* The io_uring backend is expected where it is built in and this process may make a ring. */
+static const char *expected_backend(void) {
+#ifdef KVT_HAVE_IO_URING
+    struct io_uring r;
+    if (io_uring_queue_init(8, &r, 0) == 0) {
+        io_uring_queue_exit(&r);
+        return "io_uring";
+    }
+#endif
+    return "pread";
+}
+
+static void test_io_backend(void) {
+    const char *saved = getenv("KVTIER_IO_URING");
+    char *keep = saved ? strdup(saved) : NULL;
+    kvt_device dev = {0.0001, 1000, 1e6, 32, 4096, 0};
+    kvt_io io;
+    unsetenv("KVTIER_IO_URING");
+    CHECK_OK(kvt_io_init(&io, &dev, KVT_DIRECT_AUTO));
+    CHECK(strcmp(kvt_io_backend_name(&io), expected_backend()) == 0);
+    printf("io: read backend %s here (built %s io_uring)\n", kvt_io_backend_name(&io),
+#ifdef KVT_HAVE_IO_URING
+           "with"
+#else
+           "without"
+#endif
+    );
+    kvt_io_destroy(&io);
+    static const char *off_values[] = {"0", "off", "no"};
+    for (size_t i = 0; i < sizeof off_values / sizeof *off_values; i++) {
+        setenv("KVTIER_IO_URING", off_values[i], 1);
+        CHECK_OK(kvt_io_init(&io, &dev, KVT_DIRECT_AUTO));
+        CHECK(strcmp(kvt_io_backend_name(&io), "pread") == 0);
+        kvt_io_destroy(&io);
+    }
+    setenv("KVTIER_IO_URING", "1", 1);
+    CHECK_OK(kvt_io_init(&io, &dev, KVT_DIRECT_AUTO));
+    CHECK(strcmp(kvt_io_backend_name(&io), expected_backend()) == 0);
+    kvt_io_destroy(&io);
+    if (keep) setenv("KVTIER_IO_URING", keep, 1);
+    else unsetenv("KVTIER_IO_URING");
+    free(keep);
+}
+
+/* Batches: the same bytes and the same accounting as single reads, under both backends
+ * (KVTIER_IO_URING unset, then 0) and with direct reads on (where possible) and off. */
+static void test_read_batch(void) {
+    char *d = make_dir();
+    char path[600];
+    snprintf(path, sizeof path, "%s/b.dat", d);
+    const uint64_t size = 300 * 1024 + 123; /* ends inside a block */
+    kvt_device dev = {0.0001, 1000, 1e6, 32, 4096, 0};
+    const char *saved = getenv("KVTIER_IO_URING");
+    char *keep = saved ? strdup(saved) : NULL;
+    enum { N = 200 }; /* more than a ring holds */
+    kvt_read_req r[N];
+    uint8_t *dst = malloc((size_t)N * 9000);
+    uint64_t s = 5;
+    for (int pass = 0; pass < 4; pass++) {
+        if (pass < 2) unsetenv("KVTIER_IO_URING");
+        else setenv("KVTIER_IO_URING", "0", 1);
+        kvt_io io;
+        CHECK_OK(kvt_io_init(&io, &dev, pass % 2 ? KVT_DIRECT_OFF : KVT_DIRECT_AUTO));
+        write_pattern(&io, path, size);
+        kvt_file *f;
+        CHECK_OK(kvt_file_open(&io, path, 0, &f));
+        CHECK(pass % 2 == 0 || !kvt_file_is_direct(f));
+        kvt_io_stats st;
+        kvt_io_stats_reset(&io);
+        /* n = 0: nothing read, nothing charged */
+        CHECK_OK(kvt_file_read_batch(f, r, 0));
+        kvt_io_stats_get(&io, &st);
+        CHECK(st.read_ops == 0 && st.modeled_seconds == 0 && st.read_seconds == 0);
+        /* n = 1 at an unaligned offset, and the file's last byte */
+        r[0] = (kvt_read_req){4097, 5000, dst, 2};
+        r[1] = (kvt_read_req){size - 1, 1, dst + 5000, 1};
+        CHECK_OK(kvt_file_read_batch(f, r, 1));
+        CHECK_OK(kvt_file_read_batch(f, r + 1, 1));
+        CHECK(is_pattern(dst, 4097, 5000) && is_pattern(dst + 5000, size - 1, 1));
+        kvt_io_stats_get(&io, &st);
+        CHECK(st.read_ops == 2 && st.read_entries == 3);
+        CHECK(st.read_bytes == moved(f, 4097, 5000) + moved(f, size - 1, 1));
+        /* many requests: every one exact; counted one read each; outside a batch the call is
+         * charged as one batch of N reads */
+        kvt_io_stats_reset(&io);
+        random_reqs(r, N, size, 9000, dst, &s);
+        CHECK_OK(kvt_file_read_batch(f, r, N));
+        int exact = 1;
+        uint64_t bytes = 0, entries = 0, hist = 0;
+        for (int i = 0; i < N; i++) {
+            exact &= is_pattern(r[i].dst, r[i].off, r[i].len);
+            bytes += moved(f, r[i].off, r[i].len);
+            entries += r[i].entries;
+        }
+        CHECK(exact);
+        kvt_io_stats_get(&io, &st);
+        CHECK(st.read_ops == N && st.read_bytes == bytes && st.read_entries == entries);
+        double secs = 0;
+        for (int b = 0; b < 24; b++) hist += st.size_hist[b], secs += st.size_seconds[b];
+        CHECK(hist == N);
+        CHECK(st.read_seconds > 0 && fabs(secs - st.read_seconds) < 1e-9 * (1 + st.read_seconds));
+        CHECK(fabs(st.modeled_seconds - kvt_device_time(&dev, N, bytes)) < 1e-12);
+        /* inside an open batch, two calls join it */
+        kvt_io_stats_reset(&io);
+        kvt_io_batch_begin(&io);
+        CHECK_OK(kvt_file_read_batch(f, r, 10));
+        CHECK_OK(kvt_file_read_batch(f, r + 10, 5));
+        kvt_io_stats_get(&io, &st);
+        CHECK(st.read_ops == 15 && st.modeled_seconds == 0);
+        kvt_io_batch_end(&io);
+        kvt_io_stats_get(&io, &st);
+        CHECK(fabs(st.modeled_seconds - kvt_device_time(&dev, 15, st.read_bytes)) < 1e-12);
+        /* a loader thread's batch is counted, not charged, and not in the size histogram */
+        kvt_io_stats_reset(&io);
+        kvt_io_thread_uncharged(1);
+        CHECK_OK(kvt_file_read_batch(f, r, 7));
+        kvt_io_thread_uncharged(0);
+        kvt_io_stats_get(&io, &st);
+        hist = 0;
+        for (int b = 0; b < 24; b++) hist += st.size_hist[b];
+        CHECK(st.read_ops == 7 && st.prefetch_read_bytes == st.read_bytes && hist == 0);
+        CHECK(st.modeled_seconds == 0 && st.read_seconds == 0);
+        /* a request running past the end of the file: KVT_ECORRUPT naming the file, and the
+         * requests before it are read */
+        r[0] = (kvt_read_req){100, 50, dst, 1};
+        r[1] = (kvt_read_req){size - 10, 20, dst + 50, 1};
+        r[2] = (kvt_read_req){size + 5000, 20, dst + 70, 1};
+        memset(dst, 0, 100);
+        CHECK(kvt_file_read_batch(f, r, 3) == KVT_ECORRUPT);
+        CHECK(strstr(kvt_last_error(), "b.dat") != NULL && strstr(kvt_last_error(), "ends early") != NULL);
+        CHECK(is_pattern(dst, 100, 50));
+        CHECK(kvt_file_read_batch(f, r + 2, 1) == KVT_ECORRUPT);
+        /* an injected fault on the 3rd request: its code, its message; the two before it are
+         * issued and counted, nothing after it; the next batch is clean */
+        kvt_io_stats_reset(&io);
+        random_reqs(r, 6, size, 3000, dst, &s);
+        CHECK_OK(kvt_io_inject(&io, 'r', 2, EIO));
+        CHECK(kvt_file_read_batch(f, r, 6) == EIO);
+        CHECK(strstr(kvt_last_error(), "pread") && strstr(kvt_last_error(), "injected") && strstr(kvt_last_error(), "b.dat"));
+        kvt_io_stats_get(&io, &st);
+        CHECK(st.read_ops == 2);
+        CHECK(is_pattern(r[0].dst, r[0].off, r[0].len) && is_pattern(r[1].dst, r[1].off, r[1].len));
+        CHECK_OK(kvt_file_read_batch(f, r, 6));
+        /* a fault armed further than the batch reaches counts down across calls, as for reads */
+        CHECK_OK(kvt_io_inject(&io, 'r', 7, ENOSPC));
+        CHECK_OK(kvt_file_read_batch(f, r, 6));
+        CHECK(kvt_file_read(f, 0, 10, dst, 1) == 0);
+        CHECK(kvt_file_read_batch(f, r, 6) == ENOSPC);
+        CHECK_OK(kvt_file_read_batch(f, r, 6));
+        kvt_file_close(f);
+        kvt_io_destroy(&io);
+    }
+    if (keep) setenv("KVTIER_IO_URING", keep, 1);
+    else unsetenv("KVTIER_IO_URING");
+    free(keep);
+    free(dst);
+    remove_dir(d);
+}
+
+typedef struct batch_worker {
+    kvt_file *f;
+    uint64_t size, seed, reads;
+    int ok;
+} batch_worker;
+
+static void *batch_worker_run(void *arg) {
+    batch_worker *w = arg;
+    enum { B = 16, ROUNDS = 60 };
+    kvt_read_req r[B];
+    uint8_t *dst = malloc((size_t)B * 20000);
+    w->ok = dst != NULL;
+    for (int t = 0; t < ROUNDS && w->ok; t++) {
+        size_t n = 1 + (size_t)(kvt_rng_next(&w->seed) % B);
+        random_reqs(r, n, w->size, 20000, dst, &w->seed);
+        if (t % 2) kvt_io_thread_uncharged(1); /* as the loader threads read */
+        w->ok &= kvt_file_read_batch(w->f, r, n) == 0;
+        kvt_io_thread_uncharged(0);
+        for (size_t i = 0; i < n; i++) w->ok &= is_pattern(r[i].dst, r[i].off, r[i].len);
+        w->reads += n;
+    }
+    free(dst);
+    return NULL;
+}
+
+/* Concurrent batches on one io context: 4 threads (the loaders), then more threads than the
+ * context makes rings (the extra callers read by pread): every byte right, every read
+ * counted. Then a forked child. */
+static void test_read_batch_threads(void) {
+    char *d = make_dir();
+    char path[600];
+    snprintf(path, sizeof path, "%s/t.dat", d);
+    const uint64_t size = 2u << 20;
+    kvt_device dev = {0.0001, 1000, 1e6, 32, 4096, 0};
+    kvt_io io;
+    CHECK_OK(kvt_io_init(&io, &dev, KVT_DIRECT_AUTO));
+    write_pattern(&io, path, size);
+    kvt_file *f;
+    CHECK_OK(kvt_file_open(&io, path, 0, &f));
+    static const int counts[] = {4, 12};
+    for (int c = 0; c < 2; c++) {
+        enum { MAXT = 12 };
+        pthread_t th[MAXT];
+        batch_worker w[MAXT];
+        kvt_io_stats_reset(&io);
+        for (int i = 0; i < counts[c]; i++) {
+            w[i] = (batch_worker){f, size, 100 + (uint64_t)i, 0, 0};
+            CHECK(pthread_create(&th[i], NULL, batch_worker_run, &w[i]) == 0);
+        }
+        uint64_t reads = 0;
+        int ok = 1;
+        for (int i = 0; i < counts[c]; i++) {
+            pthread_join(th[i], NULL);
+            ok &= w[i].ok;
+            reads += w[i].reads;
+        }
+        CHECK(ok);
+        kvt_io_stats st;
+        kvt_io_stats_get(&io, &st);
+        CHECK(st.read_ops == reads);
+    }
+    /* a forked child reads through the same context (by pread: the rings are the parent's),
+     * and the parent's rings still work after it */
+    kvt_read_req r[40];
+    uint8_t *dst = malloc(40 * 5000);
+    uint64_t s = 77;
+    random_reqs(r, 40, size, 5000, dst, &s);
+    fflush(NULL);
+    pid_t child = fork();
+    if (child == 0) {
+        int ok = kvt_file_read_batch(f, r, 40) == 0;
+        for (int i = 0; i < 40; i++) ok &= is_pattern(r[i].dst, r[i].off, r[i].len);
+        _exit(ok ? 0 : 1);
+    }
+    int status = -1;
+    CHECK(child > 0 && waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    memset(dst, 0, 40 * 5000);
+    CHECK_OK(kvt_file_read_batch(f, r, 40));
+    int exact = 1;
+    for (int i = 0; i < 40; i++) exact &= is_pattern(r[i].dst, r[i].off, r[i].len);
+    CHECK(exact);
+    free(dst);
+    kvt_file_close(f);
+    kvt_io_destroy(&io);
+    remove_dir(d);
+}
+
+
+/* ---- group virtualization and the token layout -------------------------------------------- */
+
+/* ids of a retrieve (at most cap), their count in *n */
+static void retrieve_ids(kvt_coll *c, const float *q, uint64_t budget, int64_t *ids, uint64_t cap, uint64_t *n) {
+    kvt_result *r;
+    *n = 0;
+    CHECK_OK(kvt_coll_retrieve(c, q, 2, budget, &r));
+    if (!r) return;
+    *n = kvt_result_count(r);
+    CHECK(*n <= cap);
+    if (*n <= cap) kvt_result_copy(r, ids, NULL, NULL, NULL);
+    kvt_result_free(r);
+}
+
+static void test_park(void) {
+    char *d = make_dir();
+    kvt_store_opts o = {2 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
+    kvt_store *st;
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    enum { N = 2000, H = 3 };
+    kvt_coll *c[H];
+    float *k = drift_data(N, 0, 23);
+    int64_t first;
+    for (int h = 0; h < H; h++) {
+        p.policy = h == 0 ? KVT_POLICY_ADAPTIVE : h == 1 ? KVT_POLICY_STATIC : KVT_POLICY_LOCAL;
+        CHECK_OK(kvt_coll_create(st, (uint32_t)h, &p, &c[h]));
+        CHECK_OK(kvt_coll_add(c[h], k, NULL, N, &first));
+    }
+    float q[32];
+    uint64_t s = 5;
+    for (int i = 0; i < 32; i++) q[i] = frand(&s);
+    int64_t want[H][300], got[300];
+    uint64_t nwant[H], ngot;
+    for (int h = 0; h < H; h++) retrieve_ids(c[h], q, 200, want[h], 300, &nwant[h]);
+    kvt_store_stats before, after;
+    CHECK_OK(kvt_store_stats_get(st, &before));
+    CHECK(kvt_store_park(st, c, H, 1) == 0);
+    CHECK_OK(kvt_store_stats_get(st, &after));
+    CHECK(after.parked_collections == H && after.swap_outs == H && after.dram_bytes < before.dram_bytes / 4);
+    for (int h = 0; h < H; h++) CHECK(kvt_coll_is_parked(c[h]) == 1);
+    /* stats of a parked collection come from the park, without a swap-in */
+    kvt_coll_stats cs;
+    CHECK_OK(kvt_coll_stats_get(c[1], &cs));
+    CHECK(cs.parked == 1 && cs.entries == N && cs.clusters > 0);
+    /* one sequential read brings the group back; results are unchanged */
+    CHECK_OK(kvt_store_reset_io_stats(st));
+    CHECK_OK(kvt_store_unpark(st, c, H, 0));
+    CHECK_OK(kvt_store_stats_get(st, &after));
+    CHECK(after.read_ops == 1 && after.swap_ins == H && after.swap_read_bytes == after.read_bytes);
+    /* (the adaptive collection, c[0], may split what its first retrieve read: compared only
+     * for the policies whose retrieves change nothing) */
+    for (int h = 1; h < H; h++) {
+        retrieve_ids(c[h], q, 200, got, 300, &ngot);
+        CHECK(ngot == nwant[h] && memcmp(got, want[h], ngot * 8) == 0);
+    }
+    retrieve_ids(c[0], q, 200, got, 300, &ngot);
+    CHECK(ngot > 0 && ngot <= 200);
+    /* on demand, and asynchronously */
+    CHECK_OK(kvt_store_park(st, c, H, 1));
+    retrieve_ids(c[1], q, 200, got, 300, &ngot);
+    CHECK(ngot == nwant[1] && memcmp(got, want[1], ngot * 8) == 0);
+    CHECK_OK(kvt_store_park(st, c, H, 0));
+    CHECK_OK(kvt_store_unpark(st, c, H, 1));
+    retrieve_ids(c[2], q, 200, got, 300, &ngot);
+    CHECK(ngot == nwant[2] && memcmp(got, want[2], ngot * 8) == 0);
+    CHECK_OK(kvt_store_stats_get(st, &after));
+    CHECK(after.swap_demand_ins == 1 && after.dram_peak_bytes <= after.dram_budget);
+    /* bad groups change nothing */
+    kvt_coll *dup[2] = {c[0], c[0]};
+    CHECK(kvt_store_park(st, dup, 2, 1) == KVT_EINVAL);
+    CHECK(kvt_store_park(st, NULL, 1, 1) == KVT_EINVAL);
+    /* a checkpoint of a parked collection leaves it parked */
+    CHECK_OK(kvt_store_park(st, c, H, 1));
+    kvt_checkpoint *cp;
+    CHECK_OK(kvt_coll_checkpoint(c[0], &cp));
+    CHECK(kvt_coll_is_parked(c[0]) == 1);
+    CHECK_OK(kvt_coll_committed(c[0], cp));
+    kvt_checkpoint_free(cp);
+    CHECK(kvt_coll_changed(c[0]) == 0 && kvt_coll_changed(c[1]) == 1);
+    /* close with swap-ins queued */
+    CHECK_OK(kvt_store_unpark(st, c, H, 1));
+    kvt_store_close(st);
+    char path[600];
+    snprintf(path, sizeof path, "%s/swap.kvs", d);
+    CHECK(access(path, F_OK) != 0); /* volatile: removed on close */
+    free(k);
+    remove_dir(d);
+}
+
+static void test_token_layout(void) {
+    char *d = make_dir();
+    kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_LRU};
+    kvt_store *st;
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    p.policy = KVT_POLICY_ADAPTIVE;
+    p.layout = KVT_LAYOUT_TOKEN;
+    kvt_coll *c;
+    CHECK_OK(kvt_coll_create(st, 0, &p, &c));
+    enum { N = 1500 };
+    float *k = drift_data(500, N - 500, 31);
+    int64_t first;
+    CHECK_OK(kvt_coll_add(c, k, NULL, 500, &first));
+    for (int i = 500; i < N; i += 4) CHECK_OK(kvt_coll_add(c, k + (size_t)i * 16, NULL, 4, &first));
+    float q[32];
+    uint64_t s = 7;
+    for (int t = 0; t < 30; t++) { /* retrieves let flagged clusters split */
+        for (int i = 0; i < 32; i++) q[i] = frand(&s);
+        kvt_result *r;
+        CHECK_OK(kvt_coll_retrieve(c, q, 2, 150, &r));
+        kvt_result_free(r);
+    }
+    kvt_coll_stats cs;
+    CHECK_OK(kvt_coll_stats_get(c, &cs));
+    CHECK(cs.splits > 0 && cs.split_write_bytes == 0 && cs.pools == 0);
+    CHECK(cs.data_file_bytes == KVT_DATA_HEADER + (uint64_t)N * c->L.esz);
+    /* every entry, by retrieve and by get */
+    int64_t *ids = malloc(N * 8);
+    float *gk = malloc(N * 64);
+    kvt_result *r;
+    CHECK_OK(kvt_coll_retrieve(c, q, 2, N, &r));
+    CHECK(kvt_result_count(r) == N);
+    kvt_result_copy(r, ids, NULL, NULL, NULL);
+    kvt_result_free(r);
+    int seen = 1;
+    char *mark = calloc(N, 1);
+    for (int i = 0; i < N; i++) {
+        seen &= ids[i] >= 0 && ids[i] < N && !mark[ids[i]];
+        if (ids[i] >= 0 && ids[i] < N) mark[ids[i]] = 1;
+    }
+    CHECK(seen);
+    for (int i = 0; i < N; i++) ids[i] = i;
+    CHECK_OK(kvt_coll_get(c, ids, N, gk, NULL));
+    CHECK(memcmp(gk, k, (size_t)N * 64) == 0);
+    /* checkpoint and reopen: the member lists are rebuilt from the id map */
+    kvt_checkpoint *cp;
+    CHECK_OK(kvt_coll_checkpoint(c, &cp));
+    size_t blen, clen;
+    uint64_t chidx;
+    const void *bp = kvt_checkpoint_dir(cp, &blen), *chp = kvt_checkpoint_chunk(cp, 0, &chidx, &clen);
+    void *blob = malloc(blen), *chunk = malloc(clen);
+    memcpy(blob, bp, blen);
+    memcpy(chunk, chp, clen);
+    kvt_checkpoint_free(cp);
+    kvt_store_close(st);
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    const void *chunks[1] = {chunk};
+    CHECK_OK(kvt_coll_open(st, 0, &p, blob, blen, chunks, &clen, 1, &c));
+    memset(gk, 0, (size_t)N * 64);
+    CHECK_OK(kvt_coll_get(c, ids, N, gk, NULL));
+    CHECK(memcmp(gk, k, (size_t)N * 64) == 0);
+    CHECK_OK(kvt_coll_retrieve(c, q, 2, N, &r));
+    CHECK(kvt_result_count(r) == N);
+    kvt_result_free(r);
+    /* the layout is part of the data file: a clustered reader refuses it */
+    kvt_store_close(st);
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    p.layout = KVT_LAYOUT_CLUSTERED;
+    CHECK(kvt_coll_open(st, 0, &p, blob, blen, chunks, &clen, 1, &c) == KVT_ECORRUPT);
+    p.layout = 7;
+    CHECK(kvt_coll_create(st, 1, &p, &c) == KVT_EINVAL);
+    kvt_store_close(st);
+    free(blob);
+    free(chunk);
+    free(mark);
+    free(ids);
+    free(gk);
+    free(k);
+    remove_dir(d);
+}
+
 int main(void) {
     printf("kvtier engine tests (kernel: %s)\n", kvt_simd_kernel());
     test_simd();
@@ -839,6 +1305,11 @@ int main(void) {
     test_colocate();
     test_prefetch();
     test_errors();
+    test_io_backend();
+    test_read_batch();
+    test_read_batch_threads();
+    test_park();
+    test_token_layout();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }

@@ -1,0 +1,205 @@
+"""Group virtualization: Store.park / Store.unpark move a group of collections' DRAM state to
+the swap area on flash and back, changing no result, holding the budget, losing nothing."""
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import kvtier
+
+DIM, VDIM, N = 16, 8, 700
+
+
+def _group(s, layer, policy="static", heads=3, n=N, seed=0):
+    rng = np.random.default_rng(seed + layer)
+    cs = []
+    for h in range(heads):
+        c = s.collection(f"L{layer}.H{h}", dim=DIM, value_dim=VDIM, policy=policy)
+        c.add(rng.standard_normal((n, DIM)).astype(np.float16), rng.standard_normal((n, VDIM)).astype(np.float16))
+        cs.append(c)
+    return cs
+
+
+def _queries(seed=1):
+    return np.random.default_rng(seed).standard_normal((2, DIM)).astype(np.float32)
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "static", "local", "none"])
+def test_park_changes_no_result(tmp_path, policy):
+    with kvtier.open(tmp_path / "s", dram_budget="64MiB", device="ufs4.0") as s:
+        cs = _group(s, 0, policy)
+        q = _queries()
+        want = [c.retrieve(q, 0.1) for c in cs]
+        hits = [c.search(q, k=5) for c in cs]
+        resident = s.stats()["dram_bytes"]
+        s.park(cs)
+        st = s.stats()
+        assert st["parked_collections"] == 3 and all(c.parked for c in cs)
+        assert st["dram_bytes"] < resident / 4, (st["dram_bytes"], resident)
+        assert st["swap_outs"] == 3 and st["swap_file_bytes"] > 0
+        # a parked collection's stats come from the park, without a swap-in
+        assert cs[0].stats()["parked"] and cs[0].stats()["entries"] == N
+        assert s.stats()["swap_ins"] == 0
+        for c, w, h in zip(cs, want, hits):  # on demand
+            got = c.retrieve(q, 0.1)
+            assert np.array_equal(got.ids, w.ids) and np.array_equal(got.keys, w.keys)
+            assert np.array_equal(c.search(q, k=5).ids, h.ids)
+        st = s.stats()
+        assert st["swap_demand_ins"] == 3 and st["parked_collections"] == 0
+        k, v = cs[1].get(np.arange(N))
+        s.park(cs)
+        assert np.array_equal(cs[1].get(np.arange(N))[0], k)
+
+
+def test_unpark_reads_a_group_in_one_request(tmp_path):
+    with kvtier.open(tmp_path / "s", dram_budget="64MiB", device="ufs4.0") as s:
+        g0, g1 = _group(s, 0), _group(s, 1)
+        s.park(g0)
+        s.park(g1)
+        s.reset_io_stats()
+        s.unpark(g1)
+        st = s.stats()
+        assert st["read_ops"] == 1 and st["swap_ins"] == 3
+        assert st["read_bytes"] == st["swap_read_bytes"] == st["read_bytes_by_cause"]["swap"]
+        assert st["modeled_io_seconds"] > 0
+        assert not any(c.parked for c in g1) and all(c.parked for c in g0)
+        # unparking what is resident does nothing
+        s.unpark(g1)
+        assert s.stats()["read_ops"] == 1
+
+
+def test_async_unpark_then_use(tmp_path):
+    with kvtier.open(tmp_path / "s", dram_budget="64MiB") as s:
+        cs = _group(s, 0)
+        q = _queries()
+        want = [c.retrieve(q, 0.2).ids for c in cs]
+        s.park(cs)
+        s.unpark(cs, wait=False)
+        for c, w in zip(cs, want):
+            assert np.array_equal(c.retrieve(q, 0.2).ids, w)
+        st = s.stats()
+        assert st["swap_ins"] == 3 and st["swap_demand_ins"] == 0
+        assert st["read_bytes_by_cause"]["swap"] == st["swap_read_bytes"] > 0
+        assert st["read_bytes_by_cause"]["prefetch"] == 0  # a swap-in is not a prefetch
+
+
+def test_park_bounds_dram_by_the_active_group(tmp_path):
+    """Eight groups that together exceed the budget run one at a time within it."""
+    budget = 160 << 10
+    with kvtier.open(tmp_path / "s", dram_budget=budget) as s:
+        groups = []
+        for layer in range(8):
+            groups.append(_group(s, layer, n=500))
+            s.park(groups[-1])
+        q = _queries()
+        for _ in range(2):
+            for g in groups:
+                s.unpark(g)
+                for c in g:
+                    assert len(c.retrieve(q, 0.1)) > 0
+                s.park(g)
+        st = s.stats()
+        assert st["dram_peak_bytes"] <= budget
+    # without parking the same groups do not fit
+    with kvtier.open(tmp_path / "t", dram_budget=budget) as s:
+        with pytest.raises(kvtier.BudgetError):
+            for layer in range(8):
+                _group(s, layer, n=500)
+
+
+def test_flush_leaves_unchanged_parked_collections_parked(tmp_path):
+    with kvtier.open(tmp_path / "s", dram_budget="64MiB") as s:
+        cs = _group(s, 0)
+        s.flush()
+        s.park(cs)
+        ins = s.stats()["swap_ins"]
+        s.flush()
+        assert s.stats()["swap_ins"] == ins and all(c.parked for c in cs)
+        cs[0].add(np.ones((5, DIM), np.float16), np.ones((5, VDIM), np.float16))  # demand swap-in
+        s.park(cs[:1])
+        s.flush()  # changed since the last commit: checkpointed, and left parked
+        assert cs[0].parked
+    assert not os.path.exists(tmp_path / "s" / "swap.kvs")  # volatile: removed on close
+    with kvtier.open(tmp_path / "s") as s:
+        assert len(s.collection("L0.H0")) == N + 5
+        assert len(s.collection("L0.H1")) == N
+
+
+def test_crash_while_parked_keeps_what_was_flushed(tmp_path):
+    s = kvtier.open(tmp_path / "s", dram_budget="64MiB")
+    cs = _group(s, 0)
+    k0, _ = cs[0].get(np.arange(N))
+    s.flush()
+    cs[0].add(np.ones((7, DIM), np.float16), np.ones((7, VDIM), np.float16))
+    s.park(cs)
+    # a crash: the engine goes without a flush
+    s._engine.close()
+    s._catalog.close()
+    s._lock.release()
+    s._gate.closed = True
+    with kvtier.open(tmp_path / "s") as s2:
+        c = s2.collection("L0.H0")
+        assert len(c) == N and np.array_equal(c.get(np.arange(N))[0], k0)
+        s2.park([c])  # the leftover swap file is recreated, not trusted
+        assert np.array_equal(c.get(np.arange(N))[0], k0)
+
+
+def test_park_write_fault_leaves_the_collection_resident(tmp_path):
+    with kvtier.open(tmp_path / "s", dram_budget="64MiB") as s:
+        cs = _group(s, 0)
+        q = _queries()
+        want = cs[0].retrieve(q, 0.1).ids
+        s._inject_fault("w", 0, errno.EIO)
+        with pytest.raises(kvtier.StorageIOError, match="swap.kvs"):
+            s.park(cs[:1])
+        assert not cs[0].parked
+        assert np.array_equal(cs[0].retrieve(q, 0.1).ids, want)
+        s.park(cs[:1])
+        s._inject_fault("r", 0, errno.EIO)
+        with pytest.raises(kvtier.StorageIOError):
+            s.unpark(cs[:1])
+        assert cs[0].parked
+        assert np.array_equal(cs[0].retrieve(q, 0.1).ids, want)
+
+
+def test_bad_arguments(tmp_path):
+    with kvtier.open(tmp_path / "s") as s, kvtier.open(tmp_path / "t") as t:
+        cs = _group(s, 0, heads=1)
+        other = _group(t, 0, heads=1)
+        for bad in ([cs[0], cs[0]], [other[0]], ["L0.H0"], 3):
+            with pytest.raises(kvtier.InvalidArgumentError, match="collections"):
+                s.park(bad)
+            with pytest.raises(kvtier.InvalidArgumentError, match="collections"):
+                s.unpark(bad)
+        assert not cs[0].parked
+        s.park(cs[0])  # a single collection is a group of one
+        assert cs[0].parked
+
+
+def test_threads_park_and_retrieve(tmp_path):
+    with kvtier.open(tmp_path / "s", dram_budget="64MiB") as s:
+        cs = _group(s, 0)
+        q = _queries()
+        want = [c.retrieve(q, 0.2).ids for c in cs]
+        errors = []
+        stop = threading.Event()
+
+        def reader(i):
+            try:
+                while not stop.is_set():
+                    assert np.array_equal(cs[i].retrieve(q, 0.2).ids, want[i])
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        ts = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+        for t in ts:
+            t.start()
+        for r in range(60):
+            s.park(cs)
+            s.unpark(cs, wait=bool(r % 2))
+        stop.set()
+        for t in ts:
+            t.join()
+        assert not errors, errors[0]
