@@ -74,9 +74,14 @@ def main(argv=None):
                     # a system without clusters scores every key: it keeps them all in DRAM,
                     # so it gets that much on top of the same cache budget
                     dram += heads * trace.length * trace.head_dim * 2 * 3 // 2  # + growth slack
-                r = replay(trace, policy=pol, budget=a.budget, layers=layers, every=a.every,
-                           dram_budget=dram, device=a.device, direct_io=True,
-                           collect_stats=True, **LAYOUTS[lay])
+                try:
+                    r = replay(trace, policy=pol, budget=a.budget, layers=layers, every=a.every,
+                               dram_budget=dram, device=a.device, direct_io=True,
+                               collect_stats=True, **LAYOUTS[lay])
+                except kvtier.BudgetError as e:  # a baseline whose index does not fit: say so
+                    print(f"{w} {pol:9s} {lay:10s} does not fit in {a.dram_budget}: {str(e).split(' — ')[0]}", flush=True)
+                    rows.append({"workload": w, "policy": pol, "layout": lay, "fits": False, "error": "BudgetError"})
+                    continue
                 st = r.extra["store"]
                 cs = r.extra["collections"]
                 moved = sum(c["split_write_bytes"] + c["relayout_bytes"] for c in cs)
@@ -108,12 +113,15 @@ def main(argv=None):
           "| partial-page writes |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in rows:
+        if r.get("fits") is False:
+            md += f"| {r['workload']} | {r['policy']} | {r['layout']} | does not fit in the DRAM budget |" + " |" * 12 + "\n"
+            continue
         md += (f"| {r['workload']} | {r['policy']} | {r['layout']} | {r['recall']:.3f} | {r['entries_per_read']:.1f} | "
                f"{r['reads_per_retrieve']:.2f} | {r['kib_per_retrieve']:.1f} | {r['effective_bw_GBps']:.2f} | "
                f"{r['bw_share_of_profile']:.0%} | {r['modeled_io_ms_per_step']:.3f} | {r['real_read_ms_per_step']:.2f} | "
                f"{r['cache_hit_rate']:.2f} | {r['moved_bytes'] / 2**20:.1f} | {r['naive_move_bytes'] / 2**20:.1f} | "
                f"{r['partial_page_writes']} |\n")
-    by = {(r["workload"], r["policy"], r["layout"]): r for r in rows}
+    by = {(r["workload"], r["policy"], r["layout"]): r for r in rows if r.get("fits", True)}
     notes = []
     for w in a.workloads.split(","):
         best = by.get((w, "adaptive", "colocated")) or by.get((w, "adaptive", "clustered"))

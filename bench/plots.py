@@ -21,7 +21,7 @@ import numpy as np
 POLICY_STYLE = {"none": ("tab:gray", "s"), "static": ("tab:blue", "o"),
                 "local": ("tab:orange", "^"), "adaptive": ("tab:green", "D")}
 CACHE_STYLE = {"lru": ("tab:red", "o"), "lfu": ("tab:purple", "s"), "cluster": ("tab:green", "D")}
-LAYOUT_HATCH = {"clustered": "", "colocated": "//", "n/a": ".."}
+LAYOUT_HATCH = {"token": "xx", "clustered": "", "colocated": "//", "n/a": ".."}
 _FALLBACK = [("tab:brown", "v"), ("tab:pink", "P"), ("tab:olive", "X"), ("tab:cyan", "*")]
 
 

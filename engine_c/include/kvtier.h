@@ -115,8 +115,8 @@ typedef struct kvt_coll_params {
     /* Where records live (a baseline switch, DESIGN 2.2): KVT_LAYOUT_CLUSTERED (0, the method:
      * each cluster contiguous in dual-head pools) or KVT_LAYOUT_TOKEN (1: one log in insertion
      * order, clusters only in the directory, so a cluster is read as runs of consecutive ids;
-     * nothing moves on a split and there is no co-location). Policy none always keeps token
-     * order. */
+     * nothing moves on a split and there is no co-location; up to 2^32 - 1 entries, as its
+     * member lists hold 32-bit ids). Policy none always keeps token order. */
     int layout;
 } kvt_coll_params;
 enum kvt_layout_kind { KVT_LAYOUT_CLUSTERED = 0, KVT_LAYOUT_TOKEN = 1 };

@@ -25,7 +25,7 @@ typedef struct kvt_cluster {
     uint8_t *pbuf;
     uint32_t flagged;      /* adaptive: a split is wanted */
     uint32_t hold;         /* adaptive: a failed split waits until the cluster grows past this */
-    uint64_t *mem;         /* token layout: the member ids, ascending (the records' order) */
+    uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
     uint32_t memcap;
 } kvt_cluster;
 

@@ -262,6 +262,8 @@ static int ensure_segs(kvt_coll *c, kvt_cluster *k, uint32_t need) {
 static inline int token(const kvt_coll *c) {
     return c->p.layout == KVT_LAYOUT_TOKEN && c->p.policy != KVT_POLICY_NONE;
 }
+/* The token layout's member lists hold 32-bit ids: it takes up to 2^32 - 1 entries. */
+#define KVT_TOKEN_MAX_ENTRIES ((uint64_t)UINT32_MAX)
 static inline uint64_t token_offset(const kvt_coll *c, uint64_t id) {
     return KVT_DATA_HEADER + id * c->L.esz;
 }
@@ -280,12 +282,12 @@ static int rebuild_members(kvt_coll *c) {
         kvt_cluster *k = &c->cl[j];
         int rc = ensure_mem(c, k, k->n);
         if (rc) return rc;
-        for (uint32_t i = 0; i < k->n; i++) k->mem[i] = UINT64_MAX;
+        for (uint32_t i = 0; i < k->n; i++) k->mem[i] = UINT32_MAX;
     }
-    for (uint64_t id = 0; id < c->n; id++) c->cl[c->loc[id].cl].mem[c->loc[id].idx] = id;
+    for (uint64_t id = 0; id < c->n; id++) c->cl[c->loc[id].cl].mem[c->loc[id].idx] = (uint32_t)id;
     for (uint32_t j = 0; j < c->ncl; j++)
         for (uint32_t i = 0; i < c->cl[j].n; i++)
-            if (c->cl[j].mem[i] == UINT64_MAX || (i && c->cl[j].mem[i] <= c->cl[j].mem[i - 1]))
+            if (c->cl[j].mem[i] == UINT32_MAX || (i && c->cl[j].mem[i] <= c->cl[j].mem[i - 1]))
                 return kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has an inconsistent member list", j, c->no);
     return 0;
 }
@@ -1002,7 +1004,7 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
             int64_t id;
             memcpy(&id, grp[t] + (size_t)i * L->esz, 8);
             set_loc(c, (uint64_t)id, j, i);
-            if (token(c)) kj->mem[i] = (uint64_t)id;
+            if (token(c)) kj->mem[i] = (uint32_t)id;
         }
         kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, j, cnt[t], L->esz);
         if (e) {
@@ -1207,7 +1209,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     uint64_t transient = 0, n0 = c->n;
     uint32_t ncl0 = c->ncl, staging0 = c->staging;
     int first_batch = 0;
-    if (n > UINT32_MAX || n0 + n > ((uint64_t)1 << 40)) {
+    if (n > UINT32_MAX || n0 + n > ((uint64_t)1 << 40) || (token(c) && n0 + n > KVT_TOKEN_MAX_ENTRIES)) {
         rc = kvt_fail(KVT_EINVAL, "add: too many entries at once (%llu)", (unsigned long long)n);
         goto out;
     }
@@ -1345,7 +1347,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
             uint32_t r = order[start[j] + t];
             const uint8_t *key = (const uint8_t *)keys + (size_t)r * L->key_bytes;
             const uint8_t *val = (const uint8_t *)values + (size_t)r * L->value_bytes;
-            if (cl->mem && token(c)) cl->mem[cl->n] = n0 + r;
+            if (cl->mem && token(c)) cl->mem[cl->n] = (uint32_t)(n0 + r);
             set_loc(c, n0 + r, j, cl->n);
             if (!first_batch) c->ctr.naive_move_bytes += (uint64_t)cl->n * L->esz;
             kvt_key_to_f32(K, c->p.dtype, key, x, c->p.dim);
