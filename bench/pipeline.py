@@ -23,6 +23,11 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The synthetic compute runs on one core (as a phone's decode runs on its accelerator or a
+# core of its own), so that the loader threads are not competing with BLAS threads for the
+# other; set before numpy loads its BLAS.
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
 
 import numpy as np
 

@@ -8,8 +8,8 @@
  * 3. A pinned entry is never evicted; an evicted entry's owner is told through on_evict
  *    before the entry is freed.
  * 4. The LRU list order is kept under every policy (most recent first); LFU and the
- *    cluster-aligned policy choose their victim by scanning it, which costs a pass over the
- *    cached clusters per eviction: hundreds to a few thousand, cheap next to a read.
+ *    cluster-aligned policy choose their victim among the KVT_VICTIM_CANDIDATES least
+ *    recently used unpinned entries, so an eviction costs O(1) whatever the cache holds.
  */
 #include <stdlib.h>
 
@@ -54,29 +54,33 @@ void kvt_cache_destroy(kvt_cache *c) {
     while (c->lru.next != &c->lru) free_ent(c, c->lru.next);
 }
 
+/* Candidates a victim is chosen among: the least recently used unpinned entries. Scanning
+ * every entry made each eviction O(cached clusters), which under a full budget with
+ * thousands of small clusters cost more than the reads it saved; like Redis's sampled
+ * policies, LFU and the cluster-aligned policy choose among the oldest few instead. */
+#define KVT_VICTIM_CANDIDATES 64
+
 /* The entry to evict next under the policy, or NULL if every entry is pinned. */
 static kvt_cache_ent *victim(kvt_cache *c) {
-    kvt_cache_ent *best = NULL;
-    if (c->policy == KVT_CACHE_LRU) {
-        for (kvt_cache_ent *e = c->lru.prev; e != &c->lru; e = e->prev)
-            if (!e->pins) return e;
-        return NULL;
-    }
-    if (c->policy == KVT_CACHE_LFU) {
-        for (kvt_cache_ent *e = c->lru.prev; e != &c->lru; e = e->prev)
-            if (!e->pins && (!best || e->uses < best->uses)) best = e;
-        return best;
-    }
-    /* cluster-aligned: protect recent updates up to the reserved share, newest first */
-    uint64_t protect = (uint64_t)(c->reserve_share * (double)c->budget), prot = 0;
+    kvt_cache_ent *best = NULL, *oldest = NULL;
+    int seen = 0;
     double worst = -1;
-    kvt_cache_ent *fallback = NULL;
-    for (kvt_cache_ent *e = c->lru.next; e != &c->lru; e = e->next) {
+    uint64_t protect = (uint64_t)(c->reserve_share * (double)c->budget), prot = 0;
+    for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_CANDIDATES; e = e->prev) {
         if (e->pins) continue;
+        seen++;
+        if (c->policy == KVT_CACHE_LRU) return e;
+        if (!oldest) oldest = e;
+        if (c->policy == KVT_CACHE_LFU) {
+            if (!best || e->uses < best->uses) best = e;
+            continue;
+        }
+        /* cluster-aligned: recently updated entries are kept while they fit in the reserved
+         * share (they sit near the MRU end, so the candidates rarely include them); among
+         * the rest the largest idle time x size goes first, so small clusters stay */
         uint64_t bytes = (uint64_t)e->cap * e->esz;
         if (e->updated && c->tick - e->updated <= c->recent_ticks && prot + bytes <= protect) {
             prot += bytes;
-            fallback = e; /* protected, but evictable if nothing else is */
             continue;
         }
         double score = (double)(c->tick - e->last_use + 1) * (double)(bytes + 1);
@@ -85,7 +89,7 @@ static kvt_cache_ent *victim(kvt_cache *c) {
             best = e;
         }
     }
-    return best ? best : fallback;
+    return best ? best : oldest; /* only protected candidates: the oldest of them */
 }
 
 int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) {

@@ -11,7 +11,8 @@
  * cluster-aligned policy of DESIGN 2.3: entries updated recently (appended to, or made by a
  * split) are kept as long as they fit in a reserved share of the budget, and among the rest
  * the victim is the one with the largest (idle time x size), so small clusters, which read
- * least efficiently and cost least DRAM, stay longer.
+ * least efficiently and cost least DRAM, stay longer. LFU and cluster-aligned choose among
+ * the 64 least recently used unpinned entries (sampled, as Redis does), not all of them.
  */
 #ifndef KVT_CACHE_H
 #define KVT_CACHE_H
