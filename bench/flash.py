@@ -56,6 +56,10 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--dram-budget", default="4MiB")
     ap.add_argument("--device", default="ufs4.0")
+    ap.add_argument("--merge-gap", type=int, default=None,
+                    help="bytes (default: the device's knee); 0 reads only touching extents as one "
+                         "request, so entries/read is the mean contiguous run length")
+    ap.add_argument("--tag", default="", help="suffix of the output files (flash<tag>.json/.md)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
@@ -77,7 +81,8 @@ def main(argv=None):
                 try:
                     r = replay(trace, policy=pol, budget=a.budget, layers=layers, every=a.every,
                                dram_budget=dram, device=a.device, direct_io=True,
-                               collect_stats=True, **LAYOUTS[lay])
+                               collect_stats=True, **LAYOUTS[lay],
+                               store_kwargs={} if a.merge_gap is None else {"merge_gap": a.merge_gap})
                 except kvtier.BudgetError as e:  # a baseline whose index does not fit: say so
                     print(f"{w} {pol:9s} {lay:10s} does not fit in {a.dram_budget}: {str(e).split(' — ')[0]}", flush=True)
                     rows.append({"workload": w, "policy": pol, "layout": lay, "fits": False, "error": "BudgetError"})
@@ -144,9 +149,9 @@ def main(argv=None):
         meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                 "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__},
                 "profile": prof.__dict__, "args": vars(a), "seconds": time.time() - t0}
-        with open(os.path.join(a.out, "flash.json"), "w") as f:
+        with open(os.path.join(a.out, f"flash{a.tag}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(os.path.join(a.out, "flash.md"), "w") as f:
+        with open(os.path.join(a.out, f"flash{a.tag}.md"), "w") as f:
             f.write(f"# Flash layout on real traces\n\n`python -m bench.flash {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 

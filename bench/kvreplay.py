@@ -104,6 +104,8 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
                 store.park([colls[l, h] for h in range(trace.n_kv_heads)])
         group = {l: [colls[l, h] for h in range(trace.n_kv_heads)] for l in layers}
         store.reset_io_stats()
+        if virtualize:  # the first layer, ahead of the first step (later ones: one layer ahead)
+            store.unpark(group[layers[0]], wait=False)
         in_store = P - window  # positions [sinks, in_store) are stored
 
         def recall_layer(l, t, n_budget):

@@ -352,7 +352,7 @@ def io_by_policy_layout(rows: Sequence[dict], path, subtitle: str = "") -> str:
             d = {r.get("dram") for r in wr if r["policy"] == pol}
             ticks.append(pol if d == {common} else f"{pol}\n(DRAM {'/'.join(sorted(map(str, d)))})")
         for ax, ylabel, what in ((ax_t, "modeled I/O per decoding step (ms)", "modeled I/O time"),
-                                 (ax_e, "mean contiguous read (entries)", "entries per read")):
+                                 (ax_e, "entries per read request (merged)", "entries per read")):
             ax.set_xticks(range(len(pols)), ticks)
             ax.set_xlabel("policy")
             ax.set_ylabel(ylabel)

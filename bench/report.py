@@ -6,8 +6,9 @@ Nothing is rerun: each benchmark's JSON (and the Markdown table it wrote beside 
 its plots are redrawn into ``<results>/plots/``, and each section names the command that
 reproduces it. A benchmark whose results are absent gets a one-line note with that command
 instead of a section. Sections, in order: the ``kvtier bench`` suite (``bench.json``), policies,
-flash layout, cache policies, pipelining, W4 search, model quality through torch, llama.cpp,
-and the micro-benchmark baseline (``bench/baseline``).
+flash layout, real-disk reads vs calibrate, cache policies, group virtualization, pipelining,
+W4 search, model quality through torch, llama.cpp, and the micro-benchmark baseline
+(``bench/baseline``).
 
 Commands are shown with this repository's relative paths: an output path recorded by a run is
 rewritten to the results directory, so the report never carries one machine's directories.
@@ -316,8 +317,23 @@ def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     return Section(title, cmd, "\n".join(lines))
 
 
-SECTIONS = (suite_section, policies_section, flash_section, cache_section, pipeline_section, w4_section,
-            torch_section, llama_section, micro_section)
+def _md_section(title: str, stem: str, module: str):
+    """A section that is the Markdown table a benchmark wrote (``<stem>.md``) and its command."""
+    def section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+        cmd = f"python -m {module} --out {rr}"
+        rec, table = _md_parts(results / f"{stem}.md")
+        if not table:
+            return Section(title, cmd, missing=True)
+        return Section(title, portable(rec, rr) if rec else cmd, table)
+    return section
+
+
+flash_gap0_section = _md_section("Flash layout: contiguous runs (merge gap 0)", "flash_gap0", "bench.flash")
+flash_real_section = _md_section("Retrieval reads on this disk vs calibrate (O_DIRECT)", "flash_real", "bench.flash_real")
+virtualize_section = _md_section("Group virtualization: DRAM against I/O, 30 layers", "virtualize_W1", "bench.virtualize")
+
+SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_real_section, cache_section, virtualize_section,
+            pipeline_section, w4_section, torch_section, llama_section, micro_section)
 
 
 def plots_table(rows: list, keys: tuple) -> str:

@@ -257,3 +257,29 @@ def test_dram_budget_specs():
     assert suite.parse_dram("1") == ("fraction", 1.0)
     assert suite.parse_dram("4MiB") == ("bytes", 4 * 2**20)
     assert suite.parse_dram("65536") == ("bytes", 65536)
+
+
+def test_replay_virtualized_equals_resident_and_saving_reads_the_sweep():
+    """bench.kvreplay's virtualize mode parks each layer after use and brings the next one back
+    ahead: recall (static policy) is identical, DRAM lower, swap traffic counted; and
+    bench.virtualize.saving picks the smallest resident budget with no more I/O."""
+    from bench.kvreplay import replay
+    from bench.virtualize import saving
+    tr = synthetic_trace("W1", 96, 48, layers=3, seed=3)
+    res = {}
+    for virt in (False, True):
+        res[virt] = replay(tr, policy="static", budget=0.2, every=1, dram_budget="2MiB", device="ufs4.0",
+                           direct_io=False, collect_stats=True, virtualize=virt)
+    assert res[True].recall == res[False].recall
+    on, off = res[True].extra["store"], res[False].extra["store"]
+    assert on["swap_ins"] > 0 and on["swap_demand_ins"] == 0 and off["swap_ins"] == 0
+    assert on["dram_peak_bytes"] < off["dram_peak_bytes"]
+    rows = [{"mode": "resident", "virtualize": False, "fits": True, "dram_budget": b, "dram_peak_bytes": b,
+             "modeled_io_ms_per_step": io} for b, io in ((4, 9.0), (8, 5.0))]
+    rows.append({"mode": "resident", "virtualize": False, "fits": False, "dram_budget": 2})
+    rows.append({"mode": "virtualized", "virtualize": True, "fits": True, "dram_budget": 2, "dram_peak_bytes": 1,
+                 "modeled_io_ms_per_step": 11.0})
+    rows.append({"mode": "virtualized", "virtualize": True, "fits": True, "dram_budget": 3, "dram_peak_bytes": 1,
+                 "modeled_io_ms_per_step": 6.0})
+    sv = saving(rows)
+    assert [s["resident_budget_for_same_io"] for s in sv] == [4, 8] and sv[0]["saving"] == 4.0
