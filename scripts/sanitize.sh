@@ -28,7 +28,8 @@ TESTS=("$@")
 # files and injected faults drive the engine's error paths (the crash tests only kill it)
 [ ${#TESTS[@]} -gt 0 ] || TESTS=(tests/test_api.py tests/test_model.py tests/test_faults.py tests/test_budget.py
                                  tests/test_concurrency.py tests/test_fault_sweep.py tests/test_fuzz.py
-                                 tests/test_format_fixture.py tests/test_multiprocess.py)
+                                 tests/test_format_fixture.py tests/test_multiprocess.py tests/test_virtualize.py
+                                 tests/test_layout.py tests/test_prefetch.py)
 TMP=$(mktemp -d -t kvtier-sanitize.XXXXXX)
 trap '[ -n "${KVTIER_SANITIZE_KEEP:-}" ] && echo "sanitize: kept $TMP" || rm -rf "$TMP"' EXIT
 start=$(date +%s)

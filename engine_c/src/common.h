@@ -44,6 +44,7 @@ static inline void kvt_wbuf_f64(kvt_wbuf *w, double v) { kvt_wbuf_put(w, &v, 8);
 
 typedef struct kvt_rbuf { const uint8_t *p; size_t len, pos; int bad; } kvt_rbuf;
 static inline int kvt_rbuf_get(kvt_rbuf *r, void *dst, size_t n) {
+    if (!n) return 0; /* dst may be NULL then (an empty table) */
     if (r->bad || n > r->len - r->pos) { r->bad = 1; memset(dst, 0, n); return -1; }
     memcpy(dst, r->p + r->pos, n);
     r->pos += n;

@@ -2133,7 +2133,7 @@ static void sw_flush(swap_writer *w) {
 
 static void sw_put(swap_writer *w, const void *p, size_t n) {
     w->total += n;
-    if (!w->f) return;
+    if (!w->f || !n) return; /* p may be NULL when n is 0 (an empty table) */
     w->crc = kvt_crc32c(w->crc, p, n);
     const uint8_t *src = p;
     while (n && !w->rc) {
