@@ -154,65 +154,65 @@ def suite_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
                    "\n\n".join([body] + notes), [])  # the suite's body embeds its own plots
 
 
-def policies_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
-    title = "Clustering policies: attention recall on real traces"
-    cmd = f"python -m bench.policies --out {rr}"
-    data = _load(results / "policies.json")
-    rec, table = _md_parts(results / "policies.md")
-    if data is None and not table:
-        return Section(title, cmd, missing=True)
-    notes: list = []
-    made = []
-    if data and data.get("rows"):
-        from bench import plots
-        args = (data.get("meta") or {}).get("args", {})
-        made = _try_plot(lambda: plots.recall_vs_budget(
-            data["rows"], plots_dir / "policies_recall_vs_budget.png",
-            f"python -m bench.policies: layers {args.get('layers', '?')}, every {args.get('every', '?')} steps, "
-            f"prefill {args.get('prefill', '?')} + decode {args.get('decode', '?')}, DRAM {args.get('dram_budget', '?')}"),
-            notes)
-        if not table:
-            table = plots_table(data["rows"], ("workload", "budget", "policy", "recall", "oracle_recall",
-                                               "clusters", "mean_cluster_size", "read_ops_per_retrieve"))
-    return Section(title, portable(rec, rr) if rec else cmd, "\n\n".join([table] + notes), made)
+def _results_section(title: str, stem: str, module: str, plot=None, fallback_table=None, args_key="meta"):
+    """A section from a benchmark's ``<stem>.md`` table (and ``<stem>.json`` rows): the
+    recorded command, the table, and ``plot(rows, plots_dir, args)`` when given (it returns
+    the PNG path). ``fallback_table`` renders the rows when the .md is missing; ``args_key``
+    says where the JSON keeps the run's arguments ("meta" -> meta.args, else top-level args)."""
+    def section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+        cmd = f"python -m {module} --out {rr}"
+        data = _load(results / f"{stem}.json")
+        rec, table = _md_parts(results / f"{stem}.md")
+        if (data is None or plot is None and fallback_table is None) and not table:
+            return Section(title, cmd, missing=True)
+        notes: list = []
+        made = []
+        if data and data.get("rows"):
+            args = ((data.get("meta") or {}).get("args", {}) if args_key == "meta" else data.get("args", {}))
+            if plot is not None:
+                made = _try_plot(lambda: plot(data["rows"], plots_dir, args), notes)
+            if not table and fallback_table is not None:
+                table = plots_table(data["rows"], fallback_table)
+        return Section(title, portable(rec, rr) if rec else cmd, "\n\n".join([table] + notes), made)
+    return section
 
 
-def flash_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
-    title = "Flash layout: what the device sees"
-    cmd = f"python -m bench.flash --out {rr}"
-    data = _load(results / "flash.json")
-    rec, table = _md_parts(results / "flash.md")
-    if data is None and not table:
-        return Section(title, cmd, missing=True)
-    notes: list = []
-    made = []
-    if data and data.get("rows"):
-        from bench import plots
-        args = (data.get("meta") or {}).get("args", {})
-        made = _try_plot(lambda: plots.io_by_policy_layout(
-            data["rows"], plots_dir / "flash_io_by_policy_layout.png",
-            f"python -m bench.flash: device {args.get('device', '?')}, DRAM {args.get('dram_budget', '?')}, "
-            f"fetch budget {args.get('budget', '?')}, layers {args.get('layers', '?')}"), notes)
-    return Section(title, portable(rec, rr) if rec else cmd, "\n\n".join([table] + notes), made)
+def _plot_policies(rows, plots_dir, args):
+    from bench import plots
+    return plots.recall_vs_budget(
+        rows, plots_dir / "policies_recall_vs_budget.png",
+        f"python -m bench.policies: layers {args.get('layers', '?')}, every {args.get('every', '?')} steps, "
+        f"prefill {args.get('prefill', '?')} + decode {args.get('decode', '?')}, DRAM {args.get('dram_budget', '?')}")
 
 
-def cache_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
-    title = "Cache policies: hit rate and flash reads vs DRAM budget"
-    cmd = f"python -m bench.cache --out {rr}"
-    data = _load(results / "cache.json")
-    rec, table = _md_parts(results / "cache.md")
-    if data is None and not table:
-        return Section(title, cmd, missing=True)
-    notes: list = []
-    made = []
-    if data and data.get("rows"):
-        from bench import plots
-        args = data.get("args", {})
-        made = _try_plot(lambda: plots.hit_rate_vs_dram(
-            data["rows"], plots_dir / "cache_hit_rate_vs_dram.png",
-            f"python -m bench.cache: policy adaptive, fetch budget 10%, layers {args.get('layers', '?')}, "
-            f"every {args.get('every', '?')} steps"), notes)
-    return Section(title, portable(rec, rr) if rec else cmd, "\n\n".join([table] + notes), made)
+def _plot_flash(rows, plots_dir, args):
+    from bench import plots
+    return plots.io_by_policy_layout(
+        rows, plots_dir / "flash_io_by_policy_layout.png",
+        f"python -m bench.flash: device {args.get('device', '?')}, DRAM {args.get('dram_budget', '?')}, "
+        f"fetch budget {args.get('budget', '?')}, layers {args.get('layers', '?')}")
+
+
+def _plot_cache(rows, plots_dir, args):
+    from bench import plots
+    return plots.hit_rate_vs_dram(
+        rows, plots_dir / "cache_hit_rate_vs_dram.png",
+        f"python -m bench.cache: policy adaptive, fetch budget 10%, layers {args.get('layers', '?')}, "
+        f"every {args.get('every', '?')} steps")
+
+
+policies_section = _results_section(
+    "Clustering policies: attention recall on real traces", "policies", "bench.policies", _plot_policies,
+    fallback_table=("workload", "budget", "policy", "recall", "oracle_recall", "clusters", "mean_cluster_size",
+                    "read_ops_per_retrieve"))
+flash_section = _results_section("Flash layout: what the device sees", "flash", "bench.flash", _plot_flash)
+flash_gap0_section = _results_section("Flash layout: contiguous runs (merge gap 0)", "flash_gap0", "bench.flash")
+flash_real_section = _results_section("Retrieval reads on this disk vs calibrate (O_DIRECT)", "flash_real",
+                                      "bench.flash_real")
+cache_section = _results_section("Cache policies: hit rate and flash reads vs DRAM budget", "cache", "bench.cache",
+                                 _plot_cache, args_key="args")
+virtualize_section = _results_section("Group virtualization: DRAM against I/O, 30 layers", "virtualize_W1",
+                                      "bench.virtualize")
 
 
 def pipeline_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
@@ -317,23 +317,8 @@ def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     return Section(title, cmd, "\n".join(lines))
 
 
-def _md_section(title: str, stem: str, module: str):
-    """A section that is the Markdown table a benchmark wrote (``<stem>.md``) and its command."""
-    def section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
-        cmd = f"python -m {module} --out {rr}"
-        rec, table = _md_parts(results / f"{stem}.md")
-        if not table:
-            return Section(title, cmd, missing=True)
-        return Section(title, portable(rec, rr) if rec else cmd, table)
-    return section
-
-
-flash_gap0_section = _md_section("Flash layout: contiguous runs (merge gap 0)", "flash_gap0", "bench.flash")
-flash_real_section = _md_section("Retrieval reads on this disk vs calibrate (O_DIRECT)", "flash_real", "bench.flash_real")
-virtualize_section = _md_section("Group virtualization: DRAM against I/O, 30 layers", "virtualize_W1", "bench.virtualize")
-
-SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_real_section, cache_section, virtualize_section,
-            pipeline_section, w4_section, torch_section, llama_section, micro_section)
+SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_real_section, cache_section,
+            virtualize_section, pipeline_section, w4_section, torch_section, llama_section, micro_section)
 
 
 def plots_table(rows: list, keys: tuple) -> str:
