@@ -412,7 +412,7 @@ static void sleep_seconds(double s) {
 /* Loader threads read on behalf of a prefetch that charged its reads to the device model as
  * one batch when it was issued; their reads are counted but not charged again. */
 static _Thread_local int uncharged;
-void kvt_io_thread_uncharged(int on) { uncharged = on; }
+void kvt_io_thread_uncharged(int mode) { uncharged = mode; }
 
 void kvt_io_charge(kvt_io *io, uint64_t ops, uint64_t bytes) {
     pthread_mutex_lock(&io->mu);
@@ -445,7 +445,7 @@ static void account_batch(kvt_io *io, const kvt_io_xfer *x, const kvt_read_req *
     io->st.read_bytes += bytes;
     io->st.read_entries += entries;
     if (uncharged) {
-        io->st.prefetch_read_bytes += bytes;
+        if (uncharged == KVT_READS_PREFETCH) io->st.prefetch_read_bytes += bytes;
         if (io->dev.throttle) sleep_for = kvt_device_time(&io->dev, ops, bytes);
         pthread_mutex_unlock(&io->mu);
         sleep_seconds(sleep_for);

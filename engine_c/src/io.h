@@ -159,7 +159,10 @@ double kvt_device_time(const kvt_device *dev, uint64_t ops, uint64_t bytes);
 int kvt_io_inject(kvt_io *io, char op, uint64_t nth, int code);
 /* Charges `ops` reads of `bytes` as one batch to the device model (for prefetches). */
 void kvt_io_charge(kvt_io *io, uint64_t ops, uint64_t bytes);
-/* Reads of the calling thread are counted but not charged (loader threads). */
-void kvt_io_thread_uncharged(int on);
+/* Reads of the calling thread are counted but not charged (loader threads: what they read
+ * was charged when it was queued): KVT_READS_PREFETCH also counts them as prefetch_read_bytes,
+ * KVT_READS_UNCHARGED does not (swap-ins), KVT_READS_CHARGED (0) restores charging. */
+enum { KVT_READS_CHARGED = 0, KVT_READS_PREFETCH = 1, KVT_READS_UNCHARGED = 2 };
+void kvt_io_thread_uncharged(int mode);
 
 #endif

@@ -169,7 +169,7 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     o->prefetch_issued = s->prefetch_issued;
     o->prefetch_hits = s->prefetch_hits;
     o->prefetch_errors = s->prefetch_errors;
-    o->prefetch_read_bytes = io.prefetch_read_bytes - (io.prefetch_read_bytes >= s->swap_async_bytes ? s->swap_async_bytes : io.prefetch_read_bytes);
+    o->prefetch_read_bytes = io.prefetch_read_bytes;
     o->io_wait_seconds = s->io_wait_seconds;
     o->swap_outs = s->swap_outs;
     o->swap_ins = s->swap_ins;
@@ -191,7 +191,7 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
 int kvt_store_reset_io_stats(kvt_store *s) {
     LOCK(s);
     kvt_io_stats_reset(&s->io);
-    s->swap_async_bytes = s->swap_read_bytes = s->swap_write_bytes = 0;
+    s->swap_read_bytes = s->swap_write_bytes = 0;
     s->swap_ins = s->swap_outs = s->swap_demand_ins = 0;
     s->cache.hits = s->cache.misses = s->cache.evictions = 0;
     s->cache.peak = s->cache.used;
@@ -266,6 +266,13 @@ static inline int token(const kvt_coll *c) {
 #define KVT_TOKEN_MAX_ENTRIES ((uint64_t)UINT32_MAX)
 static inline uint64_t token_offset(const kvt_coll *c, uint64_t id) {
     return KVT_DATA_HEADER + id * c->L.esz;
+}
+
+/* Token layout: the end of the run of consecutive ids starting at member i0 (one read). */
+static inline uint32_t token_run_end(const kvt_cluster *k, uint32_t i0) {
+    uint32_t i1 = i0 + 1;
+    while (i1 < k->n && k->mem[i1] == k->mem[i1 - 1] + 1) i1++;
+    return i1;
 }
 
 static int ensure_mem(kvt_coll *c, kvt_cluster *k, uint32_t need) {
@@ -659,6 +666,22 @@ static int by_offset(const void *a, const void *b) {
 
 /* Reads extents a..e-1 (sorted by offset, gaps within the merge gap) as one request into
  * their clusters' buffers and checks them; its buffer is reserved for the call. */
+/* Puts extents a..e-1, just read, in their clusters' buffers and checks them: copied out of
+ * `run` (the merged read starting at ex[a].off), or already in place when run is NULL. */
+static int place_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, const uint8_t *run,
+                     uint8_t *const *buf, const uint32_t *clusters) {
+    const kvt_layout *L = &c->L;
+    int rc = 0;
+    for (uint32_t t = a; t < e && !rc; t++) {
+        const extent *x = &ex[t];
+        uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
+        if (run) memcpy(dst, run + (x->off - ex[a].off), (size_t)x->nrec * L->esz);
+        if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
+        rc = check_run(c, clusters[x->slot], x->base, dst, x->nrec, x->off);
+    }
+    return rc;
+}
+
 static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8_t *const *buf,
                     const uint32_t *clusters) {
     kvt_store *s = c->st;
@@ -672,13 +695,7 @@ static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8
     uint8_t *run = malloc(len);
     if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
     if (!rc) rc = kvt_file_read(c->f, ex[a].off, len, run, entries);
-    for (uint32_t t = a; t < e && !rc; t++) {
-        const extent *x = &ex[t];
-        uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
-        memcpy(dst, run + (x->off - ex[a].off), (size_t)x->nrec * L->esz);
-        if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
-        rc = check_run(c, clusters[x->slot], x->base, dst, x->nrec, x->off);
-    }
+    if (!rc) rc = place_run(c, ex, a, e, run, buf, clusters);
     free(run);
     kvt_mem_release(&s->cache, need);
     return rc;
@@ -755,8 +772,7 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
                 base += sg->n;
             }
             for (uint32_t i0 = 0; token(c) && i0 < k->n;) { /* runs of consecutive ids in the log */
-                uint32_t i1 = i0 + 1;
-                while (i1 < k->n && k->mem[i1] == k->mem[i1 - 1] + 1) i1++;
+                uint32_t i1 = token_run_end(k, i0);
                 ex[nex++] = (extent){token_offset(c, k->mem[i0]), i1 - i0, i0, b, 0, 0};
                 i0 = i1;
             }
@@ -794,13 +810,7 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
             }
             if (!rc) rc = kvt_file_read_batch(c->f, req, nrun);
             for (uint32_t r = 0; r < nrun; r++) {
-                for (uint32_t t = plan[r].a; t < plan[r].e && !rc; t++) {
-                    extent *x = &ex[t];
-                    uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
-                    if (plan[r].run) memcpy(dst, plan[r].run + (x->off - ex[plan[r].a].off), (size_t)x->nrec * L->esz);
-                    if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
-                    rc = check_run(c, list[i + x->slot], x->base, dst, x->nrec, x->off);
-                }
+                if (!rc) rc = place_run(c, ex, plan[r].a, plan[r].e, plan[r].run, buf, list + i);
                 free(plan[r].run);
             }
             kvt_mem_release(&s->cache, all);
@@ -1184,18 +1194,23 @@ static int recluster_staging(kvt_coll *c) {
 
 /* ---- add ---------------------------------------------------------------------------------- */
 
-/* A call that failed for want of budget while reads were in flight (their buffers are pinned
- * until they land) waits for them and runs once more: KVT_EAGAIN_PINNED says so. A failed
- * add, retrieve or search changes nothing a second run depends on. */
-#define KVT_EAGAIN_PINNED (-29999)
-static int retry_when_pinned(kvt_coll *c, int rc) {
-    kvt_store *s = c->st;
-    if (rc != KVT_EBUDGET || !s->loading_bytes) return rc;
-    while (s->loading_bytes) pthread_cond_wait(&s->done_cv, &s->mu);
-    kvt_clear_error();
-    int again = ready(c);
-    return again ? again : KVT_EAGAIN_PINNED;
-}
+/* Runs `call` (an int expression using c) on collection c under the store mutex, once c is
+ * ready. A call that failed for want of budget while reads were in flight (their buffers are
+ * pinned until they land) waits for them and runs once more: a failed add, retrieve or
+ * search changes nothing a second run depends on. Sets rc. */
+#define RUN_READY(c, call)                                                                   \
+    do {                                                                                     \
+        LOCK((c)->st);                                                                       \
+        rc = ready(c);                                                                       \
+        if (!rc) rc = (call);                                                                \
+        if (rc == KVT_EBUDGET && (c)->st->loading_bytes) {                                   \
+            while ((c)->st->loading_bytes) pthread_cond_wait(&(c)->st->done_cv, &(c)->st->mu); \
+            kvt_clear_error();                                                               \
+            rc = ready(c);                                                                   \
+            if (!rc) rc = (call);                                                            \
+        }                                                                                    \
+        UNLOCK((c)->st);                                                                     \
+    } while (0)
 
 static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
     kvt_store *s = c->st;
@@ -1407,13 +1422,8 @@ out:
 int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
     kvt_clear_error();
     if (!keys || (!values && c->p.value_dim) || n == 0) return kvt_fail(KVT_EINVAL, "add: keys/values must be non-empty");
-    kvt_store *s = c->st;
-    LOCK(s);
-    int rc = ready(c);
-    if (!rc) rc = add_locked(c, keys, values, n, first_id);
-    rc = retry_when_pinned(c, rc);
-    if (rc == KVT_EAGAIN_PINNED) rc = add_locked(c, keys, values, n, first_id);
-    UNLOCK(s);
+    int rc;
+    RUN_READY(c, add_locked(c, keys, values, n, first_id));
     return rc;
 }
 
@@ -1837,15 +1847,16 @@ static void wait_idle(kvt_coll *c) {
     s->io_wait_seconds += (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
 }
 
-/* Runs one job without the store mutex for the reads, with it to check and publish. */
 /* A swap-in: one read of consecutive images, then each installed under the mutex. A failed
  * read or install leaves the collection parked (counted): its next operation reads it again
- * and reports the error. */
+ * and reports the error. The read was charged when the swap-in was queued, and is no
+ * prefetch. */
 static void run_swap_job(kvt_store *s, kvt_job *j) {
+    kvt_io_thread_uncharged(KVT_READS_UNCHARGED);
     int rc = kvt_file_read(s->swap, j->run[0]->swap_off, j->swap_len, j->swap_buf, 0);
+    kvt_io_thread_uncharged(KVT_READS_PREFETCH);
     LOCK(s);
     if (!rc) s->swap_read_bytes += j->swap_len;
-    s->swap_async_bytes += j->swap_len; /* a loader's read: counted by io as a prefetch's */
     s->loading_bytes -= j->swap_len;
     uint64_t at = 0;
     for (uint32_t t = 0; t < j->nseg; t++) {
@@ -1863,6 +1874,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
     free(j);
 }
 
+/* Runs one job without the store mutex for the reads, with it to check and publish. */
 static void run_job(kvt_store *s, kvt_job *j) {
     if (j->cl == KVT_SWAP_JOB) {
         run_swap_job(s, j);
@@ -1887,8 +1899,7 @@ static void run_job(kvt_store *s, kvt_job *j) {
         base += sg->n;
     }
     for (uint32_t i0 = 0; token(c) && !rc && i0 < tk->n;) {
-        uint32_t i1 = i0 + 1;
-        while (i1 < tk->n && tk->mem[i1] == tk->mem[i1 - 1] + 1) i1++;
+        uint32_t i1 = token_run_end(tk, i0);
         req[nreq++] = (kvt_read_req){token_offset(c, tk->mem[i0]), (size_t)(i1 - i0) * L->esz,
                                      j->e->rec + (size_t)i0 * L->esz, i1 - i0};
         i0 = i1;
@@ -1930,7 +1941,7 @@ static void run_job(kvt_store *s, kvt_job *j) {
 
 static void *loader_main(void *arg) {
     kvt_store *s = arg;
-    kvt_io_thread_uncharged(1);
+    kvt_io_thread_uncharged(KVT_READS_PREFETCH);
     LOCK(s);
     for (;;) {
         while (!s->jobs && !s->shutdown) pthread_cond_wait(&s->job_cv, &s->mu);
@@ -1996,8 +2007,7 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         *j = (kvt_job){NULL, c, idx[t], k->nseg, e, NULL, NULL, 0};
         memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
         for (uint32_t i0 = 0; token(c) && i0 < k->n;) {
-            uint32_t i1 = i0 + 1;
-            while (i1 < k->n && k->mem[i1] == k->mem[i1 - 1] + 1) i1++;
+            uint32_t i1 = token_run_end(k, i0);
             ops++;
             size_t len = (size_t)(i1 - i0) * c->L.esz;
             bytes += kvt_file_is_direct(c->f) ? kvt_file_read_scratch(c->f, token_offset(c, k->mem[i0]), len) : len;
@@ -2079,13 +2089,8 @@ out:
 int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
     kvt_clear_error();
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
-    kvt_store *s = c->st;
-    LOCK(s);
-    int rc = ready(c);
-    if (!rc) rc = retrieve_locked(c, q, nq, budget, out);
-    rc = retry_when_pinned(c, rc);
-    if (rc == KVT_EAGAIN_PINNED) rc = retrieve_locked(c, q, nq, budget, out);
-    UNLOCK(s);
+    int rc;
+    RUN_READY(c, retrieve_locked(c, q, nq, budget, out));
     return rc;
 }
 
@@ -2724,13 +2729,8 @@ int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32
                     int64_t *ids_out, float *scores_out) {
     kvt_clear_error();
     if (!q || nq == 0 || k == 0) return kvt_fail(KVT_EINVAL, "search: need at least one query and k >= 1");
-    kvt_store *s = c->st;
-    LOCK(s);
-    int rc = ready(c);
-    if (!rc) rc = search_locked(c, q, nq, k, nprobe, ids_out, scores_out);
-    rc = retry_when_pinned(c, rc);
-    if (rc == KVT_EAGAIN_PINNED) rc = search_locked(c, q, nq, k, nprobe, ids_out, scores_out);
-    UNLOCK(s);
+    int rc;
+    RUN_READY(c, search_locked(c, q, nq, k, nprobe, ids_out, scores_out));
     return rc;
 }
 

@@ -59,7 +59,6 @@ struct kvt_store {
     uint32_t nsfree, sfreecap;
     uint64_t swap_end;      /* the file's used size */
     uint64_t swap_outs, swap_ins, swap_demand_ins, swap_write_bytes, swap_read_bytes;
-    uint64_t swap_async_bytes; /* of swap_read_bytes, read by loaders */
 };
 
 struct kvt_coll {
