@@ -30,8 +30,10 @@ extern "C" {
 
 #define KVT_VERSION_MAJOR 0
 #define KVT_VERSION_MINOR 1
-/* Bumped whenever the layout of data files or exported blobs changes. */
-#define KVT_FORMAT_VERSION 1
+/* Bumped whenever the layout of data files or exported blobs changes. The engine reads every
+ * format from 1 up to this one (a file keeps its format) and creates files in this one.
+ * 2: records padded to 4 KiB pages (pool.h). */
+#define KVT_FORMAT_VERSION 2
 
 /* ---- error codes ------------------------------------------------------------------------ */
 #define KVT_OK 0

@@ -40,6 +40,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -48,7 +49,6 @@
 
 #ifdef KVT_HAVE_IO_URING
 #include <liburing.h>
-#include <sys/uio.h>
 #endif
 /* The kernel fills io_uring's buffers behind valgrind's back; tell memcheck they are set. */
 #if defined(__has_include)
@@ -86,25 +86,11 @@ static int posix_pread_full(int fd, void *buf, size_t len, uint64_t off, size_t 
     return 0;
 }
 
-static int posix_pwrite_full(int fd, const void *buf, size_t len, uint64_t off) {
-    size_t done = 0;
-    while (done < len) {
-        ssize_t r = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            return errno;
-        }
-        if (r == 0) return EIO;
-        done += (size_t)r;
-    }
-    return 0;
-}
-
 static int posix_datasync(int fd) {
     return fdatasync(fd) ? errno : 0;
 }
 
-static const kvt_io_backend posix_backend = {"pread", posix_pread_full, posix_pwrite_full,
+static const kvt_io_backend posix_backend = {"pread", posix_pread_full,
                                              posix_datasync, NULL};
 
 #ifdef KVT_HAVE_IO_URING
@@ -253,7 +239,7 @@ static size_t uring_read_batch(kvt_io *io, kvt_io_xfer *x, size_t n) {
     return done;
 }
 
-static const kvt_io_backend uring_backend = {"io_uring", posix_pread_full, posix_pwrite_full,
+static const kvt_io_backend uring_backend = {"io_uring", posix_pread_full,
                                              posix_datasync, uring_read_batch};
 
 /* KVTIER_IO_URING=0 (or off, no, false) asks for pread. */
@@ -602,23 +588,65 @@ out:
     return rc;
 }
 
-int kvt_file_write(kvt_file *f, uint64_t off, const void *src, size_t len) {
-    kvt_io *io = f->io;
-    int e = take_fault(io, 1);
-    if (e == ENOSPC || e == KVT_EINJECTED) {
-        /* A torn write: half of the bytes land before the failure, as a real full disk or
-         * power cut would leave them. */
-        io->be->pwrite_full(f->fd, src, len / 2, off);
+/* pwritev until every part is written (short writes resume mid-part). */
+static int pwritev_full(int fd, const kvt_wpart *parts, size_t n, uint64_t off, size_t limit) {
+    struct iovec iov[64];
+    size_t i = 0, skip = 0; /* next part, and bytes of it already written */
+    while (i < n && limit) {
+        int k = 0;
+        size_t len = 0;
+        for (size_t t = i; t < n && k < 64 && len < limit; t++, k++) {
+            size_t pl = parts[t].len - (t == i ? skip : 0);
+            if (pl > limit - len) pl = limit - len;
+            iov[k] = (struct iovec){(void *)((const char *)parts[t].p + (t == i ? skip : 0)), pl};
+            len += pl;
+        }
+        ssize_t r = pwritev(fd, iov, k, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        if (r == 0) return EIO;
+        off += (uint64_t)r;
+        limit -= (size_t)r;
+        for (size_t done = (size_t)r; done && i < n;) {
+            size_t left = parts[i].len - skip;
+            if (done < left) {
+                skip += done;
+                done = 0;
+            } else {
+                done -= left;
+                skip = 0;
+                i++;
+            }
+        }
+        while (i < n && parts[i].len == 0) i++;
     }
-    if (!e) e = io->be->pwrite_full(f->fd, src, len, off);
+    return 0;
+}
+
+int kvt_file_writev(kvt_file *f, uint64_t off, const kvt_wpart *parts, size_t n) {
+    kvt_io *io = f->io;
+    size_t len = 0;
+    for (size_t i = 0; i < n; i++) len += parts[i].len;
+    int e = take_fault(io, 1);
+    /* A torn write: half of the bytes land before the failure, as a real full disk or power
+     * cut would leave them. */
+    if (e == ENOSPC || e == KVT_EINJECTED) pwritev_full(f->fd, parts, n, off, len / 2);
+    if (!e) e = pwritev_full(f->fd, parts, n, off, len);
     if (e)
-        return kvt_fail(e, "pwrite(%s, offset %llu, %zu bytes): %s (syscall pwrite)", f->path,
+        return kvt_fail(e, "pwrite(%s, offset %llu, %zu bytes): %s (syscall pwritev)", f->path,
                         (unsigned long long)off, len, e > 0 ? strerror(e) : "injected fault");
     pthread_mutex_lock(&io->mu);
     io->st.write_ops++;
     io->st.write_bytes += len;
     pthread_mutex_unlock(&io->mu);
     return 0;
+}
+
+int kvt_file_write(kvt_file *f, uint64_t off, const void *src, size_t len) {
+    kvt_wpart part = {src, len};
+    return kvt_file_writev(f, off, &part, 1);
 }
 
 int kvt_file_sync(kvt_file *f) {

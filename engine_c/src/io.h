@@ -54,15 +54,14 @@ typedef struct kvt_io_xfer {
     const char *via;
 } kvt_io_xfer;
 
-/* A backend: chosen once when the io context is made. Every method returns 0 or an errno,
- * except read_batch: optional (NULL: every transfer is a pread_full), it issues the n
- * transfers together and returns how many of the leading ones it performed; the caller
- * performs the rest with pread_full, so a backend may decline all or part of a batch (no ring
- * free, a ring that broke) without the caller failing. */
+/* A read backend: chosen once when the io context is made (writes are always pwritev). Every
+ * method returns 0 or an errno, except read_batch: optional (NULL: every transfer is a
+ * pread_full), it issues the n transfers together and returns how many of the leading ones it
+ * performed; the caller performs the rest with pread_full, so a backend may decline all or
+ * part of a batch (no ring free, a ring that broke) without the caller failing. */
 typedef struct kvt_io_backend {
     const char *name;
     int (*pread_full)(int fd, void *buf, size_t len, uint64_t off, size_t *got);
-    int (*pwrite_full)(int fd, const void *buf, size_t len, uint64_t off);
     int (*datasync)(int fd);
     size_t (*read_batch)(kvt_io *io, kvt_io_xfer *x, size_t n);
 } kvt_io_backend;
@@ -145,6 +144,11 @@ int kvt_file_read_batch(kvt_file *f, const kvt_read_req *reqs, size_t n);
 /* Bytes of scratch a direct read of this range needs (for DRAM accounting). */
 size_t kvt_file_read_scratch(const kvt_file *f, uint64_t off, size_t len);
 int kvt_file_write(kvt_file *f, uint64_t off, const void *src, size_t len);
+/* One piece of a gathered write. */
+typedef struct kvt_wpart { const void *p; size_t len; } kvt_wpart;
+/* Writes the n parts back to back from off, as one write (pwritev): counted as one write op of
+ * their total bytes; faults and torn writes as kvt_file_write. */
+int kvt_file_writev(kvt_file *f, uint64_t off, const kvt_wpart *parts, size_t n);
 int kvt_file_sync(kvt_file *f);
 /* fsyncs a directory, so that the files just created in it survive a power cut. */
 int kvt_dir_sync(const char *dir);

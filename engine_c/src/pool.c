@@ -7,6 +7,8 @@
  * 3. pool_bytes is a multiple of the I/O alignment, so pools never share an aligned page and
  *    direct reads of one pool never touch bytes another writer is appending.
  * 4. Appends only write slots past a head's used count: data already written never moves.
+ * 5. In a padded layout (rpp > 0) no record crosses a KVT_LAYOUT_PAGE boundary, pool_cap is a
+ *    whole number of pages of rpp records, and padding bytes are written as zeros.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -15,15 +17,64 @@
 #include "io.h"
 #include "pool.h"
 
-void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster) {
+void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster,
+                     uint32_t format, int padded) {
     L->dim = dim;
     L->value_dim = value_dim;
     L->elsize = dtype == KVT_F16 ? 2 : 4;
     L->key_bytes = dim * L->elsize;
     L->value_bytes = value_dim * L->elsize;
     L->esz = (uint32_t)kvt_round_up(KVT_REC_HEADER + L->key_bytes + L->value_bytes, 8);
-    L->pool_bytes = kvt_round_up((uint64_t)2 * max_cluster * L->esz, KVT_IO_ALIGN);
-    L->pool_cap = (uint32_t)(L->pool_bytes / L->esz);
+    L->format = format;
+    /* padding pays when it wastes little: at most an eighth of each page */
+    L->rpp = format >= 2 && padded && L->esz <= KVT_LAYOUT_PAGE && (KVT_LAYOUT_PAGE % L->esz) * 8 <= KVT_LAYOUT_PAGE
+                 ? KVT_LAYOUT_PAGE / L->esz : 0;
+    if (L->rpp) {
+        uint64_t pages = ((uint64_t)2 * max_cluster + L->rpp - 1) / L->rpp;
+        L->pool_bytes = kvt_round_up(pages * KVT_LAYOUT_PAGE, KVT_IO_ALIGN);
+        L->pool_cap = (uint32_t)(L->pool_bytes / KVT_LAYOUT_PAGE * L->rpp);
+    } else {
+        L->pool_bytes = kvt_round_up((uint64_t)2 * max_cluster * L->esz, KVT_IO_ALIGN);
+        L->pool_cap = (uint32_t)(L->pool_bytes / L->esz);
+    }
+}
+
+void kvt_unpad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n) {
+    if (!L->rpp) {
+        if (dst != src && n) memmove(dst, src, (size_t)n * L->esz);
+        return;
+    }
+    /* page by page, front to back: with dst <= src no chunk overwrites one not yet moved */
+    uint32_t in_page = pos % L->rpp;
+    while (n) {
+        uint32_t k = L->rpp - in_page < n ? L->rpp - in_page : n;
+        if (dst != src) memmove(dst, src, (size_t)k * L->esz);
+        dst += (size_t)k * L->esz;
+        src += (size_t)(L->rpp - in_page) * L->esz + (KVT_LAYOUT_PAGE - (size_t)L->rpp * L->esz);
+        n -= k;
+        in_page = 0;
+    }
+}
+
+void kvt_pad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n) {
+    if (!L->rpp) {
+        if (n) memcpy(dst, src, (size_t)n * L->esz);
+        return;
+    }
+    uint32_t in_page = pos % L->rpp;
+    size_t pad = KVT_LAYOUT_PAGE - (size_t)L->rpp * L->esz;
+    while (n) {
+        uint32_t k = L->rpp - in_page < n ? L->rpp - in_page : n;
+        memcpy(dst, src, (size_t)k * L->esz);
+        src += (size_t)k * L->esz;
+        dst += (size_t)k * L->esz;
+        n -= k;
+        if (n) { /* the page's padding, then the next page */
+            memset(dst, 0, pad);
+            dst += pad;
+        }
+        in_page = 0;
+    }
 }
 
 static uint32_t rec_crc(const kvt_layout *L, const uint8_t *rec) {
@@ -65,7 +116,7 @@ void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page
     memset(page, 0, KVT_DATA_HEADER);
     kvt_wbuf w = {0};
     kvt_wbuf_put(&w, KVT_DATA_MAGIC, 8);
-    kvt_wbuf_u32(&w, KVT_FORMAT_VERSION);
+    kvt_wbuf_u32(&w, L->format);
     kvt_wbuf_u32(&w, L->dim);
     kvt_wbuf_u32(&w, L->value_dim);
     kvt_wbuf_u32(&w, (uint32_t)p->dtype);
@@ -74,10 +125,18 @@ void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page
     /* only a non-default layout is recorded, so the headers of clustered files (all files of
      * format 1 before layouts existed) stay byte for byte what they were */
     if (p->layout && p->policy != KVT_POLICY_NONE) kvt_wbuf_u32(&w, (uint32_t)p->layout);
+    if (L->format >= 2) kvt_wbuf_u32(&w, L->rpp);
     uint32_t crc = kvt_crc32c(0, w.p, w.len);
     kvt_wbuf_u32(&w, crc);
     if (!w.oom) memcpy(page, w.p, w.len);
     free(w.p);
+}
+
+uint32_t kvt_data_header_version(const uint8_t page[KVT_DATA_HEADER]) {
+    uint32_t version;
+    if (memcmp(page, KVT_DATA_MAGIC, 8) != 0) return 0;
+    memcpy(&version, page + 8, 4);
+    return version;
 }
 
 int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER]) {
@@ -85,7 +144,7 @@ int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const u
     if (memcmp(page, KVT_DATA_MAGIC, 8) != 0) return KVT_ECORRUPT;
     uint32_t version;
     memcpy(&version, page + 8, 4);
-    if (version != KVT_FORMAT_VERSION) return KVT_EFORMAT;
+    if (version != L->format) return version >= 1 && version <= KVT_FORMAT_VERSION ? KVT_ECORRUPT : KVT_EFORMAT;
     kvt_data_header(L, p, want);
     return memcmp(page, want, 64) == 0 ? 0 : KVT_ECORRUPT;
 }

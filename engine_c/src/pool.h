@@ -10,6 +10,15 @@
  *
  * A record is: int64 id, uint32 CRC-32C of (id, key, value), uint32 record size, the key, the
  * value, padded to 8 bytes.
+ *
+ * Page padding (format 2): records never straddle a KVT_LAYOUT_PAGE page. A pool is a row of
+ * pages of `rpp` records each, the rest of a page left as padding, so a head that has written
+ * whole pages can go on appending whole pages, and a page once written is never programmed
+ * again (the page-aligned write buffers of DESIGN 2.2 rely on this). Positions in a pool count
+ * records: position p is record p % rpp of page p / rpp. Head 0's slot s is position s, head
+ * 1's is pool_cap - 1 - s. Format-1 files (rpp == 0) pack records back to back; they are read
+ * and appended to as they are. Records wider than a page, or whose padding would waste more
+ * than an eighth of a page, are not padded either.
  */
 #ifndef KVT_POOL_H
 #define KVT_POOL_H
@@ -23,12 +32,16 @@
 /* The header page: one I/O alignment unit, so that pools start aligned (16 KiB builds too). */
 #define KVT_DATA_HEADER (KVT_IO_ALIGN > 4096u ? KVT_IO_ALIGN : 4096u)
 #define KVT_REC_HEADER 16u
+/* The page that format-2 files pad records to: the smallest flash page of the profiles. */
+#define KVT_LAYOUT_PAGE 4096u
 
 typedef struct kvt_layout {
     uint32_t dim, value_dim, elsize;
     uint32_t key_bytes, value_bytes, esz;
     uint32_t pool_cap;     /* records per pool */
     uint64_t pool_bytes;   /* a multiple of the I/O alignment */
+    uint32_t format;       /* the data file's format version (1 or 2) */
+    uint32_t rpp;          /* records per KVT_LAYOUT_PAGE page when padded, else 0 */
 } kvt_layout;
 
 typedef struct kvt_seg { uint32_t pool, head, n; } kvt_seg;
@@ -48,20 +61,50 @@ typedef struct kvt_pools {
     uint32_t nretired;
 } kvt_pools;
 
-void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster);
+/* format: the data file's (1 packs records; 2 pads them to pages when that pays). `padded`:
+ * 0 never pads (the token layout's log). */
+void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster,
+                     uint32_t format, int padded);
 
 static inline uint64_t kvt_pool_base(const kvt_layout *L, uint32_t pool) {
     return KVT_DATA_HEADER + (uint64_t)pool * L->pool_bytes;
 }
+/* Offset of position pos from its pool's start. */
+static inline uint64_t kvt_pos_rel(const kvt_layout *L, uint32_t pos) {
+    return L->rpp ? (uint64_t)(pos / L->rpp) * KVT_LAYOUT_PAGE + (uint64_t)(pos % L->rpp) * L->esz
+                  : (uint64_t)pos * L->esz;
+}
+/* The lowest position of the slots first..first+n-1 of a head. */
+static inline uint32_t kvt_run_pos(const kvt_layout *L, uint32_t head, uint32_t first, uint32_t n) {
+    return head == 0 ? first : L->pool_cap - first - n;
+}
 /* File offset of the slot-th record of a head (slot 0 is the first appended). */
 static inline uint64_t kvt_slot_offset(const kvt_layout *L, uint32_t pool, uint32_t head, uint32_t slot) {
-    uint32_t pos = head == 0 ? slot : L->pool_cap - 1 - slot;
-    return kvt_pool_base(L, pool) + (uint64_t)pos * L->esz;
+    return kvt_pool_base(L, pool) + kvt_pos_rel(L, kvt_run_pos(L, head, slot, 1));
 }
 /* Offset of the lowest-addressed record of the first `n` slots of a head. */
 static inline uint64_t kvt_run_offset(const kvt_layout *L, uint32_t pool, uint32_t head, uint32_t first, uint32_t n) {
-    return head == 0 ? kvt_slot_offset(L, pool, 0, first) : kvt_slot_offset(L, pool, 1, first + n - 1);
+    return kvt_pool_base(L, pool) + kvt_pos_rel(L, kvt_run_pos(L, head, first, n ? n : 1));
 }
+/* Bytes from the record at position pos to the end of the record at pos + n - 1: what a read
+ * of those n records spans, page padding included. */
+static inline uint64_t kvt_span(const kvt_layout *L, uint32_t pos, uint32_t n) {
+    return n ? kvt_pos_rel(L, pos + n - 1) + L->esz - kvt_pos_rel(L, pos) : 0;
+}
+/* kvt_span of the slots first..first+n-1 of a head. */
+static inline uint64_t kvt_run_span(const kvt_layout *L, uint32_t head, uint32_t first, uint32_t n) {
+    return kvt_span(L, kvt_run_pos(L, head, first, n ? n : 1), n);
+}
+/* Bytes of padding at most in a span of n records (for sizing read buffers). */
+static inline uint64_t kvt_span_slack(const kvt_layout *L, uint64_t n) {
+    return L->rpp ? (n / L->rpp + 1) * (KVT_LAYOUT_PAGE - (uint64_t)L->rpp * L->esz) : 0;
+}
+/* Copies n records laid out as on flash from position pos (src points at the first) to dst
+ * back to back, dropping page padding. dst may overlap src if dst <= src. */
+void kvt_unpad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n);
+/* The reverse: n back-to-back records to dst laid out as on flash from position pos, padding
+ * zeroed. dst and src must not overlap. */
+void kvt_pad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n);
 static inline uint32_t kvt_pool_room(const kvt_layout *L, const kvt_pool *p) {
     return L->pool_cap - p->used[0] - p->used[1];
 }
@@ -78,6 +121,8 @@ void kvt_rec_reverse(const kvt_layout *L, uint8_t *recs, uint32_t n);
 
 /* The data file's header page. */
 void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page[KVT_DATA_HEADER]);
+/* The format version a header page declares, or 0 if it is no data file header. */
+uint32_t kvt_data_header_version(const uint8_t page[KVT_DATA_HEADER]);
 int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER]);
 
 /* Claims a head for `owner` with room for at least one record: a free head of a pool whose

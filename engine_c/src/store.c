@@ -405,7 +405,8 @@ static int coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int tru
     c->p = *p;
     c->tau = p->tau;
     c->staging = KVT_NONE;
-    kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size);
+    kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION,
+                    p->layout != KVT_LAYOUT_TOKEN || p->policy == KVT_POLICY_NONE);
     char path[4096];
     snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no);
     rc = kvt_file_open(&s->io, path, truncate, &c->f);
@@ -498,19 +499,51 @@ static void rollback(kvt_coll *c, undo_log *log) {
     }
 }
 
-/* 1 if a write of len bytes at off into segment sg (before its records count) rewrites a
- * flash page that already holds data: the page where it meets the head's earlier records
- * (head 0 grows upward, head 1 downward) or the other head's. Flash cannot update a page in
- * place, so each such write costs the device a read-modify-write of that page. */
-static int rewrites_page(const kvt_coll *c, const kvt_seg *sg, const kvt_pool *pl, uint64_t off, uint64_t len) {
+/* 1 if writing n records as slots first.. of segment sg (first = its records count) programs a
+ * flash page that already holds data: the page where the run meets the head's earlier records
+ * (head 0 grows upward, head 1 downward), or one holding the other head's. Flash cannot update
+ * a page in place, so each such write costs the device a read-modify-write of that page. In a
+ * padded layout a run that starts a layout page meets nothing: its padding is the page's rest. */
+static int rewrites_page(const kvt_coll *c, const kvt_seg *sg, const kvt_pool *pl, uint32_t first, uint32_t n) {
     const kvt_layout *L = &c->L;
     uint64_t P = c->st->io.dev.page_size > 0 ? (uint64_t)c->st->io.dev.page_size : KVT_IO_ALIGN;
-    uint64_t end = off + len, lo_page = kvt_round_down(off, P), hi_page = kvt_round_up(end, P);
-    if (sg->n && (sg->head == 0 ? off % P : end % P)) return 1;
+    uint32_t p0 = kvt_run_pos(L, sg->head, first, n), p1 = p0 + n - 1;
+    uint64_t base = kvt_pool_base(L, sg->pool), off = base + kvt_pos_rel(L, p0), end = base + kvt_pos_rel(L, p1) + L->esz;
+    if (L->rpp && p1 % L->rpp == L->rpp - 1) end = kvt_round_up(end, KVT_LAYOUT_PAGE);
+    uint64_t lo_page = kvt_round_down(off, P), hi_page = kvt_round_up(end, P);
+    if (first && (sg->head == 0 ? off % P : end % P)) return 1;
     uint32_t other = pl->used[!sg->head];
     if (!other) return 0;
-    uint64_t olo = kvt_run_offset(L, sg->pool, !sg->head, 0, other), ohi = olo + (uint64_t)other * L->esz;
+    uint64_t olo = kvt_run_offset(L, sg->pool, !sg->head, 0, other), ohi = olo + kvt_run_span(L, !sg->head, 0, other);
     return olo < hi_page && ohi > lo_page;
+}
+
+/* Writes n records, back to back in recs in file order, to the positions from p0 of a pool
+ * whose position p0 is at file offset off: one write, with the page padding between them. */
+static int write_positions(kvt_coll *c, uint64_t off, uint32_t p0, const uint8_t *recs, uint32_t n) {
+    const kvt_layout *L = &c->L;
+    if (!L->rpp) return kvt_file_write(c->f, off, recs, (size_t)n * L->esz);
+    static const uint8_t zeros[KVT_LAYOUT_PAGE];
+    kvt_wpart parts[128];
+    size_t np = 0, pad = KVT_LAYOUT_PAGE - (size_t)L->rpp * L->esz;
+    uint32_t in_page = p0 % L->rpp;
+    while (n) {
+        uint32_t k = L->rpp - in_page < n ? L->rpp - in_page : n;
+        parts[np++] = (kvt_wpart){recs, (size_t)k * L->esz};
+        recs += (size_t)k * L->esz;
+        n -= k;
+        in_page = 0;
+        if (n && pad) parts[np++] = (kvt_wpart){zeros, pad};
+        if (np >= 126 && n) { /* a long run: flush what is gathered, go on after it */
+            size_t len = 0;
+            for (size_t i = 0; i < np; i++) len += parts[i].len;
+            int rc = kvt_file_writev(c->f, off, parts, np);
+            if (rc) return rc;
+            off += len;
+            np = 0;
+        }
+    }
+    return kvt_file_writev(c->f, off, parts, np);
 }
 
 /* Appends m records to cluster ci's flash segments (claiming heads as needed), through the
@@ -545,21 +578,22 @@ static int append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m
         if (run > room) run = room;
         if (!src->mrecs && run > scratch_recs) run = scratch_recs;
         uint64_t off = kvt_run_offset(L, sg->pool, sg->head, sg->n, run);
-        int partial = rewrites_page(c, sg, pl, off, (uint64_t)run * L->esz);
+        uint32_t p0 = kvt_run_pos(L, sg->head, sg->n, run);
+        int partial = rewrites_page(c, sg, pl, sg->n, run);
         int rc;
         if (src->mrecs) {
             /* records already in a buffer of ours: written in place (head 1 grows downward,
              * so its run is laid out last-first: reversed around the write), no scratch */
             uint8_t *p = src->mrecs + (size_t)done * L->esz;
             if (sg->head == 1) kvt_rec_reverse(L, p, run);
-            rc = kvt_file_write(c->f, off, p, (size_t)run * L->esz);
+            rc = write_positions(c, off, p0, p, run);
             if (sg->head == 1) kvt_rec_reverse(L, p, run);
         } else {
             for (uint32_t j = 0; j < run; j++) {
                 uint32_t pos = sg->head == 0 ? j : run - 1 - j;
                 src_get(c, src, done + j, scratch + (size_t)pos * L->esz);
             }
-            rc = kvt_file_write(c->f, off, scratch, (size_t)run * L->esz);
+            rc = write_positions(c, off, p0, scratch, run);
         }
         if (rc) {
             if (claimed) { /* the claim wrote nothing: undo it here, the log has no entry */
@@ -650,11 +684,48 @@ static int check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t
     return 0;
 }
 
-/* One extent of a cluster to read: a segment, and where its records go. */
+/* One extent of a cluster to read: a segment (or a run of the token log), its bytes on flash
+ * (len, page padding included), and where they land in the cluster's buffer: at byte boff,
+ * the extents of a cluster stacked in segment order, to be packed to record `base` after. */
 typedef struct extent {
-    uint64_t off;
-    uint32_t nrec, base, slot, head, seg;
+    uint64_t off, len, boff;
+    uint32_t nrec, base, slot;
 } extent;
+
+/* Bytes a buffer needs to read cluster k into: its segments' spans stacked, then its pending
+ * records (kvt_span_slack bounds the difference from k->n records for budget estimates). */
+static uint64_t read_buffer_bytes(const kvt_coll *c, const kvt_cluster *k) {
+    uint64_t b = (uint64_t)(k->n - k->pend) * c->L.esz;
+    if (!token(c))
+        for (uint32_t g = 0; g < k->nseg; g++) b += kvt_run_span(&c->L, k->segs[g].head, 0, k->segs[g].n) - (uint64_t)k->segs[g].n * c->L.esz;
+    return b + (uint64_t)k->pend * c->L.esz;
+}
+/* ... as a record count, for a cache entry */
+static uint32_t read_buffer_records(const kvt_coll *c, const kvt_cluster *k) {
+    return (uint32_t)((read_buffer_bytes(c, k) + c->L.esz - 1) / c->L.esz);
+}
+
+/* A cluster's segments, read as stacked by its extents, become its records in order in the
+ * same buffer (padding dropped, head-1 runs put first-first) and are checked. */
+static int finish_cluster(kvt_coll *c, uint32_t ci, uint8_t *buf) {
+    const kvt_layout *L = &c->L;
+    kvt_cluster *k = &c->cl[ci];
+    if (token(c)) return k->n - k->pend ? check_run(c, ci, 0, buf, k->n - k->pend, token_offset(c, k->mem[0])) : 0;
+    uint64_t boff = 0;
+    uint32_t base = 0;
+    int rc = 0;
+    for (uint32_t g = 0; g < k->nseg && !rc; g++) {
+        const kvt_seg *sg = &k->segs[g];
+        if (!sg->n) continue;
+        uint8_t *dst = buf + (size_t)base * L->esz;
+        kvt_unpad(L, dst, buf + boff, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
+        if (sg->head == 1) kvt_rec_reverse(L, dst, sg->n);
+        rc = check_run(c, ci, base, dst, sg->n, kvt_run_offset(L, sg->pool, sg->head, 0, sg->n));
+        boff += kvt_run_span(L, sg->head, 0, sg->n);
+        base += sg->n;
+    }
+    return rc;
+}
 
 /* A merged read: extents a..e-1 (sorted by offset), and its buffer when it merges several. */
 typedef struct run_plan { uint32_t a, e; uint8_t *run; } run_plan;
@@ -664,38 +735,27 @@ static int by_offset(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* Reads extents a..e-1 (sorted by offset, gaps within the merge gap) as one request into
- * their clusters' buffers and checks them; its buffer is reserved for the call. */
-/* Puts extents a..e-1, just read, in their clusters' buffers and checks them: copied out of
- * `run` (the merged read starting at ex[a].off), or already in place when run is NULL. */
-static int place_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, const uint8_t *run,
-                     uint8_t *const *buf, const uint32_t *clusters) {
-    const kvt_layout *L = &c->L;
-    int rc = 0;
-    for (uint32_t t = a; t < e && !rc; t++) {
-        const extent *x = &ex[t];
-        uint8_t *dst = buf[x->slot] + (size_t)x->base * L->esz;
-        if (run) memcpy(dst, run + (x->off - ex[a].off), (size_t)x->nrec * L->esz);
-        if (x->head == 1) kvt_rec_reverse(L, dst, x->nrec);
-        rc = check_run(c, clusters[x->slot], x->base, dst, x->nrec, x->off);
-    }
-    return rc;
+/* Copies extents a..e-1 out of `run` (a merged read starting at ex[a].off) to where they land
+ * in their clusters' buffers. */
+static void place_run(const extent *ex, uint32_t a, uint32_t e, const uint8_t *run, uint8_t *const *buf) {
+    for (uint32_t t = a; t < e; t++) memcpy(buf[ex[t].slot] + ex[t].boff, run + (ex[t].off - ex[a].off), ex[t].len);
 }
 
-static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8_t *const *buf,
-                    const uint32_t *clusters) {
+/* Reads extents a..e-1 (sorted by offset, gaps within the merge gap) as one request into
+ * their clusters' buffers; its buffer is reserved for the call. */
+static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8_t *const *buf) {
     kvt_store *s = c->st;
-    const kvt_layout *L = &c->L;
     uint64_t entries = 0;
     for (uint32_t t = a; t < e; t++) entries += ex[t].nrec;
-    size_t len = (size_t)(ex[e - 1].off + (uint64_t)ex[e - 1].nrec * L->esz - ex[a].off);
+    size_t len = (size_t)(ex[e - 1].off + ex[e - 1].len - ex[a].off);
+    if (e == a + 1) return kvt_file_read(c->f, ex[a].off, len, buf[ex[a].slot] + ex[a].boff, entries);
     uint64_t need = len + kvt_file_read_scratch(c->f, ex[a].off, len);
     int rc = kvt_mem_reserve(&s->cache, need);
     if (rc) return rc;
     uint8_t *run = malloc(len);
     if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
     if (!rc) rc = kvt_file_read(c->f, ex[a].off, len, run, entries);
-    if (!rc) rc = place_run(c, ex, a, e, run, buf, clusters);
+    if (!rc) place_run(ex, a, e, run, buf);
     free(run);
     kvt_mem_release(&s->cache, need);
     return rc;
@@ -717,7 +777,7 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
         uint64_t bytes = 0;
         while (end < nlist) {
             kvt_cluster *k = &c->cl[list[end]];
-            uint64_t b = k->ent ? 0 : (uint64_t)k->n * L->esz;
+            uint64_t b = k->ent ? 0 : read_buffer_bytes(c, k);
             if (end > i && bytes + b > max_batch) break;
             bytes += b;
             nseg += token(c) ? k->n : k->nseg; /* all: admitting one miss may evict a hit of this batch */
@@ -752,11 +812,11 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
             }
             s->cache.misses++;
             if (!k->n) continue;
-            ent[b] = kvt_cache_admit(&s->cache, c, ci, k->n, L->esz);
+            ent[b] = kvt_cache_admit(&s->cache, c, ci, read_buffer_records(c, k), L->esz);
             if (ent[b]) {
                 buf[b] = ent[b]->rec;
             } else {
-                owned[b] = (uint64_t)k->n * L->esz;
+                owned[b] = read_buffer_bytes(c, k);
                 rc = kvt_mem_reserve(&s->cache, owned[b]);
                 if (rc) {
                     owned[b] = 0;
@@ -765,15 +825,18 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
                 if (!(buf[b] = malloc(owned[b]))) rc = kvt_fail(ENOMEM, "read: out of memory");
             }
             uint32_t base = 0;
+            uint64_t boff = 0;
             for (uint32_t g = 0; g < k->nseg; g++) {
                 kvt_seg *sg = &k->segs[g];
-                if (sg->n)
-                    ex[nex++] = (extent){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), sg->n, base, b, sg->head, g};
+                uint64_t len = kvt_run_span(L, sg->head, 0, sg->n);
+                if (sg->n) ex[nex++] = (extent){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), len, boff, sg->n, base, b};
                 base += sg->n;
+                boff += len;
             }
             for (uint32_t i0 = 0; token(c) && i0 < k->n;) { /* runs of consecutive ids in the log */
                 uint32_t i1 = token_run_end(k, i0);
-                ex[nex++] = (extent){token_offset(c, k->mem[i0]), i1 - i0, i0, b, 0, 0};
+                ex[nex++] = (extent){token_offset(c, k->mem[i0]), (uint64_t)(i1 - i0) * L->esz,
+                                     (uint64_t)i0 * L->esz, i1 - i0, i0, b};
                 i0 = i1;
             }
         }
@@ -786,10 +849,10 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
         uint64_t all = 0;
         for (uint32_t a = 0; a < nex && !rc;) {
             uint32_t e = a + 1;
-            uint64_t run_end = ex[a].off + (uint64_t)ex[a].nrec * L->esz, entries = ex[a].nrec;
+            uint64_t run_end = ex[a].off + ex[a].len, entries = ex[a].nrec;
             while (e < nex && ex[e].off >= run_end && ex[e].off - run_end <= s->merge_gap &&
-                   ex[e].off + (uint64_t)ex[e].nrec * L->esz - ex[a].off <= max_batch) {
-                run_end = ex[e].off + (uint64_t)ex[e].nrec * L->esz;
+                   ex[e].off + ex[e].len - ex[a].off <= max_batch) {
+                run_end = ex[e].off + ex[e].len;
                 entries += ex[e].nrec;
                 e++;
             }
@@ -803,24 +866,24 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
             for (uint32_t r = 0; r < nrun && !rc; r++) {
                 extent *x = &ex[plan[r].a];
                 if (plan[r].e == plan[r].a + 1) {
-                    req[r].dst = buf[x->slot] + (size_t)x->base * L->esz;
+                    req[r].dst = buf[x->slot] + x->boff;
                 } else if (!(req[r].dst = plan[r].run = malloc(req[r].len))) {
                     rc = kvt_fail(ENOMEM, "read: out of memory");
                 }
             }
             if (!rc) rc = kvt_file_read_batch(c->f, req, nrun);
             for (uint32_t r = 0; r < nrun; r++) {
-                if (!rc) rc = place_run(c, ex, plan[r].a, plan[r].e, plan[r].run, buf, list + i);
+                if (!rc && plan[r].run) place_run(ex, plan[r].a, plan[r].e, plan[r].run, buf);
                 free(plan[r].run);
             }
             kvt_mem_release(&s->cache, all);
             nex = 0; /* done: skip the one-at-a-time loop */
         }
         for (uint32_t r = 0; r < nrun && nex && !rc; r++) {
-            rc = read_run(c, ex, plan[r].a, plan[r].e, buf, list + i);
+            rc = read_run(c, ex, plan[r].a, plan[r].e, buf);
             if (rc == KVT_EBUDGET && plan[r].e > plan[r].a + 1) { /* no room to merge: one at a time */
                 rc = 0;
-                for (uint32_t t = plan[r].a; t < plan[r].e && !rc; t++) rc = read_run(c, ex, t, t + 1, buf, list + i);
+                for (uint32_t t = plan[r].a; t < plan[r].e && !rc; t++) rc = read_run(c, ex, t, t + 1, buf);
             }
         }
         /* pending entries complete each cluster; then hand it over and cache or free it */
@@ -828,6 +891,7 @@ static int visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, vis
             if (!buf[b]) continue;
             uint32_t ci = list[i + b];
             kvt_cluster *k = &c->cl[ci];
+            if (!rc) rc = finish_cluster(c, ci, buf[b]);
             if (!rc && k->pend)
                 memcpy(buf[b] + (size_t)(k->n - k->pend) * L->esz, k->pbuf, (size_t)k->pend * L->esz);
             if (!rc) fn(ctx, ci, buf[b], k->n);
@@ -1891,12 +1955,14 @@ static void run_job(kvt_store *s, kvt_job *j) {
     size_t cap = token(c) ? tk->n : j->nseg;
     kvt_read_req *req = malloc(cap * sizeof *req + 1);
     if (!req) rc = kvt_fail(ENOMEM, "prefetch: out of memory");
+    uint64_t boff = 0; /* segments land stacked, then are packed (see finish_cluster) */
     for (uint32_t g = 0; g < j->nseg && !rc; g++) {
         kvt_seg *sg = &j->segs[g];
+        uint64_t len = kvt_run_span(L, sg->head, 0, sg->n);
         if (sg->n)
-            req[nreq++] = (kvt_read_req){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), (size_t)sg->n * L->esz,
-                                         j->e->rec + (size_t)base * L->esz, sg->n};
-        base += sg->n;
+            req[nreq++] = (kvt_read_req){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), (size_t)len,
+                                         j->e->rec + boff, sg->n};
+        boff += len;
     }
     for (uint32_t i0 = 0; token(c) && !rc && i0 < tk->n;) {
         uint32_t i1 = token_run_end(tk, i0);
@@ -1907,10 +1973,13 @@ static void run_job(kvt_store *s, kvt_job *j) {
     if (!rc) rc = kvt_file_read_batch(c->f, req, nreq);
     free(req);
     base = 0;
+    boff = 0;
     for (uint32_t g = 0; g < j->nseg && !rc; g++) {
         kvt_seg *sg = &j->segs[g];
+        kvt_unpad(L, j->e->rec + (size_t)base * L->esz, j->e->rec + boff, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
         if (sg->head == 1) kvt_rec_reverse(L, j->e->rec + (size_t)base * L->esz, sg->n);
         base += sg->n;
+        boff += kvt_run_span(L, sg->head, 0, sg->n);
     }
     LOCK(s);
     kvt_cluster *k = &c->cl[j->cl];
@@ -1995,7 +2064,7 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         uint64_t pin = (uint64_t)k->n * c->L.esz;
         if (s->loading_bytes + pin > s->cache.budget / 4) continue;
         kvt_job *j = malloc(sizeof *j + (size_t)k->nseg * sizeof(kvt_seg));
-        kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], k->n, c->L.esz) : NULL;
+        kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], read_buffer_records(c, k), c->L.esz) : NULL;
         if (!e) { /* no room in the budget: that cluster is read on use */
             free(j);
             continue;
@@ -2016,9 +2085,10 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         for (uint32_t g = 0; g < k->nseg; g++)
             if (k->segs[g].n) {
                 ops++;
+                uint64_t span = kvt_run_span(&c->L, k->segs[g].head, 0, k->segs[g].n);
                 bytes += kvt_file_read_scratch(c->f, kvt_run_offset(&c->L, k->segs[g].pool, k->segs[g].head, 0, k->segs[g].n),
-                                               (size_t)k->segs[g].n * c->L.esz);
-                if (!kvt_file_is_direct(c->f)) bytes += (uint64_t)k->segs[g].n * c->L.esz;
+                                               (size_t)span);
+                if (!kvt_file_is_direct(c->f)) bytes += span;
             }
         if (s->jobs_tail) s->jobs_tail->next = j;
         else s->jobs = j;
@@ -2888,7 +2958,7 @@ const void *kvt_checkpoint_chunk(const kvt_checkpoint *cp, size_t i, uint64_t *c
 static int export_dir(kvt_coll *c, void **blob, size_t *len) {
     kvt_wbuf w = {0};
     kvt_wbuf_put(&w, DIR_MAGIC, 8);
-    kvt_wbuf_u32(&w, KVT_FORMAT_VERSION);
+    kvt_wbuf_u32(&w, c->L.format); /* a format-1 file keeps format-1 catalogs: old engines read both */
     kvt_wbuf_u32(&w, c->p.dim);
     kvt_wbuf_u32(&w, c->p.value_dim);
     kvt_wbuf_u32(&w, (uint32_t)c->p.dtype);
@@ -3028,8 +3098,10 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len) {
         return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u fails its checksum", what, c->no);
     kvt_rbuf r = {blob, len - 4, 8, 0};
     uint32_t ver = kvt_rbuf_u32(&r);
-    if (ver != KVT_FORMAT_VERSION)
-        return kvt_fail(KVT_EFORMAT, "catalog: %s has format version %u, this engine reads %u", what, ver, KVT_FORMAT_VERSION);
+    if (ver < 1 || ver > KVT_FORMAT_VERSION)
+        return kvt_fail(KVT_EFORMAT, "catalog: %s has format version %u, this engine reads 1 to %u", what, ver, KVT_FORMAT_VERSION);
+    if (ver != c->L.format)
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u has format %u but its data file format %u", what, c->no, ver, c->L.format);
     uint32_t dim = kvt_rbuf_u32(&r), vdim = kvt_rbuf_u32(&r), dtype = kvt_rbuf_u32(&r),
              metric = kvt_rbuf_u32(&r), policy = kvt_rbuf_u32(&r), esz = kvt_rbuf_u32(&r);
     uint64_t pool_bytes = kvt_rbuf_u64(&r), n = kvt_rbuf_u64(&r);
@@ -3140,6 +3212,10 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
     if (rc) goto done;
     uint8_t page[KVT_DATA_HEADER];
     rc = kvt_file_read(c->f, 0, sizeof page, page, 0);
+    uint32_t version = rc ? 0 : kvt_data_header_version(page);
+    if (version >= 1 && version < KVT_FORMAT_VERSION) /* an older file: read in its own geometry */
+        kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, version,
+                        p->layout != KVT_LAYOUT_TOKEN || p->policy == KVT_POLICY_NONE);
     if (!rc) {
         rc = kvt_data_header_check(&c->L, p, page);
         if (rc) kvt_fail(rc, "%s: data file header is %s", kvt_file_path(c->f), rc == KVT_EFORMAT ? "of another format version" : "damaged or does not match the catalog");

@@ -212,14 +212,52 @@ static void test_io(void) {
 /* ---- pools -------------------------------------------------------------------------------- */
 static void test_pool(void) {
     kvt_layout L;
-    kvt_layout_init(&L, 64, 64, KVT_F16, 32);
-    CHECK(L.esz == 16 + 128 + 128);
+    kvt_layout_init(&L, 64, 64, KVT_F16, 32, 1, 1); /* format 1: records back to back */
+    CHECK(L.esz == 16 + 128 + 128 && L.rpp == 0);
     CHECK(L.pool_bytes % KVT_IO_ALIGN == 0);
     CHECK(L.pool_cap >= 64 && (uint64_t)L.pool_cap * L.esz <= L.pool_bytes);
     /* heads grow toward each other; a head's run is contiguous */
     CHECK(kvt_slot_offset(&L, 0, 0, 0) == KVT_DATA_HEADER);
     CHECK(kvt_slot_offset(&L, 0, 1, 0) == KVT_DATA_HEADER + (uint64_t)(L.pool_cap - 1) * L.esz);
     CHECK(kvt_run_offset(&L, 1, 1, 0, 5) == kvt_slot_offset(&L, 1, 1, 4));
+    /* format 2 pads to pages: no record crosses one, heads still meet, spans count padding */
+    {
+        kvt_layout P2;
+        kvt_layout_init(&P2, 64, 64, KVT_F16, 32, 2, 1);
+        CHECK(P2.rpp == KVT_LAYOUT_PAGE / 272 && P2.pool_cap % P2.rpp == 0 && P2.pool_cap >= 64);
+        CHECK(P2.pool_bytes % KVT_IO_ALIGN == 0 && (uint64_t)P2.pool_cap / P2.rpp * KVT_LAYOUT_PAGE == P2.pool_bytes);
+        for (uint32_t h = 0; h < 2; h++)
+            for (uint32_t sl = 0; sl < P2.pool_cap; sl++) {
+                uint64_t o = kvt_slot_offset(&P2, 3, h, sl) - KVT_DATA_HEADER;
+                CHECK(o / KVT_LAYOUT_PAGE == (o + P2.esz - 1) / KVT_LAYOUT_PAGE);
+                CHECK(o + P2.esz <= 4 * P2.pool_bytes);
+            }
+        CHECK(kvt_slot_offset(&P2, 0, 1, 0) == KVT_DATA_HEADER + P2.pool_bytes - KVT_LAYOUT_PAGE + (uint64_t)(P2.rpp - 1) * P2.esz);
+        CHECK(kvt_span(&P2, 0, P2.rpp) == (uint64_t)P2.rpp * P2.esz);
+        CHECK(kvt_span(&P2, P2.rpp - 1, 2) == KVT_LAYOUT_PAGE + P2.esz - (uint64_t)(P2.rpp - 1) * P2.esz);
+        CHECK(kvt_run_span(&P2, 1, 0, P2.rpp + 1) == kvt_span(&P2, P2.pool_cap - P2.rpp - 1, P2.rpp + 1));
+        /* pad then unpad (in place) gives the records back, for every phase */
+        uint32_t nr = 40;
+        uint8_t *flat = malloc((size_t)nr * P2.esz), *padded = malloc(8 * KVT_LAYOUT_PAGE);
+        for (size_t i = 0; i < (size_t)nr * P2.esz; i++) flat[i] = (uint8_t)(i * 7 + 3);
+        for (uint32_t ph = 0; ph < P2.rpp; ph += 4) {
+            memset(padded, 0xEE, 8 * KVT_LAYOUT_PAGE);
+            kvt_pad(&P2, padded, flat, ph, nr);
+            CHECK(padded[(P2.rpp - ph) * P2.esz] == 0); /* the first page's padding is zeroed */
+            CHECK(memcmp(padded + kvt_span(&P2, ph, nr - 1) , flat + (size_t)(nr - 1) * P2.esz, P2.esz) == 0);
+            kvt_unpad(&P2, padded, padded, ph, nr);
+            CHECK(memcmp(padded, flat, (size_t)nr * P2.esz) == 0);
+        }
+        free(flat);
+        free(padded);
+        kvt_layout W;
+        kvt_layout_init(&W, 500, 500, KVT_F32, 32, 2, 1); /* 4016 B: one per page would waste 2% */
+        CHECK(W.rpp == 1);
+        kvt_layout_init(&W, 300, 300, KVT_F32, 32, 2, 1); /* 2416 B: a page would waste 41% */
+        CHECK(W.rpp == 0);
+        kvt_layout_init(&W, 64, 64, KVT_F16, 32, 2, 0); /* the token log is never padded */
+        CHECK(W.rpp == 0);
+    }
     /* records: checksum catches a flipped bit */
     uint8_t rec[272], key[128], val[128];
     for (int i = 0; i < 128; i++) key[i] = (uint8_t)i, val[i] = (uint8_t)(255 - i);
