@@ -37,7 +37,7 @@ cdef class Engine:
     cdef public object path
 
     def __cinit__(self, str path, uint64_t dram_budget, tuple device, int direct, uint64_t merge_gap=4096,
-                  int cache_policy=2):
+                  int cache_policy=2, uint64_t write_buffer=0):
         cdef kvt_store_opts o
         o.dram_budget = dram_budget
         o.device.latency_s, o.device.iops, o.device.bandwidth_Bps = device[0], device[1], device[2]
@@ -45,6 +45,7 @@ cdef class Engine:
         o.direct = direct
         o.merge_gap = merge_gap
         o.cache_policy = cache_policy
+        o.write_buffer = write_buffer
         cdef bytes p = path.encode()
         cdef const char *cp = p
         cdef int rc
@@ -90,6 +91,7 @@ cdef class Engine:
             "swap_ins": s.swap_ins, "swap_demand_ins": s.swap_demand_ins,
             "swap_write_bytes": s.swap_write_bytes, "swap_read_bytes": s.swap_read_bytes,
             "swap_file_bytes": s.swap_file_bytes, "partial_page_writes": s.partial_page_writes,
+            "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
             "io_backend": kvt_store_io_backend(p).decode(), "read_seconds": s.read_seconds,
             "read_size_seconds": [float(s.read_size_seconds[i]) for i in range(24)],
             "read_size_bytes": [int(s.read_size_bytes[i]) for i in range(24)],
@@ -297,6 +299,7 @@ cdef class Coll:
             "split_write_bytes": s.split_write_bytes, "split_errors": s.split_errors,
             "split_skipped": s.split_skipped, "relayouts": s.relayouts, "parked": bool(s.parked),
             "partial_page_writes": s.partial_page_writes,
+            "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
             "relayout_bytes": s.relayout_bytes, "relayout_read_bytes": s.relayout_read_bytes,
             "append_bytes": s.append_bytes, "naive_move_bytes": s.naive_move_bytes,
         }

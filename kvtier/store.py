@@ -244,7 +244,8 @@ class Store:
     """An open store: a directory with an LMDB catalog and one data file per collection."""
 
     def __init__(self, path: Union[str, os.PathLike], dram_budget=DEFAULT_DRAM_BUDGET, device=None,
-                 direct_io: Union[bool, str] = "auto", merge_gap=None, cache_policy: str = "cluster"):
+                 direct_io: Union[bool, str] = "auto", merge_gap=None, cache_policy: str = "cluster",
+                 write_buffer=None):
         path = os.fspath(path)
         budget = parse_size(dram_budget, "dram_budget")
         if budget < 64 * 1024:
@@ -259,6 +260,13 @@ class Store:
         if cache_policy not in CACHE_POLICIES:
             raise InvalidArgumentError(f"cache_policy: one of {sorted(CACHE_POLICIES)} expected, got {cache_policy!r}")
         self.cache_policy = cache_policy
+        # a sixteenth of the budget: enough for a page-sized tail for each hot cluster of a
+        # few dozen collections without crowding out the cache
+        write_buffer = budget // 16 if write_buffer is None else parse_size(write_buffer, "write_buffer")
+        if write_buffer > budget // 2:
+            raise InvalidArgumentError(f"write_buffer: at most half the dram_budget ({budget // 2} bytes) expected, "
+                                       f"got {write_buffer} bytes")
+        self.write_buffer = write_buffer
         if os.path.exists(path) and not os.path.isdir(path):
             raise InvalidArgumentError(f"path: a directory expected, {path!r} is a file")
         os.makedirs(path, exist_ok=True)
@@ -267,7 +275,7 @@ class Store:
         try:
             self._catalog = Catalog(path)
             self._engine = _engine.Engine(path, budget, dev, _DIRECT[direct_io], merge_gap,
-                                          CACHE_POLICIES[cache_policy])
+                                          CACHE_POLICIES[cache_policy], write_buffer)
         except BaseException:
             self._lock.release()
             raise
@@ -521,7 +529,7 @@ class Store:
 
 
 def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", merge_gap=None,  # noqa: A001
-         cache_policy="cluster") -> Store:
+         cache_policy="cluster", write_buffer=None) -> Store:
     """Opens (creating if needed) the store at ``path``.
 
     ``dram_budget`` is a hard cap on what the engine holds in DRAM (bytes or "256MiB");
@@ -530,7 +538,11 @@ def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", m
     or "auto"; ``merge_gap`` (bytes) reads neighbouring extents of one retrieve as one request
     when the gap between them is at most this (default: the device's knee, else 4 KiB);
     ``cache_policy`` which cached clusters make room: ``cluster`` (default: recently updated
-    clusters keep a reserved share, then small clusters are preferred), ``lru`` or ``lfu``.
+    clusters keep a reserved share, then small clusters are preferred), ``lru`` or ``lfu``;
+    ``write_buffer`` (bytes, default a sixteenth of the budget, 0 to turn off) is the DRAM
+    shared by the collections' page-aligned write buffers: the clusters appended to most
+    recently keep their newest entries in DRAM until a whole 4 KiB flash page can be written,
+    so no page is programmed twice (``stats()["partial_page_writes"]`` counts those that are).
     """
     return Store(path, dram_budget=dram_budget, device=device, direct_io=direct_io,
-                 merge_gap=merge_gap, cache_policy=cache_policy)
+                 merge_gap=merge_gap, cache_policy=cache_policy, write_buffer=write_buffer)

@@ -371,14 +371,15 @@ def test_other_llama_like_architecture(tokens):
 @pytest.mark.parametrize("policy,dram", [("static", "64KiB"), ("local", "160KiB")])  # local: more representatives
 def test_prefetch_does_not_change_results(tokens, policy, dram):
     """Pipelining only moves reads earlier: logits are bitwise those without prefetch, on a
-    DRAM budget small enough (the engine's minimum) that clusters really come from flash.
+    DRAM budget small enough (the engine's minimum, with no write buffer) that clusters
+    really come from flash.
     (Not asserted for adaptive: it splits clusters when they are in DRAM, and a prefetch
     changes what is, so its clustering may legitimately take another course.)"""
     model = tiny_llama(seed=4, layers=3)
     got, st = {}, {}
     for pf in (False, True):
         with torch.no_grad(), TieredCache(model, budget=0.2, sinks=4, window=8, dram_budget=dram, policy=policy,
-                                          device="ufs4.0", prefetch=pf,
+                                          device="ufs4.0", prefetch=pf, write_buffer=0,
                                           collection_options={"init_cluster_size": 4}) as cache:
             got[pf] = run(model, cache, tokens[:, :180], prefill=100)
             st[pf] = cache.stats()

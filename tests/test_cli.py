@@ -52,6 +52,7 @@ def small_store(tmp_path):
         c.add(*make_data(1500))
         e = s.collection("emb", dim=32, value_dim=0, dtype="float32", metric="l2")
         e.add(np.random.default_rng(1).standard_normal((300, 32)))
+        s.flush()  # the write buffers' tails go to flash: the stats are then what inspect reads
         expect = {name: (s.collection(name).stats(), np.sort(s.collection(name).cluster_sizes()))
                   for name in ("L3.H1", "emb")}
     return path, expect

@@ -65,19 +65,59 @@ def test_layout_argument_checked_and_kept(tmp_path):
         assert s.collection("c", dim=DIM, layout="clustered").params["colocate_after"] == 0
 
 
-def test_appends_never_move_existing_data(tmp_path):
+@pytest.mark.parametrize("write_buffer", [0, "256KiB"])
+def test_appends_never_move_existing_data(tmp_path, write_buffer):
     """Clustered layout, static policy: every byte written is an entry's record (plus the
-    header page): appends go to a head's free end, nothing already written moves."""
+    header page): appends go to a head's free end, nothing already written moves. Without a
+    write buffer small appends land inside pages written before (partial-page rewrites); with
+    one, hot clusters write whole pages only, and a flush writes each tail once."""
     k, v = _data(3000)
-    with kvtier.open(tmp_path / "s", dram_budget="1MiB", device="ufs4.0") as s:
+    with kvtier.open(tmp_path / "s", dram_budget="4MiB", device="ufs4.0", write_buffer=write_buffer) as s:
         c = s.collection("c", dim=DIM, value_dim=VDIM, policy="static", layout="clustered")
         c.add(k[:1000], v[:1000])
         assert c.stats()["partial_page_writes"] == 0  # a bulk load starts every run on a fresh pool
         for i in range(1000, 3000, 10):
             c.add(k[i:i + 10], v[i:i + 10])
+        cs = c.stats()
+        if write_buffer:
+            assert cs["write_buffer_entries"] > 0 and cs["write_buffer_evictions"] == 0
+            assert cs["partial_page_writes"] == 0
+        else:
+            assert cs["write_buffer_entries"] == 0 and cs["partial_page_writes"] > 0
+        s.flush()
         st, cs = s.stats(), c.stats()
-        assert st["write_bytes"] == 4096 + 3000 * ESZ
+        assert cs["write_buffer_entries"] == 0
+        assert st["write_bytes"] == 4096 + 3000 * ESZ  # ESZ divides the page: no padding here
         assert cs["naive_move_bytes"] > 20 * st["write_bytes"]  # what a packed layout would have moved
-        # small appends land inside pages written before: each is a partial-page rewrite
-        assert 0 < cs["partial_page_writes"]
         assert st["partial_page_writes"] == cs["partial_page_writes"]
+        if write_buffer:
+            assert cs["partial_page_writes"] == 0  # the flush wrote each tail from a page start
+    with kvtier.open(tmp_path / "s") as s:
+        c = s.collection("c")
+        got_k, got_v = c.get(np.arange(3000))
+        assert np.array_equal(got_k, k) and np.array_equal(got_v, v)
+
+
+def test_page_padding_is_the_only_extra_write(tmp_path):
+    """Records of 72 B: 56 to a 4 KiB page and 64 B of padding. Bytes written are the
+    entries' bytes plus at most one padding per page, no record crosses a page, and every
+    entry reads back."""
+    vdim = 12
+    esz = 16 + 2 * DIM + 2 * vdim
+    rpp = 4096 // esz
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((2000, DIM)).astype(np.float16)
+    v = rng.standard_normal((2000, vdim)).astype(np.float16)
+    with kvtier.open(tmp_path / "s", dram_budget="4MiB", write_buffer=0) as s:
+        c = s.collection("c", dim=DIM, value_dim=vdim, policy="static", layout="clustered")
+        c.add(k[:1200], v[:1200])
+        for i in range(1200, 2000, 7):
+            c.add(k[i:i + 7], v[i:i + 7])
+        s.flush()
+        st = s.stats()
+        extra = st["write_bytes"] - 4096 - 2000 * esz
+        assert extra >= 0 and extra % (4096 - rpp * esz) == 0
+        assert extra <= (2000 // rpp + c.stats()["clusters"]) * (4096 - rpp * esz)
+        got_k, got_v = c.get(np.arange(2000))
+        assert np.array_equal(got_k, k) and np.array_equal(got_v, v)
+        assert len(c.retrieve(k[0].astype(np.float32), budget=1.0)) == 2000

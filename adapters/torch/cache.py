@@ -267,7 +267,9 @@ class TieredCache(Cache):
     ahead of use (two layers ahead with prefetch, so that the next layer's prefetch finds
     its representatives; one layer ahead without), so the engine's DRAM is bounded by a few
     layers rather than all of them, at the price of reading each layer's index (and its
-    cache working set) back from flash at every step; results are unchanged.
+    cache working set) back from flash at every step; results are unchanged. ``write_buffer``
+    the store's page-aligned write buffer (bytes; None: kvtier's default, a sixteenth of the
+    DRAM budget; 0: every appended token is written at once).
 
     Works with ``model.generate(..., cache=cache)`` and manual ``model(ids, cache=cache,
     use_cache=True)`` loops (``past_key_values=`` is transformers 5's deprecated alias of
@@ -277,7 +279,7 @@ class TieredCache(Cache):
     def __init__(self, model, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
                  sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
                  prefetch: bool = True, store_dtype: str = "float16",
-                 collection_options: Optional[dict] = None, virtualize: bool = False):
+                 collection_options: Optional[dict] = None, virtualize: bool = False, write_buffer=None):
         geo = check_model(model)
         if not isinstance(prefetch, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefetch: True or False expected, got {prefetch!r}")
@@ -302,6 +304,8 @@ class TieredCache(Cache):
             path = self._tmpdir
         try:
             open_kw = {} if dram_budget is None else {"dram_budget": dram_budget}
+            if write_buffer is not None:
+                open_kw["write_buffer"] = write_buffer
             self.store = kvtier.open(path, device=device, **open_kw)
         except BaseException:
             if self._tmpdir:

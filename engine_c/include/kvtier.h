@@ -83,6 +83,13 @@ typedef struct kvt_store_opts {
      * updated clusters keep a reserved share of the budget; among the rest the one with the
      * largest idle time x size goes first, so small clusters stay). */
     int cache_policy;
+    /* Page-aligned write buffers (DESIGN 2.2): bytes of DRAM, shared equally by the open
+     * collections, in which the clusters appended to most recently gather their newest
+     * entries until they fill a whole 4 KiB page, so that no flash page is programmed twice.
+     * When a collection's share is full, the buffer of its cluster appended to least recently
+     * is written out (a partial page, counted in write_buffer_evictions). 0 writes every
+     * append directly. Applies to format-2 (padded) data files. */
+    uint64_t write_buffer;
 } kvt_store_opts;
 
 typedef struct kvt_coll_params {
@@ -161,6 +168,7 @@ typedef struct kvt_store_stats {
      * what retrieve, search and get read on demand */
     uint64_t split_read_bytes, relayout_read_bytes;
     uint64_t partial_page_writes;   /* summed over the collections (kvt_coll_stats) */
+    uint64_t write_buffer_entries, write_buffer_evictions; /* summed, as kvt_coll_stats */
     /* measured (wall-clock) seconds in read system calls and bytes read, by the buckets of
      * read_size_hist: the real bandwidth by request size (reads issued together share their
      * batch's time in proportion to their bytes) */
@@ -233,7 +241,7 @@ typedef struct kvt_coll_stats {
     uint64_t unsplittable;      /* split attempts that found no two groups */
     uint64_t deferred_splits;   /* clusters flagged while on flash (split waits for a read) */
     uint64_t forced_loads;      /* clusters read only to split them (pending budget overflow) */
-    uint64_t pending_entries;   /* entries buffered in DRAM for flagged clusters */
+    uint64_t pending_entries;   /* entries buffered in DRAM for flagged clusters (adaptive) */
     uint64_t flagged_clusters;
     uint64_t split_read_bytes;  /* bytes read on behalf of splits (forced loads only) */
     uint64_t split_write_bytes; /* bytes written by splits */
@@ -250,6 +258,9 @@ typedef struct kvt_coll_stats {
     /* writes that rewrote a flash page already holding data (the page where an append meets
      * earlier records): each costs the device a read-modify-write of that page */
     uint64_t partial_page_writes;
+    /* page-aligned write buffers (kvt_store_opts.write_buffer): entries waiting in them now,
+     * and buffers written out before they filled a page, to make room for hotter clusters */
+    uint64_t write_buffer_entries, write_buffer_evictions;
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */

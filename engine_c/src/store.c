@@ -67,6 +67,7 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     kvt_cache_init(&s->cache, opts->dram_budget, on_evict);
     s->K = kvt_simd();
     s->merge_gap = opts->merge_gap;
+    s->write_buffer = opts->write_buffer;
     if (opts->cache_policy < KVT_CACHE_LRU || opts->cache_policy > KVT_CACHE_CLUSTER) {
         kvt_store_close(s);
         return kvt_fail(KVT_EINVAL, "cache_policy: 0 (lru), 1 (lfu) or 2 (cluster) expected, got %d", opts->cache_policy);
@@ -183,6 +184,8 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
         o->split_read_bytes += c->ctr.split_read_bytes;
         o->relayout_read_bytes += c->ctr.relayout_read_bytes;
         o->partial_page_writes += c->ctr.partial_page_writes;
+        o->write_buffer_entries += c->tail_total;
+        o->write_buffer_evictions += c->ctr.write_buffer_evictions;
     }
     UNLOCK(s);
     return 0;
@@ -468,6 +471,8 @@ typedef struct rec_src {
     int64_t first_id;
     const uint8_t *recs;        /* copy mode when not NULL */
     uint8_t *mrecs;             /* in-place mode: records in a buffer the writer may permute */
+    const uint8_t *pre;         /* encode mode: npre records that come first (a pending buffer) */
+    uint32_t npre;
 } rec_src;
 
 static void src_get(const kvt_coll *c, const rec_src *s, uint32_t j, uint8_t *dst) {
@@ -476,7 +481,11 @@ static void src_get(const kvt_coll *c, const rec_src *s, uint32_t j, uint8_t *ds
         memcpy(dst, s->recs + (size_t)j * L->esz, L->esz);
         return;
     }
-    uint32_t r = s->members[j];
+    if (j < s->npre) {
+        memcpy(dst, s->pre + (size_t)j * L->esz, L->esz);
+        return;
+    }
+    uint32_t r = s->members[j - s->npre];
     kvt_rec_encode(L, dst, s->first_id + r, s->keys + (size_t)r * L->key_bytes,
                    s->values + (size_t)r * L->value_bytes);
 }
@@ -663,9 +672,64 @@ static void retire_segs(kvt_coll *c, seg_save s) {
 
 static void free_pending(kvt_coll *c, kvt_cluster *k) {
     c->pending_total -= k->pend;
+    if (!k->flagged) c->tail_total -= k->pend;
     free_array(c, k->pbuf, k->pcap, c->L.esz);
     k->pbuf = NULL;
     k->pend = k->pcap = 0;
+}
+
+/* Writes cluster j's pending buffer to flash, in place (no scratch: a checkpoint or an
+ * eviction can proceed when the budget is full), and frees it. On failure nothing changes. */
+static int write_pending(kvt_coll *c, uint32_t j) {
+    kvt_cluster *k = &c->cl[j];
+    if (!k->pend) return 0;
+    undo_log log = {0};
+    rec_src src = {.mrecs = k->pbuf};
+    int rc = append_flash(c, j, &src, k->pend, NULL, 0, &log);
+    if (rc) rollback(c, &log);
+    else free_pending(c, k);
+    free(log.u);
+    return rc;
+}
+
+/* ---- page-aligned write buffers (DESIGN 2.2) ----------------------------------------------
+ * An unflagged cluster's pending buffer is its tail: the entries appended since its flash part
+ * last ended on a page boundary. An add writes whole pages (the tail, then the new entries)
+ * and keeps the rest, fewer than a page's worth, in the tail; so a hot cluster programs each
+ * flash page once. Each collection holds at most its share of the store's write_buffer in
+ * tails; over it, the tails of the clusters appended to least recently are written out as
+ * they are (cold clusters write directly). A checkpoint writes every tail. */
+
+static inline int buffering(const kvt_coll *c) {
+    return c->st->write_buffer && c->L.rpp && !token(c);
+}
+
+/* Records on the last, partly written page of cluster k's flash part, where its next append
+ * lands (0 when that is a page start, or a new segment). */
+static uint32_t tail_fill(const kvt_coll *c, const kvt_cluster *k) {
+    if (!c->L.rpp || !k->nseg) return 0;
+    const kvt_seg *sg = &k->segs[k->nseg - 1];
+    if (!kvt_pool_room(&c->L, &c->pools.p[sg->pool])) return 0;
+    return sg->n % c->L.rpp;
+}
+
+/* The collection's share of the write buffer, in records. */
+static uint64_t tail_share(const kvt_coll *c) {
+    return c->st->write_buffer / (c->st->ncolls ? c->st->ncolls : 1) / c->L.esz;
+}
+
+/* Writes out the least recently appended tails until the collection's share holds. */
+static void trim_tails(kvt_coll *c) {
+    uint64_t share = tail_share(c);
+    while (c->tail_total > share) {
+        uint32_t best = KVT_NONE;
+        for (uint32_t j = 0; j < c->ncl; j++) {
+            const kvt_cluster *k = &c->cl[j];
+            if (k->pend && !k->flagged && (best == KVT_NONE || k->wtick < c->cl[best].wtick)) best = j;
+        }
+        if (best == KVT_NONE || write_pending(c, best)) break; /* a failed write keeps it buffered */
+        c->ctr.write_buffer_evictions++;
+    }
 }
 
 /* ---- reading clusters --------------------------------------------------------------------- */
@@ -989,6 +1053,7 @@ static int wants_split(const kvt_coll *c, const kvt_cluster *k) {
 static void maybe_flag(kvt_coll *c, uint32_t j) {
     kvt_cluster *k = &c->cl[j];
     if (!k->flagged && wants_split(c, k)) {
+        c->tail_total -= k->pend; /* its tail, if any, now waits for the split */
         k->flagged = 1;
         if (!k->ent) c->ctr.deferred_splits++;
     }
@@ -1130,6 +1195,7 @@ static int split_cluster(kvt_coll *c, uint32_t j, const uint8_t *recs) {
         uint32_t ones = 0;
         for (uint32_t i = 0; i < n; i++) ones += part[i];
         if (ones == 0 || ones == n) {
+            if (k->flagged) c->tail_total += k->pend; /* what waited is a tail again */
             k->flagged = 0;
             k->hold = n;
             c->ctr.unsplittable++;
@@ -1180,10 +1246,10 @@ static void split_in_dram(kvt_coll *c, const uint32_t *list, uint32_t nlist) {
  * the budget holds. A cluster that cannot split has its pending entries written instead. */
 static void relieve_pending(kvt_coll *c) {
     /* every round removes one cluster's pending entries or stops */
-    while (c->pending_total > c->p.pending_budget) {
+    while (c->pending_total - c->tail_total > c->p.pending_budget) {
         uint32_t best = KVT_NONE, most = 0;
         for (uint32_t j = 0; j < c->ncl; j++)
-            if (c->cl[j].pend > most) {
+            if (c->cl[j].flagged && c->cl[j].pend > most) {
                 most = c->cl[j].pend;
                 best = j;
             }
@@ -1206,15 +1272,7 @@ static void relieve_pending(kvt_coll *c) {
         }
         if (rc < 0 || rc > 1) c->ctr.split_errors++;
         /* not split: write its pending entries so the budget holds */
-        kvt_cluster *k = &c->cl[best];
-        if (k->pend) {
-            undo_log log = {0};
-            rec_src src = {.mrecs = k->pbuf};
-            if (append_flash(c, best, &src, k->pend, NULL, 0, &log) == 0) free_pending(c, k);
-            else rollback(c, &log);
-            free(log.u);
-            if (k->pend) break; /* could not write: stop rather than loop */
-        }
+        if (write_pending(c, best)) break; /* could not write: stop rather than loop */
     }
 }
 
@@ -1281,7 +1339,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     const kvt_kernels *K = s->K;
     const kvt_layout *L = &c->L;
     int rc = 0;
-    uint32_t *assign = NULL, *order = NULL, *start = NULL;
+    uint32_t *assign = NULL, *order = NULL, *start = NULL, *wnow = NULL;
     uint8_t *scratch = NULL, *topend = NULL;
     float *cent = NULL, *x = NULL;
     undo_log log = {0};
@@ -1304,9 +1362,10 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
         k = (uint32_t)((n + c->p.init_cluster_size - 1) / c->p.init_cluster_size);
         kmb = kvt_kmeans_bytes(n, k, c->p.dim) + (uint64_t)k * c->p.dim * 4;
     }
-    uint32_t sr = scratch_records(c, n);
+    /* scratch for one write: the new entries, with a tail before them (up to a page) */
+    uint32_t sr = scratch_records(c, n + L->rpp);
     uint64_t nk = (uint64_t)(first_batch ? k : c->ncl) + 2;
-    transient = n * 8 + kmb + (uint64_t)sr * L->esz + (uint64_t)c->p.dim * 4 + nk * 5;
+    transient = n * 8 + kmb + (uint64_t)sr * L->esz + (uint64_t)c->p.dim * 4 + nk * 9;
     rc = kvt_mem_reserve(&s->cache, transient);
     if (rc) {
         transient = 0;
@@ -1364,7 +1423,8 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     /* 2. group by cluster (counting sort keeps id order inside a cluster) */
     start = calloc((size_t)k + 1, 4);
     topend = calloc((size_t)k + 1, 1);
-    if (!start || !topend) {
+    wnow = calloc((size_t)k + 1, 4);
+    if (!start || !topend || !wnow) {
         rc = kvt_fail(ENOMEM, "add: out of memory");
         goto fail;
     }
@@ -1374,18 +1434,37 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     for (uint32_t j = k; j > 0; j--) start[j] = start[j - 1];
     start[0] = 0;
 
-    /* 3. entries joining a flagged cluster that is on flash wait in DRAM (adaptive): make
-     *    room first, so that nothing can fail after the writes */
+    /* 3. entries joining a flagged cluster that is on flash wait in DRAM (adaptive); the
+     *    others are written now, all of them, or with a write buffer up to the last whole
+     *    page, the rest staying in the cluster's tail (wnow[j]: how many of its tail and
+     *    then new entries are written). Room is made first, so that nothing can fail after
+     *    the writes. A cluster's records are its flash segments followed by its pending
+     *    buffer: once it has pending entries, later ones queue behind them. */
+    uint64_t new_room = buffering(c) ? tail_share(c) : 0;
     for (uint32_t j = 0; j < k && !rc; j++) {
         uint32_t m = start[j + 1] - start[j];
         kvt_cluster *cl = &c->cl[j];
-        /* once a cluster has pending entries, later ones queue behind them: a cluster's
-         * records are its flash segments followed by its pending buffer */
         if (m && token(c)) {
             rc = ensure_mem(c, cl, cl->n + m); /* token layout: nothing waits, records go to the log */
-        } else if (m && ((policy == KVT_POLICY_ADAPTIVE && cl->flagged && !cl->ent) || cl->pend)) {
+        } else if (m && cl->flagged && (cl->pend || (policy == KVT_POLICY_ADAPTIVE && !cl->ent))) {
             topend[j] = 1;
             rc = ensure_pbuf(c, cl, cl->pend + m);
+        } else if (m) {
+            uint64_t total = (uint64_t)cl->pend + m, w = total;
+            if (buffering(c)) { /* whole pages, counting the flash part's last page */
+                uint64_t f = tail_fill(c, cl), pages = (f + total) / L->rpp;
+                w = pages * L->rpp > f ? pages * L->rpp - f : 0;
+                /* a cluster with a tail keeps it (it is hot); new tails of one add take at
+                 * most the share, so a large add writes most clusters directly. Older tails
+                 * make room afterwards (trim_tails), least recently appended first. */
+                if (!cl->pend && total - w > new_room) w = total;
+                else if (!cl->pend) new_room -= total - w;
+            }
+            wnow[j] = (uint32_t)w;
+            if (w < total) {
+                topend[j] = 1;
+                rc = ensure_pbuf(c, cl, (uint32_t)(total - w));
+            }
         }
         if (m && cl->ent && kvt_cache_grow(&s->cache, cl->ent, m)) {
             kvt_cache_drop(&s->cache, cl->ent);
@@ -1396,9 +1475,10 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
 
     /* 4. write every record bound for flash before touching what readers see */
     for (uint32_t j = 0; j < k && !rc && !token(c); j++) {
-        uint32_t m = start[j + 1] - start[j];
-        rec_src src = {order + start[j], keys, values, (int64_t)n0, NULL};
-        if (m && !topend[j]) rc = append_flash(c, j, &src, m, scratch, sr, &log);
+        kvt_cluster *cl = &c->cl[j];
+        rec_src src = {order + start[j], keys, values, (int64_t)n0, NULL, NULL, cl->pbuf,
+                       wnow[j] < cl->pend ? wnow[j] : cl->pend};
+        if (wnow[j]) rc = append_flash(c, j, &src, wnow[j], scratch, sr, &log);
     }
     for (uint64_t at = 0; at < n && !rc && token(c);) { /* the log, in id order */
         uint64_t cnt = n - at < sr ? n - at : sr, off = token_offset(c, n0 + at);
@@ -1417,11 +1497,21 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     kvt_kill_point("add.written");
 
     /* 5. metadata: id map, running means and variances, cached copies, pending buffers */
+    c->wclock++;
     for (uint32_t j = 0; j < k; j++) {
         uint32_t m = start[j + 1] - start[j];
         if (!m) continue;
         kvt_cluster *cl = &c->cl[j];
         float *mean = c->cent + (size_t)j * c->p.dim;
+        /* the tail entries just written leave the tail; so do the new ones written */
+        uint32_t from_tail = wnow[j] < cl->pend ? wnow[j] : cl->pend, written_new = wnow[j] - from_tail;
+        if (from_tail) {
+            memmove(cl->pbuf, cl->pbuf + (size_t)from_tail * L->esz, (size_t)(cl->pend - from_tail) * L->esz);
+            cl->pend -= from_tail;
+            c->pending_total -= from_tail;
+            c->tail_total -= from_tail;
+        }
+        cl->wtick = c->wclock;
         for (uint32_t t = 0; t < m; t++) {
             uint32_t r = order[start[j] + t];
             const uint8_t *key = (const uint8_t *)keys + (size_t)r * L->key_bytes;
@@ -1432,9 +1522,10 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
             kvt_key_to_f32(K, c->p.dtype, key, x, c->p.dim);
             kvt_welford_add(mean, &cl->m2, c->m2d ? c->m2d + (size_t)j * c->p.dim : NULL, cl->n, x, c->p.dim);
             cl->n++;
-            if (topend[j]) {
+            if (topend[j] && t >= written_new) {
                 kvt_rec_encode(L, cl->pbuf + (size_t)cl->pend++ * L->esz, (int64_t)(n0 + r), key, val);
                 c->pending_total++;
+                if (!cl->flagged) c->tail_total++;
             }
             if (cl->ent) {
                 kvt_rec_encode(L, cl->ent->rec + (size_t)cl->ent->n * L->esz, (int64_t)(n0 + r), key, val);
@@ -1442,6 +1533,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
                 kvt_cache_updated(&s->cache, cl->ent);
             }
         }
+        if (!cl->pend && cl->pbuf) free_pending(c, cl); /* a tail written out whole: its buffer goes */
         update_norm(c, j);
     }
     if (policy == KVT_POLICY_NONE) memcpy(c->keys + n0 * L->key_bytes, keys, n * L->key_bytes);
@@ -1465,6 +1557,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     } else if (policy == KVT_POLICY_LOCAL && c->staging != KVT_NONE && c->cl[c->staging].n >= c->p.local_window) {
         if (recluster_staging(c)) c->ctr.split_errors++;
     }
+    trim_tails(c);
     goto out;
 fail:
     for (uint32_t j = ncl0; j < c->ncl; j++) drop_segs(c, j);
@@ -1475,6 +1568,7 @@ out:
     free(order);
     free(start);
     free(topend);
+    free(wnow);
     free(cent);
     free(x);
     free(scratch);
@@ -1819,16 +1913,26 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     }
     kvt_io_batch_begin(&s->io);
     for (uint64_t i0 = 0; i0 < m && !rc; i0 += TOKEN_BATCH) {
-        uint32_t nb = (uint32_t)(m - i0 < TOKEN_BATCH ? m - i0 : TOKEN_BATCH);
-        for (uint32_t t = 0; t < nb && !rc; t++) {
-            rc = record_offset(c, idx[i0 + t], &offs[t]);
-            req[t] = (kvt_read_req){offs[t], L->esz, rec + (size_t)t * L->esz, 1};
-        }
-        if (!rc) rc = kvt_file_read_batch(c->f, req, nb);
+        uint32_t nb = (uint32_t)(m - i0 < TOKEN_BATCH ? m - i0 : TOKEN_BATCH), nr = 0;
         for (uint32_t t = 0; t < nb && !rc; t++) {
             const kvt_loc lc = c->loc[idx[i0 + t]];
-            rc = check_run(c, lc.cl, lc.idx, rec + (size_t)t * L->esz, 1, offs[t]);
-            if (!rc) put_result(r, L, rec + (size_t)t * L->esz, -1);
+            const kvt_cluster *k = &c->cl[lc.cl];
+            if (lc.idx >= k->n - k->pend) continue; /* in the write buffer's tail, not on flash yet */
+            rc = record_offset(c, idx[i0 + t], &offs[nr]);
+            req[nr] = (kvt_read_req){offs[nr], L->esz, rec + (size_t)nr * L->esz, 1};
+            nr++;
+        }
+        if (!rc) rc = kvt_file_read_batch(c->f, req, nr);
+        for (uint32_t t = 0, got = 0; t < nb && !rc; t++) {
+            const kvt_loc lc = c->loc[idx[i0 + t]];
+            const kvt_cluster *k = &c->cl[lc.cl];
+            if (lc.idx >= k->n - k->pend) {
+                put_result(r, L, k->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz, -1);
+                continue;
+            }
+            rc = check_run(c, lc.cl, lc.idx, rec + (size_t)got * L->esz, 1, offs[got]);
+            if (!rc) put_result(r, L, rec + (size_t)got * L->esz, -1);
+            got++;
         }
     }
     kvt_io_batch_end(&s->io);
@@ -2887,7 +2991,8 @@ int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
     o->pools = c->pools.n;
     o->data_file_bytes = token(c) ? token_offset(c, c->n) : kvt_pool_base(&c->L, c->pools.n);
     o->tau = c->tau;
-    o->pending_entries = c->pending_total;
+    o->pending_entries = c->pending_total - c->tail_total;
+    o->write_buffer_entries = c->tail_total;
     o->parked = (uint64_t)c->parked;
     if (c->parked) { /* as it was when parked: nothing changes a parked collection */
         o->clusters = parked.clusters;
@@ -3019,18 +3124,7 @@ static int export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len) {
 /* Writes every cluster's pending entries to flash (they then stop being pending). */
 static int write_all_pending(kvt_coll *c) {
     int rc = 0;
-    for (uint32_t j = 0; j < c->ncl && !rc; j++) {
-        kvt_cluster *k = &c->cl[j];
-        if (!k->pend) continue;
-        /* in place from the pending buffer: a checkpoint needs no scratch, so a store whose
-         * budget is full can still make its data durable */
-        undo_log log = {0};
-        rec_src src = {.mrecs = k->pbuf};
-        rc = append_flash(c, j, &src, k->pend, NULL, 0, &log);
-        if (rc) rollback(c, &log);
-        else free_pending(c, k);
-        free(log.u);
-    }
+    for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = write_pending(c, j);
     return rc;
 }
 

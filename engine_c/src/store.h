@@ -51,6 +51,7 @@ struct kvt_store {
     const kvt_kernels *K;
     char *dir;
     uint64_t merge_gap;     /* bytes: extents of one read batch closer than this are read as one */
+    uint64_t write_buffer;  /* bytes for the page-aligned write buffers, shared by the collections */
     kvt_coll **colls;
     uint32_t ncolls, collcap;
     /* group virtualization (DESIGN 2.3): parked collections' images in a volatile swap file */
@@ -82,7 +83,9 @@ struct kvt_coll {
     uint64_t keyscap;           /* in entries */
     double tau;                 /* adaptive split threshold in force */
     uint32_t staging;           /* local: the cluster gathering new entries, or KVT_NONE */
-    uint64_t pending_total;
+    uint64_t pending_total;     /* entries in pending buffers, both kinds */
+    uint64_t tail_total;        /* ... of them, those of unflagged clusters: write-buffer tails */
+    uint64_t wclock;            /* append clock: one tick per add */
     uint16_t *cofreq;           /* co-location: nco x nco co-retrieval counts, until relayout */
     uint32_t nco, retrieves;
     kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */

@@ -1244,6 +1244,89 @@ static void test_park(void) {
     remove_dir(d);
 }
 
+/* Page-aligned write buffers: one entry at a time into a few hot clusters writes whole pages
+ * only; what waits in the tails is read from DRAM; a checkpoint writes the tails; a small
+ * share evicts (and counts) tails; policy none reads tail entries too. */
+static void wb_check_all(kvt_coll *c, const float *k, int n) {
+    int64_t *ids = malloc((size_t)n * 8);
+    float *gk = malloc((size_t)n * 64), q[16] = {1};
+    for (int i = 0; i < n; i++) ids[i] = i;
+    CHECK_OK(kvt_coll_get(c, ids, (uint64_t)n, gk, NULL));
+    CHECK(memcmp(gk, k, (size_t)n * 64) == 0);
+    kvt_result *r;
+    CHECK_OK(kvt_coll_retrieve(c, q, 1, (uint64_t)n, &r));
+    CHECK(kvt_result_count(r) == (uint64_t)n);
+    kvt_result_copy(r, ids, gk, NULL, NULL);
+    int ok = 1;
+    for (int i = 0; i < n; i++) ok &= ids[i] >= 0 && ids[i] < n && memcmp(gk + (size_t)i * 16, k + (size_t)ids[i] * 16, 64) == 0;
+    CHECK(ok);
+    kvt_result_free(r);
+    free(ids);
+    free(gk);
+}
+
+static void test_write_buffer(void) {
+    enum { N0 = 200, N = 2200 };
+    float *k = drift_data(N0, N - N0, 41);
+    const int policies[2] = {KVT_POLICY_STATIC, KVT_POLICY_NONE};
+    for (int pi = 0; pi < 2; pi++) {
+        for (int small = 0; small < 2; small++) {
+            char *d = make_dir();
+            kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_LRU,
+                                small ? 8 * 80 : 64 << 10};
+            kvt_store *st;
+            CHECK_OK(kvt_store_open(d, &o, &st));
+            kvt_coll_params p = params(KVT_F32);
+            p.value_dim = 0; /* 80-byte records: 51 to a page, 16 bytes of padding */
+            p.policy = policies[pi];
+            p.init_cluster_size = 32;
+            p.max_cluster_size = 1024;
+            kvt_coll *c;
+            CHECK_OK(kvt_coll_create(st, 0, &p, &c));
+            CHECK(c->L.rpp == 51);
+            int64_t first;
+            CHECK_OK(kvt_coll_add(c, k, NULL, N0, &first));
+            for (int i = N0; i < N; i++) CHECK_OK(kvt_coll_add(c, k + (size_t)i * 16, NULL, 1, &first));
+            kvt_coll_stats cs;
+            CHECK_OK(kvt_coll_stats_get(c, &cs));
+            if (!small) {
+                CHECK(cs.partial_page_writes == 0 && cs.write_buffer_evictions == 0);
+                CHECK(cs.write_buffer_entries > 0 && cs.write_buffer_entries < cs.clusters * 51);
+            } else {
+                CHECK(cs.write_buffer_entries <= 8 && cs.write_buffer_evictions > 0);
+            }
+            CHECK(cs.pending_entries == 0);
+            wb_check_all(c, k, N);
+            kvt_checkpoint *cp;
+            CHECK_OK(kvt_coll_checkpoint(c, &cp));
+            CHECK_OK(kvt_coll_stats_get(c, &cs));
+            CHECK(cs.write_buffer_entries == 0);
+            size_t blen, nch = kvt_checkpoint_nchunks(cp);
+            const void *bp = kvt_checkpoint_dir(cp, &blen);
+            void *blob = malloc(blen), *chunks[4];
+            size_t lens[4];
+            memcpy(blob, bp, blen);
+            CHECK(nch <= 4);
+            for (size_t i = 0; i < nch && i < 4; i++) {
+                uint64_t ci;
+                const void *cp_i = kvt_checkpoint_chunk(cp, i, &ci, &lens[i]);
+                chunks[i] = malloc(lens[i]);
+                memcpy(chunks[i], cp_i, lens[i]);
+            }
+            kvt_checkpoint_free(cp);
+            kvt_store_close(st);
+            CHECK_OK(kvt_store_open(d, &o, &st));
+            CHECK_OK(kvt_coll_open(st, 0, &p, blob, blen, (const void *const *)chunks, lens, nch, &c));
+            wb_check_all(c, k, N);
+            kvt_store_close(st);
+            free(blob);
+            for (size_t i = 0; i < nch && i < 4; i++) free(chunks[i]);
+            remove_dir(d);
+        }
+    }
+    free(k);
+}
+
 static void test_token_layout(void) {
     char *d = make_dir();
     kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_LRU};
@@ -1348,6 +1431,7 @@ int main(void) {
     test_read_batch_threads();
     test_park();
     test_token_layout();
+    test_write_buffer();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
