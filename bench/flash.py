@@ -44,11 +44,9 @@ LAYOUTS = {"token": {"layout": "token"}, "clustered": {"layout": "clustered"},
            "colocated": {"layout": "colocated", "colocate_after": 32}}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", default="W1,W2")
-    ap.add_argument("--policies", default="none,static,local,adaptive")
-    ap.add_argument("--layouts", default="token,clustered,colocated")
+def add_setting_args(ap):
+    """The replay setting of this benchmark (also bench.write_buffer's): 10 layers, 512 + 2048
+    tokens, 10% fetch budget every 4 steps, 4 MiB of DRAM, UFS 4.0."""
     ap.add_argument("--layers", default="0,3,6,9,12,15,18,21,24,27")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=2048)
@@ -56,6 +54,14 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--dram-budget", default="4MiB")
     ap.add_argument("--device", default="ufs4.0")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workloads", default="W1,W2")
+    ap.add_argument("--policies", default="none,static,local,adaptive")
+    ap.add_argument("--layouts", default="token,clustered,colocated")
+    add_setting_args(ap)
     ap.add_argument("--merge-gap", type=int, default=None,
                     help="bytes (default: the device's knee); 0 reads only touching extents as one "
                          "request, so entries/read is the mean contiguous run length")

@@ -209,6 +209,8 @@ flash_section = _results_section("Flash layout: what the device sees", "flash", 
 flash_gap0_section = _results_section("Flash layout: contiguous runs (merge gap 0)", "flash_gap0", "bench.flash")
 flash_real_section = _results_section("Retrieval reads on this disk vs calibrate (O_DIRECT)", "flash_real",
                                       "bench.flash_real")
+write_buffer_section = _results_section("Page-aligned write buffers: partial-page writes vs buffer size",
+                                        "write_buffer", "bench.write_buffer")
 cache_section = _results_section("Cache policies: hit rate and flash reads vs DRAM budget", "cache", "bench.cache",
                                  _plot_cache, args_key="args")
 virtualize_section = _results_section("Group virtualization: DRAM against I/O, 30 layers", "virtualize_W1",
@@ -317,8 +319,8 @@ def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     return Section(title, cmd, "\n".join(lines))
 
 
-SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_real_section, cache_section,
-            virtualize_section, pipeline_section, w4_section, torch_section, llama_section, micro_section)
+SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_real_section,
+            write_buffer_section, cache_section, virtualize_section, pipeline_section, w4_section, torch_section, llama_section, micro_section)
 
 
 def plots_table(rows: list, keys: tuple) -> str:

@@ -66,7 +66,7 @@ cdef extern from "kvtier.h" nogil:
         uint64_t parked_collections, swap_outs, swap_ins, swap_demand_ins
         uint64_t swap_write_bytes, swap_read_bytes, swap_file_bytes
         uint64_t split_read_bytes, relayout_read_bytes, partial_page_writes
-        uint64_t write_buffer_entries, write_buffer_evictions
+        uint64_t write_buffer_entries, write_buffer_evictions, write_buffer_errors
         double read_seconds
         double read_size_seconds[24]
         uint64_t read_size_bytes[24]
@@ -100,6 +100,7 @@ cdef extern from "kvtier.h" nogil:
         uint64_t flagged_clusters, split_read_bytes, split_write_bytes, split_errors, split_skipped
         uint64_t relayouts, relayout_bytes, relayout_read_bytes, append_bytes, naive_move_bytes
         uint64_t parked, partial_page_writes, write_buffer_entries, write_buffer_evictions
+        uint64_t write_buffer_errors
     int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
     int kvt_store_park(kvt_store *store, kvt_coll *const *collections, size_t n, int keep_cache)
     int kvt_store_unpark(kvt_store *store, kvt_coll *const *collections, size_t n, int async_)

@@ -92,6 +92,7 @@ cdef class Engine:
             "swap_write_bytes": s.swap_write_bytes, "swap_read_bytes": s.swap_read_bytes,
             "swap_file_bytes": s.swap_file_bytes, "partial_page_writes": s.partial_page_writes,
             "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
+            "write_buffer_errors": s.write_buffer_errors,
             "io_backend": kvt_store_io_backend(p).decode(), "read_seconds": s.read_seconds,
             "read_size_seconds": [float(s.read_size_seconds[i]) for i in range(24)],
             "read_size_bytes": [int(s.read_size_bytes[i]) for i in range(24)],
@@ -300,6 +301,7 @@ cdef class Coll:
             "split_skipped": s.split_skipped, "relayouts": s.relayouts, "parked": bool(s.parked),
             "partial_page_writes": s.partial_page_writes,
             "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
+            "write_buffer_errors": s.write_buffer_errors,
             "relayout_bytes": s.relayout_bytes, "relayout_read_bytes": s.relayout_read_bytes,
             "append_bytes": s.append_bytes, "naive_move_bytes": s.naive_move_bytes,
         }

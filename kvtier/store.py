@@ -260,9 +260,9 @@ class Store:
         if cache_policy not in CACHE_POLICIES:
             raise InvalidArgumentError(f"cache_policy: one of {sorted(CACHE_POLICIES)} expected, got {cache_policy!r}")
         self.cache_policy = cache_policy
-        # a sixteenth of the budget: enough for a page-sized tail for each hot cluster of a
-        # few dozen collections without crowding out the cache
-        write_buffer = budget // 16 if write_buffer is None else parse_size(write_buffer, "write_buffer")
+        # a thirty-second of the budget: its DRAM comes out of the cache, so it is kept small
+        # (bench.write_buffer: the tail evictions it saves against the cache hits it costs)
+        write_buffer = budget // 32 if write_buffer is None else parse_size(write_buffer, "write_buffer")
         if write_buffer > budget // 2:
             raise InvalidArgumentError(f"write_buffer: at most half the dram_budget ({budget // 2} bytes) expected, "
                                        f"got {write_buffer} bytes")
@@ -539,7 +539,7 @@ def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", m
     when the gap between them is at most this (default: the device's knee, else 4 KiB);
     ``cache_policy`` which cached clusters make room: ``cluster`` (default: recently updated
     clusters keep a reserved share, then small clusters are preferred), ``lru`` or ``lfu``;
-    ``write_buffer`` (bytes, default a sixteenth of the budget, 0 to turn off) is the DRAM
+    ``write_buffer`` (bytes, default a thirty-second of the budget, 0 to turn off) is the DRAM
     shared by the collections' page-aligned write buffers: the clusters appended to most
     recently keep their newest entries in DRAM until a whole 4 KiB flash page can be written,
     so no page is programmed twice (``stats()["partial_page_writes"]`` counts those that are).

@@ -268,7 +268,7 @@ class TieredCache(Cache):
     its representatives; one layer ahead without), so the engine's DRAM is bounded by a few
     layers rather than all of them, at the price of reading each layer's index (and its
     cache working set) back from flash at every step; results are unchanged. ``write_buffer``
-    the store's page-aligned write buffer (bytes; None: kvtier's default, a sixteenth of the
+    the store's page-aligned write buffer (bytes; None: kvtier's default, a thirty-second of the
     DRAM budget; 0: every appended token is written at once).
 
     Works with ``model.generate(..., cache=cache)`` and manual ``model(ids, cache=cache,

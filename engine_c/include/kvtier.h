@@ -168,7 +168,7 @@ typedef struct kvt_store_stats {
      * what retrieve, search and get read on demand */
     uint64_t split_read_bytes, relayout_read_bytes;
     uint64_t partial_page_writes;   /* summed over the collections (kvt_coll_stats) */
-    uint64_t write_buffer_entries, write_buffer_evictions; /* summed, as kvt_coll_stats */
+    uint64_t write_buffer_entries, write_buffer_evictions, write_buffer_errors; /* summed */
     /* measured (wall-clock) seconds in read system calls and bytes read, by the buckets of
      * read_size_hist: the real bandwidth by request size (reads issued together share their
      * batch's time in proportion to their bytes) */
@@ -258,9 +258,11 @@ typedef struct kvt_coll_stats {
     /* writes that rewrote a flash page already holding data (the page where an append meets
      * earlier records): each costs the device a read-modify-write of that page */
     uint64_t partial_page_writes;
-    /* page-aligned write buffers (kvt_store_opts.write_buffer): entries waiting in them now,
-     * and buffers written out before they filled a page, to make room for hotter clusters */
-    uint64_t write_buffer_entries, write_buffer_evictions;
+    /* page-aligned write buffers (kvt_store_opts.write_buffer): entries waiting in them now;
+     * buffers written out before they filled a page, to make room for hotter clusters; and
+     * such writes that failed on I/O (the entries stay buffered, written later or by the
+     * next checkpoint, which reports its own failures) */
+    uint64_t write_buffer_entries, write_buffer_evictions, write_buffer_errors;
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */

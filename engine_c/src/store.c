@@ -186,6 +186,7 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
         o->partial_page_writes += c->ctr.partial_page_writes;
         o->write_buffer_entries += c->tail_total;
         o->write_buffer_evictions += c->ctr.write_buffer_evictions;
+        o->write_buffer_errors += c->ctr.write_buffer_errors;
     }
     UNLOCK(s);
     return 0;
@@ -727,7 +728,11 @@ static void trim_tails(kvt_coll *c) {
             const kvt_cluster *k = &c->cl[j];
             if (k->pend && !k->flagged && (best == KVT_NONE || k->wtick < c->cl[best].wtick)) best = j;
         }
-        if (best == KVT_NONE || write_pending(c, best)) break; /* a failed write keeps it buffered */
+        if (best == KVT_NONE) break;
+        if (write_pending(c, best)) { /* a failed write keeps it buffered, for later */
+            c->ctr.write_buffer_errors++;
+            break;
+        }
         c->ctr.write_buffer_evictions++;
     }
 }
@@ -1095,7 +1100,8 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     int rc = kvt_mem_reserve(&s->cache, bytes + extra);
     if (rc) return rc;
     uint8_t *sorted = malloc(bytes + 8), **grp = calloc(nt, sizeof *grp);
-    uint32_t *cnt = calloc(nt, 4), *dst = calloc(nt, 4);
+    uint32_t *cnt = calloc(nt, 4), *dst = calloc(nt, 4), *wcnt = NULL;
+    struct { uint8_t *p; uint64_t cap; } *tails = NULL; /* the groups' tails, until installed */
     float *x = malloc((size_t)c->p.dim * 4);
     if (!sorted || !grp || !cnt || !dst || !x) rc = kvt_fail(ENOMEM, "split: out of memory");
     /* group the records, keeping their order inside each group */
@@ -1116,11 +1122,21 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     }
     dst[0] = src;
     for (uint32_t t = 1; t < nt && !rc; t++) rc = new_cluster(c, &dst[t]);
+    /* with write buffers, a group's last partial page stays in DRAM as its tail, so that the
+     * group's next appends complete that page instead of programming it a second time */
+    if (!rc && buffering(c) && (!(tails = calloc(nt, sizeof *tails)) || !(wcnt = calloc(nt, 4))))
+        rc = kvt_fail(ENOMEM, "split: out of memory");
+    for (uint32_t t = 0; tails && t < nt && !rc; t++) {
+        wcnt[t] = cnt[t];
+        if (!(cnt[t] % L->rpp)) continue;
+        wcnt[t] = cnt[t] - cnt[t] % L->rpp;
+        rc = grow_array(c, (void **)&tails[t].p, L->esz, &tails[t].cap, cnt[t] - wcnt[t]);
+    }
     seg_save old = detach_segs(c, src);
     if (token(c)) /* the records stay where they are in the log: only member lists change */
         for (uint32_t t = 1; t < nt && !rc; t++) rc = ensure_mem(c, &c->cl[dst[t]], cnt[t]);
     else if (!rc)
-        rc = write_fresh(c, dst, grp, cnt, nt);
+        rc = write_fresh(c, dst, grp, tails ? wcnt : cnt, nt);
     if (!rc) kvt_kill_point("split.written");
     if (rc) {
         restore_segs(c, src, old);
@@ -1139,6 +1155,16 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
         kvt_cluster *kj = &c->cl[j];
         stats_from_records(c, j, grp[t], cnt[t], x);
         kj->flagged = kj->hold = 0;
+        if (tails && tails[t].p) {
+            kj->pend = cnt[t] - wcnt[t];
+            memcpy(tails[t].p, grp[t] + (size_t)wcnt[t] * L->esz, (size_t)kj->pend * L->esz);
+            kj->pbuf = tails[t].p;
+            kj->pcap = (uint32_t)tails[t].cap;
+            tails[t].p = NULL; /* the cluster's now */
+            kj->wtick = c->wclock;
+            c->pending_total += kj->pend;
+            c->tail_total += kj->pend;
+        }
         for (uint32_t i = 0; i < cnt[t]; i++) {
             int64_t id;
             memcpy(&id, grp[t] + (size_t)i * L->esz, 8);
@@ -1155,9 +1181,13 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
         }
     }
     c->ctr.splits++;
-    if (!token(c)) c->ctr.split_write_bytes += bytes;
+    for (uint32_t t = 0; t < nt && !token(c); t++) c->ctr.split_write_bytes += (uint64_t)(tails ? wcnt[t] : cnt[t]) * L->esz;
     *first_new = ncl0;
 out:
+    for (uint32_t t = 0; tails && t < nt; t++)
+        if (tails[t].p) free_array(c, tails[t].p, tails[t].cap, L->esz);
+    free(tails);
+    free(wcnt);
     free(sorted);
     free(grp);
     free(cnt);
@@ -2249,6 +2279,7 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
         selection_release_budget(c, &sel); /* room for the splits; idx is still read */
         split_in_dram(c, idx, (uint32_t)taken);
         relieve_pending(c);
+        trim_tails(c); /* splits may have left new tails */
     }
     if (!rc && c->cofreq && c->retrieves >= c->p.colocate_after && relayout(c)) c->ctr.split_errors++;
     /* report the clusters the entries belong to now, after any split */
