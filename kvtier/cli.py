@@ -256,7 +256,7 @@ def inspect_store(path: str, dram_budget="256MiB") -> dict:
     if not os.path.isdir(os.path.join(path, "catalog")):
         raise InvalidArgumentError(f"STORE: {path!r} is not a kvtier store (no catalog/ directory in it)")
     out = {"path": os.path.abspath(path), "kvtier": kvtier.__version__,
-           "format": {"catalog": CATALOG_FORMAT, "data": int(_engine.FORMAT_VERSION)},
+           "format": {"catalog": CATALOG_FORMAT, "data": int(_engine.FORMAT_VERSION), "data_files": []},
            "collections": []}
     with kvtier.open(path, dram_budget=dram_budget) as store:
         for name in store.collections():
@@ -275,11 +275,13 @@ def inspect_store(path: str, dram_budget="256MiB") -> dict:
                 "mean_variance": float(st["mean_variance"]), "pools": int(st["pools"]),
                 "data_file": data_file, "data_file_bytes": int(st["data_file_bytes"]),
                 "file_size": _file_size(os.path.join(path, data_file)),
+                "data_format": _data_format(os.path.join(path, data_file)),
                 "cached_clusters": int(st["cached_clusters"]),
                 # whatever else the engine reports for this collection (policy counters: splits,
                 # tau, deferred and pending entries, ...), as it grows
                 "more": {k: v for k, v in st.items() if k not in _SHOWN_COLL_STATS}})
         out["stats"] = store.stats()
+    out["format"]["data_files"] = sorted({c["data_format"] for c in out["collections"] if c["data_format"]})
     data = sum(c["data_file_bytes"] for c in out["collections"])
     out["disk_bytes"] = {"data_files": data, "catalog": _du(os.path.join(path, "catalog"))}
     return out
@@ -290,6 +292,16 @@ def _file_size(path: str) -> Optional[int]:
         return os.stat(path).st_size
     except FileNotFoundError:  # a collection created but never written
         return None
+
+
+def _data_format(path: str) -> Optional[int]:
+    """The format version in a data file's header (README "On disk"), None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    return int.from_bytes(head[8:12], "little") if len(head) == 12 and head[:8] == b"KVTDATA1" else None
 
 
 def _du(path: str) -> int:
@@ -310,8 +322,9 @@ def _inspect(args) -> int:
         return 0
     colls = info["collections"]
     print(f"store {info['path']}")
-    print(f"  format: catalog {info['format']['catalog']}, data files {info['format']['data']} "
-          f"(kvtier {info['kvtier']})")
+    found = ", ".join(str(v) for v in info["format"]["data_files"]) or "none yet"
+    print(f"  format: catalog {info['format']['catalog']}, data files {found} "
+          f"(kvtier {info['kvtier']} reads data formats 1 to {info['format']['data']}, writes {info['format']['data']})")
     print(f"  disk: {info['disk_bytes']['data_files']:,} bytes allocated in data files, "
           f"{info['disk_bytes']['catalog']:,} bytes of catalog")
     print(f"  {len(colls)} collection{'s' if len(colls) != 1 else ''}")
@@ -323,7 +336,7 @@ def _inspect(args) -> int:
         # data_file_bytes is the space the engine has given to pools (written or not);
         # the file itself can be shorter until the last pool fills.
         print(f"  entries {c['entries']:,}  clusters {c['clusters']:,}  pools {c['pools']:,}  "
-              f"{c['data_file']}: {c['data_file_bytes']:,} bytes allocated, "
+              f"{c['data_file']} (format {c['data_format'] or '?'}): {c['data_file_bytes']:,} bytes allocated, "
               f"{'missing' if c['file_size'] is None else format(c['file_size'], ',') + ' bytes on disk'}")
         d = c["cluster_sizes"]
         if d:
