@@ -207,6 +207,7 @@ policies_section = _results_section(
                     "read_ops_per_retrieve"))
 flash_section = _results_section("Flash layout: what the device sees", "flash", "bench.flash", _plot_flash)
 flash_gap0_section = _results_section("Flash layout: contiguous runs (merge gap 0)", "flash_gap0", "bench.flash")
+flash_8k_section = _results_section("Flash layout at an 8K context (W2, 4096 + 4096 tokens)", "flash_8k", "bench.flash")
 flash_real_section = _results_section("Retrieval reads on this disk vs calibrate (O_DIRECT)", "flash_real",
                                       "bench.flash_real")
 write_buffer_section = _results_section("Page-aligned write buffers: partial-page writes vs buffer size",
@@ -319,7 +320,7 @@ def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     return Section(title, cmd, "\n".join(lines))
 
 
-SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_real_section,
+SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_8k_section, flash_real_section,
             write_buffer_section, cache_section, virtualize_section, pipeline_section, w4_section, torch_section, llama_section, micro_section)
 
 
