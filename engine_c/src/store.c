@@ -1785,7 +1785,7 @@ static int relayout(kvt_coll *c) {
         for (; c->pools.n < pools0 + npools; c->pools.n++)
             c->pools.p[c->pools.n] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
     for (; done < m && !rc; done++) {
-        uint32_t j = chain[done], pool = pools0 + (done + 1) / 2, head = done % 2;
+        uint32_t j = chain[done], pool = pools0 + done / 2, head = done % 2;
         uint8_t *recs;
         uint64_t owned;
         kvt_cache_ent *pinned;
