@@ -8,7 +8,8 @@
  *    direct reads of one pool never touch bytes another writer is appending.
  * 4. Appends only write slots past a head's used count: data already written never moves.
  * 5. In a padded layout (rpp > 0) no record crosses a KVT_LAYOUT_PAGE boundary, pool_cap is a
- *    whole number of pages of rpp records, and padding bytes are written as zeros.
+ *    whole number of pages of rpp records; padding inside one write is written as zeros, and
+ *    no reader ever takes padding for a record.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -52,27 +53,6 @@ void kvt_unpad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t p
         dst += (size_t)k * L->esz;
         src += (size_t)(L->rpp - in_page) * L->esz + (KVT_LAYOUT_PAGE - (size_t)L->rpp * L->esz);
         n -= k;
-        in_page = 0;
-    }
-}
-
-void kvt_pad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n) {
-    if (!L->rpp) {
-        if (n) memcpy(dst, src, (size_t)n * L->esz);
-        return;
-    }
-    uint32_t in_page = pos % L->rpp;
-    size_t pad = KVT_LAYOUT_PAGE - (size_t)L->rpp * L->esz;
-    while (n) {
-        uint32_t k = L->rpp - in_page < n ? L->rpp - in_page : n;
-        memcpy(dst, src, (size_t)k * L->esz);
-        src += (size_t)k * L->esz;
-        dst += (size_t)k * L->esz;
-        n -= k;
-        if (n) { /* the page's padding, then the next page */
-            memset(dst, 0, pad);
-            dst += pad;
-        }
         in_page = 0;
     }
 }

@@ -95,16 +95,10 @@ static inline uint64_t kvt_span(const kvt_layout *L, uint32_t pos, uint32_t n) {
 static inline uint64_t kvt_run_span(const kvt_layout *L, uint32_t head, uint32_t first, uint32_t n) {
     return kvt_span(L, kvt_run_pos(L, head, first, n ? n : 1), n);
 }
-/* Bytes of padding at most in a span of n records (for sizing read buffers). */
-static inline uint64_t kvt_span_slack(const kvt_layout *L, uint64_t n) {
-    return L->rpp ? (n / L->rpp + 1) * (KVT_LAYOUT_PAGE - (uint64_t)L->rpp * L->esz) : 0;
-}
 /* Copies n records laid out as on flash from position pos (src points at the first) to dst
  * back to back, dropping page padding. dst may overlap src if dst <= src. */
 void kvt_unpad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n);
-/* The reverse: n back-to-back records to dst laid out as on flash from position pos, padding
- * zeroed. dst and src must not overlap. */
-void kvt_pad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n);
+
 static inline uint32_t kvt_pool_room(const kvt_layout *L, const kvt_pool *p) {
     return L->pool_cap - p->used[0] - p->used[1];
 }

@@ -762,7 +762,7 @@ typedef struct extent {
 } extent;
 
 /* Bytes a buffer needs to read cluster k into: its segments' spans stacked, then its pending
- * records (kvt_span_slack bounds the difference from k->n records for budget estimates). */
+ * records. */
 static uint64_t read_buffer_bytes(const kvt_coll *c, const kvt_cluster *k) {
     uint64_t b = (uint64_t)(k->n - k->pend) * c->L.esz;
     if (!token(c))
