@@ -19,6 +19,10 @@
  *    long-lived structures; transient reservations are released before return).
  * 7. A split never reads flash: it runs on a cluster already in DRAM (cached, or read by this
  *    retrieve). The one exception is the pending budget's overflow, counted as forced loads.
+ * 8. pending_total is the sum of every cluster's pend; tail_total the sum over unflagged
+ *    clusters, whose pending buffers are write-buffer tails (DESIGN 2.2): entries kept in
+ *    DRAM until they complete a flash page. Only flagged clusters' entries count against the
+ *    pending budget.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
