@@ -121,6 +121,9 @@ class StoreVsReference(RuleBasedStateMachine):
         assert len(self.coll) == len(self.keys)
         st_ = self.store.stats()
         assert st_["dram_peak_bytes"] <= st_["dram_budget"]
+        # entries waiting in DRAM (for a split, or in a write buffer's tail) are entries
+        cs = self.coll.stats()
+        assert cs["pending_entries"] + cs["write_buffer_entries"] <= len(self.keys)
 
 
 class TokenLayoutVsReference(StoreVsReference):
