@@ -219,10 +219,12 @@ int kvt_store_inject_fault(kvt_store *s, char op, uint64_t nth, int code) {
  * the budget first. New elements are zeroed. */
 static int grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
     if (need <= *cap) return 0;
-    /* 1.5x growth, 1.25x past 1 MiB: the id map is the largest structure, and doubling it
-     * would spend up to half of it as slack against a tight budget */
+    /* 1.5x growth, 1.25x past 128K elements: the id map is the largest structure, and doubling
+     * it would spend up to half of it as slack against a tight budget. The step depends on the
+     * element count only, so arrays grown in step (the per-cluster ones) keep equal capacities
+     * whatever their element sizes. */
     uint64_t nc = *cap ? *cap : (need < 4 ? 4 : need);
-    while (nc < need) nc += (nc * size > (1u << 20) ? nc / 4 : nc / 2) + 1; /* big ones: 1.25x */
+    while (nc < need) nc += (nc > (1u << 17) ? nc / 4 : nc / 2) + 1; /* big ones: 1.25x */
     uint64_t more = (nc - *cap) * size;
     int rc = kvt_mem_reserve(&c->st->cache, more);
     if (rc) return rc;
@@ -255,7 +257,7 @@ static int ensure_clusters(kvt_coll *c, uint32_t need) {
     if (!rc && c->p.score_temp > 0) rc = grow_array(c, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, need);
     if (rc) return rc;
     for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
-    c->clcap = (uint32_t)cap; /* the three grew by the same rule from the same capacity */
+    c->clcap = (uint32_t)cap; /* all grew by the same rule (it counts elements) from the same capacity */
     return 0;
 }
 
@@ -821,15 +823,17 @@ static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8
     uint64_t entries = 0;
     for (uint32_t t = a; t < e; t++) entries += ex[t].nrec;
     size_t len = (size_t)(ex[e - 1].off + ex[e - 1].len - ex[a].off);
-    if (e == a + 1) return kvt_file_read(c->f, ex[a].off, len, buf[ex[a].slot] + ex[a].boff, entries);
-    uint64_t need = len + kvt_file_read_scratch(c->f, ex[a].off, len);
+    /* one extent is read straight into its cluster's buffer; several through a run buffer.
+     * Either way a direct read's bounce buffer is reserved too. */
+    int single = e == a + 1;
+    uint64_t need = (single ? 0 : len) + kvt_file_read_scratch(c->f, ex[a].off, len);
     int rc = kvt_mem_reserve(&s->cache, need);
     if (rc) return rc;
-    uint8_t *run = malloc(len);
+    uint8_t *run = single ? buf[ex[a].slot] + ex[a].boff : malloc(len);
     if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
     if (!rc) rc = kvt_file_read(c->f, ex[a].off, len, run, entries);
-    if (!rc) place_run(ex, a, e, run, buf);
-    free(run);
+    if (!rc && !single) place_run(ex, a, e, run, buf);
+    if (!single) free(run);
     kvt_mem_release(&s->cache, need);
     return rc;
 }
@@ -1594,6 +1598,9 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     trim_tails(c);
     goto out;
 fail:
+    /* pending buffers step 3 made that nothing went into go back to the budget */
+    for (uint32_t j = 0; j < c->ncl; j++)
+        if (c->cl[j].pbuf && !c->cl[j].pend) free_pending(c, &c->cl[j]);
     for (uint32_t j = ncl0; j < c->ncl; j++) drop_segs(c, j);
     c->ncl = ncl0;
     c->staging = staging0;
