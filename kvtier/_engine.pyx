@@ -210,7 +210,11 @@ cdef class Coll:
         return self.ptr
 
     def count(self):
-        return kvt_coll_count(self.live())
+        cdef kvt_coll *c = self.live()
+        cdef uint64_t n
+        with nogil:  # it takes the store mutex, which a long retrieve may hold
+            n = kvt_coll_count(c)
+        return n
 
     def add(self, keys, values):
         """keys: C-contiguous [n, dim] and values [n, value_dim] in the collection dtype."""

@@ -466,7 +466,14 @@ int kvt_coll_create(kvt_store *s, uint32_t no, const kvt_coll_params *p, kvt_col
     return rc;
 }
 
-uint64_t kvt_coll_count(const kvt_coll *c) { return c->n; }
+uint64_t kvt_coll_count(const kvt_coll *c) {
+    /* under the mutex (invariant 1): an add in another thread changes n */
+    kvt_store *s = c->st;
+    LOCK(s);
+    uint64_t n = c->n;
+    UNLOCK(s);
+    return n;
+}
 
 /* ---- writing records to flash ------------------------------------------------------------ */
 
@@ -2085,8 +2092,8 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
 
 /* Runs one job without the store mutex for the reads, with it to check and publish. */
 static void run_job(kvt_store *s, kvt_job *j) {
-    if (j->cl == KVT_SWAP_JOB) {
-        run_swap_job(s, j);
+    if (j->exec) {
+        j->exec(s, j);
         return;
     }
     kvt_coll *c = j->c;
@@ -2736,7 +2743,7 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) 
                 rc = kvt_fail(ENOMEM, "unpark: out of memory");
                 break;
             }
-            *j = (kvt_job){NULL, v[a], KVT_SWAP_JOB, (uint32_t)(e - a), NULL, NULL, img, len};
+            *j = (kvt_job){NULL, v[a], KVT_SWAP_JOB, (uint32_t)(e - a), NULL, NULL, img, len, run_swap_job};
             if (!(j->run = malloc((e - a) * sizeof(kvt_coll *)))) {
                 free(j);
                 free(img);

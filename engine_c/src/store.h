@@ -27,6 +27,9 @@ typedef struct kvt_job {
     kvt_coll **run;             /* swap-in: the collections, images consecutive from run[0]'s */
     uint8_t *swap_buf;          /* swap-in: their images, swap_len bytes reserved */
     uint64_t swap_len;
+    /* NULL: read cluster cl into e. Otherwise the job's own work (a swap-in), so that the
+     * loader, which runs every job, need not know the layers that submit them. */
+    void (*exec)(kvt_store *s, struct kvt_job *j);
     kvt_seg segs[];
 } kvt_job;
 #define KVT_SWAP_JOB UINT32_MAX
