@@ -84,6 +84,13 @@ cdef extern from "kvtier.h" nogil:
     int kvt_coll_retrieve(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
                           kvt_result **out)
     int kvt_coll_prefetch(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget, uint64_t *queued)
+    ctypedef struct kvt_estimate_opts:
+        int64_t clusters
+        double scale
+    int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
+                              const kvt_estimate_opts *est, kvt_result **out)
+    void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint64_t *clusters,
+                             uint64_t *entries)
     uint64_t kvt_result_count(const kvt_result *res)
     uint64_t kvt_result_nclusters(const kvt_result *res)
     void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *values, int32_t *clusters)

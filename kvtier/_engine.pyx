@@ -252,14 +252,40 @@ cdef class Coll:
             rc = kvt_coll_retrieve(c, &q[0, 0], nq, budget, &r)
         check(rc)
         try:
-            n = kvt_result_count(r)
-            ids = np.empty(n, dtype=np.int64)
-            keys = np.empty((n, self.dim), dtype=self.dtype)
-            values = np.empty((n, self.value_dim), dtype=self.dtype)
-            clusters = np.empty(n, dtype=np.int32)
-            if n:
-                _copy_result(r, ids, keys, values, clusters)
-            return ids, keys, values, clusters
+            return self._result_arrays(r)
+        finally:
+            kvt_result_free(r)
+
+    cdef tuple _result_arrays(self, kvt_result *r):
+        """(ids, keys, values, clusters) of a retrieve result, copied out."""
+        cdef uint64_t n = kvt_result_count(r)
+        ids = np.empty(n, dtype=np.int64)
+        keys = np.empty((n, self.dim), dtype=self.dtype)
+        values = np.empty((n, self.value_dim), dtype=self.dtype)
+        clusters = np.empty(n, dtype=np.int32)
+        if n:
+            _copy_result(r, ids, keys, values, clusters)
+        return ids, keys, values, clusters
+
+    def retrieve_est(self, const float[:, ::1] q, uint64_t budget, int64_t clusters, double scale):
+        """retrieve plus the estimate of the clusters not fetched (kvt_coll_retrieve_est):
+        (ids, keys, values, clusters, lse [nq] f32, est_values [nq, value_dim] f32,
+        estimated clusters, estimated entries)."""
+        cdef kvt_result *r = NULL
+        cdef kvt_coll *c = self.live()
+        cdef uint64_t nq = q.shape[0], ecl = 0, ent = 0
+        cdef kvt_estimate_opts opts
+        opts.clusters = clusters
+        opts.scale = scale
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_retrieve_est(c, &q[0, 0], nq, budget, &opts, &r)
+        check(rc)
+        try:
+            lse = np.empty(nq, dtype=np.float32)
+            ev = np.zeros((nq, self.value_dim), dtype=np.float32)
+            _copy_estimate(r, lse, ev, &ecl, &ent)
+            return self._result_arrays(r) + (lse, ev, int(ecl), int(ent))
         finally:
             kvt_result_free(r)
 
@@ -370,6 +396,13 @@ cdef class Checkpoint:
 
     def __dealloc__(self):
         kvt_checkpoint_free(self.ptr)
+
+
+cdef void _copy_estimate(kvt_result *r, float[::1] lse, float[:, ::1] ev, uint64_t *ecl, uint64_t *ent):
+    cdef float *vp = NULL
+    if ev.shape[0] and ev.shape[1]:
+        vp = &ev[0, 0]
+    kvt_result_estimate(r, &lse[0], vp, ecl, ent)
 
 
 cdef void _copy_result(kvt_result *r, int64_t[::1] ids, keys, values, int32_t[::1] clusters):

@@ -43,6 +43,14 @@ class Retrieved:
     keys: np.ndarray
     values: np.ndarray
     clusters: np.ndarray
+    #: With ``retrieve(..., estimate=...)``: the estimated zone per query row (None without):
+    #: ``est_lse`` [rows] float32, log sum over the estimated clusters of n_j exp(scale q.mean_j)
+    #: (-inf when none); ``est_values`` [rows, value_dim] float32, their mass-weighted mean
+    #: value; ``est_clusters`` / ``est_entries`` how many clusters and entries it stands for.
+    est_lse: Optional[np.ndarray] = None
+    est_values: Optional[np.ndarray] = None
+    est_clusters: int = 0
+    est_entries: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -184,13 +192,42 @@ class Collection:
             raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {budget!r}")
         return int(budget)
 
-    def retrieve(self, query_group, budget: Union[int, float] = 0.1) -> Retrieved:
+    def retrieve(self, query_group, budget: Union[int, float] = 0.1, estimate: Union[bool, int, None] = False,
+                 scale: Optional[float] = None) -> Retrieved:
         """Whole clusters, best first by the group's max score, whose sizes fit in ``budget``
-        entries: an int count, or a float fraction of ``len(self)`` in (0, 1]."""
+        entries: an int count, or a float fraction of ``len(self)`` in (0, 1].
+
+        ``estimate`` also returns, per query row, an estimate of the attention the clusters
+        not fetched would receive, from the sizes, mean keys and value sums kept in DRAM (no
+        extra read): False (default) none; an int M the next M clusters of the ranking not
+        fetched; True or None all of them. Each cluster j weighs n_j exp(scale q.mean_j)
+        with value mean vsum_j / n_j; ``scale`` defaults to 1/sqrt(dim) (the attention
+        scale). The result's ``est_*`` fields carry it. Policy ``none`` has no clusters and
+        estimates nothing (est_lse -inf)."""
         q, _ = _as_matrix("query_group", query_group, self.dim, np.float32)
+        if estimate is False:
+            if scale is not None:
+                raise InvalidArgumentError("scale: only meaningful with estimate=")
+            with self._store._gate:
+                ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
+            return Retrieved(ids, keys, values, clusters)
+        if estimate is True or estimate is None:
+            m = -1
+        elif isinstance(estimate, (int, np.integer)) and not isinstance(estimate, (bool, np.bool_)) and estimate >= 0:
+            m = int(estimate)
+        else:
+            raise InvalidArgumentError(
+                f"estimate: False, True/None (all clusters not fetched) or a cluster count >= 0 expected, got {estimate!r}")
+        if scale is None:
+            s = 0.0
+        elif isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool) \
+                and math.isfinite(scale) and scale > 0:
+            s = float(scale)
+        else:
+            raise InvalidArgumentError(f"scale: a finite number > 0 expected (None: 1/sqrt(dim)), got {scale!r}")
         with self._store._gate:
-            ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
-        return Retrieved(ids, keys, values, clusters)
+            ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(q, self._entries(budget), m, s)
+        return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent)
 
     def prefetch(self, query_group, budget: Union[int, float] = 0.1) -> int:
         """Starts reading in the background what ``retrieve(query_group, budget)`` would read

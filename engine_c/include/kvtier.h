@@ -217,6 +217,28 @@ void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *valu
                      int32_t *clusters);
 void kvt_result_free(kvt_result *res);
 
+/* A retrieve that also estimates the clusters it does not fetch, for attention (the zone
+ * beyond the exact one; see estimate.c). est->clusters: how many of the best-scored
+ * clusters not fetched are estimated (those the ranking puts next, including any skipped
+ * because they did not fit the budget), < 0 all of them, 0 none. est->scale: the attention
+ * scale, > 0, or 0 for 1/sqrt(dim). For each query row i the result then carries
+ * lse[i] = log sum_j n_j exp(scale * q_i . mean_j) over the estimated clusters j (-inf if
+ * none) and values[i] = sum_j softmax_j(...) * vsum_j / n_j (value_dim floats, zeros if
+ * none), from the sizes, mean keys and value sums the engine keeps in DRAM: no read beyond
+ * those of kvt_coll_retrieve with the same arguments, which this call otherwise equals.
+ * Policy none (no clusters) estimates nothing. Errors: as kvt_coll_retrieve, KVT_EINVAL. */
+typedef struct kvt_estimate_opts {
+    int64_t clusters;
+    double scale;
+} kvt_estimate_opts;
+int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
+                          const kvt_estimate_opts *est, kvt_result **out);
+/* The estimate of a result of kvt_coll_retrieve_est (nq floats of lse, nq * value_dim floats
+ * of values, the clusters and entries estimated); any pointer may be NULL. A result of
+ * kvt_coll_retrieve has no estimate: lse -inf, values 0, counts 0. */
+void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint64_t *clusters,
+                         uint64_t *entries);
+
 /* Starts reading, in the background, the clusters kvt_coll_retrieve(coll, queries, nq,
  * budget) would read from flash, and returns at once; the reads land in the cache, and a
  * later retrieve waits only for what is still loading. Charged to the device model as one

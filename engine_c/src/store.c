@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "estimate.h"
 #include "store.h"
 
 #define LOCK(s) pthread_mutex_lock(&(s)->mu)
@@ -93,6 +94,7 @@ static void coll_free(kvt_coll *c) {
     free(c->cent);
     free(c->cnorm);
     free(c->m2d);
+    free(c->vsum);
     free(c->cofreq);
     free(c->loc);
     free(c->mod);
@@ -249,12 +251,14 @@ static void free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) {
 
 static int ensure_clusters(kvt_coll *c, uint32_t need) {
     if (need <= c->clcap) return 0;
-    uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap, cap4 = c->clcap;
+    uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap, cap4 = c->clcap, cap5 = c->clcap;
     int rc = grow_array(c, (void **)&c->cl, sizeof *c->cl, &cap, need);
     if (!rc) rc = grow_array(c, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap2, need);
     if (!rc) rc = grow_array(c, (void **)&c->cnorm, sizeof(float), &cap3, need);
     /* per-dimension variances only serve the Gaussian score: kept only when it is on */
     if (!rc && c->p.score_temp > 0) rc = grow_array(c, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, need);
+    /* estimate.c: value sums beside the representatives */
+    if (!rc && kvt_vsum_kept(c)) rc = grow_array(c, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, need);
     if (rc) return rc;
     for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
     c->clcap = (uint32_t)cap; /* all grew by the same rule (it counts elements) from the same capacity */
@@ -360,6 +364,7 @@ static int new_cluster(kvt_coll *c, uint32_t *out) {
     k->ent = NULL;
     c->cnorm[j] = FLT_MAX;
     if (c->m2d) memset(c->m2d + (size_t)j * c->p.dim, 0, (size_t)c->p.dim * 4);
+    kvt_vsum_clear(c, j);
     *out = j;
     return 0;
 }
@@ -376,6 +381,7 @@ static void stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uin
         kvt_key_to_f32(K, c->p.dtype, kvt_rec_key(recs + (size_t)i * c->L.esz), x, d);
         kvt_welford_add(mean, &m2, m2d, i, x, d);
     }
+    kvt_vsum_from_records(c, j, recs, n); /* estimate.c: exact again after a split */
     c->cl[j].m2 = m2;
     c->cl[j].n = n;
     update_norm(c, j);
@@ -1566,6 +1572,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
             if (!first_batch) c->ctr.naive_move_bytes += (uint64_t)cl->n * L->esz;
             kvt_key_to_f32(K, c->p.dtype, key, x, c->p.dim);
             kvt_welford_add(mean, &cl->m2, c->m2d ? c->m2d + (size_t)j * c->p.dim : NULL, cl->n, x, c->p.dim);
+            kvt_vsum_add(c, j, val); /* estimate.c: written and pending entries alike */
             cl->n++;
             if (topend[j] && t >= written_new) {
                 kvt_rec_encode(L, cl->pbuf + (size_t)cl->pend++ * L->esz, (int64_t)(n0 + r), key, val);
@@ -1859,6 +1866,9 @@ struct kvt_result {
     int64_t *ids;
     uint8_t *keys, *values;
     int32_t *clusters;
+    /* estimate.c: per query row, with kvt_coll_retrieve_est */
+    uint64_t nq, vdim, est_ncl, est_n;
+    float *est_lse, *est_val;
 };
 
 static void put_result(kvt_result *r, const kvt_layout *L, const uint8_t *rec, int32_t ci) {
@@ -1886,6 +1896,8 @@ void kvt_result_free(kvt_result *r) {
     free(r->keys);
     free(r->values);
     free(r->clusters);
+    free(r->est_lse);
+    free(r->est_val);
     free(r);
 }
 
@@ -1897,6 +1909,14 @@ void kvt_result_copy(const kvt_result *r, int64_t *ids, void *keys, void *values
     if (keys) memcpy(keys, r->keys, r->n * r->key_bytes);
     if (values) memcpy(values, r->values, r->n * r->value_bytes);
     if (clusters) memcpy(clusters, r->clusters, r->n * 4);
+}
+
+void kvt_result_estimate(const kvt_result *r, float *lse, float *values, uint64_t *clusters, uint64_t *entries) {
+    for (uint64_t i = 0; lse && i < r->nq; i++) lse[i] = r->est_lse ? r->est_lse[i] : -INFINITY;
+    if (values && r->est_val) memcpy(values, r->est_val, r->nq * r->vdim * 4);
+    else if (values) memset(values, 0, r->nq * r->vdim * 4);
+    if (clusters) *clusters = r->est_ncl;
+    if (entries) *entries = r->est_n;
 }
 
 static int result_alloc(kvt_result *r, const kvt_layout *L, uint64_t total) {
@@ -2260,7 +2280,8 @@ out:
     return rc;
 }
 
-static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
+static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
+                           const kvt_estimate_opts *est, kvt_result **out) {
     kvt_store *s = c->st;
     int rc = 0;
     selection sel = {0};
@@ -2269,6 +2290,13 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
         rc = kvt_fail(ENOMEM, "retrieve: out of memory");
         goto out;
     }
+    r->nq = nq;
+    r->vdim = c->p.value_dim;
+    if (est && (!(r->est_lse = malloc(nq * 4)) || !(r->est_val = calloc(nq * c->p.value_dim + 1, 4)))) {
+        rc = kvt_fail(ENOMEM, "retrieve: out of memory for the estimate");
+        goto out;
+    }
+    for (uint64_t i = 0; est && i < nq; i++) r->est_lse[i] = -INFINITY;
     if (c->p.policy == KVT_POLICY_NONE) {
         rc = retrieve_tokens(c, q, nq, budget, r);
         goto out;
@@ -2279,6 +2307,11 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     uint64_t total = 0, taken = 0;
     select_clusters(c, q, nq, budget, sel.scores, sel.q2, idx, &taken, &total);
     r->ncl = taken;
+    if (est) { /* estimate.c: from the scores, before they are spent below */
+        double scale = est->scale > 0 ? est->scale : 1.0 / sqrt((double)c->p.dim);
+        rc = kvt_estimate(c, q, nq, sel.scores, idx, taken, est->clusters, scale, r->est_lse, r->est_val,
+                          &r->est_ncl, &r->est_n);
+    }
     rc = result_alloc(r, &c->L, total);
     if (!rc) { /* the scores are spent: their buffer holds each cluster's first result row */
         uint64_t *pos = (uint64_t *)sel.scores, at = 0;
@@ -2313,7 +2346,18 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     kvt_clear_error();
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
     int rc;
-    RUN_READY(c, retrieve_locked(c, q, nq, budget, out));
+    RUN_READY(c, retrieve_locked(c, q, nq, budget, NULL, out));
+    return rc;
+}
+
+int kvt_coll_retrieve_est(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
+                          const kvt_estimate_opts *est, kvt_result **out) {
+    kvt_clear_error();
+    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
+    if (!est) return kvt_fail(KVT_EINVAL, "retrieve: estimate options expected");
+    if (!(est->scale >= 0) || !isfinite(est->scale)) return kvt_fail(KVT_EINVAL, "scale: a finite value > 0 (or 0 for 1/sqrt(dim)) expected");
+    int rc;
+    RUN_READY(c, retrieve_locked(c, q, nq, budget, est, out));
     return rc;
 }
 
@@ -2329,6 +2373,7 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
  *   per cluster: u32 n, nseg, pend, flagged, hold; f64 m2; nseg x (u32 pool, head, n);
  *                pend records (its pending buffer)
  *   ncl x dim f32 representatives [, ncl x dim f32 per-dimension m2]
+ *   [, ncl x value_dim f32 value sums (estimate.c)]
  *   n x kvt_loc id map [, n x key keys (policy none)] [, nco x nco u16 co-retrieval counts]
  *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
  *   u32 CRC-32C of all the above, then zeros to the I/O alignment
@@ -2402,6 +2447,7 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
     }
     sw_put(w, c->cent, (size_t)c->ncl * c->p.dim * 4);
     if (c->m2d) sw_put(w, c->m2d, (size_t)c->ncl * c->p.dim * 4);
+    if (c->vsum) sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
     sw_put(w, c->loc, c->n * sizeof(kvt_loc));
     if (c->keys) sw_put(w, c->keys, c->n * L->key_bytes);
     if (c->cofreq) sw_put(w, c->cofreq, (size_t)c->nco * c->nco * 2);
@@ -2484,11 +2530,12 @@ static void drop_resident(kvt_coll *c) {
     free_array(c, c->cent, c->clcap, (size_t)c->p.dim * 4);
     free_array(c, c->cnorm, c->clcap, 4);
     if (c->m2d) free_array(c, c->m2d, c->clcap, (size_t)c->p.dim * 4);
+    if (c->vsum) free_array(c, c->vsum, c->clcap, (size_t)c->p.value_dim * 4);
     free_array(c, c->loc, c->loccap, sizeof *c->loc);
     if (c->keys) free_array(c, c->keys, c->keyscap, c->L.key_bytes);
     if (c->cofreq) free_array(c, c->cofreq, (uint64_t)c->nco * c->nco, 2);
     c->cl = NULL;
-    c->cent = c->cnorm = c->m2d = NULL;
+    c->cent = c->cnorm = c->m2d = c->vsum = NULL;
     c->loc = NULL;
     c->keys = NULL;
     c->cofreq = NULL;
@@ -2595,6 +2642,7 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
     if (!rc) {
         kvt_rbuf_get(&r, c->cent, (size_t)ncl * dim * 4);
         if (c->m2d) kvt_rbuf_get(&r, c->m2d, (size_t)ncl * dim * 4);
+        if (c->vsum) kvt_rbuf_get(&r, c->vsum, (size_t)ncl * c->p.value_dim * 4);
         kvt_rbuf_get(&r, c->loc, n * sizeof(kvt_loc));
         if (c->keys) kvt_rbuf_get(&r, c->keys, n * L->key_bytes);
         if (nco) kvt_rbuf_get(&r, c->cofreq, (size_t)nco * nco * 2);
@@ -3076,6 +3124,10 @@ int kvt_coll_cluster_sizes(kvt_coll *c, uint32_t *sizes, uint64_t cap, uint64_t 
 /* ---- durability: checkpoints and reopen --------------------------------------------------- */
 
 #define DIR_MAGIC "KVTDIR01"
+/* estimate.c: the same with each cluster's value sum after its representative. A KVTDIR01
+ * blob of a collection that keeps sums (one written before they existed) is read and its
+ * sums recomputed from the stored values on open. */
+#define DIR_MAGIC_VSUM "KVTDIR02"
 #define LOC_MAGIC "KVTLOC01"
 
 struct kvt_checkpoint {
@@ -3111,7 +3163,7 @@ const void *kvt_checkpoint_chunk(const kvt_checkpoint *cp, size_t i, uint64_t *c
 
 static int export_dir(kvt_coll *c, void **blob, size_t *len) {
     kvt_wbuf w = {0};
-    kvt_wbuf_put(&w, DIR_MAGIC, 8);
+    kvt_wbuf_put(&w, c->vsum ? DIR_MAGIC_VSUM : DIR_MAGIC, 8);
     kvt_wbuf_u32(&w, c->L.format); /* a format-1 file keeps format-1 catalogs: old engines read both */
     kvt_wbuf_u32(&w, c->p.dim);
     kvt_wbuf_u32(&w, c->p.value_dim);
@@ -3139,6 +3191,7 @@ static int export_dir(kvt_coll *c, void **blob, size_t *len) {
         }
         kvt_wbuf_put(&w, c->cent + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
         if (c->m2d) kvt_wbuf_put(&w, c->m2d + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
+        if (c->vsum) kvt_wbuf_put(&w, c->vsum + (size_t)j * c->p.value_dim, (size_t)c->p.value_dim * 4);
     }
     uint32_t crc = kvt_crc32c(0, w.p, w.len);
     kvt_wbuf_u32(&w, crc);
@@ -3235,10 +3288,14 @@ static int blob_crc_ok(const void *blob, size_t len) {
     return crc == kvt_crc32c(0, blob, len - 4);
 }
 
-static int load_dir(kvt_coll *c, const void *blob, size_t len) {
+static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing) {
     const char *what = "cluster directory";
-    if (!blob_crc_ok(blob, len) || memcmp(blob, DIR_MAGIC, 8) != 0)
+    int with_sums = blob_crc_ok(blob, len) && memcmp(blob, DIR_MAGIC_VSUM, 8) == 0;
+    if (!blob_crc_ok(blob, len) || (!with_sums && memcmp(blob, DIR_MAGIC, 8) != 0))
         return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u fails its checksum", what, c->no);
+    if (with_sums && !kvt_vsum_kept(c))
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u carries value sums its parameters do not keep", what, c->no);
+    *sums_missing = kvt_vsum_kept(c) && !with_sums;
     kvt_rbuf r = {blob, len - 4, 8, 0};
     uint32_t ver = kvt_rbuf_u32(&r);
     if (ver < 1 || ver > KVT_FORMAT_VERSION)
@@ -3301,6 +3358,7 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len) {
         total += kn;
         kvt_rbuf_get(&r, c->cent + (size_t)j * dim, (size_t)dim * 4);
         if (c->m2d) kvt_rbuf_get(&r, c->m2d + (size_t)j * dim, (size_t)dim * 4);
+        if (with_sums) kvt_rbuf_get(&r, c->vsum + (size_t)j * vdim, (size_t)vdim * 4);
         c->ncl = j + 1;
         update_norm(c, j);
     }
@@ -3332,8 +3390,16 @@ static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len,
     return 0;
 }
 
-/* Policy none keeps every key in DRAM: read them back from the records. */
 typedef struct keys_ctx { kvt_coll *c; } keys_ctx;
+
+/* estimate.c: a directory exported before value sums existed; they are summed from the
+ * stored values (the sums start at zero). */
+static void take_vsum(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    kvt_coll *c = ((keys_ctx *)vctx)->c;
+    for (uint32_t i = 0; i < n; i++) kvt_vsum_add(c, ci, kvt_rec_value(&c->L, recs + (size_t)i * c->L.esz));
+}
+
+/* Policy none keeps every key in DRAM: read them back from the records. */
 static void take_keys(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
     kvt_coll *c = ((keys_ctx *)vctx)->c;
     for (uint32_t i = 0; i < n; i++) {
@@ -3363,7 +3429,8 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
         rc = kvt_data_header_check(&c->L, p, page);
         if (rc) kvt_fail(rc, "%s: data file header is %s", kvt_file_path(c->f), rc == KVT_EFORMAT ? "of another format version" : "damaged or does not match the catalog");
     }
-    if (!rc) rc = load_dir(c, dir_blob, dir_len);
+    int sums_missing = 0;
+    if (!rc) rc = load_dir(c, dir_blob, dir_len, &sums_missing);
     uint64_t want = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0;
     if (!rc && n_chunks != want)
         rc = kvt_fail(KVT_ECORRUPT, "catalog: collection %u has %zu id map chunks, %llu expected", no, n_chunks, (unsigned long long)want);
@@ -3373,9 +3440,9 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
         if (counts[j] != c->cl[j].n)
             rc = kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has %u entries but the id map names %u", j, no, c->cl[j].n, counts[j]);
     if (!rc && token(c)) rc = rebuild_members(c);
-    if (!rc && p->policy == KVT_POLICY_NONE) {
+    if (!rc && (p->policy == KVT_POLICY_NONE || sums_missing)) {
         keys_ctx kc = {c};
-        for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = visit_cluster(c, j, take_keys, &kc);
+        for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = visit_cluster(c, j, sums_missing ? take_vsum : take_keys, &kc);
         kvt_cache_drop_owner(&s->cache, c);
         for (uint32_t j = 0; j < c->ncl; j++) c->cl[j].ent = NULL;
     }

@@ -75,6 +75,7 @@ struct kvt_coll {
     kvt_cluster *cl;
     float *cent, *cnorm;        /* clcap * dim representatives and their squared norms */
     float *m2d;                 /* clcap * dim: per-dimension sums of squared distances */
+    float *vsum;                /* clcap * value_dim: value sums (estimate.c), or NULL */
     uint32_t ncl, clcap;        /* clusters with n == 0 are free slots */
     kvt_pools pools;
     kvt_loc *loc;               /* id -> (cluster, index in cluster) */
@@ -94,7 +95,7 @@ struct kvt_coll {
     kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
     uint32_t inflight;          /* prefetch jobs queued or running */
     uint64_t acct;              /* budget bytes reserved for the structures above */
-    /* parked: cl, cent, cnorm, m2d, loc, keys, cofreq and cached clusters live only in the
+    /* parked: cl, cent, cnorm, m2d, vsum, loc, keys, cofreq and cached clusters live only in the
      * swap image [swap_off, swap_off + swap_len); ncl, n and the pool table stay */
     int parked;
     uint64_t swap_off, swap_len;

@@ -1,0 +1,127 @@
+/*
+ * estimate.c — value summaries per cluster, and the estimated attention of the clusters a
+ * retrieve did not fetch.
+ *
+ * Why: a sparse retrieve drops the attention mass of every entry it does not fetch. The
+ * engine already holds each cluster's mean key and size in DRAM; with the sum of its values
+ * it can stand in for a cluster it did not read: weight n_j * exp(scale * q . mean_j) (every
+ * key replaced by the mean), value vsum_j / n_j. A caller merges that zone with its exact
+ * attention by log-sum-exp; it costs no I/O.
+ *
+ * Invariants:
+ * 1. For every cluster j of a collection that keeps sums (kvt_vsum_kept), vsum[j] is the
+ *    float32 sum of the values of its cl[j].n entries, those on flash and those pending in
+ *    DRAM alike (up to float rounding of the running sum): an add adds each new value once,
+ *    a split or regroup recomputes each group's sum from its records, a fresh slot is zero.
+ * 2. vsum has clcap * value_dim floats, grown, freed, counted in the DRAM budget, exported
+ *    in the directory blob and carried in park images together with the representatives.
+ * 3. kvt_estimate reads only DRAM state (representatives, sizes, sums): a retrieve with an
+ *    estimate issues exactly the reads of the same retrieve without one.
+ * 4. Policy none (no clusters) keeps no sums and estimates nothing.
+ */
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "estimate.h"
+
+int kvt_vsum_kept(const kvt_coll *c) {
+    return c->p.value_dim > 0 && c->p.policy != KVT_POLICY_NONE;
+}
+
+void kvt_vsum_add(kvt_coll *c, uint32_t j, const void *value) {
+    if (!c->vsum) return;
+    uint32_t vd = c->p.value_dim;
+    float *s = c->vsum + (size_t)j * vd;
+    if (c->p.dtype == KVT_F16) {
+        const uint16_t *h = value;
+        for (uint32_t i = 0; i < vd; i++) s[i] += kvt_half_to_float(h[i]);
+    } else {
+        const float *f = value;
+        for (uint32_t i = 0; i < vd; i++) s[i] += f[i];
+    }
+}
+
+void kvt_vsum_clear(kvt_coll *c, uint32_t j) {
+    if (c->vsum) memset(c->vsum + (size_t)j * c->p.value_dim, 0, (size_t)c->p.value_dim * 4);
+}
+
+void kvt_vsum_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_t n) {
+    kvt_vsum_clear(c, j);
+    for (uint32_t i = 0; i < n; i++) kvt_vsum_add(c, j, kvt_rec_value(&c->L, recs + (size_t)i * c->L.esz));
+}
+
+/* candidates in descending score, ties by index; runs under the store mutex, which also
+ * guards the comparator's static */
+static const float *est_scores;
+static int est_desc(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    float sx = est_scores[x], sy = est_scores[y];
+    if (sx != sy) return sx < sy ? 1 : -1;
+    return x < y ? -1 : 1;
+}
+
+int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, const uint32_t *taken, uint64_t ntaken,
+                 int64_t want, double scale, float *lse, float *val, uint64_t *ncl_out, uint64_t *nent_out) {
+    const kvt_kernels *K = c->st->K;
+    uint32_t d = c->p.dim, vd = c->p.value_dim, m = 0;
+    for (uint64_t i = 0; i < nq; i++) lse[i] = -INFINITY;
+    memset(val, 0, nq * vd * 4);
+    *ncl_out = *nent_out = 0;
+    if (!c->vsum || c->ncl == 0 || want == 0) return 0;
+    uint64_t bytes = (uint64_t)c->ncl * 13 + 16;
+    int rc = kvt_mem_reserve(&c->st->cache, bytes);
+    if (rc) return rc;
+    uint32_t *zone = malloc((size_t)c->ncl * 4 + 4);
+    float *logn = malloc((size_t)c->ncl * 4 + 4), *s = malloc((size_t)c->ncl * 4 + 4);
+    uint8_t *mark = calloc((size_t)c->ncl + 1, 1);
+    if (!zone || !logn || !s || !mark) {
+        rc = kvt_fail(ENOMEM, "retrieve: out of memory for the estimate");
+        goto out;
+    }
+    for (uint64_t t = 0; t < ntaken; t++) mark[taken[t]] = 1;
+    for (uint32_t j = 0; j < c->ncl; j++)
+        if (!mark[j] && c->cl[j].n) zone[m++] = j;
+    if (want > 0 && (uint64_t)want < m) { /* the best `want` of the rest, as the ranking goes */
+        est_scores = scores;
+        qsort(zone, m, 4, est_desc);
+        m = (uint32_t)want;
+    }
+    for (uint32_t t = 0; t < m; t++) {
+        logn[t] = logf((float)c->cl[zone[t]].n);
+        *nent_out += c->cl[zone[t]].n;
+    }
+    *ncl_out = m;
+    if (!m) goto out;
+    for (uint64_t i = 0; i < nq; i++) {
+        const float *qi = q + i * d;
+        float mx = -INFINITY;
+        for (uint32_t t = 0; t < m; t++) {
+            s[t] = logn[t] + (float)scale * K->dot_f32(qi, c->cent + (size_t)zone[t] * d, d);
+            if (s[t] > mx) mx = s[t];
+        }
+        double sum = 0;
+        float *vi = val + i * vd;
+        for (uint32_t t = 0; t < m; t++) {
+            float w = expf(s[t] - mx);
+            sum += w;
+            /* w * mean value = (w / n) * sum of values */
+            float a = w / (float)c->cl[zone[t]].n;
+            const float *vs = c->vsum + (size_t)zone[t] * vd;
+            for (uint32_t k = 0; k < vd; k++) vi[k] += a * vs[k];
+        }
+        float inv = (float)(1.0 / sum);
+        for (uint32_t k = 0; k < vd; k++) vi[k] *= inv;
+        lse[i] = mx + (float)log(sum);
+    }
+out:
+    free(mark);
+    free(zone);
+    free(logn);
+    free(s);
+    kvt_mem_release(&c->st->cache, bytes);
+    return rc;
+}
