@@ -89,6 +89,7 @@ cdef extern from "kvtier.h" nogil:
         double scale
     int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
                               const kvt_estimate_opts *est, kvt_result **out)
+    int kvt_coll_value_sums(kvt_coll *coll, uint32_t *sizes, float *sums, uint64_t cap, uint64_t *n_clusters)
     void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint64_t *clusters,
                              uint64_t *entries)
     uint64_t kvt_result_count(const kvt_result *res)

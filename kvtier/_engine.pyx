@@ -351,6 +351,24 @@ cdef class Coll:
         check(rc)
         return out[:n]
 
+    def value_sums(self):
+        """(sizes [slots] u32, sums [slots, value_dim] f32) by cluster number."""
+        cdef kvt_coll *c = self.live()
+        cdef uint64_t n = 0, cap
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_value_sums(c, NULL, NULL, 0, &n)
+        check(rc)
+        sizes = np.zeros(n + 1, dtype=np.uint32)
+        sums = np.zeros((n + 1, max(self.value_dim, 1)), dtype=np.float32)
+        cdef uint32_t[::1] sv = sizes
+        cdef float[:, ::1] fv = sums
+        cap = n + 1
+        with nogil:
+            rc = kvt_coll_value_sums(c, &sv[0], &fv[0, 0], cap, &n)
+        check(rc)
+        return sizes[:n], sums[:n, :self.value_dim]
+
     @property
     def parked(self):
         return bool(kvt_coll_is_parked(self.live()))

@@ -265,6 +265,14 @@ class Collection:
         with self._store._gate:
             return self._h.cluster_sizes()
 
+    def value_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every cluster slot's entry count and float32 value sum, by the cluster number
+        ``Retrieved.clusters`` reports (free slots: 0 and zeros): the summaries
+        ``retrieve(..., estimate=)`` estimates from. Raises InvalidArgumentError for a
+        collection that keeps none (policy ``none``, ``value_dim`` 0)."""
+        with self._store._gate:
+            return self._h.value_sums()
+
     @property
     def parked(self) -> bool:
         """True while the collection sits in the swap area (see :meth:`Store.park`)."""

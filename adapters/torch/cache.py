@@ -53,6 +53,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvtier
+from kvtier.adapters.torch import estimate as _estimate
 from kvtier.config import DTYPES
 from kvtier.errors import InvalidArgumentError
 
@@ -61,6 +62,9 @@ from kvtier.errors import InvalidArgumentError
 SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))
 #: The name under which the attention and mask functions are registered.
 ATTENTION_NAME = "kvtier"
+#: Clusters estimated beyond the fetched ones with ``TieredCache(estimate=True)``; None: all
+#: of them (bench/results/torch_estimate.md: the choice from the measurements).
+DEFAULT_ESTIMATE = None
 
 
 def _version_tuple(v: str) -> tuple[int, int]:
@@ -269,7 +273,13 @@ class TieredCache(Cache):
     layers rather than all of them, at the price of reading each layer's index (and its
     cache working set) back from flash at every step; results are unchanged. ``write_buffer``
     the store's page-aligned write buffer (bytes; None: kvtier's default, a thirty-second of the
-    DRAM budget; 0: every appended token is written at once).
+    DRAM budget; 0: every appended token is written at once). ``estimate`` (default False)
+    also attends to the clusters not fetched, estimated from the sizes, mean keys and value
+    sums the store keeps in DRAM (no extra read) and merged with the exact attention by
+    log-sum-exp per query head (``kvtier.adapters.torch.estimate``): True estimates
+    ``DEFAULT_ESTIMATE`` clusters beyond the fetched ones (None: all), an int that many. It
+    changes nothing when the budget fetches everything; the ``none`` policy has no clusters
+    and estimates nothing.
 
     Works with ``model.generate(..., cache=cache)`` and manual ``model(ids, cache=cache,
     use_cache=True)`` loops (``past_key_values=`` is transformers 5's deprecated alias of
@@ -279,8 +289,16 @@ class TieredCache(Cache):
     def __init__(self, model, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
                  sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
                  prefetch: bool = True, store_dtype: str = "float16",
-                 collection_options: Optional[dict] = None, virtualize: bool = False, write_buffer=None):
+                 collection_options: Optional[dict] = None, virtualize: bool = False, write_buffer=None,
+                 estimate: Union[bool, int] = False):
         geo = check_model(model)
+        # the estimated zone (adapters/torch/estimate.py): False off, else the clusters per retrieve
+        if isinstance(estimate, (bool, np.bool_)):
+            self.estimate = DEFAULT_ESTIMATE if estimate else False
+        elif isinstance(estimate, (int, np.integer)) and estimate >= 0:
+            self.estimate = int(estimate)
+        else:
+            raise InvalidArgumentError(f"estimate: True, False or a cluster count >= 0 expected, got {estimate!r}")
         if not isinstance(prefetch, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefetch: True or False expected, got {prefetch!r}")
         if not isinstance(virtualize, (bool, np.bool_)):
@@ -335,7 +353,8 @@ class TieredCache(Cache):
         self._resident = 0
         self._peak = 0
         self._counts = {"decode_steps": 0, "forwards": 0, "retrieves": 0, "fetched": 0, "adds": 0,
-                        "overlap": 0, "overlap_of": 0, "prefetches": 0, "prefetched": 0}
+                        "overlap": 0, "overlap_of": 0, "prefetches": 0, "prefetched": 0,
+                        "estimated": 0}
         self._seconds = {"retrieve": 0.0, "add": 0.0, "prefetch": 0.0}
 
     # -- context manager / lifetime --------------------------------------------------------
@@ -415,7 +434,7 @@ class TieredCache(Cache):
         if mask is not None:
             _check_causal(mask, q_len, layer.seen)
         new_k, new_v = key[0].detach(), value[0].detach()  # [kv_heads, q_len, d]
-        fetched = None
+        fetched = est = None
         n_budget = self._entries(layer.seen)
         if self.virtualize:
             ahead = self.layers[(l + (2 if self.prefetching else 1)) % self.n_layers]
@@ -428,18 +447,18 @@ class TieredCache(Cache):
                 self._prefetch(self.layers[0], self._entries(layer.seen + 1))
         if layer.stored and n_budget:
             # Queries grouped by KV head: [kv_heads, group * q_len, d] (query head h*g+j uses KV head h).
-            fetched = self._fetch(layer, query[0].reshape(n_kv, g * q_len, d), n_budget)
+            fetched, est = self._fetch(layer, query[0].reshape(n_kv, g * q_len, d), n_budget, scaling)
         if q_len == 1:
-            out, transient = self._attend_step(layer, query, new_k, new_v, fetched, scaling)
+            out, transient = self._attend_step(layer, query, new_k, new_v, fetched, scaling, est)
         else:
-            out, transient = self._attend_chunk(layer, query, new_k, new_v, fetched, scaling)
+            out, transient = self._attend_chunk(layer, query, new_k, new_v, fetched, scaling, est)
         self._peak = max(self._peak, self._resident + transient)
         self._spill(layer, new_k, new_v)
         if self.virtualize:
             self.store.park(layer.colls)
         return out.transpose(0, 1).unsqueeze(0)  # [1, q_len, q_heads, d], as transformers' attention returns
 
-    def _attend_step(self, layer, query, new_k, new_v, fetched, scaling):
+    def _attend_step(self, layer, query, new_k, new_v, fetched, scaling, est=None):
         """One new token: all KV heads in one batched SDPA; the fetched part is padded to the
         longest head and masked. Returns ([q_heads, 1, d], working-set bytes)."""
         g, n_kv, d = self.group, self.n_kv, self.head_dim
@@ -464,12 +483,15 @@ class TieredCache(Cache):
             attn_mask = torch.ones((n_kv, 1, keys.shape[1]), dtype=torch.bool, device=dev)
             attn_mask[:, 0, : valid.shape[1]] = valid
         qg = query[0].reshape(n_kv, g, d)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qg, keys.to(qg.dtype), values.to(qg.dtype), attn_mask=attn_mask, scale=scaling)
+        if est is not None:  # [kv_heads, g] and [kv_heads, g, d]: one row per query head
+            out = _estimate.attend(qg, keys, values, scaling, attn_mask, est[0], est[1])
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qg, keys.to(qg.dtype), values.to(qg.dtype), attn_mask=attn_mask, scale=scaling)
         transient = 2 * keys.numel() * keys.element_size() + (attn_mask.numel() if attn_mask is not None else 0)
         return out.reshape(n_kv * g, 1, d), transient
 
-    def _attend_chunk(self, layer, query, new_k, new_v, fetched, scaling):
+    def _attend_chunk(self, layer, query, new_k, new_v, fetched, scaling, est=None):
         """Several new tokens (a prefill or a chunk): one SDPA per KV head over its own keys,
         causal among the new tokens; a chunk on an empty cache is plain causal attention
         (no mask materialised, so a long prompt costs no [q, q] mask per head)."""
@@ -487,7 +509,13 @@ class TieredCache(Cache):
             qh = query[0, h * g:(h + 1) * g]  # [g, q_len, d]
             past = keys.shape[1] - q_len
             mask_bytes = 0
-            if past == 0:
+            if est is not None:  # rows of head h: [g * q_len] -> [g, q_len]
+                attn_mask = torch.ones((q_len, keys.shape[1]), dtype=torch.bool, device=dev)
+                attn_mask[:, past:] = torch.ones((q_len, q_len), dtype=torch.bool, device=dev).tril()
+                o = _estimate.attend(qh, keys, values, scaling, attn_mask,
+                                     est[0][h].reshape(g, q_len), est[1][h].reshape(g, q_len, d))
+                mask_bytes = attn_mask.numel()
+            elif past == 0:
                 o = torch.nn.functional.scaled_dot_product_attention(
                     qh, keys.to(qh.dtype), values.to(qh.dtype), is_causal=True, scale=scaling)
             else:
@@ -517,13 +545,18 @@ class TieredCache(Cache):
         self._counts["prefetches"] += len(layer.colls)
         self._counts["prefetched"] += queued
 
-    def _fetch(self, layer, qg, n_budget):
+    def _fetch(self, layer, qg, n_budget, scaling):
         """One ``retrieve`` per KV head with its GQA group's queries ([kv_heads, rows, d]);
-        returns a list of (keys, values) numpy arrays per KV head."""
+        returns a list of (keys, values) numpy arrays per KV head, and with ``estimate`` the
+        estimated zone as tensors (lse [kv_heads, rows], values [kv_heads, rows, d]), else None."""
         qn = np.ascontiguousarray(qg.detach().to(torch.float32).cpu().numpy())
         layer.prev_query = qn  # the next step's prefetch for this layer (a fresh array each call)
         t0 = time.perf_counter()
-        got = [coll.retrieve(qn[h], budget=n_budget) for h, coll in enumerate(layer.colls)]
+        if self.estimate is False:
+            got = [coll.retrieve(qn[h], budget=n_budget) for h, coll in enumerate(layer.colls)]
+        else:
+            got = [coll.retrieve(qn[h], budget=n_budget, estimate=self.estimate, scale=scaling)
+                   for h, coll in enumerate(layer.colls)]
         self._seconds["retrieve"] += time.perf_counter() - t0
         c = self._counts
         c["retrieves"] += len(got)
@@ -536,7 +569,12 @@ class TieredCache(Cache):
                 c["overlap"] += sum(n for i, n in zip(ids, counts) if i in prev)
                 c["overlap_of"] += len(r)
             layer.prev_clusters[h] = set(ids)
-        return [(r.keys, r.values) for r in got]
+            c["estimated"] += r.est_entries
+        est = None
+        if self.estimate is not False:
+            est = (torch.from_numpy(np.stack([r.est_lse for r in got])).to(layer.device),
+                   torch.from_numpy(np.stack([r.est_values for r in got])).to(layer.device))
+        return [(r.keys, r.values) for r in got], est
 
     def _spill(self, layer: _TieredLayer, new_k, new_v):
         """New tokens fill the sinks first, then join the window; what overflows the window
@@ -595,7 +633,8 @@ class TieredCache(Cache):
         ``io_wait_seconds`` (time retrieves waited for prefetches still loading),
         ``dram_peak_bytes`` (the engine's), ``swap_ins`` / ``swap_demand_ins`` /
         ``swap_read_bytes`` / ``swap_write_bytes`` (with ``virtualize``), ...) and
-        ``store`` its whole stats.
+        ``store`` its whole stats; ``estimate`` the clusters estimated per retrieve (False: off,
+        None: all) and ``estimated_per_step`` the entries they stood for, per retrieve.
         """
         s = self.store.stats()
         c = self._counts
@@ -612,6 +651,8 @@ class TieredCache(Cache):
             "retrieves": c["retrieves"],
             "add_calls": c["adds"],
             "fetched_per_step": c["fetched"] / c["retrieves"] if c["retrieves"] else 0.0,
+            "estimated_per_step": c["estimated"] / c["retrieves"] if c["retrieves"] else 0.0,
+            "estimate": self.estimate,
             "prefetchable_share": c["overlap"] / c["overlap_of"] if c["overlap_of"] else 0.0,
             "adapter_dram_bytes": self._resident,
             "adapter_dram_peak_bytes": self._peak,

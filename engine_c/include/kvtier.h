@@ -290,6 +290,12 @@ int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */
 int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters);
 
+/* Every cluster slot's entry count and float32 value sum (value_dim floats), by cluster
+ * number as kvt_result_copy reports it (free slots: 0 and zeros); cap slots written, their
+ * number in *n_clusters. KVT_EINVAL for a collection that keeps no sums (policy none,
+ * value_dim 0). For tests and diagnostics of the estimate. */
+int kvt_coll_value_sums(kvt_coll *coll, uint32_t *sizes, float *sums, uint64_t cap, uint64_t *n_clusters);
+
 /* ---- group virtualization (DESIGN 2.3) ---------------------------------------------------- */
 /* A group of collections (for an LLM: the KV heads of one layer) can be parked: each one's
  * representatives, cluster directory, id map, pending buffers and, with keep_cache != 0, its

@@ -3121,6 +3121,23 @@ int kvt_coll_cluster_sizes(kvt_coll *c, uint32_t *sizes, uint64_t cap, uint64_t 
     return rc;
 }
 
+/* estimate.c: every cluster slot's size and value sum, by cluster number (introspection) */
+int kvt_coll_value_sums(kvt_coll *c, uint32_t *sizes, float *sums, uint64_t cap, uint64_t *n_clusters) {
+    kvt_clear_error();
+    LOCK(c->st);
+    int was_parked, rc = peek_begin(c, &was_parked);
+    uint32_t vd = c->p.value_dim;
+    for (uint32_t j = 0; j < c->ncl && j < cap && !rc; j++) {
+        if (sizes) sizes[j] = c->cl[j].n;
+        if (sums && c->vsum) memcpy(sums + (size_t)j * vd, c->vsum + (size_t)j * vd, (size_t)vd * 4);
+    }
+    *n_clusters = rc ? 0 : c->ncl;
+    if (!rc) peek_end(c, was_parked);
+    UNLOCK(c->st);
+    if (!rc && !kvt_vsum_kept(c)) rc = kvt_fail(KVT_EINVAL, "value_sums: this collection keeps none (policy none or value_dim 0)");
+    return rc;
+}
+
 /* ---- durability: checkpoints and reopen --------------------------------------------------- */
 
 #define DIR_MAGIC "KVTDIR01"

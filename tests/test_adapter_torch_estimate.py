@@ -1,0 +1,63 @@
+"""TieredCache(estimate=...): exact when the budget fetches everything, closer to full
+attention than without the estimate at a partial budget, arguments checked."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
+transformers = pytest.importorskip("transformers", reason="the torch adapter needs transformers")
+if int(transformers.__version__.split(".")[0]) != 5:
+    pytest.skip(f"the torch adapter supports transformers 5.x, found {transformers.__version__}",
+                allow_module_level=True)
+
+import kvtier  # noqa: E402
+from kvtier.adapters.torch import TieredCache  # noqa: E402
+from test_adapter_torch import full_logits, run, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.from_numpy(np.random.default_rng(1).integers(0, 96, size=(1, 160)))
+
+
+@pytest.mark.parametrize("estimate", [True, 2])
+def test_full_budget_with_estimate_equals_full_attention(model, tokens, estimate):
+    ref = full_logits(model, tokens)
+    with TieredCache(model, budget=1.0, sinks=4, window=8, store_dtype="float32", estimate=estimate) as cache:
+        got = run(model, cache, tokens, prefill=60, chunks=(9,))
+        st = cache.stats()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert st["estimated_per_step"] == 0 and st["retrieves"] > 0
+
+
+@pytest.mark.parametrize("policy", ["static", "adaptive", "local"])
+def test_estimate_brings_partial_budget_closer_to_full(model, tokens, policy):
+    ref = full_logits(model, tokens)
+    err = {}
+    for est in (False, True):
+        with TieredCache(model, budget=0.1, sinks=2, window=4, policy=policy, store_dtype="float32",
+                         collection_options={"init_cluster_size": 8}, estimate=est) as cache:
+            got = run(model, cache, tokens, prefill=60, chunks=(5,))
+            st = cache.stats()
+        err[est] = float((got[60:] - ref[60:]).pow(2).mean())
+        assert (st["estimated_per_step"] > 0) == est
+    assert err[True] < 0.5 * err[False], err
+
+
+def test_none_policy_with_estimate_is_unchanged(model, tokens):
+    outs = []
+    for est in (False, True):
+        with TieredCache(model, budget=0.2, sinks=2, window=4, policy="none", store_dtype="float32",
+                         estimate=est) as cache:
+            outs.append(run(model, cache, tokens, prefill=60))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "all", None])
+def test_estimate_argument_checked(model, bad):
+    with pytest.raises(kvtier.InvalidArgumentError, match="estimate"):
+        TieredCache(model, estimate=bad)
