@@ -388,3 +388,42 @@ def pipeline_steps(rows: Mapping[str, dict], path, subtitle: str = "") -> str:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path, "Pipelining: step time with and without prefetch" + (f"\n{subtitle}" if subtitle else ""))
+
+
+# -- ΔNLL vs fetch budget, with and without the estimated zone ------------------------------------
+
+
+def delta_nll_vs_budget(rows: Sequence[dict], path, subtitle: str = "") -> str:
+    """ΔNLL against full attention by fetch budget, one line per policy and estimate setting
+    (solid: exact zone only; dashed: with the estimated zone), one panel per workload; the
+    sinks + window baseline as a dotted level.
+
+    Rows (bench.torch_quality): ``workload``, ``method``, ``budget``, ``estimate`` ("off",
+    "all" or a cluster count), ``delta_nll``."""
+    rows = [r for r in _ok(rows) if r.get("method") not in (None, "full")]
+    workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
+    fig, axes = _figure(1, len(workloads), width=max(5.8, 9.0 / len(workloads)))
+    seen: dict = {}
+    for ax, w in zip(axes[0], workloads):
+        wr = [r for r in rows if r["workload"] == w]
+        if not wr:
+            _empty(ax, "no successful run")
+        for r in wr:
+            if r["method"] == "sink+window":
+                ax.axhline(r["delta_nll"], color="k", ls=":", lw=1, label="sinks + window only")
+        for pol in _ordered((r["method"] for r in wr if r["method"] != "sink+window"), list(POLICY_STYLE)):
+            colour, marker = _style(POLICY_STYLE, pol, seen)
+            for est in sorted({str(r.get("estimate", "off")) for r in wr if r["method"] == pol}):
+                pr = sorted((r for r in wr if r["method"] == pol and str(r.get("estimate", "off")) == est),
+                            key=lambda r: r["budget"])
+                ax.plot([100 * r["budget"] for r in pr], [max(r["delta_nll"], 1e-4) for r in pr], color=colour,
+                        marker=marker, ls="-" if est == "off" else "--",
+                        label=pol if est == "off" else f"{pol} + estimate ({est})")
+        ax.set_title(w, fontsize=10)
+        ax.set_xlabel("fetch budget (% of the context's entries per step)")
+        ax.set_ylabel("ΔNLL vs full attention (nats/token, log)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3, which="both")
+        if wr:
+            ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path, "ΔNLL vs fetch budget, with and without the estimated zone" + (f"\n{subtitle}" if subtitle else ""))

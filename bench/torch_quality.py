@@ -27,6 +27,17 @@ flash under a small engine DRAM budget:
     python -m bench.torch_quality --workloads W1 --methods adaptive --prefill 512 --decode 256 \\
         --dram-budget 6MiB --throttle --prefetch both --repeats 3 \\
         --out bench/results/torch_pipelining.json
+
+The estimated zone (TieredCache's ``estimate``: the clusters not fetched stand in by their
+sizes, mean keys and value sums, merged by log-sum-exp): ``--budgets`` sweeps fetch budgets,
+``--estimate`` lists the settings (``off``, ``all``, or a cluster count M; ``none`` and
+``sink+window`` run ``off`` only), and ``--attn-error`` records per layer the relative L2
+error of the attention output against full attention over every cached token of the same
+run (same queries and keys: the error the layer's sparse attention adds at that step):
+
+    python -m bench.torch_quality --workloads W2 --prefill 512 --decode 256 \\
+        --budgets 0.025,0.05,0.1,0.2 --estimate off,all --attn-error \\
+        --out bench/results/torch_estimate.json
 """
 from __future__ import annotations
 
@@ -91,6 +102,63 @@ def _median_run(runs: list[dict]) -> dict:
     return row
 
 
+def _est_label(est) -> str:
+    return "off" if est is False else "all" if est is None else "all+var" if est == "var" else str(est)
+
+
+def _parse_estimate(text: str) -> list:
+    """--estimate: off -> False, all -> None (every cluster not fetched), var -> all with the
+    keys' variance (estimate_variance), M -> int."""
+    out = []
+    for t in (x.strip() for x in text.split(",") if x.strip()):
+        if t == "off":
+            out.append(False)
+        elif t == "all":
+            out.append(None)
+        elif t == "var":
+            out.append("var")
+        elif t.isdigit():
+            out.append(int(t))
+        else:
+            raise SystemExit(f"--estimate: off, all or a cluster count expected, got {t!r}")
+    return out
+
+
+class AttnErrorProbe:
+    """Per layer, the relative L2 error ||o - o_full|| / ||o_full|| of the cache's attention
+    output at each decoding step against full attention over every token the layer has seen
+    (kept here as a shadow copy), with the same queries and keys. Wraps one TieredCache."""
+
+    def __init__(self, cache):
+        import torch
+
+        self.torch = torch
+        self.cache = cache
+        self.shadow_k: dict = {}
+        self.shadow_v: dict = {}
+        self.err: dict = {}
+        self._inner = cache._attend_unchecked
+        cache._attend_unchecked = self._attend
+
+    def _attend(self, l, query, key, value, mask, scaling):
+        torch = self.torch
+        out = self._inner(l, query, key, value, mask, scaling)
+        k = torch.cat([self.shadow_k[l], key[0]], 1) if l in self.shadow_k else key[0]
+        v = torch.cat([self.shadow_v[l], value[0]], 1) if l in self.shadow_v else value[0]
+        self.shadow_k[l], self.shadow_v[l] = k, v
+        if query.shape[2] == 1:
+            g = query.shape[1] // k.shape[0]
+            full = torch.nn.functional.scaled_dot_product_attention(
+                query[0].float(), k.repeat_interleave(g, 0).float(), v.repeat_interleave(g, 0).float(), scale=scaling)
+            got = out[0].transpose(0, 1).float()  # [q_heads, 1, d]
+            e = float(torch.linalg.vector_norm(got - full) / torch.linalg.vector_norm(full))
+            self.err.setdefault(l, []).append(e)
+        return out
+
+    def per_layer(self) -> list[float]:
+        return [float(np.mean(self.err[l])) for l in sorted(self.err)]
+
+
 def run_workload(model, workload: str, args, progress=None) -> list[dict]:
     from transformers import DynamicCache
 
@@ -120,27 +188,43 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
              "tokens_per_s": tps[0], "tokens_per_s_runs": [r[0] for r in full_runs], "prefill_s": tps[1],
              "dram_peak_bytes": full_bytes, "full_cache_bytes": full_bytes}]
     device = _device(args)
+    # (method, budget, estimate) in order; sink+window once (budget 0), none never estimates
+    runs_todo = []
     for method in args.methods:
-        budget, policy = (0, None) if method == "sink+window" else (args.budget, method)
+        if method == "sink+window":
+            runs_todo.append((method, 0, False))
+            continue
+        for b in args.budgets:
+            for est in args.estimates:
+                if est is False or method != "none":
+                    runs_todo.append((method, b, est))
+    for method, budget, est in runs_todo:
+        policy = None if method == "sink+window" else method
         # budget 0 never retrieves, so there is nothing to prefetch: one setting is enough
         modes = [False] if method == "sink+window" else args.prefetch_modes
         runs = {pf: [] for pf in modes}
         unavailable = None
         for _ in range(args.repeats):  # alternating settings: drift on a shared machine hits both
             for pf in modes:
-                row = {"workload": workload, "method": method, "policy": policy, "budget": budget, "prefetch": pf}
+                row = {"workload": workload, "method": method, "policy": policy, "budget": budget, "prefetch": pf,
+                       "estimate": _est_label(est)}
                 try:
                     cache = TieredCache(model, budget=budget, policy=policy, sinks=args.sinks, window=args.window,
-                                        dram_budget=args.dram_budget, device=device, prefetch=pf)
+                                        dram_budget=args.dram_budget, device=device, prefetch=pf,
+                                        estimate=True if est in (None, "var") else est,
+                                        estimate_variance=est == "var",
+                                        collection_options={"score_temp": args.score_temp} if args.score_temp else None)
                 except kvtier.InvalidArgumentError as e:
                     unavailable = dict(row, status="unavailable", reason=str(e))
                     break
+                probe = AttnErrorProbe(cache) if args.attn_error else None
                 try:
                     nll, top, pre_s, dec_s = teacher_forced(
                         model, cache, tokens, args.prefill,
-                        bar(f"{workload} {method}{' prefetch' if pf else ''}"))
+                        bar(f"{workload} {method} {budget:g} est={_est_label(est)}{' prefetch' if pf else ''}"))
                     st = cache.stats()
                     health = cache.cluster_stats()
+                    summaries = _summary_bytes(cache) if method not in ("sink+window", "none") else None
                 finally:
                     cache.close()
                 d = nll - nll_ref
@@ -163,7 +247,13 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
                     prefetch_issued=st["prefetch_issued"], prefetch_hits=st["prefetch_hits"],
                     prefetch_read_bytes_per_step=st["prefetch_read_bytes"] / per_step,
                     cache_hits=st["cache_hits"], cache_misses=st["cache_misses"],
+                    estimated_per_step=st.get("estimated_per_step", 0.0),
                     **health)
+                if summaries:
+                    row.update(summaries)
+                if probe is not None:
+                    row["attn_rel_l2_per_layer"] = probe.per_layer()
+                    row["attn_rel_l2"] = float(np.mean(row["attn_rel_l2_per_layer"]))
                 runs[pf].append(row)
             if unavailable:
                 break
@@ -172,6 +262,22 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
             continue
         rows += [_median_run(runs[pf]) for pf in modes]
     return rows
+
+
+def _summary_bytes(cache) -> dict:
+    """DRAM of the value sums (one float32 vector of value_dim per cluster, live clusters),
+    over all collections, per cluster and per stored entry."""
+    clusters = entries = 0
+    vdim = 0
+    for layer in cache.layers:
+        for c in layer.colls:
+            st = c.stats()
+            clusters += st["clusters"]
+            entries += st["entries"]
+            vdim = c.value_dim
+    total = clusters * vdim * 4
+    return {"summary_bytes": total, "summary_bytes_per_cluster": vdim * 4,
+            "summary_bytes_per_entry": total / entries if entries else 0.0}
 
 
 def _mib(b):
@@ -228,6 +334,50 @@ def pipelining_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def estimate_markdown(rows: list[dict]) -> str:
+    """Per workload, policy and budget: each estimate setting's ΔNLL, top-1, attention error."""
+    cols = ["workload", "policy", "budget", "estimate", "ΔNLL (nats/token)", "top-1 vs full",
+            "attn rel. L2 (mean over layers)", "fetched/retrieve", "estimated entries/retrieve",
+            "summary bytes/cluster", "summary bytes/entry", "engine DRAM peak / budget MiB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    ok = [r for r in rows if r["status"] == "ok" and r["method"] != "full"]
+    for r in sorted(ok, key=lambda r: (r["workload"], r["method"], r["budget"], str(r.get("estimate")))):
+        err = f"{r['attn_rel_l2']:.4f}" if "attn_rel_l2" in r else "—"
+        per_c = f"{r['summary_bytes_per_cluster']}" if "summary_bytes_per_cluster" in r else "—"
+        per_e = f"{r['summary_bytes_per_entry']:.1f}" if "summary_bytes_per_entry" in r else "—"
+        lines.append("| " + " | ".join([
+            r["workload"], r["method"], f"{100 * r['budget']:g}%", r.get("estimate", "off"),
+            f"{r['delta_nll']:+.4f} ± {r['delta_nll_se']:.4f}", f"{100 * r['top1']:.1f}%", err,
+            f"{r['fetched_per_step']:.1f}", f"{r.get('estimated_per_step', 0.0):.1f}", per_c, per_e,
+            f"{_mib(r['engine_dram_peak_bytes'])} / {r['engine_dram_budget'] / 2**20:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def estimate_targets(rows: list[dict]) -> list[str]:
+    """Issue 21's targets where measured: at 10%, adaptive with the estimate has ΔNLL <= none's
+    and top-1 >= none's; at 5%, its ΔNLL <= 1/2 of adaptive without."""
+    out = []
+    ok = [r for r in rows if r["status"] == "ok"]
+
+    def find(w, m, b, e):
+        return next((r for r in ok if r["workload"] == w and r["method"] == m and r.get("budget") == b
+                     and r.get("estimate") == e), None)
+
+    for w in sorted({r["workload"] for r in ok}):
+        for e in sorted({r.get("estimate") for r in ok if r["method"] == "adaptive" and r.get("estimate") != "off"}):
+            a10, n10 = find(w, "adaptive", 0.1, e), find(w, "none", 0.1, "off")
+            if a10 and n10:
+                out.append(f"{w}: 10%: ΔNLL(adaptive, estimate {e}) {a10['delta_nll']:+.4f} <= ΔNLL(none) "
+                           f"{n10['delta_nll']:+.4f}: {'met' if a10['delta_nll'] <= n10['delta_nll'] else 'NOT met'}; "
+                           f"top-1 {100 * a10['top1']:.1f}% >= {100 * n10['top1']:.1f}%: "
+                           f"{'met' if a10['top1'] >= n10['top1'] else 'NOT met'}")
+            a5, o5 = find(w, "adaptive", 0.05, e), find(w, "adaptive", 0.05, "off")
+            if a5 and o5:
+                out.append(f"{w}: 5%: ΔNLL(adaptive, estimate {e}) {a5['delta_nll']:+.4f} <= 1/2 ΔNLL(adaptive, off) "
+                           f"{o5['delta_nll']:+.4f}: {'met' if a5['delta_nll'] <= 0.5 * o5['delta_nll'] else 'NOT met'}")
+    return out
+
+
 def targets(rows: list[dict]) -> list[str]:
     """The issue's acceptance targets, checked where both sides were measured."""
     out = []
@@ -242,6 +392,9 @@ def targets(rows: list[dict]) -> list[str]:
             if len({r["prefetch"] for r in pair}) == 2:
                 same = len({(r["nll"], r["top1"]) for r in pair}) == 1
                 out.append(f"{w}: {m} NLL and top-1 identical with and without prefetch: {'yes' if same else 'NO'}")
+        if len({r.get("budget") for r in rows if r["workload"] == w and r["method"] not in ("full", "sink+window")}) > 1 \
+                or any(r.get("estimate", "off") != "off" for r in rows):
+            continue  # a budget or estimate sweep: estimate_targets speaks for it
         if "adaptive" in by and "static" in by:
             ok = by["adaptive"]["delta_nll"] <= 0.5 * by["static"]["delta_nll"]
             out.append(f"{w}: ΔNLL(adaptive) <= 1/2 ΔNLL(static): {'met' if ok else 'NOT met'}")
@@ -263,6 +416,16 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-decode", type=int, default=2048,
                     help="length of the captured trace the tokens are cut from (reuses the cached capture)")
     ap.add_argument("--budget", type=float, default=0.1, help="fetch budget, fraction of the context")
+    ap.add_argument("--budgets", help="comma-separated fetch budgets (fractions) to sweep; default: --budget")
+    ap.add_argument("--estimate", default="off",
+                    help="TieredCache estimate settings to run: comma-separated off, all, var (all, with the "
+                         "clusters' key variance), or a cluster count")
+    ap.add_argument("--score-temp", type=float, default=0.0,
+                    help="the collections' score_temp (0: rank clusters by q . mean; > 0 keeps per-dimension "
+                         "variances, which estimate var then uses)")
+    ap.add_argument("--attn-error", action="store_true",
+                    help="record per layer the relative L2 error of the attention output vs full attention")
+    ap.add_argument("--plot", help="PNG of ΔNLL against the budget (with a budget sweep)")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
@@ -283,6 +446,8 @@ def main(argv=None) -> int:
     if args.report:
         result = json.loads(Path(args.report).read_text())
         print(markdown(result["rows"]))
+        if any(r.get("estimate") for r in result["rows"]):
+            print("\n" + estimate_markdown(result["rows"]))
         pipe = pipelining_markdown(result["rows"])
         if pipe:
             print("\n" + pipe)
@@ -295,6 +460,8 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         ap.error("--repeats: at least 1")
     args.prefetch_modes = {"on": [True], "off": [False], "both": [False, True]}[args.prefetch]
+    args.budgets = [float(x) for x in args.budgets.split(",")] if args.budgets else [args.budget]
+    args.estimates = _parse_estimate(args.estimate)
 
     import torch
     import transformers
@@ -313,14 +480,15 @@ def main(argv=None) -> int:
         rows += run_workload(model, w, args, progress)
     result = {
         "benchmark": "torch_quality",
-        "params": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress", "report", "prefetch_modes")},
+        "params": {k: v for k, v in vars(args).items()
+                   if k not in ("out", "no_progress", "report", "prefetch_modes", "estimates")},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "versions": {"kvtier": kvtier.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "model_dtype": str(next(model.parameters()).dtype),
         "seconds": time.perf_counter() - started,
         "rows": rows,
-        "targets": targets(rows),
+        "targets": targets(rows) + estimate_targets(rows),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +498,13 @@ def main(argv=None) -> int:
           f"engine DRAM budget {args.dram_budget}, device {args.device}{' (throttled)' if args.throttle else ''}, "
           f"prefetch {args.prefetch}, {args.threads} torch thread(s), median of {args.repeats} run(s)\n")
     print(markdown(rows))
+    if len(args.budgets) > 1 or args.estimates != [False]:
+        print("\nEstimated zone: per policy, budget and estimate setting\n")
+        print(estimate_markdown(rows))
+    if args.plot:
+        from bench.plots import delta_nll_vs_budget
+
+        print("plot:", delta_nll_vs_budget(rows, args.plot, f"SmolLM2-135M, {args.prefill} prefill + {args.decode} decoded tokens"))
     pipe = pipelining_markdown(rows)
     if pipe:
         print("\nPipelining: without vs with prefetch (tok/s: decoding only, median of the runs listed)\n")

@@ -87,6 +87,7 @@ cdef extern from "kvtier.h" nogil:
     ctypedef struct kvt_estimate_opts:
         int64_t clusters
         double scale
+        int variance
     int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
                               const kvt_estimate_opts *est, kvt_result **out)
     int kvt_coll_value_sums(kvt_coll *coll, uint32_t *sizes, float *sums, uint64_t cap, uint64_t *n_clusters)

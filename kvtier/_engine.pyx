@@ -267,7 +267,7 @@ cdef class Coll:
             _copy_result(r, ids, keys, values, clusters)
         return ids, keys, values, clusters
 
-    def retrieve_est(self, const float[:, ::1] q, uint64_t budget, int64_t clusters, double scale):
+    def retrieve_est(self, const float[:, ::1] q, uint64_t budget, int64_t clusters, double scale, int variance=0):
         """retrieve plus the estimate of the clusters not fetched (kvt_coll_retrieve_est):
         (ids, keys, values, clusters, lse [nq] f32, est_values [nq, value_dim] f32,
         estimated clusters, estimated entries)."""
@@ -277,6 +277,7 @@ cdef class Coll:
         cdef kvt_estimate_opts opts
         opts.clusters = clusters
         opts.scale = scale
+        opts.variance = variance
         cdef int rc
         with nogil:
             rc = kvt_coll_retrieve_est(c, &q[0, 0], nq, budget, &opts, &r)

@@ -193,7 +193,7 @@ class Collection:
         return int(budget)
 
     def retrieve(self, query_group, budget: Union[int, float] = 0.1, estimate: Union[bool, int, None] = False,
-                 scale: Optional[float] = None) -> Retrieved:
+                 scale: Optional[float] = None, variance: bool = False) -> Retrieved:
         """Whole clusters, best first by the group's max score, whose sizes fit in ``budget``
         entries: an int count, or a float fraction of ``len(self)`` in (0, 1].
 
@@ -202,12 +202,15 @@ class Collection:
         extra read): False (default) none; an int M the next M clusters of the ranking not
         fetched; True or None all of them. Each cluster j weighs n_j exp(scale q.mean_j)
         with value mean vsum_j / n_j; ``scale`` defaults to 1/sqrt(dim) (the attention
-        scale). The result's ``est_*`` fields carry it. Policy ``none`` has no clusters and
+        scale). ``variance`` takes each cluster's keys as Gaussian around the mean (its mass
+        gains scale^2/2 sum_k q_k^2 var_k: per-dimension variances when the collection keeps
+        them, ``score_temp`` > 0, else the mean variance) instead of all equal to the mean.
+        The result's ``est_*`` fields carry it. Policy ``none`` has no clusters and
         estimates nothing (est_lse -inf)."""
         q, _ = _as_matrix("query_group", query_group, self.dim, np.float32)
         if estimate is False:
-            if scale is not None:
-                raise InvalidArgumentError("scale: only meaningful with estimate=")
+            if scale is not None or variance:
+                raise InvalidArgumentError("scale, variance: only meaningful with estimate=")
             with self._store._gate:
                 ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
             return Retrieved(ids, keys, values, clusters)
@@ -225,8 +228,11 @@ class Collection:
             s = float(scale)
         else:
             raise InvalidArgumentError(f"scale: a finite number > 0 expected (None: 1/sqrt(dim)), got {scale!r}")
+        if not isinstance(variance, (bool, np.bool_)):
+            raise InvalidArgumentError(f"variance: True or False expected, got {variance!r}")
         with self._store._gate:
-            ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(q, self._entries(budget), m, s)
+            ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(
+                q, self._entries(budget), m, s, int(bool(variance)))
         return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent)
 
     def prefetch(self, query_group, budget: Union[int, float] = 0.1) -> int:

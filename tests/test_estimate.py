@@ -76,6 +76,10 @@ def test_singleton_clusters_give_the_exact_estimate(tmp_path):
             np.testing.assert_allclose(r.est_lse, lse(s_), rtol=1e-5, atol=1e-5)
             w = np.exp(s_ - lse(s_)[:, None])
             np.testing.assert_allclose(r.est_values, w @ v[rest], rtol=1e-4, atol=1e-5)
+        # singletons have no variance: the Gaussian mass is the same
+        r2 = c.retrieve(q, budget=12, estimate=True, variance=True)
+        r1 = c.retrieve(q, budget=12, estimate=True)
+        np.testing.assert_allclose(r2.est_lse, r1.est_lse, rtol=1e-6)
         # another scale
         r = c.retrieve(q, budget=12, estimate=True, scale=0.5)
         rest = np.setdiff1d(np.arange(80), r.ids)
@@ -98,6 +102,28 @@ def test_estimate_of_a_cluster_is_its_mean_key_and_mean_value(tmp_path):
         w = np.exp(lw - lse(lw)[:, None])
         np.testing.assert_allclose(r.est_values, w @ (sums[rest] / sizes[rest, None]), rtol=1e-4, atol=1e-5)
         assert r.est_entries == sizes[rest].sum()
+
+
+def test_variance_adds_the_gaussian_term(tmp_path):
+    k, v = data(300, seed=3)
+    with kvtier.open(tmp_path) as s:
+        for temp in (0.0, 0.25):  # mean variance, or per-dimension variances (score_temp > 0)
+            c = s.collection(f"c{temp}", dim=D, value_dim=VD, dtype="float32", policy="static",
+                             init_cluster_size=30, score_temp=temp)
+            c.add(k, v)
+            q = np.random.default_rng(4).standard_normal((2, D)).astype(np.float32)
+            r = c.retrieve(q, budget=40, estimate=True, variance=True)
+            full = c.retrieve(q, budget=300)
+            sizes, sums = c.value_sums()
+            rest = np.setdiff1d(np.flatnonzero(sizes), np.unique(r.clusters))
+            members = [k[full.ids[full.clusters == j]].astype(np.float64) for j in rest]
+            means = np.stack([m.mean(0) for m in members])
+            var = np.stack([m.var(0) for m in members])  # per dimension
+            if temp == 0:
+                var = np.repeat(var.mean(1, keepdims=True), D, 1)
+            t = 1 / np.sqrt(D)
+            lw = np.log(sizes[rest]) + t * q @ means.T + 0.5 * t * t * (q * q) @ var.T
+            np.testing.assert_allclose(r.est_lse, lse(lw), rtol=1e-4, atol=1e-4)
 
 
 def test_budget_covering_everything_leaves_nothing_to_estimate(tmp_path):
@@ -155,6 +181,10 @@ def test_estimate_arguments_checked(tmp_path):
         for bad in (0, -1.0, float("nan"), float("inf")):
             with pytest.raises(kvtier.InvalidArgumentError, match="scale"):
                 c.retrieve(q, budget=5, estimate=True, scale=bad)
+        with pytest.raises(kvtier.InvalidArgumentError, match="variance"):
+            c.retrieve(q, budget=5, estimate=True, variance=1)
+        with pytest.raises(kvtier.InvalidArgumentError, match="only meaningful"):
+            c.retrieve(q, budget=5, scale=0.5)
 
 
 @pytest.mark.parametrize("policy", ["static", "local", "adaptive"])

@@ -279,7 +279,8 @@ class TieredCache(Cache):
     log-sum-exp per query head (``kvtier.adapters.torch.estimate``): True estimates
     ``DEFAULT_ESTIMATE`` clusters beyond the fetched ones (None: all), an int that many. It
     changes nothing when the budget fetches everything; the ``none`` policy has no clusters
-    and estimates nothing.
+    and estimates nothing. ``estimate_variance`` (default False) estimates each cluster's mass
+    with its keys' variance (``Collection.retrieve``'s ``variance``).
 
     Works with ``model.generate(..., cache=cache)`` and manual ``model(ids, cache=cache,
     use_cache=True)`` loops (``past_key_values=`` is transformers 5's deprecated alias of
@@ -290,7 +291,7 @@ class TieredCache(Cache):
                  sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
                  prefetch: bool = True, store_dtype: str = "float16",
                  collection_options: Optional[dict] = None, virtualize: bool = False, write_buffer=None,
-                 estimate: Union[bool, int] = False):
+                 estimate: Union[bool, int] = False, estimate_variance: bool = False):
         geo = check_model(model)
         # the estimated zone (adapters/torch/estimate.py): False off, else the clusters per retrieve
         if isinstance(estimate, (bool, np.bool_)):
@@ -299,6 +300,9 @@ class TieredCache(Cache):
             self.estimate = int(estimate)
         else:
             raise InvalidArgumentError(f"estimate: True, False or a cluster count >= 0 expected, got {estimate!r}")
+        if not isinstance(estimate_variance, (bool, np.bool_)):
+            raise InvalidArgumentError(f"estimate_variance: True or False expected, got {estimate_variance!r}")
+        self.estimate_variance = bool(estimate_variance)
         if not isinstance(prefetch, (bool, np.bool_)):
             raise InvalidArgumentError(f"prefetch: True or False expected, got {prefetch!r}")
         if not isinstance(virtualize, (bool, np.bool_)):
@@ -555,7 +559,8 @@ class TieredCache(Cache):
         if self.estimate is False:
             got = [coll.retrieve(qn[h], budget=n_budget) for h, coll in enumerate(layer.colls)]
         else:
-            got = [coll.retrieve(qn[h], budget=n_budget, estimate=self.estimate, scale=scaling)
+            got = [coll.retrieve(qn[h], budget=n_budget, estimate=self.estimate, scale=scaling,
+                                 variance=self.estimate_variance)
                    for h, coll in enumerate(layer.colls)]
         self._seconds["retrieve"] += time.perf_counter() - t0
         c = self._counts

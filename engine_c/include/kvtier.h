@@ -230,6 +230,10 @@ void kvt_result_free(kvt_result *res);
 typedef struct kvt_estimate_opts {
     int64_t clusters;
     double scale;
+    /* != 0: a cluster's keys taken as Gaussian around their mean rather than all equal to
+     * it: log-mass + scale^2 / 2 * sum_k q_k^2 var_k (per-dimension variances when the
+     * collection keeps them, score_temp > 0; else the mean variance for every dimension) */
+    int variance;
 } kvt_estimate_opts;
 int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
                           const kvt_estimate_opts *est, kvt_result **out);

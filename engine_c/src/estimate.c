@@ -65,20 +65,21 @@ static int est_desc(const void *a, const void *b) {
 }
 
 int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, const uint32_t *taken, uint64_t ntaken,
-                 int64_t want, double scale, float *lse, float *val, uint64_t *ncl_out, uint64_t *nent_out) {
+                 int64_t want, double scale, int variance, float *lse, float *val, uint64_t *ncl_out, uint64_t *nent_out) {
     const kvt_kernels *K = c->st->K;
     uint32_t d = c->p.dim, vd = c->p.value_dim, m = 0;
     for (uint64_t i = 0; i < nq; i++) lse[i] = -INFINITY;
     memset(val, 0, nq * vd * 4);
     *ncl_out = *nent_out = 0;
     if (!c->vsum || c->ncl == 0 || want == 0) return 0;
-    uint64_t bytes = (uint64_t)c->ncl * 13 + 16;
+    uint64_t bytes = (uint64_t)c->ncl * 13 + 16 + (uint64_t)d * 4;
     int rc = kvt_mem_reserve(&c->st->cache, bytes);
     if (rc) return rc;
     uint32_t *zone = malloc((size_t)c->ncl * 4 + 4);
     float *logn = malloc((size_t)c->ncl * 4 + 4), *s = malloc((size_t)c->ncl * 4 + 4);
     uint8_t *mark = calloc((size_t)c->ncl + 1, 1);
-    if (!zone || !logn || !s || !mark) {
+    float *q2 = malloc((size_t)d * 4);
+    if (!zone || !logn || !s || !mark || !q2) {
         rc = kvt_fail(ENOMEM, "retrieve: out of memory for the estimate");
         goto out;
     }
@@ -96,11 +97,20 @@ int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, 
     }
     *ncl_out = m;
     if (!m) goto out;
+    float half_t2 = (float)(0.5 * scale * scale);
     for (uint64_t i = 0; i < nq; i++) {
         const float *qi = q + i * d;
-        float mx = -INFINITY;
+        float mx = -INFINITY, qq = variance ? K->dot_f32(qi, qi, d) : 0;
+        if (variance && c->m2d)
+            for (uint32_t k = 0; k < d; k++) q2[k] = qi[k] * qi[k];
         for (uint32_t t = 0; t < m; t++) {
-            s[t] = logn[t] + (float)scale * K->dot_f32(qi, c->cent + (size_t)zone[t] * d, d);
+            uint32_t j = zone[t];
+            s[t] = logn[t] + (float)scale * K->dot_f32(qi, c->cent + (size_t)j * d, d);
+            if (variance) { /* m2 sums are over n entries: var = m2 / n */
+                float inv_n = 1.0f / (float)c->cl[j].n;
+                s[t] += half_t2 * inv_n * (c->m2d ? K->dot_f32(q2, c->m2d + (size_t)j * d, d)
+                                                  : qq * (float)(c->cl[j].m2 / d));
+            }
             if (s[t] > mx) mx = s[t];
         }
         double sum = 0;
@@ -118,6 +128,7 @@ int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, 
         lse[i] = mx + (float)log(sum);
     }
 out:
+    free(q2);
     free(mark);
     free(zone);
     free(logn);

@@ -2309,7 +2309,7 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     r->ncl = taken;
     if (est) { /* estimate.c: from the scores, before they are spent below */
         double scale = est->scale > 0 ? est->scale : 1.0 / sqrt((double)c->p.dim);
-        rc = kvt_estimate(c, q, nq, sel.scores, idx, taken, est->clusters, scale, r->est_lse, r->est_val,
+        rc = kvt_estimate(c, q, nq, sel.scores, idx, taken, est->clusters, scale, est->variance, r->est_lse, r->est_val,
                           &r->est_ncl, &r->est_n);
     }
     rc = result_alloc(r, &c->L, total);

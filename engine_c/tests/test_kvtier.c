@@ -1405,6 +1405,97 @@ static void test_token_layout(void) {
     remove_dir(d);
 }
 
+/* estimate.c: value sums equal the sums of the values, and with one entry per cluster the
+ * estimate is exact attention over the entries not fetched; the reads are retrieve's. */
+static void test_estimate(void) {
+    char *d = make_dir();
+    kvt_store_opts o = {4 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
+    kvt_store *st;
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    kvt_coll_params p = params(KVT_F16);
+    p.init_cluster_size = 1;
+    kvt_coll *c;
+    CHECK_OK(kvt_coll_create(st, 0, &p, &c));
+    enum { N = 40 };
+    uint64_t s = 5;
+    uint16_t keys[N * 16], vals[N * 8];
+    float kf[N * 16], vf[N * 8];
+    fill(keys, kf, N * 16, &s);
+    fill(vals, vf, N * 8, &s);
+    for (int i = 0; i < N * 16; i++) kf[i] = kvt_half_to_float(keys[i] = kvt_float_to_half(3 * kf[i]));
+    int64_t first;
+    CHECK_OK(kvt_coll_add(c, keys, vals, N, &first));
+    uint32_t sizes[N + 1];
+    float sums[(N + 1) * 8];
+    uint64_t ncl;
+    CHECK_OK(kvt_coll_value_sums(c, sizes, sums, N + 1, &ncl));
+    CHECK(ncl == N);
+    float q[2 * 16];
+    for (int i = 0; i < 32; i++) q[i] = frand(&s) * 2;
+    kvt_result *r0, *r;
+    kvt_store_stats a, b;
+    CHECK_OK(kvt_coll_retrieve(c, q, 2, 7, &r0));
+    kvt_result_free(r0);
+    /* warm: this plain retrieve and the estimating one below find the same cache */
+    CHECK_OK(kvt_store_reset_io_stats(st));
+    CHECK_OK(kvt_coll_retrieve(c, q, 2, 7, &r0));
+    CHECK_OK(kvt_store_stats_get(st, &a));
+    kvt_estimate_opts eo = {-1, 0, 0};
+    CHECK(kvt_coll_retrieve_est(c, q, 2, 7, NULL, &r) == KVT_EINVAL);
+    eo.scale = -1;
+    CHECK(kvt_coll_retrieve_est(c, q, 2, 7, &eo, &r) == KVT_EINVAL);
+    eo.scale = 0;
+    CHECK_OK(kvt_store_reset_io_stats(st));
+    CHECK_OK(kvt_coll_retrieve_est(c, q, 2, 7, &eo, &r));
+    CHECK_OK(kvt_store_stats_get(st, &b));
+    CHECK(a.read_ops == b.read_ops && a.read_bytes == b.read_bytes && a.cache_hits == b.cache_hits);
+    uint64_t n = kvt_result_count(r), ecl, ent;
+    CHECK(n == 7 && kvt_result_count(r0) == 7);
+    int64_t ids[N];
+    int32_t cls[N];
+    kvt_result_copy(r, ids, NULL, NULL, cls);
+    float lse[2], ev[2 * 8];
+    kvt_result_estimate(r, lse, ev, &ecl, &ent);
+    CHECK(ecl == N - 7 && ent == N - 7);
+    int fetched[N] = {0};
+    for (uint64_t i = 0; i < n; i++) fetched[ids[i]] = 1;
+    for (int row = 0; row < 2; row++) {
+        double mx = -1e30, sum = 0, v[8] = {0}, sc[N];
+        for (int j = 0; j < N; j++) {
+            sc[j] = 0;
+            for (int t = 0; t < 16; t++) sc[j] += (double)q[row * 16 + t] * kf[j * 16 + t];
+            sc[j] *= 0.25; /* 1/sqrt(16) */
+            if (!fetched[j] && sc[j] > mx) mx = sc[j];
+        }
+        for (int j = 0; j < N; j++) {
+            if (fetched[j]) continue;
+            double w = exp(sc[j] - mx);
+            sum += w;
+            for (int t = 0; t < 8; t++) v[t] += w * vf[j * 8 + t];
+        }
+        CHECK(fabs(lse[row] - (mx + log(sum))) < 1e-4);
+        for (int t = 0; t < 8; t++) CHECK(fabs(ev[row * 8 + t] - v[t] / sum) < 1e-4);
+    }
+    /* the sums: each singleton's is the value of the entry in it (membership from a retrieve
+     * of everything) */
+    kvt_result *all;
+    CHECK_OK(kvt_coll_retrieve(c, q, 1, N, &all));
+    CHECK(kvt_result_count(all) == N);
+    kvt_result_copy(all, ids, NULL, NULL, cls);
+    int sums_ok = 1;
+    for (int i = 0; i < N; i++)
+        for (int t = 0; t < 8; t++) sums_ok &= sizes[cls[i]] == 1 && sums[cls[i] * 8 + t] == vf[ids[i] * 8 + t];
+    CHECK(sums_ok);
+    kvt_result_free(all);
+    /* a plain result carries no estimate */
+    kvt_result_estimate(r0, lse, ev, &ecl, &ent);
+    CHECK(isinf(lse[0]) && lse[0] < 0 && ev[0] == 0 && ecl == 0 && ent == 0);
+    kvt_result_free(r0);
+    kvt_result_free(r);
+    kvt_store_close(st);
+    remove_dir(d);
+}
+
 int main(void) {
     printf("kvtier engine tests (kernel: %s)\n", kvt_simd_kernel());
     test_simd();
@@ -1427,6 +1518,7 @@ int main(void) {
     test_park();
     test_token_layout();
     test_write_buffer();
+    test_estimate();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
