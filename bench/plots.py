@@ -91,19 +91,28 @@ def _spread(v) -> tuple[float, float]:
 
 # -- recall vs fetch budget ---------------------------------------------------------------------
 
+def _workload_panels(rows: Sequence[dict], min_width: float, total_width: float, empty: str):
+    """A figure with one panel per workload: (fig, [(ax, workload, its rows)]); a panel
+    without rows says `empty`."""
+    workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
+    fig, axes = _figure(1, len(workloads), width=max(min_width, total_width / len(workloads)))
+    panels = []
+    for ax, w in zip(axes[0], workloads):
+        wr = [r for r in rows if r["workload"] == w]
+        if not wr:
+            _empty(ax, empty)
+        panels.append((ax, w, wr))
+    return fig, panels
+
+
 def recall_vs_budget(rows: Sequence[dict], path, subtitle: str = "") -> str:
     """Attention recall against the fetch budget, one line per policy, one panel per workload.
 
     Rows: ``workload``, ``policy``, ``budget`` (fraction of the context), ``recall``,
     ``oracle_recall`` (token-level exact top-budget: the bound no selection can beat)."""
-    rows = _ok(rows)
-    workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
-    fig, axes = _figure(1, len(workloads), width=max(5.2, 8.0 / len(workloads)))
+    fig, panels = _workload_panels(_ok(rows), 5.2, 8.0, "no successful replay")
     seen: dict = {}
-    for ax, w in zip(axes[0], workloads):
-        wr = [r for r in rows if r["workload"] == w]
-        if not wr:
-            _empty(ax, "no successful replay")
+    for ax, w, wr in panels:
         for pol in _ordered((r["policy"] for r in wr), list(POLICY_STYLE)):
             pr = sorted((r for r in wr if r["policy"] == pol), key=lambda r: r["budget"])
             colour, marker = _style(POLICY_STYLE, pol, seen)
@@ -401,13 +410,9 @@ def delta_nll_vs_budget(rows: Sequence[dict], path, subtitle: str = "") -> str:
     Rows (bench.torch_quality): ``workload``, ``method``, ``budget``, ``estimate`` ("off",
     "all" or a cluster count), ``delta_nll``."""
     rows = [r for r in _ok(rows) if r.get("method") not in (None, "full")]
-    workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
-    fig, axes = _figure(1, len(workloads), width=max(5.8, 9.0 / len(workloads)))
+    fig, panels = _workload_panels(rows, 5.8, 9.0, "no successful run")
     seen: dict = {}
-    for ax, w in zip(axes[0], workloads):
-        wr = [r for r in rows if r["workload"] == w]
-        if not wr:
-            _empty(ax, "no successful run")
+    for ax, w, wr in panels:
         for r in wr:
             if r["method"] == "sink+window":
                 ax.axhline(r["delta_nll"], color="k", ls=":", lw=1, label="sinks + window only")

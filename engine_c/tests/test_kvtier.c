@@ -393,14 +393,20 @@ static void fill(uint16_t *h, float *f, size_t n, uint64_t *s) {
     }
 }
 
+/* A store in d under a DRAM budget, with collection 0 of parameters p. */
+static void store_with(const char *d, uint64_t budget, const kvt_coll_params *p, kvt_store **st, kvt_coll **c) {
+    kvt_store_opts o = {budget, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
+    CHECK_OK(kvt_store_open(d, &o, st));
+    CHECK_OK(kvt_coll_create(*st, 0, p, c));
+}
+
 static void test_store(void) {
     char *d = make_dir();
     kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
     kvt_store *st;
-    CHECK_OK(kvt_store_open(d, &o, &st));
     kvt_coll_params p = params(KVT_F16);
     kvt_coll *c;
-    CHECK_OK(kvt_coll_create(st, 0, &p, &c));
+    store_with(d, o.dram_budget, &p, &st, &c);
     enum { N = 300 };
     uint64_t s = 11;
     uint16_t keys[N * 16], vals[N * 8];
@@ -1409,20 +1415,18 @@ static void test_token_layout(void) {
  * estimate is exact attention over the entries not fetched; the reads are retrieve's. */
 static void test_estimate(void) {
     char *d = make_dir();
-    kvt_store_opts o = {4 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
-    kvt_store *st;
-    CHECK_OK(kvt_store_open(d, &o, &st));
     kvt_coll_params p = params(KVT_F16);
-    p.init_cluster_size = 1;
+    p.init_cluster_size = 1; /* one entry per cluster */
+    kvt_store *st;
     kvt_coll *c;
-    CHECK_OK(kvt_coll_create(st, 0, &p, &c));
+    store_with(d, 4 << 20, &p, &st, &c);
     enum { N = 40 };
     uint64_t s = 5;
     uint16_t keys[N * 16], vals[N * 8];
     float kf[N * 16], vf[N * 8];
-    fill(keys, kf, N * 16, &s);
+    for (int i = 0; i < N * 16; i++) /* spread keys: sharper attention */
+        kf[i] = kvt_half_to_float(keys[i] = kvt_float_to_half(3 * frand(&s)));
     fill(vals, vf, N * 8, &s);
-    for (int i = 0; i < N * 16; i++) kf[i] = kvt_half_to_float(keys[i] = kvt_float_to_half(3 * kf[i]));
     int64_t first;
     CHECK_OK(kvt_coll_add(c, keys, vals, N, &first));
     uint32_t sizes[N + 1];
