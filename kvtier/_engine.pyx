@@ -184,6 +184,7 @@ cdef kvt_coll_params _params(dict p) except *:
     cp.score_temp = p.get("score_temp") or 0.0
     cp.colocate_after = p.get("colocate_after") or 0
     cp.layout = {"token": 1}.get(p.get("layout"), 0)  # colocated and clustered: the pools
+    cp.value_sums = 1 if p.get("value_sums") else 0
     return cp
 
 

@@ -202,9 +202,10 @@ class Collection:
         extra read): False (default) none; an int M the next M clusters of the ranking not
         fetched; True or None all of them. Each cluster j weighs n_j exp(scale q.mean_j)
         with value mean vsum_j / n_j; ``scale`` defaults to 1/sqrt(dim) (the attention
-        scale). ``variance`` takes each cluster's keys as Gaussian around the mean (its mass
-        gains scale^2/2 sum_k q_k^2 var_k: per-dimension variances when the collection keeps
-        them, ``score_temp`` > 0, else the mean variance) instead of all equal to the mean.
+        scale). The collection must keep value sums (``value_sums=True``). ``variance``
+        takes each cluster's keys as Gaussian around the mean (its mass gains
+        scale^2/2 sum_k q_k^2 var_k: per-dimension variances when the collection keeps them,
+        ``score_temp`` > 0, else the mean variance) instead of all equal to the mean.
         The result's ``est_*`` fields carry it. Policy ``none`` has no clusters and
         estimates nothing (est_lse -inf)."""
         q, _ = _as_matrix("query_group", query_group, self.dim, np.float32)
@@ -230,6 +231,9 @@ class Collection:
             raise InvalidArgumentError(f"scale: a finite number > 0 expected (None: 1/sqrt(dim)), got {scale!r}")
         if not isinstance(variance, (bool, np.bool_)):
             raise InvalidArgumentError(f"variance: True or False expected, got {variance!r}")
+        if not self.params.get("value_sums") and self.policy != "none":
+            raise InvalidArgumentError(
+                f"estimate: collection {self.name!r} keeps no value sums (create it with value_sums=True)")
         with self._store._gate:
             ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(
                 q, self._entries(budget), m, s, int(bool(variance)))
@@ -362,7 +366,8 @@ class Store:
                    seed: int = 0, nprobe: Optional[int] = None, tau: Optional[float] = None,
                    tau_factor: float = 3.0, pending_budget: int = 16, local_window: int = 64,
                    local_cluster_size: int = 16, score_temp: float = 0.0,
-                   colocate_after: int = 32, layout: Optional[str] = None) -> Collection:
+                   colocate_after: int = 32, layout: Optional[str] = None,
+                   value_sums: Optional[bool] = None) -> Collection:
         """Creates or reopens a collection. Reopening checks that what is given matches.
 
         ``dim`` key dimension; ``value_dim`` value dimension (default: ``dim``); ``dtype``
@@ -375,12 +380,14 @@ class Store:
         retrieved together rewritten next to each other after ``colocate_after`` retrieves),
         ``clustered`` (the pools without co-location) or ``token`` (one log in insertion
         order, a baseline: a cluster is read as runs of consecutive ids). Policy ``none``
-        keeps token order whatever the layout.
+        keeps token order whatever the layout. ``value_sums`` (default False) keeps each
+        cluster's value sum in DRAM (value_dim float32 per cluster, within the DRAM budget),
+        which ``retrieve(..., estimate=)`` needs.
         """
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > 400:
             raise InvalidArgumentError(f"name: a non-empty string without '/' (at most 400 bytes) expected, got {name!r}")
         given = {"dim": dim, "value_dim": value_dim, "dtype": dtype, "metric": metric, "policy": policy,
-                 "layout": layout}
+                 "layout": layout, "value_sums": value_sums}
         with self._gate, self._meta:
             if name in self._colls:
                 coll = self._colls[name]
@@ -395,7 +402,7 @@ class Store:
                 params = self._new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
                                           max_cluster_size, kmeans_iters, seed, nprobe, tau,
                                           tau_factor, pending_budget, local_window,
-                                          local_cluster_size, score_temp, colocate_after, layout)
+                                          local_cluster_size, score_temp, colocate_after, layout, value_sums)
                 params["no"], params["name"] = self._next_no, name
                 h = self._engine.create(params["no"], params)
                 self._next_no += 1
@@ -413,14 +420,14 @@ class Store:
                     v = np.dtype(v).name
                 except TypeError:
                     pass
-            if v != params.get(key, "colocated" if key == "layout" else None):
+            if v != params.get(key, {"layout": "colocated", "value_sums": False}.get(key)):
                 raise InvalidArgumentError(
-                    f"{key}: collection {name!r} exists with {key}={params[key]!r}, got {v!r}")
+                    f"{key}: collection {name!r} exists with {key}={params.get(key, False)!r}, got {v!r}")
 
     @staticmethod
     def _new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_cluster_size,
                     kmeans_iters, seed, nprobe, tau, tau_factor, pending_budget, local_window,
-                    local_cluster_size, score_temp, colocate_after, layout=None) -> dict:
+                    local_cluster_size, score_temp, colocate_after, layout=None, value_sums=None) -> dict:
         if dim is None:
             raise InvalidArgumentError("dim: required when creating a collection")
         dim = _positive_int("dim", dim, 1, 4096)
@@ -462,13 +469,15 @@ class Store:
             raise InvalidArgumentError(f"layout: one of {LAYOUTS} expected, got {layout!r}")
         if layout != "colocated":
             colocate_after = 0
+        if value_sums is not None and not isinstance(value_sums, (bool, np.bool_)):
+            raise InvalidArgumentError(f"value_sums: True or False expected, got {value_sums!r}")
         return {"dim": dim, "value_dim": value_dim, "dtype": dt, "metric": metric, "policy": policy,
                 "init_cluster_size": init_cluster_size, "max_cluster_size": max_cluster_size,
                 "kmeans_iters": kmeans_iters, "seed": seed, "nprobe": nprobe,
                 "tau": float(tau) if tau is not None else None, "tau_factor": float(tau_factor),
                 "pending_budget": pending_budget, "local_window": local_window,
                 "local_cluster_size": local_cluster_size, "score_temp": float(score_temp),
-                "colocate_after": colocate_after, "layout": layout}
+                "colocate_after": colocate_after, "layout": layout, "value_sums": bool(value_sums)}
 
     # -- durability -------------------------------------------------------------------------
     def flush(self) -> None:

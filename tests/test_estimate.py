@@ -55,7 +55,8 @@ def check_sums(coll, rtol=1e-4, atol=1e-3):
 def test_singleton_clusters_give_the_exact_estimate(tmp_path):
     k, v = data(80, seed=1, centres=80)
     with kvtier.open(tmp_path) as s:
-        c = s.collection("c", dim=D, value_dim=VD, dtype="float32", policy="static", init_cluster_size=1)
+        c = s.collection("c", dim=D, value_dim=VD, dtype="float32", policy="static", init_cluster_size=1,
+                         value_sums=True)
         c.add(k, v)
         assert (c.cluster_sizes() == 1).all() and len(c.cluster_sizes()) == 80
         q = np.random.default_rng(2).standard_normal((3, D)).astype(np.float32)
@@ -89,7 +90,8 @@ def test_singleton_clusters_give_the_exact_estimate(tmp_path):
 def test_estimate_of_a_cluster_is_its_mean_key_and_mean_value(tmp_path):
     k, v = data(300, seed=3)
     with kvtier.open(tmp_path) as s:
-        c = s.collection("c", dim=D, value_dim=VD, dtype="float32", policy="static", init_cluster_size=30)
+        c = s.collection("c", dim=D, value_dim=VD, dtype="float32", policy="static", init_cluster_size=30,
+                         value_sums=True)
         c.add(k, v)
         q = np.random.default_rng(4).standard_normal((2, D)).astype(np.float32)
         r = c.retrieve(q, budget=40, estimate=True)
@@ -109,7 +111,7 @@ def test_variance_adds_the_gaussian_term(tmp_path):
     with kvtier.open(tmp_path) as s:
         for temp in (0.0, 0.25):  # mean variance, or per-dimension variances (score_temp > 0)
             c = s.collection(f"c{temp}", dim=D, value_dim=VD, dtype="float32", policy="static",
-                             init_cluster_size=30, score_temp=temp)
+                             init_cluster_size=30, score_temp=temp, value_sums=True)
             c.add(k, v)
             q = np.random.default_rng(4).standard_normal((2, D)).astype(np.float32)
             r = c.retrieve(q, budget=40, estimate=True, variance=True)
@@ -129,7 +131,7 @@ def test_variance_adds_the_gaussian_term(tmp_path):
 def test_budget_covering_everything_leaves_nothing_to_estimate(tmp_path):
     k, v = data(200)
     with kvtier.open(tmp_path) as s:
-        c = s.collection("c", dim=D, value_dim=VD, policy="adaptive", init_cluster_size=16)
+        c = s.collection("c", dim=D, value_dim=VD, policy="adaptive", init_cluster_size=16, value_sums=True)
         c.add(k, v)
         r = c.retrieve(k[:3], budget=1.0, estimate=True)
         assert len(r) == 200 and r.est_clusters == 0 and np.isneginf(r.est_lse).all()
@@ -139,7 +141,8 @@ def test_budget_covering_everything_leaves_nothing_to_estimate(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_sums_after_adds_splits_park_and_reopen(tmp_path, policy, dtype):
     k, v = data(1200, seed=5)
-    kw = dict(dim=D, value_dim=VD, dtype=dtype, policy=policy, init_cluster_size=16, max_cluster_size=32)
+    kw = dict(dim=D, value_dim=VD, dtype=dtype, policy=policy, init_cluster_size=16, max_cluster_size=32,
+              value_sums=True)
     if policy == "local":
         kw.update(local_window=64, local_cluster_size=16)
     tol = dict(rtol=1e-3, atol=1e-2) if dtype == "float16" else {}
@@ -162,7 +165,7 @@ def test_sums_after_adds_splits_park_and_reopen(tmp_path, policy, dtype):
 
 def test_value_sums_refused_without_values(tmp_path):
     with kvtier.open(tmp_path) as s:
-        c = s.collection("c", dim=D, value_dim=VD, policy="none")
+        c = s.collection("c", dim=D, value_dim=VD, policy="none", value_sums=True)
         c.add(*data(50))
         with pytest.raises(kvtier.InvalidArgumentError, match="value_sums"):
             c.value_sums()
@@ -172,7 +175,7 @@ def test_value_sums_refused_without_values(tmp_path):
 
 def test_estimate_arguments_checked(tmp_path):
     with kvtier.open(tmp_path) as s:
-        c = s.collection("c", dim=D, value_dim=VD)
+        c = s.collection("c", dim=D, value_dim=VD, value_sums=True)
         c.add(*data(50))
         q = np.ones((1, D), np.float32)
         for bad in (-1, 1.5, "all"):
@@ -197,7 +200,8 @@ def test_reads_identical_with_and_without_estimate(tmp_path, policy):
         path = tmp_path / f"s{est}"
         path.mkdir()
         with kvtier.open(path, dram_budget="256KiB", write_buffer=0) as s:
-            c = s.collection("c", dim=D, value_dim=VD, policy=policy, init_cluster_size=16, max_cluster_size=48)
+            c = s.collection("c", dim=D, value_dim=VD, policy=policy, init_cluster_size=16, max_cluster_size=48,
+                             value_sums=True)
             for i in range(0, 2000, 250):
                 c.add(k[i:i + 250], v[i:i + 250])
             s.reset_io_stats()
@@ -208,9 +212,26 @@ def test_reads_identical_with_and_without_estimate(tmp_path, policy):
     assert seen[1] == seen[0] and seen[2] == seen[0]
 
 
-def test_directory_without_sums_is_upgraded_on_open(tmp_path):
-    """A store written before value sums existed (the frozen format fixtures) opens with
-    sums recomputed from its stored values."""
+def test_value_sums_are_opt_in_and_kept_across_reopen(tmp_path):
+    """Without value_sums a collection keeps none (no DRAM for them) and refuses estimates;
+    the setting is part of the collection's parameters; the frozen format fixtures (written
+    before sums existed) open without them."""
+    with kvtier.open(tmp_path / "a") as s:
+        c = s.collection("c", dim=D, value_dim=VD)
+        c.add(*data(100))
+        with pytest.raises(kvtier.InvalidArgumentError, match="value_sums"):
+            c.retrieve(np.ones((1, D), np.float32), budget=5, estimate=True)
+        with pytest.raises(kvtier.InvalidArgumentError, match="value_sums"):
+            c.value_sums()
+        s.collection("w", dim=D, value_dim=VD, value_sums=True).add(*data(100))
+        with pytest.raises(kvtier.InvalidArgumentError, match="value_sums"):
+            s.collection("c", value_sums=True)
+        with pytest.raises(kvtier.InvalidArgumentError, match="value_sums"):
+            s.collection("x", dim=D, value_sums=1)
+        s.flush()
+    with kvtier.open(tmp_path / "a") as s:
+        assert check_sums(s.collection("w", value_sums=True)) > 1
+        assert s.collection("c").params["value_sums"] is False
     fixtures = sorted(p for p in (Path(__file__).parent / "fixtures").glob("store_v*") if (p / "MANIFEST.json").exists())
     assert fixtures
     for src in fixtures:
@@ -218,14 +239,8 @@ def test_directory_without_sums_is_upgraded_on_open(tmp_path):
         dst = tmp_path / src.name
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("MANIFEST.json"))
         with kvtier.open(dst, dram_budget="4MiB") as s:
-            kept = 0
             for name in manifest["collections"]:
-                c = s.collection(name)
-                if c.policy == "none" or c.value_dim == 0:
-                    continue
-                check_sums(c, rtol=1e-3, atol=1e-2)
-                kept += 1
-            assert kept
+                assert not s.collection(name).params.get("value_sums")
 
 
 CHILD = textwrap.dedent("""
@@ -235,7 +250,7 @@ CHILD = textwrap.dedent("""
     k, v = data(900, seed=11)
     s = kvtier.open({path!r}, dram_budget="2MiB")
     c = s.collection("c", dim=D, value_dim=VD, policy="adaptive", init_cluster_size=16, max_cluster_size=32,
-                     pending_budget=16)
+                     pending_budget=16, value_sums=True)
     c.add(k[:300], v[:300])
     for i in range(300, 600, 50):
         c.add(k[i:i + 50], v[i:i + 50])

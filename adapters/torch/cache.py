@@ -340,8 +340,10 @@ class TieredCache(Cache):
             opts = dict(collection_options or {})
             layers = []
             for l in range(self.n_layers):
+                # value sums (the estimate's summaries) only when the estimate is on
                 colls = [self.store.collection(f"L{l}.H{h}", dim=self.head_dim, value_dim=self.head_dim,
-                                               dtype=store_dtype, metric="ip", policy=policy, **opts)
+                                               dtype=store_dtype, metric="ip", policy=policy,
+                                               value_sums=self.estimate is not False, **opts)
                          for h in range(self.n_kv)]
                 layers.append(_TieredLayer(colls))
             self.policy = layers[0].colls[0].policy if layers else policy

@@ -127,6 +127,11 @@ typedef struct kvt_coll_params {
      * nothing moves on a split and there is no co-location; up to 2^32 - 1 entries, as its
      * member lists hold 32-bit ids). Policy none always keeps token order. */
     int layout;
+    /* != 0: keep each cluster's value sum in DRAM (value_dim float32 per cluster, counted in
+     * the budget, persisted with the directory), which kvt_coll_retrieve_est needs. A
+     * collection reopened with it on from a directory exported without sums sums its stored
+     * values once on open. Ignored by policy none and value_dim 0. */
+    int value_sums;
 } kvt_coll_params;
 enum kvt_layout_kind { KVT_LAYOUT_CLUSTERED = 0, KVT_LAYOUT_TOKEN = 1 };
 

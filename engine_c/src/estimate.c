@@ -17,7 +17,8 @@
  *    in the directory blob and carried in park images together with the representatives.
  * 3. kvt_estimate reads only DRAM state (representatives, sizes, sums): a retrieve with an
  *    estimate issues exactly the reads of the same retrieve without one.
- * 4. Policy none (no clusters) keeps no sums and estimates nothing.
+ * 4. Only a collection created (or reopened) with value_sums keeps sums; policy none (no
+ *    clusters) and value_dim 0 never do, and estimate nothing.
  */
 #include <errno.h>
 #include <float.h>
@@ -29,7 +30,7 @@
 #include "estimate.h"
 
 int kvt_vsum_kept(const kvt_coll *c) {
-    return c->p.value_dim > 0 && c->p.policy != KVT_POLICY_NONE;
+    return c->p.value_sums && c->p.value_dim > 0 && c->p.policy != KVT_POLICY_NONE;
 }
 
 void kvt_vsum_add(kvt_coll *c, uint32_t j, const void *value) {

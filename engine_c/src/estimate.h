@@ -9,7 +9,7 @@
 
 #include "store.h"
 
-/* 1 if collection c keeps value sums (a clustered policy with values). */
+/* 1 if collection c keeps value sums (value_sums set, a clustered policy, values). */
 int kvt_vsum_kept(const kvt_coll *c);
 /* Adds one stored value (collection dtype) to cluster j's sum. */
 void kvt_vsum_add(kvt_coll *c, uint32_t j, const void *value);

@@ -3142,8 +3142,8 @@ int kvt_coll_value_sums(kvt_coll *c, uint32_t *sizes, float *sums, uint64_t cap,
 
 #define DIR_MAGIC "KVTDIR01"
 /* estimate.c: the same with each cluster's value sum after its representative. A KVTDIR01
- * blob of a collection that keeps sums (one written before they existed) is read and its
- * sums recomputed from the stored values on open. */
+ * blob of a collection opened with value sums on (exported without them, or before they
+ * existed) is read and its sums recomputed from the stored values on open. */
 #define DIR_MAGIC_VSUM "KVTDIR02"
 #define LOC_MAGIC "KVTLOC01"
 

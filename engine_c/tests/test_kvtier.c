@@ -1417,6 +1417,7 @@ static void test_estimate(void) {
     char *d = make_dir();
     kvt_coll_params p = params(KVT_F16);
     p.init_cluster_size = 1; /* one entry per cluster */
+    p.value_sums = 1;
     kvt_store *st;
     kvt_coll *c;
     store_with(d, 4 << 20, &p, &st, &c);
@@ -1496,6 +1497,49 @@ static void test_estimate(void) {
     CHECK(isinf(lse[0]) && lse[0] < 0 && ev[0] == 0 && ecl == 0 && ent == 0);
     kvt_result_free(r0);
     kvt_result_free(r);
+    /* a directory exported without sums, reopened with them on: summed from the stored
+     * values once on open */
+    kvt_coll *c2;
+    kvt_coll_params p2 = params(KVT_F16);
+    CHECK_OK(kvt_coll_create(st, 1, &p2, &c2));
+    CHECK_OK(kvt_coll_add(c2, keys, vals, N, &first));
+    CHECK(kvt_coll_value_sums(c2, sizes, sums, N + 1, &ncl) == KVT_EINVAL);
+    kvt_checkpoint *cp;
+    CHECK_OK(kvt_coll_checkpoint(c2, &cp));
+    size_t blen, clen;
+    uint64_t chidx;
+    const void *blob = kvt_checkpoint_dir(cp, &blen), *chunk = kvt_checkpoint_chunk(cp, 0, &chidx, &clen);
+    CHECK(blen > 8 && memcmp(blob, "KVTDIR01", 8) == 0);
+    void *bcopy = malloc(blen), *ccopy = malloc(clen);
+    memcpy(bcopy, blob, blen);
+    memcpy(ccopy, chunk, clen);
+    kvt_checkpoint_free(cp);
+    kvt_store_close(st);
+    CHECK_OK(kvt_store_open(d, &(kvt_store_opts){4 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO}, &st));
+    p2.value_sums = 1;
+    const void *chunks[1] = {ccopy};
+    CHECK_OK(kvt_coll_open(st, 1, &p2, bcopy, blen, chunks, &clen, 1, &c2));
+    CHECK_OK(kvt_coll_value_sums(c2, sizes, sums, N + 1, &ncl));
+    CHECK_OK(kvt_coll_retrieve(c2, q, 1, N, &all));
+    CHECK(kvt_result_count(all) == N);
+    kvt_result_copy(all, ids, NULL, NULL, cls);
+    double got[8] = {0}, want[8] = {0};
+    for (uint64_t j = 0; j < ncl; j++)
+        for (int t = 0; t < 8; t++) got[t] += sums[j * 8 + t];
+    for (int i = 0; i < N; i++)
+        for (int t = 0; t < 8; t++) want[t] += vf[i * 8 + t];
+    for (int t = 0; t < 8; t++) CHECK(fabs(got[t] - want[t]) < 1e-3);
+    /* the per-cluster sums: each entry's value in its cluster */
+    float per[(N + 1) * 8];
+    memset(per, 0, sizeof per);
+    for (int i = 0; i < N; i++)
+        for (int t = 0; t < 8; t++) per[cls[i] * 8 + t] += vf[ids[i] * 8 + t];
+    int upgraded = 1;
+    for (uint64_t j = 0; j < ncl * 8; j++) upgraded &= fabsf(per[j] - sums[j]) < 1e-4f;
+    CHECK(upgraded);
+    kvt_result_free(all);
+    free(bcopy);
+    free(ccopy);
     kvt_store_close(st);
     remove_dir(d);
 }
