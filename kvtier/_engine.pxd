@@ -41,6 +41,7 @@ cdef extern from "kvtier.h" nogil:
         double score_temp
         uint32_t colocate_after
         int layout
+        int value_sums
 
     ctypedef struct kvt_store:
         pass
