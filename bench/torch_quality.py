@@ -211,7 +211,7 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
                 try:
                     cache = TieredCache(model, budget=budget, policy=policy, sinks=args.sinks, window=args.window,
                                         dram_budget=args.dram_budget, device=device, prefetch=pf,
-                                        estimate=True if est in (None, "var") else est,
+                                        estimate="all" if est in (None, "var") else est,
                                         estimate_variance=est == "var",
                                         collection_options={"score_temp": args.score_temp} if args.score_temp else None)
                 except kvtier.InvalidArgumentError as e:

@@ -24,7 +24,7 @@ def tokens():
     return torch.from_numpy(np.random.default_rng(1).integers(0, 96, size=(1, 160)))
 
 
-@pytest.mark.parametrize("estimate", [True, 2])
+@pytest.mark.parametrize("estimate", [True, 2, "all"])
 def test_full_budget_with_estimate_equals_full_attention(model, tokens, estimate):
     ref = full_logits(model, tokens)
     with TieredCache(model, budget=1.0, sinks=4, window=8, store_dtype="float32", estimate=estimate) as cache:
@@ -38,14 +38,14 @@ def test_full_budget_with_estimate_equals_full_attention(model, tokens, estimate
 def test_estimate_brings_partial_budget_closer_to_full(model, tokens, policy):
     ref = full_logits(model, tokens)
     err = {}
-    for est in (False, True):
+    for est in (False, "all"):
         with TieredCache(model, budget=0.1, sinks=2, window=4, policy=policy, store_dtype="float32",
                          collection_options={"init_cluster_size": 8}, estimate=est) as cache:
             got = run(model, cache, tokens, prefill=60, chunks=(5,))
             st = cache.stats()
         err[est] = float((got[60:] - ref[60:]).pow(2).mean())
-        assert (st["estimated_per_step"] > 0) == est
-    assert err[True] < 0.5 * err[False], err
+        assert (st["estimated_per_step"] > 0) == (est == "all")
+    assert err["all"] < 0.5 * err[False], err
 
 
 def test_none_policy_with_estimate_is_unchanged(model, tokens):
@@ -57,7 +57,16 @@ def test_none_policy_with_estimate_is_unchanged(model, tokens):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "all", None])
+@pytest.mark.parametrize("bad", [-1, 1.5, "some", None])
 def test_estimate_argument_checked(model, bad):
     with pytest.raises(kvtier.InvalidArgumentError, match="estimate"):
         TieredCache(model, estimate=bad)
+
+
+def test_estimate_settings(model):
+    from kvtier.adapters.torch.cache import DEFAULT_ESTIMATE
+
+    for given, want in ((True, DEFAULT_ESTIMATE), (False, False), ("all", None), (3, 3)):
+        with TieredCache(model, estimate=given) as cache:
+            assert cache.stats()["estimate"] == want
+            assert cache.layers[0].colls[0].params["value_sums"] == (want is not False)
