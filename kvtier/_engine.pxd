@@ -84,6 +84,9 @@ cdef extern from "kvtier.h" nogil:
                         uint32_t nprobe, int64_t *ids_out, float *scores_out)
     int kvt_coll_retrieve(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
                           kvt_result **out)
+    int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq,
+                           const uint64_t *budgets, uint64_t cap, int64_t *ids, void *keys,
+                           void *values, int32_t *clusters, uint64_t *counts)
     int kvt_coll_prefetch(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget, uint64_t *queued)
     ctypedef struct kvt_estimate_opts:
         int64_t clusters

@@ -124,6 +124,46 @@ cdef class Engine:
         finally:
             free(v)
 
+    def retrieve_batch(self, list colls, const float[:, :, ::1] q, const uint64_t[::1] budgets,
+                       int64_t[:, ::1] ids, keys, values, int32_t[:, ::1] clusters,
+                       uint64_t[::1] counts):
+        """Retrieves for a group of Coll handles of one shape in one engine call: q is
+        (n, nq, dim); ids, clusters (n, cap), keys (n, cap, dim), values (n, cap, value_dim)
+        in the collections' dtype, counts (n,), all preallocated and C-contiguous."""
+        cdef size_t n = len(colls), i
+        cdef kvt_store *p = self.live()
+        if n == 0 or q.shape[0] != n or budgets.shape[0] != n or ids.shape[0] != n \
+                or clusters.shape[0] != n or counts.shape[0] != n or clusters.shape[1] != ids.shape[1]:
+            raise ValueError("retrieve_batch: q, budgets, ids, clusters and counts need one row per collection")
+        cdef uint64_t cap = ids.shape[1]
+        cdef Coll c0 = <Coll?>colls[0]
+        if tuple(keys.shape) != (n, cap, c0.dim) or tuple(values.shape) != (n, cap, c0.value_dim) \
+                or keys.dtype != c0.dtype or values.dtype != c0.dtype or q.shape[2] != c0.dim \
+                or not keys.flags.c_contiguous or not values.flags.c_contiguous:
+            raise ValueError("retrieve_batch: keys (n, cap, dim) and values (n, cap, value_dim) expected, C-contiguous, in the collections' dtype")
+        cdef unsigned char[::1] kb = keys.reshape(-1).view(np.uint8)
+        cdef unsigned char[::1] vb = values.reshape(-1).view(np.uint8)
+        cdef void *kp = &kb[0] if kb.shape[0] else NULL
+        cdef void *vp = &vb[0] if vb.shape[0] else NULL
+        cdef int64_t *ip = &ids[0, 0] if cap else NULL
+        cdef int32_t *cp = &clusters[0, 0] if cap else NULL
+        cdef uint64_t nq = q.shape[1]
+        cdef kvt_coll **v = <kvt_coll **>malloc(n * sizeof(kvt_coll *))
+        cdef int rc
+        if v is NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                v[i] = (<Coll?>colls[i]).live()
+                if (<Coll>colls[i]).owner is not self:
+                    raise ValueError("retrieve_batch: collections of this engine expected")
+            with nogil:
+                rc = kvt_retrieve_batch(<kvt_coll *const *>v, n, &q[0, 0, 0], nq, &budgets[0], cap,
+                                        ip, kp, vp, cp, &counts[0])
+            check(rc)
+        finally:
+            free(v)
+
     def reset_io_stats(self):
         cdef kvt_store *p = self.live()
         with nogil:

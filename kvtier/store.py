@@ -56,6 +56,26 @@ class Retrieved:
         return len(self.ids)
 
 
+
+@dataclass(frozen=True)
+class RetrievedMany:
+    """What ``Store.retrieve_many`` fetched for a group of n collections, one row each:
+    member i's entries are ``ids[i, :counts[i]]`` (and the same rows of ``keys``, ``values``,
+    ``clusters``), exactly ``requests[i]``'s ``retrieve``; later rows hold id and cluster -1.
+    Arrays are (n, cap), (n, cap, dim), (n, cap, value_dim), (n, cap) and (n,); pass the
+    object back as ``out=`` to reuse them (torch views them with ``torch.from_numpy``)."""
+
+    ids: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+    clusters: np.ndarray
+    counts: np.ndarray
+
+    def member(self, i: int) -> Retrieved:
+        """Member i's result as a ``Retrieved`` (views, no copy)."""
+        m = int(self.counts[i])
+        return Retrieved(self.ids[i, :m], self.keys[i, :m], self.values[i, :m], self.clusters[i, :m])
+
 class _Gate:
     """Lets many calls run at once and ``close`` wait for them (GIL is released inside)."""
 
@@ -539,6 +559,54 @@ class Store:
                 raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {coll!r}")
             total += coll.prefetch(query_group, budget)
         return total
+
+    def retrieve_many(self, requests, out: Optional[RetrievedMany] = None) -> RetrievedMany:
+        """``retrieve`` for a group of collections of one shape (for an LLM: the KV heads of
+        one layer) in one engine call: ``requests`` is an iterable of ``(collection,
+        query_group, budget)``, every query group with the same number of queries. Results go
+        into ``out`` when its arrays are large enough (at least the largest budget in rows per
+        member), otherwise into new arrays; see ``RetrievedMany``."""
+        try:
+            reqs = list(requests)
+        except TypeError:
+            raise InvalidArgumentError(f"requests: an iterable of (collection, query_group, budget) expected, got {requests!r}") from None
+        if not reqs:
+            raise InvalidArgumentError("requests: at least one (collection, query_group, budget) expected")
+        colls, qs, budgets = [], [], []
+        for r in reqs:
+            if not (isinstance(r, tuple) and len(r) == 3 and isinstance(r[0], Collection) and r[0]._store is self):
+                raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {r!r}")
+            colls.append(r[0])
+        c0 = colls[0]
+        for c in colls:
+            if (c.dim, c._h.value_dim, c._h.dtype) != (c0.dim, c0._h.value_dim, c0._h.dtype):
+                raise InvalidArgumentError(f"requests: collections of one dim, value_dim and dtype expected; {c.name!r} differs from {c0.name!r}")
+        if len({id(c) for c in colls}) != len(colls):
+            raise InvalidArgumentError("requests: each collection at most once")
+        for c, (_, qg, _) in zip(colls, reqs):
+            q, _ = _as_matrix("query_group", qg, c0.dim, np.float32)
+            if qs and q.shape[0] != qs[0].shape[0]:
+                raise InvalidArgumentError(f"query_group: {qs[0].shape[0]} queries per collection expected (as the first request), got {q.shape[0]}")
+            qs.append(q)
+        n, dt = len(colls), c0._h.dtype
+        with self._gate:
+            b = np.array([c._entries(r[2]) for c, r in zip(colls, reqs)], dtype=np.uint64)
+            cap = int(b.max())
+            if out is not None:
+                if not isinstance(out, RetrievedMany):
+                    raise InvalidArgumentError(f"out: a RetrievedMany expected, got {out!r}")
+                ok = (len(out.counts) == n and out.ids.shape[1] >= cap and out.keys.shape[2:] == (c0.dim,)
+                      and out.values.shape[2:] == (c0._h.value_dim,) and out.keys.dtype == dt)
+                if not ok:
+                    out = None
+            if out is None:
+                cap = max(cap, 1)
+                out = RetrievedMany(np.empty((n, cap), np.int64), np.empty((n, cap, c0.dim), dt),
+                                    np.empty((n, cap, c0._h.value_dim), dt), np.empty((n, cap), np.int32),
+                                    np.empty(n, np.uint64))
+            self._engine.retrieve_batch([c._h for c in colls], np.stack(qs), b, out.ids, out.keys,
+                                        out.values, out.clusters, out.counts)
+        return out
 
     def _group(self, collections, what: str) -> list:
         if isinstance(collections, Collection):

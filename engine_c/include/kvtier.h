@@ -248,6 +248,18 @@ int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uin
 void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint64_t *clusters,
                          uint64_t *entries);
 
+/* Retrieves for a group of n collections of one shape (dim, value_dim, dtype; for an LLM:
+ * the KV heads of one layer) in one call. queries: n x nq x dim, member i's group first.
+ * Member i's result is exactly kvt_coll_retrieve(colls[i], its queries, nq, budgets[i]),
+ * written to rows [i*cap, i*cap + counts[i]) of ids (n*cap), keys (n*cap*dim), values
+ * (n*cap*value_dim) and clusters (n*cap); later rows of a member hold id and cluster -1.
+ * Any output but counts may be NULL. Every budgets[i] must be <= cap. Errors: KVT_EINVAL
+ * (checked for all members before any retrieve), and those of kvt_coll_retrieve, in which
+ * case the earlier members have been retrieved. */
+int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq,
+                       const uint64_t *budgets, uint64_t cap, int64_t *ids, void *keys,
+                       void *values, int32_t *clusters, uint64_t *counts);
+
 /* Starts reading, in the background, the clusters kvt_coll_retrieve(coll, queries, nq,
  * budget) would read from flash, and returns at once; the reads land in the cache, and a
  * later retrieve waits only for what is still loading. Charged to the device model as one
