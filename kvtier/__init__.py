@@ -22,12 +22,12 @@ from kvtier.errors import (
     StoreClosedError,
     StoreLockedError,
 )
-from kvtier.store import Collection, Retrieved, SearchHits, Store, open
+from kvtier.store import Collection, Retrieved, RetrievedMany, SearchHits, Store, open
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store", "Collection", "SearchHits", "Retrieved", "DeviceProfile", "PROFILES",
+    "open", "Store", "Collection", "SearchHits", "Retrieved", "RetrievedMany", "DeviceProfile", "PROFILES",
     "parse_size", "calibrate", "load_profile", "CalibrationResult", "KvtierError", "InvalidArgumentError", "CorruptionError", "BudgetError",
     "NotFoundError", "FormatVersionError", "StoreClosedError", "StoreLockedError",
     "StorageIOError", "StorageFullError", "InjectedFaultError", "__version__",

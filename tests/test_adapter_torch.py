@@ -94,6 +94,21 @@ def test_float16_store_is_close(model, tokens):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
 
 
+def _record_retrieves(monkeypatch, record):
+    """Calls record(collection name, query group, budget, fetched ids) for every member of
+    every ``Store.retrieve_many`` (the adapter's one engine call per layer), in order."""
+    real = kvtier.Store.retrieve_many
+
+    def recording(self, requests, out=None):
+        reqs = list(requests)
+        got = real(self, reqs, out)
+        for i, (coll, q, budget) in enumerate(reqs):
+            record(coll.name, np.array(q, np.float32), budget, got.member(i).ids.copy())
+        return got
+
+    monkeypatch.setattr(kvtier.Store, "retrieve_many", recording)
+
+
 def test_partial_budget_is_exact_attention_over_what_was_fetched(model, tokens, monkeypatch):
     """At a partial budget: each KV head's retrieve gets its own GQA group's queries, and the
     attention equals exact attention restricted to fetched + sinks + window + current token
@@ -104,14 +119,7 @@ def test_partial_budget_is_exact_attention_over_what_was_fetched(model, tokens, 
     prefill, sinks, window, steps = 64, 4, 8, 30
     ids = tokens[:, :prefill + steps]
     calls = []
-    real_retrieve = kvtier.Collection.retrieve
-
-    def recording_retrieve(self, query_group, budget=0.1):
-        got = real_retrieve(self, query_group, budget)
-        calls.append((self.name, np.array(query_group, np.float32), got.ids.copy()))
-        return got
-
-    monkeypatch.setattr(kvtier.Collection, "retrieve", recording_retrieve)
+    _record_retrieves(monkeypatch, lambda name, q, budget, ids: calls.append((name, q, ids)))
     with TieredCache(model, budget=0.25, sinks=sinks, window=window, store_dtype="float32",
                      collection_options={"init_cluster_size": 4}) as cache:
         got = run(model, cache, ids, prefill=prefill)
@@ -420,17 +428,13 @@ def test_prefetch_uses_previous_step_queries_of_the_next_layer(tokens, monkeypat
     layer l's own retrieve; the last layer prefetches the first layer's next step."""
     model = tiny_llama(seed=5, layers=3)
     events = []  # (kind, collection, query group, budget) in call order
-    real_retrieve, real_prefetch = kvtier.Collection.retrieve, kvtier.Collection.prefetch
-
-    def retrieve(self, query_group, budget=0.1):
-        events.append(("r", self.name, np.array(query_group, np.float32), budget))
-        return real_retrieve(self, query_group, budget)
+    real_prefetch = kvtier.Collection.prefetch
+    _record_retrieves(monkeypatch, lambda name, q, budget, ids: events.append(("r", name, q, budget)))
 
     def prefetch(self, query_group, budget=0.1):
         events.append(("p", self.name, np.array(query_group, np.float32), budget))
         return real_prefetch(self, query_group, budget)
 
-    monkeypatch.setattr(kvtier.Collection, "retrieve", retrieve)
     monkeypatch.setattr(kvtier.Collection, "prefetch", prefetch)
     prefill, steps, n_layers, n_kv = 64, 40, 3, 2
     with torch.no_grad(), TieredCache(model, budget=0.25, sinks=4, window=8,

@@ -197,6 +197,7 @@ class _TieredLayer(CacheLayerMixin):
         self.sink_k = self.sink_v = self.win_k = self.win_v = None  # [kv_heads, n, head_dim]
         self.prev_clusters: list = [None] * len(colls)
         self.prev_query = None  # [kv_heads, rows, head_dim] float32: the last retrieve's query groups
+        self.fetch_out = None   # kvtier.RetrievedMany: the layer's fetch buffers, reused every step
 
     def lazy_initialization(self, key_states, value_states):
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -475,18 +476,15 @@ class TieredCache(Cache):
         g, n_kv, d = self.group, self.n_kv, self.head_dim
         dev, dt = layer.device, layer.dtype
         parts_k, parts_v, valid = [], [], None
-        if fetched is not None and max(len(k) for k, _ in fetched):
-            lens = [len(k) for k, _ in fetched]
-            width = max(lens)
-            fk = np.zeros((n_kv, width, d), dtype=fetched[0][0].dtype)
-            fv = np.zeros_like(fk)
-            for h, (k, v) in enumerate(fetched):
-                fk[h, : lens[h]] = k
-                fv[h, : lens[h]] = v
-            parts_k.append(torch.from_numpy(fk).to(dev, dt))
-            parts_v.append(torch.from_numpy(fv).to(dev, dt))
-            if min(lens) < width:
-                valid = torch.arange(width, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+        if fetched is not None and fetched[2].max() > 0:
+            fk, fv, lens = fetched
+            width = int(lens.max())
+            # views of the engine's output buffers: no padding copy (rows past a head's count
+            # are finite leftovers, masked below); .to() converts to the model dtype
+            parts_k.append(torch.from_numpy(fk[:, :width]).to(dev, dt))
+            parts_v.append(torch.from_numpy(fv[:, :width]).to(dev, dt))
+            if int(lens.min()) < width:
+                valid = torch.arange(width, device=dev)[None, :] < torch.from_numpy(lens).to(dev)[:, None]
         keys = torch.cat(parts_k + [layer.sink_k, layer.win_k, new_k], dim=1)
         values = torch.cat(parts_v + [layer.sink_v, layer.win_v, new_v], dim=1)
         attn_mask = None
@@ -512,9 +510,10 @@ class TieredCache(Cache):
         outs, transient = [], 0
         for h in range(self.n_kv):
             parts_k, parts_v = [], []
-            if fetched is not None and len(fetched[h][0]):
-                parts_k.append(torch.from_numpy(fetched[h][0]).to(dev, dt))
-                parts_v.append(torch.from_numpy(fetched[h][1]).to(dev, dt))
+            if fetched is not None and fetched[2][h]:
+                m = int(fetched[2][h])
+                parts_k.append(torch.from_numpy(fetched[0][h, :m]).to(dev, dt))
+                parts_v.append(torch.from_numpy(fetched[1][h, :m]).to(dev, dt))
             keys = torch.cat(parts_k + [layer.sink_k[h], layer.win_k[h], new_k[h]])[None]
             values = torch.cat(parts_v + [layer.sink_v[h], layer.win_v[h], new_v[h]])[None]
             qh = query[0, h * g:(h + 1) * g]  # [g, q_len, d]
@@ -557,36 +556,57 @@ class TieredCache(Cache):
         self._counts["prefetched"] += queued
 
     def _fetch(self, layer, qg, n_budget, scaling):
-        """One ``retrieve`` per KV head with its GQA group's queries ([kv_heads, rows, d]);
-        returns a list of (keys, values) numpy arrays per KV head, and with ``estimate`` the
-        estimated zone as tensors (lse [kv_heads, rows], values [kv_heads, rows, d]), else None."""
+        """One ``retrieve_many`` per layer (one engine call for all KV heads) with each head's
+        GQA group's queries ([kv_heads, rows, d]), into the layer's reusable buffers; with
+        ``estimate``, one estimating ``retrieve`` per KV head copied into the same buffers.
+        Returns ((keys [kv_heads, cap, d], values, counts) numpy arrays, head h's entries
+        first; the estimated zone as tensors (lse [kv_heads, rows], values [kv_heads, rows, d])
+        with ``estimate``, else None)."""
         qn = np.ascontiguousarray(qg.detach().to(torch.float32).cpu().numpy())
         layer.prev_query = qn  # the next step's prefetch for this layer (a fresh array each call)
+        out = layer.fetch_out
+        if out is None or out.ids.shape[1] < n_budget:
+            # zeros, not empty: the rows past a head's count are masked in attention, and a
+            # masked row must hold finite numbers (a NaN key or value would leak through SDPA)
+            # headroom: the budget grows with the context, reallocate every quarter, not every step
+            cap, c0 = n_budget + n_budget // 4 + 64, layer.colls[0]
+            out = layer.fetch_out = kvtier.RetrievedMany(
+                np.full((len(layer.colls), cap), -1, np.int64), np.zeros((len(layer.colls), cap, c0.dim), c0.dtype),
+                np.zeros((len(layer.colls), cap, c0.value_dim), c0.dtype), np.full((len(layer.colls), cap), -1, np.int32),
+                np.zeros(len(layer.colls), np.uint64))
         t0 = time.perf_counter()
+        got = None
         if self.estimate is False:
-            got = [coll.retrieve(qn[h], budget=n_budget) for h, coll in enumerate(layer.colls)]
+            out = layer.fetch_out = self.store.retrieve_many(
+                [(coll, qn[h], n_budget) for h, coll in enumerate(layer.colls)], out=out)
         else:
             got = [coll.retrieve(qn[h], budget=n_budget, estimate=self.estimate, scale=scaling,
                                  variance=self.estimate_variance)
                    for h, coll in enumerate(layer.colls)]
+            if max(len(r) for r in got) > out.ids.shape[1]:
+                raise AssertionError("a retrieve returned more entries than its budget")
+            for h, r in enumerate(got):
+                out.keys[h, :len(r)], out.values[h, :len(r)], out.clusters[h, :len(r)] = r.keys, r.values, r.clusters
+                out.counts[h] = len(r)
         self._seconds["retrieve"] += time.perf_counter() - t0
         c = self._counts
-        c["retrieves"] += len(got)
-        for h, r in enumerate(got):
-            c["fetched"] += len(r)
-            ids, counts = np.unique(r.clusters, return_counts=True)
-            ids, counts = ids.tolist(), counts.tolist()
+        c["retrieves"] += len(layer.colls)
+        counts = out.counts.astype(np.int64)
+        for h, m in enumerate(counts.tolist()):
+            c["fetched"] += m
+            ids, per = np.unique(out.clusters[h, :m], return_counts=True)
+            ids, per = ids.tolist(), per.tolist()
             prev = layer.prev_clusters[h]
             if prev is not None and ids:
-                c["overlap"] += sum(n for i, n in zip(ids, counts) if i in prev)
-                c["overlap_of"] += len(r)
+                c["overlap"] += sum(n for i, n in zip(ids, per) if i in prev)
+                c["overlap_of"] += m
             layer.prev_clusters[h] = set(ids)
-            c["estimated"] += r.est_entries
         est = None
-        if self.estimate is not False:
+        if got is not None:
+            c["estimated"] += sum(r.est_entries for r in got)
             est = (torch.from_numpy(np.stack([r.est_lse for r in got])).to(layer.device),
                    torch.from_numpy(np.stack([r.est_values for r in got])).to(layer.device))
-        return [(r.keys, r.values) for r in got], est
+        return (out.keys, out.values, counts), est
 
     def _spill(self, layer: _TieredLayer, new_k, new_v):
         """New tokens fill the sinks first, then join the window; what overflows the window
