@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="long decoding of a real model with its KV cache in kvtier",
         description=demo.DESCRIPTION))
     b = sub.add_parser(
-        "bench", help="benchmark tier configurations on real traces; JSON results and PNG plots",
+        "bench", help="benchmark tier configurations on real traces; JSON results and PNG plots "
+                      "(`kvtier bench decode --help`: decode-step speed of the torch caches)",
         description="Device profile x DRAM budget x policy x layout x cache policy, replayed on real "
                     "SmolLM2 KV traces (W1 long generation, W2 document + continuation) as a KV cache; "
                     "recall vs fetch budget, I/O time per step vs context length, hit rate vs DRAM budget, "
@@ -89,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:2] == ["bench", "decode"]:  # the decode-speed benchmark: its own options (bench.decode)
+        if _import_suite() is None:
+            print(_BENCH_NEEDS_SOURCE, file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        from bench.decode import main as decode
+        return decode(words[2:])
     args = _parser().parse_args(argv)
     args._argv = argv
     if args.command in _NOT_YET:
