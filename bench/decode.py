@@ -45,7 +45,7 @@ def _kv_bytes_dynamic(cache) -> int:
     return total
 
 
-def _make_cache(kind: str, model, full_bytes: int):
+def _make_cache(kind: str, model, full_bytes: int, device=None):
     from transformers import DynamicCache
 
     if kind == "dynamic":
@@ -57,15 +57,15 @@ def _make_cache(kind: str, model, full_bytes: int):
     from kvtier.adapters.torch import TieredCache
 
     policy = kind.split("-", 1)[1]
-    return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(full_bytes // 10, 1 << 20))
+    return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(full_bytes // 10, 1 << 20), device=device)
 
 
-def run_one(model, kind: str, ids, context: int, tokens: int) -> dict:
+def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> dict:
     import torch
 
     full = model.config.num_hidden_layers * model.config.num_key_value_heads * \
         (model.config.hidden_size // model.config.num_attention_heads) * 2 * 4 * (context + tokens)
-    cache = _make_cache(kind, model, full)
+    cache = _make_cache(kind, model, full, device)
     tiered = kind.startswith("tiered-")
     try:
         with torch.inference_mode():
@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--caches", default="dynamic,quantized-quanto,quantized-hqq,tiered-static,tiered-adaptive,tiered-local")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the other core for loader threads)")
+    p.add_argument("--device", default=None,
+                   help="TieredCache's flash device model (e.g. ufs4.0, for the modeled I/O columns); "
+                        "default: none, the real file only (modeled I/O then reads 0)")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--name", default="decode")
     a = p.parse_args(argv)
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
                 run_one(model, k, ids, min(context, 256), 2)
         for rnd in range(a.runs):
             for k in kinds:
-                r = run_one(model, k, ids, context, a.tokens)
+                r = run_one(model, k, ids, context, a.tokens, a.device)
                 runs[k].append(r)
                 print(f"ctx {context} round {rnd} {k}: {r['tok_s']:.2f} tok/s, store {r['store_ms']:.1f} ms/step",
                       file=sys.stderr, flush=True)
