@@ -79,11 +79,11 @@ typedef struct kvt_store_opts {
      * (the gap is read and dropped). 0 merges only touching extents. A good value is the
      * device's knee, bandwidth / IOPS: reading the gap then costs less than another request. */
     uint64_t merge_gap;
-    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (DESIGN 2.3: recently
+    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (docs/design.md §2.3: recently
      * updated clusters keep a reserved share of the budget; among the rest the one with the
      * largest idle time x size goes first, so small clusters stay). */
     int cache_policy;
-    /* Page-aligned write buffers (DESIGN 2.2): bytes of DRAM, shared equally by the open
+    /* Page-aligned write buffers (docs/design.md §2.2): bytes of DRAM, shared equally by the open
      * collections, in which the clusters appended to most recently gather their newest
      * entries until they fill a whole 4 KiB page, so that no flash page is programmed twice.
      * When a collection's share is full, the buffer of its cluster appended to least recently
@@ -116,12 +116,12 @@ typedef struct kvt_coll_params {
      * t = 1/sqrt(head_dim) it ranks clusters by expected attention mass per entry, which
      * favours a loose cluster that still holds high-scoring keys. */
     double score_temp;
-    /* Co-location (DESIGN 2.2): the first `colocate_after` retrieves count which clusters are
+    /* Co-location (docs/design.md §2.2): the first `colocate_after` retrieves count which clusters are
      * fetched together; then the collection is rewritten once so that clusters often fetched
      * together sit next to each other (a co-retrieval chain laid across dual-head pools), and
      * one retrieve becomes a few merged reads. 0 disables it. */
     uint32_t colocate_after;
-    /* Where records live (a baseline switch, DESIGN 2.2): KVT_LAYOUT_CLUSTERED (0, the method:
+    /* Where records live (a baseline switch, docs/design.md §2.2): KVT_LAYOUT_CLUSTERED (0, the method:
      * each cluster contiguous in dual-head pools) or KVT_LAYOUT_TOKEN (1: one log in insertion
      * order, clusters only in the directory, so a cluster is read as runs of consecutive ids;
      * nothing moves on a split and there is no co-location; up to 2^32 - 1 entries, as its
@@ -317,7 +317,7 @@ int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64
  * value_dim 0). For tests and diagnostics of the estimate. */
 int kvt_coll_value_sums(kvt_coll *coll, uint32_t *sizes, float *sums, uint64_t cap, uint64_t *n_clusters);
 
-/* ---- group virtualization (DESIGN 2.3) ---------------------------------------------------- */
+/* ---- group virtualization (docs/design.md §2.3) ---------------------------------------------------- */
 /* A group of collections (for an LLM: the KV heads of one layer) can be parked: each one's
  * representatives, cluster directory, id map, pending buffers and, with keep_cache != 0, its
  * cache working set (the cached clusters used since it was last brought in; its other cached

@@ -8,7 +8,7 @@
  * insertion order.
  *
  * Replacement policies: LRU; LFU (fewest uses first, LRU among equals); and the
- * cluster-aligned policy of DESIGN 2.3: entries updated recently (appended to, or made by a
+ * cluster-aligned policy of docs/design.md §2.3: entries updated recently (appended to, or made by a
  * split) are kept as long as they fit in a reserved share of the budget, and among the rest
  * the victim is the one with the largest (idle time x size), so small clusters, which read
  * least efficiently and cost least DRAM, stay longer. LFU and cluster-aligned choose among

@@ -11,26 +11,7 @@
 
 #include <stdint.h>
 
-#include "cache.h"
-#include "pool.h"
 #include "simd.h"
-
-typedef struct kvt_cluster {
-    uint32_t n;            /* entries */
-    uint32_t nseg, segcap;
-    kvt_seg *segs;         /* in insertion order; the last one takes appends */
-    double m2;             /* sum of squared distances to the mean (Welford) */
-    kvt_cache_ent *ent;    /* cached copy, or NULL */
-    /* the last `pend` entries wait in pbuf, not yet on flash: for a split if the cluster is
-     * flagged (pending entries), else for a whole page to fill (the write buffer's tail) */
-    uint32_t pend, pcap;
-    uint8_t *pbuf;
-    uint32_t flagged;      /* adaptive: a split is wanted */
-    uint32_t hold;         /* adaptive: a failed split waits until the cluster grows past this */
-    uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
-    uint32_t memcap;
-    uint64_t wtick;        /* the collection's append clock at the cluster's last append */
-} kvt_cluster;
 
 typedef struct kvt_kmeans_scratch {
     double *sums;          /* k * dim */

@@ -14,7 +14,7 @@
  * Page padding (format 2): records never straddle a KVT_LAYOUT_PAGE page. A pool is a row of
  * pages of `rpp` records each, the rest of a page left as padding, so a head that has written
  * whole pages can go on appending whole pages, and a page once written is never programmed
- * again (the page-aligned write buffers of DESIGN 2.2 rely on this). Positions in a pool count
+ * again (the page-aligned write buffers of docs/design.md §2.2 rely on this). Positions in a pool count
  * records: position p is record p % rpp of page p / rpp. Head 0's slot s is position s, head
  * 1's is pool_cap - 1 - s. Format-1 files (rpp == 0) pack records back to back; they are read
  * and appended to as they are. Records wider than a page, or whose padding would waste more

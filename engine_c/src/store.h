@@ -15,6 +15,24 @@
 #include "pool.h"
 #include "simd.h"
 
+/* A cluster of a collection: its size, flash segments, variance, cached copy and buffers. */
+typedef struct kvt_cluster {
+    uint32_t n;            /* entries */
+    uint32_t nseg, segcap;
+    kvt_seg *segs;         /* in insertion order; the last one takes appends */
+    double m2;             /* sum of squared distances to the mean (Welford) */
+    kvt_cache_ent *ent;    /* cached copy, or NULL */
+    /* the last `pend` entries wait in pbuf, not yet on flash: for a split if the cluster is
+     * flagged (pending entries), else for a whole page to fill (the write buffer's tail) */
+    uint32_t pend, pcap;
+    uint8_t *pbuf;
+    uint32_t flagged;      /* adaptive: a split is wanted */
+    uint32_t hold;         /* adaptive: a failed split waits until the cluster grows past this */
+    uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
+    uint32_t memcap;
+    uint64_t wtick;        /* the collection's append clock at the cluster's last append */
+} kvt_cluster;
+
 typedef struct kvt_loc { uint32_t cl, idx; } kvt_loc;
 
 /* A prefetch job: one cluster to read into its (pinned, loading) cache entry. The segments
@@ -57,7 +75,7 @@ struct kvt_store {
     uint64_t write_buffer;  /* bytes for the page-aligned write buffers, shared by the collections */
     kvt_coll **colls;
     uint32_t ncolls, collcap;
-    /* group virtualization (DESIGN 2.3): parked collections' images in a volatile swap file */
+    /* group virtualization (docs/design.md §2.3): parked collections' images in a volatile swap file */
     kvt_file *swap;
     kvt_range *sfree;       /* free ranges of the swap file, sorted by offset, coalesced */
     uint32_t nsfree, sfreecap;

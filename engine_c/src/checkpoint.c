@@ -1,0 +1,357 @@
+/*
+ * checkpoint.c — durability: exporting a collection's directory and id-map chunks for the
+ * catalog, marking a checkpoint committed, and reopening a collection from them.
+ *
+ * Invariants:
+ * 1. A checkpoint first writes every pending tail and syncs the data; the caller commits the
+ *    exported blobs in one catalog transaction; only then are retired heads reused.
+ * 2. Every blob carries a CRC-32C; a mismatch on load is KVT_ECORRUPT.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "coll.h"
+
+/* ---- durability: checkpoints and reopen --------------------------------------------------- */
+
+#define DIR_MAGIC "KVTDIR01"
+
+/* estimate.c: the same with each cluster's value sum after its representative. A KVTDIR01
+ * blob of a collection opened with value sums on (exported without them, or before they
+ * existed) is read and its sums recomputed from the stored values on open. */
+#define DIR_MAGIC_VSUM "KVTDIR02"
+
+#define LOC_MAGIC "KVTLOC01"
+
+struct kvt_checkpoint {
+    void *dir;
+    size_t dirlen, nch;
+    uint64_t *idx;
+    void **blob;
+    size_t *len;
+    uint64_t mod_at;
+    uint32_t retired_at;
+};
+
+void kvt_checkpoint_free(kvt_checkpoint *cp) {
+    if (!cp) return;
+    free(cp->dir);
+    for (size_t i = 0; i < cp->nch; i++) free(cp->blob[i]);
+    free(cp->blob);
+    free(cp->idx);
+    free(cp->len);
+    free(cp);
+}
+
+const void *kvt_checkpoint_dir(const kvt_checkpoint *cp, size_t *len) {
+    *len = cp->dirlen;
+    return cp->dir;
+}
+
+size_t kvt_checkpoint_nchunks(const kvt_checkpoint *cp) { return cp->nch; }
+
+const void *kvt_checkpoint_chunk(const kvt_checkpoint *cp, size_t i, uint64_t *chunk, size_t *len) {
+    *chunk = cp->idx[i];
+    *len = cp->len[i];
+    return cp->blob[i];
+}
+
+/* Ends a blob with the CRC-32C of its bytes and hands it to the caller. */
+static int seal_blob(kvt_wbuf *w, void **blob, size_t *len) {
+    uint32_t crc = kvt_crc32c(0, w->p, w->len);
+    kvt_wbuf_u32(w, crc);
+    if (w->oom) {
+        free(w->p);
+        return kvt_fail(ENOMEM, "export: out of memory");
+    }
+    *blob = w->p;
+    *len = w->len;
+    return 0;
+}
+
+static int export_dir(kvt_coll *c, void **blob, size_t *len) {
+    kvt_wbuf w = {0};
+    kvt_wbuf_put(&w, c->vsum ? DIR_MAGIC_VSUM : DIR_MAGIC, 8);
+    kvt_wbuf_u32(&w, c->L.format); /* a format-1 file keeps format-1 catalogs: old engines read both */
+    kvt_wbuf_u32(&w, c->p.dim);
+    kvt_wbuf_u32(&w, c->p.value_dim);
+    kvt_wbuf_u32(&w, (uint32_t)c->p.dtype);
+    kvt_wbuf_u32(&w, (uint32_t)c->p.metric);
+    kvt_wbuf_u32(&w, (uint32_t)c->p.policy);
+    kvt_wbuf_u32(&w, c->L.esz);
+    kvt_wbuf_u64(&w, c->L.pool_bytes);
+    kvt_wbuf_u64(&w, c->n);
+    kvt_wbuf_u32(&w, c->ncl);
+    kvt_wbuf_u32(&w, c->pools.n);
+    kvt_wbuf_f64(&w, c->tau);
+    kvt_wbuf_u32(&w, c->staging);
+    for (uint32_t j = 0; j < c->ncl; j++) {
+        kvt_cluster *k = &c->cl[j];
+        kvt_wbuf_u32(&w, k->n);
+        kvt_wbuf_u32(&w, k->nseg);
+        kvt_wbuf_f64(&w, k->m2);
+        kvt_wbuf_u32(&w, k->flagged);
+        kvt_wbuf_u32(&w, k->hold);
+        for (uint32_t g = 0; g < k->nseg; g++) {
+            kvt_wbuf_u32(&w, k->segs[g].pool);
+            kvt_wbuf_u32(&w, k->segs[g].head);
+            kvt_wbuf_u32(&w, k->segs[g].n);
+        }
+        kvt_wbuf_put(&w, c->cent + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
+        if (c->m2d) kvt_wbuf_put(&w, c->m2d + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
+        if (c->vsum) kvt_wbuf_put(&w, c->vsum + (size_t)j * c->p.value_dim, (size_t)c->p.value_dim * 4);
+    }
+    return seal_blob(&w, blob, len);
+}
+
+static int export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len) {
+    uint64_t lo = chunk * KVT_LOC_CHUNK;
+    uint32_t cnt = (uint32_t)(c->n - lo < KVT_LOC_CHUNK ? c->n - lo : KVT_LOC_CHUNK);
+    kvt_wbuf w = {0};
+    kvt_wbuf_put(&w, LOC_MAGIC, 8);
+    kvt_wbuf_u64(&w, chunk);
+    kvt_wbuf_u32(&w, cnt);
+    kvt_wbuf_put(&w, c->loc + lo, (size_t)cnt * sizeof(kvt_loc));
+    return seal_blob(&w, blob, len);
+}
+
+/* Writes every cluster's pending entries to flash (they then stop being pending). */
+static int write_all_pending(kvt_coll *c) {
+    int rc = 0;
+    for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = kvt_write_pending(c, j);
+    return rc;
+}
+
+int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
+    kvt_clear_error();
+    LOCK(c->st);
+    int was_parked = 0;
+    kvt_checkpoint *cp = calloc(1, sizeof *cp);
+    int rc = cp ? 0 : kvt_fail(ENOMEM, "checkpoint: out of memory");
+    if (!rc) rc = kvt_peek_begin(c, &was_parked);
+    if (!rc) rc = write_all_pending(c);
+    if (!rc) kvt_kill_point("checkpoint.pending_written");
+    if (!rc) rc = kvt_file_sync(c->f);
+    if (!rc) kvt_kill_point("checkpoint.synced");
+    if (!rc) rc = export_dir(c, &cp->dir, &cp->dirlen);
+    uint64_t nch = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0;
+    if (!rc) {
+        cp->idx = malloc(nch * 8 + 8);
+        cp->blob = calloc(nch + 1, sizeof *cp->blob);
+        cp->len = malloc(nch * sizeof *cp->len + 8);
+        if (!cp->idx || !cp->blob || !cp->len) rc = kvt_fail(ENOMEM, "checkpoint: out of memory");
+    }
+    for (uint64_t ch = 0; ch < nch && !rc; ch++) {
+        if (c->mod[ch] <= c->committed_mod) continue;
+        cp->idx[cp->nch] = ch;
+        rc = export_chunk(c, ch, &cp->blob[cp->nch], &cp->len[cp->nch]);
+        if (!rc) cp->nch++;
+    }
+    if (cp) {
+        cp->mod_at = c->modc;
+        cp->retired_at = c->pools.nretired;
+    }
+    if (cp && !c->parked) kvt_peek_end(c, was_parked);
+    UNLOCK(c->st);
+    if (rc) kvt_checkpoint_free(cp);
+    else *out = cp;
+    return rc;
+}
+
+int kvt_coll_changed(kvt_coll *c) {
+    LOCK(c->st);
+    int changed = c->modc != c->committed_mod;
+    UNLOCK(c->st);
+    return changed;
+}
+
+int kvt_coll_committed(kvt_coll *c, const kvt_checkpoint *cp) {
+    LOCK(c->st);
+    if (cp->mod_at > c->committed_mod) c->committed_mod = cp->mod_at;
+    kvt_pools_committed(&c->pools, cp->retired_at);
+    UNLOCK(c->st);
+    return 0;
+}
+
+static int blob_crc_ok(const void *blob, size_t len) {
+    if (len < 12) return 0;
+    uint32_t crc;
+    memcpy(&crc, (const uint8_t *)blob + len - 4, 4);
+    return crc == kvt_crc32c(0, blob, len - 4);
+}
+
+static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing) {
+    const char *what = "cluster directory";
+    int with_sums = blob_crc_ok(blob, len) && memcmp(blob, DIR_MAGIC_VSUM, 8) == 0;
+    if (!blob_crc_ok(blob, len) || (!with_sums && memcmp(blob, DIR_MAGIC, 8) != 0))
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u fails its checksum", what, c->no);
+    if (with_sums && !kvt_vsum_kept(c))
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u carries value sums its parameters do not keep", what, c->no);
+    *sums_missing = kvt_vsum_kept(c) && !with_sums;
+    kvt_rbuf r = {blob, len - 4, 8, 0};
+    uint32_t ver = kvt_rbuf_u32(&r);
+    if (ver < 1 || ver > KVT_FORMAT_VERSION)
+        return kvt_fail(KVT_EFORMAT, "catalog: %s has format version %u, this engine reads 1 to %u", what, ver, KVT_FORMAT_VERSION);
+    if (ver != c->L.format)
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u has format %u but its data file format %u", what, c->no, ver, c->L.format);
+    uint32_t dim = kvt_rbuf_u32(&r), vdim = kvt_rbuf_u32(&r), dtype = kvt_rbuf_u32(&r),
+             metric = kvt_rbuf_u32(&r), policy = kvt_rbuf_u32(&r), esz = kvt_rbuf_u32(&r);
+    uint64_t pool_bytes = kvt_rbuf_u64(&r), n = kvt_rbuf_u64(&r);
+    uint32_t ncl = kvt_rbuf_u32(&r), npools = kvt_rbuf_u32(&r);
+    double tau = kvt_rbuf_f64(&r);
+    uint32_t staging = kvt_rbuf_u32(&r);
+    if (r.bad || dim != c->p.dim || vdim != c->p.value_dim || dtype != (uint32_t)c->p.dtype ||
+        metric != (uint32_t)c->p.metric || policy != (uint32_t)c->p.policy || esz != c->L.esz ||
+        pool_bytes != c->L.pool_bytes)
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u does not match its parameters", what, c->no);
+    if (ncl > len / 16 || npools > (1u << 30) || (staging != KVT_NONE && staging >= ncl) || !(tau >= 0))
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u has impossible counts", what, c->no);
+    int rc = kvt_ensure_clusters(c, ncl);
+    if (!rc) rc = kvt_ensure_pools(c, npools);
+    if (!rc) rc = kvt_ensure_ids(c, n);
+    if (rc) return rc;
+    c->tau = tau;
+    c->staging = staging;
+    c->pools.n = npools;
+    for (uint32_t p = 0; p < npools; p++) c->pools.p[p] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+    uint64_t total = 0;
+    for (uint32_t j = 0; j < ncl && !r.bad; j++) {
+        kvt_cluster *k = &c->cl[j];
+        uint32_t kn = kvt_rbuf_u32(&r), nseg = kvt_rbuf_u32(&r);
+        k->m2 = kvt_rbuf_f64(&r);
+        k->flagged = kvt_rbuf_u32(&r) ? 1 : 0;
+        k->hold = kvt_rbuf_u32(&r);
+        if (r.bad || nseg > (len - r.pos) / 12) {
+            r.bad = 1;
+            break;
+        }
+        rc = kvt_ensure_segs(c, k, nseg);
+        if (rc) return rc;
+        uint32_t sum = 0;
+        for (uint32_t g = 0; g < nseg; g++) {
+            kvt_seg sg = {kvt_rbuf_u32(&r), kvt_rbuf_u32(&r), kvt_rbuf_u32(&r)};
+            if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] != KVT_HEAD_FREE) {
+                r.bad = 1;
+                break;
+            }
+            kvt_pool *pl = &c->pools.p[sg.pool];
+            pl->owner[sg.head] = (int32_t)j;
+            pl->used[sg.head] = sg.n;
+            if (pl->used[0] + pl->used[1] > c->L.pool_cap) {
+                r.bad = 1;
+                break;
+            }
+            k->segs[g] = sg;
+            sum += sg.n;
+        }
+        k->nseg = nseg;
+        k->n = kn;
+        if (token(c) ? nseg != 0 : sum != kn) r.bad = 1;
+        total += kn;
+        kvt_rbuf_get(&r, c->cent + (size_t)j * dim, (size_t)dim * 4);
+        if (c->m2d) kvt_rbuf_get(&r, c->m2d + (size_t)j * dim, (size_t)dim * 4);
+        if (with_sums) kvt_rbuf_get(&r, c->vsum + (size_t)j * vdim, (size_t)vdim * 4);
+        c->ncl = j + 1;
+        kvt_update_norm(c, j);
+    }
+    c->ncl = ncl;
+    if (r.bad || total != n || r.pos != r.len)
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u is inconsistent", what, c->no);
+    c->n = n;
+    kvt_pools_rebuild(&c->pools, &c->L);
+    return 0;
+}
+
+static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len, uint32_t *counts) {
+    if (!blob_crc_ok(blob, len) || memcmp(blob, LOC_MAGIC, 8) != 0)
+        return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u fails its checksum", (unsigned long long)chunk, c->no);
+    kvt_rbuf r = {blob, len - 4, 8, 0};
+    uint64_t ch = kvt_rbuf_u64(&r);
+    uint32_t cnt = kvt_rbuf_u32(&r);
+    uint64_t lo = chunk * KVT_LOC_CHUNK;
+    uint64_t want = c->n - lo < KVT_LOC_CHUNK ? c->n - lo : KVT_LOC_CHUNK;
+    if (r.bad || ch != chunk || cnt != want || r.len - r.pos != (size_t)cnt * sizeof(kvt_loc))
+        return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u is inconsistent", (unsigned long long)chunk, c->no);
+    memcpy(c->loc + lo, (const uint8_t *)blob + r.pos, (size_t)cnt * sizeof(kvt_loc));
+    for (uint32_t i = 0; i < cnt; i++) {
+        kvt_loc l = c->loc[lo + i];
+        if (l.cl >= c->ncl || l.idx >= c->cl[l.cl].n)
+            return kvt_fail(KVT_ECORRUPT, "catalog: id %llu of collection %u maps outside the directory", (unsigned long long)(lo + i), c->no);
+        counts[l.cl]++;
+    }
+    return 0;
+}
+
+typedef struct keys_ctx { kvt_coll *c; } keys_ctx;
+
+/* estimate.c: a directory exported before value sums existed; they are summed from the
+ * stored values (the sums start at zero). */
+static void take_vsum(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    kvt_coll *c = ((keys_ctx *)vctx)->c;
+    for (uint32_t i = 0; i < n; i++) kvt_vsum_add(c, ci, kvt_rec_value(&c->L, recs + (size_t)i * c->L.esz));
+}
+
+/* Policy none keeps every key in DRAM: read them back from the records. */
+static void take_keys(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    kvt_coll *c = ((keys_ctx *)vctx)->c;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *rec = recs + (size_t)i * c->L.esz;
+        int64_t id;
+        memcpy(&id, rec, 8);
+        memcpy(c->keys + (uint64_t)id * c->L.key_bytes, kvt_rec_key(rec), c->L.key_bytes);
+    }
+}
+
+int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const void *dir_blob,
+                  size_t dir_len, const void *const *chunks, const size_t *chunk_lens, size_t n_chunks,
+                  kvt_coll **out) {
+    kvt_clear_error();
+    LOCK(s);
+    kvt_coll *c;
+    uint32_t *counts = NULL;
+    int rc = kvt_coll_new(s, no, p, 0, &c);
+    if (rc) goto done;
+    uint8_t page[KVT_DATA_HEADER];
+    rc = kvt_file_read(c->f, 0, sizeof page, page, 0);
+    uint32_t version = rc ? 0 : kvt_data_header_version(page);
+    if (version >= 1 && version < KVT_FORMAT_VERSION) /* an older file: read in its own geometry */
+        kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, version,
+                        p->layout != KVT_LAYOUT_TOKEN || p->policy == KVT_POLICY_NONE);
+    if (!rc) {
+        rc = kvt_data_header_check(&c->L, p, page);
+        if (rc) kvt_fail(rc, "%s: data file header is %s", kvt_file_path(c->f), rc == KVT_EFORMAT ? "of another format version" : "damaged or does not match the catalog");
+    }
+    int sums_missing = 0;
+    if (!rc) rc = load_dir(c, dir_blob, dir_len, &sums_missing);
+    uint64_t want = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0;
+    if (!rc && n_chunks != want)
+        rc = kvt_fail(KVT_ECORRUPT, "catalog: collection %u has %zu id map chunks, %llu expected", no, n_chunks, (unsigned long long)want);
+    if (!rc && !(counts = calloc((size_t)c->ncl + 1, 4))) rc = kvt_fail(ENOMEM, "open: out of memory");
+    for (size_t i = 0; i < n_chunks && !rc; i++) rc = load_chunk(c, i, chunks[i], chunk_lens[i], counts);
+    for (uint32_t j = 0; j < c->ncl && !rc; j++)
+        if (counts[j] != c->cl[j].n)
+            rc = kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has %u entries but the id map names %u", j, no, c->cl[j].n, counts[j]);
+    if (!rc && token(c)) rc = kvt_rebuild_members(c);
+    if (!rc && (p->policy == KVT_POLICY_NONE || sums_missing)) {
+        keys_ctx kc = {c};
+        for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = kvt_visit_cluster(c, j, sums_missing ? take_vsum : take_keys, &kc);
+        kvt_cache_drop_owner(&s->cache, c);
+        for (uint32_t j = 0; j < c->ncl; j++) c->cl[j].ent = NULL;
+    }
+    if (!rc) c->committed_mod = c->modc;
+    if (rc) kvt_coll_forget(s, c);
+    else *out = c;
+done:
+    free(counts);
+    UNLOCK(s);
+    return rc;
+}

@@ -1,0 +1,407 @@
+/*
+ * layout.c — the continuity-centric flash layout (docs/design.md §2.2): writing records into
+ * dual-head pools, the page-aligned write buffers, and co-location of clusters that are
+ * retrieved together.
+ *
+ * Invariants:
+ * 1. A cluster's records are contiguous runs in its segments; two clusters share a pool,
+ *    one growing from the front and one from the back, so an append never moves data.
+ * 2. pending_total is the sum of every cluster's pend; tail_total the sum over unflagged
+ *    clusters, whose pending buffers are write-buffer tails: entries kept in DRAM until they
+ *    complete a flash page. Only flagged clusters' entries count against the pending budget.
+ * 3. Relayout and segment moves are copy on write (adapt.c 2): committed data is never
+ *    overwritten before the catalog stops naming it.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "coll.h"
+
+/* ---- writing records to flash ------------------------------------------------------------ */
+
+static void src_get(const kvt_coll *c, const rec_src *s, uint32_t j, uint8_t *dst) {
+    const kvt_layout *L = &c->L;
+    if (s->recs) {
+        memcpy(dst, s->recs + (size_t)j * L->esz, L->esz);
+        return;
+    }
+    if (j < s->npre) {
+        memcpy(dst, s->pre + (size_t)j * L->esz, L->esz);
+        return;
+    }
+    uint32_t r = s->members[j - s->npre];
+    kvt_rec_encode(L, dst, s->first_id + r, s->keys + (size_t)r * L->key_bytes,
+                   s->values + (size_t)r * L->value_bytes);
+}
+
+/* Reverts the appends of a failed operation, newest first: heads it claimed are unclaimed. */
+void kvt_rollback(kvt_coll *c, undo_log *log) {
+    while (log->n) {
+        undo *u = &log->u[--log->n];
+        kvt_cluster *k = &c->cl[u->cl];
+        kvt_seg *sg = &k->segs[u->seg];
+        sg->n -= u->run;
+        c->pools.p[sg->pool].used[sg->head] -= u->run;
+        if (u->claimed) {
+            kvt_pools_unclaim(&c->pools, sg);
+            k->nseg--;
+        }
+    }
+}
+
+/* 1 if writing n records as slots first.. of segment sg (first = its records count) programs a
+ * flash page that already holds data: the page where the run meets the head's earlier records
+ * (head 0 grows upward, head 1 downward), or one holding the other head's. Flash cannot update
+ * a page in place, so each such write costs the device a read-modify-write of that page. In a
+ * padded layout a run that starts a layout page meets nothing: its padding is the page's rest. */
+static int rewrites_page(const kvt_coll *c, const kvt_seg *sg, const kvt_pool *pl, uint32_t first, uint32_t n) {
+    const kvt_layout *L = &c->L;
+    uint64_t P = c->st->io.dev.page_size > 0 ? (uint64_t)c->st->io.dev.page_size : KVT_IO_ALIGN;
+    uint32_t p0 = kvt_run_pos(L, sg->head, first, n), p1 = p0 + n - 1;
+    uint64_t base = kvt_pool_base(L, sg->pool), off = base + kvt_pos_rel(L, p0), end = base + kvt_pos_rel(L, p1) + L->esz;
+    if (L->rpp && p1 % L->rpp == L->rpp - 1) end = kvt_round_up(end, KVT_LAYOUT_PAGE);
+    uint64_t lo_page = kvt_round_down(off, P), hi_page = kvt_round_up(end, P);
+    if (first && (sg->head == 0 ? off % P : end % P)) return 1;
+    uint32_t other = pl->used[!sg->head];
+    if (!other) return 0;
+    uint64_t olo = kvt_run_offset(L, sg->pool, !sg->head, 0, other), ohi = olo + kvt_run_span(L, !sg->head, 0, other);
+    return olo < hi_page && ohi > lo_page;
+}
+
+/* Writes n records, back to back in recs in file order, to the positions from p0 of a pool
+ * whose position p0 is at file offset off: one write, with the page padding between them. */
+static int write_positions(kvt_coll *c, uint64_t off, uint32_t p0, const uint8_t *recs, uint32_t n) {
+    const kvt_layout *L = &c->L;
+    if (!L->rpp) return kvt_file_write(c->f, off, recs, (size_t)n * L->esz);
+    static const uint8_t zeros[KVT_LAYOUT_PAGE];
+    kvt_wpart parts[128];
+    size_t np = 0, pad = KVT_LAYOUT_PAGE - (size_t)L->rpp * L->esz;
+    uint32_t in_page = p0 % L->rpp;
+    while (n) {
+        uint32_t k = L->rpp - in_page < n ? L->rpp - in_page : n;
+        parts[np++] = (kvt_wpart){recs, (size_t)k * L->esz};
+        recs += (size_t)k * L->esz;
+        n -= k;
+        in_page = 0;
+        if (n && pad) parts[np++] = (kvt_wpart){zeros, pad};
+        if (np >= 126 && n) { /* a long run: flush what is gathered, go on after it */
+            size_t len = 0;
+            for (size_t i = 0; i < np; i++) len += parts[i].len;
+            int rc = kvt_file_writev(c->f, off, parts, np);
+            if (rc) return rc;
+            off += len;
+            np = 0;
+        }
+    }
+    return kvt_file_writev(c->f, off, parts, np);
+}
+
+/* Appends m records to cluster ci's flash segments (claiming heads as needed), through the
+ * scratch buffer of scratch_recs records. Every append is logged for rollback. */
+int kvt_append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, uint8_t *scratch,
+                        uint32_t scratch_recs, undo_log *log) {
+    const kvt_layout *L = &c->L;
+    uint32_t done = 0;
+    while (done < m) {
+        kvt_cluster *k = &c->cl[ci];
+        int claimed = 0;
+        if (log->n == log->cap) {
+            size_t nc = log->cap ? log->cap * 2 : 64;
+            undo *nl = realloc(log->u, nc * sizeof *nl);
+            if (!nl) return kvt_fail(ENOMEM, "append: out of memory");
+            log->u = nl;
+            log->cap = nc;
+        }
+        if (k->nseg == 0 || kvt_pool_room(L, &c->pools.p[k->segs[k->nseg - 1].pool]) == 0) {
+            int rc = kvt_ensure_segs(c, k, k->nseg + 1);
+            if (!rc) rc = kvt_ensure_pools(c, c->pools.n + 1);
+            if (rc) return rc;
+            kvt_seg sg;
+            rc = kvt_pools_claim(&c->pools, L, (int32_t)ci, &sg);
+            if (rc) return rc;
+            k->segs[k->nseg++] = sg;
+            claimed = 1;
+        }
+        kvt_seg *sg = &k->segs[k->nseg - 1];
+        kvt_pool *pl = &c->pools.p[sg->pool];
+        uint32_t run = m - done, room = kvt_pool_room(L, pl);
+        if (run > room) run = room;
+        if (!src->mrecs && run > scratch_recs) run = scratch_recs;
+        uint64_t off = kvt_run_offset(L, sg->pool, sg->head, sg->n, run);
+        uint32_t p0 = kvt_run_pos(L, sg->head, sg->n, run);
+        int partial = rewrites_page(c, sg, pl, sg->n, run);
+        int rc;
+        if (src->mrecs) {
+            /* records already in a buffer of ours: written in place (head 1 grows downward,
+             * so its run is laid out last-first: reversed around the write), no scratch */
+            uint8_t *p = src->mrecs + (size_t)done * L->esz;
+            if (sg->head == 1) kvt_rec_reverse(L, p, run);
+            rc = write_positions(c, off, p0, p, run);
+            if (sg->head == 1) kvt_rec_reverse(L, p, run);
+        } else {
+            for (uint32_t j = 0; j < run; j++) {
+                uint32_t pos = sg->head == 0 ? j : run - 1 - j;
+                src_get(c, src, done + j, scratch + (size_t)pos * L->esz);
+            }
+            rc = write_positions(c, off, p0, scratch, run);
+        }
+        if (rc) {
+            if (claimed) { /* the claim wrote nothing: undo it here, the log has no entry */
+                kvt_pools_unclaim(&c->pools, sg);
+                k->nseg--;
+            }
+            return rc;
+        }
+        sg->n += run;
+        pl->used[sg->head] += run;
+        c->ctr.partial_page_writes += (uint64_t)partial;
+        c->modc++; /* the directory changed: kvt_coll_changed reports it */
+        log->u[log->n++] = (undo){ci, k->nseg - 1, run, claimed};
+        done += run;
+    }
+    return 0;
+}
+
+/* Scratch for appends: one pool's worth of records at most. */
+uint32_t kvt_scratch_records(const kvt_coll *c, uint64_t m) {
+    return (uint32_t)(m < c->L.pool_cap ? (m ? m : 1) : c->L.pool_cap);
+}
+
+/* Writes whole new clusters: for each t, recs[t] (counts[t] records) become the only data of
+ * cluster dst[t], which must own no segments. On failure every head claimed is given back. */
+int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts,
+                       uint32_t nt) {
+    undo_log log = {0};
+    int rc = 0;
+    for (uint32_t t = 0; t < nt && !rc; t++) {
+        rec_src src = {.mrecs = recs[t]}; /* the caller's buffers: written in place */
+        rc = kvt_append_flash(c, dst[t], &src, counts[t], NULL, 0, &log);
+    }
+    if (rc) kvt_rollback(c, &log);
+    free(log.u);
+    return rc;
+}
+
+/* Moves cluster j's segments aside. */
+seg_save kvt_detach_segs(kvt_coll *c, uint32_t j) {
+    kvt_cluster *k = &c->cl[j];
+    seg_save s = {k->segs, k->nseg, k->segcap};
+    k->segs = NULL;
+    k->nseg = k->segcap = 0;
+    return s;
+}
+
+void kvt_drop_segs(kvt_coll *c, uint32_t j) {
+    kvt_cluster *k = &c->cl[j];
+    for (uint32_t g = 0; g < k->nseg; g++) kvt_pools_unclaim(&c->pools, &k->segs[g]);
+    kvt_free_array(c, k->segs, k->segcap, sizeof(kvt_seg));
+    k->segs = NULL;
+    k->nseg = k->segcap = 0;
+}
+
+void kvt_restore_segs(kvt_coll *c, uint32_t j, seg_save s) {
+    kvt_drop_segs(c, j);
+    kvt_cluster *k = &c->cl[j];
+    k->segs = s.segs;
+    k->nseg = s.nseg;
+    k->segcap = s.segcap;
+}
+
+void kvt_retire_segs(kvt_coll *c, seg_save s) {
+    c->modc++;
+    for (uint32_t g = 0; g < s.nseg; g++) kvt_pools_retire(&c->pools, &s.segs[g]);
+    kvt_free_array(c, s.segs, s.segcap, sizeof(kvt_seg));
+}
+
+void kvt_free_pending(kvt_coll *c, kvt_cluster *k) {
+    c->pending_total -= k->pend;
+    if (!k->flagged) c->tail_total -= k->pend;
+    kvt_free_array(c, k->pbuf, k->pcap, c->L.esz);
+    k->pbuf = NULL;
+    k->pend = k->pcap = 0;
+}
+
+/* Writes cluster j's pending buffer to flash, in place (no scratch: a checkpoint or an
+ * eviction can proceed when the budget is full), and frees it. On failure nothing changes. */
+int kvt_write_pending(kvt_coll *c, uint32_t j) {
+    kvt_cluster *k = &c->cl[j];
+    if (!k->pend) return 0;
+    undo_log log = {0};
+    rec_src src = {.mrecs = k->pbuf};
+    int rc = kvt_append_flash(c, j, &src, k->pend, NULL, 0, &log);
+    if (rc) kvt_rollback(c, &log);
+    else kvt_free_pending(c, k);
+    free(log.u);
+    return rc;
+}
+
+/* ---- page-aligned write buffers (docs/design.md §2.2) ----------------------------------------------
+ * An unflagged cluster's pending buffer is its tail: the entries appended since its flash part
+ * last ended on a page boundary. An add writes whole pages (the tail, then the new entries)
+ * and keeps the rest, fewer than a page's worth, in the tail; so a hot cluster programs each
+ * flash page once. Each collection holds at most its share of the store's write_buffer in
+ * tails; over it, the tails of the clusters appended to least recently are written out as
+ * they are (cold clusters write directly). A checkpoint writes every tail. */
+
+/* Records on the last, partly written page of cluster k's flash part, where its next append
+ * lands (0 when that is a page start, or a new segment). */
+uint32_t kvt_tail_fill(const kvt_coll *c, const kvt_cluster *k) {
+    if (!c->L.rpp || !k->nseg) return 0;
+    const kvt_seg *sg = &k->segs[k->nseg - 1];
+    if (!kvt_pool_room(&c->L, &c->pools.p[sg->pool])) return 0;
+    return sg->n % c->L.rpp;
+}
+
+/* The collection's share of the write buffer, in records. */
+uint64_t kvt_tail_share(const kvt_coll *c) {
+    return c->st->write_buffer / (c->st->ncolls ? c->st->ncolls : 1) / c->L.esz;
+}
+
+/* Writes out the least recently appended tails until the collection's share holds. */
+void kvt_trim_tails(kvt_coll *c) {
+    uint64_t share = kvt_tail_share(c);
+    while (c->tail_total > share) {
+        uint32_t best = KVT_NONE;
+        for (uint32_t j = 0; j < c->ncl; j++) {
+            const kvt_cluster *k = &c->cl[j];
+            if (k->pend && !k->flagged && (best == KVT_NONE || k->wtick < c->cl[best].wtick)) best = j;
+        }
+        if (best == KVT_NONE) break;
+        if (kvt_write_pending(c, best)) { /* a failed write keeps it buffered, for later */
+            c->ctr.write_buffer_errors++;
+            break;
+        }
+        c->ctr.write_buffer_evictions++;
+    }
+}
+
+/* ---- co-location ---------------------------------------------------------------------------- */
+
+#define KVT_COLOCATE_MAX 1024 /* clusters; past this the dense count matrix costs too much */
+
+/* Counts which clusters one retrieve fetched together (the first colocate_after retrieves). */
+void kvt_count_coretrieval(kvt_coll *c, const uint32_t *sel, uint64_t nsel) {
+    if (!c->p.colocate_after || token(c) || c->ctr.relayouts || c->retrieves >= c->p.colocate_after) return;
+    if (!c->cofreq) {
+        c->nco = c->ncl;
+        uint64_t bytes = (uint64_t)c->nco * c->nco * sizeof(uint16_t);
+        if (c->nco > KVT_COLOCATE_MAX || kvt_mem_reserve(&c->st->cache, bytes)) {
+            c->retrieves = c->p.colocate_after; /* too many clusters or no room: never */
+            return;
+        }
+        if (!(c->cofreq = calloc((size_t)c->nco * c->nco, sizeof(uint16_t)))) {
+            kvt_mem_release(&c->st->cache, bytes);
+            c->retrieves = c->p.colocate_after;
+            return;
+        }
+        c->acct += bytes;
+    }
+    c->retrieves++;
+    for (uint64_t a = 0; a < nsel; a++)
+        for (uint64_t b = 0; b < nsel; b++)
+            if (sel[a] < c->nco && sel[b] < c->nco && c->cofreq[(size_t)sel[a] * c->nco + sel[b]] < UINT16_MAX)
+                c->cofreq[(size_t)sel[a] * c->nco + sel[b]]++;
+}
+
+/* The one-time rewrite: orders the counted clusters in a chain that follows co-retrieval
+ * (from the most fetched, repeatedly the unplaced cluster most often fetched with the last
+ * one) and lays the chain across fresh consecutive pools: chain[0] at the front of pool 0,
+ * then chain[2i+1] at the back of pool i and chain[2i+2] at the front of pool i+1, so each
+ * neighbouring pair of the chain across a pool boundary is contiguous on flash and the pair
+ * sharing a pool is one merged read apart. Copy on write, like a split, one cluster at a
+ * time so that it needs no more DRAM than the largest cluster. */
+int kvt_relayout(kvt_coll *c) {
+    kvt_store *s = c->st;
+    uint32_t k = c->nco < c->ncl ? c->nco : c->ncl, m = 0, done = 0, sr = c->L.pool_cap;
+    uint64_t meta = (uint64_t)k * (4 + 4 + sizeof(seg_save)) + 16, sbytes = 0, written = 0;
+    int rc = kvt_mem_reserve(&s->cache, meta);
+    if (rc) goto spent;
+    uint32_t *chain = malloc((size_t)k * 4 + 4), *placed = calloc(k + 1, 4);
+    seg_save *old = calloc(k + 1, sizeof *old);
+    uint8_t *scratch = NULL;
+    undo_log log = {0};
+    if (!chain || !placed || !old) rc = kvt_fail(ENOMEM, "relayout: out of memory");
+    while (!rc && m < k) {
+        uint32_t best = KVT_NONE;
+        uint64_t bs = 0;
+        if (m) {
+            const uint16_t *row = c->cofreq + (size_t)chain[m - 1] * c->nco;
+            for (uint32_t j = 0; j < k; j++)
+                if (!placed[j] && c->cl[j].n && row[j] > bs) bs = row[j], best = j;
+        }
+        if (best == KVT_NONE) /* start, or restart, from the most fetched */
+            for (uint32_t j = 0; j < k; j++) {
+                uint64_t f = (uint64_t)c->cofreq[(size_t)j * c->nco + j] + 1;
+                if (!placed[j] && c->cl[j].n && f > bs) bs = f, best = j;
+            }
+        if (best == KVT_NONE) break; /* the rest are empty */
+        placed[best] = 1;
+        chain[m++] = best;
+    }
+    /* the chain's pools, all made up front so that a spilling cluster cannot take one */
+    uint32_t pools0 = c->pools.n, npools = m / 2 + 1;
+    if (!rc) rc = kvt_ensure_pools(c, pools0 + npools);
+    if (!rc && !(rc = kvt_mem_reserve(&s->cache, (uint64_t)sr * c->L.esz))) {
+        sbytes = (uint64_t)sr * c->L.esz;
+        if (!(scratch = malloc(sbytes))) rc = kvt_fail(ENOMEM, "relayout: out of memory");
+    }
+    if (!rc)
+        for (; c->pools.n < pools0 + npools; c->pools.n++)
+            c->pools.p[c->pools.n] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+    for (; done < m && !rc; done++) {
+        uint32_t j = chain[done], pool = pools0 + done / 2, head = done % 2;
+        uint8_t *recs;
+        uint64_t owned;
+        kvt_cache_ent *pinned;
+        rc = kvt_load_records(c, j, &recs, &owned, &pinned, &c->ctr.relayout_read_bytes);
+        if (rc) break;
+        old[done] = kvt_detach_segs(c, j);
+        rc = kvt_ensure_segs(c, &c->cl[j], 1);
+        if (!rc) {
+            c->pools.p[pool].owner[head] = (int32_t)j;
+            c->cl[j].segs[0] = (kvt_seg){pool, head, 0};
+            c->cl[j].nseg = 1;
+            log.n = 0; /* on failure restore_segs gives back every head this cluster holds */
+            rec_src src = {.recs = recs};
+            uint32_t flashed = c->cl[j].n - c->cl[j].pend;
+            rc = kvt_append_flash(c, j, &src, flashed, scratch, sr, &log);
+            written += (uint64_t)flashed * c->L.esz;
+        }
+        kvt_release_records(c, recs, owned, pinned, 0);
+        if (rc) {
+            done++; /* restore this one too */
+            break;
+        }
+    }
+    if (rc) {
+        for (uint32_t t = 0; t < done; t++) kvt_restore_segs(c, chain[t], old[t]);
+    } else {
+        for (uint32_t t = 0; t < m; t++) kvt_retire_segs(c, old[t]);
+        kvt_pools_push_free(&c->pools, &c->L, pools0);
+        c->ctr.relayouts++;
+        c->ctr.relayout_bytes += written;
+    }
+    free(log.u);
+    free(scratch);
+    kvt_mem_release(&s->cache, sbytes);
+    free(chain);
+    free(placed);
+    free(old);
+    kvt_mem_release(&s->cache, meta);
+spent: /* the counts are spent either way */
+    free(c->cofreq);
+    c->cofreq = NULL;
+    kvt_mem_release(&s->cache, (uint64_t)c->nco * c->nco * sizeof(uint16_t));
+    c->acct -= (uint64_t)c->nco * c->nco * sizeof(uint16_t);
+    c->retrieves = c->p.colocate_after;
+    return rc;
+}

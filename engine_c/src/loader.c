@@ -1,0 +1,137 @@
+/*
+ * loader.c — asynchronous I/O: the loader threads and their job queue, prefetching clusters
+ * into pinned cache entries ahead of use, and swap-in jobs of parked collections.
+ *
+ * Invariants:
+ * 1. No operation changes a collection while it has jobs in flight: every operation first
+ *    waits for them (wait_idle).
+ * 2. A loading cache entry is pinned until its job finishes; its bytes count in
+ *    loading_bytes.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "coll.h"
+
+/* ---- prefetch: loader threads ------------------------------------------------------------- */
+
+/* Waits (releasing the store mutex) until no prefetch of collection c is queued or loading:
+ * every operation on c starts here, so none sees a cluster half loaded or changes one under
+ * a loader. */
+void kvt_wait_idle(kvt_coll *c) {
+    kvt_store *s = c->st;
+    if (!c->inflight) return;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (c->inflight) pthread_cond_wait(&s->done_cv, &s->mu);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    s->io_wait_seconds += (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+}
+
+/* Runs one job without the store mutex for the reads, with it to check and publish. */
+static void run_job(kvt_store *s, kvt_job *j) {
+    if (j->exec) {
+        j->exec(s, j);
+        return;
+    }
+    kvt_coll *c = j->c;
+    const kvt_layout *L = &c->L;
+    int rc = 0;
+    uint32_t base = 0, nreq = 0;
+    /* the cluster's extents, read as one batch. The token layout's member list is read
+     * without the mutex: no operation changes a collection with jobs in flight (they all
+     * start in kvt_wait_idle). Its scratch was reserved with the job (the cache entry). */
+    const kvt_cluster *tk = &c->cl[j->cl];
+    size_t cap = token(c) ? tk->n : j->nseg;
+    kvt_read_req *req = malloc(cap * sizeof *req + 1);
+    if (!req) rc = kvt_fail(ENOMEM, "prefetch: out of memory");
+    uint64_t boff = 0; /* segments land stacked, then are packed (see finish_cluster) */
+    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
+        kvt_seg *sg = &j->segs[g];
+        uint64_t len = kvt_run_span(L, sg->head, 0, sg->n);
+        if (sg->n)
+            req[nreq++] = (kvt_read_req){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), (size_t)len,
+                                         j->e->rec + boff, sg->n};
+        boff += len;
+    }
+    for (uint32_t i0 = 0; token(c) && !rc && i0 < tk->n;) {
+        uint32_t i1 = token_run_end(tk, i0);
+        req[nreq++] = (kvt_read_req){token_offset(c, tk->mem[i0]), (size_t)(i1 - i0) * L->esz,
+                                     j->e->rec + (size_t)i0 * L->esz, i1 - i0};
+        i0 = i1;
+    }
+    if (!rc) rc = kvt_file_read_batch(c->f, req, nreq);
+    free(req);
+    base = 0;
+    boff = 0;
+    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
+        kvt_seg *sg = &j->segs[g];
+        kvt_unpad(L, j->e->rec + (size_t)base * L->esz, j->e->rec + boff, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
+        if (sg->head == 1) kvt_rec_reverse(L, j->e->rec + (size_t)base * L->esz, sg->n);
+        base += sg->n;
+        boff += kvt_run_span(L, sg->head, 0, sg->n);
+    }
+    LOCK(s);
+    kvt_cluster *k = &c->cl[j->cl];
+    if (token(c) && !rc) rc = kvt_check_run(c, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, k->mem[0]) : 0);
+    base = 0;
+    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
+        kvt_seg *sg = &j->segs[g];
+        rc = kvt_check_run(c, j->cl, base, j->e->rec + (size_t)base * L->esz, sg->n,
+                       kvt_run_offset(L, sg->pool, sg->head, 0, sg->n ? sg->n : 1));
+        base += sg->n;
+    }
+    s->loading_bytes -= (uint64_t)k->n * L->esz;
+    if (!rc) {
+        if (k->pend) memcpy(j->e->rec + (size_t)base * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+        j->e->n = k->n;
+        j->e->loading = 0;
+        j->e->pins--;
+    } else {
+        k->ent = NULL;
+        kvt_cache_drop(&s->cache, j->e);
+        s->prefetch_errors++;
+    }
+    c->inflight--;
+    pthread_cond_broadcast(&s->done_cv);
+    UNLOCK(s);
+    free(j);
+}
+
+static void *loader_main(void *arg) {
+    kvt_store *s = arg;
+    kvt_io_thread_uncharged(KVT_READS_PREFETCH);
+    LOCK(s);
+    for (;;) {
+        while (!s->jobs && !s->shutdown) pthread_cond_wait(&s->job_cv, &s->mu);
+        kvt_job *j = s->jobs;
+        if (!j) break; /* shut down, queue empty */
+        s->jobs = j->next;
+        if (!s->jobs) s->jobs_tail = NULL;
+        UNLOCK(s);
+        run_job(s, j);
+        LOCK(s);
+    }
+    UNLOCK(s);
+    return NULL;
+}
+
+/* Starts the loader threads on first use; *rc is set only if none can start. */
+void kvt_start_loaders(kvt_store *s, int *rc) {
+    while (s->nloaders < KVT_LOADERS) {
+        if (pthread_create(&s->loaders[s->nloaders], NULL, loader_main, s)) {
+            if (!s->nloaders) *rc = kvt_fail(EAGAIN, "cannot start a loader thread (syscall pthread_create)");
+            break;
+        }
+        s->nloaders++;
+    }
+}

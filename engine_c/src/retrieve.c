@@ -1,0 +1,197 @@
+/*
+ * retrieve.c — retrieving whole clusters under an entry budget (the clustered policies),
+ * and prefetch, which queues the same selection's reads on the loader threads.
+ *
+ * Invariants:
+ * 1. A retrieve returns whole clusters in score order while they fit the budget; its reads
+ *    of one call are submitted together.
+ * 2. Splits of clusters this retrieve read happen before it returns, on the bytes in DRAM
+ *    (adapt.c 1); the result is taken before any split changes them.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "coll.h"
+
+/* ---- retrieve ----------------------------------------------------------------------------- */
+
+/* Result rows go where their cluster's place in the selection puts them (pos[ci]), so the
+ * order does not depend on which clusters came from the cache first. */
+typedef struct fill_ctx { kvt_result *r; const kvt_layout *L; const uint64_t *pos; } fill_ctx;
+
+static void fill_result(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    fill_ctx *x = vctx;
+    uint64_t keep = x->r->n;
+    x->r->n = x->pos[ci];
+    for (uint32_t i = 0; i < n; i++) kvt_put_result(x->r, x->L, recs + (size_t)i * x->L->esz, (int32_t)ci);
+    x->r->n = keep + n;
+}
+
+void kvt_result_estimate(const kvt_result *r, float *lse, float *values, uint64_t *clusters, uint64_t *entries) {
+    for (uint64_t i = 0; lse && i < r->nq; i++) lse[i] = r->est_lse ? r->est_lse[i] : -INFINITY;
+    if (values && r->est_val) memcpy(values, r->est_val, r->nq * r->vdim * 4);
+    else if (values) memset(values, 0, r->nq * r->vdim * 4);
+    if (clusters) *clusters = r->est_ncl;
+    if (entries) *entries = r->est_n;
+}
+
+int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, uint64_t *queued) {
+    kvt_clear_error();
+    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "prefetch: query_group must hold at least one query");
+    kvt_store *s = c->st;
+    LOCK(s);
+    int rc = kvt_ready(c);
+    if (rc) {
+        UNLOCK(s);
+        return rc;
+    }
+    uint64_t nq_out = 0, ops = 0, bytes = 0;
+    selection sel = {0};
+    if (c->p.policy == KVT_POLICY_NONE) goto out; /* nothing to prefetch: no clusters */
+    rc = kvt_selection_alloc(c, nq, &sel);
+    if (rc) goto out;
+    uint32_t *idx = sel.idx;
+    uint64_t taken, total;
+    kvt_select_clusters(c, q, nq, budget, sel.scores, sel.q2, idx, &taken, &total);
+    if (!rc) kvt_start_loaders(s, &rc);
+    for (uint64_t t = 0; t < taken && !rc; t++) {
+        kvt_cluster *k = &c->cl[idx[t]];
+        if (k->ent || k->n == k->pend) continue; /* cached, or nothing on flash */
+        /* reads in flight pin their buffers: past a quarter of the budget, a call needing
+         * room could find nothing to evict and fail, so the rest is read on use */
+        uint64_t pin = (uint64_t)k->n * c->L.esz;
+        if (s->loading_bytes + pin > s->cache.budget / 4) continue;
+        kvt_job *j = malloc(sizeof *j + (size_t)k->nseg * sizeof(kvt_seg));
+        kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], kvt_read_buffer_records(c, k), c->L.esz) : NULL;
+        if (!e) { /* no room in the budget: that cluster is read on use */
+            free(j);
+            continue;
+        }
+        e->loading = 1;
+        e->prefetched = 1;
+        s->loading_bytes += pin;
+        k->ent = e;
+        *j = (kvt_job){NULL, c, idx[t], k->nseg, e, NULL, NULL, 0};
+        memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
+        for (uint32_t i0 = 0; token(c) && i0 < k->n;) {
+            uint32_t i1 = token_run_end(k, i0);
+            ops++;
+            size_t len = (size_t)(i1 - i0) * c->L.esz;
+            bytes += kvt_file_is_direct(c->f) ? kvt_file_read_scratch(c->f, token_offset(c, k->mem[i0]), len) : len;
+            i0 = i1;
+        }
+        for (uint32_t g = 0; g < k->nseg; g++)
+            if (k->segs[g].n) {
+                ops++;
+                uint64_t span = kvt_run_span(&c->L, k->segs[g].head, 0, k->segs[g].n);
+                bytes += kvt_file_read_scratch(c->f, kvt_run_offset(&c->L, k->segs[g].pool, k->segs[g].head, 0, k->segs[g].n),
+                                               (size_t)span);
+                if (!kvt_file_is_direct(c->f)) bytes += span;
+            }
+        if (s->jobs_tail) s->jobs_tail->next = j;
+        else s->jobs = j;
+        s->jobs_tail = j;
+        c->inflight++;
+        nq_out++;
+    }
+    if (nq_out) {
+        s->prefetch_issued += nq_out;
+        kvt_io_charge(&s->io, ops, bytes);
+        pthread_cond_broadcast(&s->job_cv);
+    }
+out:
+    kvt_selection_free(c, &sel);
+    UNLOCK(s);
+    if (queued) *queued = nq_out;
+    return rc;
+}
+
+static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
+                           const kvt_estimate_opts *est, kvt_result **out) {
+    kvt_store *s = c->st;
+    int rc = 0;
+    selection sel = {0};
+    kvt_result *r = calloc(1, sizeof *r);
+    if (!r) {
+        rc = kvt_fail(ENOMEM, "retrieve: out of memory");
+        goto out;
+    }
+    r->nq = nq;
+    r->vdim = c->p.value_dim;
+    if (est && (!(r->est_lse = malloc(nq * 4)) || !(r->est_val = calloc(nq * c->p.value_dim + 1, 4)))) {
+        rc = kvt_fail(ENOMEM, "retrieve: out of memory for the estimate");
+        goto out;
+    }
+    for (uint64_t i = 0; est && i < nq; i++) r->est_lse[i] = -INFINITY;
+    if (c->p.policy == KVT_POLICY_NONE) {
+        rc = kvt_retrieve_tokens(c, q, nq, budget, r);
+        goto out;
+    }
+    rc = kvt_selection_alloc(c, nq, &sel);
+    if (rc) goto out;
+    uint32_t *idx = sel.idx;
+    uint64_t total = 0, taken = 0;
+    kvt_select_clusters(c, q, nq, budget, sel.scores, sel.q2, idx, &taken, &total);
+    r->ncl = taken;
+    if (est) { /* estimate.c: from the scores, before they are spent below */
+        double scale = est->scale > 0 ? est->scale : 1.0 / sqrt((double)c->p.dim);
+        rc = kvt_estimate(c, q, nq, sel.scores, idx, taken, est->clusters, scale, est->variance, r->est_lse, r->est_val,
+                          &r->est_ncl, &r->est_n);
+    }
+    rc = kvt_result_alloc(r, &c->L, total);
+    if (!rc) { /* the scores are spent: their buffer holds each cluster's first result row */
+        uint64_t *pos = (uint64_t *)sel.scores, at = 0;
+        for (uint64_t t = 0; t < taken; t++) {
+            pos[idx[t]] = at;
+            at += c->cl[idx[t]].n;
+        }
+    }
+    fill_ctx fx = {r, &c->L, (const uint64_t *)sel.scores};
+    kvt_io_batch_begin(&s->io);
+    if (!rc) rc = kvt_visit_clusters(c, idx, (uint32_t)taken, fill_result, &fx);
+    if (!rc) kvt_count_coretrieval(c, idx, taken);
+    kvt_io_batch_end(&s->io);
+    /* the clusters just read are in DRAM: the moment to split the flagged ones */
+    if (!rc && c->p.policy == KVT_POLICY_ADAPTIVE) {
+        kvt_selection_release_budget(c, &sel); /* room for the splits; idx is still read */
+        kvt_split_in_dram(c, idx, (uint32_t)taken);
+        kvt_relieve_pending(c);
+        kvt_trim_tails(c); /* splits may have left new tails */
+    }
+    if (!rc && c->cofreq && c->retrieves >= c->p.colocate_after && kvt_relayout(c)) c->ctr.split_errors++;
+    /* report the clusters the entries belong to now, after any split */
+    for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
+out:
+    kvt_selection_free(c, &sel);
+    if (rc) kvt_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
+    kvt_clear_error();
+    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
+    int rc;
+    RUN_READY(c, retrieve_locked(c, q, nq, budget, NULL, out));
+    return rc;
+}
+
+int kvt_coll_retrieve_est(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
+                          const kvt_estimate_opts *est, kvt_result **out) {
+    kvt_clear_error();
+    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
+    if (!est) return kvt_fail(KVT_EINVAL, "retrieve: estimate options expected");
+    if (!(est->scale >= 0) || !isfinite(est->scale)) return kvt_fail(KVT_EINVAL, "scale: a finite value > 0 (or 0 for 1/sqrt(dim)) expected");
+    int rc;
+    RUN_READY(c, retrieve_locked(c, q, nq, budget, est, out));
+    return rc;
+}

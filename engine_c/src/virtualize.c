@@ -1,0 +1,533 @@
+/*
+ * virtualize.c — group virtualization (docs/design.md §2.3): parking a group of collections
+ * (an LLM layer's KV heads) in the volatile swap file and bringing it back.
+ *
+ * Invariants:
+ * 1. A parked collection holds no DRAM but its pool table and counters; everything else is
+ *    in its swap image, and any operation on it brings it back first, so results never
+ *    change.
+ * 2. The swap file is volatile: a parked collection's durable state is its data file and
+ *    catalog, so a crash while parked loses nothing a checkpoint made durable.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "coll.h"
+
+static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len);
+
+/* A swap-in: one read of consecutive images, then each installed under the mutex. A failed
+ * read or install leaves the collection parked (counted): its next operation reads it again
+ * and reports the error. The read was charged when the swap-in was queued, and is no
+ * prefetch. */
+static void run_swap_job(kvt_store *s, kvt_job *j) {
+    kvt_io_thread_uncharged(KVT_READS_UNCHARGED);
+    int rc = kvt_file_read(s->swap, j->run[0]->swap_off, j->swap_len, j->swap_buf, 0);
+    kvt_io_thread_uncharged(KVT_READS_PREFETCH);
+    LOCK(s);
+    if (!rc) s->swap_read_bytes += j->swap_len;
+    s->loading_bytes -= j->swap_len;
+    uint64_t at = 0;
+    for (uint32_t t = 0; t < j->nseg; t++) {
+        kvt_coll *c = j->run[t];
+        uint64_t l = c->swap_len;
+        if (rc || install_image(c, j->swap_buf + at, l)) s->prefetch_errors++;
+        at += l;
+        c->inflight--;
+    }
+    free(j->swap_buf);
+    kvt_mem_release(&s->cache, j->swap_len);
+    pthread_cond_broadcast(&s->done_cv);
+    UNLOCK(s);
+    free(j->run);
+    free(j);
+}
+
+/* ---- group virtualization: parking collections in the swap file --------------------------- */
+
+/* A parked collection's image: everything it holds in DRAM except the pool table and its
+ * counters, written as one contiguous range of the store's swap file "swap.kvs". The file
+ * is volatile (recreated at the first park of each run): a parked collection's durable
+ * state is its data file and catalog as ever, so a crash while parked loses nothing a
+ * checkpoint had made durable.
+ *
+ *   "KVTSWAP1" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
+ *   per cluster: u32 n, nseg, pend, flagged, hold; f64 m2; nseg x (u32 pool, head, n);
+ *                pend records (its pending buffer)
+ *   ncl x dim f32 representatives [, ncl x dim f32 per-dimension m2]
+ *   [, ncl x value_dim f32 value sums (estimate.c)]
+ *   n x kvt_loc id map [, n x key keys (policy none)] [, nco x nco u16 co-retrieval counts]
+ *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
+ *   u32 CRC-32C of all the above, then zeros to the I/O alignment
+ */
+#define SWAP_MAGIC "KVTSWAP1"
+
+/* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
+ * I/O alignment, so the image's zero tail always fits in it). */
+static uint64_t swap_stage(const kvt_store *s) {
+    uint64_t b = kvt_round_down(s->cache.budget / 16, KVT_IO_ALIGN);
+    return b < KVT_IO_ALIGN ? KVT_IO_ALIGN : b > (256u << 10) ? (256u << 10) : b;
+}
+
+/* Streams an image to the swap file through a staging buffer; with f == NULL it only
+ * counts, so the same code sizes the range before writing it. */
+typedef struct swap_writer {
+    kvt_file *f;
+    uint64_t off, total;
+    uint8_t *buf;
+    size_t len, cap;
+    uint32_t crc;
+    int rc;
+} swap_writer;
+
+static void sw_flush(swap_writer *w) {
+    if (!w->len || w->rc) return;
+    if (w->f) w->rc = kvt_file_write(w->f, w->off, w->buf, w->len);
+    w->off += w->len;
+    w->len = 0;
+}
+
+static void sw_put(swap_writer *w, const void *p, size_t n) {
+    w->total += n;
+    if (!w->f || !n) return; /* p may be NULL when n is 0 (an empty table) */
+    w->crc = kvt_crc32c(w->crc, p, n);
+    const uint8_t *src = p;
+    while (n && !w->rc) {
+        size_t take = w->cap - w->len < n ? w->cap - w->len : n;
+        memcpy(w->buf + w->len, src, take);
+        w->len += take;
+        src += take;
+        n -= take;
+        if (w->len == w->cap) sw_flush(w);
+    }
+}
+
+static void sw_u32(swap_writer *w, uint32_t v) { sw_put(w, &v, 4); }
+
+static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
+    const kvt_layout *L = &c->L;
+    /* the working set: clusters used (read, appended to, split) since the collection was
+     * last brought in. The rest are clean copies of the data file, read again from it if
+     * ever needed; carrying them would rewrite and reread the whole cache at every park. */
+    uint32_t ncached = 0;
+    for (uint32_t j = 0; j < c->ncl && keep_cache; j++)
+        ncached += c->cl[j].ent != NULL && c->cl[j].ent->last_use > c->resident_tick;
+    sw_put(w, SWAP_MAGIC, 8);
+    sw_u32(w, c->ncl);
+    sw_u32(w, c->cofreq ? c->nco : 0);
+    sw_put(w, &c->n, 8);
+    sw_u32(w, ncached);
+    sw_u32(w, c->m2d != NULL);
+    for (uint32_t j = 0; j < c->ncl; j++) {
+        kvt_cluster *k = &c->cl[j];
+        uint32_t f[5] = {k->n, k->nseg, k->pend, k->flagged, k->hold};
+        sw_put(w, f, sizeof f);
+        sw_put(w, &k->m2, 8);
+        for (uint32_t g = 0; g < k->nseg; g++) {
+            uint32_t sg[3] = {k->segs[g].pool, k->segs[g].head, k->segs[g].n};
+            sw_put(w, sg, sizeof sg);
+        }
+        sw_put(w, k->pbuf, (size_t)k->pend * L->esz);
+    }
+    sw_put(w, c->cent, (size_t)c->ncl * c->p.dim * 4);
+    if (c->m2d) sw_put(w, c->m2d, (size_t)c->ncl * c->p.dim * 4);
+    if (c->vsum) sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
+    sw_put(w, c->loc, c->n * sizeof(kvt_loc));
+    if (c->keys) sw_put(w, c->keys, c->n * L->key_bytes);
+    if (c->cofreq) sw_put(w, c->cofreq, (size_t)c->nco * c->nco * 2);
+    /* cached clusters oldest first, so that re-admitting them in order restores recency */
+    for (kvt_cache_ent *e = c->st->cache.lru.prev; e != &c->st->cache.lru; e = e->prev) {
+        if (!keep_cache || e->owner != c || e->last_use <= c->resident_tick) continue;
+        sw_u32(w, e->cluster);
+        sw_u32(w, e->n);
+        sw_put(w, e->rec, (size_t)e->n * L->esz);
+    }
+    uint32_t crc = w->crc;
+    sw_u32(w, crc);
+}
+
+/* The swap file's free ranges: first fit, coalesced on free. */
+static void swap_alloc(kvt_store *s, uint64_t len, uint64_t *off) {
+    for (uint32_t i = 0; i < s->nsfree; i++)
+        if (s->sfree[i].len >= len) {
+            *off = s->sfree[i].off;
+            s->sfree[i].off += len;
+            s->sfree[i].len -= len;
+            if (!s->sfree[i].len) memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree), s->nsfree--;
+            return;
+        }
+    *off = s->swap_end;
+    s->swap_end += len;
+}
+
+static void swap_free(kvt_store *s, uint64_t off, uint64_t len) {
+    if (!len) return;
+    if (off + len == s->swap_end) {
+        s->swap_end = off;
+        /* the range before may now end the file too */
+        while (s->nsfree && s->sfree[s->nsfree - 1].off + s->sfree[s->nsfree - 1].len == s->swap_end)
+            s->swap_end = s->sfree[--s->nsfree].off;
+        return;
+    }
+    if (s->nsfree == s->sfreecap) {
+        uint32_t cap = s->sfreecap ? s->sfreecap * 2 : 16;
+        kvt_range *r = realloc(s->sfree, cap * sizeof *r);
+        if (!r) return; /* the range leaks until the file is recreated: harmless */
+        s->sfree = r;
+        s->sfreecap = cap;
+    }
+    uint32_t i = 0;
+    while (i < s->nsfree && s->sfree[i].off < off) i++;
+    memmove(&s->sfree[i + 1], &s->sfree[i], (s->nsfree - i) * sizeof *s->sfree);
+    s->sfree[i] = (kvt_range){off, len};
+    s->nsfree++;
+    if (i + 1 < s->nsfree && s->sfree[i].off + s->sfree[i].len == s->sfree[i + 1].off) {
+        s->sfree[i].len += s->sfree[i + 1].len;
+        memmove(&s->sfree[i + 1], &s->sfree[i + 2], (s->nsfree - i - 2) * sizeof *s->sfree);
+        s->nsfree--;
+    }
+    if (i > 0 && s->sfree[i - 1].off + s->sfree[i - 1].len == s->sfree[i].off) {
+        s->sfree[i - 1].len += s->sfree[i].len;
+        memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree);
+        s->nsfree--;
+    }
+}
+
+static int swap_open(kvt_store *s) {
+    if (s->swap) return 0;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/swap.kvs", s->dir);
+    return kvt_file_open(&s->io, path, 1, &s->swap);
+}
+
+/* Frees what a resident collection holds in DRAM besides the pool table (park, or a failed
+ * install). Cached clusters are dropped. */
+static void drop_resident(kvt_coll *c) {
+    kvt_cache_drop_owner(&c->st->cache, c);
+    for (uint32_t j = 0; j < c->clcap; j++) {
+        kvt_cluster *k = &c->cl[j];
+        if (k->segs) kvt_free_array(c, k->segs, k->segcap, sizeof(kvt_seg));
+        if (k->pbuf) kvt_free_array(c, k->pbuf, k->pcap, c->L.esz);
+        if (k->mem) kvt_free_array(c, k->mem, k->memcap, sizeof *k->mem);
+    }
+    kvt_free_array(c, c->cl, c->clcap, sizeof *c->cl);
+    kvt_free_array(c, c->cent, c->clcap, (size_t)c->p.dim * 4);
+    kvt_free_array(c, c->cnorm, c->clcap, 4);
+    if (c->m2d) kvt_free_array(c, c->m2d, c->clcap, (size_t)c->p.dim * 4);
+    if (c->vsum) kvt_free_array(c, c->vsum, c->clcap, (size_t)c->p.value_dim * 4);
+    kvt_free_array(c, c->loc, c->loccap, sizeof *c->loc);
+    if (c->keys) kvt_free_array(c, c->keys, c->keyscap, c->L.key_bytes);
+    if (c->cofreq) kvt_free_array(c, c->cofreq, (uint64_t)c->nco * c->nco, 2);
+    c->cl = NULL;
+    c->cent = c->cnorm = c->m2d = c->vsum = NULL;
+    c->loc = NULL;
+    c->keys = NULL;
+    c->cofreq = NULL;
+    c->clcap = 0;
+    c->loccap = c->keyscap = 0;
+}
+
+/* Writes c's image to a fresh range of the swap file and frees what it holds in DRAM.
+ * On a write error c stays resident and unchanged. */
+static int park_one(kvt_coll *c, int keep_cache) {
+    kvt_store *s = c->st;
+    if (c->parked) return 0;
+    int rc = swap_open(s);
+    if (rc) return rc;
+    /* the staging buffer: the image's size up to swap_stage. Reserving it may evict some of
+     * c's cached clusters, so the image is sized again after */
+    swap_writer count = {0};
+    write_image(c, &count, keep_cache);
+    uint64_t sb = kvt_round_up(count.total, KVT_IO_ALIGN), len, off;
+    if (sb > swap_stage(s)) sb = swap_stage(s);
+    if ((rc = kvt_mem_reserve(&s->cache, sb))) return rc;
+    uint8_t *stage = malloc(sb);
+    if (!stage) {
+        kvt_mem_release(&s->cache, sb);
+        return kvt_fail(ENOMEM, "park: out of memory");
+    }
+    count = (swap_writer){0};
+    write_image(c, &count, keep_cache);
+    len = kvt_round_up(count.total, KVT_IO_ALIGN);
+    swap_alloc(s, len, &off);
+    swap_writer w = {s->swap, off, 0, stage, 0, (size_t)sb, 0, 0};
+    write_image(c, &w, keep_cache);
+    if (!w.rc && w.len) { /* zero the tail to the alignment: a direct read covers it */
+        size_t pad = (size_t)(kvt_round_up(w.off + w.len, KVT_IO_ALIGN) - (w.off + w.len));
+        memset(w.buf + w.len, 0, pad);
+        w.len += pad;
+        sw_flush(&w);
+    }
+    free(stage);
+    kvt_mem_release(&s->cache, sb);
+    if (w.rc) {
+        swap_free(s, off, len);
+        return w.rc;
+    }
+    uint32_t ncl = c->ncl;
+    kvt_cluster_stats(c, &c->parked_stats);
+    drop_resident(c);
+    c->ncl = ncl;
+    c->parked = 1;
+    c->swap_off = off;
+    c->swap_len = len;
+    s->swap_outs++;
+    s->swap_write_bytes += len;
+    return 0;
+}
+
+/* Rebuilds c from its image (len bytes at img). On failure c stays parked, holding nothing. */
+static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
+    kvt_store *s = c->st;
+    const kvt_layout *L = &c->L;
+    uint32_t dim = c->p.dim;
+    kvt_rbuf r = {img, (size_t)len, 8, 0};
+    uint32_t ncl = kvt_rbuf_u32(&r), nco = kvt_rbuf_u32(&r);
+    uint64_t n = kvt_rbuf_u64(&r);
+    uint32_t ncached = kvt_rbuf_u32(&r), has_m2d = kvt_rbuf_u32(&r);
+    if (memcmp(img, SWAP_MAGIC, 8) != 0 || r.bad || ncl != c->ncl || n != c->n || has_m2d != (c->p.score_temp > 0))
+        return kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u at offset %llu is damaged", c->no,
+                        (unsigned long long)c->swap_off);
+    c->ncl = 0; /* ensure_clusters grows from zero */
+    int rc = kvt_ensure_clusters(c, ncl);
+    if (!rc) rc = kvt_ensure_ids(c, n);
+    if (!rc && nco) {
+        uint64_t cap = 0;
+        rc = kvt_grow_array(c, (void **)&c->cofreq, 2, &cap, (uint64_t)nco * nco);
+    }
+    c->ncl = ncl;
+    c->nco = nco ? nco : c->nco;
+    for (uint32_t j = 0; j < ncl && !rc && !r.bad; j++) {
+        kvt_cluster *k = &c->cl[j];
+        memset(k, 0, sizeof *k);
+        uint32_t f[5];
+        kvt_rbuf_get(&r, f, sizeof f);
+        kvt_rbuf_get(&r, &k->m2, 8);
+        k->n = f[0];
+        k->flagged = f[3];
+        k->hold = f[4];
+        if (r.bad || f[1] > (r.len - r.pos) / 12 || (uint64_t)f[2] * L->esz > r.len - r.pos) {
+            r.bad = 1;
+            break;
+        }
+        if (f[1] && (rc = kvt_ensure_segs(c, k, f[1]))) break;
+        for (uint32_t g = 0; g < f[1]; g++) {
+            uint32_t sg[3];
+            kvt_rbuf_get(&r, sg, sizeof sg);
+            k->segs[g] = (kvt_seg){sg[0], sg[1], sg[2]};
+        }
+        k->nseg = f[1];
+        if (f[2]) {
+            if ((rc = kvt_ensure_pbuf(c, k, f[2]))) break;
+            kvt_rbuf_get(&r, k->pbuf, (size_t)f[2] * L->esz);
+            k->pend = f[2];
+        }
+    }
+    if (!rc) {
+        kvt_rbuf_get(&r, c->cent, (size_t)ncl * dim * 4);
+        if (c->m2d) kvt_rbuf_get(&r, c->m2d, (size_t)ncl * dim * 4);
+        if (c->vsum) kvt_rbuf_get(&r, c->vsum, (size_t)ncl * c->p.value_dim * 4);
+        kvt_rbuf_get(&r, c->loc, n * sizeof(kvt_loc));
+        if (c->keys) kvt_rbuf_get(&r, c->keys, n * L->key_bytes);
+        if (nco) kvt_rbuf_get(&r, c->cofreq, (size_t)nco * nco * 2);
+        for (uint32_t j = 0; j < ncl; j++) kvt_update_norm(c, j);
+        if (!r.bad && token(c)) rc = kvt_rebuild_members(c);
+    }
+    /* cached clusters: re-admitted while the budget has room for them without evicting
+     * (what is not admitted is read from the data file on use, as after an eviction) */
+    for (uint32_t t = 0; t < ncached && !rc && !r.bad; t++) {
+        uint32_t cl = kvt_rbuf_u32(&r), cn = kvt_rbuf_u32(&r);
+        if (r.bad || cl >= ncl || cn != c->cl[cl].n || (uint64_t)cn * L->esz > r.len - r.pos) {
+            r.bad = 1;
+            break;
+        }
+        const uint8_t *recs = r.p + r.pos;
+        r.pos += (size_t)cn * L->esz;
+        uint64_t need = (uint64_t)cn * L->esz + sizeof(kvt_cache_ent);
+        if (s->cache.used + need > s->cache.budget) continue;
+        kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, cl, cn, L->esz);
+        if (!e) continue;
+        memcpy(e->rec, recs, (size_t)cn * L->esz);
+        e->n = cn;
+        e->pins--;
+        c->cl[cl].ent = e;
+    }
+    if (!rc && (r.bad || r.len - r.pos < 4)) rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u is inconsistent", c->no);
+    if (!rc) {
+        uint32_t crc;
+        memcpy(&crc, r.p + r.pos, 4);
+        if (crc != kvt_crc32c(0, img, r.pos)) rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u fails its checksum", c->no);
+    }
+    if (rc) {
+        drop_resident(c);
+        c->ncl = ncl;
+        return rc;
+    }
+    swap_free(s, c->swap_off, c->swap_len);
+    c->resident_tick = s->cache.tick;
+    c->parked = 0;
+    c->swap_off = c->swap_len = 0;
+    s->swap_ins++;
+    return 0;
+}
+
+/* Reads and installs one parked collection now (an operation needs it). */
+static int unpark_now(kvt_coll *c, int demand) {
+    kvt_store *s = c->st;
+    if (!c->parked) return 0;
+    uint64_t len = c->swap_len; /* an install clears c->swap_len */
+    int rc = kvt_mem_reserve(&s->cache, len);
+    if (rc) return rc;
+    uint8_t *img = malloc(len);
+    if (!img) rc = kvt_fail(ENOMEM, "unpark: out of memory");
+    if (!rc) rc = kvt_file_read(s->swap, c->swap_off, len, img, 0);
+    if (!rc) s->swap_read_bytes += len;
+    if (!rc) rc = install_image(c, img, len);
+    if (!rc && demand) s->swap_demand_ins++;
+    free(img);
+    kvt_mem_release(&s->cache, len);
+    return rc;
+}
+
+/* Every operation on a collection starts here: no loader busy with it, and it is resident. */
+int kvt_ready(kvt_coll *c) {
+    kvt_wait_idle(c);
+    return c->parked ? unpark_now(c, 1) : 0;
+}
+
+static int check_group(kvt_store *s, kvt_coll *const *colls, size_t n) {
+    if (!colls && n) return kvt_fail(KVT_EINVAL, "collections: NULL list");
+    for (size_t i = 0; i < n; i++) {
+        if (!colls[i] || colls[i]->st != s) return kvt_fail(KVT_EINVAL, "collections: entry %zu is not a collection of this store", i);
+        for (size_t t = 0; t < i; t++)
+            if (colls[t] == colls[i]) return kvt_fail(KVT_EINVAL, "collections: entry %zu repeats entry %zu", i, t);
+    }
+    return 0;
+}
+
+int kvt_store_park(kvt_store *s, kvt_coll *const *colls, size_t n, int keep_cache) {
+    kvt_clear_error();
+    LOCK(s);
+    int rc = check_group(s, colls, n);
+    /* the group's images go to consecutive ranges when the file has no hole for them, so an
+     * unpark of the whole group is one sequential read */
+    for (size_t i = 0; i < n && !rc; i++) {
+        kvt_wait_idle(colls[i]);
+        rc = park_one(colls[i], keep_cache);
+    }
+    UNLOCK(s);
+    return rc;
+}
+
+/* Operations that only look (stats, checkpoints) leave a parked collection parked: it is
+ * brought in for the call and written back after. */
+int kvt_peek_begin(kvt_coll *c, int *was_parked) {
+    kvt_wait_idle(c);
+    *was_parked = c->parked;
+    return c->parked ? unpark_now(c, 0) : 0;
+}
+
+void kvt_peek_end(kvt_coll *c, int was_parked) {
+    if (was_parked && !c->parked) park_one(c, 1); /* on failure it stays resident: nothing is lost */
+}
+
+/* Group swap-ins: the parked collections sorted by image offset; images that touch form one
+ * read. */
+static int by_swap_off(const void *a, const void *b) {
+    uint64_t x = (*(kvt_coll *const *)a)->swap_off, y = (*(kvt_coll *const *)b)->swap_off;
+    return x < y ? -1 : x > y;
+}
+
+int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) {
+    kvt_clear_error();
+    LOCK(s);
+    int rc = check_group(s, colls, n);
+    kvt_coll **v = NULL;
+    size_t m = 0;
+    if (!rc && n && !(v = malloc(n * sizeof *v))) rc = kvt_fail(ENOMEM, "unpark: out of memory");
+    for (size_t i = 0; i < n && !rc; i++) {
+        if (!async) kvt_wait_idle(colls[i]);
+        if (colls[i]->parked && !colls[i]->inflight) v[m++] = colls[i];
+    }
+    if (!rc && m) qsort(v, m, sizeof *v, by_swap_off);
+    if (async && !rc && m) kvt_start_loaders(s, &rc);
+    uint64_t ops = 0, bytes = 0;
+    for (size_t a = 0; a < m && !rc;) {
+        size_t e = a + 1;
+        uint64_t len = v[a]->swap_len;
+        while (e < m && v[e]->swap_off == v[a]->swap_off + len) len += v[e++]->swap_len;
+        if (kvt_mem_reserve(&s->cache, len) != 0) { /* no room for the whole run: one at a time */
+            e = a + 1;
+            len = v[a]->swap_len;
+            if ((rc = kvt_mem_reserve(&s->cache, len))) break;
+        }
+        uint8_t *img = malloc(len);
+        if (!img) {
+            kvt_mem_release(&s->cache, len);
+            rc = kvt_fail(ENOMEM, "unpark: out of memory");
+            break;
+        }
+        if (async) {
+            kvt_job *j = malloc(sizeof *j);
+            if (!j) {
+                free(img);
+                kvt_mem_release(&s->cache, len);
+                rc = kvt_fail(ENOMEM, "unpark: out of memory");
+                break;
+            }
+            *j = (kvt_job){NULL, v[a], KVT_SWAP_JOB, (uint32_t)(e - a), NULL, NULL, img, len, run_swap_job};
+            if (!(j->run = malloc((e - a) * sizeof(kvt_coll *)))) {
+                free(j);
+                free(img);
+                kvt_mem_release(&s->cache, len);
+                rc = kvt_fail(ENOMEM, "unpark: out of memory");
+                break;
+            }
+            memcpy(j->run, &v[a], (e - a) * sizeof(kvt_coll *));
+            for (size_t t = a; t < e; t++) v[t]->inflight++;
+            s->loading_bytes += len;
+            if (s->jobs_tail) s->jobs_tail->next = j;
+            else s->jobs = j;
+            s->jobs_tail = j;
+            ops++;
+            bytes += len;
+        } else {
+            kvt_io_batch_begin(&s->io);
+            rc = kvt_file_read(s->swap, v[a]->swap_off, len, img, 0);
+            kvt_io_batch_end(&s->io);
+            if (!rc) s->swap_read_bytes += len;
+            uint64_t at = 0;
+            for (size_t t = a; t < e && !rc; t++) {
+                uint64_t l = v[t]->swap_len;
+                rc = install_image(v[t], img + at, l);
+                at += l;
+            }
+            free(img);
+            kvt_mem_release(&s->cache, len);
+        }
+        a = e;
+    }
+    if (async && ops) {
+        kvt_io_charge(&s->io, ops, bytes);
+        pthread_cond_broadcast(&s->job_cv);
+    }
+    free(v);
+    UNLOCK(s);
+    return rc;
+}
+
+int kvt_coll_is_parked(kvt_coll *c) {
+    LOCK(c->st);
+    int p = c->parked;
+    UNLOCK(c->st);
+    return p;
+}
