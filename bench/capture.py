@@ -3,7 +3,7 @@
 The model runs once through transformers; a custom attention function registered with
 transformers' ``AttentionInterface`` computes ordinary SDPA attention and records, for
 every layer, the post-RoPE query, key and value states it receives. Traces are cached as
-``.npz`` files, so every benchmark replays exactly the same tokens (EVAL.md, "Workloads"):
+``.npz`` files, so every benchmark replays exactly the same tokens (docs/design.md §8, "Workloads"):
 
 - **W1 long generation**: a chat prompt asking for a long text; tokens are sampled with a
   fixed seed until the sequence holds ``prefill + decode`` tokens, then the whole sequence

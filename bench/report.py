@@ -352,7 +352,7 @@ def build(results, report_path) -> str:
          f" ({time.strftime('%Y-%m-%d %H:%M')}). Do not edit: rerun the commands below, then regenerate.", "",
          "Absolute times come from a shared 2-core machine and are noisy; recall, bytes, read counts and "
          "modeled device times are deterministic, and ratios measured side by side in one run are what to "
-         "compare (EVAL.md, Reporting).", ""]
+         "compare (docs/design.md §8, Reporting).", ""]
     if present:
         L += ["Contents:"] + [f"- [{s.title}](#{_anchor(s.title)})" for s in present] + [""]
     for s in present:

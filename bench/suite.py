@@ -1,6 +1,6 @@
 """The end-to-end benchmark suite that ``kvtier bench`` runs: tier configurations on real traces.
 
-Four measurements, all through kvtier's public API on captured SmolLM2 traces (EVAL.md W1, W2
+Four measurements, all through kvtier's public API on captured SmolLM2 traces (docs/design.md §8, W1, W2
 replayed as a KV cache by :func:`bench.kvreplay.replay`; W4 searched by
 :mod:`bench.w4_search`), written to one directory:
 
@@ -84,7 +84,7 @@ class Settings:
     policies: list = dataclasses.field(default_factory=lambda: list(POLICIES))
     layouts: list = dataclasses.field(default_factory=lambda: ["clustered", "colocated"])  # full: + token
     cache_policies: list = dataclasses.field(default_factory=lambda: list(CACHE_POLICIES))
-    fetch_budget: float = 0.1                      # the grid's, EVAL.md's 10%
+    fetch_budget: float = 0.1                      # the grid's, docs/design.md §8's 10%
     budgets: list = dataclasses.field(default_factory=lambda: [0.05, 0.1, 0.2])  # recall sweep
     layers: Optional[list] = None                  # None: 3 spread layers (quick), every 3rd (full)
     every: int = 8                                 # retrieve every N decoding steps

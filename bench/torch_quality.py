@@ -1,4 +1,4 @@
-"""Model quality of kvtier as the KV cache of a real model (EVAL.md W1, W2; teacher-forced).
+"""Model quality of kvtier as the KV cache of a real model (docs/design.md §8, W1, W2; teacher-forced).
 
 SmolLM2-135M-Instruct decodes a captured token sequence one token at a time (teacher-forced:
 every method sees the same tokens) with

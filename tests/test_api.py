@@ -1,4 +1,4 @@
-"""The public API of DESIGN.md section 4: behaviour, results, errors."""
+"""The public API of docs/design.md §4: behaviour, results, errors."""
 import errno
 
 import numpy as np
