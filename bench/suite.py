@@ -54,7 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from kvtier.cli import json_default
+from kvtier.benchargs import json_default
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
 
@@ -837,10 +837,10 @@ def command_line(argv: Sequence[str], prog: str = "kvtier bench") -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
-    from kvtier.cli import _bench_arguments
+    from kvtier.benchargs import bench_arguments
 
     p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__.split("\n\n")[0])
-    _bench_arguments(p)
+    bench_arguments(p)
     a = p.parse_args(argv)
     s, out = settings_from_args(a)
     report = run_suite(s, out, command=command_line(sys.argv[1:] if argv is None else argv, "python -m bench.suite"))

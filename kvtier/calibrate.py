@@ -38,11 +38,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from kvtier.config import DeviceProfile, parse_size
+from kvtier.config import PROFILE_FORMAT, PROFILE_FORMAT_VERSION, DeviceProfile, load_profile, parse_size  # noqa: F401 (load_profile re-exported)
 from kvtier.errors import InvalidArgumentError
 
-PROFILE_FORMAT = "kvtier-device-profile"
-PROFILE_FORMAT_VERSION = 1
 
 #: 4 KiB .. 4 MiB in powers of two: the phone-flash knee (~24 KB) sits in the middle.
 DEFAULT_SIZES = tuple(4096 << i for i in range(11))
@@ -301,32 +299,6 @@ def calibrate(path: Union[str, os.PathLike], sizes: Optional[Sequence[int]] = No
     if save is not None:
         result.save(save)
     return result
-
-
-def load_profile(path: Union[str, os.PathLike]) -> DeviceProfile:
-    """The :class:`DeviceProfile` saved by ``calibrate(..., save=path)`` or ``CalibrationResult.save``."""
-    path = os.fspath(path)
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except OSError as e:
-        raise InvalidArgumentError(f"path: cannot read device profile {path!r}: {e.strerror}") from None
-    except ValueError as e:
-        raise InvalidArgumentError(f"path: {path!r} is not a JSON device profile ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or not isinstance(doc.get("profile"), dict):
-        raise InvalidArgumentError(f"path: {path!r} is not a kvtier device profile (no format {PROFILE_FORMAT!r})")
-    if doc.get("version") != PROFILE_FORMAT_VERSION:
-        raise InvalidArgumentError(
-            f"path: {path!r} has profile format version {doc.get('version')!r}, "
-            f"this kvtier reads {PROFILE_FORMAT_VERSION}")
-    fields = {f.name for f in dataclasses.fields(DeviceProfile)}
-    raw = doc["profile"]
-    missing = {"name", "bandwidth_Bps", "iops", "latency_s"} - set(raw)
-    unknown = set(raw) - fields
-    if missing or unknown:
-        raise InvalidArgumentError(
-            f"path: {path!r}: profile fields missing {sorted(missing)} / unknown {sorted(unknown)}")
-    return DeviceProfile(**raw)
 
 
 # -- internals --------------------------------------------------------------------------------

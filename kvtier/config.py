@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -102,13 +103,41 @@ def resolve_device(device) -> tuple[DeviceProfile | None, tuple]:
     if isinstance(device, str) and device in PROFILES:
         return PROFILES[device], PROFILES[device].engine_tuple()
     if isinstance(device, (str, os.PathLike)) and os.path.isfile(device):
-        from kvtier.calibrate import load_profile  # late: calibrate imports config
-
         p = load_profile(device)
         return p, p.engine_tuple()
     raise InvalidArgumentError(
         f"device: None, a DeviceProfile, one of {sorted(PROFILES)} or the path of a saved "
         f"profile JSON expected, got {device!r}")
+
+
+PROFILE_FORMAT = "kvtier-device-profile"
+PROFILE_FORMAT_VERSION = 1
+
+
+def load_profile(path: Union[str, os.PathLike]) -> DeviceProfile:
+    """The :class:`DeviceProfile` saved by ``calibrate(..., save=path)`` or ``CalibrationResult.save``."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise InvalidArgumentError(f"path: cannot read device profile {path!r}: {e.strerror}") from None
+    except ValueError as e:
+        raise InvalidArgumentError(f"path: {path!r} is not a JSON device profile ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or not isinstance(doc.get("profile"), dict):
+        raise InvalidArgumentError(f"path: {path!r} is not a kvtier device profile (no format {PROFILE_FORMAT!r})")
+    if doc.get("version") != PROFILE_FORMAT_VERSION:
+        raise InvalidArgumentError(
+            f"path: {path!r} has profile format version {doc.get('version')!r}, "
+            f"this kvtier reads {PROFILE_FORMAT_VERSION}")
+    fields = {f.name for f in dataclasses.fields(DeviceProfile)}
+    raw = doc["profile"]
+    missing = {"name", "bandwidth_Bps", "iops", "latency_s"} - set(raw)
+    unknown = set(raw) - fields
+    if missing or unknown:
+        raise InvalidArgumentError(
+            f"path: {path!r}: profile fields missing {sorted(missing)} / unknown {sorted(unknown)}")
+    return DeviceProfile(**raw)
 
 
 POLICIES = ("adaptive", "static", "local", "none")
