@@ -71,7 +71,7 @@ adapter_packages = sorted(
 )
 
 setup(
-    packages=["kvtier", "kvtier.adapters"] + adapter_packages,
+    packages=["kvtier", "kvtier.bench", "kvtier.adapters"] + adapter_packages,
     package_dir={"kvtier": "kvtier", "kvtier.adapters": "adapters"},
     ext_modules=cythonize([ext], compiler_directives={"language_level": "3"}),
 )

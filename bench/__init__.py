@@ -1,6 +1,6 @@
-"""kvtier benchmarks.
+"""kvtier benchmark scripts (``python -m bench.NAME``) and their results (``bench/results/``).
 
-``bench.capture`` records real key/value/query traces of SmolLM2-135M-Instruct (the
-workloads of docs/design.md §8); the other modules in this package replay them against kvtier and
-its baselines and write results under ``bench/results/``.
+The measuring code they share (trace capture, replay, W4 search, the suite, plots) is the
+installed package ``kvtier.bench``; ``bench.suite``, ``bench.capture``, ``bench.w4_search`` and
+``bench.decode`` are its command lines, kept here so that ``python -m bench.NAME`` still runs them.
 """

@@ -1,6 +1,6 @@
 """Cache replacement on real KV traces: hit rate and bytes read against the DRAM budget.
 
-Replays a captured SmolLM2 trace (bench.capture, bench.kvreplay) with the adaptive policy at a
+Replays a captured SmolLM2 trace (kvtier.bench.capture, kvtier.bench.kvreplay) with the adaptive policy at a
 10% fetch budget, for each cache policy (lru, lfu, cluster) and DRAM budgets from 20% to 50% of
 the KV bytes (at 5% and 10% the engine's own index -- id map and representatives, about a tenth
 of the KV bytes for 64-d float16 keys and values -- did not fit in the budget), and reports cache hit rate and bytes read from flash per retrieve.
@@ -18,8 +18,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.capture import load_trace
-from bench.kvreplay import replay
+from kvtier.bench.capture import load_trace
+from kvtier.bench.kvreplay import replay
 
 
 def main(argv=None):

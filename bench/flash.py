@@ -1,6 +1,6 @@
 """Flash layout on real KV traces (issue: continuity-centric flash management).
 
-Replays captured SmolLM2 traces (bench.capture) through kvtier as a KV cache (bench.kvreplay)
+Replays captured SmolLM2 traces (kvtier.bench.capture) through kvtier as a KV cache (kvtier.bench.kvreplay)
 on the UFS 4.0 device profile, with a DRAM budget small enough that retrievals reach flash
 and a 10% fetch budget, for each policy and layout, and reports what the device sees:
 
@@ -37,11 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 import kvtier
-from bench.capture import load_trace
-from bench.kvreplay import replay
-
-LAYOUTS = {"token": {"layout": "token"}, "clustered": {"layout": "clustered"},
-           "colocated": {"layout": "colocated", "colocate_after": 32}}
+from kvtier.bench.capture import load_trace
+from kvtier.bench.kvreplay import LAYOUTS, replay
 
 
 def add_setting_args(ap):

@@ -4,7 +4,7 @@ measures at the same request sizes.
 1. ``kvtier.calibrate(DIR)``: random O_DIRECT reads of 4 KiB .. 256 KiB at queue depths 1
    and 32 (median of runs), on the device holding DIR.
 2. A store in DIR (direct_io=True, no device model, so nothing is throttled) holds a
-   captured trace's keys and values (bench.capture; 10 layers x 3 KV heads of SmolLM2,
+   captured trace's keys and values (kvtier.bench.capture; 10 layers x 3 KV heads of SmolLM2,
    adaptive policy, co-located layout), written and synced first, then reopened with a
    small DRAM budget so retrieves read from the disk.
 3. Each decoding step's query groups retrieve 10% of the context. A retrieve's merged runs
@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 import kvtier
-from bench.capture import load_trace
+from kvtier.bench.capture import load_trace
 
 SIZES = tuple(4096 << i for i in range(7))  # 4 KiB .. 256 KiB: where retrieval reads fall
 

@@ -2,7 +2,7 @@
 
 Decoding runs layer by layer. While layer l computes, kvtier can prefetch for layer l+1 the
 clusters layer l+1's queries selected at the previous step (the current ones are not known
-yet). This benchmark replays a captured SmolLM2 trace (bench.capture) through 30 layers x 3 KV
+yet). This benchmark replays a captured SmolLM2 trace (kvtier.bench.capture) through 30 layers x 3 KV
 heads with a synthetic per-layer compute (a numpy matmul that releases the GIL, of a chosen
 length) on the UFS 4.0 profile in throttle mode (every read sleeps to its modeled time), and
 measures the time per decoding step:
@@ -32,7 +32,7 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np
 
 import kvtier
-from bench.capture import load_trace
+from kvtier.bench.capture import load_trace
 
 
 def _compute(a, b, reps):

@@ -1,7 +1,7 @@
 """Clustering policies on real KV traces (issue: accuracy at coarse granularity).
 
-Replays captured SmolLM2 traces (bench.capture: W1 long generation, W2 document +
-continuation) through kvtier's public API as a KV cache uses it (bench.kvreplay) for each
+Replays captured SmolLM2 traces (kvtier.bench.capture: W1 long generation, W2 document +
+continuation) through kvtier's public API as a KV cache uses it (kvtier.bench.kvreplay) for each
 policy and fetch budget, and reports attention recall beside cluster count, mean size,
 variance and reads per retrieve. Every policy runs on the same trace, the same store code and
 the same I/O path, at the same number of fetched entries per step.
@@ -24,8 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 import kvtier
-from bench.capture import load_trace
-from bench.kvreplay import replay
+from kvtier.bench.capture import load_trace
+from kvtier.bench.kvreplay import replay
 
 POLICIES = ("none", "static", "local", "adaptive")
 

@@ -139,7 +139,7 @@ def suite_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     data = _load(results / "bench.json")
     if data is None:
         return Section("Tier configurations (`kvtier bench`)", cmd, missing=True)
-    from bench import suite
+    from kvtier.bench import suite
 
     notes: list = []
     made = _try_plot(lambda: suite.make_plots(data, plots_dir), notes)
@@ -178,7 +178,7 @@ def _results_section(title: str, stem: str, module: str, plot=None, fallback_tab
 
 
 def _plot_policies(rows, plots_dir, args):
-    from bench import plots
+    from kvtier.bench import plots
     return plots.recall_vs_budget(
         rows, plots_dir / "policies_recall_vs_budget.png",
         f"python -m bench.policies: layers {args.get('layers', '?')}, every {args.get('every', '?')} steps, "
@@ -186,7 +186,7 @@ def _plot_policies(rows, plots_dir, args):
 
 
 def _plot_flash(rows, plots_dir, args):
-    from bench import plots
+    from kvtier.bench import plots
     return plots.io_by_policy_layout(
         rows, plots_dir / "flash_io_by_policy_layout.png",
         f"python -m bench.flash: device {args.get('device', '?')}, DRAM {args.get('dram_budget', '?')}, "
@@ -194,7 +194,7 @@ def _plot_flash(rows, plots_dir, args):
 
 
 def _plot_cache(rows, plots_dir, args):
-    from bench import plots
+    from kvtier.bench import plots
     return plots.hit_rate_vs_dram(
         rows, plots_dir / "cache_hit_rate_vs_dram.png",
         f"python -m bench.cache: policy adaptive, fetch budget 10%, layers {args.get('layers', '?')}, "
@@ -234,7 +234,7 @@ def pipeline_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) 
         lines += ["", f"pipelined / max(compute, I/O) = {data['ratio']:.2f} (target <= 1.15); "
                       f"{data.get('matmuls_per_layer', '?')} matmuls per layer of synthetic compute"]
     notes: list = []
-    from bench import plots
+    from kvtier.bench import plots
     args = data.get("args", {})
     made = _try_plot(lambda: plots.pipeline_steps(
         rows, plots_dir / "pipeline_step_time.png",
@@ -250,7 +250,7 @@ def w4_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Sec
     _, table = _md_parts(results / "w4_search.md")
     if data is None:
         return Section(title, f"python -m bench.w4_search --out {rr}", missing=True)
-    from bench import plots, w4_search
+    from kvtier.bench import plots, w4_search
     params = data.get("parameters", {})
     defaults = vars(w4_search.parse_args([]))
     changed = {k: v for k, v in params.items() if k in defaults and k not in ("out", "cache_dir", "workdir")

@@ -163,7 +163,7 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
     from transformers import DynamicCache
 
     import kvtier
-    from bench.capture import load_trace
+    from kvtier.bench.capture import load_trace
     from kvtier.adapters.torch import TieredCache
 
     trace = load_trace(workload, prefill=args.prefill, decode=max(args.trace_decode, args.decode),
@@ -467,7 +467,7 @@ def main(argv=None) -> int:
     import transformers
 
     import kvtier
-    from bench.capture import load_model
+    from kvtier.bench.capture import load_model
 
     torch.set_num_threads(args.threads)
     progress = None
@@ -502,7 +502,7 @@ def main(argv=None) -> int:
         print("\nEstimated zone: per policy, budget and estimate setting\n")
         print(estimate_markdown(rows))
     if args.plot:
-        from bench.plots import delta_nll_vs_budget
+        from kvtier.bench.plots import delta_nll_vs_budget
 
         print("plot:", delta_nll_vs_budget(rows, args.plot, f"SmolLM2-135M, {args.prefill} prefill + {args.decode} decoded tokens"))
     pipe = pipelining_markdown(rows)

@@ -1,6 +1,6 @@
 """Group virtualization on a 30-layer model's worth of collections: DRAM against I/O.
 
-Replays a captured SmolLM2 trace (bench.capture, bench.kvreplay; 30 layers x 3 KV heads, one
+Replays a captured SmolLM2 trace (kvtier.bench.capture, kvtier.bench.kvreplay; 30 layers x 3 KV heads, one
 collection each) layer by layer, as decoding runs, at a 10% fetch budget, for a sweep of
 DRAM budgets, in three modes: every collection resident (the engine's budget must hold all
 90 indexes and whatever clusters it caches); virtualized (kvreplay's ``virtualize``: a
@@ -30,8 +30,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import kvtier
-from bench.capture import load_trace
-from bench.kvreplay import replay
+from kvtier.bench.capture import load_trace
+from kvtier.bench.kvreplay import replay
 
 
 MODES = {"resident": (False, True), "virtualized": (True, True), "virtualized-index": (True, False)}

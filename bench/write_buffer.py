@@ -1,6 +1,6 @@
 """Page-aligned write buffers on real KV traces: partial-page rewrites against buffer size.
 
-Replays a captured SmolLM2 trace (bench.capture, bench.kvreplay) as a KV cache on the UFS 4.0
+Replays a captured SmolLM2 trace (kvtier.bench.capture, kvtier.bench.kvreplay) as a KV cache on the UFS 4.0
 profile, the flash benchmark's setting (10 layers x 3 KV heads, 4 MiB DRAM, 10% fetch
 budget, adaptive policy, co-located layout), once per write-buffer size, and reports:
 
@@ -30,9 +30,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import kvtier
-from bench.capture import load_trace
+from kvtier.bench.capture import load_trace
 from bench.flash import add_setting_args
-from bench.kvreplay import replay
+from kvtier.bench.kvreplay import replay
 
 
 def main(argv=None):

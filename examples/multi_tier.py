@@ -9,7 +9,7 @@ not a small fast tier in front of a larger one. So the hierarchy is simulated, a
 simulation is fed and checked by the real engine:
 
 1. **Access stream (real).** The real SmolLM2-135M trace (W2: Python's pydoc text, post-RoPE
-   keys, values and queries, from ``bench.capture.load_trace``) is replayed through a real
+   keys, values and queries, from ``kvtier.bench.capture.load_trace``) is replayed through a real
    kvtier store exactly as ``bench/kvreplay.py`` does: one collection per (layer, KV head), the
    prefill as one batch, one ``add`` per decoded token leaving the recent window, and every
    ``--every`` steps a ``retrieve`` of whole clusters under a 10% fetch budget for the GQA
@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 
 import kvtier  # noqa: E402
 from kvtier.config import parse_size, resolve_device  # noqa: E402
-from bench.capture import load_trace  # noqa: E402
+from kvtier.bench.capture import load_trace  # noqa: E402
 
 REC_HEADER = 16  # bytes before key and value in an engine record (id + checksum)
 

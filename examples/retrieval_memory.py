@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 import kvtier  # noqa: E402
-from bench.capture import resolve_cache_dir  # noqa: E402
+from kvtier.bench.capture import resolve_cache_dir  # noqa: E402
 from kvtier.config import parse_size  # noqa: E402
 
 K = 10

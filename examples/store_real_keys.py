@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tqdm import tqdm  # noqa: E402
 
-from bench.capture import load_trace  # noqa: E402
-from bench.kvreplay import replay  # noqa: E402
+from kvtier.bench.capture import load_trace  # noqa: E402
+from kvtier.bench.kvreplay import replay  # noqa: E402
 
 
 def main(argv=None):

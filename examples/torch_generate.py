@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from bench.capture import W1_SAMPLING, load_model, w1_prompt_tokens  # noqa: E402
+from kvtier.bench.capture import W1_SAMPLING, load_model, w1_prompt_tokens  # noqa: E402
 from kvtier.adapters.torch import TieredCache  # noqa: E402
 
 

@@ -10,7 +10,7 @@ def bench_arguments(p) -> None:
     """The options of ``kvtier bench`` (``python -m bench.suite`` takes the same). They are
     declared here, in the library, rather than in the suite, so that ``--help`` works, and every other
     command stays independent of the source tree; the presets' numbers quoted in the help are
-    checked against bench.suite.Settings by the tests."""
+    checked against kvtier.bench.suite.Settings by the tests."""
     from kvtier.config import PROFILES
 
     p.add_argument("--quick", action="store_true",
@@ -46,7 +46,9 @@ def bench_arguments(p) -> None:
     p.add_argument("--w4-queries", type=int, metavar="N", help="W4 queries; quick: 200; full: 1000")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip measuring DIR's read bandwidth (the bandwidth plot then shows profile models only)")
-    p.add_argument("--trace-dir", metavar="DIR", help="trace cache (default bench/.cache or $KVTIER_TRACE_DIR)")
+    p.add_argument("--trace-dir", metavar="DIR",
+                   help="trace cache (default $KVTIER_TRACE_DIR, else bench/.cache in a source checkout, "
+                        "else ~/.cache/kvtier/traces)")
 
 
 def json_default(o):

@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                     "read bandwidth vs request size (measured on DIR's file system and modeled), and W4 "
                     "search recall vs queries/s against hnswlib and faiss. Writes DIR/bench.json (machine, "
                     "versions, profiles, parameters, medians and spreads), DIR/bench.md and DIR/plots/*.png. "
-                    "Needs the source tree (the bench/ package and its trace cache): run it from the "
-                    "repository root.",
+                    "Runs from any directory (the measuring code is the kvtier.bench package); a trace "
+                    "not in the trace cache is captured with the real model first (the llm extra).",
         epilog="Lists take commas or spaces: --policies static,adaptive. `python -m bench.report` turns "
                "bench/results/ into bench/REPORT.md.")
     bench_arguments(b)
@@ -92,11 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words[:2] == ["bench", "decode"]:  # the decode-speed benchmark: its own options (bench.decode)
-        if _import_suite() is None:
-            print(_BENCH_NEEDS_SOURCE, file=sys.stderr)
-            return EXIT_UNAVAILABLE
-        from bench.decode import main as decode
+    if words[:2] == ["bench", "decode"]:  # the decode-speed benchmark: its own options (kvtier.bench.decode)
+        from kvtier.bench.decode import main as decode
         return decode(words[2:])
     args = _parser().parse_args(argv)
     args._argv = argv
@@ -118,38 +115,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # -- bench --------------------------------------------------------------------------------------
 
-_BENCH_NEEDS_SOURCE = (
-    "kvtier bench: needs the kvtier source tree: its bench/ package (benchmark code, real-model "
-    "trace capture and cache) does not ship in the installed package. Run it from the repository "
-    "root (a checkout of kvtier), e.g. `cd kvtier && kvtier bench --quick --out DIR`")
-
-
-def _import_suite():
-    """bench.suite from the source tree, or None. The console script's sys.path holds its own
-    directory, not the working directory, so a checkout in the working directory is added."""
-    import importlib
-
-    for attempt in range(2):
-        try:
-            return importlib.import_module("bench.suite")
-        except ImportError as e:
-            # an ImportError from inside the suite (a missing dependency) is not a missing tree
-            if e.name not in ("bench", "bench.suite"):
-                raise
-            if attempt:
-                return None
-            here = os.getcwd()
-            if not os.path.isfile(os.path.join(here, "bench", "suite.py")) or here in sys.path:
-                return None
-            sys.path.insert(0, here)
-    return None
-
-
 def _bench(args) -> int:
-    suite = _import_suite()
-    if suite is None:
-        print(_BENCH_NEEDS_SOURCE, file=sys.stderr)
-        return EXIT_UNAVAILABLE
+    from kvtier.bench import suite  # loaded when it runs, like every subcommand's machinery
+
     settings, out = suite.settings_from_args(args)
     argv = sys.argv[1:] if args._argv is None else list(args._argv)
     started = _time.perf_counter()

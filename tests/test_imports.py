@@ -2,7 +2,9 @@
 
 Walks every module of kvtier/, adapters/ (installed as kvtier.adapters) and bench/, reads its
 imports with ast (module level and inside functions alike: a late import is still a
-dependency) and fails on any cycle, naming it.
+dependency; so is ``importlib.import_module("name")``) and fails on any cycle, naming it; and
+checks the layers: nothing in the installed package imports the source tree's bench/ scripts,
+and nothing but the command line imports the command line.
 """
 import ast
 import os
@@ -11,11 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREES = {"kvtier": "kvtier", "adapters": "kvtier.adapters", "bench": "bench"}
 
 
-def _modules() -> dict:
+def _modules(root: str = ROOT) -> dict:
     mods = {}
     for top, pkg in TREES.items():
-        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
-            rel = os.path.relpath(dirpath, os.path.join(ROOT, top))
+        for dirpath, _, files in os.walk(os.path.join(root, top)):
+            rel = os.path.relpath(dirpath, os.path.join(root, top))
             parts = [] if rel == "." else rel.split(os.sep)
             if "__pycache__" in parts:
                 continue
@@ -25,6 +27,16 @@ def _modules() -> dict:
                     mod = ".".join([pkg] + parts + ([] if name == "__init__" else [name]))
                     mods[mod] = os.path.join(dirpath, f)
     return mods
+
+
+def _is_import_module_call(node) -> bool:
+    """``importlib.import_module("a.b")`` or ``import_module("a.b")`` with a literal name."""
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)):
+        return False
+    f = node.func
+    return (isinstance(f, ast.Attribute) and f.attr == "import_module") or \
+        (isinstance(f, ast.Name) and f.id == "import_module")
 
 
 def _graph(mods: dict) -> dict:
@@ -45,6 +57,8 @@ def _graph(mods: dict) -> dict:
                     anchor = anchor[: len(anchor) - (node.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
                 names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+            elif _is_import_module_call(node):
+                names = [node.args[0].value]
             else:
                 continue
             for n in names:
@@ -82,18 +96,55 @@ def _cycle(graph: dict):
     return None
 
 
+def _all_cycles(graph: dict) -> list:
+    """One cycle per group of modules that import each other (a strongly connected component)."""
+    reach = {}
+    for n in graph:
+        seen, todo = set(), [n]
+        while todo:
+            for m in graph.get(todo.pop(), ()):
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        reach[n] = seen
+    groups = {frozenset(m for m in reach[n] if n in reach.get(m, ())) for n in graph if n in reach[n]}
+    return sorted(_cycle({n: graph[n] & g for n in g}) for g in groups)
+
+
 def test_the_walk_sees_the_known_edges():
     g = _graph(_modules())
     assert "kvtier._engine" in g["kvtier.store"]
-    assert "kvtier.benchargs" in g["kvtier.cli"] and "kvtier.benchargs" in g["bench.suite"]
+    assert "kvtier.benchargs" in g["kvtier.cli"] and "kvtier.benchargs" in g["kvtier.bench.suite"]
     assert "kvtier.store" in g["kvtier.adapters.torch.cache"] or "kvtier" in g["kvtier.adapters.torch.cache"]
 
 
 def test_a_cycle_is_found():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+    two = {"a": {"b"}, "b": {"a", "c"}, "c": {"d"}, "d": {"c"}, "e": {"a"}}
+    assert _all_cycles(two) == [["a", "b", "a"], ["c", "d", "c"]]
 
 
 def test_no_import_cycle():
-    cycle = _cycle(_graph(_modules()))
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+    cycles = _all_cycles(_graph(_modules()))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_layers_point_one_way():
+    g = _graph(_modules())
+    for mod, deps in g.items():
+        if mod.startswith("kvtier."):  # the installed package, adapters included
+            assert not {d for d in deps if d == "bench" or d.startswith("bench.")}, \
+                f"{mod} imports the source tree's bench/: {sorted(deps)}"
+        if mod != "kvtier.cli":
+            assert "kvtier.cli" not in deps, f"{mod} imports the command line"
+
+
+def test_a_late_import_by_name_is_an_edge(tmp_path):
+    """A function-level import and ``importlib.import_module("...")`` count like top-level ones."""
+    pkg = tmp_path / "kvtier"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from kvtier import b\n")
+    (pkg / "b.py").write_text("import importlib\ndef g():\n    return importlib.import_module('kvtier.a')\n")
+    assert _cycle(_graph(_modules(str(tmp_path)))) == ["kvtier.a", "kvtier.b", "kvtier.a"]

@@ -1,8 +1,8 @@
 """The end-to-end benchmark suite that ``kvtier bench`` runs: tier configurations on real traces.
 
 Four measurements, all through kvtier's public API on captured SmolLM2 traces (docs/design.md §8, W1, W2
-replayed as a KV cache by :func:`bench.kvreplay.replay`; W4 searched by
-:mod:`bench.w4_search`), written to one directory:
+replayed as a KV cache by :func:`kvtier.bench.kvreplay.replay`; W4 searched by
+:mod:`kvtier.bench.w4_search`), written to one directory:
 
 - **grid**: every tier configuration device profile x DRAM budget x policy x layout x cache
   policy at a 10% fetch budget: attention recall, reads and bytes per retrieve, mean
@@ -15,7 +15,7 @@ replayed as a KV cache by :func:`bench.kvreplay.replay`; W4 searched by
   absolute DRAM budget is the same), so the difference of the totals of two prefix replays is
   what the steps between them cost: per-span figures of one decoding run, not of separate runs.
 - **W4 search**: recall@10 against queries/s for kvtier, hnswlib and faiss IVF-flat on a small
-  W4 set, each method in its own process (bench.w4_search).
+  W4 set, each method in its own process (kvtier.bench.w4_search).
 
 Before them ``kvtier.calibrate`` measures read bandwidth against request size on the output
 directory's file system (the replays' stores live there too, so the real times are that
@@ -27,9 +27,10 @@ the replayed layers x KV heads x tokens, key + value + 16 bytes of id and bookke
 bench.cache counts them) or as sizes (``4MiB``). A configuration the engine refuses (a budget
 too small for what must stay resident) is a row with its error, not a failed run.
 
-Traces come from ``bench/.cache`` (bench.capture). A shorter trace is cut from a longer cached
-capture of the same prefill when there is one (attention is causal, so the prefix of a
-sequence's keys, values and queries is the shorter sequence's), else it is captured (minutes).
+Traces come from kvtier.bench.capture's trace cache (``bench/.cache`` in a checkout). A
+shorter trace is cut from a longer cached capture of the same prefill when there is one
+(attention is causal, so the prefix of a sequence's keys, values and queries is the shorter
+sequence's), else it is captured (minutes).
 
     python -m bench.suite --quick --out DIR        (the same as: kvtier bench --quick --out DIR)
 """
@@ -58,9 +59,8 @@ from kvtier.benchargs import json_default
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
 
-from bench.capture import Trace, load_trace, read_trace, resolve_cache_dir, trace_path
-from bench.flash import LAYOUTS
-from bench.kvreplay import replay
+from kvtier.bench.capture import Trace, load_trace, read_trace, resolve_cache_dir, trace_path
+from kvtier.bench.kvreplay import LAYOUTS, replay
 
 FORMAT = 1
 REPLAY_WORKLOADS = ("W1", "W2")
@@ -101,7 +101,7 @@ class Settings:
     w4_repeats: int = 3
     w4_methods: list = dataclasses.field(default_factory=lambda: ["exact", "hnswlib", "faiss-ivf", "kvtier"])
     w4_trace_decode: int = 2048                    # the W1 capture W4's vectors come from
-    cache_dir: Optional[str] = None                # trace cache (default bench/.cache)
+    cache_dir: Optional[str] = None                # trace cache (default: capture.DEFAULT_CACHE_DIR)
 
     @classmethod
     def preset(cls, quick: bool) -> "Settings":
@@ -353,7 +353,7 @@ def run_suite(settings: Settings, out, log: Callable[[str], None] = print, comma
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    from bench.w4_search import machine_info, versions
+    from kvtier.bench.w4_search import machine_info, versions
 
     report: dict[str, Any] = {
         "benchmark": "kvtier-bench", "format": FORMAT, "mode": "quick" if settings.quick else "full",
@@ -539,7 +539,7 @@ def _context(runner, trace, layers, w, ref, drams, cfg, add_fraction) -> list[di
 
 def _w4(settings: Settings, out: Path, log) -> dict:
     """bench.w4_search on a small W4 set; its own files go to ``out/w4``."""
-    from bench import w4_search
+    from kvtier.bench import w4_search
 
     s = settings
     argv = ["--out", str(out / "w4"), "--n-keys", str(s.w4_keys), "--n-queries", str(s.w4_queries),
@@ -564,7 +564,7 @@ def _w4(settings: Settings, out: Path, log) -> dict:
 
 def make_plots(report: dict, plot_dir, prefix: str = "bench_") -> list[str]:
     """Draws the suite's PNGs from a report (as run_suite returns it or bench.json holds it)."""
-    from bench import plots
+    from kvtier.bench import plots
 
     plot_dir = Path(plot_dir)
     rep = report.get("replays", {})
@@ -752,7 +752,7 @@ def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Optional[Seq
         if "error" in w4:
             L += [f"W4 search failed: {w4['error']}", ""]
         else:
-            from bench.w4_search import markdown_table
+            from kvtier.bench.w4_search import markdown_table
             L += [markdown_table(w4["results"], w4["parameters"]["data_bytes"]), ""]
     return "\n".join(L)
 

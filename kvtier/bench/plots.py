@@ -282,7 +282,7 @@ def hit_rate_vs_dram(rows: Sequence[dict], path, subtitle: str = "") -> str:
 # -- W4 search ----------------------------------------------------------------------------------
 
 def search_recall_vs_qps(results: Sequence[dict], path, subtitle: str = "") -> str:
-    """recall@10 against queries/s for each method of ``bench.w4_search`` (its ``results``)."""
+    """recall@10 against queries/s for each method of ``kvtier.bench.w4_search`` (its ``results``)."""
     fig, axes = _figure(1, 1, width=8.0, height=5.0)
     ax = axes[0][0]
     styles = {"exact": ("black", "*"), "hnswlib": ("tab:blue", "o"), "faiss-ivf": ("tab:orange", "s")}

@@ -29,6 +29,9 @@ import numpy as np
 
 import kvtier
 
+#: The store options of each flash layout the benchmarks compare (bench.flash, kvtier bench).
+LAYOUTS = {"token": {"layout": "token"}, "clustered": {"layout": "clustered"},
+           "colocated": {"layout": "colocated", "colocate_after": 32}}
 
 @dataclass
 class ReplayResult:

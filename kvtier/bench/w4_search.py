@@ -1,7 +1,7 @@
 """W4 search benchmark: kvtier against hnswlib, faiss IVF-flat and exact search.
 
 W4 (docs/design.md §8) is the post-RoPE keys of SmolLM2-135M pooled across layers and heads, with
-the model's own queries as inner-product queries (see :func:`bench.capture.w4_vectors`).
+the model's own queries as inner-product queries (see :func:`kvtier.bench.capture.w4_vectors`).
 Every method answers the same queries for the top 10 by inner product; recall@10 is
 measured against exact brute force (numpy).
 
@@ -397,7 +397,7 @@ def run_isolated(method: str, data_dir: str, cfg: dict) -> dict:
         # Refer to the worker through the importable module, not ``__main__``, so the
         # child resolves it the same way however this file was started.
         worker = getattr(importlib.import_module(__name__ if __name__ != "__main__"
-                                                 else "bench.w4_search"),
+                                                 else "kvtier.bench.w4_search"),
                          WORKERS[method].__name__)
         return pool.submit(worker, data_dir, cfg).result()
 
@@ -547,7 +547,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the W4 draws and index builds")
     p.add_argument("--trace-decode", type=int, default=2048,
                    help="decode length of the W1 trace the vectors come from (default 2048)")
-    p.add_argument("--cache-dir", default=None, help="trace cache (default bench/.cache)")
+    p.add_argument("--cache-dir", default=None,
+                   help="trace cache (default bench/.cache in a source checkout, else ~/.cache/kvtier/traces)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per point (median)")
@@ -580,7 +581,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.capture import resolve_cache_dir, w4_vectors
+    from kvtier.bench.capture import resolve_cache_dir, w4_vectors
 
     args = parse_args(argv)
     out = Path(args.out)
