@@ -37,6 +37,7 @@ import uuid
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
+from tabulate import tabulate
 
 from kvtier.config import PROFILE_FORMAT, PROFILE_FORMAT_VERSION, DeviceProfile, load_profile, parse_size  # noqa: F401 (load_profile re-exported)
 from kvtier.errors import InvalidArgumentError
@@ -105,14 +106,11 @@ class CalibrationResult:
     def table(self) -> str:
         """A text table: one row per request size, bandwidth and IOPS per queue depth."""
         qds = self.queue_depths
-        head = f"{'request':>9}" + "".join(f" {'qd' + str(q) + ' MB/s':>12} {'qd' + str(q) + ' IOPS':>11}" for q in qds)
-        lines = [head]
-        for s in self.sizes:
-            row = f"{_fmt_size(s):>9}"
-            for q in qds:
-                p = self.point(s, q)
-                row += f" {p.bandwidth_Bps / 1e6:12.1f} {p.iops:11.0f}"
-            lines.append(row)
+        head = ["request"] + [f"qd{q} {unit}" for q in qds for unit in ("MB/s", "IOPS")]
+        rows = [[_fmt_size(s)] + [v for q in qds for v in (self.point(s, q).bandwidth_Bps / 1e6, self.point(s, q).iops)]
+                for s in self.sizes]
+        lines = [tabulate(rows, head, tablefmt="plain", floatfmt=[""] + [".1f", ".0f"] * len(qds),
+                          colalign=["right"] * len(head))]
         pr = self.profile
         lines.append("")
         lines.append(f"profile {pr.name!r}: bandwidth {pr.bandwidth_Bps / 1e6:.1f} MB/s, "

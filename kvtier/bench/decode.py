@@ -30,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from kvtier.bench.tables import md_table
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -118,12 +120,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Command: `{meta['command']}`. Medians of {meta['runs']} interleaved rounds; "
              f"{meta['threads']} torch threads on a shared 2-core machine. "
              "Ratio: tok/s over DynamicCache's at the same context, medians of the same rounds.", "",
-             "| context | cache | tok/s | ratio | step ms | compute | store | I/O wait | modeled I/O | overlap "
-             "| KV held MiB | RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['context']} | {r['cache']} | {r['tok_s']:.2f} | {r['ratio']:.2f} | {r['step_ms']:.1f} "
-                     f"| {r['compute_ms']:.1f} | {r['store_ms']:.1f} | {r['io_wait_ms']:.2f} | {r['modeled_io_ms']:.2f} "
-                     f"| {r['overlap_ms']:.2f} | {mib(r['kv_bytes'])} | {mib(r['rss_bytes'])} |")
+             md_table(["context", "cache", "tok/s", "ratio", "step ms", "compute", "store", "I/O wait", "modeled I/O",
+                       "overlap", "KV held MiB", "RSS MiB"],
+                      [[r["context"], r["cache"], f"{r['tok_s']:.2f}", f"{r['ratio']:.2f}", f"{r['step_ms']:.1f}",
+                        f"{r['compute_ms']:.1f}", f"{r['store_ms']:.1f}", f"{r['io_wait_ms']:.2f}",
+                        f"{r['modeled_io_ms']:.2f}", f"{r['overlap_ms']:.2f}", mib(r["kv_bytes"]), mib(r["rss_bytes"])]
+                       for r in rows], "ll" + "r" * 10)]
     if meta["skipped"]:
         lines += ["", "Not run: " + "; ".join(meta["skipped"])]
     return "\n".join(lines) + "\n"

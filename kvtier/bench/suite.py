@@ -61,6 +61,7 @@ from kvtier.errors import InvalidArgumentError, KvtierError
 
 from kvtier.bench.capture import Trace, load_trace, read_trace, resolve_cache_dir, trace_path
 from kvtier.bench.kvreplay import LAYOUTS, replay
+from kvtier.bench.tables import md_table
 
 FORMAT = 1
 REPLAY_WORKLOADS = ("W1", "W2")
@@ -682,48 +683,39 @@ def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Optional[Seq
         L += ["## Tier configurations", "",
               "Modeled times are the device profile's (deterministic); real times are the wall time of `retrieve()` "
               "(scoring + reads, O_DIRECT where the file system allows) on this machine.", "",
-              "| workload | device | DRAM | policy | layout | cache | recall | reads/retrieve | entries/read "
-              "| KiB/retrieve | hit rate | modeled I/O ms/step | eff. BW (share of profile) | real ms/step "
-              "| DRAM peak / budget KiB |",
-              "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in grid:
-            head = f"| {r['workload']} | {r['device']} | {r['dram']} | {r['policy']} | {r['layout']} | {r['cache_policy']} |"
-            if r.get("error"):
-                L.append(head + f" refused: {r['error'][:140].replace('|', '/')} | | | | | | | | |")
-                continue
-            L.append(head + f" {r['recall']:.3f} | {r['read_ops_per_retrieve']:.2f} | {r['entries_per_read']:.1f} | "
-                     f"{r['read_bytes_per_retrieve'] / 1024:.1f} | {_fmt(r['hit_rate'], '.2f')} | "
-                     f"{r['modeled_io_ms_per_step']:.3f} | {r['effective_bw_Bps'] / 1e9:.2f} GB/s "
-                     f"({r['bw_share_of_profile']:.0%}) | {_fmt(r['real_retrieve_ms_per_step'], '.2f')} | "
-                     f"{r['dram_peak_bytes'] / 1024:.0f} / {r['dram_budget_bytes'] / 1024:.0f} |")
-        L.append("")
+              md_table(["workload", "device", "DRAM", "policy", "layout", "cache", "recall", "reads/retrieve",
+                        "entries/read", "KiB/retrieve", "hit rate", "modeled I/O ms/step",
+                        "eff. BW (share of profile)", "real ms/step", "DRAM peak / budget KiB"],
+                       [[r["workload"], r["device"], r["dram"], r["policy"], r["layout"], r["cache_policy"]]
+                        + (["refused: " + r["error"][:140].replace("|", "/")] if r.get("error") else
+                           [f"{r['recall']:.3f}", f"{r['read_ops_per_retrieve']:.2f}", f"{r['entries_per_read']:.1f}",
+                            f"{r['read_bytes_per_retrieve'] / 1024:.1f}", _fmt(r["hit_rate"], ".2f"),
+                            f"{r['modeled_io_ms_per_step']:.3f}",
+                            f"{r['effective_bw_Bps'] / 1e9:.2f} GB/s ({r['bw_share_of_profile']:.0%})",
+                            _fmt(r["real_retrieve_ms_per_step"], ".2f"),
+                            f"{r['dram_peak_bytes'] / 1024:.0f} / {r['dram_budget_bytes'] / 1024:.0f}"])
+                        for r in grid], "llrlll" + "r" * 9), ""]
     rec = report.get("replays", {}).get("recall_vs_budget", [])
     if rec:
         L += ["## Attention recall vs fetch budget", "",
               *img("bench_recall_vs_budget.png", "recall vs budget"),
-              "| workload | policy | budget | recall | token-level oracle | mean cluster size |",
-              "|---|---|---:|---:|---:|---:|"]
-        for r in rec:
-            if r.get("error"):
-                L.append(f"| {r['workload']} | {r['policy']} | {r['budget']:.0%} | refused: {r['error'][:100]} | | |")
-            else:
-                L.append(f"| {r['workload']} | {r['policy']} | {r['budget']:.0%} | {r['recall']:.3f} | "
-                         f"{r['oracle_recall']:.3f} | {r['mean_cluster_size']:.1f} |")
-        L.append("")
+              md_table(["workload", "policy", "budget", "recall", "token-level oracle", "mean cluster size"],
+                       [[r["workload"], r["policy"], f"{r['budget']:.0%}"]
+                        + (["refused: " + r["error"][:100]] if r.get("error") else
+                           [f"{r['recall']:.3f}", f"{r['oracle_recall']:.3f}", f"{r['mean_cluster_size']:.1f}"])
+                        for r in rec], "llrrrr"), ""]
     ctx = report.get("replays", {}).get("io_vs_context", [])
     if ctx:
         L += ["## I/O time per decoding step vs context length", "",
               *img("bench_io_vs_context.png", "I/O vs context"),
               "Each span's figures are the difference of two prefix replays of one decoding run.", "",
-              "| workload | policy | DRAM | context span (tokens) | modeled µs / step / layer | real µs / step / layer |",
-              "|---|---|---:|---|---:|---:|"]
-        for r in ctx:
-            if r.get("error"):
-                L.append(f"| {r['workload']} | {r['policy']} | {r['dram']} | refused: {r['error'][:100]} | | |")
-            else:
-                L.append(f"| {r['workload']} | {r['policy']} | {r['dram']} | {r['span'][0]}–{r['span'][1]} | "
-                         f"{r['modeled_us_per_step_layer']:.1f} | {_fmt(r['real_us_per_step_layer'], '.1f')} |")
-        L.append("")
+              md_table(["workload", "policy", "DRAM", "context span (tokens)", "modeled µs / step / layer",
+                        "real µs / step / layer"],
+                       [[r["workload"], r["policy"], r["dram"]]
+                        + (["refused: " + r["error"][:100]] if r.get("error") else
+                           [f"{r['span'][0]}–{r['span'][1]}", f"{r['modeled_us_per_step_layer']:.1f}",
+                            _fmt(r["real_us_per_step_layer"], ".1f")])
+                        for r in ctx], "llrlrr"), ""]
     if grid:
         L += ["## Hit rate vs DRAM budget; I/O by policy and layout", "",
               *img("bench_hit_rate_vs_dram.png", "hit rate vs DRAM"),
@@ -736,14 +728,13 @@ def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Optional[Seq
             L += [f"Calibration failed: {cal['error']}", ""]
         else:
             c = cal["calibration"]
-            L += ["| request | " + " | ".join(f"qd{q} MB/s (min–max)" for q in sorted({x['queue_depth'] for x in c['points']})) + " |",
-                  "|---:|" + "---:|" * len({x['queue_depth'] for x in c['points']})]
-            for size in sorted({x["size"] for x in c["points"]}):
-                cells = []
-                for q in sorted({x["queue_depth"] for x in c["points"]}):
-                    pt = next(x for x in c["points"] if x["size"] == size and x["queue_depth"] == q)
-                    cells.append(f"{pt['bandwidth_Bps'] / 1e6:.0f} ({min(pt['runs_Bps']) / 1e6:.0f}–{max(pt['runs_Bps']) / 1e6:.0f})")
-                L.append(f"| {size // 1024} KiB | " + " | ".join(cells) + " |")
+            qds = sorted({x["queue_depth"] for x in c["points"]})
+            pts = {(x["size"], x["queue_depth"]): x for x in c["points"]}
+            L.append(md_table(["request"] + [f"qd{q} MB/s (min–max)" for q in qds],
+                              [[f"{size // 1024} KiB"] + [f"{pt['bandwidth_Bps'] / 1e6:.0f} ({min(pt['runs_Bps']) / 1e6:.0f}"
+                                                          f"–{max(pt['runs_Bps']) / 1e6:.0f})"
+                                                          for pt in (pts[size, q] for q in qds)]
+                               for size in sorted({x["size"] for x in c["points"]})], "r" * (1 + len(qds))))
             L += ["", f"O_DIRECT: {'yes' if c['direct'] else 'no'}; file system {c['filesystem']}; medians of "
                       f"{c['runs']} runs of {c['duration_s']:g} s" + (f"; note: {c['note']}" if c.get("note") else ""), ""]
     w4 = report.get("w4_search")

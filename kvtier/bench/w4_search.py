@@ -50,6 +50,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from kvtier.bench.tables import md_table
+
 METHODS = ("exact", "hnswlib", "faiss-ivf", "kvtier")
 K = 10
 
@@ -471,11 +473,7 @@ def label(entry: dict) -> str:
 
 
 def markdown_table(results: list[dict], data_bytes: int) -> str:
-    rows = [
-        "| method | params | recall@10 | queries/s | build s | index/DRAM MiB | RSS Δ MiB "
-        "| reads/query | KiB read/query | modeled I/O µs/query | I/O floor µs/query |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for entry in results:
         dram = entry.get("dram_peak_bytes", entry.get("index_bytes"))
         for p in entry.get("points", []):
@@ -491,13 +489,13 @@ def markdown_table(results: list[dict], data_bytes: int) -> str:
                 f"{io['modeled_io_s'] * 1e6:.1f}" if io else "–",
                 f"{floor * 1e6:.1f}" if floor is not None else "–",
             ]
-            rows.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
         if "error" in entry:
-            rows.append(f"| {label(entry)} | – | error: {entry['error']} | | | | | | | | |")
-    rows.append("")
-    rows.append(f"Data: {data_bytes / 2**20:.1f} MiB of float32 keys. Index/DRAM: hnswlib and "
-                "faiss index size; kvtier engine-accounted DRAM peak; exact the key matrix.")
-    return "\n".join(rows)
+            rows.append([label(entry), "–", f"error: {entry['error']}"])
+    head = ["method", "params", "recall@10", "queries/s", "build s", "index/DRAM MiB", "RSS Δ MiB", "reads/query",
+            "KiB read/query", "modeled I/O µs/query", "I/O floor µs/query"]
+    return (md_table(head, rows, "ll" + "r" * 9) + f"\n\nData: {data_bytes / 2**20:.1f} MiB of float32 keys. "
+            "Index/DRAM: hnswlib and faiss index size; kvtier engine-accounted DRAM peak; exact the key matrix.")
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
