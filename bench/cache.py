@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
+from kvtier.bench.tables import md_table
 
 
 def main(argv=None):
@@ -50,12 +51,12 @@ def main(argv=None):
             rows.append(row)
             print(f"DRAM {frac:.0%} ({budget >> 10} KiB) {pol:7s} hit rate {row['hit_rate']:.3f} "
                   f"read {row['read_bytes_per_retrieve'] / 1024:.2f} KiB/retrieve recall {r.recall:.3f}", flush=True)
-    md = "| DRAM (share of KV) | policy | hit rate | KiB read / retrieve | lru / this (bytes) |\n|---:|---|---:|---:|---:|\n"
     lru = {r["dram_fraction"]: r["read_bytes_per_retrieve"] for r in rows if r["cache_policy"] == "lru"}
-    for r in rows:
-        ratio = lru[r["dram_fraction"]] / r["read_bytes_per_retrieve"] if r["read_bytes_per_retrieve"] else float("inf")
-        md += (f"| {r['dram_fraction']:.0%} | {r['cache_policy']} | {r['hit_rate']:.3f} | "
-               f"{r['read_bytes_per_retrieve'] / 1024:.2f} | {ratio:.2f} |\n")
+    md = md_table(["DRAM (share of KV)", "policy", "hit rate", "KiB read / retrieve", "lru / this (bytes)"],
+                  [[f"{r['dram_fraction']:.0%}", r["cache_policy"], f"{r['hit_rate']:.3f}",
+                    f"{r['read_bytes_per_retrieve'] / 1024:.2f}",
+                    f"{lru[r['dram_fraction']] / r['read_bytes_per_retrieve'] if r['read_bytes_per_retrieve'] else float('inf'):.2f}"]
+                   for r in rows], "rlrrr") + "\n"
     print()
     print(md)
     if a.out:

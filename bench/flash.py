@@ -39,6 +39,7 @@ import numpy as np
 import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import LAYOUTS, replay
+from kvtier.bench.tables import md_table
 
 
 def add_setting_args(ap):
@@ -118,19 +119,17 @@ def main(argv=None):
                       f"reads/retrieve={row['reads_per_retrieve']:.2f} bw={row['effective_bw_GBps']:.2f}GB/s "
                       f"modeled={row['modeled_io_ms_per_step']:.3f}ms/step real={row['real_read_ms_per_step']:.2f}ms/step "
                       f"moved={moved / 2**20:.1f}MiB naive={naive / 2**20:.1f}MiB [{r.wall_s:.0f}s]", flush=True)
-    md = ("| workload | policy | layout | recall | entries/read | reads/retrieve | KiB/retrieve | eff. BW GB/s "
-          "| share of profile BW | modeled I/O ms/step | real read ms/step | hit rate | moved MiB | naive MiB "
-          "| partial-page writes |\n"
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    for r in rows:
-        if r.get("fits") is False:
-            md += f"| {r['workload']} | {r['policy']} | {r['layout']} | does not fit in the DRAM budget |" + " |" * 12 + "\n"
-            continue
-        md += (f"| {r['workload']} | {r['policy']} | {r['layout']} | {r['recall']:.3f} | {r['entries_per_read']:.1f} | "
-               f"{r['reads_per_retrieve']:.2f} | {r['kib_per_retrieve']:.1f} | {r['effective_bw_GBps']:.2f} | "
-               f"{r['bw_share_of_profile']:.0%} | {r['modeled_io_ms_per_step']:.3f} | {r['real_read_ms_per_step']:.2f} | "
-               f"{r['cache_hit_rate']:.2f} | {r['moved_bytes'] / 2**20:.1f} | {r['naive_move_bytes'] / 2**20:.1f} | "
-               f"{r['partial_page_writes']} |\n")
+    md = md_table(["workload", "policy", "layout", "recall", "entries/read", "reads/retrieve", "KiB/retrieve",
+                   "eff. BW GB/s", "share of profile BW", "modeled I/O ms/step", "real read ms/step", "hit rate",
+                   "moved MiB", "naive MiB", "partial-page writes"],
+                  [[r["workload"], r["policy"], r["layout"]]
+                   + (["does not fit in the DRAM budget"] if r.get("fits") is False else
+                      [f"{r['recall']:.3f}", f"{r['entries_per_read']:.1f}", f"{r['reads_per_retrieve']:.2f}",
+                       f"{r['kib_per_retrieve']:.1f}", f"{r['effective_bw_GBps']:.2f}", f"{r['bw_share_of_profile']:.0%}",
+                       f"{r['modeled_io_ms_per_step']:.3f}", f"{r['real_read_ms_per_step']:.2f}",
+                       f"{r['cache_hit_rate']:.2f}", f"{r['moved_bytes'] / 2**20:.1f}",
+                       f"{r['naive_move_bytes'] / 2**20:.1f}", r["partial_page_writes"]])
+                   for r in rows], "lll" + "r" * 12) + "\n"
     by = {(r["workload"], r["policy"], r["layout"]): r for r in rows if r.get("fits", True)}
     notes = []
     for w in a.workloads.split(","):

@@ -39,6 +39,7 @@ import numpy as np
 
 import kvtier
 from kvtier.bench.capture import load_trace
+from kvtier.bench.tables import md_table
 
 SIZES = tuple(4096 << i for i in range(7))  # 4 KiB .. 256 KiB: where retrieval reads fall
 
@@ -163,13 +164,13 @@ def main(argv=None):
     batches = len(steps) * len(layers) * trace.n_kv_heads
     md = (f"Backend `{st0['io_backend']}`, O_DIRECT {st0['direct_io']}, {st0['read_ops']} reads per pass "
           f"({st0['read_ops'] / batches:.1f} per retrieve, {st0['mean_read_entries']:.1f} entries each); "
-          f"medians of {a.repeats} passes.\n\n"
-          "| request size bucket | reads | mean request KiB | retrieval MB/s | calibrate QD1 MB/s | calibrate QD32 MB/s | vs QD1 | vs QD32 |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    for r in rows:
-        md += (f"| >= {r['bucket_min_bytes'] >> 10} KiB | {r['reads']} | {r['mean_request'] / 1024:.1f} | "
-               f"{r['retrieval_Bps'] / 1e6:.0f} | {r['calibrated_qd1_Bps'] / 1e6:.0f} | {r['calibrated_qd32_Bps'] / 1e6:.0f} | "
-               f"{r['vs_qd1']:.2f} | {r['vs_qd32']:.2f} |\n")
+          f"medians of {a.repeats} passes.\n\n")
+    md += md_table(["request size bucket", "reads", "mean request KiB", "retrieval MB/s", "calibrate QD1 MB/s",
+                    "calibrate QD32 MB/s", "vs QD1", "vs QD32"],
+                   [[f">= {r['bucket_min_bytes'] >> 10} KiB", r["reads"], f"{r['mean_request'] / 1024:.1f}",
+                     f"{r['retrieval_Bps'] / 1e6:.0f}", f"{r['calibrated_qd1_Bps'] / 1e6:.0f}",
+                     f"{r['calibrated_qd32_Bps'] / 1e6:.0f}", f"{r['vs_qd1']:.2f}", f"{r['vs_qd32']:.2f}"]
+                    for r in rows], "r" * 8) + "\n"
     for be, ps in by_backend.items():
         md += (f"\n{be}: retrieval reads at {statistics.median(p[0]['read_bytes'] / max(p[0]['read_seconds'], 1e-12) for p in ps) / 1e6:.0f} MB/s "
                f"in their read calls (backend in force: {ps[0][0]['io_backend']}; median of {len(ps)})")

@@ -26,6 +26,7 @@ import numpy as np
 import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
+from kvtier.bench.tables import md_table
 
 POLICIES = ("none", "static", "local", "adaptive")
 
@@ -63,15 +64,12 @@ def run(workloads, budgets, policies, layers, prefill, decode, every, dram_budge
 
 
 def table(rows) -> str:
-    head = ("| workload | budget | policy | recall | oracle | clusters | mean size | mean variance | "
-            "reads/retrieve | entries/read | modeled I/O us/retrieve |\n"
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    body = "".join(
-        f"| {r['workload']} | {r['budget']:.0%} | {r['policy']} | {r['recall']:.3f} | {r['oracle_recall']:.3f} | "
-        f"{r['clusters']:.0f} | {r['mean_cluster_size']:.1f} | {r['mean_variance']:.2f} | "
-        f"{r['read_ops_per_retrieve']:.2f} | {r['mean_read_entries']:.1f} | {r['modeled_io_s_per_retrieve'] * 1e6:.1f} |\n"
-        for r in rows)
-    return head + body
+    return md_table(["workload", "budget", "policy", "recall", "oracle", "clusters", "mean size", "mean variance",
+                     "reads/retrieve", "entries/read", "modeled I/O us/retrieve"],
+                    [[r["workload"], f"{r['budget']:.0%}", r["policy"], f"{r['recall']:.3f}", f"{r['oracle_recall']:.3f}",
+                      f"{r['clusters']:.0f}", f"{r['mean_cluster_size']:.1f}", f"{r['mean_variance']:.2f}",
+                      f"{r['read_ops_per_retrieve']:.2f}", f"{r['mean_read_entries']:.1f}",
+                      f"{r['modeled_io_s_per_retrieve'] * 1e6:.1f}"] for r in rows], "lrl" + "r" * 8) + "\n"
 
 
 def ratios(rows) -> str:

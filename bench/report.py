@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from kvtier.bench.tables import md_table
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
@@ -224,12 +226,12 @@ def pipeline_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) 
     if data is None:
         return Section(title, f"python -m bench.pipeline --out {rr}", missing=True)
     rows = data.get("rows", {})
-    lines = ["| mode | step ms (median) | runs ms | modeled I/O ms/step | waited for I/O ms/step | prefetch hits / issued |",
-             "|---|---:|---|---:|---:|---:|"]
-    for mode, r in rows.items():
-        lines.append(f"| {mode} | {r['step_ms']:.2f} | {', '.join(f'{x:.2f}' for x in r.get('step_ms_all', []))} | "
-                     f"{r.get('modeled_io_ms_per_step', 0):.2f} | {r.get('io_wait_ms_per_step', 0):.2f} | "
-                     f"{r.get('prefetch_hits', 0)} / {r.get('prefetch_issued', 0)} |")
+    lines = [md_table(["mode", "step ms (median)", "runs ms", "modeled I/O ms/step", "waited for I/O ms/step",
+                       "prefetch hits / issued"],
+                      [[mode, f"{r['step_ms']:.2f}", ", ".join(f"{x:.2f}" for x in r.get("step_ms_all", [])),
+                        f"{r.get('modeled_io_ms_per_step', 0):.2f}", f"{r.get('io_wait_ms_per_step', 0):.2f}",
+                        f"{r.get('prefetch_hits', 0)} / {r.get('prefetch_issued', 0)}"] for mode, r in rows.items()],
+                      "lrlrrr")]
     if "ratio" in data:
         lines += ["", f"pipelined / max(compute, I/O) = {data['ratio']:.2f} (target <= 1.15); "
                       f"{data.get('matmuls_per_layer', '?')} matmuls per layer of synthetic compute"]
@@ -313,10 +315,9 @@ def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     lines = [f"Baseline `{Path(files[-1]).name}` ({data.get('datetime', '')[:16]}, commit "
              f"{(data.get('commit_info') or {}).get('id', '?')[:7]}, {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))}, "
              f"Python {mi.get('python_version', '?')}).", "",
-             "| benchmark | median µs | IQR µs | rounds |", "|---|---:|---:|---:|"]
-    for b in data.get("benchmarks", []):
-        st = b["stats"]
-        lines.append(f"| {b['name']} | {st['median'] * 1e6:.1f} | {st['iqr'] * 1e6:.1f} | {st['rounds']} |")
+             md_table(["benchmark", "median µs", "IQR µs", "rounds"],
+                      [[b["name"], f"{b['stats']['median'] * 1e6:.1f}", f"{b['stats']['iqr'] * 1e6:.1f}",
+                        b["stats"]["rounds"]] for b in data.get("benchmarks", [])], "lrrr")]
     return Section(title, cmd, "\n".join(lines))
 
 
@@ -326,10 +327,8 @@ SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, 
 
 def plots_table(rows: list, keys: tuple) -> str:
     """A plain Markdown table of the given keys (numbers to 3 decimals)."""
-    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
-    body = ["| " + " | ".join(f"{r.get(k):.3f}" if isinstance(r.get(k), float) else str(r.get(k, "–"))
-                              for k in keys) + " |" for r in rows]
-    return "\n".join([head] + body)
+    return md_table(keys, [[f"{r.get(k):.3f}" if isinstance(r.get(k), float) else str(r.get(k, "–")) for k in keys]
+                           for r in rows], "l" * len(keys))
 
 
 # -- the report -------------------------------------------------------------------------------

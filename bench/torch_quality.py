@@ -54,6 +54,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from kvtier.bench.tables import md_table
+
 METHODS = ("sink+window", "none", "static", "local", "adaptive")
 
 
@@ -292,7 +294,7 @@ def markdown(rows: list[dict]) -> str:
     cols = ["workload", "method", "prefetch", "ΔNLL (nats/token)", "top-1 vs full", "fetched/retrieve",
             "DRAM peak MiB: adapter + engine (full cache)", "tok/s", "reads/step", "entries/read",
             "modeled I/O ms/step"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = []
     for r in rows:
         cells = [r["workload"], r["method"], _pf(r)]
         if r["status"] != "ok":
@@ -307,8 +309,8 @@ def markdown(rows: list[dict]) -> str:
                       f"({_mib(r['full_cache_bytes'])})",
                       f"{r['tokens_per_s']:.1f}", f"{r['read_ops_per_step']:.1f}",
                       f"{r['mean_read_entries']:.1f}", f"{r['modeled_io_ms_per_step']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return md_table(cols, lines, "l" * len(cols))
 
 
 def pipelining_markdown(rows: list[dict]) -> str:
@@ -320,18 +322,18 @@ def pipelining_markdown(rows: list[dict]) -> str:
            {(r["workload"], r["method"]) for r in rows if r.get("prefetch") is False}
     if not both:
         return ""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = []
     for r in rows:
         if (r["workload"], r["method"]) not in both or r["status"] != "ok":
             continue
         runs = ", ".join(f"{x:.1f}" for x in r.get("tokens_per_s_runs", [r["tokens_per_s"]]))
-        lines.append("| " + " | ".join([
+        lines.append([
             r["workload"], r["method"], _pf(r), f"{r['tokens_per_s']:.2f} ({runs})",
             f"{r['store_ms_per_step']:.2f} ({r.get('prefetch_ms_per_step', 0.0):.2f})",
             f"{r.get('io_wait_ms_per_step', 0.0):.2f}", f"{r['modeled_io_ms_per_step']:.2f}",
             f"{r['read_bytes_per_step'] / 1024:.0f} ({r.get('prefetch_read_bytes_per_step', 0) / 1024:.0f})",
-            f"{r['read_ops_per_step']:.1f}", f"{r.get('prefetch_hits', 0)} / {r.get('prefetch_issued', 0)}"]) + " |")
-    return "\n".join(lines)
+            f"{r['read_ops_per_step']:.1f}", f"{r.get('prefetch_hits', 0)} / {r.get('prefetch_issued', 0)}"])
+    return md_table(cols, lines, "l" * len(cols))
 
 
 def estimate_markdown(rows: list[dict]) -> str:
@@ -339,18 +341,18 @@ def estimate_markdown(rows: list[dict]) -> str:
     cols = ["workload", "policy", "budget", "estimate", "ΔNLL (nats/token)", "top-1 vs full",
             "attn rel. L2 (mean over layers)", "fetched/retrieve", "estimated entries/retrieve",
             "summary bytes/cluster", "summary bytes/entry", "engine DRAM peak / budget MiB"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = []
     ok = [r for r in rows if r["status"] == "ok" and r["method"] != "full"]
     for r in sorted(ok, key=lambda r: (r["workload"], r["method"], r["budget"], str(r.get("estimate")))):
         err = f"{r['attn_rel_l2']:.4f}" if "attn_rel_l2" in r else "—"
         per_c = f"{r['summary_bytes_per_cluster']}" if "summary_bytes_per_cluster" in r else "—"
         per_e = f"{r['summary_bytes_per_entry']:.1f}" if "summary_bytes_per_entry" in r else "—"
-        lines.append("| " + " | ".join([
+        lines.append([
             r["workload"], r["method"], f"{100 * r['budget']:g}%", r.get("estimate", "off"),
             f"{r['delta_nll']:+.4f} ± {r['delta_nll_se']:.4f}", f"{100 * r['top1']:.1f}%", err,
             f"{r['fetched_per_step']:.1f}", f"{r.get('estimated_per_step', 0.0):.1f}", per_c, per_e,
-            f"{_mib(r['engine_dram_peak_bytes'])} / {r['engine_dram_budget'] / 2**20:.0f}"]) + " |")
-    return "\n".join(lines)
+            f"{_mib(r['engine_dram_peak_bytes'])} / {r['engine_dram_budget'] / 2**20:.0f}"])
+    return md_table(cols, lines, "l" * len(cols))
 
 
 def estimate_targets(rows: list[dict]) -> list[str]:

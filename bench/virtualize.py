@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
+from kvtier.bench.tables import md_table
 
 
 MODES = {"resident": (False, True), "virtualized": (True, True), "virtualized-index": (True, False)}
@@ -103,21 +104,19 @@ def main(argv=None):
             else:
                 print(f"{kib:6d} KiB {mode:17s} does not fit ({row['error']})", flush=True)
     sv = saving(rows)
-    md = ("| DRAM budget | mode | DRAM peak MiB | modeled I/O ms/step | KiB read/step (swap) | swap KiB written/step | recall |\n"
-          "|---:|---|---:|---:|---:|---:|---:|\n")
-    for r in rows:
-        mode = r["mode"]
-        if not r["fits"]:
-            md += f"| {r['dram_budget'] >> 10} KiB | {mode} | does not fit | | | | |\n"
-            continue
-        md += (f"| {r['dram_budget'] >> 10} KiB | {mode} | {r['dram_peak_bytes'] / 2**20:.2f} | {r['modeled_io_ms_per_step']:.3f} | "
-               f"{r['read_bytes_per_step'] / 1024:.1f} ({r['read_bytes_by_cause_per_step']['swap'] / 1024:.1f}) | "
-               f"{r['swap_write_bytes_per_step'] / 1024:.1f} | {r['recall']:.3f} |\n")
-    md += "\n| mode | budget | its peak MiB | I/O ms/step | resident peak MiB for no more I/O | saving |\n|---|---:|---:|---:|---:|---:|\n"
-    for s in sv:
-        rp = f"{s['resident_peak_for_same_io'] / 2**20:.2f}" if s["resident_peak_for_same_io"] else "none in the sweep"
-        sav = f"{s['saving']:.2f}x" if s["saving"] else "-"
-        md += f"| {s['mode']} | {s['virtualized_budget'] >> 10} KiB | {s['virtualized_peak'] / 2**20:.2f} | {s['io_ms_per_step']:.3f} | {rp} | {sav} |\n"
+    md = md_table(["DRAM budget", "mode", "DRAM peak MiB", "modeled I/O ms/step", "KiB read/step (swap)",
+                   "swap KiB written/step", "recall"],
+                  [[f"{r['dram_budget'] >> 10} KiB", r["mode"]]
+                   + ([f"{r['dram_peak_bytes'] / 2**20:.2f}", f"{r['modeled_io_ms_per_step']:.3f}",
+                       f"{r['read_bytes_per_step'] / 1024:.1f} ({r['read_bytes_by_cause_per_step']['swap'] / 1024:.1f})",
+                       f"{r['swap_write_bytes_per_step'] / 1024:.1f}", f"{r['recall']:.3f}"] if r["fits"] else ["does not fit"])
+                   for r in rows], "rlrrrrr")
+    md += "\n\n" + md_table(
+        ["mode", "budget", "its peak MiB", "I/O ms/step", "resident peak MiB for no more I/O", "saving"],
+        [[s["mode"], f"{s['virtualized_budget'] >> 10} KiB", f"{s['virtualized_peak'] / 2**20:.2f}",
+          f"{s['io_ms_per_step']:.3f}",
+          f"{s['resident_peak_for_same_io'] / 2**20:.2f}" if s["resident_peak_for_same_io"] else "none in the sweep",
+          f"{s['saving']:.2f}x" if s["saving"] else "-"] for s in sv], "lrrrrr") + "\n"
     print()
     print(md)
     if a.out:

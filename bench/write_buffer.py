@@ -33,6 +33,7 @@ import kvtier
 from kvtier.bench.capture import load_trace
 from bench.flash import add_setting_args
 from kvtier.bench.kvreplay import replay
+from kvtier.bench.tables import md_table
 
 
 def main(argv=None):
@@ -73,14 +74,12 @@ def main(argv=None):
               f"({row['partial_per_1k_appends']:.0f}/1k appends) evictions={row['write_buffer_evictions']} "
               f"write_ops={row['write_ops']} modeled={row['modeled_io_ms_per_step']:.3f}ms/step "
               f"hit={row['cache_hit_rate']:.3f} recall={row['recall']:.3f} [{r.wall_s:.0f}s]", flush=True)
-    md = ("| write buffer | partial-page writes | per 1k appends | tail evictions | buffered at end | write ops "
-          "| MiB written | modeled I/O ms/step | hit rate | recall |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    for r in rows:
-        md += (f"| {r['write_buffer'] // 1024} KiB | {r['partial_page_writes']} | {r['partial_per_1k_appends']:.0f} | "
-               f"{r['write_buffer_evictions']} | {r['buffered_at_end']} | {r['write_ops']} | "
-               f"{r['write_bytes'] / 2**20:.1f} | {r['modeled_io_ms_per_step']:.3f} | {r['cache_hit_rate']:.3f} | "
-               f"{r['recall']:.3f} |\n")
+    md = md_table(["write buffer", "partial-page writes", "per 1k appends", "tail evictions", "buffered at end",
+                   "write ops", "MiB written", "modeled I/O ms/step", "hit rate", "recall"],
+                  [[f"{r['write_buffer'] // 1024} KiB", r["partial_page_writes"], f"{r['partial_per_1k_appends']:.0f}",
+                    r["write_buffer_evictions"], r["buffered_at_end"], r["write_ops"], f"{r['write_bytes'] / 2**20:.1f}",
+                    f"{r['modeled_io_ms_per_step']:.3f}", f"{r['cache_hit_rate']:.3f}", f"{r['recall']:.3f}"]
+                   for r in rows], "r" * 10) + "\n"
     off = next((r for r in rows if r["write_buffer"] == 0), None)
     if off and off["partial_page_writes"]:
         md += "\n" + "\n".join(
