@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 CHECKOUT=$(pwd -P)
 VPY=$CHECKOUT/.venv/bin/python
 TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+[ -e build ] && KEEP_BUILD=1 || KEEP_BUILD=0  # the wheel build's scratch: removed unless it was there
+trap 'rm -rf "$TMP"; [ "$KEEP_BUILD" = 1 ] || rm -rf "$CHECKOUT/build"' EXIT
 
 "$VPY" -m pip wheel -q --no-deps -w "$TMP/dist" . >/dev/null  # build requirements as bootstrap gets them
 "$VPY" -m venv --without-pip "$TMP/venv"
