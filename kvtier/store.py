@@ -572,17 +572,15 @@ class Store:
             raise InvalidArgumentError(f"requests: an iterable of (collection, query_group, budget) expected, got {requests!r}") from None
         if not reqs:
             raise InvalidArgumentError("requests: at least one (collection, query_group, budget) expected")
-        colls, qs, budgets = [], [], []
         for r in reqs:
-            if not (isinstance(r, tuple) and len(r) == 3 and isinstance(r[0], Collection) and r[0]._store is self):
+            if not (isinstance(r, tuple) and len(r) == 3):
                 raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {r!r}")
-            colls.append(r[0])
+        colls = self._group([r[0] for r in reqs], "retrieve_many", arg="requests")
+        qs = []
         c0 = colls[0]
         for c in colls:
             if (c.dim, c._h.value_dim, c._h.dtype) != (c0.dim, c0._h.value_dim, c0._h.dtype):
                 raise InvalidArgumentError(f"requests: collections of one dim, value_dim and dtype expected; {c.name!r} differs from {c0.name!r}")
-        if len({id(c) for c in colls}) != len(colls):
-            raise InvalidArgumentError("requests: each collection at most once")
         for c, (_, qg, _) in zip(colls, reqs):
             q, _ = _as_matrix("query_group", qg, c0.dim, np.float32)
             if qs and q.shape[0] != qs[0].shape[0]:
@@ -608,18 +606,18 @@ class Store:
                                         out.values, out.clusters, out.counts)
         return out
 
-    def _group(self, collections, what: str) -> list:
+    def _group(self, collections, what: str, arg: str = "collections") -> list:
         if isinstance(collections, Collection):
             collections = [collections]
         try:
             group = list(collections)
         except TypeError:
-            raise InvalidArgumentError(f"collections: an iterable of collections of this store expected, got {collections!r}") from None
+            raise InvalidArgumentError(f"{arg}: an iterable of collections of this store expected, got {collections!r}") from None
         for c in group:
             if not isinstance(c, Collection) or c._store is not self:
-                raise InvalidArgumentError(f"collections: collections of this store expected in {what}, got {c!r}")
+                raise InvalidArgumentError(f"{arg}: collections of this store expected in {what}, got {c!r}")
         if len({id(c) for c in group}) != len(group):
-            raise InvalidArgumentError(f"collections: each collection at most once in {what}")
+            raise InvalidArgumentError(f"{arg}: each collection at most once in {what}")
         return group
 
     def park(self, collections, keep_cache: bool = True) -> None:
