@@ -17,7 +17,7 @@ import numpy as np
 from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
 from kvtier.config import DTYPES, LAYOUTS, METRICS, POLICIES, DeviceProfile, parse_size, resolve_device
-from kvtier.errors import InvalidArgumentError, NotFoundError, StoreClosedError
+from kvtier.errors import BudgetError, InvalidArgumentError, NotFoundError, StoreClosedError
 
 DEFAULT_POLICY = "adaptive"
 
@@ -182,7 +182,10 @@ class Collection:
                 raise InvalidArgumentError(
                     f"values: one row per key expected ({k.shape[0]}), got {v.shape[0]}")
         with self._store._gate:
-            first = self._h.add(k, v)
+            try:
+                first = self._h.add(k, v)
+            except BudgetError as e:
+                raise self._store._budget_error(e, self, k.shape[0]) from None
         return np.arange(first, first + k.shape[0], dtype=np.int64)
 
     def search(self, queries, k: int = 10, nprobe: Optional[int] = None) -> SearchHits:
@@ -197,7 +200,10 @@ class Collection:
             if nprobe == 0:
                 nclusters = self._h.stats()["clusters"]
                 nprobe = default_nprobe(nclusters)
-            ids, scores = self._h.search(q, k, nprobe)
+            try:
+                ids, scores = self._h.search(q, k, nprobe)
+            except BudgetError as e:
+                raise self._store._budget_error(e, self, 0) from None
         return SearchHits(ids[0], scores[0]) if one else SearchHits(ids, scores)
 
     def _entries(self, budget) -> int:
@@ -233,7 +239,10 @@ class Collection:
             if scale is not None or variance:
                 raise InvalidArgumentError("scale, variance: only meaningful with estimate=")
             with self._store._gate:
-                ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
+                try:
+                    ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
+                except BudgetError as e:
+                    raise self._store._budget_error(e, self, 0) from None
             return Retrieved(ids, keys, values, clusters)
         if estimate is True or estimate is None:
             m = -1
@@ -255,8 +264,11 @@ class Collection:
             raise InvalidArgumentError(
                 f"estimate: collection {self.name!r} keeps no value sums (create it with value_sums=True)")
         with self._store._gate:
-            ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(
-                q, self._entries(budget), m, s, int(bool(variance)))
+            try:
+                ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(
+                    q, self._entries(budget), m, s, int(bool(variance)))
+            except BudgetError as e:
+                raise self._store._budget_error(e, self, 0) from None
         return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent)
 
     def prefetch(self, query_group, budget: Union[int, float] = 0.1) -> int:
@@ -537,6 +549,29 @@ class Store:
             self._engine.close()
             self._catalog.close()
             self._lock.release()
+
+    def _budget_error(self, e: BudgetError, coll: "Collection", adding: int) -> BudgetError:
+        """The engine's BudgetError, with the minimum budget the store's collections need
+        (kvtier.estimate at their sizes, ``coll`` counting the ``adding`` entries)."""
+        from kvtier.budget import PARAMS, estimate
+        index, buffers = 0, 0
+        try:
+            for c in list(self._colls.values()):
+                p = {k: v for k, v in c.params.items() if k in PARAMS}
+                n = int(c._h.count()) + (adding if c is coll else 0)
+                est = estimate(n, c.dim, c.value_dim, c.dtype.name, c.policy, write_buffer=0, **p)
+                index += est.index
+                buffers = max(buffers, est.buffers)
+        except Exception:  # the hint must not hide the error itself
+            return e
+        need = index + buffers
+        hint = (f" The minimum for this store's collections is {need:,} bytes (kvtier.estimate: index "
+                f"{index:,} + buffers {buffers:,}); the dram_budget is {self._engine.stats()['dram_budget']:,}.")
+        if need <= self._engine.stats()["dram_budget"]:
+            hint += " The index fits: lower write_buffer or pending_budget, add in smaller batches, or raise dram_budget."
+        else:
+            hint += " Raise dram_budget, or use larger clusters (init_cluster_size, max_cluster_size)."
+        return type(e)(str(e) + hint, e.code)
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict:

@@ -4,13 +4,15 @@
  * Invariants:
  * 1. used <= budget at every return, and peak is the largest value used has had.
  * 2. used counts every reservation not yet released, including the bytes of every cached
- *    entry (cap * esz + the entry header).
+ *    entry (cap * esz + the entry header); use[u] counts those made for use u, so the uses
+ *    sum to used and use[KVT_USE_CACHE] == cache_bytes.
  * 3. A pinned entry is never evicted; an evicted entry's owner is told through on_evict
  *    before the entry is freed.
  * 4. The LRU list order is kept under every policy (most recent first); LFU and the
  *    cluster-aligned policy choose their victim among the KVT_VICTIM_CANDIDATES least
  *    recently used unpinned entries, so an eviction costs O(1) whatever the cache holds.
  */
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "common.h"
@@ -43,7 +45,7 @@ void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, uint
 static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
     unlink_ent(e);
     uint64_t b = ent_bytes(e);
-    c->used -= b;
+    kvt_mem_release_as(c, KVT_USE_CACHE, b);
     c->cache_bytes -= b;
     c->cached--;
     free(e->rec);
@@ -92,7 +94,16 @@ static kvt_cache_ent *victim(kvt_cache *c) {
     return best ? best : oldest; /* only protected candidates: the oldest of them */
 }
 
-int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) {
+static const char *const use_names[KVT_USES] = {"index", "cache", "pending", "buffers"};
+
+static void note_peaks(kvt_cache *c, int use) {
+    if (c->used > c->peak) c->peak = c->used;
+    if (c->use[use] > c->use_peak[use]) c->use_peak[use] = c->use[use];
+    uint64_t fixed = c->used - c->use[KVT_USE_CACHE];
+    if (fixed > c->fixed_peak) c->fixed_peak = fixed;
+}
+
+int kvt_mem_reserve_as(kvt_cache *c, int use, uint64_t bytes) {
     while (c->used + bytes > c->budget) {
         kvt_cache_ent *e = victim(c);
         if (!e) break;
@@ -100,27 +111,44 @@ int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) {
         free_ent(c, e);
         c->evictions++;
     }
-    if (c->used + bytes > c->budget)
-        return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes (%llu in use that cannot be evicted)",
-                        (unsigned long long)c->budget, (unsigned long long)bytes,
-                        (unsigned long long)c->used);
+    if (c->used + bytes > c->budget) {
+        char what[256];
+        size_t at = 0;
+        for (int u = 0; u < KVT_USES; u++)
+            at += (size_t)snprintf(what + at, sizeof what - at, "%s%s %llu", u ? ", " : "", use_names[u],
+                                   (unsigned long long)c->use[u]);
+        return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes of %s (in use: %s; "
+                        "the cached clusters left are pinned by this operation). Raise dram_budget "
+                        "(kvtier.estimate tells the minimum), or lower write_buffer, pending_budget or the add batch.",
+                        (unsigned long long)c->budget, (unsigned long long)bytes, use_names[use], what);
+    }
     c->used += bytes;
-    if (c->used > c->peak) c->peak = c->used;
+    c->use[use] += bytes;
+    note_peaks(c, use);
     return 0;
 }
 
-void kvt_mem_release(kvt_cache *c, uint64_t bytes) { c->used -= bytes; }
+void kvt_mem_release_as(kvt_cache *c, int use, uint64_t bytes) {
+    c->used -= bytes;
+    c->use[use] -= bytes;
+}
+
+void kvt_mem_reset_peaks(kvt_cache *c) {
+    c->peak = c->used;
+    memcpy(c->use_peak, c->use, sizeof c->use);
+    c->fixed_peak = c->used - c->use[KVT_USE_CACHE];
+}
 
 kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint32_t n, size_t esz) {
     uint64_t need = sizeof(kvt_cache_ent) + (uint64_t)n * esz;
     if (need > c->budget / 2) return NULL; /* one cluster may not flush the whole cache */
-    if (kvt_mem_reserve(c, need)) return NULL;
+    if (kvt_mem_reserve_as(c, KVT_USE_CACHE, need)) return NULL;
     kvt_cache_ent *e = calloc(1, sizeof *e);
     uint8_t *rec = n ? malloc((size_t)n * esz) : NULL;
     if (!e || (n && !rec)) {
         free(e);
         free(rec);
-        kvt_mem_release(c, need);
+        kvt_mem_release_as(c, KVT_USE_CACHE, need);
         return NULL;
     }
     e->owner = owner;
@@ -143,12 +171,12 @@ int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
     while (cap < e->n + extra) cap *= 2;
     uint64_t more = (uint64_t)(cap - e->cap) * e->esz;
     e->pins++;
-    int rc = kvt_mem_reserve(c, more);
+    int rc = kvt_mem_reserve_as(c, KVT_USE_CACHE, more);
     e->pins--;
     if (rc) return rc;
     uint8_t *rec = realloc(e->rec, (size_t)cap * e->esz);
     if (!rec) {
-        kvt_mem_release(c, more);
+        kvt_mem_release_as(c, KVT_USE_CACHE, more);
         return kvt_fail(KVT_EBUDGET, "cache: cannot grow a cached cluster to %u records", cap);
     }
     e->rec = rec;
@@ -178,4 +206,11 @@ void kvt_cache_drop_owner(kvt_cache *c, void *owner) {
         if (e->owner == owner) free_ent(c, e);
         e = next;
     }
+}
+
+uint64_t kvt_grow_step(uint64_t cap, uint64_t need) {
+    /* a first allocation is exact: most clusters keep one segment all their life */
+    uint64_t nc = cap ? cap : need;
+    while (nc < need) nc += (nc > (1u << 17) ? nc / 4 : nc / 2) + 1;
+    return nc;
 }

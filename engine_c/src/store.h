@@ -112,7 +112,8 @@ struct kvt_coll {
     uint32_t nco, retrieves;
     kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
     uint32_t inflight;          /* prefetch jobs queued or running */
-    uint64_t acct;              /* budget bytes reserved for the structures above */
+    uint64_t acct;              /* budget bytes reserved for the structures above (KVT_USE_INDEX) */
+    uint64_t acct_pend;         /* ... for pending buffers (KVT_USE_PENDING) */
     /* parked: cl, cent, cnorm, m2d, vsum, loc, keys, cofreq and cached clusters live only in the
      * swap image [swap_off, swap_off + swap_len); ncl, n and the pool table stay */
     int parked;

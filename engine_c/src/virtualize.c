@@ -216,7 +216,7 @@ static void drop_resident(kvt_coll *c) {
     for (uint32_t j = 0; j < c->clcap; j++) {
         kvt_cluster *k = &c->cl[j];
         if (k->segs) kvt_free_array(c, k->segs, k->segcap, sizeof(kvt_seg));
-        if (k->pbuf) kvt_free_array(c, k->pbuf, k->pcap, c->L.esz);
+        if (k->pbuf) kvt_free_as(c, KVT_USE_PENDING, k->pbuf, k->pcap, c->L.esz);
         if (k->mem) kvt_free_array(c, k->mem, k->memcap, sizeof *k->mem);
     }
     kvt_free_array(c, c->cl, c->clcap, sizeof *c->cl);
