@@ -75,6 +75,7 @@ cdef extern from "kvtier.h" nogil:
         uint64_t dram_index_peak, dram_cache_peak, dram_pending_peak, dram_buffer_peak, dram_fixed_peak
     int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out)
     int kvt_store_reset_io_stats(kvt_store *store)
+    int kvt_store_step(kvt_store *store)
     const char *kvt_store_io_backend(kvt_store *store)
 
     int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params, kvt_coll **out)

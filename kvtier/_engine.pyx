@@ -188,6 +188,13 @@ cdef class Engine:
         with nogil:
             kvt_store_reset_io_stats(p)
 
+    def step(self):
+        cdef kvt_store *p = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_store_step(p)
+        check(rc)
+
     def inject_fault(self, str op, uint64_t nth, int code):
         check(kvt_store_inject_fault(self.live(), ord(op), nth, code))
 

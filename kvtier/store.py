@@ -683,6 +683,15 @@ class Store:
         with self._gate:
             self._engine.reset_io_stats()
 
+    def step(self) -> None:
+        """Marks the end of a decoding step (every layer of the model has run once).
+
+        The ``cluster`` cache policy measures how long a cluster stays hot in steps: a
+        cluster that layer l used or updated keeps its place until layer l runs again, however
+        many other layers read in between. Adapters call it once per generated token."""
+        with self._gate:
+            self._engine.step()
+
     def _inject_fault(self, op: str, nth: int, code: int) -> None:
         """Test hook: the nth next I/O of kind op ('r', 'w', 's') fails with code."""
         with self._gate:
@@ -698,8 +707,11 @@ def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", m
     nvme), a :class:`DeviceProfile` or the path of a saved profile; ``direct_io`` True, False
     or "auto"; ``merge_gap`` (bytes) reads neighbouring extents of one retrieve as one request
     when the gap between them is at most this (default: the device's knee, else 4 KiB);
-    ``cache_policy`` which cached clusters make room: ``cluster`` (default: recently updated
-    clusters keep a reserved share, then small clusters are preferred), ``lru`` or ``lfu``;
+    ``cache_policy`` which cached clusters make room: ``cluster`` (default: clusters updated in
+    the last few decoding steps keep a reserved share; then clusters their collection's latest
+    retrieve did not read leave first; then the coolest, the most recently read first, which
+    under decoding's layer cycle is the one needed last; mark steps with :meth:`Store.step`),
+    ``lru`` or ``lfu``;
     ``write_buffer`` (bytes, default a thirty-second of the budget, 0 to turn off) is the DRAM
     shared by the collections' page-aligned write buffers: the clusters appended to most
     recently keep their newest entries in DRAM until a whole 4 KiB flash page can be written,

@@ -79,9 +79,10 @@ typedef struct kvt_store_opts {
      * (the gap is read and dropped). 0 merges only touching extents. A good value is the
      * device's knee, bandwidth / IOPS: reading the gap then costs less than another request. */
     uint64_t merge_gap;
-    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (docs/design.md §2.3: recently
-     * updated clusters keep a reserved share of the budget; among the rest the one with the
-     * largest idle time x size goes first, so small clusters stay). */
+    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (docs/design.md §2.3:
+     * clusters updated in the last few decoding steps keep a reserved share; then clusters
+     * not read at their collection's latest retrieve leave first, least recently used first;
+     * then the coolest, as counted in the collection's retrieves, the one read last first). */
     int cache_policy;
     /* Page-aligned write buffers (docs/design.md §2.2): bytes of DRAM, shared equally by the open
      * collections, in which the clusters appended to most recently gather their newest
@@ -189,6 +190,11 @@ typedef struct kvt_store_stats {
 } kvt_store_stats;
 int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out);
 int kvt_store_reset_io_stats(kvt_store *store);
+/* Marks the end of a decoding step (every layer has been through once): the cluster-aligned
+ * cache policy measures its horizons in steps, so that a cluster used or updated by layer l
+ * keeps its standing until layer l's turn in the next step, however many layers run in
+ * between. Callers that never mark steps get one step per call that reads clusters. */
+int kvt_store_step(kvt_store *store);
 /* The read backend in force for the store's files: "io_uring" (built with liburing, not turned
  * off by KVTIER_IO_URING=0, and granted a ring by the kernel when the store was opened) or
  * "pread". A static string. */

@@ -28,10 +28,25 @@
 
 #include "coll.h"
 
-static void on_evict(void *owner, uint32_t cluster) {
+static void on_evict(void *owner, const kvt_cache_ent *e) {
     kvt_coll *c = owner;
-    c->cl[cluster].ent = NULL;
+    kvt_cluster *k = &c->cl[e->cluster];
+    k->ent = NULL;
+    k->heat = e->heat; /* remembered, so that a cluster read again comes back as hot as it was */
+    k->heat_visit = (uint32_t)e->use_visit;
 }
+
+static int history(void *owner, uint32_t cluster, float *heat, uint64_t *visit) {
+    kvt_coll *c = owner;
+    kvt_cluster *k = &c->cl[cluster];
+    if (k->heat <= 0) return 0;
+    *heat = k->heat;
+    /* the read count as of now, less the reads since (32 bits of them are kept) */
+    *visit = c->cache_state.visits - (uint32_t)((uint32_t)c->cache_state.visits - k->heat_visit);
+    return 1;
+}
+
+static kvt_cache_owner *owner_state(void *owner) { return &((kvt_coll *)owner)->cache_state; }
 
 /* ---- store -------------------------------------------------------------------------------- */
 
@@ -49,6 +64,8 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     pthread_cond_init(&s->done_cv, NULL);
     kvt_io_init(&s->io, &opts->device, opts->direct);
     kvt_cache_init(&s->cache, opts->dram_budget, on_evict);
+    s->cache.owner_state = owner_state;
+    s->cache.history = history;
     s->K = kvt_simd();
     s->merge_gap = opts->merge_gap;
     s->write_buffer = opts->write_buffer;
@@ -193,6 +210,15 @@ int kvt_store_reset_io_stats(kvt_store *s) {
     s->swap_ins = s->swap_outs = s->swap_demand_ins = 0;
     s->cache.hits = s->cache.misses = s->cache.evictions = 0;
     kvt_mem_reset_peaks(&s->cache);
+    UNLOCK(s);
+    return 0;
+}
+
+int kvt_store_step(kvt_store *s) {
+    kvt_clear_error();
+    if (!s) return kvt_fail(KVT_EINVAL, "store_step: NULL store");
+    LOCK(s);
+    kvt_cache_step(&s->cache);
     UNLOCK(s);
     return 0;
 }
@@ -352,6 +378,7 @@ int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
     k->n = k->nseg = k->pend = k->flagged = k->hold = 0;
     k->m2 = 0;
     k->ent = NULL;
+    k->heat = 0;
     c->cnorm[j] = FLT_MAX;
     if (c->m2d) memset(c->m2d + (size_t)j * c->p.dim, 0, (size_t)c->p.dim * 4);
     kvt_vsum_clear(c, j);
