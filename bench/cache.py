@@ -1,19 +1,25 @@
 """Cache replacement on real KV traces: hit rate and bytes read against the DRAM budget.
 
-Replays a captured SmolLM2 trace (kvtier.bench.capture, kvtier.bench.kvreplay) with the adaptive policy at a
-10% fetch budget, for each cache policy (lru, lfu, cluster) and DRAM budgets from 20% to 50% of
-the KV bytes (at 5% and 10% the engine's own index -- id map and representatives, about a tenth
-of the KV bytes for 64-d float16 keys and values -- did not fit in the budget), and reports cache hit rate and bytes read from flash per retrieve.
-Policies run side by side on the same trace, so their ratios are exact (the engine is
-deterministic).
+Replays captured SmolLM2 traces (kvtier.bench.capture, kvtier.bench.kvreplay) with the adaptive policy at a
+10% fetch budget on the UFS 4.0 profile, for each cache policy (lru, lfu, cluster) and each
+DRAM budget, and reports the cache hit rate (hits / cluster lookups), bytes read from flash
+per decoding step and per retrieve, modeled device time, attention recall and the engine's
+DRAM peak. ``all`` as a budget means the whole cache: enough DRAM for every replayed entry
+and the index, so nothing is evicted. The replay marks every decoding step
+(``Store.step()``). Policies run side by side on the same trace and the engine is
+deterministic, so one run per point gives exact ratios.
 
-    python -m bench.cache --out bench/results [--workload W1] [--fractions 0.2,0.3,0.4,0.5]
+The summary compares the policies at 1, 2 and 4 MiB: per workload, the median over those
+budgets of LRU's bytes / cluster's bytes and LFU's bytes / cluster's bytes.
+
+    python -m bench.cache --out bench/results [--workloads W1,W2,W3] [--budgets 0.5,1,2,4,all]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,47 +28,126 @@ from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import md_table
 
+MIB = 1 << 20
+SUMMARY_BUDGETS = (1.0, 2.0, 4.0)  # MiB: the acceptance budgets (EVAL.md, "Cache")
+
+
+def kv_bytes(trace, layers) -> int:
+    """Bytes of the replayed entries on flash: key + value (float16) + 16 bytes of id and
+    bookkeeping per entry."""
+    return len(layers) * trace.n_kv_heads * trace.length * (16 + 2 * trace.head_dim * 2)
+
+
+def parse_budgets(text: str) -> list:
+    """'0.5,1,all' -> [0.5, 1.0, 'all'] (MiB, or the whole cache)."""
+    out = []
+    for x in text.split(","):
+        x = x.strip()
+        if x == "all":
+            out.append("all")
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            raise SystemExit(f"--budgets: MiB numbers or 'all' expected, got {x!r}") from None
+        if v <= 0:
+            raise SystemExit(f"--budgets: positive MiB expected, got {x!r}")
+        out.append(v)
+    return out
+
+
+def run_point(trace, workload, layers, every, budget_mib, whole, policy) -> dict:
+    budget = whole if budget_mib == "all" else int(budget_mib * MIB)
+    r = replay(trace, policy="adaptive", budget=0.1, layers=layers, every=every, dram_budget=budget,
+               device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy})
+    st = r.extra["store"]
+    hits, misses = st["cache_hits"], st["cache_misses"]
+    decode_steps = trace.length - trace.prefill - sum(b - a for a, b in trace.meta.get("user_spans", []))
+    return {"workload": workload, "dram_mib": budget_mib, "dram_budget": budget, "cache_policy": policy,
+            "hit_rate": hits / max(1, hits + misses), "cache_hits": hits, "cache_misses": misses,
+            "evictions": st["evictions"],
+            "read_bytes": st["read_bytes"], "read_bytes_per_step": st["read_bytes"] / decode_steps,
+            "read_bytes_per_retrieve": r.read_bytes_per_retrieve,
+            "modeled_io_us_per_retrieve": r.modeled_io_s_per_retrieve * 1e6, "recall": r.recall,
+            "dram_peak_bytes": st["dram_peak_bytes"], "over_budget": st["dram_peak_bytes"] > budget,
+            "decode_steps": decode_steps, "retrieves": r.retrieves}
+
+
+def summary(rows) -> list[dict]:
+    """Per workload: bytes ratios against cluster at each summary budget, and their medians."""
+    out = []
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        by = {(r["dram_mib"], r["cache_policy"]): r["read_bytes"] for r in rows if r["workload"] == w}
+        ratios = {"lru": [], "lfu": []}
+        for b in SUMMARY_BUDGETS:
+            c = by.get((b, "cluster"))
+            for base in ratios:
+                if c is not None and (b, base) in by:
+                    ratios[base].append(by[(b, base)] / c if c else float("inf"))
+        if ratios["lru"] or ratios["lfu"]:
+            out.append({"workload": w, "budgets_mib": list(SUMMARY_BUDGETS),
+                        "lru_over_cluster": ratios["lru"], "lfu_over_cluster": ratios["lfu"],
+                        "median_lru_over_cluster": statistics.median(ratios["lru"]) if ratios["lru"] else None,
+                        "median_lfu_over_cluster": statistics.median(ratios["lfu"]) if ratios["lfu"] else None})
+    return out
+
+
+def markdown(rows, summ) -> str:
+    by = {(r["workload"], r["dram_mib"], r["cache_policy"]): r for r in rows}
+    body = []
+    for r in rows:
+        ratio = []
+        for base in ("lru", "lfu"):
+            b = by.get((r["workload"], r["dram_mib"], base))
+            ratio.append(f"{b['read_bytes'] / r['read_bytes']:.2f}" if b and r["read_bytes"] else "-")
+        dram = "whole cache" if r["dram_mib"] == "all" else f"{r['dram_mib']:g} MiB"
+        body.append([r["workload"], dram, r["cache_policy"], f"{r['hit_rate']:.3f}",
+                     f"{r['read_bytes_per_step'] / 1024:.2f}", f"{r['read_bytes_per_retrieve'] / 1024:.2f}", *ratio,
+                     f"{r['recall']:.4f}", f"{r['dram_peak_bytes'] >> 10}{' (over!)' if r['over_budget'] else ''}"])
+    md = md_table(["workload", "DRAM", "policy", "hit rate", "KiB read / step", "KiB read / retrieve", "lru / this",
+                   "lfu / this", "recall", "DRAM peak (KiB)"], body, "lllrrrrrrr") + "\n"
+    if summ:
+        f = lambda v: ", ".join(f"{x:.3f}" for x in v)  # noqa: E731
+        g = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        md += ("\nBytes read, baseline / cluster, at 1, 2 and 4 MiB (median; target: LRU ≥ 1.12, LFU ≥ 1.05)\n\n"
+               + md_table(["workload", "lru / cluster", "median", "lfu / cluster", "median"],
+                          [[s["workload"], f(s["lru_over_cluster"]), g(s["median_lru_over_cluster"]),
+                            f(s["lfu_over_cluster"]), g(s["median_lfu_over_cluster"])] for s in summ], "llrlr") + "\n")
+    return md
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", default="W1")
-    ap.add_argument("--fractions", default="0.2,0.3,0.4,0.5", help="DRAM budget as a share of the KV bytes")
+    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--budgets", default="0.5,1,1.5,2,3,4,6,all", help="DRAM budgets in MiB, or 'all' (the whole cache)")
     ap.add_argument("--policies", default="lru,lfu,cluster")
-    ap.add_argument("--layers", default="0,5,10,15,20,25")
-    ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--layers", default="6,12,17,23", help="replayed layers (four, spread over the depth)")
+    ap.add_argument("--every", type=int, default=4, help="retrieve every this many decoding steps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    trace = load_trace(a.workload, prefill=512, decode=2048)
     layers = [int(x) for x in a.layers.split(",")]
-    kv_bytes = len(layers) * trace.n_kv_heads * trace.length * (16 + 2 * trace.head_dim * 2)
+    budgets = parse_budgets(a.budgets)
     rows = []
-    for frac in (float(x) for x in a.fractions.split(",")):
-        budget = max(256 << 10, int(frac * kv_bytes))
-        for pol in a.policies.split(","):
-            r = replay(trace, policy="adaptive", budget=0.1, layers=layers, every=a.every,
-                       dram_budget=budget, device="ufs4.0", direct_io=False, collect_stats=True,
-                       store_kwargs={"cache_policy": pol})
-            st = r.extra["store"]
-            hits, misses = st["cache_hits"], st["cache_misses"]
-            row = {"workload": a.workload, "dram_fraction": frac, "dram_budget": budget, "cache_policy": pol,
-                   "hit_rate": hits / max(1, hits + misses), "read_bytes_per_retrieve": r.read_bytes_per_retrieve,
-                   "modeled_io_us_per_retrieve": r.modeled_io_s_per_retrieve * 1e6, "recall": r.recall,
-                   "dram_peak_bytes": st["dram_peak_bytes"]}
-            rows.append(row)
-            print(f"DRAM {frac:.0%} ({budget >> 10} KiB) {pol:7s} hit rate {row['hit_rate']:.3f} "
-                  f"read {row['read_bytes_per_retrieve'] / 1024:.2f} KiB/retrieve recall {r.recall:.3f}", flush=True)
-    lru = {r["dram_fraction"]: r["read_bytes_per_retrieve"] for r in rows if r["cache_policy"] == "lru"}
-    md = md_table(["DRAM (share of KV)", "policy", "hit rate", "KiB read / retrieve", "lru / this (bytes)"],
-                  [[f"{r['dram_fraction']:.0%}", r["cache_policy"], f"{r['hit_rate']:.3f}",
-                    f"{r['read_bytes_per_retrieve'] / 1024:.2f}",
-                    f"{lru[r['dram_fraction']] / r['read_bytes_per_retrieve'] if r['read_bytes_per_retrieve'] else float('inf'):.2f}"]
-                   for r in rows], "rlrrr") + "\n"
+    for w in a.workloads.split(","):
+        trace = load_trace(w, prefill=512, decode=2048)
+        kvb = kv_bytes(trace, layers)
+        whole = 2 * kvb  # every entry plus the index and scratch: nothing is evicted
+        for b in budgets:
+            for pol in a.policies.split(","):
+                row = run_point(trace, w, layers, a.every, b, whole, pol)
+                row["kv_bytes"] = kvb
+                rows.append(row)
+                print(f"{w} DRAM {b} MiB {pol:7s} hit rate {row['hit_rate']:.3f} read "
+                      f"{row['read_bytes_per_step'] / 1024:.2f} KiB/step recall {row['recall']:.4f} "
+                      f"peak {row['dram_peak_bytes'] >> 10} KiB", flush=True)
+    summ = summary(rows)
+    md = markdown(rows, summ)
     print()
     print(md)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "cache.json"), "w") as f:
-            json.dump({"args": vars(a), "kv_bytes": kv_bytes, "rows": rows}, f, indent=1)
+            json.dump({"args": vars(a), "rows": rows, "summary": summ}, f, indent=1)
         with open(os.path.join(a.out, "cache.md"), "w") as f:
             f.write(f"# Cache policies on real traces\n\n`python -m bench.cache {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0

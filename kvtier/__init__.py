@@ -7,6 +7,7 @@
         hits = coll.search(queries, k=10)
         got = coll.retrieve(query_group, budget=0.1)
 """
+from kvtier.budget import Estimate, estimate
 from kvtier.calibrate import CalibrationResult, calibrate, load_profile
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import (
@@ -27,7 +28,7 @@ from kvtier.store import Collection, Retrieved, RetrievedMany, SearchHits, Store
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store", "Collection", "SearchHits", "Retrieved", "RetrievedMany", "DeviceProfile", "PROFILES",
+    "open", "estimate", "Estimate", "Store", "Collection", "SearchHits", "Retrieved", "RetrievedMany", "DeviceProfile", "PROFILES",
     "parse_size", "calibrate", "load_profile", "CalibrationResult", "KvtierError", "InvalidArgumentError", "CorruptionError", "BudgetError",
     "NotFoundError", "FormatVersionError", "StoreClosedError", "StoreLockedError",
     "StorageIOError", "StorageFullError", "InjectedFaultError", "__version__",

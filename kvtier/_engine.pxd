@@ -71,8 +71,11 @@ cdef extern from "kvtier.h" nogil:
         double read_seconds
         double read_size_seconds[24]
         uint64_t read_size_bytes[24]
+        uint64_t dram_index_bytes, dram_pending_bytes, dram_buffer_bytes
+        uint64_t dram_index_peak, dram_cache_peak, dram_pending_peak, dram_buffer_peak, dram_fixed_peak
     int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out)
     int kvt_store_reset_io_stats(kvt_store *store)
+    int kvt_store_step(kvt_store *store)
     const char *kvt_store_io_backend(kvt_store *store)
 
     int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params, kvt_coll **out)
@@ -115,6 +118,12 @@ cdef extern from "kvtier.h" nogil:
         uint64_t parked, partial_page_writes, write_buffer_entries, write_buffer_evictions
         uint64_t write_buffer_errors
     int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
+    ctypedef struct kvt_budget_t:
+        uint64_t entry_bytes, clusters, index, index_grown, keys, buffers, pending, cache
+        uint64_t minimum, recommended
+        double resident_per_entry
+    int kvt_budget_estimate(const kvt_coll_params *params, uint64_t n, uint64_t write_buffer, double fetch,
+                     kvt_budget_t *out)
     int kvt_store_park(kvt_store *store, kvt_coll *const *collections, size_t n, int keep_cache)
     int kvt_store_unpark(kvt_store *store, kvt_coll *const *collections, size_t n, int async_)
     int kvt_coll_is_parked(kvt_coll *coll)

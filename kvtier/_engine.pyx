@@ -23,6 +23,20 @@ def strerror(int code):
     return kvt_strerror(code).decode()
 
 
+def budget_estimate(dict params, uint64_t n, uint64_t write_buffer, double fetch):
+    """kvt_budget_estimate for validated collection params (kvtier.budget.estimate)."""
+    cdef kvt_coll_params cp = _params(params)
+    cdef kvt_budget_t e
+    cdef int rc
+    with nogil:
+        rc = kvt_budget_estimate(&cp, n, write_buffer, fetch, &e)
+    check(rc)
+    return {"entry_bytes": e.entry_bytes, "clusters": e.clusters, "index": e.index,
+            "index_grown": e.index_grown, "keys": e.keys, "buffers": e.buffers, "pending": e.pending,
+            "cache": e.cache, "minimum": e.minimum, "recommended": e.recommended,
+            "resident_per_entry": e.resident_per_entry}
+
+
 cdef int check(int rc) except -1:
     if rc == 0:
         return 0
@@ -94,6 +108,11 @@ cdef class Engine:
             "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
             "write_buffer_errors": s.write_buffer_errors,
             "io_backend": kvt_store_io_backend(p).decode(), "read_seconds": s.read_seconds,
+            "dram_by_use": {"index": s.dram_index_bytes, "cache": s.cache_bytes,
+                            "pending": s.dram_pending_bytes, "buffers": s.dram_buffer_bytes},
+            "dram_peak_by_use": {"index": s.dram_index_peak, "cache": s.dram_cache_peak,
+                                 "pending": s.dram_pending_peak, "buffers": s.dram_buffer_peak},
+            "dram_fixed_peak_bytes": s.dram_fixed_peak,
             "read_size_seconds": [float(s.read_size_seconds[i]) for i in range(24)],
             "read_size_bytes": [int(s.read_size_bytes[i]) for i in range(24)],
             "read_bytes_by_cause": {
@@ -168,6 +187,13 @@ cdef class Engine:
         cdef kvt_store *p = self.live()
         with nogil:
             kvt_store_reset_io_stats(p)
+
+    def step(self):
+        cdef kvt_store *p = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_store_step(p)
+        check(rc)
 
     def inject_fault(self, str op, uint64_t nth, int code):
         check(kvt_store_inject_fault(self.live(), ord(op), nth, code))

@@ -17,7 +17,7 @@ import numpy as np
 from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
 from kvtier.config import DTYPES, LAYOUTS, METRICS, POLICIES, DeviceProfile, parse_size, resolve_device
-from kvtier.errors import InvalidArgumentError, NotFoundError, StoreClosedError
+from kvtier.errors import BudgetError, InvalidArgumentError, NotFoundError, StoreClosedError
 
 DEFAULT_POLICY = "adaptive"
 
@@ -182,7 +182,10 @@ class Collection:
                 raise InvalidArgumentError(
                     f"values: one row per key expected ({k.shape[0]}), got {v.shape[0]}")
         with self._store._gate:
-            first = self._h.add(k, v)
+            try:
+                first = self._h.add(k, v)
+            except BudgetError as e:
+                raise self._store._budget_error(e, self, k.shape[0]) from None
         return np.arange(first, first + k.shape[0], dtype=np.int64)
 
     def search(self, queries, k: int = 10, nprobe: Optional[int] = None) -> SearchHits:
@@ -197,7 +200,10 @@ class Collection:
             if nprobe == 0:
                 nclusters = self._h.stats()["clusters"]
                 nprobe = default_nprobe(nclusters)
-            ids, scores = self._h.search(q, k, nprobe)
+            try:
+                ids, scores = self._h.search(q, k, nprobe)
+            except BudgetError as e:
+                raise self._store._budget_error(e, self, 0) from None
         return SearchHits(ids[0], scores[0]) if one else SearchHits(ids, scores)
 
     def _entries(self, budget) -> int:
@@ -233,7 +239,10 @@ class Collection:
             if scale is not None or variance:
                 raise InvalidArgumentError("scale, variance: only meaningful with estimate=")
             with self._store._gate:
-                ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
+                try:
+                    ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
+                except BudgetError as e:
+                    raise self._store._budget_error(e, self, 0) from None
             return Retrieved(ids, keys, values, clusters)
         if estimate is True or estimate is None:
             m = -1
@@ -255,8 +264,11 @@ class Collection:
             raise InvalidArgumentError(
                 f"estimate: collection {self.name!r} keeps no value sums (create it with value_sums=True)")
         with self._store._gate:
-            ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(
-                q, self._entries(budget), m, s, int(bool(variance)))
+            try:
+                ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(
+                    q, self._entries(budget), m, s, int(bool(variance)))
+            except BudgetError as e:
+                raise self._store._budget_error(e, self, 0) from None
         return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent)
 
     def prefetch(self, query_group, budget: Union[int, float] = 0.1) -> int:
@@ -538,6 +550,29 @@ class Store:
             self._catalog.close()
             self._lock.release()
 
+    def _budget_error(self, e: BudgetError, coll: "Collection", adding: int) -> BudgetError:
+        """The engine's BudgetError, with the minimum budget the store's collections need
+        (kvtier.estimate at their sizes, ``coll`` counting the ``adding`` entries)."""
+        from kvtier.budget import PARAMS, estimate
+        index, buffers = 0, 0
+        try:
+            for c in list(self._colls.values()):
+                p = {k: v for k, v in c.params.items() if k in PARAMS}
+                n = int(c._h.count()) + (adding if c is coll else 0)
+                est = estimate(n, c.dim, c.value_dim, c.dtype.name, c.policy, write_buffer=0, **p)
+                index += est.index
+                buffers = max(buffers, est.buffers)
+        except Exception:  # the hint must not hide the error itself
+            return e
+        need = index + buffers
+        hint = (f" The minimum for this store's collections is {need:,} bytes (kvtier.estimate: index "
+                f"{index:,} + buffers {buffers:,}); the dram_budget is {self._engine.stats()['dram_budget']:,}.")
+        if need <= self._engine.stats()["dram_budget"]:
+            hint += " The index fits: lower write_buffer or pending_budget, add in smaller batches, or raise dram_budget."
+        else:
+            hint += " Raise dram_budget, or use larger clusters (init_cluster_size, max_cluster_size)."
+        return type(e)(str(e) + hint, e.code)
+
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict:
         """DRAM (bytes, budget, peak), cache and I/O counters, the device model's time."""
@@ -572,17 +607,15 @@ class Store:
             raise InvalidArgumentError(f"requests: an iterable of (collection, query_group, budget) expected, got {requests!r}") from None
         if not reqs:
             raise InvalidArgumentError("requests: at least one (collection, query_group, budget) expected")
-        colls, qs, budgets = [], [], []
         for r in reqs:
-            if not (isinstance(r, tuple) and len(r) == 3 and isinstance(r[0], Collection) and r[0]._store is self):
+            if not (isinstance(r, tuple) and len(r) == 3):
                 raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {r!r}")
-            colls.append(r[0])
+        colls = self._group([r[0] for r in reqs], "retrieve_many", arg="requests")
+        qs = []
         c0 = colls[0]
         for c in colls:
             if (c.dim, c._h.value_dim, c._h.dtype) != (c0.dim, c0._h.value_dim, c0._h.dtype):
                 raise InvalidArgumentError(f"requests: collections of one dim, value_dim and dtype expected; {c.name!r} differs from {c0.name!r}")
-        if len({id(c) for c in colls}) != len(colls):
-            raise InvalidArgumentError("requests: each collection at most once")
         for c, (_, qg, _) in zip(colls, reqs):
             q, _ = _as_matrix("query_group", qg, c0.dim, np.float32)
             if qs and q.shape[0] != qs[0].shape[0]:
@@ -608,18 +641,18 @@ class Store:
                                         out.values, out.clusters, out.counts)
         return out
 
-    def _group(self, collections, what: str) -> list:
+    def _group(self, collections, what: str, arg: str = "collections") -> list:
         if isinstance(collections, Collection):
             collections = [collections]
         try:
             group = list(collections)
         except TypeError:
-            raise InvalidArgumentError(f"collections: an iterable of collections of this store expected, got {collections!r}") from None
+            raise InvalidArgumentError(f"{arg}: an iterable of collections of this store expected, got {collections!r}") from None
         for c in group:
             if not isinstance(c, Collection) or c._store is not self:
-                raise InvalidArgumentError(f"collections: collections of this store expected in {what}, got {c!r}")
+                raise InvalidArgumentError(f"{arg}: collections of this store expected in {what}, got {c!r}")
         if len({id(c) for c in group}) != len(group):
-            raise InvalidArgumentError(f"collections: each collection at most once in {what}")
+            raise InvalidArgumentError(f"{arg}: each collection at most once in {what}")
         return group
 
     def park(self, collections, keep_cache: bool = True) -> None:
@@ -650,6 +683,15 @@ class Store:
         with self._gate:
             self._engine.reset_io_stats()
 
+    def step(self) -> None:
+        """Marks the end of a decoding step (every layer of the model has run once).
+
+        The ``cluster`` cache policy measures how long a cluster stays hot in steps: a
+        cluster that layer l used or updated keeps its place until layer l runs again, however
+        many other layers read in between. Adapters call it once per generated token."""
+        with self._gate:
+            self._engine.step()
+
     def _inject_fault(self, op: str, nth: int, code: int) -> None:
         """Test hook: the nth next I/O of kind op ('r', 'w', 's') fails with code."""
         with self._gate:
@@ -665,8 +707,11 @@ def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", m
     nvme), a :class:`DeviceProfile` or the path of a saved profile; ``direct_io`` True, False
     or "auto"; ``merge_gap`` (bytes) reads neighbouring extents of one retrieve as one request
     when the gap between them is at most this (default: the device's knee, else 4 KiB);
-    ``cache_policy`` which cached clusters make room: ``cluster`` (default: recently updated
-    clusters keep a reserved share, then small clusters are preferred), ``lru`` or ``lfu``;
+    ``cache_policy`` which cached clusters make room: ``cluster`` (default: clusters updated in
+    the last few decoding steps keep a reserved share; then clusters their collection's latest
+    retrieve did not read leave first; then the coolest, the most recently read first, which
+    under decoding's layer cycle is the one needed last; mark steps with :meth:`Store.step`),
+    ``lru`` or ``lfu``;
     ``write_buffer`` (bytes, default a thirty-second of the budget, 0 to turn off) is the DRAM
     shared by the collections' page-aligned write buffers: the clusters appended to most
     recently keep their newest entries in DRAM until a whole 4 KiB flash page can be written,

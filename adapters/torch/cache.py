@@ -414,6 +414,8 @@ class TieredCache(Cache):
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         if layer_idx == 0:
+            if self._counts["forwards"]:  # the previous forward ran every layer: a step ended
+                self.store.step()
             self._counts["forwards"] += 1
             self._counts["decode_steps"] += q == 1
         elif layer.seen != self.layers[0].seen - q:

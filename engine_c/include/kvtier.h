@@ -79,9 +79,10 @@ typedef struct kvt_store_opts {
      * (the gap is read and dropped). 0 merges only touching extents. A good value is the
      * device's knee, bandwidth / IOPS: reading the gap then costs less than another request. */
     uint64_t merge_gap;
-    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (docs/design.md §2.3: recently
-     * updated clusters keep a reserved share of the budget; among the rest the one with the
-     * largest idle time x size goes first, so small clusters stay). */
+    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (docs/design.md §2.3:
+     * clusters updated in the last few decoding steps keep a reserved share; then clusters
+     * not read at their collection's latest retrieve leave first, least recently used first;
+     * then the coolest, as counted in the collection's retrieves, the one read last first). */
     int cache_policy;
     /* Page-aligned write buffers (docs/design.md §2.2): bytes of DRAM, shared equally by the open
      * collections, in which the clusters appended to most recently gather their newest
@@ -179,9 +180,21 @@ typedef struct kvt_store_stats {
      * batch's time in proportion to their bytes) */
     double read_seconds, read_size_seconds[24];
     uint64_t read_size_bytes[24];
+    /* dram_bytes by use, and the peak of each since open or the last kvt_store_reset_io_stats:
+     * the resident index (cluster directory, representatives, id map, pool table, token-level
+     * keys), cached clusters (cache_bytes), pending buffers (write-buffer tails and adaptive
+     * pending entries) and transient buffers (add staging, reads, split scratch).
+     * dram_fixed_peak is the peak of everything but the cache, which kvt_budget_estimate predicts. */
+    uint64_t dram_index_bytes, dram_pending_bytes, dram_buffer_bytes;
+    uint64_t dram_index_peak, dram_cache_peak, dram_pending_peak, dram_buffer_peak, dram_fixed_peak;
 } kvt_store_stats;
 int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out);
 int kvt_store_reset_io_stats(kvt_store *store);
+/* Marks the end of a decoding step (every layer has been through once): the cluster-aligned
+ * cache policy measures its horizons in steps, so that a cluster used or updated by layer l
+ * keeps its standing until layer l's turn in the next step, however many layers run in
+ * between. Callers that never mark steps get one step per call that reads clusters. */
+int kvt_store_step(kvt_store *store);
 /* The read backend in force for the store's files: "io_uring" (built with liburing, not turned
  * off by KVTIER_IO_URING=0, and granted a ring by the kernel when the store was opened) or
  * "pread". A static string. */
@@ -359,6 +372,27 @@ int kvt_coll_committed(kvt_coll *coll, const kvt_checkpoint *cp);
 int kvt_coll_changed(kvt_coll *coll);
 void kvt_checkpoint_free(kvt_checkpoint *cp);
 void kvt_free(void *p);
+
+/* ---- know before you run ------------------------------------------------------------------ */
+/* What a collection of n entries with these parameters needs of the DRAM budget, sized from
+ * the structures the engine reserves (see estimate.c). Bytes unless said otherwise. */
+typedef struct kvt_budget_t {
+    uint64_t entry_bytes;       /* one record on flash */
+    uint64_t clusters;          /* clusters assumed: the size the policy aims for */
+    uint64_t index;             /* resident index without growth slack */
+    uint64_t index_grown;       /* ... with the slack of growing it entry by entry */
+    uint64_t keys;              /* policy none: keys kept resident when they fit */
+    uint64_t buffers;           /* working memory of the smallest add chunk or cluster read */
+    uint64_t pending;           /* write-buffer share plus the adaptive pending budget */
+    uint64_t cache;             /* a cache holding one retrieve of `fetch` x n entries */
+    uint64_t minimum;           /* index + buffers: below it operations fail with KVT_EBUDGET */
+    uint64_t recommended;       /* index_grown + keys + buffers + pending + cache */
+    double resident_per_entry;  /* index / n */
+} kvt_budget_t;
+/* write_buffer: the collection's share of kvt_store_opts.write_buffer; fetch: the share of
+ * the entries one retrieve fetches (for the recommended cache). Errors: KVT_EINVAL. */
+int kvt_budget_estimate(const kvt_coll_params *params, uint64_t n, uint64_t write_buffer, double fetch,
+                        kvt_budget_t *out);
 
 /* ---- test hooks --------------------------------------------------------------------------- */
 /* Makes the nth (0-based) subsequent I/O call of kind op ('r' read, 'w' write, 's' sync) fail

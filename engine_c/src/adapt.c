@@ -107,7 +107,7 @@ int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *
         wcnt[t] = cnt[t];
         if (!(cnt[t] % L->rpp)) continue;
         wcnt[t] = cnt[t] - cnt[t] % L->rpp;
-        rc = kvt_grow_array(c, (void **)&tails[t].p, L->esz, &tails[t].cap, cnt[t] - wcnt[t]);
+        rc = kvt_grow_as(c, KVT_USE_PENDING, (void **)&tails[t].p, L->esz, &tails[t].cap, cnt[t] - wcnt[t]);
     }
     seg_save old = kvt_detach_segs(c, src);
     if (token(c)) /* the records stay where they are in the log: only member lists change */
@@ -162,7 +162,7 @@ int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *
     *first_new = ncl0;
 out:
     for (uint32_t t = 0; tails && t < nt; t++)
-        if (tails[t].p) kvt_free_array(c, tails[t].p, tails[t].cap, L->esz);
+        if (tails[t].p) kvt_free_as(c, KVT_USE_PENDING, tails[t].p, tails[t].cap, L->esz);
     free(tails);
     free(wcnt);
     free(sorted);

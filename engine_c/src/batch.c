@@ -18,8 +18,6 @@
 #include "common.h"
 #include "store.h"
 
-static size_t dtype_size(int dtype) { return dtype == KVT_F16 ? 2 : 4; }
-
 int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq,
                        const uint64_t *budgets, uint64_t cap, int64_t *ids, void *keys,
                        void *values, int32_t *clusters, uint64_t *counts) {
@@ -40,7 +38,7 @@ int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, u
             if (colls[j] == colls[i]) return kvt_fail(KVT_EINVAL, "retrieve_batch: colls[%zu] repeats colls[%zu]", i, j);
     }
     const kvt_coll_params *p = &colls[0]->p;
-    size_t es = dtype_size(p->dtype), krow = es * p->dim, vrow = es * p->value_dim;
+    size_t krow = colls[0]->L.key_bytes, vrow = colls[0]->L.value_bytes; /* one row of each */
     for (size_t i = 0; i < n; i++) counts[i] = 0;
     for (size_t i = 0; i < n; i++) {
         kvt_result *r = NULL;

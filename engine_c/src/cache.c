@@ -1,16 +1,25 @@
 /*
- * cache.c — budget accounting and LRU replacement of whole clusters.
+ * cache.c — budget accounting and the replacement of whole clusters (LRU, LFU and the
+ * cluster-aligned policy, cache.h).
  *
  * Invariants:
  * 1. used <= budget at every return, and peak is the largest value used has had.
  * 2. used counts every reservation not yet released, including the bytes of every cached
- *    entry (cap * esz + the entry header).
+ *    entry (cap * esz + the entry header); use[u] counts those made for use u, so the uses
+ *    sum to used and use[KVT_USE_CACHE] == cache_bytes.
  * 3. A pinned entry is never evicted; an evicted entry's owner is told through on_evict
- *    before the entry is freed.
- * 4. The LRU list order is kept under every policy (most recent first); LFU and the
- *    cluster-aligned policy choose their victim among the KVT_VICTIM_CANDIDATES least
- *    recently used unpinned entries, so an eviction costs O(1) whatever the cache holds.
+ *    before the entry is freed. Eviction frees whole entries: a cached cluster is all of its
+ *    records or nothing.
+ * 4. The LRU list order is kept under every policy (most recent first); LFU chooses its
+ *    victim among the KVT_VICTIM_CANDIDATES least recently used unpinned entries, the
+ *    cluster-aligned policy among the KVT_VICTIM_SCAN least recently used, so an eviction
+ *    costs a bounded scan whatever the cache holds.
+ * 5. Heat, missed reads and update ages are counted on clocks the callers advance: an
+ *    owner's reads (kvt_cache_owner_read) and decoding steps (kvt_cache_step); no entry's
+ *    standing changes while its owner is not read and no step ends.
  */
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "common.h"
@@ -30,20 +39,33 @@ static void push_front(kvt_cache *c, kvt_cache_ent *e) {
 
 static uint64_t ent_bytes(const kvt_cache_ent *e) { return sizeof *e + (uint64_t)e->cap * e->esz; }
 
-void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, uint32_t)) {
+void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, const kvt_cache_ent *)) {
     memset(c, 0, sizeof *c);
     c->budget = budget;
     c->lru.next = c->lru.prev = &c->lru;
     c->on_evict = on_evict;
     c->policy = KVT_CACHE_LRU;
     c->reserve_share = 0.25;
-    c->recent_ticks = 64;
+    c->recent_steps = 4;
+    c->half_life = 8;
+    for (int d = 0; d <= KVT_HEAT_HORIZON; d++) c->decay[d] = (float)pow(2.0, -(double)d / c->half_life);
+}
+
+static uint64_t visits(const kvt_cache *c, const kvt_cache_ent *e) { return e->os ? e->os->visits : c->step; }
+
+/* reads of e's owner since e was last read */
+static uint64_t missed(const kvt_cache *c, const kvt_cache_ent *e) { return visits(c, e) - e->use_visit; }
+
+/* heat of e as of its owner's last read */
+static float heat_now(const kvt_cache *c, const kvt_cache_ent *e) {
+    uint64_t d = missed(c, e);
+    return d > KVT_HEAT_HORIZON ? 0.0f : e->heat * c->decay[d];
 }
 
 static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
     unlink_ent(e);
     uint64_t b = ent_bytes(e);
-    c->used -= b;
+    kvt_mem_release_as(c, KVT_USE_CACHE, b);
     c->cache_bytes -= b;
     c->cached--;
     free(e->rec);
@@ -60,67 +82,133 @@ void kvt_cache_destroy(kvt_cache *c) {
  * policies, LFU and the cluster-aligned policy choose among the oldest few instead. */
 #define KVT_VICTIM_CANDIDATES 64
 
+/* Entries the cluster-aligned policy looks at per eviction: all of them up to this many (the
+ * least recently used first). Its victim is often a recently used entry, so a sample of the
+ * oldest few, as for LFU, would not do; beyond this many the newest are not considered. */
+#define KVT_VICTIM_SCAN 2048
+
+/* Heats closer than this count as equal (one read in the last few). */
+#define KVT_HEAT_TIE 0.25f
+
+static uint64_t upd_age(const kvt_cache *c, const kvt_cache_ent *e) {
+    return e->upd_step ? c->step - (e->upd_step - 1) : UINT64_MAX;
+}
+
+/* The cluster-aligned victim (cache.h):
+ * 1. the reserved share: entries updated within recent_steps steps are skipped, the newest
+ *    updates first, as long as their bytes fit in reserve_share of the budget;
+ * 2. entries not read at their owner's latest read go first, those that missed the most of
+ *    its reads first, the oldest among the coolest of them (in practice LRU among stale ones);
+ * 3. when every candidate was read at its owner's latest read: the coolest, and among about
+ *    equally cool ones the most recently used, whose owner comes round again last. */
+static kvt_cache_ent *victim_cluster(kvt_cache *c) {
+    uint64_t age_bytes[KVT_HEAT_HORIZON + 1] = {0}; /* bytes of candidates updated a steps ago */
+    uint32_t R = c->recent_steps < KVT_HEAT_HORIZON ? c->recent_steps : KVT_HEAT_HORIZON;
+    uint64_t protect = (uint64_t)(c->reserve_share * (double)c->budget);
+    int seen = 0;
+    for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_SCAN; e = e->prev) {
+        if (e->pins) continue;
+        seen++;
+        if (upd_age(c, e) <= R) age_bytes[upd_age(c, e)] += (uint64_t)e->cap * e->esz;
+    }
+    int64_t kept_age = -1; /* entries updated at most kept_age steps ago are kept */
+    for (uint64_t a = 0, sum = 0; a <= R; a++) {
+        sum += age_bytes[a];
+        if (sum > protect) break;
+        kept_age = (int64_t)a;
+    }
+    /* a candidate's value: heat less 1000 per missed read of its owner, so stale entries
+     * sort first by how stale they are, then by heat */
+    kvt_cache_ent *best = NULL, *oldest = NULL;
+    float vmin = INFINITY;
+    for (int pass = 0; pass < 2; pass++) {
+        seen = 0;
+        for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_SCAN; e = e->prev) {
+            if (e->pins) continue;
+            seen++;
+            if (!oldest) oldest = e;
+            if (kept_age >= 0 && upd_age(c, e) <= (uint64_t)kept_age) continue;
+            uint64_t m = missed(c, e);
+            float v = heat_now(c, e) - 1000.0f * (float)(m > KVT_HEAT_HORIZON ? KVT_HEAT_HORIZON : m);
+            if (pass == 0 && v < vmin) vmin = v;
+            if (pass == 1 && v <= vmin + KVT_HEAT_TIE) {
+                best = e; /* scanning from the oldest: the last one is the most recently used */
+                if (vmin < -500.0f) break; /* stale ones: the oldest */
+            }
+        }
+    }
+    return best ? best : oldest; /* only kept entries: the least recently used */
+}
+
 /* The entry to evict next under the policy, or NULL if every entry is pinned. */
 static kvt_cache_ent *victim(kvt_cache *c) {
-    kvt_cache_ent *best = NULL, *oldest = NULL;
+    if (c->policy == KVT_CACHE_CLUSTER) return victim_cluster(c);
+    kvt_cache_ent *best = NULL;
     int seen = 0;
-    double worst = -1;
-    uint64_t protect = (uint64_t)(c->reserve_share * (double)c->budget), prot = 0;
     for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_CANDIDATES; e = e->prev) {
         if (e->pins) continue;
         seen++;
         if (c->policy == KVT_CACHE_LRU) return e;
-        if (!oldest) oldest = e;
-        if (c->policy == KVT_CACHE_LFU) {
-            if (!best || e->uses < best->uses) best = e;
-            continue;
-        }
-        /* cluster-aligned: recently updated entries are kept while they fit in the reserved
-         * share (they sit near the MRU end, so the candidates rarely include them); among
-         * the rest the largest idle time x size goes first, so small clusters stay */
-        uint64_t bytes = (uint64_t)e->cap * e->esz;
-        if (e->updated && c->tick - e->updated <= c->recent_ticks && prot + bytes <= protect) {
-            prot += bytes;
-            continue;
-        }
-        double score = (double)(c->tick - e->last_use + 1) * (double)(bytes + 1);
-        if (score > worst) {
-            worst = score;
-            best = e;
-        }
+        if (!best || e->uses < best->uses) best = e; /* LFU */
     }
-    return best ? best : oldest; /* only protected candidates: the oldest of them */
+    return best;
 }
 
-int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) {
+static const char *const use_names[KVT_USES] = {"index", "cache", "pending", "buffers"};
+
+static void note_peaks(kvt_cache *c, int use) {
+    if (c->used > c->peak) c->peak = c->used;
+    if (c->use[use] > c->use_peak[use]) c->use_peak[use] = c->use[use];
+    uint64_t fixed = c->used - c->use[KVT_USE_CACHE];
+    if (fixed > c->fixed_peak) c->fixed_peak = fixed;
+}
+
+int kvt_mem_reserve_as(kvt_cache *c, int use, uint64_t bytes) {
     while (c->used + bytes > c->budget) {
         kvt_cache_ent *e = victim(c);
         if (!e) break;
-        if (c->on_evict) c->on_evict(e->owner, e->cluster);
+        if (c->on_evict) c->on_evict(e->owner, e);
         free_ent(c, e);
         c->evictions++;
     }
-    if (c->used + bytes > c->budget)
-        return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes (%llu in use that cannot be evicted)",
-                        (unsigned long long)c->budget, (unsigned long long)bytes,
-                        (unsigned long long)c->used);
+    if (c->used + bytes > c->budget) {
+        char what[256];
+        size_t at = 0;
+        for (int u = 0; u < KVT_USES; u++)
+            at += (size_t)snprintf(what + at, sizeof what - at, "%s%s %llu", u ? ", " : "", use_names[u],
+                                   (unsigned long long)c->use[u]);
+        return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes of %s (in use: %s; "
+                        "the cached clusters left are pinned by this operation). Raise dram_budget "
+                        "(kvtier.estimate tells the minimum), or lower write_buffer, pending_budget or the add batch.",
+                        (unsigned long long)c->budget, (unsigned long long)bytes, use_names[use], what);
+    }
     c->used += bytes;
-    if (c->used > c->peak) c->peak = c->used;
+    c->use[use] += bytes;
+    note_peaks(c, use);
     return 0;
 }
 
-void kvt_mem_release(kvt_cache *c, uint64_t bytes) { c->used -= bytes; }
+void kvt_mem_release_as(kvt_cache *c, int use, uint64_t bytes) {
+    c->used -= bytes;
+    c->use[use] -= bytes;
+}
+
+void kvt_mem_reset_peaks(kvt_cache *c) {
+    c->peak = c->used;
+    memcpy(c->use_peak, c->use, sizeof c->use);
+    c->fixed_peak = c->used - c->use[KVT_USE_CACHE];
+}
 
 kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint32_t n, size_t esz) {
     uint64_t need = sizeof(kvt_cache_ent) + (uint64_t)n * esz;
     if (need > c->budget / 2) return NULL; /* one cluster may not flush the whole cache */
-    if (kvt_mem_reserve(c, need)) return NULL;
+    if (kvt_mem_reserve_as(c, KVT_USE_CACHE, need)) return NULL;
     kvt_cache_ent *e = calloc(1, sizeof *e);
     uint8_t *rec = n ? malloc((size_t)n * esz) : NULL;
     if (!e || (n && !rec)) {
         free(e);
         free(rec);
-        kvt_mem_release(c, need);
+        kvt_mem_release_as(c, KVT_USE_CACHE, need);
         return NULL;
     }
     e->owner = owner;
@@ -131,6 +219,15 @@ kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint
     e->pins = 1;
     e->uses = 1;
     e->last_use = ++c->tick;
+    e->os = c->owner_state ? c->owner_state(owner) : NULL;
+    e->use_visit = visits(c, e);
+    e->heat = 1;
+    float h;
+    uint64_t v;
+    if (c->history && c->history(owner, cluster, &h, &v)) { /* read now, and as hot as it was */
+        uint64_t d = e->use_visit - v;
+        e->heat += d > KVT_HEAT_HORIZON ? 0.0f : h * c->decay[d];
+    }
     push_front(c, e);
     c->cache_bytes += need;
     c->cached++;
@@ -143,12 +240,12 @@ int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
     while (cap < e->n + extra) cap *= 2;
     uint64_t more = (uint64_t)(cap - e->cap) * e->esz;
     e->pins++;
-    int rc = kvt_mem_reserve(c, more);
+    int rc = kvt_mem_reserve_as(c, KVT_USE_CACHE, more);
     e->pins--;
     if (rc) return rc;
     uint8_t *rec = realloc(e->rec, (size_t)cap * e->esz);
     if (!rec) {
-        kvt_mem_release(c, more);
+        kvt_mem_release_as(c, KVT_USE_CACHE, more);
         return kvt_fail(KVT_EBUDGET, "cache: cannot grow a cached cluster to %u records", cap);
     }
     e->rec = rec;
@@ -158,6 +255,10 @@ int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
 }
 
 void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e) {
+    if (e->use_visit != visits(c, e)) { /* heat counts the owner's reads, not the entry's */
+        e->heat = heat_now(c, e) + 1;
+        e->use_visit = visits(c, e);
+    }
     e->uses++;
     e->last_use = ++c->tick;
     unlink_ent(e);
@@ -165,8 +266,19 @@ void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e) {
 }
 
 void kvt_cache_updated(kvt_cache *c, kvt_cache_ent *e) {
-    e->updated = ++c->tick;
-    e->last_use = c->tick;
+    e->upd_step = c->step + 1;
+    e->last_use = ++c->tick;
+}
+
+void kvt_cache_step(kvt_cache *c) {
+    c->explicit_steps = 1;
+    c->step++;
+}
+
+void kvt_cache_owner_read(kvt_cache *c, kvt_cache_owner *o) {
+    if (!c->explicit_steps && o->seen_step == c->step + 1) c->step++;
+    o->seen_step = c->step + 1;
+    o->visits++;
 }
 
 void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e) { free_ent(c, e); }
@@ -178,4 +290,11 @@ void kvt_cache_drop_owner(kvt_cache *c, void *owner) {
         if (e->owner == owner) free_ent(c, e);
         e = next;
     }
+}
+
+uint64_t kvt_grow_step(uint64_t cap, uint64_t need) {
+    /* a first allocation is exact: most clusters keep one segment all their life */
+    uint64_t nc = cap ? cap : need;
+    while (nc < need) nc += (nc > (1u << 17) ? nc / 4 : nc / 2) + 1;
+    return nc;
 }

@@ -7,18 +7,31 @@
  * nothing evictable is left. The cache holds whole clusters as decoded record arrays in
  * insertion order.
  *
- * Replacement policies: LRU; LFU (fewest uses first, LRU among equals); and the
- * cluster-aligned policy of docs/design.md §2.3: entries updated recently (appended to, or made by a
- * split) are kept as long as they fit in a reserved share of the budget, and among the rest
- * the victim is the one with the largest (idle time x size), so small clusters, which read
- * least efficiently and cost least DRAM, stay longer. LFU and cluster-aligned choose among
- * the 64 least recently used unpinned entries (sampled, as Redis does), not all of them.
+ * Replacement policies: LRU; LFU (fewest uses first, LRU among equals, chosen among the 64
+ * least recently used unpinned entries, sampled as Redis does); and the cluster-aligned policy
+ * of docs/design.md §2.3, which counts time in decoding steps (kvt_cache_step) rather than
+ * cache operations, because decoding reads every layer once per step:
+ *  - entries updated (appended to, or made by a split) within the last `recent_steps` steps
+ *    are kept while they fit in a reserved share of the budget, newest updates first;
+ *  - every entry carries its heat: the number of steps it was read in, decayed by half every
+ *    `half_life` steps; the victim is the coolest entry, the most recently used among entries
+ *    of about the same heat. Decoding reads the layers in a cycle, so the entry used last is
+ *    the one needed last: evicting it keeps a stable part of the cycle cached where LRU
+ *    would evict each entry just before its layer comes round again.
  */
 #ifndef KVT_CACHE_H
 #define KVT_CACHE_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* Steps after which an unused entry's heat counts as zero. */
+#define KVT_HEAT_HORIZON 64
+
+/* What the cache keeps per owner (a collection): how many times it has read clusters, the
+ * clock an entry's heat and idleness are measured on (for a layer of a decoding model, its
+ * steps), and the step detection's mark. */
+typedef struct kvt_cache_owner { uint64_t visits, seen_step; } kvt_cache_owner;
 
 typedef struct kvt_cache_ent {
     struct kvt_cache_ent *prev, *next; /* LRU list, most recent after the sentinel */
@@ -28,33 +41,67 @@ typedef struct kvt_cache_ent {
     uint32_t pins;                     /* > 0: in use, not evictable */
     uint32_t loading;                  /* a loader thread is filling it: rec not ready, n == 0 */
     uint32_t prefetched;               /* loaded by a prefetch and not yet used */
-    uint64_t uses, last_use, updated;  /* policy bookkeeping, in cache ticks */
+    uint64_t uses, last_use;           /* policy bookkeeping, in cache ticks */
+    struct kvt_cache_owner *os;        /* the owner's read counter */
+    uint64_t use_visit;                /* the owner's read count at the entry's last read */
+    uint64_t upd_step;                 /* step of the last update + 1 (0: never) */
+    float heat;                        /* owner reads it was read in, decayed (as of use_visit) */
     size_t esz;
     uint8_t *rec;
 } kvt_cache_ent;
 
 enum kvt_cache_policy { KVT_CACHE_LRU = 0, KVT_CACHE_LFU = 1, KVT_CACHE_CLUSTER = 2 };
 
+/* What reserved DRAM is for (kvt_store_stats reports each, and its peak): the resident index
+ * (directory, representatives, id map, pool table, token-level keys), cached clusters,
+ * pending buffers (entries waiting in DRAM: write-buffer tails and adaptive pending entries),
+ * and transient buffers of one operation (add staging, reads, split scratch). */
+enum kvt_use { KVT_USE_INDEX = 0, KVT_USE_CACHE = 1, KVT_USE_PENDING = 2, KVT_USE_BUFFERS = 3, KVT_USES = 4 };
+
+/* The capacity an array grown by the engine's rule reaches from cap when it must hold need
+ * elements (1.5x, 1.25x past 128K elements). kvt_estimate sizes arrays by the same rule. */
+uint64_t kvt_grow_step(uint64_t cap, uint64_t need);
+
+/* An add larger than the budget can stage is consumed in chunks; no chunk is smaller than
+ * this many entries (or the whole add), so the minimum budget covers staging one. */
+#define KVT_ADD_CHUNK_MIN 256u
+
 typedef struct kvt_cache {
     uint64_t budget, used, peak;
+    uint64_t use[KVT_USES], use_peak[KVT_USES]; /* used split by enum kvt_use */
+    uint64_t fixed_peak;               /* the peak of used - use[KVT_USE_CACHE] */
     int policy;
     uint64_t tick;
+    uint64_t step;                     /* decoding steps (kvt_cache_step, or detected) */
+    int explicit_steps;                /* the caller marks steps: no detection */
     double reserve_share;              /* cluster policy: budget share kept for recent updates */
-    uint64_t recent_ticks;             /* ... updated within this many ticks */
+    uint32_t recent_steps;             /* ... updated within this many steps */
+    uint32_t half_life;                /* cluster policy: heat halves over this many steps */
+    float decay[KVT_HEAT_HORIZON + 1]; /* decay[d] = 2^(-d / half_life) */
     uint64_t cache_bytes, cached, hits, misses, evictions;
     kvt_cache_ent lru;                 /* sentinel */
-    /* Called when an entry is evicted, so the owner can forget it. */
-    void (*on_evict)(void *owner, uint32_t cluster);
+    /* Called when an entry is evicted, so the owner can forget it (and keep its heat). */
+    void (*on_evict)(void *owner, const struct kvt_cache_ent *e);
+    /* An admitted cluster's heat and last read (owner reads) when it was last evicted, if the
+     * owner remembers them: returns 1 and sets both, else 0. NULL: no memory. */
+    int (*history)(void *owner, uint32_t cluster, float *heat, uint64_t *visit);
+    /* The owner's read counter (set by the store; NULL: one shared counter, `step`). */
+    kvt_cache_owner *(*owner_state)(void *owner);
 } kvt_cache;
 
-void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, uint32_t));
+void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, const kvt_cache_ent *));
 /* Frees every entry (without calling on_evict). */
 void kvt_cache_destroy(kvt_cache *c);
 
-/* Reserves bytes of the budget, evicting unpinned clusters as needed. KVT_EBUDGET if it
- * cannot. */
-int kvt_mem_reserve(kvt_cache *c, uint64_t bytes);
-void kvt_mem_release(kvt_cache *c, uint64_t bytes);
+/* Reserves bytes of the budget for a use (enum kvt_use), evicting unpinned clusters as
+ * needed. KVT_EBUDGET if it cannot, with a message saying what holds the budget. */
+int kvt_mem_reserve_as(kvt_cache *c, int use, uint64_t bytes);
+void kvt_mem_release_as(kvt_cache *c, int use, uint64_t bytes);
+/* ... for transient buffers (KVT_USE_BUFFERS) */
+static inline int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) { return kvt_mem_reserve_as(c, KVT_USE_BUFFERS, bytes); }
+static inline void kvt_mem_release(kvt_cache *c, uint64_t bytes) { kvt_mem_release_as(c, KVT_USE_BUFFERS, bytes); }
+/* Restarts the peaks from the current values. */
+void kvt_mem_reset_peaks(kvt_cache *c);
 
 /* A new entry with room for n records (reserved and allocated), pinned, at the MRU end, or
  * NULL when the budget cannot hold it without evicting pinned entries. */
@@ -64,6 +111,12 @@ int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra);
 void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e);
 /* Marks an entry as just updated (appended to, or made by a split). */
 void kvt_cache_updated(kvt_cache *c, kvt_cache_ent *e);
+/* Ends a decoding step; from the first call on, steps are only counted this way. */
+void kvt_cache_step(kvt_cache *c);
+/* An owner (a collection) is about to read clusters: counts its read. Until the caller marks
+ * steps, an owner read twice in one step starts the next step: decoding reads each layer once
+ * per step. */
+void kvt_cache_owner_read(kvt_cache *c, kvt_cache_owner *o);
 /* Removes and frees an entry (no on_evict call). */
 void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e);
 /* Drops every entry owned by `owner`. */

@@ -80,6 +80,9 @@ typedef struct selection { float *scores, *q2; uint32_t *idx; uint64_t reserved;
 /* store.c */
 int kvt_grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t need);
 void kvt_free_array(kvt_coll *c, void *p, uint64_t cap, size_t size);
+/* ... for a use of the budget (enum kvt_use: pending buffers are KVT_USE_PENDING) */
+int kvt_grow_as(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, uint64_t need);
+void kvt_free_as(kvt_coll *c, int use, void *p, uint64_t cap, size_t size);
 int kvt_ensure_clusters(kvt_coll *c, uint32_t need);
 int kvt_ensure_segs(kvt_coll *c, kvt_cluster *k, uint32_t need);
 int kvt_ensure_mem(kvt_coll *c, kvt_cluster *k, uint32_t need);

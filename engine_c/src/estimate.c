@@ -26,8 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common.h"
-#include "estimate.h"
+#include "coll.h"
 
 int kvt_vsum_kept(const kvt_coll *c) {
     return c->p.value_sums && c->p.value_dim > 0 && c->p.policy != KVT_POLICY_NONE;
@@ -57,14 +56,6 @@ void kvt_vsum_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_
 
 /* candidates in descending score, ties by index; runs under the store mutex, which also
  * guards the comparator's static */
-static const float *est_scores;
-static int est_desc(const void *a, const void *b) {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    float sx = est_scores[x], sy = est_scores[y];
-    if (sx != sy) return sx < sy ? 1 : -1;
-    return x < y ? -1 : 1;
-}
-
 int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, const uint32_t *taken, uint64_t ntaken,
                  int64_t want, double scale, int variance, float *lse, float *val, uint64_t *ncl_out, uint64_t *nent_out) {
     const kvt_kernels *K = c->st->K;
@@ -88,8 +79,8 @@ int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, 
     for (uint32_t j = 0; j < c->ncl; j++)
         if (!mark[j] && c->cl[j].n) zone[m++] = j;
     if (want > 0 && (uint64_t)want < m) { /* the best `want` of the rest, as the ranking goes */
-        est_scores = scores;
-        qsort(zone, m, 4, est_desc);
+        for (uint32_t j = 0; j < c->ncl; j++) s[j] = !mark[j] && c->cl[j].n ? scores[j] : -INFINITY;
+        kvt_top_by_score(zone, c->ncl, (uint32_t)want, s); /* the excluded rank last */
         m = (uint32_t)want;
     }
     for (uint32_t t = 0; t < m; t++) {

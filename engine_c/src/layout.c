@@ -225,7 +225,7 @@ void kvt_retire_segs(kvt_coll *c, seg_save s) {
 void kvt_free_pending(kvt_coll *c, kvt_cluster *k) {
     c->pending_total -= k->pend;
     if (!k->flagged) c->tail_total -= k->pend;
-    kvt_free_array(c, k->pbuf, k->pcap, c->L.esz);
+    kvt_free_as(c, KVT_USE_PENDING, k->pbuf, k->pcap, c->L.esz);
     k->pbuf = NULL;
     k->pend = k->pcap = 0;
 }
@@ -294,12 +294,12 @@ void kvt_count_coretrieval(kvt_coll *c, const uint32_t *sel, uint64_t nsel) {
     if (!c->cofreq) {
         c->nco = c->ncl;
         uint64_t bytes = (uint64_t)c->nco * c->nco * sizeof(uint16_t);
-        if (c->nco > KVT_COLOCATE_MAX || kvt_mem_reserve(&c->st->cache, bytes)) {
+        if (c->nco > KVT_COLOCATE_MAX || kvt_mem_reserve_as(&c->st->cache, KVT_USE_INDEX, bytes)) {
             c->retrieves = c->p.colocate_after; /* too many clusters or no room: never */
             return;
         }
         if (!(c->cofreq = calloc((size_t)c->nco * c->nco, sizeof(uint16_t)))) {
-            kvt_mem_release(&c->st->cache, bytes);
+            kvt_mem_release_as(&c->st->cache, KVT_USE_INDEX, bytes);
             c->retrieves = c->p.colocate_after;
             return;
         }
@@ -400,7 +400,7 @@ int kvt_relayout(kvt_coll *c) {
 spent: /* the counts are spent either way */
     free(c->cofreq);
     c->cofreq = NULL;
-    kvt_mem_release(&s->cache, (uint64_t)c->nco * c->nco * sizeof(uint16_t));
+    kvt_mem_release_as(&s->cache, KVT_USE_INDEX, (uint64_t)c->nco * c->nco * sizeof(uint16_t));
     c->acct -= (uint64_t)c->nco * c->nco * sizeof(uint16_t);
     c->retrieves = c->p.colocate_after;
     return rc;

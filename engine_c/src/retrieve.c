@@ -157,6 +157,7 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     }
     fill_ctx fx = {r, &c->L, (const uint64_t *)sel.scores};
     kvt_io_batch_begin(&s->io);
+    kvt_cache_owner_read(&s->cache, &c->cache_state);
     if (!rc) rc = kvt_visit_clusters(c, idx, (uint32_t)taken, fill_result, &fx);
     if (!rc) kvt_count_coretrieval(c, idx, taken);
     kvt_io_batch_end(&s->io);

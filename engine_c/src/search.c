@@ -137,6 +137,7 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
                 heap_push(ids_out + i * k, scores_out + i * k, &fill[i], k, (int64_t)e,
                           entry_score(c, c->keys + e * c->L.key_bytes, q + i * c->p.dim, x));
     }
+    if (c->p.policy != KVT_POLICY_NONE) kvt_cache_owner_read(&s->cache, &c->cache_state);
     for (uint64_t b0 = 0; b0 < nq && !rc && c->p.policy != KVT_POLICY_NONE; b0 += B) {
         uint64_t b1 = b0 + B < nq ? b0 + B : nq, np = 0;
         for (uint64_t i = b0; i < b1; i++) {

@@ -28,10 +28,25 @@
 
 #include "coll.h"
 
-static void on_evict(void *owner, uint32_t cluster) {
+static void on_evict(void *owner, const kvt_cache_ent *e) {
     kvt_coll *c = owner;
-    c->cl[cluster].ent = NULL;
+    kvt_cluster *k = &c->cl[e->cluster];
+    k->ent = NULL;
+    k->heat = e->heat; /* remembered, so that a cluster read again comes back as hot as it was */
+    k->heat_visit = (uint32_t)e->use_visit;
 }
+
+static int history(void *owner, uint32_t cluster, float *heat, uint64_t *visit) {
+    kvt_coll *c = owner;
+    kvt_cluster *k = &c->cl[cluster];
+    if (k->heat <= 0) return 0;
+    *heat = k->heat;
+    /* the read count as of now, less the reads since (32 bits of them are kept) */
+    *visit = c->cache_state.visits - (uint32_t)((uint32_t)c->cache_state.visits - k->heat_visit);
+    return 1;
+}
+
+static kvt_cache_owner *owner_state(void *owner) { return &((kvt_coll *)owner)->cache_state; }
 
 /* ---- store -------------------------------------------------------------------------------- */
 
@@ -49,6 +64,8 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     pthread_cond_init(&s->done_cv, NULL);
     kvt_io_init(&s->io, &opts->device, opts->direct);
     kvt_cache_init(&s->cache, opts->dram_budget, on_evict);
+    s->cache.owner_state = owner_state;
+    s->cache.history = history;
     s->K = kvt_simd();
     s->merge_gap = opts->merge_gap;
     s->write_buffer = opts->write_buffer;
@@ -80,7 +97,8 @@ static void coll_free(kvt_coll *c) {
     free(c->keys);
     kvt_pools_free(&c->pools);
     kvt_file_close(c->f);
-    kvt_mem_release(&c->st->cache, c->acct);
+    kvt_mem_release_as(&c->st->cache, KVT_USE_INDEX, c->acct);
+    kvt_mem_release_as(&c->st->cache, KVT_USE_PENDING, c->acct_pend);
     free(c);
 }
 
@@ -135,6 +153,14 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     o->dram_bytes = s->cache.used;
     o->dram_budget = s->cache.budget;
     o->dram_peak_bytes = s->cache.peak;
+    o->dram_index_bytes = s->cache.use[KVT_USE_INDEX];
+    o->dram_pending_bytes = s->cache.use[KVT_USE_PENDING];
+    o->dram_buffer_bytes = s->cache.use[KVT_USE_BUFFERS];
+    o->dram_index_peak = s->cache.use_peak[KVT_USE_INDEX];
+    o->dram_cache_peak = s->cache.use_peak[KVT_USE_CACHE];
+    o->dram_pending_peak = s->cache.use_peak[KVT_USE_PENDING];
+    o->dram_buffer_peak = s->cache.use_peak[KVT_USE_BUFFERS];
+    o->dram_fixed_peak = s->cache.fixed_peak;
     o->cache_bytes = s->cache.cache_bytes;
     o->cached_clusters = s->cache.cached;
     o->cache_hits = s->cache.hits;
@@ -183,7 +209,16 @@ int kvt_store_reset_io_stats(kvt_store *s) {
     s->swap_read_bytes = s->swap_write_bytes = 0;
     s->swap_ins = s->swap_outs = s->swap_demand_ins = 0;
     s->cache.hits = s->cache.misses = s->cache.evictions = 0;
-    s->cache.peak = s->cache.used;
+    kvt_mem_reset_peaks(&s->cache);
+    UNLOCK(s);
+    return 0;
+}
+
+int kvt_store_step(kvt_store *s) {
+    kvt_clear_error();
+    if (!s) return kvt_fail(KVT_EINVAL, "store_step: NULL store");
+    LOCK(s);
+    kvt_cache_step(&s->cache);
     UNLOCK(s);
     return 0;
 }
@@ -196,51 +231,75 @@ int kvt_store_inject_fault(kvt_store *s, char op, uint64_t nth, int code) {
 
 /* ---- accounting helpers ------------------------------------------------------------------ */
 
-/* Grows *ptr (elements of `size`) to at least `need` elements, reserving the growth against
- * the budget first. New elements are zeroed. */
-int kvt_grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
-    if (need <= *cap) return 0;
-    /* 1.5x growth, 1.25x past 128K elements: the id map is the largest structure, and doubling
-     * it would spend up to half of it as slack against a tight budget. The step depends on the
-     * element count only, so arrays grown in step (the per-cluster ones) keep equal capacities
-     * whatever their element sizes. */
-    uint64_t nc = *cap ? *cap : (need < 4 ? 4 : need);
-    while (nc < need) nc += (nc > (1u << 17) ? nc / 4 : nc / 2) + 1; /* big ones: 1.25x */
-    uint64_t more = (nc - *cap) * size;
-    int rc = kvt_mem_reserve(&c->st->cache, more);
+/* Grows *ptr (elements of `size`) to exactly `target` elements, reserving the growth against
+ * the budget for `use` first. New elements are zeroed. */
+static int grow_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, uint64_t target) {
+    if (target <= *cap) return 0;
+    uint64_t more = (target - *cap) * size;
+    int rc = kvt_mem_reserve_as(&c->st->cache, use, more);
     if (rc) return rc;
-    void *p = realloc(*ptr, nc * size);
+    void *p = realloc(*ptr, target * size);
     if (!p) {
-        kvt_mem_release(&c->st->cache, more);
-        return kvt_fail(ENOMEM, "out of memory growing an array to %llu elements", (unsigned long long)nc);
+        kvt_mem_release_as(&c->st->cache, use, more);
+        return kvt_fail(ENOMEM, "out of memory growing an array to %llu elements", (unsigned long long)target);
     }
     memset((char *)p + *cap * size, 0, more);
     *ptr = p;
-    *cap = nc;
-    c->acct += more;
+    *cap = target;
+    if (use == KVT_USE_PENDING) c->acct_pend += more;
+    else c->acct += more;
     return 0;
 }
 
-/* Frees an array grown by grow_array and returns its bytes to the budget. */
-void kvt_free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) {
-    free(p);
-    kvt_mem_release(&c->st->cache, cap * size);
-    c->acct -= cap * size;
+/* The capacity to grow an array of elem_bytes per element to, for need elements: the growth
+ * step (kvt_grow_step: 1.5x, 1.25x past 128K elements, so that the id map, the largest
+ * structure, does not spend half of itself as slack) when the budget has room for it, else
+ * exactly need: slack is never what makes an operation fail. */
+static uint64_t grow_target(kvt_coll *c, int use, uint64_t cap, uint64_t need, uint64_t elem_bytes) {
+    uint64_t nc = kvt_grow_step(cap, need);
+    if (nc == need) return need;
+    if (kvt_mem_reserve_as(&c->st->cache, use, (nc - cap) * elem_bytes)) {
+        kvt_clear_error();
+        return need;
+    }
+    kvt_mem_release_as(&c->st->cache, use, (nc - cap) * elem_bytes);
+    return nc;
 }
+
+int kvt_grow_as(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
+    if (need <= *cap) return 0;
+    return grow_to(c, use, ptr, size, cap, grow_target(c, use, *cap, need, size));
+}
+int kvt_grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
+    return kvt_grow_as(c, KVT_USE_INDEX, ptr, size, cap, need);
+}
+
+/* Frees an array grown by kvt_grow_as and returns its bytes to the budget. */
+void kvt_free_as(kvt_coll *c, int use, void *p, uint64_t cap, size_t size) {
+    free(p);
+    kvt_mem_release_as(&c->st->cache, use, cap * size);
+    if (use == KVT_USE_PENDING) c->acct_pend -= cap * size;
+    else c->acct -= cap * size;
+}
+void kvt_free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) { kvt_free_as(c, KVT_USE_INDEX, p, cap, size); }
 
 int kvt_ensure_clusters(kvt_coll *c, uint32_t need) {
     if (need <= c->clcap) return 0;
     uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap, cap4 = c->clcap, cap5 = c->clcap;
-    int rc = kvt_grow_array(c, (void **)&c->cl, sizeof *c->cl, &cap, need);
-    if (!rc) rc = kvt_grow_array(c, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap2, need);
-    if (!rc) rc = kvt_grow_array(c, (void **)&c->cnorm, sizeof(float), &cap3, need);
-    /* per-dimension variances only serve the Gaussian score: kept only when it is on */
-    if (!rc && c->p.score_temp > 0) rc = kvt_grow_array(c, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, need);
-    /* estimate.c: value sums beside the representatives */
-    if (!rc && kvt_vsum_kept(c)) rc = kvt_grow_array(c, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, need);
+    /* per-dimension variances only serve the Gaussian score: kept only when it is on;
+     * estimate.c: value sums beside the representatives */
+    int m2d = c->p.score_temp > 0, vs = kvt_vsum_kept(c);
+    uint64_t per = sizeof *c->cl + (uint64_t)c->p.dim * sizeof(float) * (1 + m2d) + sizeof(float) +
+                   (vs ? (uint64_t)c->p.value_dim * sizeof(float) : 0);
+    uint64_t to = grow_target(c, KVT_USE_INDEX, c->clcap, need, per); /* one capacity for all */
+    int rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cl, sizeof *c->cl, &cap, to);
+    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap2, to);
+    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap3, to);
+    if (!rc && m2d) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, to);
+    if (!rc && vs) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, to);
     if (rc) return rc;
     for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
-    c->clcap = (uint32_t)cap; /* all grew by the same rule (it counts elements) from the same capacity */
+    c->clcap = (uint32_t)cap; /* all grew to the same capacity */
     return 0;
 }
 
@@ -277,7 +336,7 @@ int kvt_rebuild_members(kvt_coll *c) {
 
 int kvt_ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need) {
     uint64_t cap = k->pcap;
-    int rc = kvt_grow_array(c, (void **)&k->pbuf, c->L.esz, &cap, need);
+    int rc = kvt_grow_as(c, KVT_USE_PENDING, (void **)&k->pbuf, c->L.esz, &cap, need);
     k->pcap = (uint32_t)cap;
     return rc;
 }
@@ -287,11 +346,11 @@ int kvt_ensure_pools(kvt_coll *c, uint32_t need) {
     uint32_t old = c->pools.cap, nc = old ? old : 16;
     while (nc < need) nc *= 2;
     uint64_t more = (uint64_t)(nc - old) * KVT_POOL_BYTES;
-    int rc = kvt_mem_reserve(&c->st->cache, more);
+    int rc = kvt_mem_reserve_as(&c->st->cache, KVT_USE_INDEX, more);
     if (rc) return rc;
     rc = kvt_pools_reserve(&c->pools, nc);
     if (rc) {
-        kvt_mem_release(&c->st->cache, more);
+        kvt_mem_release_as(&c->st->cache, KVT_USE_INDEX, more);
         return rc;
     }
     c->acct += more;
@@ -319,6 +378,7 @@ int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
     k->n = k->nseg = k->pend = k->flagged = k->hold = 0;
     k->m2 = 0;
     k->ent = NULL;
+    k->heat = 0;
     c->cnorm[j] = FLT_MAX;
     if (c->m2d) memset(c->m2d + (size_t)j * c->p.dim, 0, (size_t)c->p.dim * 4);
     kvt_vsum_clear(c, j);

@@ -31,6 +31,10 @@ typedef struct kvt_cluster {
     uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
     uint32_t memcap;
     uint64_t wtick;        /* the collection's append clock at the cluster's last append */
+    /* the cache policy's memory of the cluster while it is not cached: its heat and the
+     * collection's read count when it was last read (cache.h, kvt_cache_owner) */
+    float heat;
+    uint32_t heat_visit;
 } kvt_cluster;
 
 typedef struct kvt_loc { uint32_t cl, idx; } kvt_loc;
@@ -112,13 +116,15 @@ struct kvt_coll {
     uint32_t nco, retrieves;
     kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
     uint32_t inflight;          /* prefetch jobs queued or running */
-    uint64_t acct;              /* budget bytes reserved for the structures above */
+    uint64_t acct;              /* budget bytes reserved for the structures above (KVT_USE_INDEX) */
+    uint64_t acct_pend;         /* ... for pending buffers (KVT_USE_PENDING) */
     /* parked: cl, cent, cnorm, m2d, vsum, loc, keys, cofreq and cached clusters live only in the
      * swap image [swap_off, swap_off + swap_len); ncl, n and the pool table stay */
     int parked;
     uint64_t swap_off, swap_len;
     kvt_coll_stats parked_stats; /* its cluster statistics when it was parked */
     uint64_t resident_tick;     /* cache tick when it was last brought in (0: never parked) */
+    kvt_cache_owner cache_state; /* its reads, as the cache policy counts them */
 };
 
 #define KVT_NONE UINT32_MAX

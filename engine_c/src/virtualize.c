@@ -61,7 +61,8 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  * checkpoint had made durable.
  *
  *   "KVTSWAP1" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
- *   per cluster: u32 n, nseg, pend, flagged, hold; f64 m2; nseg x (u32 pool, head, n);
+ *   per cluster: u32 n, nseg, pend, flagged, hold; f32 heat, u32 heat_visit (its cache
+ *                entry's when cached); f64 m2; nseg x (u32 pool, head, n);
  *                pend records (its pending buffer)
  *   ncl x dim f32 representatives [, ncl x dim f32 per-dimension m2]
  *   [, ncl x value_dim f32 value sums (estimate.c)]
@@ -69,7 +70,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
  *   u32 CRC-32C of all the above, then zeros to the I/O alignment
  */
-#define SWAP_MAGIC "KVTSWAP1"
+#define SWAP_MAGIC "KVTSWAP2"
 
 /* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
  * I/O alignment, so the image's zero tail always fits in it). */
@@ -131,6 +132,11 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
         kvt_cluster *k = &c->cl[j];
         uint32_t f[5] = {k->n, k->nseg, k->pend, k->flagged, k->hold};
         sw_put(w, f, sizeof f);
+        /* the cache policy's memory of it: re-admitted, it is as hot as it was */
+        float heat = k->ent ? k->ent->heat : k->heat;
+        uint32_t hv = k->ent ? (uint32_t)k->ent->use_visit : k->heat_visit;
+        sw_put(w, &heat, 4);
+        sw_u32(w, hv);
         sw_put(w, &k->m2, 8);
         for (uint32_t g = 0; g < k->nseg; g++) {
             uint32_t sg[3] = {k->segs[g].pool, k->segs[g].head, k->segs[g].n};
@@ -216,7 +222,7 @@ static void drop_resident(kvt_coll *c) {
     for (uint32_t j = 0; j < c->clcap; j++) {
         kvt_cluster *k = &c->cl[j];
         if (k->segs) kvt_free_array(c, k->segs, k->segcap, sizeof(kvt_seg));
-        if (k->pbuf) kvt_free_array(c, k->pbuf, k->pcap, c->L.esz);
+        if (k->pbuf) kvt_free_as(c, KVT_USE_PENDING, k->pbuf, k->pcap, c->L.esz);
         if (k->mem) kvt_free_array(c, k->mem, k->memcap, sizeof *k->mem);
     }
     kvt_free_array(c, c->cl, c->clcap, sizeof *c->cl);
@@ -311,6 +317,8 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         memset(k, 0, sizeof *k);
         uint32_t f[5];
         kvt_rbuf_get(&r, f, sizeof f);
+        kvt_rbuf_get(&r, &k->heat, 4);
+        k->heat_visit = kvt_rbuf_u32(&r);
         kvt_rbuf_get(&r, &k->m2, 8);
         k->n = f[0];
         k->flagged = f[3];

@@ -13,6 +13,10 @@ every layer, the post-RoPE query, key and value states it receives. Traces are c
   gives the length of the chat prompt alone.
 - **W2 document + continuation**: the text of ``pydoc_data.topics`` (values in sorted key
   order), the first ``prefill + decode`` tokens, one teacher-forced forward pass.
+- **W3 multi-turn**: one conversation of several W1-style turns: the W1 prompt and a sampled
+  answer, then follow-up user turns (``W3_FOLLOW_UPS``), each followed by a sampled answer,
+  teacher-forced like W1. ``meta["user_spans"]`` gives the follow-up turns' positions: a
+  replay adds them as a prefill chunk, without decoding steps.
 - **W4 generic vectors**: see :func:`w4_vectors` (built from W1 traces).
 
 Python use::
@@ -68,7 +72,7 @@ def _default_cache_dir() -> Path:
 
 
 DEFAULT_CACHE_DIR = _default_cache_dir()
-WORKLOADS = ("W1", "W2")
+WORKLOADS = ("W1", "W2", "W3")
 
 W1_PROMPT = (
     "Write a very long, detailed story about a lighthouse keeper on a remote island who "
@@ -84,6 +88,17 @@ W1_PROMPT = (
 # continuous assistant turn.
 W1_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "no_repeat_ngram_size": 8}
 W2_SOURCE = "pydoc_data.topics.topics (values in sorted key order, joined by newlines)"
+# W3: one conversation of several W1-style turns. Each follow-up is appended as a user turn
+# after the previous answer, and each answer is sampled like W1's (same sampling, special
+# tokens suppressed) for an equal share of the remaining length; the last answer runs to the
+# end of the sequence.
+W3_FOLLOW_UPS = (
+    "Now retell the arrival of the ship from the point of view of its youngest sailor, and "
+    "keep the names and places you used so far.",
+    "What happens to the keeper after the storm? Continue the story in detail, with dialogue.",
+    "Go back to the secret the crew carried: reveal it slowly, chapter by chapter, and do not "
+    "stop early.",
+)
 
 # Logits are computed in chunks of this many positions (for the sequence's NLL) so that an
 # 8K-token pass never materialises the full [T, vocab] logits matrix.
@@ -311,20 +326,14 @@ def w1_prompt_tokens() -> np.ndarray:
     return np.asarray(encoded["input_ids"], np.int64).reshape(-1)
 
 
-def w1_tokens(total: int, seed: int, progress: bool = True) -> tuple[np.ndarray, int]:
-    """Sample a W1 sequence of ``total`` tokens; return (tokens, prompt length)."""
+def _sample(ids, n_new: int, desc: str, progress: bool):
+    """``ids`` (a [1, T] tensor) followed by ``n_new`` tokens sampled as W1 samples."""
     import torch
 
     model, tokenizer = load_model()
-    prompt = w1_prompt_tokens()
-    n_new = total - prompt.size
-    if n_new < 1:
-        raise ValueError(f"W1 needs more than the {prompt.size}-token prompt, asked for {total}")
-    ids = torch.from_numpy(prompt)[None, :]
-    streamer = _TqdmStreamer(n_new, "W1 sampling") if progress else None
-    torch.manual_seed(seed)
+    streamer = _TqdmStreamer(n_new, desc) if progress else None
     with torch.inference_mode():
-        out = model.generate(
+        return model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=True,
@@ -334,10 +343,51 @@ def w1_tokens(total: int, seed: int, progress: bool = True) -> tuple[np.ndarray,
             streamer=streamer,
             **W1_SAMPLING,
         )
-    tokens = out[0].numpy()
+
+
+def w1_tokens(total: int, seed: int, progress: bool = True) -> tuple[np.ndarray, int]:
+    """Sample a W1 sequence of ``total`` tokens; return (tokens, prompt length)."""
+    import torch
+
+    prompt = w1_prompt_tokens()
+    n_new = total - prompt.size
+    if n_new < 1:
+        raise ValueError(f"W1 needs more than the {prompt.size}-token prompt, asked for {total}")
+    torch.manual_seed(seed)
+    tokens = _sample(torch.from_numpy(prompt)[None, :], n_new, "W1 sampling", progress)[0].numpy()
     if tokens.size != total:
         raise RuntimeError(f"generation produced {tokens.size} tokens, expected {total}")
     return tokens, int(prompt.size)
+
+
+def w3_tokens(total: int, prefill: int, seed: int, progress: bool = True) -> tuple[np.ndarray, int, list]:
+    """Sample a W3 conversation of ``total`` tokens: the W1 prompt and its answer, then each
+    follow-up of ``W3_FOLLOW_UPS`` as a user turn and its answer. The follow-ups start after
+    ``prefill`` (they are decoding-time user turns); returns (tokens, prompt length, user
+    spans as [start, stop) positions of the follow-up turns, template included)."""
+    import torch
+
+    _, tokenizer = load_model()
+    prompt = w1_prompt_tokens()
+    turns = [np.asarray(tokenizer("<|im_end|>\n<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n",
+                                  add_special_tokens=False).input_ids, np.int64) for q in W3_FOLLOW_UPS]
+    answers = total - prompt.size - sum(t.size for t in turns)
+    first = prefill - prompt.size + (answers - (prefill - prompt.size)) // (len(turns) + 1)
+    if first < 1 or answers - first < len(turns):
+        raise ValueError(f"W3 needs room for {len(turns) + 1} answers after a prefill of {prefill}, asked for {total}")
+    rest = answers - first
+    sizes = [first] + [rest // len(turns) + (i < rest % len(turns)) for i in range(len(turns))]
+    torch.manual_seed(seed)
+    ids = _sample(torch.from_numpy(prompt)[None, :], sizes[0], "W3 answer 1", progress)
+    spans = []
+    for i, turn in enumerate(turns):
+        spans.append([int(ids.shape[1]), int(ids.shape[1] + turn.size)])
+        ids = torch.cat([ids, torch.from_numpy(turn)[None, :]], dim=1)
+        ids = _sample(ids, sizes[i + 1], f"W3 answer {i + 2}", progress)
+    tokens = ids[0].numpy()
+    if tokens.size != total:
+        raise RuntimeError(f"W3 produced {tokens.size} tokens, expected {total}")
+    return tokens, int(prompt.size), spans
 
 
 def w2_text() -> str:
@@ -370,6 +420,8 @@ def _recipe(workload: str) -> dict[str, Any]:
     recipe: dict[str, Any] = {"format": TRACE_FORMAT_VERSION, "model_file": MODEL_FILE}
     if workload == "W1":
         recipe.update(prompt=W1_PROMPT, sampling=W1_SAMPLING)
+    elif workload == "W3":
+        recipe.update(prompt=W1_PROMPT, follow_ups=list(W3_FOLLOW_UPS), sampling=W1_SAMPLING)
     else:
         recipe.update(source=W2_SOURCE)
     return recipe
@@ -378,7 +430,7 @@ def _recipe(workload: str) -> dict[str, Any]:
 def trace_path(workload: str, prefill: int, decode: int, seed: int, cache: Path) -> Path:
     digest = hashlib.sha1(json.dumps(_recipe(workload), sort_keys=True).encode()).hexdigest()
     # W2 is deterministic text: the seed does not enter its name.
-    seed_part = f"-s{seed}" if workload == "W1" else ""
+    seed_part = f"-s{seed}" if workload in ("W1", "W3") else ""
     return cache / f"{workload}-p{prefill}-d{decode}{seed_part}-{digest[:8]}.npz"
 
 
@@ -412,6 +464,10 @@ def capture_trace(
     if workload == "W1":
         tokens, prompt_len = w1_tokens(total, seed, progress)
         meta["prompt_len"] = prompt_len
+    elif workload == "W3":
+        tokens, prompt_len, user_spans = w3_tokens(total, prefill, seed, progress)
+        meta["prompt_len"] = prompt_len
+        meta["user_spans"] = user_spans
     else:
         tokens = w2_tokens(total)
         meta["prompt_len"] = 0
@@ -492,7 +548,7 @@ def load_trace(
 ) -> Trace:
     """Return the trace for these parameters, capturing (and caching) it on a miss.
 
-    ``seed`` only matters for W1 (sampling). ``refresh=True`` recaptures even on a hit.
+    ``seed`` only matters for W1 and W3 (sampling). ``refresh=True`` recaptures even on a hit.
     """
     _check_args(workload, prefill, decode)
     path = trace_path(workload, prefill, decode, seed, resolve_cache_dir(cache_dir))
@@ -572,13 +628,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.capture", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--workload", choices=("W1", "W2", "W4"), default="W1")
+    parser.add_argument("--workload", choices=("W1", "W2", "W3", "W4"), default="W1")
     parser.add_argument("--prefill", type=int, default=512, help="context tokens (default 512)")
     parser.add_argument(
         "--decode", "--continuation", type=int, default=2048,
         help="decoded / continuation tokens after the prefill (default 2048)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed for W1 (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed for W1 and W3 (default 0)")
     parser.add_argument("--cache-dir", default=None, help="trace cache directory")
     parser.add_argument("--refresh", action="store_true", help="recapture even if cached")
     parser.add_argument("--show-text", type=int, default=0, metavar="N",

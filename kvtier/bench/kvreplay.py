@@ -12,6 +12,11 @@ attention recall is measured:
 with attention = softmax(q . k / sqrt(d)) over every position <= t, averaged over the query
 heads of the group (docs/design.md §8, "Metrics").
 
+Each decoding step ends with ``Store.step()``, as the torch adapter does, so the cache policy
+sees the model's steps. A multi-turn trace (W3) lists its user turns in
+``meta["user_spans"]``: their positions enter the store like any other, but they are a
+prefill chunk, not decoding steps, so nothing is retrieved (or stepped) there.
+
 With ``virtualize=True`` the replay runs layer by layer as decoding does, and keeps only the
 layers in use in DRAM (docs/design.md §2.3): when layer l starts, layer l+1's group is brought back
 from the swap area in the background (``Store.unpark(wait=False)``); when layer l is done,
@@ -137,6 +142,10 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
                 oracle.append(o)
                 per_layer[l].append(r)
 
+        user = np.zeros(T, bool)  # positions of user turns after the prefill (W3)
+        for a, b in trace.meta.get("user_spans", []):
+            user[a:b] = True
+        steps = [t for t in steps if not user[t]]
         it = range(P, T)
         if progress is not None:
             it = progress(it, desc=f"replay {policy}", unit="step")
@@ -144,7 +153,7 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
             # token t - window leaves the window and enters the store
             lo = in_store
             in_store = max(in_store, t - window + 1)
-            sampled = (t - P) % every == 0
+            sampled = (t - P) % every == 0 and not user[t]
             n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
             for i, l in enumerate(layers):
                 if virtualize:
@@ -156,6 +165,8 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
                     recall_layer(l, t, n_budget)
                 if virtualize:
                     store.park(group[l], keep_cache=park_keep_cache)
+            if not user[t]:
+                store.step()
 
         st = store.stats()
         cs = [c.stats() for c in colls.values()]

@@ -1,0 +1,241 @@
+"""A memory-bounded engine at phone-sized DRAM budgets: does it run, what does it cost, and
+did ``kvtier.estimate`` say so in advance.
+
+Three cases (issue 17):
+
+- ``small``: 49,152 entries of 64-d float16 keys and values (12.6 MB) in one collection at a
+  DRAM budget of 10% of the data, added in batches of 4096 and in one batch, for every
+  policy: whether the adds succeed, search recall@10 against exact top-10 (and the same run
+  at 64 MiB, side by side), the engine's DRAM peak by use against the budget, and the
+  estimate beside the measured peaks.
+- ``kv``: a captured SmolLM2 trace replayed as a KV cache (bench.kvreplay), 4 layers x 3 KV
+  heads, 10% fetch budget, UFS 4.0 profile, at 1 MiB and at 64 MiB of DRAM: recall of every
+  policy at both, and the I/O per decoding step.
+- ``large``: 1,048,576 entries of 64-d float16 at 5% of the data: ingest, search, reopen;
+  resident bytes per entry, and the process RSS growth beside the engine's accounting.
+
+The data of ``small`` and ``large`` is a Gaussian mixture (seeded): clustered like real keys,
+so recall measures the index and not the noise. Numbers are from one deterministic run per
+setting (the engine is deterministic; wall times are not reported as results).
+
+    python -m bench.memory --out bench/results [--cases small,kv,large]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+import kvtier
+from kvtier.bench.tables import md_table
+
+POLICIES = ("adaptive", "static", "local", "none")
+
+
+def mixture(n: int, d: int, seed: int, centers: int = 512):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d)).astype(np.float32) * 2.0
+    lab = rng.integers(0, centers, n)
+    keys = (c[lab] + rng.standard_normal((n, d)).astype(np.float32)).astype(np.float16)
+    vals = rng.standard_normal((n, d)).astype(np.float16)
+    q = (c[rng.integers(0, centers, 200)] + rng.standard_normal((200, d)).astype(np.float32))
+    return keys, vals, q.astype(np.float32)
+
+
+def exact_top(keys: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
+    kf = keys.astype(np.float32)
+    out = np.empty((len(q), k), np.int64)
+    for i in range(0, len(q), 50):
+        s = q[i:i + 50] @ kf.T
+        out[i:i + 50] = np.argsort(-s, axis=1)[:, :k]
+    return out
+
+
+def recall_at(ids: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(), truth.tolist())]))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_collection(keys, vals, q, truth, budget, policy, batch, coll_kwargs=None, reopen=False):
+    """Adds keys/values in batches into a fresh store, searches, optionally reopens and
+    searches again. Returns a result row."""
+    n, d = keys.shape
+    row = {"policy": policy, "batch": batch, "dram_budget": budget, "n": n}
+    est = kvtier.estimate(n, d, dtype="float16", policy=policy, dram_budget=budget, **(coll_kwargs or {}))
+    row["estimate"] = est.as_dict()
+    with tempfile.TemporaryDirectory(prefix="kvtier-mem-") as t:
+        rss0 = rss_bytes()
+        s = kvtier.open(t, dram_budget=budget, device="ufs4.0", direct_io=False)
+        try:
+            c = s.collection("c", dim=d, value_dim=d, dtype="float16", policy=policy, **(coll_kwargs or {}))
+            added, t0 = 0, time.perf_counter()
+            try:
+                for i in range(0, n, batch):
+                    c.add(keys[i:i + batch], vals[i:i + batch])
+                    added += len(keys[i:i + batch])
+                row["add"] = "ok"
+            except kvtier.BudgetError as e:
+                row["add"] = f"BudgetError after {added} entries: {e}"
+            row["add_s"] = time.perf_counter() - t0
+            row["added"] = added
+            st = s.stats()
+            row["after_add"] = {k: st[k] for k in ("dram_bytes", "dram_peak_bytes", "dram_by_use",
+                                                   "dram_peak_by_use", "dram_fixed_peak_bytes")}
+            if added == n:
+                hits = c.search(q, k=10)
+                row["recall@10"] = recall_at(hits.ids, truth)
+                cs = c.stats()
+                row["clusters"] = cs["clusters"]
+            st = s.stats()
+            row["dram_peak_bytes"] = st["dram_peak_bytes"]
+            row["dram_fixed_peak_bytes"] = st["dram_fixed_peak_bytes"]
+            row["dram_peak_by_use"] = st["dram_peak_by_use"]
+            row["index_bytes"] = st["dram_by_use"]["index"]
+            row["resident_bytes_per_entry"] = st["dram_by_use"]["index"] / max(added, 1)
+            row["rss_growth_bytes"] = rss_bytes() - rss0
+        finally:
+            s.close()
+        if reopen and row.get("add") == "ok":
+            rss1 = rss_bytes()
+            with kvtier.open(t, dram_budget=budget, device="ufs4.0", direct_io=False) as s2:
+                c2 = s2.collection("c")
+                row["reopen_count"] = len(c2)
+                hits = c2.search(q, k=10)
+                row["reopen_recall@10"] = recall_at(hits.ids, truth)
+                st = s2.stats()
+                row["reopen_dram_peak_bytes"] = st["dram_peak_bytes"]
+                row["reopen_index_bytes"] = st["dram_by_use"]["index"]
+            row["reopen_rss_growth_bytes"] = rss_bytes() - rss1
+    row["peak_within_budget"] = row["dram_peak_bytes"] <= budget
+    return row
+
+
+def case_small(policies, out_rows):
+    n, d = 49_152, 64
+    keys, vals, q = mixture(n, d, 0)
+    truth = exact_top(keys, q)
+    data = keys.nbytes + vals.nbytes
+    for policy in policies:
+        for batch in (4096, n):
+            for budget in (data // 10, 64 << 20):
+                r = run_collection(keys, vals, q, truth, budget, policy, batch)
+                r["case"] = "small"
+                r["dram_share"] = budget / data
+                out_rows.append(r)
+                print(f"small {policy:8s} batch {batch:6d} DRAM {budget:>9,}: {r['add'][:60]:60s} "
+                      f"recall@10 {r.get('recall@10', float('nan')):.3f} peak {r['dram_peak_bytes']:,} "
+                      f"fixed peak {r['dram_fixed_peak_bytes']:,} estimate min {r['estimate']['minimum']:,}", flush=True)
+
+
+def case_kv(policies, out_rows, layers, every):
+    from kvtier.bench.capture import load_trace
+    from kvtier.bench.kvreplay import replay
+    trace = load_trace("W1", prefill=512, decode=2048, progress=False)
+    n_per = trace.length
+    for policy in policies:
+        for dram in (1 << 20, 64 << 20):
+            row = {"case": "kv", "policy": policy, "dram_budget": dram, "layers": layers, "every": every}
+            est = kvtier.estimate(n_per, trace.head_dim, policy=policy, collections=len(layers) * trace.n_kv_heads,
+                                  dram_budget=dram)
+            row["estimate"] = est.as_dict()
+            try:
+                r = replay(trace, policy=policy, budget=0.1, layers=layers, every=every, dram_budget=dram,
+                           device="ufs4.0", direct_io=False, collect_stats=True)
+            except kvtier.BudgetError as e:
+                row["result"] = f"BudgetError: {e}"
+                print(f"kv {policy:8s} DRAM {dram:>9,}: {row['result'][:100]}", flush=True)
+                out_rows.append(row)
+                continue
+            st = r.extra["store"]
+            steps = max(1, r.retrieves // (len(layers) * trace.n_kv_heads))
+            row.update(result="ok", recall=r.recall, retrieves=r.retrieves,
+                       read_bytes_per_step=st["read_bytes"] / steps, read_ops_per_step=st["read_ops"] / steps,
+                       modeled_io_ms_per_step=st["modeled_io_seconds"] / steps * 1e3,
+                       dram_peak_bytes=st["dram_peak_bytes"], dram_fixed_peak_bytes=st["dram_fixed_peak_bytes"],
+                       dram_peak_by_use=st["dram_peak_by_use"])
+            out_rows.append(row)
+            print(f"kv {policy:8s} DRAM {dram:>9,}: recall {r.recall:.4f} read {row['read_bytes_per_step'] / 1024:.1f} "
+                  f"KiB/step modeled {row['modeled_io_ms_per_step']:.3f} ms/step peak {st['dram_peak_bytes']:,} "
+                  f"fixed peak {st['dram_fixed_peak_bytes']:,} estimate min {est.minimum:,}", flush=True)
+
+
+def case_large(out_rows, policy, coll_kwargs):
+    n, d = 1 << 20, 64
+    keys, vals, q = mixture(n, d, 1, centers=4096)
+    truth = exact_top(keys, q)
+    budget = (keys.nbytes + vals.nbytes) // 20
+    r = run_collection(keys, vals, q, truth, budget, policy, 65536, coll_kwargs=coll_kwargs, reopen=True)
+    r["case"] = "large"
+    r["collection_params"] = coll_kwargs
+    out_rows.append(r)
+    print(f"large {policy} {coll_kwargs} DRAM {budget:,}: {r['add'][:80]} recall@10 {r.get('recall@10', float('nan')):.3f} "
+          f"reopen {r.get('reopen_count')} peak {r['dram_peak_bytes']:,} resident {r['resident_bytes_per_entry']:.2f} B/entry "
+          f"RSS growth {r['rss_growth_bytes']:,} estimate min {r['estimate']['minimum']:,}", flush=True)
+
+
+def markdown(rows) -> str:
+    body = []
+    for r in rows:
+        res = r.get("add", r.get("result", ""))
+        res = "ok" if res == "ok" else res.split(":")[0]
+        rec = r.get("recall@10", r.get("recall"))
+        fixed = r.get("dram_fixed_peak_bytes")
+        em = r["estimate"]["minimum"]
+        body.append([r["case"], r["policy"], r.get("batch", ""), f"{r['dram_budget']:,}", res,
+                     "" if rec is None else f"{rec:.4f}", f"{r.get('dram_peak_bytes', 0):,}", f"{fixed or 0:,}",
+                     f"{em:,}", "" if not fixed else f"{em / fixed:.2f}"])
+    return md_table(["case", "policy", "batch", "DRAM budget", "result", "recall", "DRAM peak", "non-cache peak",
+                     "estimate min", "est/non-cache"], body, "llrrlrrrrr") + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="small,kv,large")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--layers", default="0,10,20,29")
+    ap.add_argument("--every", type=int, default=16)
+    ap.add_argument("--large-policy", default="adaptive")
+    ap.add_argument("--large-cluster-size", type=int, default=128,
+                    help="init_cluster_size of the large case (max_cluster_size twice it)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    rows = []
+    policies = a.policies.split(",")
+    cases = a.cases.split(",")
+    if "small" in cases:
+        case_small(policies, rows)
+    if "kv" in cases:
+        case_kv(policies, rows, [int(x) for x in a.layers.split(",")], a.every)
+    if "large" in cases:
+        cs = a.large_cluster_size
+        case_large(rows, a.large_policy, {"init_cluster_size": cs, "max_cluster_size": 2 * cs})
+    md = markdown(rows)
+    print(md)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        tag = "_".join(cases)
+        with open(os.path.join(a.out, f"memory_{tag}.json"), "w") as f:
+            json.dump({"args": vars(a), "rows": rows, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
+                      f, indent=1, default=str)
+        with open(os.path.join(a.out, f"memory_{tag}.md"), "w") as f:
+            f.write(f"# Memory-bounded engine\n\n`python -m bench.memory {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

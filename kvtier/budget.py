@@ -1,0 +1,108 @@
+"""Know before you run: how much DRAM a collection needs (``kvtier.estimate``).
+
+The numbers come from the engine (``kvt_estimate``), which sizes the same structures it
+reserves against the budget, so they cannot drift from what ``stats()`` later accounts.
+
+    >>> e = kvtier.estimate(49_152, dim=64, dtype="float16")
+    >>> e.minimum, e.recommended          # bytes
+    >>> print(e)                          # what each part is for
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from kvtier import _engine
+from kvtier.config import parse_size
+from kvtier.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """DRAM a store needs for ``collections`` collections of ``n_entries`` entries each.
+
+    ``minimum``: below it an operation raises :class:`kvtier.BudgetError`; at it the engine
+    works with an empty cache and without write buffers. ``recommended``: room for the index
+    to grow, the write buffers and pending entries, and a cache holding one retrieve of
+    ``fetch`` x the entries of every collection. ``index`` is what stays resident per
+    collection (directory, representatives, id map, pool table); ``keys`` the token-level
+    policy's resident keys (``none`` scans them from flash when they do not fit);
+    ``buffers`` the working memory of one add chunk or one cluster read; ``pending`` the
+    write buffer and adaptive pending entries; ``cache`` the recommended cache."""
+
+    n_entries: int
+    collections: int
+    entry_bytes: int
+    clusters: int
+    index: int
+    keys: int
+    buffers: int
+    pending: int
+    cache: int
+    minimum: int
+    recommended: int
+    resident_bytes_per_entry: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        per = f" x {self.collections} collections" if self.collections > 1 else ""
+        return (f"{self.n_entries:,} entries{per}, {self.entry_bytes} bytes each on flash, about "
+                f"{self.clusters:,} clusters per collection\n"
+                f"  minimum DRAM budget     {_size(self.minimum)} (index {_size(self.index)}"
+                f"{per}, buffers {_size(self.buffers)})\n"
+                f"  recommended DRAM budget {_size(self.recommended)} (adds index growth, keys "
+                f"{_size(self.keys)}, write/pending buffers {_size(self.pending)}, cache {_size(self.cache)})\n"
+                f"  resident index: {self.resident_bytes_per_entry:.1f} bytes per entry")
+
+
+def _size(b: int) -> str:
+    for unit, s in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if b >= 1 << s:
+            return f"{b / (1 << s):.2f} {unit}"
+    return f"{b} B"
+
+
+# the collection parameters estimate() takes, with Store.collection's defaults
+PARAMS = dict(metric=None, init_cluster_size=32, max_cluster_size=64, kmeans_iters=10, seed=0,
+              nprobe=None, tau=None, tau_factor=3.0, pending_budget=16, local_window=64,
+              local_cluster_size=16, score_temp=0.0, colocate_after=0, layout=None)
+
+
+def estimate(n_entries: int, dim: int, value_dim: Optional[int] = None, dtype="float16",
+             policy: str = "adaptive", *, collections: int = 1, fetch: float = 0.1,
+             dram_budget=None, write_buffer=None, **collection_params) -> Estimate:
+    """The minimum and the recommended DRAM budget for ``collections`` collections of
+    ``n_entries`` entries each, created with these parameters (as ``Store.collection`` takes
+    them). ``write_buffer`` (bytes, shared by the collections) defaults as ``kvtier.open``
+    does: a thirty-second of ``dram_budget``, or of the recommended budget when none is
+    given. ``fetch`` is the share of entries a retrieve fetches, for the recommended cache."""
+    from kvtier.store import Store, _positive_int
+
+    n = _positive_int("n_entries", n_entries, 0, 1 << 40)
+    ncoll = _positive_int("collections", collections, 1, 1 << 20)
+    if isinstance(fetch, bool) or not isinstance(fetch, (int, float)) or not 0 <= fetch <= 1:
+        raise InvalidArgumentError(f"fetch: a share in [0, 1] expected, got {fetch!r}")
+    defaults = dict(PARAMS)
+    unknown = set(collection_params) - set(defaults)
+    if unknown:
+        raise InvalidArgumentError(f"{sorted(unknown)[0]}: not a collection parameter")
+    defaults.update(collection_params)
+    params = Store._new_params(dim, value_dim, dtype, defaults.pop("metric"), policy, **defaults)
+    budget = None if dram_budget is None else parse_size(dram_budget, "dram_budget")
+    wb = None if write_buffer is None else parse_size(write_buffer, "write_buffer")
+    share = (wb if wb is not None else budget // 32 if budget is not None else 0) // ncoll
+    e = _engine.budget_estimate(params, n, share, float(fetch))
+    buffers = e["buffers"]
+    index = e["index"] * ncoll
+    minimum = index + buffers
+    pending = e["pending"] * ncoll
+    rec = (e["index_grown"] + e["keys"] + e["pending"] + e["cache"]) * ncoll + buffers
+    if wb is None and budget is None:  # the default write buffer is a 32nd of the budget
+        rec = rec * 32 // 31 + 1
+        pending += rec // 32
+    return Estimate(n_entries=n, collections=ncoll, entry_bytes=e["entry_bytes"], clusters=e["clusters"],
+                    index=index, keys=e["keys"] * ncoll, buffers=buffers, pending=pending,
+                    cache=e["cache"] * ncoll, minimum=minimum, recommended=max(rec, minimum),
+                    resident_bytes_per_entry=e["resident_per_entry"])
