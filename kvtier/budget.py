@@ -15,6 +15,7 @@ from typing import Optional
 from kvtier import _engine
 from kvtier.config import parse_size
 from kvtier.errors import InvalidArgumentError
+from kvtier.params import new_params, positive_int
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,8 @@ def estimate(n_entries: int, dim: int, value_dim: Optional[int] = None, dtype="f
     them). ``write_buffer`` (bytes, shared by the collections) defaults as ``kvtier.open``
     does: a thirty-second of ``dram_budget``, or of the recommended budget when none is
     given. ``fetch`` is the share of entries a retrieve fetches, for the recommended cache."""
-    from kvtier.store import Store, _positive_int
-
-    n = _positive_int("n_entries", n_entries, 0, 1 << 40)
-    ncoll = _positive_int("collections", collections, 1, 1 << 20)
+    n = positive_int("n_entries", n_entries, 0, 1 << 40)
+    ncoll = positive_int("collections", collections, 1, 1 << 20)
     if isinstance(fetch, bool) or not isinstance(fetch, (int, float)) or not 0 <= fetch <= 1:
         raise InvalidArgumentError(f"fetch: a share in [0, 1] expected, got {fetch!r}")
     defaults = dict(PARAMS)
@@ -89,7 +88,7 @@ def estimate(n_entries: int, dim: int, value_dim: Optional[int] = None, dtype="f
     if unknown:
         raise InvalidArgumentError(f"{sorted(unknown)[0]}: not a collection parameter")
     defaults.update(collection_params)
-    params = Store._new_params(dim, value_dim, dtype, defaults.pop("metric"), policy, **defaults)
+    params = new_params(dim, value_dim, dtype, defaults.pop("metric"), policy, **defaults)
     budget = None if dram_budget is None else parse_size(dram_budget, "dram_budget")
     wb = None if write_buffer is None else parse_size(write_buffer, "write_buffer")
     share = (wb if wb is not None else budget // 32 if budget is not None else 0) // ncoll

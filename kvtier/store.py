@@ -16,10 +16,12 @@ import numpy as np
 
 from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
-from kvtier.config import DTYPES, LAYOUTS, METRICS, POLICIES, DeviceProfile, parse_size, resolve_device
+from kvtier.config import DeviceProfile, parse_size, resolve_device
 from kvtier.errors import BudgetError, InvalidArgumentError, NotFoundError, StoreClosedError
+from kvtier.params import DEFAULT_POLICY, new_params  # noqa: F401 (DEFAULT_POLICY: kvtier.store.DEFAULT_POLICY)
+from kvtier.params import as_matrix as _as_matrix
+from kvtier.params import positive_int as _positive_int
 
-DEFAULT_POLICY = "adaptive"
 
 DEFAULT_DRAM_BUDGET = "256MiB"
 _DIRECT = {"auto": -1, False: 0, True: 1}
@@ -105,35 +107,6 @@ class _Gate:
     def reopen(self):
         with self._cv:
             self.closed = False
-
-
-def _as_matrix(name: str, x: Any, dim: int, dtype: np.dtype, allow_1d: bool = True) -> tuple[np.ndarray, bool]:
-    """A C-contiguous [n, dim] array of dtype; rejects wrong shapes, non-numbers, NaN/inf."""
-    try:
-        a = np.asarray(x)
-    except Exception as e:  # ragged lists and the like
-        raise InvalidArgumentError(f"{name}: an array of shape (n, {dim}) expected ({e})") from None
-    if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
-        raise InvalidArgumentError(f"{name}: a numeric array expected, got dtype {a.dtype}")
-    one = False
-    if a.ndim == 1 and allow_1d:
-        a, one = a.reshape(1, -1), True
-    if a.ndim != 2 or a.shape[1] != dim:
-        raise InvalidArgumentError(f"{name}: shape (n, {dim}) expected, got {tuple(a.shape)}")
-    if a.shape[0] == 0:
-        raise InvalidArgumentError(f"{name}: at least one row expected, got an empty array")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(a, dtype=dtype)
-    if out.dtype.kind == "f" and not np.isfinite(out).all():
-        what = "NaN or inf" if not np.isfinite(a).all() else f"values outside the {dtype} range"
-        raise InvalidArgumentError(f"{name}: finite values expected, found {what}")
-    return out, one
-
-
-def _positive_int(name: str, v: Any, lo: int = 1, hi: int = 2**31 - 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= hi:
-        raise InvalidArgumentError(f"{name}: an integer in [{lo}, {hi}] expected, got {v!r}")
-    return int(v)
 
 
 class Collection:
@@ -431,7 +404,7 @@ class Store:
                 blob, chunks = self._catalog.load(params["no"])
                 h = self._engine.open_coll(params["no"], params, blob, chunks)
             else:
-                params = self._new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
+                params = new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
                                           max_cluster_size, kmeans_iters, seed, nprobe, tau,
                                           tau_factor, pending_budget, local_window,
                                           local_cluster_size, score_temp, colocate_after, layout, value_sums)
@@ -455,61 +428,6 @@ class Store:
             if v != params.get(key, {"layout": "colocated", "value_sums": False}.get(key)):
                 raise InvalidArgumentError(
                     f"{key}: collection {name!r} exists with {key}={params.get(key, False)!r}, got {v!r}")
-
-    @staticmethod
-    def _new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_cluster_size,
-                    kmeans_iters, seed, nprobe, tau, tau_factor, pending_budget, local_window,
-                    local_cluster_size, score_temp, colocate_after, layout=None, value_sums=None) -> dict:
-        if dim is None:
-            raise InvalidArgumentError("dim: required when creating a collection")
-        dim = _positive_int("dim", dim, 1, 4096)
-        value_dim = dim if value_dim is None else _positive_int("value_dim", value_dim, 0, 4096)
-        dtype = "float16" if dtype is None else dtype
-        metric = "ip" if metric is None else metric
-        try:
-            dt = np.dtype(dtype).name
-        except TypeError:
-            dt = str(dtype)
-        if dt not in DTYPES:
-            raise InvalidArgumentError(f"dtype: one of {DTYPES} expected, got {dtype!r}")
-        if metric not in METRICS:
-            raise InvalidArgumentError(f"metric: one of {METRICS} expected, got {metric!r}")
-        policy = DEFAULT_POLICY if policy is None else policy
-        if policy not in POLICIES:
-            raise InvalidArgumentError(f"policy: one of {POLICIES} expected, got {policy!r}")
-        init_cluster_size = _positive_int("init_cluster_size", init_cluster_size, 1, 1 << 20)
-        max_cluster_size = _positive_int("max_cluster_size", max_cluster_size, 2, 1 << 20)
-        kmeans_iters = _positive_int("kmeans_iters", kmeans_iters, 0, 1000)
-        seed = _positive_int("seed", seed, 0, 2**63 - 1)
-        if nprobe is not None:
-            nprobe = _positive_int("nprobe", nprobe, 1)
-        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float))
-                                or not math.isfinite(tau) or tau <= 0):
-            raise InvalidArgumentError(f"tau: None (derive it) or a finite number > 0 expected, got {tau!r}")
-        if isinstance(tau_factor, bool) or not isinstance(tau_factor, (int, float)) \
-                or not math.isfinite(tau_factor) or tau_factor <= 0:
-            raise InvalidArgumentError(f"tau_factor: a finite number > 0 expected, got {tau_factor!r}")
-        pending_budget = _positive_int("pending_budget", pending_budget, 0, 1 << 30)
-        local_window = _positive_int("local_window", local_window, 2, 1 << 24)
-        local_cluster_size = _positive_int("local_cluster_size", local_cluster_size, 1, local_window)
-        if isinstance(score_temp, bool) or not isinstance(score_temp, (int, float)) \
-                or not math.isfinite(score_temp) or score_temp < 0:
-            raise InvalidArgumentError(f"score_temp: a finite number >= 0 expected, got {score_temp!r}")
-        colocate_after = _positive_int("colocate_after", colocate_after, 0, 1 << 20)
-        layout = "colocated" if layout is None else layout
-        if layout not in LAYOUTS:
-            raise InvalidArgumentError(f"layout: one of {LAYOUTS} expected, got {layout!r}")
-        if layout != "colocated":
-            colocate_after = 0
-        if value_sums is not None and not isinstance(value_sums, (bool, np.bool_)):
-            raise InvalidArgumentError(f"value_sums: True or False expected, got {value_sums!r}")
-        return {"dim": dim, "value_dim": value_dim, "dtype": dt, "metric": metric, "policy": policy,
-                "init_cluster_size": init_cluster_size, "max_cluster_size": max_cluster_size,
-                "kmeans_iters": kmeans_iters, "seed": seed, "nprobe": nprobe,
-                "tau": float(tau) if tau is not None else None, "tau_factor": float(tau_factor),
-                "pending_budget": pending_budget, "local_window": local_window,
-                "local_cluster_size": local_cluster_size, "score_temp": float(score_temp),
-                "colocate_after": colocate_after, "layout": layout, "value_sums": bool(value_sums)}
 
     # -- durability -------------------------------------------------------------------------
     def flush(self) -> None:
