@@ -73,5 +73,5 @@ adapter_packages = sorted(
 setup(
     packages=["kvtier", "kvtier.bench", "kvtier.adapters"] + adapter_packages,
     package_dir={"kvtier": "kvtier", "kvtier.adapters": "adapters"},
-    ext_modules=cythonize([ext], compiler_directives={"language_level": "3"}),
+    ext_modules=cythonize([ext], compiler_directives={"language_level": "3", "binding": True, "embedsignature": True}),
 )

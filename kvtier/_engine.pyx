@@ -196,7 +196,12 @@ cdef class Engine:
         check(rc)
 
     def inject_fault(self, str op, uint64_t nth, int code):
-        check(kvt_store_inject_fault(self.live(), ord(op), nth, code))
+        cdef kvt_store *p = self.live()
+        cdef char o = ord(op)
+        cdef int rc
+        with nogil:  # it takes the store mutex, which a long retrieve may hold
+            rc = kvt_store_inject_fault(p, o, nth, code)
+        check(rc)
 
     def create(self, uint32_t no, dict params):
         cdef kvt_coll_params cp = _params(params)
@@ -439,11 +444,19 @@ cdef class Coll:
 
     @property
     def parked(self):
-        return bool(kvt_coll_is_parked(self.live()))
+        cdef kvt_coll *c = self.live()
+        cdef int r
+        with nogil:  # the store mutex, as count()
+            r = kvt_coll_is_parked(c)
+        return bool(r)
 
     def changed(self):
         """True if anything changed since the last committed checkpoint."""
-        return bool(kvt_coll_changed(self.live()))
+        cdef kvt_coll *c = self.live()
+        cdef int r
+        with nogil:
+            r = kvt_coll_changed(c)
+        return bool(r)
 
     def checkpoint(self):
         """Writes buffered entries, syncs, and captures the state to commit."""
@@ -456,7 +469,12 @@ cdef class Coll:
         return Checkpoint._wrap(cp)
 
     def committed(self, Checkpoint cp):
-        check(kvt_coll_committed(self.live(), cp.ptr))
+        cdef kvt_coll *c = self.live()
+        cdef kvt_checkpoint *p = cp.ptr
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_committed(c, p)
+        check(rc)
 
 
 cdef class Checkpoint:
