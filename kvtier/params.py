@@ -96,3 +96,24 @@ def new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_clu
             "pending_budget": pending_budget, "local_window": local_window,
             "local_cluster_size": local_cluster_size, "score_temp": float(score_temp),
             "colocate_after": colocate_after, "layout": layout, "value_sums": bool(value_sums)}
+
+
+def budget_arg(v: Any, name: str = "budget") -> "int | float":
+    """A fetch budget as given: a share in [0, 1] (float) or an entry count (int >= 0)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise InvalidArgumentError(f"{name}: a share (float in [0, 1]) or an entry count (int >= 0) expected, got {v!r}")
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise InvalidArgumentError(f"{name}: a share in [0, 1] expected, got {v!r}")
+        return float(v)
+    if v < 0:
+        raise InvalidArgumentError(f"{name}: a non-negative entry count expected, got {v!r}")
+    return int(v)
+
+
+def budget_entries(budget: "int | float", n: int) -> int:
+    """Entries a checked budget (``budget_arg``) allows out of ``n``: an int is a count, a
+    float the share ceil(budget * n). ``n`` is what the caller budgets: the entries a
+    collection stores for ``Collection.retrieve``, the tokens of the context for the
+    adapters (sinks and window included), as the paper states its fetch budget."""
+    return budget if isinstance(budget, int) else int(math.ceil(budget * n))

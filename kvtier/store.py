@@ -18,7 +18,7 @@ from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
 from kvtier.config import DeviceProfile, parse_size, resolve_device
 from kvtier.errors import BudgetError, InvalidArgumentError, NotFoundError, StoreClosedError
-from kvtier.params import DEFAULT_POLICY, new_params  # noqa: F401 (DEFAULT_POLICY: kvtier.store.DEFAULT_POLICY)
+from kvtier.params import DEFAULT_POLICY, budget_arg, budget_entries, new_params  # noqa: F401 (DEFAULT_POLICY: kvtier.store.DEFAULT_POLICY)
 from kvtier.params import as_matrix as _as_matrix
 from kvtier.params import positive_int as _positive_int
 
@@ -180,16 +180,7 @@ class Collection:
         return SearchHits(ids[0], scores[0]) if one else SearchHits(ids, scores)
 
     def _entries(self, budget) -> int:
-        n = self._h.count()
-        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
-            raise InvalidArgumentError(f"budget: an entry count (int) or a fraction (float) expected, got {budget!r}")
-        if isinstance(budget, (float, np.floating)):
-            if not (0.0 <= budget <= 1.0) or math.isnan(budget):
-                raise InvalidArgumentError(f"budget: a fraction in [0, 1] expected, got {budget!r}")
-            return int(math.ceil(float(budget) * n))
-        if budget < 0:
-            raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {budget!r}")
-        return int(budget)
+        return budget_entries(budget_arg(budget), self._h.count())
 
     def retrieve(self, query_group, budget: Union[int, float] = 0.1, estimate: Union[bool, int, None] = False,
                  scale: Optional[float] = None, variance: bool = False) -> Retrieved:

@@ -90,6 +90,7 @@ from threadpoolctl import ThreadpoolController
 
 import kvtier
 from kvtier.errors import InvalidArgumentError
+from kvtier.params import budget_arg, budget_entries, positive_int
 
 from ._query import QueryCapture
 from ._state import KVLayout, StateFormatError
@@ -121,25 +122,6 @@ class UnsupportedModelError(ValueError):
 
 class SessionError(RuntimeError):
     """A session record is missing, damaged, or does not fit this model or configuration."""
-
-
-def _int_arg(name: str, v: Any, lo: int, hi: int = 2**31 - 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= hi:
-        raise InvalidArgumentError(f"{name}: an integer in [{lo}, {hi}] expected, got {v!r}")
-    return int(v)
-
-
-def _budget_arg(v: Any) -> Union[int, float]:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise InvalidArgumentError(f"budget: a fraction of the context (float in [0, 1]) or an entry count "
-                                   f"(int >= 0) expected, got {v!r}")
-    if isinstance(v, (float, np.floating)):
-        if not 0.0 <= float(v) <= 1.0:
-            raise InvalidArgumentError(f"budget: a fraction in [0, 1] expected, got {v!r}")
-        return float(v)
-    if v < 0:
-        raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {v!r}")
-    return int(v)
 
 
 def _zstd():
@@ -250,29 +232,29 @@ class TieredLlama(Llama):
                  **llama_kwargs):
         self._store = None
         self._owns_store = None          # "temp", "path" or None (caller's Store)
-        self._budget = _budget_arg(budget)
-        self._dram = _int_arg("dram_tokens", dram_tokens, 2, 1 << 24)
-        self._S = _int_arg("sinks", sinks, 0, 1 << 20)
-        self._W = _int_arg("window", window, 1, 1 << 20)
-        self._N = _int_arg("refresh_every", refresh_every, 1, 1 << 20)
-        self._R = _int_arg("query_tokens", query_tokens, 1, 4096)
+        self._budget = budget_arg(budget)
+        self._dram = positive_int("dram_tokens", dram_tokens, 2, 1 << 24)
+        self._S = positive_int("sinks", sinks, 0, 1 << 20)
+        self._W = positive_int("window", window, 1, 1 << 20)
+        self._N = positive_int("refresh_every", refresh_every, 1, 1 << 20)
+        self._R = positive_int("query_tokens", query_tokens, 1, 4096)
         if isinstance(overfetch, bool) or not isinstance(overfetch, (int, float)) or not 1.0 <= overfetch <= 64:
             raise InvalidArgumentError(f"overfetch: a number in [1, 64] expected, got {overfetch!r}")
         self._overfetch = float(overfetch)
         self._policy = policy
         self._coll_kwargs = dict(collection_kwargs or {})
-        self._level = _int_arg("compress_level", compress_level, -7, 22)
+        self._level = positive_int("compress_level", compress_level, -7, 22)
         if not isinstance(session, str) or not _NAME.fullmatch(session):
             raise InvalidArgumentError(f"session: 1-64 letters, digits, '_' or '-' expected, got {session!r}")
         for k, v in llama_kwargs.items():
             if k in _REFUSED and _REFUSED[k][0](v):
                 raise InvalidArgumentError(f"{k}={v!r} is not supported by TieredLlama: {_REFUSED[k][1]}")
-        n_ctx = _int_arg("n_ctx", llama_kwargs.pop("n_ctx", 0), 0, 1 << 24)
-        n_batch = min(_int_arg("n_batch", llama_kwargs.pop("n_batch", 512), 1), self._dram)
+        n_ctx = positive_int("n_ctx", llama_kwargs.pop("n_ctx", 0), 0, 1 << 24)
+        n_batch = min(positive_int("n_batch", llama_kwargs.pop("n_batch", 512), 1), self._dram)
         if prefill_chunk is None:
             self._C = min(n_batch, 64)
         else:
-            self._C = min(_int_arg("prefill_chunk", prefill_chunk, 1), n_batch)
+            self._C = min(positive_int("prefill_chunk", prefill_chunk, 1), n_batch)
         self._B_max = self._dram - self._S - self._W - max(self._N, self._C)
         if self._B_max < 0:
             raise InvalidArgumentError(
@@ -502,7 +484,7 @@ class TieredLlama(Llama):
         self._requires_eval = False
 
     def _slot_count(self, n: int, middle: int) -> int:
-        want = math.ceil(self._budget * n) if isinstance(self._budget, float) else self._budget
+        want = budget_entries(self._budget, n)
         return max(0, min(want, middle, self._B_max))
 
     def _refresh(self):

@@ -36,7 +36,6 @@ How it binds (why it looks the way it does):
 """
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import threading
@@ -56,6 +55,7 @@ import kvtier
 from kvtier.adapters.torch import estimate as _estimate
 from kvtier.config import DTYPES
 from kvtier.errors import InvalidArgumentError
+from kvtier.params import budget_arg, budget_entries, positive_int
 
 #: transformers versions this adapter is written against: [5.0, 6). It relies on 5.x's
 #: ``CacheLayerMixin`` layers, ``get_layer_types_and_kwargs`` and the mask interface.
@@ -316,9 +316,9 @@ class TieredCache(Cache):
         self.virtualize = bool(virtualize)
         # not ``self.prefetch``: that is transformers' Cache.prefetch (offloading), kept intact
         self.prefetching = bool(prefetch)
-        self.budget = _check_budget(budget)
-        self.sinks = _check_count("sinks", sinks)
-        self.window = _check_count("window", window)
+        self.budget = budget_arg(budget)
+        self.sinks = positive_int("sinks", sinks, 0, 1 << 20)
+        self.window = positive_int("window", window, 0, 1 << 20)
         if store_dtype not in DTYPES:
             raise InvalidArgumentError(f"store_dtype: one of {DTYPES} expected, got {store_dtype!r}")
         if collection_options is not None and not isinstance(collection_options, dict):
@@ -542,8 +542,7 @@ class TieredCache(Cache):
         return torch.cat(outs), transient
 
     def _entries(self, context: int) -> int:
-        b = self.budget
-        return b if isinstance(b, int) else int(math.ceil(b * context))
+        return budget_entries(self.budget, context)
 
     def _prefetch(self, layer, n_budget: int) -> None:
         """Queues on the store's loader threads the clusters ``layer``'s previous query groups
@@ -726,24 +725,6 @@ class TieredCache(Cache):
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_budget(budget):
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)):
-        raise InvalidArgumentError(f"budget: a fraction (float in [0, 1]) or an entry count (int >= 0) expected, got {budget!r}")
-    if isinstance(budget, (float, np.floating)):
-        if math.isnan(budget) or not 0.0 <= budget <= 1.0:
-            raise InvalidArgumentError(f"budget: a fraction in [0, 1] expected, got {budget!r}")
-        return float(budget)
-    if budget < 0:
-        raise InvalidArgumentError(f"budget: a non-negative entry count expected, got {budget!r}")
-    return int(budget)
-
-
-def _check_count(name: str, v: Any) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 1 << 20:
-        raise InvalidArgumentError(f"{name}: an integer in [0, {1 << 20}] expected, got {v!r}")
-    return int(v)
 
 
 def _check_causal(mask, q_len: int, kv_len: int) -> None:
