@@ -56,10 +56,10 @@ def parse_budgets(text: str) -> list:
     return out
 
 
-def run_point(trace, workload, layers, every, budget_mib, whole, policy) -> dict:
+def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetch=False) -> dict:
     budget = whole if budget_mib == "all" else int(budget_mib * MIB)
     r = replay(trace, policy="adaptive", budget=0.1, layers=layers, every=every, dram_budget=budget,
-               device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy})
+               device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy}, prefetch=prefetch)
     st = r.extra["store"]
     hits, misses = st["cache_hits"], st["cache_misses"]
     decode_steps = trace.length - trace.prefill - sum(b - a for a, b in trace.meta.get("user_spans", []))
@@ -70,7 +70,9 @@ def run_point(trace, workload, layers, every, budget_mib, whole, policy) -> dict
             "read_bytes_per_retrieve": r.read_bytes_per_retrieve,
             "modeled_io_us_per_retrieve": r.modeled_io_s_per_retrieve * 1e6, "recall": r.recall,
             "dram_peak_bytes": st["dram_peak_bytes"], "over_budget": st["dram_peak_bytes"] > budget,
-            "decode_steps": decode_steps, "retrieves": r.retrieves}
+            "decode_steps": decode_steps, "retrieves": r.retrieves, "prefetch": prefetch,
+            "prefetch_read_bytes": st["prefetch_read_bytes"],
+            "hidden_share": st["prefetch_read_bytes"] / st["read_bytes"] if st["read_bytes"] else 0.0}
 
 
 def summary(rows) -> list[dict]:
@@ -103,9 +105,10 @@ def markdown(rows, summ) -> str:
         dram = "whole cache" if r["dram_mib"] == "all" else f"{r['dram_mib']:g} MiB"
         body.append([r["workload"], dram, r["cache_policy"], f"{r['hit_rate']:.3f}",
                      f"{r['read_bytes_per_step'] / 1024:.2f}", f"{r['read_bytes_per_retrieve'] / 1024:.2f}", *ratio,
-                     f"{r['recall']:.4f}", f"{r['dram_peak_bytes'] >> 10}{' (over!)' if r['over_budget'] else ''}"])
+                     f"{r['recall']:.4f}", f"{r['dram_peak_bytes'] >> 10}{' (over!)' if r['over_budget'] else ''}",
+                     f"{r.get('hidden_share', 0.0):.2f}"])
     md = md_table(["workload", "DRAM", "policy", "hit rate", "KiB read / step", "KiB read / retrieve", "lru / this",
-                   "lfu / this", "recall", "DRAM peak (KiB)"], body, "lllrrrrrrr") + "\n"
+                   "lfu / this", "recall", "DRAM peak (KiB)", "read by prefetch"], body, "lllrrrrrrrr") + "\n"
     if summ:
         f = lambda v: ", ".join(f"{x:.3f}" for x in v)  # noqa: E731
         g = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -123,6 +126,9 @@ def main(argv=None):
     ap.add_argument("--policies", default="lru,lfu,cluster")
     ap.add_argument("--layers", default="6,12,17,23", help="replayed layers (four, spread over the depth)")
     ap.add_argument("--every", type=int, default=4, help="retrieve every this many decoding steps")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="prefetch each next layer while one retrieves, as the torch adapter does "
+                         "(writes cache_prefetch.json/.md)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
@@ -134,21 +140,22 @@ def main(argv=None):
         whole = 2 * kvb  # every entry plus the index and scratch: nothing is evicted
         for b in budgets:
             for pol in a.policies.split(","):
-                row = run_point(trace, w, layers, a.every, b, whole, pol)
+                row = run_point(trace, w, layers, a.every, b, whole, pol, a.prefetch)
                 row["kv_bytes"] = kvb
                 rows.append(row)
                 print(f"{w} DRAM {b} MiB {pol:7s} hit rate {row['hit_rate']:.3f} read "
                       f"{row['read_bytes_per_step'] / 1024:.2f} KiB/step recall {row['recall']:.4f} "
-                      f"peak {row['dram_peak_bytes'] >> 10} KiB", flush=True)
+                      f"peak {row['dram_peak_bytes'] >> 10} KiB hidden {row['hidden_share']:.2f}", flush=True)
     summ = summary(rows)
     md = markdown(rows, summ)
     print()
     print(md)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "cache.json"), "w") as f:
+        name = "cache_prefetch" if a.prefetch else "cache"
+        with open(os.path.join(a.out, f"{name}.json"), "w") as f:
             json.dump({"args": vars(a), "rows": rows, "summary": summ}, f, indent=1)
-        with open(os.path.join(a.out, "cache.md"), "w") as f:
+        with open(os.path.join(a.out, f"{name}.md"), "w") as f:
             f.write(f"# Cache policies on real traces\n\n`python -m bench.cache {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 

@@ -75,11 +75,15 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
            every: int = 4, layers: Optional[Iterable[int]] = None, dram_budget="256MiB",
            device="ufs4.0", store_dir: Optional[str] = None, progress=None, direct_io="auto",
            collect_stats: bool = False, store_kwargs: Optional[dict] = None,
-           virtualize: bool = False, park_keep_cache: bool = True, **collection_kwargs) -> ReplayResult:
+           virtualize: bool = False, park_keep_cache: bool = True, prefetch: bool = False,
+           **collection_kwargs) -> ReplayResult:
     """Runs the replay and returns averaged metrics. ``budget`` is a fraction of the
     context (positions <= t) or an int entry count; ``progress`` a tqdm-like callable.
     ``direct_io=False`` lets accuracy runs read through the page cache (the modeled device
-    time is charged either way; only real time differs)."""
+    time is charged either way; only real time differs). ``prefetch=True`` does what the
+    torch adapter does while a layer computes: before layer l retrieves, layer l+1's
+    collections prefetch with the queries they retrieved with at the previous sampled step,
+    so the loader threads read in the background (``stats()["prefetch_read_bytes"]``)."""
     layers = list(range(trace.n_layers)) if layers is None else list(layers)
     g = trace.group_size
     d = trace.head_dim
@@ -116,10 +120,13 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
             store.unpark(group[layers[0]], wait=False)
         in_store = P - window  # positions [sinks, in_store) are stored
 
+        last_q: dict = {}  # (layer, head) -> the query group of its last retrieve
+
         def recall_layer(l, t, n_budget):
             nonlocal fetched, n_retrieves, retrieve_s
             for h in range(trace.n_kv_heads):
                 q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
+                last_q[l, h] = q
                 t1 = time.perf_counter()
                 got = colls[l, h].retrieve(q, budget=n_budget)
                 retrieve_s += time.perf_counter() - t1
@@ -162,6 +169,10 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
                     for h in range(trace.n_kv_heads):
                         colls[l, h].add(trace.keys[l, h, lo:in_store], trace.values[l, h, lo:in_store])
                 if sampled:
+                    nxt = layers[(i + 1) % len(layers)]
+                    if prefetch and (nxt, 0) in last_q:
+                        for h in range(trace.n_kv_heads):
+                            colls[nxt, h].prefetch(last_q[nxt, h], n_budget)
                     recall_layer(l, t, n_budget)
                 if virtualize:
                     store.park(group[l], keep_cache=park_keep_cache)
