@@ -234,6 +234,17 @@ kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint
     return e;
 }
 
+int kvt_cache_spare(const kvt_cache *c, uint64_t bytes) {
+    uint64_t room = c->budget > c->used ? c->budget - c->used : 0;
+    int seen = 0;
+    for (const kvt_cache_ent *e = c->lru.prev; e != &c->lru && room < bytes && seen < KVT_VICTIM_SCAN; e = e->prev) {
+        if (e->pins) continue;
+        seen++;
+        if (missed(c, e) > 1) room += ent_bytes(e); /* skipped by its owner's last two reads */
+    }
+    return room >= bytes;
+}
+
 int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
     if (e->n + extra <= e->cap) return 0;
     uint32_t cap = e->cap ? e->cap : 8;

@@ -70,8 +70,12 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
          * room could find nothing to evict and fail, so the rest is read on use */
         uint64_t pin = (uint64_t)k->n * c->L.esz;
         if (s->loading_bytes + pin > s->cache.budget / 4) continue;
+        /* read-ahead uses idle room only: under a tight budget, evicting clusters the step
+         * still reads to make room for a guess costs more reads than it hides */
+        uint32_t nrec = kvt_read_buffer_records(c, k);
+        if (!kvt_cache_spare(&s->cache, sizeof(kvt_cache_ent) + (uint64_t)nrec * c->L.esz)) continue;
         kvt_job *j = malloc(sizeof *j + (size_t)k->nseg * sizeof(kvt_seg));
-        kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], kvt_read_buffer_records(c, k), c->L.esz) : NULL;
+        kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], nrec, c->L.esz) : NULL;
         if (!e) { /* no room in the budget: that cluster is read on use */
             free(j);
             continue;

@@ -454,6 +454,37 @@ static void test_cache_cluster_policy(void) {
     }
 }
 
+/* Read-ahead room: free budget, plus entries their owner's last two reads skipped. */
+static void test_cache_spare(void) {
+    kvt_cache c;
+    memset(layer_state, 0, sizeof layer_state);
+    uint64_t ent = sizeof(kvt_cache_ent) + 10 * 100;
+    kvt_cache_init(&c, 4 * ent, NULL);
+    c.policy = KVT_CACHE_CLUSTER;
+    c.owner_state = layer_owner;
+    CHECK(kvt_cache_spare(&c, 4 * ent));
+    kvt_cache_owner_read(&c, &layer_state[0]);
+    kvt_cache_ent *e[4];
+    for (int j = 0; j < 4; j++) {
+        e[j] = kvt_cache_admit(&c, &layer_state[0], (uint32_t)j, 10, 100);
+        CHECK(e[j] != NULL);
+        if (e[j]) e[j]->pins--;
+    }
+    CHECK(!kvt_cache_spare(&c, 1));          /* full, and all just read */
+    kvt_cache_owner_read(&c, &layer_state[0]);
+    kvt_cache_touch(&c, e[0]);
+    kvt_cache_touch(&c, e[1]);
+    CHECK(!kvt_cache_spare(&c, 1));          /* e[2], e[3] skipped by one read only */
+    kvt_cache_owner_read(&c, &layer_state[0]);
+    kvt_cache_touch(&c, e[0]);
+    CHECK(kvt_cache_spare(&c, 2 * ent));     /* e[2], e[3] skipped twice: room for two */
+    CHECK(!kvt_cache_spare(&c, 2 * ent + 1));
+    e[2]->pins++;                             /* a pinned entry is never room */
+    CHECK(!kvt_cache_spare(&c, 2 * ent));
+    e[2]->pins--;
+    kvt_cache_destroy(&c);
+}
+
 static kvt_coll_params params(int dtype) {
     kvt_coll_params p = {16, 8, dtype, KVT_METRIC_IP, KVT_POLICY_STATIC, 8, 16, 10, 3, 0, 1.0, 64, 64, 8};
     return p;
@@ -1679,6 +1710,7 @@ int main(void) {
     test_cache();
     test_cache_policies();
     test_cache_cluster_policy();
+    test_cache_spare();
     test_store();
     test_add_atomic();
     test_budget();
