@@ -245,10 +245,24 @@ int kvt_cache_spare(const kvt_cache *c, uint64_t bytes) {
     return room >= bytes;
 }
 
+void kvt_cache_fit(kvt_cache *c, kvt_cache_ent *e) {
+    if (e->cap <= e->n || !e->n) return;
+    uint8_t *rec = realloc(e->rec, (size_t)e->n * e->esz);
+    if (!rec) return; /* keeping the larger buffer is correct, only wasteful */
+    uint64_t less = (uint64_t)(e->cap - e->n) * e->esz;
+    e->rec = rec;
+    e->cap = e->n;
+    c->cache_bytes -= less;
+    kvt_mem_release_as(c, KVT_USE_CACHE, less);
+}
+
 int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
     if (e->n + extra <= e->cap) return 0;
-    uint32_t cap = e->cap ? e->cap : 8;
-    while (cap < e->n + extra) cap *= 2;
+    /* a quarter more (at least 8 records): decoding appends one record per step to a few
+     * clusters, and doubling left up to half of every grown entry empty, budget spent on
+     * nothing that could have held other clusters */
+    uint32_t cap = e->cap;
+    while (cap < e->n + extra) cap += cap / 4 > 8 ? cap / 4 : 8;
     uint64_t more = (uint64_t)(cap - e->cap) * e->esz;
     e->pins++;
     int rc = kvt_mem_reserve_as(c, KVT_USE_CACHE, more);

@@ -111,6 +111,8 @@ kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint
  * 1 MiB, letting it evict anything more recent made it read 1.65x the bytes of no read-ahead
  * for no fewer bytes read on demand; within this room, 1.3x (free room alone: 1.14x). */
 int kvt_cache_spare(const kvt_cache *c, uint64_t bytes);
+/* Gives back what an entry holds past its n records (the page padding a read needed). */
+void kvt_cache_fit(kvt_cache *c, kvt_cache_ent *e);
 /* Makes room for `extra` more records; on failure drops nothing and returns KVT_EBUDGET. */
 int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra);
 void kvt_cache_touch(kvt_cache *c, kvt_cache_ent *e);

@@ -96,6 +96,7 @@ static void run_job(kvt_store *s, kvt_job *j) {
         j->e->n = k->n;
         j->e->loading = 0;
         j->e->pins--;
+        kvt_cache_fit(&s->cache, j->e);
     } else {
         k->ent = NULL;
         kvt_cache_drop(&s->cache, j->e);

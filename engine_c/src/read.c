@@ -257,6 +257,7 @@ int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_
                 } else {
                     ent[b]->n = k->n;
                     ent[b]->pins--;
+                    kvt_cache_fit(&s->cache, ent[b]); /* the read's padding is budget */
                     k->ent = ent[b];
                 }
             } else if (owned[b]) {
