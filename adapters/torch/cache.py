@@ -284,7 +284,11 @@ class TieredCache(Cache):
     ``DEFAULT_ESTIMATE`` clusters beyond the fetched ones, an int that many, "all" all of them. It
     changes nothing when the budget fetches everything; the ``none`` policy has no clusters
     and estimates nothing. ``estimate_variance`` (default False) estimates each cluster's mass
-    with its keys' variance (``Collection.retrieve``'s ``variance``).
+    with its keys' variance (``Collection.retrieve``'s ``variance``). ``direct_io`` (default
+    "auto") is ``kvtier.open``'s: True/"auto" read flash with O_DIRECT where the file system
+    allows it (what a phone's DRAM budget means: no page cache holding the store), False
+    through the page cache (a machine with DRAM to spare, or a virtual disk whose latency
+    is not the phone's).
 
     Works with ``model.generate(..., cache=cache)`` and manual ``model(ids, cache=cache,
     use_cache=True)`` loops (``past_key_values=`` is transformers 5's deprecated alias of
@@ -295,7 +299,8 @@ class TieredCache(Cache):
                  sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
                  prefetch: bool = True, store_dtype: str = "float16",
                  collection_options: Optional[dict] = None, virtualize: bool = False, write_buffer=None,
-                 estimate: Union[bool, int, str] = False, estimate_variance: bool = False):
+                 estimate: Union[bool, int, str] = False, estimate_variance: bool = False,
+                 direct_io: Union[bool, str] = "auto"):
         geo = check_model(model)
         # the estimated zone (adapters/torch/estimate.py): False off, else the clusters per retrieve
         if isinstance(estimate, (bool, np.bool_)):
@@ -334,7 +339,7 @@ class TieredCache(Cache):
             open_kw = {} if dram_budget is None else {"dram_budget": dram_budget}
             if write_buffer is not None:
                 open_kw["write_buffer"] = write_buffer
-            self.store = kvtier.open(path, device=device, **open_kw)
+            self.store = kvtier.open(path, device=device, direct_io=direct_io, **open_kw)
         except BaseException:
             if self._tmpdir:
                 shutil.rmtree(self._tmpdir, ignore_errors=True)

@@ -13,7 +13,9 @@ not waited for; DRAM: the KV bytes held at the end (DynamicCache: its tensors; T
 adapter sinks and window plus engine DRAM) and the process RSS.
 
 TieredCache runs with a 10% fetch budget and an engine DRAM budget of 10% of the full KV
-cache at the final context.
+cache at the final context, reading flash with O_DIRECT (``tiered-<policy>``) or through the
+page cache (``tiered-<policy>-pagecache``: on a machine whose disk is a virtual one, its
+latency is not a phone's; the modeled I/O column gives the UFS 4.0 time either way).
 
     python -m bench.decode [--contexts 2048,8192] [--tokens 256] [--runs 3] [--out bench/results]
 """
@@ -58,8 +60,9 @@ def _make_cache(kind: str, model, full_bytes: int, device=None):
         return QuantizedCache(backend=kind.split("-", 1)[1], config=model.config, nbits=4)
     from kvtier.adapters.torch import TieredCache
 
-    policy = kind.split("-", 1)[1]
-    return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(full_bytes // 10, 1 << 20), device=device)
+    policy = kind.split("-")[1]
+    return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(full_bytes // 10, 1 << 20), device=device,
+                       direct_io=False if kind.endswith("-pagecache") else "auto")
 
 
 def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> dict:
