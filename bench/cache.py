@@ -25,7 +25,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvtier.bench.capture import load_trace
-from kvtier.bench.kvreplay import replay
+from kvtier.bench.kvreplay import replay, replay_switch
 from kvtier.bench.tables import md_table
 
 MIB = 1 << 20
@@ -73,6 +73,24 @@ def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetc
             "decode_steps": decode_steps, "retrieves": r.retrieves, "prefetch": prefetch,
             "prefetch_read_bytes": st["prefetch_read_bytes"],
             "hidden_share": st["prefetch_read_bytes"] / st["read_bytes"] if st["read_bytes"] else 0.0}
+
+
+def run_switch_point(traces, layers, every, budget_mib, whole, policy, turn) -> dict:
+    """The conversations of ``traces`` taking turns of ``turn`` steps in one store."""
+    budget = whole if budget_mib == "all" else int(budget_mib * MIB)
+    r = replay_switch(traces, policy="adaptive", budget=0.1, layers=layers, every=every, dram_budget=budget,
+                      device="ufs4.0", turn=turn, store_kwargs={"cache_policy": policy})
+    st = r["store"]
+    hits, misses = st["cache_hits"], st["cache_misses"]
+    return {"workload": "+".join(traces) + f" (turns of {turn})", "dram_mib": budget_mib, "dram_budget": budget,
+            "cache_policy": policy, "hit_rate": hits / max(1, hits + misses), "cache_hits": hits,
+            "cache_misses": misses, "evictions": st["evictions"], "read_bytes": st["read_bytes"],
+            "read_bytes_per_step": st["read_bytes"] / max(1, r["decode_steps"]),
+            "read_bytes_per_retrieve": st["read_bytes"] / max(1, r["retrieves"]),
+            "swap_read_bytes": st["swap_read_bytes"], "recall": r["recall"],
+            "dram_peak_bytes": st["dram_peak_bytes"], "over_budget": st["dram_peak_bytes"] > budget,
+            "decode_steps": r["decode_steps"], "retrieves": r["retrieves"], "prefetch": False,
+            "prefetch_read_bytes": 0, "hidden_share": 0.0}
 
 
 def summary(rows) -> list[dict]:
@@ -129,12 +147,26 @@ def main(argv=None):
     ap.add_argument("--prefetch", action="store_true",
                     help="prefetch each next layer while one retrieves, as the torch adapter does "
                          "(writes cache_prefetch.json/.md)")
+    ap.add_argument("--switch", action="store_true",
+                    help="the workloads are conversations sharing one store and budget, taking turns "
+                         "(writes cache_switch.json/.md)")
+    ap.add_argument("--turn", type=int, default=256, help="decoding steps per turn with --switch")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
     budgets = parse_budgets(a.budgets)
     rows = []
-    for w in a.workloads.split(","):
+    if a.switch:
+        traces = {w: load_trace(w, prefill=512, decode=2048) for w in a.workloads.split(",")}
+        whole = 2 * sum(kv_bytes(tr, layers) for tr in traces.values())
+        for b in budgets:
+            for pol in a.policies.split(","):
+                row = run_switch_point(traces, layers, a.every, b, whole, pol, a.turn)
+                rows.append(row)
+                print(f"{row['workload']} DRAM {b} MiB {pol:7s} hit rate {row['hit_rate']:.3f} read "
+                      f"{row['read_bytes_per_step'] / 1024:.2f} KiB/step recall {row['recall']:.4f} "
+                      f"peak {row['dram_peak_bytes'] >> 10} KiB swap-in {row['swap_read_bytes'] >> 10} KiB", flush=True)
+    for w in ([] if a.switch else a.workloads.split(",")):
         trace = load_trace(w, prefill=512, decode=2048)
         kvb = kv_bytes(trace, layers)
         whole = 2 * kvb  # every entry plus the index and scratch: nothing is evicted
@@ -152,7 +184,7 @@ def main(argv=None):
     print(md)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        name = "cache_prefetch" if a.prefetch else "cache"
+        name = "cache_switch" if a.switch else "cache_prefetch" if a.prefetch else "cache"
         with open(os.path.join(a.out, f"{name}.json"), "w") as f:
             json.dump({"args": vars(a), "rows": rows, "summary": summ}, f, indent=1)
         with open(os.path.join(a.out, f"{name}.md"), "w") as f:

@@ -281,3 +281,22 @@ def test_replay_virtualized_equals_resident_and_saving_reads_the_sweep():
                  "modeled_io_ms_per_step": 6.0})
     sv = saving(rows)
     assert [s["resident_budget_for_same_io"] for s in sv] == [4, 8] and sv[0]["saving"] == 4.0
+
+
+def test_replay_switch_takes_turns_without_changing_results():
+    """Conversations taking turns in one store (kvreplay.replay_switch) retrieve what each
+    would alone (static policy: recall identical to the mean of the separate replays, weighted
+    by retrieves), decode every step of every trace, and bring the parked layers back from
+    the swap area at each turn."""
+    from kvtier.bench.kvreplay import replay, replay_switch
+    trs = {"A": synthetic_trace("W1", 96, 40, layers=2, seed=4), "B": synthetic_trace("W1", 96, 56, layers=2, seed=5)}
+    alone = [replay(tr, policy="static", budget=0.2, every=2, dram_budget="8MiB", device="ufs4.0",
+                    direct_io=False) for tr in trs.values()]
+    both = replay_switch(trs, policy="static", budget=0.2, every=2, dram_budget="8MiB", turn=16)
+    assert both["decode_steps"] == 40 + 56
+    assert both["retrieves"] == sum(r.retrieves for r in alone)
+    expect = sum(r.recall * r.retrieves for r in alone) / both["retrieves"]
+    assert abs(both["recall"] - expect) < 1e-9
+    # every turn brings back its conversation's collections (2 layers x 2 KV heads): A takes
+    # 3 turns of 16 steps, B 4
+    assert both["store"]["swap_ins"] == (3 + 4) * 2 * 2

@@ -71,6 +71,28 @@ def _softmax_rows(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def group_recall(trace, l: int, h: int, t: int, ids: np.ndarray, n_budget: int, sinks: int,
+                 in_store: int) -> tuple[float, float]:
+    """Attention recall at step t of the entries ``ids`` (store ids: position - sinks) that
+    layer l, KV head h fetched, and the token-level oracle's at the same budget; the store
+    holds positions [sinks, in_store)."""
+    g = trace.group_size
+    q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
+    logits = (q @ trace.keys[l, h, :t + 1].astype(np.float32).T) * (1.0 / math.sqrt(trace.head_dim))
+    p = _softmax_rows(logits)
+    stored = p[:, sinks:in_store]
+    mass = stored.sum(axis=1)
+    r = (p[:, ids + sinks].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
+    # token-level oracle at the same budget: the best entries for the group
+    k_or = min(n_budget, stored.shape[1])
+    if k_or:
+        top = np.argpartition(-stored.max(axis=0), k_or - 1)[:k_or]
+        o = (stored[:, top].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
+    else:
+        o = 0.0
+    return float(r), float(o)
+
+
 def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, window: int = 32,
            every: int = 4, layers: Optional[Iterable[int]] = None, dram_budget="256MiB",
            device="ufs4.0", store_dir: Optional[str] = None, progress=None, direct_io="auto",
@@ -87,7 +109,6 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
     layers = list(range(trace.n_layers)) if layers is None else list(layers)
     g = trace.group_size
     d = trace.head_dim
-    scale = 1.0 / math.sqrt(d)
     P, T = trace.prefill, trace.length
     if P <= sinks + window:
         raise ValueError(f"prefill ({P}) must exceed sinks + window ({sinks + window})")
@@ -132,19 +153,7 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
                 retrieve_s += time.perf_counter() - t1
                 n_retrieves += 1
                 fetched += len(got)
-                logits = (q @ trace.keys[l, h, :t + 1].astype(np.float32).T) * scale
-                p = _softmax_rows(logits)
-                stored = p[:, sinks:in_store]
-                mass = stored.sum(axis=1)
-                pos = got.ids + sinks
-                r = (p[:, pos].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
-                # token-level oracle at the same budget: the best entries for the group
-                k_or = min(n_budget, stored.shape[1])
-                if k_or:
-                    top = np.argpartition(-stored.max(axis=0), k_or - 1)[:k_or]
-                    o = (stored[:, top].sum(axis=1) / np.maximum(mass, 1e-30)).mean()
-                else:
-                    o = 0.0
+                r, o = group_recall(trace, l, h, t, got.ids, n_budget, sinks, in_store)
                 recalls.append(r)
                 oracle.append(o)
                 per_layer[l].append(r)
@@ -201,3 +210,84 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
         per_layer_recall={l: float(np.mean(v)) for l, v in per_layer.items() if v},
         extra={"store": st, "collections": cs, "read_seconds": retrieve_s} if collect_stats else {},
     )
+
+
+def replay_switch(traces: dict, policy: str = "adaptive", budget: float = 0.1, sinks: int = 4,
+                  window: int = 32, every: int = 4, layers: Optional[Iterable[int]] = None,
+                  dram_budget="256MiB", device="ufs4.0", turn: int = 256, direct_io=False,
+                  store_kwargs: Optional[dict] = None, **collection_kwargs) -> dict:
+    """Several conversations in one store under one DRAM budget, taking turns (the session
+    tiering a chat app on a phone needs): ``traces`` maps a name to a trace. Each conversation
+    has its own collections (``<name>.L<l>.H<h>``), prefilled in turn and then parked. They
+    then decode ``turn`` steps each, round robin, until every trace ends: a conversation's
+    collections are unparked when its turn starts and parked with their cached clusters
+    (``keep_cache=True``) when it ends, so what the budget can keep of a conversation's cache
+    survives the others' turns. User turns of a multi-turn trace enter the store without
+    decoding steps, as in :func:`replay`. Returns the store's stats, the recall over every
+    retrieve of every conversation and the decoding steps made."""
+    names = list(traces)
+    if not names:
+        raise ValueError("traces: at least one conversation expected")
+    tmp = tempfile.TemporaryDirectory(prefix="kvtier-switch-")
+    store = kvtier.open(tmp.name, dram_budget=dram_budget, device=device, direct_io=direct_io,
+                        **(store_kwargs or {}))
+    recalls: list = []
+    n_retrieves = steps = 0
+    try:
+        conv = {}
+        for name in names:
+            tr = traces[name]
+            ls = list(range(tr.n_layers)) if layers is None else list(layers)
+            if tr.prefill <= sinks + window:
+                raise ValueError(f"{name}: prefill ({tr.prefill}) must exceed sinks + window ({sinks + window})")
+            colls = {}
+            for l in ls:
+                for h in range(tr.n_kv_heads):
+                    c = store.collection(f"{name}.L{l}.H{h}", dim=tr.head_dim, value_dim=tr.head_dim,
+                                         dtype="float16", policy=policy, **collection_kwargs)
+                    c.add(tr.keys[l, h, sinks:tr.prefill - window], tr.values[l, h, sinks:tr.prefill - window])
+                    colls[l, h] = c
+            user = np.zeros(tr.length, bool)
+            for a, b in tr.meta.get("user_spans", []):
+                user[a:b] = True
+            # parked and brought back a layer (its KV heads) at a time, as the torch adapter
+            # does: one layer's image at a time in DRAM
+            groups = [[colls[l, h] for h in range(tr.n_kv_heads)] for l in ls]
+            conv[name] = {"trace": tr, "layers": ls, "colls": colls, "groups": groups, "t": tr.prefill,
+                          "in_store": tr.prefill - window, "user": user}
+            for grp in groups:
+                store.park(grp)
+        store.reset_io_stats()
+        while any(cv["t"] < cv["trace"].length for cv in conv.values()):
+            for name in names:
+                cv = conv[name]
+                tr, colls, user = cv["trace"], cv["colls"], cv["user"]
+                if cv["t"] >= tr.length:
+                    continue
+                for grp in cv["groups"]:
+                    store.unpark(grp)
+                for t in range(cv["t"], min(cv["t"] + turn, tr.length)):
+                    lo, cv["in_store"] = cv["in_store"], max(cv["in_store"], t - window + 1)
+                    sampled = (t - tr.prefill) % every == 0 and not user[t]
+                    n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
+                    for l in cv["layers"]:
+                        for h in range(tr.n_kv_heads):
+                            if lo < cv["in_store"]:
+                                colls[l, h].add(tr.keys[l, h, lo:cv["in_store"]], tr.values[l, h, lo:cv["in_store"]])
+                            if sampled:
+                                q = tr.queries[l, h * tr.group_size:(h + 1) * tr.group_size, t].astype(np.float32)
+                                got = colls[l, h].retrieve(q, budget=n_budget)
+                                recalls.append(group_recall(tr, l, h, t, got.ids, n_budget, sinks, cv["in_store"])[0])
+                                n_retrieves += 1
+                    if not user[t]:
+                        store.step()
+                        steps += 1
+                    cv["t"] = t + 1
+                for grp in cv["groups"]:
+                    store.park(grp, keep_cache=True)
+        st = store.stats()
+    finally:
+        store.close()
+        tmp.cleanup()
+    return {"store": st, "recall": float(np.mean(recalls)) if recalls else float("nan"),
+            "retrieves": n_retrieves, "decode_steps": steps}
