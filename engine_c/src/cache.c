@@ -95,8 +95,10 @@ static uint64_t upd_age(const kvt_cache *c, const kvt_cache_ent *e) {
 }
 
 /* The cluster-aligned victim (cache.h):
- * 1. the reserved share: entries updated within recent_steps steps are skipped, the newest
- *    updates first, as long as their bytes fit in reserve_share of the budget;
+ * 1. the reserved share: entries updated within recent_steps steps and not skipped by their
+ *    owner's latest read are skipped, the newest updates first, as long as their bytes fit in
+ *    reserve_share of the budget (an update no read wants earns nothing: the static policy
+ *    appends each token to a cluster that mostly no retrieve takes);
  * 2. entries not read at their owner's latest read go first, those that missed the most of
  *    its reads first, the oldest among the coolest of them (in practice LRU among stale ones);
  * 3. when every candidate was read at its owner's latest read: the coolest, and among about
@@ -109,7 +111,7 @@ static kvt_cache_ent *victim_cluster(kvt_cache *c) {
     for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_SCAN; e = e->prev) {
         if (e->pins) continue;
         seen++;
-        if (upd_age(c, e) <= R) age_bytes[upd_age(c, e)] += (uint64_t)e->cap * e->esz;
+        if (upd_age(c, e) <= R && missed(c, e) == 0) age_bytes[upd_age(c, e)] += (uint64_t)e->cap * e->esz;
     }
     int64_t kept_age = -1; /* entries updated at most kept_age steps ago are kept */
     for (uint64_t a = 0, sum = 0; a <= R; a++) {
@@ -127,7 +129,7 @@ static kvt_cache_ent *victim_cluster(kvt_cache *c) {
             if (e->pins) continue;
             seen++;
             if (!oldest) oldest = e;
-            if (kept_age >= 0 && upd_age(c, e) <= (uint64_t)kept_age) continue;
+            if (kept_age >= 0 && upd_age(c, e) <= (uint64_t)kept_age && missed(c, e) == 0) continue;
             uint64_t m = missed(c, e);
             float v = heat_now(c, e) - 1000.0f * (float)(m > KVT_HEAT_HORIZON ? KVT_HEAT_HORIZON : m);
             if (pass == 0 && v < vmin) vmin = v;

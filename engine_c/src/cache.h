@@ -11,8 +11,9 @@
  * least recently used unpinned entries, sampled as Redis does); and the cluster-aligned policy
  * of docs/design.md §2.3, which counts time in decoding steps (kvt_cache_step) rather than
  * cache operations, because decoding reads every layer once per step:
- *  - entries updated (appended to, or made by a split) within the last `recent_steps` steps
- *    are kept while they fit in a reserved share of the budget, newest updates first;
+ *  - entries updated (appended to, or made by a split) within the last `recent_steps` steps,
+ *    unless their owner's latest read skipped them, are kept while they fit in a reserved
+ *    share of the budget, newest updates first;
  *  - every entry carries its heat: the number of steps it was read in, decayed by half every
  *    `half_life` steps; the victim is the coolest entry, the most recently used among entries
  *    of about the same heat. Decoding reads the layers in a cycle, so the entry used last is
