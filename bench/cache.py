@@ -1,7 +1,7 @@
 """Cache replacement on real KV traces: hit rate and bytes read against the DRAM budget.
 
-Replays captured SmolLM2 traces (kvtier.bench.capture, kvtier.bench.kvreplay) with the adaptive policy at a
-10% fetch budget on the UFS 4.0 profile, for each cache policy (lru, lfu, cluster) and each
+Replays captured SmolLM2 traces (kvtier.bench.capture, kvtier.bench.kvreplay) with the adaptive
+clustering policy (``--clustering`` for another) at a 10% fetch budget on the UFS 4.0 profile, for each cache policy (lru, lfu, cluster) and each
 DRAM budget, and reports the cache hit rate (hits / cluster lookups), bytes read from flash
 per decoding step and per retrieve, modeled device time, attention recall and the engine's
 DRAM peak. ``all`` as a budget means the whole cache: enough DRAM for every replayed entry
@@ -13,6 +13,9 @@ The summary compares the policies at 1, 2 and 4 MiB: per workload, the median ov
 budgets of LRU's bytes / cluster's bytes and LFU's bytes / cluster's bytes.
 
     python -m bench.cache --out bench/results [--workloads W1,W2,W3] [--budgets 0.5,1,2,4,all]
+    python -m bench.cache --switch ...        # the workloads as conversations taking turns
+    python -m bench.cache --prefetch ...      # with the torch adapter's next-layer read-ahead
+    python -m bench.cache --clustering static # recall must not depend on the cache policy
 """
 from __future__ import annotations
 
@@ -56,9 +59,9 @@ def parse_budgets(text: str) -> list:
     return out
 
 
-def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetch=False) -> dict:
+def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetch=False, clustering="adaptive") -> dict:
     budget = whole if budget_mib == "all" else int(budget_mib * MIB)
-    r = replay(trace, policy="adaptive", budget=0.1, layers=layers, every=every, dram_budget=budget,
+    r = replay(trace, policy=clustering, budget=0.1, layers=layers, every=every, dram_budget=budget,
                device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy}, prefetch=prefetch)
     st = r.extra["store"]
     hits, misses = st["cache_hits"], st["cache_misses"]
@@ -144,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--policies", default="lru,lfu,cluster")
     ap.add_argument("--layers", default="6,12,17,23", help="replayed layers (four, spread over the depth)")
     ap.add_argument("--every", type=int, default=4, help="retrieve every this many decoding steps")
+    ap.add_argument("--clustering", default="adaptive",
+                    help="the collections' clustering policy (adaptive, static, local, none); "
+                         "other than adaptive writes cache_<policy>.json/.md")
     ap.add_argument("--prefetch", action="store_true",
                     help="prefetch each next layer while one retrieves, as the torch adapter does "
                          "(writes cache_prefetch.json/.md)")
@@ -172,7 +178,8 @@ def main(argv=None):
         whole = 2 * kvb  # every entry plus the index and scratch: nothing is evicted
         for b in budgets:
             for pol in a.policies.split(","):
-                row = run_point(trace, w, layers, a.every, b, whole, pol, a.prefetch)
+                row = run_point(trace, w, layers, a.every, b, whole, pol, a.prefetch, a.clustering)
+                row["clustering"] = a.clustering
                 row["kv_bytes"] = kvb
                 rows.append(row)
                 print(f"{w} DRAM {b} MiB {pol:7s} hit rate {row['hit_rate']:.3f} read "
@@ -185,6 +192,8 @@ def main(argv=None):
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         name = "cache_switch" if a.switch else "cache_prefetch" if a.prefetch else "cache"
+        if a.clustering != "adaptive":
+            name += "_" + a.clustering
         with open(os.path.join(a.out, f"{name}.json"), "w") as f:
             json.dump({"args": vars(a), "rows": rows, "summary": summ}, f, indent=1)
         with open(os.path.join(a.out, f"{name}.md"), "w") as f:

@@ -99,6 +99,22 @@ void kvt_coll_forget(kvt_store *s, kvt_coll *c);
 void kvt_cluster_stats(kvt_coll *c, kvt_coll_stats *o);
 
 /* read.c */
+/* One extent of a cluster on flash: a segment (clustered layouts) or a run of consecutive ids
+ * (token layout); its bytes (len, page padding included) land at byte boff of a buffer that
+ * stacks the cluster's extents, to hold records base.. base+nrec-1 once unpacked. slot is
+ * the caller's (read.c: the cluster's place in a batch). */
+typedef struct kvt_extent {
+    uint64_t off, len, boff;
+    uint32_t nrec, base, slot;
+} kvt_extent;
+/* The extent provider: where cluster k's records are, for either layout, from the segments
+ * given (the cluster's own, or a loader job's copy); out holds at least nseg (token layout:
+ * k->n) entries. Returns how many it wrote. */
+uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_seg *segs, uint32_t nseg,
+                             kvt_extent *out);
+/* Packs a stacked read of segs (kvt_cluster_extents) into the cluster's records in order:
+ * padding dropped, head-1 runs put first-first. Token-layout reads need no packing. */
+void kvt_unpack_segs(const kvt_layout *L, const kvt_seg *segs, uint32_t nseg, uint8_t *buf);
 int kvt_check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off);
 uint32_t kvt_read_buffer_records(const kvt_coll *c, const kvt_cluster *k);
 int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx);

@@ -46,40 +46,22 @@ static void run_job(kvt_store *s, kvt_job *j) {
     kvt_coll *c = j->c;
     const kvt_layout *L = &c->L;
     int rc = 0;
-    uint32_t base = 0, nreq = 0;
-    /* the cluster's extents, read as one batch. The token layout's member list is read
-     * without the mutex: no operation changes a collection with jobs in flight (they all
-     * start in kvt_wait_idle). Its scratch was reserved with the job (the cache entry). */
+    uint32_t base = 0;
+    /* the cluster's extents (read.c's provider, from the job's copy of the segments), read as
+     * one batch. The token layout's member list is read without the mutex: no operation
+     * changes a collection with jobs in flight (they all start in kvt_wait_idle). Its scratch
+     * was reserved with the job (the cache entry). */
     const kvt_cluster *tk = &c->cl[j->cl];
     size_t cap = token(c) ? tk->n : j->nseg;
+    kvt_extent *ex = malloc(cap * sizeof *ex + 1);
     kvt_read_req *req = malloc(cap * sizeof *req + 1);
-    if (!req) rc = kvt_fail(ENOMEM, "prefetch: out of memory");
-    uint64_t boff = 0; /* segments land stacked, then are packed (see finish_cluster) */
-    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
-        kvt_seg *sg = &j->segs[g];
-        uint64_t len = kvt_run_span(L, sg->head, 0, sg->n);
-        if (sg->n)
-            req[nreq++] = (kvt_read_req){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), (size_t)len,
-                                         j->e->rec + boff, sg->n};
-        boff += len;
-    }
-    for (uint32_t i0 = 0; token(c) && !rc && i0 < tk->n;) {
-        uint32_t i1 = token_run_end(tk, i0);
-        req[nreq++] = (kvt_read_req){token_offset(c, tk->mem[i0]), (size_t)(i1 - i0) * L->esz,
-                                     j->e->rec + (size_t)i0 * L->esz, i1 - i0};
-        i0 = i1;
-    }
+    if (!ex || !req) rc = kvt_fail(ENOMEM, "prefetch: out of memory");
+    uint32_t nreq = rc ? 0 : kvt_cluster_extents(c, tk, j->segs, j->nseg, ex);
+    for (uint32_t x = 0; x < nreq; x++) req[x] = (kvt_read_req){ex[x].off, (size_t)ex[x].len, j->e->rec + ex[x].boff, ex[x].nrec};
     if (!rc) rc = kvt_file_read_batch(c->f, req, nreq);
+    free(ex);
     free(req);
-    base = 0;
-    boff = 0;
-    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
-        kvt_seg *sg = &j->segs[g];
-        kvt_unpad(L, j->e->rec + (size_t)base * L->esz, j->e->rec + boff, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
-        if (sg->head == 1) kvt_rec_reverse(L, j->e->rec + (size_t)base * L->esz, sg->n);
-        base += sg->n;
-        boff += kvt_run_span(L, sg->head, 0, sg->n);
-    }
+    if (!rc && !token(c)) kvt_unpack_segs(L, j->segs, j->nseg, j->e->rec);
     LOCK(s);
     kvt_cluster *k = &c->cl[j->cl];
     if (token(c) && !rc) rc = kvt_check_run(c, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, k->mem[0]) : 0);

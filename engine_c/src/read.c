@@ -37,13 +37,47 @@ int kvt_check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t *r
     return 0;
 }
 
-/* One extent of a cluster to read: a segment (or a run of the token log), its bytes on flash
- * (len, page padding included), and where they land in the cluster's buffer: at byte boff,
- * the extents of a cluster stacked in segment order, to be packed to record `base` after. */
-typedef struct extent {
-    uint64_t off, len, boff;
-    uint32_t nrec, base, slot;
-} extent;
+typedef kvt_extent extent;
+
+uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_seg *segs, uint32_t nseg,
+                             kvt_extent *out) {
+    const kvt_layout *L = &c->L;
+    uint32_t m = 0;
+    if (token(c)) { /* runs of consecutive ids in the log, records unpadded in place */
+        for (uint32_t i0 = 0; i0 < k->n;) {
+            uint32_t i1 = token_run_end(k, i0);
+            out[m++] = (kvt_extent){token_offset(c, k->mem[i0]), (uint64_t)(i1 - i0) * L->esz,
+                                    (uint64_t)i0 * L->esz, i1 - i0, i0, 0};
+            i0 = i1;
+        }
+        return m;
+    }
+    uint32_t base = 0;
+    uint64_t boff = 0;
+    for (uint32_t g = 0; g < nseg; g++) {
+        const kvt_seg *sg = &segs[g];
+        uint64_t len = kvt_run_span(L, sg->head, 0, sg->n);
+        if (sg->n) out[m++] = (kvt_extent){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), len, boff, sg->n, base, 0};
+        base += sg->n;
+        boff += len;
+    }
+    return m;
+}
+
+void kvt_unpack_segs(const kvt_layout *L, const kvt_seg *segs, uint32_t nseg, uint8_t *buf) {
+    uint64_t boff = 0;
+    uint32_t base = 0;
+    for (uint32_t g = 0; g < nseg; g++) {
+        const kvt_seg *sg = &segs[g];
+        uint8_t *dst = buf + (size_t)base * L->esz;
+        if (sg->n) {
+            kvt_unpad(L, dst, buf + boff, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
+            if (sg->head == 1) kvt_rec_reverse(L, dst, sg->n);
+        }
+        boff += kvt_run_span(L, sg->head, 0, sg->n);
+        base += sg->n;
+    }
+}
 
 /* Bytes a buffer needs to read cluster k into: its segments' spans stacked, then its pending
  * records. */
@@ -60,22 +94,17 @@ uint32_t kvt_read_buffer_records(const kvt_coll *c, const kvt_cluster *k) {
 }
 
 /* A cluster's segments, read as stacked by its extents, become its records in order in the
- * same buffer (padding dropped, head-1 runs put first-first) and are checked. */
+ * same buffer and are checked. */
 static int finish_cluster(kvt_coll *c, uint32_t ci, uint8_t *buf) {
     const kvt_layout *L = &c->L;
     kvt_cluster *k = &c->cl[ci];
     if (token(c)) return k->n - k->pend ? kvt_check_run(c, ci, 0, buf, k->n - k->pend, token_offset(c, k->mem[0])) : 0;
-    uint64_t boff = 0;
+    kvt_unpack_segs(L, k->segs, k->nseg, buf);
     uint32_t base = 0;
     int rc = 0;
     for (uint32_t g = 0; g < k->nseg && !rc; g++) {
         const kvt_seg *sg = &k->segs[g];
-        if (!sg->n) continue;
-        uint8_t *dst = buf + (size_t)base * L->esz;
-        kvt_unpad(L, dst, buf + boff, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
-        if (sg->head == 1) kvt_rec_reverse(L, dst, sg->n);
-        rc = kvt_check_run(c, ci, base, dst, sg->n, kvt_run_offset(L, sg->pool, sg->head, 0, sg->n));
-        boff += kvt_run_span(L, sg->head, 0, sg->n);
+        if (sg->n) rc = kvt_check_run(c, ci, base, buf + (size_t)base * L->esz, sg->n, kvt_run_offset(L, sg->pool, sg->head, 0, sg->n));
         base += sg->n;
     }
     return rc;
@@ -117,161 +146,220 @@ static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8
     return rc;
 }
 
-/* Calls fn(ctx, cluster, records, n) once per listed cluster with all its records in order:
- * from the cache, or from flash plus its pending buffer. Clusters are read in batches of
- * bounded bytes; within a batch their extents are sorted by offset and neighbours closer
- * than the store's merge gap become one read, so co-located clusters cost one I/O. A cluster
- * read from flash is cached when the budget allows. */
-int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx) {
+/* One batch of kvt_visit_clusters: its clusters' buffers (a cache entry, or owned scratch),
+ * their extents on flash and the merged reads planned over them. */
+typedef struct batch {
+    uint32_t nb, nex, nrun;
+    uint64_t meta;              /* the bookkeeping below, reserved against the budget */
+    uint8_t **buf;
+    kvt_cache_ent **ent;
+    uint64_t *owned;
+    extent *ex;
+    run_plan *plan;
+    kvt_read_req *req;
+} batch;
+
+/* Plan: consecutive list entries from i up to max_batch bytes of misses; returns the end and
+ * the extents the batch may need (all its clusters': admitting one miss may evict a hit). */
+static uint32_t plan_batch(const kvt_coll *c, const uint32_t *list, uint32_t i, uint32_t nlist, uint64_t max_batch,
+                           uint32_t *nseg) {
+    uint32_t end = i;
+    uint64_t bytes = 0;
+    *nseg = 0;
+    while (end < nlist) {
+        const kvt_cluster *k = &c->cl[list[end]];
+        uint64_t b = k->ent ? 0 : read_buffer_bytes(c, k);
+        if (end > i && bytes + b > max_batch) break;
+        bytes += b;
+        *nseg += token(c) ? k->n : k->nseg;
+        end++;
+    }
+    return end;
+}
+
+static int batch_alloc(kvt_coll *c, uint32_t nb, uint32_t nseg, batch *B) {
+    memset(B, 0, sizeof *B);
+    B->nb = nb;
+    B->meta = (uint64_t)nb * (sizeof(uint8_t *) + sizeof(kvt_cache_ent *) + 8) +
+              (uint64_t)nseg * (sizeof(extent) + sizeof(run_plan) + sizeof(kvt_read_req));
+    int rc = kvt_mem_reserve(&c->st->cache, B->meta);
+    if (rc) {
+        B->meta = 0;
+        return rc;
+    }
+    B->buf = calloc(nb, sizeof *B->buf);
+    B->ent = calloc(nb, sizeof *B->ent);
+    B->owned = calloc(nb, sizeof *B->owned);
+    B->ex = malloc((size_t)nseg * sizeof *B->ex + 1);
+    B->plan = malloc((size_t)nseg * sizeof *B->plan + 1);
+    B->req = malloc((size_t)nseg * sizeof *B->req + 1);
+    if (!B->buf || !B->ent || !B->owned || !B->ex || !B->plan || !B->req) return kvt_fail(ENOMEM, "read: out of memory");
+    return 0;
+}
+
+static void batch_free(kvt_coll *c, batch *B) {
+    free(B->buf);
+    free(B->ent);
+    free(B->owned);
+    free(B->ex);
+    free(B->plan);
+    free(B->req);
+    kvt_mem_release(&c->st->cache, B->meta);
+}
+
+/* Stage: hits go straight to fn; misses get a buffer (their cache entry if it fits, else
+ * scratch reserved against the budget) and their extents. */
+static int stage_batch(kvt_coll *c, const uint32_t *list, batch *B, visit_fn fn, void *ctx) {
+    kvt_store *s = c->st;
+    for (uint32_t b = 0; b < B->nb; b++) {
+        uint32_t ci = list[b];
+        kvt_cluster *k = &c->cl[ci];
+        if (k->ent) {
+            s->cache.hits++;
+            if (k->ent->prefetched) {
+                s->prefetch_hits++;
+                k->ent->prefetched = 0;
+            }
+            kvt_cache_touch(&s->cache, k->ent);
+            fn(ctx, ci, k->ent->rec, k->ent->n);
+            continue;
+        }
+        s->cache.misses++;
+        if (!k->n) continue;
+        B->ent[b] = kvt_cache_admit(&s->cache, c, ci, kvt_read_buffer_records(c, k), c->L.esz);
+        if (B->ent[b]) {
+            B->buf[b] = B->ent[b]->rec;
+        } else {
+            B->owned[b] = read_buffer_bytes(c, k);
+            int rc = kvt_mem_reserve(&s->cache, B->owned[b]);
+            if (rc) {
+                B->owned[b] = 0;
+                return rc;
+            }
+            if (!(B->buf[b] = malloc(B->owned[b]))) {
+                kvt_mem_release(&s->cache, B->owned[b]);
+                B->owned[b] = 0;
+                return kvt_fail(ENOMEM, "read: out of memory");
+            }
+        }
+        uint32_t m = kvt_cluster_extents(c, k, k->segs, k->nseg, B->ex + B->nex);
+        for (uint32_t x = 0; x < m; x++) B->ex[B->nex + x].slot = b;
+        B->nex += m;
+    }
+    return 0;
+}
+
+/* Merge: runs of extents (sorted by offset) whose gaps are all within the merge gap, each at
+ * most max_batch bytes; returns the bytes reading them all at once would reserve. */
+static uint64_t merge_batch(kvt_coll *c, batch *B, uint64_t max_batch) {
+    uint64_t all = 0;
+    qsort(B->ex, B->nex, sizeof *B->ex, by_offset);
+    B->nrun = 0;
+    for (uint32_t a = 0; a < B->nex;) {
+        const extent *ex = B->ex;
+        uint32_t e = a + 1;
+        uint64_t run_end = ex[a].off + ex[a].len, entries = ex[a].nrec;
+        while (e < B->nex && ex[e].off >= run_end && ex[e].off - run_end <= c->st->merge_gap &&
+               ex[e].off + ex[e].len - ex[a].off <= max_batch) {
+            run_end = ex[e].off + ex[e].len;
+            entries += ex[e].nrec;
+            e++;
+        }
+        size_t len = (size_t)(run_end - ex[a].off);
+        B->plan[B->nrun] = (run_plan){a, e, NULL};
+        B->req[B->nrun++] = (kvt_read_req){ex[a].off, len, NULL, entries};
+        all += (e > a + 1 ? len : 0) + kvt_file_read_scratch(c->f, ex[a].off, len);
+        a = e;
+    }
+    return all;
+}
+
+/* Issue: when the budget holds every merged read at once they are submitted together (one
+ * io_uring submission where the kernel allows it: the device overlaps them), a run of one
+ * extent straight into its cluster's buffer; otherwise one run at a time, and a run that
+ * finds no room to merge is read extent by extent. */
+static int issue_batch(kvt_coll *c, batch *B, uint64_t all) {
+    kvt_store *s = c->st;
+    int rc = 0;
+    if (B->nrun > 1 && kvt_mem_reserve(&s->cache, all) == 0) {
+        for (uint32_t r = 0; r < B->nrun && !rc; r++) {
+            extent *x = &B->ex[B->plan[r].a];
+            if (B->plan[r].e == B->plan[r].a + 1) {
+                B->req[r].dst = B->buf[x->slot] + x->boff;
+            } else if (!(B->req[r].dst = B->plan[r].run = malloc(B->req[r].len))) {
+                rc = kvt_fail(ENOMEM, "read: out of memory");
+            }
+        }
+        if (!rc) rc = kvt_file_read_batch(c->f, B->req, B->nrun);
+        for (uint32_t r = 0; r < B->nrun; r++) {
+            if (!rc && B->plan[r].run) place_run(B->ex, B->plan[r].a, B->plan[r].e, B->plan[r].run, B->buf);
+            free(B->plan[r].run);
+        }
+        kvt_mem_release(&s->cache, all);
+        return rc;
+    }
+    for (uint32_t r = 0; r < B->nrun && !rc; r++) {
+        rc = read_run(c, B->ex, B->plan[r].a, B->plan[r].e, B->buf);
+        if (rc == KVT_EBUDGET && B->plan[r].e > B->plan[r].a + 1) {
+            rc = 0;
+            for (uint32_t x = B->plan[r].a; x < B->plan[r].e && !rc; x++) rc = read_run(c, B->ex, x, x + 1, B->buf);
+        }
+    }
+    return rc;
+}
+
+/* Finish: pending entries complete each read cluster, fn sees it, then it is cached (the
+ * entry keeps its records and gives back the read's padding) or its scratch freed. After an
+ * error nothing more is handed out and the entries are dropped. */
+static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, visit_fn fn, void *ctx) {
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
-    uint64_t max_batch = s->cache.budget / 4 > L->pool_bytes ? s->cache.budget / 4 : L->pool_bytes;
+    if (!B->buf || !B->ent || !B->owned) return rc; /* the batch was never staged */
+    for (uint32_t b = 0; b < B->nb; b++) {
+        if (!B->buf[b]) continue;
+        uint32_t ci = list[b];
+        kvt_cluster *k = &c->cl[ci];
+        if (!rc) rc = finish_cluster(c, ci, B->buf[b]);
+        if (!rc && k->pend)
+            memcpy(B->buf[b] + (size_t)(k->n - k->pend) * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+        if (!rc) fn(ctx, ci, B->buf[b], k->n);
+        if (B->ent[b]) {
+            if (rc) {
+                kvt_cache_drop(&s->cache, B->ent[b]);
+            } else {
+                B->ent[b]->n = k->n;
+                B->ent[b]->pins--;
+                kvt_cache_fit(&s->cache, B->ent[b]); /* the read's padding is budget */
+                k->ent = B->ent[b];
+            }
+        } else if (B->owned[b]) {
+            free(B->buf[b]);
+            kvt_mem_release(&s->cache, B->owned[b]);
+        }
+    }
+    return rc;
+}
+
+/* Calls fn(ctx, cluster, records, n) once per listed cluster with all its records in order:
+ * from the cache, or from flash plus its pending buffer. Clusters are read in batches of
+ * bounded bytes (plan); hits are handed out at once and misses get buffers and extents
+ * (stage); within a batch the extents are sorted by offset and neighbours closer than the
+ * store's merge gap become one read, so co-located clusters cost one I/O (merge, issue);
+ * then each read cluster is completed, handed out and cached when the budget allows
+ * (finish). */
+int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx) {
+    const kvt_layout *L = &c->L;
+    uint64_t max_batch = c->st->cache.budget / 4 > L->pool_bytes ? c->st->cache.budget / 4 : L->pool_bytes;
     int rc = 0;
     for (uint32_t i = 0; i < nlist && !rc;) {
-        /* the batch: consecutive list entries up to max_batch bytes of misses */
-        uint32_t end = i, nseg = 0;
-        uint64_t bytes = 0;
-        while (end < nlist) {
-            kvt_cluster *k = &c->cl[list[end]];
-            uint64_t b = k->ent ? 0 : read_buffer_bytes(c, k);
-            if (end > i && bytes + b > max_batch) break;
-            bytes += b;
-            nseg += token(c) ? k->n : k->nseg; /* all: admitting one miss may evict a hit of this batch */
-            end++;
-        }
-        uint32_t nb = end - i;
-        uint64_t meta = (uint64_t)nb * (sizeof(uint8_t *) + sizeof(kvt_cache_ent *) + 8) +
-                        (uint64_t)nseg * (sizeof(extent) + sizeof(run_plan) + sizeof(kvt_read_req));
-        rc = kvt_mem_reserve(&s->cache, meta);
-        if (rc) break;
-        uint8_t **buf = calloc(nb, sizeof *buf);
-        kvt_cache_ent **ent = calloc(nb, sizeof *ent);
-        uint64_t *owned = calloc(nb, sizeof *owned);
-        extent *ex = malloc((size_t)nseg * sizeof *ex + 1);
-        run_plan *plan = malloc((size_t)nseg * sizeof *plan + 1);
-        kvt_read_req *req = malloc((size_t)nseg * sizeof *req + 1);
-        uint32_t nex = 0;
-        if (!buf || !ent || !owned || !ex || !plan || !req) rc = kvt_fail(ENOMEM, "read: out of memory");
-        /* hits go straight through; misses get a buffer (their cache entry if it fits) */
-        for (uint32_t b = 0; b < nb && !rc; b++) {
-            uint32_t ci = list[i + b];
-            kvt_cluster *k = &c->cl[ci];
-            if (k->ent) {
-                s->cache.hits++;
-                if (k->ent->prefetched) {
-                    s->prefetch_hits++;
-                    k->ent->prefetched = 0;
-                }
-                kvt_cache_touch(&s->cache, k->ent);
-                fn(ctx, ci, k->ent->rec, k->ent->n);
-                continue;
-            }
-            s->cache.misses++;
-            if (!k->n) continue;
-            ent[b] = kvt_cache_admit(&s->cache, c, ci, kvt_read_buffer_records(c, k), L->esz);
-            if (ent[b]) {
-                buf[b] = ent[b]->rec;
-            } else {
-                owned[b] = read_buffer_bytes(c, k);
-                rc = kvt_mem_reserve(&s->cache, owned[b]);
-                if (rc) {
-                    owned[b] = 0;
-                    break;
-                }
-                if (!(buf[b] = malloc(owned[b]))) rc = kvt_fail(ENOMEM, "read: out of memory");
-            }
-            uint32_t base = 0;
-            uint64_t boff = 0;
-            for (uint32_t g = 0; g < k->nseg; g++) {
-                kvt_seg *sg = &k->segs[g];
-                uint64_t len = kvt_run_span(L, sg->head, 0, sg->n);
-                if (sg->n) ex[nex++] = (extent){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), len, boff, sg->n, base, b};
-                base += sg->n;
-                boff += len;
-            }
-            for (uint32_t i0 = 0; token(c) && i0 < k->n;) { /* runs of consecutive ids in the log */
-                uint32_t i1 = token_run_end(k, i0);
-                ex[nex++] = (extent){token_offset(c, k->mem[i0]), (uint64_t)(i1 - i0) * L->esz,
-                                     (uint64_t)i0 * L->esz, i1 - i0, i0, b};
-                i0 = i1;
-            }
-        }
-        qsort(ex, nex, sizeof *ex, by_offset);
-        /* merged reads: runs of extents whose gaps are all within the merge gap. When the
-         * budget holds all of them at once they are issued together (one io_uring submission
-         * where the kernel allows it: the device overlaps them); a run of one extent is read
-         * straight into its cluster's buffer. Otherwise they are read one run at a time. */
-        uint32_t nrun = 0;
-        uint64_t all = 0;
-        for (uint32_t a = 0; a < nex && !rc;) {
-            uint32_t e = a + 1;
-            uint64_t run_end = ex[a].off + ex[a].len, entries = ex[a].nrec;
-            while (e < nex && ex[e].off >= run_end && ex[e].off - run_end <= s->merge_gap &&
-                   ex[e].off + ex[e].len - ex[a].off <= max_batch) {
-                run_end = ex[e].off + ex[e].len;
-                entries += ex[e].nrec;
-                e++;
-            }
-            size_t len = (size_t)(run_end - ex[a].off);
-            plan[nrun] = (run_plan){a, e, NULL};
-            req[nrun++] = (kvt_read_req){ex[a].off, len, NULL, entries};
-            all += (e > a + 1 ? len : 0) + kvt_file_read_scratch(c->f, ex[a].off, len);
-            a = e;
-        }
-        if (!rc && nrun > 1 && kvt_mem_reserve(&s->cache, all) == 0) { /* all at once */
-            for (uint32_t r = 0; r < nrun && !rc; r++) {
-                extent *x = &ex[plan[r].a];
-                if (plan[r].e == plan[r].a + 1) {
-                    req[r].dst = buf[x->slot] + x->boff;
-                } else if (!(req[r].dst = plan[r].run = malloc(req[r].len))) {
-                    rc = kvt_fail(ENOMEM, "read: out of memory");
-                }
-            }
-            if (!rc) rc = kvt_file_read_batch(c->f, req, nrun);
-            for (uint32_t r = 0; r < nrun; r++) {
-                if (!rc && plan[r].run) place_run(ex, plan[r].a, plan[r].e, plan[r].run, buf);
-                free(plan[r].run);
-            }
-            kvt_mem_release(&s->cache, all);
-            nex = 0; /* done: skip the one-at-a-time loop */
-        }
-        for (uint32_t r = 0; r < nrun && nex && !rc; r++) {
-            rc = read_run(c, ex, plan[r].a, plan[r].e, buf);
-            if (rc == KVT_EBUDGET && plan[r].e > plan[r].a + 1) { /* no room to merge: one at a time */
-                rc = 0;
-                for (uint32_t t = plan[r].a; t < plan[r].e && !rc; t++) rc = read_run(c, ex, t, t + 1, buf);
-            }
-        }
-        /* pending entries complete each cluster; then hand it over and cache or free it */
-        for (uint32_t b = 0; b < nb; b++) {
-            if (!buf[b]) continue;
-            uint32_t ci = list[i + b];
-            kvt_cluster *k = &c->cl[ci];
-            if (!rc) rc = finish_cluster(c, ci, buf[b]);
-            if (!rc && k->pend)
-                memcpy(buf[b] + (size_t)(k->n - k->pend) * L->esz, k->pbuf, (size_t)k->pend * L->esz);
-            if (!rc) fn(ctx, ci, buf[b], k->n);
-            if (ent[b]) {
-                if (rc) {
-                    kvt_cache_drop(&s->cache, ent[b]);
-                } else {
-                    ent[b]->n = k->n;
-                    ent[b]->pins--;
-                    kvt_cache_fit(&s->cache, ent[b]); /* the read's padding is budget */
-                    k->ent = ent[b];
-                }
-            } else if (owned[b]) {
-                free(buf[b]);
-                kvt_mem_release(&s->cache, owned[b]);
-            }
-        }
-        free(buf);
-        free(ent);
-        free(owned);
-        free(ex);
-        free(plan);
-        free(req);
-        kvt_mem_release(&s->cache, meta);
+        uint32_t nseg;
+        uint32_t end = plan_batch(c, list, i, nlist, max_batch, &nseg);
+        batch B;
+        rc = batch_alloc(c, end - i, nseg, &B);
+        if (!rc) rc = stage_batch(c, list + i, &B, fn, ctx);
+        if (!rc) rc = issue_batch(c, &B, merge_batch(c, &B, max_batch));
+        rc = finish_batch(c, list + i, &B, rc, fn, ctx);
+        batch_free(c, &B);
         i = end;
     }
     return rc;

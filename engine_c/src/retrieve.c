@@ -86,21 +86,14 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         k->ent = e;
         *j = (kvt_job){NULL, c, idx[t], k->nseg, e, NULL, NULL, 0};
         memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
-        for (uint32_t i0 = 0; token(c) && i0 < k->n;) {
-            uint32_t i1 = token_run_end(k, i0);
+        /* the device model is charged here, for the reads the job will make */
+        kvt_extent *ex = malloc((size_t)(token(c) ? k->n : k->nseg) * sizeof *ex + 1);
+        uint32_t nex = ex ? kvt_cluster_extents(c, k, k->segs, k->nseg, ex) : 0;
+        for (uint32_t x = 0; x < nex; x++) {
             ops++;
-            size_t len = (size_t)(i1 - i0) * c->L.esz;
-            bytes += kvt_file_is_direct(c->f) ? kvt_file_read_scratch(c->f, token_offset(c, k->mem[i0]), len) : len;
-            i0 = i1;
+            bytes += kvt_file_is_direct(c->f) ? kvt_file_read_scratch(c->f, ex[x].off, (size_t)ex[x].len) : ex[x].len;
         }
-        for (uint32_t g = 0; g < k->nseg; g++)
-            if (k->segs[g].n) {
-                ops++;
-                uint64_t span = kvt_run_span(&c->L, k->segs[g].head, 0, k->segs[g].n);
-                bytes += kvt_file_read_scratch(c->f, kvt_run_offset(&c->L, k->segs[g].pool, k->segs[g].head, 0, k->segs[g].n),
-                                               (size_t)span);
-                if (!kvt_file_is_direct(c->f)) bytes += span;
-            }
+        free(ex);
         if (s->jobs_tail) s->jobs_tail->next = j;
         else s->jobs = j;
         s->jobs_tail = j;
