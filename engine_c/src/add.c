@@ -37,6 +37,25 @@ static uint64_t cluster_bytes(const kvt_coll *c) {
            (kvt_vsum_kept(c) ? (uint64_t)c->p.value_dim * 4 : 0);
 }
 
+/* Local policy: the most entries the staging cluster may hold so that its recluster (the
+ * records read, their k-means, the new clusters written) fits in three quarters of `room`
+ * bytes (the index grows meanwhile); at least a window. */
+static uint64_t staging_cap(const kvt_coll *c, uint64_t room) {
+    uint64_t lo = c->p.local_window, hi = (uint64_t)1 << 32;
+    room = room / 4 * 3;
+    for (;;) {
+        uint64_t s = lo + (hi - lo) / 2;
+        if (s == lo) return lo;
+        uint32_t k = (uint32_t)((s + c->p.local_cluster_size - 1) / c->p.local_cluster_size);
+        /* a read of the staging holds its records up to three times at once: the cache
+         * entry it fills, the read buffer and a direct read's bounce buffer */
+        uint64_t need = s * (3 * (uint64_t)c->L.esz + 4) + (uint64_t)k * (c->p.dim * 4 + 4) +
+                        kvt_kmeans_bytes(s, k, c->p.dim) + 2 * (uint64_t)c->L.pool_bytes;
+        if (need <= room) lo = s;
+        else hi = s;
+    }
+}
+
 /* The transient bytes of an add staged in chunks of `ch` entries: each chunk's cluster numbers
  * and row order, the per-cluster plan, write scratch and, for a collection's first batch, the
  * k-means of its first chunk with its centroids, plus the index of the clusters it creates. */
@@ -151,7 +170,20 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
         k = kept;
     } else if (policy == KVT_POLICY_LOCAL) {
         if (c->staging == KVT_NONE && (rc = kvt_new_cluster(c, &c->staging))) goto fail;
-        for (uint64_t i = 0; i < n; i++) c->loc[n0 + i].cl = c->staging;
+        /* the newest entries gather in the staging cluster, as many as its recluster can hold
+         * in DRAM; older ones of a batch too large for that join their nearest cluster (the
+         * staging left out), as the static policy would, rather than a staging cluster too
+         * large ever to be reclustered */
+        uint32_t st = c->staging;
+        uint64_t cap = staging_cap(c, avail), have = c->cl[st].n;
+        uint64_t direct = have + n > cap && c->ncl > 1 ? (have < cap ? have + n - cap : n) : 0;
+        float keep = c->cnorm[st];
+        c->cnorm[st] = FLT_MAX; /* nothing joins it here */
+        for (uint64_t i = 0; i < direct; i++)
+            c->loc[n0 + i].cl = kvt_nearest(K, c->p.dtype, (const uint8_t *)keys + i * L->key_bytes, c->cent,
+                                            c->cnorm, c->ncl, c->p.dim);
+        c->cnorm[st] = keep;
+        for (uint64_t i = direct; i < n; i++) c->loc[n0 + i].cl = st;
         k = c->ncl;
     } else {
         k = c->ncl;
