@@ -10,7 +10,7 @@
  * Invariants:
  * 1. minimum <= recommended, and minimum = index + buffers: the resident index without any
  *    growth slack, plus the working memory of the smallest step the engine takes (one add
- *    chunk, one cluster read). Below it an operation fails with KVT_EBUDGET; at or above it
+ *    chunk, one cluster read; for policy none, one scan of the key column from flash). Below it an operation fails with KVT_EBUDGET; at or above it
  *    the engine works, the cache and the write buffers shrinking to what is left.
  * 2. recommended adds growth slack, the pending and write buffers, and a cache that holds
  *    the clusters of one retrieve of `fetch` x the entries.
