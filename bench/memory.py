@@ -196,11 +196,15 @@ def markdown(rows) -> str:
         rec = r.get("recall@10", r.get("recall"))
         fixed = r.get("dram_fixed_peak_bytes")
         em = r["estimate"]["minimum"]
+        io = r.get("read_bytes_per_step")
+        ms = r.get("modeled_io_ms_per_step")
         body.append([r["case"], r["policy"], r.get("batch", ""), f"{r['dram_budget']:,}", res,
-                     "" if rec is None else f"{rec:.4f}", f"{r.get('dram_peak_bytes', 0):,}", f"{fixed or 0:,}",
+                     "" if rec is None else f"{rec:.4f}", "" if io is None else f"{io / 1024:.1f}",
+                     "" if ms is None else f"{ms:.3f}", f"{r.get('dram_peak_bytes', 0):,}", f"{fixed or 0:,}",
                      f"{em:,}", "" if not fixed else f"{em / fixed:.2f}"])
-    return md_table(["case", "policy", "batch", "DRAM budget", "result", "recall", "DRAM peak", "non-cache peak",
-                     "estimate min", "est/non-cache"], body, "llrrlrrrrr") + "\n"
+    return md_table(["case", "policy", "batch", "DRAM budget", "result", "recall", "KiB read/step",
+                     "modeled I/O ms/step", "DRAM peak", "non-cache peak", "estimate min", "est/non-cache"],
+                    body, "llrrlrrrrrrr") + "\n"
 
 
 def main(argv=None):
@@ -213,6 +217,8 @@ def main(argv=None):
     ap.add_argument("--large-cluster-size", type=int, default=128,
                     help="init_cluster_size of the large case (max_cluster_size twice it)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default=None,
+                    help="file stem of the JSON and Markdown written under --out (default memory_<cases>)")
     a = ap.parse_args(argv)
     rows = []
     policies = a.policies.split(",")
@@ -228,11 +234,11 @@ def main(argv=None):
     print(md)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        tag = "_".join(cases)
-        with open(os.path.join(a.out, f"memory_{tag}.json"), "w") as f:
+        tag = a.name or "memory_" + "_".join(cases)
+        with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
             json.dump({"args": vars(a), "rows": rows, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                       f, indent=1, default=str)
-        with open(os.path.join(a.out, f"memory_{tag}.md"), "w") as f:
+        with open(os.path.join(a.out, f"{tag}.md"), "w") as f:
             f.write(f"# Memory-bounded engine\n\n`python -m bench.memory {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 

@@ -404,7 +404,8 @@ cdef class Coll:
             "split_skipped": s.split_skipped, "relayouts": s.relayouts, "parked": bool(s.parked),
             "partial_page_writes": s.partial_page_writes,
             "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
-            "write_buffer_errors": s.write_buffer_errors,
+            "write_buffer_errors": s.write_buffer_errors, "pending_flushes": s.pending_flushes,
+            "keys_on_flash": bool(s.keys_on_flash),
             "relayout_bytes": s.relayout_bytes, "relayout_read_bytes": s.relayout_read_bytes,
             "append_bytes": s.append_bytes, "naive_move_bytes": s.naive_move_bytes,
         }

@@ -88,6 +88,173 @@ def test_budget_error_says_what_uses_dram(tmp_path):
 
 # -- tiny budgets -----------------------------------------------------------------------------
 
+# Known gaps at the estimated minimum, measured: a cluster is read whole, and static grows
+# clusters past what this budget can read at once when the first batch (97 entries) makes
+# the partition; an adaptive retrieve finds its cached clusters pinned by itself (1000).
+# Strict: each must start passing to be removed.
+GAPS = {
+    (97, "static"): "static never splits: the first 97 entries make one cluster that grows past the budget",
+    (1000, "adaptive"): "retrieve pins the cached clusters it reads, leaving no room for the next read",
+}
+
+
+def gap(batch, policy):
+    reason = GAPS.get((batch, policy))
+    return [pytest.mark.xfail(raises=kvtier.BudgetError, strict=True, reason=reason)] if reason else []
+
+
+@pytest.mark.parametrize("policy,batch", [pytest.param(p, b, marks=gap(b, p))
+                                          for b in (97, 1000, 6000) for p in POLICIES])
+def test_tiny_budget_at_the_estimated_minimum_works(tmp_path, policy, batch):
+    """At the budget estimate() calls the minimum (a few pages beyond the index) every policy
+    ingests, searches and retrieves; the engine's DRAM never exceeds it."""
+    n, d = 6000, 16
+    keys, vals = data(n, d)
+    est = kvtier.estimate(n, d, policy=policy, write_buffer=0)
+    budget = max(est.minimum, 64 * 1024)
+    with kvtier.open(tmp_path / "s", dram_budget=budget, write_buffer=0) as s:
+        c = s.collection("c", dim=d, dtype="float16", policy=policy)
+        for i in range(0, n, batch):
+            c.add(keys[i:i + batch], vals[i:i + batch])
+        assert len(c) == n
+        hits = c.search(keys[:8].astype(np.float32), k=5)
+        assert (hits.ids[:, 0] >= 0).all()
+        got = c.retrieve(keys[:2].astype(np.float32), budget=0.05)
+        assert len(got) > 0
+        st = s.stats()
+        assert st["dram_peak_bytes"] <= budget
+    with kvtier.open(tmp_path / "s", dram_budget=budget, write_buffer=0) as s:
+        c = s.collection("c")
+        assert len(c) == n
+        np.testing.assert_array_equal(c.get([0, n - 1])[0], keys[[0, n - 1]])
+
+
+def exact_ids(keys, q, k):
+    return np.argsort(-(q @ keys.astype(np.float32).T), axis=1, kind="stable")[:, :k]
+
+
+def test_none_scans_its_keys_from_flash_when_they_do_not_fit(tmp_path):
+    """Policy none at a budget below its keys: the keys go to flash, search and retrieve stay
+    exact, and each of them reads the key column (counted in the I/O stats)."""
+    n, d = 6000, 32
+    keys, vals = data(n, d, seed=3)
+    q = keys[:4].astype(np.float32) + 0.1
+    budget = 192 * 1024
+    assert n * d * 2 > 1.5 * budget  # the keys alone exceed the budget
+    with kvtier.open(tmp_path / "s", dram_budget=budget, write_buffer=0) as s:
+        c = s.collection("c", dim=d, dtype="float16", policy="none")
+        for i in range(0, n, 500):
+            c.add(keys[i:i + 500], vals[i:i + 500])
+        assert c.stats()["keys_on_flash"]
+        s.reset_io_stats()
+        hits = c.search(q, k=5)
+        after_search = s.stats()["read_bytes"]
+        assert after_search >= n * d * 2  # at least the key column
+        got = c.retrieve(q[:1], budget=10)
+        assert s.stats()["read_bytes"] - after_search >= n * d * 2
+        assert s.stats()["dram_peak_bytes"] <= budget
+    want = exact_ids(keys, q, 5)
+    for i in range(len(q)):  # exact, up to ties in float16 scores
+        assert len(set(hits.ids[i]) & set(want[i])) >= 4
+    assert set(got.ids) == set(exact_ids(keys, q[:1], 10)[0])
+    with kvtier.open(tmp_path / "s", dram_budget="8MiB", write_buffer=0) as s:  # room again
+        c = s.collection("c")
+        assert not c.stats()["keys_on_flash"]
+        np.testing.assert_array_equal(c.search(q, k=5).ids, hits.ids)
+
+
+def probes(keys, step):
+    """16 queries taken across the keys, and their exact top 10."""
+    q = keys[::step][:16].astype(np.float32)
+    return q, exact_ids(keys, q, 10)
+
+
+def recall10(c, q, want):
+    got = c.search(q, k=10, nprobe=8).ids
+    return np.mean([len(set(got[i]) & set(want[i])) / 10 for i in range(len(q))])
+
+
+def filled(path, budget, policy, keys, vals, batch):
+    """A store at `budget` with one collection holding keys/vals, added in batches."""
+    s = kvtier.open(path / str(budget), dram_budget=budget)
+    c = s.collection("c", dim=keys.shape[1], dtype="float16", policy=policy)
+    for i in range(0, len(keys), batch):
+        c.add(keys[i:i + batch], vals[i:i + batch])
+    return s, c
+
+
+def test_one_batch_add_is_chunked(tmp_path):
+    """An add far larger than the budget can stage is consumed in chunks: it succeeds within
+    the budget, every entry reads back, and search recall is close to the same one-batch add
+    with DRAM to spare (where it is staged whole)."""
+    n, d = 20000, 16
+    keys, vals = data(n, d, seed=5)
+    q, want = probes(keys, 997)
+    recall = {}
+    for budget in (512 * 1024, 64 << 20):
+        s, c = filled(tmp_path, budget, "adaptive", keys, vals, n)
+        with s:
+            assert len(c) == n
+            idx = np.array([0, n // 2, n - 1])
+            np.testing.assert_array_equal(c.get(idx)[0], keys[idx])
+            st = s.stats()
+            assert st["dram_peak_bytes"] <= budget
+            if budget < (1 << 20):  # staged in chunks: far less than the whole batch's staging
+                assert st["dram_peak_by_use"]["buffers"] < n * (8 + 2 * d * 2) / 2
+            recall[budget] = recall10(c, q, want)
+    assert recall[512 * 1024] >= recall[64 << 20] - 0.05
+
+
+def test_pending_buffers_and_keys_give_way_to_another_collection(tmp_path):
+    """When an add needs the budget, the write-buffer tails of the other collections are
+    written out and a policy-none collection's resident keys are dropped (scanned from flash
+    from then on): the add succeeds and nothing is lost."""
+    d = 16
+    keys, vals = data(12000, d, seed=7)
+    budget = 384 * 1024
+    with kvtier.open(tmp_path / "s", dram_budget=budget, write_buffer="64KiB") as s:
+        a = s.collection("a", dim=d, dtype="float16", policy="static")
+        a.add(keys[:2000], vals[:2000])
+        for i in range(2000, 4000, 37):  # small appends leave partial pages in the tails
+            a.add(keys[i:i + 37], vals[i:i + 37])
+        t = s.collection("t", dim=d, dtype="float16", policy="none")
+        t.add(keys[:4000], vals[:4000])
+        assert not t.stats()["keys_on_flash"]
+        before = t.search(keys[:4].astype(np.float32), k=5).ids
+        assert a.stats()["write_buffer_entries"] > 0
+        b = s.collection("b", dim=d, dtype="float16", policy="static")
+        b.add(keys[4000:], vals[4000:])  # needs what the tails and the keys hold
+        assert len(b) == 8000
+        assert t.stats()["keys_on_flash"]
+        assert a.stats()["pending_flushes"] > 0
+        assert s.stats()["dram_peak_bytes"] <= budget
+        np.testing.assert_array_equal(t.search(keys[:4].astype(np.float32), k=5).ids, before)
+        idx = np.arange(0, 4000, 333)
+        np.testing.assert_array_equal(a.get(idx)[0], keys[idx])
+        np.testing.assert_array_equal(b.get(idx)[1], vals[4000 + idx])
+
+
+def test_local_staging_stays_within_what_can_be_reclustered(tmp_path):
+    """Local: a batch far larger than its window at a small budget. The staging cluster holds
+    only what its recluster fits in DRAM (older entries join their nearest cluster), so every
+    recluster succeeds and no cluster outgrows the budget; with DRAM to spare the whole batch
+    is reclustered as before."""
+    n, d = 16384, 32
+    keys, vals = data(n, d, seed=11)
+    q, want = probes(keys, 1001)
+    got = {}
+    for budget in (600 * 1024, 64 << 20):
+        s, c = filled(tmp_path, budget, "local", keys, vals, 4096)
+        with s:
+            st = c.stats()
+            assert st["split_errors"] == 0
+            assert s.stats()["dram_peak_bytes"] <= budget
+            if budget < (1 << 20):
+                assert st["max_cluster_size"] * 2 * d * 2 < budget
+            got[budget] = recall10(c, q, want)
+    assert got[600 * 1024] >= got[64 << 20] - 0.1
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_failed_add_changes_nothing(tmp_path, policy):
     n, d = 3000, 16

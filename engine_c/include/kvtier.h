@@ -319,6 +319,12 @@ typedef struct kvt_coll_stats {
      * such writes that failed on I/O (the entries stay buffered, written later or by the
      * next checkpoint, which reports its own failures) */
     uint64_t write_buffer_entries, write_buffer_evictions, write_buffer_errors;
+    /* pending buffers written to flash early because the DRAM budget was needed elsewhere
+     * (a flagged cluster stays flagged: it splits when it is next read) */
+    uint64_t pending_flushes;
+    /* policy none: 1 once its keys no longer fit the budget and are scanned from flash (one
+     * sequential read of the key column per retrieve or search, counted in the I/O stats) */
+    uint64_t keys_on_flash;
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */

@@ -10,7 +10,7 @@
  * Invariants:
  * 1. minimum <= recommended, and minimum = index + buffers: the resident index without any
  *    growth slack, plus the working memory of the smallest step the engine takes (one add
- *    chunk, one cluster read). Below it an operation fails with KVT_EBUDGET; at or above it
+ *    chunk, one cluster read; for policy none, one scan of the key column from flash). Below it an operation fails with KVT_EBUDGET; at or above it
  *    the engine works, the cache and the write buffers shrinking to what is left.
  * 2. recommended adds growth slack, the pending and write buffers, and a cache that holds
  *    the clusters of one retrieve of `fetch` x the entries.
@@ -86,6 +86,11 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
     uint64_t largest = ncl ? 2 * ((n + ncl - 1) / ncl) : 0;
     if (p->policy == KVT_POLICY_NONE) largest = 0; /* token-level reads single records */
     uint64_t read = largest * L.esz + L.pool_bytes;
+    /* token-level: the key column scanned from flash a pool at a time (with a direct read's
+     * bounce buffer), the top entries of one retrieve and one record's read */
+    if (p->policy == KVT_POLICY_NONE)
+        read = 2 * (uint64_t)L.pool_bytes + 3 * KVT_IO_ALIGN + (uint64_t)ceil(fetch * (double)n) * 8 +
+               L.esz + 2 * KVT_IO_ALIGN + 32 + (uint64_t)p->dim * 4;
     o->buffers = stage > read ? stage : read;
     o->minimum = o->index + o->buffers;
 

@@ -300,15 +300,11 @@ static void take_vsum(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) 
     for (uint32_t i = 0; i < n; i++) kvt_vsum_add(c, ci, kvt_rec_value(&c->L, recs + (size_t)i * c->L.esz));
 }
 
-/* Policy none keeps every key in DRAM: read them back from the records. */
-static void take_keys(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
-    kvt_coll *c = ((keys_ctx *)vctx)->c;
-    for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *rec = recs + (size_t)i * c->L.esz;
-        int64_t id;
-        memcpy(&id, rec, 8);
-        memcpy(c->keys + (uint64_t)id * c->L.key_bytes, kvt_rec_key(rec), c->L.key_bytes);
-    }
+/* Policy none keeps its keys in DRAM when they fit: read them back from the records. */
+typedef struct take_ctx { kvt_coll *c; uint8_t *keys; } take_ctx;
+static void take_key(void *vctx, uint64_t id, const void *key) {
+    take_ctx *kc = vctx;
+    memcpy(kc->keys + id * kc->c->L.key_bytes, key, kc->c->L.key_bytes);
 }
 
 int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const void *dir_blob,
@@ -341,11 +337,22 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
         if (counts[j] != c->cl[j].n)
             rc = kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has %u entries but the id map names %u", j, no, c->cl[j].n, counts[j]);
     if (!rc && token(c)) rc = kvt_rebuild_members(c);
-    if (!rc && (p->policy == KVT_POLICY_NONE || sums_missing)) {
+    if (!rc && sums_missing) {
         keys_ctx kc = {c};
-        for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = kvt_visit_cluster(c, j, sums_missing ? take_vsum : take_keys, &kc);
+        for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = kvt_visit_cluster(c, j, take_vsum, &kc);
         kvt_cache_drop_owner(&s->cache, c);
         for (uint32_t j = 0; j < c->ncl; j++) c->cl[j].ent = NULL;
+    }
+    if (!rc && p->policy == KVT_POLICY_NONE && c->keys) { /* else they did not fit: scanned on use */
+        take_ctx kc = {c, c->keys};
+        c->keys = NULL; /* kvt_scan_keys reads the flash copy into kc.keys */
+        rc = kvt_scan_keys(c, take_key, &kc);
+        c->keys = kc.keys;
+        if (rc == KVT_EBUDGET) { /* no room to read them with: they stay on flash */
+            kvt_clear_error();
+            rc = 0;
+            kvt_drop_keys(c);
+        }
     }
     if (!rc) c->committed_mod = c->modc;
     if (rc) kvt_coll_forget(s, c);

@@ -45,19 +45,24 @@ typedef struct seg_save { kvt_seg *segs; uint32_t nseg, segcap; } seg_save;
 typedef void (*visit_fn)(void *ctx, uint32_t cluster, const uint8_t *recs, uint32_t n);
 
 /* Runs `call` (an int expression using c) on collection c under the store mutex, once c is
- * ready. A call that failed for want of budget while reads were in flight (their buffers are
- * pinned until they land) waits for them and runs once more: a failed add, retrieve or
- * search changes nothing a second run depends on. Sets rc. */
+ * ready. A call that failed for want of budget runs once more after what can give way did:
+ * reads in flight (their buffers are pinned until they land) are waited for, and pending
+ * buffers are written to flash, token-level keys dropped and array slack given back
+ * (kvt_give_way); the second run buffers nothing new and grows no slack (store->tight). A failed add, retrieve or search changes nothing a second run
+ * depends on. Sets rc. */
 #define RUN_READY(c, call)                                                                     \
     do {                                                                                       \
         LOCK((c)->st);                                                                         \
         rc = kvt_ready(c);                                                                     \
         if (!rc) rc = (call);                                                                  \
-        if (rc == KVT_EBUDGET && (c)->st->loading_bytes) {                                     \
+        if (rc == KVT_EBUDGET && ((c)->st->loading_bytes || kvt_give_way((c)->st))) {          \
             while ((c)->st->loading_bytes) pthread_cond_wait(&(c)->st->done_cv, &(c)->st->mu); \
+            kvt_give_way((c)->st);                                                             \
             kvt_clear_error();                                                                 \
+            (c)->st->tight = 1;                                                                \
             rc = kvt_ready(c);                                                                 \
             if (!rc) rc = (call);                                                              \
+            (c)->st->tight = 0;                                                                \
         }                                                                                      \
         UNLOCK((c)->st);                                                                       \
     } while (0)
@@ -90,6 +95,8 @@ int kvt_rebuild_members(kvt_coll *c);
 int kvt_ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need);
 int kvt_ensure_pools(kvt_coll *c, uint32_t need);
 int kvt_ensure_ids(kvt_coll *c, uint64_t need);
+void kvt_drop_keys(kvt_coll *c);
+uint64_t kvt_trim_slack(kvt_coll *c);
 void kvt_update_norm(kvt_coll *c, uint32_t k);
 int kvt_new_cluster(kvt_coll *c, uint32_t *out);
 void kvt_stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_t n, float *x);
@@ -128,6 +135,7 @@ void kvt_start_loaders(kvt_store *s, int *rc);
 
 /* virtualize.c */
 int kvt_ready(kvt_coll *c);
+int kvt_give_way(kvt_store *s);
 int kvt_peek_begin(kvt_coll *c, int *was_parked);
 void kvt_peek_end(kvt_coll *c, int was_parked);
 
@@ -173,6 +181,8 @@ void kvt_select_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budg
 /* token.c */
 int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off);
 int kvt_retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result *r);
+typedef void (*key_fn)(void *ctx, uint64_t id, const void *key);
+int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx);
 
 /* Token layout (kvt_coll_params.layout): records sit in one log in id order. */
 static inline int token(const kvt_coll *c) {

@@ -3,7 +3,9 @@
  * clustered on their own into clusters of about local_cluster_size, in the staging cluster.
  *
  * Invariants:
- * 1. The staging cluster is the only cluster new entries join under this policy; once
+ * 1. The staging cluster is the only cluster new entries join under this policy, up to what
+ *    its recluster can hold in the DRAM budget: past that, the older entries of an add join
+ *    their nearest cluster (add.c), so that the staging never outgrows DRAM. Once
  *    reclustered, its entries are in ordinary clusters written copy-on-write (adapt.c 2).
  */
 #ifndef _GNU_SOURCE

@@ -97,6 +97,18 @@ static void sort_hits(int64_t *ids, float *sc, uint32_t n) {
 
 typedef struct { uint32_t cl, q; } probe;
 
+/* Policy none: one entry scored against every query of the search. */
+typedef struct exact_ctx { search_ctx *sx; uint64_t nq; } exact_ctx;
+
+static void exact_hit(void *vctx, uint64_t id, const void *key) {
+    exact_ctx *e = vctx;
+    search_ctx *sx = e->sx;
+    kvt_coll *c = sx->c;
+    for (uint64_t i = 0; i < e->nq; i++)
+        heap_push(sx->ids + i * sx->k, sx->scores + i * sx->k, &sx->fill[i], sx->k, (int64_t)id,
+                  entry_score(c, key, sx->q + i * c->p.dim, sx->x));
+}
+
 static int by_probe(const void *a, const void *b) {
     const probe *x = a, *y = b;
     if (x->cl != y->cl) return x->cl < y->cl ? -1 : 1;
@@ -130,12 +142,9 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
         goto out;
     }
     search_ctx sx = {c, q, qlist, 0, k, ids_out, scores_out, fill, x};
-    if (c->p.policy == KVT_POLICY_NONE) {
-        /* exact: every key is in DRAM */
-        for (uint64_t i = 0; i < nq; i++)
-            for (uint64_t e = 0; e < c->n; e++)
-                heap_push(ids_out + i * k, scores_out + i * k, &fill[i], k, (int64_t)e,
-                          entry_score(c, c->keys + e * c->L.key_bytes, q + i * c->p.dim, x));
+    if (c->p.policy == KVT_POLICY_NONE) { /* exact: every key, in DRAM or scanned from flash */
+        exact_ctx ex = {&sx, nq};
+        rc = kvt_scan_keys(c, exact_hit, &ex);
     }
     if (c->p.policy != KVT_POLICY_NONE) kvt_cache_owner_read(&s->cache, &c->cache_state);
     for (uint64_t b0 = 0; b0 < nq && !rc && c->p.policy != KVT_POLICY_NONE; b0 += B) {

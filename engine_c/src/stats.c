@@ -32,6 +32,7 @@ int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
     o->pending_entries = c->pending_total - c->tail_total;
     o->write_buffer_entries = c->tail_total;
     o->parked = (uint64_t)c->parked;
+    o->keys_on_flash = (uint64_t)c->keys_flash;
     if (c->parked) { /* as it was when parked: nothing changes a parked collection */
         o->clusters = parked.clusters;
         o->mean_cluster_size = parked.mean_cluster_size;

@@ -13,6 +13,9 @@
  * 4. Every byte held for data is reserved against the DRAM budget first (coll->acct for the
  *    long-lived structures, through grow_array/free_array; transient reservations are
  *    released before return).
+ * 5. A policy-none collection keeps every key resident (keys) until they no longer fit the
+ *    budget; then it drops them (keys_flash) and its scoring reads the key column from flash,
+ *    so results are the same either way and the keys are never half resident.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -257,7 +260,7 @@ static int grow_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap,
  * exactly need: slack is never what makes an operation fail. */
 static uint64_t grow_target(kvt_coll *c, int use, uint64_t cap, uint64_t need, uint64_t elem_bytes) {
     uint64_t nc = kvt_grow_step(cap, need);
-    if (nc == need) return need;
+    if (nc == need || c->st->tight) return need; /* a call run again for want of budget: no slack */
     if (kvt_mem_reserve_as(&c->st->cache, use, (nc - cap) * elem_bytes)) {
         kvt_clear_error();
         return need;
@@ -272,6 +275,49 @@ int kvt_grow_as(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, ui
 }
 int kvt_grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
     return kvt_grow_as(c, KVT_USE_INDEX, ptr, size, cap, need);
+}
+
+/* Shrinks an array grown by kvt_grow_as to `target` elements (its slack given back). */
+static uint64_t shrink_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, uint64_t target) {
+    if (target >= *cap || !*ptr) return 0;
+    void *p = target ? realloc(*ptr, target * size) : NULL;
+    if (target && !p) return 0; /* it stays as it was */
+    if (!target) free(*ptr);
+    uint64_t less = (*cap - target) * size;
+    *ptr = p;
+    *cap = target;
+    kvt_mem_release_as(&c->st->cache, use, less);
+    if (use == KVT_USE_PENDING) c->acct_pend -= less;
+    else c->acct -= less;
+    return less;
+}
+
+/* Gives back the growth slack of the arrays that scale with the entries and clusters (the id
+ * map, its chunk counters, token-level keys, the per-cluster arrays): under budget pressure an
+ * array holds what it holds, so that the budget kvt_budget_estimate calls the minimum (the
+ * index without slack) is enough. Bytes freed. */
+uint64_t kvt_trim_slack(kvt_coll *c) {
+    uint64_t freed = shrink_to(c, KVT_USE_INDEX, (void **)&c->loc, sizeof *c->loc, &c->loccap, c->n);
+    freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->mod, sizeof *c->mod, &c->modcap, c->n / KVT_LOC_CHUNK + 1);
+    if (c->keys) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->keys, c->L.key_bytes, &c->keyscap, c->n);
+    /* the per-cluster arrays, when the slots past ncl own nothing (a slot keeps its buffers
+     * for reuse) */
+    for (uint32_t j = c->ncl; j < c->clcap; j++)
+        if (c->cl[j].segs || c->cl[j].mem || c->cl[j].pbuf) return freed;
+    if (c->ncl && c->ncl < c->clcap) {
+        uint64_t to = c->ncl, cap = c->clcap;
+        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cl, sizeof *c->cl, &cap, to);
+        cap = c->clcap;
+        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap, to);
+        cap = c->clcap;
+        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap, to);
+        cap = c->clcap;
+        if (c->m2d) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap, to);
+        cap = c->clcap;
+        if (c->vsum) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap, to);
+        c->clcap = (uint32_t)to;
+    }
+    return freed;
 }
 
 /* Frees an array grown by kvt_grow_as and returns its bytes to the budget. */
@@ -357,10 +403,26 @@ int kvt_ensure_pools(kvt_coll *c, uint32_t need) {
     return 0;
 }
 
+/* Policy none: gives its resident keys back to the budget; retrieve and search then read the
+ * key column from flash (kvt_scan_keys, token.c) for as long as the collection stays open. */
+void kvt_drop_keys(kvt_coll *c) {
+    if (c->keys) kvt_free_array(c, c->keys, c->keyscap, c->L.key_bytes);
+    c->keys = NULL;
+    c->keyscap = 0;
+    c->keys_flash = 1;
+}
+
 int kvt_ensure_ids(kvt_coll *c, uint64_t need) {
     int rc = kvt_grow_array(c, (void **)&c->loc, sizeof *c->loc, &c->loccap, need);
     if (!rc) rc = kvt_grow_array(c, (void **)&c->mod, sizeof *c->mod, &c->modcap, need / KVT_LOC_CHUNK + 1);
-    if (!rc && c->p.policy == KVT_POLICY_NONE) rc = kvt_grow_array(c, (void **)&c->keys, c->L.key_bytes, &c->keyscap, need);
+    if (!rc && c->p.policy == KVT_POLICY_NONE && !c->keys_flash) {
+        rc = kvt_grow_array(c, (void **)&c->keys, c->L.key_bytes, &c->keyscap, need);
+        if (rc == KVT_EBUDGET) { /* the keys do not fit: scanned from flash from now on (invariant 5) */
+            kvt_clear_error();
+            rc = 0;
+            kvt_drop_keys(c);
+        }
+    }
     return rc;
 }
 

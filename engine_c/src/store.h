@@ -77,6 +77,7 @@ struct kvt_store {
     char *dir;
     uint64_t merge_gap;     /* bytes: extents of one read batch closer than this are read as one */
     uint64_t write_buffer;  /* bytes for the page-aligned write buffers, shared by the collections */
+    int tight;              /* a call runs again for want of budget: it buffers no new entries */
     kvt_coll **colls;
     uint32_t ncolls, collcap;
     /* group virtualization (docs/design.md §2.3): parked collections' images in a volatile swap file */
@@ -107,6 +108,7 @@ struct kvt_coll {
     uint64_t modc, committed_mod; /* change counter; its value at the last committed checkpoint */
     uint8_t *keys;              /* policy none: every key, for exact scoring */
     uint64_t keyscap;           /* in entries */
+    int keys_flash;             /* policy none: the keys did not fit; scanned from flash */
     double tau;                 /* adaptive split threshold in force */
     uint32_t staging;           /* local: the cluster gathering new entries, or KVT_NONE */
     uint64_t pending_total;     /* entries in pending buffers, both kinds */

@@ -1,9 +1,14 @@
 /*
  * token.c — the no-cluster baseline (policy none): exact top-budget entries by score, each
- * read from flash on its own in token order, as a system without clusters would.
+ * read from flash on its own in token order, as a system without clusters would; and the scan
+ * of every key that exact scoring needs, from DRAM or from flash.
  *
  * Invariants:
- * 1. Every key of a none collection is resident (coll->keys), so scoring is exact.
+ * 1. Scoring is exact: every key of a none collection is scored, from its resident copy
+ *    (coll->keys) while it fits the budget, else read from flash (store.c 5).
+ * 2. A scan from flash reads the key column once, sequentially in file order, one pool-sized
+ *    buffer at a time reserved against the budget, within one device batch; every record is
+ *    checked against the id map (read.c 2) and the reads are counted in the I/O stats.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -34,6 +39,103 @@ int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
     return 0;
 }
 
+/* Policy none: calls fn(ctx, id, key) for every entry. From the resident keys when they fit;
+ * else from flash, reading the collection's records segment by segment in file order (one
+ * pool at a time, each checked against the catalog) within one device batch: a sequential
+ * read of the key column, the honest cost of a system without clusters. */
+int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
+    const kvt_layout *L = &c->L;
+    if (c->keys) {
+        for (uint64_t i = 0; i < c->n; i++) fn(ctx, i, c->keys + i * L->key_bytes);
+        return 0;
+    }
+    if (!c->ncl) return 0;
+    kvt_cluster *k = &c->cl[0]; /* policy none: one chain of entries in token order */
+    uint64_t need = L->pool_bytes + kvt_file_read_scratch(c->f, 0, L->pool_bytes) + KVT_IO_ALIGN;
+    int rc = kvt_mem_reserve(&c->st->cache, need);
+    if (rc) return rc;
+    uint8_t *buf = malloc(L->pool_bytes);
+    if (!buf) rc = kvt_fail(ENOMEM, "scan: out of memory");
+    uint32_t first = 0;
+    kvt_io_batch_begin(&c->st->io);
+    for (uint32_t g = 0; g < k->nseg && !rc; g++) {
+        const kvt_seg *sg = &k->segs[g];
+        if (sg->n) {
+            uint64_t off = kvt_run_offset(L, sg->pool, sg->head, 0, sg->n);
+            rc = kvt_file_read(c->f, off, (size_t)kvt_run_span(L, sg->head, 0, sg->n), buf, sg->n);
+            if (!rc) {
+                kvt_unpad(L, buf, buf, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
+                if (sg->head == 1) kvt_rec_reverse(L, buf, sg->n);
+                rc = kvt_check_run(c, 0, first, buf, sg->n, off);
+            }
+            for (uint32_t i = 0; i < sg->n && !rc; i++) fn(ctx, (uint64_t)first + i, kvt_rec_key(buf + (size_t)i * L->esz));
+        }
+        first += sg->n;
+    }
+    kvt_io_batch_end(&c->st->io);
+    for (uint32_t i = 0; i < k->pend && !rc; i++) /* the write buffer's tail, not on flash yet */
+        fn(ctx, (uint64_t)first + i, kvt_rec_key(k->pbuf + (size_t)i * L->esz));
+    free(buf);
+    kvt_mem_release(&c->st->cache, need);
+    return rc;
+}
+
+/* The best m entries seen so far: a min-heap on (score, then higher id is worse), so that
+ * the selection equals sorting every entry by descending score, ties by id, and taking m,
+ * in m slots instead of n. */
+typedef struct group_score_ctx {
+    kvt_coll *c;
+    const float *q;
+    uint64_t nq, m, fill;
+    float *hs;
+    uint32_t *hid;
+    float *x;
+} group_score_ctx;
+
+static int worse(const float *hs, const uint32_t *hid, uint64_t a, uint64_t b) {
+    return hs[a] < hs[b] || (hs[a] == hs[b] && hid[a] > hid[b]);
+}
+
+/* One entry's score against a query group (its best over the queries), into the heap. */
+static void group_score(void *vctx, uint64_t id, const void *key) {
+    group_score_ctx *g = vctx;
+    float best = -FLT_MAX;
+    for (uint64_t t = 0; t < g->nq; t++) {
+        float sc = entry_score(g->c, key, g->q + t * g->c->p.dim, g->x);
+        if (sc > best) best = sc;
+    }
+    float *hs = g->hs;
+    uint32_t *hid = g->hid;
+    uint64_t i;
+    if (g->fill < g->m) { /* sift up */
+        i = g->fill++;
+        hs[i] = best;
+        hid[i] = (uint32_t)id;
+        while (i > 0 && worse(hs, hid, i, (i - 1) / 2)) {
+            uint64_t p = (i - 1) / 2;
+            float ts = hs[p];
+            uint32_t ti = hid[p];
+            hs[p] = hs[i], hid[p] = hid[i], hs[i] = ts, hid[i] = ti;
+            i = p;
+        }
+        return;
+    }
+    /* ids come in ascending order: an equal score never displaces the root */
+    if (!g->m || !(best > hs[0])) return;
+    hs[0] = best;
+    hid[0] = (uint32_t)id;
+    for (i = 0;;) { /* sift down */
+        uint64_t l = 2 * i + 1, r = l + 1, w = i;
+        if (l < g->m && worse(hs, hid, l, w)) w = l;
+        if (r < g->m && worse(hs, hid, r, w)) w = r;
+        if (w == i) break;
+        float ts = hs[w];
+        uint32_t ti = hid[w];
+        hs[w] = hs[i], hid[w] = hid[i], hs[i] = ts, hid[i] = ti;
+        i = w;
+    }
+}
+
 /* Policy none: the exact top-budget entries by score, each read from flash on its own, in
  * token order, as a system without clusters would. */
 int kvt_retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result *r) {
@@ -41,30 +143,28 @@ int kvt_retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budge
     const kvt_layout *L = &c->L;
     uint64_t n = c->n, m = budget < n ? budget : n;
     /* reads go in batches (one submission each) of up to 32 records, each read into its own
-     * slot with a direct-read window of up to two alignment units; fewer under a small budget */
-    uint64_t per = L->esz + 2 * KVT_IO_ALIGN + sizeof(kvt_read_req) + 8, fit = s->cache.budget / 8 / per;
+     * slot with a direct-read window of up to two alignment units; fewer when the budget
+     * left beside the index and pending buffers is small */
+    uint64_t fixed = s->cache.used - s->cache.use[KVT_USE_CACHE];
+    uint64_t per = L->esz + 2 * KVT_IO_ALIGN + sizeof(kvt_read_req) + 8;
+    uint64_t fit = (s->cache.budget > fixed ? s->cache.budget - fixed : 0) / 8 / per;
     const uint32_t TOKEN_BATCH = fit < 1 ? 1 : fit > 32 ? 32 : (uint32_t)fit;
-    uint64_t tmp = n * 8 + (uint64_t)TOKEN_BATCH * per + (uint64_t)c->p.dim * 4;
+    uint64_t tmp = m * 8 + (uint64_t)TOKEN_BATCH * per + (uint64_t)c->p.dim * 4;
     int rc = kvt_mem_reserve(&s->cache, tmp);
     if (rc) return rc;
-    float *scores = malloc(n * 4 + 4), *x = malloc((size_t)c->p.dim * 4);
-    uint32_t *idx = malloc(n * 4 + 4);
+    float *scores = malloc(m * 4 + 4), *x = malloc((size_t)c->p.dim * 4);
+    uint32_t *idx = malloc(m * 4 + 4);
     uint8_t *rec = malloc((size_t)TOKEN_BATCH * L->esz);
     kvt_read_req *req = malloc(TOKEN_BATCH * sizeof *req);
     uint64_t *offs = malloc(TOKEN_BATCH * sizeof *offs);
     if (!req || !offs) rc = kvt_fail(ENOMEM, "retrieve: out of memory");
     if (!scores || !idx || !rec || !x) rc = kvt_fail(ENOMEM, "retrieve: out of memory");
     if (!rc) {
-        for (uint64_t i = 0; i < n; i++) {
-            float best = -FLT_MAX;
-            for (uint64_t t = 0; t < nq; t++) {
-                float sc = entry_score(c, c->keys + i * L->key_bytes, q + t * c->p.dim, x);
-                if (sc > best) best = sc;
-            }
-            scores[i] = best;
-        }
-        kvt_order_by_score(idx, (uint32_t)n, scores);
-        qsort(idx, m, 4, kvt_by_u32);
+        group_score_ctx g = {c, q, nq, m, 0, scores, idx, x};
+        rc = kvt_scan_keys(c, group_score, &g);
+    }
+    if (!rc) {
+        qsort(idx, m, 4, kvt_by_u32); /* read in token order */
         rc = kvt_result_alloc(r, L, m);
     }
     kvt_io_batch_begin(&s->io);

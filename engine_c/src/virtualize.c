@@ -1,6 +1,7 @@
 /*
  * virtualize.c — group virtualization (docs/design.md §2.3): parking a group of collections
- * (an LLM layer's KV heads) in the volatile swap file and bringing it back.
+ * (an LLM layer's KV heads) in the volatile swap file and bringing it back; and, when the
+ * budget is tight, moving what the resident collections buffer in DRAM to flash.
  *
  * Invariants:
  * 1. A parked collection holds no DRAM but its pool table and counters; everything else is
@@ -8,6 +9,10 @@
  *    change.
  * 2. The swap file is volatile: a parked collection's durable state is its data file and
  *    catalog, so a crash while parked loses nothing a checkpoint made durable.
+ * 3. Giving way under budget pressure (kvt_give_way, which RUN_READY calls before running a
+ *    call once more) only moves state whose flash copy serves readers the same: pending
+ *    buffers are written as they are, token-level keys dropped, array slack given back;
+ *    results never change.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -304,8 +309,9 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         return kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u at offset %llu is damaged", c->no,
                         (unsigned long long)c->swap_off);
     c->ncl = 0; /* ensure_clusters grows from zero */
+    int had_keys = c->p.policy == KVT_POLICY_NONE && !c->keys_flash; /* the image holds them */
     int rc = kvt_ensure_clusters(c, ncl);
-    if (!rc) rc = kvt_ensure_ids(c, n);
+    if (!rc) rc = kvt_ensure_ids(c, n); /* (drops the keys to flash if they no longer fit) */
     if (!rc && nco) {
         uint64_t cap = 0;
         rc = kvt_grow_array(c, (void **)&c->cofreq, 2, &cap, (uint64_t)nco * nco);
@@ -346,6 +352,8 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         if (c->vsum) kvt_rbuf_get(&r, c->vsum, (size_t)ncl * c->p.value_dim * 4);
         kvt_rbuf_get(&r, c->loc, n * sizeof(kvt_loc));
         if (c->keys) kvt_rbuf_get(&r, c->keys, n * L->key_bytes);
+        else if (had_keys && n * L->key_bytes > r.len - r.pos) r.bad = 1;
+        else if (had_keys) r.pos += n * L->key_bytes; /* the image's keys, skipped */
         if (nco) kvt_rbuf_get(&r, c->cofreq, (size_t)nco * nco * 2);
         for (uint32_t j = 0; j < ncl; j++) kvt_update_norm(c, j);
         if (!r.bad && token(c)) rc = kvt_rebuild_members(c);
@@ -410,6 +418,31 @@ static int unpark_now(kvt_coll *c, int demand) {
 int kvt_ready(kvt_coll *c) {
     kvt_wait_idle(c);
     return c->parked ? unpark_now(c, 1) : 0;
+}
+
+/* The budget is tight: after the cache (evicted by every reservation), the pending buffers,
+ * the token-level keys and the arrays' growth slack give way. Writes every pending buffer of
+ * the store's resident collections to flash (a flagged cluster stays flagged: its split waits
+ * until it is read), drops the resident keys of policy-none collections (scanned from flash
+ * instead) and gives back the slack of their arrays (kvt_trim_slack). Collections with reads
+ * in flight are left alone (a job copied their segments). 1 if anything was freed. */
+int kvt_give_way(kvt_store *s) {
+    int freed = 0;
+    for (uint32_t i = 0; i < s->ncolls; i++) {
+        kvt_coll *c = s->colls[i];
+        if (!c || c->parked || c->inflight) continue;
+        for (uint32_t j = 0; j < c->ncl; j++)
+            if (c->cl[j].pend && !kvt_write_pending(c, j)) {
+                c->ctr.pending_flushes++;
+                freed = 1;
+            }
+        if (c->keys) {
+            kvt_drop_keys(c);
+            freed = 1;
+        }
+        if (kvt_trim_slack(c)) freed = 1;
+    }
+    return freed;
 }
 
 static int check_group(kvt_store *s, kvt_coll *const *colls, size_t n) {
