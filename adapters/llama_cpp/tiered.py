@@ -561,27 +561,34 @@ class TieredLlama(Llama):
         n_ids = self._ids.n
         id_pos, alive = self._ids.pos[:n_ids], self._ids.alive[:n_ids]
         for layer in range(L):
+            colls = self._colls[layer]
+            qgs = [np.ascontiguousarray(q[:, layer, h * g:(h + 1) * g].reshape(-1, D)) for h in range(H)]
+            # one engine call for the layer's KV heads (GIL released); a head whose clusters hold
+            # too few live candidates asks again alone with a doubled budget
+            many = self._store.retrieve_many([(colls[h], qgs[h], want) for h in range(H)])
             for h in range(H):
-                qg = np.ascontiguousarray(q[:, layer, h * g:(h + 1) * g].reshape(-1, D))
-                req = want
+                qg, req = qgs[h], want
+                m = int(many.counts[h])
+                ids, keys, values = many.ids[h, :m], many.keys[h, :m], many.values[h, :m]
                 while True:
-                    got = self._colls[layer][h].retrieve(qg, budget=req)
                     self._c["retrieves"] += 1
-                    self._c["fetched_entries"] += len(got)
-                    p = id_pos[got.ids]
-                    idx = np.flatnonzero(alive[got.ids] & (p >= self._S) & (p < win_lo))
+                    self._c["fetched_entries"] += len(ids)
+                    p = id_pos[ids]
+                    idx = np.flatnonzero(alive[ids] & (p >= self._S) & (p < win_lo))
                     if len(idx) >= b or req >= n_ids:
                         break
                     req = min(n_ids, 2 * req)
+                    got = colls[h].retrieve(qg, budget=req)
+                    ids, keys, values = got.ids, got.keys, got.values
                 if len(idx) < b:
-                    raise RuntimeError(f"internal: {self._colls[layer][h].name} returned {len(idx)} "
+                    raise RuntimeError(f"internal: {colls[h].name} returned {len(idx)} "
                                        f"candidates for {b} slots with its whole content requested")
                 if len(idx) > b:
-                    score = (got.keys[idx].astype(np.float32) @ qg.T).max(axis=1)
+                    score = (keys[idx].astype(np.float32) @ qg.T).max(axis=1)
                     idx = idx[np.argpartition(-score, b - 1)[:b]]
                 idx = idx[np.argsort(p[idx], kind="stable")]
-                out_k[layer, :, h] = got.keys[idx]
-                out_v[layer, :, h] = got.values[idx]
+                out_k[layer, :, h] = keys[idx]
+                out_v[layer, :, h] = values[idx]
 
     # -- rollbacks ---------------------------------------------------------------------------
     def _truncate(self, p: int) -> None:
