@@ -59,23 +59,27 @@ def parse_budgets(text: str) -> list:
     return out
 
 
+def _row(workload, budget_mib, budget, policy, st, recall, decode_steps, retrieves, prefetch=False) -> dict:
+    """One result row from a replay's store stats."""
+    hits, misses, rb = st["cache_hits"], st["cache_misses"], st["read_bytes"]
+    return {"workload": workload, "dram_mib": budget_mib, "dram_budget": budget, "cache_policy": policy,
+            "hit_rate": hits / max(1, hits + misses), "cache_hits": hits, "cache_misses": misses,
+            "evictions": st["evictions"], "read_bytes": rb, "read_bytes_per_step": rb / max(1, decode_steps),
+            "read_bytes_per_retrieve": rb / max(1, retrieves),
+            "modeled_io_us_per_retrieve": st["modeled_io_seconds"] / max(1, retrieves) * 1e6,
+            "swap_read_bytes": st["swap_read_bytes"], "recall": recall,
+            "dram_peak_bytes": st["dram_peak_bytes"], "over_budget": st["dram_peak_bytes"] > budget,
+            "decode_steps": decode_steps, "retrieves": retrieves, "prefetch": prefetch,
+            "prefetch_read_bytes": st["prefetch_read_bytes"],
+            "hidden_share": st["prefetch_read_bytes"] / rb if rb else 0.0}
+
+
 def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetch=False, clustering="adaptive") -> dict:
     budget = whole if budget_mib == "all" else int(budget_mib * MIB)
     r = replay(trace, policy=clustering, budget=0.1, layers=layers, every=every, dram_budget=budget,
                device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy}, prefetch=prefetch)
-    st = r.extra["store"]
-    hits, misses = st["cache_hits"], st["cache_misses"]
     decode_steps = trace.length - trace.prefill - sum(b - a for a, b in trace.meta.get("user_spans", []))
-    return {"workload": workload, "dram_mib": budget_mib, "dram_budget": budget, "cache_policy": policy,
-            "hit_rate": hits / max(1, hits + misses), "cache_hits": hits, "cache_misses": misses,
-            "evictions": st["evictions"],
-            "read_bytes": st["read_bytes"], "read_bytes_per_step": st["read_bytes"] / decode_steps,
-            "read_bytes_per_retrieve": r.read_bytes_per_retrieve,
-            "modeled_io_us_per_retrieve": r.modeled_io_s_per_retrieve * 1e6, "recall": r.recall,
-            "dram_peak_bytes": st["dram_peak_bytes"], "over_budget": st["dram_peak_bytes"] > budget,
-            "decode_steps": decode_steps, "retrieves": r.retrieves, "prefetch": prefetch,
-            "prefetch_read_bytes": st["prefetch_read_bytes"],
-            "hidden_share": st["prefetch_read_bytes"] / st["read_bytes"] if st["read_bytes"] else 0.0}
+    return _row(workload, budget_mib, budget, policy, r.extra["store"], r.recall, decode_steps, r.retrieves, prefetch)
 
 
 def run_switch_point(traces, layers, every, budget_mib, whole, policy, turn) -> dict:
@@ -83,17 +87,8 @@ def run_switch_point(traces, layers, every, budget_mib, whole, policy, turn) -> 
     budget = whole if budget_mib == "all" else int(budget_mib * MIB)
     r = replay_switch(traces, policy="adaptive", budget=0.1, layers=layers, every=every, dram_budget=budget,
                       device="ufs4.0", turn=turn, store_kwargs={"cache_policy": policy})
-    st = r["store"]
-    hits, misses = st["cache_hits"], st["cache_misses"]
-    return {"workload": "+".join(traces) + f" (turns of {turn})", "dram_mib": budget_mib, "dram_budget": budget,
-            "cache_policy": policy, "hit_rate": hits / max(1, hits + misses), "cache_hits": hits,
-            "cache_misses": misses, "evictions": st["evictions"], "read_bytes": st["read_bytes"],
-            "read_bytes_per_step": st["read_bytes"] / max(1, r["decode_steps"]),
-            "read_bytes_per_retrieve": st["read_bytes"] / max(1, r["retrieves"]),
-            "swap_read_bytes": st["swap_read_bytes"], "recall": r["recall"],
-            "dram_peak_bytes": st["dram_peak_bytes"], "over_budget": st["dram_peak_bytes"] > budget,
-            "decode_steps": r["decode_steps"], "retrieves": r["retrieves"], "prefetch": False,
-            "prefetch_read_bytes": 0, "hidden_share": 0.0}
+    return _row("+".join(traces) + f" (turns of {turn})", budget_mib, budget, policy, r["store"], r["recall"],
+                r["decode_steps"], r["retrieves"])
 
 
 def summary(rows) -> list[dict]:

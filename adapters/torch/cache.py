@@ -600,13 +600,12 @@ class TieredCache(Cache):
         counts = out.counts.astype(np.int64)
         for h, m in enumerate(counts.tolist()):
             c["fetched"] += m
-            ids, per = np.unique(out.clusters[h, :m], return_counts=True)
-            ids, per = ids.tolist(), per.tolist()
+            cl = out.clusters[h, :m]
             prev = layer.prev_clusters[h]
-            if prev is not None and ids:
-                c["overlap"] += sum(n for i, n in zip(ids, per) if i in prev)
+            if prev is not None and m:  # entries in clusters this head fetched last time
+                c["overlap"] += int(np.isin(cl, prev).sum())
                 c["overlap_of"] += m
-            layer.prev_clusters[h] = set(ids)
+            layer.prev_clusters[h] = cl.copy()  # the buffer is reused by the next call
         est = None
         if got is not None:
             c["estimated"] += sum(r.est_entries for r in got)
