@@ -117,6 +117,8 @@ cdef extern from "kvtier.h" nogil:
         uint64_t relayouts, relayout_bytes, relayout_read_bytes, append_bytes, naive_move_bytes
         uint64_t parked, partial_page_writes, write_buffer_entries, write_buffer_evictions
         uint64_t write_buffer_errors, pending_flushes, keys_on_flash
+        uint64_t splits_variance, splits_size, splits_pending, fill_retrieves
+        double fill_sum, mean_fill
     int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
     ctypedef struct kvt_budget_t:
         uint64_t entry_bytes, clusters, index, index_grown, keys, buffers, pending, cache

@@ -408,6 +408,8 @@ cdef class Coll:
             "keys_on_flash": bool(s.keys_on_flash),
             "relayout_bytes": s.relayout_bytes, "relayout_read_bytes": s.relayout_read_bytes,
             "append_bytes": s.append_bytes, "naive_move_bytes": s.naive_move_bytes,
+            "splits_variance": s.splits_variance, "splits_size": s.splits_size,
+            "splits_pending": s.splits_pending, "mean_fill": s.mean_fill,
         }
 
     def cluster_sizes(self):

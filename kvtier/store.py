@@ -360,7 +360,7 @@ class Store:
                    dtype: Optional[str] = None, metric: Optional[str] = None, policy: Optional[str] = None,
                    init_cluster_size: int = 32, max_cluster_size: int = 64, kmeans_iters: int = 10,
                    seed: int = 0, nprobe: Optional[int] = None, tau: Optional[float] = None,
-                   tau_factor: float = 3.0, pending_budget: int = 16, local_window: int = 64,
+                   tau_factor: float = 1.0, pending_budget: int = 16, local_window: int = 64,
                    local_cluster_size: int = 16, score_temp: float = 0.0,
                    colocate_after: int = 32, layout: Optional[str] = None,
                    value_sums: Optional[bool] = None) -> Collection:

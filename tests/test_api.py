@@ -39,20 +39,31 @@ def test_retrieve_full_budget_returns_everything_once(store):
     assert got.clusters.dtype == np.int32 and len(set(got.clusters.tolist())) == coll.stats()["clusters"]
 
 
-def test_retrieve_budget_is_whole_clusters_in_score_order(store):
-    coll = store.collection("c", dim=16, value_dim=8, dtype="float32")
+def test_retrieve_budget_is_whole_clusters_then_the_best_of_the_next(store):
+    coll = store.collection("c", dim=16, value_dim=8, dtype="float32", policy="static")
     k, v = make_data(600, dtype=np.float32)
     coll.add(k, v)
     q = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
     got = coll.retrieve(q, budget=60)
-    assert 0 < len(got) <= 60
-    # every fetched cluster is fetched whole
+    assert len(got) == 60  # the budget is filled
     full = coll.retrieve(q, budget=len(coll))
-    for c in set(got.clusters.tolist()):
+    # every fetched cluster is fetched whole but the last, which gives its best entries
+    order = list(dict.fromkeys(got.clusters.tolist()))
+    for c in order[:-1]:
         assert (got.clusters == c).sum() == (full.clusters == c).sum()
+    last = order[-1]
+    taken = got.ids[got.clusters == last]
+    assert np.all(got.clusters[-len(taken):] == last)
+    members = full.ids[full.clusters == last]
+    score = {int(i): float(s) for i, s in zip(members, (q @ k[members].T).max(axis=0))}
+    worst = min(score[int(i)] for i in taken)
+    assert all(s <= worst + 1e-5 for i, s in score.items() if i not in set(taken.tolist()))
     # fraction budgets mean a share of the collection
-    assert len(coll.retrieve(q, budget=0.1)) <= 60
+    assert len(coll.retrieve(q, budget=0.1)) == 60
     assert len(coll.retrieve(q, budget=0)) == 0
+    assert len(coll.retrieve(q, budget=1200)) == 600
+    # mean_fill: returned / budget, averaged over the retrieves with a budget
+    assert coll.stats()["mean_fill"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)
 
 
 def test_search_probing_everything_is_exact(store):

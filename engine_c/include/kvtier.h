@@ -103,9 +103,11 @@ typedef struct kvt_coll_params {
     uint32_t max_cluster_size;  /* a pool holds twice this many entries */
     uint32_t kmeans_iters;
     uint64_t seed;
-    /* adaptive: a cluster is flagged for a split when its variance (mean squared distance of
-     * its keys to their mean) exceeds tau, or its size exceeds max_cluster_size. tau <= 0
-     * derives it from the first partition: tau_factor x the median cluster variance. */
+    /* adaptive: a cluster is flagged for a split when its sum of squared distances to its
+     * mean (SSE = size x variance) exceeds tau x init_cluster_size, i.e. when it holds more
+     * spread than a cluster of the first partition's target size at variance tau; its size
+     * exceeding max_cluster_size is a safety net. tau <= 0 derives it from the first
+     * partition: tau_factor x the variance that partition reached (its SSE over its entries). */
     double tau, tau_factor;
     uint32_t pending_budget;     /* adaptive: entries buffered for flagged clusters on flash */
     /* local: new entries gather in a staging cluster; every local_window of them are
@@ -325,6 +327,13 @@ typedef struct kvt_coll_stats {
     /* policy none: 1 once its keys no longer fit the budget and are scanned from flash (one
      * sequential read of the key column per retrieve or search, counted in the I/O stats) */
     uint64_t keys_on_flash;
+    /* adaptive: splits by what flagged the cluster: the variance rule (SSE past its
+     * threshold), the size cap, and the pending budget's overflow (forced loads) */
+    uint64_t splits_variance, splits_size, splits_pending;
+    /* clustered retrieves: entries returned and entry budgets asked, summed over retrieves,
+     * and their ratio mean_fill (the mean of returned / budget per retrieve) */
+    uint64_t fill_retrieves;
+    double fill_sum, mean_fill;
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */

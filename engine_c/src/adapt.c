@@ -1,15 +1,42 @@
 /*
  * adapt.c — migration-free cluster adaptation (docs/design.md §2.1): the adaptive policy's
- * split threshold, flagging, and the split itself (2-means over records already in DRAM).
+ * split rule, flagging, and the split itself (2-means over records already in DRAM).
+ *
+ * The split rule. Each cluster keeps its size n and its sum of squared distances to its mean
+ * m2 (Welford, add.c), so the rule costs nothing per append. A cluster is flagged when
+ *     m2 > tau x init_cluster_size        (the variance rule: squared error against a target)
+ * that is, when it holds more squared error than a cluster of the first partition's target
+ * size whose keys lie at variance tau from their mean; or, as a safety net only, when
+ * n > max_cluster_size (the size cap). A tight cluster grows past the target size before it
+ * splits, a loose one splits smaller: the sizes follow the keys rather than a constant.
+ * Calibration: tau is derived once per collection from its first partition (k-means at
+ * init_cluster_size entries per cluster) as tau_factor x that partition's pooled variance,
+ * sum of m2 over sum of n, the variance k-means reached on these keys (default factor 1: no
+ * cluster may hold more squared error than the first partition's clusters held on average).
+ * Decoding keys drift from the prompt's, so the clusters they join gain squared error faster
+ * than entries, and the rule fires before the cap. The rule it replaces, variance m2 / n above
+ * 3 x the first partition's median variance, never fired on real keys: a cluster's mean
+ * squared distance rises only slowly as it grows, so every split came from the size cap.
+ * tau persists with the collection; a tau the caller sets is used as given.
+ *
+ * When. A flagged cluster splits when a retrieve reads it, from the records that retrieve
+ * read (retrieve.c hands them over: its result rows, in the cluster's order), and its
+ * children split again from the same buffer while they want it; or when the pending budget
+ * overflows (relieve_pending). Not on append because it happens to be cached: that would let
+ * the DRAM budget decide which clusters exist.
  *
  * Invariants:
- * 1. A split never reads flash: it runs on a cluster already in DRAM (cached, or read by the
- *    current retrieve). The one exception is the pending budget's overflow
- *    (relieve_pending), counted as forced loads.
- * 2. A split writes the new clusters to fresh heads (copy on write) and only then switches
+ * 1. A split never reads flash: it runs on the records a retrieve has just read (whatever the
+ *    cache keeps of them) or on a cached copy. The one exception is the pending budget's
+ *    overflow (relieve_pending), counted as forced loads.
+ * 2. Which clusters exist does not depend on the DRAM budget: clusters are split when a
+ *    retrieve reads them or the pending budget overflows, never because they happen to be
+ *    cached, and a split holds only its own records in DRAM (reserved for the split, released
+ *    after), never a cache slot.
+ * 3. A split writes the new clusters to fresh heads (copy on write) and only then switches
  *    the directory; the old heads are retired until the next committed checkpoint, because
  *    the committed catalog still names them.
- * 3. Entries that join a flagged cluster wait in its pending buffer and stay retrievable.
+ * 4. Entries that join a flagged cluster wait in its pending buffer and stay retrievable.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -25,42 +52,40 @@
 
 #include "coll.h"
 
-/* ---- the clustering policies ------------------------------------------------------------- */
+/* ---- the split rule ----------------------------------------------------------------------- */
+
+enum { FLAG_NONE, FLAG_VARIANCE, FLAG_SIZE }; /* kvt_cluster.flagged: why it wants a split */
+
+static int over_sse(const kvt_coll *c, const kvt_cluster *k) {
+    return c->tau > 0 && k->m2 > c->tau * (double)c->p.init_cluster_size;
+}
 
 static int wants_split(const kvt_coll *c, const kvt_cluster *k) {
-    if (c->p.policy != KVT_POLICY_ADAPTIVE || k->n < 2 || k->n < k->hold + k->hold / 2) return 0;
-    return k->n > c->p.max_cluster_size || (c->tau > 0 && kvt_variance(k) > c->tau);
+    if (c->p.policy != KVT_POLICY_ADAPTIVE || k->n < 2 || k->n < k->hold + k->hold / 2) return FLAG_NONE;
+    if (over_sse(c, k)) return FLAG_VARIANCE;
+    return k->n > c->p.max_cluster_size ? FLAG_SIZE : FLAG_NONE;
 }
 
 void kvt_maybe_flag(kvt_coll *c, uint32_t j) {
     kvt_cluster *k = &c->cl[j];
-    if (!k->flagged && wants_split(c, k)) {
-        c->tail_total -= k->pend; /* its tail, if any, now waits for the split */
-        k->flagged = 1;
+    int why = k->flagged ? FLAG_NONE : wants_split(c, k);
+    if (why) {
+        k->ptail = k->pend; /* its tail, if any, now waits for the split (layout.c 2) */
+        k->flagged = (uint32_t)why;
         if (!k->ent) c->ctr.deferred_splits++;
     }
 }
 
-/* tau from the partition in force: tau_factor x the median variance of clusters of 2+. */
+/* tau from the first partition: tau_factor x its pooled variance (sum m2 / sum n). */
 void kvt_derive_tau(kvt_coll *c) {
     if (c->p.policy != KVT_POLICY_ADAPTIVE || c->tau > 0) return;
-    double *v = malloc((size_t)c->ncl * sizeof *v + 8);
-    uint32_t m = 0;
-    if (!v) return; /* retried after the next add */
-    for (uint32_t j = 0; j < c->ncl; j++)
-        if (c->cl[j].n >= 2) v[m++] = kvt_variance(&c->cl[j]);
-    if (m) {
-        /* insertion sort is fine: this runs once per collection, on the first partition */
-        for (uint32_t i = 1; i < m; i++)
-            for (uint32_t t = i; t > 0 && v[t - 1] > v[t]; t--) {
-                double x = v[t];
-                v[t] = v[t - 1];
-                v[t - 1] = x;
-            }
-        double med = m % 2 ? v[m / 2] : 0.5 * (v[m / 2 - 1] + v[m / 2]);
-        if (med > 0) c->tau = c->p.tau_factor * med;
+    double m2 = 0;
+    uint64_t n = 0;
+    for (uint32_t j = 0; j < c->ncl; j++) {
+        m2 += c->cl[j].m2;
+        n += c->cl[j].n;
     }
-    free(v);
+    if (n && m2 > 0) c->tau = c->p.tau_factor * m2 / (double)n;
 }
 
 /* Replaces cluster `src` (whose records, in order, are `recs`) by nt clusters: group t gets
@@ -131,7 +156,7 @@ int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *
         uint32_t j = dst[t];
         kvt_cluster *kj = &c->cl[j];
         kvt_stats_from_records(c, j, grp[t], cnt[t], x);
-        kj->flagged = kj->hold = 0;
+        kj->flagged = kj->hold = kj->ptail = 0;
         if (tails && tails[t].p) {
             kj->pend = cnt[t] - wcnt[t];
             memcpy(tails[t].p, grp[t] + (size_t)wcnt[t] * L->esz, (size_t)kj->pend * L->esz);
@@ -174,77 +199,98 @@ out:
     return rc;
 }
 
-/* Splits cluster j in two by 2-means over its records. Returns 1 if it split, 0 if the
+/* Splits cluster j, whose records in order are `recs` (a buffer the caller owns; the split
+ * orders it by child), in two by 2-means. Returns 1 if it split (*cnt0: the records of the
+ * child that keeps index j, first in recs; the other child is the last cluster), 0 if the
  * records form no two groups (the cluster then waits to grow by half), or an error. */
-static int split_cluster(kvt_coll *c, uint32_t j, const uint8_t *recs) {
+static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uint32_t *cnt0) {
     kvt_cluster *k = &c->cl[j];
     uint32_t n = k->n;
-    /* A split adds a representative and moves data through DRAM; under a budget nearly
-     * filled by what cannot be evicted it would starve reads, so it waits (counted). */
-    kvt_cache *ch = &c->st->cache;
-    uint64_t pinned_bytes = ch->used - ch->cache_bytes;
-    uint64_t need = 2ull * n * c->L.esz + (uint64_t)c->p.dim * 16 + sizeof(kvt_cluster) + 256;
-    if (pinned_bytes + need > ch->budget - ch->budget / 4) {
-        c->ctr.split_skipped++;
-        return 0;
-    }
-    uint64_t tmp = (uint64_t)n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim);
-    int rc = kvt_mem_reserve(&c->st->cache, tmp);
+    size_t esz = c->L.esz;
+    uint64_t tmp = (uint64_t)n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim), perm_bytes = (uint64_t)n * esz;
+    int rc = kvt_mem_reserve(&c->st->cache, tmp + perm_bytes);
     if (rc) return rc;
     uint32_t *part = malloc((size_t)n * 4);
     float *cent = malloc(2ull * c->p.dim * 4);
-    if (!part || !cent) rc = kvt_fail(ENOMEM, "split: out of memory");
+    uint8_t *perm = malloc(perm_bytes + 1);
+    if (!part || !cent || !perm) rc = kvt_fail(ENOMEM, "split: out of memory");
     if (!rc)
-        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, c->L.esz, NULL, n, 2,
+        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, esz, NULL, n, 2,
                         c->p.kmeans_iters, c->p.seed + j, cent, part);
     int split = 0;
-    if (!rc) {
-        uint32_t ones = 0;
-        for (uint32_t i = 0; i < n; i++) ones += part[i];
-        if (ones == 0 || ones == n) {
-            if (k->flagged) c->tail_total += k->pend; /* what waited is a tail again */
-            k->flagged = 0;
-            k->hold = n;
-            c->ctr.unsplittable++;
-        } else {
-            uint32_t first_new;
-            rc = kvt_regroup(c, j, recs, part, 2, &first_new);
-            split = !rc;
+    uint32_t ones = 0;
+    for (uint32_t i = 0; !rc && i < n; i++) ones += part[i];
+    if (!rc && (ones == 0 || ones == n)) {
+        if (k->flagged) c->tail_total += k->pend - k->ptail; /* what waited is a tail again */
+        k->flagged = FLAG_NONE;
+        k->ptail = 0;
+        k->hold = n;
+        c->ctr.unsplittable++;
+    } else if (!rc) {
+        /* the records by child, each in its order: the buffer then holds both children */
+        uint32_t a = 0, b = n - ones;
+        for (uint32_t i = 0; i < n; i++) memcpy(perm + (size_t)(part[i] ? b++ : a++) * esz, recs + (size_t)i * esz, esz);
+        memcpy(recs, perm, perm_bytes);
+        for (uint32_t i = 0; i < n; i++) part[i] = i >= n - ones;
+        free(perm);
+        perm = NULL;
+        kvt_mem_release(&c->st->cache, perm_bytes);
+        perm_bytes = 0;
+        /* the trigger; a flag read back from a checkpoint lost its reason (stored as 0/1): the
+         * rule tells it again, since m2 and n only grow while a cluster is flagged */
+        int variance = !forced && k->flagged != FLAG_SIZE && over_sse(c, k), size = !forced && !variance;
+        uint32_t first_new;
+        rc = kvt_regroup(c, j, recs, part, 2, &first_new);
+        if (!rc) {
+            c->ctr.splits_pending += (uint64_t)forced;
+            c->ctr.splits_variance += (uint64_t)variance;
+            c->ctr.splits_size += (uint64_t)size;
+            *cnt0 = n - ones;
+            split = 1;
         }
     }
     free(part);
     free(cent);
-    kvt_mem_release(&c->st->cache, tmp);
+    free(perm);
+    kvt_mem_release(&c->st->cache, tmp + perm_bytes);
     return rc ? rc : split;
 }
 
-/* Splits flagged clusters that are in DRAM, starting from `list`, and their children while
- * they still want it. Split failures leave the cluster flagged (counted), never the caller's
- * operation failed: the entries are safe either way. */
-void kvt_split_in_dram(kvt_coll *c, const uint32_t *list, uint32_t nlist) {
-    uint32_t stack[64], top = 0;
-    for (uint32_t i = 0; i < nlist; i++) {
-        uint32_t j = list[i];
-        if (j < c->ncl && c->cl[j].flagged && c->cl[j].ent && top < 62) stack[top++] = j;
-        while (top) {
-            uint32_t s = stack[--top];
-            kvt_cluster *k = &c->cl[s];
-            if (!k->flagged || !k->ent) continue;
-            uint32_t before = c->ncl;
-            kvt_cache_ent *pinned = k->ent;
-            pinned->pins++;
-            int rc = split_cluster(c, s, pinned->rec);
-            kvt_release_records(c, NULL, 0, pinned, rc == 1);
-            if (rc < 0 || rc > 1) {
-                c->ctr.split_errors++;
-                continue;
-            }
-            if (rc == 1) {
-                kvt_maybe_flag(c, s);
-                if (c->ncl > before) kvt_maybe_flag(c, before);
-                if (c->cl[s].flagged && top < 62) stack[top++] = s;
-                if (c->ncl > before && c->cl[before].flagged && top < 62) stack[top++] = before;
-            }
+/* Splits cluster j from `recs`, all its records in order in a buffer the caller owns, then
+ * its children while they still want it, from the same buffer: a split needs nothing from
+ * the cache. A split that fails leaves the cluster flagged (counted: split_skipped when the
+ * budget had no room for its scratch, split_errors otherwise), never the caller's operation
+ * failed: the entries are safe either way. */
+void kvt_split_records(kvt_coll *c, uint32_t j, uint8_t *recs, int forced) {
+    struct { uint32_t cl, at; } stack[64];
+    uint32_t top = 0;
+    stack[top].cl = j;
+    stack[top++].at = 0;
+    while (top) {
+        top--;
+        uint32_t s = stack[top].cl, at = stack[top].at, cnt0 = 0;
+        if (!c->cl[s].flagged) continue;
+        int rc = split_cluster(c, s, recs + (size_t)at * c->L.esz, forced && s == j && at == 0, &cnt0);
+        if (rc == KVT_EBUDGET) {
+            kvt_clear_error();
+            c->ctr.split_skipped++;
+            continue;
+        }
+        if (rc < 0 || rc > 1) {
+            c->ctr.split_errors++;
+            continue;
+        }
+        if (rc == 0) continue;
+        uint32_t other = c->ncl - 1;
+        kvt_maybe_flag(c, s);
+        kvt_maybe_flag(c, other);
+        if (c->cl[other].flagged && top < 64) {
+            stack[top].cl = other;
+            stack[top++].at = at + cnt0;
+        }
+        if (c->cl[s].flagged && top < 64) {
+            stack[top].cl = s;
+            stack[top++].at = at;
         }
     }
 }
@@ -256,28 +302,39 @@ void kvt_relieve_pending(kvt_coll *c) {
     while (c->pending_total - c->tail_total > c->p.pending_budget) {
         uint32_t best = KVT_NONE, most = 0;
         for (uint32_t j = 0; j < c->ncl; j++)
-            if (c->cl[j].flagged && c->cl[j].pend > most) {
-                most = c->cl[j].pend;
+            if (c->cl[j].flagged && c->cl[j].pend - c->cl[j].ptail > most) {
+                most = c->cl[j].pend - c->cl[j].ptail;
                 best = j;
             }
         if (best == KVT_NONE) break;
-        uint8_t *recs;
-        uint64_t owned;
+        uint8_t *recs, *own = NULL;
+        uint64_t owned, bytes = (uint64_t)c->cl[best].n * c->L.esz;
         kvt_cache_ent *pinned;
+        uint32_t ncl0 = c->ncl;
         c->ctr.forced_loads++;
         int rc = kvt_load_records(c, best, &recs, &owned, &pinned, &c->ctr.split_read_bytes);
+        if (!rc && pinned) { /* a cached copy: the split orders its own */
+            rc = kvt_mem_reserve(&c->st->cache, bytes);
+            if (!rc && !(own = malloc(bytes + 1))) {
+                kvt_mem_release(&c->st->cache, bytes);
+                rc = kvt_fail(ENOMEM, "split: out of memory");
+            }
+            if (!rc) memcpy(own, recs, bytes);
+            kvt_release_records(c, NULL, 0, pinned, 0);
+            recs = own;
+        }
         if (!rc) {
-            rc = split_cluster(c, best, recs);
-            kvt_release_records(c, recs, owned, pinned, rc == 1);
+            kvt_split_records(c, best, recs, 1);
+            if (own) {
+                free(own);
+                kvt_mem_release(&c->st->cache, bytes);
+            } else {
+                kvt_release_records(c, recs, owned, NULL, 0);
+            }
+        } else {
+            c->ctr.split_errors++;
         }
-        if (rc == 1) {
-            uint32_t two[2] = {best, c->ncl - 1};
-            kvt_maybe_flag(c, two[0]);
-            kvt_maybe_flag(c, two[1]);
-            kvt_split_in_dram(c, two, 2);
-            continue;
-        }
-        if (rc < 0 || rc > 1) c->ctr.split_errors++;
+        if (c->ncl > ncl0) continue;
         /* not split: write its pending entries so the budget holds */
         if (kvt_write_pending(c, best)) break; /* could not write: stop rather than loop */
     }

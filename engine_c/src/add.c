@@ -222,7 +222,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
             rc = kvt_ensure_mem(c, cl, cl->n + m); /* token layout: nothing waits, records go to the log */
         } else if (m && s->tight) { /* a second run for want of budget: everything is written now */
             wnow[j] = cl->pend + m;
-        } else if (m && cl->flagged && (cl->pend || (policy == KVT_POLICY_ADAPTIVE && !cl->ent))) {
+        } else if (m && cl->flagged) { /* cached or not, so that the pending budget is too */
             topend[j] = 1;
             uint64_t more = (uint64_t)m * L->esz;
             rc = more <= pend_room ? kvt_ensure_pbuf(c, cl, cl->pend + m) : KVT_EBUDGET;
@@ -360,17 +360,10 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     kvt_mem_release(&s->cache, transient);
     transient = 0;
     if (policy == KVT_POLICY_ADAPTIVE) {
+        /* flagged clusters split when a retrieve reads them (adapt.c 2), cached or not */
         kvt_derive_tau(c);
-        uint32_t nt = 0;
-        /* the flagged cached clusters, listed in the chunk's order array's room when it has
-         * enough, else in cnt (free now) */
-        uint32_t *list = k <= ch ? order : cnt;
         for (uint32_t j = 0; j < k; j++)
-            if (cnt[j]) {
-                kvt_maybe_flag(c, j);
-                if (c->cl[j].flagged && c->cl[j].ent) list[nt++] = j;
-            }
-        kvt_split_in_dram(c, list, nt);
+            if (cnt[j]) kvt_maybe_flag(c, j);
         kvt_relieve_pending(c);
     } else if (policy == KVT_POLICY_LOCAL && c->staging != KVT_NONE && c->cl[c->staging].n >= c->p.local_window) {
         if (kvt_recluster_staging(c)) c->ctr.split_errors++;

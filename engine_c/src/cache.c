@@ -42,6 +42,7 @@ static uint64_t ent_bytes(const kvt_cache_ent *e) { return sizeof *e + (uint64_t
 void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, const kvt_cache_ent *)) {
     memset(c, 0, sizeof *c);
     c->budget = budget;
+    c->cache_cap = UINT64_MAX;
     c->lru.next = c->lru.prev = &c->lru;
     c->on_evict = on_evict;
     c->policy = KVT_CACHE_LRU;
@@ -204,6 +205,7 @@ void kvt_mem_reset_peaks(kvt_cache *c) {
 kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint32_t n, size_t esz) {
     uint64_t need = sizeof(kvt_cache_ent) + (uint64_t)n * esz;
     if (need > c->budget / 2) return NULL; /* one cluster may not flush the whole cache */
+    if (c->cache_bytes + need > c->cache_cap) return NULL;
     if (kvt_mem_reserve_as(c, KVT_USE_CACHE, need)) return NULL;
     kvt_cache_ent *e = calloc(1, sizeof *e);
     uint8_t *rec = n ? malloc((size_t)n * esz) : NULL;

@@ -76,6 +76,9 @@ typedef struct kvt_cache {
     uint64_t step;                     /* decoding steps (kvt_cache_step, or detected) */
     int explicit_steps;                /* the caller marks steps: no detection */
     double reserve_share;              /* cluster policy: budget share kept for recent updates */
+    /* the most bytes cached clusters may hold (the budget unless lowered: tests set 0 to run
+     * an engine with no cache at all, where reads go to buffers freed after use) */
+    uint64_t cache_cap;
     uint32_t recent_steps;             /* ... updated within this many steps */
     uint32_t half_life;                /* cluster policy: heat halves over this many steps */
     float decay[KVT_HEAT_HORIZON + 1]; /* decay[d] = 2^(-d / half_life) */

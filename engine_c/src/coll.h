@@ -160,7 +160,7 @@ int kvt_relayout(kvt_coll *c);
 void kvt_maybe_flag(kvt_coll *c, uint32_t j);
 void kvt_derive_tau(kvt_coll *c);
 int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt, uint32_t *first_new);
-void kvt_split_in_dram(kvt_coll *c, const uint32_t *list, uint32_t nlist);
+void kvt_split_records(kvt_coll *c, uint32_t j, uint8_t *recs, int forced);
 void kvt_relieve_pending(kvt_coll *c);
 
 /* local.c */
@@ -176,7 +176,7 @@ int kvt_result_alloc(kvt_result *r, const kvt_layout *L, uint64_t total);
 int kvt_selection_alloc(kvt_coll *c, uint64_t nq, selection *sel);
 void kvt_selection_release_budget(kvt_coll *c, selection *sel);
 void kvt_selection_free(kvt_coll *c, selection *sel);
-void kvt_select_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, float *scores, float *q2, uint32_t *idx, uint64_t *taken_out, uint64_t *total_out);
+void kvt_select_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, float *scores, float *q2, uint32_t *idx, uint64_t *taken_out, uint64_t *total_out, uint32_t *part_out);
 
 /* token.c */
 int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off);

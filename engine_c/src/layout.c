@@ -8,8 +8,9 @@
  *    one growing from the front and one from the back, so an append never moves data.
  * 2. pending_total is the sum of every cluster's pend; tail_total the sum over unflagged
  *    clusters, whose pending buffers are write-buffer tails: entries kept in DRAM until they
- *    complete a flash page. Only flagged clusters' entries count against the pending budget.
- * 3. Relayout and segment moves are copy on write (adapt.c 2): committed data is never
+ *    complete a flash page, plus each flagged cluster's ptail (the tail it had when flagged).
+ *    Only entries that joined flagged clusters count against the pending budget.
+ * 3. Relayout and segment moves are copy on write (adapt.c 3): committed data is never
  *    overwritten before the catalog stops naming it.
  */
 #ifndef _GNU_SOURCE
@@ -224,7 +225,8 @@ void kvt_retire_segs(kvt_coll *c, seg_save s) {
 
 void kvt_free_pending(kvt_coll *c, kvt_cluster *k) {
     c->pending_total -= k->pend;
-    if (!k->flagged) c->tail_total -= k->pend;
+    c->tail_total -= k->flagged ? k->ptail : k->pend;
+    k->ptail = 0;
     kvt_free_as(c, KVT_USE_PENDING, k->pbuf, k->pcap, c->L.esz);
     k->pbuf = NULL;
     k->pend = k->pcap = 0;

@@ -6,7 +6,7 @@
  * 1. The staging cluster is the only cluster new entries join under this policy, up to what
  *    its recluster can hold in the DRAM budget: past that, the older entries of an add join
  *    their nearest cluster (add.c), so that the staging never outgrows DRAM. Once
- *    reclustered, its entries are in ordinary clusters written copy-on-write (adapt.c 2).
+ *    reclustered, its entries are in ordinary clusters written copy-on-write (adapt.c 3).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

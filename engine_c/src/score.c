@@ -175,28 +175,31 @@ void kvt_selection_free(kvt_coll *c, selection *sel) {
     kvt_selection_release_budget(c, sel);
 }
 
-/* Whole clusters in score order; one that does not fit the remaining budget is skipped so
- * the budget is filled by the next best that do. Only the best few need ordering: twice the
- * clusters the budget holds at the mean size, and all of them if that falls short. */
+/* Whole clusters in score order while they fit the budget; the first that does not fit is
+ * taken in part (*part_out entries, its best, chosen when it is read: retrieve.c), so the
+ * budget is filled. Only the best few need ordering: twice the clusters the budget holds at
+ * the mean size, and all of them if that falls short. */
 void kvt_select_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, float *scores,
-                            float *q2, uint32_t *idx, uint64_t *taken_out, uint64_t *total_out) {
+                            float *q2, uint32_t *idx, uint64_t *taken_out, uint64_t *total_out, uint32_t *part_out) {
     kvt_score_clusters(c, q, nq, scores, q2);
-    uint64_t total = 0, taken = 0;
+    uint64_t total = 0, taken = 0, part = 0;
     uint64_t mean = c->ncl ? c->n / c->ncl + 1 : 1, guess = 2 * (budget / mean) + 16;
     uint32_t m = guess < c->ncl ? (uint32_t)guess : c->ncl;
     for (int pass = 0; pass < 2; pass++) {
         kvt_top_by_score(idx, c->ncl, m, scores);
-        total = taken = 0;
+        total = taken = part = 0;
         for (uint32_t j = 0; j < m && total < budget; j++) {
             uint32_t n = c->cl[idx[j]].n;
-            if (n && total + n <= budget) {
-                total += n;
-                idx[taken++] = idx[j];
-            }
+            if (!n) continue;
+            uint32_t cj = idx[j];
+            if (total + n > budget) part = budget - total; /* the rest of the budget, from its best */
+            idx[taken++] = cj;
+            total += part ? part : n;
         }
         if (total >= budget || m == c->ncl) break;
         m = c->ncl;
     }
     *taken_out = taken;
     *total_out = total;
+    *part_out = (uint32_t)part;
 }

@@ -33,6 +33,7 @@ int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
     o->write_buffer_entries = c->tail_total;
     o->parked = (uint64_t)c->parked;
     o->keys_on_flash = (uint64_t)c->keys_flash;
+    o->mean_fill = c->ctr.fill_retrieves ? c->ctr.fill_sum / (double)c->ctr.fill_retrieves : 0;
     if (c->parked) { /* as it was when parked: nothing changes a parked collection */
         o->clusters = parked.clusters;
         o->mean_cluster_size = parked.mean_cluster_size;

@@ -437,7 +437,7 @@ int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
     if (rc) return rc;
     uint32_t j = c->ncl++;
     kvt_cluster *k = &c->cl[j];
-    k->n = k->nseg = k->pend = k->flagged = k->hold = 0;
+    k->n = k->nseg = k->pend = k->flagged = k->hold = k->ptail = 0;
     k->m2 = 0;
     k->ent = NULL;
     k->heat = 0;

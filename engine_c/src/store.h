@@ -28,6 +28,11 @@ typedef struct kvt_cluster {
     uint8_t *pbuf;
     uint32_t flagged;      /* adaptive: a split is wanted */
     uint32_t hold;         /* adaptive: a failed split waits until the cluster grows past this */
+    /* adaptive, flagged: the first ptail of its pending entries were its write-buffer tail
+     * when it was flagged; they wait for the split too, but count as write buffer, not
+     * against the pending budget, so the write buffer (sized from the DRAM budget) never
+     * decides when the pending budget overflows */
+    uint32_t ptail;
     uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
     uint32_t memcap;
     uint64_t wtick;        /* the collection's append clock at the cluster's last append */

@@ -65,8 +65,8 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  * state is its data file and catalog as ever, so a crash while parked loses nothing a
  * checkpoint had made durable.
  *
- *   "KVTSWAP1" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
- *   per cluster: u32 n, nseg, pend, flagged, hold; f32 heat, u32 heat_visit (its cache
+ *   "KVTSWAP3" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
+ *   per cluster: u32 n, nseg, pend, flagged, hold, ptail; f32 heat, u32 heat_visit (its cache
  *                entry's when cached); f64 m2; nseg x (u32 pool, head, n);
  *                pend records (its pending buffer)
  *   ncl x dim f32 representatives [, ncl x dim f32 per-dimension m2]
@@ -75,7 +75,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
  *   u32 CRC-32C of all the above, then zeros to the I/O alignment
  */
-#define SWAP_MAGIC "KVTSWAP2"
+#define SWAP_MAGIC "KVTSWAP3" /* 3: ptail per cluster */
 
 /* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
  * I/O alignment, so the image's zero tail always fits in it). */
@@ -135,7 +135,7 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
     sw_u32(w, c->m2d != NULL);
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
-        uint32_t f[5] = {k->n, k->nseg, k->pend, k->flagged, k->hold};
+        uint32_t f[6] = {k->n, k->nseg, k->pend, k->flagged, k->hold, k->ptail};
         sw_put(w, f, sizeof f);
         /* the cache policy's memory of it: re-admitted, it is as hot as it was */
         float heat = k->ent ? k->ent->heat : k->heat;
@@ -321,7 +321,7 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
     for (uint32_t j = 0; j < ncl && !rc && !r.bad; j++) {
         kvt_cluster *k = &c->cl[j];
         memset(k, 0, sizeof *k);
-        uint32_t f[5];
+        uint32_t f[6];
         kvt_rbuf_get(&r, f, sizeof f);
         kvt_rbuf_get(&r, &k->heat, 4);
         k->heat_visit = kvt_rbuf_u32(&r);
@@ -329,6 +329,7 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         k->n = f[0];
         k->flagged = f[3];
         k->hold = f[4];
+        k->ptail = f[5] <= f[2] ? f[5] : f[2];
         if (r.bad || f[1] > (r.len - r.pos) / 12 || (uint64_t)f[2] * L->esz > r.len - r.pos) {
             r.bad = 1;
             break;

@@ -844,7 +844,9 @@ static void test_adaptive(void) {
     CHECK(cs.splits > 0);
     CHECK(ss.read_ops == 0 && cs.split_read_bytes == 0);
     CHECK(cs.max_cluster_size <= p.max_cluster_size);
-    check_all_there(c, k, N0 + N1);
+    check_all_there(c, k, N0 + N1); /* a retrieve: it splits the flagged clusters it reads */
+    CHECK_OK(kvt_coll_stats_get(c, &cs));
+    CHECK(cs.splits == cs.splits_variance + cs.splits_size + cs.splits_pending);
     c = reopen(d, &st, c, &p, 3, 8 << 20);
     check_all_there(c, k, N0 + N1);
     kvt_coll_stats cs2;
@@ -864,6 +866,123 @@ static void test_adaptive(void) {
     check_all_there(c, k, N0 + N1);
     c = reopen(d, &st, c, &p, 4, 160 << 10);
     check_all_there(c, k, N0 + N1);
+    kvt_store_close(st);
+    free(k);
+    remove_dir(d);
+}
+
+/* Splits never depend on the cache (adapt.c 1-2): the same adds and retrieves under a large
+ * budget and under a tiny one with no cache at all (a zero-byte cache) give the same
+ * clusters, and the splits read nothing: a retrieve reads each entry on flash at most once,
+ * splits included, and no split loads a cluster. */
+static void test_split_without_cache(void) {
+    enum { N0 = 200, N1 = 400, EVERY = 20 };
+    float *k = drift_data(N0, N1, 33);
+    kvt_coll_params p = params(KVT_F32);
+    p.policy = KVT_POLICY_ADAPTIVE;
+    p.value_dim = 0;
+    p.pending_budget = N1; /* no forced loads: every split comes from a retrieve */
+    uint64_t budgets[2] = {8 << 20, 96 << 10};
+    uint32_t sizes[2][N0 + N1];
+    uint64_t ncl[2] = {0, 0}, splits[2] = {0, 0};
+    for (int b = 0; b < 2; b++) {
+        char *d = make_dir();
+        kvt_store *st;
+        kvt_coll *c;
+        store_with(d, budgets[b], &p, &st, &c);
+        if (b == 1) st->cache.cache_cap = 0;
+        int64_t first;
+        CHECK_OK(kvt_coll_add(c, k, NULL, N0, &first));
+        uint64_t reads_ok = 1;
+        for (int i = N0; i < N0 + N1; i++) {
+            CHECK_OK(kvt_coll_add(c, k + i * 16, NULL, 1, &first));
+            if ((i - N0) % EVERY) continue;
+            kvt_coll_stats before, after;
+            kvt_store_stats ss;
+            CHECK_OK(kvt_coll_stats_get(c, &before));
+            CHECK_OK(kvt_store_reset_io_stats(st));
+            kvt_result *r = NULL;
+            CHECK_OK(kvt_coll_retrieve(c, k + i * 16, 1, 48, &r));
+            if (r) CHECK(kvt_result_count(r) == 48);
+            kvt_result_free(r);
+            CHECK_OK(kvt_store_stats_get(st, &ss));
+            CHECK_OK(kvt_coll_stats_get(c, &after));
+            reads_ok &= ss.read_entries <= (uint64_t)(i + 1) - before.pending_entries - before.write_buffer_entries;
+        }
+        CHECK(reads_ok);
+        kvt_coll_stats cs;
+        kvt_store_stats ss;
+        CHECK_OK(kvt_coll_stats_get(c, &cs));
+        CHECK_OK(kvt_store_stats_get(st, &ss));
+        CHECK(cs.splits > 0 && cs.forced_loads == 0 && cs.split_read_bytes == 0 && cs.split_skipped == 0);
+        CHECK(cs.splits == cs.splits_variance + cs.splits_size);
+        if (b == 1) CHECK(ss.dram_cache_peak == 0);
+        splits[b] = cs.splits;
+        CHECK_OK(kvt_coll_cluster_sizes(c, sizes[b], N0 + N1, &ncl[b]));
+        check_all_there(c, k, N0 + N1);
+        kvt_store_close(st);
+        remove_dir(d);
+    }
+    CHECK(splits[0] == splits[1] && ncl[0] == ncl[1]);
+    CHECK(ncl[0] == ncl[1] && memcmp(sizes[0], sizes[1], ncl[0] * 4) == 0);
+    free(k);
+}
+
+/* Filling the budget (retrieve.c 1): when the next-ranked cluster does not fit what is left
+ * of the budget, its best entries by score fill it; mean_fill is returned / budget. */
+static void test_fill_budget(void) {
+    enum { N = 300, B = 10 };
+    char *d = make_dir();
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    p.init_cluster_size = 60; /* clusters far larger than B */
+    p.max_cluster_size = 128;
+    kvt_store *st;
+    kvt_coll *c;
+    store_with(d, 8 << 20, &p, &st, &c);
+    uint64_t s = 77;
+    float *k = malloc(N * 64), q[16];
+    for (int i = 0; i < N * 16; i++) k[i] = frand(&s);
+    for (int i = 0; i < 16; i++) q[i] = frand(&s);
+    int64_t first;
+    CHECK_OK(kvt_coll_add(c, k, NULL, N, &first));
+    kvt_result *all = NULL, *r = NULL, *over = NULL;
+    CHECK_OK(kvt_coll_retrieve(c, q, 1, N, &all));
+    CHECK_OK(kvt_coll_retrieve(c, q, 1, B, &r));
+    CHECK_OK(kvt_coll_retrieve(c, q, 1, 2 * N, &over));
+    if (all && r && over) {
+        CHECK(kvt_result_count(all) == N && kvt_result_count(r) == B && kvt_result_count(over) == N);
+        int64_t ids[N], rid[B];
+        int32_t cl[N], rcl[B], label[N];
+        kvt_result_copy(all, ids, NULL, NULL, cl);
+        for (int i = 0; i < N; i++) label[ids[i]] = cl[i];
+        kvt_result_copy(r, rid, NULL, NULL, rcl);
+        /* one cluster, taken in part: the B best of its entries */
+        int ok = 1, in_r[N] = {0};
+        float worst = INFINITY;
+        for (int i = 0; i < B; i++) {
+            ok &= rcl[i] == rcl[0] && label[rid[i]] == rcl[0];
+            in_r[rid[i]] = 1;
+            float sc = 0;
+            for (int t = 0; t < 16; t++) sc += k[rid[i] * 16 + t] * q[t];
+            if (sc < worst) worst = sc;
+        }
+        int members = 0;
+        for (int i = 0; i < N; i++) {
+            if (label[i] != rcl[0]) continue;
+            members++;
+            float sc = 0;
+            for (int t = 0; t < 16; t++) sc += k[i * 16 + t] * q[t];
+            ok &= in_r[i] || sc <= worst;
+        }
+        CHECK(ok && members > B);
+        kvt_coll_stats cs;
+        CHECK_OK(kvt_coll_stats_get(c, &cs));
+        CHECK(cs.fill_retrieves == 3 && fabs(cs.mean_fill - (1.0 + 1.0 + 0.5) / 3) < 1e-9);
+    }
+    kvt_result_free(all);
+    kvt_result_free(r);
+    kvt_result_free(over);
     kvt_store_close(st);
     free(k);
     remove_dir(d);
@@ -1770,6 +1889,8 @@ int main(void) {
     test_add_atomic();
     test_budget();
     test_adaptive();
+    test_split_without_cache();
+    test_fill_budget();
     test_local_and_none();
     test_colocate();
     test_prefetch();
