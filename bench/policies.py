@@ -112,16 +112,22 @@ def main(argv=None):
     print()
     print(md)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                            "python": sys.version.split()[0]},
-                "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__},
-                "args": vars(a), "seconds": time.time() - t0}
-        with open(os.path.join(a.out, "policies.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(os.path.join(a.out, "policies.md"), "w") as f:
-            f.write(f"# Policies on real traces\n\n`python -m bench.policies {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+        save(a.out, "policies", "Policies on real traces", "bench.policies", argv, a, t0, {"rows": rows}, md)
     return 0
+
+
+def save(out, stem, title, module, argv, args, t0, payload, md):
+    """Writes out/stem.json (the machine, versions, arguments and run time, then payload) and
+    out/stem.md (title, the command, md)."""
+    os.makedirs(out, exist_ok=True)
+    meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "python": sys.version.split()[0]},
+            "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__},
+            "args": vars(args), "seconds": time.time() - t0}
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump({"meta": meta, **payload}, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(f"# {title}\n\n`python -m {module} {' '.join(argv or sys.argv[1:])}`\n\n{md}")
 
 
 if __name__ == "__main__":

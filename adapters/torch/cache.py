@@ -28,10 +28,10 @@ How it binds (why it looks the way it does):
    they miss is read by the retrieve as without prefetch, and a prefetched cluster the
    retrieve does not take was read for nothing (it shows in ``read_bytes`` and
    ``modeled_io_seconds``). A retrieve returns exactly what it would without the prefetch.
-   With the ``static``, ``local`` and ``none`` policies the whole run is therefore identical
-   (logits bitwise); ``adaptive`` splits a flagged cluster when it is in DRAM, so a cluster
-   that is there because it was prefetched can split earlier than it would have, and later
-   retrievals (and logits) may differ slightly, as they do between two DRAM budgets.
+   The whole run is therefore identical (logits bitwise) with every policy: ``adaptive``
+   splits a flagged cluster when a retrieve reads it, from the records read, whether they
+   came from a prefetch, the cache or flash, so neither prefetch nor the DRAM budget changes
+   which clusters exist.
 5. Nothing is kept with autograd history: decoding state is detached.
 """
 from __future__ import annotations
