@@ -209,7 +209,11 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
         goto fail;
     }
     for (uint64_t i = 0; i < n; i++) cnt[c->loc[n0 + i].cl]++;
-    uint64_t new_room = buffering(c) ? kvt_tail_share(c) : 0;
+    uint64_t new_room = buffering(c) ? kvt_tail_share(c) : 0, waiting = c->pending_total - c->tail_total;
+    /* entries joining flagged clusters wait while the pending budget has room, or behind
+     * entries already waiting (a tail kept from before the flag, ptail, does not count): the
+     * same whatever is cached */
+    uint64_t room = c->p.pending_budget > waiting ? c->p.pending_budget - waiting : 0;
     /* entries waiting for a split take at most a quarter of what the index and the buffers
      * leave of the budget (the cache gives way to them): under a tight budget the rest is
      * written now and its cluster splits when it is next read */
@@ -222,8 +226,9 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
             rc = kvt_ensure_mem(c, cl, cl->n + m); /* token layout: nothing waits, records go to the log */
         } else if (m && s->tight) { /* a second run for want of budget: everything is written now */
             wnow[j] = cl->pend + m;
-        } else if (m && cl->flagged) { /* cached or not, so that the pending budget is too */
+        } else if (m && cl->flagged && (cl->pend > cl->ptail || m <= room)) { /* cached or not */
             topend[j] = 1;
+            room -= m < room ? m : room;
             uint64_t more = (uint64_t)m * L->esz;
             rc = more <= pend_room ? kvt_ensure_pbuf(c, cl, cl->pend + m) : KVT_EBUDGET;
             if (!rc) pend_room -= more;
@@ -234,6 +239,11 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
                 wnow[j] = cl->pend + m;
                 c->ctr.pending_flushes++;
             }
+        } else if (m && cl->flagged) {
+            /* no room left in the pending budget: written now, after the tail it had (written
+             * too, so that this never depends on the write buffer, sized from the DRAM
+             * budget); the cluster stays flagged */
+            wnow[j] = cl->pend + m;
         } else if (m) {
             uint64_t total = (uint64_t)cl->pend + m, w = total;
             if (buffering(c)) { /* whole pages, counting the flash part's last page */
@@ -317,7 +327,10 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
             memmove(cl->pbuf, cl->pbuf + (size_t)from_tail * L->esz, (size_t)(cl->pend - from_tail) * L->esz);
             cl->pend -= from_tail;
             c->pending_total -= from_tail;
-            if (!cl->flagged) c->tail_total -= from_tail;
+            /* a flagged cluster's first ptail entries are its old tail (layout.c 2) */
+            uint32_t tail_part = !cl->flagged ? from_tail : from_tail < cl->ptail ? from_tail : cl->ptail;
+            if (cl->flagged) cl->ptail -= tail_part;
+            c->tail_total -= tail_part;
         }
         cl->wtick = c->wclock;
     }
