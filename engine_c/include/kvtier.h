@@ -109,7 +109,7 @@ typedef struct kvt_coll_params {
      * exceeding max_cluster_size is a safety net. tau <= 0 derives it from the first
      * partition: tau_factor x the variance that partition reached (its SSE over its entries). */
     double tau, tau_factor;
-    uint32_t pending_budget;     /* adaptive: entries buffered for flagged clusters on flash */
+    uint32_t pending_budget;     /* adaptive: entries buffered for flagged clusters' splits */
     /* local: new entries gather in a staging cluster; every local_window of them are
      * clustered on their own into clusters of about local_cluster_size */
     uint32_t local_window, local_cluster_size;

@@ -36,7 +36,8 @@
  * 3. A split writes the new clusters to fresh heads (copy on write) and only then switches
  *    the directory; the old heads are retired until the next committed checkpoint, because
  *    the committed catalog still names them.
- * 4. Entries that join a flagged cluster wait in its pending buffer and stay retrievable.
+ * 4. Entries that join a flagged cluster wait in its pending buffer, while the pending budget
+ *    has room or behind entries already waiting (add.c), and stay retrievable.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
