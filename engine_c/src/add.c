@@ -101,6 +101,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     if (policy != KVT_POLICY_NONE && c->ncl == 0) first_batch = 1;
     uint64_t fixed = s->cache.used - s->cache.use[KVT_USE_CACHE];
     uint64_t avail = s->cache.budget > fixed ? s->cache.budget - fixed : 0;
+    avail -= avail / 8; /* the index grows during the add too (segments, pool table) */
     uint64_t ch = n;
     while (ch > KVT_ADD_CHUNK_MIN && add_transient(c, ch, first_batch, NULL) > avail) ch = (ch + 1) / 2;
     if (ch < KVT_ADD_CHUNK_MIN) ch = n < KVT_ADD_CHUNK_MIN ? n : KVT_ADD_CHUNK_MIN;
