@@ -296,8 +296,45 @@ void kvt_split_records(kvt_coll *c, uint32_t j, uint8_t *recs, int forced) {
     }
 }
 
+/* Loads cluster j (a cached copy pins nothing: the split orders its own) and splits it.
+ * Returns whether it split. Counted as a forced load: the one split that may read flash. */
+static int force_split(kvt_coll *c, uint32_t j) {
+    uint8_t *recs, *own = NULL;
+    uint64_t owned, bytes = (uint64_t)c->cl[j].n * c->L.esz;
+    kvt_cache_ent *pinned;
+    uint32_t ncl0 = c->ncl;
+    c->ctr.forced_loads++;
+    int rc = kvt_load_records(c, j, &recs, &owned, &pinned, &c->ctr.split_read_bytes);
+    if (!rc && pinned) {
+        rc = kvt_mem_reserve(&c->st->cache, bytes);
+        if (!rc && !(own = malloc(bytes + 1))) {
+            kvt_mem_release(&c->st->cache, bytes);
+            rc = kvt_fail(ENOMEM, "split: out of memory");
+        }
+        if (!rc) memcpy(own, recs, bytes);
+        kvt_release_records(c, NULL, 0, pinned, 0);
+        recs = own;
+    }
+    if (rc) {
+        kvt_clear_error();
+        c->ctr.split_errors++;
+        return 0;
+    }
+    kvt_split_records(c, j, recs, 1);
+    if (own) {
+        free(own);
+        kvt_mem_release(&c->st->cache, bytes);
+    } else {
+        kvt_release_records(c, recs, owned, NULL, 0);
+    }
+    return c->ncl > ncl0;
+}
+
 /* Pending budget overflow: load and split the cluster with the most pending entries until
- * the budget holds. A cluster that cannot split has its pending entries written instead. */
+ * the budget holds. A cluster that cannot split has its pending entries written instead.
+ * Then the size cap's hard edge: a flagged cluster that no retrieve has read while it grew
+ * past twice max_cluster_size (a collection only added to and searched) is loaded and split
+ * now, so that no cluster outgrows the read the DRAM budget was sized for (budget.c). */
 void kvt_relieve_pending(kvt_coll *c) {
     /* every round removes one cluster's pending entries or stops */
     while (c->pending_total - c->tail_total > c->p.pending_budget) {
@@ -308,35 +345,12 @@ void kvt_relieve_pending(kvt_coll *c) {
                 best = j;
             }
         if (best == KVT_NONE) break;
-        uint8_t *recs, *own = NULL;
-        uint64_t owned, bytes = (uint64_t)c->cl[best].n * c->L.esz;
-        kvt_cache_ent *pinned;
-        uint32_t ncl0 = c->ncl;
-        c->ctr.forced_loads++;
-        int rc = kvt_load_records(c, best, &recs, &owned, &pinned, &c->ctr.split_read_bytes);
-        if (!rc && pinned) { /* a cached copy: the split orders its own */
-            rc = kvt_mem_reserve(&c->st->cache, bytes);
-            if (!rc && !(own = malloc(bytes + 1))) {
-                kvt_mem_release(&c->st->cache, bytes);
-                rc = kvt_fail(ENOMEM, "split: out of memory");
-            }
-            if (!rc) memcpy(own, recs, bytes);
-            kvt_release_records(c, NULL, 0, pinned, 0);
-            recs = own;
-        }
-        if (!rc) {
-            kvt_split_records(c, best, recs, 1);
-            if (own) {
-                free(own);
-                kvt_mem_release(&c->st->cache, bytes);
-            } else {
-                kvt_release_records(c, recs, owned, NULL, 0);
-            }
-        } else {
-            c->ctr.split_errors++;
-        }
-        if (c->ncl > ncl0) continue;
+        if (force_split(c, best)) continue;
         /* not split: write its pending entries so the budget holds */
         if (kvt_write_pending(c, best)) break; /* could not write: stop rather than loop */
     }
+    uint64_t hard = 2 * (uint64_t)c->p.max_cluster_size;
+    /* a split cluster's children are checked again: slot j keeps one of them */
+    for (uint32_t j = 0; j < c->ncl; j++)
+        while (c->cl[j].flagged && c->cl[j].n > hard && force_split(c, j)) {}
 }

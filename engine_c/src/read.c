@@ -349,7 +349,13 @@ static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, vis
  * (finish). */
 int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx) {
     const kvt_layout *L = &c->L;
-    uint64_t max_batch = c->st->cache.budget / 4 > L->pool_bytes ? c->st->cache.budget / 4 : L->pool_bytes;
+    const kvt_cache *m = &c->st->cache;
+    /* a batch pins its misses until it finishes: a quarter of the budget, and at most half of
+     * what the index and buffers leave, so that the reads' scratch still fits beside it at
+     * the smallest budget (plan_batch takes one cluster whatever its size) */
+    uint64_t fixed = m->used - m->use[KVT_USE_CACHE], left = m->budget > fixed ? m->budget - fixed : 0;
+    uint64_t max_batch = m->budget / 4 < left / 2 ? m->budget / 4 : left / 2;
+    if (max_batch < L->pool_bytes) max_batch = L->pool_bytes;
     int rc = 0;
     for (uint32_t i = 0; i < nlist && !rc;) {
         uint32_t nseg;

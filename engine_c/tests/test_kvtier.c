@@ -843,10 +843,12 @@ static void test_adaptive(void) {
     CHECK_OK(kvt_coll_stats_get(c, &cs));
     CHECK(cs.splits > 0);
     CHECK(ss.read_ops == 0 && cs.split_read_bytes == 0);
-    CHECK(cs.max_cluster_size <= p.max_cluster_size);
+    /* flagged clusters wait for a read to split; none outgrows the hard edge meanwhile */
+    CHECK(cs.max_cluster_size <= 2 * p.max_cluster_size);
     check_all_there(c, k, N0 + N1); /* a retrieve: it splits the flagged clusters it reads */
     CHECK_OK(kvt_coll_stats_get(c, &cs));
     CHECK(cs.splits == cs.splits_variance + cs.splits_size + cs.splits_pending);
+    CHECK(cs.max_cluster_size <= p.max_cluster_size);
     c = reopen(d, &st, c, &p, 3, 8 << 20);
     check_all_there(c, k, N0 + N1);
     kvt_coll_stats cs2;
