@@ -102,6 +102,11 @@ def main(argv=None):
                 row = {
                     "workload": w, "policy": pol, "layout": lay, "recall": r.recall,
                     "entries_per_read": st["mean_read_entries"],
+                    # reads as a gap-free layout counts them (a merged read: one per piece)
+                    "entries_per_contiguous_read": st["mean_contiguous_entries"],
+                    "gap_kib_per_retrieve": st["gap_bytes"] / max(1, r.retrieves) / 1024,
+                    "split_write_kib_per_step": sum(c["split_write_bytes"] for c in cs) / max(1, steps) / 1024,
+                    "data_file_bytes": sum(c["data_file_bytes"] for c in cs),
                     "reads_per_retrieve": r.read_ops_per_retrieve,
                     "kib_per_retrieve": r.read_bytes_per_retrieve / 1024,
                     "effective_bw_GBps": bw / 1e9, "bw_share_of_profile": bw / prof.bandwidth_Bps,
@@ -116,20 +121,25 @@ def main(argv=None):
                 }
                 rows.append(row)
                 print(f"{w} {pol:9s} {lay:10s} recall={r.recall:.3f} entries/read={row['entries_per_read']:.1f} "
+                      f"contiguous={row['entries_per_contiguous_read']:.1f} gap={row['gap_kib_per_retrieve']:.1f}KiB "
                       f"reads/retrieve={row['reads_per_retrieve']:.2f} bw={row['effective_bw_GBps']:.2f}GB/s "
                       f"modeled={row['modeled_io_ms_per_step']:.3f}ms/step real={row['real_read_ms_per_step']:.2f}ms/step "
                       f"moved={moved / 2**20:.1f}MiB naive={naive / 2**20:.1f}MiB [{r.wall_s:.0f}s]", flush=True)
-    md = md_table(["workload", "policy", "layout", "recall", "entries/read", "reads/retrieve", "KiB/retrieve",
+    md = md_table(["workload", "policy", "layout", "recall", "entries/read", "entries/contiguous read",
+                   "gap KiB/retrieve", "reads/retrieve", "KiB/retrieve",
                    "eff. BW GB/s", "share of profile BW", "modeled I/O ms/step", "real read ms/step", "hit rate",
-                   "moved MiB", "naive MiB", "partial-page writes"],
+                   "moved MiB", "naive MiB", "split writes KiB/step", "data file MiB", "partial-page writes"],
                   [[r["workload"], r["policy"], r["layout"]]
                    + (["does not fit in the DRAM budget"] if r.get("fits") is False else
-                      [f"{r['recall']:.3f}", f"{r['entries_per_read']:.1f}", f"{r['reads_per_retrieve']:.2f}",
+                      [f"{r['recall']:.3f}", f"{r['entries_per_read']:.1f}",
+                       f"{r['entries_per_contiguous_read']:.1f}", f"{r['gap_kib_per_retrieve']:.1f}",
+                       f"{r['reads_per_retrieve']:.2f}",
                        f"{r['kib_per_retrieve']:.1f}", f"{r['effective_bw_GBps']:.2f}", f"{r['bw_share_of_profile']:.0%}",
                        f"{r['modeled_io_ms_per_step']:.3f}", f"{r['real_read_ms_per_step']:.2f}",
                        f"{r['cache_hit_rate']:.2f}", f"{r['moved_bytes'] / 2**20:.1f}",
-                       f"{r['naive_move_bytes'] / 2**20:.1f}", r["partial_page_writes"]])
-                   for r in rows], "lll" + "r" * 12) + "\n"
+                       f"{r['naive_move_bytes'] / 2**20:.1f}", f"{r['split_write_kib_per_step']:.1f}",
+                       f"{r['data_file_bytes'] / 2**20:.1f}", r["partial_page_writes"]])
+                   for r in rows], "lll" + "r" * 16) + "\n"
     by = {(r["workload"], r["policy"], r["layout"]): r for r in rows if r.get("fits", True)}
     notes = []
     for w in a.workloads.split(","):

@@ -58,6 +58,7 @@ cdef extern from "kvtier.h" nogil:
         uint64_t cache_bytes, cached_clusters
         uint64_t cache_hits, cache_misses, evictions
         uint64_t read_ops, read_bytes, read_entries
+        uint64_t contiguous_reads, gap_bytes
         uint64_t write_ops, write_bytes, sync_ops
         double modeled_io_seconds
         int direct_io

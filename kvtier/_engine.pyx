@@ -96,6 +96,7 @@ cdef class Engine:
             "cached_clusters": s.cached_clusters, "cache_hits": s.cache_hits,
             "cache_misses": s.cache_misses, "evictions": s.evictions,
             "read_ops": s.read_ops, "read_bytes": s.read_bytes, "read_entries": s.read_entries,
+            "contiguous_reads": s.contiguous_reads, "gap_bytes": s.gap_bytes,
             "write_ops": s.write_ops, "write_bytes": s.write_bytes, "sync_ops": s.sync_ops,
             "modeled_io_seconds": s.modeled_io_seconds, "direct_io": bool(s.direct_io),
             "read_size_histogram": hist, "prefetch_issued": s.prefetch_issued,

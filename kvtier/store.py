@@ -492,6 +492,10 @@ class Store:
         s["simd"] = _engine.simd_kernel()
         reads = s["read_ops"]
         s["mean_read_entries"] = s["read_entries"] / reads if reads else 0.0
+        # a read that crossed gaps counts once per gap-free piece: the contiguity of the layout
+        # itself, apart from merging across gaps (merge_gap)
+        pieces = s["contiguous_reads"]
+        s["mean_contiguous_entries"] = s["read_entries"] / pieces if pieces else 0.0
         return s
 
     def prefetch(self, requests) -> int:

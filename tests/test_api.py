@@ -168,8 +168,10 @@ def test_stats_fields(store):
     c.retrieve(np.ones(16), budget=0.5)
     s = store.stats()
     for key in ("dram_bytes", "dram_budget", "dram_peak_bytes", "read_ops", "read_bytes",
-                "modeled_io_seconds", "mean_read_entries"):
+                "modeled_io_seconds", "mean_read_entries", "contiguous_reads", "gap_bytes",
+                "mean_contiguous_entries"):
         assert key in s
+    assert s["contiguous_reads"] >= s["read_ops"]
     assert s["dram_peak_bytes"] <= s["dram_budget"] == 16 * 1024 * 1024
     assert c.stats()["clusters"] >= 1 and c.stats()["entries"] == 100
 
@@ -314,3 +316,24 @@ def test_error_table_maps_one_code_to_one_class():
     assert len(set(ENGINE_ERRORS.values())) == len(ENGINE_ERRORS)
     assert error_class(errno.ENOSPC) is kvtier.StorageFullError
     assert error_class(errno.EIO) is kvtier.StorageIOError
+
+
+def test_merged_reads_count_their_gaps(tmp_path):
+    """The same retrieves with merge gap 0 and with a large one: the same results; the large
+    gap merges across gaps (gap bytes read and dropped) and counts each gap-free piece as a
+    contiguous read, more pieces than requests; gap 0 crosses none."""
+    k, v = make_data(3000, seed=5)
+    q = np.random.default_rng(1).standard_normal((12, 16)).astype(np.float32)
+    st, got = {}, {}
+    for gap in (0, 1 << 16):
+        with kvtier.open(tmp_path / f"g{gap}", dram_budget="160KiB", merge_gap=gap,
+                         cache_policy="lru", write_buffer=0) as s:
+            c = s.collection("c", dim=16, value_dim=8)
+            c.add(k, v)
+            s.reset_io_stats()
+            got[gap] = [np.sort(c.retrieve(row, budget=300).ids) for row in q]
+            st[gap] = s.stats()
+    a, b = st[0], st[1 << 16]
+    assert all(np.array_equal(x, y) for x, y in zip(got[0], got[1 << 16]))
+    assert a["read_ops"] > 0 and a["gap_bytes"] == 0 and a["contiguous_reads"] == a["read_ops"]
+    assert b["gap_bytes"] > 0 and b["contiguous_reads"] > b["read_ops"]

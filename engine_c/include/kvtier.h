@@ -76,8 +76,9 @@ typedef struct kvt_store_opts {
     kvt_device device;
     int direct;             /* enum kvt_direct */
     /* Extents read in one batch whose gap is at most this many bytes are read as one request
-     * (the gap is read and dropped). 0 merges only touching extents. A good value is the
-     * device's knee, bandwidth / IOPS: reading the gap then costs less than another request. */
+     * (the gap is read and dropped). 0 merges only touching extents (a pool's unused tail
+     * between them counts as touching). A good value is the device's knee, bandwidth /
+     * IOPS: reading the gap then costs less than another request. */
     uint64_t merge_gap;
     /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (docs/design.md §2.3:
      * clusters updated in the last few decoding steps keep a reserved share; then clusters
@@ -156,6 +157,9 @@ typedef struct kvt_store_stats {
     uint64_t cache_hits, cache_misses, evictions;
     uint64_t read_ops, read_bytes;  /* device reads actually issued (aligned sizes) */
     uint64_t read_entries;          /* entries those reads carried */
+    /* reads as a gap-free layout would count them: read_ops plus one per gap a merged read
+     * crossed (store option merge_gap), and the bytes of those gaps, read and dropped */
+    uint64_t contiguous_reads, gap_bytes;
     uint64_t write_ops, write_bytes, sync_ops;
     double modeled_io_seconds;
     int direct_io;                  /* 1 if reads use O_DIRECT */

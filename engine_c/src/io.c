@@ -412,6 +412,14 @@ static int size_bucket(uint64_t bytes) {
     return b;
 }
 
+void kvt_io_count_gaps(kvt_io *io, uint64_t n, uint64_t bytes) {
+    if (!n) return;
+    pthread_mutex_lock(&io->mu);
+    io->st.gaps_read += n;
+    io->st.gap_bytes += bytes;
+    pthread_mutex_unlock(&io->mu);
+}
+
 /* Counts the transfers of a batch that returned (x[i].err == 0) and charges them as one
  * batch, or into the open one; `seconds` is the batch's wall time (invariant 9). Loader
  * threads' reads are counted, not charged, and left out of the size histogram. */

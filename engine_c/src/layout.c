@@ -178,16 +178,33 @@ uint32_t kvt_scratch_records(const kvt_coll *c, uint64_t m) {
 }
 
 /* Writes whole new clusters: for each t, recs[t] (counts[t] records) become the only data of
- * cluster dst[t], which must own no segments. On failure every head claimed is given back. */
+ * cluster dst[t], which must own no segments. Two groups (a split's children) go back to back
+ * across a pool boundary (kvt_pools_claim_pair): neighbours in key space, a retrieve often
+ * takes both, and then reads them as one extent. On failure every head claimed is given back. */
 int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts,
                        uint32_t nt) {
     undo_log log = {0};
     int rc = 0;
+    if (nt == 2 && counts[0] && counts[1]) { /* a split's children: back to back on flash */
+        kvt_seg sg[2];
+        rc = kvt_ensure_segs(c, &c->cl[dst[0]], 1);
+        if (!rc) rc = kvt_ensure_segs(c, &c->cl[dst[1]], 1);
+        if (!rc) rc = kvt_ensure_pools(c, c->pools.n + 2);
+        if (!rc) rc = kvt_pools_claim_pair(&c->pools, &c->L, (int32_t)dst[0], counts[0], (int32_t)dst[1], counts[1],
+                                           &sg[0], &sg[1]);
+        for (uint32_t t = 0; t < 2 && !rc; t++) {
+            c->cl[dst[t]].segs[0] = sg[t];
+            c->cl[dst[t]].nseg = 1;
+        }
+    }
     for (uint32_t t = 0; t < nt && !rc; t++) {
         rec_src src = {.mrecs = recs[t]}; /* the caller's buffers: written in place */
         rc = kvt_append_flash(c, dst[t], &src, counts[t], NULL, 0, &log);
     }
-    if (rc) kvt_rollback(c, &log);
+    if (rc) {
+        kvt_rollback(c, &log);
+        for (uint32_t t = 0; t < nt; t++) kvt_drop_segs(c, dst[t]); /* the heads claimed above too */
+    }
     free(log.u);
     return rc;
 }

@@ -177,6 +177,34 @@ int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *s
     return 0;
 }
 
+int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32_t n0, int32_t own1, uint32_t n1,
+                         kvt_seg *s0, kvt_seg *s1) {
+    uint32_t a = UINT32_MAX;
+    for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 32 && a == UINT32_MAX; looked++) {
+        uint32_t x = P->avail[i];
+        if (x + 1 >= P->n) continue;
+        const kvt_pool *p = &P->p[x], *q = &P->p[x + 1];
+        /* never pair a cluster with itself in a pool: its two heads would meet */
+        if (p->owner[1] == KVT_HEAD_FREE && q->owner[0] == KVT_HEAD_FREE && p->owner[0] != own0 &&
+            q->owner[1] != own1 && kvt_pool_room(L, p) >= n0 && kvt_pool_room(L, q) >= n1)
+            a = x;
+    }
+    if (a == UINT32_MAX) {
+        if (P->n + 2 > P->cap) return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
+        a = P->n;
+        P->n += 2;
+        P->p[a] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+        P->p[a + 1] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+        push_avail(P, a); /* their other heads are free for anyone */
+        push_avail(P, a + 1);
+    }
+    P->p[a].owner[1] = own0;
+    P->p[a + 1].owner[0] = own1;
+    *s0 = (kvt_seg){a, 1, 0};
+    *s1 = (kvt_seg){a + 1, 0, 0};
+    return 0;
+}
+
 void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg) {
     kvt_pool *p = &P->p[seg->pool];
     p->owner[seg->head] = KVT_HEAD_FREE;

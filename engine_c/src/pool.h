@@ -99,6 +99,12 @@ static inline uint64_t kvt_run_span(const kvt_layout *L, uint32_t head, uint32_t
  * back to back, dropping page padding. dst may overlap src if dst <= src. */
 void kvt_unpad(const kvt_layout *L, uint8_t *dst, const uint8_t *src, uint32_t pos, uint32_t n);
 
+/* Bytes at the end of a pool that no record uses (a page's padding in a padded layout, the
+ * rounding to the I/O alignment otherwise): the back head's last record ends there, the next
+ * pool's front head starts right after, so two extents that far apart are back to back. */
+static inline uint64_t kvt_pool_tail(const kvt_layout *L) {
+    return L->pool_bytes - kvt_pos_rel(L, L->pool_cap - 1) - L->esz;
+}
 static inline uint32_t kvt_pool_room(const kvt_layout *L, const kvt_pool *p) {
     return L->pool_cap - p->used[0] - p->used[1];
 }
@@ -122,6 +128,12 @@ int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const u
 /* Claims a head for `owner` with room for at least one record: a free head of a pool whose
  * other head belongs to another cluster (so two clusters pair up), else a free pool, else a
  * new pool at the end of the file. The table must have room (kvt_pools_reserve). */
+/* Claims the back head (1) of one pool for own0 and the front head (0) of the next pool for
+ * own1, so that what they hold lies back to back across the pool boundary: head 1 fills a
+ * pool from its end, head 0 the next from its start. Looks among recently freed pools for
+ * such a pair with room for n0 and n1 records, else appends two pools (reserve two first). */
+int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32_t n0, int32_t own1, uint32_t n1,
+                         kvt_seg *s0, kvt_seg *s1);
 int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *seg);
 /* Gives back a head claimed in this same uncommitted operation (its data was never named). */
 void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg);

@@ -124,6 +124,25 @@ static void place_run(const extent *ex, uint32_t a, uint32_t e, const uint8_t *r
     for (uint32_t t = a; t < e; t++) memcpy(buf[ex[t].slot] + ex[t].boff, run + (ex[t].off - ex[a].off), ex[t].len);
 }
 
+/* The bytes between two extents that are no gap: the unused end of a page or pool (an extent
+ * ends at its last record, the next may start at the next page), read with the page anyway. */
+static uint64_t page_slack(const kvt_layout *L) {
+    return kvt_pool_tail(L);
+}
+
+/* Counts the gaps between extents a..e-1 (sorted by offset) that one merged read crossed. */
+static void count_gaps(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e) {
+    uint64_t n = 0, bytes = 0, end = ex[a].off + ex[a].len;
+    for (uint32_t t = a + 1; t < e; t++) {
+        if (ex[t].off > end + page_slack(&c->L)) {
+            n++;
+            bytes += ex[t].off - end;
+        }
+        if (ex[t].off + ex[t].len > end) end = ex[t].off + ex[t].len;
+    }
+    kvt_io_count_gaps(&c->st->io, n, bytes);
+}
+
 /* Reads extents a..e-1 (sorted by offset, gaps within the merge gap) as one request into
  * their clusters' buffers; its buffer is reserved for the call. */
 static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8_t *const *buf) {
@@ -140,7 +159,10 @@ static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8
     uint8_t *run = single ? buf[ex[a].slot] + ex[a].boff : malloc(len);
     if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
     if (!rc) rc = kvt_file_read(c->f, ex[a].off, len, run, entries);
-    if (!rc && !single) place_run(ex, a, e, run, buf);
+    if (!rc && !single) {
+        place_run(ex, a, e, run, buf);
+        count_gaps(c, ex, a, e);
+    }
     if (!single) free(run);
     kvt_mem_release(&s->cache, need);
     return rc;
@@ -259,7 +281,8 @@ static uint64_t merge_batch(kvt_coll *c, batch *B, uint64_t max_batch) {
         const extent *ex = B->ex;
         uint32_t e = a + 1;
         uint64_t run_end = ex[a].off + ex[a].len, entries = ex[a].nrec;
-        while (e < B->nex && ex[e].off >= run_end && ex[e].off - run_end <= c->st->merge_gap &&
+        uint64_t gap = c->st->merge_gap > page_slack(&c->L) ? c->st->merge_gap : page_slack(&c->L);
+        while (e < B->nex && ex[e].off >= run_end && ex[e].off - run_end <= gap &&
                ex[e].off + ex[e].len - ex[a].off <= max_batch) {
             run_end = ex[e].off + ex[e].len;
             entries += ex[e].nrec;
@@ -292,7 +315,10 @@ static int issue_batch(kvt_coll *c, batch *B, uint64_t all) {
         }
         if (!rc) rc = kvt_file_read_batch(c->f, B->req, B->nrun);
         for (uint32_t r = 0; r < B->nrun; r++) {
-            if (!rc && B->plan[r].run) place_run(B->ex, B->plan[r].a, B->plan[r].e, B->plan[r].run, B->buf);
+            if (!rc && B->plan[r].run) {
+                place_run(B->ex, B->plan[r].a, B->plan[r].e, B->plan[r].run, B->buf);
+                count_gaps(c, B->ex, B->plan[r].a, B->plan[r].e);
+            }
             free(B->plan[r].run);
         }
         kvt_mem_release(&s->cache, all);

@@ -278,6 +278,18 @@ static void test_pool(void) {
     kvt_seg d2;
     CHECK_OK(kvt_pools_claim(&P, &L, 2, &d2));
     CHECK(d2.pool == 2);
+    /* a split's children: the back head of one pool and the front head of the next, so that
+     * their records meet at the pool boundary (the pool's unused tail aside). Pool 2's back
+     * head is free but no pool follows it: two pools are added */
+    kvt_seg e0, e1, f0, f1;
+    CHECK_OK(kvt_pools_claim_pair(&P, &L, 5, 10, 6, 12, &e0, &e1));
+    CHECK(e0.head == 1 && e1.head == 0 && e1.pool == e0.pool + 1);
+    uint64_t end0 = kvt_run_offset(&L, e0.pool, 1, 0, 10) + kvt_run_span(&L, 1, 0, 10);
+    uint64_t slack = kvt_pool_tail(&L);
+    CHECK(end0 <= kvt_run_offset(&L, e1.pool, 0, 0, 12) && kvt_run_offset(&L, e1.pool, 0, 0, 12) - end0 <= slack);
+    CHECK(e0.pool == 3 && P.n == 5);
+    CHECK_OK(kvt_pools_claim_pair(&P, &L, 7, 10, 8, 10, &f0, &f1));
+    CHECK(f1.pool == f0.pool + 1 && !(f0.pool == e0.pool && f0.head == e0.head));
     kvt_pools_free(&P);
 }
 
@@ -1082,6 +1094,44 @@ static void test_colocate(void) {
     kvt_store_close(st);
     free(k);
     remove_dir(d);
+}
+
+/* Merged reads count their gaps (read.c count_gaps): the same retrieves on the same data with
+ * merge gap 0 cross none, and with a merge gap of a pool they cross some and count each
+ * gap-free piece as a contiguous read. */
+static void test_gap_accounting(void) {
+    char *d[2] = {make_dir(), make_dir()};
+    kvt_store *st[2];
+    kvt_store_stats ss[2];
+    enum { N = 3000 };
+    float *k = drift_data(N, 0, 19);
+    for (int g = 0; g < 2; g++) {
+        kvt_store_opts o = {160 << 10, {0}, KVT_DIRECT_AUTO, g ? 64 << 10 : 0, KVT_CACHE_LRU};
+        CHECK_OK(kvt_store_open(d[g], &o, &st[g]));
+        kvt_coll_params p = params(KVT_F32);
+        p.value_dim = 0;
+        kvt_coll *c;
+        int64_t first;
+        CHECK_OK(kvt_coll_create(st[g], 9, &p, &c));
+        CHECK_OK(kvt_coll_add(c, k, NULL, N, &first));
+        CHECK_OK(kvt_store_reset_io_stats(st[g]));
+        uint64_t s = 11;
+        for (int t = 0; t < 12; t++) {
+            float q[32];
+            for (int i = 0; i < 32; i++) q[i] = frand(&s);
+            kvt_result *r;
+            CHECK_OK(kvt_coll_retrieve(c, q, 2, 300, &r));
+            kvt_result_free(r);
+        }
+        CHECK_OK(kvt_store_stats_get(st[g], &ss[g]));
+    }
+    CHECK(ss[0].read_ops > 0 && ss[0].gap_bytes == 0 && ss[0].contiguous_reads == ss[0].read_ops);
+    CHECK(ss[1].gap_bytes > 0 && ss[1].contiguous_reads > ss[1].read_ops);
+    for (int g = 0; g < 2; g++) {
+        kvt_store_close(st[g]);
+        remove_dir(d[g]);
+    }
+    free(k);
 }
 
 /* Prefetch + retrieve returns exactly what retrieve alone returns; closing with reads in
@@ -1895,6 +1945,7 @@ int main(void) {
     test_fill_budget();
     test_local_and_none();
     test_colocate();
+    test_gap_accounting();
     test_prefetch();
     test_errors();
     test_io_backend();
