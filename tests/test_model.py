@@ -73,6 +73,11 @@ class StoreVsReference(RuleBasedStateMachine):
         assert np.array_equal(got.keys, self.keys[got.ids]) and np.array_equal(got.values, self.values[got.ids])
         full = self.coll.retrieve(q, budget=len(self.keys))
         assert sorted(full.ids.tolist()) == list(range(len(self.keys)))
+        # every entry is in exactly one cluster, after whatever adds, splits (this retrieve's
+        # included: clusters are reported after them) and reopens came before
+        sizes = np.asarray(self.coll.cluster_sizes())
+        assert int(sizes.sum()) == len(self.keys)
+        assert np.array_equal(np.bincount(full.clusters, minlength=len(sizes)), sizes)
 
     @rule()
     def park(self):
