@@ -90,14 +90,9 @@ def test_budget_error_says_what_uses_dram(tmp_path):
 
 # Known gaps at the estimated minimum, measured: a cluster is read whole, and static grows
 # clusters past what this budget can read at once when the first batch (97 entries) makes
-# the partition; adaptive's first partition of one 6000-entry add is made from its first
-# chunk (about 1500 entries at this budget), so the rest join 47 clusters, the largest 409
-# entries: too large to split within this budget, and once the others have split (the index
-# grows by a third) too large for a search to read. Strict: each must start passing to be
-# removed.
+# the partition. Strict: it must start passing to be removed.
 GAPS = {
     (97, "static"): "static never splits: the first 97 entries make one cluster that grows past the budget",
-    (6000, "adaptive"): "one large first add makes clusters sized for its first chunk; the largest can neither split nor be read at this budget",
 }
 
 
