@@ -159,6 +159,7 @@ int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
     if (cp) {
         cp->mod_at = c->modc;
         cp->retired_at = c->pools.nretired;
+        kvt_pools_named(&c->pools); /* this checkpoint names every head owned now */
     }
     if (cp && !c->parked) kvt_peek_end(c, was_parked);
     UNLOCK(c->st);

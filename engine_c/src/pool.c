@@ -13,6 +13,7 @@
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common.h"
 #include "io.h"
@@ -140,7 +141,12 @@ int kvt_pools_reserve(kvt_pools *P, uint32_t need) {
     if (a) P->avail = a;
     kvt_seg *r = a ? realloc(P->retired, (size_t)cap * 2 * sizeof *r) : NULL;
     if (r) P->retired = r;
-    if (!p || !a || !r) return kvt_fail(ENOMEM, "pool table: out of memory");
+    uint8_t *f = r ? realloc(P->fresh, cap) : NULL;
+    if (f) {
+        P->fresh = f;
+        memset(f + P->cap, 0, cap - P->cap);
+    }
+    if (!p || !a || !r || !f) return kvt_fail(ENOMEM, "pool table: out of memory");
     P->cap = cap;
     return 0;
 }
@@ -165,6 +171,7 @@ int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *s
         int head = h0 && p->owner[1] != owner ? 0 : h1 && p->owner[0] != owner ? 1 : -1;
         if (head < 0) continue;
         p->owner[head] = owner;
+        P->fresh[idx] |= (uint8_t)(1u << head);
         if (p->owner[1 - head] != KVT_HEAD_FREE) P->avail[i] = P->avail[--P->navail];
         *seg = (kvt_seg){idx, (uint32_t)head, 0};
         return 0;
@@ -172,6 +179,7 @@ int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *s
     if (P->n >= P->cap) return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
     uint32_t idx = P->n++;
     P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}};
+    P->fresh[idx] = 1;
     push_avail(P, idx);
     *seg = (kvt_seg){idx, 0, 0};
     return 0;
@@ -195,11 +203,14 @@ int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32
         P->n += 2;
         P->p[a] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
         P->p[a + 1] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+        P->fresh[a] = P->fresh[a + 1] = 0;
         push_avail(P, a); /* their other heads are free for anyone */
         push_avail(P, a + 1);
     }
     P->p[a].owner[1] = own0;
     P->p[a + 1].owner[0] = own1;
+    P->fresh[a] |= 2;
+    P->fresh[a + 1] |= 1;
     *s0 = (kvt_seg){a, 1, 0};
     *s1 = (kvt_seg){a + 1, 0, 0};
     return 0;
@@ -209,10 +220,15 @@ void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg) {
     kvt_pool *p = &P->p[seg->pool];
     p->owner[seg->head] = KVT_HEAD_FREE;
     p->used[seg->head] = 0;
+    P->fresh[seg->pool] &= (uint8_t)~(1u << seg->head);
     push_avail(P, seg->pool);
 }
 
 void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg) {
+    if (P->fresh[seg->pool] & (1u << seg->head)) { /* no catalog names it: free now */
+        kvt_pools_unclaim(P, seg);
+        return;
+    }
     P->p[seg->pool].owner[seg->head] = KVT_HEAD_RETIRED;
     P->retired[P->nretired++] = *seg;
 }
@@ -235,9 +251,14 @@ void kvt_pools_push_free(kvt_pools *P, const kvt_layout *L, uint32_t from) {
     }
 }
 
+void kvt_pools_named(kvt_pools *P) {
+    if (P->n) memset(P->fresh, 0, P->n);
+}
+
 void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
     P->navail = 0;
     P->nretired = 0;
+    kvt_pools_named(P); /* loaded heads are the catalog's */
     for (uint32_t i = 0; i < P->n; i++)
         for (int h = 0; h < 2; h++)
             if (P->p[i].owner[h] < 0) {
@@ -251,5 +272,6 @@ void kvt_pools_free(kvt_pools *P) {
     free(P->p);
     free(P->avail);
     free(P->retired);
+    free(P->fresh);
     memset(P, 0, sizeof *P);
 }

@@ -49,7 +49,9 @@ typedef struct kvt_pool { int32_t owner[2]; uint32_t used[2]; } kvt_pool;
 
 /* The pool table. Heads are free (owner -1), owned by a cluster (owner >= 0), or retired
  * (owner -2): released since the last catalog commit and not reusable until it, because the
- * committed catalog may still name their data. */
+ * committed catalog may still name their data. A head claimed since the last checkpoint was
+ * captured (its bit in fresh) is named by no catalog: released, it is free at once, so a
+ * decoding run that never commits reuses the heads its splits give up. */
 #define KVT_HEAD_FREE (-1)
 #define KVT_HEAD_RETIRED (-2)
 typedef struct kvt_pools {
@@ -59,6 +61,7 @@ typedef struct kvt_pools {
     uint32_t navail;
     kvt_seg *retired;      /* heads released since the last commit */
     uint32_t nretired;
+    uint8_t *fresh;        /* per pool, bit h: head h claimed since the last checkpoint */
 } kvt_pools;
 
 /* format: the data file's (1 packs records; 2 pads them to pages when that pays). `padded`:
@@ -144,12 +147,14 @@ void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg);
 void kvt_pools_committed(kvt_pools *P, uint32_t count);
 /* Offers the free heads of pools from..n-1 to later claims. */
 void kvt_pools_push_free(kvt_pools *P, const kvt_layout *L, uint32_t from);
+/* A checkpoint is being captured: every head owned now is named by it. */
+void kvt_pools_named(kvt_pools *P);
 /* Rebuilds the free lists from owners (after loading). */
 void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L);
 /* Makes room for `need` pools (and their list entries). */
 int kvt_pools_reserve(kvt_pools *P, uint32_t need);
 /* Bytes of memory per pool of capacity, for budget accounting. */
-#define KVT_POOL_BYTES (sizeof(kvt_pool) + sizeof(uint32_t) * 2 + sizeof(kvt_seg) * 2)
+#define KVT_POOL_BYTES (sizeof(kvt_pool) + sizeof(uint32_t) * 2 + sizeof(kvt_seg) * 2 + 1)
 void kvt_pools_free(kvt_pools *P);
 
 #endif

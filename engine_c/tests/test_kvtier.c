@@ -290,6 +290,15 @@ static void test_pool(void) {
     CHECK(e0.pool == 3 && P.n == 5);
     CHECK_OK(kvt_pools_claim_pair(&P, &L, 7, 10, 8, 10, &f0, &f1));
     CHECK(f1.pool == f0.pool + 1 && !(f0.pool == e0.pool && f0.head == e0.head));
+    /* a head claimed since the last checkpoint is named by no catalog: released, it is free at
+     * once; one a checkpoint named waits, retired, for the commit */
+    kvt_pools_retire(&P, &f0);
+    CHECK(P.p[f0.pool].owner[f0.head] == KVT_HEAD_FREE && P.nretired == 0);
+    kvt_pools_named(&P);
+    kvt_pools_retire(&P, &f1);
+    CHECK(P.p[f1.pool].owner[f1.head] == KVT_HEAD_RETIRED && P.nretired == 1);
+    kvt_pools_committed(&P, 1);
+    CHECK(P.p[f1.pool].owner[f1.head] == KVT_HEAD_FREE && P.nretired == 0);
     kvt_pools_free(&P);
 }
 
