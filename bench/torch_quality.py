@@ -17,6 +17,16 @@ store does not implement in this build are reported as unavailable, not replaced
     python -m bench.torch_quality --workloads W1,W2 --prefill 512 --decode 512 \\
         --out bench/results/torch_quality.json
 
+Long contexts (W2's tokens come straight from its text, any length up to about 110K; W1's are
+cut from the cached 512 + 2048-token capture; ``--md`` also writes the tables with the command).
+SmolLM2's context is 8192 tokens; at 8K the static policy's index alone outgrows a 16 MiB
+engine budget, hence 64 MiB there:
+
+    python -m bench.torch_quality --workloads W1,W2 --prefill 1900 --decode 256 --md \
+        --out bench/results/torch_quality_2k.json
+    python -m bench.torch_quality --workloads W2 --prefill 7900 --decode 128 --dram-budget 64MiB \
+        --methods none,static,local,adaptive --md --out bench/results/torch_quality_8k.json
+
 Pipelining (TieredCache's ``prefetch``: the next layer's reads overlap this layer's compute):
 ``--prefetch both`` runs every kvtier method without and with it, alternating, ``--repeats``
 times, and reports the median tokens/s beside the store's time per step, the modeled I/O, the
