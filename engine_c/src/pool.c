@@ -10,6 +10,9 @@
  * 5. In a padded layout (rpp > 0) no record crosses a KVT_LAYOUT_PAGE boundary, pool_cap is a
  *    whole number of pages of rpp records; padding inside one write is written as zeros, and
  *    no reader ever takes padding for a record.
+ * 6. A head is reused only when no catalog that may commit names it: a head released after a
+ *    checkpoint named it waits, retired, for a later commit; one claimed since the last
+ *    checkpoint was captured (fresh) is free at once.
  */
 #include <errno.h>
 #include <stdlib.h>

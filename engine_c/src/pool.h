@@ -131,16 +131,17 @@ int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const u
 /* Claims a head for `owner` with room for at least one record: a free head of a pool whose
  * other head belongs to another cluster (so two clusters pair up), else a free pool, else a
  * new pool at the end of the file. The table must have room (kvt_pools_reserve). */
+int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *seg);
 /* Claims the back head (1) of one pool for own0 and the front head (0) of the next pool for
  * own1, so that what they hold lies back to back across the pool boundary: head 1 fills a
  * pool from its end, head 0 the next from its start. Looks among recently freed pools for
  * such a pair with room for n0 and n1 records, else appends two pools (reserve two first). */
 int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32_t n0, int32_t own1, uint32_t n1,
                          kvt_seg *s0, kvt_seg *s1);
-int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *seg);
 /* Gives back a head claimed in this same uncommitted operation (its data was never named). */
 void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg);
-/* Retires a head whose data the committed catalog may name. */
+/* Releases a head: free at once when no checkpoint was captured since it was claimed (no
+ * catalog can name it), else retired until the commit of a later checkpoint. */
 void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg);
 /* After a catalog commit: the first `count` retired heads (those retired before the
  * committed state was captured) become free. */
