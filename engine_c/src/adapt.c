@@ -331,10 +331,7 @@ static int force_split(kvt_coll *c, uint32_t j) {
 }
 
 /* Pending budget overflow: load and split the cluster with the most pending entries until
- * the budget holds. A cluster that cannot split has its pending entries written instead.
- * Then the size cap's hard edge: a flagged cluster that no retrieve has read while it grew
- * past twice max_cluster_size (a collection only added to and searched) is loaded and split
- * now, so that no cluster outgrows the read the DRAM budget was sized for (budget.c). */
+ * the budget holds. A cluster that cannot split has its pending entries written instead. */
 void kvt_relieve_pending(kvt_coll *c) {
     /* every round removes one cluster's pending entries or stops */
     while (c->pending_total - c->tail_total > c->p.pending_budget) {
@@ -349,8 +346,13 @@ void kvt_relieve_pending(kvt_coll *c) {
         /* not split: write its pending entries so the budget holds */
         if (kvt_write_pending(c, best)) break; /* could not write: stop rather than loop */
     }
+}
+
+/* The size cap's hard edge, for a cluster an add just grew: flagged, no retrieve has read it
+ * while it grew past twice max_cluster_size (a collection only added to and searched), so it
+ * is loaded and split now, and no cluster outgrows the read the DRAM budget was sized for
+ * (budget.c). Slot j keeps a child, which is checked again. */
+void kvt_split_oversized(kvt_coll *c, uint32_t j) {
     uint64_t hard = 2 * (uint64_t)c->p.max_cluster_size;
-    /* a split cluster's children are checked again: slot j keeps one of them */
-    for (uint32_t j = 0; j < c->ncl; j++)
-        while (c->cl[j].flagged && c->cl[j].n > hard && force_split(c, j)) {}
+    while (c->cl[j].flagged && c->cl[j].n > hard && force_split(c, j)) {}
 }

@@ -379,6 +379,8 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
         for (uint32_t j = 0; j < k; j++)
             if (cnt[j]) kvt_maybe_flag(c, j);
         kvt_relieve_pending(c);
+        for (uint32_t j = 0; j < k; j++)
+            if (cnt[j]) kvt_split_oversized(c, j);
     } else if (policy == KVT_POLICY_LOCAL && c->staging != KVT_NONE && c->cl[c->staging].n >= c->p.local_window) {
         if (kvt_recluster_staging(c)) c->ctr.split_errors++;
     }

@@ -9,6 +9,7 @@
 #ifndef KVT_COLL_H
 #define KVT_COLL_H
 
+#include <float.h>
 #include <pthread.h>
 #include <string.h>
 
@@ -162,6 +163,7 @@ void kvt_derive_tau(kvt_coll *c);
 int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt, uint32_t *first_new);
 void kvt_split_records(kvt_coll *c, uint32_t j, uint8_t *recs, int forced);
 void kvt_relieve_pending(kvt_coll *c);
+void kvt_split_oversized(kvt_coll *c, uint32_t j);
 
 /* local.c */
 int kvt_recluster_staging(kvt_coll *c);
@@ -218,6 +220,16 @@ static inline float entry_score(kvt_coll *c, const void *key, const float *qv, f
         return 2 * K->dot_f32(x, qv, d) - K->dot_f32(x, x, d) - K->dot_f32(qv, qv, d);
     }
     return kvt_dot_key(K, c->p.dtype, key, qv, d);
+}
+
+/* Score of one stored key against a query group: its best over the nq queries. */
+static inline float group_entry_score(kvt_coll *c, const void *key, const float *q, uint64_t nq, float *x) {
+    float best = -FLT_MAX;
+    for (uint64_t t = 0; t < nq; t++) {
+        float sc = entry_score(c, key, q + t * c->p.dim, x);
+        if (sc > best) best = sc;
+    }
+    return best;
 }
 
 #endif

@@ -56,14 +56,7 @@ static void fill_result(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n
         x->r->n = keep + n;
         return;
     }
-    for (uint32_t i = 0; i < n; i++) {
-        float best = -FLT_MAX;
-        for (uint64_t t = 0; t < x->nq; t++) {
-            float sc = entry_score(x->c, kvt_rec_key(recs + (size_t)i * L->esz), x->q + t * x->c->p.dim, x->x);
-            if (sc > best) best = sc;
-        }
-        x->sc[i] = best;
-    }
+    for (uint32_t i = 0; i < n; i++) x->sc[i] = group_entry_score(x->c, kvt_rec_key(recs + (size_t)i * L->esz), x->q, x->nq, x->x);
     uint32_t m = x->part_n < n ? x->part_n : n;
     kvt_top_by_score(x->ord, n, m, x->sc);
     for (uint32_t i = 0; i < m; i++) kvt_put_result(x->r, L, recs + (size_t)x->ord[i] * L->esz, (int32_t)ci);
@@ -200,10 +193,6 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     for (uint64_t i = 0; est && i < nq; i++) r->est_lse[i] = -INFINITY;
     if (c->p.policy == KVT_POLICY_NONE) {
         rc = kvt_retrieve_tokens(c, q, nq, budget, r);
-        if (!rc && budget) {
-            c->ctr.fill_retrieves++;
-            c->ctr.fill_sum += (double)r->n / (double)budget;
-        }
         goto out;
     }
     rc = kvt_selection_alloc(c, nq, &sel);
@@ -257,16 +246,16 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     if (!rc && c->cofreq && c->retrieves >= c->p.colocate_after && kvt_relayout(c)) c->ctr.split_errors++;
     /* report the clusters the entries belong to now, after any split */
     for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
-    if (!rc && budget) {
-        c->ctr.fill_retrieves++;
-        c->ctr.fill_sum += (double)r->n / (double)budget;
-    }
     free(fx.sc);
     free(fx.ord);
     free(fx.x);
     free(fx.keep);
     kvt_mem_release(&s->cache, part_bytes);
 out:
+    if (!rc && budget) { /* mean fill: returned entries / budget, every policy alike */
+        c->ctr.fill_retrieves++;
+        c->ctr.fill_sum += (double)r->n / (double)budget;
+    }
     kvt_selection_free(c, &sel);
     if (rc) kvt_result_free(r);
     else *out = r;

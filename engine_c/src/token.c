@@ -99,11 +99,7 @@ static int worse(const float *hs, const uint32_t *hid, uint64_t a, uint64_t b) {
 /* One entry's score against a query group (its best over the queries), into the heap. */
 static void group_score(void *vctx, uint64_t id, const void *key) {
     group_score_ctx *g = vctx;
-    float best = -FLT_MAX;
-    for (uint64_t t = 0; t < g->nq; t++) {
-        float sc = entry_score(g->c, key, g->q + t * g->c->p.dim, g->x);
-        if (sc > best) best = sc;
-    }
+    float best = group_entry_score(g->c, key, g->q, g->nq, g->x);
     float *hs = g->hs;
     uint32_t *hid = g->hid;
     uint64_t i;
