@@ -122,6 +122,9 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
     uint32_t *fill = NULL, *idx = NULL, *qlist = NULL;
     float *scores = NULL, *x = NULL;
     probe *pr = NULL;
+    /* an empty collection (never added to, or every add refused) has no cluster to probe:
+     * every row is padded below, as for any row with fewer than k hits */
+    int probing = c->p.policy != KVT_POLICY_NONE && c->ncl > 0 && c->n > 0;
     if (nprobe > c->ncl) nprobe = c->ncl;
     if (nprobe == 0) nprobe = 1;
     const uint64_t B = 64; /* queries per block: clusters probed by several are read once */
@@ -147,7 +150,7 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
         rc = kvt_scan_keys(c, exact_hit, &ex);
     }
     if (c->p.policy != KVT_POLICY_NONE) kvt_cache_owner_read(&s->cache, &c->cache_state);
-    for (uint64_t b0 = 0; b0 < nq && !rc && c->p.policy != KVT_POLICY_NONE; b0 += B) {
+    for (uint64_t b0 = 0; b0 < nq && !rc && probing; b0 += B) {
         uint64_t b1 = b0 + B < nq ? b0 + B : nq, np = 0;
         for (uint64_t i = b0; i < b1; i++) {
             kvt_score_clusters(c, q + i * c->p.dim, 1, scores, x);

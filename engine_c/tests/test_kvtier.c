@@ -1936,6 +1936,117 @@ static void test_retrieve_batch(void) {
     remove_dir(d);
 }
 
+
+/* Every read call on empty, one-entry and tiny collections of every policy and layout: a
+ * right answer (padded rows, min(budget, n) entries) and never a crash, before any add,
+ * after adds, and after a checkpoint and reopen. (search on an empty clustered collection
+ * once probed a cluster that did not exist.) */
+static void check_reads(kvt_coll *c, uint64_t n, uint64_t *s) {
+    enum { K = 5, NQ = 3 };
+    float q[NQ * 16];
+    for (int i = 0; i < NQ * 16; i++) q[i] = frand(s);
+    static const uint32_t nprobes[] = {0, 1, 1000};
+    for (size_t t = 0; t < sizeof nprobes / sizeof *nprobes; t++) {
+        int64_t ids[NQ * K];
+        float sc[NQ * K];
+        CHECK_OK(kvt_coll_search(c, q, NQ, K, nprobes[t], ids, sc));
+        int ok = 1;
+        for (int r = 0; r < NQ; r++)
+            for (uint64_t j = 0; j < K; j++) {
+                int64_t id = ids[r * K + j];
+                /* nprobe past the cluster count reads every cluster: exact, so full rows */
+                if (j >= n || (nprobes[t] == 1000 && j < n && id < 0)) ok &= j >= n ? id == -1 && isinf(sc[r * K + j]) : 0;
+                else ok &= id >= -1 && id < (int64_t)n;
+            }
+        CHECK(ok);
+    }
+    static const uint64_t budgets[] = {0, 1, 2, 1000};
+    for (size_t t = 0; t < sizeof budgets / sizeof *budgets; t++) {
+        kvt_result *r = NULL;
+        CHECK_OK(kvt_coll_retrieve(c, q, NQ, budgets[t], &r));
+        uint64_t want = budgets[t] < n ? budgets[t] : n;
+        CHECK(r && kvt_result_count(r) == want);
+        kvt_result_free(r);
+        kvt_estimate_opts eo = {-1, 0, 0};
+        r = NULL;
+        CHECK_OK(kvt_coll_retrieve_est(c, q, NQ, budgets[t], &eo, &r));
+        CHECK(r && kvt_result_count(r) == want);
+        kvt_result_free(r);
+        uint64_t queued = 99;
+        CHECK_OK(kvt_coll_prefetch(c, q, NQ, budgets[t], &queued));
+        CHECK(queued <= n);
+        uint64_t b = budgets[t], cnt = 99;
+        int64_t bid[1000];
+        CHECK_OK(kvt_retrieve_batch(&c, 1, q, NQ, &b, b ? b : 1, bid, NULL, NULL, NULL, &cnt));
+        CHECK(cnt == want);
+    }
+    uint16_t gk[16], gv[8];
+    int64_t id0 = 0;
+    CHECK(kvt_coll_get(c, &id0, 1, gk, gv) == (n ? 0 : KVT_ENOTFOUND));
+    CHECK_OK(kvt_coll_get(c, &id0, 0, gk, gv));
+    kvt_coll_stats cs;
+    CHECK_OK(kvt_coll_stats_get(c, &cs));
+    CHECK(cs.entries == n);
+    uint32_t sizes[64];
+    uint64_t ncl = 0;
+    CHECK_OK(kvt_coll_cluster_sizes(c, sizes, 64, &ncl));
+    CHECK(kvt_coll_count(c) == n);
+}
+
+static void test_empty_and_tiny(void) {
+    static const int policies[] = {KVT_POLICY_STATIC, KVT_POLICY_ADAPTIVE, KVT_POLICY_LOCAL, KVT_POLICY_NONE};
+    uint64_t s = 5;
+    for (int layout = 0; layout < 2; layout++)
+        for (size_t pi = 0; pi < sizeof policies / sizeof *policies; pi++)
+            for (uint64_t n = 0; n <= 3; n += n ? 2 : 1) { /* 0, 1, 3 entries */
+                char *d = make_dir();
+                kvt_coll_params p = params(KVT_F16);
+                p.policy = policies[pi];
+                p.layout = layout;
+                p.value_sums = 1;
+                kvt_store *st;
+                kvt_coll *c;
+                store_with(d, 1 << 20, &p, &st, &c);
+                check_reads(c, 0, &s); /* before any add */
+                uint16_t keys[3 * 16], vals[3 * 8];
+                float kf[3 * 16], vf[3 * 8];
+                fill(keys, kf, 3 * 16, &s);
+                fill(vals, vf, 3 * 8, &s);
+                int64_t first;
+                if (n) CHECK_OK(kvt_coll_add(c, keys, vals, n, &first));
+                check_reads(c, n, &s);
+                /* after a checkpoint and reopen */
+                kvt_checkpoint *cp;
+                CHECK_OK(kvt_coll_checkpoint(c, &cp));
+                size_t dl;
+                const void *dir = kvt_checkpoint_dir(cp, &dl);
+                void *dcopy = malloc(dl);
+                memcpy(dcopy, dir, dl);
+                size_t nch = kvt_checkpoint_nchunks(cp);
+                const void *chunks[4];
+                size_t lens[4];
+                void *copies[4] = {0};
+                for (size_t i = 0; i < nch && i < 4; i++) {
+                    uint64_t idx;
+                    const void *b = kvt_checkpoint_chunk(cp, i, &idx, &lens[i]);
+                    copies[i] = malloc(lens[i]);
+                    memcpy(copies[i], b, lens[i]);
+                    chunks[i] = copies[i];
+                }
+                CHECK_OK(kvt_coll_committed(c, cp));
+                kvt_checkpoint_free(cp);
+                kvt_store_close(st);
+                kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
+                CHECK_OK(kvt_store_open(d, &o, &st));
+                CHECK_OK(kvt_coll_open(st, 0, &p, dcopy, dl, chunks, lens, nch, &c));
+                check_reads(c, n, &s);
+                kvt_store_close(st);
+                free(dcopy);
+                for (size_t i = 0; i < 4; i++) free(copies[i]);
+                remove_dir(d);
+            }
+}
+
 int main(void) {
     printf("kvtier engine tests (kernel: %s)\n", kvt_simd_kernel());
     test_simd();
@@ -1965,6 +2076,7 @@ int main(void) {
     test_write_buffer();
     test_estimate();
     test_retrieve_batch();
+    test_empty_and_tiny();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
