@@ -39,19 +39,17 @@
  * 4. Entries that join a flagged cluster wait in its pending buffer, while the pending budget
  *    has room or behind entries already waiting (add.c), and stay retrievable.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "adapt.h"
+#include "cluster.h"
+#include "common.h"
+#include "index.h"
+#include "layout.h"
+#include "read.h"
+#include "store.h"
 
 /* ---- the split rule ----------------------------------------------------------------------- */
 
@@ -100,7 +98,7 @@ int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *
     const kvt_layout *L = &c->L;
     uint32_t n = c->cl[src].n, ncl0 = c->ncl;
     uint64_t bytes = (uint64_t)n * L->esz, extra = (uint64_t)nt * (sizeof(uint8_t *) + 12) + (uint64_t)c->p.dim * 4;
-    int rc = kvt_mem_reserve(&s->cache, bytes + extra);
+    int rc = kvt_mem_reserve(&s->mem, bytes + extra);
     if (rc) return rc;
     uint8_t *sorted = malloc(bytes + 8), **grp = calloc(nt, sizeof *grp);
     uint32_t *cnt = calloc(nt, 4), *dst = calloc(nt, 4), *wcnt = NULL;
@@ -196,7 +194,7 @@ out:
     free(cnt);
     free(dst);
     free(x);
-    kvt_mem_release(&s->cache, bytes + extra);
+    kvt_mem_release(&s->mem, bytes + extra);
     return rc;
 }
 
@@ -209,7 +207,7 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
     uint32_t n = k->n;
     size_t esz = c->L.esz;
     uint64_t tmp = (uint64_t)n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim), perm_bytes = (uint64_t)n * esz;
-    int rc = kvt_mem_reserve(&c->st->cache, tmp + perm_bytes);
+    int rc = kvt_mem_reserve(&c->st->mem, tmp + perm_bytes);
     if (rc) return rc;
     uint32_t *part = malloc((size_t)n * 4);
     float *cent = malloc(2ull * c->p.dim * 4);
@@ -235,7 +233,7 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
         for (uint32_t i = 0; i < n; i++) part[i] = i >= n - ones;
         free(perm);
         perm = NULL;
-        kvt_mem_release(&c->st->cache, perm_bytes);
+        kvt_mem_release(&c->st->mem, perm_bytes);
         perm_bytes = 0;
         /* the trigger; a flag read back from a checkpoint lost its reason (stored as 0/1): the
          * rule tells it again, since m2 and n only grow while a cluster is flagged */
@@ -253,7 +251,7 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
     free(part);
     free(cent);
     free(perm);
-    kvt_mem_release(&c->st->cache, tmp + perm_bytes);
+    kvt_mem_release(&c->st->mem, tmp + perm_bytes);
     return rc ? rc : split;
 }
 
@@ -306,9 +304,9 @@ static int force_split(kvt_coll *c, uint32_t j) {
     c->ctr.forced_loads++;
     int rc = kvt_load_records(c, j, &recs, &owned, &pinned, &c->ctr.split_read_bytes);
     if (!rc && pinned) {
-        rc = kvt_mem_reserve(&c->st->cache, bytes);
+        rc = kvt_mem_reserve(&c->st->mem, bytes);
         if (!rc && !(own = malloc(bytes + 1))) {
-            kvt_mem_release(&c->st->cache, bytes);
+            kvt_mem_release(&c->st->mem, bytes);
             rc = kvt_fail(ENOMEM, "split: out of memory");
         }
         if (!rc) memcpy(own, recs, bytes);
@@ -323,7 +321,7 @@ static int force_split(kvt_coll *c, uint32_t j) {
     kvt_split_records(c, j, recs, 1);
     if (own) {
         free(own);
-        kvt_mem_release(&c->st->cache, bytes);
+        kvt_mem_release(&c->st->mem, bytes);
     } else {
         kvt_release_records(c, recs, owned, NULL, 0);
     }

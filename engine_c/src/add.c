@@ -15,19 +15,21 @@
  *    Until step 4 the chunks' cluster numbers live in the id map's slots past n, which are
  *    nobody's, so invariants 1 and 2 hold for the whole batch, not per chunk.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
 #include <float.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "adapt.h"
+#include "cluster.h"
+#include "common.h"
+#include "estimate.h"
+#include "index.h"
+#include "layout.h"
+#include "local.h"
+#include "simd.h"
+#include "store.h"
+#include "virtualize.h"
 
 /* ---- add ---------------------------------------------------------------------------------- */
 
@@ -99,15 +101,14 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     uint32_t k = 0;
     int policy = c->p.policy;
     if (policy != KVT_POLICY_NONE && c->ncl == 0) first_batch = 1;
-    uint64_t fixed = s->cache.used - s->cache.use[KVT_USE_CACHE];
-    uint64_t avail = s->cache.budget > fixed ? s->cache.budget - fixed : 0;
+    uint64_t avail = kvt_mem_left(&s->mem);
     avail -= avail / 8; /* the index grows during the add too (segments, pool table) */
     uint64_t ch = n;
     while (ch > KVT_ADD_CHUNK_MIN && add_transient(c, ch, first_batch, NULL) > avail) ch = (ch + 1) / 2;
     if (ch < KVT_ADD_CHUNK_MIN) ch = n < KVT_ADD_CHUNK_MIN ? n : KVT_ADD_CHUNK_MIN;
     transient = add_transient(c, ch, first_batch, &k);
     if (first_batch) transient -= (uint64_t)k * cluster_bytes(c); /* reserved as index when made */
-    rc = kvt_mem_reserve(&s->cache, transient);
+    rc = kvt_mem_reserve(&s->mem, transient);
     if (rc) {
         transient = 0;
         goto out;
@@ -218,8 +219,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     /* entries waiting for a split take at most a quarter of what the index and the buffers
      * leave of the budget (the cache gives way to them): under a tight budget the rest is
      * written now and its cluster splits when it is next read */
-    fixed = s->cache.used - s->cache.use[KVT_USE_CACHE];
-    uint64_t pend_room = s->cache.budget > fixed ? (s->cache.budget - fixed) / 4 : 0;
+    uint64_t pend_room = kvt_mem_left(&s->mem) / 4;
     for (uint32_t j = 0; j < k && !rc; j++) {
         uint32_t m = cnt[j];
         kvt_cluster *cl = &c->cl[j];
@@ -371,7 +371,7 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
     *first_id = (int64_t)n0;
 
     /* 5. policy upkeep, which never fails the add: its entries are in place either way */
-    kvt_mem_release(&s->cache, transient);
+    kvt_mem_release(&s->mem, transient);
     transient = 0;
     if (policy == KVT_POLICY_ADAPTIVE) {
         /* flagged clusters split when a retrieve reads them (adapt.c 2), cached or not */
@@ -406,7 +406,7 @@ out:
     free(x);
     free(scratch);
     free(log.u);
-    kvt_mem_release(&s->cache, transient);
+    kvt_mem_release(&s->mem, transient);
     return rc;
 }
 

@@ -13,8 +13,6 @@
  *    is; nothing here holds a lock across members, so loader threads and other callers
  *    interleave as they would with n separate calls.
  */
-#include <string.h>
-
 #include "common.h"
 #include "store.h"
 

@@ -16,9 +16,11 @@
  *    the clusters of one retrieve of `fetch` x the entries.
  */
 #include <math.h>
+#include <string.h>
 
+#include "cluster.h"
 #include "common.h"
-#include "coll.h"
+#include "store.h"
 
 /* The capacity an array reaches when grown one element at a time to n (slack = 1), or to
  * exactly n when the budget allows no slack. */

@@ -1,12 +1,12 @@
 /*
- * cache.c — budget accounting and the replacement of whole clusters (LRU, LFU and the
- * cluster-aligned policy, cache.h).
+ * cache.c — the replacement of whole cached clusters (LRU, LFU and the cluster-aligned
+ * policy, cache.h), and what gives way in the DRAM ledger (mem.c).
  *
  * Invariants:
- * 1. used <= budget at every return, and peak is the largest value used has had.
- * 2. used counts every reservation not yet released, including the bytes of every cached
- *    entry (cap * esz + the entry header); use[u] counts those made for use u, so the uses
- *    sum to used and use[KVT_USE_CACHE] == cache_bytes.
+ * 1. Every cached entry's bytes (cap * esz + the entry header) are reserved in the ledger as
+ *    KVT_USE_CACHE, so the ledger's use[KVT_USE_CACHE] == cache_bytes.
+ * 2. Evicting is the only way the cache gives way: a reservation the ledger cannot fit
+ *    evicts one unpinned entry at a time, by the policy, until it fits or none is left.
  * 3. A pinned entry is never evicted; an evicted entry's owner is told through on_evict
  *    before the entry is freed. Eviction frees whole entries: a cached cluster is all of its
  *    records or nothing.
@@ -22,8 +22,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "common.h"
 #include "cache.h"
+#include "common.h"
 
 static void unlink_ent(kvt_cache_ent *e) {
     e->prev->next = e->next;
@@ -39,9 +39,13 @@ static void push_front(kvt_cache *c, kvt_cache_ent *e) {
 
 static uint64_t ent_bytes(const kvt_cache_ent *e) { return sizeof *e + (uint64_t)e->cap * e->esz; }
 
-void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, const kvt_cache_ent *)) {
+static int give_way(void *ctx);
+
+void kvt_cache_init(kvt_cache *c, kvt_mem *m, void (*on_evict)(void *, const kvt_cache_ent *)) {
     memset(c, 0, sizeof *c);
-    c->budget = budget;
+    c->mem = m;
+    m->give_way = give_way;
+    m->give_way_ctx = c;
     c->cache_cap = UINT64_MAX;
     c->lru.next = c->lru.prev = &c->lru;
     c->on_evict = on_evict;
@@ -66,7 +70,7 @@ static float heat_now(const kvt_cache *c, const kvt_cache_ent *e) {
 static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
     unlink_ent(e);
     uint64_t b = ent_bytes(e);
-    kvt_mem_release_as(c, KVT_USE_CACHE, b);
+    kvt_mem_release_as(c->mem, KVT_USE_CACHE, b);
     c->cache_bytes -= b;
     c->cached--;
     free(e->rec);
@@ -107,7 +111,7 @@ static uint64_t upd_age(const kvt_cache *c, const kvt_cache_ent *e) {
 static kvt_cache_ent *victim_cluster(kvt_cache *c) {
     uint64_t age_bytes[KVT_HEAT_HORIZON + 1] = {0}; /* bytes of candidates updated a steps ago */
     uint32_t R = c->recent_steps < KVT_HEAT_HORIZON ? c->recent_steps : KVT_HEAT_HORIZON;
-    uint64_t protect = (uint64_t)(c->reserve_share * (double)c->budget);
+    uint64_t protect = (uint64_t)(c->reserve_share * (double)c->mem->budget);
     int seen = 0;
     for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_SCAN; e = e->prev) {
         if (e->pins) continue;
@@ -157,62 +161,28 @@ static kvt_cache_ent *victim(kvt_cache *c) {
     return best;
 }
 
-static const char *const use_names[KVT_USES] = {"index", "cache", "pending", "buffers"};
-
-static void note_peaks(kvt_cache *c, int use) {
-    if (c->used > c->peak) c->peak = c->used;
-    if (c->use[use] > c->use_peak[use]) c->use_peak[use] = c->use[use];
-    uint64_t fixed = c->used - c->use[KVT_USE_CACHE];
-    if (fixed > c->fixed_peak) c->fixed_peak = fixed;
-}
-
-int kvt_mem_reserve_as(kvt_cache *c, int use, uint64_t bytes) {
-    while (c->used + bytes > c->budget) {
-        kvt_cache_ent *e = victim(c);
-        if (!e) break;
-        if (c->on_evict) c->on_evict(e->owner, e);
-        free_ent(c, e);
-        c->evictions++;
-    }
-    if (c->used + bytes > c->budget) {
-        char what[256];
-        size_t at = 0;
-        for (int u = 0; u < KVT_USES; u++)
-            at += (size_t)snprintf(what + at, sizeof what - at, "%s%s %llu", u ? ", " : "", use_names[u],
-                                   (unsigned long long)c->use[u]);
-        return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes of %s (in use: %s; "
-                        "the cached clusters left are pinned by this operation). Raise dram_budget "
-                        "(kvtier.estimate tells the minimum), or lower write_buffer, pending_budget or the add batch.",
-                        (unsigned long long)c->budget, (unsigned long long)bytes, use_names[use], what);
-    }
-    c->used += bytes;
-    c->use[use] += bytes;
-    note_peaks(c, use);
-    return 0;
-}
-
-void kvt_mem_release_as(kvt_cache *c, int use, uint64_t bytes) {
-    c->used -= bytes;
-    c->use[use] -= bytes;
-}
-
-void kvt_mem_reset_peaks(kvt_cache *c) {
-    c->peak = c->used;
-    memcpy(c->use_peak, c->use, sizeof c->use);
-    c->fixed_peak = c->used - c->use[KVT_USE_CACHE];
+/* The ledger's call for room (mem.h): evicts the policy's victim, or says nothing is left. */
+static int give_way(void *ctx) {
+    kvt_cache *c = ctx;
+    kvt_cache_ent *e = victim(c);
+    if (!e) return 0;
+    if (c->on_evict) c->on_evict(e->owner, e);
+    free_ent(c, e);
+    c->evictions++;
+    return 1;
 }
 
 kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint32_t n, size_t esz) {
     uint64_t need = sizeof(kvt_cache_ent) + (uint64_t)n * esz;
-    if (need > c->budget / 2) return NULL; /* one cluster may not flush the whole cache */
+    if (need > c->mem->budget / 2) return NULL; /* one cluster may not flush the whole cache */
     if (c->cache_bytes + need > c->cache_cap) return NULL;
-    if (kvt_mem_reserve_as(c, KVT_USE_CACHE, need)) return NULL;
+    if (kvt_mem_reserve_as(c->mem, KVT_USE_CACHE, need)) return NULL;
     kvt_cache_ent *e = calloc(1, sizeof *e);
     uint8_t *rec = n ? malloc((size_t)n * esz) : NULL;
     if (!e || (n && !rec)) {
         free(e);
         free(rec);
-        kvt_mem_release_as(c, KVT_USE_CACHE, need);
+        kvt_mem_release_as(c->mem, KVT_USE_CACHE, need);
         return NULL;
     }
     e->owner = owner;
@@ -239,7 +209,7 @@ kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint
 }
 
 int kvt_cache_spare(const kvt_cache *c, uint64_t bytes) {
-    uint64_t room = c->budget > c->used ? c->budget - c->used : 0;
+    uint64_t room = c->mem->budget > c->mem->used ? c->mem->budget - c->mem->used : 0;
     int seen = 0;
     for (const kvt_cache_ent *e = c->lru.prev; e != &c->lru && room < bytes && seen < KVT_VICTIM_SCAN; e = e->prev) {
         if (e->pins) continue;
@@ -257,7 +227,7 @@ void kvt_cache_fit(kvt_cache *c, kvt_cache_ent *e) {
     e->rec = rec;
     e->cap = e->n;
     c->cache_bytes -= less;
-    kvt_mem_release_as(c, KVT_USE_CACHE, less);
+    kvt_mem_release_as(c->mem, KVT_USE_CACHE, less);
 }
 
 int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
@@ -269,12 +239,12 @@ int kvt_cache_grow(kvt_cache *c, kvt_cache_ent *e, uint32_t extra) {
     while (cap < e->n + extra) cap += cap / 4 > 8 ? cap / 4 : 8;
     uint64_t more = (uint64_t)(cap - e->cap) * e->esz;
     e->pins++;
-    int rc = kvt_mem_reserve_as(c, KVT_USE_CACHE, more);
+    int rc = kvt_mem_reserve_as(c->mem, KVT_USE_CACHE, more);
     e->pins--;
     if (rc) return rc;
     uint8_t *rec = realloc(e->rec, (size_t)cap * e->esz);
     if (!rec) {
-        kvt_mem_release_as(c, KVT_USE_CACHE, more);
+        kvt_mem_release_as(c->mem, KVT_USE_CACHE, more);
         return kvt_fail(KVT_EBUDGET, "cache: cannot grow a cached cluster to %u records", cap);
     }
     e->rec = rec;
@@ -319,11 +289,4 @@ void kvt_cache_drop_owner(kvt_cache *c, void *owner) {
         if (e->owner == owner) free_ent(c, e);
         e = next;
     }
-}
-
-uint64_t kvt_grow_step(uint64_t cap, uint64_t need) {
-    /* a first allocation is exact: most clusters keep one segment all their life */
-    uint64_t nc = cap ? cap : need;
-    while (nc < need) nc += (nc > (1u << 17) ? nc / 4 : nc / 2) + 1;
-    return nc;
 }

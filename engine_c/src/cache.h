@@ -1,11 +1,8 @@
 /*
- * cache.h — the DRAM budget and the cluster cache.
- *
- * Every byte the engine holds for data (representatives, the id map, pool tables, write and
- * read buffers, cached clusters) is reserved here first. A reservation that does not fit
- * evicts whole cached clusters, least recently used first, and fails with KVT_EBUDGET when
- * nothing evictable is left. The cache holds whole clusters as decoded record arrays in
- * insertion order.
+ * cache.h — the cluster cache: whole clusters as decoded record arrays in insertion order,
+ * charged to the DRAM ledger (mem.h) as KVT_USE_CACHE. The cache is what gives way in the
+ * ledger: a reservation that does not fit evicts whole cached clusters, by the replacement
+ * policy, until it fits or nothing evictable is left.
  *
  * Replacement policies: LRU; LFU (fewest uses first, LRU among equals, chosen among the 64
  * least recently used unpinned entries, sampled as Redis does); and the cluster-aligned policy
@@ -25,6 +22,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "mem.h"
 
 /* Steps after which an unused entry's heat counts as zero. */
 #define KVT_HEAT_HORIZON 64
@@ -53,24 +52,8 @@ typedef struct kvt_cache_ent {
 
 enum kvt_cache_policy { KVT_CACHE_LRU = 0, KVT_CACHE_LFU = 1, KVT_CACHE_CLUSTER = 2 };
 
-/* What reserved DRAM is for (kvt_store_stats reports each, and its peak): the resident index
- * (directory, representatives, id map, pool table, token-level keys), cached clusters,
- * pending buffers (entries waiting in DRAM: write-buffer tails and adaptive pending entries),
- * and transient buffers of one operation (add staging, reads, split scratch). */
-enum kvt_use { KVT_USE_INDEX = 0, KVT_USE_CACHE = 1, KVT_USE_PENDING = 2, KVT_USE_BUFFERS = 3, KVT_USES = 4 };
-
-/* The capacity an array grown by the engine's rule reaches from cap when it must hold need
- * elements (1.5x, 1.25x past 128K elements). kvt_estimate sizes arrays by the same rule. */
-uint64_t kvt_grow_step(uint64_t cap, uint64_t need);
-
-/* An add larger than the budget can stage is consumed in chunks; no chunk is smaller than
- * this many entries (or the whole add), so the minimum budget covers staging one. */
-#define KVT_ADD_CHUNK_MIN 256u
-
 typedef struct kvt_cache {
-    uint64_t budget, used, peak;
-    uint64_t use[KVT_USES], use_peak[KVT_USES]; /* used split by enum kvt_use */
-    uint64_t fixed_peak;               /* the peak of used - use[KVT_USE_CACHE] */
+    kvt_mem *mem;                      /* the ledger the cache is charged to */
     int policy;
     uint64_t tick;
     uint64_t step;                     /* decoding steps (kvt_cache_step, or detected) */
@@ -93,19 +76,10 @@ typedef struct kvt_cache {
     kvt_cache_owner *(*owner_state)(void *owner);
 } kvt_cache;
 
-void kvt_cache_init(kvt_cache *c, uint64_t budget, void (*on_evict)(void *, const kvt_cache_ent *));
+/* A cache charged to ledger m, which it registers with as what gives way (mem.h). */
+void kvt_cache_init(kvt_cache *c, kvt_mem *m, void (*on_evict)(void *, const kvt_cache_ent *));
 /* Frees every entry (without calling on_evict). */
 void kvt_cache_destroy(kvt_cache *c);
-
-/* Reserves bytes of the budget for a use (enum kvt_use), evicting unpinned clusters as
- * needed. KVT_EBUDGET if it cannot, with a message saying what holds the budget. */
-int kvt_mem_reserve_as(kvt_cache *c, int use, uint64_t bytes);
-void kvt_mem_release_as(kvt_cache *c, int use, uint64_t bytes);
-/* ... for transient buffers (KVT_USE_BUFFERS) */
-static inline int kvt_mem_reserve(kvt_cache *c, uint64_t bytes) { return kvt_mem_reserve_as(c, KVT_USE_BUFFERS, bytes); }
-static inline void kvt_mem_release(kvt_cache *c, uint64_t bytes) { kvt_mem_release_as(c, KVT_USE_BUFFERS, bytes); }
-/* Restarts the peaks from the current values. */
-void kvt_mem_reset_peaks(kvt_cache *c);
 
 /* A new entry with room for n records (reserved and allocated), pinned, at the MRU end, or
  * NULL when the budget cannot hold it without evicting pinned entries. */

@@ -7,19 +7,18 @@
  *    exported blobs in one catalog transaction; only then are retired heads reused.
  * 2. Every blob carries a CRC-32C; a mismatch on load is KVT_ECORRUPT.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "estimate.h"
+#include "index.h"
+#include "layout.h"
+#include "read.h"
+#include "store.h"
+#include "token.h"
+#include "virtualize.h"
 
 /* ---- durability: checkpoints and reopen --------------------------------------------------- */
 

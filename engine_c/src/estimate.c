@@ -21,12 +21,15 @@
  *    clusters) and value_dim 0 never do, and estimate nothing.
  */
 #include <errno.h>
-#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "coll.h"
+#include "common.h"
+#include "estimate.h"
+#include "score.h"
+#include "simd.h"
+#include "store.h"
 
 int kvt_vsum_kept(const kvt_coll *c) {
     return c->p.value_sums && c->p.value_dim > 0 && c->p.policy != KVT_POLICY_NONE;
@@ -65,7 +68,7 @@ int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, 
     *ncl_out = *nent_out = 0;
     if (!c->vsum || c->ncl == 0 || want == 0) return 0;
     uint64_t bytes = (uint64_t)c->ncl * 13 + 16 + (uint64_t)d * 4;
-    int rc = kvt_mem_reserve(&c->st->cache, bytes);
+    int rc = kvt_mem_reserve(&c->st->mem, bytes);
     if (rc) return rc;
     uint32_t *zone = malloc((size_t)c->ncl * 4 + 4);
     float *logn = malloc((size_t)c->ncl * 4 + 4), *s = malloc((size_t)c->ncl * 4 + 4);
@@ -125,6 +128,6 @@ out:
     free(zone);
     free(logn);
     free(s);
-    kvt_mem_release(&c->st->cache, bytes);
+    kvt_mem_release(&c->st->mem, bytes);
     return rc;
 }

@@ -8,19 +8,16 @@
  * 2. A loading cache entry is pinned until its job finishes; its bytes count in
  *    loading_bytes.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "loader.h"
+#include "read.h"
+#include "store.h"
 
 /* ---- prefetch: loader threads ------------------------------------------------------------- */
 

@@ -8,19 +8,15 @@
  *    their nearest cluster (add.c), so that the staging never outgrows DRAM. Once
  *    reclustered, its entries are in ordinary clusters written copy-on-write (adapt.c 3).
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "adapt.h"
+#include "cluster.h"
+#include "common.h"
+#include "local.h"
+#include "read.h"
+#include "store.h"
 
 /* Local policy: the staging cluster reached its window: cluster its entries on their own. */
 int kvt_recluster_staging(kvt_coll *c) {
@@ -32,7 +28,7 @@ int kvt_recluster_staging(kvt_coll *c) {
     int rc = kvt_load_records(c, s, &recs, &owned, &pinned, &c->ctr.split_read_bytes);
     if (rc) return rc;
     uint64_t tmp = (uint64_t)n * 4 + (uint64_t)k * (c->p.dim * 4 + 4) + kvt_kmeans_bytes(n, k, c->p.dim);
-    rc = kvt_mem_reserve(&c->st->cache, tmp);
+    rc = kvt_mem_reserve(&c->st->mem, tmp);
     if (rc) {
         kvt_release_records(c, recs, owned, pinned, 0);
         return rc;
@@ -56,6 +52,6 @@ int kvt_recluster_staging(kvt_coll *c) {
     free(part);
     free(map);
     free(cent);
-    kvt_mem_release(&c->st->cache, tmp);
+    kvt_mem_release(&c->st->mem, tmp);
     return rc;
 }

@@ -9,19 +9,13 @@
  *    mismatch is KVT_ECORRUPT, never silent garbage.
  * 3. The read buffers are reserved against the budget before the reads are issued.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "read.h"
+#include "store.h"
 
 /* ---- reading clusters --------------------------------------------------------------------- */
 
@@ -154,7 +148,7 @@ static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8
      * Either way a direct read's bounce buffer is reserved too. */
     int single = e == a + 1;
     uint64_t need = (single ? 0 : len) + kvt_file_read_scratch(c->f, ex[a].off, len);
-    int rc = kvt_mem_reserve(&s->cache, need);
+    int rc = kvt_mem_reserve(&s->mem, need);
     if (rc) return rc;
     uint8_t *run = single ? buf[ex[a].slot] + ex[a].boff : malloc(len);
     if (!run) rc = kvt_fail(ENOMEM, "read: out of memory");
@@ -164,7 +158,7 @@ static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8
         count_gaps(c, ex, a, e);
     }
     if (!single) free(run);
-    kvt_mem_release(&s->cache, need);
+    kvt_mem_release(&s->mem, need);
     return rc;
 }
 
@@ -204,7 +198,7 @@ static int batch_alloc(kvt_coll *c, uint32_t nb, uint32_t nseg, batch *B) {
     B->nb = nb;
     B->meta = (uint64_t)nb * (sizeof(uint8_t *) + sizeof(kvt_cache_ent *) + 8) +
               (uint64_t)nseg * (sizeof(extent) + sizeof(run_plan) + sizeof(kvt_read_req));
-    int rc = kvt_mem_reserve(&c->st->cache, B->meta);
+    int rc = kvt_mem_reserve(&c->st->mem, B->meta);
     if (rc) {
         B->meta = 0;
         return rc;
@@ -226,7 +220,7 @@ static void batch_free(kvt_coll *c, batch *B) {
     free(B->ex);
     free(B->plan);
     free(B->req);
-    kvt_mem_release(&c->st->cache, B->meta);
+    kvt_mem_release(&c->st->mem, B->meta);
 }
 
 /* Stage: hits go straight to fn; misses get a buffer (their cache entry if it fits, else
@@ -253,13 +247,13 @@ static int stage_batch(kvt_coll *c, const uint32_t *list, batch *B, visit_fn fn,
             B->buf[b] = B->ent[b]->rec;
         } else {
             B->owned[b] = read_buffer_bytes(c, k);
-            int rc = kvt_mem_reserve(&s->cache, B->owned[b]);
+            int rc = kvt_mem_reserve(&s->mem, B->owned[b]);
             if (rc) {
                 B->owned[b] = 0;
                 return rc;
             }
             if (!(B->buf[b] = malloc(B->owned[b]))) {
-                kvt_mem_release(&s->cache, B->owned[b]);
+                kvt_mem_release(&s->mem, B->owned[b]);
                 B->owned[b] = 0;
                 return kvt_fail(ENOMEM, "read: out of memory");
             }
@@ -304,7 +298,7 @@ static uint64_t merge_batch(kvt_coll *c, batch *B, uint64_t max_batch) {
 static int issue_batch(kvt_coll *c, batch *B, uint64_t all) {
     kvt_store *s = c->st;
     int rc = 0;
-    if (B->nrun > 1 && kvt_mem_reserve(&s->cache, all) == 0) {
+    if (B->nrun > 1 && kvt_mem_reserve(&s->mem, all) == 0) {
         for (uint32_t r = 0; r < B->nrun && !rc; r++) {
             extent *x = &B->ex[B->plan[r].a];
             if (B->plan[r].e == B->plan[r].a + 1) {
@@ -321,7 +315,7 @@ static int issue_batch(kvt_coll *c, batch *B, uint64_t all) {
             }
             free(B->plan[r].run);
         }
-        kvt_mem_release(&s->cache, all);
+        kvt_mem_release(&s->mem, all);
         return rc;
     }
     for (uint32_t r = 0; r < B->nrun && !rc; r++) {
@@ -360,7 +354,7 @@ static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, vis
             }
         } else if (B->owned[b]) {
             free(B->buf[b]);
-            kvt_mem_release(&s->cache, B->owned[b]);
+            kvt_mem_release(&s->mem, B->owned[b]);
         }
     }
     return rc;
@@ -375,11 +369,11 @@ static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, vis
  * (finish). */
 int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx) {
     const kvt_layout *L = &c->L;
-    const kvt_cache *m = &c->st->cache;
+    const kvt_mem *m = &c->st->mem;
     /* a batch pins its misses until it finishes: a quarter of the budget, and at most half of
      * what the index and buffers leave, so that the reads' scratch still fits beside it at
      * the smallest budget (plan_batch takes one cluster whatever its size) */
-    uint64_t fixed = m->used - m->use[KVT_USE_CACHE], left = m->budget > fixed ? m->budget - fixed : 0;
+    uint64_t left = kvt_mem_left(m);
     uint64_t max_batch = m->budget / 4 < left / 2 ? m->budget / 4 : left / 2;
     if (max_batch < L->pool_bytes) max_batch = L->pool_bytes;
     int rc = 0;
@@ -418,11 +412,11 @@ int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, k
     *pinned = NULL;
     if (!k->ent) {
         uint64_t bytes = (uint64_t)k->n * c->L.esz;
-        int rc = kvt_mem_reserve(&c->st->cache, bytes);
+        int rc = kvt_mem_reserve(&c->st->mem, bytes);
         if (rc) return rc;
         uint8_t *buf = malloc(bytes ? bytes : 1);
         if (!buf) {
-            kvt_mem_release(&c->st->cache, bytes);
+            kvt_mem_release(&c->st->mem, bytes);
             return kvt_fail(ENOMEM, "split: out of memory");
         }
         kvt_io_stats before, after;
@@ -433,7 +427,7 @@ int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, k
         *read_bytes += after.read_bytes - before.read_bytes;
         if (rc || k->ent) { /* failed, or the visit cached it after all: use that copy */
             free(buf);
-            kvt_mem_release(&c->st->cache, bytes);
+            kvt_mem_release(&c->st->mem, bytes);
             if (rc) return rc;
         } else {
             *recs = buf;
@@ -452,7 +446,7 @@ int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, k
 void kvt_release_records(kvt_coll *c, uint8_t *recs, uint64_t owned, kvt_cache_ent *pinned, int consumed) {
     if (owned) {
         free(recs);
-        kvt_mem_release(&c->st->cache, owned);
+        kvt_mem_release(&c->st->mem, owned);
     }
     if (pinned && !consumed) pinned->pins--;
 }

@@ -1,6 +1,6 @@
 /*
- * retrieve.c — retrieving whole clusters under an entry budget (the clustered policies),
- * and prefetch, which queues the same selection's reads on the loader threads.
+ * retrieve.c — retrieving whole clusters under an entry budget (the clustered policies;
+ * prefetch.c queues the same selection's reads on the loader threads).
  *
  * Invariants:
  * 1. A retrieve returns whole clusters in score order while they fit the budget, then the
@@ -11,19 +11,21 @@
  *    (adapt.c 1-2), whatever the cache kept of them; the result is taken before any split
  *    changes them.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "adapt.h"
+#include "colocate.h"
+#include "common.h"
+#include "estimate.h"
+#include "layout.h"
+#include "read.h"
+#include "score.h"
+#include "store.h"
+#include "token.h"
+#include "virtualize.h"
 
 /* ---- retrieve ----------------------------------------------------------------------------- */
 
@@ -72,75 +74,6 @@ void kvt_result_estimate(const kvt_result *r, float *lse, float *values, uint64_
     if (entries) *entries = r->est_n;
 }
 
-int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, uint64_t *queued) {
-    kvt_clear_error();
-    if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "prefetch: query_group must hold at least one query");
-    kvt_store *s = c->st;
-    LOCK(s);
-    int rc = kvt_ready(c);
-    if (rc) {
-        UNLOCK(s);
-        return rc;
-    }
-    uint64_t nq_out = 0, ops = 0, bytes = 0;
-    selection sel = {0};
-    if (c->p.policy == KVT_POLICY_NONE) goto out; /* nothing to prefetch: no clusters */
-    rc = kvt_selection_alloc(c, nq, &sel);
-    if (rc) goto out;
-    uint32_t *idx = sel.idx;
-    uint64_t taken, total;
-    uint32_t part;
-    kvt_select_clusters(c, q, nq, budget, sel.scores, sel.q2, idx, &taken, &total, &part);
-    if (!rc) kvt_start_loaders(s, &rc);
-    for (uint64_t t = 0; t < taken && !rc; t++) {
-        kvt_cluster *k = &c->cl[idx[t]];
-        if (k->ent || k->n == k->pend) continue; /* cached, or nothing on flash */
-        /* reads in flight pin their buffers: past a quarter of the budget, a call needing
-         * room could find nothing to evict and fail, so the rest is read on use */
-        uint64_t pin = (uint64_t)k->n * c->L.esz;
-        if (s->loading_bytes + pin > s->cache.budget / 4) continue;
-        /* read-ahead uses idle room only: under a tight budget, evicting clusters the step
-         * still reads to make room for a guess costs more reads than it hides */
-        uint32_t nrec = kvt_read_buffer_records(c, k);
-        if (!kvt_cache_spare(&s->cache, sizeof(kvt_cache_ent) + (uint64_t)nrec * c->L.esz)) continue;
-        kvt_job *j = malloc(sizeof *j + (size_t)k->nseg * sizeof(kvt_seg));
-        kvt_cache_ent *e = j ? kvt_cache_admit(&s->cache, c, idx[t], nrec, c->L.esz) : NULL;
-        if (!e) { /* no room in the budget: that cluster is read on use */
-            free(j);
-            continue;
-        }
-        e->loading = 1;
-        e->prefetched = 1;
-        s->loading_bytes += pin;
-        k->ent = e;
-        *j = (kvt_job){NULL, c, idx[t], k->nseg, e, NULL, NULL, 0};
-        memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
-        /* the device model is charged here, for the reads the job will make */
-        kvt_extent *ex = malloc((size_t)(token(c) ? k->n : k->nseg) * sizeof *ex + 1);
-        uint32_t nex = ex ? kvt_cluster_extents(c, k, k->segs, k->nseg, ex) : 0;
-        for (uint32_t x = 0; x < nex; x++) {
-            ops++;
-            bytes += kvt_file_is_direct(c->f) ? kvt_file_read_scratch(c->f, ex[x].off, (size_t)ex[x].len) : ex[x].len;
-        }
-        free(ex);
-        if (s->jobs_tail) s->jobs_tail->next = j;
-        else s->jobs = j;
-        s->jobs_tail = j;
-        c->inflight++;
-        nq_out++;
-    }
-    if (nq_out) {
-        s->prefetch_issued += nq_out;
-        kvt_io_charge(&s->io, ops, bytes);
-        pthread_cond_broadcast(&s->job_cv);
-    }
-out:
-    kvt_selection_free(c, &sel);
-    UNLOCK(s);
-    if (queued) *queued = nq_out;
-    return rc;
-}
-
 /* Splits the flagged clusters this retrieve read, from the records it read (adapt.c 1-2):
  * a whole cluster's records are its rows of the result, in order; the cluster taken in part
  * kept its records aside. Nothing is read, and nothing depends on what the cache kept. */
@@ -155,7 +88,7 @@ static void split_read(kvt_coll *c, const kvt_result *r, const uint32_t *idx, ui
             continue;
         }
         uint64_t bytes = (uint64_t)k->n * L->esz, row = fx->pos[j];
-        if (kvt_mem_reserve(&c->st->cache, bytes)) {
+        if (kvt_mem_reserve(&c->st->mem, bytes)) {
             kvt_clear_error();
             c->ctr.split_skipped++;
             continue;
@@ -170,7 +103,7 @@ static void split_read(kvt_coll *c, const kvt_result *r, const uint32_t *idx, ui
             kvt_split_records(c, j, recs, 0);
             free(recs);
         }
-        kvt_mem_release(&c->st->cache, bytes);
+        kvt_mem_release(&c->st->mem, bytes);
     }
 }
 
@@ -214,7 +147,7 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
         kvt_cluster *k = &c->cl[idx[taken - 1]];
         int split = c->p.policy == KVT_POLICY_ADAPTIVE && k->flagged;
         part_bytes = (uint64_t)k->n * 8 + (uint64_t)c->p.dim * 4 + (split ? (uint64_t)k->n * c->L.esz : 0);
-        rc = kvt_mem_reserve(&s->cache, part_bytes);
+        rc = kvt_mem_reserve(&s->mem, part_bytes);
         if (rc) part_bytes = 0;
         fx.part_cl = idx[taken - 1];
         fx.part_n = part;
@@ -250,7 +183,7 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     free(fx.ord);
     free(fx.x);
     free(fx.keep);
-    kvt_mem_release(&s->cache, part_bytes);
+    kvt_mem_release(&s->mem, part_bytes);
 out:
     if (!rc && budget) { /* mean fill: returned entries / budget, every policy alike */
         c->ctr.fill_retrieves++;

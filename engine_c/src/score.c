@@ -8,19 +8,15 @@
  * 2. A selection's scratch is reserved against the budget (store.c 4) and given back by
  *    selection_release_budget/selection_free.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
 #include <float.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "score.h"
+#include "simd.h"
+#include "store.h"
 
 /* ---- scoring ------------------------------------------------------------------------------ */
 
@@ -153,7 +149,7 @@ int kvt_result_alloc(kvt_result *r, const kvt_layout *L, uint64_t total) {
 
 int kvt_selection_alloc(kvt_coll *c, uint64_t nq, selection *sel) {
     uint64_t bytes = (uint64_t)c->ncl * 12 + 12 + nq * c->p.dim * 4;
-    int rc = kvt_mem_reserve(&c->st->cache, bytes);
+    int rc = kvt_mem_reserve(&c->st->mem, bytes);
     if (rc) return rc;
     sel->reserved = bytes;
     sel->scores = malloc((size_t)c->ncl * 8 + 8);
@@ -164,7 +160,7 @@ int kvt_selection_alloc(kvt_coll *c, uint64_t nq, selection *sel) {
 }
 
 void kvt_selection_release_budget(kvt_coll *c, selection *sel) {
-    kvt_mem_release(&c->st->cache, sel->reserved);
+    kvt_mem_release(&c->st->mem, sel->reserved);
     sel->reserved = 0;
 }
 

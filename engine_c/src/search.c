@@ -5,19 +5,17 @@
  * Invariants:
  * 1. Search and get never change clusters: no split, no relayout.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "read.h"
+#include "score.h"
+#include "store.h"
+#include "token.h"
+#include "virtualize.h"
 
 /* ---- search ------------------------------------------------------------------------------- */
 
@@ -129,7 +127,7 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
     if (nprobe == 0) nprobe = 1;
     const uint64_t B = 64; /* queries per block: clusters probed by several are read once */
     uint64_t transient = (uint64_t)c->ncl * 8 + B * nprobe * sizeof(probe) + B * 4 + nq * 4 + c->p.dim * 4;
-    rc = kvt_mem_reserve(&s->cache, transient);
+    rc = kvt_mem_reserve(&s->mem, transient);
     if (rc) {
         transient = 0;
         goto out;
@@ -186,7 +184,7 @@ out:
     free(pr);
     free(qlist);
     free(x);
-    kvt_mem_release(&s->cache, transient);
+    kvt_mem_release(&s->mem, transient);
     return rc;
 }
 
@@ -218,7 +216,7 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
             goto out;
         }
     uint64_t need = L->esz + kvt_file_read_scratch(c->f, 0, L->esz) + KVT_IO_ALIGN;
-    rc = kvt_mem_reserve(&s->cache, need);
+    rc = kvt_mem_reserve(&s->mem, need);
     if (rc) goto out;
     uint8_t *buf = malloc(L->esz);
     if (!buf) rc = kvt_fail(ENOMEM, "get: out of memory");
@@ -246,7 +244,7 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
     }
     kvt_io_batch_end(&s->io);
     free(buf);
-    kvt_mem_release(&s->cache, need);
+    kvt_mem_release(&s->mem, need);
 out:
     UNLOCK(s);
     return rc;

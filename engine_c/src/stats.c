@@ -5,19 +5,13 @@
  * Invariants:
  * 1. Reading statistics changes nothing: a parked collection is peeked at and parked again.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
-#include <errno.h>
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "estimate.h"
+#include "index.h"
+#include "store.h"
+#include "virtualize.h"
 
 /* ---- stats -------------------------------------------------------------------------------- */
 

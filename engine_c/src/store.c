@@ -1,6 +1,6 @@
 /*
- * store.c — the store and its collections: open/close, creating a collection, the DRAM
- * accounting helpers every other file grows its arrays with, and statistics.
+ * store.c — the store: open/close, its statistics, the cache's view of the collections that
+ * own cached clusters, and creating a collection (index.c makes one in DRAM).
  *
  * Invariants (of the whole collection layer; the other files refer to them by number):
  * 1. Every public call takes the store mutex for its whole duration; the structures of
@@ -17,19 +17,17 @@
  *    budget; then it drops them (keys_flash) and its scoring reads the key column from flash,
  *    so results are the same either way and the keys are never half resident.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "index.h"
+#include "simd.h"
+#include "store.h"
 
 static void on_evict(void *owner, const kvt_cache_ent *e) {
     kvt_coll *c = owner;
@@ -66,7 +64,8 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     pthread_cond_init(&s->job_cv, NULL);
     pthread_cond_init(&s->done_cv, NULL);
     kvt_io_init(&s->io, &opts->device, opts->direct);
-    kvt_cache_init(&s->cache, opts->dram_budget, on_evict);
+    kvt_mem_init(&s->mem, opts->dram_budget);
+    kvt_cache_init(&s->cache, &s->mem, on_evict);
     s->cache.owner_state = owner_state;
     s->cache.history = history;
     s->K = kvt_simd();
@@ -81,30 +80,6 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     return 0;
 }
 
-static void coll_free(kvt_coll *c) {
-    if (!c) return;
-    kvt_cache_drop_owner(&c->st->cache, c);
-    for (uint32_t i = 0; i < c->clcap; i++) {
-        free(c->cl[i].segs);
-        free(c->cl[i].pbuf);
-        free(c->cl[i].mem);
-    }
-    free(c->cl);
-    free(c->cent);
-    free(c->cnorm);
-    free(c->m2d);
-    free(c->vsum);
-    free(c->cofreq);
-    free(c->loc);
-    free(c->mod);
-    free(c->keys);
-    kvt_pools_free(&c->pools);
-    kvt_file_close(c->f);
-    kvt_mem_release_as(&c->st->cache, KVT_USE_INDEX, c->acct);
-    kvt_mem_release_as(&c->st->cache, KVT_USE_PENDING, c->acct_pend);
-    free(c);
-}
-
 void kvt_store_close(kvt_store *s) {
     if (!s) return;
     /* stop the loaders: queued jobs are dropped, running ones finish */
@@ -116,7 +91,7 @@ void kvt_store_close(kvt_store *s) {
             for (uint32_t t = 0; t < j->nseg; t++) j->run[t]->inflight--;
             s->loading_bytes -= j->swap_len;
             free(j->swap_buf);
-            kvt_mem_release(&s->cache, j->swap_len);
+            kvt_mem_release(&s->mem, j->swap_len);
             free(j->run);
         } else {
             s->loading_bytes -= (uint64_t)j->c->cl[j->cl].n * j->c->L.esz;
@@ -132,7 +107,7 @@ void kvt_store_close(kvt_store *s) {
     for (int i = 0; i < s->nloaders; i++) pthread_join(s->loaders[i], NULL);
     pthread_cond_destroy(&s->job_cv);
     pthread_cond_destroy(&s->done_cv);
-    for (uint32_t i = 0; i < s->ncolls; i++) coll_free(s->colls[i]);
+    for (uint32_t i = 0; i < s->ncolls; i++) kvt_coll_free(s->colls[i]);
     free(s->colls);
     if (s->swap) { /* volatile: nothing in it outlives the store */
         char path[4096];
@@ -153,17 +128,17 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     LOCK(s);
     kvt_io_stats io;
     kvt_io_stats_get(&s->io, &io);
-    o->dram_bytes = s->cache.used;
-    o->dram_budget = s->cache.budget;
-    o->dram_peak_bytes = s->cache.peak;
-    o->dram_index_bytes = s->cache.use[KVT_USE_INDEX];
-    o->dram_pending_bytes = s->cache.use[KVT_USE_PENDING];
-    o->dram_buffer_bytes = s->cache.use[KVT_USE_BUFFERS];
-    o->dram_index_peak = s->cache.use_peak[KVT_USE_INDEX];
-    o->dram_cache_peak = s->cache.use_peak[KVT_USE_CACHE];
-    o->dram_pending_peak = s->cache.use_peak[KVT_USE_PENDING];
-    o->dram_buffer_peak = s->cache.use_peak[KVT_USE_BUFFERS];
-    o->dram_fixed_peak = s->cache.fixed_peak;
+    o->dram_bytes = s->mem.used;
+    o->dram_budget = s->mem.budget;
+    o->dram_peak_bytes = s->mem.peak;
+    o->dram_index_bytes = s->mem.use[KVT_USE_INDEX];
+    o->dram_pending_bytes = s->mem.use[KVT_USE_PENDING];
+    o->dram_buffer_bytes = s->mem.use[KVT_USE_BUFFERS];
+    o->dram_index_peak = s->mem.use_peak[KVT_USE_INDEX];
+    o->dram_cache_peak = s->mem.use_peak[KVT_USE_CACHE];
+    o->dram_pending_peak = s->mem.use_peak[KVT_USE_PENDING];
+    o->dram_buffer_peak = s->mem.use_peak[KVT_USE_BUFFERS];
+    o->dram_fixed_peak = s->mem.fixed_peak;
     o->cache_bytes = s->cache.cache_bytes;
     o->cached_clusters = s->cache.cached;
     o->cache_hits = s->cache.hits;
@@ -214,7 +189,7 @@ int kvt_store_reset_io_stats(kvt_store *s) {
     s->swap_read_bytes = s->swap_write_bytes = 0;
     s->swap_ins = s->swap_outs = s->swap_demand_ins = 0;
     s->cache.hits = s->cache.misses = s->cache.evictions = 0;
-    kvt_mem_reset_peaks(&s->cache);
+    kvt_mem_reset_peaks(&s->mem);
     UNLOCK(s);
     return 0;
 }
@@ -234,306 +209,7 @@ int kvt_store_inject_fault(kvt_store *s, char op, uint64_t nth, int code) {
     return kvt_io_inject(&s->io, op, nth, code);
 }
 
-/* ---- accounting helpers ------------------------------------------------------------------ */
-
-/* Grows *ptr (elements of `size`) to exactly `target` elements, reserving the growth against
- * the budget for `use` first. New elements are zeroed. */
-static int grow_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, uint64_t target) {
-    if (target <= *cap) return 0;
-    uint64_t more = (target - *cap) * size;
-    int rc = kvt_mem_reserve_as(&c->st->cache, use, more);
-    if (rc) return rc;
-    void *p = realloc(*ptr, target * size);
-    if (!p) {
-        kvt_mem_release_as(&c->st->cache, use, more);
-        return kvt_fail(ENOMEM, "out of memory growing an array to %llu elements", (unsigned long long)target);
-    }
-    memset((char *)p + *cap * size, 0, more);
-    *ptr = p;
-    *cap = target;
-    if (use == KVT_USE_PENDING) c->acct_pend += more;
-    else c->acct += more;
-    return 0;
-}
-
-/* The capacity to grow an array of elem_bytes per element to, for need elements: the growth
- * step (kvt_grow_step: 1.5x, 1.25x past 128K elements, so that the id map, the largest
- * structure, does not spend half of itself as slack) when the budget has room for it, else
- * exactly need: slack is never what makes an operation fail. */
-static uint64_t grow_target(kvt_coll *c, int use, uint64_t cap, uint64_t need, uint64_t elem_bytes) {
-    uint64_t nc = kvt_grow_step(cap, need);
-    if (nc == need || c->st->tight) return need; /* a call run again for want of budget: no slack */
-    if (kvt_mem_reserve_as(&c->st->cache, use, (nc - cap) * elem_bytes)) {
-        kvt_clear_error();
-        return need;
-    }
-    kvt_mem_release_as(&c->st->cache, use, (nc - cap) * elem_bytes);
-    return nc;
-}
-
-int kvt_grow_as(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
-    if (need <= *cap) return 0;
-    return grow_to(c, use, ptr, size, cap, grow_target(c, use, *cap, need, size));
-}
-int kvt_grow_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t need) {
-    return kvt_grow_as(c, KVT_USE_INDEX, ptr, size, cap, need);
-}
-
-/* Shrinks an array grown by kvt_grow_as to `target` elements (its slack given back). */
-static uint64_t shrink_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap, uint64_t target) {
-    if (target >= *cap || !*ptr) return 0;
-    void *p = target ? realloc(*ptr, target * size) : NULL;
-    if (target && !p) return 0; /* it stays as it was */
-    if (!target) free(*ptr);
-    uint64_t less = (*cap - target) * size;
-    *ptr = p;
-    *cap = target;
-    kvt_mem_release_as(&c->st->cache, use, less);
-    if (use == KVT_USE_PENDING) c->acct_pend -= less;
-    else c->acct -= less;
-    return less;
-}
-
-/* Gives back the growth slack of the arrays that scale with the entries and clusters (the id
- * map, its chunk counters, token-level keys, the per-cluster arrays): under budget pressure an
- * array holds what it holds, so that the budget kvt_budget_estimate calls the minimum (the
- * index without slack) is enough. Bytes freed. */
-uint64_t kvt_trim_slack(kvt_coll *c) {
-    uint64_t freed = shrink_to(c, KVT_USE_INDEX, (void **)&c->loc, sizeof *c->loc, &c->loccap, c->n);
-    freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->mod, sizeof *c->mod, &c->modcap, c->n / KVT_LOC_CHUNK + 1);
-    if (c->keys) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->keys, c->L.key_bytes, &c->keyscap, c->n);
-    /* the per-cluster arrays, when the slots past ncl own nothing (a slot keeps its buffers
-     * for reuse) */
-    for (uint32_t j = c->ncl; j < c->clcap; j++)
-        if (c->cl[j].segs || c->cl[j].mem || c->cl[j].pbuf) return freed;
-    if (c->ncl && c->ncl < c->clcap) {
-        uint64_t to = c->ncl, cap = c->clcap;
-        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cl, sizeof *c->cl, &cap, to);
-        cap = c->clcap;
-        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap, to);
-        cap = c->clcap;
-        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap, to);
-        cap = c->clcap;
-        if (c->m2d) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap, to);
-        cap = c->clcap;
-        if (c->vsum) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap, to);
-        c->clcap = (uint32_t)to;
-    }
-    return freed;
-}
-
-/* Frees an array grown by kvt_grow_as and returns its bytes to the budget. */
-void kvt_free_as(kvt_coll *c, int use, void *p, uint64_t cap, size_t size) {
-    free(p);
-    kvt_mem_release_as(&c->st->cache, use, cap * size);
-    if (use == KVT_USE_PENDING) c->acct_pend -= cap * size;
-    else c->acct -= cap * size;
-}
-void kvt_free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) { kvt_free_as(c, KVT_USE_INDEX, p, cap, size); }
-
-int kvt_ensure_clusters(kvt_coll *c, uint32_t need) {
-    if (need <= c->clcap) return 0;
-    uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap, cap4 = c->clcap, cap5 = c->clcap;
-    /* per-dimension variances only serve the Gaussian score: kept only when it is on;
-     * estimate.c: value sums beside the representatives */
-    int m2d = c->p.score_temp > 0, vs = kvt_vsum_kept(c);
-    uint64_t per = sizeof *c->cl + (uint64_t)c->p.dim * sizeof(float) * (1 + m2d) + sizeof(float) +
-                   (vs ? (uint64_t)c->p.value_dim * sizeof(float) : 0);
-    uint64_t to = grow_target(c, KVT_USE_INDEX, c->clcap, need, per); /* one capacity for all */
-    int rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cl, sizeof *c->cl, &cap, to);
-    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap2, to);
-    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap3, to);
-    if (!rc && m2d) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, to);
-    if (!rc && vs) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, to);
-    if (rc) return rc;
-    for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
-    c->clcap = (uint32_t)cap; /* all grew to the same capacity */
-    return 0;
-}
-
-int kvt_ensure_segs(kvt_coll *c, kvt_cluster *k, uint32_t need) {
-    uint64_t cap = k->segcap;
-    int rc = kvt_grow_array(c, (void **)&k->segs, sizeof *k->segs, &cap, need);
-    k->segcap = (uint32_t)cap;
-    return rc;
-}
-
-int kvt_ensure_mem(kvt_coll *c, kvt_cluster *k, uint32_t need) {
-    uint64_t cap = k->memcap;
-    int rc = kvt_grow_array(c, (void **)&k->mem, sizeof *k->mem, &cap, need);
-    k->memcap = (uint32_t)cap;
-    return rc;
-}
-
-/* Token layout: every cluster's member list from the id map (after a load); KVT_ECORRUPT if
- * the map does not name each (cluster, index) once, in ascending id order. */
-int kvt_rebuild_members(kvt_coll *c) {
-    for (uint32_t j = 0; j < c->ncl; j++) {
-        kvt_cluster *k = &c->cl[j];
-        int rc = kvt_ensure_mem(c, k, k->n);
-        if (rc) return rc;
-        for (uint32_t i = 0; i < k->n; i++) k->mem[i] = UINT32_MAX;
-    }
-    for (uint64_t id = 0; id < c->n; id++) c->cl[c->loc[id].cl].mem[c->loc[id].idx] = (uint32_t)id;
-    for (uint32_t j = 0; j < c->ncl; j++)
-        for (uint32_t i = 0; i < c->cl[j].n; i++)
-            if (c->cl[j].mem[i] == UINT32_MAX || (i && c->cl[j].mem[i] <= c->cl[j].mem[i - 1]))
-                return kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has an inconsistent member list", j, c->no);
-    return 0;
-}
-
-int kvt_ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need) {
-    uint64_t cap = k->pcap;
-    int rc = kvt_grow_as(c, KVT_USE_PENDING, (void **)&k->pbuf, c->L.esz, &cap, need);
-    k->pcap = (uint32_t)cap;
-    return rc;
-}
-
-int kvt_ensure_pools(kvt_coll *c, uint32_t need) {
-    if (need <= c->pools.cap) return 0;
-    uint32_t old = c->pools.cap, nc = old ? old : 16;
-    while (nc < need) nc *= 2;
-    uint64_t more = (uint64_t)(nc - old) * KVT_POOL_BYTES;
-    int rc = kvt_mem_reserve_as(&c->st->cache, KVT_USE_INDEX, more);
-    if (rc) return rc;
-    rc = kvt_pools_reserve(&c->pools, nc);
-    if (rc) {
-        kvt_mem_release_as(&c->st->cache, KVT_USE_INDEX, more);
-        return rc;
-    }
-    c->acct += more;
-    return 0;
-}
-
-/* Policy none: gives its resident keys back to the budget; retrieve and search then read the
- * key column from flash (kvt_scan_keys, token.c) for as long as the collection stays open. */
-void kvt_drop_keys(kvt_coll *c) {
-    if (c->keys) kvt_free_array(c, c->keys, c->keyscap, c->L.key_bytes);
-    c->keys = NULL;
-    c->keyscap = 0;
-    c->keys_flash = 1;
-}
-
-int kvt_ensure_ids(kvt_coll *c, uint64_t need) {
-    int rc = kvt_grow_array(c, (void **)&c->loc, sizeof *c->loc, &c->loccap, need);
-    if (!rc) rc = kvt_grow_array(c, (void **)&c->mod, sizeof *c->mod, &c->modcap, need / KVT_LOC_CHUNK + 1);
-    if (!rc && c->p.policy == KVT_POLICY_NONE && !c->keys_flash) {
-        rc = kvt_grow_array(c, (void **)&c->keys, c->L.key_bytes, &c->keyscap, need);
-        if (rc == KVT_EBUDGET) { /* the keys do not fit: scanned from flash from now on (invariant 5) */
-            kvt_clear_error();
-            rc = 0;
-            kvt_drop_keys(c);
-        }
-    }
-    return rc;
-}
-
-void kvt_update_norm(kvt_coll *c, uint32_t k) {
-    const float *x = c->cent + (size_t)k * c->p.dim;
-    c->cnorm[k] = c->cl[k].n ? c->st->K->dot_f32(x, x, c->p.dim) : FLT_MAX;
-}
-
-/* A free cluster slot (n == 0, owning nothing), growing the table if needed. */
-int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
-    int rc = kvt_ensure_clusters(c, c->ncl + 1);
-    if (rc) return rc;
-    uint32_t j = c->ncl++;
-    kvt_cluster *k = &c->cl[j];
-    k->n = k->nseg = k->pend = k->flagged = k->hold = k->ptail = 0;
-    k->m2 = 0;
-    k->ent = NULL;
-    k->heat = 0;
-    c->cnorm[j] = FLT_MAX;
-    if (c->m2d) memset(c->m2d + (size_t)j * c->p.dim, 0, (size_t)c->p.dim * 4);
-    kvt_vsum_clear(c, j);
-    *out = j;
-    return 0;
-}
-
-/* Exact mean and squared-distance sum of n records' keys. */
-void kvt_stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_t n, float *x) {
-    const kvt_kernels *K = c->st->K;
-    uint32_t d = c->p.dim;
-    float *mean = c->cent + (size_t)j * d, *m2d = c->m2d ? c->m2d + (size_t)j * d : NULL;
-    double m2 = 0;
-    memset(mean, 0, (size_t)d * 4);
-    if (m2d) memset(m2d, 0, (size_t)d * 4);
-    for (uint32_t i = 0; i < n; i++) {
-        kvt_key_to_f32(K, c->p.dtype, kvt_rec_key(recs + (size_t)i * c->L.esz), x, d);
-        kvt_welford_add(mean, &m2, m2d, i, x, d);
-    }
-    kvt_vsum_from_records(c, j, recs, n); /* estimate.c: exact again after a split */
-    c->cl[j].m2 = m2;
-    c->cl[j].n = n;
-    kvt_update_norm(c, j);
-}
-
-double kvt_variance(const kvt_cluster *k) { return k->n ? k->m2 / k->n : 0; }
-
 /* ---- collections ------------------------------------------------------------------------- */
-
-static int check_params(const kvt_coll_params *p) {
-    if (p->dim < 1 || p->dim > 4096) return kvt_fail(KVT_EINVAL, "dim: 1..4096 expected, got %u", p->dim);
-    if (p->value_dim > 4096) return kvt_fail(KVT_EINVAL, "value_dim: 0..4096 expected, got %u", p->value_dim);
-    if (p->dtype != KVT_F32 && p->dtype != KVT_F16) return kvt_fail(KVT_EINVAL, "dtype: float32 or float16 expected");
-    if (p->metric != KVT_METRIC_IP && p->metric != KVT_METRIC_L2) return kvt_fail(KVT_EINVAL, "metric: ip or l2 expected");
-    if (p->policy < KVT_POLICY_STATIC || p->policy > KVT_POLICY_NONE) return kvt_fail(KVT_EINVAL, "policy: unknown value %d", p->policy);
-    if (p->init_cluster_size < 1 || p->init_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "init_cluster_size: 1..2^20 expected, got %u", p->init_cluster_size);
-    if (p->max_cluster_size < 2 || p->max_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "max_cluster_size: 2..2^20 expected, got %u", p->max_cluster_size);
-    if (!(p->tau >= 0) || !isfinite(p->tau)) return kvt_fail(KVT_EINVAL, "tau: a finite value >= 0 expected (0 derives it)");
-    if (!(p->tau_factor > 0) || !isfinite(p->tau_factor)) return kvt_fail(KVT_EINVAL, "tau_factor: a finite value > 0 expected");
-    if (!(p->score_temp >= 0) || !isfinite(p->score_temp)) return kvt_fail(KVT_EINVAL, "score_temp: a finite value >= 0 expected");
-    if (p->layout != KVT_LAYOUT_CLUSTERED && p->layout != KVT_LAYOUT_TOKEN)
-        return kvt_fail(KVT_EINVAL, "layout: 0 (clustered) or 1 (token) expected, got %d", p->layout);
-    if (p->policy == KVT_POLICY_LOCAL && (p->local_window < 2 || p->local_cluster_size < 1 || p->local_cluster_size > p->local_window))
-        return kvt_fail(KVT_EINVAL, "local_window / local_cluster_size: 1 <= local_cluster_size <= local_window and local_window >= 2 expected");
-    return 0;
-}
-
-int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int truncate, kvt_coll **out) {
-    int rc = check_params(p);
-    if (rc) return rc;
-    for (uint32_t i = 0; i < s->ncolls; i++)
-        if (s->colls[i]->no == no) return kvt_fail(KVT_EINVAL, "collection %u is already open", no);
-    kvt_coll *c = calloc(1, sizeof *c);
-    if (!c) return kvt_fail(ENOMEM, "out of memory");
-    c->st = s;
-    c->no = no;
-    c->p = *p;
-    c->tau = p->tau;
-    c->staging = KVT_NONE;
-    kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION,
-                    p->layout != KVT_LAYOUT_TOKEN || p->policy == KVT_POLICY_NONE);
-    char path[4096];
-    snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no);
-    rc = kvt_file_open(&s->io, path, truncate, &c->f);
-    if (rc) {
-        free(c);
-        return rc;
-    }
-    if (s->ncolls == s->collcap) {
-        uint32_t cap = s->collcap ? s->collcap * 2 : 8;
-        kvt_coll **a = realloc(s->colls, cap * sizeof *a);
-        if (!a) {
-            coll_free(c);
-            return kvt_fail(ENOMEM, "out of memory");
-        }
-        s->colls = a;
-        s->collcap = cap;
-    }
-    s->colls[s->ncolls++] = c;
-    *out = c;
-    return 0;
-}
-
-void kvt_coll_forget(kvt_store *s, kvt_coll *c) {
-    for (uint32_t i = 0; i < s->ncolls; i++)
-        if (s->colls[i] == c) {
-            s->colls[i] = s->colls[--s->ncolls];
-            break;
-        }
-    coll_free(c);
-}
 
 int kvt_coll_create(kvt_store *s, uint32_t no, const kvt_coll_params *p, kvt_coll **out) {
     kvt_clear_error();
@@ -560,24 +236,4 @@ uint64_t kvt_coll_count(const kvt_coll *c) {
     uint64_t n = c->n;
     UNLOCK(s);
     return n;
-}
-
-/* The fields of kvt_coll_stats that come from the cluster table. */
-void kvt_cluster_stats(kvt_coll *c, kvt_coll_stats *o) {
-    o->cached_clusters = o->flagged_clusters = 0;
-    o->max_cluster_size = 0;
-    double var = 0;
-    uint64_t nonempty = 0;
-    for (uint32_t j = 0; j < c->ncl; j++) {
-        kvt_cluster *k = &c->cl[j];
-        if (k->ent) o->cached_clusters++;
-        if (k->flagged) o->flagged_clusters++;
-        if (!k->n) continue;
-        nonempty++;
-        var += kvt_variance(k);
-        if (k->n > o->max_cluster_size) o->max_cluster_size = k->n;
-    }
-    o->clusters = nonempty;
-    o->mean_cluster_size = nonempty ? (double)c->n / (double)nonempty : 0;
-    o->mean_variance = nonempty ? var / (double)nonempty : 0;
 }

@@ -1,19 +1,21 @@
 /*
- * store.h — the store layer: ties io, pools, clusters and the cache into collections.
- * Its public face is kvtier.h; this header only names the internal structures that the C
- * tests inspect.
+ * store.h — the collection layer's structures: the store, its collections and their
+ * clusters, which every file of the layer shares and the C tests inspect, with the few
+ * inline helpers on them. No functions: each file's are in the header named after it
+ * (engine_c/README.md maps them). The public face is kvtier.h; the layer's invariants are
+ * store.c's.
  */
 #ifndef KVT_STORE_H
 #define KVT_STORE_H
 
 #include <pthread.h>
+#include <stdint.h>
 
 #include "cache.h"
-#include "cluster.h"
 #include "io.h"
 #include "kvtier.h"
+#include "mem.h"
 #include "pool.h"
-#include "simd.h"
 
 /* A cluster of a collection: its size, flash segments, variance, cached copy and buffers. */
 typedef struct kvt_cluster {
@@ -77,8 +79,9 @@ struct kvt_store {
     uint64_t loading_bytes;  /* records of prefetches queued or loading (pinned) */
     double io_wait_seconds;
     kvt_io io;
-    kvt_cache cache;
-    const kvt_kernels *K;
+    kvt_mem mem;            /* the DRAM ledger: the budget and what holds it */
+    kvt_cache cache;        /* cached clusters, what gives way in the ledger */
+    const struct kvt_kernels *K; /* simd.h */
     char *dir;
     uint64_t merge_gap;     /* bytes: extents of one read batch closer than this are read as one */
     uint64_t write_buffer;  /* bytes for the page-aligned write buffers, shared by the collections */
@@ -135,5 +138,35 @@ struct kvt_coll {
 };
 
 #define KVT_NONE UINT32_MAX
+
+#define LOCK(s) pthread_mutex_lock(&(s)->mu)
+
+#define UNLOCK(s) pthread_mutex_unlock(&(s)->mu)
+
+/* Token layout (kvt_coll_params.layout): records sit in one log in id order (token.c). */
+static inline int token(const kvt_coll *c) {
+    return c->p.layout == KVT_LAYOUT_TOKEN && c->p.policy != KVT_POLICY_NONE;
+}
+
+/* The token layout's member lists hold 32-bit ids: it takes up to 2^32 - 1 entries. */
+#define KVT_TOKEN_MAX_ENTRIES ((uint64_t)UINT32_MAX)
+
+static inline uint64_t token_offset(const kvt_coll *c, uint64_t id) { return KVT_DATA_HEADER + id * c->L.esz; }
+
+/* Token layout: the end of the run of consecutive ids starting at member i0 (one read). */
+static inline uint32_t token_run_end(const kvt_cluster *k, uint32_t i0) {
+    uint32_t i1 = i0 + 1;
+    while (i1 < k->n && k->mem[i1] == k->mem[i1 - 1] + 1) i1++;
+    return i1;
+}
+
+/* An add larger than the budget can stage is consumed in chunks; no chunk is smaller than
+ * this many entries (or the whole add), so the minimum budget covers staging one. */
+#define KVT_ADD_CHUNK_MIN 256u
+
+static inline void set_loc(kvt_coll *c, uint64_t id, uint32_t cl, uint32_t idx) {
+    c->loc[id] = (kvt_loc){cl, idx};
+    c->mod[id / KVT_LOC_CHUNK] = ++c->modc;
+}
 
 #endif

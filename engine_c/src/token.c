@@ -10,19 +10,14 @@
  *    buffer at a time reserved against the budget, within one device batch; every record is
  *    checked against the id map (read.c 2) and the reads are counted in the I/O stats.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "read.h"
+#include "score.h"
+#include "store.h"
+#include "token.h"
 
 /* File offset of the record of id (which must be on flash). */
 int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
@@ -52,7 +47,7 @@ int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
     if (!c->ncl) return 0;
     kvt_cluster *k = &c->cl[0]; /* policy none: one chain of entries in token order */
     uint64_t need = L->pool_bytes + kvt_file_read_scratch(c->f, 0, L->pool_bytes) + KVT_IO_ALIGN;
-    int rc = kvt_mem_reserve(&c->st->cache, need);
+    int rc = kvt_mem_reserve(&c->st->mem, need);
     if (rc) return rc;
     uint8_t *buf = malloc(L->pool_bytes);
     if (!buf) rc = kvt_fail(ENOMEM, "scan: out of memory");
@@ -76,7 +71,7 @@ int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
     for (uint32_t i = 0; i < k->pend && !rc; i++) /* the write buffer's tail, not on flash yet */
         fn(ctx, (uint64_t)first + i, kvt_rec_key(k->pbuf + (size_t)i * L->esz));
     free(buf);
-    kvt_mem_release(&c->st->cache, need);
+    kvt_mem_release(&c->st->mem, need);
     return rc;
 }
 
@@ -141,12 +136,11 @@ int kvt_retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budge
     /* reads go in batches (one submission each) of up to 32 records, each read into its own
      * slot with a direct-read window of up to two alignment units; fewer when the budget
      * left beside the index and pending buffers is small */
-    uint64_t fixed = s->cache.used - s->cache.use[KVT_USE_CACHE];
     uint64_t per = L->esz + 2 * KVT_IO_ALIGN + sizeof(kvt_read_req) + 8;
-    uint64_t fit = (s->cache.budget > fixed ? s->cache.budget - fixed : 0) / 8 / per;
+    uint64_t fit = kvt_mem_left(&s->mem) / 8 / per;
     const uint32_t TOKEN_BATCH = fit < 1 ? 1 : fit > 32 ? 32 : (uint32_t)fit;
     uint64_t tmp = m * 8 + (uint64_t)TOKEN_BATCH * per + (uint64_t)c->p.dim * 4;
-    int rc = kvt_mem_reserve(&s->cache, tmp);
+    int rc = kvt_mem_reserve(&s->mem, tmp);
     if (rc) return rc;
     float *scores = malloc(m * 4 + 4), *x = malloc((size_t)c->p.dim * 4);
     uint32_t *idx = malloc(m * 4 + 4);
@@ -194,6 +188,6 @@ int kvt_retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budge
     free(req);
     free(offs);
     free(x);
-    kvt_mem_release(&s->cache, tmp);
+    kvt_mem_release(&s->mem, tmp);
     return rc;
 }

@@ -14,19 +14,18 @@
  *    buffers are written as they are, token-level keys dropped, array slack given back;
  *    results never change.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
-#include <float.h>
-#include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "coll.h"
+#include "common.h"
+#include "index.h"
+#include "layout.h"
+#include "loader.h"
+#include "store.h"
+#include "virtualize.h"
 
 static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len);
 
@@ -50,7 +49,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
         c->inflight--;
     }
     free(j->swap_buf);
-    kvt_mem_release(&s->cache, j->swap_len);
+    kvt_mem_release(&s->mem, j->swap_len);
     pthread_cond_broadcast(&s->done_cv);
     UNLOCK(s);
     free(j->run);
@@ -80,7 +79,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
 /* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
  * I/O alignment, so the image's zero tail always fits in it). */
 static uint64_t swap_stage(const kvt_store *s) {
-    uint64_t b = kvt_round_down(s->cache.budget / 16, KVT_IO_ALIGN);
+    uint64_t b = kvt_round_down(s->mem.budget / 16, KVT_IO_ALIGN);
     return b < KVT_IO_ALIGN ? KVT_IO_ALIGN : b > (256u << 10) ? (256u << 10) : b;
 }
 
@@ -260,10 +259,10 @@ static int park_one(kvt_coll *c, int keep_cache) {
     write_image(c, &count, keep_cache);
     uint64_t sb = kvt_round_up(count.total, KVT_IO_ALIGN), len, off;
     if (sb > swap_stage(s)) sb = swap_stage(s);
-    if ((rc = kvt_mem_reserve(&s->cache, sb))) return rc;
+    if ((rc = kvt_mem_reserve(&s->mem, sb))) return rc;
     uint8_t *stage = malloc(sb);
     if (!stage) {
-        kvt_mem_release(&s->cache, sb);
+        kvt_mem_release(&s->mem, sb);
         return kvt_fail(ENOMEM, "park: out of memory");
     }
     count = (swap_writer){0};
@@ -279,7 +278,7 @@ static int park_one(kvt_coll *c, int keep_cache) {
         sw_flush(&w);
     }
     free(stage);
-    kvt_mem_release(&s->cache, sb);
+    kvt_mem_release(&s->mem, sb);
     if (w.rc) {
         swap_free(s, off, len);
         return w.rc;
@@ -370,7 +369,7 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         const uint8_t *recs = r.p + r.pos;
         r.pos += (size_t)cn * L->esz;
         uint64_t need = (uint64_t)cn * L->esz + sizeof(kvt_cache_ent);
-        if (s->cache.used + need > s->cache.budget) continue;
+        if (s->mem.used + need > s->mem.budget) continue;
         kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, cl, cn, L->esz);
         if (!e) continue;
         memcpy(e->rec, recs, (size_t)cn * L->esz);
@@ -402,7 +401,7 @@ static int unpark_now(kvt_coll *c, int demand) {
     kvt_store *s = c->st;
     if (!c->parked) return 0;
     uint64_t len = c->swap_len; /* an install clears c->swap_len */
-    int rc = kvt_mem_reserve(&s->cache, len);
+    int rc = kvt_mem_reserve(&s->mem, len);
     if (rc) return rc;
     uint8_t *img = malloc(len);
     if (!img) rc = kvt_fail(ENOMEM, "unpark: out of memory");
@@ -411,7 +410,7 @@ static int unpark_now(kvt_coll *c, int demand) {
     if (!rc) rc = install_image(c, img, len);
     if (!rc && demand) s->swap_demand_ins++;
     free(img);
-    kvt_mem_release(&s->cache, len);
+    kvt_mem_release(&s->mem, len);
     return rc;
 }
 
@@ -507,14 +506,14 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) 
         size_t e = a + 1;
         uint64_t len = v[a]->swap_len;
         while (e < m && v[e]->swap_off == v[a]->swap_off + len) len += v[e++]->swap_len;
-        if (kvt_mem_reserve(&s->cache, len) != 0) { /* no room for the whole run: one at a time */
+        if (kvt_mem_reserve(&s->mem, len) != 0) { /* no room for the whole run: one at a time */
             e = a + 1;
             len = v[a]->swap_len;
-            if ((rc = kvt_mem_reserve(&s->cache, len))) break;
+            if ((rc = kvt_mem_reserve(&s->mem, len))) break;
         }
         uint8_t *img = malloc(len);
         if (!img) {
-            kvt_mem_release(&s->cache, len);
+            kvt_mem_release(&s->mem, len);
             rc = kvt_fail(ENOMEM, "unpark: out of memory");
             break;
         }
@@ -522,7 +521,7 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) 
             kvt_job *j = malloc(sizeof *j);
             if (!j) {
                 free(img);
-                kvt_mem_release(&s->cache, len);
+                kvt_mem_release(&s->mem, len);
                 rc = kvt_fail(ENOMEM, "unpark: out of memory");
                 break;
             }
@@ -530,7 +529,7 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) 
             if (!(j->run = malloc((e - a) * sizeof(kvt_coll *)))) {
                 free(j);
                 free(img);
-                kvt_mem_release(&s->cache, len);
+                kvt_mem_release(&s->mem, len);
                 rc = kvt_fail(ENOMEM, "unpark: out of memory");
                 break;
             }
@@ -554,7 +553,7 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) 
                 at += l;
             }
             free(img);
-            kvt_mem_release(&s->cache, len);
+            kvt_mem_release(&s->mem, len);
         }
         a = e;
     }

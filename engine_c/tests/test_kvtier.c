@@ -349,33 +349,37 @@ static int evicted[8];
 static void note_evict(void *owner, const kvt_cache_ent *e) { (void)owner; evicted[e->cluster]++; }
 
 static void test_cache(void) {
+    kvt_mem m;
     kvt_cache c;
-    kvt_cache_init(&c, 10000, note_evict);
+    kvt_mem_init(&m, 10000);
+    kvt_cache_init(&c, &m, note_evict);
     kvt_cache_ent *a = kvt_cache_admit(&c, NULL, 0, 10, 100), *b = kvt_cache_admit(&c, NULL, 1, 10, 100);
     CHECK(a && b);
     a->pins--;
     b->pins--;
     kvt_cache_touch(&c, a); /* b is now least recent */
-    CHECK_OK(kvt_mem_reserve(&c, 9000));
+    CHECK_OK(kvt_mem_reserve(&m, 9000));
     CHECK(evicted[1] == 1 && evicted[0] == 1); /* both had to go to fit 9000 */
-    CHECK(c.used <= c.budget && c.peak <= c.budget);
-    CHECK(kvt_mem_reserve(&c, 2000) == KVT_EBUDGET);
-    kvt_mem_release(&c, 9000);
+    CHECK(m.used <= m.budget && m.peak <= m.budget);
+    CHECK(kvt_mem_reserve(&m, 2000) == KVT_EBUDGET);
+    kvt_mem_release(&m, 9000);
     /* a pinned entry survives pressure */
     kvt_cache_ent *p = kvt_cache_admit(&c, NULL, 2, 10, 100);
     CHECK(p != NULL);
-    CHECK(kvt_mem_reserve(&c, 9500) == KVT_EBUDGET);
+    CHECK(kvt_mem_reserve(&m, 9500) == KVT_EBUDGET);
     CHECK(evicted[2] == 0);
     kvt_cache_destroy(&c);
-    CHECK(c.used == 0);
+    CHECK(m.used == 0);
 }
 
 /* ---- store -------------------------------------------------------------------------------- */
 /* LFU evicts the least used; the cluster policy keeps recent updates and small clusters. */
 static void test_cache_policies(void) {
     memset(evicted, 0, sizeof evicted);
+    kvt_mem m;
     kvt_cache c;
-    kvt_cache_init(&c, 20000, note_evict);
+    kvt_mem_init(&m, 20000);
+    kvt_cache_init(&c, &m, note_evict);
     c.policy = KVT_CACHE_LFU;
     kvt_cache_ent *a = kvt_cache_admit(&c, NULL, 0, 10, 100), *b = kvt_cache_admit(&c, NULL, 1, 10, 100);
     a->pins--;
@@ -383,7 +387,7 @@ static void test_cache_policies(void) {
     kvt_cache_touch(&c, a);
     kvt_cache_touch(&c, a);
     kvt_cache_touch(&c, b); /* b is most recent, a most used */
-    CHECK_OK(kvt_mem_reserve(&c, 20000 - c.used + 10));
+    CHECK_OK(kvt_mem_reserve(&m, 20000 - m.used + 10));
     CHECK(evicted[1] == 1 && evicted[0] == 0);
     kvt_cache_destroy(&c);
 }
@@ -413,7 +417,7 @@ static void layer_turn(kvt_cache *c, int l, int only) {
         CHECK(e != NULL);
         if (e) e->pins--;
         layer_ents[l][j] = e;
-        CHECK(c->used <= c->budget);
+        CHECK(c->mem->used <= c->mem->budget);
     }
 }
 
@@ -426,12 +430,14 @@ static void layer_turn(kvt_cache *c, int l, int only) {
  * room for those cost 1.7x LRU's bytes on the W1 trace at 2 MiB.
  * Returns whether the child was still cached at layer 0's turn two steps later. */
 static int updated_survives(double reserve_share) {
+    kvt_mem m;
     kvt_cache c;
     memset(layer_state, 0, sizeof layer_state);
     memset(layer_evicted, 0, sizeof layer_evicted);
     memset(layer_ents, 0, sizeof layer_ents);
     uint64_t ent = sizeof(kvt_cache_ent) + 10 * 100;
-    kvt_cache_init(&c, ent * NL * PER / 2, note_layer_evict);
+    kvt_mem_init(&m, ent * NL * PER / 2);
+    kvt_cache_init(&c, &m, note_layer_evict);
     c.policy = KVT_CACHE_CLUSTER;
     c.owner_state = layer_owner;
     c.reserve_share = reserve_share;
@@ -453,7 +459,7 @@ static int updated_survives(double reserve_share) {
     for (int l = 1; l < NL; l++) layer_turn(&c, l, -1); /* layer 0 idles a step */
     kvt_cache_step(&c);
     int kept = !layer_evicted[0][0];
-    CHECK(c.used <= c.budget);
+    CHECK(m.used <= m.budget);
     kvt_cache_destroy(&c);
     return kept;
 }
@@ -463,11 +469,13 @@ static int updated_survives(double reserve_share) {
  * the share the coolest (the new child) goes; with it the child stays. An update the owner's
  * latest read skipped is not reserved. */
 static int child_survives(double share, int skipped) {
+    kvt_mem m;
     kvt_cache c;
     memset(layer_state, 0, sizeof layer_state);
     memset(layer_evicted, 0, sizeof layer_evicted);
     uint64_t ent = sizeof(kvt_cache_ent) + 10 * 100;
-    kvt_cache_init(&c, 3 * ent, note_layer_evict);
+    kvt_mem_init(&m, 3 * ent);
+    kvt_cache_init(&c, &m, note_layer_evict);
     c.policy = KVT_CACHE_CLUSTER;
     c.owner_state = layer_owner;
     c.reserve_share = share;
@@ -510,11 +518,13 @@ static void test_cache_cluster_policy(void) {
     /* under a budget for half of the clusters, the cycle keeps a stable half cached where LRU
      * would miss every read: count misses over the last steps */
     for (int pol = KVT_CACHE_LRU; pol <= KVT_CACHE_CLUSTER; pol += KVT_CACHE_CLUSTER - KVT_CACHE_LRU) {
-        kvt_cache c;
+        kvt_mem m;
+    kvt_cache c;
         memset(layer_state, 0, sizeof layer_state);
         memset(layer_evicted, 0, sizeof layer_evicted);
         memset(layer_ents, 0, sizeof layer_ents);
-        kvt_cache_init(&c, (sizeof(kvt_cache_ent) + 10 * 100) * NL * PER / 2, note_layer_evict);
+        kvt_mem_init(&m, (sizeof(kvt_cache_ent) + 10 * 100) * NL * PER / 2);
+    kvt_cache_init(&c, &m, note_layer_evict);
         c.policy = pol;
         c.owner_state = layer_owner;
         for (int step = 0; step < 4; step++) {
@@ -532,10 +542,12 @@ static void test_cache_cluster_policy(void) {
 
 /* Read-ahead room: free budget, plus entries their owner's last two reads skipped. */
 static void test_cache_spare(void) {
+    kvt_mem m;
     kvt_cache c;
     memset(layer_state, 0, sizeof layer_state);
     uint64_t ent = sizeof(kvt_cache_ent) + 10 * 100;
-    kvt_cache_init(&c, 4 * ent, NULL);
+    kvt_mem_init(&m, 4 * ent);
+    kvt_cache_init(&c, &m, NULL);
     c.policy = KVT_CACHE_CLUSTER;
     c.owner_state = layer_owner;
     CHECK(kvt_cache_spare(&c, 4 * ent));

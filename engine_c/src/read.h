@@ -1,0 +1,47 @@
+/*
+ * read.h — reading clusters (read.c): where a cluster's records are on flash (the extent
+ * provider, for either layout), reading them in merged batches, checking them against the
+ * id map and handing them, cached or freshly read, to a visitor.
+ * Every function expects the store mutex held (store.c 1).
+ */
+#ifndef KVT_READ_H
+#define KVT_READ_H
+
+#include <stdint.h>
+
+#include "store.h"
+
+/* One extent of a cluster on flash: a segment (clustered layouts) or a run of consecutive ids
+ * (token layout); its bytes (len, page padding included) land at byte boff of a buffer that
+ * stacks the cluster's extents, to hold records base.. base+nrec-1 once unpacked. slot is
+ * the caller's (read.c: the cluster's place in a batch). */
+typedef struct kvt_extent {
+    uint64_t off, len, boff;
+    uint32_t nrec, base, slot;
+} kvt_extent;
+
+/* The extent provider: where cluster k's records are, for either layout, from the segments
+ * given (the cluster's own, or a loader job's copy); out holds at least nseg (token layout:
+ * k->n) entries. Returns how many it wrote. */
+uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_seg *segs, uint32_t nseg,
+                             kvt_extent *out);
+/* Packs a stacked read of segs (kvt_cluster_extents) into the cluster's records in order:
+ * padding dropped, head-1 runs put first-first. Token-layout reads need no packing. */
+void kvt_unpack_segs(const kvt_layout *L, const kvt_seg *segs, uint32_t nseg, uint8_t *buf);
+/* Checks n records read from flash at offset off, entries first_idx.. of cluster ci, against
+ * the id map (read.c 2). */
+int kvt_check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off);
+/* Records a buffer that reads cluster k needs room for (padding included). */
+uint32_t kvt_read_buffer_records(const kvt_coll *c, const kvt_cluster *k);
+
+/* A visitor: all of a cluster's records, in order. */
+typedef void (*visit_fn)(void *ctx, uint32_t cluster, const uint8_t *recs, uint32_t n);
+int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx);
+int kvt_visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx);
+
+/* All records of cluster j in one buffer: the cached copy, pinned, or a reserved buffer read
+ * from flash (its reads added to *read_bytes); kvt_release_records undoes it. */
+int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned, uint64_t *read_bytes);
+void kvt_release_records(kvt_coll *c, uint8_t *recs, uint64_t owned, kvt_cache_ent *pinned, int consumed);
+
+#endif

@@ -1,0 +1,44 @@
+/*
+ * virtualize.h — bringing a parked collection back before any operation (virtualize.c), and
+ * giving way when the budget is tight. Every function expects the store mutex held.
+ */
+#ifndef KVT_VIRTUALIZE_H
+#define KVT_VIRTUALIZE_H
+
+#include <pthread.h>
+
+#include "common.h"
+#include "store.h"
+
+/* Every operation on a collection starts here: no loader busy with it, and it is resident. */
+int kvt_ready(kvt_coll *c);
+/* Frees what can give way under budget pressure (virtualize.c 3); 1 if anything was freed. */
+int kvt_give_way(kvt_store *s);
+/* Operations that only look (stats, checkpoints) leave a parked collection parked. */
+int kvt_peek_begin(kvt_coll *c, int *was_parked);
+void kvt_peek_end(kvt_coll *c, int was_parked);
+
+/* Runs `call` (an int expression using c) on collection c under the store mutex, once c is
+ * ready. A call that failed for want of budget runs once more after what can give way did:
+ * reads in flight (their buffers are pinned until they land) are waited for, and pending
+ * buffers are written to flash, token-level keys dropped and array slack given back
+ * (kvt_give_way); the second run buffers nothing new and grows no slack (store->tight). A
+ * failed add, retrieve or search changes nothing a second run depends on. Sets rc. */
+#define RUN_READY(c, call)                                                                     \
+    do {                                                                                       \
+        LOCK((c)->st);                                                                         \
+        rc = kvt_ready(c);                                                                     \
+        if (!rc) rc = (call);                                                                  \
+        if (rc == KVT_EBUDGET && ((c)->st->loading_bytes || kvt_give_way((c)->st))) {          \
+            while ((c)->st->loading_bytes) pthread_cond_wait(&(c)->st->done_cv, &(c)->st->mu); \
+            kvt_give_way((c)->st);                                                             \
+            kvt_clear_error();                                                                 \
+            (c)->st->tight = 1;                                                                \
+            rc = kvt_ready(c);                                                                 \
+            if (!rc) rc = (call);                                                              \
+            (c)->st->tight = 0;                                                                \
+        }                                                                                      \
+        UNLOCK((c)->st);                                                                       \
+    } while (0)
+
+#endif
