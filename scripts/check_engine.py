@@ -8,9 +8,10 @@ tests/test_imports.py.
    includes the header named after it, if there is one; and the files of the collection
    layer depend on each other one way (a.c includes b.h: a.c -> b.c), without a cycle, as
    engine_c/README.md draws them (`--map` prints the arrows).
-3. Policy state: each policy's state (a struct in its header, see POLICY_STATE) is touched
-   only by the files that own it; everyone else goes through the owner's functions or the
-   policy table (policy.h).
+3. Policies: the policy switch is in one place, the table (policy.c: no other file names a
+   value of enum kvt_policy), and each policy's state (the structs of policy.h, embedded in
+   store.h's kvt_coll and kvt_cluster, see POLICY_STATE) is touched only by the policy's own
+   file; everyone else goes through the table's hooks (c->ops).
 
     python scripts/check_engine.py            # prints what is wrong, exit status 1 if anything
     python scripts/check_engine.py --map      # the dependency arrows of engine_c/README.md
@@ -27,9 +28,15 @@ MAX_FUNCTION = 80
 MAX_FILE = 700
 
 #: A policy's state: the member through which its struct is reached (``c->adapt``,
-#: ``k->ad`` ...) and the files that may touch it. The struct definitions live in the
-#: owner's header; store.h only embeds them.
-POLICY_STATE: dict[str, tuple[str, ...]] = {}
+#: ``k->ad`` ...) and the file that may touch it.
+POLICY_STATE: dict[str, tuple[str, ...]] = {
+    "adapt": ("adapt.c",),  # kvt_coll.adapt: the split threshold
+    "ad": ("adapt.c",),     # kvt_cluster.ad: flagged for a split, and why; the hold size
+    "local": ("local.c",),  # kvt_coll.local: the staging cluster
+    "exact": ("token.c",),  # kvt_coll.exact: policy none's resident keys
+}
+#: The file that turns a policy number into its behaviour.
+POLICY_TABLE = "policy.c"
 
 
 def strip_c(text: str) -> str:
@@ -121,15 +128,23 @@ def include_graph(src: str = SRC) -> dict[str, set[str]]:
 
 #: Headers beneath the collection layer (and its shared structures, store.h): the arrows
 #: between the layer's files leave them out.
-BENEATH = {"common.h", "io.h", "pool.h", "mem.h", "cache.h", "cluster.h", "simd.h", "store.h"}
+BENEATH = {"common.h", "io.h", "pool.h", "mem.h", "cache.h", "cluster.h", "simd.h", "store.h", "policy.h"}
 
 
 def file_graph(src: str = SRC) -> dict[str, set[str]]:
     """a.c -> the .c files whose headers it includes, for the files of the collection layer
     (those that include store.h); beneath-layer headers are left out."""
     g = include_graph(src)
-    return {f: {h[:-2] + ".c" for h in g[f] if h not in BENEATH and h != f[:-2] + ".h"}
-            for f in g if f.endswith(".c") and "store.h" in g[f]}
+    out = {f: {h[:-2] + ".c" for h in g[f] if h not in BENEATH and h != f[:-2] + ".h"}
+           for f in g if f.endswith(".c") and "store.h" in g[f]}
+    # the policy table sits above the policies whose hooks it holds (policy.h: the upcalls)
+    out[POLICY_TABLE] = set()
+    for f in g:
+        if f.endswith(".c") and f != POLICY_TABLE:
+            with open(os.path.join(src, f)) as fh:
+                if re.search(r"^const kvt_policy_ops kvt_policy_\w+ =", fh.read(), flags=re.M):
+                    out[POLICY_TABLE].add(f)
+    return out
 
 
 def dependency_map(src: str = SRC) -> str:
@@ -188,6 +203,14 @@ def check_layers(src: str = SRC) -> list[str]:
 
 def check_policy_state(src: str = SRC) -> list[str]:
     bad = []
+    switch = re.compile(r"\bKVT_POLICY_(STATIC|ADAPTIVE|LOCAL|NONE)\b")
+    for f in sorted(os.listdir(src)):
+        if f.endswith((".c", ".h")) and f != POLICY_TABLE:
+            with open(os.path.join(src, f)) as fh:
+                s = strip_c(fh.read())
+            for ln, line in enumerate(s.split("\n"), 1):
+                if switch.search(line):
+                    bad.append(f"{f}:{ln}: names a policy ({switch.search(line).group(0)}): only {POLICY_TABLE}, the table, may")
     for member, owners in POLICY_STATE.items():
         rx = re.compile(r"(->|\.)" + re.escape(member) + r"\b")
         for f in sorted(os.listdir(src)):
@@ -209,8 +232,9 @@ def main() -> int:
     for p in problems:
         print(p)
     if not problems:
-        print(f"engine shape ok: functions <= {MAX_FUNCTION} lines, files <= {MAX_FILE}, headers acyclic, "
-              f"policy state in its owners' files ({len(POLICY_STATE)} states)")
+        print(f"engine shape ok: functions <= {MAX_FUNCTION} lines, files <= {MAX_FILE}, headers and files "
+              f"acyclic, the policy switch only in {POLICY_TABLE}, each policy's state ({len(POLICY_STATE)}) "
+              "in its own file")
     return 1 if problems else 0
 
 

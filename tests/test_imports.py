@@ -148,3 +148,52 @@ def test_a_late_import_by_name_is_an_edge(tmp_path):
     (pkg / "a.py").write_text("def f():\n    from kvtier import b\n")
     (pkg / "b.py").write_text("import importlib\ndef g():\n    return importlib.import_module('kvtier.a')\n")
     assert _cycle(_graph(_modules(str(tmp_path)))) == ["kvtier.a", "kvtier.b", "kvtier.a"]
+
+
+# ---- the C engine: the same one-way rule, and its size and policy rules (scripts/check_engine.py)
+
+def _check_engine():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("check_engine", os.path.join(ROOT, "scripts", "check_engine.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_engine_functions_and_files_are_short():
+    problems = _check_engine().check_sizes()
+    assert not problems, "\n".join(problems)
+
+
+def test_engine_layers_point_one_way():
+    problems = _check_engine().check_layers()
+    assert not problems, "\n".join(problems)
+
+
+def test_engine_policy_switch_and_state_stay_in_their_files():
+    problems = _check_engine().check_policy_state()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_engine_map_in_the_readme_is_the_includes():
+    ce = _check_engine()
+    with open(os.path.join(ROOT, "engine_c", "README.md")) as fh:
+        readme = fh.read()
+    assert ce.dependency_map() in readme, "engine_c/README.md's arrows differ from `python scripts/check_engine.py --map`"
+
+
+def test_the_engine_checks_can_fail(tmp_path):
+    """Each rule finds a planted violation: a long function, a policy named outside the table,
+    a policy's state touched from another file, a cycle between two files."""
+    ce = _check_engine()
+    long_fn = "int f(void) {\n" + "    x++;\n" * (ce.MAX_FUNCTION - 1) + "}\n"  # one line too long
+    (tmp_path / "store.h").write_text("")
+    (tmp_path / "a.h").write_text('#include "b.h"\n')
+    (tmp_path / "b.h").write_text('#include "a.h"\n')
+    (tmp_path / "a.c").write_text('#include "a.h"\n#include "store.h"\n' + long_fn
+                                  + "int g(kvt_coll *c) { return c->p.policy == KVT_POLICY_NONE; }\n"
+                                  + "int h(kvt_coll *c) { return c->adapt.tau > 0; }\n")
+    assert any("f is 81 lines" in p for p in ce.check_sizes(str(tmp_path)))
+    assert any("include cycle" in p for p in ce.check_layers(str(tmp_path)))
+    found = ce.check_policy_state(str(tmp_path))
+    assert any("KVT_POLICY_NONE" in p for p in found) and any("'adapt'" in p for p in found)

@@ -20,6 +20,7 @@
 
 #include "cluster.h"
 #include "common.h"
+#include "policy.h"
 #include "store.h"
 
 /* The capacity an array reaches when grown one element at a time to n (slack = 1), or to
@@ -46,34 +47,33 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
     if (p->dim < 1 || p->dim > 4096) return kvt_fail(KVT_EINVAL, "dim: 1..4096 expected, got %u", p->dim);
     if (p->value_dim > 4096) return kvt_fail(KVT_EINVAL, "value_dim: 0..4096 expected, got %u", p->value_dim);
     if (p->dtype != KVT_F32 && p->dtype != KVT_F16) return kvt_fail(KVT_EINVAL, "dtype: float32 or float16 expected");
-    if (p->policy < KVT_POLICY_STATIC || p->policy > KVT_POLICY_NONE) return kvt_fail(KVT_EINVAL, "policy: unknown value %d", p->policy);
+    const kvt_policy_ops *ops = kvt_policy_ops_for(p->policy);
+    if (!ops) return kvt_fail(KVT_EINVAL, "policy: unknown value %d", p->policy);
     if (p->init_cluster_size < 1 || p->max_cluster_size < 2 || p->local_cluster_size < 1)
         return kvt_fail(KVT_EINVAL, "cluster sizes: init >= 1, max >= 2, local >= 1 expected");
     if (!(fetch >= 0 && fetch <= 1)) return kvt_fail(KVT_EINVAL, "fetch: a share in [0, 1] expected");
     if (n > ((uint64_t)1 << 40)) return kvt_fail(KVT_EINVAL, "n_entries: at most 2^40 expected");
     kvt_layout L;
-    int tok = p->layout == KVT_LAYOUT_TOKEN && p->policy != KVT_POLICY_NONE;
+    int tok = kvt_token_log(p);
     kvt_layout_init(&L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION, !tok);
     o->entry_bytes = L.esz;
 
-    /* clusters: the size each policy aims for. Local reclusters windows into
-     * local_cluster_size; static keeps the first partition's. Adaptive splits a cluster once
-     * it holds the squared error of a first-partition cluster (adapt.c), so its clusters run
-     * from about half that size (just split) back up to it: two thirds of init_cluster_size
-     * is assumed (measured on SmolLM2's keys: 0.58-0.66 of it at 2.5K and 8K tokens) */
-    uint64_t per = p->policy == KVT_POLICY_LOCAL      ? p->local_cluster_size
-                   : p->policy == KVT_POLICY_ADAPTIVE ? (2 * (uint64_t)p->init_cluster_size + 2) / 3
-                                                      : p->init_cluster_size;
-    uint64_t ncl = p->policy == KVT_POLICY_NONE ? (n ? 1 : 0) : (n + per - 1) / per;
+    /* clusters: the size the policy aims for (policy.h; static keeps the first partition's);
+     * a policy without clusters keeps one chain */
+    uint64_t per = ops->cluster_size ? ops->cluster_size(p) : p->init_cluster_size;
+    uint64_t ncl = !ops->clustered ? (n ? 1 : 0) : (n + per - 1) / per;
     o->clusters = ncl;
     uint64_t cl_bytes = sizeof(kvt_cluster) + (uint64_t)p->dim * 4 + 4 + (p->score_temp > 0 ? (uint64_t)p->dim * 4 : 0);
     /* a cluster's segment list: most clusters have one (a first allocation is exact) */
     uint64_t seg_bytes = sizeof(kvt_seg);
     /* pool table: a pool has two heads, and heads retired by splits wait for a checkpoint */
     uint64_t pools = (n + L.pool_cap - 1) / L.pool_cap;
-    if (p->policy != KVT_POLICY_NONE && ncl > pools) pools = ncl;
+    if (ops->clustered && ncl > pools) pools = ncl;
     uint64_t chunks = n / KVT_LOC_CHUNK + 1;
-    uint64_t keys = p->policy == KVT_POLICY_NONE ? (uint64_t)n * L.key_bytes : 0;
+    /* what the policy keeps beside the clusters: resident keys, its own read scratch, entries
+     * waiting for splits */
+    uint64_t keys = 0, own_read = 0, waiting = 0;
+    if (ops->budget) ops->budget(p, n, &L, fetch, &keys, &own_read, &waiting);
     uint64_t mem = tok ? 4 : 0;
     for (int slack = 0; slack < 2; slack++) {
         uint64_t b = grown(ncl, slack) * cl_bytes + ncl * seg_bytes + pools_cap(pools) * KVT_POOL_BYTES +
@@ -87,22 +87,17 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
      * numbers, scratch for one pool's records, the first partition's k-means), and a read
      * of the largest cluster assumed (twice the mean, at least a pool) */
     uint64_t ch = n < KVT_ADD_CHUNK_MIN ? (n ? n : 1) : KVT_ADD_CHUNK_MIN;
-    uint64_t kch = p->policy == KVT_POLICY_NONE ? 1 : (ch + p->init_cluster_size - 1) / p->init_cluster_size;
+    uint64_t kch = !ops->clustered ? 1 : (ch + p->init_cluster_size - 1) / p->init_cluster_size;
     uint64_t stage = ch * 8 + (uint64_t)L.pool_cap * L.esz + (uint64_t)p->dim * 4 + (kch + 2) * 9 +
-                     (p->policy == KVT_POLICY_NONE ? 0 : kvt_kmeans_bytes(ch, (uint32_t)kch, p->dim) + kch * p->dim * 4);
-    uint64_t largest = ncl ? 2 * ((n + ncl - 1) / ncl) : 0;
-    if (p->policy == KVT_POLICY_NONE) largest = 0; /* token-level reads single records */
-    uint64_t read = largest * L.esz + L.pool_bytes;
-    /* token-level: the key column scanned from flash a pool at a time (with a direct read's
-     * bounce buffer), the top entries of one retrieve and one record's read */
-    if (p->policy == KVT_POLICY_NONE)
-        read = 2 * (uint64_t)L.pool_bytes + 3 * KVT_IO_ALIGN + (uint64_t)ceil(fetch * (double)n) * 8 +
-               L.esz + 2 * KVT_IO_ALIGN + 32 + (uint64_t)p->dim * 4;
+                     (!ops->clustered ? 0 : kvt_kmeans_bytes(ch, (uint32_t)kch, p->dim) + kch * p->dim * 4);
+    uint64_t largest = ncl && ops->clustered ? 2 * ((n + ncl - 1) / ncl) : 0;
+    /* a policy with a read of its own (none: token-level, single records) sizes it itself */
+    uint64_t read = own_read ? own_read : largest * L.esz + L.pool_bytes;
     o->buffers = stage > read ? stage : read;
     o->minimum = o->index + o->buffers;
 
-    /* pending: the write buffer's share and the adaptive pending budget, both shrinkable */
-    o->pending = write_buffer + (p->policy == KVT_POLICY_ADAPTIVE ? (uint64_t)p->pending_budget * L.esz : 0);
+    /* pending: the write buffer's share and the entries waiting for splits, both shrinkable */
+    o->pending = write_buffer + waiting;
     o->cache = (uint64_t)ceil(fetch * (double)n) * L.esz;
     o->recommended = o->index_grown + o->keys + o->buffers + o->pending + o->cache;
     o->resident_per_entry = n ? (double)o->index / (double)n : 0;

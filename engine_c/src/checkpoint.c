@@ -15,9 +15,9 @@
 #include "estimate.h"
 #include "index.h"
 #include "layout.h"
+#include "policy.h"
 #include "read.h"
 #include "store.h"
-#include "token.h"
 #include "virtualize.h"
 
 /* ---- durability: checkpoints and reopen --------------------------------------------------- */
@@ -91,15 +91,17 @@ static int export_dir(kvt_coll *c, void **blob, size_t *len) {
     kvt_wbuf_u64(&w, c->n);
     kvt_wbuf_u32(&w, c->ncl);
     kvt_wbuf_u32(&w, c->pools.n);
-    kvt_wbuf_f64(&w, c->tau);
-    kvt_wbuf_u32(&w, c->staging);
+    kvt_wbuf_f64(&w, c->ops->tau ? c->ops->tau(c) : c->p.tau); /* the policy's words (policy.h) */
+    kvt_wbuf_u32(&w, c->ops->staging ? c->ops->staging(c) : KVT_NONE);
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
         kvt_wbuf_u32(&w, k->n);
         kvt_wbuf_u32(&w, k->nseg);
         kvt_wbuf_f64(&w, k->m2);
-        kvt_wbuf_u32(&w, k->flagged);
-        kvt_wbuf_u32(&w, k->hold);
+        uint32_t pw[2];
+        kvt_policy_cluster_save(c, k, pw);
+        kvt_wbuf_u32(&w, pw[0]);
+        kvt_wbuf_u32(&w, pw[1]);
         for (uint32_t g = 0; g < k->nseg; g++) {
             kvt_wbuf_u32(&w, k->segs[g].pool);
             kvt_wbuf_u32(&w, k->segs[g].head);
@@ -189,6 +191,53 @@ static int blob_crc_ok(const void *blob, size_t len) {
     return crc == kvt_crc32c(0, blob, len - 4);
 }
 
+/* One cluster of a directory blob: its size, statistics, policy words and segments (their
+ * heads claimed in the pool table, checked to be free and to fit), its representative. Adds
+ * its size to *total; a blob that does not hold together sets r->bad. */
+static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, int with_sums, uint64_t *total) {
+    uint32_t dim = c->p.dim, vdim = c->p.value_dim;
+    kvt_cluster *k = &c->cl[j];
+    uint32_t kn = kvt_rbuf_u32(r), nseg = kvt_rbuf_u32(r), pw[2];
+    k->m2 = kvt_rbuf_f64(r);
+    pw[0] = kvt_rbuf_u32(r);
+    pw[1] = kvt_rbuf_u32(r);
+    kvt_policy_cluster_load(c, k, pw, 0); /* a directory keeps whether, not why (policy.h) */
+    if (r->bad || nseg > (r->len + 4 - r->pos) / 12) { /* r->len + 4: the blob with its CRC */
+        r->bad = 1;
+        return 0;
+    }
+    int rc = kvt_ensure_segs(c, k, nseg);
+    if (rc) return rc;
+    uint32_t sum = 0;
+    for (uint32_t g = 0; g < nseg; g++) {
+        kvt_seg sg;
+        sg.pool = kvt_rbuf_u32(r);
+        sg.head = kvt_rbuf_u32(r);
+        sg.n = kvt_rbuf_u32(r);
+        if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] != KVT_HEAD_FREE) {
+            r->bad = 1;
+            break;
+        }
+        kvt_pool *pl = &c->pools.p[sg.pool];
+        pl->owner[sg.head] = (int32_t)j;
+        pl->used[sg.head] = sg.n;
+        if (pl->used[0] + pl->used[1] > c->L.pool_cap) {
+            r->bad = 1;
+            break;
+        }
+        k->segs[g] = sg;
+        sum += sg.n;
+    }
+    k->nseg = nseg;
+    k->n = kn;
+    if (token(c) ? nseg != 0 : sum != kn) r->bad = 1;
+    *total += kn;
+    kvt_rbuf_get(r, c->cent + (size_t)j * dim, (size_t)dim * 4);
+    if (c->m2d) kvt_rbuf_get(r, c->m2d + (size_t)j * dim, (size_t)dim * 4);
+    if (with_sums) kvt_rbuf_get(r, c->vsum + (size_t)j * vdim, (size_t)vdim * 4);
+    return 0;
+}
+
 static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing) {
     const char *what = "cluster directory";
     int with_sums = blob_crc_ok(blob, len) && memcmp(blob, DIR_MAGIC_VSUM, 8) == 0;
@@ -219,47 +268,13 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing
     if (!rc) rc = kvt_ensure_pools(c, npools);
     if (!rc) rc = kvt_ensure_ids(c, n);
     if (rc) return rc;
-    c->tau = tau;
-    c->staging = staging;
+    if (c->ops->load_dir) c->ops->load_dir(c, tau, staging);
     c->pools.n = npools;
     for (uint32_t p = 0; p < npools; p++) c->pools.p[p] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
     uint64_t total = 0;
     for (uint32_t j = 0; j < ncl && !r.bad; j++) {
-        kvt_cluster *k = &c->cl[j];
-        uint32_t kn = kvt_rbuf_u32(&r), nseg = kvt_rbuf_u32(&r);
-        k->m2 = kvt_rbuf_f64(&r);
-        k->flagged = kvt_rbuf_u32(&r) ? 1 : 0;
-        k->hold = kvt_rbuf_u32(&r);
-        if (r.bad || nseg > (len - r.pos) / 12) {
-            r.bad = 1;
-            break;
-        }
-        rc = kvt_ensure_segs(c, k, nseg);
+        rc = load_cluster(c, &r, j, npools, with_sums, &total);
         if (rc) return rc;
-        uint32_t sum = 0;
-        for (uint32_t g = 0; g < nseg; g++) {
-            kvt_seg sg = {kvt_rbuf_u32(&r), kvt_rbuf_u32(&r), kvt_rbuf_u32(&r)};
-            if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] != KVT_HEAD_FREE) {
-                r.bad = 1;
-                break;
-            }
-            kvt_pool *pl = &c->pools.p[sg.pool];
-            pl->owner[sg.head] = (int32_t)j;
-            pl->used[sg.head] = sg.n;
-            if (pl->used[0] + pl->used[1] > c->L.pool_cap) {
-                r.bad = 1;
-                break;
-            }
-            k->segs[g] = sg;
-            sum += sg.n;
-        }
-        k->nseg = nseg;
-        k->n = kn;
-        if (token(c) ? nseg != 0 : sum != kn) r.bad = 1;
-        total += kn;
-        kvt_rbuf_get(&r, c->cent + (size_t)j * dim, (size_t)dim * 4);
-        if (c->m2d) kvt_rbuf_get(&r, c->m2d + (size_t)j * dim, (size_t)dim * 4);
-        if (with_sums) kvt_rbuf_get(&r, c->vsum + (size_t)j * vdim, (size_t)vdim * 4);
         c->ncl = j + 1;
         kvt_update_norm(c, j);
     }
@@ -300,13 +315,6 @@ static void take_vsum(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) 
     for (uint32_t i = 0; i < n; i++) kvt_vsum_add(c, ci, kvt_rec_value(&c->L, recs + (size_t)i * c->L.esz));
 }
 
-/* Policy none keeps its keys in DRAM when they fit: read them back from the records. */
-typedef struct take_ctx { kvt_coll *c; uint8_t *keys; } take_ctx;
-static void take_key(void *vctx, uint64_t id, const void *key) {
-    take_ctx *kc = vctx;
-    memcpy(kc->keys + id * kc->c->L.key_bytes, key, kc->c->L.key_bytes);
-}
-
 int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const void *dir_blob,
                   size_t dir_len, const void *const *chunks, const size_t *chunk_lens, size_t n_chunks,
                   kvt_coll **out) {
@@ -320,8 +328,7 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
     rc = kvt_file_read(c->f, 0, sizeof page, page, 0);
     uint32_t version = rc ? 0 : kvt_data_header_version(page);
     if (version >= 1 && version < KVT_FORMAT_VERSION) /* an older file: read in its own geometry */
-        kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, version,
-                        p->layout != KVT_LAYOUT_TOKEN || p->policy == KVT_POLICY_NONE);
+        kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, version, !kvt_token_log(p));
     if (!rc) {
         rc = kvt_data_header_check(&c->L, p, page);
         if (rc) kvt_fail(rc, "%s: data file header is %s", kvt_file_path(c->f), rc == KVT_EFORMAT ? "of another format version" : "damaged or does not match the catalog");
@@ -343,17 +350,7 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
         kvt_cache_drop_owner(&s->cache, c);
         for (uint32_t j = 0; j < c->ncl; j++) c->cl[j].ent = NULL;
     }
-    if (!rc && p->policy == KVT_POLICY_NONE && c->keys) { /* else they did not fit: scanned on use */
-        take_ctx kc = {c, c->keys};
-        c->keys = NULL; /* kvt_scan_keys reads the flash copy into kc.keys */
-        rc = kvt_scan_keys(c, take_key, &kc);
-        c->keys = kc.keys;
-        if (rc == KVT_EBUDGET) { /* no room to read them with: they stay on flash */
-            kvt_clear_error();
-            rc = 0;
-            kvt_drop_keys(c);
-        }
-    }
+    if (!rc && c->ops->reopen) rc = c->ops->reopen(c); /* policy none: its resident keys */
     if (!rc) c->committed_mod = c->modc;
     if (rc) kvt_coll_forget(s, c);
     else *out = c;

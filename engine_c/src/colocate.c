@@ -47,6 +47,31 @@ void kvt_count_coretrieval(kvt_coll *c, const uint32_t *sel, uint64_t nsel) {
                 c->cofreq[(size_t)sel[a] * c->nco + sel[b]]++;
 }
 
+/* The co-retrieval chain of the first k clusters: from the most fetched, repeatedly the
+ * unplaced cluster most often fetched with the last one (restarting from the most fetched
+ * when none was), empty clusters left out. Returns its length. */
+static uint32_t build_chain(const kvt_coll *c, uint32_t k, uint32_t *chain, uint32_t *placed) {
+    uint32_t m = 0;
+    while (m < k) {
+        uint32_t best = KVT_NONE;
+        uint64_t bs = 0;
+        if (m) {
+            const uint16_t *row = c->cofreq + (size_t)chain[m - 1] * c->nco;
+            for (uint32_t j = 0; j < k; j++)
+                if (!placed[j] && c->cl[j].n && row[j] > bs) bs = row[j], best = j;
+        }
+        if (best == KVT_NONE) /* start, or restart, from the most fetched */
+            for (uint32_t j = 0; j < k; j++) {
+                uint64_t f = (uint64_t)c->cofreq[(size_t)j * c->nco + j] + 1;
+                if (!placed[j] && c->cl[j].n && f > bs) bs = f, best = j;
+            }
+        if (best == KVT_NONE) break; /* the rest are empty */
+        placed[best] = 1;
+        chain[m++] = best;
+    }
+    return m;
+}
+
 /* The one-time rewrite: orders the counted clusters in a chain that follows co-retrieval
  * (from the most fetched, repeatedly the unplaced cluster most often fetched with the last
  * one) and lays the chain across fresh consecutive pools: chain[0] at the front of pool 0,
@@ -65,23 +90,7 @@ int kvt_relayout(kvt_coll *c) {
     uint8_t *scratch = NULL;
     undo_log log = {0};
     if (!chain || !placed || !old) rc = kvt_fail(ENOMEM, "relayout: out of memory");
-    while (!rc && m < k) {
-        uint32_t best = KVT_NONE;
-        uint64_t bs = 0;
-        if (m) {
-            const uint16_t *row = c->cofreq + (size_t)chain[m - 1] * c->nco;
-            for (uint32_t j = 0; j < k; j++)
-                if (!placed[j] && c->cl[j].n && row[j] > bs) bs = row[j], best = j;
-        }
-        if (best == KVT_NONE) /* start, or restart, from the most fetched */
-            for (uint32_t j = 0; j < k; j++) {
-                uint64_t f = (uint64_t)c->cofreq[(size_t)j * c->nco + j] + 1;
-                if (!placed[j] && c->cl[j].n && f > bs) bs = f, best = j;
-            }
-        if (best == KVT_NONE) break; /* the rest are empty */
-        placed[best] = 1;
-        chain[m++] = best;
-    }
+    if (!rc) m = build_chain(c, k, chain, placed);
     /* the chain's pools, all made up front so that a spilling cluster cannot take one */
     uint32_t pools0 = c->pools.n, npools = m / 2 + 1;
     if (!rc) rc = kvt_ensure_pools(c, pools0 + npools);

@@ -27,12 +27,13 @@
 
 #include "common.h"
 #include "estimate.h"
+#include "policy.h"
 #include "score.h"
 #include "simd.h"
 #include "store.h"
 
 int kvt_vsum_kept(const kvt_coll *c) {
-    return c->p.value_sums && c->p.value_dim > 0 && c->p.policy != KVT_POLICY_NONE;
+    return c->p.value_sums && c->p.value_dim > 0 && c->ops->clustered;
 }
 
 void kvt_vsum_add(kvt_coll *c, uint32_t j, const void *value) {

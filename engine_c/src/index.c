@@ -23,6 +23,7 @@
 #include "common.h"
 #include "estimate.h"
 #include "index.h"
+#include "policy.h"
 #include "simd.h"
 #include "store.h"
 
@@ -86,6 +87,10 @@ static uint64_t shrink_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_
     return less;
 }
 
+uint64_t kvt_shrink_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t target) {
+    return shrink_to(c, KVT_USE_INDEX, ptr, size, cap, target);
+}
+
 /* Gives back the growth slack of the arrays that scale with the entries and clusters (the id
  * map, its chunk counters, token-level keys, the per-cluster arrays): under budget pressure an
  * array holds what it holds, so that the budget kvt_budget_estimate calls the minimum (the
@@ -93,7 +98,7 @@ static uint64_t shrink_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_
 uint64_t kvt_trim_slack(kvt_coll *c) {
     uint64_t freed = shrink_to(c, KVT_USE_INDEX, (void **)&c->loc, sizeof *c->loc, &c->loccap, c->n);
     freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->mod, sizeof *c->mod, &c->modcap, c->n / KVT_LOC_CHUNK + 1);
-    if (c->keys) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->keys, c->L.key_bytes, &c->keyscap, c->n);
+    if (c->ops->trim) freed += c->ops->trim(c); /* the policy's arrays: token-level keys */
     /* the per-cluster arrays, when the slots past ncl own nothing (a slot keeps its buffers
      * for reuse) */
     for (uint32_t j = c->ncl; j < c->clcap; j++)
@@ -197,26 +202,10 @@ int kvt_ensure_pools(kvt_coll *c, uint32_t need) {
     return 0;
 }
 
-/* Policy none: gives its resident keys back to the budget; retrieve and search then read the
- * key column from flash (kvt_scan_keys, token.c) for as long as the collection stays open. */
-void kvt_drop_keys(kvt_coll *c) {
-    if (c->keys) kvt_free_array(c, c->keys, c->keyscap, c->L.key_bytes);
-    c->keys = NULL;
-    c->keyscap = 0;
-    c->keys_flash = 1;
-}
-
 int kvt_ensure_ids(kvt_coll *c, uint64_t need) {
     int rc = kvt_grow_array(c, (void **)&c->loc, sizeof *c->loc, &c->loccap, need);
     if (!rc) rc = kvt_grow_array(c, (void **)&c->mod, sizeof *c->mod, &c->modcap, need / KVT_LOC_CHUNK + 1);
-    if (!rc && c->p.policy == KVT_POLICY_NONE && !c->keys_flash) {
-        rc = kvt_grow_array(c, (void **)&c->keys, c->L.key_bytes, &c->keyscap, need);
-        if (rc == KVT_EBUDGET) { /* the keys do not fit: scanned from flash from now on (invariant 5) */
-            kvt_clear_error();
-            rc = 0;
-            kvt_drop_keys(c);
-        }
-    }
+    if (!rc && c->ops->grow_ids) rc = c->ops->grow_ids(c, need); /* token-level keys (store.c 5) */
     return rc;
 }
 
@@ -231,7 +220,9 @@ int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
     if (rc) return rc;
     uint32_t j = c->ncl++;
     kvt_cluster *k = &c->cl[j];
-    k->n = k->nseg = k->pend = k->flagged = k->hold = k->ptail = 0;
+    static const uint32_t fresh[2] = {0, 0};
+    k->n = k->nseg = k->pend = k->ptail = 0;
+    kvt_policy_cluster_load(c, k, fresh, 1);
     k->m2 = 0;
     k->ent = NULL;
     k->heat = 0;
@@ -280,7 +271,7 @@ void kvt_coll_free(kvt_coll *c) {
     free(c->cofreq);
     free(c->loc);
     free(c->mod);
-    free(c->keys);
+    if (c->ops && c->ops->drop) c->ops->drop(c);
     kvt_pools_free(&c->pools);
     kvt_file_close(c->f);
     kvt_mem_release_as(&c->st->mem, KVT_USE_INDEX, c->acct);
@@ -293,7 +284,8 @@ static int check_params(const kvt_coll_params *p) {
     if (p->value_dim > 4096) return kvt_fail(KVT_EINVAL, "value_dim: 0..4096 expected, got %u", p->value_dim);
     if (p->dtype != KVT_F32 && p->dtype != KVT_F16) return kvt_fail(KVT_EINVAL, "dtype: float32 or float16 expected");
     if (p->metric != KVT_METRIC_IP && p->metric != KVT_METRIC_L2) return kvt_fail(KVT_EINVAL, "metric: ip or l2 expected");
-    if (p->policy < KVT_POLICY_STATIC || p->policy > KVT_POLICY_NONE) return kvt_fail(KVT_EINVAL, "policy: unknown value %d", p->policy);
+    const kvt_policy_ops *ops = kvt_policy_ops_for(p->policy);
+    if (!ops) return kvt_fail(KVT_EINVAL, "policy: unknown value %d", p->policy);
     if (p->init_cluster_size < 1 || p->init_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "init_cluster_size: 1..2^20 expected, got %u", p->init_cluster_size);
     if (p->max_cluster_size < 2 || p->max_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "max_cluster_size: 2..2^20 expected, got %u", p->max_cluster_size);
     if (!(p->tau >= 0) || !isfinite(p->tau)) return kvt_fail(KVT_EINVAL, "tau: a finite value >= 0 expected (0 derives it)");
@@ -301,9 +293,7 @@ static int check_params(const kvt_coll_params *p) {
     if (!(p->score_temp >= 0) || !isfinite(p->score_temp)) return kvt_fail(KVT_EINVAL, "score_temp: a finite value >= 0 expected");
     if (p->layout != KVT_LAYOUT_CLUSTERED && p->layout != KVT_LAYOUT_TOKEN)
         return kvt_fail(KVT_EINVAL, "layout: 0 (clustered) or 1 (token) expected, got %d", p->layout);
-    if (p->policy == KVT_POLICY_LOCAL && (p->local_window < 2 || p->local_cluster_size < 1 || p->local_cluster_size > p->local_window))
-        return kvt_fail(KVT_EINVAL, "local_window / local_cluster_size: 1 <= local_cluster_size <= local_window and local_window >= 2 expected");
-    return 0;
+    return ops->check_params ? ops->check_params(p) : 0;
 }
 
 int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int truncate, kvt_coll **out) {
@@ -316,10 +306,10 @@ int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int trunca
     c->st = s;
     c->no = no;
     c->p = *p;
-    c->tau = p->tau;
-    c->staging = KVT_NONE;
+    c->ops = kvt_policy_ops_for(p->policy);
+    if (c->ops->init) c->ops->init(c);
     kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION,
-                    p->layout != KVT_LAYOUT_TOKEN || p->policy == KVT_POLICY_NONE);
+                    !kvt_token_log(p));
     char path[4096];
     snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no);
     rc = kvt_file_open(&s->io, path, truncate, &c->f);
@@ -360,7 +350,7 @@ void kvt_cluster_stats(kvt_coll *c, kvt_coll_stats *o) {
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
         if (k->ent) o->cached_clusters++;
-        if (k->flagged) o->flagged_clusters++;
+        if (kvt_held(c, k)) o->flagged_clusters++;
         if (!k->n) continue;
         nonempty++;
         var += kvt_variance(k);

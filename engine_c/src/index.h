@@ -24,7 +24,7 @@ int kvt_rebuild_members(kvt_coll *c);
 int kvt_ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need);
 int kvt_ensure_pools(kvt_coll *c, uint32_t need);
 int kvt_ensure_ids(kvt_coll *c, uint64_t need);
-void kvt_drop_keys(kvt_coll *c);
+uint64_t kvt_shrink_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t target);
 uint64_t kvt_trim_slack(kvt_coll *c);
 
 /* Cluster slots and their statistics. */

@@ -1,15 +1,16 @@
 /*
  * layout.c — the continuity-centric flash layout (docs/design.md §2.2): writing records into
- * dual-head pools and the page-aligned write buffers (co-location of clusters retrieved
- * together is colocate.c).
+ * dual-head pools (or, in the token layout, to the end of one log in id order) and the
+ * page-aligned write buffers (co-location of clusters retrieved together is colocate.c).
  *
  * Invariants:
  * 1. A cluster's records are contiguous runs in its segments; two clusters share a pool,
  *    one growing from the front and one from the back, so an append never moves data.
- * 2. pending_total is the sum of every cluster's pend; tail_total the sum over unflagged
- *    clusters, whose pending buffers are write-buffer tails: entries kept in DRAM until they
- *    complete a flash page, plus each flagged cluster's ptail (the tail it had when flagged).
- *    Only entries that joined flagged clusters count against the pending budget.
+ * 2. pending_total is the sum of every cluster's pend; tail_total the sum over clusters the
+ *    policy does not hold (kvt_held), whose pending buffers are write-buffer tails: entries
+ *    kept in DRAM until they complete a flash page, plus each held cluster's ptail (the tail
+ *    it had when first held). Only entries that joined held clusters count against the
+ *    (adaptive) pending budget.
  * 3. Segment moves are copy on write (adapt.c 3): committed data is never overwritten before
  *    the catalog stops naming it.
  */
@@ -172,6 +173,28 @@ uint32_t kvt_scratch_records(const kvt_coll *c, uint64_t m) {
     return (uint32_t)(m < c->L.pool_cap ? (m ? m : 1) : c->L.pool_cap);
 }
 
+/* The token layout: n new records (ids n0..n0+n-1, encoded from the caller's rows through
+ * scratch of sr records) appended to the log, in id order. A write that starts inside a
+ * device page already programmed is counted as a partial-page write. */
+int kvt_append_log(kvt_coll *c, uint64_t n0, const void *keys, const void *values, uint64_t n, uint8_t *scratch,
+                   uint32_t sr) {
+    const kvt_layout *L = &c->L;
+    const kvt_device *dev = &c->st->io.dev;
+    uint64_t P = dev->page_size > 0 ? (uint64_t)dev->page_size : KVT_IO_ALIGN;
+    int rc = 0;
+    for (uint64_t at = 0; at < n && !rc;) {
+        uint64_t cn = n - at < sr ? n - at : sr, off = token_offset(c, n0 + at);
+        for (uint64_t r = at; r < at + cn; r++)
+            kvt_rec_encode(L, scratch + (size_t)(r - at) * L->esz, (int64_t)(n0 + r),
+                           (const uint8_t *)keys + (size_t)r * L->key_bytes,
+                           (const uint8_t *)values + (size_t)r * L->value_bytes);
+        rc = kvt_file_write(c->f, off, scratch, (size_t)cn * L->esz);
+        if (!rc && off % P && n0 + at > 0) c->ctr.partial_page_writes++;
+        at += cn;
+    }
+    return rc;
+}
+
 /* Writes whole new clusters: for each t, recs[t] (counts[t] records) become the only data of
  * cluster dst[t], which must own no segments. Two groups (a split's children) go back to back
  * across a pool boundary (kvt_pools_claim_pair): neighbours in key space, a retrieve often
@@ -237,11 +260,40 @@ void kvt_retire_segs(kvt_coll *c, seg_save s) {
 
 void kvt_free_pending(kvt_coll *c, kvt_cluster *k) {
     c->pending_total -= k->pend;
-    c->tail_total -= k->flagged ? k->ptail : k->pend;
+    c->tail_total -= kvt_held(c, k) ? k->ptail : k->pend;
     k->ptail = 0;
     kvt_free_as(c, KVT_USE_PENDING, k->pbuf, k->pcap, c->L.esz);
     k->pbuf = NULL;
     k->pend = k->pcap = 0;
+}
+
+/* An add's new entry joins cluster k's pending buffer (room was made by its plan): a tail
+ * entry, or one waiting for a split when the policy holds the cluster. */
+void kvt_tail_push(kvt_coll *c, kvt_cluster *k, int64_t id, const void *key, const void *value) {
+    kvt_rec_encode(&c->L, k->pbuf + (size_t)k->pend++ * c->L.esz, id, key, value);
+    c->pending_total++;
+    if (!kvt_held(c, k)) c->tail_total++;
+}
+
+/* The first n entries of cluster k's pending buffer were just written (an add wrote them ahead
+ * of its new entries): they leave it. A held cluster's first ptail entries are its old tail
+ * (invariant 2). */
+void kvt_tail_written(kvt_coll *c, kvt_cluster *k, uint32_t n) {
+    const size_t esz = c->L.esz;
+    memmove(k->pbuf, k->pbuf + (size_t)n * esz, (size_t)(k->pend - n) * esz);
+    k->pend -= n;
+    c->pending_total -= n;
+    int held = kvt_held(c, k);
+    uint32_t tail_part = !held ? n : n < k->ptail ? n : k->ptail;
+    if (held) k->ptail -= tail_part;
+    c->tail_total -= tail_part;
+}
+
+void kvt_tail_hold(kvt_coll *c, kvt_cluster *k) { k->ptail = k->pend; }
+
+void kvt_tail_release(kvt_coll *c, kvt_cluster *k) {
+    c->tail_total += k->pend - k->ptail;
+    k->ptail = 0;
 }
 
 /* Writes cluster j's pending buffer to flash, in place (no scratch: a checkpoint or an
@@ -287,7 +339,7 @@ void kvt_trim_tails(kvt_coll *c) {
         uint32_t best = KVT_NONE;
         for (uint32_t j = 0; j < c->ncl; j++) {
             const kvt_cluster *k = &c->cl[j];
-            if (k->pend && !k->flagged && (best == KVT_NONE || k->wtick < c->cl[best].wtick)) best = j;
+            if (k->pend && !kvt_held(c, k) && (best == KVT_NONE || k->wtick < c->cl[best].wtick)) best = j;
         }
         if (best == KVT_NONE) break;
         if (kvt_write_pending(c, best)) { /* a failed write keeps it buffered, for later */

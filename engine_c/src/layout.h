@@ -39,6 +39,8 @@ void kvt_rollback(kvt_coll *c, undo_log *log);
 int kvt_append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, uint8_t *scratch, uint32_t scratch_recs,
                      undo_log *log);
 uint32_t kvt_scratch_records(const kvt_coll *c, uint64_t m);
+int kvt_append_log(kvt_coll *c, uint64_t n0, const void *keys, const void *values, uint64_t n, uint8_t *scratch,
+                   uint32_t sr);
 int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts, uint32_t nt);
 
 /* A cluster's segments: moved aside, given back, restored, retired until the next commit. */
@@ -49,6 +51,12 @@ void kvt_retire_segs(kvt_coll *c, seg_save s);
 
 /* Pending buffers and the write buffers' tails. */
 void kvt_free_pending(kvt_coll *c, kvt_cluster *k);
+void kvt_tail_push(kvt_coll *c, kvt_cluster *k, int64_t id, const void *key, const void *value);
+void kvt_tail_written(kvt_coll *c, kvt_cluster *k, uint32_t n);
+/* A cluster the policy starts holding: its tail, if any, now waits with its held entries;
+ * one it stops holding: what waited is a tail again. */
+void kvt_tail_hold(kvt_coll *c, kvt_cluster *k);
+void kvt_tail_release(kvt_coll *c, kvt_cluster *k);
 int kvt_write_pending(kvt_coll *c, uint32_t j);
 uint32_t kvt_tail_fill(const kvt_coll *c, const kvt_cluster *k);
 uint64_t kvt_tail_share(const kvt_coll *c);

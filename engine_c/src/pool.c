@@ -31,6 +31,7 @@ void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype,
     L->value_bytes = value_dim * L->elsize;
     L->esz = (uint32_t)kvt_round_up(KVT_REC_HEADER + L->key_bytes + L->value_bytes, 8);
     L->format = format;
+    L->log = !padded;
     /* padding pays when it wastes little: at most an eighth of each page */
     L->rpp = format >= 2 && padded && L->esz <= KVT_LAYOUT_PAGE && (KVT_LAYOUT_PAGE % L->esz) * 8 <= KVT_LAYOUT_PAGE
                  ? KVT_LAYOUT_PAGE / L->esz : 0;
@@ -108,7 +109,7 @@ void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page
     kvt_wbuf_u64(&w, L->pool_bytes);
     /* only a non-default layout is recorded, so the headers of clustered files (all files of
      * format 1 before layouts existed) stay byte for byte what they were */
-    if (p->layout && p->policy != KVT_POLICY_NONE) kvt_wbuf_u32(&w, (uint32_t)p->layout);
+    if (L->log) kvt_wbuf_u32(&w, (uint32_t)p->layout);
     if (L->format >= 2) kvt_wbuf_u32(&w, L->rpp);
     uint32_t crc = kvt_crc32c(0, w.p, w.len);
     kvt_wbuf_u32(&w, crc);

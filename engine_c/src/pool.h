@@ -42,6 +42,7 @@ typedef struct kvt_layout {
     uint64_t pool_bytes;   /* a multiple of the I/O alignment */
     uint32_t format;       /* the data file's format version (1 or 2) */
     uint32_t rpp;          /* records per KVT_LAYOUT_PAGE page when padded, else 0 */
+    uint32_t log;          /* 1: the token layout's log (never padded), recorded in the header */
 } kvt_layout;
 
 typedef struct kvt_seg { uint32_t pool, head, n; } kvt_seg;
@@ -65,7 +66,7 @@ typedef struct kvt_pools {
 } kvt_pools;
 
 /* format: the data file's (1 packs records; 2 pads them to pages when that pays). `padded`:
- * 0 never pads (the token layout's log). */
+ * 0 never pads (the token layout's log: L->log). */
 void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster,
                      uint32_t format, int padded);
 

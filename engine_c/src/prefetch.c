@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "loader.h"
+#include "policy.h"
 #include "read.h"
 #include "score.h"
 #include "store.h"
@@ -36,7 +37,7 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     }
     uint64_t nq_out = 0, ops = 0, bytes = 0;
     selection sel = {0};
-    if (c->p.policy == KVT_POLICY_NONE) goto out; /* nothing to prefetch: no clusters */
+    if (!c->ops->clustered) goto out; /* nothing to prefetch: no clusters */
     rc = kvt_selection_alloc(c, nq, &sel);
     if (rc) goto out;
     uint32_t *idx = sel.idx;

@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -122,6 +123,14 @@ void kvt_result_free(kvt_result *r) {
     free(r->est_lse);
     free(r->est_val);
     free(r);
+}
+
+void kvt_result_estimate(const kvt_result *r, float *lse, float *values, uint64_t *clusters, uint64_t *entries) {
+    for (uint64_t i = 0; lse && i < r->nq; i++) lse[i] = r->est_lse ? r->est_lse[i] : -INFINITY;
+    if (values && r->est_val) memcpy(values, r->est_val, r->nq * r->vdim * 4);
+    else if (values) memset(values, 0, r->nq * r->vdim * 4);
+    if (clusters) *clusters = r->est_ncl;
+    if (entries) *entries = r->est_n;
 }
 
 uint64_t kvt_result_count(const kvt_result *r) { return r->n; }

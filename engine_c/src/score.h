@@ -24,9 +24,18 @@ struct kvt_result {
     float *est_lse, *est_val;
 };
 
-/* Scratch of one cluster selection (scores, squared queries, order), reserved against the
- * budget. scores has 8 bytes per cluster: retrieve reuses it for result row positions. */
-typedef struct selection { float *scores, *q2; uint32_t *idx; uint64_t reserved; } selection;
+/* Scratch of one cluster selection, reserved against the budget: each cluster's score, the
+ * squared queries, the clusters in score order. The scores' buffer has 8 bytes per cluster:
+ * once they are spent, a retrieve keeps each taken cluster's first result row there. */
+typedef struct selection {
+    union {
+        float *scores;
+        uint64_t *rows;
+    };
+    float *q2;
+    uint32_t *idx;
+    uint64_t reserved;
+} selection;
 
 void kvt_score_clusters(kvt_coll *c, const float *q, uint64_t nq, float *scores, float *q2);
 void kvt_order_by_score(uint32_t *idx, uint32_t n, const float *scores);

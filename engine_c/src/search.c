@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "policy.h"
 #include "read.h"
 #include "score.h"
 #include "store.h"
@@ -122,7 +123,7 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
     probe *pr = NULL;
     /* an empty collection (never added to, or every add refused) has no cluster to probe:
      * every row is padded below, as for any row with fewer than k hits */
-    int probing = c->p.policy != KVT_POLICY_NONE && c->ncl > 0 && c->n > 0;
+    int probing = c->ops->clustered && c->ncl > 0 && c->n > 0;
     if (nprobe > c->ncl) nprobe = c->ncl;
     if (nprobe == 0) nprobe = 1;
     const uint64_t B = 64; /* queries per block: clusters probed by several are read once */
@@ -143,11 +144,11 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
         goto out;
     }
     search_ctx sx = {c, q, qlist, 0, k, ids_out, scores_out, fill, x};
-    if (c->p.policy == KVT_POLICY_NONE) { /* exact: every key, in DRAM or scanned from flash */
+    if (!c->ops->clustered) { /* exact: every key, in DRAM or scanned from flash */
         exact_ctx ex = {&sx, nq};
         rc = kvt_scan_keys(c, exact_hit, &ex);
     }
-    if (c->p.policy != KVT_POLICY_NONE) kvt_cache_owner_read(&s->cache, &c->cache_state);
+    if (c->ops->clustered) kvt_cache_owner_read(&s->cache, &c->cache_state);
     for (uint64_t b0 = 0; b0 < nq && !rc && probing; b0 += B) {
         uint64_t b1 = b0 + B < nq ? b0 + B : nq, np = 0;
         for (uint64_t i = b0; i < b1; i++) {

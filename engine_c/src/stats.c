@@ -10,6 +10,7 @@
 #include "common.h"
 #include "estimate.h"
 #include "index.h"
+#include "policy.h"
 #include "store.h"
 #include "virtualize.h"
 
@@ -22,11 +23,11 @@ int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
     o->entries = c->n;
     o->pools = c->pools.n;
     o->data_file_bytes = token(c) ? token_offset(c, c->n) : kvt_pool_base(&c->L, c->pools.n);
-    o->tau = c->tau;
+    o->tau = c->ops->tau ? c->ops->tau(c) : c->p.tau;
     o->pending_entries = c->pending_total - c->tail_total;
     o->write_buffer_entries = c->tail_total;
     o->parked = (uint64_t)c->parked;
-    o->keys_on_flash = (uint64_t)c->keys_flash;
+    if (c->ops->stats) c->ops->stats(c, o);
     o->mean_fill = c->ctr.fill_retrieves ? c->ctr.fill_sum / (double)c->ctr.fill_retrieves : 0;
     if (c->parked) { /* as it was when parked: nothing changes a parked collection */
         o->clusters = parked.clusters;

@@ -15,25 +15,29 @@
 #include "io.h"
 #include "kvtier.h"
 #include "mem.h"
+#include "policy.h"
 #include "pool.h"
 
-/* A cluster of a collection: its size, flash segments, variance, cached copy and buffers. */
+/* A cluster of a collection: its size, flash segments, variance, cached copy and buffers.
+ * Hot on every read: n, segs/nseg (the extent provider, read.c), ent, pend/pbuf; on every
+ * add also m2 and the policy's state (ad). Cold: the rest. Its size is part of the resident
+ * index every collection reserves per cluster (index.c, budget.c). */
 typedef struct kvt_cluster {
     uint32_t n;            /* entries */
     uint32_t nseg, segcap;
     kvt_seg *segs;         /* in insertion order; the last one takes appends */
     double m2;             /* sum of squared distances to the mean (Welford) */
     kvt_cache_ent *ent;    /* cached copy, or NULL */
-    /* the last `pend` entries wait in pbuf, not yet on flash: for a split if the cluster is
-     * flagged (pending entries), else for a whole page to fill (the write buffer's tail) */
+    /* the last `pend` entries wait in pbuf, not yet on flash: for a split if the policy holds
+     * the cluster's entries (kvt_held: adaptive, flagged), else for a whole page to fill (the
+     * write buffer's tail, layout.c) */
     uint32_t pend, pcap;
     uint8_t *pbuf;
-    uint32_t flagged;      /* adaptive: a split is wanted */
-    uint32_t hold;         /* adaptive: a failed split waits until the cluster grows past this */
-    /* adaptive, flagged: the first ptail of its pending entries were its write-buffer tail
-     * when it was flagged; they wait for the split too, but count as write buffer, not
-     * against the pending budget, so the write buffer (sized from the DRAM budget) never
-     * decides when the pending budget overflows */
+    kvt_adapt_cluster ad;  /* adaptive (adapt.c): flagged for a split, and why */
+    /* held: the first ptail of its pending entries were its write-buffer tail when it was
+     * first held; they wait for the split too, but count as write buffer, not against the
+     * pending budget, so the write buffer (sized from the DRAM budget) never decides when the
+     * pending budget overflows */
     uint32_t ptail;
     uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
     uint32_t memcap;
@@ -114,13 +118,12 @@ struct kvt_coll {
     uint64_t *mod;              /* per id-map chunk: change counter value of its last change */
     uint64_t modcap;
     uint64_t modc, committed_mod; /* change counter; its value at the last committed checkpoint */
-    uint8_t *keys;              /* policy none: every key, for exact scoring */
-    uint64_t keyscap;           /* in entries */
-    int keys_flash;             /* policy none: the keys did not fit; scanned from flash */
-    double tau;                 /* adaptive split threshold in force */
-    uint32_t staging;           /* local: the cluster gathering new entries, or KVT_NONE */
+    const kvt_policy_ops *ops;  /* its policy (policy.h), and each policy's state: */
+    kvt_adapt_coll adapt;       /* ... adaptive (adapt.c) */
+    kvt_local_coll local;       /* ... local (local.c) */
+    kvt_exact_coll exact;       /* ... none (token.c) */
     uint64_t pending_total;     /* entries in pending buffers, both kinds */
-    uint64_t tail_total;        /* ... of them, those of unflagged clusters: write-buffer tails */
+    uint64_t tail_total;        /* ... of them, write-buffer tails (layout.c 2) */
     uint64_t wclock;            /* append clock: one tick per add */
     uint16_t *cofreq;           /* co-location: nco x nco co-retrieval counts, until relayout */
     uint32_t nco, retrieves;
@@ -128,7 +131,7 @@ struct kvt_coll {
     uint32_t inflight;          /* prefetch jobs queued or running */
     uint64_t acct;              /* budget bytes reserved for the structures above (KVT_USE_INDEX) */
     uint64_t acct_pend;         /* ... for pending buffers (KVT_USE_PENDING) */
-    /* parked: cl, cent, cnorm, m2d, vsum, loc, keys, cofreq and cached clusters live only in the
+    /* parked: cl, cent, cnorm, m2d, vsum, loc, exact.keys, cofreq and cached clusters live only in the
      * swap image [swap_off, swap_off + swap_len); ncl, n and the pool table stay */
     int parked;
     uint64_t swap_off, swap_len;
@@ -139,13 +142,28 @@ struct kvt_coll {
 
 #define KVT_NONE UINT32_MAX
 
+/* The resident index counts sizeof(kvt_cluster) per cluster: a change of it changes every
+ * budget figure (kvt_budget_estimate and what a collection reserves). */
+_Static_assert(sizeof(kvt_cluster) == 104 || sizeof(void *) != 8, "kvt_cluster changed size");
+
 #define LOCK(s) pthread_mutex_lock(&(s)->mu)
 
 #define UNLOCK(s) pthread_mutex_unlock(&(s)->mu)
 
 /* Token layout (kvt_coll_params.layout): records sit in one log in id order (token.c). */
-static inline int token(const kvt_coll *c) {
-    return c->p.layout == KVT_LAYOUT_TOKEN && c->p.policy != KVT_POLICY_NONE;
+static inline int token(const kvt_coll *c) { return c->p.layout == KVT_LAYOUT_TOKEN && c->ops->clustered; }
+
+/* Whether cluster k's policy holds its new entries in DRAM for a split (policy.h). */
+static inline int kvt_held(const kvt_coll *c, const kvt_cluster *k) { return c->ops->held && c->ops->held(c, k); }
+
+/* A cluster's two words of policy state, as the directory and the swap image keep them
+ * (policy.h; zeros for a policy that keeps none), and back. */
+static inline void kvt_policy_cluster_save(const kvt_coll *c, const kvt_cluster *k, uint32_t w[2]) {
+    w[0] = w[1] = 0;
+    if (c->ops->cluster_save) c->ops->cluster_save(c, k, w);
+}
+static inline void kvt_policy_cluster_load(kvt_coll *c, kvt_cluster *k, const uint32_t w[2], int reason_kept) {
+    if (c->ops->cluster_load) c->ops->cluster_load(c, k, w, reason_kept);
 }
 
 /* The token layout's member lists hold 32-bit ids: it takes up to 2^32 - 1 entries. */

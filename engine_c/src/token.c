@@ -1,19 +1,25 @@
 /*
  * token.c — the no-cluster baseline (policy none): exact top-budget entries by score, each
- * read from flash on its own in token order, as a system without clusters would; and the scan
- * of every key that exact scoring needs, from DRAM or from flash.
+ * read from flash on its own in token order, as a system without clusters would; the scan of
+ * every key that exact scoring needs, from DRAM or from flash; and the policy's resident keys
+ * (kvt_coll.exact), which no other file touches.
  *
  * Invariants:
  * 1. Scoring is exact: every key of a none collection is scored, from its resident copy
- *    (coll->keys) while it fits the budget, else read from flash (store.c 5).
+ *    (coll->exact.keys) while it fits the budget, else read from flash (store.c 5).
  * 2. A scan from flash reads the key column once, sequentially in file order, one pool-sized
  *    buffer at a time reserved against the budget, within one device batch; every record is
  *    checked against the id map (read.c 2) and the reads are counted in the I/O stats.
  */
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
+#include "add.h"
 #include "common.h"
+#include "index.h"
+#include "policy.h"
 #include "read.h"
 #include "score.h"
 #include "store.h"
@@ -40,8 +46,8 @@ int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
  * read of the key column, the honest cost of a system without clusters. */
 int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
     const kvt_layout *L = &c->L;
-    if (c->keys) {
-        for (uint64_t i = 0; i < c->n; i++) fn(ctx, i, c->keys + i * L->key_bytes);
+    if (c->exact.keys) {
+        for (uint64_t i = 0; i < c->n; i++) fn(ctx, i, c->exact.keys + i * L->key_bytes);
         return 0;
     }
     if (!c->ncl) return 0;
@@ -129,7 +135,7 @@ static void group_score(void *vctx, uint64_t id, const void *key) {
 
 /* Policy none: the exact top-budget entries by score, each read from flash on its own, in
  * token order, as a system without clusters would. */
-int kvt_retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result *r) {
+static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result *r) {
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
     uint64_t n = c->n, m = budget < n ? budget : n;
@@ -191,3 +197,126 @@ int kvt_retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t budge
     kvt_mem_release(&s->mem, tmp);
     return rc;
 }
+
+/* ---- the policy's hooks (policy.h) -------------------------------------------------------- */
+
+/* assign: no clustering, one chain of entries in token order (cluster 0). */
+static int assign(kvt_coll *c, kvt_add *a) {
+    uint32_t first;
+    int rc = c->ncl == 0 ? kvt_new_cluster(c, &first) : 0;
+    if (rc) return rc;
+    for (uint64_t i = 0; i < a->n; i++) c->loc[a->n0 + i].cl = 0;
+    a->k = 1;
+    return 0;
+}
+
+/* after an add: the new keys join the resident copy, when there is one. */
+static void after_add(kvt_coll *c, const kvt_add *a) {
+    size_t kb = c->L.key_bytes;
+    if (c->exact.keys) memcpy(c->exact.keys + a->n0 * kb, a->keys, a->n * kb);
+}
+
+/* Gives the resident keys back to the budget: retrieve and search then read the key column
+ * from flash (kvt_scan_keys) for as long as the collection stays open (store.c 5). */
+static void drop_keys(kvt_coll *c) {
+    if (c->exact.keys) kvt_free_array(c, c->exact.keys, c->exact.keyscap, c->L.key_bytes);
+    c->exact.keys = NULL;
+    c->exact.keyscap = 0;
+    c->exact.keys_flash = 1;
+}
+
+static int grow_ids(kvt_coll *c, uint64_t need) {
+    if (c->exact.keys_flash) return 0;
+    int rc = kvt_grow_array(c, (void **)&c->exact.keys, c->L.key_bytes, &c->exact.keyscap, need);
+    if (rc == KVT_EBUDGET) { /* the keys do not fit: scanned from flash from now on (store.c 5) */
+        kvt_clear_error();
+        rc = 0;
+        drop_keys(c);
+    }
+    return rc;
+}
+
+static uint64_t trim(kvt_coll *c) {
+    if (!c->exact.keys) return 0;
+    return kvt_shrink_array(c, (void **)&c->exact.keys, c->L.key_bytes, &c->exact.keyscap, c->n);
+}
+
+static int give_way(kvt_coll *c) {
+    if (!c->exact.keys) return 0;
+    drop_keys(c);
+    return 1;
+}
+
+/* Parked, or freed: the resident keys go (keys_flash stays as it was). */
+static void drop(kvt_coll *c) {
+    if (c->exact.keys) kvt_free_array(c, c->exact.keys, c->exact.keyscap, c->L.key_bytes);
+    c->exact.keys = NULL;
+    c->exact.keyscap = 0;
+}
+
+/* The swap image carries the resident keys (n x key_bytes) when there are; brought back, they
+ * are read if they fit again (install grew them), else skipped and scanned from flash. */
+static void image_put(kvt_coll *c, kvt_put_fn put, void *w) {
+    c->exact.keys_in_image = c->exact.keys != NULL;
+    if (c->exact.keys) put(w, c->exact.keys, c->n * c->L.key_bytes);
+}
+
+static int image_get(kvt_coll *c, kvt_rbuf *r) {
+    uint64_t bytes = c->n * c->L.key_bytes;
+    int had = c->exact.keys_in_image;
+    if (c->exact.keys) kvt_rbuf_get(r, c->exact.keys, bytes);
+    else if (had && bytes > r->len - r->pos) return -1;
+    else if (had) r->pos += bytes; /* the image's keys, skipped */
+    return 0;
+}
+
+/* Policy none keeps its keys in DRAM when they fit: read back from the records on reopen. */
+typedef struct take_ctx { kvt_coll *c; uint8_t *keys; } take_ctx;
+
+static void take_key(void *vctx, uint64_t id, const void *key) {
+    take_ctx *kc = vctx;
+    memcpy(kc->keys + id * kc->c->L.key_bytes, key, kc->c->L.key_bytes);
+}
+
+static int reopen(kvt_coll *c) {
+    if (!c->exact.keys) return 0; /* they did not fit: scanned on use */
+    take_ctx kc = {c, c->exact.keys};
+    c->exact.keys = NULL; /* kvt_scan_keys reads the flash copy into kc.keys */
+    int rc = kvt_scan_keys(c, take_key, &kc);
+    c->exact.keys = kc.keys;
+    if (rc == KVT_EBUDGET) { /* no room to read them with: they stay on flash */
+        kvt_clear_error();
+        rc = 0;
+        drop_keys(c);
+    }
+    return rc;
+}
+
+static void stats(const kvt_coll *c, kvt_coll_stats *o) { o->keys_on_flash = (uint64_t)c->exact.keys_flash; }
+
+/* Sizes (budget.c): every key resident while they fit, and a retrieve's scratch: the key
+ * column scanned from flash a pool at a time (with a direct read's bounce buffer), the top
+ * entries of one retrieve and one record's read. */
+static void budget(const kvt_coll_params *p, uint64_t n, const kvt_layout *L, double fetch, uint64_t *keys,
+                   uint64_t *read, uint64_t *pending) {
+    *keys = n * L->key_bytes;
+    *read = 2 * (uint64_t)L->pool_bytes + 3 * KVT_IO_ALIGN + (uint64_t)ceil(fetch * (double)n) * 8 + L->esz +
+            2 * KVT_IO_ALIGN + 32 + (uint64_t)p->dim * 4;
+}
+
+const kvt_policy_ops kvt_policy_none = {
+    .name = "none",
+    .clustered = 0,
+    .budget = budget,
+    .drop = drop,
+    .grow_ids = grow_ids,
+    .trim = trim,
+    .give_way = give_way,
+    .image_put = image_put,
+    .image_get = image_get,
+    .reopen = reopen,
+    .stats = stats,
+    .assign = assign,
+    .after_add = after_add,
+    .retrieve = retrieve_tokens,
+};

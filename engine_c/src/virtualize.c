@@ -24,6 +24,7 @@
 #include "index.h"
 #include "layout.h"
 #include "loader.h"
+#include "policy.h"
 #include "store.h"
 #include "virtualize.h"
 
@@ -65,12 +66,14 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  * checkpoint had made durable.
  *
  *   "KVTSWAP3" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
- *   per cluster: u32 n, nseg, pend, flagged, hold, ptail; f32 heat, u32 heat_visit (its cache
- *                entry's when cached); f64 m2; nseg x (u32 pool, head, n);
+ *   per cluster: u32 n, nseg, pend, 2 words of policy state (policy.h), ptail; f32 heat,
+ *                u32 heat_visit (its cache entry's when cached); f64 m2; nseg x (u32 pool,
+ *                head, n);
  *                pend records (its pending buffer)
  *   ncl x dim f32 representatives [, ncl x dim f32 per-dimension m2]
  *   [, ncl x value_dim f32 value sums (estimate.c)]
- *   n x kvt_loc id map [, n x key keys (policy none)] [, nco x nco u16 co-retrieval counts]
+ *   n x kvt_loc id map, the policy's section (none: [n x key keys])
+ *   [, nco x nco u16 co-retrieval counts]
  *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
  *   u32 CRC-32C of all the above, then zeros to the I/O alignment
  */
@@ -118,6 +121,8 @@ static void sw_put(swap_writer *w, const void *p, size_t n) {
 
 static void sw_u32(swap_writer *w, uint32_t v) { sw_put(w, &v, 4); }
 
+static void put(void *w, const void *p, size_t n) { sw_put(w, p, n); } /* for the policy (kvt_put_fn) */
+
 static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
     const kvt_layout *L = &c->L;
     /* the working set: clusters used (read, appended to, split) since the collection was
@@ -134,7 +139,8 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
     sw_u32(w, c->m2d != NULL);
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
-        uint32_t f[6] = {k->n, k->nseg, k->pend, k->flagged, k->hold, k->ptail};
+        uint32_t f[6] = {k->n, k->nseg, k->pend, 0, 0, k->ptail};
+        kvt_policy_cluster_save(c, k, f + 3); /* the policy's two words (policy.h) */
         sw_put(w, f, sizeof f);
         /* the cache policy's memory of it: re-admitted, it is as hot as it was */
         float heat = k->ent ? k->ent->heat : k->heat;
@@ -152,7 +158,7 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
     if (c->m2d) sw_put(w, c->m2d, (size_t)c->ncl * c->p.dim * 4);
     if (c->vsum) sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
     sw_put(w, c->loc, c->n * sizeof(kvt_loc));
-    if (c->keys) sw_put(w, c->keys, c->n * L->key_bytes);
+    if (c->ops->image_put) c->ops->image_put(c, put, w); /* policy none: its resident keys */
     if (c->cofreq) sw_put(w, c->cofreq, (size_t)c->nco * c->nco * 2);
     /* cached clusters oldest first, so that re-admitting them in order restores recency */
     for (kvt_cache_ent *e = c->st->cache.lru.prev; e != &c->st->cache.lru; e = e->prev) {
@@ -235,15 +241,14 @@ static void drop_resident(kvt_coll *c) {
     if (c->m2d) kvt_free_array(c, c->m2d, c->clcap, (size_t)c->p.dim * 4);
     if (c->vsum) kvt_free_array(c, c->vsum, c->clcap, (size_t)c->p.value_dim * 4);
     kvt_free_array(c, c->loc, c->loccap, sizeof *c->loc);
-    if (c->keys) kvt_free_array(c, c->keys, c->keyscap, c->L.key_bytes);
+    if (c->ops->drop) c->ops->drop(c); /* policy none: its resident keys */
     if (c->cofreq) kvt_free_array(c, c->cofreq, (uint64_t)c->nco * c->nco, 2);
     c->cl = NULL;
     c->cent = c->cnorm = c->m2d = c->vsum = NULL;
     c->loc = NULL;
-    c->keys = NULL;
     c->cofreq = NULL;
     c->clcap = 0;
-    c->loccap = c->keyscap = 0;
+    c->loccap = 0;
 }
 
 /* Writes c's image to a fresh range of the swap file and frees what it holds in DRAM.
@@ -295,10 +300,69 @@ static int park_one(kvt_coll *c, int keep_cache) {
     return 0;
 }
 
+/* The image's clusters (ncl of them) into c's table: sizes, policy words, heat, m2,
+ * segments and pending buffers. A damaged image sets r->bad. */
+static int install_clusters(kvt_coll *c, kvt_rbuf *r, uint32_t ncl) {
+    const kvt_layout *L = &c->L;
+    int rc = 0;
+    for (uint32_t j = 0; j < ncl && !rc && !r->bad; j++) {
+        kvt_cluster *k = &c->cl[j];
+        memset(k, 0, sizeof *k);
+        uint32_t f[6];
+        kvt_rbuf_get(r, f, sizeof f);
+        kvt_rbuf_get(r, &k->heat, 4);
+        k->heat_visit = kvt_rbuf_u32(r);
+        kvt_rbuf_get(r, &k->m2, 8);
+        k->n = f[0];
+        kvt_policy_cluster_load(c, k, f + 3, 1);
+        k->ptail = f[5] <= f[2] ? f[5] : f[2];
+        if (r->bad || f[1] > (r->len - r->pos) / 12 || (uint64_t)f[2] * L->esz > r->len - r->pos) {
+            r->bad = 1;
+            break;
+        }
+        if (f[1] && (rc = kvt_ensure_segs(c, k, f[1]))) break;
+        for (uint32_t g = 0; g < f[1]; g++) {
+            uint32_t sg[3];
+            kvt_rbuf_get(r, sg, sizeof sg);
+            k->segs[g] = (kvt_seg){sg[0], sg[1], sg[2]};
+        }
+        k->nseg = f[1];
+        if (f[2]) {
+            if ((rc = kvt_ensure_pbuf(c, k, f[2]))) break;
+            kvt_rbuf_get(r, k->pbuf, (size_t)f[2] * L->esz);
+            k->pend = f[2];
+        }
+    }
+    return rc;
+}
+
+/* The image's cached clusters: re-admitted while the budget has room for them without
+ * evicting (what is not admitted is read from the data file on use, as after an eviction). */
+static void install_cached(kvt_coll *c, kvt_rbuf *r, uint32_t ncached, uint32_t ncl) {
+    kvt_store *s = c->st;
+    size_t esz = c->L.esz;
+    for (uint32_t t = 0; t < ncached && !r->bad; t++) {
+        uint32_t cl = kvt_rbuf_u32(r), cn = kvt_rbuf_u32(r);
+        if (r->bad || cl >= ncl || cn != c->cl[cl].n || (uint64_t)cn * esz > r->len - r->pos) {
+            r->bad = 1;
+            break;
+        }
+        const uint8_t *recs = r->p + r->pos;
+        r->pos += (size_t)cn * esz;
+        uint64_t need = (uint64_t)cn * esz + sizeof(kvt_cache_ent);
+        if (s->mem.used + need > s->mem.budget) continue;
+        kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, cl, cn, esz);
+        if (!e) continue;
+        memcpy(e->rec, recs, (size_t)cn * esz);
+        e->n = cn;
+        e->pins--;
+        c->cl[cl].ent = e;
+    }
+}
+
 /* Rebuilds c from its image (len bytes at img). On failure c stays parked, holding nothing. */
 static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
     kvt_store *s = c->st;
-    const kvt_layout *L = &c->L;
     uint32_t dim = c->p.dim;
     kvt_rbuf r = {img, (size_t)len, 8, 0};
     uint32_t ncl = kvt_rbuf_u32(&r), nco = kvt_rbuf_u32(&r);
@@ -308,75 +372,26 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         return kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u at offset %llu is damaged", c->no,
                         (unsigned long long)c->swap_off);
     c->ncl = 0; /* ensure_clusters grows from zero */
-    int had_keys = c->p.policy == KVT_POLICY_NONE && !c->keys_flash; /* the image holds them */
     int rc = kvt_ensure_clusters(c, ncl);
-    if (!rc) rc = kvt_ensure_ids(c, n); /* (drops the keys to flash if they no longer fit) */
+    if (!rc) rc = kvt_ensure_ids(c, n); /* (policy none: drops its keys to flash if they no longer fit) */
     if (!rc && nco) {
         uint64_t cap = 0;
         rc = kvt_grow_array(c, (void **)&c->cofreq, 2, &cap, (uint64_t)nco * nco);
     }
     c->ncl = ncl;
     c->nco = nco ? nco : c->nco;
-    for (uint32_t j = 0; j < ncl && !rc && !r.bad; j++) {
-        kvt_cluster *k = &c->cl[j];
-        memset(k, 0, sizeof *k);
-        uint32_t f[6];
-        kvt_rbuf_get(&r, f, sizeof f);
-        kvt_rbuf_get(&r, &k->heat, 4);
-        k->heat_visit = kvt_rbuf_u32(&r);
-        kvt_rbuf_get(&r, &k->m2, 8);
-        k->n = f[0];
-        k->flagged = f[3];
-        k->hold = f[4];
-        k->ptail = f[5] <= f[2] ? f[5] : f[2];
-        if (r.bad || f[1] > (r.len - r.pos) / 12 || (uint64_t)f[2] * L->esz > r.len - r.pos) {
-            r.bad = 1;
-            break;
-        }
-        if (f[1] && (rc = kvt_ensure_segs(c, k, f[1]))) break;
-        for (uint32_t g = 0; g < f[1]; g++) {
-            uint32_t sg[3];
-            kvt_rbuf_get(&r, sg, sizeof sg);
-            k->segs[g] = (kvt_seg){sg[0], sg[1], sg[2]};
-        }
-        k->nseg = f[1];
-        if (f[2]) {
-            if ((rc = kvt_ensure_pbuf(c, k, f[2]))) break;
-            kvt_rbuf_get(&r, k->pbuf, (size_t)f[2] * L->esz);
-            k->pend = f[2];
-        }
-    }
+    if (!rc) rc = install_clusters(c, &r, ncl);
     if (!rc) {
         kvt_rbuf_get(&r, c->cent, (size_t)ncl * dim * 4);
         if (c->m2d) kvt_rbuf_get(&r, c->m2d, (size_t)ncl * dim * 4);
         if (c->vsum) kvt_rbuf_get(&r, c->vsum, (size_t)ncl * c->p.value_dim * 4);
         kvt_rbuf_get(&r, c->loc, n * sizeof(kvt_loc));
-        if (c->keys) kvt_rbuf_get(&r, c->keys, n * L->key_bytes);
-        else if (had_keys && n * L->key_bytes > r.len - r.pos) r.bad = 1;
-        else if (had_keys) r.pos += n * L->key_bytes; /* the image's keys, skipped */
+        if (c->ops->image_get && c->ops->image_get(c, &r)) r.bad = 1;
         if (nco) kvt_rbuf_get(&r, c->cofreq, (size_t)nco * nco * 2);
         for (uint32_t j = 0; j < ncl; j++) kvt_update_norm(c, j);
         if (!r.bad && token(c)) rc = kvt_rebuild_members(c);
     }
-    /* cached clusters: re-admitted while the budget has room for them without evicting
-     * (what is not admitted is read from the data file on use, as after an eviction) */
-    for (uint32_t t = 0; t < ncached && !rc && !r.bad; t++) {
-        uint32_t cl = kvt_rbuf_u32(&r), cn = kvt_rbuf_u32(&r);
-        if (r.bad || cl >= ncl || cn != c->cl[cl].n || (uint64_t)cn * L->esz > r.len - r.pos) {
-            r.bad = 1;
-            break;
-        }
-        const uint8_t *recs = r.p + r.pos;
-        r.pos += (size_t)cn * L->esz;
-        uint64_t need = (uint64_t)cn * L->esz + sizeof(kvt_cache_ent);
-        if (s->mem.used + need > s->mem.budget) continue;
-        kvt_cache_ent *e = kvt_cache_admit(&s->cache, c, cl, cn, L->esz);
-        if (!e) continue;
-        memcpy(e->rec, recs, (size_t)cn * L->esz);
-        e->n = cn;
-        e->pins--;
-        c->cl[cl].ent = e;
-    }
+    if (!rc) install_cached(c, &r, ncached, ncl);
     if (!rc && (r.bad || r.len - r.pos < 4)) rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u is inconsistent", c->no);
     if (!rc) {
         uint32_t crc;
@@ -436,10 +451,7 @@ int kvt_give_way(kvt_store *s) {
                 c->ctr.pending_flushes++;
                 freed = 1;
             }
-        if (c->keys) {
-            kvt_drop_keys(c);
-            freed = 1;
-        }
+        if (c->ops->give_way && c->ops->give_way(c)) freed = 1; /* policy none: its resident keys */
         if (kvt_trim_slack(c)) freed = 1;
     }
     return freed;
