@@ -24,10 +24,10 @@ import numpy as np
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import md_table
+from kvtier.config import POLICIES  # the baselines, then the method
 
 from bench.policies import save
 
-POLICIES = ("none", "static", "local", "adaptive")
 TRIGGERS = ("splits_variance", "splits_size", "splits_pending")
 
 

@@ -36,8 +36,8 @@ import numpy as np
 
 import kvtier
 from kvtier.bench.tables import md_table
+from kvtier.config import POLICIES
 
-POLICIES = ("adaptive", "static", "local", "none")
 
 
 def mixture(n: int, d: int, seed: int, centers: int = 512):

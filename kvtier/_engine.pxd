@@ -53,27 +53,10 @@ cdef extern from "kvtier.h" nogil:
     int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     void kvt_store_close(kvt_store *store)
 
+    # The statistics' fields come from kvtier.h's tables (KVT_STORE_STATS, KVT_COLL_STATS),
+    # read through kvt_*_stat_fields: nothing here names a counter.
     ctypedef struct kvt_store_stats:
-        uint64_t dram_bytes, dram_budget, dram_peak_bytes
-        uint64_t cache_bytes, cached_clusters
-        uint64_t cache_hits, cache_misses, evictions
-        uint64_t read_ops, read_bytes, read_entries
-        uint64_t contiguous_reads, gap_bytes
-        uint64_t write_ops, write_bytes, sync_ops
-        double modeled_io_seconds
-        int direct_io
-        uint64_t read_size_hist[24]
-        uint64_t prefetch_issued, prefetch_hits, prefetch_read_bytes, prefetch_errors
-        double io_wait_seconds
-        uint64_t parked_collections, swap_outs, swap_ins, swap_demand_ins
-        uint64_t swap_write_bytes, swap_read_bytes, swap_file_bytes
-        uint64_t split_read_bytes, relayout_read_bytes, partial_page_writes
-        uint64_t write_buffer_entries, write_buffer_evictions, write_buffer_errors
-        double read_seconds
-        double read_size_seconds[24]
-        uint64_t read_size_bytes[24]
-        uint64_t dram_index_bytes, dram_pending_bytes, dram_buffer_bytes
-        uint64_t dram_index_peak, dram_cache_peak, dram_pending_peak, dram_buffer_peak, dram_fixed_peak
+        pass
     int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out)
     int kvt_store_reset_io_stats(kvt_store *store)
     int kvt_store_step(kvt_store *store)
@@ -109,18 +92,27 @@ cdef extern from "kvtier.h" nogil:
     uint64_t kvt_coll_count(const kvt_coll *coll)
 
     ctypedef struct kvt_coll_stats:
-        uint64_t entries, clusters, pools, data_file_bytes
-        double mean_cluster_size, max_cluster_size, mean_variance
-        uint64_t cached_clusters
-        double tau
-        uint64_t splits, unsplittable, deferred_splits, forced_loads, pending_entries
-        uint64_t flagged_clusters, split_read_bytes, split_write_bytes, split_errors, split_skipped
-        uint64_t relayouts, relayout_bytes, relayout_read_bytes, append_bytes, naive_move_bytes
-        uint64_t parked, partial_page_writes, write_buffer_entries, write_buffer_evictions
-        uint64_t write_buffer_errors, pending_flushes, keys_on_flash
-        uint64_t splits_variance, splits_size, splits_pending, fill_retrieves
-        double fill_sum, mean_fill
+        pass
     int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out)
+    ctypedef struct kvt_stat_field:
+        const char *field
+        const char *key
+        const char *also
+        int ctype
+        int kind
+        size_t offset
+    enum:
+        KVT_STAT_CTYPE_U64, KVT_STAT_CTYPE_F64, KVT_STAT_CTYPE_I32, KVT_STAT_CTYPE_U64_24, KVT_STAT_CTYPE_F64_24
+        KVT_STAT_CTYPE_STR
+        KVT_STAT_KIND_INT, KVT_STAT_KIND_FLOAT, KVT_STAT_KIND_BOOL, KVT_STAT_KIND_LIST, KVT_STAT_KIND_STR
+        KVT_STAT_KIND_HIDDEN
+    const kvt_stat_field *kvt_store_stat_fields(size_t *n)
+    const kvt_stat_field *kvt_coll_stat_fields(size_t *n)
+    ctypedef struct kvt_name:
+        const char *name
+        int value
+    const kvt_name *kvt_policy_names(size_t *n)
+    const kvt_name *kvt_cache_policy_names(size_t *n)
     ctypedef struct kvt_budget_t:
         uint64_t entry_bytes, clusters, index, index_grown, keys, buffers, pending, cache
         uint64_t minimum, recommended

@@ -7,12 +7,113 @@ from libc.stdlib cimport malloc, free
 
 from kvtier._engine cimport *
 
+from typing import TypedDict as _TypedDict
+
 import numpy as np
 
 from kvtier.errors import error_class, StoreClosedError
 
 FORMAT_VERSION = KVT_FORMAT_VERSION
 LOC_CHUNK = KVT_LOC_CHUNK
+
+
+cdef dict _names(int cache):
+    cdef size_t n = 0
+    cdef const kvt_name *t = kvt_cache_policy_names(&n) if cache else kvt_policy_names(&n)
+    return {t[i].name.decode(): t[i].value for i in range(n)}
+
+
+#: The clustering policies and the cache policies of kvtier.h's tables (KVT_POLICIES,
+#: KVT_CACHE_POLICIES), name -> engine value, in the tables' order.
+POLICIES = _names(0)
+CACHE_POLICIES = _names(1)
+
+
+# ---- statistics: every key comes from kvtier.h's tables (KVT_STORE_STATS, KVT_COLL_STATS) ----
+
+cdef list _fields(int coll):
+    """(key, also, ctype, kind, offset) per shown field of a table, in its order."""
+    cdef size_t n = 0
+    cdef const kvt_stat_field *f = kvt_coll_stat_fields(&n) if coll else kvt_store_stat_fields(&n)
+    return [(f[i].key.decode(), f[i].also.decode(), f[i].ctype, f[i].kind, f[i].offset)
+            for i in range(n) if f[i].kind != KVT_STAT_KIND_HIDDEN]
+
+
+_STORE_FIELDS = _fields(0)
+_COLL_FIELDS = _fields(1)
+#: The keys the stats dicts carry ("a.b": key b of the nested dict a), as the tables give them.
+STORE_STAT_KEYS = tuple(k for f in _STORE_FIELDS for k in f[:2] if k)
+COLL_STAT_KEYS = tuple(k for f in _COLL_FIELDS for k in f[:2] if k)
+
+
+def _typed_dicts(str name, list fields):
+    """The TypedDict of a stats dict, and of each dict nested in it ("a.b" keys: class A
+    holds b), as scripts/gen_engine_stub.py writes them into the stub."""
+    top, nested = {}, {}
+    for key, also, ctype, kind, _ in fields:
+        t = ((list[float] if ctype == KVT_STAT_CTYPE_F64_24 else list[int]) if kind == KVT_STAT_KIND_LIST
+             else int if kind == KVT_STAT_KIND_INT else float if kind == KVT_STAT_KIND_FLOAT
+             else bool if kind == KVT_STAT_KIND_BOOL else str)
+        for k in (key, also):
+            if not k:
+                continue
+            group, _, leaf = k.rpartition(".")
+            if group:
+                nested.setdefault(group, {})[leaf] = t
+                top.setdefault(group, None)  # its place; its class below
+            else:
+                top[leaf] = t
+    out = {}
+    for group, members in nested.items():
+        cls = "".join(w.capitalize() for w in group.split("_"))
+        out[cls] = top[group] = _TypedDict(cls, members)
+    out[name] = _TypedDict(name, top)
+    return out
+
+
+globals().update(_typed_dicts("StoreStats", _STORE_FIELDS))
+globals().update(_typed_dicts("CollStats", _COLL_FIELDS))
+
+
+cdef object _stat_value(const char *at, int ctype, int kind):
+    cdef object v
+    if ctype == KVT_STAT_CTYPE_U64:
+        v = (<const uint64_t *>at)[0]
+    elif ctype == KVT_STAT_CTYPE_F64:
+        v = (<const double *>at)[0]
+    elif ctype == KVT_STAT_CTYPE_I32:
+        v = (<const int *>at)[0]
+    elif ctype == KVT_STAT_CTYPE_U64_24:
+        v = [int((<const uint64_t *>at)[i]) for i in range(24)]
+    elif ctype == KVT_STAT_CTYPE_F64_24:
+        v = [float((<const double *>at)[i]) for i in range(24)]
+    else:
+        v = (<const char * const *>at)[0].decode()
+    if kind == KVT_STAT_KIND_INT:
+        return int(v)
+    if kind == KVT_STAT_KIND_FLOAT:
+        return float(v)
+    if kind == KVT_STAT_KIND_BOOL:
+        return bool(v)
+    return v
+
+
+cdef void _put(dict out, str key, object value):
+    group, _, name = key.rpartition(".")
+    if group:
+        out.setdefault(group, {})[name] = value
+    else:
+        out[name] = value
+
+
+cdef dict _stats_dict(list fields, const char *base):
+    cdef dict out = {}
+    for key, also, ctype, kind, offset in fields:
+        value = _stat_value(base + <size_t>offset, ctype, kind)
+        _put(out, key, value)
+        if also:
+            _put(out, also, value)
+    return out
 
 
 def simd_kernel():
@@ -89,40 +190,7 @@ cdef class Engine:
         cdef kvt_store *p = self.live()
         with nogil:
             kvt_store_stats_get(p, &s)
-        hist = [int(s.read_size_hist[i]) for i in range(24)]
-        return {
-            "dram_bytes": s.dram_bytes, "dram_budget": s.dram_budget,
-            "dram_peak_bytes": s.dram_peak_bytes, "cache_bytes": s.cache_bytes,
-            "cached_clusters": s.cached_clusters, "cache_hits": s.cache_hits,
-            "cache_misses": s.cache_misses, "evictions": s.evictions,
-            "read_ops": s.read_ops, "read_bytes": s.read_bytes, "read_entries": s.read_entries,
-            "contiguous_reads": s.contiguous_reads, "gap_bytes": s.gap_bytes,
-            "write_ops": s.write_ops, "write_bytes": s.write_bytes, "sync_ops": s.sync_ops,
-            "modeled_io_seconds": s.modeled_io_seconds, "direct_io": bool(s.direct_io),
-            "read_size_histogram": hist, "prefetch_issued": s.prefetch_issued,
-            "prefetch_hits": s.prefetch_hits, "prefetch_read_bytes": s.prefetch_read_bytes,
-            "prefetch_errors": s.prefetch_errors, "io_wait_seconds": s.io_wait_seconds,
-            "parked_collections": s.parked_collections, "swap_outs": s.swap_outs,
-            "swap_ins": s.swap_ins, "swap_demand_ins": s.swap_demand_ins,
-            "swap_write_bytes": s.swap_write_bytes, "swap_read_bytes": s.swap_read_bytes,
-            "swap_file_bytes": s.swap_file_bytes, "partial_page_writes": s.partial_page_writes,
-            "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
-            "write_buffer_errors": s.write_buffer_errors,
-            "io_backend": kvt_store_io_backend(p).decode(), "read_seconds": s.read_seconds,
-            "dram_by_use": {"index": s.dram_index_bytes, "cache": s.cache_bytes,
-                            "pending": s.dram_pending_bytes, "buffers": s.dram_buffer_bytes},
-            "dram_peak_by_use": {"index": s.dram_index_peak, "cache": s.dram_cache_peak,
-                                 "pending": s.dram_pending_peak, "buffers": s.dram_buffer_peak},
-            "dram_fixed_peak_bytes": s.dram_fixed_peak,
-            "read_size_seconds": [float(s.read_size_seconds[i]) for i in range(24)],
-            "read_size_bytes": [int(s.read_size_bytes[i]) for i in range(24)],
-            "read_bytes_by_cause": {
-                "prefetch": s.prefetch_read_bytes, "swap": s.swap_read_bytes,
-                "split": s.split_read_bytes, "relayout": s.relayout_read_bytes,
-                "retrieve": s.read_bytes - min(s.read_bytes, s.prefetch_read_bytes + s.swap_read_bytes
-                                               + s.split_read_bytes + s.relayout_read_bytes),
-            },
-        }
+        return _stats_dict(_STORE_FIELDS, <const char *>&s)
 
     def park(self, list colls, bint unpark=False, bint async_=False, bint keep_cache=True):
         """Parks (or, with unpark, brings back) a group of Coll handles."""
@@ -243,7 +311,7 @@ cdef kvt_coll_params _params(dict p) except *:
     cp.value_dim = p["value_dim"]
     cp.dtype = {"float32": 0, "float16": 1}[p["dtype"]]
     cp.metric = {"ip": 0, "l2": 1}[p["metric"]]
-    cp.policy = {"static": 0, "adaptive": 1, "local": 2, "none": 3}[p["policy"]]
+    cp.policy = POLICIES[p["policy"]]
     cp.init_cluster_size = p["init_cluster_size"]
     cp.max_cluster_size = p["max_cluster_size"]
     cp.kmeans_iters = p["kmeans_iters"]
@@ -393,25 +461,7 @@ cdef class Coll:
         cdef kvt_coll *c = self.live()
         with nogil:
             kvt_coll_stats_get(c, &s)
-        return {
-            "entries": s.entries, "clusters": s.clusters, "pools": s.pools,
-            "data_file_bytes": s.data_file_bytes, "mean_cluster_size": s.mean_cluster_size,
-            "max_cluster_size": int(s.max_cluster_size), "mean_variance": s.mean_variance,
-            "cached_clusters": s.cached_clusters, "tau": s.tau, "splits": s.splits,
-            "unsplittable": s.unsplittable, "deferred_splits": s.deferred_splits,
-            "forced_loads": s.forced_loads, "pending_entries": s.pending_entries,
-            "flagged_clusters": s.flagged_clusters, "split_read_bytes": s.split_read_bytes,
-            "split_write_bytes": s.split_write_bytes, "split_errors": s.split_errors,
-            "split_skipped": s.split_skipped, "relayouts": s.relayouts, "parked": bool(s.parked),
-            "partial_page_writes": s.partial_page_writes,
-            "write_buffer_entries": s.write_buffer_entries, "write_buffer_evictions": s.write_buffer_evictions,
-            "write_buffer_errors": s.write_buffer_errors, "pending_flushes": s.pending_flushes,
-            "keys_on_flash": bool(s.keys_on_flash),
-            "relayout_bytes": s.relayout_bytes, "relayout_read_bytes": s.relayout_read_bytes,
-            "append_bytes": s.append_bytes, "naive_move_bytes": s.naive_move_bytes,
-            "splits_variance": s.splits_variance, "splits_size": s.splits_size,
-            "splits_pending": s.splits_pending, "mean_fill": s.mean_fill,
-        }
+        return _stats_dict(_COLL_FIELDS, <const char *>&s)
 
     def cluster_sizes(self):
         cdef kvt_coll *c = self.live()

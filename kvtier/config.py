@@ -8,6 +8,7 @@ import os
 import re
 from typing import Union
 
+from kvtier import _engine
 from kvtier.errors import InvalidArgumentError
 
 _UNITS = {
@@ -140,7 +141,9 @@ def load_profile(path: Union[str, os.PathLike]) -> DeviceProfile:
     return DeviceProfile(**raw)
 
 
-POLICIES = ("adaptive", "static", "local", "none")
+#: The clustering policies, from the engine's table (kvtier.h KVT_POLICIES): the baselines,
+#: then the method.
+POLICIES = tuple(_engine.POLICIES)
 METRICS = ("ip", "l2")
 DTYPES = ("float16", "float32")
 LAYOUTS = ("colocated", "clustered", "token")

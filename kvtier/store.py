@@ -25,7 +25,7 @@ from kvtier.params import positive_int as _positive_int
 
 DEFAULT_DRAM_BUDGET = "256MiB"
 _DIRECT = {"auto": -1, False: 0, True: 1}
-CACHE_POLICIES = {"lru": 0, "lfu": 1, "cluster": 2}
+CACHE_POLICIES = _engine.CACHE_POLICIES  # name -> engine value (kvtier.h KVT_CACHE_POLICIES)
 
 
 @dataclass(frozen=True)

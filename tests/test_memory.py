@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 import kvtier
-
-POLICIES = ["adaptive", "static", "local", "none"]
+from kvtier.config import POLICIES
 
 
 def data(n, d=16, seed=0):

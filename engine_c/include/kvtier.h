@@ -53,8 +53,34 @@ const char *kvt_last_error(void);
 /* ---- enums -------------------------------------------------------------------------------- */
 enum kvt_dtype { KVT_F32 = 0, KVT_F16 = 1 };
 enum kvt_metric { KVT_METRIC_IP = 0, KVT_METRIC_L2 = 1 };
-enum kvt_policy { KVT_POLICY_STATIC = 0, KVT_POLICY_ADAPTIVE = 1, KVT_POLICY_LOCAL = 2,
-                  KVT_POLICY_NONE = 3 };
+/* The clustering policies, written once: X(ID, value, name) gives KVT_POLICY_ID = value, and
+ * `name` is the policy's name in every API (kvt_policy_names; Python's policy="name"). The
+ * value is stored in catalogs: it never changes. Listed as the benchmarks compare them: the
+ * baselines, then the method. */
+#define KVT_POLICIES(X)                                                                        \
+    X(NONE, 3, none)         /* no clusters: exact token-level top-k, one read per entry */   \
+    X(STATIC, 0, static)     /* PQCache-like: entries join their nearest cluster for good */  \
+    X(LOCAL, 2, local)       /* ClusterKV-like: new entries clustered per window */           \
+    X(ADAPTIVE, 1, adaptive) /* the method: clusters split when their squared error grows */
+enum kvt_policy {
+#define KVT_POLICY_ENUM_(id, value, name) KVT_POLICY_##id = value,
+    KVT_POLICIES(KVT_POLICY_ENUM_)
+#undef KVT_POLICY_ENUM_
+};
+/* The cache policies (kvt_store_opts.cache_policy), the same way. */
+#define KVT_CACHE_POLICIES(X)                                                                  \
+    X(LRU, 0, lru)                                                                             \
+    X(LFU, 1, lfu)                                                                             \
+    X(CLUSTER, 2, cluster) /* cluster-aligned (docs/design.md §2.3) */
+enum kvt_cache_policy {
+#define KVT_CACHE_POLICY_ENUM_(id, value, name) KVT_CACHE_##id = value,
+    KVT_CACHE_POLICIES(KVT_CACHE_POLICY_ENUM_)
+#undef KVT_CACHE_POLICY_ENUM_
+};
+/* A name table, in the order the X-macro lists it. */
+typedef struct kvt_name { const char *name; int value; } kvt_name;
+const kvt_name *kvt_policy_names(size_t *n);
+const kvt_name *kvt_cache_policy_names(size_t *n);
 enum kvt_direct { KVT_DIRECT_AUTO = -1, KVT_DIRECT_OFF = 0, KVT_DIRECT_ON = 1 };
 
 /* ---- device model ------------------------------------------------------------------------- */
@@ -80,8 +106,8 @@ typedef struct kvt_store_opts {
      * between them counts as touching). A good value is the device's knee, bandwidth /
      * IOPS: reading the gap then costs less than another request. */
     uint64_t merge_gap;
-    /* Which cached clusters make room: 0 LRU, 1 LFU, 2 cluster-aligned (docs/design.md §2.3:
-     * clusters updated in the last few decoding steps keep a reserved share; then clusters
+    /* Which cached clusters make room (enum kvt_cache_policy): LRU, LFU, or cluster-aligned
+     * (docs/design.md §2.3: clusters updated in the last few decoding steps keep a reserved share; then clusters
      * not read at their collection's latest retrieve leave first, least recently used first;
      * then the coolest, as counted in the collection's retrieves, the one read last first). */
     int cache_policy;
@@ -151,48 +177,99 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
  * Safe on NULL. */
 void kvt_store_close(kvt_store *store);
 
+/* ---- statistics, each counter written once -------------------------------------------------
+ * A table X(CTYPE, field, KIND, "key", "also") gives each counter its C field (CTYPE: U64,
+ * F64, I32, U64_24 / F64_24 for arrays of 24, STR) and its key in the Python binding's
+ * dicts (KIND: INT, FLOAT, BOOL, LIST, STR, HIDDEN for none; "a.b" is key b of the nested
+ * dict a; "also" is a second key for the same value, or ""). The structs below, the tables
+ * kvt_store_stat_fields / kvt_coll_stat_fields, the binding's dicts and their type stub all
+ * come from it. */
+#define KVT_STORE_STATS(X)                                                                         \
+    /* DRAM reserved against the budget, the budget, the peak (kvt_store_reset_io_stats restarts) */ \
+    X(U64, dram_bytes, INT, "dram_bytes", "")                                                      \
+    X(U64, dram_budget, INT, "dram_budget", "")                                                    \
+    X(U64, dram_peak_bytes, INT, "dram_peak_bytes", "")                                            \
+    X(U64, cache_bytes, INT, "cache_bytes", "dram_by_use.cache")                                   \
+    X(U64, cached_clusters, INT, "cached_clusters", "")                                            \
+    X(U64, cache_hits, INT, "cache_hits", "")                                                      \
+    X(U64, cache_misses, INT, "cache_misses", "")                                                  \
+    X(U64, evictions, INT, "evictions", "")                                                        \
+    /* device reads actually issued (aligned sizes), and the entries they carried */               \
+    X(U64, read_ops, INT, "read_ops", "")                                                          \
+    X(U64, read_bytes, INT, "read_bytes", "")                                                      \
+    X(U64, read_entries, INT, "read_entries", "")                                                  \
+    /* reads as a gap-free layout would count them: read_ops plus one per gap a merged read       \
+     * crossed (store option merge_gap), and the bytes of those gaps, read and dropped */         \
+    X(U64, contiguous_reads, INT, "contiguous_reads", "")                                          \
+    X(U64, gap_bytes, INT, "gap_bytes", "")                                                        \
+    X(U64, write_ops, INT, "write_ops", "")                                                        \
+    X(U64, write_bytes, INT, "write_bytes", "")                                                    \
+    X(U64, sync_ops, INT, "sync_ops", "")                                                          \
+    X(F64, modeled_io_seconds, FLOAT, "modeled_io_seconds", "")                                    \
+    X(I32, direct_io, BOOL, "direct_io", "") /* 1 if reads use O_DIRECT */                        \
+    /* reads with size in [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */                                 \
+    X(U64_24, read_size_hist, LIST, "read_size_histogram", "")                                     \
+    X(U64, prefetch_issued, INT, "prefetch_issued", "") /* clusters queued by prefetch */          \
+    /* of those, found (loaded or loading) by a later read */                                      \
+    X(U64, prefetch_hits, INT, "prefetch_hits", "")                                                \
+    X(U64, prefetch_read_bytes, INT, "prefetch_read_bytes", "read_bytes_by_cause.prefetch")        \
+    /* prefetch reads that failed (the cluster is read again on use) */                            \
+    X(U64, prefetch_errors, INT, "prefetch_errors", "")                                            \
+    /* time calls spent waiting for prefetches still loading */                                    \
+    X(F64, io_wait_seconds, FLOAT, "io_wait_seconds", "")                                          \
+    /* group virtualization (kvt_store_park): parked now, images written / installed, the         \
+     * installs an operation waited for, their bytes, the swap file's size in use */             \
+    X(U64, parked_collections, INT, "parked_collections", "")                                      \
+    X(U64, swap_outs, INT, "swap_outs", "")                                                        \
+    X(U64, swap_ins, INT, "swap_ins", "")                                                          \
+    X(U64, swap_demand_ins, INT, "swap_demand_ins", "")                                            \
+    X(U64, swap_write_bytes, INT, "swap_write_bytes", "")                                          \
+    X(U64, swap_read_bytes, INT, "swap_read_bytes", "read_bytes_by_cause.swap")                    \
+    X(U64, swap_file_bytes, INT, "swap_file_bytes", "")                                            \
+    /* bytes read by cause: split_read_bytes (forced loads) and relayout_read_bytes of every      \
+     * collection; with prefetch_read_bytes and swap_read_bytes the rest of read_bytes is what    \
+     * retrieve, search and get read on demand (retrieve_read_bytes) */                           \
+    X(U64, split_read_bytes, INT, "read_bytes_by_cause.split", "")                                 \
+    X(U64, relayout_read_bytes, INT, "read_bytes_by_cause.relayout", "")                           \
+    X(U64, retrieve_read_bytes, INT, "read_bytes_by_cause.retrieve", "")                           \
+    X(U64, partial_page_writes, INT, "partial_page_writes", "") /* summed over the collections */ \
+    X(U64, write_buffer_entries, INT, "write_buffer_entries", "") /* ... these three too */       \
+    X(U64, write_buffer_evictions, INT, "write_buffer_evictions", "")                              \
+    X(U64, write_buffer_errors, INT, "write_buffer_errors", "")                                    \
+    /* measured (wall-clock) seconds in read system calls and bytes read, by the buckets of       \
+     * read_size_hist: the real bandwidth by request size (reads issued together share their      \
+     * batch's time in proportion to their bytes) */                                              \
+    X(F64, read_seconds, FLOAT, "read_seconds", "")                                                \
+    X(F64_24, read_size_seconds, LIST, "read_size_seconds", "")                                    \
+    X(U64_24, read_size_bytes, LIST, "read_size_bytes", "")                                        \
+    /* dram_bytes by use, and the peak of each since open or the last kvt_store_reset_io_stats:   \
+     * the resident index (cluster directory, representatives, id map, pool table, token-level    \
+     * keys), cached clusters (cache_bytes), pending buffers (write-buffer tails and adaptive     \
+     * pending entries) and transient buffers (add staging, reads, split scratch).                \
+     * dram_fixed_peak is the peak of everything but the cache, which kvt_budget_estimate         \
+     * predicts. */                                                                               \
+    X(U64, dram_index_bytes, INT, "dram_by_use.index", "")                                         \
+    X(U64, dram_pending_bytes, INT, "dram_by_use.pending", "")                                     \
+    X(U64, dram_buffer_bytes, INT, "dram_by_use.buffers", "")                                      \
+    X(U64, dram_index_peak, INT, "dram_peak_by_use.index", "")                                     \
+    X(U64, dram_cache_peak, INT, "dram_peak_by_use.cache", "")                                     \
+    X(U64, dram_pending_peak, INT, "dram_peak_by_use.pending", "")                                 \
+    X(U64, dram_buffer_peak, INT, "dram_peak_by_use.buffers", "")                                  \
+    X(U64, dram_fixed_peak, INT, "dram_fixed_peak_bytes", "")                                      \
+    /* the read backend in force (kvt_store_io_backend): a static string */                      \
+    X(STR, io_backend, STR, "io_backend", "")
+
+/* The C type of each CTYPE. */
+#define KVT_STAT_FIELD_U64(name) uint64_t name;
+#define KVT_STAT_FIELD_F64(name) double name;
+#define KVT_STAT_FIELD_I32(name) int name;
+#define KVT_STAT_FIELD_U64_24(name) uint64_t name[24];
+#define KVT_STAT_FIELD_F64_24(name) double name[24];
+#define KVT_STAT_FIELD_STR(name) const char *name;
+#define KVT_STAT_FIELD_(ctype, name, kind, key, also) KVT_STAT_FIELD_##ctype(name)
+
 typedef struct kvt_store_stats {
-    uint64_t dram_bytes, dram_budget, dram_peak_bytes;
-    uint64_t cache_bytes, cached_clusters;
-    uint64_t cache_hits, cache_misses, evictions;
-    uint64_t read_ops, read_bytes;  /* device reads actually issued (aligned sizes) */
-    uint64_t read_entries;          /* entries those reads carried */
-    /* reads as a gap-free layout would count them: read_ops plus one per gap a merged read
-     * crossed (store option merge_gap), and the bytes of those gaps, read and dropped */
-    uint64_t contiguous_reads, gap_bytes;
-    uint64_t write_ops, write_bytes, sync_ops;
-    double modeled_io_seconds;
-    int direct_io;                  /* 1 if reads use O_DIRECT */
-    uint64_t read_size_hist[24];    /* reads with size in [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */
-    uint64_t prefetch_issued;       /* clusters queued by prefetch */
-    uint64_t prefetch_hits;         /* of those, found (loaded or loading) by a later read */
-    uint64_t prefetch_read_bytes;   /* bytes the loader threads read */
-    uint64_t prefetch_errors;       /* prefetch reads that failed (the cluster is read again on use) */
-    double io_wait_seconds;         /* time calls spent waiting for prefetches still loading */
-    /* group virtualization (kvt_store_park) */
-    uint64_t parked_collections;    /* parked now */
-    uint64_t swap_outs, swap_ins;   /* collection images written / installed */
-    uint64_t swap_demand_ins;       /* of the installs, those an operation waited for */
-    uint64_t swap_write_bytes, swap_read_bytes;
-    uint64_t swap_file_bytes;       /* the swap file's size in use */
-    /* bytes read by cause: split_read_bytes (forced loads) and relayout_read_bytes of every
-     * collection; with prefetch_read_bytes and swap_read_bytes the rest of read_bytes is
-     * what retrieve, search and get read on demand */
-    uint64_t split_read_bytes, relayout_read_bytes;
-    uint64_t partial_page_writes;   /* summed over the collections (kvt_coll_stats) */
-    uint64_t write_buffer_entries, write_buffer_evictions, write_buffer_errors; /* summed */
-    /* measured (wall-clock) seconds in read system calls and bytes read, by the buckets of
-     * read_size_hist: the real bandwidth by request size (reads issued together share their
-     * batch's time in proportion to their bytes) */
-    double read_seconds, read_size_seconds[24];
-    uint64_t read_size_bytes[24];
-    /* dram_bytes by use, and the peak of each since open or the last kvt_store_reset_io_stats:
-     * the resident index (cluster directory, representatives, id map, pool table, token-level
-     * keys), cached clusters (cache_bytes), pending buffers (write-buffer tails and adaptive
-     * pending entries) and transient buffers (add staging, reads, split scratch).
-     * dram_fixed_peak is the peak of everything but the cache, which kvt_budget_estimate predicts. */
-    uint64_t dram_index_bytes, dram_pending_bytes, dram_buffer_bytes;
-    uint64_t dram_index_peak, dram_cache_peak, dram_pending_peak, dram_buffer_peak, dram_fixed_peak;
+    KVT_STORE_STATS(KVT_STAT_FIELD_)
 } kvt_store_stats;
 int kvt_store_stats_get(kvt_store *store, kvt_store_stats *out);
 int kvt_store_reset_io_stats(kvt_store *store);
@@ -294,52 +371,92 @@ int kvt_coll_get(kvt_coll *coll, const int64_t *ids, uint64_t n, void *keys_out,
 
 uint64_t kvt_coll_count(const kvt_coll *coll);
 
+/* A collection's statistics (the same table form as KVT_STORE_STATS). */
+#define KVT_COLL_STATS(X)                                                                          \
+    X(U64, entries, INT, "entries", "")                                                            \
+    X(U64, clusters, INT, "clusters", "")                                                          \
+    X(U64, pools, INT, "pools", "")                                                                \
+    X(U64, data_file_bytes, INT, "data_file_bytes", "")                                            \
+    X(F64, mean_cluster_size, FLOAT, "mean_cluster_size", "")                                      \
+    X(F64, max_cluster_size, INT, "max_cluster_size", "")                                          \
+    X(F64, mean_variance, FLOAT, "mean_variance", "")                                              \
+    X(U64, cached_clusters, INT, "cached_clusters", "")                                            \
+    X(F64, tau, FLOAT, "tau", "") /* adaptive: the split threshold in force */                    \
+    /* clusters split (adaptive) or reclustered windows (local) */                                 \
+    X(U64, splits, INT, "splits", "")                                                              \
+    X(U64, unsplittable, INT, "unsplittable", "") /* split attempts that found no two groups */    \
+    /* clusters flagged while on flash (split waits for a read) */                                 \
+    X(U64, deferred_splits, INT, "deferred_splits", "")                                            \
+    /* clusters read only to split them (pending budget overflow) */                               \
+    X(U64, forced_loads, INT, "forced_loads", "")                                                  \
+    /* entries buffered in DRAM for flagged clusters (adaptive) */                                 \
+    X(U64, pending_entries, INT, "pending_entries", "")                                            \
+    X(U64, flagged_clusters, INT, "flagged_clusters", "")                                          \
+    /* bytes read on behalf of splits (forced loads only), and written by splits */                \
+    X(U64, split_read_bytes, INT, "split_read_bytes", "")                                          \
+    X(U64, split_write_bytes, INT, "split_write_bytes", "")                                        \
+    /* splits that failed on I/O and were left for later; splits postponed because the DRAM      \
+     * budget had no room for them */                                                             \
+    X(U64, split_errors, INT, "split_errors", "")                                                  \
+    X(U64, split_skipped, INT, "split_skipped", "")                                                \
+    /* co-location rewrites done, the bytes they wrote, and read (clusters not in the cache) */   \
+    X(U64, relayouts, INT, "relayouts", "")                                                        \
+    X(U64, relayout_bytes, INT, "relayout_bytes", "")                                              \
+    X(U64, relayout_read_bytes, INT, "relayout_read_bytes", "")                                    \
+    X(U64, append_bytes, INT, "append_bytes", "") /* bytes of entries added */                     \
+    /* what a naive cluster-by-cluster layout (clusters packed back to back, no room to grow)     \
+     * would have moved for the same appends: each append relocates its cluster's entries */      \
+    X(U64, naive_move_bytes, INT, "naive_move_bytes", "")                                          \
+    X(U64, parked, BOOL, "parked", "") /* 1 while parked (kvt_store_park) */                      \
+    /* writes that rewrote a flash page already holding data (the page where an append meets      \
+     * earlier records): each costs the device a read-modify-write of that page */                \
+    X(U64, partial_page_writes, INT, "partial_page_writes", "")                                    \
+    /* page-aligned write buffers (kvt_store_opts.write_buffer): entries waiting in them now;     \
+     * buffers written out before they filled a page, to make room for hotter clusters; and       \
+     * such writes that failed on I/O (the entries stay buffered, written later or by the next    \
+     * checkpoint, which reports its own failures) */                                             \
+    X(U64, write_buffer_entries, INT, "write_buffer_entries", "")                                  \
+    X(U64, write_buffer_evictions, INT, "write_buffer_evictions", "")                              \
+    X(U64, write_buffer_errors, INT, "write_buffer_errors", "")                                    \
+    /* pending buffers written to flash early because the DRAM budget was needed elsewhere (a    \
+     * flagged cluster stays flagged: it splits when it is next read) */                          \
+    X(U64, pending_flushes, INT, "pending_flushes", "")                                            \
+    /* policy none: 1 once its keys no longer fit the budget and are scanned from flash (one      \
+     * sequential read of the key column per retrieve or search, counted in the I/O stats) */     \
+    X(U64, keys_on_flash, BOOL, "keys_on_flash", "")                                               \
+    /* adaptive: splits by what flagged the cluster: the variance rule (SSE past its threshold),  \
+     * the size cap, and the pending budget's overflow (forced loads) */                          \
+    X(U64, splits_variance, INT, "splits_variance", "")                                            \
+    X(U64, splits_size, INT, "splits_size", "")                                                    \
+    X(U64, splits_pending, INT, "splits_pending", "")                                              \
+    /* retrieves: how many had an entry budget, the sum of returned / budget over them, and      \
+     * its mean mean_fill */                                                                      \
+    X(U64, fill_retrieves, HIDDEN, "", "")                                                         \
+    X(F64, fill_sum, HIDDEN, "", "")                                                               \
+    X(F64, mean_fill, FLOAT, "mean_fill", "")
+
 typedef struct kvt_coll_stats {
-    uint64_t entries, clusters, pools, data_file_bytes;
-    double mean_cluster_size, max_cluster_size, mean_variance;
-    uint64_t cached_clusters;
-    double tau;
-    uint64_t splits;            /* clusters split (adaptive) or reclustered windows (local) */
-    uint64_t unsplittable;      /* split attempts that found no two groups */
-    uint64_t deferred_splits;   /* clusters flagged while on flash (split waits for a read) */
-    uint64_t forced_loads;      /* clusters read only to split them (pending budget overflow) */
-    uint64_t pending_entries;   /* entries buffered in DRAM for flagged clusters (adaptive) */
-    uint64_t flagged_clusters;
-    uint64_t split_read_bytes;  /* bytes read on behalf of splits (forced loads only) */
-    uint64_t split_write_bytes; /* bytes written by splits */
-    uint64_t split_errors;      /* splits that failed on I/O and were left for later */
-    uint64_t split_skipped;     /* splits postponed: the DRAM budget had no room for them */
-    uint64_t relayouts;         /* co-location rewrites done */
-    uint64_t relayout_bytes;    /* bytes they wrote */
-    uint64_t relayout_read_bytes; /* bytes they read (clusters not in the cache) */
-    uint64_t append_bytes;      /* bytes of entries added */
-    /* what a naive cluster-by-cluster layout (clusters packed back to back, no room to grow)
-     * would have moved for the same appends: each append relocates its cluster's entries */
-    uint64_t naive_move_bytes;
-    uint64_t parked;            /* 1 while parked (kvt_store_park) */
-    /* writes that rewrote a flash page already holding data (the page where an append meets
-     * earlier records): each costs the device a read-modify-write of that page */
-    uint64_t partial_page_writes;
-    /* page-aligned write buffers (kvt_store_opts.write_buffer): entries waiting in them now;
-     * buffers written out before they filled a page, to make room for hotter clusters; and
-     * such writes that failed on I/O (the entries stay buffered, written later or by the
-     * next checkpoint, which reports its own failures) */
-    uint64_t write_buffer_entries, write_buffer_evictions, write_buffer_errors;
-    /* pending buffers written to flash early because the DRAM budget was needed elsewhere
-     * (a flagged cluster stays flagged: it splits when it is next read) */
-    uint64_t pending_flushes;
-    /* policy none: 1 once its keys no longer fit the budget and are scanned from flash (one
-     * sequential read of the key column per retrieve or search, counted in the I/O stats) */
-    uint64_t keys_on_flash;
-    /* adaptive: splits by what flagged the cluster: the variance rule (SSE past its
-     * threshold), the size cap, and the pending budget's overflow (forced loads) */
-    uint64_t splits_variance, splits_size, splits_pending;
-    /* clustered retrieves: entries returned and entry budgets asked, summed over retrieves,
-     * and their ratio mean_fill (the mean of returned / budget per retrieve) */
-    uint64_t fill_retrieves;
-    double fill_sum, mean_fill;
+    KVT_COLL_STATS(KVT_STAT_FIELD_)
 } kvt_coll_stats;
 int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
+
+/* The tables as data (for bindings): one entry per X of KVT_STORE_STATS / KVT_COLL_STATS, in
+ * order, with the field's offset in its struct. */
+enum kvt_stat_ctype {
+    KVT_STAT_CTYPE_U64, KVT_STAT_CTYPE_F64, KVT_STAT_CTYPE_I32, KVT_STAT_CTYPE_U64_24, KVT_STAT_CTYPE_F64_24,
+    KVT_STAT_CTYPE_STR
+};
+enum kvt_stat_kind {
+    KVT_STAT_KIND_INT, KVT_STAT_KIND_FLOAT, KVT_STAT_KIND_BOOL, KVT_STAT_KIND_LIST, KVT_STAT_KIND_STR,
+    KVT_STAT_KIND_HIDDEN
+};
+typedef struct kvt_stat_field {
+    const char *field, *key, *also;
+    int ctype, kind; /* enum kvt_stat_ctype, enum kvt_stat_kind */
+    size_t offset;
+} kvt_stat_field;
+const kvt_stat_field *kvt_store_stat_fields(size_t *n);
+const kvt_stat_field *kvt_coll_stat_fields(size_t *n);
 /* Entry count of every cluster (cap entries written, total returned in *n_clusters). */
 int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters);
 

@@ -342,7 +342,6 @@ static void budget(const kvt_coll_params *p, uint64_t n, const kvt_layout *L, do
 }
 
 const kvt_policy_ops kvt_policy_adaptive = {
-    .name = "adaptive",
     .clustered = 1,
     .cluster_size = cluster_size,
     .budget = budget,

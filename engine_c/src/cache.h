@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kvtier.h"
 #include "mem.h"
 
 /* Steps after which an unused entry's heat counts as zero. */
@@ -50,11 +51,9 @@ typedef struct kvt_cache_ent {
     uint8_t *rec;
 } kvt_cache_ent;
 
-enum kvt_cache_policy { KVT_CACHE_LRU = 0, KVT_CACHE_LFU = 1, KVT_CACHE_CLUSTER = 2 };
-
 typedef struct kvt_cache {
     kvt_mem *mem;                      /* the ledger the cache is charged to */
-    int policy;
+    int policy;                        /* enum kvt_cache_policy (kvtier.h) */
     uint64_t tick;
     uint64_t step;                     /* decoding steps (kvt_cache_step, or detected) */
     int explicit_steps;                /* the caller marks steps: no detection */

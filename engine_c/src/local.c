@@ -127,7 +127,6 @@ static uint32_t staging(const kvt_coll *c) { return c->local.staging; }
 static void load_dir(kvt_coll *c, double tau, uint32_t st) { c->local.staging = st; }
 
 const kvt_policy_ops kvt_policy_local = {
-    .name = "local",
     .clustered = 1,
     .check_params = check_params,
     .cluster_size = cluster_size,

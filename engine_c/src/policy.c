@@ -5,21 +5,18 @@
  * retrieves read whole clusters (retrieve.c).
  *
  * Invariants:
- * 1. Every value of enum kvt_policy has an entry, and an entry's name is the policy's name
- *    in the Python API (kvtier.config).
+ * 1. Every policy of KVT_POLICIES has an entry, at its value, and its hooks are named after
+ *    it (kvt_policy_<name>): the names are written once, in kvtier.h.
  */
 #include <stddef.h>
 
 #include "policy.h"
 
-const kvt_policy_ops kvt_policy_static = {.name = "static", .clustered = 1};
+const kvt_policy_ops kvt_policy_static = {.clustered = 1};
 
-static const kvt_policy_ops *const table[] = {
-    [KVT_POLICY_STATIC] = &kvt_policy_static,
-    [KVT_POLICY_ADAPTIVE] = &kvt_policy_adaptive,
-    [KVT_POLICY_LOCAL] = &kvt_policy_local,
-    [KVT_POLICY_NONE] = &kvt_policy_none,
-};
+/* Each policy of KVT_POLICIES (kvtier.h) at its value: its ops are kvt_policy_<name>. */
+#define ENTRY_(id, value, name) [value] = &kvt_policy_##name,
+static const kvt_policy_ops *const table[] = {KVT_POLICIES(ENTRY_)};
 
 const kvt_policy_ops *kvt_policy_ops_for(int policy) {
     return policy >= 0 && (size_t)policy < sizeof table / sizeof *table ? table[policy] : NULL;

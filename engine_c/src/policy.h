@@ -47,7 +47,6 @@ typedef struct kvt_exact_coll {
 typedef void (*kvt_put_fn)(void *w, const void *p, size_t n);
 
 typedef struct kvt_policy_ops {
-    const char *name;
     /* 0: the policy keeps no clusters to score, split or estimate (none): one chain of
      * entries in token order, retrieved exactly (retrieve, search_scan) */
     int clustered;

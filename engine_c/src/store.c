@@ -51,6 +51,14 @@ static kvt_cache_owner *owner_state(void *owner) { return &((kvt_coll *)owner)->
 
 /* ---- store -------------------------------------------------------------------------------- */
 
+static int cache_policy_known(int policy) {
+    size_t n;
+    const kvt_name *t = kvt_cache_policy_names(&n);
+    for (size_t i = 0; i < n; i++)
+        if (t[i].value == policy) return 1;
+    return 0;
+}
+
 int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out) {
     kvt_clear_error();
     if (!dir || !opts || !out) return kvt_fail(KVT_EINVAL, "store_open: NULL argument");
@@ -71,9 +79,14 @@ int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out)
     s->K = kvt_simd();
     s->merge_gap = opts->merge_gap;
     s->write_buffer = opts->write_buffer;
-    if (opts->cache_policy < KVT_CACHE_LRU || opts->cache_policy > KVT_CACHE_CLUSTER) {
+    if (!cache_policy_known(opts->cache_policy)) {
+        char names[128];
+        size_t n, at = 0;
+        const kvt_name *t = kvt_cache_policy_names(&n);
+        for (size_t i = 0; i < n; i++)
+            at += (size_t)snprintf(names + at, sizeof names - at, "%s%d (%s)", i ? ", " : "", t[i].value, t[i].name);
         kvt_store_close(s);
-        return kvt_fail(KVT_EINVAL, "cache_policy: 0 (lru), 1 (lfu) or 2 (cluster) expected, got %d", opts->cache_policy);
+        return kvt_fail(KVT_EINVAL, "cache_policy: one of %s expected, got %d", names, opts->cache_policy);
     }
     s->cache.policy = opts->cache_policy;
     *out = s;
@@ -179,6 +192,9 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
         o->write_buffer_evictions += c->ctr.write_buffer_evictions;
         o->write_buffer_errors += c->ctr.write_buffer_errors;
     }
+    uint64_t by_cause = o->prefetch_read_bytes + o->swap_read_bytes + o->split_read_bytes + o->relayout_read_bytes;
+    o->retrieve_read_bytes = o->read_bytes - (by_cause < o->read_bytes ? by_cause : o->read_bytes);
+    o->io_backend = kvt_io_backend_name(&s->io);
     UNLOCK(s);
     return 0;
 }

@@ -305,7 +305,6 @@ static void budget(const kvt_coll_params *p, uint64_t n, const kvt_layout *L, do
 }
 
 const kvt_policy_ops kvt_policy_none = {
-    .name = "none",
     .clustered = 0,
     .budget = budget,
     .drop = drop,

@@ -56,8 +56,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from kvtier.benchargs import json_default
+from kvtier.config import POLICIES as CLUSTERINGS
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
+from kvtier.store import CACHE_POLICIES as _CACHE_POLICIES
 
 from kvtier.bench.capture import Trace, load_trace, read_trace, resolve_cache_dir, trace_path
 from kvtier.bench.kvreplay import LAYOUTS, replay
@@ -66,8 +68,8 @@ from kvtier.bench.tables import md_table
 FORMAT = 1
 REPLAY_WORKLOADS = ("W1", "W2")
 WORKLOADS = REPLAY_WORKLOADS + ("W4",)
-POLICIES = ("none", "static", "local", "adaptive")
-CACHE_POLICIES = ("lru", "lfu", "cluster")
+POLICIES = CLUSTERINGS  # the baselines, then the method (kvtier.config.POLICIES)
+CACHE_POLICIES = tuple(_CACHE_POLICIES)
 CALIBRATED = "calibrated"  # device name: the profile measured on --out by this run
 # bytes per stored entry besides the key and value (id and bookkeeping), as bench.cache counts
 ENTRY_OVERHEAD = 16
