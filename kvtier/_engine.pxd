@@ -9,6 +9,13 @@ cdef extern from "kvtier.h" nogil:
     const char *kvt_strerror(int code)
     const char *kvt_last_error()
 
+    int KVT_ON_CORRUPT_RAISE, KVT_ON_CORRUPT_SKIP
+    int kvt_set_on_corrupt(int mode)
+    ctypedef struct kvt_unreadable:
+        uint32_t coll
+        int64_t id
+    size_t kvt_last_unreadable(const kvt_unreadable **out)
+
     ctypedef struct kvt_device:
         double latency_s
         double iops
@@ -124,6 +131,13 @@ cdef extern from "kvtier.h" nogil:
     int kvt_coll_is_parked(kvt_coll *coll)
     int kvt_coll_changed(kvt_coll *coll)
     int kvt_coll_cluster_sizes(kvt_coll *coll, uint32_t *sizes, uint64_t cap, uint64_t *n_clusters)
+    ctypedef struct kvt_verify_t:
+        uint64_t records, damaged, in_dram
+        int header_damaged, header_checksummed
+        uint64_t file_bytes, named_bytes
+    int kvt_coll_verify(kvt_coll *coll, kvt_verify_t *out)
+    int kvt_coll_tune_nprobe(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k, double target,
+                             uint32_t *nprobe, double *recall)
 
     ctypedef struct kvt_checkpoint:
         pass

@@ -138,12 +138,31 @@ def budget_estimate(dict params, uint64_t n, uint64_t write_buffer, double fetch
             "resident_per_entry": e.resident_per_entry}
 
 
+ON_CORRUPT = {"raise": KVT_ON_CORRUPT_RAISE, "skip": KVT_ON_CORRUPT_SKIP}
+
+
+def last_unreadable():
+    """The entries the calling thread's last read call (search, retrieve, retrieve_batch, get,
+    open, verify) met damaged: an int64 array of (collection number, id) rows, sorted."""
+    cdef const kvt_unreadable *u = NULL
+    cdef size_t n = kvt_last_unreadable(&u), i
+    out = np.empty((n, 2), dtype=np.int64)
+    cdef int64_t[:, ::1] ov = out
+    for i in range(n):
+        ov[i, 0] = u[i].coll
+        ov[i, 1] = u[i].id
+    return out
+
+
 cdef int check(int rc) except -1:
     if rc == 0:
         return 0
     detail = kvt_last_error().decode(errors="replace")
     name = kvt_strerror(rc).decode()
-    raise error_class(rc)(f"{name} — {detail}" if detail else name, rc)
+    e = error_class(rc)(f"{name} — {detail}" if detail else name, rc)
+    if rc == KVT_ECORRUPT:
+        e.unreadable = last_unreadable()  # (collection number, id) rows the call met damaged
+    raise e
 
 
 cdef class Engine:
@@ -214,7 +233,7 @@ cdef class Engine:
 
     def retrieve_batch(self, list colls, const float[:, :, ::1] q, const uint64_t[::1] budgets,
                        int64_t[:, ::1] ids, keys, values, int32_t[:, ::1] clusters,
-                       uint64_t[::1] counts):
+                       uint64_t[::1] counts, int on_corrupt=0):
         """Retrieves for a group of Coll handles of one shape in one engine call: q is
         (n, nq, dim); ids, clusters (n, cap), keys (n, cap, dim), values (n, cap, value_dim)
         in the collections' dtype, counts (n,), all preallocated and C-contiguous."""
@@ -237,7 +256,7 @@ cdef class Engine:
         cdef int32_t *cp = &clusters[0, 0] if cap else NULL
         cdef uint64_t nq = q.shape[1]
         cdef kvt_coll **v = <kvt_coll **>malloc(n * sizeof(kvt_coll *))
-        cdef int rc
+        cdef int rc, prev
         if v is NULL:
             raise MemoryError()
         try:
@@ -246,8 +265,10 @@ cdef class Engine:
                 if (<Coll>colls[i]).owner is not self:
                     raise ValueError("retrieve_batch: collections of this engine expected")
             with nogil:
+                prev = kvt_set_on_corrupt(on_corrupt)
                 rc = kvt_retrieve_batch(<kvt_coll *const *>v, n, &q[0, 0, 0], nq, &budgets[0], cap,
                                         ip, kp, vp, cp, &counts[0])
+                kvt_set_on_corrupt(prev)
             check(rc)
         finally:
             free(v)
@@ -282,7 +303,7 @@ cdef class Engine:
         check(rc)
         return Coll._wrap(self, c, params)
 
-    def open_coll(self, uint32_t no, dict params, bytes dir_blob, list chunks):
+    def open_coll(self, uint32_t no, dict params, bytes dir_blob, list chunks, int on_corrupt=0):
         cdef kvt_coll_params cp = _params(params)
         cdef kvt_coll *c = NULL
         cdef kvt_store *p = self.live()
@@ -291,13 +312,15 @@ cdef class Engine:
         cdef size_t *lens = <size_t *>malloc((n + 1) * sizeof(size_t))
         cdef const char *d = dir_blob
         cdef size_t dl = len(dir_blob)
-        cdef int rc
+        cdef int rc, prev
         try:
             for i in range(n):
                 ptrs[i] = <const char *>chunks[i]
                 lens[i] = len(chunks[i])
             with nogil:
+                prev = kvt_set_on_corrupt(on_corrupt)
                 rc = kvt_coll_open(p, no, &cp, d, dl, ptrs, lens, n, &c)
+                kvt_set_on_corrupt(prev)
             check(rc)
         finally:
             free(ptrs)
@@ -371,26 +394,30 @@ cdef class Coll:
         check(rc)
         return first
 
-    def search(self, const float[:, ::1] q, uint32_t k, uint32_t nprobe):
+    def search(self, const float[:, ::1] q, uint32_t k, uint32_t nprobe, int on_corrupt=0):
         cdef uint64_t nq = q.shape[0]
         ids = np.empty((nq, k), dtype=np.int64)
         scores = np.empty((nq, k), dtype=np.float32)
         cdef int64_t[:, ::1] iv = ids
         cdef float[:, ::1] sv = scores
         cdef kvt_coll *c = self.live()
-        cdef int rc
+        cdef int rc, prev
         with nogil:
+            prev = kvt_set_on_corrupt(on_corrupt)
             rc = kvt_coll_search(c, &q[0, 0], nq, k, nprobe, &iv[0, 0], &sv[0, 0])
+            kvt_set_on_corrupt(prev)
         check(rc)
         return ids, scores
 
-    def retrieve(self, const float[:, ::1] q, uint64_t budget):
+    def retrieve(self, const float[:, ::1] q, uint64_t budget, int on_corrupt=0):
         cdef kvt_result *r = NULL
         cdef kvt_coll *c = self.live()
         cdef uint64_t nq = q.shape[0], n
-        cdef int rc
+        cdef int rc, prev
         with nogil:
+            prev = kvt_set_on_corrupt(on_corrupt)
             rc = kvt_coll_retrieve(c, &q[0, 0], nq, budget, &r)
+            kvt_set_on_corrupt(prev)
         check(rc)
         try:
             return self._result_arrays(r)
@@ -408,7 +435,8 @@ cdef class Coll:
             _copy_result(r, ids, keys, values, clusters)
         return ids, keys, values, clusters
 
-    def retrieve_est(self, const float[:, ::1] q, uint64_t budget, int64_t clusters, double scale, int variance=0):
+    def retrieve_est(self, const float[:, ::1] q, uint64_t budget, int64_t clusters, double scale, int variance=0,
+                     int on_corrupt=0):
         """retrieve plus the estimate of the clusters not fetched (kvt_coll_retrieve_est):
         (ids, keys, values, clusters, lse [nq] f32, est_values [nq, value_dim] f32,
         estimated clusters, estimated entries)."""
@@ -419,9 +447,11 @@ cdef class Coll:
         opts.clusters = clusters
         opts.scale = scale
         opts.variance = variance
-        cdef int rc
+        cdef int rc, prev
         with nogil:
+            prev = kvt_set_on_corrupt(on_corrupt)
             rc = kvt_coll_retrieve_est(c, &q[0, 0], nq, budget, &opts, &r)
+            kvt_set_on_corrupt(prev)
         check(rc)
         try:
             lse = np.empty(nq, dtype=np.float32)
@@ -440,7 +470,7 @@ cdef class Coll:
         check(rc)
         return queued
 
-    def get(self, const int64_t[::1] ids):
+    def get(self, const int64_t[::1] ids, int on_corrupt=0):
         cdef uint64_t n = ids.shape[0]
         keys = np.empty((n, self.dim), dtype=self.dtype)
         values = np.empty((n, self.value_dim), dtype=self.dtype)
@@ -450,9 +480,11 @@ cdef class Coll:
         cdef unsigned char[::1] vb = values.reshape(-1).view(np.uint8)
         cdef void *vp = &vb[0] if vb.shape[0] else NULL
         cdef kvt_coll *c = self.live()
-        cdef int rc
+        cdef int rc, prev
         with nogil:
+            prev = kvt_set_on_corrupt(on_corrupt)
             rc = kvt_coll_get(c, &ids[0], n, &kb[0], vp)
+            kvt_set_on_corrupt(prev)
         check(rc)
         return keys, values
 
@@ -462,6 +494,32 @@ cdef class Coll:
         with nogil:
             kvt_coll_stats_get(c, &s)
         return _stats_dict(_COLL_FIELDS, <const char *>&s)
+
+    def tune_nprobe(self, const float[:, ::1] q, uint32_t k, double target):
+        """(nprobe, recall): the fewest probes reaching target recall@k on q (kvt_coll_tune_nprobe)."""
+        cdef kvt_coll *c = self.live()
+        cdef uint64_t nq = q.shape[0]
+        cdef uint32_t nprobe = 1
+        cdef double recall = 1.0
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_tune_nprobe(c, &q[0, 0], nq, k, target, &nprobe, &recall)
+        check(rc)
+        return nprobe, recall
+
+    def verify(self):
+        """Reads and checks every record on flash and the header page (kvt_coll_verify): a dict
+        of counts, and the damaged ids in "unreadable" (int64, sorted)."""
+        cdef kvt_verify_t v
+        cdef kvt_coll *c = self.live()
+        cdef int rc
+        with nogil:
+            rc = kvt_coll_verify(c, &v)
+        check(rc)
+        bad = last_unreadable()
+        return {"records": v.records, "damaged": v.damaged, "in_dram": v.in_dram,
+                "header_damaged": bool(v.header_damaged), "header_checksummed": bool(v.header_checksummed),
+                "file_bytes": v.file_bytes, "named_bytes": v.named_bytes, "unreadable": bad[:, 1].copy()}
 
     def cluster_sizes(self):
         cdef kvt_coll *c = self.live()

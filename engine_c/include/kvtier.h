@@ -50,6 +50,31 @@ const char *kvt_strerror(int code);
 /* The calling thread's last detailed error message ("" if none). Valid until the next call. */
 const char *kvt_last_error(void);
 
+/* ---- damaged entries ------------------------------------------------------------------------ */
+/* What a read does when a record it needs fails its checksum, does not match the catalog, or
+ * lies past the end of a truncated data file. The choice is the calling thread's, like
+ * kvt_last_error, and applies to kvt_coll_search, kvt_coll_retrieve(_est), kvt_retrieve_batch,
+ * kvt_coll_get and kvt_coll_open:
+ *  - KVT_ON_CORRUPT_RAISE (the default): the call fails with KVT_ECORRUPT, its message naming
+ *    the data file, the collection and the ids of the damaged records;
+ *  - KVT_ON_CORRUPT_SKIP: the call answers from the intact entries: search ranks only them,
+ *    retrieve returns only them (the budget is not refilled from other clusters), get fills
+ *    only their rows (the rows of the others are zeros); kvt_coll_open accepts a damaged
+ *    header page (the catalog, checksummed on its own, gives the file's geometry).
+ * Either way kvt_last_unreadable then lists the entries the call could not read. A cluster
+ * found damaged is not cached, split or rewritten by the call (a co-location rewrite that
+ * meets it is abandoned), so nothing intact is lost and the damage stays where verify finds
+ * it. Returns the previous mode, or KVT_EINVAL for an unknown mode. */
+enum kvt_on_corrupt { KVT_ON_CORRUPT_RAISE = 0, KVT_ON_CORRUPT_SKIP = 1 };
+int kvt_set_on_corrupt(int mode);
+/* An entry a read could not read: the collection's number (as given to kvt_coll_create) and
+ * its id. */
+typedef struct kvt_unreadable { uint32_t coll; int64_t id; } kvt_unreadable;
+/* The entries the calling thread's last read call (search, retrieve, retrieve_batch, get,
+ * open, verify) met damaged, sorted by collection and id, each once; *out (may be NULL) points
+ * at them until the thread's next such call. Returns their number. */
+size_t kvt_last_unreadable(const kvt_unreadable **out);
+
 /* ---- enums -------------------------------------------------------------------------------- */
 enum kvt_dtype { KVT_F32 = 0, KVT_F16 = 1 };
 enum kvt_metric { KVT_METRIC_IP = 0, KVT_METRIC_L2 = 1 };
@@ -289,7 +314,9 @@ const char *kvt_store_io_backend(kvt_store *store);
 int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
                     kvt_coll **out);
 /* Reopens a collection from its committed directory blob and id-map chunks (see export).
- * chunks[i] holds chunk i (KVT_LOC_CHUNK ids). Errors: KVT_EFORMAT, KVT_ECORRUPT, KVT_EBUDGET,
+ * chunks[i] holds chunk i (KVT_LOC_CHUNK ids). A damaged data file header is KVT_ECORRUPT,
+ * unless the thread reads with KVT_ON_CORRUPT_SKIP (then it opens, with
+ * kvt_coll_stats.header_damaged set). Errors: KVT_EFORMAT, KVT_ECORRUPT, KVT_EBUDGET,
  * KVT_EINVAL, errno. */
 int kvt_coll_open(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
                   const void *dir_blob, size_t dir_len, const void *const *chunks,
@@ -306,6 +333,16 @@ int kvt_coll_add(kvt_coll *coll, const void *keys, const void *values, uint64_t 
  * are padded with id -1 and score -inf. Errors: KVT_EINVAL, KVT_ECORRUPT, errno. */
 int kvt_coll_search(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k,
                     uint32_t nprobe, int64_t *ids_out, float *scores_out);
+
+/* Chooses search's nprobe from the collection: the fewest probes with which the nq sample
+ * queries would find at least `target` (in (0, 1]) of their true top-k, measured exactly in
+ * one pass over the collection (every entry scored against every query, each true neighbour's
+ * cluster ranked as search ranks it). *nprobe gets that count (1 for policy none, which does
+ * not probe, or an empty collection), *recall the recall it reaches on the sample. Reads like
+ * a search of every cluster; changes nothing. Errors: KVT_EINVAL, KVT_EBUDGET, KVT_ECORRUPT,
+ * errno. */
+int kvt_coll_tune_nprobe(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k, double target,
+                         uint32_t *nprobe, double *recall);
 
 /* Whole clusters in descending score (max over the query group) whose entry counts fit in
  * `budget` entries in total. The result owns its arrays. Errors: as search. */
@@ -433,7 +470,11 @@ uint64_t kvt_coll_count(const kvt_coll *coll);
      * its mean mean_fill */                                                                      \
     X(U64, fill_retrieves, HIDDEN, "", "")                                                         \
     X(F64, fill_sum, HIDDEN, "", "")                                                               \
-    X(F64, mean_fill, FLOAT, "mean_fill", "")
+    X(F64, mean_fill, FLOAT, "mean_fill", "")                                                      \
+    /* damage met by reads since open: records found damaged (once per read that met them), and \
+     * whether the data file's header page was found damaged at open (skip mode, kvtier.h) */     \
+    X(U64, damaged_reads, INT, "damaged_reads", "")                                                \
+    X(U64, header_damaged, BOOL, "header_damaged", "")
 
 typedef struct kvt_coll_stats {
     KVT_COLL_STATS(KVT_STAT_FIELD_)
@@ -508,6 +549,27 @@ int kvt_coll_committed(kvt_coll *coll, const kvt_checkpoint *cp);
 int kvt_coll_changed(kvt_coll *coll);
 void kvt_checkpoint_free(kvt_checkpoint *cp);
 void kvt_free(void *p);
+
+/* ---- verification ------------------------------------------------------------------------- */
+/* Reads every record of a collection from its data file (never from the cache) and checks its
+ * checksum and that it holds the id the catalog puts there, and checks the data file's header
+ * page (its fields against the collection's parameters, and its page checksum; a header
+ * written before page checksums existed must be zero past its fields). Records past the end of
+ * the file count as damaged. The damaged entries' ids go to kvt_last_unreadable. Reads are
+ * charged as any other (one record column, pool by pool); the cache is left as it was. Entries
+ * still in DRAM (a write buffer's tail, adaptive pending entries) are not on flash: counted in
+ * in_dram, not checked. Errors: KVT_EBUDGET (no room for one pool's read), errno (an I/O error
+ * other than a short read). */
+typedef struct kvt_verify_t {
+    uint64_t records;       /* records read and checked */
+    uint64_t damaged;       /* of them, failed (their ids: kvt_last_unreadable) */
+    uint64_t in_dram;       /* entries not on flash yet, not checked */
+    int header_damaged;     /* 1: the header page fails its checksum or its fields do not match */
+    int header_checksummed; /* 1: the header page carries a page checksum (0: an older file) */
+    uint64_t file_bytes;    /* the data file's size */
+    uint64_t named_bytes;   /* the end of the furthest record the catalog names */
+} kvt_verify_t;
+int kvt_coll_verify(kvt_coll *coll, kvt_verify_t *out);
 
 /* ---- know before you run ------------------------------------------------------------------ */
 /* What a collection of n entries with these parameters needs of the DRAM budget, sized from

@@ -6,6 +6,9 @@
  * 1. A checkpoint first writes every pending tail and syncs the data; the caller commits the
  *    exported blobs in one catalog transaction; only then are retired heads reused.
  * 2. Every blob carries a CRC-32C; a mismatch on load is KVT_ECORRUPT.
+ * 3. A data file's header page must match the catalog and its page checksum; in skip mode
+ *    (kvt_set_on_corrupt) a damaged one is noted (header_damaged) and the catalog's geometry
+ *    used, since the catalog's blobs are checked on their own.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -306,6 +309,15 @@ static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len,
     return 0;
 }
 
+/* The data format a directory blob records (0 if the blob fails its checksum): in skip mode
+ * the word of the catalog when the data file's header page is damaged. */
+static uint32_t dir_format(const void *blob, size_t len) {
+    if (!blob_crc_ok(blob, len) || (memcmp(blob, DIR_MAGIC, 8) != 0 && memcmp(blob, DIR_MAGIC_VSUM, 8) != 0)) return 0;
+    uint32_t v;
+    memcpy(&v, (const uint8_t *)blob + 8, 4);
+    return v;
+}
+
 typedef struct keys_ctx { kvt_coll *c; } keys_ctx;
 
 /* estimate.c: a directory exported before value sums existed; they are summed from the
@@ -315,6 +327,39 @@ static void take_vsum(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) 
     for (uint32_t i = 0; i < n; i++) kvt_vsum_add(c, ci, kvt_rec_value(&c->L, recs + (size_t)i * c->L.esz));
 }
 
+/* The data file's header page against the collection (invariant 3): the catalog's word
+ * (checksummed) on the file's format decides its geometry. A header declaring a later format
+ * is a newer kvtier's file (KVT_EFORMAT), or, in skip mode when the catalog declares a format
+ * this engine reads, a damaged header read on with the catalog's geometry. */
+static int open_header(kvt_coll *c, const kvt_coll_params *p, const void *dir_blob, size_t dir_len, int skip) {
+    uint8_t page[KVT_DATA_HEADER];
+    int rc = skip ? kvt_read_clamped(c, 0, sizeof page, page, 0) : kvt_file_read(c->f, 0, sizeof page, page, 0);
+    uint32_t version = rc ? 0 : kvt_data_header_version(page), dir_version = dir_format(dir_blob, dir_len);
+    int dir_known = dir_version >= 1 && dir_version <= KVT_FORMAT_VERSION;
+    int header_version = (int)version, foreign = version > KVT_FORMAT_VERSION && (!skip || !dir_known);
+    if (dir_known) version = dir_version;
+    if (version >= 1 && version < KVT_FORMAT_VERSION) /* an older file: read in its own geometry */
+        kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, version, !kvt_token_log(p));
+    if (rc) return rc;
+    int fields_ok, checksummed;
+    rc = kvt_data_header_check(&c->L, p, page, &fields_ok, &checksummed);
+    if (rc == KVT_EFORMAT && !foreign) rc = KVT_ECORRUPT;
+    if (rc && skip && !foreign) {
+        c->ctr.header_damaged = 1;
+        return 0;
+    }
+    if (rc == KVT_EFORMAT)
+        return kvt_fail(rc, "%s: data file header is of another format version (%d; this kvtier reads 1 to %d, the "
+                            "catalog says %u): written by a newer kvtier, or a damaged header (kvtier verify)",
+                        kvt_file_path(c->f), header_version, KVT_FORMAT_VERSION, dir_version);
+    if (rc)
+        return kvt_fail(rc, "%s: data file header page of collection %u is %s", kvt_file_path(c->f), c->no,
+                        fields_ok ? "damaged past its fields (they match the catalog: no entry is affected; "
+                                    "open with on_corrupt='skip' to read it)"
+                                  : "damaged or does not match the catalog");
+    return 0;
+}
+
 int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const void *dir_blob,
                   size_t dir_len, const void *const *chunks, const size_t *chunk_lens, size_t n_chunks,
                   kvt_coll **out) {
@@ -322,17 +367,10 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
     LOCK(s);
     kvt_coll *c;
     uint32_t *counts = NULL;
+    int skip = kvt_read_begin() == KVT_READ_SKIP;
     int rc = kvt_coll_new(s, no, p, 0, &c);
     if (rc) goto done;
-    uint8_t page[KVT_DATA_HEADER];
-    rc = kvt_file_read(c->f, 0, sizeof page, page, 0);
-    uint32_t version = rc ? 0 : kvt_data_header_version(page);
-    if (version >= 1 && version < KVT_FORMAT_VERSION) /* an older file: read in its own geometry */
-        kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, version, !kvt_token_log(p));
-    if (!rc) {
-        rc = kvt_data_header_check(&c->L, p, page);
-        if (rc) kvt_fail(rc, "%s: data file header is %s", kvt_file_path(c->f), rc == KVT_EFORMAT ? "of another format version" : "damaged or does not match the catalog");
-    }
+    rc = open_header(c, p, dir_blob, dir_len, skip);
     int sums_missing = 0;
     if (!rc) rc = load_dir(c, dir_blob, dir_len, &sums_missing);
     uint64_t want = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0;

@@ -15,6 +15,11 @@
  * error site reads `return kvt_fail(KVT_EINVAL, "dim %u > %u", d, max);`. */
 int kvt_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void kvt_clear_error(void);
+/* The calling thread's on_corrupt choice (kvt_set_on_corrupt), and its list of unreadable
+ * entries (kvt_last_unreadable): emptied when a read call starts, added to as it meets damage. */
+int kvt_on_corrupt(void);
+void kvt_unreadable_clear(void);
+void kvt_unreadable_add(uint32_t coll, int64_t id);
 
 /* Crash testing: when the environment names this point (KVTIER_KILL_AT=name:n), the n-th
  * time the process reaches it, it kills itself with SIGKILL, as a power cut at that moment

@@ -4,6 +4,8 @@
  * Invariants:
  * 1. kvt_strerror never returns NULL and never allocates.
  * 2. The detail message is thread-local: concurrent calls never see each other's errors.
+ * 3. So are the on_corrupt choice and the list of unreadable entries (kvt_last_unreadable): a
+ *    thread's list holds only what its own calls met, and is freed when the thread ends.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -26,6 +28,76 @@ int kvt_fail(int code, const char *fmt, ...) {
 
 void kvt_clear_error(void) { last_error[0] = '\0'; }
 const char *kvt_last_error(void) { return last_error; }
+
+/* ---- damaged entries: the calling thread's choice and what its last read met -------------- */
+
+static _Thread_local int on_corrupt = KVT_ON_CORRUPT_RAISE;
+
+int kvt_set_on_corrupt(int mode) {
+    if (mode != KVT_ON_CORRUPT_RAISE && mode != KVT_ON_CORRUPT_SKIP) return KVT_EINVAL;
+    int prev = on_corrupt;
+    on_corrupt = mode;
+    return prev;
+}
+
+int kvt_on_corrupt(void) { return on_corrupt; }
+
+typedef struct unread_list { kvt_unreadable *v; size_t n, cap, sorted; } unread_list;
+static _Thread_local unread_list *unread;
+static pthread_key_t unread_key; /* only for its destructor: frees a thread's list at exit */
+static pthread_once_t unread_once = PTHREAD_ONCE_INIT;
+
+static void unread_free(void *p) {
+    unread_list *u = p;
+    if (u) free(u->v);
+    free(u);
+}
+static void unread_init(void) { (void)pthread_key_create(&unread_key, unread_free); }
+
+void kvt_unreadable_clear(void) {
+    if (unread) unread->n = unread->sorted = 0;
+}
+
+/* The list lives outside the DRAM budget, as an error message does: it is the caller's answer,
+ * at most one entry per damaged record the call met. Out of memory, it stops growing (the call's
+ * own result says what it returned; the message still names the first ids). */
+void kvt_unreadable_add(uint32_t coll, int64_t id) {
+    if (!unread) {
+        pthread_once(&unread_once, unread_init);
+        if (!(unread = calloc(1, sizeof *unread))) return;
+        (void)pthread_setspecific(unread_key, unread);
+    }
+    if (unread->n == unread->cap) {
+        size_t cap = unread->cap ? unread->cap * 2 : 64;
+        kvt_unreadable *v = realloc(unread->v, cap * sizeof *v);
+        if (!v) return;
+        unread->v = v;
+        unread->cap = cap;
+    }
+    unread->v[unread->n++] = (kvt_unreadable){coll, id};
+}
+
+static int by_coll_id(const void *a, const void *b) {
+    const kvt_unreadable *x = a, *y = b;
+    if (x->coll != y->coll) return x->coll < y->coll ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+size_t kvt_last_unreadable(const kvt_unreadable **out) {
+    if (!unread || !unread->n) {
+        if (out) *out = NULL;
+        return 0;
+    }
+    if (unread->sorted != unread->n) { /* a search may meet one damaged cluster per query block */
+        qsort(unread->v, unread->n, sizeof *unread->v, by_coll_id);
+        size_t m = 1;
+        for (size_t i = 1; i < unread->n; i++)
+            if (by_coll_id(&unread->v[i], &unread->v[m - 1])) unread->v[m++] = unread->v[i];
+        unread->n = unread->sorted = m;
+    }
+    if (out) *out = unread->v;
+    return unread->n;
+}
 
 const char *kvt_strerror(int code) {
     switch (code) {

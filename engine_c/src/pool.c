@@ -97,6 +97,12 @@ void kvt_rec_reverse(const kvt_layout *L, uint8_t *recs, uint32_t n) {
     }
 }
 
+/* The header page's trailer: a tag and the CRC-32C of every byte of the page before it, so
+ * that damage anywhere in the page is found (the fields' own CRC covers only the fields). Files
+ * written before the trailer existed have zeros there and everywhere past their fields. */
+#define HEADER_TAG "KVTHPAGE"
+#define HEADER_TRAILER 12u
+
 void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page[KVT_DATA_HEADER]) {
     memset(page, 0, KVT_DATA_HEADER);
     kvt_wbuf w = {0};
@@ -115,6 +121,10 @@ void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page
     kvt_wbuf_u32(&w, crc);
     if (!w.oom) memcpy(page, w.p, w.len);
     free(w.p);
+    uint8_t *t = page + KVT_DATA_HEADER - HEADER_TRAILER;
+    memcpy(t, HEADER_TAG, 8);
+    crc = kvt_crc32c(0, page, KVT_DATA_HEADER - 4);
+    memcpy(t + 8, &crc, 4);
 }
 
 uint32_t kvt_data_header_version(const uint8_t page[KVT_DATA_HEADER]) {
@@ -124,14 +134,33 @@ uint32_t kvt_data_header_version(const uint8_t page[KVT_DATA_HEADER]) {
     return version;
 }
 
-int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER]) {
+/* The page past the fields (the first 64 bytes, compared with what they should be): its
+ * trailer's checksum, or for an older file, zeros up to the end. */
+static int header_page_ok(const uint8_t page[KVT_DATA_HEADER], int *checksummed) {
+    const uint8_t *t = page + KVT_DATA_HEADER - HEADER_TRAILER;
+    *checksummed = memcmp(t, HEADER_TAG, 8) == 0;
+    if (*checksummed) {
+        uint32_t crc;
+        memcpy(&crc, t + 8, 4);
+        return crc == kvt_crc32c(0, page, KVT_DATA_HEADER - 4);
+    }
+    for (size_t i = 64; i < KVT_DATA_HEADER; i++)
+        if (page[i]) return 0;
+    return 1;
+}
+
+int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER],
+                          int *fields_ok, int *checksummed) {
     uint8_t want[KVT_DATA_HEADER];
+    *fields_ok = *checksummed = 0;
     if (memcmp(page, KVT_DATA_MAGIC, 8) != 0) return KVT_ECORRUPT;
     uint32_t version;
     memcpy(&version, page + 8, 4);
     if (version != L->format) return version >= 1 && version <= KVT_FORMAT_VERSION ? KVT_ECORRUPT : KVT_EFORMAT;
     kvt_data_header(L, p, want);
-    return memcmp(page, want, 64) == 0 ? 0 : KVT_ECORRUPT;
+    *fields_ok = memcmp(page, want, 64) == 0;
+    int page_ok = header_page_ok(page, checksummed);
+    return *fields_ok && page_ok ? 0 : KVT_ECORRUPT;
 }
 
 int kvt_pools_reserve(kvt_pools *P, uint32_t need) {

@@ -123,11 +123,17 @@ static inline const void *kvt_rec_value(const kvt_layout *L, const uint8_t *rec)
 /* Reverses the order of n records in place (head-1 runs are stored last-first). */
 void kvt_rec_reverse(const kvt_layout *L, uint8_t *recs, uint32_t n);
 
-/* The data file's header page. */
+/* The data file's header page: the fields (magic, format, geometry, their CRC-32C) in its
+ * first 64 bytes, zeros, and a trailer with the CRC-32C of the whole page. */
 void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page[KVT_DATA_HEADER]);
 /* The format version a header page declares, or 0 if it is no data file header. */
 uint32_t kvt_data_header_version(const uint8_t page[KVT_DATA_HEADER]);
-int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER]);
+/* 0 if the page is the header of a file of this layout and parameters and intact; KVT_EFORMAT
+ * if it declares a format this engine does not read; else KVT_ECORRUPT. *fields_ok: the fields
+ * match; *checksummed: the page carries the page checksum (files written before it did are
+ * intact when they are zeros past the fields). */
+int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER],
+                          int *fields_ok, int *checksummed);
 
 /* Claims a head for `owner` with room for at least one record: a free head of a pool whose
  * other head belongs to another cluster (so two clusters pair up), else a free pool, else a

@@ -6,10 +6,13 @@
  * Invariants:
  * 1. A cached cluster's records equal its records on flash plus its pending buffer, in order.
  * 2. Every record read is checked against the id map (store.c 2) before anyone sees it; a
- *    mismatch is KVT_ECORRUPT, never silent garbage.
+ *    mismatch is KVT_ECORRUPT naming the ids the id map puts there, never silent garbage. In
+ *    skip mode (kvtier.h, kvt_set_on_corrupt) the damaged records are listed and left out,
+ *    and their cluster is not cached.
  * 3. The read buffers are reserved against the budget before the reads are issued.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,19 +20,91 @@
 #include "read.h"
 #include "store.h"
 
-/* ---- reading clusters --------------------------------------------------------------------- */
+/* ---- damaged records ---------------------------------------------------------------------- */
 
-/* Checks a run of records read from flash against the id map. */
-int kvt_check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off) {
-    for (uint32_t i = 0; i < n; i++) {
-        int64_t id;
-        if (kvt_rec_check(&c->L, recs + (size_t)i * c->L.esz, &id) || id < 0 || (uint64_t)id >= c->n ||
-            c->loc[id].cl != ci || c->loc[id].idx != first_idx + i)
-            return kvt_fail(KVT_ECORRUPT, "%s: record at offset %llu (cluster %u, entry %u) failed its checksum or does not match the catalog",
-                            kvt_file_path(c->f), (unsigned long long)(off + (uint64_t)i * c->L.esz), ci, first_idx + i);
-    }
+int kvt_read_begin(void) {
+    kvt_unreadable_clear();
+    return kvt_on_corrupt() == KVT_ON_CORRUPT_SKIP ? KVT_READ_SKIP : KVT_READ_RAISE;
+}
+
+int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec) {
+    int64_t id;
+    return !kvt_rec_check(&c->L, rec, &id) && id >= 0 && (uint64_t)id < c->n && c->loc[id].cl == ci &&
+           c->loc[id].idx == idx;
+}
+
+int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci) {
+    if (c->ndmg_cl > KVT_DMG_SLOTS) return 1;
+    for (uint32_t i = 0; i < c->ndmg_cl; i++)
+        if (c->dmg_cl[i] == ci) return 1;
     return 0;
 }
+
+/* "3, 7-9, 12" for ascending ids, then ", ..." when there were more than shown. */
+static void format_ids(char *buf, size_t cap, const int64_t *ids, uint32_t n, uint64_t total) {
+    size_t at = 0;
+    buf[0] = '\0';
+    for (uint32_t i = 0; i < n && at + 1 < cap;) {
+        uint32_t j = i;
+        while (j + 1 < n && ids[j + 1] == ids[j] + 1) j++;
+        int w = j > i ? snprintf(buf + at, cap - at, "%s%lld-%lld", i ? ", " : "", (long long)ids[i], (long long)ids[j])
+                      : snprintf(buf + at, cap - at, "%s%lld", i ? ", " : "", (long long)ids[i]);
+        at += w > 0 ? (size_t)w : 0;
+        i = j + 1;
+    }
+    if (total > n && at + 6 < cap) snprintf(buf + at, cap - at, ", ...");
+}
+
+/* A run with a damaged record: the ids the id map puts at its damaged positions, found in one
+ * pass over the id map (damage is rare; the engine keeps no map from positions to ids). */
+static int damaged(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
+                   uint64_t off, uint32_t *bad) {
+    enum { SHOWN = 24 };
+    int64_t shown[SHOWN];
+    uint32_t nshown = 0, rejects = 0;
+    uint64_t named = 0;
+    for (uint32_t i = 0; i < n; i++) rejects += !kvt_rec_ok(c, ci, first_idx + i, recs + (size_t)i * c->L.esz);
+    for (uint64_t id = 0; id < c->n; id++) {
+        kvt_loc l = c->loc[id];
+        if (l.cl != ci || l.idx < first_idx || l.idx - first_idx >= n ||
+            kvt_rec_ok(c, ci, l.idx, recs + (size_t)(l.idx - first_idx) * c->L.esz))
+            continue;
+        named++;
+        if (nshown < SHOWN) shown[nshown++] = (int64_t)id;
+        if (mode != KVT_READ_OWN) kvt_unreadable_add(c->no, (int64_t)id);
+    }
+    c->ctr.damaged_reads += rejects;
+    if (c->ndmg_cl < KVT_DMG_SLOTS) c->dmg_cl[c->ndmg_cl++] = ci;
+    else c->ndmg_cl = KVT_DMG_SLOTS + 1; /* too many to list: every cluster counts as damaged */
+    if (mode == KVT_READ_SKIP) {
+        if (bad) *bad = rejects;
+        return 0;
+    }
+    char ids[256];
+    format_ids(ids, sizeof ids, shown, nshown, named);
+    return kvt_fail(KVT_ECORRUPT, "%s: collection %u: %llu damaged record%s (id%s %s) in the %u read from offset %llu: "
+                    "checksum or catalog mismatch",
+                    kvt_file_path(c->f), c->no, (unsigned long long)named, named == 1 ? "" : "s", named == 1 ? "" : "s",
+                    named ? ids : "none: positions the id map does not name", n, (unsigned long long)off);
+}
+
+int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
+                  uint64_t off, uint32_t *bad) {
+    if (bad) *bad = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (!kvt_rec_ok(c, ci, first_idx + i, recs + (size_t)i * c->L.esz))
+            return damaged(c, mode, ci, first_idx, recs, n, off, bad);
+    return 0;
+}
+
+int kvt_read_clamped(kvt_coll *c, uint64_t off, size_t len, void *dst, uint64_t entries) {
+    uint64_t size = kvt_file_size(c->f);
+    size_t have = off >= size ? 0 : (size_t)(size - off < len ? size - off : len);
+    if (have < len) memset((uint8_t *)dst + have, 0, len - have);
+    return have ? kvt_file_read(c->f, off, have, dst, entries) : 0;
+}
+
+/* ---- reading clusters --------------------------------------------------------------------- */
 
 typedef kvt_extent extent;
 
@@ -88,20 +163,60 @@ uint32_t kvt_read_buffer_records(const kvt_coll *c, const kvt_cluster *k) {
 }
 
 /* A cluster's segments, read as stacked by its extents, become its records in order in the
- * same buffer and are checked. */
-static int finish_cluster(kvt_coll *c, uint32_t ci, uint8_t *buf) {
+ * same buffer and are checked. *kept: its records on flash that are intact; in skip mode the
+ * damaged ones are left out, the rest moved to the front in order. */
+static int finish_cluster(kvt_coll *c, uint32_t ci, uint8_t *buf, uint32_t *kept) {
     const kvt_layout *L = &c->L;
     kvt_cluster *k = &c->cl[ci];
-    if (token(c)) return k->n - k->pend ? kvt_check_run(c, ci, 0, buf, k->n - k->pend, token_offset(c, k->mem[0])) : 0;
-    kvt_unpack_segs(L, k->segs, k->nseg, buf);
-    uint32_t base = 0;
+    uint32_t flash = k->n - k->pend, bad = 0, b;
     int rc = 0;
-    for (uint32_t g = 0; g < k->nseg && !rc; g++) {
-        const kvt_seg *sg = &k->segs[g];
-        if (sg->n) rc = kvt_check_run(c, ci, base, buf + (size_t)base * L->esz, sg->n, kvt_run_offset(L, sg->pool, sg->head, 0, sg->n));
-        base += sg->n;
+    *kept = flash;
+    if (token(c)) {
+        if (flash) rc = kvt_check_run(c, c->read_mode, ci, 0, buf, flash, token_offset(c, k->mem[0]), &bad);
+    } else {
+        kvt_unpack_segs(L, k->segs, k->nseg, buf);
+        uint32_t base = 0;
+        for (uint32_t g = 0; g < k->nseg && !rc; g++) {
+            const kvt_seg *sg = &k->segs[g];
+            if (sg->n) {
+                rc = kvt_check_run(c, c->read_mode, ci, base, buf + (size_t)base * L->esz, sg->n,
+                                   kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), &b);
+                bad += b;
+            }
+            base += sg->n;
+        }
     }
-    return rc;
+    if (rc || !bad) return rc;
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < flash; i++) {
+        const uint8_t *rec = buf + (size_t)i * L->esz;
+        if (!kvt_rec_ok(c, ci, i, rec)) continue;
+        if (m != i) memmove(buf + (size_t)m * L->esz, rec, L->esz);
+        m++;
+    }
+    *kept = m;
+    return 0;
+}
+
+/* Skip mode: extents (or their parts) past the end of a truncated file are not read; their
+ * bytes in the cluster's buffer are zeros, which no record check accepts. Returns how many of
+ * the m extents are left to read. */
+static uint32_t clamp_extents(kvt_coll *c, extent *ex, uint32_t m, uint8_t *buf, uint64_t *size) {
+    if (*size == UINT64_MAX) *size = kvt_file_size(c->f);
+    for (uint32_t x = 0; x < m;) {
+        if (ex[x].off + ex[x].len <= *size) {
+            x++;
+            continue;
+        }
+        uint64_t have = ex[x].off < *size ? *size - ex[x].off : 0;
+        memset(buf + ex[x].boff + have, 0, ex[x].len - have);
+        if (have) {
+            ex[x++].len = have;
+        } else {
+            ex[x] = ex[--m];
+        }
+    }
+    return m;
 }
 
 /* A merged read: extents a..e-1 (sorted by offset), and its buffer when it merges several. */
@@ -227,6 +342,7 @@ static void batch_free(kvt_coll *c, batch *B) {
  * scratch reserved against the budget) and their extents. */
 static int stage_batch(kvt_coll *c, const uint32_t *list, batch *B, visit_fn fn, void *ctx) {
     kvt_store *s = c->st;
+    uint64_t size = UINT64_MAX; /* the file's, looked up once when skip mode needs it */
     for (uint32_t b = 0; b < B->nb; b++) {
         uint32_t ci = list[b];
         kvt_cluster *k = &c->cl[ci];
@@ -259,6 +375,7 @@ static int stage_batch(kvt_coll *c, const uint32_t *list, batch *B, visit_fn fn,
             }
         }
         uint32_t m = kvt_cluster_extents(c, k, k->segs, k->nseg, B->ex + B->nex);
+        if (c->read_mode == KVT_READ_SKIP) m = clamp_extents(c, B->ex + B->nex, m, B->buf[b], &size);
         for (uint32_t x = 0; x < m; x++) B->ex[B->nex + x].slot = b;
         B->nex += m;
     }
@@ -330,7 +447,8 @@ static int issue_batch(kvt_coll *c, batch *B, uint64_t all) {
 
 /* Finish: pending entries complete each read cluster, fn sees it, then it is cached (the
  * entry keeps its records and gives back the read's padding) or its scratch freed. After an
- * error nothing more is handed out and the entries are dropped. */
+ * error nothing more is handed out and the entries are dropped; a cluster with damaged records
+ * (skip mode) is handed out without them and never cached. */
 static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, visit_fn fn, void *ctx) {
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
@@ -339,12 +457,12 @@ static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, vis
         if (!B->buf[b]) continue;
         uint32_t ci = list[b];
         kvt_cluster *k = &c->cl[ci];
-        if (!rc) rc = finish_cluster(c, ci, B->buf[b]);
-        if (!rc && k->pend)
-            memcpy(B->buf[b] + (size_t)(k->n - k->pend) * L->esz, k->pbuf, (size_t)k->pend * L->esz);
-        if (!rc) fn(ctx, ci, B->buf[b], k->n);
+        uint32_t kept = 0;
+        if (!rc) rc = finish_cluster(c, ci, B->buf[b], &kept);
+        if (!rc && k->pend) memcpy(B->buf[b] + (size_t)kept * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+        if (!rc) fn(ctx, ci, B->buf[b], kept + k->pend);
         if (B->ent[b]) {
-            if (rc) {
+            if (rc || kept + k->pend != k->n) {
                 kvt_cache_drop(&s->cache, B->ent[b]);
             } else {
                 B->ent[b]->n = k->n;

@@ -7,6 +7,7 @@
 #ifndef KVT_READ_H
 #define KVT_READ_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "store.h"
@@ -28,9 +29,31 @@ uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_
 /* Packs a stacked read of segs (kvt_cluster_extents) into the cluster's records in order:
  * padding dropped, head-1 runs put first-first. Token-layout reads need no packing. */
 void kvt_unpack_segs(const kvt_layout *L, const kvt_seg *segs, uint32_t nseg, uint8_t *buf);
-/* Checks n records read from flash at offset off, entries first_idx.. of cluster ci, against
- * the id map (read.c 2). */
-int kvt_check_run(kvt_coll *c, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off);
+/* Damaged records (read.c 2). A read call (search, retrieve, get, open) runs with the thread's
+ * choice (kvt_set_on_corrupt) in coll->read_mode; reads made for the engine's own work (splits,
+ * co-location rewrites, prefetch jobs, value sums at open) run KVT_READ_OWN, which raises and
+ * lists nothing, so that a rewrite never drops what it could not read. */
+enum kvt_read_mode {
+    KVT_READ_OWN = 0,   /* KVT_ECORRUPT naming the ids; nothing listed */
+    KVT_READ_RAISE = 1, /* KVT_ECORRUPT naming the ids, which are listed (kvt_last_unreadable) */
+    KVT_READ_SKIP = 2   /* the damaged records are listed and left out; the call goes on */
+};
+/* The mode of a read call starting on this thread (and its unreadable list emptied). */
+int kvt_read_begin(void);
+/* 1 if the record at position idx of cluster ci is intact: its checksum holds and it is the
+ * record the id map puts there. */
+int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec);
+/* Checks n records read from flash at offset off, entries first_idx.. of cluster ci, in
+ * `mode`. All intact: 0. Else the damaged ones are named by id (through the id map): in
+ * KVT_READ_SKIP they are listed, counted in *bad (may be NULL otherwise) and 0 is returned,
+ * the caller leaving out those kvt_rec_ok rejects; else KVT_ECORRUPT. */
+int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
+                  uint64_t off, uint32_t *bad);
+/* 1 if cluster ci was found damaged by the call in progress. */
+int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci);
+/* Skip mode's read: len bytes at off, of which what lies past the end of the file is zeros
+ * (records there then fail their check) instead of a short-read error. */
+int kvt_read_clamped(kvt_coll *c, uint64_t off, size_t len, void *dst, uint64_t entries);
 /* Records a buffer that reads cluster k needs room for (padding included). */
 uint32_t kvt_read_buffer_records(const kvt_coll *c, const kvt_cluster *k);
 

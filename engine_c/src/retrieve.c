@@ -12,6 +12,9 @@
  *    whatever the cache kept of them; the result is taken before any split changes them.
  * 3. The co-location rewrite, when it is due, runs after the policy's upkeep, and the result
  *    names each entry's cluster as it is after both.
+ * 4. The read runs in the calling thread's on_corrupt mode (read.c 2); everything after it
+ *    reads for the engine itself. In skip mode a cluster found damaged is handed to no policy
+ *    (its rows lack the damaged records), and the rows they left empty are closed up.
  *
  * A retrieve is a pipeline of named steps: select (score every cluster, take them in score
  * order under the budget, estimate the rest), scratch for the cluster taken in part, read
@@ -133,6 +136,7 @@ static int read_step(retrieval *R) {
         R->sel.rows[j] = at;
         at += c->cl[j].n;
     }
+    for (uint64_t i = 0; c->read_mode == KVT_READ_SKIP && i < R->total; i++) R->r->ids[i] = -1; /* close_up */
     kvt_io_batch_begin(&s->io);
     kvt_cache_owner_read(&s->cache, &c->cache_state);
     int rc = kvt_visit_clusters(c, R->sel.idx, (uint32_t)R->taken, fill_result, &R->fx);
@@ -174,7 +178,7 @@ static void hand_over_step(retrieval *R) {
     kvt_selection_release_budget(c, &R->sel); /* room for the policy's work; idx is still read */
     for (uint64_t t = 0; t < R->taken; t++) {
         uint32_t j = R->sel.idx[t];
-        if (!ops->wants_records(c, j)) continue;
+        if (!ops->wants_records(c, j) || kvt_cluster_damaged(c, j)) continue; /* invariant 4 */
         if (j == R->fx.part_cl) {
             if (R->fx.keep) ops->records_read(c, j, R->fx.keep, 0);
             continue;
@@ -191,6 +195,21 @@ static void hand_over_step(retrieval *R) {
     if (ops->after_read) ops->after_read(c);
 }
 
+/* Skip mode: the rows damaged records left empty (id -1) closed up, the rest in order. */
+static void close_up(kvt_result *r, uint64_t rows) {
+    uint64_t m = 0;
+    for (uint64_t i = 0; i < rows; i++) {
+        if (r->ids[i] < 0) continue;
+        if (m != i) {
+            r->ids[m] = r->ids[i];
+            memcpy(r->keys + m * r->key_bytes, r->keys + i * r->key_bytes, r->key_bytes);
+            if (r->value_bytes) memcpy(r->values + m * r->value_bytes, r->values + i * r->value_bytes, r->value_bytes);
+        }
+        m++;
+    }
+    r->n = m;
+}
+
 static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
                              const kvt_estimate_opts *est, kvt_result *r) {
     retrieval R = {.c = c, .r = r};
@@ -199,7 +218,10 @@ static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t 
     R.fx.rows = R.sel.rows;
     if (!rc && R.part) rc = partial_step(&R);
     if (!rc) rc = read_step(&R);
+    int mode = c->read_mode;
+    c->read_mode = KVT_READ_OWN; /* invariant 4: the policy's work and co-location read for the engine */
     if (!rc) hand_over_step(&R);
+    if (!rc && mode == KVT_READ_SKIP && c->ndmg_cl) close_up(r, R.total);
     if (!rc && kvt_relayout_due(c) && kvt_relayout(c)) c->ctr.split_errors++;
     /* name: the clusters the entries belong to now, after any split or relayout */
     for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]].cl;
@@ -232,21 +254,34 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     return rc;
 }
 
+/* A retrieve in the thread's on_corrupt mode (read.c); what runs after its read is back in the
+ * engine's own mode (invariant 4). */
+static int retrieve_in_mode(kvt_coll *c, int mode, const float *q, uint64_t nq, uint64_t budget,
+                            const kvt_estimate_opts *est, kvt_result **out) {
+    c->read_mode = mode;
+    c->ndmg_cl = 0;
+    int rc = retrieve_locked(c, q, nq, budget, est, out);
+    c->read_mode = KVT_READ_OWN;
+    return rc;
+}
+
 int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result **out) {
     kvt_clear_error();
+    int mode = kvt_read_begin();
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
     int rc;
-    RUN_READY(c, retrieve_locked(c, q, nq, budget, NULL, out));
+    RUN_READY(c, retrieve_in_mode(c, mode, q, nq, budget, NULL, out));
     return rc;
 }
 
 int kvt_coll_retrieve_est(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
                           const kvt_estimate_opts *est, kvt_result **out) {
     kvt_clear_error();
+    int mode = kvt_read_begin();
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
     if (!est) return kvt_fail(KVT_EINVAL, "retrieve: estimate options expected");
     if (!(est->scale >= 0) || !isfinite(est->scale)) return kvt_fail(KVT_EINVAL, "scale: a finite value > 0 (or 0 for 1/sqrt(dim)) expected");
     int rc;
-    RUN_READY(c, retrieve_locked(c, q, nq, budget, est, out));
+    RUN_READY(c, retrieve_in_mode(c, mode, q, nq, budget, est, out));
     return rc;
 }

@@ -4,6 +4,8 @@
  *
  * Invariants:
  * 1. Search and get never change clusters: no split, no relayout.
+ * 2. They read in the calling thread's on_corrupt mode (read.c 2): in skip mode a damaged
+ *    record is not a candidate of search, and get leaves its rows zero and lists its id.
  */
 #include <errno.h>
 #include <math.h>
@@ -189,12 +191,24 @@ out:
     return rc;
 }
 
+/* Runs a read call in the thread's on_corrupt mode (read.c), and back to the engine's own
+ * mode for whatever the collection does next. */
+static int search_in_mode(kvt_coll *c, int mode, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe,
+                          int64_t *ids_out, float *scores_out) {
+    c->read_mode = mode;
+    c->ndmg_cl = 0;
+    int rc = search_locked(c, q, nq, k, nprobe, ids_out, scores_out);
+    c->read_mode = KVT_READ_OWN;
+    return rc;
+}
+
 int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe,
                     int64_t *ids_out, float *scores_out) {
     kvt_clear_error();
+    int mode = kvt_read_begin();
     if (!q || nq == 0 || k == 0) return kvt_fail(KVT_EINVAL, "search: need at least one query and k >= 1");
     int rc;
-    RUN_READY(c, search_locked(c, q, nq, k, nprobe, ids_out, scores_out));
+    RUN_READY(c, search_in_mode(c, mode, q, nq, k, nprobe, ids_out, scores_out));
     return rc;
 }
 
@@ -202,6 +216,7 @@ int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32
 
 int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
     kvt_clear_error();
+    int mode = kvt_read_begin();
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
     LOCK(s);
@@ -210,6 +225,7 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
         UNLOCK(s);
         return rc;
     }
+    c->read_mode = mode;
     for (uint64_t i = 0; i < n; i++)
         if (ids[i] < 0 || (uint64_t)ids[i] >= c->n) {
             rc = kvt_fail(KVT_ENOTFOUND, "ids: id %lld is not in the collection (0..%llu)", (long long)ids[i],
@@ -234,10 +250,16 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
         } else {
             s->cache.misses++;
             uint64_t off;
+            uint32_t bad = 0;
             rc = kvt_record_offset(c, (uint64_t)ids[i], &off);
-            if (!rc) rc = kvt_file_read(c->f, off, L->esz, buf, 1);
-            if (!rc) rc = kvt_check_run(c, lc.cl, lc.idx, buf, 1, off);
+            if (!rc) rc = mode == KVT_READ_SKIP ? kvt_read_clamped(c, off, L->esz, buf, 1) : kvt_file_read(c->f, off, L->esz, buf, 1);
+            if (!rc) rc = kvt_check_run(c, mode, lc.cl, lc.idx, buf, 1, off, &bad);
             if (rc) break;
+            if (bad) { /* skip mode: its rows are zeros, its id listed */
+                memset((uint8_t *)keys_out + i * L->key_bytes, 0, L->key_bytes);
+                if (values_out) memset((uint8_t *)values_out + i * L->value_bytes, 0, L->value_bytes);
+                continue;
+            }
             rec = buf;
         }
         memcpy((uint8_t *)keys_out + i * L->key_bytes, kvt_rec_key(rec), L->key_bytes);
@@ -247,6 +269,7 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
     free(buf);
     kvt_mem_release(&s->mem, need);
 out:
+    c->read_mode = KVT_READ_OWN;
     UNLOCK(s);
     return rc;
 }

@@ -138,7 +138,13 @@ struct kvt_coll {
     kvt_coll_stats parked_stats; /* its cluster statistics when it was parked */
     uint64_t resident_tick;     /* cache tick when it was last brought in (0: never parked) */
     kvt_cache_owner cache_state; /* its reads, as the cache policy counts them */
+    /* the call in progress (read.c, damaged records): how a damaged record is met (enum
+     * kvt_read_mode, coll.h), and the clusters it found damaged, which it must not cache,
+     * split or rewrite (past KVT_DMG_SLOTS of them, dmg_all: none is split) */
+    int read_mode;
+    uint32_t dmg_cl[8], ndmg_cl;
 };
+#define KVT_DMG_SLOTS 8u
 
 #define KVT_NONE UINT32_MAX
 

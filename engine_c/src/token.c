@@ -9,7 +9,8 @@
  *    (coll->exact.keys) while it fits the budget, else read from flash (store.c 5).
  * 2. A scan from flash reads the key column once, sequentially in file order, one pool-sized
  *    buffer at a time reserved against the budget, within one device batch; every record is
- *    checked against the id map (read.c 2) and the reads are counted in the I/O stats.
+ *    checked against the id map (read.c 2) and the reads are counted in the I/O stats. In
+ *    skip mode a damaged record is left out of the scan (and of a retrieve's result).
  */
 #include <errno.h>
 #include <math.h>
@@ -63,13 +64,18 @@ int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
         const kvt_seg *sg = &k->segs[g];
         if (sg->n) {
             uint64_t off = kvt_run_offset(L, sg->pool, sg->head, 0, sg->n);
-            rc = kvt_file_read(c->f, off, (size_t)kvt_run_span(L, sg->head, 0, sg->n), buf, sg->n);
+            size_t span = (size_t)kvt_run_span(L, sg->head, 0, sg->n);
+            uint32_t bad = 0;
+            rc = c->read_mode == KVT_READ_SKIP ? kvt_read_clamped(c, off, span, buf, sg->n)
+                                               : kvt_file_read(c->f, off, span, buf, sg->n);
             if (!rc) {
                 kvt_unpad(L, buf, buf, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
                 if (sg->head == 1) kvt_rec_reverse(L, buf, sg->n);
-                rc = kvt_check_run(c, 0, first, buf, sg->n, off);
+                rc = kvt_check_run(c, c->read_mode, 0, first, buf, sg->n, off, &bad);
             }
-            for (uint32_t i = 0; i < sg->n && !rc; i++) fn(ctx, (uint64_t)first + i, kvt_rec_key(buf + (size_t)i * L->esz));
+            for (uint32_t i = 0; i < sg->n && !rc; i++) /* skip mode: only the intact ones */
+                if (!bad || kvt_rec_ok(c, 0, first + i, buf + (size_t)i * L->esz))
+                    fn(ctx, (uint64_t)first + i, kvt_rec_key(buf + (size_t)i * L->esz));
         }
         first += sg->n;
     }
@@ -158,6 +164,7 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     if (!rc) {
         group_score_ctx g = {c, q, nq, m, 0, scores, idx, x};
         rc = kvt_scan_keys(c, group_score, &g);
+        m = g.fill; /* fewer when skip mode left damaged records out of the scan */
     }
     if (!rc) {
         qsort(idx, m, 4, kvt_by_u32); /* read in token order */
@@ -174,7 +181,16 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
             req[nr] = (kvt_read_req){offs[nr], L->esz, rec + (size_t)nr * L->esz, 1};
             nr++;
         }
-        if (!rc) rc = kvt_file_read_batch(c->f, req, nr);
+        uint32_t nread = nr;
+        if (!rc && c->read_mode == KVT_READ_SKIP) { /* records past a truncated file's end: zeros */
+            uint64_t size = kvt_file_size(c->f);
+            nread = 0;
+            for (uint32_t t = 0; t < nr; t++) {
+                if (req[t].off + req[t].len > size) memset(req[t].dst, 0, req[t].len);
+                else req[nread++] = req[t];
+            }
+        }
+        if (!rc) rc = kvt_file_read_batch(c->f, req, nread);
         for (uint32_t t = 0, got = 0; t < nb && !rc; t++) {
             const kvt_loc lc = c->loc[idx[i0 + t]];
             const kvt_cluster *k = &c->cl[lc.cl];
@@ -182,8 +198,9 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
                 kvt_put_result(r, L, k->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz, -1);
                 continue;
             }
-            rc = kvt_check_run(c, lc.cl, lc.idx, rec + (size_t)got * L->esz, 1, offs[got]);
-            if (!rc) kvt_put_result(r, L, rec + (size_t)got * L->esz, -1);
+            uint32_t bad = 0;
+            rc = kvt_check_run(c, c->read_mode, lc.cl, lc.idx, rec + (size_t)got * L->esz, 1, offs[got], &bad);
+            if (!rc && !bad) kvt_put_result(r, L, rec + (size_t)got * L->esz, -1);
             got++;
         }
     }
@@ -278,13 +295,19 @@ static void take_key(void *vctx, uint64_t id, const void *key) {
     memcpy(kc->keys + id * kc->c->L.key_bytes, key, kc->c->L.key_bytes);
 }
 
+/* No room to read them with, or damaged records among them (read in skip mode, whatever the
+ * caller's on_corrupt): the keys stay on flash, where every scan checks them and meets the
+ * damage in its own call's mode. */
 static int reopen(kvt_coll *c) {
     if (!c->exact.keys) return 0; /* they did not fit: scanned on use */
     take_ctx kc = {c, c->exact.keys};
+    uint64_t damaged0 = c->ctr.damaged_reads;
     c->exact.keys = NULL; /* kvt_scan_keys reads the flash copy into kc.keys */
+    c->read_mode = KVT_READ_SKIP;
     int rc = kvt_scan_keys(c, take_key, &kc);
+    c->read_mode = KVT_READ_OWN;
     c->exact.keys = kc.keys;
-    if (rc == KVT_EBUDGET) { /* no room to read them with: they stay on flash */
+    if (rc == KVT_EBUDGET || (!rc && c->ctr.damaged_reads != damaged0)) {
         kvt_clear_error();
         rc = 0;
         drop_keys(c);

@@ -17,6 +17,7 @@
 #include "pool.h"
 #include "simd.h"
 #include "store.h"
+#include "token.h" /* kvt_record_offset, for the damage tests */
 
 static int failures, checks;
 #define CHECK(cond)                                                                      \
@@ -2059,6 +2060,214 @@ static void test_empty_and_tiny(void) {
             }
 }
 
+/* ---- damaged records ---------------------------------------------------------------------- */
+
+/* A committed state, copied out of a checkpoint (what the catalog would hold). */
+typedef struct saved { void *dir; size_t dl, nch; void *chunks[4]; size_t lens[4]; } saved;
+
+static void save_and_close(kvt_store *st, kvt_coll *c, saved *sv) {
+    kvt_checkpoint *cp;
+    memset(sv, 0, sizeof *sv);
+    CHECK_OK(kvt_coll_checkpoint(c, &cp));
+    const void *dir = kvt_checkpoint_dir(cp, &sv->dl);
+    sv->dir = malloc(sv->dl);
+    memcpy(sv->dir, dir, sv->dl);
+    sv->nch = kvt_checkpoint_nchunks(cp);
+    for (size_t i = 0; i < sv->nch && i < 4; i++) {
+        uint64_t idx;
+        const void *b = kvt_checkpoint_chunk(cp, i, &idx, &sv->lens[i]);
+        sv->chunks[i] = malloc(sv->lens[i]);
+        memcpy(sv->chunks[i], b, sv->lens[i]);
+    }
+    CHECK_OK(kvt_coll_committed(c, cp));
+    kvt_checkpoint_free(cp);
+    kvt_store_close(st);
+}
+
+static int reopen_saved(const char *d, const saved *sv, const kvt_coll_params *p, kvt_store **st, kvt_coll **c) {
+    kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
+    CHECK_OK(kvt_store_open(d, &o, st));
+    int rc = kvt_coll_open(*st, 0, p, sv->dir, sv->dl, (const void *const *)sv->chunks, sv->lens, sv->nch, c);
+    if (rc) kvt_store_close(*st);
+    return rc;
+}
+
+static void saved_free(saved *sv) {
+    free(sv->dir);
+    for (size_t i = 0; i < 4; i++) free(sv->chunks[i]);
+}
+
+static void flip_byte(const char *d, uint64_t off) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/c0.kvd", d);
+    FILE *fp = fopen(path, "r+b");
+    CHECK(fp != NULL);
+    if (!fp) return;
+    fseek(fp, (long)off, SEEK_SET);
+    int b = fgetc(fp);
+    fseek(fp, (long)off, SEEK_SET);
+    fputc(b ^ 0x10, fp);
+    fclose(fp);
+}
+
+/* 1 if the thread's unreadable list is exactly ids[0..n-1] of collection 0. */
+static int unreadable_is(const int64_t *ids, size_t n) {
+    const kvt_unreadable *u;
+    size_t m = kvt_last_unreadable(&u);
+    if (m != n) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (u[i].coll != 0 || u[i].id != ids[i]) return 0;
+    return 1;
+}
+
+/* A byte flipped in one record (key bytes) and in the header page, for every policy and both
+ * layouts: raise names the id, skip returns every other entry and lists it, verify finds it,
+ * a damaged cluster is neither cached nor split. Then a truncated file. */
+static void test_damage(void) {
+    static const int policies[] = {KVT_POLICY_STATIC, KVT_POLICY_ADAPTIVE, KVT_POLICY_LOCAL, KVT_POLICY_NONE};
+    enum { N = 300, NQ = 2 };
+    uint64_t s = 77;
+    static uint16_t keys[N * 16], vals[N * 8], gk[N * 16], gv[N * 8];
+    static float kf[N * 16], vf[N * 8];
+    fill(keys, kf, N * 16, &s);
+    fill(vals, vf, N * 8, &s);
+    float q[NQ * 16];
+    for (int i = 0; i < NQ * 16; i++) q[i] = frand(&s);
+    int64_t all[N];
+    for (int i = 0; i < N; i++) all[i] = i;
+    for (int layout = 0; layout < 2; layout++)
+        for (size_t pi = 0; pi < sizeof policies / sizeof *policies; pi++) {
+            char *d = make_dir();
+            kvt_coll_params p = params(KVT_F16);
+            p.policy = policies[pi];
+            p.layout = layout;
+            kvt_store *st;
+            kvt_coll *c;
+            saved sv;
+            store_with(d, 1 << 20, &p, &st, &c);
+            int64_t first;
+            CHECK_OK(kvt_coll_add(c, keys, vals, N, &first));
+            const int64_t victim = 123;
+            uint64_t off;
+            CHECK_OK(kvt_record_offset(c, victim, &off));
+            uint64_t cut = 0; /* inside the record that lies last in the file */
+            for (int64_t id = 0; id < N; id++) {
+                uint64_t o;
+                CHECK_OK(kvt_record_offset(c, (uint64_t)id, &o));
+                if (o > cut) cut = o;
+            }
+            save_and_close(st, c, &sv);
+            flip_byte(d, off + KVT_REC_HEADER + 3); /* a key byte: only the checksum tells */
+
+            /* raise (the default): the error names the id, and the list holds it */
+            CHECK_OK(reopen_saved(d, &sv, &p, &st, &c));
+            kvt_result *r = NULL;
+            CHECK(kvt_coll_retrieve(c, q, NQ, N, &r) == KVT_ECORRUPT);
+            CHECK(strstr(kvt_last_error(), "id 123") != NULL);
+            CHECK(unreadable_is(&victim, 1));
+            CHECK(kvt_coll_get(c, all, N, gk, gv) == KVT_ECORRUPT && unreadable_is(&victim, 1));
+            CHECK_OK(kvt_coll_get(c, all, 100, gk, gv)); /* the ids before it are intact */
+            CHECK(kvt_last_unreadable(NULL) == 0);
+
+            /* skip: everything else, and the id listed */
+            CHECK(kvt_set_on_corrupt(KVT_ON_CORRUPT_SKIP) == KVT_ON_CORRUPT_RAISE);
+            for (int round = 0; round < 2; round++) { /* twice: the damaged cluster was not cached */
+                r = NULL;
+                CHECK_OK(kvt_coll_retrieve(c, q, NQ, N, &r));
+                CHECK(r && kvt_result_count(r) == N - 1);
+                if (r) {
+                    int64_t ids[N];
+                    uint16_t rk[N * 16];
+                    kvt_result_copy(r, ids, rk, NULL, NULL);
+                    int ok = 1, seen = 0;
+                    for (uint64_t i = 0; i < kvt_result_count(r); i++) {
+                        ok &= ids[i] >= 0 && ids[i] < N && ids[i] != victim &&
+                              memcmp(rk + i * 16, keys + ids[i] * 16, 32) == 0;
+                        seen += ids[i] == 0;
+                    }
+                    CHECK(ok && seen == 1);
+                    kvt_result_free(r);
+                }
+                CHECK(unreadable_is(&victim, 1));
+            }
+            int64_t hid[NQ * 5];
+            float hs[NQ * 5];
+            CHECK_OK(kvt_coll_search(c, q, NQ, 5, 1000, hid, hs));
+            int ok = 1;
+            for (int i = 0; i < NQ * 5; i++) ok &= hid[i] >= 0 && hid[i] != victim;
+            CHECK(ok && unreadable_is(&victim, 1));
+            /* the exact answer over the intact entries: the victim's score plays no part */
+            for (int qi = 0; qi < NQ; qi++) {
+                float best = -INFINITY;
+                for (int i = 0; i < N; i++) {
+                    float dot = 0;
+                    for (int j = 0; j < 16; j++) dot += q[qi * 16 + j] * kf[i * 16 + j];
+                    if (i != victim && dot > best) best = dot;
+                }
+                CHECK(fabsf(hs[qi * 5] - best) < 1e-3f);
+            }
+            memset(gk, 0xff, sizeof gk);
+            CHECK_OK(kvt_coll_get(c, all, N, gk, gv));
+            CHECK(unreadable_is(&victim, 1));
+            CHECK(memcmp(gk, keys, (size_t)victim * 32) == 0 && gk[victim * 16] == 0 &&
+                  memcmp(gk + (victim + 1) * 16, keys + (victim + 1) * 16, (size_t)(N - victim - 1) * 32) == 0);
+            uint64_t sizes_n;
+            CHECK_OK(kvt_coll_cluster_sizes(c, NULL, 0, &sizes_n));
+            kvt_coll_stats cs;
+            CHECK_OK(kvt_coll_stats_get(c, &cs));
+            CHECK(cs.entries == N && cs.damaged_reads >= 1 && !cs.header_damaged);
+            kvt_verify_t v;
+            CHECK_OK(kvt_coll_verify(c, &v));
+            CHECK(v.records == N && v.damaged == 1 && !v.header_damaged && v.header_checksummed);
+            CHECK(unreadable_is(&victim, 1));
+            CHECK(kvt_set_on_corrupt(KVT_ON_CORRUPT_RAISE) == KVT_ON_CORRUPT_SKIP);
+            CHECK(kvt_set_on_corrupt(7) == KVT_EINVAL);
+            kvt_store_close(st);
+
+            /* the header page, past its fields: raise refuses to open, skip opens and notes it */
+            flip_byte(d, 1000);
+            CHECK(reopen_saved(d, &sv, &p, &st, &c) == KVT_ECORRUPT);
+            CHECK(strstr(kvt_last_error(), "header") != NULL);
+            kvt_set_on_corrupt(KVT_ON_CORRUPT_SKIP);
+            CHECK_OK(reopen_saved(d, &sv, &p, &st, &c));
+            CHECK_OK(kvt_coll_stats_get(c, &cs));
+            CHECK(cs.header_damaged == 1);
+            CHECK_OK(kvt_coll_verify(c, &v));
+            CHECK(v.header_damaged && v.damaged == 1 && unreadable_is(&victim, 1));
+            kvt_store_close(st);
+            /* a field of the header (dim): skip mode still opens from the catalog's word */
+            flip_byte(d, 12);
+            CHECK_OK(reopen_saved(d, &sv, &p, &st, &c));
+            r = NULL;
+            CHECK_OK(kvt_coll_retrieve(c, q, NQ, N, &r));
+            CHECK(r && kvt_result_count(r) == N - 1);
+            kvt_result_free(r);
+            kvt_store_close(st);
+            kvt_set_on_corrupt(KVT_ON_CORRUPT_RAISE);
+
+            /* a truncated file: what lies past its end is unreadable, the rest intact */
+            char path[600];
+            snprintf(path, sizeof path, "%s/c0.kvd", d);
+            CHECK(truncate(path, (off_t)cut + 7) == 0);
+            kvt_set_on_corrupt(KVT_ON_CORRUPT_SKIP);
+            CHECK_OK(reopen_saved(d, &sv, &p, &st, &c));
+            CHECK_OK(kvt_coll_verify(c, &v));
+            uint64_t lost = v.damaged;
+            CHECK(lost >= 2 && v.named_bytes > v.file_bytes); /* the victim and the cut record(s) */
+            r = NULL;
+            CHECK_OK(kvt_coll_retrieve(c, q, NQ, N, &r));
+            CHECK(r && kvt_result_count(r) == N - lost && kvt_last_unreadable(NULL) == lost);
+            kvt_result_free(r);
+            CHECK_OK(kvt_coll_get(c, all, N, gk, gv));
+            CHECK(kvt_last_unreadable(NULL) == lost);
+            kvt_set_on_corrupt(KVT_ON_CORRUPT_RAISE);
+            CHECK(kvt_coll_get(c, all, N, gk, gv) == KVT_ECORRUPT);
+            kvt_store_close(st);
+            saved_free(&sv);
+            remove_dir(d);
+        }
+}
+
 int main(void) {
     printf("kvtier engine tests (kernel: %s)\n", kvt_simd_kernel());
     test_simd();
@@ -2089,6 +2298,7 @@ int main(void) {
     test_estimate();
     test_retrieve_batch();
     test_empty_and_tiny();
+    test_damage();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
