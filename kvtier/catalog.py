@@ -3,6 +3,7 @@
 Keys (all bytes):
   meta/format             catalog format version (ASCII int)
   meta/next_no            next collection number (ASCII int)
+  meta/verify             the last kvtier verify's findings (JSON, kvtier.verify.last_verified)
   coll/<name>             JSON parameters of a collection, with its number "no"
   dir/<no>                the engine's cluster directory blob for collection no
   loc/<no>/<chunk>        the engine's id-map chunk blobs
@@ -136,6 +137,20 @@ class Catalog:
                         break
                     chunks.append(bytes(v))
             return bytes(d), chunks
+
+    def get_meta(self, name: str):
+        """The value of meta/<name> (bytes), None if absent."""
+        with _lmdb_errors("read"), self.env.begin() as txn:
+            v = txn.get(_k("meta", name))
+        return None if v is None else bytes(v)
+
+    def put_meta(self, name: str, value: bytes) -> None:
+        """Sets meta/<name> in a transaction of its own (notes such as the last verify)."""
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(_k("meta", name), value)
+        except lmdb.Error as e:
+            raise StorageIOError(f"catalog: write of meta/{name} to {self.path} failed: {e}") from e
 
     def commit(self, next_no: int, records: list[tuple[str, dict, bytes, dict[int, bytes]]]):
         """One transaction: for each collection (name, params, dir blob, {chunk: blob})."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
 from kvtier.config import DeviceProfile, parse_size, resolve_device
-from kvtier.errors import BudgetError, InvalidArgumentError, NotFoundError, StoreClosedError
+from kvtier.errors import BudgetError, CorruptionError, InvalidArgumentError, NotFoundError, StoreClosedError
 from kvtier.params import DEFAULT_POLICY, budget_arg, budget_entries, new_params  # noqa: F401 (DEFAULT_POLICY: kvtier.store.DEFAULT_POLICY)
 from kvtier.params import as_matrix as _as_matrix
 from kvtier.params import positive_int as _positive_int
@@ -26,15 +27,29 @@ from kvtier.params import positive_int as _positive_int
 DEFAULT_DRAM_BUDGET = "256MiB"
 _DIRECT = {"auto": -1, False: 0, True: 1}
 CACHE_POLICIES = _engine.CACHE_POLICIES  # name -> engine value (kvtier.h KVT_CACHE_POLICIES)
+#: search() without nprobe reads every cluster of a collection this small (the reads are few)
+EXACT_ENTRIES = 4096
+#: tune_nprobe's defaults: sample queries, and the recall@10 they must reach. The target sits
+#: above the 0.9 promised so that a sample of 64 queries x 10 neighbours (standard error about
+#: 0.01) still lands above it on other queries of the same kind.
+TUNE_QUERIES = 64
+TUNE_TARGET = 0.95
+
+
+def _no_ids() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class SearchHits:
     """Approximate top-k: ``ids`` (int64, -1 where fewer than k) and ``scores`` (float32;
-    inner product for ``ip``, negative squared distance for ``l2``), best first."""
+    inner product for ``ip``, negative squared distance for ``l2``), best first.
+    ``unreadable``: with ``on_corrupt="skip"``, the ids of damaged entries the search met and
+    left out (int64, sorted; empty when all was intact)."""
 
     ids: np.ndarray
     scores: np.ndarray
+    unreadable: np.ndarray = field(default_factory=_no_ids)
 
 
 @dataclass(frozen=True)
@@ -53,9 +68,32 @@ class Retrieved:
     est_values: Optional[np.ndarray] = None
     est_clusters: int = 0
     est_entries: int = 0
+    #: With ``on_corrupt="skip"``: the ids of damaged entries left out (int64, sorted).
+    unreadable: np.ndarray = field(default_factory=_no_ids)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class Entries(tuple):
+    """What ``get`` returns: the pair ``(keys, values)`` (so ``keys, values = coll.get(ids)``),
+    also as ``.keys`` and ``.values``, with ``.ids`` the ids their rows hold (the ids asked
+    for, in their order; with ``on_corrupt="skip"`` without the damaged ones) and
+    ``.unreadable`` the damaged ids left out (sorted; empty when all was intact)."""
+
+    def __new__(cls, keys: np.ndarray, values: np.ndarray, ids: np.ndarray, unreadable: np.ndarray):
+        self = super().__new__(cls, (keys, values))
+        self.ids = ids
+        self.unreadable = unreadable
+        return self
+
+    @property
+    def keys(self) -> np.ndarray:  # type: ignore[override]
+        return self[0]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self[1]
 
 
 
@@ -72,11 +110,15 @@ class RetrievedMany:
     values: np.ndarray
     clusters: np.ndarray
     counts: np.ndarray
+    #: With ``on_corrupt="skip"``: member index -> ids of damaged entries left out (only
+    #: members that met damage; rewritten by every call that reuses the object)
+    unreadable: dict = field(default_factory=dict)
 
     def member(self, i: int) -> Retrieved:
         """Member i's result as a ``Retrieved`` (views, no copy)."""
         m = int(self.counts[i])
-        return Retrieved(self.ids[i, :m], self.keys[i, :m], self.values[i, :m], self.clusters[i, :m])
+        return Retrieved(self.ids[i, :m], self.keys[i, :m], self.values[i, :m], self.clusters[i, :m],
+                         unreadable=self.unreadable.get(i, _no_ids()))
 
 class _Gate:
     """Lets many calls run at once and ``close`` wait for them (GIL is released inside)."""
@@ -132,12 +174,34 @@ class Collection:
         with self._store._gate:
             return int(self._h.count())
 
+    def _corrupt_mode(self, on_corrupt) -> int:
+        return _engine.ON_CORRUPT[self._store.on_corrupt if on_corrupt is None else on_corrupt_arg(on_corrupt)]
+
+    def _unreadable(self) -> np.ndarray:
+        """The ids of this collection the thread's last engine read met damaged."""
+        u = _engine.last_unreadable()
+        return u[u[:, 0] == self.params["no"], 1].copy()
+
+    def _read(self, call, *args):
+        """An engine read; a CorruptionError it raises gets ``collection`` (this name) and
+        ``ids`` (the damaged ids it met, int64)."""
+        try:
+            return call(*args)
+        except CorruptionError as e:
+            u = getattr(e, "unreadable", None)
+            e.collection = self.name
+            e.ids = u[u[:, 0] == self.params["no"], 1].copy() if u is not None else _no_ids()
+            raise
+
     def add(self, keys, values=None) -> np.ndarray:
         """Appends entries; returns their ids (int64, consecutive). Nothing is added on error."""
         k, one = _as_matrix("keys", keys, self.dim, self.dtype)
         if values is None:
             if self.value_dim:
-                raise InvalidArgumentError(f"values: shape (n, {self.value_dim}) expected, got None")
+                raise InvalidArgumentError(
+                    f"values: shape (n, {self.value_dim}) expected, got None; collection {self.name!r} keeps a "
+                    f"value of {self.value_dim} per key (value_dim defaults to dim): to store keys alone, "
+                    "create it with value_dim=0")
             v = np.empty((k.shape[0], 0), dtype=self.dtype)
         else:
             if self.value_dim:
@@ -161,29 +225,97 @@ class Collection:
                 raise self._store._budget_error(e, self, k.shape[0]) from None
         return np.arange(first, first + k.shape[0], dtype=np.int64)
 
-    def search(self, queries, k: int = 10, nprobe: Optional[int] = None) -> SearchHits:
+    def search(self, queries, k: int = 10, nprobe: Optional[int] = None,
+               on_corrupt: Optional[str] = None) -> SearchHits:
         """Approximate top-k per query: representatives are scored, the ``nprobe`` best
-        clusters are read and their entries rescored exactly. A 1-d query gives 1-d rows."""
+        clusters are read and their entries rescored exactly. A 1-d query gives 1-d rows.
+        ``on_corrupt`` ("raise" or "skip"; default the store's): what a damaged entry does,
+        see :func:`kvtier.open`."""
         q, one = _as_matrix("queries", queries, self.dim, np.float32)
         k = _positive_int("k", k, 1, 1 << 20)
         if nprobe is None:
             nprobe = self.params.get("nprobe") or 0
         nprobe = _positive_int("nprobe", nprobe, 0, 2**31 - 1)
+        mode = self._corrupt_mode(on_corrupt)
+        if nprobe == 0:
+            nprobe = self.default_nprobe()
         with self._store._gate:
-            if nprobe == 0:
-                nclusters = self._h.stats()["clusters"]
-                nprobe = default_nprobe(nclusters)
             try:
-                ids, scores = self._h.search(q, k, nprobe)
+                ids, scores = self._read(self._h.search, q, k, nprobe, mode)
             except BudgetError as e:
                 raise self._store._budget_error(e, self, 0) from None
-        return SearchHits(ids[0], scores[0]) if one else SearchHits(ids, scores)
+            bad = self._unreadable()
+        return SearchHits(ids[0], scores[0], bad) if one else SearchHits(ids, scores, bad)
+
+    def default_nprobe(self) -> int:
+        """The clusters ``search`` reads per query when not told (``nprobe=None`` here and at
+        creation): chosen from the collection so that recall@10 reaches 0.9, by
+        :meth:`tune_nprobe` on sample queries. A collection of at most ``EXACT_ENTRIES``
+        entries is searched exactly (every cluster: the reads are few). The choice is kept
+        (committed with the collection's parameters at the next flush) and made again when the
+        cluster count has changed 1.5-fold or the entries 2-fold since; in between it scales
+        with the cluster count."""
+        if self.policy == "none":
+            return 1  # exact top-k: nothing to probe
+        with self._store._gate:
+            st = self._h.stats()
+        n, clusters = int(st["entries"]), int(st["clusters"])
+        if n <= EXACT_ENTRIES or clusters <= 8:
+            return max(clusters, 1)
+        auto = self.params.get("nprobe_auto")
+        if not auto or not (auto["clusters"] / 1.5 <= clusters <= auto["clusters"] * 1.5
+                            and auto["entries"] / 2 <= n <= auto["entries"] * 2):
+            auto = self.tune_nprobe()
+        return max(1, min(clusters, math.ceil(auto["nprobe"] * clusters / auto["clusters"])))
+
+    def tune_nprobe(self, queries=None, k: int = 10, target: float = TUNE_TARGET, keep: bool = True) -> dict:
+        """Measures, in one pass over the collection, the fewest clusters a search must read
+        for ``queries`` to find ``target`` of their true top-``k`` (the engine ranks each true
+        neighbour's cluster as search would): returns ``{"nprobe", "recall", "clusters",
+        "entries", "queries"}`` and, with ``keep``, makes it the default (:meth:`default_nprobe`).
+        ``queries`` default: ``TUNE_QUERIES`` drawn from a Gaussian fitted to a sample of the
+        stored keys (mean and spread per dimension), which is exactly random vectors' query
+        distribution; give real queries when they differ from the keys (an LLM's queries do:
+        their own recall is then what is measured)."""
+        if not (isinstance(target, (int, float)) and 0 < target <= 1):
+            raise InvalidArgumentError(f"target: a recall in (0, 1] expected, got {target!r}")
+        k = _positive_int("k", k, 1, 1 << 20)
+        if queries is None:
+            q = self._tune_queries()
+        else:
+            q, _ = _as_matrix("queries", queries, self.dim, np.float32)
+        with self._store._gate:
+            st = self._h.stats()
+            if q is None or self.policy == "none":
+                nprobe, recall = max(int(st["clusters"]), 1), 1.0
+            else:
+                nprobe, recall = self._read(self._h.tune_nprobe, q, k, float(target))
+        out = {"nprobe": int(nprobe), "recall": float(recall), "clusters": max(int(st["clusters"]), 1),
+               "entries": int(st["entries"]), "queries": 0 if q is None else int(q.shape[0]), "k": k,
+               "target": float(target)}
+        if keep:
+            self.params["nprobe_auto"] = out
+        return out
+
+    def _tune_queries(self) -> Optional[np.ndarray]:
+        """Sample queries for tune_nprobe: a Gaussian fitted to up to 4096 stored keys."""
+        n = len(self)
+        if not n:
+            return None
+        rng = np.random.default_rng(int(self.params.get("seed", 0)) + n)
+        ids = np.sort(rng.choice(n, size=min(n, 4096), replace=False))
+        keys = self.get(ids, on_corrupt="skip")[0].astype(np.float32)
+        if not len(keys):
+            return None
+        mean, std = keys.mean(axis=0), keys.std(axis=0)
+        return (mean + rng.standard_normal((TUNE_QUERIES, self.dim)) * std).astype(np.float32)
 
     def _entries(self, budget) -> int:
         return budget_entries(budget_arg(budget), self._h.count())
 
     def retrieve(self, query_group, budget: Union[int, float] = 0.1, estimate: Union[bool, int, None] = False,
-                 scale: Optional[float] = None, variance: bool = False) -> Retrieved:
+                 scale: Optional[float] = None, variance: bool = False,
+                 on_corrupt: Optional[str] = None) -> Retrieved:
         """Whole clusters, best first by the group's max score, whose sizes fit in ``budget``
         entries: an int count, or a float fraction of ``len(self)`` in (0, 1].
 
@@ -197,17 +329,21 @@ class Collection:
         scale^2/2 sum_k q_k^2 var_k: per-dimension variances when the collection keeps them,
         ``score_temp`` > 0, else the mean variance) instead of all equal to the mean.
         The result's ``est_*`` fields carry it. Policy ``none`` has no clusters and
-        estimates nothing (est_lse -inf)."""
+        estimates nothing (est_lse -inf). ``on_corrupt`` ("raise" or "skip"; default the
+        store's): what a damaged entry does, see :func:`kvtier.open`; skipped ids are in the
+        result's ``unreadable``."""
         q, _ = _as_matrix("query_group", query_group, self.dim, np.float32)
+        mode = self._corrupt_mode(on_corrupt)
         if estimate is False:
             if scale is not None or variance:
                 raise InvalidArgumentError("scale, variance: only meaningful with estimate=")
             with self._store._gate:
                 try:
-                    ids, keys, values, clusters = self._h.retrieve(q, self._entries(budget))
+                    ids, keys, values, clusters = self._read(self._h.retrieve, q, self._entries(budget), mode)
                 except BudgetError as e:
                     raise self._store._budget_error(e, self, 0) from None
-            return Retrieved(ids, keys, values, clusters)
+                bad = self._unreadable()
+            return Retrieved(ids, keys, values, clusters, unreadable=bad)
         if estimate is True or estimate is None:
             m = -1
         elif isinstance(estimate, (int, np.integer)) and not isinstance(estimate, (bool, np.bool_)) and estimate >= 0:
@@ -229,11 +365,12 @@ class Collection:
                 f"estimate: collection {self.name!r} keeps no value sums (create it with value_sums=True)")
         with self._store._gate:
             try:
-                ids, keys, values, clusters, lse, ev, ecl, ent = self._h.retrieve_est(
-                    q, self._entries(budget), m, s, int(bool(variance)))
+                ids, keys, values, clusters, lse, ev, ecl, ent = self._read(
+                    self._h.retrieve_est, q, self._entries(budget), m, s, int(bool(variance)), mode)
             except BudgetError as e:
                 raise self._store._budget_error(e, self, 0) from None
-        return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent)
+            bad = self._unreadable()
+        return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent, bad)
 
     def prefetch(self, query_group, budget: Union[int, float] = 0.1) -> int:
         """Starts reading in the background what ``retrieve(query_group, budget)`` would read
@@ -243,21 +380,40 @@ class Collection:
         with self._store._gate:
             return int(self._h.prefetch(q, self._entries(budget)))
 
-    def get(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of the given ids, in the given order."""
+    def get(self, ids, on_corrupt: Optional[str] = None) -> Entries:
+        """Keys and values of the given ids, in the given order: the pair ``(keys, values)``
+        (an :class:`Entries`, which also has ``.ids`` and ``.unreadable``). ``on_corrupt``
+        ("raise" or "skip"; default the store's): with "skip" the rows of damaged entries are
+        left out, ``.ids`` says which ids the rows hold and ``.unreadable`` which were left
+        out."""
         try:
             a = np.asarray(ids)
         except Exception as e:  # ragged lists and the like
             raise InvalidArgumentError(f"ids: a 1-d array of integer ids expected ({e})") from None
+        if a.size == 0 and a.ndim <= 1 and a.dtype.kind in "iuf":  # [] is float64 to numpy
+            a = a.astype(np.int64)
         if a.dtype.kind not in "iu" or a.ndim > 1:
             raise InvalidArgumentError(f"ids: a 1-d array of integer ids expected, got dtype {a.dtype} shape {a.shape}")
         a = np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+        mode = self._corrupt_mode(on_corrupt)
         with self._store._gate:
             n = self._h.count()
             if a.size and (a.min() < 0 or a.max() >= n):
                 bad = int(a[(a < 0) | (a >= n)][0])
                 raise NotFoundError(f"ids: id {bad} is not in collection {self.name!r} (valid ids are 0..{n - 1})")
-            return self._h.get(a)
+            keys, values = self._read(self._h.get, a, mode)
+            bad = self._unreadable() if a.size else _no_ids()
+        if bad.size:
+            ok = ~np.isin(a, bad)
+            return Entries(keys[ok], values[ok], a[ok], bad)
+        return Entries(keys, values, a, bad)
+
+    def verify(self) -> dict:
+        """Reads every record of this collection from its data file (not the cache) and checks
+        it, and the file's header page: counts, ``header_damaged``, and ``unreadable`` (the
+        damaged ids, int64 sorted). ``kvtier.verify(path)`` does every collection of a store."""
+        with self._store._gate:
+            return self._h.verify()
 
     def stats(self) -> dict:
         """Entries, clusters, mean/max cluster size, mean variance, pools, cached clusters."""
@@ -286,9 +442,6 @@ class Collection:
             return self._h.parked
 
 
-def default_nprobe(nclusters: int) -> int:
-    """Clusters read per query when search() is not told: 1/16 of them, at least 8."""
-    return max(8, -(-nclusters // 16))
 
 
 class Store:
@@ -296,8 +449,9 @@ class Store:
 
     def __init__(self, path: Union[str, os.PathLike], dram_budget=DEFAULT_DRAM_BUDGET, device=None,
                  direct_io: Union[bool, str] = "auto", merge_gap=None, cache_policy: str = "cluster",
-                 write_buffer=None):
+                 write_buffer=None, on_corrupt: str = "raise", create: Optional[bool] = None):
         path = os.fspath(path)
+        self.on_corrupt = on_corrupt_arg(on_corrupt)
         budget = parse_size(dram_budget, "dram_budget")
         if budget < 64 * 1024:
             raise InvalidArgumentError(f"dram_budget: at least 64KiB expected, got {budget} bytes")
@@ -318,9 +472,7 @@ class Store:
             raise InvalidArgumentError(f"write_buffer: at most half the dram_budget ({budget // 2} bytes) expected, "
                                        f"got {write_buffer} bytes")
         self.write_buffer = write_buffer
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise InvalidArgumentError(f"path: a directory expected, {path!r} is a file")
-        os.makedirs(path, exist_ok=True)
+        _prepare_dir(path, create)
         self.path = path
         self._lock = StoreLock(path)
         try:
@@ -393,7 +545,11 @@ class Store:
                 params = self._committed[name]
                 self._check_same(name, params, given)
                 blob, chunks = self._catalog.load(params["no"])
-                h = self._engine.open_coll(params["no"], params, blob, chunks)
+                try:
+                    h = self._engine.open_coll(params["no"], params, blob, chunks, _engine.ON_CORRUPT[self.on_corrupt])
+                except CorruptionError as e:
+                    e.collection = name
+                    raise
             else:
                 params = new_params(dim, value_dim, dtype, metric, policy, init_cluster_size,
                                           max_cluster_size, kmeans_iters, seed, nprobe, tau,
@@ -508,12 +664,15 @@ class Store:
             total += coll.prefetch(query_group, budget)
         return total
 
-    def retrieve_many(self, requests, out: Optional[RetrievedMany] = None) -> RetrievedMany:
+    def retrieve_many(self, requests, out: Optional[RetrievedMany] = None,
+                      on_corrupt: Optional[str] = None) -> RetrievedMany:
         """``retrieve`` for a group of collections of one shape (for an LLM: the KV heads of
         one layer) in one engine call: ``requests`` is an iterable of ``(collection,
         query_group, budget)``, every query group with the same number of queries. Results go
         into ``out`` when its arrays are large enough (at least the largest budget in rows per
-        member), otherwise into new arrays; see ``RetrievedMany``."""
+        member), otherwise into new arrays; see ``RetrievedMany``. ``on_corrupt`` ("raise" or
+        "skip"; default the store's): see :func:`kvtier.open`."""
+        mode = _engine.ON_CORRUPT[self.on_corrupt if on_corrupt is None else on_corrupt_arg(on_corrupt)]
         try:
             reqs = list(requests)
         except TypeError:
@@ -550,8 +709,21 @@ class Store:
                 out = RetrievedMany(np.empty((n, cap), np.int64), np.empty((n, cap, c0.dim), dt),
                                     np.empty((n, cap, c0._h.value_dim), dt), np.empty((n, cap), np.int32),
                                     np.empty(n, np.uint64))
-            self._engine.retrieve_batch([c._h for c in colls], np.stack(qs), b, out.ids, out.keys,
-                                        out.values, out.clusters, out.counts)
+            try:
+                self._engine.retrieve_batch([c._h for c in colls], np.stack(qs), b, out.ids, out.keys,
+                                            out.values, out.clusters, out.counts, mode)
+            except CorruptionError as e:
+                u = getattr(e, "unreadable", None)
+                if u is not None and len(u):
+                    c = next(c for c in colls if c.params["no"] == u[0, 0])
+                    e.collection, e.ids = c.name, u[u[:, 0] == u[0, 0], 1].copy()
+                raise
+            u = _engine.last_unreadable()
+        out.unreadable.clear()
+        for i, c in enumerate(colls):
+            bad = u[u[:, 0] == c.params["no"], 1]
+            if bad.size:
+                out.unreadable[i] = bad.copy()
         return out
 
     def _group(self, collections, what: str, arg: str = "collections") -> list:
@@ -611,9 +783,45 @@ class Store:
             self._engine.inject_fault(op, nth, code)
 
 
+def _prepare_dir(path: str, create: Optional[bool]) -> None:
+    """Where a store may be opened (see ``open``'s ``create``); makes the directory."""
+    if create not in (None, True, False):
+        raise InvalidArgumentError(f"create: None, True or False expected, got {create!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgumentError(f"path: a directory expected, {path!r} is a file")
+    is_store = os.path.isdir(os.path.join(path, "catalog"))
+    if create is False and not is_store:
+        raise NotFoundError(f"path: no kvtier store at {path!r} (create=False opens existing stores only)")
+    if create is None and not is_store:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise InvalidArgumentError(
+                f"path: the parent directory {parent!r} does not exist; create it first, or pass create=True "
+                "to make the whole tree")
+        if os.path.isdir(path) and any(re.fullmatch(r"c\d+\.kvd", f) for f in os.listdir(path)):
+            raise CorruptionError(f"catalog: {path!r} holds kvtier data files but no catalog/: the catalog was lost")
+        if os.path.isdir(path) and os.listdir(path):
+            raise InvalidArgumentError(
+                f"path: {path!r} is a directory that is not a kvtier store (it has no catalog/ and holds "
+                f"{len(os.listdir(path))} entries); pass create=True to make a store in it anyway")
+    os.makedirs(path, exist_ok=True)
+
+
+def on_corrupt_arg(v: Any) -> str:
+    if v not in ("raise", "skip"):
+        raise InvalidArgumentError(f"on_corrupt: 'raise' or 'skip' expected, got {v!r}")
+    return v
+
+
 def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", merge_gap=None,  # noqa: A001
-         cache_policy="cluster", write_buffer=None) -> Store:
+         cache_policy="cluster", write_buffer=None, on_corrupt="raise", create=None) -> Store:
     """Opens (creating if needed) the store at ``path``.
+
+    ``create``: None (default) opens an existing store or makes a new one in a directory that
+    does not exist yet (its parent must) or is empty, and refuses any other directory (it will
+    not turn a directory holding other files into a store, nor make a missing parent tree);
+    True makes the store wherever asked (parents included); False only opens an existing store
+    (NotFoundError otherwise).
 
     ``dram_budget`` is a hard cap on what the engine holds in DRAM (bytes or "256MiB");
     ``device`` is None (real file, unthrottled), a profile name (ufs4.0, ufs3.1, emmc5.1,
@@ -629,6 +837,14 @@ def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", m
     shared by the collections' page-aligned write buffers: the clusters appended to most
     recently keep their newest entries in DRAM until a whole 4 KiB flash page can be written,
     so no page is programmed twice (``stats()["partial_page_writes"]`` counts those that are).
+    ``on_corrupt`` is what a read does when a record it needs is damaged (fails its checksum,
+    does not match the catalog, lies past the end of a truncated file): "raise" (default) a
+    :class:`CorruptionError` whose ``ids`` and ``collection`` name the damaged entries; "skip"
+    answer from the intact entries and name the others in the result's ``unreadable``
+    (``search``, ``retrieve``, ``get``, ``retrieve_many`` take it per call too). With "skip"
+    a collection whose data file header page is damaged opens (the catalog has its
+    geometry). ``kvtier verify STORE`` checks every record.
     """
     return Store(path, dram_budget=dram_budget, device=device, direct_io=direct_io,
-                 merge_gap=merge_gap, cache_policy=cache_policy, write_buffer=write_buffer)
+                 merge_gap=merge_gap, cache_policy=cache_policy, write_buffer=write_buffer,
+                 on_corrupt=on_corrupt, create=create)

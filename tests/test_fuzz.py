@@ -5,7 +5,10 @@ records, in the engine's blobs inside the catalog (cluster directory, id map), a
 catalog's LMDB file itself (collection records, meta values, keys, LMDB's own pages); then
 everything is opened and read. Each case must end in a kvtier error (CorruptionError,
 FormatVersionError, StorageIOError) or in exactly the right data: never a crash, a hang, a
-foreign exception or wrong data. Cases run in a worker process, so a segfault, a SIGBUS or an
+foreign exception or wrong data; the data group's damage is also read with on_corrupt="skip"
+(every entry returned intact or named unreadable, nothing else) and checked by kvtier.verify
+(which must find damage wherever reading raised CorruptionError). Cases run in a worker
+process, so a segfault, a SIGBUS or an
 abort is caught as the failure of that case (the worker restarts), and a case that stops
 making progress is a hang. The catalog group, and one minimal reproduction per problem it
 finds, are expected failures (strict) until kvtier/catalog.py is hardened. (2) The API's
@@ -126,6 +129,7 @@ def make_cases(store: Path, group: str, n: int, seed: int) -> list[dict]:
             c = dict(file=rnd.choice(kvd), op="extend", len=rnd.choice([17, 4096, 70000]), what="garbage appended")
         c["i"] = i
         c["seed"] = rnd.randrange(1 << 30)
+        c["skip"] = group == "data"
         cases.append(c)
     return cases
 
@@ -155,13 +159,51 @@ def mutate(root: Path, c: dict) -> None:
 
 # -- the worker --------------------------------------------------------------------------------
 
-def check_store(root: Path, manifest: dict, mk) -> list[str]:
-    """Opens the damaged copy and reads every collection; one outcome per collection."""
+def read_raise(c, n, k, v, name) -> str:
+    """on_corrupt="raise": every entry bit for bit by retrieve, a sample by get, search inside."""
+    q = k[[0, n // 2, n - 1]].astype(np.float32)
+    got = c.retrieve(q, budget=n)
+    order = np.argsort(got.ids)
+    if not (np.array_equal(got.ids[order], np.arange(n))
+            and np.array_equal(bits(got.keys[order]), bits(k))
+            and np.array_equal(bits(got.values[order]), bits(v))):
+        return f"WRONG:{name}: retrieve returned other data"
+    ids = np.unique(np.r_[0:8, n - 8:n, np.random.default_rng(n).integers(0, n, 48)])
+    gk, gv = c.get(ids)  # record by record, so a sample; retrieve checked them all
+    if not (np.array_equal(bits(gk), bits(k[ids])) and np.array_equal(bits(gv), bits(v[ids]))):
+        return f"WRONG:{name}: get returned other data"
+    hits = c.search(q, k=3, nprobe=1 << 30)
+    if not ((hits.ids >= 0) & (hits.ids < n)).all():
+        return f"WRONG:{name}: search returned ids outside the collection"
+    return "ok"
+
+
+def read_skip(c, n, k, v, name) -> str:
+    """on_corrupt="skip": every entry either returned with exactly its data or named as
+    unreadable (retrieve and get), never both, never neither."""
+    q = k[[0, n // 2, n - 1]].astype(np.float32)
+    got = c.retrieve(q, budget=n)
+    if sorted(np.concatenate([got.ids, got.unreadable]).tolist()) != list(range(n)):
+        return (f"WRONG:{name}: skip retrieve returned {len(got)} + {got.unreadable.size} unreadable, "
+                f"not a partition of the {n} ids")
+    if not (np.array_equal(bits(got.keys), bits(k[got.ids])) and np.array_equal(bits(got.values), bits(v[got.ids]))):
+        return f"WRONG:{name}: skip retrieve returned other data"
+    e = c.get(np.arange(n))
+    if sorted(e.ids.tolist() + e.unreadable.tolist()) != list(range(n)) or not np.array_equal(
+            bits(e.keys), bits(k[e.ids])):
+        return f"WRONG:{name}: skip get is not the intact entries"
+    return "ok" if not got.unreadable.size else "skipped"
+
+
+def check_store(root: Path, manifest: dict, mk, on_corrupt: str = "raise") -> list[str]:
+    """Opens the damaged copy and reads every collection (read_raise or read_skip); one
+    outcome per collection: the right data, or a clean kvtier error."""
     import kvtier
 
+    read = read_raise if on_corrupt == "raise" else read_skip
     outcomes = []
     try:
-        store = kvtier.open(root, dram_budget="4MiB")
+        store = kvtier.open(root, dram_budget="4MiB", on_corrupt=on_corrupt)
     except kvtier.KvtierError as e:
         return [f"err:{type(e).__name__}"]
     try:
@@ -173,24 +215,7 @@ def check_store(root: Path, manifest: dict, mk) -> list[str]:
                     outcomes.append(f"WRONG:{name}: {len(c)} entries of dim {c.dim}, expected {n} of {spec['dim']}")
                     continue
                 k, v = mk.entries(spec["index"], 0, n, spec["dim"], spec["value_dim"], spec["dtype"])
-                q = k[[0, n // 2, n - 1]].astype(np.float32)
-                got = c.retrieve(q, budget=n)
-                order = np.argsort(got.ids)
-                if not (np.array_equal(got.ids[order], np.arange(n))
-                        and np.array_equal(bits(got.keys[order]), bits(k))
-                        and np.array_equal(bits(got.values[order]), bits(v))):
-                    outcomes.append(f"WRONG:{name}: retrieve returned other data")
-                    continue
-                ids = np.unique(np.r_[0:8, n - 8:n, np.random.default_rng(n).integers(0, n, 48)])
-                gk, gv = c.get(ids)  # record by record, so a sample; retrieve checked them all
-                if not (np.array_equal(bits(gk), bits(k[ids])) and np.array_equal(bits(gv), bits(v[ids]))):
-                    outcomes.append(f"WRONG:{name}: get returned other data")
-                    continue
-                hits = c.search(q, k=3, nprobe=1 << 30)
-                if not ((hits.ids >= 0) & (hits.ids < n)).all():
-                    outcomes.append(f"WRONG:{name}: search returned ids outside the collection")
-                    continue
-                outcomes.append("ok")
+                outcomes.append(read(c, n, k, v, name))
             except kvtier.KvtierError as e:
                 outcomes.append(f"err:{type(e).__name__}" if type(e).__name__ in CLEAN
                                 else f"UNCLEAR:{name}: {type(e).__name__}: {str(e)[:200]}")
@@ -204,6 +229,20 @@ def check_store(root: Path, manifest: dict, mk) -> list[str]:
         except Exception as e:  # noqa: BLE001
             outcomes.append(f"FOREIGN:close: {type(e).__name__}: {str(e)[:200]}")
     return outcomes
+
+
+def check_verify(root: Path, raise_outcomes: list[str]) -> list[str]:
+    """kvtier.verify on the damaged copy: where reading raised a CorruptionError, verify must
+    have found damage (it reads every record and the header pages)."""
+    import kvtier
+
+    try:
+        report = kvtier.verify(root, dram_budget="4MiB", record=False)
+    except kvtier.KvtierError as e:
+        return [f"err:{type(e).__name__}"]
+    if report.ok and any(o == "err:CorruptionError" for o in raise_outcomes):
+        return [f"WRONG:verify found nothing where reading raised CorruptionError: {report.summary()[:300]}"]
+    return ["verified-ok" if report.ok else "verified-damaged"]
 
 
 def worker_main(base: str, work: str) -> None:
@@ -220,6 +259,8 @@ def worker_main(base: str, work: str) -> None:
         faulthandler.dump_traceback_later(CASE_TIMEOUT * 0.8, exit=False)
         try:
             out = check_store(root, manifest, mk)
+            if c.get("skip"):  # the data group: the same damage read with on_corrupt="skip", and verify
+                out += check_store(root, manifest, mk, "skip") + check_verify(root, out)
         except Exception as e:  # noqa: BLE001
             out = [f"FOREIGN:open: {type(e).__name__}: {str(e)[:200]}"]
         faulthandler.cancel_dump_traceback_later()
@@ -452,6 +493,7 @@ def test_api_inputs(tmp_path, record_property):
     or NotFoundError naming the argument; what is stored never changes on a rejected call."""
     import kvtier
     from hypothesis import HealthCheck, given, settings, strategies as st
+    from kvtier.params import budget_arg, budget_entries
 
     arr, junk, numbers = _api_values()
     rng = np.random.default_rng(5)
@@ -459,11 +501,19 @@ def test_api_inputs(tmp_path, record_property):
     colls = {"f16": s.collection("f16", dim=8, value_dim=4, dtype="float16", policy="adaptive",
                                  init_cluster_size=8, max_cluster_size=16),
              "f32": s.collection("f32", dim=8, value_dim=0, dtype="float32", metric="l2", policy="static")}
+    # and one empty collection per policy: every read call meets them before any add, then at
+    # one entry and a few (k and budgets past their size), as the fuzzed adds fill them
+    for policy in ("adaptive", "static", "local", "none"):
+        colls[f"empty-{policy}"] = s.collection(f"empty-{policy}", dim=8, value_dim=4, policy=policy,
+                                                init_cluster_size=4, max_cluster_size=8, local_window=8,
+                                                local_cluster_size=2)
     model = {}
     for name, c in colls.items():
-        k = rng.standard_normal((200, 8)).astype(c.dtype)
-        v = rng.standard_normal((200, c.value_dim)).astype(c.dtype)
-        c.add(k, v if c.value_dim else None)
+        n = 0 if name.startswith("empty") else 200
+        k = rng.standard_normal((n, 8)).astype(c.dtype)
+        v = rng.standard_normal((n, c.value_dim)).astype(c.dtype)
+        if n:
+            c.add(k, v if c.value_dim else None)
         model[name] = [k, v]
     counts = {"calls": 0, "ok": 0, "rejected": 0}
     allowed = (kvtier.InvalidArgumentError, kvtier.NotFoundError)
@@ -473,7 +523,7 @@ def test_api_inputs(tmp_path, record_property):
 
     @settings(max_examples=int(os.environ.get("KVTIER_API_FUZZ_EXAMPLES", "400")), deadline=None,
               suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(name=st.sampled_from(sorted(colls)), op=st.sampled_from(["add", "search", "retrieve", "get"]),
+    @given(name=st.sampled_from(sorted(colls)), op=st.sampled_from(["add", "search", "retrieve", "get", "prefetch"]),
            data=st.data())
     def call(name, op, data):
         a = data.draw(st.one_of(arr, arr, junk), label="first argument")
@@ -482,7 +532,7 @@ def test_api_inputs(tmp_path, record_property):
         elif op == "search":
             b = data.draw(mostly(st.integers(1, 12), numbers), label="k")
             x = data.draw(mostly(st.one_of(st.none(), st.integers(1, 40)), numbers), label="nprobe")
-        elif op == "retrieve":
+        elif op in ("retrieve", "prefetch"):
             b = data.draw(mostly(st.one_of(st.integers(0, 300), st.floats(0, 1)), numbers), label="budget")
         c = colls[name]
         k0, v0 = model[name]
@@ -495,6 +545,8 @@ def test_api_inputs(tmp_path, record_property):
                 hits = c.search(a, k=b, nprobe=x)
             elif op == "retrieve":
                 got = c.retrieve(a, budget=b)
+            elif op == "prefetch":
+                queued = c.prefetch(a, budget=b)
             else:
                 gk, gv = c.get(a)
         except allowed as e:
@@ -517,8 +569,12 @@ def test_api_inputs(tmp_path, record_property):
         elif op == "retrieve":
             assert len(set(got.ids.tolist())) == len(got)
             assert np.array_equal(bits(got.keys), bits(k0[got.ids]))
+            want = budget_entries(budget_arg(b), n0)
+            assert len(got) == min(want, n0), (len(got), want, n0)  # every policy fills its budget
+        elif op == "prefetch":
+            assert queued >= 0
         else:
-            ids = np.asarray(a).reshape(-1)
+            ids = np.asarray(a).reshape(-1).astype(np.int64)  # [] is float64 to numpy
             assert np.array_equal(bits(gk), bits(k0[ids])) and np.array_equal(bits(gv), bits(v0[ids]))
 
     try:

@@ -1,12 +1,17 @@
 """Property-based tests: a hypothesis state machine drives a store and a plain numpy reference
-model side by side (add, search, retrieve, get, flush, reopen, crash, park/unpark) and checks
-they agree."""
+model side by side (add, search, retrieve, prefetch, get, flush, reopen, crash, park/unpark)
+and checks they agree. Every machine starts from an empty collection and every read rule runs
+from the first step, so reads meet an empty collection, one entry and a few (k and budgets
+past the entry count), before and after reopens and crashes, for every policy and for the
+token layout. (There is no delete call: "after everything was deleted" has no counterpart;
+a crash that loses every unflushed add is the nearest, and is covered.)"""
 import shutil
 import tempfile
 
 import numpy as np
+import pytest
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import kvtier
 
@@ -15,6 +20,7 @@ DIM, VDIM = 8, 4
 
 class StoreVsReference(RuleBasedStateMachine):
     LAYOUT = "colocated"
+    POLICY = "adaptive"
 
     def __init__(self):
         super().__init__()
@@ -22,11 +28,14 @@ class StoreVsReference(RuleBasedStateMachine):
         self.budget = "1MiB"
         self.store = kvtier.open(self.dir, dram_budget=self.budget)
         self.dtype = np.float16
-        self.coll = self.store.collection("m", dim=DIM, value_dim=VDIM, init_cluster_size=4,
-                                          max_cluster_size=8, layout=self.LAYOUT)
+        self.coll = self._create()
         self.keys = np.zeros((0, DIM), self.dtype)
         self.values = np.zeros((0, VDIM), self.dtype)
         self.flushed = 0
+
+    def _create(self):
+        return self.store.collection("m", dim=DIM, value_dim=VDIM, init_cluster_size=4, max_cluster_size=8,
+                                     layout=self.LAYOUT, policy=self.POLICY, local_window=8, local_cluster_size=2)
 
     def teardown(self):
         self.store.close()
@@ -42,14 +51,25 @@ class StoreVsReference(RuleBasedStateMachine):
         self.keys = np.concatenate([self.keys, k])
         self.values = np.concatenate([self.values, v])
 
-    @precondition(lambda self: len(self.keys) > 0)
     @rule(data=st.data())
     def get(self, data):
-        ids = data.draw(st.lists(st.integers(0, len(self.keys) - 1), min_size=1, max_size=20))
+        n = len(self.keys)
+        ids = data.draw(st.lists(st.integers(0, n - 1), min_size=0, max_size=20)) if n else []
         k, v = self.coll.get(ids)
         assert np.array_equal(k, self.keys[ids]) and np.array_equal(v, self.values[ids])
+        with pytest.raises(kvtier.NotFoundError):  # one past the end, on an empty one too
+            self.coll.get([n])
 
-    @precondition(lambda self: len(self.keys) > 0)
+    @rule(seed=st.integers(0, 1000), k=st.integers(1, 12))
+    def search_default(self, seed, k):
+        """The default nprobe, k past the entry count: ids of the collection, then -1 padding."""
+        q = np.random.default_rng(seed).standard_normal((2, DIM)).astype(np.float32)
+        hits = self.coll.search(q, k=k)
+        n = len(self.keys)
+        assert hits.ids.shape == (2, k)
+        assert ((hits.ids >= 0) & (hits.ids < n) | (hits.ids == -1)).all()
+        assert (hits.ids[:, min(k, n):] == -1).all() and np.isinf(hits.scores[:, min(k, n):]).all()
+
     @rule(seed=st.integers(0, 1000), k=st.integers(1, 12))
     def search_exhaustive_is_exact(self, seed, k):
         q = np.random.default_rng(seed).standard_normal((2, DIM)).astype(np.float32)
@@ -63,7 +83,20 @@ class StoreVsReference(RuleBasedStateMachine):
             assert set(hits.ids[row, :kk].tolist()) <= set(range(len(self.keys)))
             np.testing.assert_allclose(scores[row, hits.ids[row, :kk]], got, rtol=1e-4, atol=1e-4)
 
-    @precondition(lambda self: len(self.keys) > 0)
+    @rule(seed=st.integers(0, 1000), count=st.integers(0, 60))
+    def retrieve_count(self, seed, count):
+        """A budget in entries, often past the entry count: min(budget, n) entries, exact data."""
+        q = np.random.default_rng(seed).standard_normal((2, DIM)).astype(np.float32)
+        got = self.coll.retrieve(q, budget=count)
+        assert len(got) == min(count, len(self.keys))
+        assert len(set(got.ids.tolist())) == len(got)
+        assert np.array_equal(got.keys, self.keys[got.ids]) and np.array_equal(got.values, self.values[got.ids])
+
+    @rule(seed=st.integers(0, 1000), count=st.integers(0, 60))
+    def prefetch(self, seed, count):
+        q = np.random.default_rng(seed).standard_normal((2, DIM)).astype(np.float32)
+        assert self.coll.prefetch(q, budget=count) >= 0
+
     @rule(seed=st.integers(0, 1000), frac=st.floats(0.0, 1.0))
     def retrieve(self, seed, frac):
         q = np.random.default_rng(seed).standard_normal((3, DIM)).astype(np.float32)
@@ -76,8 +109,9 @@ class StoreVsReference(RuleBasedStateMachine):
         # every entry is in exactly one cluster, after whatever adds, splits (this retrieve's
         # included: clusters are reported after them) and reopens came before
         sizes = np.asarray(self.coll.cluster_sizes())
-        assert int(sizes.sum()) == len(self.keys)
-        assert np.array_equal(np.bincount(full.clusters, minlength=len(sizes)), sizes)
+        if self.POLICY != "none":  # no clusters: every entry reports cluster -1
+            assert int(sizes.sum()) == len(self.keys)
+            assert np.array_equal(np.bincount(full.clusters, minlength=len(sizes))[:len(sizes)], sizes)
 
     @rule()
     def park(self):
@@ -114,8 +148,7 @@ class StoreVsReference(RuleBasedStateMachine):
         s._gate.closed = True
         self.store = kvtier.open(self.dir, dram_budget=self.budget)
         if self.flushed == 0 and "m" not in self.store.collections():
-            self.coll = self.store.collection("m", dim=DIM, value_dim=VDIM, init_cluster_size=4,
-                                              max_cluster_size=8, layout=self.LAYOUT)
+            self.coll = self._create()
         else:
             self.coll = self.store.collection("m")
         self.keys = self.keys[: self.flushed]
@@ -136,7 +169,24 @@ class TokenLayoutVsReference(StoreVsReference):
     LAYOUT = "token"
 
 
+class StaticVsReference(StoreVsReference):
+    POLICY = "static"
+
+
+class LocalVsReference(StoreVsReference):
+    POLICY = "local"
+
+
+class NoneVsReference(StoreVsReference):
+    POLICY = "none"
+
+
 StoreVsReference.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
 TestStoreVsReference = StoreVsReference.TestCase
 TokenLayoutVsReference.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
 TestTokenLayoutVsReference = TokenLayoutVsReference.TestCase
+for _m in (StaticVsReference, LocalVsReference, NoneVsReference):
+    _m.TestCase.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)
+TestStaticVsReference = StaticVsReference.TestCase
+TestLocalVsReference = LocalVsReference.TestCase
+TestNoneVsReference = NoneVsReference.TestCase
