@@ -48,11 +48,13 @@ class Estimate:
         return asdict(self)
 
     def __str__(self) -> str:
-        per = f" x {self.collections} collections" if self.collections > 1 else ""
+        n = self.collections
+        per = f" x {n} collections" if n > 1 else ""
+        index = (f"index {_size(self.index // n)} per collection x {n} collections = {_size(self.index)}"
+                 if n > 1 else f"index {_size(self.index)}")
         return (f"{self.n_entries:,} entries{per}, {self.entry_bytes} bytes each on flash, about "
                 f"{self.clusters:,} clusters per collection\n"
-                f"  minimum DRAM budget     {_size(self.minimum)} (index {_size(self.index)}"
-                f"{per}, buffers {_size(self.buffers)})\n"
+                f"  minimum DRAM budget     {_size(self.minimum)} ({index} + buffers {_size(self.buffers)})\n"
                 f"  recommended DRAM budget {_size(self.recommended)} (adds index growth, keys "
                 f"{_size(self.keys)}, write/pending buffers {_size(self.pending)}, cache {_size(self.cache)})\n"
                 f"  resident index: {self.resident_bytes_per_entry:.1f} bytes per entry")

@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: demo, bench, calibrate, inspect.
+"""The ``kvtier`` command: demo, bench, calibrate, inspect, verify, estimate.
 
 Each subcommand is a thin shell over a library call (``kvtier.calibrate``, ``kvtier.open``), so
 that what the command prints is what a script gets. ``main(argv)`` returns the exit status:
@@ -88,6 +88,25 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dram-budget", default="256MiB", metavar="SIZE",
                    help="DRAM budget to open with; must hold every collection's representatives (default 256MiB)")
 
+    e = sub.add_parser(
+        "estimate", help="the DRAM budget collections need, before you run (kvtier.estimate)",
+        description="Prints the minimum DRAM budget (below it calls raise BudgetError) and the recommended "
+                    "one for COLLECTIONS collections of N entries each, from the engine's own sizes. For an "
+                    "LLM's KV cache through TieredCache: one collection per layer x KV head, N the tokens "
+                    "(SmolLM2-135M: 30 x 3 = 90 collections, dim 64).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("n_entries", metavar="N", type=int, help="entries per collection")
+    e.add_argument("--dim", type=int, required=True, help="key dimension")
+    e.add_argument("--value-dim", type=int, default=None, help="value dimension (None: the key dimension)")
+    e.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="keys' and values' dtype")
+    e.add_argument("--policy", default="adaptive", choices=["adaptive", "static", "local", "none"],
+                   help="clustering policy")
+    e.add_argument("--collections", type=int, default=1, help="collections of that size")
+    e.add_argument("--fetch", type=float, default=0.1, help="share of the entries one retrieve fetches")
+    e.add_argument("--dram-budget", default=None, metavar="SIZE",
+                   help="the budget you plan (it sizes the write buffer as kvtier.open does)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+
     v = sub.add_parser(
         "verify", help="read every record back and check it; name what is damaged",
         description="Opens STORE (its exclusive lock: close other users first) and reads every collection's "
@@ -119,7 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo":
             from kvtier.demo import main as demo
             return demo(args)
-        return {"bench": _bench, "calibrate": _calibrate, "inspect": _inspect, "verify": _verify}[args.command](args)
+        return {"bench": _bench, "calibrate": _calibrate, "inspect": _inspect, "verify": _verify,
+                "estimate": _estimate}[args.command](args)
     except BrokenPipeError:  # `kvtier inspect S | head`: stop quietly, and keep Python's exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flush from failing again
         return EXIT_ERROR
@@ -186,6 +206,19 @@ def _calibrate(args) -> int:
             print(f"profile saved to {args.save}")
         if args.plot:
             print(f"plot saved to {args.plot}")
+    return 0
+
+
+# -- estimate -----------------------------------------------------------------------------------
+
+def _estimate(args) -> int:
+    e = kvtier.estimate(args.n_entries, dim=args.dim, value_dim=args.value_dim, dtype=args.dtype,
+                        policy=args.policy, collections=args.collections, fetch=args.fetch,
+                        dram_budget=args.dram_budget)
+    if args.json:
+        print(json.dumps(e.as_dict(), indent=1))
+    else:
+        print(e)
     return 0
 
 

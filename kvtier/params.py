@@ -116,4 +116,5 @@ def budget_entries(budget: "int | float", n: int) -> int:
     float the share ceil(budget * n). ``n`` is what the caller budgets: the entries a
     collection stores for ``Collection.retrieve``, the tokens of the context for the
     adapters (sinks and window included), as the paper states its fetch budget."""
-    return budget if isinstance(budget, int) else int(math.ceil(budget * n))
+    # a count past any collection (2**70) means "all of it": capped where the engine's 64 bits hold it
+    return min(budget, 1 << 62) if isinstance(budget, int) else int(math.ceil(budget * n))

@@ -21,6 +21,7 @@ from kvtier.config import DeviceProfile, parse_size, resolve_device
 from kvtier.errors import BudgetError, CorruptionError, InvalidArgumentError, NotFoundError, StoreClosedError
 from kvtier.params import DEFAULT_POLICY, budget_arg, budget_entries, new_params  # noqa: F401 (DEFAULT_POLICY: kvtier.store.DEFAULT_POLICY)
 from kvtier.params import as_matrix as _as_matrix
+from kvtier.stats import Stats
 from kvtier.params import positive_int as _positive_int
 
 
@@ -34,6 +35,9 @@ EXACT_ENTRIES = 4096
 #: 0.01) still lands above it on other queries of the same kind.
 TUNE_QUERIES = 64
 TUNE_TARGET = 0.95
+#: the default nprobe's share of the clusters when a DRAM budget at its minimum leaves no room
+#: to measure it (a search needs less: one cluster at a time)
+FALLBACK_SHARE = 0.25
 
 
 def _no_ids() -> np.ndarray:
@@ -254,7 +258,8 @@ class Collection:
         entries is searched exactly (every cluster: the reads are few). The choice is kept
         (committed with the collection's parameters at the next flush) and made again when the
         cluster count has changed 1.5-fold or the entries 2-fold since; in between it scales
-        with the cluster count."""
+        with the cluster count. Under a DRAM budget too tight to measure, a quarter of the
+        clusters (``FALLBACK_SHARE``), not kept."""
         if self.policy == "none":
             return 1  # exact top-k: nothing to probe
         with self._store._gate:
@@ -265,7 +270,10 @@ class Collection:
         auto = self.params.get("nprobe_auto")
         if not auto or not (auto["clusters"] / 1.5 <= clusters <= auto["clusters"] * 1.5
                             and auto["entries"] / 2 <= n <= auto["entries"] * 2):
-            auto = self.tune_nprobe()
+            try:
+                auto = self.tune_nprobe()
+            except BudgetError:  # no room beside the index to measure: a quarter of the clusters
+                return max(1, math.ceil(clusters * FALLBACK_SHARE))
         return max(1, min(clusters, math.ceil(auto["nprobe"] * clusters / auto["clusters"])))
 
     def tune_nprobe(self, queries=None, k: int = 10, target: float = TUNE_TARGET, keep: bool = True) -> dict:
@@ -639,8 +647,9 @@ class Store:
         return type(e)(str(e) + hint, e.code)
 
     # -- introspection ----------------------------------------------------------------------
-    def stats(self) -> dict:
-        """DRAM (bytes, budget, peak), cache and I/O counters, the device model's time."""
+    def stats(self) -> Stats:
+        """DRAM (bytes, budget, peak), cache and I/O counters, the device model's time: a dict of
+        flat keys, also grouped (``.engine``, ``.cache``, ``.io``; ``print()`` shows the groups)."""
         with self._gate:
             s = self._engine.stats()
         s["device"] = self.device.name if self.device else None
@@ -652,7 +661,7 @@ class Store:
         # itself, apart from merging across gaps (merge_gap)
         pieces = s["contiguous_reads"]
         s["mean_contiguous_entries"] = s["read_entries"] / pieces if pieces else 0.0
-        return s
+        return Stats(s)
 
     def prefetch(self, requests) -> int:
         """Prefetch for a group of collections (for an LLM: the KV heads of one layer):
@@ -798,12 +807,15 @@ def _prepare_dir(path: str, create: Optional[bool]) -> None:
             raise InvalidArgumentError(
                 f"path: the parent directory {parent!r} does not exist; create it first, or pass create=True "
                 "to make the whole tree")
-        if os.path.isdir(path) and any(re.fullmatch(r"c\d+\.kvd", f) for f in os.listdir(path)):
+        names = os.listdir(path) if os.path.isdir(path) else []
+        if any(re.fullmatch(r"c\d+\.kvd", f) for f in names):
             raise CorruptionError(f"catalog: {path!r} holds kvtier data files but no catalog/: the catalog was lost")
-        if os.path.isdir(path) and os.listdir(path):
+        foreign = [f for f in names if f not in ("LOCK", "swap.kvs")]  # a store another process is making
+        if foreign:
             raise InvalidArgumentError(
                 f"path: {path!r} is a directory that is not a kvtier store (it has no catalog/ and holds "
-                f"{len(os.listdir(path))} entries); pass create=True to make a store in it anyway")
+                f"{len(foreign)} other entries, e.g. {sorted(foreign)[0]!r}); pass create=True to make a store in "
+                "it anyway")
     os.makedirs(path, exist_ok=True)
 
 

@@ -72,6 +72,11 @@ def test_full_budget_equals_full_attention(model, tokens, sinks, window):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert st["tokens_seen"] == 150 and st["decode_steps"] == 90
     assert st["stored_tokens"] == 150 - sinks - window
+    # the peak is never below the current value (both count the adapter and the engine), and
+    # the figures come grouped too
+    assert st["dram_peak_bytes"] >= st["dram_bytes"] > 0
+    assert st.adapter["tokens_seen"] == 150 and "engine_dram_bytes" in st.engine and "read_bytes" in st.io
+    assert "\n  store " not in str(st) and "adapter:" in str(st)  # the store's stats once, grouped
     assert st["retrieves"] == 90 * 2 * 2  # steps x layers x KV heads (none at the prefill)
     # everything outside sinks + window was fetched at every step: 60 - s - w, ..., 149 - s - w
     assert st["fetched_per_step"] == pytest.approx(np.mean(np.arange(60, 150)) - sinks - window)

@@ -13,10 +13,10 @@ from kvtier.calibrate import load_profile
 import kvtier.cli
 from kvtier.cli import main
 
-COMMANDS = ("demo", "bench", "calibrate", "inspect")
+COMMANDS = ("demo", "bench", "calibrate", "inspect", "verify", "estimate")
 
 
-def test_help_lists_the_four_commands(capsys):
+def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as ei:
         main(["--help"])
     assert ei.value.code == 0
@@ -130,3 +130,39 @@ def test_calibrate_json_and_bad_arguments(tmp_path, capsys):
     assert main(["calibrate", str(tmp_path), "--quick", "--save", str(tmp_path / "no" / "p.json")]) == 1
     assert "save" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []  # refused before measuring
+
+
+def test_estimate_prints_per_collection_and_total(capsys):
+    assert main(["estimate", "8192", "--dim", "64", "--collections", "90"]) == 0
+    out = capsys.readouterr().out
+    assert "per collection x 90 collections = " in out and "minimum DRAM budget" in out
+    assert main(["estimate", "1000", "--dim", "8", "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["minimum"] <= e["recommended"] and e["collections"] == 1
+
+
+def test_every_help_shows_defaults(capsys):
+    """Each subcommand's --help states its defaults (argparse's formatter or the text)."""
+    from kvtier.bench.decode import main as decode
+
+    for argv, want in ((["estimate", "--help"], "(default: adaptive)"), (["verify", "--help"], "default 256MiB"),
+                       (["inspect", "--help"], "default 256MiB"), (["calibrate", "--help"], "default 1,32"),
+                       (["bench", "--help"], "quick:"), (["demo", "--help"], "default 256")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert want in capsys.readouterr().out, argv
+    with pytest.raises(SystemExit):
+        decode(["--help"])
+    assert "(default: 2048,8192)" in capsys.readouterr().out
+
+
+def test_store_stats_are_grouped(tmp_path):
+    import numpy as np
+
+    with kvtier.open(tmp_path / "s") as s:
+        s.collection("c", dim=4, value_dim=0).add(np.ones((10, 4)))
+        st = s.stats()
+        assert st["dram_bytes"] == st.engine["dram_bytes"] and "read_bytes" in st.io and "cache_hits" in st.cache
+        assert st["dram_peak_bytes"] >= st["dram_bytes"]
+        assert set(st.grouped()) <= {"engine", "cache", "io", "other"}
+        assert sum(len(g) for g in st.grouped().values()) == len(st)

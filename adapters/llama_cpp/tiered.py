@@ -91,6 +91,7 @@ from threadpoolctl import ThreadpoolController
 import kvtier
 from kvtier.errors import InvalidArgumentError
 from kvtier.params import budget_arg, budget_entries, positive_int
+from kvtier.stats import Stats
 
 from ._query import QueryCapture
 from ._state import KVLayout, StateFormatError
@@ -847,11 +848,13 @@ class TieredLlama(Llama):
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict:
         """llama.cpp cells (peak and now, against dram_tokens), KV bytes against a full context,
-        refresh counts and times, and the kvtier store's DRAM and I/O figures."""
+        refresh counts and times, and the kvtier store's DRAM and I/O figures: a
+        :class:`kvtier.stats.Stats` (``.adapter``, ``.engine``, ``.cache``, ``.io``)."""
         cell = self._layout.cell_bytes
         allocated = llama_cpp.llama_n_ctx(self.ctx)
         r = max(self._c["refreshes"], 1)
-        return {
+        st = self._store.stats()
+        own = {
             "kv_cells_peak": self._cells_peak,
             "kv_cells": self._cells_now(),
             "dram_tokens": self._dram,
@@ -871,8 +874,11 @@ class TieredLlama(Llama):
             **self._c,
             "seconds": dict(self._t),
             "session": self._session,
-            "store": self._store.stats(),
         }
+        # the store's figures, grouped beside the adapter's (engine, cache, io); "store" keeps them
+        # as one dict for older scripts
+        return Stats({**own, **{k: v for k, v in st.items() if k not in own}, "store": st},
+                     adapter_keys=own, hidden=("store",))
 
     def close(self) -> None:
         store, owns = getattr(self, "_store", None), getattr(self, "_owns_store", None)

@@ -56,6 +56,7 @@ from kvtier.adapters.torch import estimate as _estimate
 from kvtier.config import DTYPES
 from kvtier.errors import InvalidArgumentError
 from kvtier.params import budget_arg, budget_entries, positive_int
+from kvtier.stats import Stats
 
 #: transformers versions this adapter is written against: [5.0, 6). It relies on 5.x's
 #: ``CacheLayerMixin`` layers, ``get_layer_types_and_kwargs`` and the mask interface.
@@ -658,7 +659,8 @@ class TieredCache(Cache):
         ``adapter_dram_peak_bytes`` their peak plus the largest per-layer working set (keys,
         values and mask assembled for one attention call); ``engine_dram_bytes`` /
         ``engine_dram_peak_bytes`` the store's; ``dram_bytes`` / ``dram_peak_bytes`` their
-        sums (the peak sum is an upper bound: the two peaks need not coincide);
+        sums (the peak sum is an upper bound: the two peaks need not coincide; it is never below
+        ``dram_bytes``);
         ``full_cache_bytes`` what a full cache (DynamicCache) of the model's dtype would hold
         now; ``retrieve_seconds`` / ``add_seconds`` / ``prefetch_seconds`` wall time in store
         calls (with prefetch, ``retrieve_seconds`` includes waiting for reads still loading);
@@ -668,9 +670,8 @@ class TieredCache(Cache):
         ``cache_hits``, ``cache_misses``, ``write_bytes``, ``prefetch_issued``,
         ``prefetch_hits`` (prefetched clusters a retrieve then used), ``prefetch_read_bytes``,
         ``io_wait_seconds`` (time retrieves waited for prefetches still loading),
-        ``dram_peak_bytes`` (the engine's), ``swap_ins`` / ``swap_demand_ins`` /
-        ``swap_read_bytes`` / ``swap_write_bytes`` (with ``virtualize``), ...) and
-        ``store`` its whole stats; ``estimate`` the clusters estimated per retrieve (False: off,
+        ``swap_ins`` / ``swap_demand_ins`` / ``swap_read_bytes`` / ``swap_write_bytes`` (with
+        ``virtualize``), ...) and ``store`` its whole stats; ``estimate`` the clusters estimated per retrieve (False: off,
         None: all) and ``estimated_per_step`` the entries they stood for, per retrieve.
         """
         s = self.store.stats()
@@ -711,14 +712,19 @@ class TieredCache(Cache):
             "sinks": self.sinks,
             "window": self.window,
         }
+        own = set(out)
+        # the store's main I/O and cache figures beside the adapter's; the engine's DRAM stays
+        # under engine_* (dram_bytes and dram_peak_bytes above are the adapter's and the engine's
+        # together, so the peak is never below the current value)
         for k in ("read_ops", "read_bytes", "read_entries", "mean_read_entries", "modeled_io_seconds",
                   "cache_hits", "cache_misses", "evictions", "write_ops", "write_bytes", "device",
                   "prefetch_issued", "prefetch_hits", "prefetch_read_bytes", "prefetch_errors", "io_wait_seconds",
-                  "dram_peak_bytes", "swap_ins", "swap_demand_ins", "swap_read_bytes", "swap_write_bytes"):
+                  "swap_ins", "swap_demand_ins", "swap_read_bytes", "swap_write_bytes"):
             if k in s:
                 out[k] = s[k]
-        out["store"] = s
-        return out
+        out["store"] = s  # the store's stats as they are (older scripts read them here)
+        return Stats(out, adapter_keys=own - {"engine_dram_bytes", "engine_dram_peak_bytes", "engine_dram_budget"},
+                     hidden=("store",))
 
     def cluster_stats(self) -> dict:
         """Mean clusters, cluster size and variance over all collections (cluster health)."""

@@ -10,7 +10,8 @@
  *    probing more than r clusters finds the neighbour; recall at nprobe p is the share of
  *    neighbours with r < p.
  * 2. It changes no cluster and nothing stored (reads go through the cache like any read).
- * 3. Its DRAM (a heap per query, a score per cluster, the ranks) is reserved against the budget.
+ * 3. Its DRAM (a heap per query, a score per cluster, the ranks) is reserved against the budget,
+ *    and it reads one cluster at a time, as search does.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -87,11 +88,12 @@ static int tune_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, dou
     uint32_t m = 0;
     for (uint32_t j = 0; !rc && j < c->ncl; j++)
         if (c->cl[j].n) list[m++] = j;
-    if (!rc) { /* 1: the true top-k of every query, in one pass */
+    if (!rc) { /* 1: the true top-k of every query, in one pass, a cluster at a time as search
+                * reads them (so that it needs no more DRAM than a search) */
         tune_ctx t = {c, q, nq, k, hs, hcl, fill, x};
         kvt_cache_owner_read(&s->cache, &c->cache_state);
         kvt_io_batch_begin(&s->io);
-        rc = kvt_visit_clusters(c, list, m, score_all, &t);
+        for (uint32_t i = 0; i < m && !rc; i++) rc = kvt_visit_cluster(c, list[i], score_all, &t);
         kvt_io_batch_end(&s->io);
     }
     uint64_t nr = 0;

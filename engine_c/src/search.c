@@ -128,7 +128,11 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
     int probing = c->ops->clustered && c->ncl > 0 && c->n > 0;
     if (nprobe > c->ncl) nprobe = c->ncl;
     if (nprobe == 0) nprobe = 1;
-    const uint64_t B = 64; /* queries per block: clusters probed by several are read once */
+    /* queries per block: clusters probed by several are read once. A block's probe list takes a
+     * quarter of what the budget leaves at most, so that probing every cluster (an exact search)
+     * runs at the smallest budget too, a query at a time if it must */
+    uint64_t per_query = (uint64_t)nprobe * sizeof(probe) + 4, fit = kvt_mem_left(&s->mem) / 4 / per_query;
+    const uint64_t B = fit < 1 ? 1 : fit > 64 ? 64 : fit;
     uint64_t transient = (uint64_t)c->ncl * 8 + B * nprobe * sizeof(probe) + B * 4 + nq * 4 + c->p.dim * 4;
     rc = kvt_mem_reserve(&s->mem, transient);
     if (rc) {

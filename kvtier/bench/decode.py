@@ -74,12 +74,12 @@ def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> di
     tiered = kind.startswith("tiered-")
     try:
         with torch.inference_mode():
-            out = model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
             tok = out.logits[:, -1:].argmax(-1)
             s0 = cache.stats() if tiered else None
             t0 = time.perf_counter()
             for _ in range(tokens):
-                out = model(tok, past_key_values=cache, use_cache=True)
+                out = model(tok, cache=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
             dt = time.perf_counter() - t0
         r = {"cache": kind, "context": context, "tokens": tokens, "tok_s": tokens / dt,
@@ -168,21 +168,26 @@ def _available(kind: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="kvtier bench decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", default="2048,8192")
+    p = argparse.ArgumentParser(prog="kvtier bench decode", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="The defaults take about 25 minutes here (6 caches x 3 rounds x 2 contexts x "
+                                       "256 tokens); --contexts 1024 --tokens 64 --runs 1 about 2. Results are "
+                                       "rewritten after every round, so a stopped run keeps what it measured.")
+    p.add_argument("--contexts", default="2048,8192", help="prompt lengths (comma-separated)")
     p.add_argument("--tokens", type=int, default=256, help="decoded tokens per run")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--caches", default="dynamic,quantized-quanto,quantized-hqq,tiered-static,tiered-adaptive,tiered-local")
+    p.add_argument("--runs", type=int, default=3, help="interleaved rounds (the tables give medians)")
+    p.add_argument("--caches", default="dynamic,quantized-quanto,quantized-hqq,tiered-static,tiered-adaptive,tiered-local",
+                   help="caches to compare (comma-separated)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the other core for loader threads)")
     p.add_argument("--device", default=None,
                    help="TieredCache's flash device model (e.g. ufs4.0, for the modeled I/O columns); "
-                        "default: none, the real file only (modeled I/O then reads 0)")
-    p.add_argument("--out", default=os.path.join("bench", "results"))
-    p.add_argument("--name", default="decode")
+                        "None: the real file only (modeled I/O then reads 0)")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="results directory")
+    p.add_argument("--name", default="decode", help="results file name (NAME.json, NAME.md)")
     a = p.parse_args(argv)
     import torch
 
-    from kvtier.demo import document_prompt, load_model
+    from kvtier.demo import document_prompt
 
     torch.set_num_threads(a.threads)
     contexts = [int(x) for x in a.contexts.replace(",", " ").split()]
@@ -190,8 +195,14 @@ def main(argv=None) -> int:
     for k in a.caches.replace(",", " ").split():
         why = _available(k)
         (skipped.append(why) if why else kinds.append(k))
-    model, tok = load_model()
-    rows = []
+    from kvtier import models
+
+    model, tok = models.smollm2()
+    meta = {"command": "python -m bench.decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "runs": a.runs, "threads": a.threads, "skipped": skipped, "torch": torch.__version__}
+    os.makedirs(a.out, exist_ok=True)
+    rows: list = []
+    planned, done, t0 = len(contexts) * a.runs * len(kinds), 0, time.perf_counter()
     for context in contexts:
         ids = document_prompt(tok, context + a.tokens + 8)[:, : context + a.tokens]
         if ids.shape[1] < context:
@@ -204,26 +215,41 @@ def main(argv=None) -> int:
             for k in kinds:
                 r = run_one(model, k, ids, context, a.tokens, a.device)
                 runs[k].append(r)
-                print(f"ctx {context} round {rnd} {k}: {r['tok_s']:.2f} tok/s, store {r['store_ms']:.1f} ms/step",
+                done += 1
+                el = time.perf_counter() - t0  # later contexts take longer: the estimate is a floor
+                print(f"[{done}/{planned}, {el / 60:.1f} min, at least {el / done * (planned - done) / 60:.1f} min left] "
+                      f"ctx {context} round {rnd} {k}: {r['tok_s']:.2f} tok/s, store {r['store_ms']:.1f} ms/step",
                       file=sys.stderr, flush=True)
-        med = {k: _median(v) for k, v in runs.items()}
-        for k in kinds:
-            ratios = [x["tok_s"] / y["tok_s"] for x, y in zip(runs[k], runs["dynamic"])] if "dynamic" in runs else []
-            med[k]["ratio"] = statistics.median(ratios) if ratios else float("nan")
-            rows.append(med[k])
-    meta = {"command": "python -m bench.decode " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "runs": a.runs, "threads": a.threads, "skipped": skipped, "torch": torch.__version__}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, a.name + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    md = markdown(rows, meta)
-    with open(os.path.join(a.out, a.name + ".md"), "w") as f:
-        f.write(md)
-    if len(contexts) > 1:
-        os.makedirs(os.path.join(a.out, "plots"), exist_ok=True)
-        plot(rows, os.path.join(a.out, "plots", a.name + ".png"))
+            # what is measured so far, rewritten after every round: a stopped run keeps it
+            _write(a, meta, rows + _medians(runs, kinds), contexts, final=False)
+        rows += _medians(runs, kinds)
+    md = _write(a, meta, rows, contexts, final=True)
     print(md)
     return 0
+
+
+def _medians(runs: dict, kinds: list) -> list:
+    out = []
+    med = {k: _median(v) for k, v in runs.items() if v}
+    for k in kinds:
+        if k not in med:
+            continue
+        ratios = [x["tok_s"] / y["tok_s"] for x, y in zip(runs[k], runs["dynamic"])] if runs.get("dynamic") else []
+        med[k]["ratio"] = statistics.median(ratios) if ratios else float("nan")
+        out.append(med[k])
+    return out
+
+
+def _write(a, meta: dict, rows: list, contexts: list, final: bool) -> str:
+    with open(os.path.join(a.out, a.name + ".json"), "w") as f:
+        json.dump({"meta": {**meta, "complete": final}, "rows": rows}, f, indent=1)
+    md = markdown(rows, meta) + ("" if final else "\n(partial: the run was still going)\n")
+    with open(os.path.join(a.out, a.name + ".md"), "w") as f:
+        f.write(md)
+    if final and len(contexts) > 1:
+        os.makedirs(os.path.join(a.out, "plots"), exist_ok=True)
+        plot(rows, os.path.join(a.out, "plots", a.name + ".png"))
+    return md
 
 
 if __name__ == "__main__":
