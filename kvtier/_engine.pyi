@@ -113,6 +113,8 @@ class CollStats(TypedDict):
     splits_size: int
     splits_pending: int
     mean_fill: float
+    damaged_reads: int
+    header_damaged: bool
 
 # ---- end of generated code ----
 
