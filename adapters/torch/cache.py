@@ -33,6 +33,13 @@ How it binds (why it looks the way it does):
    came from a prefetch, the cache or flash, so neither prefetch nor the DRAM budget changes
    which clusters exist.
 5. Nothing is kept with autograd history: decoding state is detached.
+6. Hybrid models (Gemma 3, or any config whose ``layer_types`` mix ``sliding_attention`` with
+   ``full_attention``): only the full-attention layers are tiered. A sliding-window layer is transformers'
+   own ``DynamicSlidingWindowLayer``, holding the last ``sliding_window - 1`` tokens in DRAM
+   as the model defines it; its states get no handoff, so its attention is SDPA under the
+   model's sliding-window mask, exactly as with DynamicCache. Prefetch and virtualization
+   step from one tiered layer to the next, skipping the sliding ones. A model whose every
+   layer slides has nothing that grows, and is refused.
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -55,7 +62,7 @@ import kvtier
 from kvtier.adapters.torch import estimate as _estimate
 from kvtier.config import DTYPES
 from kvtier.errors import InvalidArgumentError
-from kvtier.params import budget_arg, budget_entries, positive_int
+from kvtier.params import DEFAULT_POLICY, budget_arg, budget_entries, positive_int
 from kvtier.stats import Stats
 
 #: transformers versions this adapter is written against: [5.0, 6). It relies on 5.x's
@@ -151,7 +158,9 @@ def _unbind(model_ref) -> None:
 
 def check_model(model) -> dict:
     """Checks that ``model`` is an architecture TieredCache handles; returns its geometry
-    (layers, q_heads, kv_heads, head_dim). Raises InvalidArgumentError naming what is not."""
+    (layers, q_heads, kv_heads, head_dim, layer_types: 'full_attention' or 'sliding_attention'
+    per layer, sliding_windows: each layer's window, None for a full layer). Raises
+    InvalidArgumentError naming what is not."""
     if not isinstance(model, PreTrainedModel):
         raise InvalidArgumentError(f"model: a transformers PreTrainedModel expected, got {type(model).__name__}")
     cfg = model.config
@@ -161,15 +170,28 @@ def check_model(model) -> dict:
     text = cfg.get_text_config(decoder=True)
     if text is not cfg:
         raise InvalidArgumentError(f"model: {name} is a composite (multimodal) model; TieredCache supports text decoders")
-    layer_types, _ = get_layer_types_and_kwargs(cfg)
-    odd = sorted({t for t in layer_types if t != "full_attention"})
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(cfg)
+    odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
     if odd:
-        kind = ("sliding-window" if set(odd) <= {"sliding_attention", "chunked_attention"}
+        kind = ("chunked-attention" if set(odd) <= {"chunked_attention"}
                 else "hybrid" if set(odd) & {"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"}
                 else "non-standard")
         raise InvalidArgumentError(
-            f"model: {name} has {kind} layers ({', '.join(odd)}); TieredCache supports models whose every "
-            "layer is full causal attention")
+            f"model: {name} has {kind} layers ({', '.join(odd)}); TieredCache supports full causal attention "
+            "layers, mixed with sliding-window layers")
+    if "full_attention" not in layer_types:
+        raise InvalidArgumentError(
+            f"model: {name} has only sliding-window layers (window {getattr(cfg, 'sliding_window', '?')}): "
+            "nothing grows past the window, so there is nothing for TieredCache to tier; use DynamicCache")
+    windows = {kw.get("sliding_window") for t, kw in zip(layer_types, layer_kwargs) if t == "sliding_attention"}
+    if any(not isinstance(w, int) or w < 1 for w in windows):
+        raise InvalidArgumentError(f"model: {name} has sliding-window layers without a positive sliding_window ({windows})")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise InvalidArgumentError(
+            f"model: {name} caps its attention logits (attn_logit_softcapping={cfg.attn_logit_softcapping}), "
+            "which kvtier's sparse attention does not apply")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise InvalidArgumentError(f"model: {name} uses bidirectional attention; TieredCache supports causal decoders")
     if not getattr(model, "_supports_attention_backend", False):
         raise InvalidArgumentError(
             f"model: {name} does not compute attention through transformers' AttentionInterface")
@@ -177,7 +199,48 @@ def check_model(model) -> dict:
     if not n_q or not n_kv or n_q % n_kv:
         raise InvalidArgumentError(f"model: {name} has {n_q} query heads and {n_kv} KV heads; a whole number of query heads per KV head expected")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
-    return {"layers": len(layer_types), "q_heads": int(n_q), "kv_heads": int(n_kv), "head_dim": int(head_dim)}
+    return {"layers": len(layer_types), "q_heads": int(n_q), "kv_heads": int(n_kv), "head_dim": int(head_dim),
+            "layer_types": list(layer_types),
+            "sliding_windows": [kw.get("sliding_window") if t == "sliding_attention" else None
+                                for t, kw in zip(layer_types, layer_kwargs)]}
+
+
+def estimate_dram(model, context: int, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
+                  sinks: int = 4, window: int = 32, store_dtype: str = "float16", dram_budget=None,
+                  collection_options: Optional[dict] = None) -> dict:
+    """DRAM a TieredCache for ``model`` holds at ``context`` tokens, before running it.
+
+    Counts both kinds of layer: the sliding-window layers' windows (``sliding_bytes``, as
+    transformers keeps them: ``window - 1`` tokens at the model's dtype), the full-attention
+    layers' sinks and recent windows (``tiered_dram_bytes``), their sum ``adapter_bytes``,
+    and the engine's ``engine_minimum`` / ``engine_recommended`` for the tiered collections
+    (:func:`kvtier.estimate`, one collection per full layer and KV head, ``context - sinks -
+    window`` entries each, fetching ``budget``); ``dram_minimum`` / ``dram_recommended`` are
+    adapter plus engine. Beside them: ``full_cache_bytes`` what DynamicCache holds at that
+    context and ``global_kv_float16_bytes`` the full layers' keys and values at float16."""
+    geo = check_model(model)
+    context = positive_int("context", context, 1, 1 << 40)
+    budget = budget_arg(budget)
+    sinks = positive_int("sinks", sinks, 0, 1 << 20)
+    window = positive_int("window", window, 0, 1 << 20)
+    elem = torch.finfo(model.dtype).bits // 8
+    per_token = geo["kv_heads"] * geo["head_dim"] * 2
+    wins = geo["sliding_windows"]
+    n_tiered = sum(w is None for w in wins)
+    sliding_tokens = sum(min(context, w - 1) for w in wins if w is not None)
+    stored = max(context - sinks - window, 0)
+    fetch = min(1.0, budget_entries(budget, context) / stored) if stored else 0.0
+    opts = {k: v for k, v in (collection_options or {}).items() if k not in ("value_sums",)}
+    eng = kvtier.estimate(stored, geo["head_dim"], dtype=store_dtype, policy=policy or DEFAULT_POLICY,
+                          collections=n_tiered * geo["kv_heads"], fetch=fetch, dram_budget=dram_budget, **opts)
+    tiered = n_tiered * min(context, sinks + window) * per_token * elem
+    sliding = sliding_tokens * per_token * elem
+    return {"context": context, "tiered_layers": n_tiered, "sliding_layers": len(wins) - n_tiered,
+            "sliding_bytes": sliding, "tiered_dram_bytes": tiered, "adapter_bytes": sliding + tiered,
+            "engine_minimum": eng.minimum, "engine_recommended": eng.recommended,
+            "dram_minimum": sliding + tiered + eng.minimum, "dram_recommended": sliding + tiered + eng.recommended,
+            "full_cache_bytes": (n_tiered * context + sliding_tokens) * per_token * elem,
+            "global_kv_float16_bytes": n_tiered * context * per_token * 2, "engine": eng.as_dict()}
 
 
 # ------------------------------------------------------------------------------ cache
@@ -237,6 +300,10 @@ class _TieredLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices):
         raise NotImplementedError("TieredCache holds one sequence: batch selection is not supported")
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _release(store, tmpdir, model_ref) -> None:
@@ -330,6 +397,8 @@ class TieredCache(Cache):
         if collection_options is not None and not isinstance(collection_options, dict):
             raise InvalidArgumentError(f"collection_options: a dict expected, got {type(collection_options).__name__}")
         self.n_layers, self.n_kv, self.head_dim = geo["layers"], geo["kv_heads"], geo["head_dim"]
+        self._store_dtype, self._dram_budget = store_dtype, dram_budget
+        self._collection_options = dict(collection_options or {})
         self.group = geo["q_heads"] // geo["kv_heads"]
 
         self._tmpdir = None
@@ -351,14 +420,19 @@ class TieredCache(Cache):
                     f"path: the store at {path!r} already holds collections; TieredCache needs a new or empty store")
             opts = dict(collection_options or {})
             layers = []
-            for l in range(self.n_layers):
+            for l, w in enumerate(geo["sliding_windows"]):
+                if w is not None:  # a sliding-window layer keeps its window in DRAM, as the model defines it
+                    layers.append(DynamicSlidingWindowLayer(sliding_window=w))
+                    continue
                 # value sums (the estimate's summaries) only when the estimate is on
                 colls = [self.store.collection(f"L{l}.H{h}", dim=self.head_dim, value_dim=self.head_dim,
                                                dtype=store_dtype, metric="ip", policy=policy,
                                                value_sums=self.estimate is not False, **opts)
                          for h in range(self.n_kv)]
                 layers.append(_TieredLayer(colls))
-            self.policy = layers[0].colls[0].policy if layers else policy
+            #: indices of the layers tiered into the store (full attention); the others slide
+            self.tiered = [l for l, w in enumerate(geo["sliding_windows"]) if w is None]
+            self.policy = layers[self.tiered[0]].colls[0].policy
             _bind(model)
         except BaseException:
             _release(self.store, self._tmpdir, lambda: None)
@@ -368,7 +442,8 @@ class TieredCache(Cache):
         self._finalizer = weakref.finalize(self, _release, self.store, self._tmpdir, self._model_ref)
         self._pending: Optional[int] = None
         self._broken: Optional[str] = None
-        self._resident = 0
+        self._seen = [0] * self.n_layers  # tokens each layer has been given
+        self._resident = 0  # adapter tensors: tiered layers' sinks and windows, sliding layers' windows
         self._peak = 0
         self._counts = {"decode_steps": 0, "forwards": 0, "retrieves": 0, "fetched": 0, "adds": 0,
                         "overlap": 0, "overlap_of": 0, "prefetches": 0, "prefetched": 0,
@@ -417,16 +492,31 @@ class TieredCache(Cache):
                 f"TieredCache: key/value states of shape ({self.n_kv} KV heads, {self.head_dim} dims) expected, "
                 f"got keys {tuple(key_states.shape)}, values {tuple(value_states.shape)}")
         layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
         if layer_idx == 0:
             if self._counts["forwards"]:  # the previous forward ran every layer: a step ended
                 self.store.step()
             self._counts["forwards"] += 1
             self._counts["decode_steps"] += q == 1
-        elif layer.seen != self.layers[0].seen - q:
+        elif self._seen[layer_idx] != self._seen[0] - q:
             self._broken = "layers out of step"
             raise RuntimeError("TieredCache: layers are out of step (an earlier forward was interrupted); make a new cache")
+        self._seen[layer_idx] += q
+        if not isinstance(layer, _TieredLayer):
+            # a sliding-window layer: transformers' own layer keeps the last window - 1 tokens and
+            # returns them with the new ones; the attention function sees no handoff for these
+            # states and runs SDPA under the model's sliding-window mask
+            before = _tensor_bytes(layer.keys, layer.values) if layer.is_initialized else 0
+            keys, values = layer.update(key_states, value_states)
+            if layer.keys.untyped_storage().nbytes() > 2 * _tensor_bytes(layer.keys):
+                # the kept window is a view of this chunk's states: copy it so that a long prompt's
+                # tensor is not held after the attention (DynamicCache keeps it until the next step)
+                layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+            after = _tensor_bytes(layer.keys, layer.values)
+            self._peak = max(self._peak, self._resident - before + _tensor_bytes(keys, values))
+            self._resident += after - before
+            return keys, values
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
         layer.seen += q
         self._pending = layer_idx
         _HANDOFF.slot = (self, layer_idx, key_states, value_states)
@@ -456,15 +546,16 @@ class TieredCache(Cache):
         new_k, new_v = key[0].detach(), value[0].detach()  # [kv_heads, q_len, d]
         fetched = est = None
         n_budget = self._entries(layer.seen)
+        t = self.tiered.index(l)  # this layer's place among the tiered ones (sliding layers skipped)
         if self.virtualize:
-            ahead = self.layers[(l + (2 if self.prefetching else 1)) % self.n_layers]
+            ahead = self.layers[self.tiered[(t + (2 if self.prefetching else 1)) % len(self.tiered)]]
             self.store.unpark(ahead.colls, wait=False)
         if self.prefetching:
-            # before this layer's own retrieve, so the next layer's reads overlap it too
-            if l + 1 < self.n_layers:  # layer l+1 is about to see the same tokens as this one
-                self._prefetch(self.layers[l + 1], n_budget)
-            else:  # the first layer of the next forward, assumed one decoded token
-                self._prefetch(self.layers[0], self._entries(layer.seen + 1))
+            # before this layer's own retrieve, so the next tiered layer's reads overlap it too
+            if t + 1 < len(self.tiered):  # the next tiered layer is about to see the same tokens
+                self._prefetch(self.layers[self.tiered[t + 1]], n_budget)
+            else:  # the first tiered layer of the next forward, assumed one decoded token
+                self._prefetch(self.layers[self.tiered[0]], self._entries(layer.seen + 1))
         if layer.stored and n_budget:
             # Queries grouped by KV head: [kv_heads, group * q_len, d] (query head h*g+j uses KV head h).
             fetched, est = self._fetch(layer, query[0].reshape(n_kv, g * q_len, d), n_budget, scaling)
@@ -641,6 +732,68 @@ class TieredCache(Cache):
         layer.win_k, layer.win_v = win_k, win_v
         self._resident += layer.resident_bytes() - before
 
+    # -- starting from a dense prefill -------------------------------------------------------
+    def prefill_from(self, cache) -> None:
+        """Fills this empty TieredCache with the state of ``cache``, a transformers
+        ``DynamicCache`` built with the same model's config (``DynamicCache(config=...)``)
+        after a prefill: each full-attention layer keeps the first ``sinks`` and last
+        ``window`` tokens in DRAM and adds the rest to its collections in one batch per KV head,
+        exactly as a prefill run through this cache stores them; each sliding-window layer
+        copies the window. So one dense prefill (chunked, however long the prompt) can start
+        several TieredCaches, each decoding on its own. ``cache`` is not changed."""
+        if self.closed:
+            raise kvtier.StoreClosedError("TieredCache is closed")
+        if self._seen[0] or self._broken:
+            raise InvalidArgumentError("cache: prefill_from needs a new, empty TieredCache")
+        src = getattr(cache, "layers", None)
+        if not isinstance(cache, Cache) or src is None or len(src) != self.n_layers:
+            raise InvalidArgumentError(
+                f"cache: a DynamicCache of the same model ({self.n_layers} layers) expected, got {type(cache).__name__}"
+                + (f" with {len(src)} layers" if src is not None else ""))
+        n = None
+        for l, (mine, theirs) in enumerate(zip(self.layers, src)):
+            sliding = not isinstance(mine, _TieredLayer)
+            ok = (isinstance(theirs, DynamicSlidingWindowLayer) and theirs.sliding_window == mine.sliding_window
+                  if sliding else type(theirs).__name__ == "DynamicLayer")
+            if not ok or not theirs.is_initialized:
+                raise InvalidArgumentError(
+                    f"cache: layer {l} is {type(theirs).__name__}"
+                    f"{'' if theirs.is_initialized else ' (empty)'}; a filled "
+                    + (f"DynamicSlidingWindowLayer of window {mine.sliding_window}" if sliding else "DynamicLayer")
+                    + " expected (DynamicCache(config=model.config) after a prefill)")
+            k = theirs.keys
+            if k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != self.n_kv or k.shape[3] != self.head_dim:
+                raise InvalidArgumentError(
+                    f"cache: layer {l} holds keys of shape {tuple(k.shape)}; (1, {self.n_kv}, tokens, {self.head_dim}) expected")
+            m = theirs.get_seq_length()
+            if n is None:
+                n = m
+            elif m != n:
+                raise InvalidArgumentError(f"cache: layer {l} has seen {m} tokens, layer 0 {n}")
+            if not sliding and k.shape[2] != m:
+                raise InvalidArgumentError(f"cache: full layer {l} holds {k.shape[2]} of its {m} tokens")
+        if not n:
+            raise InvalidArgumentError("cache: holds no tokens")
+        for mine, theirs in zip(self.layers, src):
+            k, v = theirs.keys.detach(), theirs.values.detach()
+            mine.lazy_initialization(k, v)
+            if isinstance(mine, _TieredLayer):
+                mine.seen = n
+                self._spill(mine, k[0], v[0])
+            else:
+                mine.keys, mine.values = k.clone(), v.clone()
+                mine.cumulative_length = theirs.cumulative_length
+                self._resident += _tensor_bytes(mine.keys, mine.values)
+        self._seen = [n] * self.n_layers
+        self._peak = max(self._peak, self._resident)
+        self._counts["forwards"] += 1  # the prefill: the next forward starts a new store step
+
+    def estimate_dram(self, context: int) -> dict:
+        """:func:`estimate_dram` for this cache's model and settings at ``context`` tokens."""
+        return estimate_dram(self._model_ref(), context, budget=self.budget, policy=self.policy, sinks=self.sinks,
+                             window=self.window, store_dtype=self._store_dtype, dram_budget=self._dram_budget,
+                             collection_options=self._collection_options)
+
     # -- unsupported Cache operations ------------------------------------------------------
     def reset(self):
         raise NotImplementedError("TieredCache cannot be reset (stored entries cannot be removed): make a new one")
@@ -649,20 +802,25 @@ class TieredCache(Cache):
     def stats(self) -> dict:
         """What the cache did so far.
 
-        ``tokens_seen``; ``stored_tokens`` / ``resident_tokens`` per (layer, KV head) in the
-        store and in DRAM; ``decode_steps`` forwards of one token; ``retrieves`` calls and
+        ``tokens_seen``; ``tiered_layers`` / ``sliding_layers`` (a hybrid model's full
+        attention layers are tiered, its sliding-window layers keep their window in DRAM);
+        ``stored_tokens`` / ``resident_tokens`` per tiered (layer, KV head) in the store and in
+        DRAM; ``sliding_dram_bytes`` the sliding layers' windows; ``decode_steps`` forwards of one token; ``retrieves`` calls and
         ``fetched_per_step`` mean entries fetched per retrieve (one retrieve per layer, KV
         head and step); ``add_calls`` (one per layer and KV head whenever tokens leave the
         window); ``prefetchable_share`` of the fetched entries, those in clusters the
         same layer and head fetched at its previous retrieve (what prefetching the previous
-        step's clusters could overlap); ``adapter_dram_bytes`` the sink and window tensors,
+        step's clusters could overlap); ``adapter_dram_bytes`` the sink and window tensors
+        (the sliding layers' windows included),
         ``adapter_dram_peak_bytes`` their peak plus the largest per-layer working set (keys,
         values and mask assembled for one attention call); ``engine_dram_bytes`` /
         ``engine_dram_peak_bytes`` the store's; ``dram_bytes`` / ``dram_peak_bytes`` their
         sums (the peak sum is an upper bound: the two peaks need not coincide; it is never below
         ``dram_bytes``);
         ``full_cache_bytes`` what a full cache (DynamicCache) of the model's dtype would hold
-        now; ``retrieve_seconds`` / ``add_seconds`` / ``prefetch_seconds`` wall time in store
+        now (sliding layers at their window); ``global_kv_bytes`` / ``global_kv_float16_bytes``
+        the full-attention layers' share of it, at the model's dtype and at float16;
+        ``retrieve_seconds`` / ``add_seconds`` / ``prefetch_seconds`` wall time in store
         calls (with prefetch, ``retrieve_seconds`` includes waiting for reads still loading);
         ``prefetch`` whether pipelining is on, ``prefetch_calls`` collections asked (one per
         layer, KV head and step), ``prefetch_queued`` clusters they queued; the store's I/O
@@ -676,14 +834,22 @@ class TieredCache(Cache):
         """
         s = self.store.stats()
         c = self._counts
-        first = self.layers[0] if self.layers else None
-        seen = first.seen if first else 0
-        elem = first.sink_k.element_size() if first is not None and first.is_initialized else 4
-        full = self.n_layers * self.n_kv * seen * self.head_dim * 2 * elem
+        first = self.layers[self.tiered[0]]
+        seen = self._seen[0]
+        elem = first.sink_k.element_size() if first.is_initialized else 4
+        per_token = self.n_kv * self.head_dim * 2  # key and value numbers per token and layer
+        sliding = [l for l in range(self.n_layers) if l not in self.tiered]
+        global_tokens = len(self.tiered) * seen
+        # what DynamicCache would hold: every token of a full layer, window - 1 of a sliding one
+        dense_tokens = global_tokens + sum(min(seen, self.layers[l].sliding_window - 1) for l in sliding)
         out = {
             "tokens_seen": seen,
-            "stored_tokens": first.stored if first else 0,
-            "resident_tokens": seen - (first.stored if first else 0),
+            "tiered_layers": len(self.tiered),
+            "sliding_layers": len(sliding),
+            "stored_tokens": first.stored,
+            "resident_tokens": seen - first.stored,
+            "sliding_dram_bytes": sum(_tensor_bytes(self.layers[l].keys, self.layers[l].values)
+                                      for l in sliding if self.layers[l].is_initialized),
             "decode_steps": c["decode_steps"],
             "forwards": c["forwards"],
             "retrieves": c["retrieves"],
@@ -699,7 +865,9 @@ class TieredCache(Cache):
             "engine_dram_budget": s["dram_budget"],
             "dram_bytes": self._resident + s["dram_bytes"],
             "dram_peak_bytes": self._peak + s["dram_peak_bytes"],
-            "full_cache_bytes": full,
+            "full_cache_bytes": dense_tokens * per_token * elem,
+            "global_kv_bytes": global_tokens * per_token * elem,
+            "global_kv_float16_bytes": global_tokens * per_token * 2,
             "retrieve_seconds": self._seconds["retrieve"],
             "add_seconds": self._seconds["add"],
             "prefetch_seconds": self._seconds["prefetch"],
@@ -728,7 +896,7 @@ class TieredCache(Cache):
 
     def cluster_stats(self) -> dict:
         """Mean clusters, cluster size and variance over all collections (cluster health)."""
-        cs = [c.stats() for layer in self.layers for c in layer.colls]
+        cs = [c.stats() for l in self.tiered for c in self.layers[l].colls]
         return {"clusters": float(np.mean([c["clusters"] for c in cs])),
                 "mean_cluster_size": float(np.mean([c["mean_cluster_size"] for c in cs])),
                 "mean_variance": float(np.mean([c["mean_variance"] for c in cs]))}
