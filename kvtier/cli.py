@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         description=demo.DESCRIPTION))
     b = sub.add_parser(
         "bench", help="benchmark tier configurations on real traces; JSON results and PNG plots "
-                      "(`kvtier bench decode --help`: decode-step speed of the torch caches)",
+                      "(`kvtier bench decode --help`: decode-step speed of the torch caches; "
+                      "`kvtier bench tasks --help`: long-context tasks through each cache)",
         description="Device profile x DRAM budget x policy x layout x cache policy, replayed on real "
                     "SmolLM2 KV traces (W1 long generation, W2 document + continuation) as a KV cache; "
                     "recall vs fetch budget, I/O time per step vs context length, hit rate vs DRAM budget, "
@@ -129,6 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if words[:2] == ["bench", "decode"]:  # the decode-speed benchmark: its own options (kvtier.bench.decode)
         from kvtier.bench.decode import main as decode
         return decode(words[2:])
+    if words[:2] == ["bench", "tasks"]:  # the long-context task suite: its own options (kvtier.bench.tasks)
+        from kvtier.bench.tasks import main as tasks
+        return tasks(words[2:])
     args = _parser().parse_args(argv)
     args._argv = argv
     if args.command in _NOT_YET:
