@@ -257,6 +257,10 @@ def test_main_writes_results_and_resumes(model, tok, tmp_path, monkeypatch, caps
     assert T.main(argv) == 0  # resumes: every row is there, nothing is added
     assert (tmp_path / "t.rows.jsonl").read_text().splitlines() == lines
     assert T.main(argv + ["--plan"]) == 0
+    (tmp_path / "t.json").unlink()
+    monkeypatch.setattr(T, "load", None)  # --summarize needs no model
+    assert T.main(argv + ["--summarize"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["meta"]["rows"] == 6
 
 
 def test_bad_arguments(capsys):

@@ -909,6 +909,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th case from the k-th (for parallel processes)")
     p.add_argument("--calibrate", type=int, default=2048, help="longest calibration context (0: skip)")
     p.add_argument("--plan", action="store_true", help="print the cost estimate and stop")
+    p.add_argument("--summarize", action="store_true",
+                   help="only rewrite the tables and the plot from the rows on disk (after --shard runs)")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--name", default=None, help="stem of the result files (default tasks_<model>)")
     return p
@@ -954,6 +956,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     k, n = (int(x) for x in a.shard.split("/"))
     name = a.name or f"tasks_{a.model}"
     os.makedirs(a.out, exist_ok=True)
+    if a.summarize:  # the tables and the plot from the rows on disk (every shard's), no model
+        write(Rows(os.path.join(a.out, f"{name}.rows.jsonl")), methods, a, argv, name, time.time(), final=True)
+        return 0
 
     import torch
 
