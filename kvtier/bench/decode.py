@@ -18,6 +18,15 @@ page cache (``tiered-<policy>-pagecache``: on a machine whose disk is a virtual 
 latency is not a phone's; the modeled I/O column gives the UFS 4.0 time either way).
 
     python -m bench.decode [--contexts 2048,8192] [--tokens 256] [--runs 3] [--out bench/results]
+
+Gemma 3 270M (``--model gemma3``, a hybrid model: TieredCache tiers its 3 full-attention
+layers, the 15 sliding ones keep their 512-token window) to 32K: each context is prefilled once
+(dense, in chunks; minutes at 32K on this machine) and every run starts from a copy of that
+state; the engine's DRAM budget is 10% of the full-attention layers' float16 KV; the prefill's
+time and the process's peak RSS are reported:
+
+    kvtier bench decode --model gemma3 --contexts 8192,32768 --tokens 64 --runs 3 \\
+        --caches dynamic,tiered-adaptive,tiered-adaptive-pagecache --name decode_gemma3
 """
 from __future__ import annotations
 
@@ -32,21 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from kvtier.bench.runtime import kv_bytes as _kv_bytes_dynamic
+from kvtier.bench.runtime import rss as _rss
 from kvtier.bench.tables import md_table
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _kv_bytes_dynamic(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
 
 
 def _make_cache(kind: str, model, full_bytes: int, device=None):
@@ -63,6 +60,21 @@ def _make_cache(kind: str, model, full_bytes: int, device=None):
     policy = kind.split("-")[1]
     return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(full_bytes // 10, 1 << 20), device=device,
                        direct_io=False if kind.endswith("-pagecache") else "auto")
+
+
+def _tiered_figures(r: dict, s0: dict, s1: dict, dt: float, tokens: int) -> dict:
+    """Adds a TieredCache run's per-step split (compute, store, I/O wait, modeled I/O) and
+    DRAM to ``r``, from its stats before (``s0``) and after (``s1``); returns ``s1``."""
+    d = {k: s1[k] - s0[k] for k in ("retrieve_seconds", "add_seconds", "prefetch_seconds",
+                                     "io_wait_seconds", "modeled_io_seconds")}
+    store = d["retrieve_seconds"] + d["add_seconds"] + d["prefetch_seconds"]
+    r.update(store_ms=1e3 * store / tokens, compute_ms=1e3 * (dt - store) / tokens,
+             io_wait_ms=1e3 * d["io_wait_seconds"] / tokens,
+             modeled_io_ms=1e3 * d["modeled_io_seconds"] / tokens,
+             overlap_ms=1e3 * max(0.0, d["modeled_io_seconds"] - d["io_wait_seconds"]) / tokens,
+             kv_bytes=s1["dram_bytes"], kv_peak_bytes=s1["dram_peak_bytes"],
+             full_kv_bytes=s1["full_cache_bytes"])
+    return s1
 
 
 def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> dict:
@@ -85,19 +97,55 @@ def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> di
         r = {"cache": kind, "context": context, "tokens": tokens, "tok_s": tokens / dt,
              "step_ms": 1e3 * dt / tokens, "rss_bytes": _rss()}
         if tiered:
-            s1 = cache.stats()
-            d = {k: s1[k] - s0[k] for k in ("retrieve_seconds", "add_seconds", "prefetch_seconds",
-                                             "io_wait_seconds", "modeled_io_seconds")}
-            store = d["retrieve_seconds"] + d["add_seconds"] + d["prefetch_seconds"]
-            r.update(store_ms=1e3 * store / tokens, compute_ms=1e3 * (dt - store) / tokens,
-                     io_wait_ms=1e3 * d["io_wait_seconds"] / tokens,
-                     modeled_io_ms=1e3 * d["modeled_io_seconds"] / tokens,
-                     overlap_ms=1e3 * max(0.0, d["modeled_io_seconds"] - d["io_wait_seconds"]) / tokens,
-                     kv_bytes=s1["dram_bytes"], kv_peak_bytes=s1["dram_peak_bytes"],
-                     full_kv_bytes=s1["full_cache_bytes"])
+            _tiered_figures(r, s0, cache.stats(), dt, tokens)
         else:
             r.update(store_ms=0.0, compute_ms=r["step_ms"], io_wait_ms=0.0, modeled_io_ms=0.0, overlap_ms=0.0,
                      kv_bytes=_kv_bytes_dynamic(cache) if kind == "dynamic" else None)
+        return r
+    finally:
+        if tiered:
+            cache.close()
+
+
+def run_prefilled(model, kind: str, dense, first: int, tokens: int, device=None) -> dict:
+    """One run of ``kind`` from a copy of the dense prefill ``dense`` (DynamicCache deep copy,
+    or ``TieredCache.prefill_from`` with an engine DRAM budget of 10% of the full-attention
+    layers' float16 KV at the final context): ``tokens`` greedy steps from token ``first``."""
+    import copy
+
+    import torch
+
+    from kvtier.bench.runtime import global_kv_f16
+
+    n = dense.get_seq_length()
+    tiered = kind.startswith("tiered-")
+    if tiered:
+        from kvtier.adapters.torch import TieredCache
+
+        budget = max(global_kv_f16(model, n + tokens) // 10, 1 << 20)
+        cache = TieredCache(model, budget=0.1, policy=kind.split("-")[1], dram_budget=budget, device=device,
+                            direct_io=False if kind.endswith("-pagecache") else "auto")
+        cache.prefill_from(dense)
+    else:
+        cache = copy.deepcopy(dense)
+    try:
+        s0 = cache.stats() if tiered else None
+        tok = torch.tensor([[first]])
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                out = model(tok, cache=cache, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1:].argmax(-1)
+            dt = time.perf_counter() - t0
+        r = {"cache": kind, "context": n, "tokens": tokens, "tok_s": tokens / dt, "step_ms": 1e3 * dt / tokens,
+             "rss_bytes": _rss()}
+        if tiered:
+            s1 = _tiered_figures(r, s0, cache.stats(), dt, tokens)
+            r.update(engine_dram_peak_bytes=s1["engine_dram_peak_bytes"], engine_dram_budget=s1["engine_dram_budget"],
+                     global_kv_float16_bytes=s1["global_kv_float16_bytes"])
+        else:
+            r.update(store_ms=0.0, compute_ms=r["step_ms"], io_wait_ms=0.0, modeled_io_ms=0.0, overlap_ms=0.0,
+                     kv_bytes=_kv_bytes_dynamic(cache))
         return r
     finally:
         if tiered:
@@ -119,7 +167,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     def mib(b):
         return "—" if b is None else f"{b / 2**20:.1f}"
 
-    lines = ["# Decode-step speed (SmolLM2-135M, CPU)", "",
+    lines = [f"# Decode-step speed ({meta.get('model_name', 'SmolLM2-135M')}, CPU)", "",
              f"Command: `{meta['command']}`. Medians of {meta['runs']} interleaved rounds; "
              f"{meta['threads']} torch threads on a shared 2-core machine. "
              "Ratio: tok/s over DynamicCache's at the same context, medians of the same rounds.", "",
@@ -129,6 +177,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
                         f"{r['compute_ms']:.1f}", f"{r['store_ms']:.1f}", f"{r['io_wait_ms']:.2f}",
                         f"{r['modeled_io_ms']:.2f}", f"{r['overlap_ms']:.2f}", mib(r["kv_bytes"]), mib(r["rss_bytes"])]
                        for r in rows], "ll" + "r" * 10)]
+    pre = [r for r in rows if r.get("prefill_seconds") is not None and r["cache"] == rows[0]["cache"]]
+    if pre:
+        lines += ["", "Each context prefilled once (dense, in chunks; every cache decodes from a copy of that "
+                  "state; TieredCache's engine DRAM budget is 10% of the full-attention layers' float16 KV): "
+                  + "; ".join(f"{r['context']} tokens: prefill {r['prefill_seconds']:.0f} s, peak RSS "
+                              f"{mib(r['prefill_peak_rss'])} MiB" for r in pre)]
+    eng = [r for r in rows if r.get("engine_dram_peak_bytes") is not None]
+    if eng:
+        lines += ["", "Engine DRAM peak against the full-attention layers' float16 KV: "
+                  + "; ".join(f"{r['context']} {r['cache']}: {mib(r['engine_dram_peak_bytes'])} MiB of "
+                              f"{mib(r['global_kv_float16_bytes'])} MiB "
+                              f"({100 * r['engine_dram_peak_bytes'] / r['global_kv_float16_bytes']:.1f}%)" for r in eng)]
     if meta["skipped"]:
         lines += ["", "Not run: " + "; ".join(meta["skipped"])]
     return "\n".join(lines) + "\n"
@@ -184,7 +244,15 @@ def main(argv=None) -> int:
                         "None: the real file only (modeled I/O then reads 0)")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="results directory")
     p.add_argument("--name", default="decode", help="results file name (NAME.json, NAME.md)")
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"),
+                   help="gemma3: Gemma 3 270M (hybrid; needs the gemma extra), each context prefilled once")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's dtype")
+    p.add_argument("--prefill-once", action="store_true",
+                   help="prefill each context once (dense, in chunks) and start every run from a copy "
+                        "(always with --model gemma3: a 32K prefill takes minutes here)")
     a = p.parse_args(argv)
+    if a.model == "gemma3" or a.prefill_once:
+        return _main_prefilled(a, argv)
     import torch
 
     from kvtier.demo import document_prompt
@@ -211,20 +279,69 @@ def main(argv=None) -> int:
         if context == contexts[0]:  # warm-up, untimed: first-call costs (kernel selection, quanto's setup)
             for k in kinds:
                 run_one(model, k, ids, min(context, 256), 2)
-        for rnd in range(a.runs):
-            for k in kinds:
-                r = run_one(model, k, ids, context, a.tokens, a.device)
-                runs[k].append(r)
-                done += 1
-                el = time.perf_counter() - t0  # later contexts take longer: the estimate is a floor
-                print(f"[{done}/{planned}, {el / 60:.1f} min, at least {el / done * (planned - done) / 60:.1f} min left] "
-                      f"ctx {context} round {rnd} {k}: {r['tok_s']:.2f} tok/s, store {r['store_ms']:.1f} ms/step",
-                      file=sys.stderr, flush=True)
-            # what is measured so far, rewritten after every round: a stopped run keeps it
-            _write(a, meta, rows + _medians(runs, kinds), contexts, final=False)
+        done = _rounds(a, meta, rows, runs, kinds, contexts, context, done, planned, t0,
+                       lambda k: run_one(model, k, ids, context, a.tokens, a.device))
         rows += _medians(runs, kinds)
     md = _write(a, meta, rows, contexts, final=True)
     print(md)
+    return 0
+
+
+def _rounds(a, meta, rows, runs, kinds, contexts, context, done, planned, t0, one) -> int:
+    """``a.runs`` interleaved rounds of ``one(kind)`` for every kind into ``runs``, the results
+    rewritten after every round; returns the runs done so far."""
+    for rnd in range(a.runs):
+        for k in kinds:
+            r = one(k)
+            runs[k].append(r)
+            done += 1
+            el = time.perf_counter() - t0  # later contexts take longer: the estimate is a floor
+            print(f"[{done}/{planned}, {el / 60:.1f} min, at least {el / done * (planned - done) / 60:.1f} min left] "
+                  f"ctx {context} round {rnd} {k}: {r['tok_s']:.2f} tok/s, store {r['store_ms']:.1f} ms/step",
+                  file=sys.stderr, flush=True)
+        # what is measured so far, rewritten after every round: a stopped run keeps it
+        _write(a, meta, rows + _medians(runs, kinds), contexts, final=False)
+    return done
+
+
+def _main_prefilled(a, argv) -> int:
+    """``main`` with every context prefilled once: interleaved rounds of every cache from copies."""
+    import torch
+
+    from kvtier.bench import runtime
+    from kvtier.bench.tasks import Haystack
+
+    torch.set_num_threads(a.threads)
+    contexts = [int(x) for x in a.contexts.replace(",", " ").split()]
+    kinds = [k for k in a.caches.replace(",", " ").split() if not k.startswith("quantized-")]
+    skipped = [f"{k}: not run from a prefilled state" for k in a.caches.replace(",", " ").split()
+               if k.startswith("quantized-")]
+    model, tok = runtime.load(a.model, a.dtype)
+    ids = tok(Haystack(tok).text, add_special_tokens=True).input_ids
+    meta = {"command": "kvtier bench decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "runs": a.runs, "threads": a.threads, "skipped": skipped, "torch": torch.__version__,
+            "model_name": {"gemma3": "Gemma 3 270M", "smollm2": "SmolLM2-135M"}[a.model] + f", {a.dtype}"}
+    os.makedirs(a.out, exist_ok=True)
+    rows: list = []
+    planned, done, t0 = len(contexts) * a.runs * len(kinds), 0, time.perf_counter()
+    for context in contexts:
+        if len(ids) < context + 1:
+            raise SystemExit(f"the document has only {len(ids)} tokens, fewer than context {context} + 1")
+        t1 = time.perf_counter()
+        dense = runtime.prefill(model, ids[:context], 1024)
+        pre_s, pre_rss = time.perf_counter() - t1, runtime.peak_rss()
+        print(f"ctx {context}: prefill {pre_s:.0f} s, peak RSS {pre_rss / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+
+        def one(k):
+            r = run_prefilled(model, k, dense, ids[context], a.tokens, a.device)
+            r["prefill_seconds"], r["prefill_peak_rss"] = pre_s, pre_rss
+            return r
+
+        runs = {k: [] for k in kinds}
+        done = _rounds(a, meta, rows, runs, kinds, contexts, context, done, planned, t0, one)
+        rows += _medians(runs, kinds)
+        del dense
+    print(_write(a, meta, rows, contexts, final=True))
     return 0
 
 

@@ -69,8 +69,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from kvtier.bench.decode import _kv_bytes_dynamic as dense_bytes
-from kvtier.bench.decode import _rss
+from kvtier.bench.runtime import body_of as _body
+from kvtier.bench.runtime import global_kv_f16, load, prefill
+from kvtier.bench.runtime import kv_bytes as dense_bytes
+from kvtier.bench.runtime import peak_rss as _peak_rss
+from kvtier.bench.runtime import rss as _rss
 from kvtier.bench.tables import md_table
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "fwe", "heldout")
@@ -359,39 +362,6 @@ def parse_method(text: str) -> Method:
 
 # -- running ----------------------------------------------------------------------------------------
 
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def global_kv_f16(model, tokens: int) -> int:
-    """The full-attention layers' keys and values at float16 for ``tokens`` tokens."""
-    from kvtier.adapters.torch import check_model
-
-    geo = check_model(model)
-    n_full = sum(w is None for w in geo["sliding_windows"])
-    return n_full * geo["kv_heads"] * geo["head_dim"] * 2 * 2 * tokens
-
-
-def prefill(model, ids: Sequence[int], chunk: int):
-    """A DynamicCache holding ``ids``, prefilled in chunks through the model's body (no LM head)."""
-    import torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    base = _body(model)
-    with torch.inference_mode():
-        for s in range(0, len(ids), chunk):
-            base(torch.tensor([list(ids[s:s + chunk])]), cache=cache, use_cache=True)
-    return cache
-
-
-def _body(model):
-    base = getattr(model, "model", None)
-    return base if base is not None and hasattr(model, "lm_head") else model
-
-
 def make_cache(model, method: Method, dense, args):
     """A cache for ``method`` starting from the dense prefill ``dense`` (left unchanged)."""
     if not method.tiered:
@@ -672,10 +642,14 @@ def summarize(rows: Sequence[dict], methods: Sequence[str]) -> dict:
     cells: dict = {}
     full_nll = {(r["task"], r["length"], r["case"], r["question"]): r["mean_nll"]
                 for r in rows if r["task"] == "heldout" and r["method"] == "full"}
+    full_score = {(r["task"], r["length"], r["case"], r["question"]): r["score"]
+                  for r in rows if r["task"] != "heldout" and r["method"] == "full"}
     for r in rows:
         k = (r["task"], r["length"], r["method"])
         c = cells.setdefault(k, {"scores": [], "contexts": set(), "dnll": [], "top1": [], "tok_s": [],
-                                 "dram": [], "engine": [], "peak": [], "prefill": [], "rss": []})
+                                 "dram": [], "engine": [], "peak": [], "prefill": [], "rss": [], "full": []})
+        if r["task"] != "heldout":  # full attention's score on the same questions (a method may run on fewer)
+            c["full"].append(full_score.get((r["task"], r["length"], r["case"], r["question"])))
         if r["task"] == "heldout":
             ref = full_nll.get((r["task"], r["length"], r["case"], r["question"]))
             if ref is not None:
@@ -696,6 +670,7 @@ def summarize(rows: Sequence[dict], methods: Sequence[str]) -> dict:
         out[f"{task}|{L}|{m}"] = {
             "task": task, "length": L, "method": m, "questions": len(c["scores"]) or len(c["dnll"]),
             "contexts": len(c["contexts"]), "score": _mean(c["scores"]),
+            "full_score": _mean(c["full"]) if c["full"] and None not in c["full"] else float("nan"),
             "dnll": _mean(c["dnll"]), "dnll_se": float(np.std(c["dnll"]) / math.sqrt(len(c["dnll"])))
             if len(c["dnll"]) > 1 else float("nan"),
             "top1": _mean(c["top1"]), "tok_s": float(statistics.median(c["tok_s"])),
@@ -724,10 +699,11 @@ def acceptance(summ: dict, target_method: str = "adaptive@0.1", lengths=(8192, 1
             f, t = summ.get(f"{task}|{L}|full"), summ.get(f"{task}|{L}|{target_method}")
             if not f or not t:
                 continue
-            n = min(f["questions"], t["questions"])
-            r = t["score"] / f["score"] if f["score"] > 0 else float("nan")
-            ok = (r >= ratio or (f["score"] == 0 and t["score"] == 0)) and n >= min_questions
-            lines.append(f"{task} at {L}: {target_method} {t['score']:.3f} vs full {f['score']:.3f} = {r:.2f}x "
+            n = t["questions"]
+            fs = t["full_score"]  # full attention on the same questions
+            r = t["score"] / fs if fs > 0 else float("nan")
+            ok = (r >= ratio or (fs == 0 and t["score"] == 0)) and n >= min_questions
+            lines.append(f"{task} at {L}: {target_method} {t['score']:.3f} vs full {fs:.3f} = {r:.2f}x "
                          f"over {n} questions ({t['contexts']} contexts): "
                          + ("met" if ok else "NOT met" + ("" if n >= min_questions else f" (fewer than {min_questions} questions)")))
     return lines
@@ -752,13 +728,18 @@ def markdown(summ: dict, methods: Sequence[str], meta: dict) -> str:
                 if not v:
                     cells.append("—")
                     continue
-                rel = f" ({v['score'] / f['score']:.2f}x)" if f and f["score"] > 0 and m != "full" else ""
+                fs = v["full_score"]
+                rel = (f" ({v['score'] / fs:.2f}x" + ("" if v["questions"] == f["questions"] else f" of {fs:.3f}")
+                       + f", {v['questions']})") if f and fs > 0 and m != "full" else \
+                    (f" ({v['questions']})" if m != "full" else "")
                 cells.append(f"{v['score']:.3f}{rel}")
             body.append([m] + cells)
         ns = [summ.get(f"{task}|{L}|full") or next(v for v in summ.values() if v["task"] == task and v["length"] == L)
               for L in Ls]
         parts += [f"**{task}** — mean score (share of expected answers found) per context length; in brackets "
-                  "the ratio to full attention. Questions (contexts) per length: "
+                  "the ratio to full attention's score on the same questions (that score when a method ran on "
+                  "fewer questions than full) and the number of questions. Full attention's questions (contexts) "
+                  "per length: "
                   + ", ".join(f"{L}: {n['questions']} ({n['contexts']})" for L, n in zip(Ls, ns)), "",
                   md_table(head, body, "l" + "r" * len(Ls)), ""]
     if "heldout" in tasks:
@@ -817,14 +798,14 @@ def estimate_gap(summ: dict) -> list:
         if v["task"] != "fwe" or not v["method"].endswith("+est"):
             continue
         base = summ.get(f"fwe|{v['length']}|{v['method'][:-4]}")
-        full = summ.get(f"fwe|{v['length']}|full")
-        if not base or not full:
+        if not base or base["questions"] != v["questions"]:
             continue
-        gap = full["score"] - base["score"]
+        full = v["full_score"]  # on the same questions as both
+        gap = full - base["score"]
         closed = (v["score"] - base["score"]) / gap if gap > 0 else float("nan")
         out.append(f"{v['length']}: {v['method'][:-4]} {base['score']:.3f} -> +est {v['score']:.3f} "
-                   f"(full {full['score']:.3f}): " + (f"{100 * closed:.0f}% of the gap closed" if gap > 0
-                                                      else "no gap to close"))
+                   f"(full {full:.3f}, {v['questions']} questions): "
+                   + (f"{100 * closed:.0f}% of the gap closed" if gap > 0 else "no gap to close"))
     return out
 
 
@@ -868,15 +849,6 @@ def plot(summ: dict, methods: Sequence[str], path: str, title: str) -> Optional[
 
 
 # -- command line ---------------------------------------------------------------------------------
-
-def load(model_name: str, dtype: str):
-    import torch
-
-    from kvtier import models
-
-    model, tok = {"gemma3": models.gemma3, "smollm2": models.smollm2}[model_name]()
-    return model.to(getattr(torch, dtype)), tok
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier bench tasks", description=__doc__.split("\n\n")[0],
