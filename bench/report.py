@@ -7,8 +7,9 @@ its plots are redrawn into ``<results>/plots/``, and each section names the comm
 reproduces it. A benchmark whose results are absent gets a one-line note with that command
 instead of a section. Sections, in order: the ``kvtier bench`` suite (``bench.json``), policies,
 flash layout, real-disk reads vs calibrate, cache policies, group virtualization, pipelining,
-W4 search, model quality through torch, llama.cpp, and the micro-benchmark baseline
-(``bench/baseline``).
+W4 search, model quality through torch, llama.cpp, the micro-benchmark baseline
+(``bench/baseline``), the long-context tasks (``kvtier bench tasks``, Gemma 3 and SmolLM2) and
+Gemma 3's decode speed at long context.
 
 Commands are shown with this repository's relative paths: an output path recorded by a run is
 rewritten to the results directory, so the report never carries one machine's directories.
@@ -321,8 +322,31 @@ def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     return Section(title, cmd, "\n".join(lines))
 
 
+def _tasks_section(title: str, stem: str):
+    """The long-context task suite (kvtier bench tasks): its Markdown tables and its score plot."""
+    def section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
+        rec, table = _md_parts(results / f"{stem}.md")
+        if not table:
+            return Section(title, f"kvtier bench tasks --out {rr}", missing=True)
+        data, notes = _load(results / f"{stem}.json"), []
+        made = []
+        if data and data.get("summary"):
+            from kvtier.bench import tasks
+            made = [p for p in _try_plot(lambda: tasks.plot(data["summary"], [], str(plots_dir / f"{stem}.png"),
+                                                             f"{title}: score vs context length"), notes) if p]
+        return Section(title, portable(rec, rr) if rec else f"kvtier bench tasks --out {rr}",
+                       "\n\n".join([table] + notes), made)
+    return section
+
+
+tasks_gemma3_section = _tasks_section("Long-context tasks through each cache: Gemma 3 270M", "tasks_gemma3")
+tasks_smollm2_section = _tasks_section("Long-context tasks through each cache: SmolLM2-135M", "tasks_smollm2")
+decode_gemma3_section = _results_section("Decode speed at long context: Gemma 3 270M", "decode_gemma3",
+                                         "kvtier.bench.decode")
+
 SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_8k_section, flash_real_section,
-            write_buffer_section, cache_section, virtualize_section, pipeline_section, w4_section, torch_section, llama_section, micro_section)
+            write_buffer_section, cache_section, virtualize_section, pipeline_section, w4_section, torch_section, llama_section, micro_section,
+            tasks_gemma3_section, tasks_smollm2_section, decode_gemma3_section)
 
 
 def plots_table(rows: list, keys: tuple) -> str:

@@ -235,10 +235,14 @@ def test_summary_acceptance_and_estimate_gap():
     assert any(a.startswith("vt at 8192") and "0.90x" in a and "NOT met" in a for a in acc)
     gap = T.estimate_gap(summ)
     assert gap and "25% of the gap closed" in gap[0]
+    # a method run on fewer questions is compared with full attention on those questions
+    part = T.summarize([r for r in rows if r["method"] == "full" or r["case"] >= 18], ["full", "adaptive@0.1"])
+    v = part["vt|8192|adaptive@0.1"]
+    assert v["questions"] == 2 and v["score"] == 0.0 and v["full_score"] == 1.0
     few = T.summarize([r for r in rows if r["case"] < 5], ["full", "adaptive@0.1"])
     assert all("fewer than 20" in a for a in T.acceptance(few))
     md = T.markdown(summ, ["full", "adaptive@0.1", "adaptive@0.1+est"], {"header": "# t"})
-    assert "**niah_single**" in md and "0.950 (0.95x)" in md and "NOT met" in md
+    assert "**niah_single**" in md and "0.950 (0.95x, 20)" in md and "NOT met" in md
 
 
 def test_main_writes_results_and_resumes(model, tok, tmp_path, monkeypatch, capsys):
