@@ -16,6 +16,7 @@ budgets of LRU's bytes / cluster's bytes and LFU's bytes / cluster's bytes.
     python -m bench.cache --switch ...        # the workloads as conversations taking turns
     python -m bench.cache --prefetch ...      # with the torch adapter's next-layer read-ahead
     python -m bench.cache --clustering static # recall must not depend on the cache policy
+    python -m bench.cache --order collection  # one collection's whole sequence, then the next
 """
 from __future__ import annotations
 
@@ -74,10 +75,12 @@ def _row(workload, budget_mib, budget, policy, st, recall, decode_steps, retriev
             "hidden_share": st["prefetch_read_bytes"] / rb if rb else 0.0}
 
 
-def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetch=False, clustering="adaptive") -> dict:
+def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetch=False, clustering="adaptive",
+              order="step") -> dict:
     budget = whole if budget_mib == "all" else int(budget_mib * MIB)
     r = replay(trace, policy=clustering, budget=0.1, layers=layers, every=every, dram_budget=budget,
-               device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy}, prefetch=prefetch)
+               device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy}, prefetch=prefetch,
+               order=order)
     decode_steps = trace.length - trace.prefill - sum(b - a for a, b in trace.meta.get("user_spans", []))
     return _row(workload, budget_mib, budget, policy, r.extra["store"], r.recall, decode_steps, r.retrieves, prefetch)
 
@@ -136,7 +139,8 @@ def markdown(rows, summ) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--workloads", default="W1,W2,W3")
     ap.add_argument("--budgets", default="0.5,1,1.5,2,3,4,6,all", help="DRAM budgets in MiB, or 'all' (the whole cache)")
     ap.add_argument("--policies", default="lru,lfu,cluster")
@@ -152,6 +156,9 @@ def main(argv=None):
                     help="the workloads are conversations sharing one store and budget, taking turns "
                          "(writes cache_switch.json/.md)")
     ap.add_argument("--turn", type=int, default=256, help="decoding steps per turn with --switch")
+    ap.add_argument("--order", choices=("step", "collection"), default="step",
+                    help="step: every layer per decoding step, as decoding runs (default); collection: one "
+                         "collection's whole sequence, then the next, no steps marked (writes cache_collection.json/.md)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
@@ -173,7 +180,8 @@ def main(argv=None):
         whole = 2 * kvb  # every entry plus the index and scratch: nothing is evicted
         for b in budgets:
             for pol in a.policies.split(","):
-                row = run_point(trace, w, layers, a.every, b, whole, pol, a.prefetch, a.clustering)
+                row = run_point(trace, w, layers, a.every, b, whole, pol, a.prefetch, a.clustering, a.order)
+                row["order"] = a.order
                 row["clustering"] = a.clustering
                 row["kv_bytes"] = kvb
                 rows.append(row)
@@ -187,6 +195,8 @@ def main(argv=None):
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         name = "cache_switch" if a.switch else "cache_prefetch" if a.prefetch else "cache"
+        if a.order == "collection":
+            name = "cache_collection"
         if a.clustering != "adaptive":
             name += "_" + a.clustering
         with open(os.path.join(a.out, f"{name}.json"), "w") as f:

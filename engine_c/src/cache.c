@@ -95,11 +95,31 @@ void kvt_cache_destroy(kvt_cache *c) {
 /* Heats closer than this count as equal (one read in the last few). */
 #define KVT_HEAT_TIE 0.25f
 
+/* Owners read more than this many times their usual gap ago (and more than KVT_IDLE_MIN
+ * reads of all owners ago) are idle: their turn is not coming round. */
+#define KVT_IDLE_GAPS 3.0f
+#define KVT_IDLE_MIN 8
+
+/* Reads of all owners since e's owner last read, when that makes it idle; else 0. Decoding
+ * reads every layer once per step, so a layer is never idle while decoding runs; a store whose
+ * collections are queried one after another (a vector store queried collection by
+ * collection) leaves each one idle once the next takes over, and its clusters should leave
+ * before the current collection's. Without this, an owner never read again kept its
+ * clusters looking current forever (none "missed" a read of its owner), and the collection
+ * being queried evicted its own clusters instead: 14x LRU's bytes at 2 MiB on such a
+ * replay. */
+static uint64_t idle_reads(const kvt_cache *c, const kvt_cache_ent *e) {
+    if (!e->os || !e->os->last_read) return 0;
+    uint64_t idle = c->reads - e->os->last_read;
+    return idle > KVT_IDLE_MIN && (float)idle > KVT_IDLE_GAPS * e->os->gap ? idle : 0;
+}
+
 static uint64_t upd_age(const kvt_cache *c, const kvt_cache_ent *e) {
     return e->upd_step ? c->step - (e->upd_step - 1) : UINT64_MAX;
 }
 
 /* The cluster-aligned victim (cache.h):
+ * 0. entries of idle owners (idle_reads) go first, least recently used first;
  * 1. the reserved share: entries updated within recent_steps steps and not skipped by their
  *    owner's latest read are skipped, the newest updates first, as long as their bytes fit in
  *    reserve_share of the budget (an update no read wants earns nothing: the static policy
@@ -128,6 +148,12 @@ static kvt_cache_ent *victim_cluster(kvt_cache *c) {
      * sort first by how stale they are, then by heat */
     kvt_cache_ent *best = NULL, *oldest = NULL;
     float vmin = INFINITY;
+    seen = 0;
+    for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_SCAN; e = e->prev) {
+        if (e->pins) continue;
+        seen++;
+        if (idle_reads(c, e)) return e; /* scanning from the oldest: LRU among idle owners' */
+    }
     for (int pass = 0; pass < 2; pass++) {
         seen = 0;
         for (kvt_cache_ent *e = c->lru.prev; e != &c->lru && seen < KVT_VICTIM_SCAN; e = e->prev) {
@@ -278,6 +304,12 @@ void kvt_cache_owner_read(kvt_cache *c, kvt_cache_owner *o) {
     if (!c->explicit_steps && o->seen_step == c->step + 1) c->step++;
     o->seen_step = c->step + 1;
     o->visits++;
+    c->reads++;
+    if (o->last_read) { /* the usual gap: a running mean that follows a change within a few reads */
+        float g = (float)(c->reads - o->last_read);
+        o->gap = o->gap > 0 ? o->gap + (g - o->gap) / 4 : g;
+    }
+    o->last_read = c->reads;
 }
 
 void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e) { free_ent(c, e); }

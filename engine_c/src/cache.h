@@ -31,8 +31,15 @@
 
 /* What the cache keeps per owner (a collection): how many times it has read clusters, the
  * clock an entry's heat and idleness are measured on (for a layer of a decoding model, its
- * steps), and the step detection's mark. */
-typedef struct kvt_cache_owner { uint64_t visits, seen_step; } kvt_cache_owner;
+ * steps), and the step detection's mark; and when it last read on the cache's clock of all
+ * owners' reads (kvt_cache.reads) with the usual gap between its reads (a running mean), so
+ * that an owner no longer read (a collection queried before the current one) is told from
+ * one whose turn comes round (a layer of a decoding cycle). */
+typedef struct kvt_cache_owner {
+    uint64_t visits, seen_step;
+    uint64_t last_read; /* kvt_cache.reads at its latest read (0: never) */
+    float gap;          /* its reads' usual gap, in reads of all owners */
+} kvt_cache_owner;
 
 typedef struct kvt_cache_ent {
     struct kvt_cache_ent *prev, *next; /* LRU list, most recent after the sentinel */
@@ -56,6 +63,7 @@ typedef struct kvt_cache {
     int policy;                        /* enum kvt_cache_policy (kvtier.h) */
     uint64_t tick;
     uint64_t step;                     /* decoding steps (kvt_cache_step, or detected) */
+    uint64_t reads;                    /* owner reads of every owner (kvt_cache_owner_read) */
     int explicit_steps;                /* the caller marks steps: no detection */
     double reserve_share;              /* cluster policy: budget share kept for recent updates */
     /* the most bytes cached clusters may hold (the budget unless lowered: tests set 0 to run

@@ -98,14 +98,24 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
            device="ufs4.0", store_dir: Optional[str] = None, progress=None, direct_io="auto",
            collect_stats: bool = False, store_kwargs: Optional[dict] = None,
            virtualize: bool = False, park_keep_cache: bool = True, prefetch: bool = False,
-           **collection_kwargs) -> ReplayResult:
+           order: str = "step", **collection_kwargs) -> ReplayResult:
     """Runs the replay and returns averaged metrics. ``budget`` is a fraction of the
     context (positions <= t) or an int entry count; ``progress`` a tqdm-like callable.
     ``direct_io=False`` lets accuracy runs read through the page cache (the modeled device
     time is charged either way; only real time differs). ``prefetch=True`` does what the
     torch adapter does while a layer computes: before layer l retrieves, layer l+1's
     collections prefetch with the queries they retrieved with at the previous sampled step,
-    so the loader threads read in the background (``stats()["prefetch_read_bytes"]``)."""
+    so the loader threads read in the background (``stats()["prefetch_read_bytes"]``).
+
+    ``order="step"`` (default) runs as decoding does: each step goes through every layer, and
+    ends with ``Store.step()``. ``order="collection"`` replays one collection's whole sequence
+    (its adds and retrieves over every step) before the next one's, as a store of independent
+    vector collections queried one at a time would see them, and marks no steps: the access
+    pattern a cache policy tuned for decoding's layer cycle must not lose on."""
+    if order not in ("step", "collection"):
+        raise ValueError(f"order: 'step' or 'collection' expected, got {order!r}")
+    if order == "collection" and (virtualize or prefetch):
+        raise ValueError("order='collection' replays without virtualize or prefetch")
     layers = list(range(trace.n_layers)) if layers is None else list(layers)
     g = trace.group_size
     d = trace.head_dim
@@ -143,27 +153,42 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
 
         last_q: dict = {}  # (layer, head) -> the query group of its last retrieve
 
-        def recall_layer(l, t, n_budget):
+        def recall_head(l, h, t, n_budget, in_store):
             nonlocal fetched, n_retrieves, retrieve_s
+            q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
+            last_q[l, h] = q
+            t1 = time.perf_counter()
+            got = colls[l, h].retrieve(q, budget=n_budget)
+            retrieve_s += time.perf_counter() - t1
+            n_retrieves += 1
+            fetched += len(got)
+            r, o = group_recall(trace, l, h, t, got.ids, n_budget, sinks, in_store)
+            recalls.append(r)
+            oracle.append(o)
+            per_layer[l].append(r)
+
+        def recall_layer(l, t, n_budget):
             for h in range(trace.n_kv_heads):
-                q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
-                last_q[l, h] = q
-                t1 = time.perf_counter()
-                got = colls[l, h].retrieve(q, budget=n_budget)
-                retrieve_s += time.perf_counter() - t1
-                n_retrieves += 1
-                fetched += len(got)
-                r, o = group_recall(trace, l, h, t, got.ids, n_budget, sinks, in_store)
-                recalls.append(r)
-                oracle.append(o)
-                per_layer[l].append(r)
+                recall_head(l, h, t, n_budget, in_store)
 
         user = np.zeros(T, bool)  # positions of user turns after the prefill (W3)
         for a, b in trace.meta.get("user_spans", []):
             user[a:b] = True
         steps = [t for t in steps if not user[t]]
-        it = range(P, T)
-        if progress is not None:
+        if order == "collection":
+            pairs = [(l, h) for l in layers for h in range(trace.n_kv_heads)]
+            it_c = pairs if progress is None else progress(pairs, desc=f"replay {policy}", unit="collection")
+            for l, h in it_c:
+                stored = P - window
+                for t in range(P, T):
+                    lo, stored = stored, max(stored, t - window + 1)
+                    if lo < stored:
+                        colls[l, h].add(trace.keys[l, h, lo:stored], trace.values[l, h, lo:stored])
+                    if (t - P) % every == 0 and not user[t]:
+                        n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
+                        recall_head(l, h, t, n_budget, stored)
+        it = range(P, T) if order == "step" else range(0)
+        if progress is not None and order == "step":
             it = progress(it, desc=f"replay {policy}", unit="step")
         for t in it:
             # token t - window leaves the window and enters the store
