@@ -34,7 +34,7 @@ def test_step_marks_steps_and_changes_no_result(tmp_path):
     """Results do not depend on the cache policy or on step marks (the engine is exact)."""
     got = {}
     for pol, mark in (("lru", False), ("cluster", False), ("cluster", True)):
-        with kvtier.open(tmp_path / f"{pol}{mark}", dram_budget="512KiB", device="ufs4.0", cache_policy=pol) as s:
+        with kvtier.open(tmp_path / f"{pol}{mark}", dram_budget="384KiB", device="ufs4.0", cache_policy=pol) as s:
             cs = _conversation(s, "a")
             rng = np.random.default_rng(5)
             q = np.random.default_rng(1).standard_normal((3, DIM)).astype(np.float32)

@@ -65,7 +65,8 @@ static int over_sse(const kvt_coll *c, const kvt_cluster *k) {
 }
 
 static int wants_split(const kvt_coll *c, const kvt_cluster *k) {
-    if (k->n < 2 || k->n < k->ad.hold + k->ad.hold / 2) return FLAG_NONE;
+    uint32_t hold = k->ad.hold;
+    if (k->n < 2 || k->n < hold + hold / 2) return FLAG_NONE;
     if (over_sse(c, k)) return FLAG_VARIANCE;
     return k->n > c->p.max_cluster_size ? FLAG_SIZE : FLAG_NONE;
 }
@@ -76,7 +77,7 @@ static void maybe_flag(kvt_coll *c, uint32_t j) {
     if (why) {
         kvt_tail_hold(c, k); /* its tail, if any, now waits for the split (layout.c 2) */
         k->ad.flagged = (uint32_t)why;
-        if (!k->ent) c->ctr.deferred_splits++;
+        if (!kvt_cached(c, j)) c->ctr.deferred_splits++;
     }
 }
 
@@ -116,7 +117,7 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
     if (!rc && (ones == 0 || ones == n)) {
         if (k->ad.flagged) kvt_tail_release(c, k); /* what waited is a tail again */
         k->ad.flagged = FLAG_NONE;
-        k->ad.hold = n;
+        k->ad.hold = n < (1u << 30) ? n : (1u << 30) - 1;
         c->ctr.unsplittable++;
     } else if (!rc) {
         /* the records by child, each in its order: the buffer then holds both children */
@@ -228,8 +229,8 @@ static void relieve_pending(kvt_coll *c) {
     while (c->pending_total - c->tail_total > c->p.pending_budget) {
         uint32_t best = KVT_NONE, most = 0;
         for (uint32_t j = 0; j < c->ncl; j++)
-            if (c->cl[j].ad.flagged && c->cl[j].pend - c->cl[j].ptail > most) {
-                most = c->cl[j].pend - c->cl[j].ptail;
+            if (c->cl[j].ad.flagged && c->cl[j].pend - kvt_ptail(&c->cl[j]) > most) {
+                most = c->cl[j].pend - kvt_ptail(&c->cl[j]);
                 best = j;
             }
         if (best == KVT_NONE) break;
@@ -265,7 +266,7 @@ static int plan(kvt_coll *c, kvt_add *a, uint32_t j, int *rc) {
     kvt_cluster *k = &c->cl[j];
     uint32_t m = a->cnt[j];
     if (!k->ad.flagged) return 0;
-    if (!(k->pend > k->ptail || m <= a->wait_room)) {
+    if (!(k->pend > kvt_ptail(k) || m <= a->wait_room)) {
         /* the pending budget is full: written now, after the tail it had (written too, so that
          * this never depends on the write buffer, sized from the DRAM budget); still flagged */
         a->wnow[j] = k->pend + m;

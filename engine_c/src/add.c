@@ -37,10 +37,7 @@
 /* ---- add ---------------------------------------------------------------------------------- */
 
 /* The index bytes of one cluster (kvt_ensure_clusters grows these arrays together). */
-static uint64_t cluster_bytes(const kvt_coll *c) {
-    return sizeof(kvt_cluster) + (uint64_t)c->p.dim * 4 * (1 + (c->p.score_temp > 0)) + 4 +
-           (kvt_vsum_kept(c) ? (uint64_t)c->p.value_dim * 4 : 0);
-}
+static uint64_t cluster_bytes(const kvt_coll *c) { return kvt_cluster_slot_bytes(&c->p); }
 
 /* The transient bytes of an add staged in chunks of `ch` entries: each chunk's cluster numbers
  * and row order, the per-cluster plan, write scratch and, for a collection's first batch, the
@@ -51,7 +48,7 @@ static uint64_t add_transient(const kvt_coll *c, uint64_t ch, int first_batch, u
     uint64_t newcl = first_batch ? (uint64_t)k * cluster_bytes(c) : 0;
     uint32_t sr = kvt_scratch_records(c, ch + c->L.rpp);
     if (k_out) *k_out = k;
-    return ch * 8 + kmb + newcl + (uint64_t)sr * c->L.esz + (uint64_t)c->p.dim * 4 + ((uint64_t)k + 2) * 17;
+    return ch * 8 + kmb + newcl + (uint64_t)sr * c->L.esz + (uint64_t)c->p.dim * 8 + ((uint64_t)k + 2) * 17;
 }
 
 /* An add runs in passes over chunks of at most `ch` entries, so that what it stages is bounded
@@ -88,7 +85,7 @@ static int add_prepare(kvt_coll *c, kvt_add *a) {
     a->sr = kvt_scratch_records(c, ch + c->L.rpp);
     a->row = malloc(ch * 4);
     a->scratch = malloc((size_t)a->sr * c->L.esz);
-    a->x = malloc((size_t)c->p.dim * 4);
+    a->x = malloc((size_t)c->p.dim * 8); /* a key, then a mean, in float32 */
     if (!a->row || !a->scratch || !a->x) return kvt_fail(ENOMEM, "add: out of memory");
     return 0;
 }
@@ -137,7 +134,7 @@ int kvt_add_nearest(kvt_coll *c, kvt_add *a) {
     a->k = c->ncl;
     for (uint64_t i = 0; i < a->n; i++)
         c->loc[a->n0 + i].cl =
-            kvt_nearest(c->st->K, c->p.dtype, kvt_add_key(c, a, i), c->cent, c->cnorm, c->ncl, c->p.dim);
+            kvt_nearest_rep(c->st->K, c->p.dtype, kvt_add_key(c, a, i), c->cent, c->cnorm, c->ncl, c->p.dim, a->x);
     return 0;
 }
 
@@ -199,10 +196,8 @@ static int add_plan(kvt_coll *c, kvt_add *a) {
         if (token(c)) rc = kvt_ensure_mem(c, cl, cl->n + m); /* nothing waits: records go to the log */
         else if (s->tight) a->wnow[j] = cl->pend + m;     /* a second run for want of budget: all written */
         else if (!(c->ops->plan && c->ops->plan(c, a, j, &rc))) rc = plan_written(c, a, j);
-        if (cl->ent && kvt_cache_grow(&s->cache, cl->ent, m)) {
-            kvt_cache_drop(&s->cache, cl->ent);
-            cl->ent = NULL;
-        }
+        kvt_cache_ent *e = kvt_cached(c, j);
+        if (e && kvt_cache_grow(&s->cache, e, m)) kvt_cache_drop(&s->cache, e);
     }
     return rc;
 }
@@ -226,7 +221,7 @@ static int write_chunk(kvt_coll *c, kvt_add *a, uint64_t c0, uint64_t cn) {
         uint32_t from_tail = wnow < cl->pend ? wnow : cl->pend, new_w = wnow - from_tail;
         uint32_t pre = seen ? 0 : from_tail;
         uint32_t take = seen >= new_w ? 0 : (new_w - seen < m ? new_w - seen : m);
-        rec_src src = {a->row + start[j], a->keys, a->values, (int64_t)a->n0, NULL, NULL, cl->pbuf, pre};
+        rec_src src = {a->row + start[j], a->keys, a->values, (int64_t)a->n0, NULL, NULL, kvt_pbuf(cl), pre};
         if (pre + take) rc = kvt_append_flash(c, j, &src, pre + take, a->scratch, a->sr, &a->log);
         a->seen[j] += m;
     }
@@ -256,19 +251,24 @@ static void publish_row(kvt_coll *c, kvt_add *a, uint64_t r) {
     uint32_t j = c->loc[id].cl, t = a->seen[j]++;
     kvt_cluster *cl = &c->cl[j];
     const uint8_t *key = kvt_add_key(c, a, r), *val = (const uint8_t *)a->values + (size_t)r * L->value_bytes;
-    if (cl->mem && token(c)) cl->mem[cl->n] = (uint32_t)id;
+    if (kvt_members(cl) && token(c)) cl->x->mem[cl->n] = (uint32_t)id;
     set_loc(c, id, j, cl->n);
     if (!a->first_batch) c->ctr.naive_move_bytes += (uint64_t)cl->n * L->esz;
     kvt_key_to_f32(c->st->K, c->p.dtype, key, a->x, c->p.dim);
-    kvt_welford_add(c->cent + (size_t)j * c->p.dim, &cl->m2, c->m2d ? c->m2d + (size_t)j * c->p.dim : NULL, cl->n,
-                    a->x, c->p.dim);
+    float *mean = a->x + c->p.dim;
+    kvt_rep_load(c, j, mean);
+    double m2 = cl->m2;
+    kvt_welford_add(mean, &m2, c->m2d ? c->m2d + (size_t)j * c->p.dim : NULL, cl->n, a->x, c->p.dim);
+    cl->m2 = (float)m2;
+    kvt_rep_store(c, j, mean);
     kvt_vsum_add(c, j, val); /* estimate.c: written and pending entries alike */
     cl->n++;
     if (a->topend[j] && t >= a->wnow[j]) kvt_tail_push(c, cl, (int64_t)id, key, val);
-    if (cl->ent) {
-        kvt_rec_encode(L, cl->ent->rec + (size_t)cl->ent->n * L->esz, (int64_t)id, key, val);
-        cl->ent->n++;
-        kvt_cache_updated(&c->st->cache, cl->ent);
+    kvt_cache_ent *e = kvt_cached(c, j);
+    if (e) {
+        kvt_rec_encode(L, e->rec + (size_t)e->n * L->esz, (int64_t)id, key, val);
+        e->n++;
+        kvt_cache_updated(&c->st->cache, e);
     }
 }
 
@@ -284,13 +284,13 @@ static void add_publish(kvt_coll *c, kvt_add *a) {
         a->wnow[j] -= from_tail;
         a->seen[j] = 0;
         if (from_tail) kvt_tail_written(c, cl, from_tail);
-        cl->wtick = c->wclock;
+        if (cl->x) cl->x->wtick = c->wclock;
     }
     for (uint64_t r = 0; r < a->n; r++) publish_row(c, a, r);
     for (uint32_t j = 0; j < a->k; j++) {
         if (!a->cnt[j]) continue;
         kvt_cluster *cl = &c->cl[j];
-        if (!cl->pend && cl->pbuf) kvt_free_pending(c, cl); /* a tail written out whole: its buffer goes */
+        if (!cl->pend && kvt_pbuf(cl)) kvt_free_pending(c, cl); /* a tail written out whole: its buffer goes */
         kvt_update_norm(c, j);
     }
     c->n = a->n0 + a->n;
@@ -301,7 +301,7 @@ static void add_publish(kvt_coll *c, kvt_add *a) {
  * back to the budget, and the clusters it made are gone. */
 static void add_undo(kvt_coll *c, kvt_add *a) {
     for (uint32_t j = 0; j < c->ncl; j++)
-        if (c->cl[j].pbuf && !c->cl[j].pend) kvt_free_pending(c, &c->cl[j]);
+        if (kvt_pbuf(&c->cl[j]) && !c->cl[j].pend) kvt_free_pending(c, &c->cl[j]);
     for (uint32_t j = a->ncl0; j < c->ncl; j++) kvt_drop_segs(c, j);
     c->ncl = a->ncl0;
     if (c->ops->undo_add) c->ops->undo_add(c, a);

@@ -32,7 +32,7 @@ typedef struct kvt_add {
     uint64_t wait_room;        /* adaptive: entries that may still wait for splits */
     uint64_t wait_bytes;       /* ... and the bytes of DRAM they may take */
     uint8_t *scratch;          /* sr records for encoding */
-    float *x;                  /* one key as float32 */
+    float *x;                  /* one key as float32, then a mean (2 x dim floats) */
     undo_log log;              /* the appends made, for a rollback */
 } kvt_add;
 

@@ -20,6 +20,7 @@
 
 #include "cluster.h"
 #include "common.h"
+#include "index.h"
 #include "policy.h"
 #include "store.h"
 
@@ -63,7 +64,7 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
     uint64_t per = ops->cluster_size ? ops->cluster_size(p) : p->init_cluster_size;
     uint64_t ncl = !ops->clustered ? (n ? 1 : 0) : (n + per - 1) / per;
     o->clusters = ncl;
-    uint64_t cl_bytes = sizeof(kvt_cluster) + (uint64_t)p->dim * 4 + 4 + (p->score_temp > 0 ? (uint64_t)p->dim * 4 : 0);
+    uint64_t cl_bytes = kvt_cluster_slot_bytes(p);
     /* a cluster's segment list: most clusters have one (a first allocation is exact) */
     uint64_t seg_bytes = sizeof(kvt_seg);
     /* pool table: a pool has two heads, and heads retired by splits wait for a checkpoint */

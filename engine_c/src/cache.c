@@ -67,7 +67,79 @@ static float heat_now(const kvt_cache *c, const kvt_cache_ent *e) {
     return d > KVT_HEAT_HORIZON ? 0.0f : e->heat * c->decay[d];
 }
 
+/* ---- the lookup table ---------------------------------------------------------------------- */
+
+static uint64_t bucket_of(const kvt_cache *c, const void *owner, uint32_t cluster) {
+    uint64_t h = (uint64_t)(uintptr_t)owner * 0x9E3779B97F4A7C15ull ^ (uint64_t)cluster * 0xBF58476D1CE4E5B9ull;
+    return (h ^ (h >> 29)) & (c->nbuckets - 1);
+}
+
+kvt_cache_ent *kvt_cache_find(const kvt_cache *c, const void *owner, uint32_t cluster) {
+    if (!c->nbuckets) return NULL;
+    for (kvt_cache_ent *e = c->buckets[bucket_of(c, owner, cluster)]; e; e = e->hnext)
+        if (e->owner == owner && e->cluster == cluster) return e;
+    return NULL;
+}
+
+static void unhash(kvt_cache *c, kvt_cache_ent *e) {
+    if (!c->nbuckets) return;
+    for (kvt_cache_ent **p = &c->buckets[bucket_of(c, e->owner, e->cluster)]; *p; p = &(*p)->hnext)
+        if (*p == e) {
+            *p = e->hnext;
+            return;
+        }
+}
+
+/* Moves the table to nb buckets (0: none). Growing reserves the difference first and gives
+ * up without room (the chains grow longer, which is only slower); shrinking gives it back.
+ * The table is cache bytes that no eviction frees, so it follows the entries down too. */
+static void resize_table(kvt_cache *c, uint64_t nb) {
+    if (c->resizing) return;
+    uint64_t old = c->nbuckets * sizeof *c->buckets, now = nb * sizeof *c->buckets;
+    if (now > old) {
+        c->resizing = 1; /* the room may come from evictions, which must not resize meanwhile */
+        int rc = kvt_mem_reserve_as(c->mem, KVT_USE_CACHE, now - old);
+        c->resizing = 0;
+        if (rc) {
+            kvt_clear_error();
+            return;
+        }
+    }
+    kvt_cache_ent **b = nb ? calloc(nb, sizeof *b) : NULL;
+    if (nb && !b) {
+        if (now > old) kvt_mem_release_as(c->mem, KVT_USE_CACHE, now - old);
+        return;
+    }
+    for (uint64_t i = 0; i < c->nbuckets; i++)
+        for (kvt_cache_ent *x = c->buckets[i], *nx; x; x = nx) {
+            nx = x->hnext;
+            uint64_t h = (uint64_t)(uintptr_t)x->owner * 0x9E3779B97F4A7C15ull ^ (uint64_t)x->cluster * 0xBF58476D1CE4E5B9ull;
+            h = (h ^ (h >> 29)) & (nb - 1);
+            x->hnext = b[h];
+            b[h] = x;
+        }
+    free(c->buckets);
+    c->buckets = b;
+    c->nbuckets = nb;
+    if (now < old) kvt_mem_release_as(c->mem, KVT_USE_CACHE, old - now);
+    c->cache_bytes = c->cache_bytes + now - old;
+}
+
+/* Links e into the table, doubling it first when it holds as many entries as buckets. */
+static void hash_in(kvt_cache *c, kvt_cache_ent *e) {
+    if (c->cached >= c->nbuckets) {
+        e->pins++; /* the room may come from other entries, never from this one */
+        resize_table(c, c->nbuckets ? 2 * c->nbuckets : KVT_CACHE_TABLE_MIN);
+        e->pins--;
+    }
+    if (!c->nbuckets) return; /* not even the first table fitted: not cached after all */
+    uint64_t h = bucket_of(c, e->owner, e->cluster);
+    e->hnext = c->buckets[h];
+    c->buckets[h] = e;
+}
+
 static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
+    unhash(c, e);
     unlink_ent(e);
     uint64_t b = ent_bytes(e);
     kvt_mem_release_as(c->mem, KVT_USE_CACHE, b);
@@ -75,10 +147,12 @@ static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
     c->cached--;
     free(e->rec);
     free(e);
+    if (!c->cached) resize_table(c, 0);
+    else if (c->nbuckets > KVT_CACHE_TABLE_MIN && c->cached < c->nbuckets / 4) resize_table(c, c->nbuckets / 2);
 }
 
 void kvt_cache_destroy(kvt_cache *c) {
-    while (c->lru.next != &c->lru) free_ent(c, c->lru.next);
+    while (c->lru.next != &c->lru) free_ent(c, c->lru.next); /* the last one frees the table */
 }
 
 /* Candidates a victim is chosen among: the least recently used unpinned entries. Scanning
@@ -231,6 +305,11 @@ kvt_cache_ent *kvt_cache_admit(kvt_cache *c, void *owner, uint32_t cluster, uint
     push_front(c, e);
     c->cache_bytes += need;
     c->cached++;
+    hash_in(c, e);
+    if (!c->nbuckets) { /* no room for the lookup table: an entry no one could find */
+        free_ent(c, e);
+        return NULL;
+    }
     return e;
 }
 

@@ -26,6 +26,11 @@
 #include "kvtier.h"
 #include "mem.h"
 
+/* The lookup table's first size, in buckets, and its bytes: what a cache of up to that many
+ * entries holds beside them. */
+#define KVT_CACHE_TABLE_MIN 64u
+#define KVT_CACHE_TABLE_BYTES (KVT_CACHE_TABLE_MIN * sizeof(void *))
+
 /* Steps after which an unused entry's heat counts as zero. */
 #define KVT_HEAT_HORIZON 64
 
@@ -43,6 +48,7 @@ typedef struct kvt_cache_owner {
 
 typedef struct kvt_cache_ent {
     struct kvt_cache_ent *prev, *next; /* LRU list, most recent after the sentinel */
+    struct kvt_cache_ent *hnext;       /* the lookup table's chain (kvt_cache_find) */
     void *owner;                       /* the collection */
     uint32_t cluster;
     uint32_t n, cap;                   /* records held / allocated */
@@ -74,6 +80,12 @@ typedef struct kvt_cache {
     float decay[KVT_HEAT_HORIZON + 1]; /* decay[d] = 2^(-d / half_life) */
     uint64_t cache_bytes, cached, hits, misses, evictions;
     kvt_cache_ent lru;                 /* sentinel */
+    /* the lookup table: entries by (owner, cluster), chained, nbuckets a power of two grown
+     * with the entries (its bytes are cache bytes, KVT_USE_CACHE). Owners find their cached
+     * clusters here instead of keeping a pointer per cluster in their resident index. */
+    kvt_cache_ent **buckets;
+    uint64_t nbuckets;      /* 0, or KVT_CACHE_TABLE_MIN and up */
+    int resizing;           /* a resize is reserving room: evictions meanwhile do not shrink */
     /* Called when an entry is evicted, so the owner can forget it (and keep its heat). */
     void (*on_evict)(void *owner, const struct kvt_cache_ent *e);
     /* An admitted cluster's heat and last read (owner reads) when it was last evicted, if the
@@ -109,6 +121,8 @@ void kvt_cache_step(kvt_cache *c);
  * steps, an owner read twice in one step starts the next step: decoding reads each layer once
  * per step. */
 void kvt_cache_owner_read(kvt_cache *c, kvt_cache_owner *o);
+/* The entry of owner's cluster, or NULL (loading entries included). */
+kvt_cache_ent *kvt_cache_find(const kvt_cache *c, const void *owner, uint32_t cluster);
 /* Removes and frees an entry (no on_evict call). */
 void kvt_cache_drop(kvt_cache *c, kvt_cache_ent *e);
 /* Drops every entry owned by `owner`. */

@@ -20,6 +20,7 @@
 #include "layout.h"
 #include "policy.h"
 #include "read.h"
+#include "simd.h"
 #include "store.h"
 #include "virtualize.h"
 
@@ -110,7 +111,11 @@ static int export_dir(kvt_coll *c, void **blob, size_t *len) {
             kvt_wbuf_u32(&w, k->segs[g].head);
             kvt_wbuf_u32(&w, k->segs[g].n);
         }
-        kvt_wbuf_put(&w, c->cent + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
+        /* the directory keeps float32 representatives (their float16 values, exactly) */
+        for (uint32_t i = 0; i < c->p.dim; i++) {
+            float f = kvt_half_to_float(c->cent[(size_t)j * c->p.dim + i]);
+            kvt_wbuf_put(&w, &f, 4);
+        }
         if (c->m2d) kvt_wbuf_put(&w, c->m2d + (size_t)j * c->p.dim, (size_t)c->p.dim * 4);
         if (c->vsum) kvt_wbuf_put(&w, c->vsum + (size_t)j * c->p.value_dim, (size_t)c->p.value_dim * 4);
     }
@@ -201,7 +206,7 @@ static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, i
     uint32_t dim = c->p.dim, vdim = c->p.value_dim;
     kvt_cluster *k = &c->cl[j];
     uint32_t kn = kvt_rbuf_u32(r), nseg = kvt_rbuf_u32(r), pw[2];
-    k->m2 = kvt_rbuf_f64(r);
+    k->m2 = (float)kvt_rbuf_f64(r);
     pw[0] = kvt_rbuf_u32(r);
     pw[1] = kvt_rbuf_u32(r);
     kvt_policy_cluster_load(c, k, pw, 0); /* a directory keeps whether, not why (policy.h) */
@@ -235,7 +240,11 @@ static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, i
     k->n = kn;
     if (token(c) ? nseg != 0 : sum != kn) r->bad = 1;
     *total += kn;
-    kvt_rbuf_get(r, c->cent + (size_t)j * dim, (size_t)dim * 4);
+    for (uint32_t i = 0; i < dim; i++) {
+        float f = 0;
+        kvt_rbuf_get(r, &f, 4);
+        c->cent[(size_t)j * dim + i] = kvt_float_to_half(f);
+    }
     if (c->m2d) kvt_rbuf_get(r, c->m2d + (size_t)j * dim, (size_t)dim * 4);
     if (with_sums) kvt_rbuf_get(r, c->vsum + (size_t)j * vdim, (size_t)vdim * 4);
     return 0;
@@ -386,7 +395,6 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
         keys_ctx kc = {c};
         for (uint32_t j = 0; j < c->ncl && !rc; j++) rc = kvt_visit_cluster(c, j, take_vsum, &kc);
         kvt_cache_drop_owner(&s->cache, c);
-        for (uint32_t j = 0; j < c->ncl; j++) c->cl[j].ent = NULL;
     }
     if (!rc && c->ops->reopen) rc = c->ops->reopen(c); /* policy none: its resident keys */
     if (!rc) c->committed_mod = c->modc;

@@ -42,6 +42,21 @@ uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const flo
     return best;
 }
 
+uint32_t kvt_nearest_rep(const kvt_kernels *K, int dtype, const void *key, const uint16_t *reps,
+                         const float *norms, uint32_t k, uint32_t dim, float *x) {
+    kvt_key_to_f32(K, dtype, key, x, dim);
+    uint32_t best = 0;
+    float bestd = FLT_MAX;
+    for (uint32_t c = 0; c < k; c++) {
+        float d = norms[c] - 2.0f * K->dot_f16_f32(reps + (size_t)c * dim, x, dim);
+        if (d < bestd) {
+            bestd = d;
+            best = c;
+        }
+    }
+    return best;
+}
+
 void kvt_welford_add(float *mean, double *m2, float *m2d, uint32_t n, const float *x, uint32_t dim) {
     double inv = 1.0 / (double)(n + 1), acc = 0;
     for (uint32_t j = 0; j < dim; j++) {

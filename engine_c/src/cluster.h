@@ -35,6 +35,11 @@ int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, 
 uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const float *centroids,
                      const float *norms, uint32_t k, uint32_t dim);
 
+/* The same over float16 representatives (a collection's), the key converted once into x
+ * (dim floats of scratch). */
+uint32_t kvt_nearest_rep(const kvt_kernels *K, int dtype, const void *key, const uint16_t *reps,
+                         const float *norms, uint32_t k, uint32_t dim, float *x);
+
 /* Adds x (float32) to a cluster of n entries with mean `mean` and sum of squared distances
  * *m2; m2d (may be NULL) holds the same sum per dimension. */
 void kvt_welford_add(float *mean, double *m2, float *m2d, uint32_t n, const float *x, uint32_t dim);

@@ -101,7 +101,7 @@ int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, 
             for (uint32_t k = 0; k < d; k++) q2[k] = qi[k] * qi[k];
         for (uint32_t t = 0; t < m; t++) {
             uint32_t j = zone[t];
-            s[t] = logn[t] + (float)scale * K->dot_f32(qi, c->cent + (size_t)j * d, d);
+            s[t] = logn[t] + (float)scale * K->dot_f16_f32(c->cent + (size_t)j * d, qi, d);
             if (variance) { /* m2 sums are over n entries: var = m2 / n */
                 float inv_n = 1.0f / (float)c->cl[j].n;
                 s[t] += half_t2 * inv_n * (c->m2d ? K->dot_f32(q2, c->m2d + (size_t)j * d, d)

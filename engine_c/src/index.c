@@ -11,6 +11,9 @@
  * 2. The per-cluster arrays (cl, cent, cnorm, m2d, vsum) always have one capacity, clcap.
  * 3. Growth slack is never what makes an operation fail: without room for it an array grows
  *    to exactly what it needs, and a call run again for want of budget grows none.
+ * 4. Representatives are stored in float16 and every computation on them is float32: a mean
+ *    is loaded (kvt_rep_load), updated and stored back rounded (kvt_rep_store), and cnorm is
+ *    the squared norm of the stored, rounded mean, so scoring and assignment see one vector.
  */
 #include <errno.h>
 #include <float.h>
@@ -102,12 +105,12 @@ uint64_t kvt_trim_slack(kvt_coll *c) {
     /* the per-cluster arrays, when the slots past ncl own nothing (a slot keeps its buffers
      * for reuse) */
     for (uint32_t j = c->ncl; j < c->clcap; j++)
-        if (c->cl[j].segs || c->cl[j].mem || c->cl[j].pbuf) return freed;
+        if (c->cl[j].segs || c->cl[j].x) return freed;
     if (c->ncl && c->ncl < c->clcap) {
         uint64_t to = c->ncl, cap = c->clcap;
         freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cl, sizeof *c->cl, &cap, to);
         cap = c->clcap;
-        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap, to);
+        freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(uint16_t), &cap, to);
         cap = c->clcap;
         freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap, to);
         cap = c->clcap;
@@ -128,17 +131,22 @@ void kvt_free_as(kvt_coll *c, int use, void *p, uint64_t cap, size_t size) {
 }
 void kvt_free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) { kvt_free_as(c, KVT_USE_INDEX, p, cap, size); }
 
+uint64_t kvt_cluster_slot_bytes(const kvt_coll_params *p) {
+    return sizeof(kvt_cluster) + (uint64_t)p->dim * (sizeof(uint16_t) + (p->score_temp > 0) * sizeof(float)) +
+           sizeof(float) +
+           (p->value_sums && p->value_dim && kvt_policy_ops_for(p->policy)->clustered ? (uint64_t)p->value_dim * sizeof(float) : 0);
+}
+
 int kvt_ensure_clusters(kvt_coll *c, uint32_t need) {
     if (need <= c->clcap) return 0;
     uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap, cap4 = c->clcap, cap5 = c->clcap;
     /* per-dimension variances only serve the Gaussian score: kept only when it is on;
      * estimate.c: value sums beside the representatives */
     int m2d = c->p.score_temp > 0, vs = kvt_vsum_kept(c);
-    uint64_t per = sizeof *c->cl + (uint64_t)c->p.dim * sizeof(float) * (1 + m2d) + sizeof(float) +
-                   (vs ? (uint64_t)c->p.value_dim * sizeof(float) : 0);
+    uint64_t per = kvt_cluster_slot_bytes(&c->p);
     uint64_t to = grow_target(c, KVT_USE_INDEX, c->clcap, need, per); /* one capacity for all */
     int rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cl, sizeof *c->cl, &cap, to);
-    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(float), &cap2, to);
+    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(uint16_t), &cap2, to);
     if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap3, to);
     if (!rc && m2d) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, to);
     if (!rc && vs) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, to);
@@ -155,10 +163,72 @@ int kvt_ensure_segs(kvt_coll *c, kvt_cluster *k, uint32_t need) {
     return rc;
 }
 
+/* Cluster k's side record (store.h kvt_cside), made when it has none, reserved under `use`
+ * (pending buffers: KVT_USE_PENDING; member lists: the index). */
+static kvt_cside *side(kvt_coll *c, kvt_cluster *k, int use, int *rc) {
+    if (k->x) return k->x;
+    if ((*rc = kvt_mem_reserve_as(&c->st->mem, use, sizeof(kvt_cside)))) return NULL;
+    if (!(k->x = calloc(1, sizeof(kvt_cside)))) {
+        kvt_mem_release_as(&c->st->mem, use, sizeof(kvt_cside));
+        *rc = kvt_fail(ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (use == KVT_USE_PENDING) c->acct_pend += sizeof(kvt_cside);
+    else c->acct += sizeof(kvt_cside);
+    k->x->use = use;
+    k->x->wtick = c->wclock;
+    return k->x;
+}
+
+kvt_cside *kvt_side_new(kvt_coll *c, int use, int *rc) {
+    kvt_cluster tmp = {0};
+    return side(c, &tmp, use, rc);
+}
+
+void kvt_side_discard(kvt_coll *c, kvt_cside *x) {
+    kvt_cluster tmp = {0};
+    tmp.x = x;
+    kvt_side_free(c, &tmp);
+}
+
+void kvt_side_attach(kvt_coll *c, kvt_cluster *k, kvt_cside *x, uint8_t *pbuf, uint32_t pcap) {
+    if (k->x) { /* it has one already (it cannot hold a buffer here): the new one is not needed */
+        kvt_side_discard(c, x);
+        x = k->x;
+    }
+    x->pbuf = pbuf;
+    x->pcap = pcap;
+    x->ptail = 0;
+    x->wtick = c->wclock;
+    k->x = x;
+}
+
+void kvt_side_release(kvt_coll *c, kvt_cluster *k) {
+    if (!k->x || k->x->pbuf || k->x->mem) return;
+    kvt_free_as(c, k->x->use, k->x, 1, sizeof(kvt_cside));
+    k->x = NULL;
+}
+
+/* Frees everything cluster k holds beside it (its side record with its buffers). */
+void kvt_side_free(kvt_coll *c, kvt_cluster *k) {
+    kvt_cside *x = k->x;
+    if (!x) return;
+    if (x->pbuf) kvt_free_as(c, KVT_USE_PENDING, x->pbuf, x->pcap, c->L.esz);
+    if (x->mem) kvt_free_array(c, x->mem, x->memcap, sizeof *x->mem);
+    x->pbuf = NULL;
+    x->mem = NULL;
+    x->pcap = x->memcap = x->ptail = 0;
+    kvt_side_release(c, k);
+}
+
 int kvt_ensure_mem(kvt_coll *c, kvt_cluster *k, uint32_t need) {
-    uint64_t cap = k->memcap;
-    int rc = kvt_grow_array(c, (void **)&k->mem, sizeof *k->mem, &cap, need);
-    k->memcap = (uint32_t)cap;
+    int rc = 0;
+    kvt_cside *x = side(c, k, KVT_USE_INDEX, &rc);
+    if (!x) return rc;
+    uint64_t cap = x->memcap;
+    rc = kvt_grow_array(c, (void **)&x->mem, sizeof *x->mem, &cap, need);
+    x->memcap = (uint32_t)cap;
+    if (rc) kvt_side_release(c, k);
     return rc;
 }
 
@@ -169,20 +239,24 @@ int kvt_rebuild_members(kvt_coll *c) {
         kvt_cluster *k = &c->cl[j];
         int rc = kvt_ensure_mem(c, k, k->n);
         if (rc) return rc;
-        for (uint32_t i = 0; i < k->n; i++) k->mem[i] = UINT32_MAX;
+        for (uint32_t i = 0; i < k->n; i++) k->x->mem[i] = UINT32_MAX;
     }
-    for (uint64_t id = 0; id < c->n; id++) c->cl[c->loc[id].cl].mem[c->loc[id].idx] = (uint32_t)id;
+    for (uint64_t id = 0; id < c->n; id++) c->cl[c->loc[id].cl].x->mem[c->loc[id].idx] = (uint32_t)id;
     for (uint32_t j = 0; j < c->ncl; j++)
         for (uint32_t i = 0; i < c->cl[j].n; i++)
-            if (c->cl[j].mem[i] == UINT32_MAX || (i && c->cl[j].mem[i] <= c->cl[j].mem[i - 1]))
+            if (c->cl[j].x->mem[i] == UINT32_MAX || (i && c->cl[j].x->mem[i] <= c->cl[j].x->mem[i - 1]))
                 return kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has an inconsistent member list", j, c->no);
     return 0;
 }
 
 int kvt_ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need) {
-    uint64_t cap = k->pcap;
-    int rc = kvt_grow_as(c, KVT_USE_PENDING, (void **)&k->pbuf, c->L.esz, &cap, need);
-    k->pcap = (uint32_t)cap;
+    int rc = 0;
+    kvt_cside *x = side(c, k, KVT_USE_PENDING, &rc);
+    if (!x) return rc;
+    uint64_t cap = x->pcap;
+    rc = kvt_grow_as(c, KVT_USE_PENDING, (void **)&x->pbuf, c->L.esz, &cap, need);
+    x->pcap = (uint32_t)cap;
+    if (rc) kvt_side_release(c, k);
     return rc;
 }
 
@@ -210,8 +284,22 @@ int kvt_ensure_ids(kvt_coll *c, uint64_t need) {
 }
 
 void kvt_update_norm(kvt_coll *c, uint32_t k) {
-    const float *x = c->cent + (size_t)k * c->p.dim;
-    c->cnorm[k] = c->cl[k].n ? c->st->K->dot_f32(x, x, c->p.dim) : FLT_MAX;
+    const uint16_t *h = c->cent + (size_t)k * c->p.dim;
+    float s = 0;
+    for (uint32_t i = 0; i < c->p.dim; i++) {
+        float v = kvt_half_to_float(h[i]);
+        s += v * v;
+    }
+    c->cnorm[k] = c->cl[k].n ? s : FLT_MAX;
+}
+
+void kvt_rep_load(const kvt_coll *c, uint32_t j, float *out) {
+    c->st->K->f16_to_f32(c->cent + (size_t)j * c->p.dim, out, c->p.dim);
+}
+
+void kvt_rep_store(kvt_coll *c, uint32_t j, const float *mean) {
+    uint16_t *h = c->cent + (size_t)j * c->p.dim;
+    for (uint32_t i = 0; i < c->p.dim; i++) h[i] = kvt_float_to_half(mean[i]);
 }
 
 /* A free cluster slot (n == 0, owning nothing), growing the table if needed. */
@@ -221,10 +309,10 @@ int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
     uint32_t j = c->ncl++;
     kvt_cluster *k = &c->cl[j];
     static const uint32_t fresh[2] = {0, 0};
-    k->n = k->nseg = k->pend = k->ptail = 0;
+    k->n = k->nseg = k->pend = 0;
+    kvt_side_free(c, k);
     kvt_policy_cluster_load(c, k, fresh, 1);
     k->m2 = 0;
-    k->ent = NULL;
     k->heat = 0;
     c->cnorm[j] = FLT_MAX;
     if (c->m2d) memset(c->m2d + (size_t)j * c->p.dim, 0, (size_t)c->p.dim * 4);
@@ -233,11 +321,11 @@ int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
     return 0;
 }
 
-/* Exact mean and squared-distance sum of n records' keys. */
+/* Exact mean and squared-distance sum of n records' keys (x: 2 x dim floats of scratch). */
 void kvt_stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_t n, float *x) {
     const kvt_kernels *K = c->st->K;
     uint32_t d = c->p.dim;
-    float *mean = c->cent + (size_t)j * d, *m2d = c->m2d ? c->m2d + (size_t)j * d : NULL;
+    float *mean = x + d, *m2d = c->m2d ? c->m2d + (size_t)j * d : NULL;
     double m2 = 0;
     memset(mean, 0, (size_t)d * 4);
     if (m2d) memset(m2d, 0, (size_t)d * 4);
@@ -245,8 +333,9 @@ void kvt_stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32
         kvt_key_to_f32(K, c->p.dtype, kvt_rec_key(recs + (size_t)i * c->L.esz), x, d);
         kvt_welford_add(mean, &m2, m2d, i, x, d);
     }
+    kvt_rep_store(c, j, mean);
     kvt_vsum_from_records(c, j, recs, n); /* estimate.c: exact again after a split */
-    c->cl[j].m2 = m2;
+    c->cl[j].m2 = (float)m2;
     c->cl[j].n = n;
     kvt_update_norm(c, j);
 }
@@ -260,8 +349,11 @@ void kvt_coll_free(kvt_coll *c) {
     kvt_cache_drop_owner(&c->st->cache, c);
     for (uint32_t i = 0; i < c->clcap; i++) {
         free(c->cl[i].segs);
-        free(c->cl[i].pbuf);
-        free(c->cl[i].mem);
+        if (c->cl[i].x) {
+            free(c->cl[i].x->pbuf);
+            free(c->cl[i].x->mem);
+            free(c->cl[i].x);
+        }
     }
     free(c->cl);
     free(c->cent);
@@ -349,7 +441,7 @@ void kvt_cluster_stats(kvt_coll *c, kvt_coll_stats *o) {
     uint64_t nonempty = 0;
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
-        if (k->ent) o->cached_clusters++;
+        if (kvt_cached(c, j)) o->cached_clusters++;
         if (kvt_held(c, k)) o->flagged_clusters++;
         if (!k->n) continue;
         nonempty++;

@@ -260,17 +260,20 @@ void kvt_retire_segs(kvt_coll *c, seg_save s) {
 
 void kvt_free_pending(kvt_coll *c, kvt_cluster *k) {
     c->pending_total -= k->pend;
-    c->tail_total -= kvt_held(c, k) ? k->ptail : k->pend;
-    k->ptail = 0;
-    kvt_free_as(c, KVT_USE_PENDING, k->pbuf, k->pcap, c->L.esz);
-    k->pbuf = NULL;
-    k->pend = k->pcap = 0;
+    c->tail_total -= kvt_held(c, k) ? kvt_ptail(k) : k->pend;
+    k->pend = 0;
+    if (!k->x) return;
+    k->x->ptail = 0;
+    kvt_free_as(c, KVT_USE_PENDING, k->x->pbuf, k->x->pcap, c->L.esz);
+    k->x->pbuf = NULL;
+    k->x->pcap = 0;
+    kvt_side_release(c, k);
 }
 
 /* An add's new entry joins cluster k's pending buffer (room was made by its plan): a tail
  * entry, or one waiting for a split when the policy holds the cluster. */
 void kvt_tail_push(kvt_coll *c, kvt_cluster *k, int64_t id, const void *key, const void *value) {
-    kvt_rec_encode(&c->L, k->pbuf + (size_t)k->pend++ * c->L.esz, id, key, value);
+    kvt_rec_encode(&c->L, k->x->pbuf + (size_t)k->pend++ * c->L.esz, id, key, value);
     c->pending_total++;
     if (!kvt_held(c, k)) c->tail_total++;
 }
@@ -280,20 +283,22 @@ void kvt_tail_push(kvt_coll *c, kvt_cluster *k, int64_t id, const void *key, con
  * (invariant 2). */
 void kvt_tail_written(kvt_coll *c, kvt_cluster *k, uint32_t n) {
     const size_t esz = c->L.esz;
-    memmove(k->pbuf, k->pbuf + (size_t)n * esz, (size_t)(k->pend - n) * esz);
+    memmove(k->x->pbuf, k->x->pbuf + (size_t)n * esz, (size_t)(k->pend - n) * esz);
     k->pend -= n;
     c->pending_total -= n;
     int held = kvt_held(c, k);
-    uint32_t tail_part = !held ? n : n < k->ptail ? n : k->ptail;
-    if (held) k->ptail -= tail_part;
+    uint32_t tail_part = !held ? n : n < k->x->ptail ? n : k->x->ptail;
+    if (held) k->x->ptail -= tail_part;
     c->tail_total -= tail_part;
 }
 
-void kvt_tail_hold(kvt_coll *c, kvt_cluster *k) { k->ptail = k->pend; }
+void kvt_tail_hold(kvt_coll *c, kvt_cluster *k) {
+    if (k->x) k->x->ptail = k->pend;
+}
 
 void kvt_tail_release(kvt_coll *c, kvt_cluster *k) {
-    c->tail_total += k->pend - k->ptail;
-    k->ptail = 0;
+    c->tail_total += k->pend - kvt_ptail(k);
+    if (k->x) k->x->ptail = 0;
 }
 
 /* Writes cluster j's pending buffer to flash, in place (no scratch: a checkpoint or an
@@ -302,7 +307,7 @@ int kvt_write_pending(kvt_coll *c, uint32_t j) {
     kvt_cluster *k = &c->cl[j];
     if (!k->pend) return 0;
     undo_log log = {0};
-    rec_src src = {.mrecs = k->pbuf};
+    rec_src src = {.mrecs = k->x->pbuf};
     int rc = kvt_append_flash(c, j, &src, k->pend, NULL, 0, &log);
     if (rc) kvt_rollback(c, &log);
     else kvt_free_pending(c, k);
@@ -339,7 +344,7 @@ void kvt_trim_tails(kvt_coll *c) {
         uint32_t best = KVT_NONE;
         for (uint32_t j = 0; j < c->ncl; j++) {
             const kvt_cluster *k = &c->cl[j];
-            if (k->pend && !kvt_held(c, k) && (best == KVT_NONE || k->wtick < c->cl[best].wtick)) best = j;
+            if (k->pend && !kvt_held(c, k) && (best == KVT_NONE || kvt_wtick(k) < kvt_wtick(&c->cl[best]))) best = j;
         }
         if (best == KVT_NONE) break;
         if (kvt_write_pending(c, best)) { /* a failed write keeps it buffered, for later */

@@ -64,7 +64,7 @@ static void run_job(kvt_store *s, kvt_job *j) {
     /* the engine's own read: damage fails the job (counted), and the call that needs the
      * cluster reads it again in its own on_corrupt mode */
     if (token(c) && !rc)
-        rc = kvt_check_run(c, KVT_READ_OWN, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, k->mem[0]) : 0, NULL);
+        rc = kvt_check_run(c, KVT_READ_OWN, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, kvt_members(k)[0]) : 0, NULL);
     base = 0;
     for (uint32_t g = 0; g < j->nseg && !rc; g++) {
         kvt_seg *sg = &j->segs[g];
@@ -74,13 +74,12 @@ static void run_job(kvt_store *s, kvt_job *j) {
     }
     s->loading_bytes -= (uint64_t)k->n * L->esz;
     if (!rc) {
-        if (k->pend) memcpy(j->e->rec + (size_t)base * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+        if (k->pend) memcpy(j->e->rec + (size_t)base * L->esz, k->x->pbuf, (size_t)k->pend * L->esz);
         j->e->n = k->n;
         j->e->loading = 0;
         j->e->pins--;
         kvt_cache_fit(&s->cache, j->e);
     } else {
-        k->ent = NULL;
         kvt_cache_drop(&s->cache, j->e);
         s->prefetch_errors++;
     }

@@ -31,7 +31,7 @@ struct kvt_layout;
 typedef struct kvt_adapt_coll { double tau; } kvt_adapt_coll;
 /* adaptive (adapt.c), per cluster: why a split is wanted (0: not), and the size a cluster
  * that could not split must grow past before it is tried again */
-typedef struct kvt_adapt_cluster { uint32_t flagged, hold; } kvt_adapt_cluster;
+typedef struct kvt_adapt_cluster { uint32_t flagged : 2, hold : 30; } kvt_adapt_cluster;
 /* local (local.c): the cluster gathering new entries, or KVT_NONE */
 typedef struct kvt_local_coll { uint32_t staging; } kvt_local_coll;
 /* none (token.c): every key resident for exact scoring, until they no longer fit the budget

@@ -47,7 +47,7 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     if (!rc) kvt_start_loaders(s, &rc);
     for (uint64_t t = 0; t < taken && !rc; t++) {
         kvt_cluster *k = &c->cl[idx[t]];
-        if (k->ent || k->n == k->pend) continue; /* cached, or nothing on flash */
+        if (kvt_cached(c, idx[t]) || k->n == k->pend) continue; /* cached, or nothing on flash */
         /* reads in flight pin their buffers: past a quarter of the budget, a call needing
          * room could find nothing to evict and fail, so the rest is read on use */
         uint64_t pin = (uint64_t)k->n * c->L.esz;
@@ -65,7 +65,6 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         e->loading = 1;
         e->prefetched = 1;
         s->loading_bytes += pin;
-        k->ent = e;
         *j = (kvt_job){NULL, c, idx[t], k->nseg, e, NULL, NULL, 0};
         memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
         /* the device model is charged here, for the reads the job will make */

@@ -115,7 +115,7 @@ uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_
     if (token(c)) { /* runs of consecutive ids in the log, records unpadded in place */
         for (uint32_t i0 = 0; i0 < k->n;) {
             uint32_t i1 = token_run_end(k, i0);
-            out[m++] = (kvt_extent){token_offset(c, k->mem[i0]), (uint64_t)(i1 - i0) * L->esz,
+            out[m++] = (kvt_extent){token_offset(c, kvt_members(k)[i0]), (uint64_t)(i1 - i0) * L->esz,
                                     (uint64_t)i0 * L->esz, i1 - i0, i0, 0};
             i0 = i1;
         }
@@ -172,7 +172,7 @@ static int finish_cluster(kvt_coll *c, uint32_t ci, uint8_t *buf, uint32_t *kept
     int rc = 0;
     *kept = flash;
     if (token(c)) {
-        if (flash) rc = kvt_check_run(c, c->read_mode, ci, 0, buf, flash, token_offset(c, k->mem[0]), &bad);
+        if (flash) rc = kvt_check_run(c, c->read_mode, ci, 0, buf, flash, token_offset(c, kvt_members(k)[0]), &bad);
     } else {
         kvt_unpack_segs(L, k->segs, k->nseg, buf);
         uint32_t base = 0;
@@ -299,7 +299,7 @@ static uint32_t plan_batch(const kvt_coll *c, const uint32_t *list, uint32_t i, 
     *nseg = 0;
     while (end < nlist) {
         const kvt_cluster *k = &c->cl[list[end]];
-        uint64_t b = k->ent ? 0 : read_buffer_bytes(c, k);
+        uint64_t b = kvt_cached(c, list[end]) ? 0 : read_buffer_bytes(c, k);
         if (end > i && bytes + b > max_batch) break;
         bytes += b;
         *nseg += token(c) ? k->n : k->nseg;
@@ -346,14 +346,15 @@ static int stage_batch(kvt_coll *c, const uint32_t *list, batch *B, visit_fn fn,
     for (uint32_t b = 0; b < B->nb; b++) {
         uint32_t ci = list[b];
         kvt_cluster *k = &c->cl[ci];
-        if (k->ent) {
+        kvt_cache_ent *e = kvt_cached(c, ci);
+        if (e) {
             s->cache.hits++;
-            if (k->ent->prefetched) {
+            if (e->prefetched) {
                 s->prefetch_hits++;
-                k->ent->prefetched = 0;
+                e->prefetched = 0;
             }
-            kvt_cache_touch(&s->cache, k->ent);
-            fn(ctx, ci, k->ent->rec, k->ent->n);
+            kvt_cache_touch(&s->cache, e);
+            fn(ctx, ci, e->rec, e->n);
             continue;
         }
         s->cache.misses++;
@@ -459,7 +460,7 @@ static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, vis
         kvt_cluster *k = &c->cl[ci];
         uint32_t kept = 0;
         if (!rc) rc = finish_cluster(c, ci, B->buf[b], &kept);
-        if (!rc && k->pend) memcpy(B->buf[b] + (size_t)kept * L->esz, k->pbuf, (size_t)k->pend * L->esz);
+        if (!rc && k->pend) memcpy(B->buf[b] + (size_t)kept * L->esz, k->x->pbuf, (size_t)k->pend * L->esz);
         if (!rc) fn(ctx, ci, B->buf[b], kept + k->pend);
         if (B->ent[b]) {
             if (rc || kept + k->pend != k->n) {
@@ -468,7 +469,6 @@ static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, vis
                 B->ent[b]->n = k->n;
                 B->ent[b]->pins--;
                 kvt_cache_fit(&s->cache, B->ent[b]); /* the read's padding is budget */
-                k->ent = B->ent[b];
             }
         } else if (B->owned[b]) {
             free(B->buf[b]);
@@ -528,7 +528,8 @@ int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, k
     kvt_cluster *k = &c->cl[j];
     *owned = 0;
     *pinned = NULL;
-    if (!k->ent) {
+    kvt_cache_ent *e = kvt_cached(c, j);
+    if (!e) {
         uint64_t bytes = (uint64_t)k->n * c->L.esz;
         int rc = kvt_mem_reserve(&c->st->mem, bytes);
         if (rc) return rc;
@@ -543,7 +544,7 @@ int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, k
         rc = kvt_visit_cluster(c, j, collect, &x);
         kvt_io_stats_get(&c->st->io, &after);
         *read_bytes += after.read_bytes - before.read_bytes;
-        if (rc || k->ent) { /* failed, or the visit cached it after all: use that copy */
+        if (rc || (e = kvt_cached(c, j))) { /* failed, or the visit cached it after all: use that copy */
             free(buf);
             kvt_mem_release(&c->st->mem, bytes);
             if (rc) return rc;
@@ -553,9 +554,9 @@ int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, k
             return 0;
         }
     }
-    k->ent->pins++;
-    *pinned = k->ent;
-    *recs = k->ent->rec;
+    e->pins++;
+    *pinned = e;
+    *recs = e->rec;
     return 0;
 }
 

@@ -28,7 +28,7 @@ typedef struct groups {
     uint32_t nt;
     uint8_t *sorted, **grp;
     uint32_t *cnt, *dst, *wcnt; /* wcnt: records written to flash (cnt without the tail) */
-    struct { uint8_t *p; uint64_t cap; } *tails;
+    struct { uint8_t *p; uint64_t cap; kvt_cside *x; } *tails; /* x: its side record, ready */
     float *x;
 } groups;
 
@@ -60,6 +60,7 @@ static int reserve_tails(kvt_coll *c, groups *G) {
         G->wcnt[t] = G->cnt[t] - G->cnt[t] % rpp;
         rc = kvt_grow_as(c, KVT_USE_PENDING, (void **)&G->tails[t].p, c->L.esz, &G->tails[t].cap,
                          G->cnt[t] - G->wcnt[t]);
+        if (!rc) G->tails[t].x = kvt_side_new(c, KVT_USE_PENDING, &rc); /* installing cannot fail */
     }
     return rc;
 }
@@ -73,14 +74,13 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t) {
     kvt_cluster *kj = &c->cl[j];
     kvt_stats_from_records(c, j, G->grp[t], cnt, G->x);
     kvt_policy_cluster_load(c, kj, fresh, 1);
-    kj->ptail = 0;
+    if (kj->x) kj->x->ptail = 0;
     if (G->tails && G->tails[t].p) {
         kj->pend = cnt - G->wcnt[t];
         memcpy(G->tails[t].p, G->grp[t] + (size_t)G->wcnt[t] * L->esz, (size_t)kj->pend * L->esz);
-        kj->pbuf = G->tails[t].p;
-        kj->pcap = (uint32_t)G->tails[t].cap;
+        kvt_side_attach(c, kj, G->tails[t].x, G->tails[t].p, (uint32_t)G->tails[t].cap);
         G->tails[t].p = NULL; /* the cluster's now */
-        kj->wtick = c->wclock;
+        G->tails[t].x = NULL;
         c->pending_total += kj->pend;
         c->tail_total += kj->pend;
     }
@@ -88,7 +88,7 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t) {
         int64_t id;
         memcpy(&id, G->grp[t] + (size_t)i * L->esz, 8);
         set_loc(c, (uint64_t)id, j, i);
-        if (token(c)) kj->mem[i] = (uint32_t)id;
+        if (token(c)) kj->x->mem[i] = (uint32_t)id;
     }
     kvt_cache_ent *e = kvt_cache_admit(&c->st->cache, c, j, cnt, L->esz);
     if (e) {
@@ -96,7 +96,6 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t) {
         e->n = cnt;
         e->pins--;
         kvt_cache_updated(&c->st->cache, e);
-        kj->ent = e;
     }
 }
 
@@ -118,10 +117,8 @@ static int replace(kvt_coll *c, uint32_t src, groups *G, uint32_t ncl0) {
     kvt_retire_segs(c, old);
     kvt_cluster *k = &c->cl[src];
     kvt_free_pending(c, k);
-    if (k->ent) {
-        kvt_cache_drop(&c->st->cache, k->ent);
-        k->ent = NULL;
-    }
+    kvt_cache_ent *e = kvt_cached(c, src);
+    if (e) kvt_cache_drop(&c->st->cache, e);
     for (uint32_t t = 0; t < nt; t++) install_group(c, G, t);
     c->ctr.splits++;
     for (uint32_t t = 0; t < nt && !token(c); t++)
@@ -133,11 +130,11 @@ int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *
                 uint32_t *first_new) {
     kvt_mem *m = &c->st->mem;
     uint32_t n = c->cl[src].n, ncl0 = c->ncl;
-    uint64_t bytes = (uint64_t)n * c->L.esz, extra = (uint64_t)nt * (sizeof(uint8_t *) + 12) + (uint64_t)c->p.dim * 4;
+    uint64_t bytes = (uint64_t)n * c->L.esz, extra = (uint64_t)nt * (sizeof(uint8_t *) + 12) + (uint64_t)c->p.dim * 8;
     int rc = kvt_mem_reserve(m, bytes + extra);
     if (rc) return rc;
     groups G = {nt, malloc(bytes + 8), calloc(nt, sizeof(uint8_t *)), calloc(nt, 4), calloc(nt, 4), NULL, NULL,
-                malloc((size_t)c->p.dim * 4)};
+                malloc((size_t)c->p.dim * 8)}; /* a key and a mean in float32 (kvt_stats_from_records) */
     if (!G.sorted || !G.grp || !G.cnt || !G.dst || !G.x) rc = kvt_fail(ENOMEM, "split: out of memory");
     if (!rc) rc = sort_groups(c, recs, n, part, &G);
     G.dst[0] = src;
@@ -146,8 +143,10 @@ int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *
     if (!rc) rc = replace(c, src, &G, ncl0);
     else c->ncl = ncl0; /* the slots it took are free again */
     if (!rc) *first_new = ncl0;
-    for (uint32_t t = 0; G.tails && t < nt; t++)
+    for (uint32_t t = 0; G.tails && t < nt; t++) {
         if (G.tails[t].p) kvt_free_as(c, KVT_USE_PENDING, G.tails[t].p, G.tails[t].cap, c->L.esz);
+        if (G.tails[t].x) kvt_side_discard(c, G.tails[t].x);
+    }
     free(G.tails);
     free(G.wcnt);
     free(G.sorted);

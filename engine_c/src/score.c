@@ -30,11 +30,11 @@ void kvt_score_clusters(kvt_coll *c, const float *q, uint64_t nq, float *scores,
     if (half_t > 0)
         for (uint64_t i = 0; i < nq * d; i++) q2[i] = q[i] * q[i];
     for (uint32_t j = 0; j < c->ncl; j++) {
-        const float *r = c->cent + (size_t)j * d;
+        const uint16_t *r = c->cent + (size_t)j * d;
         float best = -FLT_MAX, inv_n = c->cl[j].n ? 1.0f / (float)c->cl[j].n : 0;
         for (uint64_t i = 0; i < nq; i++) {
             const float *qi = q + i * d;
-            float sc = K->dot_f32(qi, r, d);
+            float sc = K->dot_f16_f32(r, qi, d);
             if (c->p.metric == KVT_METRIC_L2) sc = 2 * sc - c->cnorm[j] - K->dot_f32(qi, qi, d);
             if (half_t > 0) sc += half_t * inv_n * K->dot_f32(q2 + i * d, c->m2d + (size_t)j * d, d);
             if (sc > best) best = sc;

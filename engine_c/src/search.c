@@ -246,11 +246,12 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
         kvt_loc lc = c->loc[ids[i]];
         kvt_cluster *k = &c->cl[lc.cl];
         const uint8_t *rec;
-        if (k->ent && lc.idx < k->ent->n) {
+        kvt_cache_ent *e = kvt_cached(c, lc.cl);
+        if (e && lc.idx < e->n) {
             s->cache.hits++;
-            rec = k->ent->rec + (size_t)lc.idx * L->esz;
+            rec = e->rec + (size_t)lc.idx * L->esz;
         } else if (lc.idx >= k->n - k->pend) {
-            rec = k->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz;
+            rec = k->x->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz;
         } else {
             s->cache.misses++;
             uint64_t off;

@@ -32,18 +32,20 @@
 static void on_evict(void *owner, const kvt_cache_ent *e) {
     kvt_coll *c = owner;
     kvt_cluster *k = &c->cl[e->cluster];
-    k->ent = NULL;
-    k->heat = e->heat; /* remembered, so that a cluster read again comes back as hot as it was */
-    k->heat_visit = (uint32_t)e->use_visit;
+    k->heat = kvt_float_to_half(e->heat); /* remembered: a cluster read again comes back as hot as it was */
+    k->heat_visit = (uint16_t)e->use_visit;
 }
 
 static int history(void *owner, uint32_t cluster, float *heat, uint64_t *visit) {
     kvt_coll *c = owner;
     kvt_cluster *k = &c->cl[cluster];
-    if (k->heat <= 0) return 0;
-    *heat = k->heat;
-    /* the read count as of now, less the reads since (32 bits of them are kept) */
-    *visit = c->cache_state.visits - (uint32_t)((uint32_t)c->cache_state.visits - k->heat_visit);
+    float h = kvt_half_to_float(k->heat);
+    if (h <= 0) return 0;
+    *heat = h;
+    /* the read count as of now, less the reads since (16 bits of them are kept: heat is zero
+     * past KVT_HEAT_HORIZON reads anyway, and a count that wrapped only makes it a little
+     * hotter than it is) */
+    *visit = c->cache_state.visits - (uint16_t)((uint16_t)c->cache_state.visits - k->heat_visit);
     return 1;
 }
 
@@ -108,7 +110,6 @@ void kvt_store_close(kvt_store *s) {
             free(j->run);
         } else {
             s->loading_bytes -= (uint64_t)j->c->cl[j->cl].n * j->c->L.esz;
-            j->c->cl[j->cl].ent = NULL;
             kvt_cache_drop(&s->cache, j->e);
             j->c->inflight--;
         }

@@ -18,35 +18,52 @@
 #include "policy.h"
 #include "pool.h"
 
-/* A cluster of a collection: its size, flash segments, variance, cached copy and buffers.
- * Hot on every read: n, segs/nseg (the extent provider, read.c), ent, pend/pbuf; on every
- * add also m2 and the policy's state (ad). Cold: the rest. Its size is part of the resident
- * index every collection reserves per cluster (index.c, budget.c). */
-typedef struct kvt_cluster {
-    uint32_t n;            /* entries */
-    uint32_t nseg, segcap;
-    kvt_seg *segs;         /* in insertion order; the last one takes appends */
-    double m2;             /* sum of squared distances to the mean (Welford) */
-    kvt_cache_ent *ent;    /* cached copy, or NULL */
-    /* the last `pend` entries wait in pbuf, not yet on flash: for a split if the policy holds
-     * the cluster's entries (kvt_held: adaptive, flagged), else for a whole page to fill (the
-     * write buffer's tail, layout.c) */
-    uint32_t pend, pcap;
+/* What few clusters hold at any time, kept beside the cluster rather than in it
+ * (kvt_cluster.x; NULL when it holds none of it): its pending buffer (an adaptive split's
+ * waiting entries, or the write buffer's tail) and, in the token layout, its member list. */
+typedef struct kvt_cside {
+    /* the cluster's last `pend` entries (kvt_cluster.pend) wait in pbuf, not yet on flash: for
+     * a split if the policy holds the cluster's entries (kvt_held: adaptive, flagged), else for
+     * a whole page to fill (the write buffer's tail, layout.c) */
     uint8_t *pbuf;
-    kvt_adapt_cluster ad;  /* adaptive (adapt.c): flagged for a split, and why */
+    uint32_t pcap;
     /* held: the first ptail of its pending entries were its write-buffer tail when it was
      * first held; they wait for the split too, but count as write buffer, not against the
      * pending budget, so the write buffer (sized from the DRAM budget) never decides when the
      * pending budget overflows */
     uint32_t ptail;
+    uint64_t wtick;        /* the collection's append clock at the cluster's last append */
     uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
     uint32_t memcap;
-    uint64_t wtick;        /* the collection's append clock at the cluster's last append */
-    /* the cache policy's memory of the cluster while it is not cached: its heat and the
-     * collection's read count when it was last read (cache.h, kvt_cache_owner) */
-    float heat;
-    uint32_t heat_visit;
+    int use;               /* the budget use this record is reserved under (enum kvt_use) */
+} kvt_cside;
+
+/* A cluster of a collection, as every cluster of the resident index keeps it: its size,
+ * flash segments, squared error, entries pending in DRAM, policy state and the cache
+ * policy's memory of it. Everything else is elsewhere: its representative in kvt_coll.cent,
+ * its cached copy in the cache's lookup table (kvt_cached), its buffers beside it (x). Its
+ * size is part of the resident index every collection reserves per cluster (index.c,
+ * budget.c), so it stays small: docs/design.md §2.3. */
+typedef struct kvt_cluster {
+    kvt_seg *segs;         /* in insertion order; the last one takes appends */
+    kvt_cside *x;          /* buffers and member list, or NULL */
+    uint32_t n;            /* entries */
+    uint32_t nseg, segcap;
+    uint32_t pend;         /* its last pend entries wait in DRAM (x->pbuf), not on flash */
+    float m2;              /* sum of squared distances to the mean (Welford) */
+    kvt_adapt_cluster ad;  /* adaptive (adapt.c): flagged for a split, and why */
+    /* the cache policy's memory of the cluster while it is not cached: its heat (float16)
+     * and the low 16 bits of the collection's read count when it was last read (cache.h,
+     * kvt_cache_owner; heat is zero beyond KVT_HEAT_HORIZON reads, so 16 bits tell it) */
+    uint16_t heat, heat_visit;
 } kvt_cluster;
+
+/* The pending buffer and member list of a cluster, and its tail's bookkeeping (NULL / 0
+ * when it has no side record). */
+static inline uint8_t *kvt_pbuf(const kvt_cluster *k) { return k->x ? k->x->pbuf : NULL; }
+static inline uint32_t kvt_ptail(const kvt_cluster *k) { return k->x ? k->x->ptail : 0; }
+static inline uint32_t *kvt_members(const kvt_cluster *k) { return k->x ? k->x->mem : NULL; }
+static inline uint64_t kvt_wtick(const kvt_cluster *k) { return k->x ? k->x->wtick : 0; }
 
 typedef struct kvt_loc { uint32_t cl, idx; } kvt_loc;
 
@@ -108,7 +125,11 @@ struct kvt_coll {
     kvt_file *f;
     uint64_t n;                 /* entries; ids are 0..n-1 */
     kvt_cluster *cl;
-    float *cent, *cnorm;        /* clcap * dim representatives and their squared norms */
+    /* clcap * dim representatives (the mean keys) in float16, and their squared norms: half
+     * the resident bytes of float32 means, which were most of the index; scoring converts on
+     * the fly (simd.h dot_f16_f32) and accumulates in float32 (index.c 3) */
+    uint16_t *cent;
+    float *cnorm;
     float *m2d;                 /* clcap * dim: per-dimension sums of squared distances */
     float *vsum;                /* clcap * value_dim: value sums (estimate.c), or NULL */
     uint32_t ncl, clcap;        /* clusters with n == 0 are free slots */
@@ -150,7 +171,7 @@ struct kvt_coll {
 
 /* The resident index counts sizeof(kvt_cluster) per cluster: a change of it changes every
  * budget figure (kvt_budget_estimate and what a collection reserves). */
-_Static_assert(sizeof(kvt_cluster) == 104 || sizeof(void *) != 8, "kvt_cluster changed size");
+_Static_assert(sizeof(kvt_cluster) == 48 || sizeof(void *) != 8, "kvt_cluster changed size");
 
 #define LOCK(s) pthread_mutex_lock(&(s)->mu)
 
@@ -160,6 +181,10 @@ _Static_assert(sizeof(kvt_cluster) == 104 || sizeof(void *) != 8, "kvt_cluster c
 static inline int token(const kvt_coll *c) { return c->p.layout == KVT_LAYOUT_TOKEN && c->ops->clustered; }
 
 /* Whether cluster k's policy holds its new entries in DRAM for a split (policy.h). */
+/* Cluster j's cached copy, or NULL (the cache's lookup table, cache.h: a cluster keeps no
+ * pointer to it, which would cost every cluster of the resident index 8 bytes). */
+static inline kvt_cache_ent *kvt_cached(const kvt_coll *c, uint32_t j) { return kvt_cache_find(&c->st->cache, c, j); }
+
 static inline int kvt_held(const kvt_coll *c, const kvt_cluster *k) { return c->ops->held && c->ops->held(c, k); }
 
 /* A cluster's two words of policy state, as the directory and the swap image keep them
@@ -180,7 +205,8 @@ static inline uint64_t token_offset(const kvt_coll *c, uint64_t id) { return KVT
 /* Token layout: the end of the run of consecutive ids starting at member i0 (one read). */
 static inline uint32_t token_run_end(const kvt_cluster *k, uint32_t i0) {
     uint32_t i1 = i0 + 1;
-    while (i1 < k->n && k->mem[i1] == k->mem[i1 - 1] + 1) i1++;
+    const uint32_t *mem = kvt_members(k);
+    while (i1 < k->n && mem[i1] == mem[i1 - 1] + 1) i1++;
     return i1;
 }
 

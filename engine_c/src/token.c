@@ -81,7 +81,7 @@ int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
     }
     kvt_io_batch_end(&c->st->io);
     for (uint32_t i = 0; i < k->pend && !rc; i++) /* the write buffer's tail, not on flash yet */
-        fn(ctx, (uint64_t)first + i, kvt_rec_key(k->pbuf + (size_t)i * L->esz));
+        fn(ctx, (uint64_t)first + i, kvt_rec_key(k->x->pbuf + (size_t)i * L->esz));
     free(buf);
     kvt_mem_release(&c->st->mem, need);
     return rc;
@@ -195,7 +195,7 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
             const kvt_loc lc = c->loc[idx[i0 + t]];
             const kvt_cluster *k = &c->cl[lc.cl];
             if (lc.idx >= k->n - k->pend) {
-                kvt_put_result(r, L, k->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz, -1);
+                kvt_put_result(r, L, k->x->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz, -1);
                 continue;
             }
             uint32_t bad = 0;

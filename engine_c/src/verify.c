@@ -53,7 +53,7 @@ static int verify_records(kvt_coll *c, uint8_t *buf, uint64_t cap, kvt_verify_t 
                 uint32_t i1 = token_run_end(k, i0);
                 if (i1 > k->n - k->pend) i1 = k->n - k->pend;
                 uint32_t m = i1 - i0 < cap / L->esz ? i1 - i0 : (uint32_t)(cap / L->esz);
-                rc = check_extent(c, j, i0, m, token_offset(c, k->mem[i0]), (uint64_t)m * L->esz, NULL, buf, out);
+                rc = check_extent(c, j, i0, m, token_offset(c, kvt_members(k)[i0]), (uint64_t)m * L->esz, NULL, buf, out);
                 i0 += m;
             }
             continue;

@@ -25,6 +25,7 @@
 #include "layout.h"
 #include "loader.h"
 #include "policy.h"
+#include "simd.h"
 #include "store.h"
 #include "virtualize.h"
 
@@ -129,8 +130,10 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
      * last brought in. The rest are clean copies of the data file, read again from it if
      * ever needed; carrying them would rewrite and reread the whole cache at every park. */
     uint32_t ncached = 0;
-    for (uint32_t j = 0; j < c->ncl && keep_cache; j++)
-        ncached += c->cl[j].ent != NULL && c->cl[j].ent->last_use > c->resident_tick;
+    for (uint32_t j = 0; j < c->ncl && keep_cache; j++) {
+        const kvt_cache_ent *e = kvt_cached(c, j);
+        ncached += e != NULL && e->last_use > c->resident_tick;
+    }
     sw_put(w, SWAP_MAGIC, 8);
     sw_u32(w, c->ncl);
     sw_u32(w, c->cofreq ? c->nco : 0);
@@ -139,22 +142,24 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
     sw_u32(w, c->m2d != NULL);
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
-        uint32_t f[6] = {k->n, k->nseg, k->pend, 0, 0, k->ptail};
+        uint32_t f[6] = {k->n, k->nseg, k->pend, 0, 0, kvt_ptail(k)};
         kvt_policy_cluster_save(c, k, f + 3); /* the policy's two words (policy.h) */
         sw_put(w, f, sizeof f);
         /* the cache policy's memory of it: re-admitted, it is as hot as it was */
-        float heat = k->ent ? k->ent->heat : k->heat;
-        uint32_t hv = k->ent ? (uint32_t)k->ent->use_visit : k->heat_visit;
+        const kvt_cache_ent *e = kvt_cached(c, j);
+        float heat = e ? e->heat : kvt_half_to_float(k->heat);
+        uint32_t hv = e ? (uint32_t)e->use_visit : k->heat_visit;
+        double m2 = k->m2;
         sw_put(w, &heat, 4);
         sw_u32(w, hv);
-        sw_put(w, &k->m2, 8);
+        sw_put(w, &m2, 8);
         for (uint32_t g = 0; g < k->nseg; g++) {
             uint32_t sg[3] = {k->segs[g].pool, k->segs[g].head, k->segs[g].n};
             sw_put(w, sg, sizeof sg);
         }
-        sw_put(w, k->pbuf, (size_t)k->pend * L->esz);
+        sw_put(w, kvt_pbuf(k), (size_t)k->pend * L->esz);
     }
-    sw_put(w, c->cent, (size_t)c->ncl * c->p.dim * 4);
+    sw_put(w, c->cent, (size_t)c->ncl * c->p.dim * 2);
     if (c->m2d) sw_put(w, c->m2d, (size_t)c->ncl * c->p.dim * 4);
     if (c->vsum) sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
     sw_put(w, c->loc, c->n * sizeof(kvt_loc));
@@ -232,11 +237,10 @@ static void drop_resident(kvt_coll *c) {
     for (uint32_t j = 0; j < c->clcap; j++) {
         kvt_cluster *k = &c->cl[j];
         if (k->segs) kvt_free_array(c, k->segs, k->segcap, sizeof(kvt_seg));
-        if (k->pbuf) kvt_free_as(c, KVT_USE_PENDING, k->pbuf, k->pcap, c->L.esz);
-        if (k->mem) kvt_free_array(c, k->mem, k->memcap, sizeof *k->mem);
+        kvt_side_free(c, k);
     }
     kvt_free_array(c, c->cl, c->clcap, sizeof *c->cl);
-    kvt_free_array(c, c->cent, c->clcap, (size_t)c->p.dim * 4);
+    kvt_free_array(c, c->cent, c->clcap, (size_t)c->p.dim * 2);
     kvt_free_array(c, c->cnorm, c->clcap, 4);
     if (c->m2d) kvt_free_array(c, c->m2d, c->clcap, (size_t)c->p.dim * 4);
     if (c->vsum) kvt_free_array(c, c->vsum, c->clcap, (size_t)c->p.value_dim * 4);
@@ -244,7 +248,8 @@ static void drop_resident(kvt_coll *c) {
     if (c->ops->drop) c->ops->drop(c); /* policy none: its resident keys */
     if (c->cofreq) kvt_free_array(c, c->cofreq, (uint64_t)c->nco * c->nco, 2);
     c->cl = NULL;
-    c->cent = c->cnorm = c->m2d = c->vsum = NULL;
+    c->cent = NULL;
+    c->cnorm = c->m2d = c->vsum = NULL;
     c->loc = NULL;
     c->cofreq = NULL;
     c->clcap = 0;
@@ -309,13 +314,14 @@ static int install_clusters(kvt_coll *c, kvt_rbuf *r, uint32_t ncl) {
         kvt_cluster *k = &c->cl[j];
         memset(k, 0, sizeof *k);
         uint32_t f[6];
+        float heat = 0;
         kvt_rbuf_get(r, f, sizeof f);
-        kvt_rbuf_get(r, &k->heat, 4);
-        k->heat_visit = kvt_rbuf_u32(r);
-        kvt_rbuf_get(r, &k->m2, 8);
+        kvt_rbuf_get(r, &heat, 4);
+        k->heat = kvt_float_to_half(heat);
+        k->heat_visit = (uint16_t)kvt_rbuf_u32(r);
+        k->m2 = (float)kvt_rbuf_f64(r);
         k->n = f[0];
         kvt_policy_cluster_load(c, k, f + 3, 1);
-        k->ptail = f[5] <= f[2] ? f[5] : f[2];
         if (r->bad || f[1] > (r->len - r->pos) / 12 || (uint64_t)f[2] * L->esz > r->len - r->pos) {
             r->bad = 1;
             break;
@@ -329,8 +335,9 @@ static int install_clusters(kvt_coll *c, kvt_rbuf *r, uint32_t ncl) {
         k->nseg = f[1];
         if (f[2]) {
             if ((rc = kvt_ensure_pbuf(c, k, f[2]))) break;
-            kvt_rbuf_get(r, k->pbuf, (size_t)f[2] * L->esz);
+            kvt_rbuf_get(r, k->x->pbuf, (size_t)f[2] * L->esz);
             k->pend = f[2];
+            k->x->ptail = f[5] <= f[2] ? f[5] : f[2];
         }
     }
     return rc;
@@ -356,7 +363,6 @@ static void install_cached(kvt_coll *c, kvt_rbuf *r, uint32_t ncached, uint32_t 
         memcpy(e->rec, recs, (size_t)cn * esz);
         e->n = cn;
         e->pins--;
-        c->cl[cl].ent = e;
     }
 }
 
@@ -382,7 +388,7 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
     c->nco = nco ? nco : c->nco;
     if (!rc) rc = install_clusters(c, &r, ncl);
     if (!rc) {
-        kvt_rbuf_get(&r, c->cent, (size_t)ncl * dim * 4);
+        kvt_rbuf_get(&r, c->cent, (size_t)ncl * dim * 2);
         if (c->m2d) kvt_rbuf_get(&r, c->m2d, (size_t)ncl * dim * 4);
         if (c->vsum) kvt_rbuf_get(&r, c->vsum, (size_t)ncl * c->p.value_dim * 4);
         kvt_rbuf_get(&r, c->loc, n * sizeof(kvt_loc));

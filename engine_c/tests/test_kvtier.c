@@ -352,7 +352,7 @@ static void note_evict(void *owner, const kvt_cache_ent *e) { (void)owner; evict
 static void test_cache(void) {
     kvt_mem m;
     kvt_cache c;
-    kvt_mem_init(&m, 10000);
+    kvt_mem_init(&m, 10000 + KVT_CACHE_TABLE_BYTES);
     kvt_cache_init(&c, &m, note_evict);
     kvt_cache_ent *a = kvt_cache_admit(&c, NULL, 0, 10, 100), *b = kvt_cache_admit(&c, NULL, 1, 10, 100);
     CHECK(a && b);
@@ -379,7 +379,7 @@ static void test_cache_policies(void) {
     memset(evicted, 0, sizeof evicted);
     kvt_mem m;
     kvt_cache c;
-    kvt_mem_init(&m, 20000);
+    kvt_mem_init(&m, 20000 + KVT_CACHE_TABLE_BYTES);
     kvt_cache_init(&c, &m, note_evict);
     c.policy = KVT_CACHE_LFU;
     kvt_cache_ent *a = kvt_cache_admit(&c, NULL, 0, 10, 100), *b = kvt_cache_admit(&c, NULL, 1, 10, 100);
@@ -388,7 +388,7 @@ static void test_cache_policies(void) {
     kvt_cache_touch(&c, a);
     kvt_cache_touch(&c, a);
     kvt_cache_touch(&c, b); /* b is most recent, a most used */
-    CHECK_OK(kvt_mem_reserve(&m, 20000 - m.used + 10));
+    CHECK_OK(kvt_mem_reserve(&m, 20000 + KVT_CACHE_TABLE_BYTES - m.used + 10));
     CHECK(evicted[1] == 1 && evicted[0] == 0);
     kvt_cache_destroy(&c);
 }
@@ -437,7 +437,7 @@ static int updated_survives(double reserve_share) {
     memset(layer_evicted, 0, sizeof layer_evicted);
     memset(layer_ents, 0, sizeof layer_ents);
     uint64_t ent = sizeof(kvt_cache_ent) + 10 * 100;
-    kvt_mem_init(&m, ent * NL * PER / 2);
+    kvt_mem_init(&m, ent * NL * PER / 2 + KVT_CACHE_TABLE_BYTES);
     kvt_cache_init(&c, &m, note_layer_evict);
     c.policy = KVT_CACHE_CLUSTER;
     c.owner_state = layer_owner;
@@ -475,7 +475,7 @@ static int child_survives(double share, int skipped) {
     memset(layer_state, 0, sizeof layer_state);
     memset(layer_evicted, 0, sizeof layer_evicted);
     uint64_t ent = sizeof(kvt_cache_ent) + 10 * 100;
-    kvt_mem_init(&m, 3 * ent);
+    kvt_mem_init(&m, 3 * ent + KVT_CACHE_TABLE_BYTES);
     kvt_cache_init(&c, &m, note_layer_evict);
     c.policy = KVT_CACHE_CLUSTER;
     c.owner_state = layer_owner;
@@ -524,7 +524,7 @@ static void test_cache_cluster_policy(void) {
         memset(layer_state, 0, sizeof layer_state);
         memset(layer_evicted, 0, sizeof layer_evicted);
         memset(layer_ents, 0, sizeof layer_ents);
-        kvt_mem_init(&m, (sizeof(kvt_cache_ent) + 10 * 100) * NL * PER / 2);
+        kvt_mem_init(&m, (sizeof(kvt_cache_ent) + 10 * 100) * NL * PER / 2 + KVT_CACHE_TABLE_BYTES);
     kvt_cache_init(&c, &m, note_layer_evict);
         c.policy = pol;
         c.owner_state = layer_owner;
@@ -553,7 +553,7 @@ static void test_cache_collection_major(void) {
     memset(layer_state, 0, sizeof layer_state);
     memset(layer_evicted, 0, sizeof layer_evicted);
     memset(layer_ents, 0, sizeof layer_ents);
-    kvt_mem_init(&m, (sizeof(kvt_cache_ent) + 10 * 100) * PER * 3);
+    kvt_mem_init(&m, (sizeof(kvt_cache_ent) + 10 * 100) * PER * 3 + KVT_CACHE_TABLE_BYTES);
     kvt_cache_init(&c, &m, note_layer_evict);
     c.policy = KVT_CACHE_CLUSTER;
     c.owner_state = layer_owner;
@@ -577,7 +577,7 @@ static void test_cache_spare(void) {
     kvt_cache c;
     memset(layer_state, 0, sizeof layer_state);
     uint64_t ent = sizeof(kvt_cache_ent) + 10 * 100;
-    kvt_mem_init(&m, 4 * ent);
+    kvt_mem_init(&m, 4 * ent + KVT_CACHE_TABLE_BYTES);
     kvt_cache_init(&c, &m, NULL);
     c.policy = KVT_CACHE_CLUSTER;
     c.owner_state = layer_owner;
@@ -1682,7 +1682,7 @@ static void test_write_buffer(void) {
             CHECK_OK(kvt_store_inject_fault(st, 'w', 0, 0));
             if (rc0) {
                 int no_tails = kvt_coll_count(c) == 0 && c->tail_total == 0 && c->pending_total == 0;
-                for (uint32_t j = 0; j < c->clcap; j++) no_tails &= c->cl[j].pbuf == NULL;
+                for (uint32_t j = 0; j < c->clcap; j++) no_tails &= kvt_pbuf(&c->cl[j]) == NULL;
                 CHECK(no_tails);
                 CHECK_OK(kvt_coll_add(c, k, NULL, N0, &first));
             }
