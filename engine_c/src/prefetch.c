@@ -66,7 +66,8 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
         e->prefetched = 1;
         s->loading_bytes += pin;
         *j = (kvt_job){NULL, c, idx[t], k->nseg, e, NULL, NULL, 0};
-        memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
+        /* token order keeps no segment list (nseg 0, segs NULL): memcpy's pointers must be valid */
+        if (k->nseg) memcpy(j->segs, k->segs, (size_t)k->nseg * sizeof(kvt_seg));
         /* the device model is charged here, for the reads the job will make */
         kvt_extent *ex = malloc((size_t)(token(c) ? k->n : k->nseg) * sizeof *ex + 1);
         uint32_t nex = ex ? kvt_cluster_extents(c, k, k->segs, k->nseg, ex) : 0;
