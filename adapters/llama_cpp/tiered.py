@@ -1,64 +1,73 @@
-"""TieredLlama: ``llama_cpp.Llama`` whose KV cache never holds more than ``dram_tokens`` cells.
+"""TieredLlama: ``llama_cpp.Llama`` whose KV cache holds at most ``dram_tokens`` cells while it
+decodes, the whole history in a kvtier store.
 
-llama.cpp has no pluggable KV backend, so this adapter works through llama-cpp-python's public
-API and llama.h. Every ``refresh_every`` decoded tokens, and after every prompt chunk of
-``prefill_chunk`` tokens, it refreshes what llama.cpp can see:
+llama.cpp has no pluggable KV backend. The adapter works through llama.h and the eval callback
+(``cb_eval``), and writes retrieved entries straight into llama.cpp's KV cache tensors:
 
-1. **History into kvtier.** The cells decoded since the last refresh are marked with a parking
-   sequence id (``llama_memory_seq_cp`` to seq 1: metadata only in a unified cache) and copied
-   out with ``llama_state_seq_get_data(seq 1)``: llama.cpp's own state blob, holding the
-   post-RoPE K and the V exactly as stored (float16; parsed by ``_state.py``). Each (layer, KV
-   head) row goes to its own kvtier collection ``<session>.g<n>.L<layer>.H<head>``, so the
-   store holds the whole conversation, sinks and window included.
-2. **Retrieval.** The eval callback (``cb_eval``, nodes ``Qcur-<layer>``, ``_query.py``) keeps
-   the RoPE'd queries of the last ``query_tokens`` tokens (spread over a prompt chunk). Every KV
-   head's GQA group, over those tokens, retrieves whole clusters from its collection
-   (``Collection.retrieve``, ``overfetch`` x B entries); of the fetched entries that are not
-   sinks, window or rolled back, each head keeps its B best by exact score (max over the
-   group). Every head gets the same B because llama.cpp's cells are shared by all heads.
-3. **Rebuild.** Everything after the sinks is removed (``llama_memory_seq_rm``); one blob, built
-   in numpy, is loaded with ``llama_state_seq_set_data`` into parking seq 2 and moved to seq 0
-   (``seq_cp`` + ``seq_rm``): B "slot" cells, then the last ``window`` tokens at their own
-   positions. Slot ``j`` carries, for every (layer, head), that head's ``j``-th selected entry
-   in position order, so each head sees its own clusters, as in the paper, in one shared cell.
-   K is stored post-RoPE, so a cell's position only feeds the causal mask: slot ``j`` gets the
-   nominal position ``sinks + j`` (below the window, hence visible). When every entry is
-   selected this *is* the original position and the cells sit at the same indices as in an
-   unbounded run, so greedy decoding is bit-identical (tested).
+1. **Cells.** The main sequence holds the first ``sinks`` tokens and the *tail* (the last
+   ``window`` tokens, plus up to max(16, prefill_chunk) newer ones) in the cells they were
+   decoded into, and ``slots``: cells whose nominal position lies below the tail (so every
+   query sees them) and whose K and V, per (layer, KV head), hold whichever stored entry that
+   head selected last. K is stored post-RoPE, so a cell's position only feeds the causal mask.
+2. **History into kvtier.** Tokens leaving the tail are read from the cache tensors and added,
+   per (layer, KV head), to the collection ``<session>.g<n>.L<layer>.H<head>``; their cells
+   become slots while the slot count is below its target (each then holds its own token in
+   every head) or are freed.
+3. **Retrieval inside the graph.** When layer l's queries (``Qcur-l``) are computed and before
+   its attention runs, the callback hands them to :meth:`TieredLlama._on_layer`: each KV head's
+   GQA group retrieves whole clusters from its collection (``Store.retrieve_many``, one engine
+   call per layer), the first ``slots`` eligible entries (or, with ``overfetch``, the best by
+   exact score) are kept, and only the slots whose entry left the selection are rewritten
+   (``_kvbuf.py``). So every layer of every decoded token attends to entries chosen by its own
+   current query, as ``TieredCache`` does in transformers, and a prompt chunk's layer by all of
+   the chunk's queries.
+4. **Prefill.** ``prefill="dense"``: a prompt on a conversation that has lost nothing yet is
+   computed in a context with every cell it needs; the tokens older than the window go to the
+   store; at the next eval a ``dram_tokens`` context takes over with sinks, window and empty
+   slots, which the first step's retrieval fills. Peak KV DRAM is then the prompt's KV
+   (``stats()["prefill_kv_mib_peak"]``). ``prefill="bounded"``: the prompt runs in the
+   ``dram_tokens`` cells, ``prefill_chunk`` tokens at a time, each chunk's layers retrieving
+   ``prefill_budget`` entries per head (default: all the room the cells leave), which the
+   decoding budget then trims.
 
-Visible context: ``sinks + B + window`` plus the tokens since the refresh, with
-``B = min(budget x context, dram_tokens - sinks - window - max(refresh_every, prefill_chunk))``
-(``stats()["slots"]``); ``budget=0`` is the sink+window (StreamingLLM) baseline.
+Visible context while decoding: ``sinks + slots + tail`` with ``slots = min(budget x context,
+stored positions below the tail, dram_tokens - sinks - window - max(16, prefill_chunk))``
+(``stats()["slots"]``, ``["slots_max"]``); ``budget=0`` is the sink+window (StreamingLLM)
+baseline. When the budget covers every stored position the slots hold them in position order
+in the cells an unbounded run would use, and greedy decoding is bit-identical to plain
+llama.cpp (tested, both prefill modes, across rollbacks).
 
-Choices and their costs (measured with ``bench/llama_cpp_bench.py`` and the notes below):
+Choices and what they cost (``python -m kvtier.bench.llama_cpp``; bench/results/llama_cpp_*.md):
 
-- Blobs, not tensor pointers: ``state_seq_get/set_data`` is public API that copies only the
-  cells asked for; the adapter never writes llama.cpp's buffers behind its back. The price is
-  one copy of ``B + window`` cells per refresh (23 KiB per cell for SmolLM2-135M), amortised
-  over ``refresh_every`` tokens. Parking sequence ids (``n_seq_max=3``, ``kv_unified=True``,
-  set by the adapter) make selecting cells for the copy, and moving loaded ones in, free.
-- K for the index comes from the blobs (exact cache contents, nothing recomputed); queries
-  need the eval callback: one Python call per graph node (~1100 per token for a 30-layer
-  Llama), about 1 ms per token here, within the run-to-run noise of decoding.
-- The whole visible block is rebuilt each refresh (not only the slots): the cache stays
-  compact and in position order, which is what makes the budget-holds-all case bit-identical
-  and lets a session snapshot come back cell for cell.
-- Queries of 8 recent tokens rather than the last one: with exact token-level selection (an
-  oracle) at 10% of a 1K context, dNLL fell from 0.107 to 0.031 nats/token. Smaller prompt
-  chunks (64 vs 128) roughly halved dNLL at the cost of more refreshes. ``overfetch=2``
-  lowered dNLL at 4K/10% from 0.031 to 0.010 but doubled the fetch I/O and halved decode speed,
-  so the default is 1.
-- Each refresh re-fetches every head's selection; kvtier's cache (its DRAM budget) should hold
-  one refresh's fetch (~ heads x B x 256 bytes), or every refresh reads it from flash again.
+- Retrieval at every step and every layer with the current query, not a refresh of the
+  visible set every N tokens (W2, 10% budget, dense prefill, llama_cpp_quality_2k.md and
+  _8k.md): ΔNLL 0.010 at 1900 + 256 tokens when every step retrieved, 0.30 every 4 steps, 0.41
+  every 16 (sink + window alone: 0.65); at 7900 + 128, 0.14, 1.45 and 2.08 (alone: 2.64). Adding
+  the queries of the last 8 tokens to each retrieval made it worse (0.089 at 2K). A selection a
+  few tokens old misses what the current query needs most (a third of the slots change at each
+  step; plausibly, on W2's repeated phrases, the entries after an earlier occurrence of the
+  current token, which copying heads read: not measured).
+- Window 64: 32 and 128 changed ΔNLL by less than its standard error (2K: 0.004, 0.010,
+  -0.002 for 32, 64, 128; 8K: 0.134 and 0.138 for 32 and 64). overfetch 1: 2.0 took top-1 from
+  0.88 to 0.91 at 2K for 4x the retrieval time and 5x the store's reads.
+- Writing into the cache tensors rather than loading state blobs: a retrieval rewrites only
+  the changed (layer, head, cell) rows, 128 bytes each, in place; a blob would copy every cell
+  of every layer. The tensors are found by name in the probe decode's graph and checked
+  against the state blob; writes happen only while no ggml thread runs (invariants in
+  ``_kvbuf.py``). New cells (after a dense prefill, a rollback or a session load) arrive as a
+  state blob and are found by a tag.
+- Per-layer retrieval costs one Python call per layer and step (``stats()["seconds"]
+  ["retrieve"]``); kvtier's DRAM budget should hold one step's fetch over all layers (~ layers x
+  heads x slots x 256 bytes), or every step reads it from flash again.
 
 Sessions (``save_session`` / ``load_session`` / ``switch_session``): the history already lives
-in the session's collections; a record adds the token ids, the id map, the recent queries and
-the resident cells (a state blob, float16 byte planes split for zstd: 0.86 of raw vs 0.92
-unsplit), written atomically to ``<store>/llama_sessions/<name>.kvs``. A switch moves at most
+in the session's collections; a record adds the token ids, the id map, the recent queries, the
+slots' contents and the resident cells (a state blob, float16 byte planes split for zstd),
+written atomically to ``<store>/llama_sessions/<name>.kvs``. A switch moves at most
 ``dram_tokens`` cells, where llama.cpp's ``llama_state_save_file``/``load_file`` move the whole
-context; many conversations share one llama.cpp context and one kvtier DRAM budget.
-``durable=True`` also flushes the store (fsync of every dirty collection and one catalog
-commit), which dominates its cost.
+context; a record whose cells do not fit the loading instance (saved right after a dense
+prefill, or with a wider window) is continued from the store. ``durable=True`` also flushes the
+store (fsync of every dirty collection and one catalog commit), which dominates its cost.
 
 Refused, each with a clear error: recurrent/hybrid, encoder-decoder, diffusion and
 sliding-window models; models without RoPE (ALiBi or absolute positions) or with multi-axis
@@ -93,14 +102,21 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.params import budget_arg, budget_entries, positive_int
 from kvtier.stats import Stats
 
-from ._query import QueryCapture
+from ._graph import GraphHook
+from ._kvbuf import KVBufferError, KVBuffers
 from ._state import KVLayout, StateFormatError
 
 SEQ_MAIN, SEQ_DUMP, SEQ_LOAD = 0, 1, 2
 SESSION_DIR = "llama_sessions"
 SESSION_MAGIC = b"KVTLSES1"
-SESSION_VERSION = 1
+SESSION_VERSION = 2
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Tokens gathered past the window before they move to the store (one copy of their cells each
+#: time); with the prompt chunk, the room the cells keep beside sinks, slots and window.
+SYNC_TOKENS = 16
+#: The defaults, chosen for a phone user (why: the class docstring and the module's notes).
+DEFAULTS = {"budget": 0.1, "dram_tokens": 1024, "sinks": 4, "window": 64, "prefill": "dense",
+            "refresh_every": 1, "query_tokens": 1, "overfetch": 1.0, "prefetch": True}
 
 # llama kwargs this adapter refuses, with the reason.
 _REFUSED = {
@@ -109,11 +125,12 @@ _REFUSED = {
     "draft_model": (lambda v: v is not None, "speculative decoding is not supported"),
     "lora_path": (lambda v: v is not None, "LoRA adapters are not supported (the context is rebuilt)"),
     "vocab_only": (lambda v: bool(v), "a vocab-only model cannot decode"),
-    "n_gpu_layers": (lambda v: v not in (0, None), "CPU only: the query capture reads host tensors"),
+    "n_gpu_layers": (lambda v: v not in (0, None), "CPU only: the adapter reads and writes the KV cache in host memory"),
     "type_k": (lambda v: v not in (None, llama_cpp.GGML_TYPE_F16), "the KV cache must stay float16"),
     "type_v": (lambda v: v not in (None, llama_cpp.GGML_TYPE_F16), "the KV cache must stay float16"),
     "n_seq_max": (lambda v: True, "the adapter sets it (it uses parking sequence ids)"),
     "kv_unified": (lambda v: True, "the adapter sets it (parking sequences need a unified cache)"),
+    "n_ubatch": (lambda v: True, "the adapter sets it to n_batch (one ubatch per decode)"),
 }
 
 
@@ -162,6 +179,7 @@ class _IdMap:
         self.alive = np.empty(0, bool)
         self.n = 0
         self.pos_id = np.full(n_ctx, -1, np.int64)
+        self.n_dead = 0
 
     def append(self, positions: np.ndarray) -> None:
         m = len(positions)
@@ -177,12 +195,17 @@ class _IdMap:
     def truncate(self, p: int) -> None:
         ids = self.pos_id[p:]
         ids = ids[ids >= 0]
+        self.n_dead += int(self.alive[ids].sum())
         self.alive[ids] = False
         self.pos_id[p:] = -1
 
+    def recount(self) -> None:
+        """After ``alive`` was set from outside (a session record)."""
+        self.n_dead = int(self.n - self.alive[:self.n].sum())
+
     @property
     def dead(self) -> int:
-        return int(self.n - self.alive[:self.n].sum())
+        return self.n_dead
 
 
 class _TieredContext(internals.LlamaContext):
@@ -202,46 +225,63 @@ class _TieredContext(internals.LlamaContext):
 
 
 class TieredLlama(Llama):
-    """``llama_cpp.Llama`` with llama.cpp's KV cache bounded to ``dram_tokens`` cells and the
-    whole history in a kvtier store.
+    """``llama_cpp.Llama`` with llama.cpp's KV cache bounded to ``dram_tokens`` cells while it
+    decodes, and the whole history in a kvtier store.
 
-    ``budget``: entries each KV head sees besides sinks and window, as a fraction of the context
-    (float) or a count (int); capped by what ``dram_tokens`` leaves (``stats()["slots_max"]``).
-    ``dram_tokens``: most cells llama.cpp ever holds (its context is created with this size,
-    which llama.cpp rounds up to a multiple of 256 when allocating). ``policy``: the kvtier
-    collection policy (None: the store's default). ``sinks``/``window``: first and last tokens
-    always visible. ``refresh_every``: decoded tokens between retrievals. ``prefill_chunk``:
-    prompt tokens per batch, each batch followed by a retrieval (default min(n_batch, 64)).
-    ``query_tokens``: how many recent tokens' queries form each retrieval's query group.
-    ``overfetch``: kvtier is asked for overfetch x budget entries per head, of which the best
-    ``budget`` by exact score are shown (more recall for more I/O). ``store``: a kvtier store
-    path or an open ``kvtier.Store`` (None: a temporary store removed on close);
-    ``store_dram_budget``/``device`` open it; ``collection_kwargs`` go to
-    ``Store.collection``. ``session``: name of the conversation (its collections are
-    ``<session>.g<n>.L<layer>.H<head>``). ``compress_level``: zstd level of session records.
-    ``n_ctx`` (in ``llama_kwargs``): the logical context length (0, the default: the model's
-    training context). Other ``llama_kwargs`` go to ``llama_cpp.Llama``.
+    ``budget``: entries each KV head sees while decoding besides sinks and window, as a share
+    of the context (float) or a count (int); capped by what ``dram_tokens`` leaves
+    (``stats()["slots_max"]``). ``dram_tokens``: most cells llama.cpp holds while decoding (its
+    context is created with this size, which llama.cpp rounds up to a multiple of 256 when
+    allocating). ``policy``: the kvtier collection policy (None: the store's default).
+    ``sinks``/``window``: first and last tokens always visible. ``prefill``: ``"dense"`` (a
+    prompt on a conversation nothing has left yet is computed with every cell it needs, then
+    moved to kvtier; the cells shrink to ``dram_tokens`` for decoding) or ``"bounded"`` (the
+    prompt runs in the ``dram_tokens`` cells too, chunk by chunk, each chunk seeing sinks, window
+    and ``prefill_budget`` retrieved entries per head). ``prefill_budget``: retrieved entries per
+    head during a bounded prefill (share of the context or count; None: all the room the cells
+    leave). ``prefill_chunk``: prompt tokens per batch in a bounded prefill (default
+    min(n_batch, 64)). ``refresh_every``: decoded tokens between retrievals (each layer retrieves
+    when its queries are computed, before its attention). ``query_tokens``: recent tokens whose
+    queries join the current ones in each retrieval's query group. ``overfetch``: kvtier is asked
+    for overfetch x budget entries per head, of which the best ``budget`` by exact score are shown
+    (more recall for more I/O). ``prefetch``: while a layer retrieves, the next layer's reads
+    start, chosen by its queries of the previous token (what they miss is read as without).
+    ``store``: a kvtier store path or an open ``kvtier.Store`` (None: a
+    temporary store removed on close); ``store_dram_budget``/``device``/``direct_io`` open it;
+    ``collection_kwargs`` go to ``Store.collection``. ``session``: name of the conversation (its
+    collections are ``<session>.g<n>.L<layer>.H<head>``). ``compress_level``: zstd level of
+    session records. ``n_ctx`` (in ``llama_kwargs``): the logical context length (0, the default:
+    the model's training context). Other ``llama_kwargs`` go to ``llama_cpp.Llama``.
     """
 
-    def __init__(self, model_path: str, budget: Union[int, float] = 0.25, dram_tokens: int = 1024,
-                 policy: Optional[str] = None, *, sinks: int = 4, window: int = 64,
-                 refresh_every: int = 16, prefill_chunk: Optional[int] = None, query_tokens: int = 8,
-                 overfetch: float = 1.0,
+    def __init__(self, model_path: str, budget: Union[int, float] = DEFAULTS["budget"],
+                 dram_tokens: int = DEFAULTS["dram_tokens"], policy: Optional[str] = None, *,
+                 sinks: int = DEFAULTS["sinks"], window: int = DEFAULTS["window"],
+                 prefill: str = DEFAULTS["prefill"], prefill_budget: Union[None, int, float] = None,
+                 prefill_chunk: Optional[int] = None, refresh_every: int = DEFAULTS["refresh_every"],
+                 query_tokens: int = DEFAULTS["query_tokens"], overfetch: float = DEFAULTS["overfetch"],
+                 prefetch: bool = DEFAULTS["prefetch"],
                  store: Union[None, str, os.PathLike, "kvtier.Store"] = None,
-                 store_dram_budget="64MiB", device=None, session: str = "default",
-                 collection_kwargs: Optional[dict] = None, compress_level: int = 1,
+                 store_dram_budget="64MiB", device=None, direct_io: Union[bool, str] = "auto",
+                 session: str = "default", collection_kwargs: Optional[dict] = None, compress_level: int = 1,
                  **llama_kwargs):
         self._store = None
         self._owns_store = None          # "temp", "path" or None (caller's Store)
+        self._contexts: list = []
         self._budget = budget_arg(budget)
         self._dram = positive_int("dram_tokens", dram_tokens, 2, 1 << 24)
         self._S = positive_int("sinks", sinks, 0, 1 << 20)
         self._W = positive_int("window", window, 1, 1 << 20)
+        if prefill not in ("dense", "bounded"):
+            raise InvalidArgumentError(f"prefill: 'dense' or 'bounded' expected, got {prefill!r}")
+        self._prefill = prefill
+        self._pf_budget = None if prefill_budget is None else budget_arg(prefill_budget, "prefill_budget")
         self._N = positive_int("refresh_every", refresh_every, 1, 1 << 20)
         self._R = positive_int("query_tokens", query_tokens, 1, 4096)
         if isinstance(overfetch, bool) or not isinstance(overfetch, (int, float)) or not 1.0 <= overfetch <= 64:
             raise InvalidArgumentError(f"overfetch: a number in [1, 64] expected, got {overfetch!r}")
         self._overfetch = float(overfetch)
+        self._prefetch = bool(prefetch)
         self._policy = policy
         self._coll_kwargs = dict(collection_kwargs or {})
         self._level = positive_int("compress_level", compress_level, -7, 22)
@@ -256,13 +296,15 @@ class TieredLlama(Llama):
             self._C = min(n_batch, 64)
         else:
             self._C = min(positive_int("prefill_chunk", prefill_chunk, 1), n_batch)
-        self._B_max = self._dram - self._S - self._W - max(self._N, self._C)
+        # tokens gathered past the window before they move to the store (and a chunk's room)
+        self._room = max(SYNC_TOKENS, self._C)
+        self._B_max = self._dram - self._S - self._W - self._room
         if self._B_max < 0:
             raise InvalidArgumentError(
                 f"dram_tokens: {self._dram} cannot hold sinks ({self._S}) + window ({self._W}) + "
-                f"max(refresh_every, prefill_chunk) ({max(self._N, self._C)}); raise it or shrink those")
+                f"max({SYNC_TOKENS}, prefill_chunk) ({self._room}); raise it or shrink those")
 
-        super().__init__(model_path, n_ctx=self._dram, n_batch=n_batch, **llama_kwargs)
+        super().__init__(model_path, n_ctx=self._dram, n_batch=n_batch, n_ubatch=n_batch, **llama_kwargs)
         try:
             self._check_model()
             self._n_layer = llama_cpp.llama_model_n_layer(self.model)
@@ -272,15 +314,28 @@ class TieredLlama(Llama):
                 raise UnsupportedModelError(f"{self._n_head} query heads do not group over "
                                             f"{self._n_head_kv} KV heads")
             self._g = self._n_head // self._n_head_kv
-            self._setup_context()
-            self._layout = self._probe()
+            # Every layer of a plain RoPE model is tiered; a model with layers kept whole (a
+            # sliding-window cache) would list only the others here.
+            self._tiered_layers = list(range(self._n_layer))
+            self._hook = GraphHook(self._n_layer, self._n_head, keep=self._R)
+            self._hook.on_layer = self._on_layer
+            self._rout: dict = {}               # per layer: retrieve_many's buffers, reused
+            self._layout: Optional[KVLayout] = None
             # The per-head rescoring is many tiny matmuls: handing each to OpenBLAS's thread pool
             # costs milliseconds on a busy machine (and competes with llama.cpp's threads).
             self._blas = ThreadpoolController()
+            self._ctx.close()                   # Llama's own context: replaced by ours
+            self._new_context(self._dram)
+            self._dense = False                 # a dense prefill's context is current
             self._logical_n_ctx = n_ctx or llama_cpp.llama_model_n_ctx_train(self.model)
             self._n_ctx = self._logical_n_ctx
             self.input_ids = np.zeros((self._logical_n_ctx,), dtype=np.intc)
-            self._open_store(store, store_dram_budget, device)
+            # _place's stamps: one span of n_ctx + 1 per KV head
+            self._mark = np.zeros((self._logical_n_ctx + 1) * self._n_head_kv, np.int64)
+            self._stamp = 0
+            self._span_off = np.arange(self._n_head_kv, dtype=np.int64)[:, None] * (self._logical_n_ctx + 1)
+            self._rows = np.arange(self._n_head_kv)[:, None]
+            self._open_store(store, store_dram_budget, device, direct_io)
             self._reset_counters()
             self._start(session)
         except BaseException:
@@ -308,87 +363,145 @@ class TieredLlama(Llama):
             if bad:
                 raise UnsupportedModelError(f"model_path: {desc} cannot be tiered by TieredLlama: {why}")
 
-    def _setup_context(self):
-        """Replaces Llama's context by one with parking sequences and the query callback."""
-        self._qcap = QueryCapture(self._n_layer, self._n_head, keep=self._R)
-        p = self.context_params
+    def _new_context(self, n_cells: int) -> None:
+        """Replaces the llama context by a new one of ``n_cells`` cells (parking sequences, the
+        graph hook) and finds its KV buffers with a probe decode."""
+        self._kv = None
+        old = getattr(self, "_ctx", None)
+        if old is not None:
+            old.close()
+            if old in self._contexts:
+                self._contexts.remove(old)
+        p = type(self.context_params).from_buffer_copy(self.context_params)
+        p.n_ctx = n_cells
         p.n_seq_max = 3
         p.kv_unified = True
-        p.cb_eval = self._qcap.callback
+        p.n_batch = p.n_ubatch = self.n_batch
+        p.cb_eval = self._hook.callback
         p.cb_eval_user_data = None
-        self._ctx.close()
-        self._ctx = self._stack.enter_context(contextlib.closing(
-            _TieredContext(self, model=self._model, params=p, verbose=self.verbose)))
+        self._ctx = _TieredContext(self, model=self._model, params=p, verbose=self.verbose)
+        self._contexts.append(self._ctx)
         self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self._probe()
 
-    def _probe(self) -> KVLayout:
-        """Decodes one token to check that the queries are captured for every layer and that the
-        state blob has the layout KVLayout reads; fails at construction rather than mid-chat."""
+    def _probe(self) -> None:
+        """Decodes one token in a parking sequence: checks that every layer's queries are seen,
+        reads the state blob's layout and finds the KV cache tensors; fails at construction
+        rather than mid-chat."""
+        hook = self._hook
+        ring = hook.recent()
         tok = self.token_bos()
         self._batch.set_batch(batch=[tok if tok >= 0 else 0], n_past=0, logits_all=False)
-        self._ctx.decode(self._batch)
-        q = self._qcap
-        if q.error or not q.seen.all():
-            missing = np.flatnonzero(~q.seen).tolist()
+        self._batch.batch.seq_id[0][0] = SEQ_DUMP
+        hook.seen[:] = False
+        hook.on_layer, hook.discover, hook.error = None, True, None
+        hook.k_tensors.clear()
+        hook.v_tensors.clear()
+        hook.begin()
+        try:
+            self._ctx.decode(self._batch)
+        finally:
+            hook.discover = False
+            hook.on_layer = self._on_layer
+        if hook.error or not hook.seen.all():
+            missing = np.flatnonzero(~hook.seen).tolist()
             raise UnsupportedModelError(
                 f"model_path: the eval callback did not deliver post-RoPE queries (Qcur-<layer>) "
-                f"for layers {missing[:8]}{'...' if len(missing) > 8 else ''}: {q.error or 'not found in the graph'}")
+                f"for layers {missing[:8]}{'...' if len(missing) > 8 else ''}: {hook.error or 'not found in the graph'}")
+        blob = self._seq_blob(SEQ_DUMP)
         try:
-            layout = KVLayout.from_probe(self._seq_blob(SEQ_MAIN), self._n_layer, self._n_head_kv)
+            layout = KVLayout.from_probe(blob, self._n_layer, self._n_head_kv)
         except StateFormatError as e:
             raise UnsupportedModelError(f"model_path: unsupported KV cache layout: {e}") from None
-        if layout.head_dim != q.q.shape[3]:
+        if layout.head_dim != hook.q.shape[3]:
             raise UnsupportedModelError(f"model_path: key head size {layout.head_dim} differs from query head "
-                                        f"size {q.q.shape[3]}")
+                                        f"size {hook.q.shape[3]}")
+        if self._layout is not None and layout != self._layout:
+            raise RuntimeError(f"internal: a new context has KV layout {layout}, the first had {self._layout}")
+        self._layout = layout
+        try:
+            kv = KVBuffers(layout, hook.k_tensors, hook.v_tensors)
+            if hook.cells is None or len(hook.cells) != 1:
+                raise KVBufferError("the graph showed no destination cell for the probe token")
+            _, k, v = layout.parse(blob)
+            k2, v2 = kv.read(hook.cells)
+            if not (np.array_equal(k, k2) and np.array_equal(v, v2)):
+                raise KVBufferError("the cache tensors found in the graph do not hold what the state blob holds")
+        except KVBufferError as e:
+            raise UnsupportedModelError(f"model_path: the KV cache cannot be addressed directly: {e}") from None
+        self._kv = kv
         llama_cpp.llama_memory_clear(self._mem, True)
-        q.seen[:] = False
-        q.reset()
-        return layout
+        hook.reset(ring)            # the probe token's queries are not the conversation's
 
-    def _open_store(self, store, dram_budget, device):
+    def _open_store(self, store, dram_budget, device, direct_io):
         if store is None:
             self._tmpdir = tempfile.mkdtemp(prefix="kvtier-llama-")
-            self._store = kvtier.open(self._tmpdir, dram_budget=dram_budget, device=device)
+            self._store = kvtier.open(self._tmpdir, dram_budget=dram_budget, device=device, direct_io=direct_io)
             self._owns_store = "temp"
         elif isinstance(store, kvtier.Store):
             self._store = store
         elif isinstance(store, (str, os.PathLike)):
-            self._store = kvtier.open(store, dram_budget=dram_budget, device=device)
+            self._store = kvtier.open(store, dram_budget=dram_budget, device=device, direct_io=direct_io)
             self._owns_store = "path"
         else:
             raise InvalidArgumentError(f"store: None, a path or a kvtier.Store expected, got {store!r}")
 
     def _reset_counters(self):
-        self._t = {"decode": 0.0, "sync": 0.0, "retrieve": 0.0, "load": 0.0, "session_save": 0.0,
-                   "session_load": 0.0}
-        self._c = {"refreshes": 0, "retrieves": 0, "fetched_entries": 0, "visible_slots": 0,
-                   "rebuilds": 0, "compactions": 0, "session_saves": 0, "session_loads": 0}
-        self._cells_peak = 0
+        self._t = {"decode": 0.0, "retrieve": 0.0, "sync": 0.0, "dense_prefill": 0.0, "load": 0.0,
+                   "session_save": 0.0, "session_load": 0.0}
+        self._c = {"decode_steps": 0, "prefill_chunks": 0, "retrievals": 0, "retrieves": 0,
+                   "fetched_entries": 0, "slot_writes": 0, "visible_slots": 0, "syncs": 0,
+                   "dense_prefills": 0, "rebuilds": 0, "compactions": 0, "session_saves": 0,
+                   "session_loads": 0}
+        self._peak = {"prefill_cells": 0, "prefill_allocated": 0, "decode_cells": 0, "decode_allocated": 0}
         self._n_peak = 0
 
     # -- conversation state -----------------------------------------------------------------
     def _start(self, session: str, gen: Optional[int] = None):
         """An empty conversation in fresh collections ``<session>.g<gen>.*``."""
+        self._leave_dense()
         llama_cpp.llama_memory_clear(self._mem, True)
         self._session = session
         self._gen = self._next_gen(session) if gen is None else gen
-        self._colls = self._collections(session, self._gen)
+        self._set_colls(self._collections(session, self._gen))
         self._ids = _IdMap(self._logical_n_ctx)
         self.n_tokens = 0
         self._requires_eval = True
         self._n = 0                 # positions the adapter holds (llama.cpp + store)
         self._synced = 0            # positions [0, synced) are in the store
-        self._last_refresh = 0
-        self._tail_lo = self._S     # positions >= tail_lo (and < n) are resident at their own cells
-        self._slots = 0             # slot cells resident after the sinks
-        self._cells = 0             # cells llama.cpp holds (checked against llama.cpp)
+        self._tail_lo = self._S     # positions [tail_lo, n) and [0, sinks) sit in cells of their own
+        self._cell_of = np.full(self._logical_n_ctx, -1, np.int64)    # their cell indices
+        self._set_slots(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
+        self._cells = 0             # cells llama.cpp holds in the main sequence (checked against it)
         self._stale = False         # resident cells no longer match the positions (deep rollback)
-        self._qcap.reset()
+        self._since_retrieval = 0   # decoded tokens since the slots were last retrieved
+        self._hook.reset()
+
+    def _leave_dense(self) -> None:
+        """Drops a dense prefill's context for one of ``dram_tokens`` cells (its content is being
+        replaced anyway)."""
+        if getattr(self, "_dense", False):
+            self._new_context(self._dram)
+            self._dense = False
+
+    def _set_slots(self, cells: np.ndarray, nominal: np.ndarray, content: np.ndarray) -> None:
+        """Slot cells: cell index, nominal position (distinct, in [sinks, tail_lo): always visible)
+        and, per (layer, KV head), the position whose K and V the cell holds (-1: not yet written)."""
+        self._slot_cell, self._slot_nom, self._slot_pos = cells, nominal, content
+        self._invalid = bool((content < 0).any())
+
+    @property
+    def _nslot(self) -> int:
+        return len(self._slot_cell)
 
     def _next_gen(self, session: str) -> int:
         pat = re.compile(re.escape(session) + r"\.g(\d+)\.L0\.H0")
         gens = [int(m.group(1)) for n in self._store.collections() if (m := pat.fullmatch(n))]
         return max(gens) + 1 if gens else 0
+
+    def _set_colls(self, colls: list) -> None:
+        self._colls = colls
+        self._handles = [[c._h for c in row] for row in colls]     # for _retrieve_layer
 
     def _collections(self, session: str, gen: int) -> list:
         d = self._layout.head_dim
@@ -413,29 +526,30 @@ class TieredLlama(Llama):
             raise RuntimeError(f"llama_state_seq_set_data refused a blob of {len(blob)} bytes "
                                f"(not enough free cells in the context?)")
 
+    def _load_cells(self, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Adds cells (pos[i], k[:, i], v[:, i]) to the main sequence; returns their cell indices.
+        Loaded through a state blob into a parking sequence (whose cells llama.cpp picks), then
+        moved to the main one; the cells are found by a tag in layer 0's keys (``_kvbuf.py``)."""
+        if not len(pos):
+            return np.empty(0, np.int64)
+        k = k.copy()
+        real0 = self._kv.tag(k)
+        self._set_blob(self._layout.build(pos.astype(np.int32), k, v, SEQ_LOAD), SEQ_LOAD)
+        llama_cpp.llama_memory_seq_cp(self._mem, SEQ_LOAD, SEQ_MAIN, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, SEQ_LOAD, -1, -1)
+        return self._kv.locate(real0)
+
     def _cells_now(self) -> int:
         return self._layout.cells_from_size(llama_cpp.llama_state_seq_get_size(self.ctx, SEQ_MAIN))
 
-    def _observe_cells(self) -> None:
+    def _observe_cells(self, prefill: bool) -> None:
         now = self._cells_now()
         if now != self._cells:
             raise RuntimeError(f"internal: llama.cpp holds {now} cells, the adapter expected {self._cells}")
-        self._cells_peak = max(self._cells_peak, now)
+        what = "prefill" if prefill else "decode"
+        self._peak[what + "_cells"] = max(self._peak[what + "_cells"], now)
+        self._peak[what + "_allocated"] = max(self._peak[what + "_allocated"], llama_cpp.llama_n_ctx(self.ctx))
         self._n_peak = max(self._n_peak, self._n)
-
-    def _dump(self, lo: int, hi: int):
-        """Positions, K, V of the resident cells with positions in [lo, hi), position order."""
-        llama_cpp.llama_memory_seq_cp(self._mem, SEQ_MAIN, SEQ_DUMP, lo, hi)
-        try:
-            pos, k, v = self._layout.parse(self._seq_blob(SEQ_DUMP))
-        finally:
-            llama_cpp.llama_memory_seq_rm(self._mem, SEQ_DUMP, -1, -1)
-        if not np.array_equal(pos, np.arange(lo, hi)):
-            order = np.argsort(pos, kind="stable")
-            pos, k, v = pos[order], k[:, order], v[:, order]
-            if not np.array_equal(pos, np.arange(lo, hi)):
-                raise RuntimeError(f"internal: positions [{lo}, {hi}) are not all resident")
-        return pos, k, v
 
     def _store_rows(self, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         if not len(pos):
@@ -455,141 +569,380 @@ class TieredLlama(Llama):
         return getattr(self, "_logical_n_ctx", None) or super().n_ctx()
 
     def eval(self, tokens: Sequence[int]):
-        """Decodes ``tokens`` after the first ``n_tokens``, refreshing the visible context
-        every ``refresh_every`` tokens; same contract as ``Llama.eval``."""
+        """Decodes ``tokens`` after the first ``n_tokens``; same contract as ``Llama.eval``. A
+        prompt (more than one token) runs densely or in bounded chunks (``prefill``); single
+        tokens retrieve every ``refresh_every`` steps."""
         tokens = list(tokens)
         self._truncate(self.n_tokens)
+        m = len(tokens)
+        if not m:
+            return
+        if self.n_tokens + m > self._logical_n_ctx:
+            raise ValueError(f"the context window of {self._logical_n_ctx} tokens is full "
+                             f"({self.n_tokens} + {m} tokens)")
+        prefill = m > 1
+        if (prefill and self._prefill == "dense" and not self._dense and self._tail_lo == self._S
+                and not self._nslot and self._n + m > self._S + self._W + self._room):
+            # nothing has left the cells yet: the prompt is computed with every cell it needs
+            self._dense_prefill(tokens)
+            self._requires_eval = False
+            return
+        if self._dense:
+            self._shrink()
         if self._stale:
             self._rebuild()
-        i, m = 0, len(tokens)
+        i = 0
         while i < m:
             c = min(m - i, self._C)
-            n = self.n_tokens
-            if n + c > self._logical_n_ctx:
-                raise ValueError(f"the context window of {self._logical_n_ctx} tokens is full "
-                                 f"({n} + {c} tokens)")
-            if n - self._W > self._S and (n - self._last_refresh >= self._N or self._cells + c > self._dram):
-                self._refresh()
-            batch = tokens[i:i + c]
-            self._batch.set_batch(batch=batch, n_past=n, logits_all=False)
-            t0 = time.perf_counter()
-            self._ctx.decode(self._batch)
-            self._t["decode"] += time.perf_counter() - t0
-            if self._qcap.error:
-                raise RuntimeError(f"query capture failed: {self._qcap.error}")
-            self.input_ids[n:n + c] = batch
-            self.n_tokens = self._n = n + c
-            self._cells += c
-            self._observe_cells()
+            self._decode(tokens[i:i + c], prefill)
             i += c
         self._requires_eval = False
 
-    def _slot_count(self, n: int, middle: int) -> int:
-        want = budget_entries(self._budget, n)
-        return max(0, min(want, middle, self._B_max))
+    def _slot_target(self, n: int, prefill: bool) -> int:
+        """Slots each KV head gets: the budget, within the stored middle and the cells' room."""
+        if prefill:
+            want = self._B_max if self._pf_budget is None else budget_entries(self._pf_budget, n)
+        else:
+            want = budget_entries(self._budget, n)
+        return max(0, min(want, self._tail_lo - self._S, self._B_max))
 
-    def _refresh(self):
-        """Stores the new tokens, retrieves every head's slots, rebuilds the resident cells."""
+    def _decode(self, batch: list, prefill: bool) -> None:
+        """One ubatch in the main context: the tail moves to the store if the batch would not fit,
+        the slot count follows the budget, each layer retrieves (when due) from its queries."""
+        n, c = self._n, len(batch)
+        if n - self._tail_lo + c > self._W + self._room and n - self._W > self._tail_lo:
+            self._sync(n - self._W, prefill)
+        target = self._slot_target(n, prefill)
+        if self._nslot > target:
+            self._drop_slots(self._nslot - target)
+        middle = self._tail_lo - self._S
+        due = prefill or self._invalid or self._since_retrieval + 1 >= self._N
+        retrieving = bool(self._nslot) and due and (self._nslot < middle or self._invalid)
+        self._retrieving = retrieving
+        if retrieving:
+            self._c["retrievals"] += 1
+            self._c["visible_slots"] += self._nslot
+        self._batch.set_batch(batch=batch, n_past=n, logits_all=False)
+        hook = self._hook
+        hook.begin()
+        hook.error = None
+        t0 = time.perf_counter()
+        try:
+            with self._blas.limit(limits=1, user_api="blas"):
+                self._ctx.decode(self._batch)
+        finally:
+            self._retrieving = False
+        self._t["decode"] += time.perf_counter() - t0
+        if hook.error:
+            raise RuntimeError(f"the graph hook failed: {hook.error}")
+        if retrieving:
+            self._store.step()           # the cluster cache policy counts decoding steps
+            self._invalid = False        # every layer placed a full selection
+        if hook.cells is None or len(hook.cells) != c:
+            raise RuntimeError(f"internal: the graph showed {None if hook.cells is None else len(hook.cells)} "
+                               f"destination cells for {c} tokens")
+        self._since_retrieval = 0 if retrieving else self._since_retrieval + 1
+        self._cell_of[n:n + c] = hook.cells
+        self.input_ids[n:n + c] = batch
+        self.n_tokens = self._n = n + c
+        self._cells += c
+        self._c["prefill_chunks" if prefill else "decode_steps"] += 1
+        self._observe_cells(prefill)
+
+    _retrieving = False
+
+    def _sync(self, new_lo: int, prefill: bool) -> None:
+        """Moves positions [tail_lo, new_lo) out of the tail: into the store (those not there yet),
+        and their cells become slots while the slot count is below its target (the most recent
+        first; each holds its own position in every head until a retrieval replaces it), or are
+        removed."""
+        t0 = time.perf_counter()
+        lo = self._tail_lo
+        cells = self._cell_of[lo:new_lo].copy()
+        if (cells < 0).any():
+            raise RuntimeError(f"internal: positions [{lo}, {new_lo}) are not all in cells of their own")
+        if self._synced < new_lo:
+            self._store_resident(new_lo)
+        self._tail_lo = new_lo
+        r = max(0, min(self._slot_target(self._n, prefill) - self._nslot, new_lo - lo))
+        keep_from = new_lo - r
+        if keep_from > lo:
+            llama_cpp.llama_memory_seq_rm(self._mem, SEQ_MAIN, lo, keep_from)
+            self._cells -= keep_from - lo
+        if r:
+            pos = np.arange(keep_from, new_lo, dtype=np.int64)
+            content = np.broadcast_to(pos, (self._n_layer, self._n_head_kv, r))
+            inv = self._invalid
+            self._set_slots(np.concatenate([self._slot_cell, cells[keep_from - lo:]]),
+                            np.concatenate([self._slot_nom, pos]),
+                            np.concatenate([self._slot_pos, content], axis=2))
+            self._invalid = inv
+        self._cell_of[lo:new_lo] = -1
+        self._c["syncs"] += 1
+        self._t["sync"] += time.perf_counter() - t0
+
+    def _store_resident(self, hi: int) -> None:
+        """Stores positions [synced, hi), all in cells of their own (sinks and tail)."""
+        a = self._synced
+        src = self._cell_of[a:hi]
+        if (src < 0).any():
+            raise RuntimeError(f"internal: positions [{a}, {hi}) are not all in cells of their own")
+        k, v = self._kv.read(src)
+        self._store_rows(np.arange(a, hi, dtype=np.int64), k, v)
+        self._synced = hi
+
+    def _drop_slots(self, k: int) -> None:
+        """Removes the last ``k`` slot cells (by nominal position: each is distinct)."""
+        keep = self._nslot - k
+        for p in self._slot_nom[keep:]:
+            llama_cpp.llama_memory_seq_rm(self._mem, SEQ_MAIN, int(p), int(p) + 1)
+        self._cells -= k
+        inv = self._invalid
+        self._set_slots(self._slot_cell[:keep], self._slot_nom[:keep], self._slot_pos[:, :, :keep])
+        self._invalid = inv and bool((self._slot_pos < 0).any())
+
+    # -- retrieval inside the graph --------------------------------------------------------
+    def _on_layer(self, layer: int, q: np.ndarray) -> None:
+        """Runs when ``layer``'s queries are computed, before its attention: per KV head, the
+        GQA group's queries (this ubatch's and up to query_tokens - 1 earlier ones) retrieve from
+        the store, the first ``nslot`` eligible entries (stored positions in [sinks, tail_lo);
+        with ``overfetch``, the best by exact score) are kept, and the slots whose entries left
+        that selection are overwritten in llama.cpp's cache with the newcomers. The KV heads of a
+        layer are handled together (one engine call, array operations over heads)."""
+        if not self._retrieving:
+            return
+        t0 = time.perf_counter()
+        c = q.shape[0]
+        if self._R > c:
+            prev = self._hook.previous(layer, self._R - c)
+            if len(prev):
+                q = np.concatenate([q, prev], axis=0)
+        H, D, g = self._n_head_kv, self._layout.head_dim, self._g
+        b = self._nslot
+        n_ids = self._ids.n
+        want = min(n_ids, math.ceil(b * self._overfetch) + (n_ids - (self._tail_lo - self._S)))
+        qh = np.ascontiguousarray(q.reshape(q.shape[0], H, g, D).transpose(1, 0, 2, 3).reshape(H, -1, D))
+        if self._prefetch and layer + 1 < self._n_layer and self._hook.last is not None:
+            # the next layer's reads start on the store's loader threads, chosen by that layer's
+            # queries of the previous token, while this layer retrieves and llama.cpp computes
+            nxt = self._hook.last[layer + 1].reshape(H, g, D)
+            store = self._store
+            with store._gate:
+                for h, handle in enumerate(self._handles[layer + 1]):
+                    handle.prefetch(nxt[h], want)
+        many = self._retrieve_layer(layer, qh, want)
+        counts = many.counts
+        m = int(counts.max())
+        self._c["retrieves"] += H
+        self._c["fetched_entries"] += int(counts.sum())
+        ids = many.ids[:, :m]
+        full = int(counts.min()) == m
+        if not full:
+            ids = np.where(np.arange(m) < counts[:, None], ids, 0)
+        pos = self._ids.pos[ids]
+        ok = (pos >= self._S) & (pos < self._tail_lo)
+        if self._ids.n_dead:
+            ok &= self._ids.alive[ids]
+        if not full:
+            ok &= np.arange(m) < counts[:, None]
+        n_ok = ok.sum(axis=1)
+        if (n_ok < b).any():
+            self._retrieve_more(layer, qh, want, b, n_ok)
+            return
+        if self._overfetch > 1 and (n_ok > b).any():
+            # the best b by exact score (max over the group), the others pushed below any score
+            score = np.matmul(many.keys[:, :m].astype(np.float32), qh.transpose(0, 2, 1)).max(axis=2)
+            score[~ok] = -np.inf
+            pick = np.argpartition(-score, b - 1, axis=1)[:, :b]
+        elif ok[:, :b].all():
+            # rows come in the clusters' score order (the partly taken cluster last)
+            pick = None
+        else:
+            # the first b eligible rows: what a retrieve of b entries without the others gives
+            pick = np.stack([np.flatnonzero(ok[h])[:b] for h in range(H)])
+        newp = pos[:, :b] if pick is None else np.take_along_axis(pos, pick, axis=1)
+        self._place(layer, newp, many.keys, many.values, pick)
+        self._t["retrieve"] += time.perf_counter() - t0
+
+    def _retrieve_layer(self, layer: int, qh: np.ndarray, want: int):
+        """``Store.retrieve_many`` for the layer's KV heads, into buffers reused across steps. The
+        engine is called directly: the arguments are the adapter's own (the collections, float32
+        queries of one shape, one budget), and the public call's checks cost more than the
+        engine's work at a few hundred entries per head."""
+        out = self._rout.get(layer)
+        H = self._n_head_kv
+        store = self._store
+        if out is None or out.ids.shape[1] < want:
+            cap = want + want // 4 + 64           # the budget grows with the context: room ahead
+            d = self._layout.head_dim
+            out = kvtier.RetrievedMany(np.empty((H, cap), np.int64), np.empty((H, cap, d), np.float16),
+                                       np.empty((H, cap, d), np.float16), np.empty((H, cap), np.int32),
+                                       np.empty(H, np.uint64))
+            self._rout[layer] = out
+        budgets = np.full(H, want, np.uint64)
+        with store._gate:
+            store._engine.retrieve_batch(self._handles[layer], qh, budgets, out.ids, out.keys, out.values,
+                                         out.clusters, out.counts)
+        return out
+
+    def _retrieve_more(self, layer: int, qh: np.ndarray, want: int, b: int, n_ok: np.ndarray) -> None:
+        """Heads whose fetched clusters held fewer than b eligible entries ask again, alone, with
+        a doubled budget until they have b (the rare case: sinks, window or rolled-back entries
+        filled their clusters)."""
+        t0 = time.perf_counter()
+        H, D = self._n_head_kv, self._layout.head_dim
+        n_ids = self._ids.n
+        out_p = np.empty((H, b), np.int64)
+        out_k = np.empty((H, b, D), np.float16)
+        out_v = np.empty((H, b, D), np.float16)
+        for h in range(H):
+            req = want
+            while True:
+                got = self._colls[layer][h].retrieve(qh[h], budget=req)
+                self._c["retrieves"] += 1
+                self._c["fetched_entries"] += len(got.ids)
+                p = self._ids.pos[got.ids]
+                idx = np.flatnonzero(self._ids.alive[got.ids] & (p >= self._S) & (p < self._tail_lo))
+                if len(idx) >= b or req >= n_ids:
+                    break
+                req = min(n_ids, 2 * req)
+            if len(idx) < b:
+                raise RuntimeError(f"internal: {self._colls[layer][h].name} returned {len(idx)} "
+                                   f"candidates for {b} slots with its whole content requested")
+            if len(idx) > b:
+                score = (got.keys[idx].astype(np.float32) @ qh[h].T).max(axis=1)
+                idx = idx[np.argpartition(-score, b - 1)[:b]]
+            out_p[h], out_k[h], out_v[h] = p[idx], got.keys[idx], got.values[idx]
+        self._place(layer, out_p, out_k, out_v, None)
+        self._t["retrieve"] += time.perf_counter() - t0
+
+    def _place(self, layer: int, newp: np.ndarray, keys: np.ndarray, values: np.ndarray,
+               pick: Optional[np.ndarray]) -> None:
+        """Makes the slots of every KV head of ``layer`` hold the positions ``newp`` [H, b], whose
+        K and V are rows ``pick`` [H, b] (None: 0..b-1) of keys, values [H, m, D]: slots already
+        holding one keep it, the free ones receive the rest (only their rows are gathered). When every slot of the layer is free (its first fill), the newcomers go in position
+        order into slot order (which is nominal position order), so that when every entry is
+        selected each sits at its own position. Set membership is read from stamps: one int64
+        per (head, position), stamped with a fresh value per call, never cleared."""
+        H = self._n_head_kv
+        cur = self._slot_pos[layer]                       # [H, b], -1: unwritten
+        span = self._logical_n_ctx + 1
+        newf = newp + self._span_off
+        curf = np.where(cur >= 0, cur, span - 1) + self._span_off   # position span-1 is never stamped
+        self._stamp += 2
+        st, mark = self._stamp, self._mark
+        mark[newf] = st
+        stay = mark[curf] == st
+        if stay.all():
+            return
+        mark[curf] = st + 1
+        fresh = mark[newf] != st + 1
+        free_h, free_j = np.nonzero(~stay)                # by head, then slot order
+        if len(free_h) == cur.size:
+            order = np.argsort(newp, axis=1, kind="stable")
+            new_h, new_j = free_h, order.reshape(-1)
+        else:
+            new_h, new_j = np.nonzero(fresh)
+            if len(new_h) != len(free_h):
+                raise RuntimeError("internal: new entries and free slots differ in number")
+        src = new_j if pick is None else pick[new_h, new_j]
+        self._kv.write_heads(layer, free_h, self._slot_cell[free_j], keys[new_h, src], values[new_h, src])
+        cur[free_h, free_j] = newp[new_h, new_j]
+        self._c["slot_writes"] += len(free_h)
+
+    # -- dense prefill ----------------------------------------------------------------------
+    def _dense_prefill(self, tokens: list) -> None:
+        """Computes ``tokens`` with every cell they need: the conversation so far (all still in
+        cells of its own) moves into a context of n + len(tokens) cells, the tokens are decoded
+        there in n_batch batches and everything goes to the store. That context stays until the
+        next eval (its logits are the prompt's: sampling reads them), which first shrinks the
+        cells to ``dram_tokens`` (:meth:`_shrink`)."""
+        t0 = time.perf_counter()
+        n0, m = self._n, len(tokens)
+        total = n0 + m
+        if n0:
+            hist = np.arange(n0, dtype=np.int64)
+            hk, hv = self._kv.read(self._cell_of[:n0])
+        self._new_context(total)
+        self._dense = True
+        if n0:
+            self._cell_of[:n0] = self._load_cells(hist, hk, hv)
+            del hk, hv
+        self._cells = n0
+        hook = self._hook
+        for i in range(0, m, self.n_batch):
+            batch = tokens[i:i + self.n_batch]
+            n = n0 + i
+            self._batch.set_batch(batch=batch, n_past=n, logits_all=False)
+            hook.begin()
+            hook.error = None
+            t1 = time.perf_counter()
+            self._ctx.decode(self._batch)
+            self._t["decode"] += time.perf_counter() - t1
+            if hook.error:
+                raise RuntimeError(f"the graph hook failed: {hook.error}")
+            self._cell_of[n:n + len(batch)] = hook.cells
+            self.input_ids[n:n + len(batch)] = batch
+            self.n_tokens = self._n = n + len(batch)
+            self._cells += len(batch)
+            self._c["prefill_chunks"] += 1
+            self._observe_cells(True)
+        # the store, one collection at a time (no second copy of the whole cache); the window
+        # stays out of it until it leaves the cells (a retrieval would only skip it)
+        a, hi = self._synced, max(self._S, total - self._W)
+        cells = self._cell_of[a:hi]
+        first = self._ids.n
+        d = self._layout.head_dim
+        for layer, row in enumerate(self._colls if hi > a else ()):
+            kl, vl = self._kv.k[layer], self._kv.v[layer]
+            for h, coll in enumerate(row):
+                k = kl[cells, h * d:(h + 1) * d]
+                v = vl[h * d:(h + 1) * d, cells].T if self._layout.v_trans else vl[cells, h * d:(h + 1) * d]
+                ids = coll.add(k, v)
+                if ids[0] != first:
+                    raise RuntimeError(f"internal: collection {coll.name} is out of step "
+                                       f"(id {ids[0]}, expected {first})")
+        self._ids.append(np.arange(a, hi, dtype=np.int64))
+        self._synced = hi
+        self._c["dense_prefills"] += 1
+        self._t["dense_prefill"] += time.perf_counter() - t0
+
+    def _shrink(self) -> None:
+        """After a dense prefill: a context of ``dram_tokens`` cells takes over with the sinks, the
+        window and the decoding budget's slots (filled by the next decode's retrieval)."""
         t0 = time.perf_counter()
         n = self._n
-        win_lo = max(self._S, n - self._W)
-        # Resident at their own cells: the sinks and [tail_lo, n); [synced, n) is not stored yet
-        # (synced < sinks only before anything was stored, when tail_lo == sinks).
-        lo = min(self._synced, win_lo)
-        if lo >= self._S:
-            lo = max(lo, self._tail_lo)
-        pos, k, v = self._dump(lo, n)
-        new = self._synced - lo
-        self._store_rows(pos[new:], k[:, new:], v[:, new:])
-        self._synced = n
-        if win_lo < lo:
-            # a rollback left fewer than `window` tokens resident: the rest comes from the store
-            fk, fv = self._fetch(np.arange(win_lo, lo))
-            pos = np.concatenate([np.arange(win_lo, lo, dtype=pos.dtype), pos])
-            k, v = np.concatenate([fk, k], axis=1), np.concatenate([fv, v], axis=1)
-            lo = win_lo
-        t1 = time.perf_counter()
-        b = self._slot_count(n, win_lo - self._S)
-        w = win_lo - lo
-        shape = (self._n_layer, b + len(pos) - w, self._n_head_kv, self._layout.head_dim)
-        rk, rv = np.empty(shape, np.float16), np.empty(shape, np.float16)
-        self._select(b, win_lo, rk[:, :b], rv[:, :b])
-        rk[:, b:], rv[:, b:] = k[:, w:], v[:, w:]
-        t2 = time.perf_counter()
-        self._load_resident(np.concatenate([np.arange(self._S, self._S + b, dtype=np.int32), pos[w:]]), rk, rv,
-                            keep_sinks=True)
-        self._cells = self._S + b + (n - win_lo)
-        self._observe_cells()
-        self._last_refresh, self._tail_lo, self._slots = n, win_lo, b
-        self._c["refreshes"] += 1
-        self._c["visible_slots"] += b
-        self._t["sync"] += t1 - t0
-        self._t["retrieve"] += t2 - t1
-        self._t["load"] += time.perf_counter() - t2
+        s, win_lo = min(self._S, n), max(self._S, n - self._W)
+        if self._synced < win_lo:
+            self._store_resident(win_lo)   # a rollback and new tokens since the prefill
+        keep = np.concatenate([np.arange(s), np.arange(win_lo, n)]).astype(np.int64)
+        kk, vv = self._kv.read(self._cell_of[keep])
+        self._new_context(self._dram)
+        self._dense = False
+        self._cell_of[:n] = -1
+        self._tail_lo = win_lo
+        self._cells = 0
+        self._place_resident(keep, kk, vv)
+        self._t["dense_prefill"] += time.perf_counter() - t0
 
-    def _load_resident(self, pos, k, v, keep_sinks: bool):
-        """Replaces the resident cells after the sinks (or all of them) by (pos, k, v) in order."""
-        if keep_sinks:
-            llama_cpp.llama_memory_seq_rm(self._mem, SEQ_MAIN, self._S, -1)
-            if not len(pos):
-                return
-            self._set_blob(self._layout.build(pos, k, v, SEQ_LOAD), SEQ_LOAD)
-            llama_cpp.llama_memory_seq_cp(self._mem, SEQ_LOAD, SEQ_MAIN, -1, -1)
-            llama_cpp.llama_memory_seq_rm(self._mem, SEQ_LOAD, -1, -1)
-        else:
-            llama_cpp.llama_memory_clear(self._mem, True)
-            if len(pos):
-                self._set_blob(self._layout.build(pos, k, v, SEQ_MAIN), SEQ_MAIN)
-
-    def _select(self, b: int, win_lo: int, out_k: np.ndarray, out_v: np.ndarray) -> None:
-        """Per (layer, KV head): the b best live entries of [sinks, win_lo) among the clusters
-        kvtier fetches for the GQA group's recent queries, in position order, written to
-        out_k/out_v [L, b, H, D]. kvtier is asked for overfetch x b entries (whole clusters);
-        the exact scores against the same queries keep the best b."""
-        if b == 0:
-            return
-        q = self._qcap.recent()
-        if q is None:
-            raise RuntimeError("internal: no captured queries to retrieve with")
-        n_ids = self._ids.n
-        others = n_ids - (win_lo - self._S)          # sinks, window, dead: fetched but not shown
-        want = min(n_ids, math.ceil(b * self._overfetch) + others)
-        with self._blas.limit(limits=1, user_api="blas"):
-            self._select_heads(b, win_lo, q, want, out_k, out_v)
-
-    def _select_heads(self, b, win_lo, q, want, out_k, out_v):
-        L, H, D, g = self._n_layer, self._n_head_kv, self._layout.head_dim, self._g
-        n_ids = self._ids.n
-        id_pos, alive = self._ids.pos[:n_ids], self._ids.alive[:n_ids]
-        for layer in range(L):
-            colls = self._colls[layer]
-            qgs = [np.ascontiguousarray(q[:, layer, h * g:(h + 1) * g].reshape(-1, D)) for h in range(H)]
-            # one engine call for the layer's KV heads (GIL released); a head whose clusters hold
-            # too few live candidates asks again alone with a doubled budget
-            many = self._store.retrieve_many([(colls[h], qgs[h], want) for h in range(H)])
-            for h in range(H):
-                qg, req = qgs[h], want
-                m = int(many.counts[h])
-                ids, keys, values = many.ids[h, :m], many.keys[h, :m], many.values[h, :m]
-                while True:
-                    self._c["retrieves"] += 1
-                    self._c["fetched_entries"] += len(ids)
-                    p = id_pos[ids]
-                    idx = np.flatnonzero(alive[ids] & (p >= self._S) & (p < win_lo))
-                    if len(idx) >= b or req >= n_ids:
-                        break
-                    req = min(n_ids, 2 * req)
-                    got = colls[h].retrieve(qg, budget=req)
-                    ids, keys, values = got.ids, got.keys, got.values
-                if len(idx) < b:
-                    raise RuntimeError(f"internal: {colls[h].name} returned {len(idx)} "
-                                       f"candidates for {b} slots with its whole content requested")
-                if len(idx) > b:
-                    score = (keys[idx].astype(np.float32) @ qg.T).max(axis=1)
-                    idx = idx[np.argpartition(-score, b - 1)[:b]]
-                idx = idx[np.argsort(p[idx], kind="stable")]
-                out_k[layer, :, h] = keys[idx]
-                out_v[layer, :, h] = values[idx]
+    def _place_resident(self, fixed: np.ndarray, fk: np.ndarray, fv: np.ndarray) -> None:
+        """Loads, into an emptied main sequence, the sinks and tail (``fixed`` positions with
+        their K/V) and the slots the decoding budget allows, at nominal positions sinks ..
+        sinks + b - 1, unwritten: the next decode's retrieval fills them, in position order (so
+        that when b covers the whole stored middle, every slot holds its own position)."""
+        s = int(np.searchsorted(fixed, self._S))
+        b = self._slot_target(self._n, False)
+        nom = np.arange(self._S, self._S + b, dtype=np.int64)
+        blank = np.zeros((self._n_layer, b, self._n_head_kv, self._layout.head_dim), np.float16)
+        pos = np.concatenate([fixed[:s], nom, fixed[s:]])
+        k = np.concatenate([fk[:, :s], blank, fk[:, s:]], axis=1)
+        v = np.concatenate([fv[:, :s], blank, fv[:, s:]], axis=1)
+        cells = self._load_cells(pos, k, v)
+        self._cell_of[fixed[:s]] = cells[:s]
+        self._cell_of[fixed[s:]] = cells[s + b:]
+        self._set_slots(cells[s:s + b], nom, np.full((self._n_layer, self._n_head_kv, b), -1, np.int64))
+        self._cells = len(pos)
+        self._observe_cells(False)
 
     # -- rollbacks ---------------------------------------------------------------------------
     def _truncate(self, p: int) -> None:
@@ -599,13 +952,15 @@ class TieredLlama(Llama):
         self._ids.truncate(p)
         self._synced = min(self._synced, p)
         if p >= self._tail_lo or p <= self._S:
-            # everything at positions >= p sits in its own cell: a plain removal is exact
+            # every cell at a position >= p holds that position itself (slots sit below tail_lo)
             llama_cpp.llama_memory_seq_rm(self._mem, SEQ_MAIN, p, -1)
             if p <= self._S:
-                self._slots, self._tail_lo = 0, self._S
+                self._set_slots(np.empty(0, np.int64), np.empty(0, np.int64),
+                                np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
+                self._tail_lo = self._S
+            self._cell_of[p:self._n] = -1
             self._n = p
-            self._cells = min(self._S, p) + self._slots + max(0, p - self._tail_lo)
-            self._last_refresh = min(self._last_refresh, p)
+            self._cells = min(self._S, p) + self._nslot + max(0, p - self._tail_lo)
         else:
             self._n = p
             self._stale = True
@@ -619,7 +974,7 @@ class TieredLlama(Llama):
         live = live[np.argsort(self._ids.pos[live], kind="stable")]
         old = self._colls
         self._gen = self._next_gen(self._session)
-        self._colls = self._collections(self._session, self._gen)
+        self._set_colls(self._collections(self._session, self._gen))
         positions = self._ids.pos[live].copy()
         self._ids = _IdMap(self._logical_n_ctx)
         if len(live):
@@ -644,22 +999,18 @@ class TieredLlama(Llama):
         return fk, fv
 
     def _rebuild(self) -> None:
-        """Rebuilds the resident cells from the store after a rollback into the retrieved part."""
+        """Rebuilds the resident cells from the store after a rollback into the stored part: sinks,
+        window and slots in position order in an emptied cache (as an unbounded run lays them)."""
         n = self._n
         s = min(self._S, n)
         win_lo = max(self._S, n - self._W)
-        b = self._slot_count(n, max(0, win_lo - self._S))
         fixed = np.concatenate([np.arange(s), np.arange(win_lo, n)]).astype(np.int64)
         fk, fv = self._fetch(fixed)
-        shape = (self._n_layer, len(fixed) + b, self._n_head_kv, self._layout.head_dim)
-        rk, rv = np.empty(shape, np.float16), np.empty(shape, np.float16)
-        self._select(b, win_lo, rk[:, s:s + b], rv[:, s:s + b])
-        rk[:, :s], rv[:, :s], rk[:, s + b:], rv[:, s + b:] = fk[:, :s], fv[:, :s], fk[:, s:], fv[:, s:]
-        pos = np.concatenate([fixed[:s], np.arange(self._S, self._S + b), fixed[s:]]).astype(np.int32)
-        self._load_resident(pos, rk, rv, keep_sinks=False)
-        self._cells = len(pos)
-        self._observe_cells()
-        self._last_refresh, self._tail_lo, self._slots, self._stale = n, win_lo, b, False
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self._cell_of[:] = -1
+        self._tail_lo = win_lo
+        self._place_resident(fixed, fk, fv)
+        self._stale = False
         self._c["rebuilds"] += 1
 
     # -- sessions ----------------------------------------------------------------------------
@@ -693,24 +1044,27 @@ class TieredLlama(Llama):
         if self._stale:
             self._rebuild()
         if self._synced < self._n:
-            pos, k, v = self._dump(self._synced, self._n)
-            self._store_rows(pos, k, v)
-            self._synced = self._n
-        resident = self._seq_blob(SEQ_MAIN)
+            self._store_resident(self._n)
+        # a dense prefill's cells are not kept: the next load rebuilds the resident ones
+        resident = self._layout.build(np.empty(0, np.int32), *(np.empty((self._n_layer, 0), np.float16),) * 2) \
+            if self._dense else self._seq_blob(SEQ_MAIN)
         n_ids = self._ids.n
         arrays = {
             "input_ids": np.ascontiguousarray(self.input_ids[:self.n_tokens], np.int32),
             "id_pos": self._ids.pos[:n_ids].copy(),
             "alive": self._ids.alive[:n_ids].copy(),
-            "query": self._qcap.recent() if self._qcap.filled else np.zeros((0,), np.float32),
+            "query": self._hook.recent() if self._hook.filled else np.zeros((0,), np.float32),
+            "slot_nom": self._slot_nom.astype(np.int64),
+            "slot_pos": np.ascontiguousarray(self._slot_pos, np.int64),
             # float16 planes: high bytes (sign, exponent) apart from low bytes compress far better
             "resident": _shuffle16(resident),
         }
         header = {
             "version": SESSION_VERSION, "session": self._session, "gen": self._gen, "model": self._fingerprint(),
             "sinks": self._S, "n_tokens": int(self.n_tokens), "n": self._n, "synced": self._synced,
-            "last_refresh": self._last_refresh, "tail_lo": self._tail_lo, "slots": self._slots,
-            "cells": self._cells, "n_ids": n_ids,
+            "tail_lo": self._tail_lo, "window": self._W if not self._dense else self._n,
+            "cells": 0 if self._dense else self._cells,
+            "n_ids": n_ids,
             "arrays": [[k, str(a.dtype), list(a.shape), int(a.nbytes)] for k, a in arrays.items()],
         }
         hb = json.dumps(header).encode()
@@ -782,9 +1136,11 @@ class TieredLlama(Llama):
             raise SessionError(f"{path}: saved with sinks={header['sinks']}, this TieredLlama has sinks={self._S}")
         if header["n_tokens"] > self._logical_n_ctx:
             raise SessionError(f"{path}: {header['n_tokens']} tokens exceed n_ctx={self._logical_n_ctx}")
-        if header["cells"] > self._dram:
-            # fewer is fine: the next eval refreshes to this instance's own sizes first
-            raise SessionError(f"{path}: {header['cells']} resident cells do not fit dram_tokens={self._dram}")
+        # The record's resident cells come back as they were when they fit this instance (fewer
+        # slots or a shorter tail are fine: the next eval adjusts them); otherwise (saved after a
+        # dense prefill, or with a wider window) they are rebuilt from the store, which holds
+        # every position of a saved session.
+        as_saved = header["cells"] <= self._dram and header["window"] <= self._W
         colls = self._collections(name, header["gen"])
         n_ids = header["n_ids"]
         have = len(colls[0][0])
@@ -803,17 +1159,38 @@ class TieredLlama(Llama):
         resident = _unshuffle16(arrays["resident"])
         if self._layout.cells_from_size(len(resident)) != header["cells"]:
             raise SessionError(f"{path}: resident blob does not hold {header['cells']} cells")
+        if header["synced"] != header["n"]:
+            raise SessionError(f"{path}: the record says {header['synced']} of {header['n']} positions are stored")
+        if not as_saved:
+            resident, header = resident[:16], dict(header, cells=0, tail_lo=self._S)
+            arrays = dict(arrays, slot_nom=np.empty(0, np.int64),
+                          slot_pos=np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
+        pos, k, v = self._layout.parse(resident) if header["cells"] else (np.empty(0, np.int32), None, None)
+        nom = np.asarray(arrays["slot_nom"], np.int64)
+        tail_lo = header["tail_lo"]
+        own = (pos < self._S) | (pos >= tail_lo)
+        order = np.argsort(nom)
+        j = (order[np.minimum(np.searchsorted(nom[order], pos[~own]), len(nom) - 1)] if len(nom)
+             else np.empty(0, np.int64))
+        if len(j) != len(nom) or (len(nom) and not np.array_equal(nom[j], pos[~own])):
+            raise SessionError(f"{path}: the resident cells do not match the recorded slots")
+        self._leave_dense()
         llama_cpp.llama_memory_clear(self._mem, True)
-        self._session, self._gen, self._colls, self._ids = name, header["gen"], colls, ids
-        self._n, self._synced = header["n"], header["synced"]
-        self._last_refresh, self._tail_lo = header["last_refresh"], header["tail_lo"]
-        self._slots, self._cells, self._stale = header["slots"], header["cells"], False
+        ids.recount()
+        self._session, self._gen, self._ids = name, header["gen"], ids
+        self._set_colls(colls)
+        self._n, self._synced, self._tail_lo = header["n"], header["synced"], tail_lo
+        self._cell_of[:] = -1
+        cells = self._load_cells(pos.astype(np.int64), k, v) if len(pos) else np.empty(0, np.int64)
+        self._cell_of[pos[own]] = cells[own]
+        slot_cell = np.empty(len(nom), np.int64)
+        slot_cell[j] = cells[~own]
+        self._set_slots(slot_cell, nom.copy(), np.array(arrays["slot_pos"], np.int64))
+        self._cells, self._stale, self._since_retrieval = header["cells"], not as_saved and header["n"] > 0, 0
         self.n_tokens = header["n_tokens"]
         self.input_ids[:self.n_tokens] = arrays["input_ids"]
-        self._qcap.reset(arrays["query"] if arrays["query"].size else None)
-        if len(resident) > 16:
-            self._set_blob(resident, SEQ_MAIN)
-        self._observe_cells()
+        self._hook.reset(arrays["query"] if arrays["query"].size else None)
+        self._observe_cells(False)
         self._requires_eval = True      # llama.cpp's logits belong to whatever ran before
         dt = time.perf_counter() - t0
         self._t["session_load"] += dt
@@ -847,30 +1224,38 @@ class TieredLlama(Llama):
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict:
-        """llama.cpp cells (peak and now, against dram_tokens), KV bytes against a full context,
-        refresh counts and times, and the kvtier store's DRAM and I/O figures: a
-        :class:`kvtier.stats.Stats` (``.adapter``, ``.engine``, ``.cache``, ``.io``)."""
+        """llama.cpp's cells and KV bytes at their peak while prefilling and while decoding (and
+        now), against dram_tokens and a full context; retrieval counts and times; the kvtier
+        store's DRAM and I/O figures: a :class:`kvtier.stats.Stats` (``.adapter``, ``.engine``,
+        ``.cache``, ``.io``)."""
         cell = self._layout.cell_bytes
         allocated = llama_cpp.llama_n_ctx(self.ctx)
-        r = max(self._c["refreshes"], 1)
+        pk = self._peak
+        r = max(self._c["retrievals"], 1)
         st = self._store.stats()
         own = {
-            "kv_cells_peak": self._cells_peak,
+            "kv_cells_peak": max(pk["prefill_cells"], pk["decode_cells"]),
+            "prefill_kv_cells_peak": pk["prefill_cells"],
+            "prefill_kv_mib_peak": pk["prefill_allocated"] * cell / 2**20,
+            "decode_kv_cells_peak": pk["decode_cells"],
+            "decode_kv_mib_peak": pk["decode_allocated"] * cell / 2**20,
             "kv_cells": self._cells_now(),
             "dram_tokens": self._dram,
             "kv_cells_allocated": allocated,
             "kv_bytes_per_cell": cell,
-            "kv_bytes_peak": self._cells_peak * cell,
+            "kv_bytes_peak": max(pk["prefill_cells"], pk["decode_cells"]) * cell,
             "kv_bytes_allocated": allocated * cell,
             "full_context_tokens_peak": self._n_peak,
             "full_context_kv_bytes": self._n_peak * cell,
             "n_tokens": int(self.n_tokens),
-            "slots": self._slots,
+            "prefill": self._prefill,
+            "slots": self._nslot,
             "slots_max": self._B_max,
             "mean_slots": self._c["visible_slots"] / r,
             "stored_entries": self._ids.n,
             "dead_entries": self._ids.dead,
             "fetched_per_retrieve": self._c["fetched_entries"] / max(self._c["retrieves"], 1),
+            "slot_writes_per_retrieval": self._c["slot_writes"] / r,
             **self._c,
             "seconds": dict(self._t),
             "session": self._session,
@@ -883,6 +1268,9 @@ class TieredLlama(Llama):
     def close(self) -> None:
         store, owns = getattr(self, "_store", None), getattr(self, "_owns_store", None)
         try:
+            self._kv = None
+            for c in getattr(self, "_contexts", ()):
+                c.close()
             if hasattr(self, "_stack"):
                 super().close()
         finally:
