@@ -51,6 +51,8 @@ from kvtier.bench.tables import md_table
 from bench.policies import save
 
 METHODS = ("full", "sink+window", "none", "static", "local", "adaptive")
+# the same cases through llama.cpp (the GGUF the torch model is read from): kvtier.bench.llama_cpp
+LLAMA_METHODS = ("llama.cpp", "tiered-llama", "tiered-llama-bounded")
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there. ")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -105,6 +107,19 @@ def run(model, tokenizer, cases: list[dict], methods: list[str], args, log=print
         row["context_tokens"] = int(c["context"].size)
         row["cue_tokens"] = int(c["cue"].size)
         for m in methods:
+            if m in LLAMA_METHODS:
+                from kvtier.bench import llama_cpp as lb
+                llm = lb.needle_llm(m, lb.model_path(), int(c["context"].size + c["cue"].size) + args.answer + 1,
+                                    args.budget, threads=args.threads)
+                try:
+                    ids, secs = lb.needle_answer(llm, c["context"], c["cue"], args.answer)
+                finally:
+                    llm.close()
+                text = tokenizer.decode(ids)
+                row[m] = {"answer": text, "solved": c["key"] in text, "seconds": secs}
+                log(f"L={c['length']} pos={c['position']} seed={c['seed']} key={c['key']} {m}: {text!r} "
+                    f"{'solved' if c['key'] in text else 'missed'} ({secs:.1f} s)")
+                continue
             if m == "full":
                 cache = DynamicCache(config=model.config)
             else:
@@ -184,9 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="needle", help="stem of the result files")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in METHODS + LLAMA_METHODS]
     if bad:
-        ap.error(f"--methods: unknown {bad}; choose from {METHODS}")
+        ap.error(f"--methods: unknown {bad}; choose from {METHODS + LLAMA_METHODS}")
     lengths = [int(x) for x in args.lengths.split(",") if x]
     positions = [float(x) for x in args.positions.split(",") if x]
     if not lengths or min(lengths) < 64 or max(lengths) > 8192 - args.answer - 16:
@@ -202,7 +217,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tokenizer = load_model()
+    if any(m in METHODS for m in methods):
+        model, tokenizer = load_model()
+    else:   # llama.cpp methods only: the tokenizer is all the cases need from transformers
+        from transformers import AutoTokenizer
+
+        from kvtier.bench.capture import model_path
+        model, tokenizer = None, AutoTokenizer.from_pretrained(*model_path()[:1], gguf_file=model_path()[1])
     # one round of every length and position per seed: results written after each case cover
     # every length early, should a run be cut short (the files say how many cases were run)
     cases = [make_case(tokenizer, L, p, 1000 + 100 * i + s) for s in range(args.seeds)

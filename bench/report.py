@@ -288,19 +288,15 @@ def torch_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
 
 def llama_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
     title = "llama.cpp with a bounded KV cache (TieredLlama)"
-    path = next((results / n for n in ("llama_cpp.json", "llama_cpp_bench.json") if (results / n).exists()), None)
-    if path is None:
-        return Section(title, f"python -m bench.llama_cpp_bench --out {rr}/llama_cpp.json", missing=True)
-    data = _load(path)
-    from bench import llama_cpp_bench as lb
-    try:
-        text = "\n".join([lb.QUALITY_HEADER] + [lb._fmt_row(r) for r in data["quality"]] + ["", lb.SWITCH_HEADER]
-                         + [lb._fmt_switch(r) for r in data.get("switch", [])])
-        body = f"{data.get('workload', '')}\n\n```\n{text}\n```"
-    except (KeyError, TypeError) as e:
-        body = f"_table not rendered ({type(e).__name__}: {e}); raw results in {path.name}_"
-    rec = data.get("command")
-    return Section(title, portable(rec, rr) if rec else f"python -m bench.llama_cpp_bench --out {rr}/{path.name}", body)
+    stems = ("llama_cpp_quality", "llama_cpp_speed", "llama_cpp_switch", "llama_cpp_heldout")
+    found = [(stem,) + _md_parts(results / f"{stem}.md") for stem in stems if (results / f"{stem}.md").exists()]
+    if not found:
+        return Section(title, f"python -m kvtier.bench.llama_cpp quality --out {rr}/llama_cpp_quality.json",
+                       missing=True)
+    cmds = [portable(cmd, rr) for _, cmd, _ in found if cmd]
+    body = "\n\n".join(f"**{stem.split('_', 2)[-1]}**" + (f" (`{portable(cmd, rr)}`)" if cmd else "") + f"\n\n{text}"
+                        for stem, cmd, text in found)
+    return Section(title, cmds[0] if cmds else "python -m kvtier.bench.llama_cpp quality", body)
 
 
 def micro_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:

@@ -172,7 +172,8 @@ class AttnErrorProbe:
 
 
 def workload_tokens(workload: str, total: int, trace_prefill: int, trace_decode: int, progress: bool) -> np.ndarray:
-    """The first ``total`` tokens of the workload. W2 is a fixed text: its tokens come straight
+    """The first ``total`` tokens of the workload (``stdlib-docs``: the held-out text of
+    kvtier.bench.llama_cpp, tokenized alike). W2 is a fixed text: its tokens come straight
     from the tokenizer (the same tokens its captured trace holds), at any length the text
     has (about 110K tokens), with no capture. W1 and W3 are sampled: they are cut from the
     captured trace of ``trace_prefill`` + at least ``trace_decode`` tokens (lengthened to
@@ -181,6 +182,14 @@ def workload_tokens(workload: str, total: int, trace_prefill: int, trace_decode:
 
     if workload == "W2":
         return w2_tokens(total)
+    if workload == "stdlib-docs":
+        # the held-out text of kvtier.bench.llama_cpp (standard-library module docstrings)
+        from kvtier.bench.capture import load_model
+        from kvtier.bench.llama_cpp import held_out_text
+        tokens = np.asarray(load_model()[1](held_out_text(), add_special_tokens=False).input_ids, np.int64)
+        if tokens.size < total:
+            raise ValueError(f"the held-out text has only {tokens.size} tokens, asked for {total}")
+        return tokens[:total]
     trace = load_trace(workload, prefill=trace_prefill, decode=max(trace_decode, total - trace_prefill),
                        progress=progress)
     return trace.tokens[:total]
