@@ -63,6 +63,7 @@ class StoreStats(TypedDict):
     swap_outs: int
     swap_ins: int
     swap_demand_ins: int
+    swap_pressure_outs: int
     swap_write_bytes: int
     swap_read_bytes: int
     swap_file_bytes: int

@@ -23,7 +23,11 @@ class Estimate:
     """DRAM a store needs for ``collections`` collections of ``n_entries`` entries each.
 
     ``minimum``: below it an operation raises :class:`kvtier.BudgetError`; at it the engine
-    works with an empty cache and without write buffers. ``recommended``: room for the index
+    works with an empty cache and without write buffers. With ``groups`` > 1 the collections
+    are used a group at a time (an LLM's layers, each a group of KV heads) and the engine
+    pages idle groups out to the swap file when the budget is short (demand paging,
+    ``stats()["swap_pressure_outs"]``), so the minimum holds one group's index, one more
+    collection's image being brought in, and the buffers: not every collection's index. ``recommended``: room for the index
     to grow, the write buffers and pending entries, and a cache holding one retrieve of
     ``fetch`` x the entries of every collection. ``index`` is what stays resident per
     collection (directory, representatives, id map, pool table); ``keys`` the token-level
@@ -33,6 +37,7 @@ class Estimate:
 
     n_entries: int
     collections: int
+    groups: int
     entry_bytes: int
     clusters: int
     index: int
@@ -50,6 +55,8 @@ class Estimate:
     def __str__(self) -> str:
         n = self.collections
         per = f" x {n} collections" if n > 1 else ""
+        if self.groups > 1:
+            per += f" in {self.groups} groups used in turn (idle groups paged out)"
         index = (f"index {_size(self.index // n)} per collection x {n} collections = {_size(self.index)}"
                  if n > 1 else f"index {_size(self.index)}")
         return (f"{self.n_entries:,} entries{per}, {self.entry_bytes} bytes each on flash, about "
@@ -74,15 +81,19 @@ PARAMS = dict(metric=None, init_cluster_size=32, max_cluster_size=64, kmeans_ite
 
 
 def estimate(n_entries: int, dim: int, value_dim: Optional[int] = None, dtype="float16",
-             policy: str = "adaptive", *, collections: int = 1, fetch: float = 0.1,
+             policy: str = "adaptive", *, collections: int = 1, groups: int = 1, fetch: float = 0.1,
              dram_budget=None, write_buffer=None, **collection_params) -> Estimate:
     """The minimum and the recommended DRAM budget for ``collections`` collections of
     ``n_entries`` entries each, created with these parameters (as ``Store.collection`` takes
-    them). ``write_buffer`` (bytes, shared by the collections) defaults as ``kvtier.open``
+    them), used ``groups`` groups at a time (``collections`` must be a multiple of it; 1: all
+    of them together). ``write_buffer`` (bytes, shared by the collections) defaults as ``kvtier.open``
     does: a thirty-second of ``dram_budget``, or of the recommended budget when none is
     given. ``fetch`` is the share of entries a retrieve fetches, for the recommended cache."""
     n = positive_int("n_entries", n_entries, 0, 1 << 40)
     ncoll = positive_int("collections", collections, 1, 1 << 20)
+    ngroups = positive_int("groups", groups, 1, 1 << 20)
+    if ncoll % ngroups:
+        raise InvalidArgumentError(f"groups: a divisor of collections ({ncoll}) expected, got {ngroups}")
     if isinstance(fetch, bool) or not isinstance(fetch, (int, float)) or not 0 <= fetch <= 1:
         raise InvalidArgumentError(f"fetch: a share in [0, 1] expected, got {fetch!r}")
     defaults = dict(PARAMS)
@@ -97,13 +108,16 @@ def estimate(n_entries: int, dim: int, value_dim: Optional[int] = None, dtype="f
     e = _engine.budget_estimate(params, n, share, float(fetch))
     buffers = e["buffers"]
     index = e["index"] * ncoll
-    minimum = index + buffers
+    per_group = ncoll // ngroups
+    # paged: one group resident, and while a collection of the next comes in, its image
+    # read into a buffer beside the arrays it installs (virtualize.c unpark_now)
+    minimum = (index if ngroups == 1 else e["index"] * (per_group + 2)) + buffers
     pending = e["pending"] * ncoll
     rec = (e["index_grown"] + e["keys"] + e["pending"] + e["cache"]) * ncoll + buffers
     if wb is None and budget is None:  # the default write buffer is a 32nd of the budget
         rec = rec * 32 // 31 + 1
         pending += rec // 32
-    return Estimate(n_entries=n, collections=ncoll, entry_bytes=e["entry_bytes"], clusters=e["clusters"],
+    return Estimate(n_entries=n, collections=ncoll, groups=ngroups, entry_bytes=e["entry_bytes"], clusters=e["clusters"],
                     index=index, keys=e["keys"] * ncoll, buffers=buffers, pending=pending,
                     cache=e["cache"] * ncoll, minimum=minimum, recommended=max(rec, minimum),
                     resident_bytes_per_entry=e["resident_per_entry"])

@@ -42,10 +42,44 @@ def test_estimate_collections_scale_the_resident_parts():
     assert twelve.minimum == twelve.index + twelve.buffers
 
 
+def test_estimate_groups_bound_the_minimum_by_one_group():
+    """Collections used a group at a time (an LLM's layers) need one group's index resident:
+    the engine pages idle groups out (demand paging)."""
+    every = kvtier.estimate(2560, 64, collections=12, write_buffer=0)
+    paged = kvtier.estimate(2560, 64, collections=12, groups=4, write_buffer=0)
+    assert paged.index == every.index  # what exists does not change, what must be resident does
+    assert paged.minimum == every.index // 12 * (3 + 2) + paged.buffers < every.minimum
+    assert "4 groups" in str(paged)
+
+
+def test_groups_run_at_their_estimated_minimum(tmp_path):
+    """4 layers x 3 heads used in turn, as decoding does, at estimate(groups=4)'s minimum
+    (below the sum of their indexes): every add and retrieve runs, within the budget."""
+    n, d = 2000, 32
+    est = kvtier.estimate(n, d, value_dim=d, collections=12, groups=4, write_buffer=0)
+    assert est.minimum < est.index + est.buffers
+    rng = np.random.default_rng(3)
+    with kvtier.open(tmp_path / "s", dram_budget=est.minimum, write_buffer=0) as s:
+        layers = [[s.collection(f"L{l}.H{h}", dim=d, value_dim=d) for h in range(3)] for l in range(4)]
+        for start in range(0, n, 250):
+            for layer in layers:
+                for c in layer:
+                    c.add(rng.standard_normal((250, d)).astype(np.float16),
+                          rng.standard_normal((250, d)).astype(np.float16))
+        q = rng.standard_normal((1, d)).astype(np.float32)
+        for _ in range(3):
+            for layer in layers:
+                for c in layer:
+                    assert len(c.retrieve(q, 0.1)) > 0
+        st = s.stats()
+        assert st["dram_peak_bytes"] <= est.minimum and st["swap_pressure_outs"] > 0
+
+
 @pytest.mark.parametrize("bad", [
     dict(n_entries=-1, dim=8), dict(n_entries=10, dim=0), dict(n_entries=10, dim=8, policy="nope"),
     dict(n_entries=10, dim=8, dtype="int8"), dict(n_entries=10, dim=8, fetch=2.0),
     dict(n_entries=10, dim=8, collections=0), dict(n_entries=10, dim=8, colour="red"),
+    dict(n_entries=10, dim=8, collections=12, groups=5), dict(n_entries=10, dim=8, groups=0),
 ])
 def test_estimate_rejects_bad_arguments(bad):
     with pytest.raises(kvtier.InvalidArgumentError):

@@ -215,7 +215,9 @@ def estimate_dram(model, context: int, budget: Union[int, float] = 0.1, policy: 
     layers' sinks and recent windows (``tiered_dram_bytes``), their sum ``adapter_bytes``,
     and the engine's ``engine_minimum`` / ``engine_recommended`` for the tiered collections
     (:func:`kvtier.estimate`, one collection per full layer and KV head, ``context - sinks -
-    window`` entries each, fetching ``budget``); ``dram_minimum`` / ``dram_recommended`` are
+    window`` entries each, fetching ``budget``, a layer's heads used together and the layers
+    in turn, so that the engine pages idle layers out below the recommended budget);
+    ``dram_minimum`` / ``dram_recommended`` are
     adapter plus engine. Beside them: ``full_cache_bytes`` what DynamicCache holds at that
     context and ``global_kv_float16_bytes`` the full layers' keys and values at float16."""
     geo = check_model(model)
@@ -232,7 +234,8 @@ def estimate_dram(model, context: int, budget: Union[int, float] = 0.1, policy: 
     fetch = min(1.0, budget_entries(budget, context) / stored) if stored else 0.0
     opts = {k: v for k, v in (collection_options or {}).items() if k not in ("value_sums",)}
     eng = kvtier.estimate(stored, geo["head_dim"], dtype=store_dtype, policy=policy or DEFAULT_POLICY,
-                          collections=n_tiered * geo["kv_heads"], fetch=fetch, dram_budget=dram_budget, **opts)
+                          collections=n_tiered * geo["kv_heads"], groups=max(n_tiered, 1), fetch=fetch,
+                          dram_budget=dram_budget, **opts)
     tiered = n_tiered * min(context, sinks + window) * per_token * elem
     sliding = sliding_tokens * per_token * elem
     return {"context": context, "tiered_layers": n_tiered, "sliding_layers": len(wins) - n_tiered,

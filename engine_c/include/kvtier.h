@@ -248,6 +248,9 @@ void kvt_store_close(kvt_store *store);
     X(U64, swap_outs, INT, "swap_outs", "")                                                        \
     X(U64, swap_ins, INT, "swap_ins", "")                                                          \
     X(U64, swap_demand_ins, INT, "swap_demand_ins", "")                                            \
+    /* of swap_outs, the collections the engine parked itself when a call found the budget       \
+     * full (demand paging: the least recently used collection first) */                          \
+    X(U64, swap_pressure_outs, INT, "swap_pressure_outs", "")                                      \
     X(U64, swap_write_bytes, INT, "swap_write_bytes", "")                                          \
     X(U64, swap_read_bytes, INT, "swap_read_bytes", "read_bytes_by_cause.swap")                    \
     X(U64, swap_file_bytes, INT, "swap_file_bytes", "")                                            \

@@ -30,6 +30,7 @@ static void note_peaks(kvt_mem *m, int use) {
 int kvt_mem_reserve_as(kvt_mem *m, int use, uint64_t bytes) {
     while (m->used + bytes > m->budget && m->give_way && m->give_way(m->give_way_ctx)) {}
     if (m->used + bytes > m->budget) {
+        m->short_by = m->used + bytes - m->budget;
         char what[256];
         size_t at = 0;
         for (int u = 0; u < KVT_USES; u++)

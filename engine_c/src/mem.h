@@ -23,6 +23,7 @@ typedef struct kvt_mem {
     uint64_t budget, used, peak;
     uint64_t use[KVT_USES], use_peak[KVT_USES]; /* used split by enum kvt_use */
     uint64_t fixed_peak;                        /* the peak of used - use[KVT_USE_CACHE] */
+    uint64_t short_by;                          /* bytes the last failed reservation lacked */
     /* What gives way when a reservation does not fit: frees one unit it holds (reserved as
      * KVT_USE_CACHE) and returns 1, or returns 0 when it has nothing left it may free.
      * NULL: nothing gives way. */

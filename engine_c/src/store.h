@@ -115,6 +115,8 @@ struct kvt_store {
     uint32_t nsfree, sfreecap;
     uint64_t swap_end;      /* the file's used size */
     uint64_t swap_outs, swap_ins, swap_demand_ins, swap_write_bytes, swap_read_bytes;
+    uint64_t swap_pressure_outs; /* of swap_outs, made by kvt_page_out (demand paging) */
+    uint64_t op_clock;      /* one tick per operation made ready (kvt_ready): collections' recency */
 };
 
 struct kvt_coll {
@@ -158,6 +160,7 @@ struct kvt_coll {
     uint64_t swap_off, swap_len;
     kvt_coll_stats parked_stats; /* its cluster statistics when it was parked */
     uint64_t resident_tick;     /* cache tick when it was last brought in (0: never parked) */
+    uint64_t used_at;           /* store->op_clock at its last operation: demand paging's LRU order */
     kvt_cache_owner cache_state; /* its reads, as the cache policy counts them */
     /* the call in progress (read.c, damaged records): how a damaged record is met (enum
      * kvt_read_mode, coll.h), and the clusters it found damaged, which it must not cache,

@@ -13,6 +13,9 @@
  *    call once more) only moves state whose flash copy serves readers the same: pending
  *    buffers are written as they are, token-level keys dropped, array slack given back;
  *    results never change.
+ * 4. Demand paging (kvt_page_out) parks only collections no call is using: never the one
+ *    whose call asked for room, none with reads in flight, and only between two runs of a
+ *    call (RUN_READY), when no operation holds pointers into any collection's arrays.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -264,12 +267,17 @@ static int park_one(kvt_coll *c, int keep_cache) {
     int rc = swap_open(s);
     if (rc) return rc;
     /* the staging buffer: the image's size up to swap_stage. Reserving it may evict some of
-     * c's cached clusters, so the image is sized again after */
+     * c's cached clusters, so the image is sized again after. A budget too full for it (the
+     * case demand paging meets) stages one alignment unit at a time: more, smaller writes */
     swap_writer count = {0};
     write_image(c, &count, keep_cache);
     uint64_t sb = kvt_round_up(count.total, KVT_IO_ALIGN), len, off;
     if (sb > swap_stage(s)) sb = swap_stage(s);
-    if ((rc = kvt_mem_reserve(&s->mem, sb))) return rc;
+    if (kvt_mem_reserve(&s->mem, sb)) {
+        kvt_clear_error();
+        sb = KVT_IO_ALIGN;
+        if ((rc = kvt_mem_reserve(&s->mem, sb))) return rc;
+    }
     uint8_t *stage = malloc(sb);
     if (!stage) {
         kvt_mem_release(&s->mem, sb);
@@ -438,7 +446,35 @@ static int unpark_now(kvt_coll *c, int demand) {
 /* Every operation on a collection starts here: no loader busy with it, and it is resident. */
 int kvt_ready(kvt_coll *c) {
     kvt_wait_idle(c);
+    c->used_at = ++c->st->op_clock;
     return c->parked ? unpark_now(c, 1) : 0;
+}
+
+/* Demand paging (docs/design.md §2.3; invariant 4): parks resident collections, least
+ * recently used first, until `need` bytes of the budget are free again or none is left to
+ * park. Never `keep` (the collection whose call asked), nor one with reads in flight; its
+ * cached clusters leave with it (clean copies of the data file). An LLM's layers are used in
+ * turn, so the layer that waits longest for its next turn is the one that leaves: the index
+ * held in DRAM shrinks towards the layers in use. 1 if any was parked. */
+int kvt_page_out(kvt_store *s, const kvt_coll *keep, uint64_t need) {
+    uint64_t freed = 0;
+    int any = 0;
+    while (freed < need) {
+        kvt_coll *v = NULL;
+        for (uint32_t i = 0; i < s->ncolls; i++) {
+            kvt_coll *c = s->colls[i];
+            if (!c || c == keep || c->parked || c->inflight || !(c->acct + c->acct_pend)) continue;
+            if (!v || c->used_at < v->used_at) v = c;
+        }
+        uint64_t before = s->mem.used;
+        if (!v || park_one(v, 0)) break; /* a failed park leaves v resident and unchanged */
+        s->swap_pressure_outs++;
+        freed += before > s->mem.used ? before - s->mem.used : 0;
+        any = 1;
+    }
+    if (!any) return 0;
+    kvt_clear_error();
+    return 1;
 }
 
 /* The budget is tight: after the cache (evicted by every reservation), the pending buffers,
@@ -492,7 +528,9 @@ int kvt_store_park(kvt_store *s, kvt_coll *const *colls, size_t n, int keep_cach
 int kvt_peek_begin(kvt_coll *c, int *was_parked) {
     kvt_wait_idle(c);
     *was_parked = c->parked;
-    return c->parked ? unpark_now(c, 0) : 0;
+    int rc = c->parked ? unpark_now(c, 0) : 0;
+    while (rc == KVT_EBUDGET && kvt_page_out(c->st, c, c->st->mem.short_by)) rc = unpark_now(c, 0);
+    return rc;
 }
 
 void kvt_peek_end(kvt_coll *c, int was_parked) {

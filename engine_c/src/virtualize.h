@@ -14,6 +14,9 @@
 int kvt_ready(kvt_coll *c);
 /* Frees what can give way under budget pressure (virtualize.c 3); 1 if anything was freed. */
 int kvt_give_way(kvt_store *s);
+/* Demand paging: parks the least recently used resident collections other than keep until
+ * need bytes are free or none is left (virtualize.c 4); 1 if any was parked. */
+int kvt_page_out(kvt_store *s, const kvt_coll *keep, uint64_t need);
 /* Operations that only look (stats, checkpoints) leave a parked collection parked. */
 int kvt_peek_begin(kvt_coll *c, int *was_parked);
 void kvt_peek_end(kvt_coll *c, int was_parked);
@@ -23,7 +26,10 @@ void kvt_peek_end(kvt_coll *c, int was_parked);
  * reads in flight (their buffers are pinned until they land) are waited for, and pending
  * buffers are written to flash, token-level keys dropped and array slack given back
  * (kvt_give_way); the second run buffers nothing new and grows no slack (store->tight). A
- * failed add, retrieve or search changes nothing a second run depends on. Sets rc. */
+ * call still short of room runs again after each round of demand paging (kvt_page_out: other
+ * collections parked, least recently used first, until what it lacked is free), until it
+ * fits or nothing is left to park. A failed add, retrieve or search changes nothing a later
+ * run depends on. Sets rc. */
 #define RUN_READY(c, call)                                                                     \
     do {                                                                                       \
         LOCK((c)->st);                                                                         \
@@ -33,6 +39,12 @@ void kvt_peek_end(kvt_coll *c, int was_parked);
             while ((c)->st->loading_bytes) pthread_cond_wait(&(c)->st->done_cv, &(c)->st->mu); \
             kvt_give_way((c)->st);                                                             \
             kvt_clear_error();                                                                 \
+            (c)->st->tight = 1;                                                                \
+            rc = kvt_ready(c);                                                                 \
+            if (!rc) rc = (call);                                                              \
+            (c)->st->tight = 0;                                                                \
+        }                                                                                      \
+        while (rc == KVT_EBUDGET && kvt_page_out((c)->st, (c), (c)->st->mem.short_by)) {       \
             (c)->st->tight = 1;                                                                \
             rc = kvt_ready(c);                                                                 \
             if (!rc) rc = (call);                                                              \

@@ -1556,6 +1556,90 @@ static void retrieve_ids(kvt_coll *c, const float *q, uint64_t budget, int64_t *
     kvt_result_free(r);
 }
 
+/* Demand paging: eight collections whose indexes together hold twice the budget, used in
+ * turn as an LLM uses its layers. Every add and retrieve succeeds, the engine parks the least
+ * recently used collections to make room (swap_pressure_outs), results equal those of a
+ * store that holds everything, and the peak stays within the budget. */
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Adds in batches no budget splits into chunks: the clusters then do not depend on the budget. */
+static void add_in_batches(kvt_coll *c, const float *k, uint64_t n) {
+    int64_t first;
+    for (uint64_t i = 0; i < n; i += 200) CHECK_OK(kvt_coll_add(c, k + i * 16, NULL, n - i < 200 ? n - i : 200, &first));
+}
+
+static void test_demand_paging(void) {
+    enum { N = 2000, H = 8, ROUNDS = 3 };
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    p.policy = KVT_POLICY_STATIC; /* its retrieves change nothing: results compare exactly */
+    float *k = drift_data(N, 0, 29);
+    float q[32];
+    uint64_t seed = 7;
+    for (int i = 0; i < 32; i++) q[i] = frand(&seed);
+    static int64_t want[H][ROUNDS][300];
+    uint64_t nwant[H][ROUNDS], index_total;
+    kvt_store_stats st_big, st_small;
+    {   /* the reference: a budget that holds every index */
+        char *d = make_dir();
+        kvt_store_opts o = {64 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
+        kvt_store *st;
+        kvt_coll *c[H];
+        CHECK_OK(kvt_store_open(d, &o, &st));
+        for (int h = 0; h < H; h++) {
+            CHECK_OK(kvt_coll_create(st, (uint32_t)h, &p, &c[h]));
+            add_in_batches(c[h], k + (size_t)h * 7 * 16, N - 7 * H);
+        }
+        CHECK_OK(kvt_store_stats_get(st, &st_big));
+        index_total = st_big.dram_index_bytes;
+        for (int r = 0; r < ROUNDS; r++)
+            for (int h = 0; h < H; h++) {
+                retrieve_ids(c[h], q, 100 + 50 * (uint64_t)r, want[h][r], 300, &nwant[h][r]);
+                qsort(want[h][r], nwant[h][r], 8, cmp_i64);
+            }
+        CHECK_OK(kvt_store_stats_get(st, &st_big));
+        CHECK(st_big.swap_pressure_outs == 0 && st_big.swap_outs == 0);
+        kvt_store_close(st);
+        remove_dir(d);
+    }
+    char *d = make_dir();
+    uint64_t budget = kvt_round_up(index_total / 2, 4096);
+    kvt_store_opts o = {budget, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
+    kvt_store *st;
+    kvt_coll *c[H];
+    int64_t got[300];
+    uint64_t ngot;
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    for (int h = 0; h < H; h++) {
+        CHECK_OK(kvt_coll_create(st, (uint32_t)h, &p, &c[h]));
+        add_in_batches(c[h], k + (size_t)h * 7 * 16, N - 7 * H);
+    }
+    for (int r = 0; r < ROUNDS; r++)
+        for (int h = 0; h < H; h++) {
+            retrieve_ids(c[h], q, 100 + 50 * (uint64_t)r, got, 300, &ngot);
+            qsort(got, ngot, 8, cmp_i64); /* the same entries; their order follows the cache */
+            CHECK(ngot == nwant[h][r] && memcmp(got, want[h][r], ngot * 8) == 0);
+        }
+    CHECK_OK(kvt_store_stats_get(st, &st_small));
+    CHECK(st_small.swap_pressure_outs >= H && st_small.swap_demand_ins > 0);
+    CHECK(st_small.dram_peak_bytes <= st_small.dram_budget);
+    /* a look at each collection, parked or not, and a checkpoint of each, at this budget too */
+    kvt_coll_stats cs;
+    for (int h = 0; h < H; h++) {
+        CHECK_OK(kvt_coll_stats_get(c[h], &cs));
+        CHECK(cs.entries == N - 7 * H);
+        kvt_checkpoint *cp = NULL;
+        CHECK_OK(kvt_coll_checkpoint(c[h], &cp));
+        kvt_checkpoint_free(cp);
+    }
+    kvt_store_close(st);
+    remove_dir(d);
+    free(k);
+}
+
 static void test_park(void) {
     char *d = make_dir();
     kvt_store_opts o = {2 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
@@ -2324,6 +2408,7 @@ int main(void) {
     test_read_batch();
     test_read_batch_threads();
     test_park();
+    test_demand_paging();
     test_token_layout();
     test_write_buffer();
     test_estimate();
