@@ -9,8 +9,9 @@ and a 10% fetch budget, for each policy and layout, and reports what the device 
   is the ceiling);
 - modeled I/O time per decoding step (all layers and KV heads of one step), deterministic;
 - real time of the same reads with O_DIRECT on this machine's disk (noisy, shown beside);
-- bytes moved by updates (splits, co-location) against what a naive cluster-by-cluster
-  layout, with no room for clusters to grow, would have moved for the same appends.
+- bytes moved by updates (splits, co-location, format 3's consolidations) against what a naive
+  cluster-by-cluster layout, with no room for clusters to grow, would have moved for the same
+  appends.
 
 The ``none`` policy keeps every key in DRAM to score it, so it is given the key bytes on top
 of the same DRAM budget.
@@ -93,7 +94,8 @@ def main(argv=None):
                     continue
                 st = r.extra["store"]
                 cs = r.extra["collections"]
-                moved = sum(c["split_write_bytes"] + c["relayout_bytes"] for c in cs)
+                # splits, co-location rewrites and (format 3) consolidations of split clusters
+                moved = sum(c["split_write_bytes"] + c["relayout_bytes"] + c.get("consolidate_bytes", 0) for c in cs)
                 naive = sum(c["naive_move_bytes"] for c in cs)
                 appended = sum(c["append_bytes"] for c in cs)
                 partial = sum(c["partial_page_writes"] for c in cs)
@@ -106,6 +108,8 @@ def main(argv=None):
                     "entries_per_contiguous_read": st["mean_contiguous_entries"],
                     "gap_kib_per_retrieve": st["gap_bytes"] / max(1, r.retrieves) / 1024,
                     "split_write_kib_per_step": sum(c["split_write_bytes"] for c in cs) / max(1, steps) / 1024,
+                    "consolidate_kib_per_step": sum(c.get("consolidate_bytes", 0) for c in cs) / max(1, steps) / 1024,
+                    "dead_slots": sum(c.get("dead_slots", 0) for c in cs),
                     "data_file_bytes": sum(c["data_file_bytes"] for c in cs),
                     "reads_per_retrieve": r.read_ops_per_retrieve,
                     "kib_per_retrieve": r.read_bytes_per_retrieve / 1024,
@@ -128,7 +132,8 @@ def main(argv=None):
     md = md_table(["workload", "policy", "layout", "recall", "entries/read", "entries/contiguous read",
                    "gap KiB/retrieve", "reads/retrieve", "KiB/retrieve",
                    "eff. BW GB/s", "share of profile BW", "modeled I/O ms/step", "real read ms/step", "hit rate",
-                   "moved MiB", "naive MiB", "split writes KiB/step", "data file MiB", "partial-page writes"],
+                   "moved MiB", "naive MiB", "split writes KiB/step", "consolidation KiB/step", "data file MiB",
+                   "partial-page writes"],
                   [[r["workload"], r["policy"], r["layout"]]
                    + (["does not fit in the DRAM budget"] if r.get("fits") is False else
                       [f"{r['recall']:.3f}", f"{r['entries_per_read']:.1f}",
@@ -138,8 +143,9 @@ def main(argv=None):
                        f"{r['modeled_io_ms_per_step']:.3f}", f"{r['real_read_ms_per_step']:.2f}",
                        f"{r['cache_hit_rate']:.2f}", f"{r['moved_bytes'] / 2**20:.1f}",
                        f"{r['naive_move_bytes'] / 2**20:.1f}", f"{r['split_write_kib_per_step']:.1f}",
-                       f"{r['data_file_bytes'] / 2**20:.1f}", r["partial_page_writes"]])
-                   for r in rows], "lll" + "r" * 16) + "\n"
+                       f"{r['consolidate_kib_per_step']:.1f}", f"{r['data_file_bytes'] / 2**20:.1f}",
+                       r["partial_page_writes"]])
+                   for r in rows], "lll" + "r" * 17) + "\n"
     by = {(r["workload"], r["policy"], r["layout"]): r for r in rows if r.get("fits", True)}
     notes = []
     for w in a.workloads.split(","):

@@ -47,6 +47,7 @@ class StoreStats(TypedDict):
     read_entries: int
     contiguous_reads: int
     gap_bytes: int
+    dead_bytes: int
     write_ops: int
     write_bytes: int
     sync_ops: int
@@ -116,6 +117,9 @@ class CollStats(TypedDict):
     mean_fill: float
     damaged_reads: int
     header_damaged: bool
+    dead_slots: int
+    consolidations: int
+    consolidate_bytes: int
 
 # ---- end of generated code ----
 

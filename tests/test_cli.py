@@ -62,7 +62,7 @@ def test_inspect_prints_the_collections(small_store, capsys):
     path, expect = small_store
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "format: catalog 1, data files 2 " in out and "(format 2)" in out  # read from each file's header
+    assert "format: catalog 1, data files 3 " in out and "(format 3)" in out  # read from each file's header
     for name, (st, sizes) in expect.items():
         assert f"collection {name!r}" in out
         assert f"entries {st['entries']:,}  clusters {st['clusters']:,}  pools {st['pools']:,}" in out

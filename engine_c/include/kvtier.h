@@ -33,7 +33,7 @@ extern "C" {
 /* Bumped whenever the layout of data files or exported blobs changes. The engine reads every
  * format from 1 up to this one (a file keeps its format) and creates files in this one.
  * 2: records padded to 4 KiB pages (pool.h). */
-#define KVT_FORMAT_VERSION 2
+#define KVT_FORMAT_VERSION 3
 
 /* ---- error codes ------------------------------------------------------------------------ */
 #define KVT_OK 0
@@ -219,14 +219,16 @@ void kvt_store_close(kvt_store *store);
     X(U64, cache_hits, INT, "cache_hits", "")                                                      \
     X(U64, cache_misses, INT, "cache_misses", "")                                                  \
     X(U64, evictions, INT, "evictions", "")                                                        \
-    /* device reads actually issued (aligned sizes), and the entries they carried */               \
+    /* device reads actually issued (aligned sizes), and the live entries they carried */          \
     X(U64, read_ops, INT, "read_ops", "")                                                          \
     X(U64, read_bytes, INT, "read_bytes", "")                                                      \
     X(U64, read_entries, INT, "read_entries", "")                                                  \
     /* reads as a gap-free layout would count them: read_ops plus one per gap a merged read       \
-     * crossed (store option merge_gap), and the bytes of those gaps, read and dropped */         \
+     * crossed (store option merge_gap), and the bytes of those gaps, read and dropped; and the   \
+     * bytes of dead slots read inside extents and dropped (format 3: a split's moved child) */   \
     X(U64, contiguous_reads, INT, "contiguous_reads", "")                                          \
     X(U64, gap_bytes, INT, "gap_bytes", "")                                                        \
+    X(U64, dead_bytes, INT, "dead_bytes", "")                                                      \
     X(U64, write_ops, INT, "write_ops", "")                                                        \
     X(U64, write_bytes, INT, "write_bytes", "")                                                    \
     X(U64, sync_ops, INT, "sync_ops", "")                                                          \
@@ -477,7 +479,14 @@ uint64_t kvt_coll_count(const kvt_coll *coll);
     /* damage met by reads since open: records found damaged (once per read that met them), and \
      * whether the data file's header page was found damaged at open (skip mode, kvtier.h) */     \
     X(U64, damaged_reads, INT, "damaged_reads", "")                                                \
-    X(U64, header_damaged, BOOL, "header_damaged", "")
+    X(U64, header_damaged, BOOL, "header_damaged", "")                                             \
+    /* format 3: slots of the clusters' segments that hold a record of another cluster (a split   \
+     * keeps its larger child in place; the other child's records there are dead), and the        \
+     * clusters rewritten into one head to drop dead slots or join a chain of segments            \
+     * (consolidations), with the bytes they wrote */                                              \
+    X(U64, dead_slots, INT, "dead_slots", "")                                                      \
+    X(U64, consolidations, INT, "consolidations", "")                                              \
+    X(U64, consolidate_bytes, INT, "consolidate_bytes", "")
 
 typedef struct kvt_coll_stats {
     KVT_COLL_STATS(KVT_STAT_FIELD_)

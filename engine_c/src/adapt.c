@@ -94,10 +94,11 @@ static void derive_tau(kvt_coll *c) {
 }
 
 /* Splits cluster j, whose records in order are `recs` (a buffer the caller owns; the split
- * orders it by child), in two by 2-means. Returns 1 if it split (*cnt0: the records of the
- * child that keeps index j, first in recs; the other child is the last cluster), 0 if the
- * records form no two groups (the cluster then waits to grow by half), or an error. */
-static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uint32_t *cnt0) {
+ * orders it by child), in two by 2-means. Returns 1 if it split (*at_j, *at_new: where the
+ * records of the child that keeps index j and of the other child, the last cluster, start in
+ * recs), 0 if the records form no two groups (the cluster then waits to grow by half), or an
+ * error. */
+static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uint32_t *at_j, uint32_t *at_new) {
     kvt_cluster *k = &c->cl[j];
     uint32_t n = k->n;
     size_t esz = c->L.esz;
@@ -132,13 +133,14 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
         /* the trigger; a flag read back from a checkpoint lost its reason (stored as 0/1): the
          * rule tells it again, since m2 and n only grow while a cluster is flagged */
         int variance = !forced && k->ad.flagged != FLAG_SIZE && over_sse(c, k), size = !forced && !variance;
-        uint32_t first_new;
-        rc = kvt_regroup(c, j, recs, part, 2, &first_new);
+        uint32_t first_new, kept_by = 0;
+        rc = kvt_regroup(c, j, recs, part, 2, &first_new, &kept_by);
         if (!rc) {
             c->ctr.splits_pending += (uint64_t)forced;
             c->ctr.splits_variance += (uint64_t)variance;
             c->ctr.splits_size += (uint64_t)size;
-            *cnt0 = n - ones;
+            *at_j = kept_by ? n - ones : 0; /* the child in place (regroup.c 4) may be either */
+            *at_new = kept_by ? 0 : n - ones;
             split = 1;
         }
     }
@@ -161,9 +163,9 @@ static void split_records(kvt_coll *c, uint32_t j, uint8_t *recs, int forced) {
     stack[top++].at = 0;
     while (top) {
         top--;
-        uint32_t s = stack[top].cl, at = stack[top].at, cnt0 = 0;
+        uint32_t s = stack[top].cl, at = stack[top].at, at_s = 0, at_new = 0;
         if (!c->cl[s].ad.flagged) continue;
-        int rc = split_cluster(c, s, recs + (size_t)at * c->L.esz, forced && s == j && at == 0, &cnt0);
+        int rc = split_cluster(c, s, recs + (size_t)at * c->L.esz, forced && s == j && at == 0, &at_s, &at_new);
         if (rc == KVT_EBUDGET) {
             kvt_clear_error();
             c->ctr.split_skipped++;
@@ -179,11 +181,11 @@ static void split_records(kvt_coll *c, uint32_t j, uint8_t *recs, int forced) {
         maybe_flag(c, other);
         if (c->cl[other].ad.flagged && top < 64) {
             stack[top].cl = other;
-            stack[top++].at = at + cnt0;
+            stack[top++].at = at + at_new;
         }
         if (c->cl[s].ad.flagged && top < 64) {
             stack[top].cl = s;
-            stack[top++].at = at;
+            stack[top++].at = at + at_s;
         }
     }
 }

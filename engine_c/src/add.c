@@ -252,7 +252,7 @@ static void publish_row(kvt_coll *c, kvt_add *a, uint64_t r) {
     kvt_cluster *cl = &c->cl[j];
     const uint8_t *key = kvt_add_key(c, a, r), *val = (const uint8_t *)a->values + (size_t)r * L->value_bytes;
     if (kvt_members(cl) && token(c)) cl->x->mem[cl->n] = (uint32_t)id;
-    set_loc(c, id, j, cl->n);
+    set_loc(c, id, j, cl->n + cl->dead); /* its slot: after the cluster's dead ones too */
     if (!a->first_batch) c->ctr.naive_move_bytes += (uint64_t)cl->n * L->esz;
     kvt_key_to_f32(c->st->K, c->p.dtype, key, a->x, c->p.dim);
     float *mean = a->x + c->p.dim;

@@ -97,6 +97,11 @@ static int export_dir(kvt_coll *c, void **blob, size_t *len) {
     kvt_wbuf_u32(&w, c->pools.n);
     kvt_wbuf_f64(&w, c->ops->tau ? c->ops->tau(c) : c->p.tau); /* the policy's words (policy.h) */
     kvt_wbuf_u32(&w, c->ops->staging ? c->ops->staging(c) : KVT_NONE);
+    if (c->L.format >= 3) /* pools sized when made: where each lies (units 0: a free slot) */
+        for (uint32_t p = 0; p < c->pools.n; p++) {
+            kvt_wbuf_u32(&w, c->pools.p[p].base);
+            kvt_wbuf_u32(&w, c->pools.p[p].units);
+        }
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
         kvt_wbuf_u32(&w, k->n);
@@ -106,6 +111,7 @@ static int export_dir(kvt_coll *c, void **blob, size_t *len) {
         kvt_policy_cluster_save(c, k, pw);
         kvt_wbuf_u32(&w, pw[0]);
         kvt_wbuf_u32(&w, pw[1]);
+        if (c->L.format >= 3) kvt_wbuf_u32(&w, k->dead);
         for (uint32_t g = 0; g < k->nseg; g++) {
             kvt_wbuf_u32(&w, k->segs[g].pool);
             kvt_wbuf_u32(&w, k->segs[g].head);
@@ -192,6 +198,12 @@ int kvt_coll_committed(kvt_coll *c, const kvt_checkpoint *cp) {
     return 0;
 }
 
+/* The most units a format-3 pool spans (kvt_pools_claim never makes one larger than a
+ * format-2 pool). */
+static uint32_t max_pool_units(const kvt_layout *L) {
+    return kvt_pool_units(L, L->pool_cap);
+}
+
 static int blob_crc_ok(const void *blob, size_t len) {
     if (len < 12) return 0;
     uint32_t crc;
@@ -209,6 +221,7 @@ static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, i
     k->m2 = (float)kvt_rbuf_f64(r);
     pw[0] = kvt_rbuf_u32(r);
     pw[1] = kvt_rbuf_u32(r);
+    k->dead = c->L.format >= 3 ? kvt_rbuf_u32(r) : 0;
     kvt_policy_cluster_load(c, k, pw, 0); /* a directory keeps whether, not why (policy.h) */
     if (r->bad || nseg > (r->len + 4 - r->pos) / 12) { /* r->len + 4: the blob with its CRC */
         r->bad = 1;
@@ -222,14 +235,15 @@ static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, i
         sg.pool = kvt_rbuf_u32(r);
         sg.head = kvt_rbuf_u32(r);
         sg.n = kvt_rbuf_u32(r);
-        if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] != KVT_HEAD_FREE) {
+        if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] != KVT_HEAD_FREE ||
+            !c->pools.p[sg.pool].units) {
             r->bad = 1;
             break;
         }
         kvt_pool *pl = &c->pools.p[sg.pool];
         pl->owner[sg.head] = (int32_t)j;
         pl->used[sg.head] = sg.n;
-        if (pl->used[0] + pl->used[1] > c->L.pool_cap) {
+        if ((uint64_t)pl->used[0] + pl->used[1] > kvt_pool_cap(&c->L, pl)) {
             r->bad = 1;
             break;
         }
@@ -238,7 +252,8 @@ static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, i
     }
     k->nseg = nseg;
     k->n = kn;
-    if (token(c) ? nseg != 0 : sum != kn) r->bad = 1;
+    /* a checkpoint writes every pending entry first: the slots hold them all, and the dead */
+    if (token(c) ? nseg != 0 : (uint64_t)sum != (uint64_t)kn + k->dead) r->bad = 1;
     *total += kn;
     for (uint32_t i = 0; i < dim; i++) {
         float f = 0;
@@ -282,7 +297,19 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing
     if (rc) return rc;
     if (c->ops->load_dir) c->ops->load_dir(c, tau, staging);
     c->pools.n = npools;
-    for (uint32_t p = 0; p < npools; p++) c->pools.p[p] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+    for (uint32_t p = 0; p < npools; p++) c->pools.p[p] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+    if (c->pools.sized) { /* where each pool lies, checked to stay inside the file's reach */
+        if (npools > (r.len - r.pos) / 8) r.bad = 1;
+        for (uint32_t p = 0; p < npools && !r.bad; p++) {
+            c->pools.p[p].base = kvt_rbuf_u32(&r);
+            c->pools.p[p].units = kvt_rbuf_u32(&r);
+            if ((uint64_t)c->pools.p[p].base + c->pools.p[p].units > UINT32_MAX ||
+                c->pools.p[p].units > max_pool_units(&c->L))
+                r.bad = 1;
+        }
+    } else {
+        kvt_pools_fixed(&c->pools, &c->L, 0);
+    }
     uint64_t total = 0;
     for (uint32_t j = 0; j < ncl && !r.bad; j++) {
         rc = load_cluster(c, &r, j, npools, with_sums, &total);
@@ -294,7 +321,8 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing
     if (r.bad || total != n || r.pos != r.len)
         return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u is inconsistent", what, c->no);
     c->n = n;
-    kvt_pools_rebuild(&c->pools, &c->L);
+    if (kvt_pools_rebuild(&c->pools, &c->L))
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u has pools that overlap", what, c->no);
     return 0;
 }
 
@@ -311,7 +339,7 @@ static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len,
     memcpy(c->loc + lo, (const uint8_t *)blob + r.pos, (size_t)cnt * sizeof(kvt_loc));
     for (uint32_t i = 0; i < cnt; i++) {
         kvt_loc l = c->loc[lo + i];
-        if (l.cl >= c->ncl || l.idx >= c->cl[l.cl].n)
+        if (l.cl >= c->ncl || (uint64_t)l.idx >= (uint64_t)c->cl[l.cl].n + c->cl[l.cl].dead)
             return kvt_fail(KVT_ECORRUPT, "catalog: id %llu of collection %u maps outside the directory", (unsigned long long)(lo + i), c->no);
         counts[l.cl]++;
     }
@@ -349,6 +377,7 @@ static int open_header(kvt_coll *c, const kvt_coll_params *p, const void *dir_bl
     if (dir_known) version = dir_version;
     if (version >= 1 && version < KVT_FORMAT_VERSION) /* an older file: read in its own geometry */
         kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, version, !kvt_token_log(p));
+    c->pools.sized = c->L.format >= 3; /* format 1/2: pools of one size (pool.h) */
     if (rc) return rc;
     int fields_ok, checksummed;
     rc = kvt_data_header_check(&c->L, p, page, &fields_ok, &checksummed);

@@ -8,11 +8,13 @@
  * 1. The counts (cofreq, nco x nco) are reserved as index, and spent by the rewrite whether
  *    it succeeds or not: a collection is rewritten at most once per open.
  * 2. The rewrite is copy on write, one cluster at a time (adapt.c 3): committed data is never
- *    overwritten before the catalog stops naming it, and a failed rewrite restores every
- *    cluster it moved.
+ *    overwritten before the catalog stops naming it. Each cluster switches to its new place
+ *    once it is written whole (its records renumbered, no dead slots left); a failed write
+ *    restores that cluster and ends the rewrite, the clusters moved before it staying moved.
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "colocate.h"
 #include "common.h"
@@ -72,74 +74,111 @@ static uint32_t build_chain(const kvt_coll *c, uint32_t k, uint32_t *chain, uint
     return m;
 }
 
+/* The chain's pools, made up front and back to back so that a spilling cluster cannot take
+ * one (format 3: pool i sized for twice what chain[2i] and chain[2i+1] hold). */
+static int chain_pools(kvt_coll *c, const uint32_t *chain, uint32_t m, uint32_t npools, uint32_t *pool_of) {
+    const kvt_layout *L = &c->L;
+    int rc = kvt_ensure_pools(c, c->pools.n + npools);
+    for (uint32_t i = 0; i < npools && !rc; i++) {
+        if (c->pools.sized) {
+            uint64_t pair = 0;
+            for (uint32_t t = 2 * i; t < 2 * i + 2 && t < m; t++) pair += c->cl[chain[t]].n;
+            rc = kvt_pools_append(&c->pools, kvt_pool_units(L, 2 * pair < L->pool_cap ? 2 * pair : L->pool_cap),
+                                  &pool_of[i]);
+        } else {
+            pool_of[i] = c->pools.n++;
+            c->pools.p[pool_of[i]] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+            kvt_pools_fixed(&c->pools, L, pool_of[i]);
+        }
+    }
+    return rc;
+}
+
+/* Cluster j rewritten from the start of head `head` of pool `pool` (copy on write: its old
+ * segments are retired once it is written whole, its records renumbered to their slots);
+ * on failure it keeps its old place. Adds the bytes written to *written. */
+static int move_cluster(kvt_coll *c, uint32_t j, uint32_t pool, uint32_t head, uint8_t *scratch, uint64_t *written) {
+    const kvt_layout *L = &c->L;
+    uint8_t *recs;
+    uint64_t owned;
+    kvt_cache_ent *pinned;
+    int rc = kvt_load_records(c, j, &recs, &owned, &pinned, &c->ctr.relayout_read_bytes);
+    if (rc) return rc;
+    seg_save old = kvt_detach_segs(c, j);
+    kvt_cluster *kj = &c->cl[j];
+    undo_log log = {0}; /* on failure restore_segs gives back every head this cluster holds */
+    rc = kvt_ensure_segs(c, kj, 1);
+    if (!rc) {
+        c->pools.p[pool].owner[head] = (int32_t)j;
+        c->pools.fresh[pool] |= (uint8_t)(1u << head);
+        kj->segs[0] = (kvt_seg){pool, head, 0};
+        kj->nseg = 1;
+        rec_src src = {.recs = recs};
+        rc = kvt_append_flash(c, j, &src, kj->n - kj->pend, scratch, L->pool_cap, &log);
+    }
+    if (rc) {
+        kvt_restore_segs(c, j, old);
+    } else {
+        *written += (uint64_t)(kj->n - kj->pend) * L->esz;
+        kvt_retire_segs(c, old);
+        for (uint32_t i = 0; i < kj->n; i++) { /* slots are positions now */
+            int64_t id;
+            memcpy(&id, recs + (size_t)i * L->esz, 8);
+            set_loc(c, (uint64_t)id, j, i);
+        }
+        kj->dead = 0;
+    }
+    free(log.u);
+    kvt_release_records(c, recs, owned, pinned, 0);
+    return rc;
+}
+
 /* The one-time rewrite: orders the counted clusters in a chain that follows co-retrieval
  * (from the most fetched, repeatedly the unplaced cluster most often fetched with the last
  * one) and lays the chain across fresh consecutive pools: chain[0] at the front of pool 0,
  * then chain[2i+1] at the back of pool i and chain[2i+2] at the front of pool i+1, so each
  * neighbouring pair of the chain across a pool boundary is contiguous on flash and the pair
- * sharing a pool is one merged read apart. Copy on write, like a split, one cluster at a
- * time so that it needs no more DRAM than the largest cluster. */
+ * sharing a pool is one merged read apart. Copy on write, one cluster at a time, so that it
+ * needs no more DRAM than the largest cluster. */
 int kvt_relayout(kvt_coll *c) {
     kvt_store *s = c->st;
-    uint32_t k = c->nco < c->ncl ? c->nco : c->ncl, m = 0, done = 0, sr = c->L.pool_cap;
-    uint64_t meta = (uint64_t)k * (4 + 4 + sizeof(seg_save)) + 16, sbytes = 0, written = 0;
+    const kvt_layout *L = &c->L;
+    uint32_t k = c->nco < c->ncl ? c->nco : c->ncl, m = 0, npools = 0;
+    uint64_t meta = (uint64_t)k * (4 + 4 + 4) + 16, sbytes = (uint64_t)L->pool_cap * L->esz, written = 0;
     int rc = kvt_mem_reserve(&s->mem, meta);
     if (rc) goto spent;
-    uint32_t *chain = malloc((size_t)k * 4 + 4), *placed = calloc(k + 1, 4);
-    seg_save *old = calloc(k + 1, sizeof *old);
+    uint32_t *chain = malloc((size_t)k * 4 + 4), *placed = calloc(k + 1, 4), *pool_of = malloc((size_t)k * 4 + 8);
     uint8_t *scratch = NULL;
-    undo_log log = {0};
-    if (!chain || !placed || !old) rc = kvt_fail(ENOMEM, "relayout: out of memory");
+    if (!chain || !placed || !pool_of) rc = kvt_fail(ENOMEM, "relayout: out of memory");
     if (!rc) m = build_chain(c, k, chain, placed);
-    /* the chain's pools, all made up front so that a spilling cluster cannot take one */
-    uint32_t pools0 = c->pools.n, npools = m / 2 + 1;
-    if (!rc) rc = kvt_ensure_pools(c, pools0 + npools);
-    if (!rc && !(rc = kvt_mem_reserve(&s->mem, (uint64_t)sr * c->L.esz))) {
-        sbytes = (uint64_t)sr * c->L.esz;
-        if (!(scratch = malloc(sbytes))) rc = kvt_fail(ENOMEM, "relayout: out of memory");
+    if (!rc && !(rc = kvt_mem_reserve(&s->mem, sbytes)) && !(scratch = malloc(sbytes))) {
+        kvt_mem_release(&s->mem, sbytes);
+        rc = kvt_fail(ENOMEM, "relayout: out of memory");
     }
-    if (!rc)
-        for (; c->pools.n < pools0 + npools; c->pools.n++)
-            c->pools.p[c->pools.n] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
-    for (; done < m && !rc; done++) {
-        uint32_t j = chain[done], pool = pools0 + done / 2, head = done % 2;
-        uint8_t *recs;
-        uint64_t owned;
-        kvt_cache_ent *pinned;
-        rc = kvt_load_records(c, j, &recs, &owned, &pinned, &c->ctr.relayout_read_bytes);
-        if (rc) break;
-        old[done] = kvt_detach_segs(c, j);
-        rc = kvt_ensure_segs(c, &c->cl[j], 1);
-        if (!rc) {
-            c->pools.p[pool].owner[head] = (int32_t)j;
-            c->cl[j].segs[0] = (kvt_seg){pool, head, 0};
-            c->cl[j].nseg = 1;
-            log.n = 0; /* on failure restore_segs gives back every head this cluster holds */
-            rec_src src = {.recs = recs};
-            uint32_t flashed = c->cl[j].n - c->cl[j].pend;
-            rc = kvt_append_flash(c, j, &src, flashed, scratch, sr, &log);
-            written += (uint64_t)flashed * c->L.esz;
-        }
-        kvt_release_records(c, recs, owned, pinned, 0);
-        if (rc) {
-            done++; /* restore this one too */
-            break;
-        }
+    if (!scratch) sbytes = 0;
+    if (!rc) {
+        npools = m / 2 + 1;
+        rc = chain_pools(c, chain, m, npools, pool_of);
+        if (rc) npools = 0;
     }
-    if (rc) {
-        for (uint32_t t = 0; t < done; t++) kvt_restore_segs(c, chain[t], old[t]);
-    } else {
-        for (uint32_t t = 0; t < m; t++) kvt_retire_segs(c, old[t]);
-        kvt_pools_push_free(&c->pools, &c->L, pools0);
-        c->ctr.relayouts++;
-        c->ctr.relayout_bytes += written;
+    /* chain[2i] at the front of pool i, chain[2i+1] at its back */
+    for (uint32_t done = 0; done < m && !rc; done++) rc = move_cluster(c, chain[done], pool_of[done / 2], done % 2, scratch, &written);
+    uint32_t lo = UINT32_MAX;
+    for (uint32_t i = 0; i < npools; i++) { /* pools of the chain that no cluster took go back */
+        kvt_pool *pl = &c->pools.p[pool_of[i]];
+        if (c->pools.sized && pl->owner[0] == KVT_HEAD_FREE && pl->owner[1] == KVT_HEAD_FREE)
+            kvt_pools_unclaim(&c->pools, &(kvt_seg){pool_of[i], 0, 0});
+        else if (pool_of[i] < lo)
+            lo = pool_of[i];
     }
-    free(log.u);
+    if (lo != UINT32_MAX) kvt_pools_push_free(&c->pools, L, lo);
+    if (!rc) c->ctr.relayouts++;
+    c->ctr.relayout_bytes += written;
     free(scratch);
     kvt_mem_release(&s->mem, sbytes);
     free(chain);
     free(placed);
-    free(old);
+    free(pool_of);
     kvt_mem_release(&s->mem, meta);
 spent: /* the counts are spent either way */
     free(c->cofreq);

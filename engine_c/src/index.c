@@ -309,7 +309,7 @@ int kvt_new_cluster(kvt_coll *c, uint32_t *out) {
     uint32_t j = c->ncl++;
     kvt_cluster *k = &c->cl[j];
     static const uint32_t fresh[2] = {0, 0};
-    k->n = k->nseg = k->pend = 0;
+    k->n = k->nseg = k->pend = k->dead = 0;
     kvt_side_free(c, k);
     kvt_policy_cluster_load(c, k, fresh, 1);
     k->m2 = 0;
@@ -402,6 +402,7 @@ int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int trunca
     if (c->ops->init) c->ops->init(c);
     kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION,
                     !kvt_token_log(p));
+    c->pools.sized = c->L.format >= 3; /* pools sized to what they hold (pool.h) */
     char path[4096];
     snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no);
     rc = kvt_file_open(&s->io, path, truncate, &c->f);
@@ -435,7 +436,7 @@ void kvt_coll_forget(kvt_store *s, kvt_coll *c) {
 
 /* The fields of kvt_coll_stats that come from the cluster table. */
 void kvt_cluster_stats(kvt_coll *c, kvt_coll_stats *o) {
-    o->cached_clusters = o->flagged_clusters = 0;
+    o->cached_clusters = o->flagged_clusters = o->dead_slots = 0;
     o->max_cluster_size = 0;
     double var = 0;
     uint64_t nonempty = 0;
@@ -443,6 +444,7 @@ void kvt_cluster_stats(kvt_coll *c, kvt_coll_stats *o) {
         kvt_cluster *k = &c->cl[j];
         if (kvt_cached(c, j)) o->cached_clusters++;
         if (kvt_held(c, k)) o->flagged_clusters++;
+        o->dead_slots += k->dead;
         if (!k->n) continue;
         nonempty++;
         var += kvt_variance(k);

@@ -412,13 +412,17 @@ static int size_bucket(uint64_t bytes) {
     return b;
 }
 
-void kvt_io_count_gaps(kvt_io *io, uint64_t n, uint64_t bytes) {
-    if (!n) return;
+/* Bytes read only to be dropped: n gaps or dead slots (counter), `bytes` of them (total). */
+static void count_dropped(kvt_io *io, uint64_t *counter, uint64_t *total, uint64_t n, uint64_t bytes) {
     pthread_mutex_lock(&io->mu);
-    io->st.gaps_read += n;
-    io->st.gap_bytes += bytes;
+    *counter += n;
+    *total += bytes;
     pthread_mutex_unlock(&io->mu);
 }
+
+void kvt_io_count_gaps(kvt_io *io, uint64_t n, uint64_t bytes) { count_dropped(io, &io->st.gaps_read, &io->st.gap_bytes, n, bytes); }
+
+void kvt_io_count_dead(kvt_io *io, uint64_t n, uint64_t bytes) { count_dropped(io, &io->st.dead_read, &io->st.dead_bytes, n, bytes); }
 
 /* Counts the transfers of a batch that returned (x[i].err == 0) and charges them as one
  * batch, or into the open one; `seconds` is the batch's wall time (invariant 9). Loader

@@ -71,6 +71,9 @@ typedef struct kvt_io_stats {
     /* gaps inside merged reads (read.c): each is a seek a gap-free layout would not need;
      * gap_bytes were read only to be dropped */
     uint64_t gaps_read, gap_bytes;
+    /* dead slots inside the extents read (format 3, read.c 2): read_entries counted them as
+     * the extents' slots; dead_read of those held no live record and dead_bytes were dropped */
+    uint64_t dead_read, dead_bytes;
     uint64_t write_ops, write_bytes, sync_ops;
     double modeled_seconds;
     uint64_t size_hist[24];   /* charged reads by size: [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */
@@ -124,6 +127,8 @@ const char *kvt_file_path(const kvt_file *f);
 int kvt_file_read(kvt_file *f, uint64_t off, size_t len, void *dst, uint64_t entries);
 /* Counts the gaps one merged read crossed (n gaps, `bytes` between the extents it wanted). */
 void kvt_io_count_gaps(kvt_io *io, uint64_t n, uint64_t bytes);
+/* Counts n dead slots (`bytes`) found in extents read: no entries after all. */
+void kvt_io_count_dead(kvt_io *io, uint64_t n, uint64_t bytes);
 
 /* One read of a batch: len bytes at off into dst, counted as carrying `entries` entries. */
 typedef struct kvt_read_req {

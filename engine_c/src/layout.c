@@ -5,7 +5,9 @@
  *
  * Invariants:
  * 1. A cluster's records are contiguous runs in its segments; two clusters share a pool,
- *    one growing from the front and one from the back, so an append never moves data.
+ *    one growing from the front and one from the back, so an append never moves data. Its
+ *    slots run through its segments in order and only ever grow at the last one (a split's
+ *    dead slots, format 3, are slots its live records no longer use).
  * 2. pending_total is the sum of every cluster's pend; tail_total the sum over clusters the
  *    policy does not hold (kvt_held), whose pending buffers are write-buffer tails: entries
  *    kept in DRAM until they complete a flash page, plus each held cluster's ptail (the tail
@@ -63,14 +65,14 @@ void kvt_rollback(kvt_coll *c, undo_log *log) {
 static int rewrites_page(const kvt_coll *c, const kvt_seg *sg, const kvt_pool *pl, uint32_t first, uint32_t n) {
     const kvt_layout *L = &c->L;
     uint64_t P = c->st->io.dev.page_size > 0 ? (uint64_t)c->st->io.dev.page_size : KVT_IO_ALIGN;
-    uint32_t p0 = kvt_run_pos(L, sg->head, first, n), p1 = p0 + n - 1;
-    uint64_t base = kvt_pool_base(L, sg->pool), off = base + kvt_pos_rel(L, p0), end = base + kvt_pos_rel(L, p1) + L->esz;
+    uint32_t p0 = kvt_run_pos(L, pl, sg->head, first, n), p1 = p0 + n - 1;
+    uint64_t base = kvt_pool_base(pl), off = base + kvt_pos_rel(L, p0), end = base + kvt_pos_rel(L, p1) + L->esz;
     if (L->rpp && p1 % L->rpp == L->rpp - 1) end = kvt_round_up(end, KVT_LAYOUT_PAGE);
     uint64_t lo_page = kvt_round_down(off, P), hi_page = kvt_round_up(end, P);
     if (first && (sg->head == 0 ? off % P : end % P)) return 1;
     uint32_t other = pl->used[!sg->head];
     if (!other) return 0;
-    uint64_t olo = kvt_run_offset(L, sg->pool, !sg->head, 0, other), ohi = olo + kvt_run_span(L, !sg->head, 0, other);
+    uint64_t olo = kvt_run_offset(L, pl, !sg->head, 0, other), ohi = olo + kvt_run_span(L, pl, !sg->head, 0, other);
     return olo < hi_page && ohi > lo_page;
 }
 
@@ -123,7 +125,9 @@ int kvt_append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, u
             if (!rc) rc = kvt_ensure_pools(c, c->pools.n + 1);
             if (rc) return rc;
             kvt_seg sg;
-            rc = kvt_pools_claim(&c->pools, L, (int32_t)ci, &sg);
+            uint32_t live = 0;
+            for (uint32_t g = 0; g < k->nseg; g++) live += k->segs[g].n;
+            rc = kvt_pools_claim(&c->pools, L, (int32_t)ci, m - done, live, &sg);
             if (rc) return rc;
             k->segs[k->nseg++] = sg;
             claimed = 1;
@@ -133,8 +137,8 @@ int kvt_append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, u
         uint32_t run = m - done, room = kvt_pool_room(L, pl);
         if (run > room) run = room;
         if (!src->mrecs && run > scratch_recs) run = scratch_recs;
-        uint64_t off = kvt_run_offset(L, sg->pool, sg->head, sg->n, run);
-        uint32_t p0 = kvt_run_pos(L, sg->head, sg->n, run);
+        uint64_t off = kvt_run_offset(L, pl, sg->head, sg->n, run);
+        uint32_t p0 = kvt_run_pos(L, pl, sg->head, sg->n, run);
         int partial = rewrites_page(c, sg, pl, sg->n, run);
         int rc;
         if (src->mrecs) {
@@ -196,14 +200,15 @@ int kvt_append_log(kvt_coll *c, uint64_t n0, const void *keys, const void *value
 }
 
 /* Writes whole new clusters: for each t, recs[t] (counts[t] records) become the only data of
- * cluster dst[t], which must own no segments. Two groups (a split's children) go back to back
- * across a pool boundary (kvt_pools_claim_pair): neighbours in key space, a retrieve often
- * takes both, and then reads them as one extent. On failure every head claimed is given back. */
+ * cluster dst[t], which must own no segments. In a file of pools of one size (format 1/2), two
+ * groups (a split's children) go back to back across a pool boundary (kvt_pools_claim_pair):
+ * neighbours in key space, a retrieve often takes both, and then reads them as one extent.
+ * On failure every head claimed is given back. */
 int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts,
                        uint32_t nt) {
     undo_log log = {0};
     int rc = 0;
-    if (nt == 2 && counts[0] && counts[1]) { /* a split's children: back to back on flash */
+    if (nt == 2 && counts[0] && counts[1] && !c->pools.sized) { /* a split's children: back to back */
         kvt_seg sg[2];
         rc = kvt_ensure_segs(c, &c->cl[dst[0]], 1);
         if (!rc) rc = kvt_ensure_segs(c, &c->cl[dst[1]], 1);

@@ -58,20 +58,14 @@ static void run_job(kvt_store *s, kvt_job *j) {
     if (!rc) rc = kvt_file_read_batch(c->f, req, nreq);
     free(ex);
     free(req);
-    if (!rc && !token(c)) kvt_unpack_segs(L, j->segs, j->nseg, j->e->rec);
     LOCK(s);
     kvt_cluster *k = &c->cl[j->cl];
     /* the engine's own read: damage fails the job (counted), and the call that needs the
      * cluster reads it again in its own on_corrupt mode */
     if (token(c) && !rc)
         rc = kvt_check_run(c, KVT_READ_OWN, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, kvt_members(k)[0]) : 0, NULL);
-    base = 0;
-    for (uint32_t g = 0; g < j->nseg && !rc; g++) {
-        kvt_seg *sg = &j->segs[g];
-        rc = kvt_check_run(c, KVT_READ_OWN, j->cl, base, j->e->rec + (size_t)base * L->esz, sg->n,
-                           kvt_run_offset(L, sg->pool, sg->head, 0, sg->n ? sg->n : 1), NULL);
-        base += sg->n;
-    }
+    if (!token(c) && !rc) rc = kvt_settle_segs(c, KVT_READ_OWN, j->cl, j->segs, j->nseg, j->e->rec, NULL);
+    base = k->n - k->pend;
     s->loading_bytes -= (uint64_t)k->n * L->esz;
     if (!rc) {
         if (k->pend) memcpy(j->e->rec + (size_t)base * L->esz, k->x->pbuf, (size_t)k->pend * L->esz);

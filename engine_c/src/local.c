@@ -67,7 +67,7 @@ static int recluster_staging(kvt_coll *c) {
         for (uint32_t t = 0; t < k; t++) map[t] = map[t] ? used++ : 0;
         for (uint32_t i = 0; i < n; i++) part[i] = map[part[i]];
         uint32_t first_new;
-        rc = kvt_regroup(c, s, recs, part, used, &first_new);
+        rc = kvt_regroup(c, s, recs, part, used, &first_new, NULL);
         if (!rc) c->local.staging = KVT_NONE;
     }
     kvt_release_records(c, recs, owned, pinned, rc == 0);

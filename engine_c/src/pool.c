@@ -3,9 +3,10 @@
  *
  * Invariants:
  * 1. A record's bytes depend only on (id, key, value) and the layout; its CRC covers them all.
- * 2. For every pool, used[0] + used[1] <= pool_cap, and a head with used > 0 has an owner.
- * 3. pool_bytes is a multiple of the I/O alignment, so pools never share an aligned page and
- *    direct reads of one pool never touch bytes another writer is appending.
+ * 2. For every pool, used[0] + used[1] <= its capacity, and a head with used > 0 has an owner.
+ * 3. Pools are whole I/O-alignment units (pool_bytes, or format 3's KVT_POOL_UNIT), so pools
+ *    never share an aligned page and direct reads of one pool never touch bytes another writer
+ *    is appending.
  * 4. Appends only write slots past a head's used count: data already written never moves.
  * 5. In a padded layout (rpp > 0) no record crosses a KVT_LAYOUT_PAGE boundary, pool_cap is a
  *    whole number of pages of rpp records; padding inside one write is written as zeros, and
@@ -13,6 +14,10 @@
  * 6. A head is reused only when no catalog that may commit names it: a head released after a
  *    checkpoint named it waits, retired, for a later commit; one claimed since the last
  *    checkpoint was captured (fresh) is free at once.
+ * 7. Format 3: the units of live pools and the free runs never overlap and together cover
+ *    units 0..end-1; runs are sorted and coalesced, and none ends at `end` (the file's used
+ *    extent shrinks instead). A pool gives its units back only when both heads are free, so
+ *    units a committed catalog names (a retired head's) are never reused before the commit.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -172,15 +177,101 @@ int kvt_pools_reserve(kvt_pools *P, uint32_t need) {
     /* each pool appears at most twice in avail (pushed per freed head) and has two heads */
     uint32_t *a = p ? realloc(P->avail, (size_t)cap * 2 * sizeof *a) : NULL;
     if (a) P->avail = a;
-    kvt_seg *r = a ? realloc(P->retired, (size_t)cap * 2 * sizeof *r) : NULL;
+    uint32_t *r = a ? realloc(P->retired, (size_t)cap * 2 * sizeof *r) : NULL;
     if (r) P->retired = r;
     uint8_t *f = r ? realloc(P->fresh, cap) : NULL;
     if (f) {
         P->fresh = f;
         memset(f + P->cap, 0, cap - P->cap);
     }
-    if (!p || !a || !r || !f) return kvt_fail(ENOMEM, "pool table: out of memory");
+    /* free runs lie between pools: at most one more than the pools */
+    kvt_run *u = f ? realloc(P->runs, ((size_t)cap + 1) * sizeof *u) : NULL;
+    if (u) P->runs = u;
+    if (!p || !a || !r || !f || !u) return kvt_fail(ENOMEM, "pool table: out of memory");
     P->cap = cap;
+    return 0;
+}
+
+uint32_t kvt_pool_units(const kvt_layout *L, uint64_t records) {
+    uint64_t bytes = L->rpp ? (records + L->rpp - 1) / L->rpp * KVT_LAYOUT_PAGE : records * L->esz;
+    uint64_t units = (bytes + KVT_POOL_UNIT - 1) / KVT_POOL_UNIT;
+    return units ? (uint32_t)units : 1;
+}
+
+void kvt_pools_fixed(kvt_pools *P, const kvt_layout *L, uint32_t n0) {
+    uint32_t units = (uint32_t)(L->pool_bytes / KVT_POOL_UNIT);
+    for (uint32_t i = n0; i < P->n; i++) {
+        P->p[i].base = i * units;
+        P->p[i].units = units;
+    }
+}
+
+/* Format 3: units for a new pool, from the first free run that holds them, else the file's
+ * end (invariant 7). */
+static uint32_t take_units(kvt_pools *P, uint32_t units) {
+    for (uint32_t i = 0; i < P->nruns; i++) {
+        kvt_run *r = &P->runs[i];
+        if (r->units < units) continue;
+        uint32_t base = r->base;
+        r->base += units;
+        r->units -= units;
+        if (!r->units) memmove(r, r + 1, (size_t)(--P->nruns - i) * sizeof *r);
+        return base;
+    }
+    uint32_t base = P->end;
+    P->end += units;
+    if (P->end > P->peak) P->peak = P->end;
+    return base;
+}
+
+static void give_units(kvt_pools *P, uint32_t base, uint32_t units) {
+    if (base + units == P->end) { /* the end shrinks, and so does a run it then reaches */
+        P->end = base;
+        if (P->nruns && P->runs[P->nruns - 1].base + P->runs[P->nruns - 1].units == P->end)
+            P->end = P->runs[--P->nruns].base;
+        return;
+    }
+    uint32_t i = 0;
+    while (i < P->nruns && P->runs[i].base < base) i++;
+    int left = i > 0 && P->runs[i - 1].base + P->runs[i - 1].units == base;
+    int right = i < P->nruns && base + units == P->runs[i].base;
+    if (left && right) {
+        P->runs[i - 1].units += units + P->runs[i].units;
+        memmove(&P->runs[i], &P->runs[i + 1], (size_t)(--P->nruns - i) * sizeof *P->runs);
+    } else if (left) {
+        P->runs[i - 1].units += units;
+    } else if (right) {
+        P->runs[i].base = base;
+        P->runs[i].units += units;
+    } else {
+        memmove(&P->runs[i + 1], &P->runs[i], (size_t)(P->nruns - i) * sizeof *P->runs);
+        P->runs[i] = (kvt_run){base, units};
+        P->nruns++;
+    }
+}
+
+/* A table slot for a new pool: a given-back one, else the next. */
+static int new_slot(kvt_pools *P, uint32_t *idx) {
+    if (P->nspare) { /* given-back slots are chained through their base field */
+        *idx = P->spare_head;
+        P->spare_head = P->p[*idx].base;
+        P->nspare--;
+    }
+    else if (P->n < P->cap) *idx = P->n++;
+    else return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
+    return 0;
+}
+
+int kvt_pools_append(kvt_pools *P, uint32_t units, uint32_t *pool) {
+    uint32_t idx = 0;
+    int rc = new_slot(P, &idx);
+    if (rc) return rc;
+    uint32_t base = P->end;
+    P->end += units;
+    if (P->end > P->peak) P->peak = P->end;
+    P->p[idx] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, base, units};
+    P->fresh[idx] = 0;
+    *pool = idx;
     return 0;
 }
 
@@ -190,28 +281,39 @@ static void push_avail(kvt_pools *P, uint32_t pool) {
     if (P->navail < 2 * P->cap) P->avail[P->navail++] = pool;
 }
 
-int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, kvt_seg *seg) {
+int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t need, uint32_t live, kvt_seg *seg) {
     /* Look at the few most recently freed pools; drop stale entries, skip pools whose only
-     * free head would pair a cluster with itself (another cluster can still use them). */
+     * free head would pair a cluster with itself (another cluster can still use them), and
+     * (format 3) pools too small for what the claim writes. */
+    uint32_t want = P->sized ? (need ? need : 1) : 1, pair_want = P->sized ? want + want / 2 : 1;
     for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 8; looked++) {
         uint32_t idx = P->avail[i];
         kvt_pool *p = idx < P->n ? &P->p[idx] : NULL;
         int h0 = p && p->owner[0] == KVT_HEAD_FREE, h1 = p && p->owner[1] == KVT_HEAD_FREE;
-        if (!p || (!h0 && !h1) || kvt_pool_room(L, p) == 0) {
+        if (!p || !p->units || (!h0 && !h1) || kvt_pool_room(L, p) == 0) {
             P->avail[i] = P->avail[--P->navail];
             continue;
         }
         int head = h0 && p->owner[1] != owner ? 0 : h1 && p->owner[0] != owner ? 1 : -1;
-        if (head < 0) continue;
+        if (head < 0 || kvt_pool_room(L, p) < pair_want) continue;
         p->owner[head] = owner;
         P->fresh[idx] |= (uint8_t)(1u << head);
         if (p->owner[1 - head] != KVT_HEAD_FREE) P->avail[i] = P->avail[--P->navail];
         *seg = (kvt_seg){idx, (uint32_t)head, 0};
         return 0;
     }
-    if (P->n >= P->cap) return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
-    uint32_t idx = P->n++;
-    P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}};
+    uint32_t idx = 0;
+    int rc = new_slot(P, &idx);
+    if (rc) return rc;
+    if (P->sized) { /* room for twice its size: a partner of its size fits beside it */
+        uint64_t size = live < L->pool_cap / 2 ? live : L->pool_cap / 2;
+        if (size < want) size = want;
+        uint32_t units = kvt_pool_units(L, 2 * size < L->pool_cap ? 2 * size : L->pool_cap);
+        P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}, take_units(P, units), units};
+    } else {
+        P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+        kvt_pools_fixed(P, L, idx);
+    }
     P->fresh[idx] = 1;
     push_avail(P, idx);
     *seg = (kvt_seg){idx, 0, 0};
@@ -234,8 +336,9 @@ int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32
         if (P->n + 2 > P->cap) return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
         a = P->n;
         P->n += 2;
-        P->p[a] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
-        P->p[a + 1] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}};
+        P->p[a] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+        P->p[a + 1] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+        kvt_pools_fixed(P, L, a);
         P->fresh[a] = P->fresh[a + 1] = 0;
         push_avail(P, a); /* their other heads are free for anyone */
         push_avail(P, a + 1);
@@ -249,12 +352,24 @@ int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32
     return 0;
 }
 
+/* Format 3: a pool whose heads are both free gives its units and its table slot back. */
+static void release_pool(kvt_pools *P, uint32_t idx) {
+    kvt_pool *p = &P->p[idx];
+    give_units(P, p->base, p->units);
+    *p = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+    P->fresh[idx] = 0;
+    p->base = P->spare_head;
+    P->spare_head = idx;
+    P->nspare++;
+}
+
 void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg) {
     kvt_pool *p = &P->p[seg->pool];
     p->owner[seg->head] = KVT_HEAD_FREE;
     p->used[seg->head] = 0;
     P->fresh[seg->pool] &= (uint8_t)~(1u << seg->head);
-    push_avail(P, seg->pool);
+    if (P->sized && p->owner[1 - seg->head] == KVT_HEAD_FREE) release_pool(P, seg->pool);
+    else push_avail(P, seg->pool);
 }
 
 void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg) {
@@ -263,14 +378,14 @@ void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg) {
         return;
     }
     P->p[seg->pool].owner[seg->head] = KVT_HEAD_RETIRED;
-    P->retired[P->nretired++] = *seg;
+    P->retired[P->nretired++] = seg->pool << 1 | seg->head;
 }
 
 void kvt_pools_committed(kvt_pools *P, uint32_t count) {
     if (count > P->nretired) count = P->nretired;
     for (uint32_t i = 0; i < count; i++) {
-        kvt_seg *s = &P->retired[i];
-        if (s->pool < P->n && P->p[s->pool].owner[s->head] == KVT_HEAD_RETIRED) kvt_pools_unclaim(P, s);
+        kvt_seg s = {P->retired[i] >> 1, P->retired[i] & 1, 0};
+        if (s.pool < P->n && P->p[s.pool].owner[s.head] == KVT_HEAD_RETIRED) kvt_pools_unclaim(P, &s);
     }
     if (count) memmove(P->retired, P->retired + count, (P->nretired - count) * sizeof *P->retired);
     P->nretired -= count;
@@ -279,7 +394,7 @@ void kvt_pools_committed(kvt_pools *P, uint32_t count) {
 void kvt_pools_push_free(kvt_pools *P, const kvt_layout *L, uint32_t from) {
     for (uint32_t i = from; i < P->n; i++) {
         kvt_pool *p = &P->p[i];
-        if ((p->owner[0] == KVT_HEAD_FREE || p->owner[1] == KVT_HEAD_FREE) && kvt_pool_room(L, p) > 0)
+        if (p->units && (p->owner[0] == KVT_HEAD_FREE || p->owner[1] == KVT_HEAD_FREE) && kvt_pool_room(L, p) > 0)
             push_avail(P, i);
     }
 }
@@ -288,7 +403,12 @@ void kvt_pools_named(kvt_pools *P) {
     if (P->n) memset(P->fresh, 0, P->n);
 }
 
-void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
+static int by_base(const void *a, const void *b) {
+    uint32_t x = ((const kvt_run *)a)->base, y = ((const kvt_run *)b)->base;
+    return x < y ? -1 : x > y;
+}
+
+int kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
     P->navail = 0;
     P->nretired = 0;
     kvt_pools_named(P); /* loaded heads are the catalog's */
@@ -298,7 +418,34 @@ void kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
                 P->p[i].owner[h] = KVT_HEAD_FREE;
                 P->p[i].used[h] = 0;
             }
+    if (P->sized) { /* the free runs: what no owned pool covers; unowned pools are given back */
+        P->nruns = P->nspare = 0;
+        uint32_t nlive = 0;
+        for (uint32_t i = 0; i < P->n; i++) {
+            kvt_pool *p = &P->p[i];
+            if (p->units && (p->owner[0] >= 0 || p->owner[1] >= 0)) P->runs[nlive++] = (kvt_run){p->base, p->units};
+            else {
+                *p = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, P->spare_head, 0};
+                P->spare_head = i;
+                P->nspare++;
+            }
+        }
+        /* runs[] holds the live pools for a moment: sorted, their gaps become the free runs,
+         * written in place (gap i goes to a slot <= i, after live pool i is read) */
+        if (nlive) qsort(P->runs, nlive, sizeof *P->runs, by_base); /* runs is NULL in an empty table */
+        uint32_t at = 0, nfree = 0;
+        for (uint32_t i = 0; i < nlive; i++) {
+            kvt_run lv = P->runs[i];
+            if (lv.base < at) return KVT_ECORRUPT; /* two pools overlap */
+            if (lv.base > at) P->runs[nfree++] = (kvt_run){at, lv.base - at};
+            if (lv.base + lv.units > at) at = lv.base + lv.units;
+        }
+        P->nruns = nfree;
+        P->end = at;
+        if (P->peak < at) P->peak = at;
+    }
     kvt_pools_push_free(P, L, 0);
+    return 0;
 }
 
 void kvt_pools_free(kvt_pools *P) {
@@ -306,5 +453,6 @@ void kvt_pools_free(kvt_pools *P) {
     free(P->avail);
     free(P->retired);
     free(P->fresh);
+    free(P->runs);
     memset(P, 0, sizeof *P);
 }

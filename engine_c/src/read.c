@@ -4,11 +4,14 @@
  * them, cached or freshly read, to a visitor.
  *
  * Invariants:
- * 1. A cached cluster's records equal its records on flash plus its pending buffer, in order.
- * 2. Every record read is checked against the id map (store.c 2) before anyone sees it; a
- *    mismatch is KVT_ECORRUPT naming the ids the id map puts there, never silent garbage. In
- *    skip mode (kvtier.h, kvt_set_on_corrupt) the damaged records are listed and left out,
- *    and their cluster is not cached.
+ * 1. A cached cluster's records equal its live records on flash plus its pending buffer, in
+ *    order.
+ * 2. Every record read is checked against the id map (store.c 2) before anyone sees it: the
+ *    map names its slot, or (format 3) the slot is dead (its record, intact, belongs to another
+ *    cluster now), and live and dead slots add up to what the directory says. A mismatch is
+ *    KVT_ECORRUPT naming the ids the id map puts there, never silent garbage. In skip mode
+ *    (kvtier.h, kvt_set_on_corrupt) the damaged records are listed and left out, and their
+ *    cluster is not cached.
  * 3. The read buffers are reserved against the budget before the reads are issued.
  */
 #include <errno.h>
@@ -31,6 +34,14 @@ int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec)
     int64_t id;
     return !kvt_rec_check(&c->L, rec, &id) && id >= 0 && (uint64_t)id < c->n && c->loc[id].cl == ci &&
            c->loc[id].idx == idx;
+}
+
+/* Format 3: 1 if the record at slot idx of cluster ci is intact but the id map puts it
+ * elsewhere: a dead slot (a split moved that record to the other child). */
+static int slot_dead(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec) {
+    int64_t id;
+    return c->cl[ci].dead && !kvt_rec_check(&c->L, rec, &id) && id >= 0 && (uint64_t)id < c->n &&
+           (c->loc[id].cl != ci || c->loc[id].idx != idx);
 }
 
 int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci) {
@@ -63,7 +74,10 @@ static int damaged(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const
     int64_t shown[SHOWN];
     uint32_t nshown = 0, rejects = 0;
     uint64_t named = 0;
-    for (uint32_t i = 0; i < n; i++) rejects += !kvt_rec_ok(c, ci, first_idx + i, recs + (size_t)i * c->L.esz);
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *rec = recs + (size_t)i * c->L.esz;
+        rejects += !kvt_rec_ok(c, ci, first_idx + i, rec) && !slot_dead(c, ci, first_idx + i, rec);
+    }
     for (uint64_t id = 0; id < c->n; id++) {
         kvt_loc l = c->loc[id];
         if (l.cl != ci || l.idx < first_idx || l.idx - first_idx >= n ||
@@ -125,35 +139,87 @@ uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_
     uint64_t boff = 0;
     for (uint32_t g = 0; g < nseg; g++) {
         const kvt_seg *sg = &segs[g];
-        uint64_t len = kvt_run_span(L, sg->head, 0, sg->n);
-        if (sg->n) out[m++] = (kvt_extent){kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), len, boff, sg->n, base, 0};
+        const kvt_pool *pl = &c->pools.p[sg->pool];
+        uint64_t len = kvt_run_span(L, pl, sg->head, 0, sg->n);
+        if (sg->n) out[m++] = (kvt_extent){kvt_run_offset(L, pl, sg->head, 0, sg->n), len, boff, sg->n, base, 0};
         base += sg->n;
         boff += len;
     }
     return m;
 }
 
-void kvt_unpack_segs(const kvt_layout *L, const kvt_seg *segs, uint32_t nseg, uint8_t *buf) {
+void kvt_unpack_segs(const kvt_coll *c, const kvt_seg *segs, uint32_t nseg, uint8_t *buf) {
+    const kvt_layout *L = &c->L;
     uint64_t boff = 0;
     uint32_t base = 0;
     for (uint32_t g = 0; g < nseg; g++) {
         const kvt_seg *sg = &segs[g];
+        const kvt_pool *pl = &c->pools.p[sg->pool];
         uint8_t *dst = buf + (size_t)base * L->esz;
         if (sg->n) {
-            kvt_unpad(L, dst, buf + boff, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
+            kvt_unpad(L, dst, buf + boff, kvt_run_pos(L, pl, sg->head, 0, sg->n), sg->n);
             if (sg->head == 1) kvt_rec_reverse(L, dst, sg->n);
         }
-        boff += kvt_run_span(L, sg->head, 0, sg->n);
+        boff += kvt_run_span(L, pl, sg->head, 0, sg->n);
         base += sg->n;
     }
 }
 
-/* Bytes a buffer needs to read cluster k into: its segments' spans stacked, then its pending
- * records. */
+/* The records of slots 0..n-1 of cluster ci that are intact and live, moved to the front in
+ * order; returns how many. */
+static uint32_t keep_intact(kvt_coll *c, uint32_t ci, uint8_t *buf, uint32_t n) {
+    const kvt_layout *L = &c->L;
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *rec = buf + (size_t)i * L->esz;
+        if (!kvt_rec_ok(c, ci, i, rec)) continue;
+        if (m != i) memmove(buf + (size_t)m * L->esz, rec, L->esz);
+        m++;
+    }
+    return m;
+}
+
+int kvt_settle_segs(kvt_coll *c, int mode, uint32_t ci, const kvt_seg *segs, uint32_t nseg, uint8_t *buf,
+                    uint32_t *kept) {
+    const kvt_layout *L = &c->L;
+    const kvt_cluster *k = &c->cl[ci];
+    uint32_t flash = k->n - k->pend, slots = 0, live = 0, dead = 0, bad = 0;
+    kvt_unpack_segs(c, segs, nseg, buf);
+    for (uint32_t g = 0; g < nseg; g++) slots += segs[g].n;
+    for (uint32_t i = 0; i < slots; i++) {
+        const uint8_t *rec = buf + (size_t)i * L->esz;
+        if (kvt_rec_ok(c, ci, i, rec)) live++;
+        else if (slot_dead(c, ci, i, rec)) dead++;
+        else bad++;
+    }
+    if (kept) *kept = flash;
+    if (!bad && live == flash && dead == k->dead) { /* intact: the live records, in order */
+        if (dead) {
+            keep_intact(c, ci, buf, slots);
+            kvt_io_count_dead(&c->st->io, dead, (uint64_t)dead * L->esz);
+        }
+        return 0;
+    }
+    uint32_t rejects = 0; /* the ids the map puts in these slots whose records are not there */
+    uint64_t off = nseg ? kvt_run_offset(L, &c->pools.p[segs[0].pool], segs[0].head, 0, segs[0].n ? segs[0].n : 1) : 0;
+    int rc = damaged(c, mode, ci, 0, buf, slots, off, &rejects);
+    if (rc) return rc;
+    uint32_t m = keep_intact(c, ci, buf, slots);
+    if (kept) *kept = m;
+    return 0;
+}
+
+/* Bytes a buffer needs to read cluster k into: its segments' spans stacked (dead slots and
+ * padding included), then its pending records. */
 static uint64_t read_buffer_bytes(const kvt_coll *c, const kvt_cluster *k) {
     uint64_t b = (uint64_t)(k->n - k->pend) * c->L.esz;
-    if (!token(c))
-        for (uint32_t g = 0; g < k->nseg; g++) b += kvt_run_span(&c->L, k->segs[g].head, 0, k->segs[g].n) - (uint64_t)k->segs[g].n * c->L.esz;
+    if (!token(c)) {
+        b += (uint64_t)k->dead * c->L.esz;
+        for (uint32_t g = 0; g < k->nseg; g++) {
+            const kvt_seg *sg = &k->segs[g];
+            b += kvt_run_span(&c->L, &c->pools.p[sg->pool], sg->head, 0, sg->n) - (uint64_t)sg->n * c->L.esz;
+        }
+    }
     return b + (uint64_t)k->pend * c->L.esz;
 }
 
@@ -166,36 +232,13 @@ uint32_t kvt_read_buffer_records(const kvt_coll *c, const kvt_cluster *k) {
  * same buffer and are checked. *kept: its records on flash that are intact; in skip mode the
  * damaged ones are left out, the rest moved to the front in order. */
 static int finish_cluster(kvt_coll *c, uint32_t ci, uint8_t *buf, uint32_t *kept) {
-    const kvt_layout *L = &c->L;
     kvt_cluster *k = &c->cl[ci];
-    uint32_t flash = k->n - k->pend, bad = 0, b;
-    int rc = 0;
+    uint32_t flash = k->n - k->pend, bad = 0;
     *kept = flash;
-    if (token(c)) {
-        if (flash) rc = kvt_check_run(c, c->read_mode, ci, 0, buf, flash, token_offset(c, kvt_members(k)[0]), &bad);
-    } else {
-        kvt_unpack_segs(L, k->segs, k->nseg, buf);
-        uint32_t base = 0;
-        for (uint32_t g = 0; g < k->nseg && !rc; g++) {
-            const kvt_seg *sg = &k->segs[g];
-            if (sg->n) {
-                rc = kvt_check_run(c, c->read_mode, ci, base, buf + (size_t)base * L->esz, sg->n,
-                                   kvt_run_offset(L, sg->pool, sg->head, 0, sg->n), &b);
-                bad += b;
-            }
-            base += sg->n;
-        }
-    }
-    if (rc || !bad) return rc;
-    uint32_t m = 0;
-    for (uint32_t i = 0; i < flash; i++) {
-        const uint8_t *rec = buf + (size_t)i * L->esz;
-        if (!kvt_rec_ok(c, ci, i, rec)) continue;
-        if (m != i) memmove(buf + (size_t)m * L->esz, rec, L->esz);
-        m++;
-    }
-    *kept = m;
-    return 0;
+    if (!token(c)) return kvt_settle_segs(c, c->read_mode, ci, k->segs, k->nseg, buf, kept);
+    int rc = flash ? kvt_check_run(c, c->read_mode, ci, 0, buf, flash, token_offset(c, kvt_members(k)[0]), &bad) : 0;
+    if (!rc && bad) *kept = keep_intact(c, ci, buf, flash);
+    return rc;
 }
 
 /* Skip mode: extents (or their parts) past the end of a truncated file are not read; their
@@ -236,7 +279,7 @@ static void place_run(const extent *ex, uint32_t a, uint32_t e, const uint8_t *r
 /* The bytes between two extents that are no gap: the unused end of a page or pool (an extent
  * ends at its last record, the next may start at the next page), read with the page anyway. */
 static uint64_t page_slack(const kvt_layout *L) {
-    return kvt_pool_tail(L);
+    return kvt_pool_slack(L);
 }
 
 /* Counts the gaps between extents a..e-1 (sorted by offset) that one merged read crossed. */

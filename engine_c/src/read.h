@@ -26,9 +26,9 @@ typedef struct kvt_extent {
  * k->n) entries. Returns how many it wrote. */
 uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_seg *segs, uint32_t nseg,
                              kvt_extent *out);
-/* Packs a stacked read of segs (kvt_cluster_extents) into the cluster's records in order:
+/* Packs a stacked read of segs (kvt_cluster_extents) into the cluster's slots in order:
  * padding dropped, head-1 runs put first-first. Token-layout reads need no packing. */
-void kvt_unpack_segs(const kvt_layout *L, const kvt_seg *segs, uint32_t nseg, uint8_t *buf);
+void kvt_unpack_segs(const kvt_coll *c, const kvt_seg *segs, uint32_t nseg, uint8_t *buf);
 /* Damaged records (read.c 2). A read call (search, retrieve, get, open) runs with the thread's
  * choice (kvt_set_on_corrupt) in coll->read_mode; reads made for the engine's own work (splits,
  * co-location rewrites, prefetch jobs, value sums at open) run KVT_READ_OWN, which raises and
@@ -43,14 +43,21 @@ int kvt_read_begin(void);
 /* 1 if the record at position idx of cluster ci is intact: its checksum holds and it is the
  * record the id map puts there. */
 int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec);
-/* Checks n records read from flash at offset off, entries first_idx.. of cluster ci, in
+/* Checks n records read from flash at offset off, slots first_idx.. of cluster ci, in
  * `mode`. All intact: 0. Else the damaged ones are named by id (through the id map): in
- * KVT_READ_SKIP they are listed, counted in *bad (may be NULL otherwise) and 0 is returned,
- * the caller leaving out those kvt_rec_ok rejects; else KVT_ECORRUPT. */
+ * KVT_READ_SKIP they are listed, counted in *bad (dead slots, format 3, are not: read.c 2;
+ * may be NULL otherwise) and 0 is returned, the caller leaving out those kvt_rec_ok rejects;
+ * else KVT_ECORRUPT. */
 int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
                   uint64_t off, uint32_t *bad);
 /* 1 if cluster ci was found damaged by the call in progress. */
 int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci);
+/* Packs and checks a stacked read of cluster ci's segments (its own, or a loader job's copy),
+ * in `mode` (kvt_check_run): its live records, in order, at the front of buf; dead slots
+ * (format 3) dropped and counted (read.c 2). *kept (may be NULL): the live records intact (in
+ * skip mode the damaged ones are left out). */
+int kvt_settle_segs(kvt_coll *c, int mode, uint32_t ci, const kvt_seg *segs, uint32_t nseg, uint8_t *buf,
+                    uint32_t *kept);
 /* Skip mode's read: len bytes at off, of which what lies past the end of the file is zeros
  * (records there then fail their check) instead of a short-read error. */
 int kvt_read_clamped(kvt_coll *c, uint64_t off, size_t len, void *dst, uint64_t entries);

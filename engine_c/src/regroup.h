@@ -10,8 +10,18 @@
 #include "store.h"
 
 /* Replaces cluster `src` (whose records, in order, are `recs`) by nt clusters: group t gets
- * the records with part[i] == t. Group 0 keeps the index src; the others take new slots,
- * the first of them *first_new. On failure the cluster is as it was. */
-int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt, uint32_t *first_new);
+ * the records with part[i] == t. One group keeps the index src (group 0; format 3 with two
+ * groups, the one with more records on src's flash, which keeps its segments: regroup.c 4),
+ * *kept_by says which; the others take new slots, the first of them *first_new. Either
+ * pointer may be NULL. On failure the cluster is as it was. */
+int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt, uint32_t *first_new,
+                uint32_t *kept_by);
+
+/* Format 3: whether cluster j holds dead slots that outnumber its live records on flash, or
+ * more than one segment, and the consolidation budget has room to rewrite it. */
+int kvt_wants_consolidation(const kvt_coll *c, uint32_t j);
+/* Rewrites cluster j, whose records in order are `recs`, into one fresh head (copy on
+ * write): no dead slots, one segment. Counted as a consolidation. */
+int kvt_consolidate(kvt_coll *c, uint32_t j, const uint8_t *recs);
 
 #endif

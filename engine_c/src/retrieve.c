@@ -31,6 +31,7 @@
 #include "estimate.h"
 #include "policy.h"
 #include "read.h"
+#include "regroup.h"
 #include "score.h"
 #include "store.h"
 #include "virtualize.h"
@@ -210,6 +211,40 @@ static void close_up(kvt_result *r, uint64_t rows) {
     r->n = m;
 }
 
+/* tidy (format 3): clusters read whole that hold more dead slots than live records on flash,
+ * or a chain of segments, are rewritten into one head from their rows of the result while
+ * they are in DRAM (regroup.c 4), within the consolidation budget. Those the policy took its
+ * records for (split) are left out, their rows no longer what they hold, and so are clusters
+ * found damaged (read.c 2). */
+static void tidy_step(retrieval *R, const uint32_t *tidy, uint32_t ntidy) {
+    kvt_coll *c = R->c;
+    for (uint32_t t = 0; t < ntidy; t++) {
+        uint32_t j = tidy[t];
+        if (!kvt_wants_consolidation(c, j)) continue;
+        uint64_t bytes = (uint64_t)c->cl[j].n * c->L.esz;
+        int rc;
+        uint8_t *recs = records_of(R, j, bytes, &rc);
+        if (!recs) continue; /* no room: it stays as it is */
+        if (kvt_consolidate(c, j, recs)) kvt_clear_error();
+        free(recs);
+        kvt_mem_release(&c->st->mem, bytes);
+    }
+}
+
+/* The clusters read whole that tidy_step may rewrite: chosen before the policy takes records
+ * (which may split them). */
+static uint32_t tidy_candidates(retrieval *R, uint32_t *tidy) {
+    kvt_coll *c = R->c;
+    uint32_t m = 0;
+    for (uint64_t t = 0; tidy && t < R->taken; t++) {
+        uint32_t j = R->sel.idx[t];
+        if (j == R->fx.part_cl || kvt_cluster_damaged(c, j) || !kvt_wants_consolidation(c, j)) continue;
+        if (c->ops->wants_records && c->ops->wants_records(c, j)) continue;
+        tidy[m++] = j;
+    }
+    return m;
+}
+
 static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
                              const kvt_estimate_opts *est, kvt_result *r) {
     retrieval R = {.c = c, .r = r};
@@ -220,7 +255,11 @@ static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t 
     if (!rc) rc = read_step(&R);
     int mode = c->read_mode;
     c->read_mode = KVT_READ_OWN; /* invariant 4: the policy's work and co-location read for the engine */
+    uint32_t *tidy = !rc && c->pools.sized ? malloc(R.taken * sizeof *tidy + 1) : NULL, ntidy = 0;
+    if (tidy) ntidy = tidy_candidates(&R, tidy);
     if (!rc) hand_over_step(&R);
+    if (ntidy) tidy_step(&R, tidy, ntidy);
+    free(tidy);
     if (!rc && mode == KVT_READ_SKIP && c->ndmg_cl) close_up(r, R.total);
     if (!rc && kvt_relayout_due(c) && kvt_relayout(c)) c->ctr.split_errors++;
     /* name: the clusters the entries belong to now, after any split or relayout */

@@ -218,6 +218,19 @@ int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32
 
 /* ---- get ---------------------------------------------------------------------------------- */
 
+/* Record id (the id map's slot idx) in cluster k's cached copy e, which holds its live
+ * records in slot order: at idx when the cluster has no dead slots, else looked for. */
+static const uint8_t *cached_record(const kvt_layout *L, const kvt_cluster *k, const kvt_cache_ent *e, int64_t id,
+                                    uint32_t idx) {
+    if (!k->dead) return idx < e->n ? e->rec + (size_t)idx * L->esz : NULL;
+    for (uint32_t i = 0; i < e->n; i++) {
+        int64_t x;
+        memcpy(&x, e->rec + (size_t)i * L->esz, 8);
+        if (x == id) return e->rec + (size_t)i * L->esz;
+    }
+    return NULL;
+}
+
 int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
     kvt_clear_error();
     int mode = kvt_read_begin();
@@ -247,11 +260,11 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
         kvt_cluster *k = &c->cl[lc.cl];
         const uint8_t *rec;
         kvt_cache_ent *e = kvt_cached(c, lc.cl);
-        if (e && lc.idx < e->n) {
+        uint32_t slots = k->n - k->pend + k->dead; /* on flash; the pending ones follow */
+        if (e && (rec = cached_record(L, k, e, ids[i], lc.idx))) {
             s->cache.hits++;
-            rec = e->rec + (size_t)lc.idx * L->esz;
-        } else if (lc.idx >= k->n - k->pend) {
-            rec = k->x->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz;
+        } else if (lc.idx >= slots) {
+            rec = k->x->pbuf + (size_t)(lc.idx - slots) * L->esz;
         } else {
             s->cache.misses++;
             uint64_t off;
@@ -260,7 +273,7 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
             if (!rc) rc = mode == KVT_READ_SKIP ? kvt_read_clamped(c, off, L->esz, buf, 1) : kvt_file_read(c->f, off, L->esz, buf, 1);
             if (!rc) rc = kvt_check_run(c, mode, lc.cl, lc.idx, buf, 1, off, &bad);
             if (rc) break;
-            if (bad) { /* skip mode: its rows are zeros, its id listed */
+            if (bad || !kvt_rec_ok(c, lc.cl, lc.idx, buf)) { /* skip mode: its rows are zeros, its id listed */
                 memset((uint8_t *)keys_out + i * L->key_bytes, 0, L->key_bytes);
                 if (values_out) memset((uint8_t *)values_out + i * L->value_bytes, 0, L->value_bytes);
                 continue;

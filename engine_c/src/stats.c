@@ -21,8 +21,8 @@ int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
     kvt_coll_stats parked = c->parked_stats;
     *o = c->ctr;
     o->entries = c->n;
-    o->pools = c->pools.n;
-    o->data_file_bytes = token(c) ? token_offset(c, c->n) : kvt_pool_base(&c->L, c->pools.n);
+    o->pools = c->pools.n - c->pools.nspare;
+    o->data_file_bytes = token(c) ? token_offset(c, c->n) : kvt_pools_file_bytes(&c->pools, &c->L);
     o->tau = c->ops->tau ? c->ops->tau(c) : c->p.tau;
     o->pending_entries = c->pending_total - c->tail_total;
     o->write_buffer_entries = c->tail_total;
@@ -35,6 +35,7 @@ int kvt_coll_stats_get(kvt_coll *c, kvt_coll_stats *o) {
         o->mean_variance = parked.mean_variance;
         o->max_cluster_size = parked.max_cluster_size;
         o->flagged_clusters = parked.flagged_clusters;
+        o->dead_slots = parked.dead_slots;
         o->cached_clusters = 0;
     } else {
         kvt_cluster_stats(c, o);

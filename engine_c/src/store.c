@@ -160,9 +160,10 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     o->evictions = s->cache.evictions;
     o->read_ops = io.read_ops;
     o->read_bytes = io.read_bytes;
-    o->read_entries = io.read_entries;
+    o->read_entries = io.read_entries - io.dead_read; /* the live ones */
     o->contiguous_reads = io.read_ops + io.gaps_read;
     o->gap_bytes = io.gap_bytes;
+    o->dead_bytes = io.dead_bytes;
     o->write_ops = io.write_ops;
     o->write_bytes = io.write_bytes;
     o->sync_ops = io.sync_ops;

@@ -50,6 +50,11 @@ typedef struct kvt_cluster {
     uint32_t n;            /* entries */
     uint32_t nseg, segcap;
     uint32_t pend;         /* its last pend entries wait in DRAM (x->pbuf), not on flash */
+    /* format 3: slots of its segments that hold no live record of it (a split kept this
+     * cluster in its parent's segments; the other child's records there are dead). Its
+     * segments' slots add up to n - pend + dead; the id map names each live record's slot.
+     * (It fills what was padding: the struct stays 48 bytes.) */
+    uint32_t dead;
     float m2;              /* sum of squared distances to the mean (Welford) */
     kvt_adapt_cluster ad;  /* adaptive (adapt.c): flagged for a split, and why */
     /* the cache policy's memory of the cluster while it is not cached: its heat (float16)

@@ -37,7 +37,7 @@ int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
     uint32_t slot = lc.idx, g = 0;
     while (g < k->nseg && slot >= k->segs[g].n) slot -= k->segs[g++].n;
     if (g == k->nseg) return kvt_fail(KVT_ECORRUPT, "id %llu maps outside its cluster", (unsigned long long)id);
-    *off = kvt_slot_offset(&c->L, k->segs[g].pool, k->segs[g].head, slot);
+    *off = kvt_slot_offset(&c->L, &c->pools.p[k->segs[g].pool], k->segs[g].head, slot);
     return 0;
 }
 
@@ -62,14 +62,15 @@ int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
     kvt_io_batch_begin(&c->st->io);
     for (uint32_t g = 0; g < k->nseg && !rc; g++) {
         const kvt_seg *sg = &k->segs[g];
+        const kvt_pool *pl = &c->pools.p[sg->pool];
         if (sg->n) {
-            uint64_t off = kvt_run_offset(L, sg->pool, sg->head, 0, sg->n);
-            size_t span = (size_t)kvt_run_span(L, sg->head, 0, sg->n);
+            uint64_t off = kvt_run_offset(L, pl, sg->head, 0, sg->n);
+            size_t span = (size_t)kvt_run_span(L, pl, sg->head, 0, sg->n);
             uint32_t bad = 0;
             rc = c->read_mode == KVT_READ_SKIP ? kvt_read_clamped(c, off, span, buf, sg->n)
                                                : kvt_file_read(c->f, off, span, buf, sg->n);
             if (!rc) {
-                kvt_unpad(L, buf, buf, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
+                kvt_unpad(L, buf, buf, kvt_run_pos(L, pl, sg->head, 0, sg->n), sg->n);
                 if (sg->head == 1) kvt_rec_reverse(L, buf, sg->n);
                 rc = kvt_check_run(c, c->read_mode, 0, first, buf, sg->n, off, &bad);
             }

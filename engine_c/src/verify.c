@@ -6,7 +6,7 @@
  * 1. Verify reads the file, never the cache, and changes nothing: no cache entry, split,
  *    write or catalog state; the reads are counted as any other.
  * 2. Every record on flash is checked as a read checks it (read.c 2: checksum, and the id the
- *    id map puts there); a damaged one is named by the id the id map puts at its place, and a
+ *    id map puts there, or an intact record of another cluster in a dead slot); a damaged one is named by the id the id map puts at its place, and a
  *    record past the end of a truncated file is damaged.
  * 3. Its DRAM is one pool's read (the largest extent of the clustered layouts; token-order
  *    runs are read in pieces of that size), reserved against the budget.
@@ -32,7 +32,7 @@ static int check_extent(kvt_coll *c, uint32_t ci, uint32_t first, uint32_t n, ui
     int rc = kvt_read_clamped(c, off, (size_t)span, buf, n);
     if (rc) return rc;
     if (sg) {
-        kvt_unpad(L, buf, buf, kvt_run_pos(L, sg->head, 0, sg->n), sg->n);
+        kvt_unpad(L, buf, buf, kvt_run_pos(L, &c->pools.p[sg->pool], sg->head, 0, sg->n), sg->n);
         if (sg->head == 1) kvt_rec_reverse(L, buf, sg->n);
     }
     rc = kvt_check_run(c, KVT_READ_SKIP, ci, first, buf, n, off, &bad);
@@ -61,11 +61,13 @@ static int verify_records(kvt_coll *c, uint8_t *buf, uint64_t cap, kvt_verify_t 
         uint32_t base = 0;
         for (uint32_t g = 0; g < k->nseg && !rc; g++) {
             const kvt_seg *sg = &k->segs[g];
+            const kvt_pool *pl = &c->pools.p[sg->pool];
             if (sg->n)
-                rc = check_extent(c, j, base, sg->n, kvt_run_offset(L, sg->pool, sg->head, 0, sg->n),
-                                  kvt_run_span(L, sg->head, 0, sg->n), sg, buf, out);
+                rc = check_extent(c, j, base, sg->n, kvt_run_offset(L, pl, sg->head, 0, sg->n),
+                                  kvt_run_span(L, pl, sg->head, 0, sg->n), sg, buf, out);
             base += sg->n;
         }
+        out->records -= k->dead; /* format 3: dead slots were read, and hold no record of it */
     }
     return rc;
 }

@@ -70,7 +70,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  * checkpoint had made durable.
  *
  *   "KVTSWAP3" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
- *   per cluster: u32 n, nseg, pend, 2 words of policy state (policy.h), ptail; f32 heat,
+ *   per cluster: u32 n, nseg, pend, 2 words of policy state (policy.h), ptail, dead; f32 heat,
  *                u32 heat_visit (its cache entry's when cached); f64 m2; nseg x (u32 pool,
  *                head, n);
  *                pend records (its pending buffer)
@@ -81,7 +81,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
  *   u32 CRC-32C of all the above, then zeros to the I/O alignment
  */
-#define SWAP_MAGIC "KVTSWAP3" /* 3: ptail per cluster */
+#define SWAP_MAGIC "KVTSWAP4" /* 3: ptail per cluster; 4: dead slots per cluster */
 
 /* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
  * I/O alignment, so the image's zero tail always fits in it). */
@@ -145,7 +145,7 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
     sw_u32(w, c->m2d != NULL);
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
-        uint32_t f[6] = {k->n, k->nseg, k->pend, 0, 0, kvt_ptail(k)};
+        uint32_t f[7] = {k->n, k->nseg, k->pend, 0, 0, kvt_ptail(k), k->dead};
         kvt_policy_cluster_save(c, k, f + 3); /* the policy's two words (policy.h) */
         sw_put(w, f, sizeof f);
         /* the cache policy's memory of it: re-admitted, it is as hot as it was */
@@ -321,7 +321,7 @@ static int install_clusters(kvt_coll *c, kvt_rbuf *r, uint32_t ncl) {
     for (uint32_t j = 0; j < ncl && !rc && !r->bad; j++) {
         kvt_cluster *k = &c->cl[j];
         memset(k, 0, sizeof *k);
-        uint32_t f[6];
+        uint32_t f[7];
         float heat = 0;
         kvt_rbuf_get(r, f, sizeof f);
         kvt_rbuf_get(r, &heat, 4);
@@ -330,6 +330,7 @@ static int install_clusters(kvt_coll *c, kvt_rbuf *r, uint32_t ncl) {
         k->m2 = (float)kvt_rbuf_f64(r);
         k->n = f[0];
         kvt_policy_cluster_load(c, k, f + 3, 1);
+        k->dead = f[6];
         if (r->bad || f[1] > (r->len - r->pos) / 12 || (uint64_t)f[2] * L->esz > r->len - r->pos) {
             r->bad = 1;
             break;

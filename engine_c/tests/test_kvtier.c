@@ -211,6 +211,12 @@ static void test_io(void) {
 }
 
 /* ---- pools -------------------------------------------------------------------------------- */
+/* Pool i of a file of pools of one size (formats 1 and 2). */
+static kvt_pool fixed_pool(const kvt_layout *L, uint32_t i) {
+    uint32_t units = (uint32_t)(L->pool_bytes / KVT_POOL_UNIT);
+    return (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, i * units, units};
+}
+
 static void test_pool(void) {
     kvt_layout L;
     kvt_layout_init(&L, 64, 64, KVT_F16, 32, 1, 1); /* format 1: records back to back */
@@ -218,25 +224,28 @@ static void test_pool(void) {
     CHECK(L.pool_bytes % KVT_IO_ALIGN == 0);
     CHECK(L.pool_cap >= 64 && (uint64_t)L.pool_cap * L.esz <= L.pool_bytes);
     /* heads grow toward each other; a head's run is contiguous */
-    CHECK(kvt_slot_offset(&L, 0, 0, 0) == KVT_DATA_HEADER);
-    CHECK(kvt_slot_offset(&L, 0, 1, 0) == KVT_DATA_HEADER + (uint64_t)(L.pool_cap - 1) * L.esz);
-    CHECK(kvt_run_offset(&L, 1, 1, 0, 5) == kvt_slot_offset(&L, 1, 1, 4));
+    kvt_pool p0 = fixed_pool(&L, 0), p1 = fixed_pool(&L, 1);
+    CHECK(kvt_pool_cap(&L, &p0) == L.pool_cap);
+    CHECK(kvt_slot_offset(&L, &p0, 0, 0) == KVT_DATA_HEADER);
+    CHECK(kvt_slot_offset(&L, &p0, 1, 0) == KVT_DATA_HEADER + (uint64_t)(L.pool_cap - 1) * L.esz);
+    CHECK(kvt_run_offset(&L, &p1, 1, 0, 5) == kvt_slot_offset(&L, &p1, 1, 4));
     /* format 2 pads to pages: no record crosses one, heads still meet, spans count padding */
     {
         kvt_layout P2;
         kvt_layout_init(&P2, 64, 64, KVT_F16, 32, 2, 1);
         CHECK(P2.rpp == KVT_LAYOUT_PAGE / 272 && P2.pool_cap % P2.rpp == 0 && P2.pool_cap >= 64);
         CHECK(P2.pool_bytes % KVT_IO_ALIGN == 0 && (uint64_t)P2.pool_cap / P2.rpp * KVT_LAYOUT_PAGE == P2.pool_bytes);
+        kvt_pool q0 = fixed_pool(&P2, 0), q3 = fixed_pool(&P2, 3);
         for (uint32_t h = 0; h < 2; h++)
             for (uint32_t sl = 0; sl < P2.pool_cap; sl++) {
-                uint64_t o = kvt_slot_offset(&P2, 3, h, sl) - KVT_DATA_HEADER;
+                uint64_t o = kvt_slot_offset(&P2, &q3, h, sl) - KVT_DATA_HEADER;
                 CHECK(o / KVT_LAYOUT_PAGE == (o + P2.esz - 1) / KVT_LAYOUT_PAGE);
                 CHECK(o + P2.esz <= 4 * P2.pool_bytes);
             }
-        CHECK(kvt_slot_offset(&P2, 0, 1, 0) == KVT_DATA_HEADER + P2.pool_bytes - KVT_LAYOUT_PAGE + (uint64_t)(P2.rpp - 1) * P2.esz);
+        CHECK(kvt_slot_offset(&P2, &q0, 1, 0) == KVT_DATA_HEADER + P2.pool_bytes - KVT_LAYOUT_PAGE + (uint64_t)(P2.rpp - 1) * P2.esz);
         CHECK(kvt_span(&P2, 0, P2.rpp) == (uint64_t)P2.rpp * P2.esz);
         CHECK(kvt_span(&P2, P2.rpp - 1, 2) == KVT_LAYOUT_PAGE + P2.esz - (uint64_t)(P2.rpp - 1) * P2.esz);
-        CHECK(kvt_run_span(&P2, 1, 0, P2.rpp + 1) == kvt_span(&P2, P2.pool_cap - P2.rpp - 1, P2.rpp + 1));
+        CHECK(kvt_run_span(&P2, &q0, 1, 0, P2.rpp + 1) == kvt_span(&P2, P2.pool_cap - P2.rpp - 1, P2.rpp + 1));
         /* records laid out by position, unpadded in place, come back in order, for every phase */
         uint32_t nr = 40;
         uint8_t *flat = malloc((size_t)nr * P2.esz), *padded = malloc(8 * KVT_LAYOUT_PAGE);
@@ -271,13 +280,13 @@ static void test_pool(void) {
     kvt_pools P = {0};
     CHECK_OK(kvt_pools_reserve(&P, 4));
     kvt_seg a, b, c;
-    CHECK_OK(kvt_pools_claim(&P, &L, 0, &a));
-    CHECK_OK(kvt_pools_claim(&P, &L, 1, &b));
-    CHECK_OK(kvt_pools_claim(&P, &L, 2, &c));
+    CHECK_OK(kvt_pools_claim(&P, &L, 0, 1, 0, &a));
+    CHECK_OK(kvt_pools_claim(&P, &L, 1, 1, 0, &b));
+    CHECK_OK(kvt_pools_claim(&P, &L, 2, 1, 0, &c));
     CHECK(a.pool == 0 && a.head == 0 && b.pool == 0 && b.head == 1 && c.pool == 1 && c.head == 0);
     /* a cluster never takes the back head of its own pool */
     kvt_seg d2;
-    CHECK_OK(kvt_pools_claim(&P, &L, 2, &d2));
+    CHECK_OK(kvt_pools_claim(&P, &L, 2, 1, 0, &d2));
     CHECK(d2.pool == 2);
     /* a split's children: the back head of one pool and the front head of the next, so that
      * their records meet at the pool boundary (the pool's unused tail aside). Pool 2's back
@@ -285,9 +294,9 @@ static void test_pool(void) {
     kvt_seg e0, e1, f0, f1;
     CHECK_OK(kvt_pools_claim_pair(&P, &L, 5, 10, 6, 12, &e0, &e1));
     CHECK(e0.head == 1 && e1.head == 0 && e1.pool == e0.pool + 1);
-    uint64_t end0 = kvt_run_offset(&L, e0.pool, 1, 0, 10) + kvt_run_span(&L, 1, 0, 10);
-    uint64_t slack = kvt_pool_tail(&L);
-    CHECK(end0 <= kvt_run_offset(&L, e1.pool, 0, 0, 12) && kvt_run_offset(&L, e1.pool, 0, 0, 12) - end0 <= slack);
+    uint64_t end0 = kvt_run_offset(&L, &P.p[e0.pool], 1, 0, 10) + kvt_run_span(&L, &P.p[e0.pool], 1, 0, 10);
+    uint64_t slack = kvt_pool_tail(&L, &P.p[e0.pool]), start1 = kvt_run_offset(&L, &P.p[e1.pool], 0, 0, 12);
+    CHECK(slack <= kvt_pool_slack(&L) && end0 <= start1 && start1 - end0 <= slack);
     CHECK(e0.pool == 3 && P.n == 5);
     CHECK_OK(kvt_pools_claim_pair(&P, &L, 7, 10, 8, 10, &f0, &f1));
     CHECK(f1.pool == f0.pool + 1 && !(f0.pool == e0.pool && f0.head == e0.head));
@@ -300,6 +309,82 @@ static void test_pool(void) {
     CHECK(P.p[f1.pool].owner[f1.head] == KVT_HEAD_RETIRED && P.nretired == 1);
     kvt_pools_committed(&P, 1);
     CHECK(P.p[f1.pool].owner[f1.head] == KVT_HEAD_FREE && P.nretired == 0);
+    kvt_pools_free(&P);
+}
+
+/* Format 3: pools sized to what claims them, from free runs that freed pools give back */
+static void test_pool_sized(void) {
+    kvt_layout L;
+    kvt_layout_init(&L, 64, 64, KVT_F16, 64, 3, 1);
+    uint32_t rpp = L.rpp, per_unit = KVT_POOL_UNIT / KVT_LAYOUT_PAGE * rpp;
+    kvt_pools P = {0};
+    P.sized = 1;
+    CHECK_OK(kvt_pools_reserve(&P, 8));
+    /* a 20-record cluster gets room for two of its size; a partner of its size pairs with it */
+    kvt_seg a, b, c, d;
+    CHECK_OK(kvt_pools_claim(&P, &L, 0, 20, 0, &a));
+    CHECK(a.pool == 0 && a.head == 0 && P.p[0].units == kvt_pool_units(&L, 40) && P.p[0].base == 0);
+    CHECK(kvt_pool_cap(&L, &P.p[0]) >= 40 && kvt_pool_cap(&L, &P.p[0]) < 40 + per_unit);
+    P.p[0].used[0] = 20;
+    /* a partner pairs only with room for half as much again to grow into */
+    uint32_t room = kvt_pool_room(&L, &P.p[0]);
+    CHECK_OK(kvt_pools_claim(&P, &L, 1, room, 0, &b));
+    CHECK(b.pool == 1);
+    kvt_pools_unclaim(&P, &b);
+    CHECK(P.end == P.p[0].units && P.nspare == 1);
+    CHECK_OK(kvt_pools_claim(&P, &L, 1, room * 2 / 3, 0, &b));
+    CHECK(b.pool == 0 && b.head == 1);
+    P.p[0].used[1] = room * 2 / 3;
+    /* no pool is larger than a format-2 pool; a chain claims room for the cluster's size */
+    CHECK_OK(kvt_pools_claim(&P, &L, 2, 1000, 0, &c));
+    CHECK(c.pool == 1 && P.p[1].base == P.p[0].units && kvt_pool_cap(&L, &P.p[1]) <= L.pool_cap);
+    P.p[1].used[0] = kvt_pool_cap(&L, &P.p[1]); /* full: the next claim cannot pair in it */
+    CHECK_OK(kvt_pools_claim(&P, &L, 3, 5, 30, &d));
+    CHECK(d.pool == 2 && kvt_pool_cap(&L, &P.p[2]) >= 60);
+    uint32_t end = P.end;
+    CHECK(end == P.p[0].units + P.p[1].units + P.p[2].units && P.peak == end);
+    CHECK(kvt_pools_file_bytes(&P, &L) == KVT_DATA_HEADER + (uint64_t)end * KVT_POOL_UNIT);
+    /* a pool gives its units back only when both heads are free; a middle pool leaves a run
+     * that the next pool that fits takes, and the end shrinks when the last pool goes */
+    kvt_pools_unclaim(&P, &a);
+    CHECK(P.p[0].units && P.nruns == 0);
+    kvt_pools_unclaim(&P, &b);
+    CHECK(P.p[0].units == 0 && P.nruns == 1 && P.runs[0].base == 0 && P.nspare == 1);
+    kvt_seg e;
+    P.p[2].used[0] = kvt_pool_cap(&L, &P.p[2]);
+    CHECK_OK(kvt_pools_claim(&P, &L, 4, 10, 0, &e));
+    CHECK(e.pool == 0 && P.p[0].base == 0 && P.end == end); /* the slot and the run reused */
+    kvt_pools_unclaim(&P, &e);
+    kvt_pools_unclaim(&P, &d);
+    CHECK(P.end == P.p[1].base + P.p[1].units && P.peak == end);
+    kvt_pools_unclaim(&P, &c); /* everything free: the runs coalesce into the empty file */
+    CHECK(P.end == 0 && P.nruns == 0);
+    /* a head a checkpoint named waits for the commit before its pool goes */
+    kvt_seg f, g;
+    CHECK_OK(kvt_pools_claim(&P, &L, 5, 15, 0, &f));
+    kvt_pools_named(&P);
+    kvt_pools_retire(&P, &f);
+    CHECK(P.p[f.pool].units && P.p[f.pool].owner[f.head] == KVT_HEAD_RETIRED);
+    CHECK_OK(kvt_pools_claim(&P, &L, 6, 15, 0, &g));
+    CHECK(g.pool != f.pool || g.head != f.head);
+    kvt_pools_committed(&P, 1);
+    CHECK(P.p[f.pool].owner[f.head] == KVT_HEAD_FREE);
+    /* rebuilt from owners (after loading): unowned pools give their units back, the gaps
+     * between owned pools are the free runs, and overlapping pools are refused */
+    kvt_pools Q = {0};
+    Q.sized = 1;
+    CHECK_OK(kvt_pools_reserve(&Q, 4));
+    Q.n = 3;
+    Q.p[0] = (kvt_pool){{0, KVT_HEAD_FREE}, {5, 0}, 4, 2};
+    Q.p[1] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 4};
+    Q.p[2] = (kvt_pool){{KVT_HEAD_FREE, 1}, {0, 7}, 9, 1};
+    CHECK_OK(kvt_pools_rebuild(&Q, &L));
+    CHECK(Q.nruns == 2 && Q.runs[0].base == 0 && Q.runs[0].units == 4 && Q.runs[1].base == 6 && Q.runs[1].units == 3);
+    CHECK(Q.end == 10 && Q.p[1].units == 0 && Q.nspare == 1);
+    Q.p[1] = (kvt_pool){{2, KVT_HEAD_FREE}, {1, 0}, 5, 2};
+    Q.nspare = 0;
+    CHECK(kvt_pools_rebuild(&Q, &L) == KVT_ECORRUPT);
+    kvt_pools_free(&Q);
     kvt_pools_free(&P);
 }
 
@@ -2387,6 +2472,7 @@ int main(void) {
     test_simd();
     test_io();
     test_pool();
+    test_pool_sized();
     test_cluster();
     test_cache();
     test_cache_policies();
