@@ -997,7 +997,7 @@ def write(rows: Rows, methods: Sequence[Method], a, argv, name: str, t_start: fl
     mine = [r for r in rows.done.values() if r["model"] == a.model]
     names = [m.name for m in methods]
     summ = summarize(mine, names)
-    cmd = "kvtier bench tasks " + " ".join(argv)
+    cmd = "kvtier bench tasks " + " ".join(x for x in argv if x != "--summarize")  # the run's command
     header = (f"# Long-context tasks through the cache under test ({a.model}, {a.dtype})\n\n`{cmd}`\n\n"
               f"Each context prefilled once (dense, chunks of {a.chunk}); every method decodes from a copy of that "
               f"state: the question fed as decoding steps, the answer decoded greedily through the cache under test. "
