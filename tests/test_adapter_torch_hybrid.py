@@ -2,7 +2,9 @@
 random Gemma 3: only the full layers are tiered, the sliding ones keep their window as
 transformers' own layer does; a budget that fetches everything reproduces full attention;
 ``prefill_from`` starts a TieredCache from a dense prefill; ``stats()`` and ``estimate_dram``
-count both kinds of layer; the models still refused say why.
+count both kinds of layer; the estimated zone lives in the tiered layers only; operations the
+cache refuses (crop, beam reordering, batch changes) leave every layer, sliding ones included, as
+it was; the models still refused say why.
 """
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig  # no
 import kvtier  # noqa: E402
 from kvtier.adapters.torch import TieredCache, check_model, estimate_dram  # noqa: E402
 from test_adapter_torch import full_logits, run  # noqa: E402  (the same helpers as for Llama)
+from test_adapter_torch_estimate import estimate_errors  # noqa: E402
 
 VOCAB = 96
 WINDOW = 16
@@ -177,3 +180,50 @@ def test_softcapping_model_refused():
                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8)
     with pytest.raises(kvtier.InvalidArgumentError, match="softcapping"):
         TieredCache(Gemma2ForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("op", [lambda c: c.crop(-2), lambda c: c.reorder_cache(torch.tensor([0, 0])),
+                                lambda c: c.batch_repeat_interleave(2),
+                                lambda c: c.batch_select_indices(torch.tensor([0, 0]))],
+                         ids=["crop", "reorder_cache", "batch_repeat_interleave", "batch_select_indices"])
+def test_refused_operations_change_nothing(model, tokens, op):
+    """transformers' Cache applies these layer by layer: layer 0 slides, layer 1 is tiered, so the
+    refusal must come before layer 0 is touched; the cache then decodes on as if never asked."""
+    ref = full_logits(model, tokens[:, :40])
+    with TieredCache(model, budget=1.0, sinks=2, window=4, store_dtype="float32") as cache:
+        with torch.no_grad():
+            first = model(tokens[:, :12], cache=cache, use_cache=True).logits[0]  # below the window
+        before = [(l.keys.clone(), l.values.clone()) for l in (cache.layers[i] for i in (0, 2, 3))]
+        st = cache.stats()
+        with pytest.raises(NotImplementedError, match="not supported"):
+            op(cache)
+        for (k, v), l in zip(before, (cache.layers[i] for i in (0, 2, 3))):
+            assert torch.equal(k, l.keys) and torch.equal(v, l.values)
+        assert cache.stats()["tokens_seen"] == st["tokens_seen"] == 12
+        rest = run(model, cache, tokens[:, 12:40], prefill=1)
+    torch.testing.assert_close(torch.cat([first, rest]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_estimate_on_a_hybrid_model(model, tokens):
+    """The estimated zone exists only in the tiered layers: exact with a budget that fetches
+    everything, and closer to full attention than without it at a partial budget."""
+    ref = full_logits(model, tokens)
+    with TieredCache(model, budget=1.0, sinks=4, window=8, store_dtype="float32", estimate=True) as cache:
+        got = run(model, cache, tokens, prefill=60, chunks=(9,))
+        assert all(c.params["value_sums"] for i in cache.tiered for c in cache.layers[i].colls)
+        st = cache.stats()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert st["estimated_per_step"] == 0 and st["sliding_layers"] == 3
+    err = estimate_errors(model, tokens)
+    assert err["all"] < 0.5 * err[False], err
+
+
+@pytest.mark.parametrize("prefetch,virtualize", [(False, False), (True, True)])
+def test_full_budget_exact_with_prefetch_or_virtualize(model, tokens, prefetch, virtualize):
+    ref = full_logits(model, tokens)
+    with TieredCache(model, budget=1.0, sinks=4, window=8, store_dtype="float32", prefetch=prefetch,
+                     virtualize=virtualize) as cache:
+        got = run(model, cache, tokens, prefill=60)
+        st = cache.stats()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert st["prefetch"] == prefetch and st["tiered_layers"] == 2

@@ -798,8 +798,23 @@ class TieredCache(Cache):
                              collection_options=self._collection_options)
 
     # -- unsupported Cache operations ------------------------------------------------------
+    # Refused here, before any layer is touched: transformers' Cache runs these layer by layer, so
+    # on a hybrid model a sliding layer ahead of the first tiered one would be changed before the
+    # tiered layer refuses, and a refused call must leave the cache as it was.
     def reset(self):
         raise NotImplementedError("TieredCache cannot be reset (stored entries cannot be removed): make a new one")
+
+    def crop(self, tokens_to_remove: int):
+        self.layers[self.tiered[0]].crop(tokens_to_remove)  # raises, naming what is not supported
+
+    def reorder_cache(self, beam_idx):
+        self.layers[self.tiered[0]].reorder_cache(beam_idx)  # raises
+
+    def batch_repeat_interleave(self, repeats: int):
+        self.layers[self.tiered[0]].batch_repeat_interleave(repeats)  # raises
+
+    def batch_select_indices(self, indices):
+        self.layers[self.tiered[0]].batch_select_indices(indices)  # raises
 
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> dict:
