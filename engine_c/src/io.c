@@ -545,8 +545,7 @@ int kvt_file_read_batch(kvt_file *f, const kvt_read_req *reqs, size_t n) {
             uint64_t a0 = kvt_round_down(reqs[i].off, KVT_IO_ALIGN);
             size_t alen = (size_t)(kvt_round_up(reqs[i].off + reqs[i].len, KVT_IO_ALIGN) - a0);
             x[i] = (kvt_io_xfer){dfd, NULL, alen, a0, 0, 0, NULL};
-            if (total + alen < total) total = SIZE_MAX;
-            else total += alen;
+            total = total + alen < total ? SIZE_MAX : total + alen; /* saturates: too much to allocate */
         }
         if (total == SIZE_MAX || posix_memalign((void **)&bounce, KVT_IO_ALIGN, total)) {
             rc = kvt_fail(ENOMEM, "pread(%s): cannot allocate %zu aligned bytes", f->path, total);
