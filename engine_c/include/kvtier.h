@@ -36,13 +36,13 @@ extern "C" {
 #define KVT_FORMAT_VERSION 3
 
 /* ---- error codes ------------------------------------------------------------------------ */
-#define KVT_OK 0
-#define KVT_EINVAL (-30001)   /* an argument is out of range or inconsistent */
-#define KVT_ECORRUPT (-30002) /* a checksum or structural check failed on data read back */
-#define KVT_EBUDGET (-30003)  /* the DRAM budget cannot hold what the call must keep resident */
+#define KVT_OK        0
+#define KVT_EINVAL    (-30001) /* an argument is out of range or inconsistent */
+#define KVT_ECORRUPT  (-30002) /* a checksum or structural check failed on data read back */
+#define KVT_EBUDGET   (-30003) /* the DRAM budget cannot hold what the call must keep resident */
 #define KVT_ENOTFOUND (-30004) /* an id that was never added */
-#define KVT_EFORMAT (-30005)  /* an exported blob or file of another format version */
-#define KVT_ECLOSED (-30006)  /* the store was closed */
+#define KVT_EFORMAT   (-30005) /* an exported blob or file of another format version */
+#define KVT_ECLOSED   (-30006) /* the store was closed */
 #define KVT_EINJECTED (-30007) /* a fault injected by a test hook (never in production) */
 
 /* "KVT_NAME: text" for kvtier codes, "ENAME: strerror" for errno values. Never NULL. */
@@ -69,7 +69,10 @@ enum kvt_on_corrupt { KVT_ON_CORRUPT_RAISE = 0, KVT_ON_CORRUPT_SKIP = 1 };
 int kvt_set_on_corrupt(int mode);
 /* An entry a read could not read: the collection's number (as given to kvt_coll_create) and
  * its id. */
-typedef struct kvt_unreadable { uint32_t coll; int64_t id; } kvt_unreadable;
+typedef struct kvt_unreadable {
+    uint32_t coll;
+    int64_t id;
+} kvt_unreadable;
 /* The entries the calling thread's last read call (search, retrieve, retrieve_batch, get,
  * open, verify) met damaged, sorted by collection and id, each once; *out (may be NULL) points
  * at them until the thread's next such call. Returns their number. */
@@ -82,10 +85,10 @@ enum kvt_metric { KVT_METRIC_IP = 0, KVT_METRIC_L2 = 1 };
  * `name` is the policy's name in every API (kvt_policy_names; Python's policy="name"). The
  * value is stored in catalogs: it never changes. Listed as the benchmarks compare them: the
  * baselines, then the method. */
-#define KVT_POLICIES(X)                                                                        \
-    X(NONE, 3, none)         /* no clusters: exact token-level top-k, one read per entry */   \
-    X(STATIC, 0, static)     /* PQCache-like: entries join their nearest cluster for good */  \
-    X(LOCAL, 2, local)       /* ClusterKV-like: new entries clustered per window */           \
+#define KVT_POLICIES(X)                                                                                                \
+    X(NONE, 3, none)         /* no clusters: exact token-level top-k, one read per entry */                            \
+    X(STATIC, 0, static)     /* PQCache-like: entries join their nearest cluster for good */                           \
+    X(LOCAL, 2, local)       /* ClusterKV-like: new entries clustered per window */                                    \
     X(ADAPTIVE, 1, adaptive) /* the method: clusters split when their squared error grows */
 enum kvt_policy {
 #define KVT_POLICY_ENUM_(id, value, name) KVT_POLICY_##id = value,
@@ -93,9 +96,9 @@ enum kvt_policy {
 #undef KVT_POLICY_ENUM_
 };
 /* The cache policies (kvt_store_opts.cache_policy), the same way. */
-#define KVT_CACHE_POLICIES(X)                                                                  \
-    X(LRU, 0, lru)                                                                             \
-    X(LFU, 1, lfu)                                                                             \
+#define KVT_CACHE_POLICIES(X)                                                                                          \
+    X(LRU, 0, lru)                                                                                                     \
+    X(LFU, 1, lfu)                                                                                                     \
     X(CLUSTER, 2, cluster) /* cluster-aligned (docs/design.md §2.3) */
 enum kvt_cache_policy {
 #define KVT_CACHE_POLICY_ENUM_(id, value, name) KVT_CACHE_##id = value,
@@ -103,7 +106,10 @@ enum kvt_cache_policy {
 #undef KVT_CACHE_POLICY_ENUM_
 };
 /* A name table, in the order the X-macro lists it. */
-typedef struct kvt_name { const char *name; int value; } kvt_name;
+typedef struct kvt_name {
+    const char *name;
+    int value;
+} kvt_name;
 const kvt_name *kvt_policy_names(size_t *n);
 const kvt_name *kvt_cache_policy_names(size_t *n);
 enum kvt_direct { KVT_DIRECT_AUTO = -1, KVT_DIRECT_OFF = 0, KVT_DIRECT_ON = 1 };
@@ -114,18 +120,18 @@ enum kvt_direct { KVT_DIRECT_AUTO = -1, KVT_DIRECT_OFF = 0, KVT_DIRECT_ON = 1 };
  * bandwidth == 0 disables the model (modeled time stays 0). With throttle != 0 the engine
  * also sleeps until the modeled time has passed. */
 typedef struct kvt_device {
-    double latency_s;       /* per batch of reads, seconds */
-    double iops;            /* read operations per second ceiling */
-    double bandwidth_Bps;   /* sequential read bandwidth, bytes per second */
-    int queue_depth;        /* informational: reads the device overlaps */
-    int page_size;          /* flash page, bytes */
+    double latency_s;     /* per batch of reads, seconds */
+    double iops;          /* read operations per second ceiling */
+    double bandwidth_Bps; /* sequential read bandwidth, bytes per second */
+    int queue_depth;      /* informational: reads the device overlaps */
+    int page_size;        /* flash page, bytes */
     int throttle;
 } kvt_device;
 
 typedef struct kvt_store_opts {
-    uint64_t dram_budget;   /* bytes; hard cap on engine-held data memory */
+    uint64_t dram_budget; /* bytes; hard cap on engine-held data memory */
     kvt_device device;
-    int direct;             /* enum kvt_direct */
+    int direct; /* enum kvt_direct */
     /* Extents read in one batch whose gap is at most this many bytes are read as one request
      * (the gap is read and dropped). 0 merges only touching extents (a pool's unused tail
      * between them counts as touching). A good value is the device's knee, bandwidth /
@@ -161,7 +167,7 @@ typedef struct kvt_coll_params {
      * exceeding max_cluster_size is a safety net. tau <= 0 derives it from the first
      * partition: tau_factor x the variance that partition reached (its SSE over its entries). */
     double tau, tau_factor;
-    uint32_t pending_budget;     /* adaptive: entries buffered for flagged clusters' splits */
+    uint32_t pending_budget; /* adaptive: entries buffered for flagged clusters' splits */
     /* local: new entries gather in a staging cluster; every local_window of them are
      * clustered on their own into clusters of about local_cluster_size */
     uint32_t local_window, local_cluster_size;
@@ -209,93 +215,93 @@ void kvt_store_close(kvt_store *store);
  * dict a; "also" is a second key for the same value, or ""). The structs below, the tables
  * kvt_store_stat_fields / kvt_coll_stat_fields, the binding's dicts and their type stub all
  * come from it. */
-#define KVT_STORE_STATS(X)                                                                         \
-    /* DRAM reserved against the budget, the budget, the peak (kvt_store_reset_io_stats restarts) */ \
-    X(U64, dram_bytes, INT, "dram_bytes", "")                                                      \
-    X(U64, dram_budget, INT, "dram_budget", "")                                                    \
-    X(U64, dram_peak_bytes, INT, "dram_peak_bytes", "")                                            \
-    X(U64, cache_bytes, INT, "cache_bytes", "dram_by_use.cache")                                   \
-    X(U64, cached_clusters, INT, "cached_clusters", "")                                            \
-    X(U64, cache_hits, INT, "cache_hits", "")                                                      \
-    X(U64, cache_misses, INT, "cache_misses", "")                                                  \
-    X(U64, evictions, INT, "evictions", "")                                                        \
-    /* device reads actually issued (aligned sizes), and the live entries they carried */          \
-    X(U64, read_ops, INT, "read_ops", "")                                                          \
-    X(U64, read_bytes, INT, "read_bytes", "")                                                      \
-    X(U64, read_entries, INT, "read_entries", "")                                                  \
+#define KVT_STORE_STATS(X)                                                                                             \
+    /* DRAM reserved against the budget, the budget, the peak (kvt_store_reset_io_stats restarts) */                   \
+    X(U64, dram_bytes, INT, "dram_bytes", "")                                                                          \
+    X(U64, dram_budget, INT, "dram_budget", "")                                                                        \
+    X(U64, dram_peak_bytes, INT, "dram_peak_bytes", "")                                                                \
+    X(U64, cache_bytes, INT, "cache_bytes", "dram_by_use.cache")                                                       \
+    X(U64, cached_clusters, INT, "cached_clusters", "")                                                                \
+    X(U64, cache_hits, INT, "cache_hits", "")                                                                          \
+    X(U64, cache_misses, INT, "cache_misses", "")                                                                      \
+    X(U64, evictions, INT, "evictions", "")                                                                            \
+    /* device reads actually issued (aligned sizes), and the live entries they carried */                              \
+    X(U64, read_ops, INT, "read_ops", "")                                                                              \
+    X(U64, read_bytes, INT, "read_bytes", "")                                                                          \
+    X(U64, read_entries, INT, "read_entries", "")                                                                      \
     /* reads as a gap-free layout would count them: read_ops plus one per gap a merged read       \
      * crossed (store option merge_gap), and the bytes of those gaps, read and dropped; and the   \
-     * bytes of dead slots read inside extents and dropped (format 3: a split's moved child) */   \
-    X(U64, contiguous_reads, INT, "contiguous_reads", "")                                          \
-    X(U64, gap_bytes, INT, "gap_bytes", "")                                                        \
-    X(U64, dead_bytes, INT, "dead_bytes", "")                                                      \
-    X(U64, write_ops, INT, "write_ops", "")                                                        \
-    X(U64, write_bytes, INT, "write_bytes", "")                                                    \
-    X(U64, sync_ops, INT, "sync_ops", "")                                                          \
-    X(F64, modeled_io_seconds, FLOAT, "modeled_io_seconds", "")                                    \
-    X(I32, direct_io, BOOL, "direct_io", "") /* 1 if reads use O_DIRECT */                        \
-    /* reads with size in [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */                                 \
-    X(U64_24, read_size_hist, LIST, "read_size_histogram", "")                                     \
-    X(U64, prefetch_issued, INT, "prefetch_issued", "") /* clusters queued by prefetch */          \
-    /* of those, found (loaded or loading) by a later read */                                      \
-    X(U64, prefetch_hits, INT, "prefetch_hits", "")                                                \
-    X(U64, prefetch_read_bytes, INT, "prefetch_read_bytes", "read_bytes_by_cause.prefetch")        \
-    /* prefetch reads that failed (the cluster is read again on use) */                            \
-    X(U64, prefetch_errors, INT, "prefetch_errors", "")                                            \
-    /* time calls spent waiting for prefetches still loading */                                    \
-    X(F64, io_wait_seconds, FLOAT, "io_wait_seconds", "")                                          \
+     * bytes of dead slots read inside extents and dropped (format 3: a split's moved child) */                    \
+    X(U64, contiguous_reads, INT, "contiguous_reads", "")                                                              \
+    X(U64, gap_bytes, INT, "gap_bytes", "")                                                                            \
+    X(U64, dead_bytes, INT, "dead_bytes", "")                                                                          \
+    X(U64, write_ops, INT, "write_ops", "")                                                                            \
+    X(U64, write_bytes, INT, "write_bytes", "")                                                                        \
+    X(U64, sync_ops, INT, "sync_ops", "")                                                                              \
+    X(F64, modeled_io_seconds, FLOAT, "modeled_io_seconds", "")                                                        \
+    X(I32, direct_io, BOOL, "direct_io", "") /* 1 if reads use O_DIRECT */                                             \
+    /* reads with size in [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */                                                     \
+    X(U64_24, read_size_hist, LIST, "read_size_histogram", "")                                                         \
+    X(U64, prefetch_issued, INT, "prefetch_issued", "") /* clusters queued by prefetch */                              \
+    /* of those, found (loaded or loading) by a later read */                                                          \
+    X(U64, prefetch_hits, INT, "prefetch_hits", "")                                                                    \
+    X(U64, prefetch_read_bytes, INT, "prefetch_read_bytes", "read_bytes_by_cause.prefetch")                            \
+    /* prefetch reads that failed (the cluster is read again on use) */                                                \
+    X(U64, prefetch_errors, INT, "prefetch_errors", "")                                                                \
+    /* time calls spent waiting for prefetches still loading */                                                        \
+    X(F64, io_wait_seconds, FLOAT, "io_wait_seconds", "")                                                              \
     /* group virtualization (kvt_store_park): parked now, images written / installed, the         \
-     * installs an operation waited for, their bytes, the swap file's size in use */             \
-    X(U64, parked_collections, INT, "parked_collections", "")                                      \
-    X(U64, swap_outs, INT, "swap_outs", "")                                                        \
-    X(U64, swap_ins, INT, "swap_ins", "")                                                          \
-    X(U64, swap_demand_ins, INT, "swap_demand_ins", "")                                            \
+     * installs an operation waited for, their bytes, the swap file's size in use */                    \
+    X(U64, parked_collections, INT, "parked_collections", "")                                                          \
+    X(U64, swap_outs, INT, "swap_outs", "")                                                                            \
+    X(U64, swap_ins, INT, "swap_ins", "")                                                                              \
+    X(U64, swap_demand_ins, INT, "swap_demand_ins", "")                                                                \
     /* of swap_outs, the collections the engine parked itself when a call found the budget       \
-     * full (demand paging: the least recently used collection first) */                          \
-    X(U64, swap_pressure_outs, INT, "swap_pressure_outs", "")                                      \
-    X(U64, swap_write_bytes, INT, "swap_write_bytes", "")                                          \
-    X(U64, swap_read_bytes, INT, "swap_read_bytes", "read_bytes_by_cause.swap")                    \
-    X(U64, swap_file_bytes, INT, "swap_file_bytes", "")                                            \
+     * full (demand paging: the least recently used collection first) */                     \
+    X(U64, swap_pressure_outs, INT, "swap_pressure_outs", "")                                                          \
+    X(U64, swap_write_bytes, INT, "swap_write_bytes", "")                                                              \
+    X(U64, swap_read_bytes, INT, "swap_read_bytes", "read_bytes_by_cause.swap")                                        \
+    X(U64, swap_file_bytes, INT, "swap_file_bytes", "")                                                                \
     /* bytes read by cause: split_read_bytes (forced loads) and relayout_read_bytes of every      \
      * collection; with prefetch_read_bytes and swap_read_bytes the rest of read_bytes is what    \
-     * retrieve, search and get read on demand (retrieve_read_bytes) */                           \
-    X(U64, split_read_bytes, INT, "read_bytes_by_cause.split", "")                                 \
-    X(U64, relayout_read_bytes, INT, "read_bytes_by_cause.relayout", "")                           \
-    X(U64, retrieve_read_bytes, INT, "read_bytes_by_cause.retrieve", "")                           \
-    X(U64, partial_page_writes, INT, "partial_page_writes", "") /* summed over the collections */ \
-    X(U64, write_buffer_entries, INT, "write_buffer_entries", "") /* ... these three too */       \
-    X(U64, write_buffer_evictions, INT, "write_buffer_evictions", "")                              \
-    X(U64, write_buffer_errors, INT, "write_buffer_errors", "")                                    \
+     * retrieve, search and get read on demand (retrieve_read_bytes) */                    \
+    X(U64, split_read_bytes, INT, "read_bytes_by_cause.split", "")                                                     \
+    X(U64, relayout_read_bytes, INT, "read_bytes_by_cause.relayout", "")                                               \
+    X(U64, retrieve_read_bytes, INT, "read_bytes_by_cause.retrieve", "")                                               \
+    X(U64, partial_page_writes, INT, "partial_page_writes", "")   /* summed over the collections */                    \
+    X(U64, write_buffer_entries, INT, "write_buffer_entries", "") /* ... these three too */                            \
+    X(U64, write_buffer_evictions, INT, "write_buffer_evictions", "")                                                  \
+    X(U64, write_buffer_errors, INT, "write_buffer_errors", "")                                                        \
     /* measured (wall-clock) seconds in read system calls and bytes read, by the buckets of       \
      * read_size_hist: the real bandwidth by request size (reads issued together share their      \
-     * batch's time in proportion to their bytes) */                                              \
-    X(F64, read_seconds, FLOAT, "read_seconds", "")                                                \
-    X(F64_24, read_size_seconds, LIST, "read_size_seconds", "")                                    \
-    X(U64_24, read_size_bytes, LIST, "read_size_bytes", "")                                        \
+     * batch's time in proportion to their bytes) */                    \
+    X(F64, read_seconds, FLOAT, "read_seconds", "")                                                                    \
+    X(F64_24, read_size_seconds, LIST, "read_size_seconds", "")                                                        \
+    X(U64_24, read_size_bytes, LIST, "read_size_bytes", "")                                                            \
     /* dram_bytes by use, and the peak of each since open or the last kvt_store_reset_io_stats:   \
      * the resident index (cluster directory, representatives, id map, pool table, token-level    \
      * keys), cached clusters (cache_bytes), pending buffers (write-buffer tails and adaptive     \
      * pending entries) and transient buffers (add staging, reads, split scratch).                \
      * dram_fixed_peak is the peak of everything but the cache, which kvt_budget_estimate         \
-     * predicts. */                                                                               \
-    X(U64, dram_index_bytes, INT, "dram_by_use.index", "")                                         \
-    X(U64, dram_pending_bytes, INT, "dram_by_use.pending", "")                                     \
-    X(U64, dram_buffer_bytes, INT, "dram_by_use.buffers", "")                                      \
-    X(U64, dram_index_peak, INT, "dram_peak_by_use.index", "")                                     \
-    X(U64, dram_cache_peak, INT, "dram_peak_by_use.cache", "")                                     \
-    X(U64, dram_pending_peak, INT, "dram_peak_by_use.pending", "")                                 \
-    X(U64, dram_buffer_peak, INT, "dram_peak_by_use.buffers", "")                                  \
-    X(U64, dram_fixed_peak, INT, "dram_fixed_peak_bytes", "")                                      \
-    /* the read backend in force (kvt_store_io_backend): a static string */                      \
+     * predicts. */                    \
+    X(U64, dram_index_bytes, INT, "dram_by_use.index", "")                                                             \
+    X(U64, dram_pending_bytes, INT, "dram_by_use.pending", "")                                                         \
+    X(U64, dram_buffer_bytes, INT, "dram_by_use.buffers", "")                                                          \
+    X(U64, dram_index_peak, INT, "dram_peak_by_use.index", "")                                                         \
+    X(U64, dram_cache_peak, INT, "dram_peak_by_use.cache", "")                                                         \
+    X(U64, dram_pending_peak, INT, "dram_peak_by_use.pending", "")                                                     \
+    X(U64, dram_buffer_peak, INT, "dram_peak_by_use.buffers", "")                                                      \
+    X(U64, dram_fixed_peak, INT, "dram_fixed_peak_bytes", "")                                                          \
+    /* the read backend in force (kvt_store_io_backend): a static string */                                            \
     X(STR, io_backend, STR, "io_backend", "")
 
 /* The C type of each CTYPE. */
-#define KVT_STAT_FIELD_U64(name) uint64_t name;
-#define KVT_STAT_FIELD_F64(name) double name;
-#define KVT_STAT_FIELD_I32(name) int name;
-#define KVT_STAT_FIELD_U64_24(name) uint64_t name[24];
-#define KVT_STAT_FIELD_F64_24(name) double name[24];
-#define KVT_STAT_FIELD_STR(name) const char *name;
+#define KVT_STAT_FIELD_U64(name)                      uint64_t name;
+#define KVT_STAT_FIELD_F64(name)                      double name;
+#define KVT_STAT_FIELD_I32(name)                      int name;
+#define KVT_STAT_FIELD_U64_24(name)                   uint64_t name[24];
+#define KVT_STAT_FIELD_F64_24(name)                   double name[24];
+#define KVT_STAT_FIELD_STR(name)                      const char *name;
 #define KVT_STAT_FIELD_(ctype, name, kind, key, also) KVT_STAT_FIELD_##ctype(name)
 
 typedef struct kvt_store_stats {
@@ -316,28 +322,25 @@ const char *kvt_store_io_backend(kvt_store *store);
 /* ---- collections -------------------------------------------------------------------------- */
 /* Creates collection number `coll_no` with an empty data file "c<coll_no>.kvd" (truncating
  * any leftover file of that name). Errors: KVT_EINVAL, KVT_EBUDGET, errno. */
-int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
-                    kvt_coll **out);
+int kvt_coll_create(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params, kvt_coll **out);
 /* Reopens a collection from its committed directory blob and id-map chunks (see export).
  * chunks[i] holds chunk i (KVT_LOC_CHUNK ids). A damaged data file header is KVT_ECORRUPT,
  * unless the thread reads with KVT_ON_CORRUPT_SKIP (then it opens, with
  * kvt_coll_stats.header_damaged set). Errors: KVT_EFORMAT, KVT_ECORRUPT, KVT_EBUDGET,
  * KVT_EINVAL, errno. */
-int kvt_coll_open(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params,
-                  const void *dir_blob, size_t dir_len, const void *const *chunks,
-                  const size_t *chunk_lens, size_t n_chunks, kvt_coll **out);
+int kvt_coll_open(kvt_store *store, uint32_t coll_no, const kvt_coll_params *params, const void *dir_blob,
+                  size_t dir_len, const void *const *chunks, const size_t *chunk_lens, size_t n_chunks, kvt_coll **out);
 
 /* Appends n entries (keys: n*dim, values: n*value_dim, both in the collection dtype).
  * Ids are assigned consecutively; *first_id receives the first. On error nothing is added.
  * Errors: KVT_EINVAL, KVT_EBUDGET, errno from pwrite. */
-int kvt_coll_add(kvt_coll *coll, const void *keys, const void *values, uint64_t n,
-                 int64_t *first_id);
+int kvt_coll_add(kvt_coll *coll, const void *keys, const void *values, uint64_t n, int64_t *first_id);
 
 /* Approximate top-k per query (float32 queries, nq*dim): scores the representatives, reads
  * the `nprobe` best clusters and rescores their entries exactly. Rows with fewer than k hits
  * are padded with id -1 and score -inf. Errors: KVT_EINVAL, KVT_ECORRUPT, errno. */
-int kvt_coll_search(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k,
-                    uint32_t nprobe, int64_t *ids_out, float *scores_out);
+int kvt_coll_search(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k, uint32_t nprobe, int64_t *ids_out,
+                    float *scores_out);
 
 /* Chooses search's nprobe from the collection: the fewest probes with which the nq sample
  * queries would find at least `target` (in (0, 1]) of their true top-k, measured exactly in
@@ -346,18 +349,16 @@ int kvt_coll_search(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t 
  * not probe, or an empty collection), *recall the recall it reaches on the sample. Reads like
  * a search of every cluster; changes nothing. Errors: KVT_EINVAL, KVT_EBUDGET, KVT_ECORRUPT,
  * errno. */
-int kvt_coll_tune_nprobe(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k, double target,
-                         uint32_t *nprobe, double *recall);
+int kvt_coll_tune_nprobe(kvt_coll *coll, const float *queries, uint64_t nq, uint32_t k, double target, uint32_t *nprobe,
+                         double *recall);
 
 /* Whole clusters in descending score (max over the query group) whose entry counts fit in
  * `budget` entries in total. The result owns its arrays. Errors: as search. */
-int kvt_coll_retrieve(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
-                      kvt_result **out);
+int kvt_coll_retrieve(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget, kvt_result **out);
 uint64_t kvt_result_count(const kvt_result *res);
 uint64_t kvt_result_nclusters(const kvt_result *res);
 /* Copies the result out; any pointer may be NULL. keys/values in the collection dtype. */
-void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *values,
-                     int32_t *clusters);
+void kvt_result_copy(const kvt_result *res, int64_t *ids, void *keys, void *values, int32_t *clusters);
 void kvt_result_free(kvt_result *res);
 
 /* A retrieve that also estimates the clusters it does not fetch, for attention (the zone
@@ -383,8 +384,7 @@ int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uin
 /* The estimate of a result of kvt_coll_retrieve_est (nq floats of lse, nq * value_dim floats
  * of values, the clusters and entries estimated); any pointer may be NULL. A result of
  * kvt_coll_retrieve has no estimate: lse -inf, values 0, counts 0. */
-void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint64_t *clusters,
-                         uint64_t *entries);
+void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint64_t *clusters, uint64_t *entries);
 
 /* Retrieves for a group of n collections of one shape (dim, value_dim, dtype; for an LLM:
  * the KV heads of one layer) in one call. queries: n x nq x dim, member i's group first.
@@ -394,98 +394,95 @@ void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint6
  * Any output but counts may be NULL. Every budgets[i] must be <= cap. Errors: KVT_EINVAL
  * (checked for all members before any retrieve), and those of kvt_coll_retrieve, in which
  * case the earlier members have been retrieved. */
-int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq,
-                       const uint64_t *budgets, uint64_t cap, int64_t *ids, void *keys,
-                       void *values, int32_t *clusters, uint64_t *counts);
+int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq, const uint64_t *budgets,
+                       uint64_t cap, int64_t *ids, void *keys, void *values, int32_t *clusters, uint64_t *counts);
 
 /* Starts reading, in the background, the clusters kvt_coll_retrieve(coll, queries, nq,
  * budget) would read from flash, and returns at once; the reads land in the cache, and a
  * later retrieve waits only for what is still loading. Charged to the device model as one
  * batch. `queued` (may be NULL) receives the number of clusters queued. Errors: KVT_EINVAL,
  * ENOMEM. Reads that fail are counted and retried by the call that needs the cluster. */
-int kvt_coll_prefetch(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
-                      uint64_t *queued);
+int kvt_coll_prefetch(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget, uint64_t *queued);
 
 /* Keys and values of n ids (any order, repeats allowed). Errors: KVT_ENOTFOUND, KVT_ECORRUPT,
  * errno. */
-int kvt_coll_get(kvt_coll *coll, const int64_t *ids, uint64_t n, void *keys_out,
-                 void *values_out);
+int kvt_coll_get(kvt_coll *coll, const int64_t *ids, uint64_t n, void *keys_out, void *values_out);
 
 uint64_t kvt_coll_count(const kvt_coll *coll);
 
 /* A collection's statistics (the same table form as KVT_STORE_STATS). */
-#define KVT_COLL_STATS(X)                                                                          \
-    X(U64, entries, INT, "entries", "")                                                            \
-    X(U64, clusters, INT, "clusters", "")                                                          \
-    X(U64, pools, INT, "pools", "")                                                                \
-    X(U64, data_file_bytes, INT, "data_file_bytes", "")                                            \
-    X(F64, mean_cluster_size, FLOAT, "mean_cluster_size", "")                                      \
-    X(F64, max_cluster_size, INT, "max_cluster_size", "")                                          \
-    X(F64, mean_variance, FLOAT, "mean_variance", "")                                              \
-    X(U64, cached_clusters, INT, "cached_clusters", "")                                            \
-    X(F64, tau, FLOAT, "tau", "") /* adaptive: the split threshold in force */                    \
-    /* clusters split (adaptive) or reclustered windows (local) */                                 \
-    X(U64, splits, INT, "splits", "")                                                              \
-    X(U64, unsplittable, INT, "unsplittable", "") /* split attempts that found no two groups */    \
-    /* clusters flagged while on flash (split waits for a read) */                                 \
-    X(U64, deferred_splits, INT, "deferred_splits", "")                                            \
-    /* clusters read only to split them (pending budget overflow) */                               \
-    X(U64, forced_loads, INT, "forced_loads", "")                                                  \
-    /* entries buffered in DRAM for flagged clusters (adaptive) */                                 \
-    X(U64, pending_entries, INT, "pending_entries", "")                                            \
-    X(U64, flagged_clusters, INT, "flagged_clusters", "")                                          \
-    /* bytes read on behalf of splits (forced loads only), and written by splits */                \
-    X(U64, split_read_bytes, INT, "split_read_bytes", "")                                          \
-    X(U64, split_write_bytes, INT, "split_write_bytes", "")                                        \
+#define KVT_COLL_STATS(X)                                                                                              \
+    X(U64, entries, INT, "entries", "")                                                                                \
+    X(U64, clusters, INT, "clusters", "")                                                                              \
+    X(U64, pools, INT, "pools", "")                                                                                    \
+    X(U64, data_file_bytes, INT, "data_file_bytes", "")                                                                \
+    X(F64, mean_cluster_size, FLOAT, "mean_cluster_size", "")                                                          \
+    X(F64, max_cluster_size, INT, "max_cluster_size", "")                                                              \
+    X(F64, mean_variance, FLOAT, "mean_variance", "")                                                                  \
+    X(U64, cached_clusters, INT, "cached_clusters", "")                                                                \
+    X(F64, tau, FLOAT, "tau", "") /* adaptive: the split threshold in force */                                         \
+    /* clusters split (adaptive) or reclustered windows (local) */                                                     \
+    X(U64, splits, INT, "splits", "")                                                                                  \
+    X(U64, unsplittable, INT, "unsplittable", "") /* split attempts that found no two groups */                        \
+    /* clusters flagged while on flash (split waits for a read) */                                                     \
+    X(U64, deferred_splits, INT, "deferred_splits", "")                                                                \
+    /* clusters read only to split them (pending budget overflow) */                                                   \
+    X(U64, forced_loads, INT, "forced_loads", "")                                                                      \
+    /* entries buffered in DRAM for flagged clusters (adaptive) */                                                     \
+    X(U64, pending_entries, INT, "pending_entries", "")                                                                \
+    X(U64, flagged_clusters, INT, "flagged_clusters", "")                                                              \
+    /* bytes read on behalf of splits (forced loads only), and written by splits */                                    \
+    X(U64, split_read_bytes, INT, "split_read_bytes", "")                                                              \
+    X(U64, split_write_bytes, INT, "split_write_bytes", "")                                                            \
     /* splits that failed on I/O and were left for later; splits postponed because the DRAM      \
-     * budget had no room for them */                                                             \
-    X(U64, split_errors, INT, "split_errors", "")                                                  \
-    X(U64, split_skipped, INT, "split_skipped", "")                                                \
-    /* co-location rewrites done, the bytes they wrote, and read (clusters not in the cache) */   \
-    X(U64, relayouts, INT, "relayouts", "")                                                        \
-    X(U64, relayout_bytes, INT, "relayout_bytes", "")                                              \
-    X(U64, relayout_read_bytes, INT, "relayout_read_bytes", "")                                    \
-    X(U64, append_bytes, INT, "append_bytes", "") /* bytes of entries added */                     \
+     * budget had no room for them */                     \
+    X(U64, split_errors, INT, "split_errors", "")                                                                      \
+    X(U64, split_skipped, INT, "split_skipped", "")                                                                    \
+    /* co-location rewrites done, the bytes they wrote, and read (clusters not in the cache) */                        \
+    X(U64, relayouts, INT, "relayouts", "")                                                                            \
+    X(U64, relayout_bytes, INT, "relayout_bytes", "")                                                                  \
+    X(U64, relayout_read_bytes, INT, "relayout_read_bytes", "")                                                        \
+    X(U64, append_bytes, INT, "append_bytes", "") /* bytes of entries added */                                         \
     /* what a naive cluster-by-cluster layout (clusters packed back to back, no room to grow)     \
-     * would have moved for the same appends: each append relocates its cluster's entries */      \
-    X(U64, naive_move_bytes, INT, "naive_move_bytes", "")                                          \
-    X(U64, parked, BOOL, "parked", "") /* 1 while parked (kvt_store_park) */                      \
+     * would have moved for the same appends: each append relocates its cluster's entries */                    \
+    X(U64, naive_move_bytes, INT, "naive_move_bytes", "")                                                              \
+    X(U64, parked, BOOL, "parked", "") /* 1 while parked (kvt_store_park) */                                           \
     /* writes that rewrote a flash page already holding data (the page where an append meets      \
-     * earlier records): each costs the device a read-modify-write of that page */                \
-    X(U64, partial_page_writes, INT, "partial_page_writes", "")                                    \
+     * earlier records): each costs the device a read-modify-write of that page */                    \
+    X(U64, partial_page_writes, INT, "partial_page_writes", "")                                                        \
     /* page-aligned write buffers (kvt_store_opts.write_buffer): entries waiting in them now;     \
      * buffers written out before they filled a page, to make room for hotter clusters; and       \
      * such writes that failed on I/O (the entries stay buffered, written later or by the next    \
-     * checkpoint, which reports its own failures) */                                             \
-    X(U64, write_buffer_entries, INT, "write_buffer_entries", "")                                  \
-    X(U64, write_buffer_evictions, INT, "write_buffer_evictions", "")                              \
-    X(U64, write_buffer_errors, INT, "write_buffer_errors", "")                                    \
+     * checkpoint, which reports its own failures) */                    \
+    X(U64, write_buffer_entries, INT, "write_buffer_entries", "")                                                      \
+    X(U64, write_buffer_evictions, INT, "write_buffer_evictions", "")                                                  \
+    X(U64, write_buffer_errors, INT, "write_buffer_errors", "")                                                        \
     /* pending buffers written to flash early because the DRAM budget was needed elsewhere (a    \
-     * flagged cluster stays flagged: it splits when it is next read) */                          \
-    X(U64, pending_flushes, INT, "pending_flushes", "")                                            \
+     * flagged cluster stays flagged: it splits when it is next read) */                     \
+    X(U64, pending_flushes, INT, "pending_flushes", "")                                                                \
     /* policy none: 1 once its keys no longer fit the budget and are scanned from flash (one      \
-     * sequential read of the key column per retrieve or search, counted in the I/O stats) */     \
-    X(U64, keys_on_flash, BOOL, "keys_on_flash", "")                                               \
+     * sequential read of the key column per retrieve or search, counted in the I/O stats) */                    \
+    X(U64, keys_on_flash, BOOL, "keys_on_flash", "")                                                                   \
     /* adaptive: splits by what flagged the cluster: the variance rule (SSE past its threshold),  \
-     * the size cap, and the pending budget's overflow (forced loads) */                          \
-    X(U64, splits_variance, INT, "splits_variance", "")                                            \
-    X(U64, splits_size, INT, "splits_size", "")                                                    \
-    X(U64, splits_pending, INT, "splits_pending", "")                                              \
+     * the size cap, and the pending budget's overflow (forced loads) */                    \
+    X(U64, splits_variance, INT, "splits_variance", "")                                                                \
+    X(U64, splits_size, INT, "splits_size", "")                                                                        \
+    X(U64, splits_pending, INT, "splits_pending", "")                                                                  \
     /* retrieves: how many had an entry budget, the sum of returned / budget over them, and      \
-     * its mean mean_fill */                                                                      \
-    X(U64, fill_retrieves, HIDDEN, "", "")                                                         \
-    X(F64, fill_sum, HIDDEN, "", "")                                                               \
-    X(F64, mean_fill, FLOAT, "mean_fill", "")                                                      \
+     * its mean mean_fill */                     \
+    X(U64, fill_retrieves, HIDDEN, "", "")                                                                             \
+    X(F64, fill_sum, HIDDEN, "", "")                                                                                   \
+    X(F64, mean_fill, FLOAT, "mean_fill", "")                                                                          \
     /* damage met by reads since open: records found damaged (once per read that met them), and \
-     * whether the data file's header page was found damaged at open (skip mode, kvtier.h) */     \
-    X(U64, damaged_reads, INT, "damaged_reads", "")                                                \
-    X(U64, header_damaged, BOOL, "header_damaged", "")                                             \
+     * whether the data file's header page was found damaged at open (skip mode, kvtier.h) */                      \
+    X(U64, damaged_reads, INT, "damaged_reads", "")                                                                    \
+    X(U64, header_damaged, BOOL, "header_damaged", "")                                                                 \
     /* format 3: slots of the clusters' segments that hold a record of another cluster (a split   \
      * keeps its larger child in place; the other child's records there are dead), and the        \
      * clusters rewritten into one head to drop dead slots or join a chain of segments            \
-     * (consolidations), with the bytes they wrote */                                              \
-    X(U64, dead_slots, INT, "dead_slots", "")                                                      \
-    X(U64, consolidations, INT, "consolidations", "")                                              \
+     * (consolidations), with the bytes they wrote */                    \
+    X(U64, dead_slots, INT, "dead_slots", "")                                                                          \
+    X(U64, consolidations, INT, "consolidations", "")                                                                  \
     X(U64, consolidate_bytes, INT, "consolidate_bytes", "")
 
 typedef struct kvt_coll_stats {
@@ -496,11 +493,19 @@ int kvt_coll_stats_get(kvt_coll *coll, kvt_coll_stats *out);
 /* The tables as data (for bindings): one entry per X of KVT_STORE_STATS / KVT_COLL_STATS, in
  * order, with the field's offset in its struct. */
 enum kvt_stat_ctype {
-    KVT_STAT_CTYPE_U64, KVT_STAT_CTYPE_F64, KVT_STAT_CTYPE_I32, KVT_STAT_CTYPE_U64_24, KVT_STAT_CTYPE_F64_24,
+    KVT_STAT_CTYPE_U64,
+    KVT_STAT_CTYPE_F64,
+    KVT_STAT_CTYPE_I32,
+    KVT_STAT_CTYPE_U64_24,
+    KVT_STAT_CTYPE_F64_24,
     KVT_STAT_CTYPE_STR
 };
 enum kvt_stat_kind {
-    KVT_STAT_KIND_INT, KVT_STAT_KIND_FLOAT, KVT_STAT_KIND_BOOL, KVT_STAT_KIND_LIST, KVT_STAT_KIND_STR,
+    KVT_STAT_KIND_INT,
+    KVT_STAT_KIND_FLOAT,
+    KVT_STAT_KIND_BOOL,
+    KVT_STAT_KIND_LIST,
+    KVT_STAT_KIND_STR,
     KVT_STAT_KIND_HIDDEN
 };
 typedef struct kvt_stat_field {
@@ -587,17 +592,17 @@ int kvt_coll_verify(kvt_coll *coll, kvt_verify_t *out);
 /* What a collection of n entries with these parameters needs of the DRAM budget, sized from
  * the structures the engine reserves (see estimate.c). Bytes unless said otherwise. */
 typedef struct kvt_budget_t {
-    uint64_t entry_bytes;       /* one record on flash */
-    uint64_t clusters;          /* clusters assumed: the size the policy aims for */
-    uint64_t index;             /* resident index without growth slack */
-    uint64_t index_grown;       /* ... with the slack of growing it entry by entry */
-    uint64_t keys;              /* policy none: keys kept resident when they fit */
-    uint64_t buffers;           /* working memory of the smallest add chunk or cluster read */
-    uint64_t pending;           /* write-buffer share plus the adaptive pending budget */
-    uint64_t cache;             /* a cache holding one retrieve of `fetch` x n entries */
-    uint64_t minimum;           /* index + buffers: below it operations fail with KVT_EBUDGET */
-    uint64_t recommended;       /* index_grown + keys + buffers + pending + cache */
-    double resident_per_entry;  /* index / n */
+    uint64_t entry_bytes;      /* one record on flash */
+    uint64_t clusters;         /* clusters assumed: the size the policy aims for */
+    uint64_t index;            /* resident index without growth slack */
+    uint64_t index_grown;      /* ... with the slack of growing it entry by entry */
+    uint64_t keys;             /* policy none: keys kept resident when they fit */
+    uint64_t buffers;          /* working memory of the smallest add chunk or cluster read */
+    uint64_t pending;          /* write-buffer share plus the adaptive pending budget */
+    uint64_t cache;            /* a cache holding one retrieve of `fetch` x n entries */
+    uint64_t minimum;          /* index + buffers: below it operations fail with KVT_EBUDGET */
+    uint64_t recommended;      /* index_grown + keys + buffers + pending + cache */
+    double resident_per_entry; /* index / n */
 } kvt_budget_t;
 /* write_buffer: the collection's share of kvt_store_opts.write_buffer; fetch: the share of
  * the entries one retrieve fetches (for the recommended cache). Errors: KVT_EINVAL. */

@@ -102,7 +102,8 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
     kvt_cluster *k = &c->cl[j];
     uint32_t n = k->n;
     size_t esz = c->L.esz;
-    uint64_t tmp = (uint64_t)n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim), perm_bytes = (uint64_t)n * esz;
+    uint64_t tmp = (uint64_t)n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim),
+             perm_bytes = (uint64_t)n * esz;
     int rc = kvt_mem_reserve(&c->st->mem, tmp + perm_bytes);
     if (rc) return rc;
     uint32_t *part = malloc((size_t)n * 4);
@@ -110,8 +111,8 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
     uint8_t *perm = malloc(perm_bytes + 1);
     if (!part || !cent || !perm) rc = kvt_fail(ENOMEM, "split: out of memory");
     if (!rc)
-        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, esz, NULL, n, 2,
-                        c->p.kmeans_iters, c->p.seed + j, cent, part);
+        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, esz, NULL, n, 2, c->p.kmeans_iters,
+                        c->p.seed + j, cent, part);
     int split = 0;
     uint32_t ones = 0;
     for (uint32_t i = 0; !rc && i < n; i++) ones += part[i];
@@ -123,7 +124,8 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
     } else if (!rc) {
         /* the records by child, each in its order: the buffer then holds both children */
         uint32_t a = 0, b = n - ones;
-        for (uint32_t i = 0; i < n; i++) memcpy(perm + (size_t)(part[i] ? b++ : a++) * esz, recs + (size_t)i * esz, esz);
+        for (uint32_t i = 0; i < n; i++)
+            memcpy(perm + (size_t)(part[i] ? b++ : a++) * esz, recs + (size_t)i * esz, esz);
         memcpy(recs, perm, perm_bytes);
         for (uint32_t i = 0; i < n; i++) part[i] = i >= n - ones;
         free(perm);
@@ -157,7 +159,9 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
  * budget had no room for its scratch, split_errors otherwise), never the caller's operation
  * failed: the entries are safe either way. */
 static void split_records(kvt_coll *c, uint32_t j, uint8_t *recs, int forced) {
-    struct { uint32_t cl, at; } stack[64];
+    struct {
+        uint32_t cl, at;
+    } stack[64];
     uint32_t top = 0;
     stack[top].cl = j;
     stack[top++].at = 0;
@@ -306,9 +310,12 @@ static int held(const kvt_coll *c, const kvt_cluster *k) { return k->ad.flagged 
 static int wants_records(const kvt_coll *c, uint32_t j) { return c->cl[j].ad.flagged != FLAG_NONE; }
 
 static void records_read(kvt_coll *c, uint32_t j, uint8_t *recs, int rc) {
-    if (rc == KVT_EBUDGET) c->ctr.split_skipped++; /* no room to hold them: it splits when next read */
-    else if (rc) c->ctr.split_errors++;
-    else split_records(c, j, recs, 0);
+    if (rc == KVT_EBUDGET)
+        c->ctr.split_skipped++; /* no room to hold them: it splits when next read */
+    else if (rc)
+        c->ctr.split_errors++;
+    else
+        split_records(c, j, recs, 0);
 }
 
 static void after_read(kvt_coll *c) {

@@ -65,8 +65,7 @@ static uint64_t add_transient(const kvt_coll *c, uint64_t ch, int first_batch, u
  * staging reserved and allocated. Nothing is made that a failure would have to undo. */
 static int add_prepare(kvt_coll *c, kvt_add *a) {
     kvt_store *s = c->st;
-    if (a->n > UINT32_MAX || a->n0 + a->n > ((uint64_t)1 << 40) ||
-        (token(c) && a->n0 + a->n > KVT_TOKEN_MAX_ENTRIES))
+    if (a->n > UINT32_MAX || a->n0 + a->n > ((uint64_t)1 << 40) || (token(c) && a->n0 + a->n > KVT_TOKEN_MAX_ENTRIES))
         return kvt_fail(KVT_EINVAL, "add: too many entries at once (%llu)", (unsigned long long)a->n);
     int rc = kvt_ensure_ids(c, a->n0 + a->n);
     if (rc) return rc;
@@ -101,8 +100,8 @@ static int first_partition(kvt_coll *c, kvt_add *a) {
     float *cent = malloc((size_t)k * d * 4), *cnorm0 = malloc((size_t)k * 4);
     if (!assign || !remap || !cent || !cnorm0) rc = kvt_fail(ENOMEM, "add: out of memory");
     if (!rc)
-        rc = kvt_kmeans(K, c->p.dtype, a->keys, d, c->L.key_bytes, NULL, a->ch, k, c->p.kmeans_iters, c->p.seed,
-                        cent, assign);
+        rc = kvt_kmeans(K, c->p.dtype, a->keys, d, c->L.key_bytes, NULL, a->ch, k, c->p.kmeans_iters, c->p.seed, cent,
+                        assign);
     if (!rc) {
         for (uint64_t i = 0; i < a->ch; i++) remap[assign[i]] = 1;
         for (uint32_t j = 0; j < k; j++) {
@@ -155,8 +154,10 @@ static int plan_written(kvt_coll *c, kvt_add *a, uint32_t j) {
     if (buffering(c)) {
         uint64_t f = kvt_tail_fill(c, cl), pages = (f + total) / rpp;
         w = pages * rpp > f ? pages * rpp - f : 0;
-        if (!cl->pend && total - w > a->new_room) w = total;
-        else if (!cl->pend) a->new_room -= total - w;
+        if (!cl->pend && total - w > a->new_room)
+            w = total;
+        else if (!cl->pend)
+            a->new_room -= total - w;
     }
     a->wnow[j] = (uint32_t)w;
     if (w >= total) return 0;
@@ -193,9 +194,12 @@ static int add_plan(kvt_coll *c, kvt_add *a) {
         uint32_t m = a->cnt[j];
         kvt_cluster *cl = &c->cl[j];
         if (!m) continue;
-        if (token(c)) rc = kvt_ensure_mem(c, cl, cl->n + m); /* nothing waits: records go to the log */
-        else if (s->tight) a->wnow[j] = cl->pend + m;     /* a second run for want of budget: all written */
-        else if (!(c->ops->plan && c->ops->plan(c, a, j, &rc))) rc = plan_written(c, a, j);
+        if (token(c))
+            rc = kvt_ensure_mem(c, cl, cl->n + m); /* nothing waits: records go to the log */
+        else if (s->tight)
+            a->wnow[j] = cl->pend + m; /* a second run for want of budget: all written */
+        else if (!(c->ops->plan && c->ops->plan(c, a, j, &rc)))
+            rc = plan_written(c, a, j);
         kvt_cache_ent *e = kvt_cached(c, j);
         if (e && kvt_cache_grow(&s->cache, e, m)) kvt_cache_drop(&s->cache, e);
     }
@@ -238,8 +242,10 @@ static int add_write(kvt_coll *c, kvt_add *a) {
         for (uint64_t c0 = 0; c0 < a->n && !rc; c0 += a->ch)
             rc = write_chunk(c, a, c0, a->n - c0 < a->ch ? a->n - c0 : a->ch);
     }
-    if (rc) kvt_rollback(c, &a->log);
-    else kvt_kill_point("add.written");
+    if (rc)
+        kvt_rollback(c, &a->log);
+    else
+        kvt_kill_point("add.written");
     return rc;
 }
 
@@ -344,7 +350,8 @@ static int add_locked(kvt_coll *c, const void *keys, const void *values, uint64_
 
 int kvt_coll_add(kvt_coll *c, const void *keys, const void *values, uint64_t n, int64_t *first_id) {
     kvt_clear_error();
-    if (!keys || (!values && c->p.value_dim) || n == 0) return kvt_fail(KVT_EINVAL, "add: keys/values must be non-empty");
+    if (!keys || (!values && c->p.value_dim) || n == 0)
+        return kvt_fail(KVT_EINVAL, "add: keys/values must be non-empty");
     int rc;
     RUN_READY(c, add_locked(c, keys, values, n, first_id));
     return rc;

@@ -21,19 +21,19 @@ typedef struct kvt_add {
     uint32_t sr;               /* scratch records */
     int first_batch;           /* the collection's first partition is made by this add */
     /* assignment: each entry's cluster waits in the id map's slot past n (c->loc[n0+i].cl) */
-    uint32_t *row;             /* chunk rows grouped by cluster (write step) */
-    uint32_t *start;           /* k + 1: where each cluster's rows start in row */
+    uint32_t *row;   /* chunk rows grouped by cluster (write step) */
+    uint32_t *start; /* k + 1: where each cluster's rows start in row */
     /* the plan, per cluster (k + 1 each): entries joining it, how many of its tail and new
      * entries are written now, whether the rest waits in its pending buffer, and (write and
      * publish steps) the new entries met so far */
     uint32_t *cnt, *wnow, *seen;
     uint8_t *topend;
-    uint64_t new_room;         /* write-buffer share left for new tails, in entries */
-    uint64_t wait_room;        /* adaptive: entries that may still wait for splits */
-    uint64_t wait_bytes;       /* ... and the bytes of DRAM they may take */
-    uint8_t *scratch;          /* sr records for encoding */
-    float *x;                  /* one key as float32, then a mean (2 x dim floats) */
-    undo_log log;              /* the appends made, for a rollback */
+    uint64_t new_room;   /* write-buffer share left for new tails, in entries */
+    uint64_t wait_room;  /* adaptive: entries that may still wait for splits */
+    uint64_t wait_bytes; /* ... and the bytes of DRAM they may take */
+    uint8_t *scratch;    /* sr records for encoding */
+    float *x;            /* one key as float32, then a mean (2 x dim floats) */
+    undo_log log;        /* the appends made, for a rollback */
 } kvt_add;
 
 /* Default assignment (static, adaptive): every entry joins its nearest cluster. */

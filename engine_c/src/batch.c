@@ -23,7 +23,10 @@
 
 /* The unreadable entries of the members retrieved so far (each retrieve empties the thread's
  * list when it starts): gathered, then put back together. */
-typedef struct gathered { kvt_unreadable *v; size_t n, cap; } gathered;
+typedef struct gathered {
+    kvt_unreadable *v;
+    size_t n, cap;
+} gathered;
 
 static void gather(gathered *g) {
     const kvt_unreadable *u;
@@ -48,25 +51,27 @@ static int put_back(gathered *g, int rc) {
     return rc;
 }
 
-int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq,
-                       const uint64_t *budgets, uint64_t cap, int64_t *ids, void *keys,
-                       void *values, int32_t *clusters, uint64_t *counts) {
+int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq, const uint64_t *budgets,
+                       uint64_t cap, int64_t *ids, void *keys, void *values, int32_t *clusters, uint64_t *counts) {
     kvt_clear_error();
     kvt_unreadable_clear();
     if (!colls || n == 0) return kvt_fail(KVT_EINVAL, "retrieve_batch: colls must hold at least one collection");
-    if (!queries || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve_batch: queries must hold at least one query per collection");
+    if (!queries || nq == 0)
+        return kvt_fail(KVT_EINVAL, "retrieve_batch: queries must hold at least one query per collection");
     if (!budgets || !counts) return kvt_fail(KVT_EINVAL, "retrieve_batch: budgets and counts are required");
     for (size_t i = 0; i < n; i++) {
         if (!colls[i]) return kvt_fail(KVT_EINVAL, "retrieve_batch: colls[%zu] is NULL", i);
         const kvt_coll_params *p = &colls[i]->p, *p0 = &colls[0]->p;
         if (p->dim != p0->dim || p->value_dim != p0->value_dim || p->dtype != p0->dtype)
-            return kvt_fail(KVT_EINVAL, "retrieve_batch: colls[%zu] has dim %u, value_dim %u, dtype %d; colls[0] has %u, %u, %d",
-                            i, p->dim, p->value_dim, p->dtype, p0->dim, p0->value_dim, p0->dtype);
+            return kvt_fail(KVT_EINVAL,
+                            "retrieve_batch: colls[%zu] has dim %u, value_dim %u, dtype %d; colls[0] has %u, %u, %d", i,
+                            p->dim, p->value_dim, p->dtype, p0->dim, p0->value_dim, p0->dtype);
         if (budgets[i] > cap)
             return kvt_fail(KVT_EINVAL, "retrieve_batch: budgets[%zu] = %llu exceeds cap %llu rows per collection", i,
                             (unsigned long long)budgets[i], (unsigned long long)cap);
         for (size_t j = 0; j < i; j++)
-            if (colls[j] == colls[i]) return kvt_fail(KVT_EINVAL, "retrieve_batch: colls[%zu] repeats colls[%zu]", i, j);
+            if (colls[j] == colls[i])
+                return kvt_fail(KVT_EINVAL, "retrieve_batch: colls[%zu] repeats colls[%zu]", i, j);
     }
     const kvt_coll_params *p = &colls[0]->p;
     size_t krow = colls[0]->L.key_bytes, vrow = colls[0]->L.value_bytes; /* one row of each */
@@ -80,8 +85,9 @@ int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, u
         uint64_t m = kvt_result_count(r);
         if (m > cap) { /* a retrieve returns at most its budget: this is an engine bug */
             kvt_result_free(r);
-            return put_back(&g, kvt_fail(KVT_ECORRUPT, "retrieve_batch: colls[%zu] returned %llu entries, more than cap %llu",
-                                         i, (unsigned long long)m, (unsigned long long)cap));
+            return put_back(&g, kvt_fail(KVT_ECORRUPT,
+                                         "retrieve_batch: colls[%zu] returned %llu entries, more than cap %llu", i,
+                                         (unsigned long long)m, (unsigned long long)cap));
         }
         size_t base = i * (size_t)cap;
         kvt_result_copy(r, ids ? ids + base : NULL, keys ? (uint8_t *)keys + base * krow : NULL,

@@ -40,8 +40,7 @@ static uint64_t pools_cap(uint64_t pools) {
     return cap;
 }
 
-int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buffer, double fetch,
-                        kvt_budget_t *o) {
+int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buffer, double fetch, kvt_budget_t *o) {
     kvt_clear_error();
     if (!p || !o) return kvt_fail(KVT_EINVAL, "estimate: NULL argument");
     memset(o, 0, sizeof *o);
@@ -79,8 +78,10 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
     for (int slack = 0; slack < 2; slack++) {
         uint64_t b = grown(ncl, slack) * cl_bytes + ncl * seg_bytes + pools_cap(pools) * KVT_POOL_BYTES +
                      grown(n, slack) * (sizeof(kvt_loc) + mem) + grown(chunks, slack) * 8;
-        if (slack) o->index_grown = b;
-        else o->index = b;
+        if (slack)
+            o->index_grown = b;
+        else
+            o->index = b;
     }
     o->keys = keys;
 

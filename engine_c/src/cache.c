@@ -113,7 +113,8 @@ static void resize_table(kvt_cache *c, uint64_t nb) {
     for (uint64_t i = 0; i < c->nbuckets; i++)
         for (kvt_cache_ent *x = c->buckets[i], *nx; x; x = nx) {
             nx = x->hnext;
-            uint64_t h = (uint64_t)(uintptr_t)x->owner * 0x9E3779B97F4A7C15ull ^ (uint64_t)x->cluster * 0xBF58476D1CE4E5B9ull;
+            uint64_t h =
+                (uint64_t)(uintptr_t)x->owner * 0x9E3779B97F4A7C15ull ^ (uint64_t)x->cluster * 0xBF58476D1CE4E5B9ull;
             h = (h ^ (h >> 29)) & (nb - 1);
             x->hnext = b[h];
             b[h] = x;
@@ -147,8 +148,10 @@ static void free_ent(kvt_cache *c, kvt_cache_ent *e) {
     c->cached--;
     free(e->rec);
     free(e);
-    if (!c->cached) resize_table(c, 0);
-    else if (c->nbuckets > KVT_CACHE_TABLE_MIN && c->cached < c->nbuckets / 4) resize_table(c, c->nbuckets / 2);
+    if (!c->cached)
+        resize_table(c, 0);
+    else if (c->nbuckets > KVT_CACHE_TABLE_MIN && c->cached < c->nbuckets / 4)
+        resize_table(c, c->nbuckets / 2);
 }
 
 void kvt_cache_destroy(kvt_cache *c) {
@@ -172,7 +175,7 @@ void kvt_cache_destroy(kvt_cache *c) {
 /* Owners read more than this many times their usual gap ago (and more than KVT_IDLE_MIN
  * reads of all owners ago) are idle: their turn is not coming round. */
 #define KVT_IDLE_GAPS 3.0f
-#define KVT_IDLE_MIN 8
+#define KVT_IDLE_MIN  8
 
 /* Reads of all owners since e's owner last read, when that makes it idle; else 0. Decoding
  * reads every layer once per step, so a layer is never idle while decoding runs; a store whose
@@ -239,7 +242,7 @@ static kvt_cache_ent *victim_cluster(kvt_cache *c) {
             float v = heat_now(c, e) - 1000.0f * (float)(m > KVT_HEAT_HORIZON ? KVT_HEAT_HORIZON : m);
             if (pass == 0 && v < vmin) vmin = v;
             if (pass == 1 && v <= vmin + KVT_HEAT_TIE) {
-                best = e; /* scanning from the oldest: the last one is the most recently used */
+                best = e;                  /* scanning from the oldest: the last one is the most recently used */
                 if (vmin < -500.0f) break; /* stale ones: the oldest */
             }
         }

@@ -28,7 +28,7 @@
 
 /* The lookup table's first size, in buckets, and its bytes: what a cache of up to that many
  * entries holds beside them. */
-#define KVT_CACHE_TABLE_MIN 64u
+#define KVT_CACHE_TABLE_MIN   64u
 #define KVT_CACHE_TABLE_BYTES (KVT_CACHE_TABLE_MIN * sizeof(void *))
 
 /* Steps after which an unused entry's heat counts as zero. */
@@ -51,27 +51,27 @@ typedef struct kvt_cache_ent {
     struct kvt_cache_ent *hnext;       /* the lookup table's chain (kvt_cache_find) */
     void *owner;                       /* the collection */
     uint32_t cluster;
-    uint32_t n, cap;                   /* records held / allocated */
-    uint32_t pins;                     /* > 0: in use, not evictable */
-    uint32_t loading;                  /* a loader thread is filling it: rec not ready, n == 0 */
-    uint32_t prefetched;               /* loaded by a prefetch and not yet used */
-    uint64_t uses, last_use;           /* policy bookkeeping, in cache ticks */
-    struct kvt_cache_owner *os;        /* the owner's read counter */
-    uint64_t use_visit;                /* the owner's read count at the entry's last read */
-    uint64_t upd_step;                 /* step of the last update + 1 (0: never) */
-    float heat;                        /* owner reads it was read in, decayed (as of use_visit) */
+    uint32_t n, cap;            /* records held / allocated */
+    uint32_t pins;              /* > 0: in use, not evictable */
+    uint32_t loading;           /* a loader thread is filling it: rec not ready, n == 0 */
+    uint32_t prefetched;        /* loaded by a prefetch and not yet used */
+    uint64_t uses, last_use;    /* policy bookkeeping, in cache ticks */
+    struct kvt_cache_owner *os; /* the owner's read counter */
+    uint64_t use_visit;         /* the owner's read count at the entry's last read */
+    uint64_t upd_step;          /* step of the last update + 1 (0: never) */
+    float heat;                 /* owner reads it was read in, decayed (as of use_visit) */
     size_t esz;
     uint8_t *rec;
 } kvt_cache_ent;
 
 typedef struct kvt_cache {
-    kvt_mem *mem;                      /* the ledger the cache is charged to */
-    int policy;                        /* enum kvt_cache_policy (kvtier.h) */
+    kvt_mem *mem; /* the ledger the cache is charged to */
+    int policy;   /* enum kvt_cache_policy (kvtier.h) */
     uint64_t tick;
-    uint64_t step;                     /* decoding steps (kvt_cache_step, or detected) */
-    uint64_t reads;                    /* owner reads of every owner (kvt_cache_owner_read) */
-    int explicit_steps;                /* the caller marks steps: no detection */
-    double reserve_share;              /* cluster policy: budget share kept for recent updates */
+    uint64_t step;        /* decoding steps (kvt_cache_step, or detected) */
+    uint64_t reads;       /* owner reads of every owner (kvt_cache_owner_read) */
+    int explicit_steps;   /* the caller marks steps: no detection */
+    double reserve_share; /* cluster policy: budget share kept for recent updates */
     /* the most bytes cached clusters may hold (the budget unless lowered: tests set 0 to run
      * an engine with no cache at all, where reads go to buffers freed after use) */
     uint64_t cache_cap;
@@ -79,13 +79,13 @@ typedef struct kvt_cache {
     uint32_t half_life;                /* cluster policy: heat halves over this many steps */
     float decay[KVT_HEAT_HORIZON + 1]; /* decay[d] = 2^(-d / half_life) */
     uint64_t cache_bytes, cached, hits, misses, evictions;
-    kvt_cache_ent lru;                 /* sentinel */
+    kvt_cache_ent lru; /* sentinel */
     /* the lookup table: entries by (owner, cluster), chained, nbuckets a power of two grown
      * with the entries (its bytes are cache bytes, KVT_USE_CACHE). Owners find their cached
      * clusters here instead of keeping a pointer per cluster in their resident index. */
     kvt_cache_ent **buckets;
-    uint64_t nbuckets;      /* 0, or KVT_CACHE_TABLE_MIN and up */
-    int resizing;           /* a resize is reserving room: evictions meanwhile do not shrink */
+    uint64_t nbuckets; /* 0, or KVT_CACHE_TABLE_MIN and up */
+    int resizing;      /* a resize is reserving room: evictions meanwhile do not shrink */
     /* Called when an entry is evicted, so the owner can forget it (and keep its heat). */
     void (*on_evict)(void *owner, const struct kvt_cache_ent *e);
     /* An admitted cluster's heat and last read (owner reads) when it was last evicted, if the

@@ -178,8 +178,10 @@ int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
     }
     if (cp && !c->parked) kvt_peek_end(c, was_parked);
     UNLOCK(c->st);
-    if (rc) kvt_checkpoint_free(cp);
-    else *out = cp;
+    if (rc)
+        kvt_checkpoint_free(cp);
+    else
+        *out = cp;
     return rc;
 }
 
@@ -200,9 +202,7 @@ int kvt_coll_committed(kvt_coll *c, const kvt_checkpoint *cp) {
 
 /* The most units a format-3 pool spans (kvt_pools_claim never makes one larger than a
  * format-2 pool). */
-static uint32_t max_pool_units(const kvt_layout *L) {
-    return kvt_pool_units(L, L->pool_cap);
-}
+static uint32_t max_pool_units(const kvt_layout *L) { return kvt_pool_units(L, L->pool_cap); }
 
 static int blob_crc_ok(const void *blob, size_t len) {
     if (len < 12) return 0;
@@ -222,7 +222,7 @@ static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, i
     pw[0] = kvt_rbuf_u32(r);
     pw[1] = kvt_rbuf_u32(r);
     k->dead = c->L.format >= 3 ? kvt_rbuf_u32(r) : 0;
-    kvt_policy_cluster_load(c, k, pw, 0); /* a directory keeps whether, not why (policy.h) */
+    kvt_policy_cluster_load(c, k, pw, 0);              /* a directory keeps whether, not why (policy.h) */
     if (r->bad || nseg > (r->len + 4 - r->pos) / 12) { /* r->len + 4: the blob with its CRC */
         r->bad = 1;
         return 0;
@@ -271,16 +271,19 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing
     if (!blob_crc_ok(blob, len) || (!with_sums && memcmp(blob, DIR_MAGIC, 8) != 0))
         return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u fails its checksum", what, c->no);
     if (with_sums && !kvt_vsum_kept(c))
-        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u carries value sums its parameters do not keep", what, c->no);
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u carries value sums its parameters do not keep",
+                        what, c->no);
     *sums_missing = kvt_vsum_kept(c) && !with_sums;
     kvt_rbuf r = {blob, len - 4, 8, 0};
     uint32_t ver = kvt_rbuf_u32(&r);
     if (ver < 1 || ver > KVT_FORMAT_VERSION)
-        return kvt_fail(KVT_EFORMAT, "catalog: %s has format version %u, this engine reads 1 to %u", what, ver, KVT_FORMAT_VERSION);
+        return kvt_fail(KVT_EFORMAT, "catalog: %s has format version %u, this engine reads 1 to %u", what, ver,
+                        KVT_FORMAT_VERSION);
     if (ver != c->L.format)
-        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u has format %u but its data file format %u", what, c->no, ver, c->L.format);
-    uint32_t dim = kvt_rbuf_u32(&r), vdim = kvt_rbuf_u32(&r), dtype = kvt_rbuf_u32(&r),
-             metric = kvt_rbuf_u32(&r), policy = kvt_rbuf_u32(&r), esz = kvt_rbuf_u32(&r);
+        return kvt_fail(KVT_ECORRUPT, "catalog: %s of collection %u has format %u but its data file format %u", what,
+                        c->no, ver, c->L.format);
+    uint32_t dim = kvt_rbuf_u32(&r), vdim = kvt_rbuf_u32(&r), dtype = kvt_rbuf_u32(&r), metric = kvt_rbuf_u32(&r),
+             policy = kvt_rbuf_u32(&r), esz = kvt_rbuf_u32(&r);
     uint64_t pool_bytes = kvt_rbuf_u64(&r), n = kvt_rbuf_u64(&r);
     uint32_t ncl = kvt_rbuf_u32(&r), npools = kvt_rbuf_u32(&r);
     double tau = kvt_rbuf_f64(&r);
@@ -328,19 +331,22 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing
 
 static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len, uint32_t *counts) {
     if (!blob_crc_ok(blob, len) || memcmp(blob, LOC_MAGIC, 8) != 0)
-        return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u fails its checksum", (unsigned long long)chunk, c->no);
+        return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u fails its checksum",
+                        (unsigned long long)chunk, c->no);
     kvt_rbuf r = {blob, len - 4, 8, 0};
     uint64_t ch = kvt_rbuf_u64(&r);
     uint32_t cnt = kvt_rbuf_u32(&r);
     uint64_t lo = chunk * KVT_LOC_CHUNK;
     uint64_t want = c->n - lo < KVT_LOC_CHUNK ? c->n - lo : KVT_LOC_CHUNK;
     if (r.bad || ch != chunk || cnt != want || r.len - r.pos != (size_t)cnt * sizeof(kvt_loc))
-        return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u is inconsistent", (unsigned long long)chunk, c->no);
+        return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u is inconsistent",
+                        (unsigned long long)chunk, c->no);
     memcpy(c->loc + lo, (const uint8_t *)blob + r.pos, (size_t)cnt * sizeof(kvt_loc));
     for (uint32_t i = 0; i < cnt; i++) {
         kvt_loc l = c->loc[lo + i];
         if (l.cl >= c->ncl || (uint64_t)l.idx >= (uint64_t)c->cl[l.cl].n + c->cl[l.cl].dead)
-            return kvt_fail(KVT_ECORRUPT, "catalog: id %llu of collection %u maps outside the directory", (unsigned long long)(lo + i), c->no);
+            return kvt_fail(KVT_ECORRUPT, "catalog: id %llu of collection %u maps outside the directory",
+                            (unsigned long long)(lo + i), c->no);
         counts[l.cl]++;
     }
     return 0;
@@ -355,7 +361,9 @@ static uint32_t dir_format(const void *blob, size_t len) {
     return v;
 }
 
-typedef struct keys_ctx { kvt_coll *c; } keys_ctx;
+typedef struct keys_ctx {
+    kvt_coll *c;
+} keys_ctx;
 
 /* estimate.c: a directory exported before value sums existed; they are summed from the
  * stored values (the sums start at zero). */
@@ -387,8 +395,9 @@ static int open_header(kvt_coll *c, const kvt_coll_params *p, const void *dir_bl
         return 0;
     }
     if (rc == KVT_EFORMAT)
-        return kvt_fail(rc, "%s: data file header is of another format version (%d; this kvtier reads 1 to %d, the "
-                            "catalog says %u): written by a newer kvtier, or a damaged header (kvtier verify)",
+        return kvt_fail(rc,
+                        "%s: data file header is of another format version (%d; this kvtier reads 1 to %d, the "
+                        "catalog says %u): written by a newer kvtier, or a damaged header (kvtier verify)",
                         kvt_file_path(c->f), header_version, KVT_FORMAT_VERSION, dir_version);
     if (rc)
         return kvt_fail(rc, "%s: data file header page of collection %u is %s", kvt_file_path(c->f), c->no,
@@ -398,9 +407,8 @@ static int open_header(kvt_coll *c, const kvt_coll_params *p, const void *dir_bl
     return 0;
 }
 
-int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const void *dir_blob,
-                  size_t dir_len, const void *const *chunks, const size_t *chunk_lens, size_t n_chunks,
-                  kvt_coll **out) {
+int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const void *dir_blob, size_t dir_len,
+                  const void *const *chunks, const size_t *chunk_lens, size_t n_chunks, kvt_coll **out) {
     kvt_clear_error();
     LOCK(s);
     kvt_coll *c;
@@ -413,12 +421,14 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
     if (!rc) rc = load_dir(c, dir_blob, dir_len, &sums_missing);
     uint64_t want = c->n ? (c->n - 1) / KVT_LOC_CHUNK + 1 : 0;
     if (!rc && n_chunks != want)
-        rc = kvt_fail(KVT_ECORRUPT, "catalog: collection %u has %zu id map chunks, %llu expected", no, n_chunks, (unsigned long long)want);
+        rc = kvt_fail(KVT_ECORRUPT, "catalog: collection %u has %zu id map chunks, %llu expected", no, n_chunks,
+                      (unsigned long long)want);
     if (!rc && !(counts = calloc((size_t)c->ncl + 1, 4))) rc = kvt_fail(ENOMEM, "open: out of memory");
     for (size_t i = 0; i < n_chunks && !rc; i++) rc = load_chunk(c, i, chunks[i], chunk_lens[i], counts);
     for (uint32_t j = 0; j < c->ncl && !rc; j++)
         if (counts[j] != c->cl[j].n)
-            rc = kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has %u entries but the id map names %u", j, no, c->cl[j].n, counts[j]);
+            rc = kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has %u entries but the id map names %u",
+                          j, no, c->cl[j].n, counts[j]);
     if (!rc && token(c)) rc = kvt_rebuild_members(c);
     if (!rc && sums_missing) {
         keys_ctx kc = {c};
@@ -427,8 +437,10 @@ int kvt_coll_open(kvt_store *s, uint32_t no, const kvt_coll_params *p, const voi
     }
     if (!rc && c->ops->reopen) rc = c->ops->reopen(c); /* policy none: its resident keys */
     if (!rc) c->committed_mod = c->modc;
-    if (rc) kvt_coll_forget(s, c);
-    else *out = c;
+    if (rc)
+        kvt_coll_forget(s, c);
+    else
+        *out = c;
 done:
     free(counts);
     UNLOCK(s);

@@ -28,8 +28,8 @@ static inline const void *row(size_t stride, const void *keys, uint64_t i) {
     return (const uint8_t *)keys + i * stride;
 }
 
-uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const float *centroids,
-                     const float *norms, uint32_t k, uint32_t dim) {
+uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const float *centroids, const float *norms,
+                     uint32_t k, uint32_t dim) {
     uint32_t best = 0;
     float bestd = FLT_MAX;
     for (uint32_t c = 0; c < k; c++) {
@@ -42,8 +42,8 @@ uint32_t kvt_nearest(const kvt_kernels *K, int dtype, const void *key, const flo
     return best;
 }
 
-uint32_t kvt_nearest_rep(const kvt_kernels *K, int dtype, const void *key, const uint16_t *reps,
-                         const float *norms, uint32_t k, uint32_t dim, float *x) {
+uint32_t kvt_nearest_rep(const kvt_kernels *K, int dtype, const void *key, const uint16_t *reps, const float *norms,
+                         uint32_t k, uint32_t dim, float *x) {
     kvt_key_to_f32(K, dtype, key, x, dim);
     uint32_t best = 0;
     float bestd = FLT_MAX;
@@ -78,7 +78,11 @@ uint64_t kvt_kmeans_bytes(uint64_t n, uint32_t k, uint32_t dim) {
 }
 
 static uint64_t gcd_u64(uint64_t a, uint64_t b) {
-    while (b) { uint64_t t = a % b; a = b; b = t; }
+    while (b) {
+        uint64_t t = a % b;
+        a = b;
+        b = t;
+    }
     return a;
 }
 
@@ -88,13 +92,16 @@ static void centroid_norms(const kvt_kernels *K, const float *c, uint32_t k, uin
 
 /* Flat Lloyd iterations over idx[0..n). */
 static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, size_t stride,
-                       const uint32_t *idx, uint64_t n, uint32_t k, uint32_t iters, uint64_t seed,
-                       float *cent, uint32_t *assign) {
+                       const uint32_t *idx, uint64_t n, uint32_t k, uint32_t iters, uint64_t seed, float *cent,
+                       uint32_t *assign) {
     double *sums = calloc((size_t)k * dim, sizeof *sums);
     uint32_t *counts = calloc(k, sizeof *counts);
     float *norms = malloc((size_t)k * sizeof *norms), *x = malloc((size_t)dim * sizeof *x);
     if (!sums || !counts || !norms || !x) {
-        free(sums); free(counts); free(norms); free(x);
+        free(sums);
+        free(counts);
+        free(norms);
+        free(x);
         return kvt_fail(ENOMEM, "k-means: out of memory for %u centroids", k);
     }
     /* Seeds: k distinct points, taken along a random stride coprime with n (a permutation of
@@ -137,29 +144,40 @@ static int kmeans_flat(const kvt_kernels *K, int dtype, const void *keys, uint32
                     kvt_key_to_f32(K, dtype, row(stride, keys, idx ? idx[i] : i), x, dim);
                     const float *ca = cent + (size_t)assign[i] * dim;
                     float d = norms[assign[i]] - 2 * K->dot_f32(x, ca, dim) + K->dot_f32(x, x, dim);
-                    if (d > worst) { worst = d; pick = i; }
+                    if (d > worst) {
+                        worst = d;
+                        pick = i;
+                    }
                 }
                 kvt_key_to_f32(K, dtype, row(stride, keys, idx ? idx[pick] : pick), cc, dim);
             }
         }
     }
-    free(sums); free(counts); free(norms); free(x);
+    free(sums);
+    free(counts);
+    free(norms);
+    free(x);
     return 0;
 }
 
-typedef struct { uint32_t coarse, pos; } coarse_pos;
+typedef struct {
+    uint32_t coarse, pos;
+} coarse_pos;
 
 int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, size_t stride, const uint32_t *idx,
-               uint64_t n, uint32_t k, uint32_t iters, uint64_t seed, float *centroids,
-               uint32_t *assign) {
-    if (n == 0 || k == 0 || k > n) return kvt_fail(KVT_EINVAL, "k-means: need 0 < k <= n (k=%u, n=%llu)", k, (unsigned long long)n);
+               uint64_t n, uint32_t k, uint32_t iters, uint64_t seed, float *centroids, uint32_t *assign) {
+    if (n == 0 || k == 0 || k > n)
+        return kvt_fail(KVT_EINVAL, "k-means: need 0 < k <= n (k=%u, n=%llu)", k, (unsigned long long)n);
     if (k <= 256) return kmeans_flat(K, dtype, keys, dim, stride, idx, n, k, iters, seed, centroids, assign);
     uint32_t k1 = (uint32_t)ceil(sqrt((double)k));
     float *c1 = malloc((size_t)k1 * dim * sizeof *c1);
     uint32_t *a1 = malloc(n * sizeof *a1), *order = malloc(n * sizeof *order);
     uint64_t *start = calloc(k1 + 1, sizeof *start);
     if (!c1 || !a1 || !order || !start) {
-        free(c1); free(a1); free(order); free(start);
+        free(c1);
+        free(a1);
+        free(order);
+        free(start);
         return kvt_fail(ENOMEM, "k-means: out of memory for %llu points", (unsigned long long)n);
     }
     int rc = kmeans_flat(K, dtype, keys, dim, stride, idx, n, k1, iters, seed, c1, a1);
@@ -186,11 +204,18 @@ int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, 
             if (kc == 0) kc = 1;
             /* sub-clustering works on original row numbers */
             uint32_t *sub = malloc(m * sizeof *sub), *sa = malloc(m * sizeof *sa);
-            if (!sub || !sa) { free(sub); free(sa); rc = kvt_fail(ENOMEM, "k-means: out of memory"); break; }
+            if (!sub || !sa) {
+                free(sub);
+                free(sa);
+                rc = kvt_fail(ENOMEM, "k-means: out of memory");
+                break;
+            }
             for (uint64_t i = 0; i < m; i++) sub[i] = idx ? idx[order[start[c] + i]] : order[start[c] + i];
-            rc = kmeans_flat(K, dtype, keys, dim, stride, sub, m, kc, iters, seed + c + 1, centroids + (size_t)given * dim, sa);
+            rc = kmeans_flat(K, dtype, keys, dim, stride, sub, m, kc, iters, seed + c + 1,
+                             centroids + (size_t)given * dim, sa);
             for (uint64_t i = 0; !rc && i < m; i++) assign[order[start[c] + i]] = given + sa[i];
-            free(sub); free(sa);
+            free(sub);
+            free(sa);
             given += kc;
         }
         if (!rc && given != k) {
@@ -200,6 +225,9 @@ int kvt_kmeans(const kvt_kernels *K, int dtype, const void *keys, uint32_t dim, 
                 memcpy(centroids + (size_t)c * dim, centroids + (size_t)(given - 1) * dim, (size_t)dim * 4);
         }
     }
-    free(c1); free(a1); free(order); free(start);
+    free(c1);
+    free(a1);
+    free(order);
+    free(start);
     return rc;
 }

@@ -162,7 +162,8 @@ int kvt_relayout(kvt_coll *c) {
         if (rc) npools = 0;
     }
     /* chain[2i] at the front of pool i, chain[2i+1] at its back */
-    for (uint32_t done = 0; done < m && !rc; done++) rc = move_cluster(c, chain[done], pool_of[done / 2], done % 2, scratch, &written);
+    for (uint32_t done = 0; done < m && !rc; done++)
+        rc = move_cluster(c, chain[done], pool_of[done / 2], done % 2, scratch, &written);
     uint32_t lo = UINT32_MAX;
     for (uint32_t i = 0; i < npools; i++) { /* pools of the chain that no cluster took go back */
         kvt_pool *pl = &c->pools.p[pool_of[i]];

@@ -41,22 +41,46 @@ static inline uint64_t kvt_rng_next(uint64_t *s) {
 }
 
 /* Little-endian blob writer/reader used by the exported catalog blobs. */
-typedef struct kvt_wbuf { uint8_t *p; size_t len, cap; int oom; } kvt_wbuf;
+typedef struct kvt_wbuf {
+    uint8_t *p;
+    size_t len, cap;
+    int oom;
+} kvt_wbuf;
 void kvt_wbuf_put(kvt_wbuf *w, const void *src, size_t n);
 static inline void kvt_wbuf_u32(kvt_wbuf *w, uint32_t v) { kvt_wbuf_put(w, &v, 4); }
 static inline void kvt_wbuf_u64(kvt_wbuf *w, uint64_t v) { kvt_wbuf_put(w, &v, 8); }
 static inline void kvt_wbuf_f64(kvt_wbuf *w, double v) { kvt_wbuf_put(w, &v, 8); }
 
-typedef struct kvt_rbuf { const uint8_t *p; size_t len, pos; int bad; } kvt_rbuf;
+typedef struct kvt_rbuf {
+    const uint8_t *p;
+    size_t len, pos;
+    int bad;
+} kvt_rbuf;
 static inline int kvt_rbuf_get(kvt_rbuf *r, void *dst, size_t n) {
     if (!n) return 0; /* dst may be NULL then (an empty table) */
-    if (r->bad || n > r->len - r->pos) { r->bad = 1; memset(dst, 0, n); return -1; }
+    if (r->bad || n > r->len - r->pos) {
+        r->bad = 1;
+        memset(dst, 0, n);
+        return -1;
+    }
     memcpy(dst, r->p + r->pos, n);
     r->pos += n;
     return 0;
 }
-static inline uint32_t kvt_rbuf_u32(kvt_rbuf *r) { uint32_t v; kvt_rbuf_get(r, &v, 4); return v; }
-static inline uint64_t kvt_rbuf_u64(kvt_rbuf *r) { uint64_t v; kvt_rbuf_get(r, &v, 8); return v; }
-static inline double kvt_rbuf_f64(kvt_rbuf *r) { double v; kvt_rbuf_get(r, &v, 8); return v; }
+static inline uint32_t kvt_rbuf_u32(kvt_rbuf *r) {
+    uint32_t v;
+    kvt_rbuf_get(r, &v, 4);
+    return v;
+}
+static inline uint64_t kvt_rbuf_u64(kvt_rbuf *r) {
+    uint64_t v;
+    kvt_rbuf_get(r, &v, 8);
+    return v;
+}
+static inline double kvt_rbuf_f64(kvt_rbuf *r) {
+    double v;
+    kvt_rbuf_get(r, &v, 8);
+    return v;
+}
 
 #endif

@@ -42,7 +42,10 @@ int kvt_set_on_corrupt(int mode) {
 
 int kvt_on_corrupt(void) { return on_corrupt; }
 
-typedef struct unread_list { kvt_unreadable *v; size_t n, cap, sorted; } unread_list;
+typedef struct unread_list {
+    kvt_unreadable *v;
+    size_t n, cap, sorted;
+} unread_list;
 static _Thread_local unread_list *unread;
 static pthread_key_t unread_key; /* only for its destructor: frees a thread's list at exit */
 static pthread_once_t unread_once = PTHREAD_ONCE_INIT;
@@ -166,9 +169,8 @@ uint32_t kvt_crc32c(uint32_t crc, const void *data, size_t len) {
         uint64_t w;
         memcpy(&w, p, 8);
         w ^= crc;
-        crc = crc_table[7][w & 0xFF] ^ crc_table[6][(w >> 8) & 0xFF] ^
-              crc_table[5][(w >> 16) & 0xFF] ^ crc_table[4][(w >> 24) & 0xFF] ^
-              crc_table[3][(w >> 32) & 0xFF] ^ crc_table[2][(w >> 40) & 0xFF] ^
+        crc = crc_table[7][w & 0xFF] ^ crc_table[6][(w >> 8) & 0xFF] ^ crc_table[5][(w >> 16) & 0xFF] ^
+              crc_table[4][(w >> 24) & 0xFF] ^ crc_table[3][(w >> 32) & 0xFF] ^ crc_table[2][(w >> 40) & 0xFF] ^
               crc_table[1][(w >> 48) & 0xFF] ^ crc_table[0][w >> 56];
         p += 8;
         len -= 8;
@@ -183,7 +185,10 @@ void kvt_wbuf_put(kvt_wbuf *w, const void *src, size_t n) {
         size_t cap = w->cap ? w->cap : 256;
         while (cap < w->len + n) cap *= 2;
         uint8_t *p = realloc(w->p, cap);
-        if (!p) { w->oom = 1; return; }
+        if (!p) {
+            w->oom = 1;
+            return;
+        }
         w->p = p;
         w->cap = cap;
     }

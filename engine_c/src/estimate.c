@@ -32,9 +32,7 @@
 #include "simd.h"
 #include "store.h"
 
-int kvt_vsum_kept(const kvt_coll *c) {
-    return c->p.value_sums && c->p.value_dim > 0 && c->ops->clustered;
-}
+int kvt_vsum_kept(const kvt_coll *c) { return c->p.value_sums && c->p.value_dim > 0 && c->ops->clustered; }
 
 void kvt_vsum_add(kvt_coll *c, uint32_t j, const void *value) {
     if (!c->vsum) return;
@@ -61,7 +59,8 @@ void kvt_vsum_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32_
 /* candidates in descending score, ties by index; runs under the store mutex, which also
  * guards the comparator's static */
 int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, const uint32_t *taken, uint64_t ntaken,
-                 int64_t want, double scale, int variance, float *lse, float *val, uint64_t *ncl_out, uint64_t *nent_out) {
+                 int64_t want, double scale, int variance, float *lse, float *val, uint64_t *ncl_out,
+                 uint64_t *nent_out) {
     const kvt_kernels *K = c->st->K;
     uint32_t d = c->p.dim, vd = c->p.value_dim, m = 0;
     for (uint64_t i = 0; i < nq; i++) lse[i] = -INFINITY;
@@ -104,8 +103,8 @@ int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, 
             s[t] = logn[t] + (float)scale * K->dot_f16_f32(c->cent + (size_t)j * d, qi, d);
             if (variance) { /* m2 sums are over n entries: var = m2 / n */
                 float inv_n = 1.0f / (float)c->cl[j].n;
-                s[t] += half_t2 * inv_n * (c->m2d ? K->dot_f32(q2, c->m2d + (size_t)j * d, d)
-                                                  : qq * (float)(c->cl[j].m2 / d));
+                s[t] += half_t2 * inv_n *
+                        (c->m2d ? K->dot_f32(q2, c->m2d + (size_t)j * d, d) : qq * (float)(c->cl[j].m2 / d));
             }
             if (s[t] > mx) mx = s[t];
         }

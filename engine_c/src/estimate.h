@@ -26,6 +26,7 @@ void kvt_vsum_clear(kvt_coll *c, uint32_t j);
  * takes all of them. Reads nothing from flash. Scratch is reserved against the budget.
  * lse: nq floats (-inf when E is empty); val: nq * value_dim floats (zeros then). */
 int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, const uint32_t *taken, uint64_t ntaken,
-                 int64_t want, double scale, int variance, float *lse, float *val, uint64_t *ncl_out, uint64_t *nent_out);
+                 int64_t want, double scale, int variance, float *lse, float *val, uint64_t *ncl_out,
+                 uint64_t *nent_out);
 
 #endif

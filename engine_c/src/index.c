@@ -47,8 +47,10 @@ static int grow_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_t *cap,
     memset((char *)p + *cap * size, 0, more);
     *ptr = p;
     *cap = target;
-    if (use == KVT_USE_PENDING) c->acct_pend += more;
-    else c->acct += more;
+    if (use == KVT_USE_PENDING)
+        c->acct_pend += more;
+    else
+        c->acct += more;
     return 0;
 }
 
@@ -85,8 +87,10 @@ static uint64_t shrink_to(kvt_coll *c, int use, void **ptr, size_t size, uint64_
     *ptr = p;
     *cap = target;
     kvt_mem_release_as(&c->st->mem, use, less);
-    if (use == KVT_USE_PENDING) c->acct_pend -= less;
-    else c->acct -= less;
+    if (use == KVT_USE_PENDING)
+        c->acct_pend -= less;
+    else
+        c->acct -= less;
     return less;
 }
 
@@ -116,7 +120,8 @@ uint64_t kvt_trim_slack(kvt_coll *c) {
         cap = c->clcap;
         if (c->m2d) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap, to);
         cap = c->clcap;
-        if (c->vsum) freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap, to);
+        if (c->vsum)
+            freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap, to);
         c->clcap = (uint32_t)to;
     }
     return freed;
@@ -126,15 +131,19 @@ uint64_t kvt_trim_slack(kvt_coll *c) {
 void kvt_free_as(kvt_coll *c, int use, void *p, uint64_t cap, size_t size) {
     free(p);
     kvt_mem_release_as(&c->st->mem, use, cap * size);
-    if (use == KVT_USE_PENDING) c->acct_pend -= cap * size;
-    else c->acct -= cap * size;
+    if (use == KVT_USE_PENDING)
+        c->acct_pend -= cap * size;
+    else
+        c->acct -= cap * size;
 }
 void kvt_free_array(kvt_coll *c, void *p, uint64_t cap, size_t size) { kvt_free_as(c, KVT_USE_INDEX, p, cap, size); }
 
 uint64_t kvt_cluster_slot_bytes(const kvt_coll_params *p) {
     return sizeof(kvt_cluster) + (uint64_t)p->dim * (sizeof(uint16_t) + (p->score_temp > 0) * sizeof(float)) +
            sizeof(float) +
-           (p->value_sums && p->value_dim && kvt_policy_ops_for(p->policy)->clustered ? (uint64_t)p->value_dim * sizeof(float) : 0);
+           (p->value_sums && p->value_dim && kvt_policy_ops_for(p->policy)->clustered
+                ? (uint64_t)p->value_dim * sizeof(float)
+                : 0);
 }
 
 int kvt_ensure_clusters(kvt_coll *c, uint32_t need) {
@@ -173,8 +182,10 @@ static kvt_cside *side(kvt_coll *c, kvt_cluster *k, int use, int *rc) {
         *rc = kvt_fail(ENOMEM, "out of memory");
         return NULL;
     }
-    if (use == KVT_USE_PENDING) c->acct_pend += sizeof(kvt_cside);
-    else c->acct += sizeof(kvt_cside);
+    if (use == KVT_USE_PENDING)
+        c->acct_pend += sizeof(kvt_cside);
+    else
+        c->acct += sizeof(kvt_cside);
     k->x->use = use;
     k->x->wtick = c->wclock;
     return k->x;
@@ -245,7 +256,8 @@ int kvt_rebuild_members(kvt_coll *c) {
     for (uint32_t j = 0; j < c->ncl; j++)
         for (uint32_t i = 0; i < c->cl[j].n; i++)
             if (c->cl[j].x->mem[i] == UINT32_MAX || (i && c->cl[j].x->mem[i] <= c->cl[j].x->mem[i - 1]))
-                return kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has an inconsistent member list", j, c->no);
+                return kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has an inconsistent member list", j,
+                                c->no);
     return 0;
 }
 
@@ -375,14 +387,20 @@ static int check_params(const kvt_coll_params *p) {
     if (p->dim < 1 || p->dim > 4096) return kvt_fail(KVT_EINVAL, "dim: 1..4096 expected, got %u", p->dim);
     if (p->value_dim > 4096) return kvt_fail(KVT_EINVAL, "value_dim: 0..4096 expected, got %u", p->value_dim);
     if (p->dtype != KVT_F32 && p->dtype != KVT_F16) return kvt_fail(KVT_EINVAL, "dtype: float32 or float16 expected");
-    if (p->metric != KVT_METRIC_IP && p->metric != KVT_METRIC_L2) return kvt_fail(KVT_EINVAL, "metric: ip or l2 expected");
+    if (p->metric != KVT_METRIC_IP && p->metric != KVT_METRIC_L2)
+        return kvt_fail(KVT_EINVAL, "metric: ip or l2 expected");
     const kvt_policy_ops *ops = kvt_policy_ops_for(p->policy);
     if (!ops) return kvt_fail(KVT_EINVAL, "policy: unknown value %d", p->policy);
-    if (p->init_cluster_size < 1 || p->init_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "init_cluster_size: 1..2^20 expected, got %u", p->init_cluster_size);
-    if (p->max_cluster_size < 2 || p->max_cluster_size > (1u << 20)) return kvt_fail(KVT_EINVAL, "max_cluster_size: 2..2^20 expected, got %u", p->max_cluster_size);
-    if (!(p->tau >= 0) || !isfinite(p->tau)) return kvt_fail(KVT_EINVAL, "tau: a finite value >= 0 expected (0 derives it)");
-    if (!(p->tau_factor > 0) || !isfinite(p->tau_factor)) return kvt_fail(KVT_EINVAL, "tau_factor: a finite value > 0 expected");
-    if (!(p->score_temp >= 0) || !isfinite(p->score_temp)) return kvt_fail(KVT_EINVAL, "score_temp: a finite value >= 0 expected");
+    if (p->init_cluster_size < 1 || p->init_cluster_size > (1u << 20))
+        return kvt_fail(KVT_EINVAL, "init_cluster_size: 1..2^20 expected, got %u", p->init_cluster_size);
+    if (p->max_cluster_size < 2 || p->max_cluster_size > (1u << 20))
+        return kvt_fail(KVT_EINVAL, "max_cluster_size: 2..2^20 expected, got %u", p->max_cluster_size);
+    if (!(p->tau >= 0) || !isfinite(p->tau))
+        return kvt_fail(KVT_EINVAL, "tau: a finite value >= 0 expected (0 derives it)");
+    if (!(p->tau_factor > 0) || !isfinite(p->tau_factor))
+        return kvt_fail(KVT_EINVAL, "tau_factor: a finite value > 0 expected");
+    if (!(p->score_temp >= 0) || !isfinite(p->score_temp))
+        return kvt_fail(KVT_EINVAL, "score_temp: a finite value >= 0 expected");
     if (p->layout != KVT_LAYOUT_CLUSTERED && p->layout != KVT_LAYOUT_TOKEN)
         return kvt_fail(KVT_EINVAL, "layout: 0 (clustered) or 1 (token) expected, got %d", p->layout);
     return ops->check_params ? ops->check_params(p) : 0;
@@ -400,8 +418,7 @@ int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int trunca
     c->p = *p;
     c->ops = kvt_policy_ops_for(p->policy);
     if (c->ops->init) c->ops->init(c);
-    kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION,
-                    !kvt_token_log(p));
+    kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION, !kvt_token_log(p));
     c->pools.sized = c->L.format >= 3; /* pools sized to what they hold (pool.h) */
     char path[4096];
     snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no);

@@ -62,8 +62,8 @@
 
 struct kvt_file {
     kvt_io *io;
-    int fd;         /* buffered */
-    int dfd;        /* O_DIRECT, or -1 */
+    int fd;  /* buffered */
+    int dfd; /* O_DIRECT, or -1 */
     /* an O_DIRECT descriptor whose transfers the file system refused: no longer used, but
      * closed only with the file, since another thread may be reading through it right now */
     int dfd_refused;
@@ -86,12 +86,9 @@ static int posix_pread_full(int fd, void *buf, size_t len, uint64_t off, size_t 
     return 0;
 }
 
-static int posix_datasync(int fd) {
-    return fdatasync(fd) ? errno : 0;
-}
+static int posix_datasync(int fd) { return fdatasync(fd) ? errno : 0; }
 
-static const kvt_io_backend posix_backend = {"pread", posix_pread_full,
-                                             posix_datasync, NULL};
+static const kvt_io_backend posix_backend = {"pread", posix_pread_full, posix_datasync, NULL};
 
 #ifdef KVT_HAVE_IO_URING
 /* Incremented in the child at every fork (invariant 8). */
@@ -103,9 +100,9 @@ static void fork_hook(void) { pthread_atfork(NULL, NULL, on_fork_child); }
 /* 64 reads in flight per ring is deeper than a phone's UFS queue (32) and than a retrieve's
  * usual batch; a larger batch goes in ring-fulls. */
 #define KVT_RING_ENTRIES 64u
-#define KVT_IO_RINGS 8u
-#define KVT_URING_VIA "io_uring_enter, IORING_OP_READV"
-#define KVT_IN_FLIGHT (-1)
+#define KVT_IO_RINGS     8u
+#define KVT_URING_VIA    "io_uring_enter, IORING_OP_READV"
+#define KVT_IN_FLIGHT    (-1)
 /* EAGAIN/EBUSY from a submission is the kernel short of memory for a moment; a ring that
  * keeps answering so is retired and its batch read by pread. */
 #define KVT_SUBMIT_RETRIES 100
@@ -174,8 +171,7 @@ static void uring_complete(kvt_io_xfer *t, int res) {
     t->err = 0;
     if (res > 0 && (size_t)res < t->len) {
         size_t more = 0;
-        t->err = posix_pread_full(t->fd, (char *)t->buf + res, t->len - (size_t)res,
-                                  t->off + (uint64_t)res, &more);
+        t->err = posix_pread_full(t->fd, (char *)t->buf + res, t->len - (size_t)res, t->off + (uint64_t)res, &more);
         t->got += more;
     }
 }
@@ -239,8 +235,7 @@ static size_t uring_read_batch(kvt_io *io, kvt_io_xfer *x, size_t n) {
     return done;
 }
 
-static const kvt_io_backend uring_backend = {"io_uring", posix_pread_full,
-                                             posix_datasync, uring_read_batch};
+static const kvt_io_backend uring_backend = {"io_uring", posix_pread_full, posix_datasync, uring_read_batch};
 
 /* KVTIER_IO_URING=0 (or off, no, false) asks for pread. */
 static int uring_disabled_by_env(void) {
@@ -352,8 +347,7 @@ int kvt_file_open(kvt_io *io, const char *path, int truncate, kvt_file **out) {
 #else
     if (io->direct_mode == KVT_DIRECT_ON) {
         kvt_file_close(f);
-        return kvt_fail(KVT_EINVAL, "open(%s): direct I/O was required but this build has no O_DIRECT%s",
-                        path,
+        return kvt_fail(KVT_EINVAL, "open(%s): direct I/O was required but this build has no O_DIRECT%s", path,
 #ifdef KVT_NO_DIRECT
                         " (built with KVT_NO_DIRECT)"
 #else
@@ -420,15 +414,18 @@ static void count_dropped(kvt_io *io, uint64_t *counter, uint64_t *total, uint64
     pthread_mutex_unlock(&io->mu);
 }
 
-void kvt_io_count_gaps(kvt_io *io, uint64_t n, uint64_t bytes) { count_dropped(io, &io->st.gaps_read, &io->st.gap_bytes, n, bytes); }
+void kvt_io_count_gaps(kvt_io *io, uint64_t n, uint64_t bytes) {
+    count_dropped(io, &io->st.gaps_read, &io->st.gap_bytes, n, bytes);
+}
 
-void kvt_io_count_dead(kvt_io *io, uint64_t n, uint64_t bytes) { count_dropped(io, &io->st.dead_read, &io->st.dead_bytes, n, bytes); }
+void kvt_io_count_dead(kvt_io *io, uint64_t n, uint64_t bytes) {
+    count_dropped(io, &io->st.dead_read, &io->st.dead_bytes, n, bytes);
+}
 
 /* Counts the transfers of a batch that returned (x[i].err == 0) and charges them as one
  * batch, or into the open one; `seconds` is the batch's wall time (invariant 9). Loader
  * threads' reads are counted, not charged, and left out of the size histogram. */
-static void account_batch(kvt_io *io, const kvt_io_xfer *x, const kvt_read_req *reqs, size_t n,
-                          double seconds) {
+static void account_batch(kvt_io *io, const kvt_io_xfer *x, const kvt_read_req *reqs, size_t n, double seconds) {
     uint64_t ops = 0, bytes = 0, entries = 0;
     for (size_t i = 0; i < n; i++)
         if (!x[i].err) {
@@ -581,8 +578,8 @@ int kvt_file_read_batch(kvt_file *f, const kvt_read_req *reqs, size_t n) {
         size_t skip = direct ? (size_t)(q->off - x[i].off) : 0;
         if (x[i].err)
             rc = kvt_fail(x[i].err, "pread(%s, offset %llu, %zu bytes%s): %s (syscall %s)", f->path,
-                          (unsigned long long)x[i].off, x[i].len, direct ? ", O_DIRECT" : "",
-                          strerror(x[i].err), x[i].via);
+                          (unsigned long long)x[i].off, x[i].len, direct ? ", O_DIRECT" : "", strerror(x[i].err),
+                          x[i].via);
         else if (x[i].got < skip + q->len)
             rc = kvt_fail(KVT_ECORRUPT, "pread(%s, offset %llu, %zu bytes): file ends early (short read of %zu)",
                           f->path, (unsigned long long)q->off, q->len, x[i].got);
@@ -646,8 +643,8 @@ int kvt_file_writev(kvt_file *f, uint64_t off, const kvt_wpart *parts, size_t n)
     if (e == ENOSPC || e == KVT_EINJECTED) pwritev_full(f->fd, parts, n, off, len / 2);
     if (!e) e = pwritev_full(f->fd, parts, n, off, len);
     if (e)
-        return kvt_fail(e, "pwrite(%s, offset %llu, %zu bytes): %s (syscall pwritev)", f->path,
-                        (unsigned long long)off, len, e > 0 ? strerror(e) : "injected fault");
+        return kvt_fail(e, "pwrite(%s, offset %llu, %zu bytes): %s (syscall pwritev)", f->path, (unsigned long long)off,
+                        len, e > 0 ? strerror(e) : "injected fault");
     pthread_mutex_lock(&io->mu);
     io->st.write_ops++;
     io->st.write_bytes += len;
@@ -664,9 +661,7 @@ int kvt_file_sync(kvt_file *f) {
     kvt_io *io = f->io;
     int e = take_fault(io, 2);
     if (!e) e = io->be->datasync(f->fd);
-    if (e)
-        return kvt_fail(e, "fdatasync(%s): %s (syscall fdatasync)", f->path,
-                        e > 0 ? strerror(e) : "injected fault");
+    if (e) return kvt_fail(e, "fdatasync(%s): %s (syscall fdatasync)", f->path, e > 0 ? strerror(e) : "injected fault");
     pthread_mutex_lock(&io->mu);
     io->st.sync_ops++;
     pthread_mutex_unlock(&io->mu);

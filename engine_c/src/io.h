@@ -26,7 +26,7 @@
 #ifndef KVT_IO_ALIGN
 #define KVT_IO_ALIGN 4096u
 #endif
-_Static_assert((KVT_IO_ALIGN) >= 4096 && ((KVT_IO_ALIGN) & ((KVT_IO_ALIGN) - 1)) == 0,
+_Static_assert((KVT_IO_ALIGN) >= 4096 && ((KVT_IO_ALIGN) & ((KVT_IO_ALIGN)-1)) == 0,
                "KVT_IO_ALIGN must be a power of two of at least 4096");
 
 /* io_uring: reads are submitted through io_uring (liburing) when the build defines
@@ -76,7 +76,7 @@ typedef struct kvt_io_stats {
     uint64_t dead_read, dead_bytes;
     uint64_t write_ops, write_bytes, sync_ops;
     double modeled_seconds;
-    uint64_t size_hist[24];   /* charged reads by size: [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */
+    uint64_t size_hist[24]; /* charged reads by size: [2^(i+9), 2^(i+10)) bytes; 0: < 1 KiB */
     uint64_t prefetch_read_bytes;
     /* Measured wall-clock seconds in the read system calls of the reads counted in size_hist,
      * by the same buckets, and in total (read_seconds = the sum of size_seconds). A batch's
@@ -84,7 +84,7 @@ typedef struct kvt_io_stats {
      * has a time of its own); with size_hist this gives measured bandwidth by read size. */
     double size_seconds[24];
     double read_seconds;
-    uint64_t size_bytes[24];  /* bytes of the reads in size_hist, by the same buckets */
+    uint64_t size_bytes[24]; /* bytes of the reads in size_hist, by the same buckets */
 } kvt_io_stats;
 
 struct kvt_ring; /* io.c */
@@ -92,12 +92,14 @@ struct kvt_ring; /* io.c */
 struct kvt_io {
     const kvt_io_backend *be;
     kvt_device dev;
-    int direct_mode;          /* enum kvt_direct as asked */
-    pthread_mutex_t mu;       /* guards stats and fault state */
+    int direct_mode;    /* enum kvt_direct as asked */
+    pthread_mutex_t mu; /* guards stats and fault state */
     kvt_io_stats st;
-    uint64_t batch_ops, batch_bytes; int batch_open;
+    uint64_t batch_ops, batch_bytes;
+    int batch_open;
     /* fault injection: fail the nth next op of a kind */
-    int fault_code[3]; uint64_t fault_countdown[3];
+    int fault_code[3];
+    uint64_t fault_countdown[3];
     /* io_uring rings not in use (io.c, invariant 6), guarded by ring_mu */
     pthread_mutex_t ring_mu;
     struct kvt_ring *rings_idle;
@@ -155,7 +157,10 @@ int kvt_file_read_batch(kvt_file *f, const kvt_read_req *reqs, size_t n);
 size_t kvt_file_read_scratch(const kvt_file *f, uint64_t off, size_t len);
 int kvt_file_write(kvt_file *f, uint64_t off, const void *src, size_t len);
 /* One piece of a gathered write. */
-typedef struct kvt_wpart { const void *p; size_t len; } kvt_wpart;
+typedef struct kvt_wpart {
+    const void *p;
+    size_t len;
+} kvt_wpart;
 /* Writes the n parts back to back from off, as one write (pwritev): counted as one write op of
  * their total bytes; faults and torn writes as kvt_file_write. */
 int kvt_file_writev(kvt_file *f, uint64_t off, const kvt_wpart *parts, size_t n);

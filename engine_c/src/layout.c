@@ -38,8 +38,7 @@ static void src_get(const kvt_coll *c, const rec_src *s, uint32_t j, uint8_t *ds
         return;
     }
     uint32_t r = s->members[j - s->npre];
-    kvt_rec_encode(L, dst, s->first_id + r, s->keys + (size_t)r * L->key_bytes,
-                   s->values + (size_t)r * L->value_bytes);
+    kvt_rec_encode(L, dst, s->first_id + r, s->keys + (size_t)r * L->key_bytes, s->values + (size_t)r * L->value_bytes);
 }
 
 /* Reverts the appends of a failed operation, newest first: heads it claimed are unclaimed. */
@@ -106,8 +105,8 @@ static int write_positions(kvt_coll *c, uint64_t off, uint32_t p0, const uint8_t
 
 /* Appends m records to cluster ci's flash segments (claiming heads as needed), through the
  * scratch buffer of scratch_recs records. Every append is logged for rollback. */
-int kvt_append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, uint8_t *scratch,
-                        uint32_t scratch_recs, undo_log *log) {
+int kvt_append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, uint8_t *scratch, uint32_t scratch_recs,
+                     undo_log *log) {
     const kvt_layout *L = &c->L;
     uint32_t done = 0;
     while (done < m) {
@@ -204,8 +203,7 @@ int kvt_append_log(kvt_coll *c, uint64_t n0, const void *keys, const void *value
  * groups (a split's children) go back to back across a pool boundary (kvt_pools_claim_pair):
  * neighbours in key space, a retrieve often takes both, and then reads them as one extent.
  * On failure every head claimed is given back. */
-int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts,
-                       uint32_t nt) {
+int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, const uint32_t *counts, uint32_t nt) {
     undo_log log = {0};
     int rc = 0;
     if (nt == 2 && counts[0] && counts[1] && !c->pools.sized) { /* a split's children: back to back */
@@ -213,8 +211,9 @@ int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, cons
         rc = kvt_ensure_segs(c, &c->cl[dst[0]], 1);
         if (!rc) rc = kvt_ensure_segs(c, &c->cl[dst[1]], 1);
         if (!rc) rc = kvt_ensure_pools(c, c->pools.n + 2);
-        if (!rc) rc = kvt_pools_claim_pair(&c->pools, &c->L, (int32_t)dst[0], counts[0], (int32_t)dst[1], counts[1],
-                                           &sg[0], &sg[1]);
+        if (!rc)
+            rc = kvt_pools_claim_pair(&c->pools, &c->L, (int32_t)dst[0], counts[0], (int32_t)dst[1], counts[1], &sg[0],
+                                      &sg[1]);
         for (uint32_t t = 0; t < 2 && !rc; t++) {
             c->cl[dst[t]].segs[0] = sg[t];
             c->cl[dst[t]].nseg = 1;
@@ -314,8 +313,10 @@ int kvt_write_pending(kvt_coll *c, uint32_t j) {
     undo_log log = {0};
     rec_src src = {.mrecs = k->x->pbuf};
     int rc = kvt_append_flash(c, j, &src, k->pend, NULL, 0, &log);
-    if (rc) kvt_rollback(c, &log);
-    else kvt_free_pending(c, k);
+    if (rc)
+        kvt_rollback(c, &log);
+    else
+        kvt_free_pending(c, k);
     free(log.u);
     return rc;
 }

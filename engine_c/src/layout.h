@@ -24,12 +24,21 @@ typedef struct rec_src {
     uint32_t npre;
 } rec_src;
 
-typedef struct undo { uint32_t cl, seg, run; int claimed; } undo;
+typedef struct undo {
+    uint32_t cl, seg, run;
+    int claimed;
+} undo;
 
-typedef struct undo_log { undo *u; size_t n, cap; } undo_log;
+typedef struct undo_log {
+    undo *u;
+    size_t n, cap;
+} undo_log;
 
 /* A cluster's segments, moved aside (to be retired or restored). */
-typedef struct seg_save { kvt_seg *segs; uint32_t nseg, segcap; } seg_save;
+typedef struct seg_save {
+    kvt_seg *segs;
+    uint32_t nseg, segcap;
+} seg_save;
 
 /* Whether appends keep write-buffer tails (kvt_store_opts.write_buffer, padded layouts). */
 static inline int buffering(const kvt_coll *c) { return c->st->write_buffer && c->L.rpp && !token(c); }

@@ -54,7 +54,8 @@ static void run_job(kvt_store *s, kvt_job *j) {
     kvt_read_req *req = malloc(cap * sizeof *req + 1);
     if (!ex || !req) rc = kvt_fail(ENOMEM, "prefetch: out of memory");
     uint32_t nreq = rc ? 0 : kvt_cluster_extents(c, tk, j->segs, j->nseg, ex);
-    for (uint32_t x = 0; x < nreq; x++) req[x] = (kvt_read_req){ex[x].off, (size_t)ex[x].len, j->e->rec + ex[x].boff, ex[x].nrec};
+    for (uint32_t x = 0; x < nreq; x++)
+        req[x] = (kvt_read_req){ex[x].off, (size_t)ex[x].len, j->e->rec + ex[x].boff, ex[x].nrec};
     if (!rc) rc = kvt_file_read_batch(c->f, req, nreq);
     free(ex);
     free(req);
@@ -63,7 +64,8 @@ static void run_job(kvt_store *s, kvt_job *j) {
     /* the engine's own read: damage fails the job (counted), and the call that needs the
      * cluster reads it again in its own on_corrupt mode */
     if (token(c) && !rc)
-        rc = kvt_check_run(c, KVT_READ_OWN, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, kvt_members(k)[0]) : 0, NULL);
+        rc = kvt_check_run(c, KVT_READ_OWN, j->cl, 0, j->e->rec, k->n, k->n ? token_offset(c, kvt_members(k)[0]) : 0,
+                           NULL);
     if (!token(c) && !rc) rc = kvt_settle_segs(c, KVT_READ_OWN, j->cl, j->segs, j->nseg, j->e->rec, NULL);
     base = k->n - k->pend;
     s->loading_bytes -= (uint64_t)k->n * L->esz;

@@ -35,8 +35,10 @@ static uint64_t staging_cap(const kvt_coll *c, uint64_t room) {
          * entry it fills, the read buffer and a direct read's bounce buffer */
         uint64_t need = s * (3 * (uint64_t)c->L.esz + 4) + (uint64_t)k * (c->p.dim * 4 + 4) +
                         kvt_kmeans_bytes(s, k, c->p.dim) + 2 * (uint64_t)c->L.pool_bytes;
-        if (need <= room) lo = s;
-        else hi = s;
+        if (need <= room)
+            lo = s;
+        else
+            hi = s;
     }
 }
 
@@ -59,8 +61,8 @@ static int recluster_staging(kvt_coll *c) {
     float *cent = malloc((size_t)k * c->p.dim * 4);
     if (!part || !cent || !map) rc = kvt_fail(ENOMEM, "recluster: out of memory");
     if (!rc)
-        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, c->L.esz, NULL, n, k,
-                        c->p.kmeans_iters, c->p.seed + c->ctr.splits, cent, part);
+        rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, c->L.esz, NULL, n, k, c->p.kmeans_iters,
+                        c->p.seed + c->ctr.splits, cent, part);
     if (!rc) {
         /* renumber the parts that got points, so that every new cluster is non-empty */
         for (uint32_t i = 0; i < n; i++) map[part[i]] = 1;

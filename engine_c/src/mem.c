@@ -36,7 +36,8 @@ int kvt_mem_reserve_as(kvt_mem *m, int use, uint64_t bytes) {
         for (int u = 0; u < KVT_USES; u++)
             at += (size_t)snprintf(what + at, sizeof what - at, "%s%s %llu", u ? ", " : "", use_names[u],
                                    (unsigned long long)m->use[u]);
-        return kvt_fail(KVT_EBUDGET, "DRAM budget of %llu bytes cannot hold %llu more bytes of %s (in use: %s; "
+        return kvt_fail(KVT_EBUDGET,
+                        "DRAM budget of %llu bytes cannot hold %llu more bytes of %s (in use: %s; "
                         "the cached clusters left are pinned by this operation). Raise dram_budget "
                         "(kvtier.estimate tells the minimum), or lower write_buffer, pending_budget or the add batch.",
                         (unsigned long long)m->budget, (unsigned long long)bytes, use_names[use], what);

@@ -33,8 +33,8 @@ typedef struct tune_ctx {
     const float *q;
     uint64_t nq;
     uint32_t k;
-    float *hs;       /* nq * k min-heaps of scores */
-    uint32_t *hcl;   /* ... the cluster of each */
+    float *hs;     /* nq * k min-heaps of scores */
+    uint32_t *hcl; /* ... the cluster of each */
     uint32_t *fill;
     float *x;
 } tune_ctx;
@@ -53,7 +53,8 @@ static void push(float *hs, uint32_t *hcl, uint32_t *fill, uint32_t k, float s, 
             i = m;
         }
     } else {
-        for ((*fill)++; i > 0 && hs[(i - 1) / 2] > s; i = (i - 1) / 2) hs[i] = hs[(i - 1) / 2], hcl[i] = hcl[(i - 1) / 2];
+        for ((*fill)++; i > 0 && hs[(i - 1) / 2] > s; i = (i - 1) / 2)
+            hs[i] = hs[(i - 1) / 2], hcl[i] = hcl[(i - 1) / 2];
     }
     hs[i] = s, hcl[i] = cl;
 }
@@ -64,7 +65,8 @@ static void score_all(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) 
     for (uint32_t e = 0; e < n; e++) {
         const void *key = kvt_rec_key(recs + (size_t)e * c->L.esz);
         for (uint64_t i = 0; i < t->nq; i++)
-            push(t->hs + i * t->k, t->hcl + i * t->k, &t->fill[i], t->k, entry_score(c, key, t->q + i * c->p.dim, t->x), ci);
+            push(t->hs + i * t->k, t->hcl + i * t->k, &t->fill[i], t->k, entry_score(c, key, t->q + i * c->p.dim, t->x),
+                 ci);
     }
 }
 
@@ -120,8 +122,8 @@ static int tune_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, dou
     return rc;
 }
 
-int kvt_coll_tune_nprobe(kvt_coll *c, const float *queries, uint64_t nq, uint32_t k, double target,
-                         uint32_t *nprobe, double *recall) {
+int kvt_coll_tune_nprobe(kvt_coll *c, const float *queries, uint64_t nq, uint32_t k, double target, uint32_t *nprobe,
+                         double *recall) {
     kvt_clear_error();
     if (!queries || nq == 0 || k == 0) return kvt_fail(KVT_EINVAL, "tune_nprobe: need at least one query and k >= 1");
     if (!(target > 0 && target <= 1)) return kvt_fail(KVT_EINVAL, "target: a recall in (0, 1] expected");

@@ -28,17 +28,23 @@ struct kvt_add;
 struct kvt_layout;
 
 /* adaptive (adapt.c): the split threshold in force (kvt_coll_params.tau, or derived) */
-typedef struct kvt_adapt_coll { double tau; } kvt_adapt_coll;
+typedef struct kvt_adapt_coll {
+    double tau;
+} kvt_adapt_coll;
 /* adaptive (adapt.c), per cluster: why a split is wanted (0: not), and the size a cluster
  * that could not split must grow past before it is tried again */
-typedef struct kvt_adapt_cluster { uint32_t flagged : 2, hold : 30; } kvt_adapt_cluster;
+typedef struct kvt_adapt_cluster {
+    uint32_t flagged : 2, hold : 30;
+} kvt_adapt_cluster;
 /* local (local.c): the cluster gathering new entries, or KVT_NONE */
-typedef struct kvt_local_coll { uint32_t staging; } kvt_local_coll;
+typedef struct kvt_local_coll {
+    uint32_t staging;
+} kvt_local_coll;
 /* none (token.c): every key resident for exact scoring, until they no longer fit the budget
  * (keys_flash: then the key column is scanned from flash) */
 typedef struct kvt_exact_coll {
     uint8_t *keys;
-    uint64_t keyscap;  /* in entries */
+    uint64_t keyscap; /* in entries */
     int keys_flash;
     int keys_in_image; /* the last swap image written carries the keys */
 } kvt_exact_coll;
@@ -62,8 +68,8 @@ typedef struct kvt_policy_ops {
 
     /* ---- a collection's life (index.c, virtualize.c, checkpoint.c, stats.c) */
     void (*init)(kvt_coll *c);
-    void (*drop)(kvt_coll *c);   /* frees what its state holds in DRAM (parked, or freed) */
-    int (*reopen)(kvt_coll *c);  /* reopened from a checkpoint: rebuilds what its state holds */
+    void (*drop)(kvt_coll *c);                   /* frees what its state holds in DRAM (parked, or freed) */
+    int (*reopen)(kvt_coll *c);                  /* reopened from a checkpoint: rebuilds what its state holds */
     int (*grow_ids)(kvt_coll *c, uint64_t need); /* the index grows to `need` entries */
     uint64_t (*trim)(kvt_coll *c);               /* gives back growth slack: bytes freed */
     int (*give_way)(kvt_coll *c);                /* frees what may go under pressure: 1 if any */

@@ -27,8 +27,8 @@
 #include "io.h"
 #include "pool.h"
 
-void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster,
-                     uint32_t format, int padded) {
+void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster, uint32_t format,
+                     int padded) {
     L->dim = dim;
     L->value_dim = value_dim;
     L->elsize = dtype == KVT_F16 ? 2 : 4;
@@ -39,7 +39,8 @@ void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype,
     L->log = !padded;
     /* padding pays when it wastes little: at most an eighth of each page */
     L->rpp = format >= 2 && padded && L->esz <= KVT_LAYOUT_PAGE && (KVT_LAYOUT_PAGE % L->esz) * 8 <= KVT_LAYOUT_PAGE
-                 ? KVT_LAYOUT_PAGE / L->esz : 0;
+                 ? KVT_LAYOUT_PAGE / L->esz
+                 : 0;
     if (L->rpp) {
         uint64_t pages = ((uint64_t)2 * max_cluster + L->rpp - 1) / L->rpp;
         L->pool_bytes = kvt_round_up(pages * KVT_LAYOUT_PAGE, KVT_IO_ALIGN);
@@ -105,7 +106,7 @@ void kvt_rec_reverse(const kvt_layout *L, uint8_t *recs, uint32_t n) {
 /* The header page's trailer: a tag and the CRC-32C of every byte of the page before it, so
  * that damage anywhere in the page is found (the fields' own CRC covers only the fields). Files
  * written before the trailer existed have zeros there and everywhere past their fields. */
-#define HEADER_TAG "KVTHPAGE"
+#define HEADER_TAG     "KVTHPAGE"
 #define HEADER_TRAILER 12u
 
 void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page[KVT_DATA_HEADER]) {
@@ -256,9 +257,10 @@ static int new_slot(kvt_pools *P, uint32_t *idx) {
         *idx = P->spare_head;
         P->spare_head = P->p[*idx].base;
         P->nspare--;
-    }
-    else if (P->n < P->cap) *idx = P->n++;
-    else return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
+    } else if (P->n < P->cap)
+        *idx = P->n++;
+    else
+        return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
     return 0;
 }
 
@@ -367,9 +369,11 @@ void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg) {
     kvt_pool *p = &P->p[seg->pool];
     p->owner[seg->head] = KVT_HEAD_FREE;
     p->used[seg->head] = 0;
-    P->fresh[seg->pool] &= (uint8_t)~(1u << seg->head);
-    if (P->sized && p->owner[1 - seg->head] == KVT_HEAD_FREE) release_pool(P, seg->pool);
-    else push_avail(P, seg->pool);
+    P->fresh[seg->pool] &= (uint8_t) ~(1u << seg->head);
+    if (P->sized && p->owner[1 - seg->head] == KVT_HEAD_FREE)
+        release_pool(P, seg->pool);
+    else
+        push_avail(P, seg->pool);
 }
 
 void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg) {
@@ -423,7 +427,8 @@ int kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
         uint32_t nlive = 0;
         for (uint32_t i = 0; i < P->n; i++) {
             kvt_pool *p = &P->p[i];
-            if (p->units && (p->owner[0] >= 0 || p->owner[1] >= 0)) P->runs[nlive++] = (kvt_run){p->base, p->units};
+            if (p->units && (p->owner[0] >= 0 || p->owner[1] >= 0))
+                P->runs[nlive++] = (kvt_run){p->base, p->units};
             else {
                 *p = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, P->spare_head, 0};
                 P->spare_head = i;

@@ -44,18 +44,18 @@
 #define KVT_DATA_MAGIC "KVTDATA1"
 /* The header page: one I/O alignment unit, so that pools start aligned (16 KiB builds too). */
 #define KVT_DATA_HEADER (KVT_IO_ALIGN > 4096u ? KVT_IO_ALIGN : 4096u)
-#define KVT_REC_HEADER 16u
+#define KVT_REC_HEADER  16u
 /* The page that format-2 files pad records to: the smallest flash page of the profiles. */
 #define KVT_LAYOUT_PAGE 4096u
 
 typedef struct kvt_layout {
     uint32_t dim, value_dim, elsize;
     uint32_t key_bytes, value_bytes, esz;
-    uint32_t pool_cap;     /* records of a format-1/2 pool, and of format 3's largest */
-    uint64_t pool_bytes;   /* bytes of such a pool (a multiple of the I/O alignment) */
-    uint32_t format;       /* the data file's format version (1 to 3) */
-    uint32_t rpp;          /* records per KVT_LAYOUT_PAGE page when padded, else 0 */
-    uint32_t log;          /* 1: the token layout's log (never padded), recorded in the header */
+    uint32_t pool_cap;   /* records of a format-1/2 pool, and of format 3's largest */
+    uint64_t pool_bytes; /* bytes of such a pool (a multiple of the I/O alignment) */
+    uint32_t format;     /* the data file's format version (1 to 3) */
+    uint32_t rpp;        /* records per KVT_LAYOUT_PAGE page when padded, else 0 */
+    uint32_t log;        /* 1: the token layout's log (never padded), recorded in the header */
 } kvt_layout;
 
 /* The unit pools are made of (format 3): a layout page, or the I/O alignment if larger, so
@@ -63,51 +63,57 @@ typedef struct kvt_layout {
  * another writer is appending. */
 #define KVT_POOL_UNIT (KVT_IO_ALIGN > KVT_LAYOUT_PAGE ? KVT_IO_ALIGN : KVT_LAYOUT_PAGE)
 
-typedef struct kvt_seg { uint32_t pool, head, n; } kvt_seg;
+typedef struct kvt_seg {
+    uint32_t pool, head, n;
+} kvt_seg;
 /* A pool: its heads' owners and slots used, and where it lies: `units` allocation units from
  * unit `base` (a format-1/2 pool: base = index x units). units == 0: a free slot of the
  * table (format 3: the pool was given back). */
-typedef struct kvt_pool { int32_t owner[2]; uint32_t used[2]; uint32_t base, units; } kvt_pool;
+typedef struct kvt_pool {
+    int32_t owner[2];
+    uint32_t used[2];
+    uint32_t base, units;
+} kvt_pool;
 /* A run of free allocation units of the data file (format 3). */
-typedef struct kvt_run { uint32_t base, units; } kvt_run;
+typedef struct kvt_run {
+    uint32_t base, units;
+} kvt_run;
 
 /* The pool table. Heads are free (owner -1), owned by a cluster (owner >= 0), or retired
  * (owner -2): released since the last catalog commit and not reusable until it, because the
  * committed catalog may still name their data. A head claimed since the last checkpoint was
  * captured (its bit in fresh) is named by no catalog: released, it is free at once, so a
  * decoding run that never commits reuses the heads its splits give up. */
-#define KVT_HEAD_FREE (-1)
+#define KVT_HEAD_FREE    (-1)
 #define KVT_HEAD_RETIRED (-2)
 typedef struct kvt_pools {
     kvt_pool *p;
     uint32_t n, cap;
-    uint32_t *avail;       /* pools that had a free head when pushed (checked when popped) */
+    uint32_t *avail; /* pools that had a free head when pushed (checked when popped) */
     uint32_t navail;
-    uint32_t *retired;     /* heads released since the last commit: pool << 1 | head */
+    uint32_t *retired; /* heads released since the last commit: pool << 1 | head */
     uint32_t nretired;
-    uint8_t *fresh;        /* per pool, bit h: head h claimed since the last checkpoint */
+    uint8_t *fresh; /* per pool, bit h: head h claimed since the last checkpoint */
     /* format 3: pools sized when made, their units from free runs or the file's end */
     int sized;
-    kvt_run *runs;         /* free runs of units, sorted by base, coalesced */
+    kvt_run *runs; /* free runs of units, sorted by base, coalesced */
     uint32_t nruns;
     /* table slots of given-back pools (units == 0), for reuse: a chain through their base */
     uint32_t spare_head, nspare;
-    uint32_t end, peak;    /* units up to the last pool's end; the most it ever was */
+    uint32_t end, peak; /* units up to the last pool's end; the most it ever was */
 } kvt_pools;
 
 /* format: the data file's (1 packs records; 2 pads them to pages when that pays). `padded`:
  * 0 never pads (the token layout's log: L->log). */
-void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster,
-                     uint32_t format, int padded);
+void kvt_layout_init(kvt_layout *L, uint32_t dim, uint32_t value_dim, int dtype, uint32_t max_cluster, uint32_t format,
+                     int padded);
 
 /* Records a pool holds (its two heads together). */
 static inline uint32_t kvt_pool_cap(const kvt_layout *L, const kvt_pool *p) {
     uint64_t bytes = (uint64_t)p->units * KVT_POOL_UNIT;
     return (uint32_t)(L->rpp ? bytes / KVT_LAYOUT_PAGE * L->rpp : bytes / L->esz);
 }
-static inline uint64_t kvt_pool_base(const kvt_pool *p) {
-    return KVT_DATA_HEADER + (uint64_t)p->base * KVT_POOL_UNIT;
-}
+static inline uint64_t kvt_pool_base(const kvt_pool *p) { return KVT_DATA_HEADER + (uint64_t)p->base * KVT_POOL_UNIT; }
 /* Offset of position pos from its pool's start. */
 static inline uint64_t kvt_pos_rel(const kvt_layout *L, uint32_t pos) {
     return L->rpp ? (uint64_t)(pos / L->rpp) * KVT_LAYOUT_PAGE + (uint64_t)(pos % L->rpp) * L->esz
@@ -132,8 +138,7 @@ static inline uint64_t kvt_span(const kvt_layout *L, uint32_t pos, uint32_t n) {
     return n ? kvt_pos_rel(L, pos + n - 1) + L->esz - kvt_pos_rel(L, pos) : 0;
 }
 /* kvt_span of the slots first..first+n-1 of a head. */
-static inline uint64_t kvt_run_span(const kvt_layout *L, const kvt_pool *p, uint32_t head, uint32_t first,
-                                    uint32_t n) {
+static inline uint64_t kvt_run_span(const kvt_layout *L, const kvt_pool *p, uint32_t head, uint32_t first, uint32_t n) {
     return kvt_span(L, kvt_run_pos(L, p, head, first, n ? n : 1), n);
 }
 /* Copies n records laid out as on flash from position pos (src points at the first) to dst

@@ -76,8 +76,10 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
             bytes += kvt_file_is_direct(c->f) ? kvt_file_read_scratch(c->f, ex[x].off, (size_t)ex[x].len) : ex[x].len;
         }
         free(ex);
-        if (s->jobs_tail) s->jobs_tail->next = j;
-        else s->jobs = j;
+        if (s->jobs_tail)
+            s->jobs_tail->next = j;
+        else
+            s->jobs = j;
         s->jobs_tail = j;
         c->inflight++;
         nq_out++;

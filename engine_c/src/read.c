@@ -88,22 +88,25 @@ static int damaged(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const
         if (mode != KVT_READ_OWN) kvt_unreadable_add(c->no, (int64_t)id);
     }
     c->ctr.damaged_reads += rejects;
-    if (c->ndmg_cl < KVT_DMG_SLOTS) c->dmg_cl[c->ndmg_cl++] = ci;
-    else c->ndmg_cl = KVT_DMG_SLOTS + 1; /* too many to list: every cluster counts as damaged */
+    if (c->ndmg_cl < KVT_DMG_SLOTS)
+        c->dmg_cl[c->ndmg_cl++] = ci;
+    else
+        c->ndmg_cl = KVT_DMG_SLOTS + 1; /* too many to list: every cluster counts as damaged */
     if (mode == KVT_READ_SKIP) {
         if (bad) *bad = rejects;
         return 0;
     }
     char ids[256];
     format_ids(ids, sizeof ids, shown, nshown, named);
-    return kvt_fail(KVT_ECORRUPT, "%s: collection %u: %llu damaged record%s (id%s %s) in the %u read from offset %llu: "
+    return kvt_fail(KVT_ECORRUPT,
+                    "%s: collection %u: %llu damaged record%s (id%s %s) in the %u read from offset %llu: "
                     "checksum or catalog mismatch",
                     kvt_file_path(c->f), c->no, (unsigned long long)named, named == 1 ? "" : "s", named == 1 ? "" : "s",
                     named ? ids : "none: positions the id map does not name", n, (unsigned long long)off);
 }
 
-int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
-                  uint64_t off, uint32_t *bad) {
+int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off,
+                  uint32_t *bad) {
     if (bad) *bad = 0;
     for (uint32_t i = 0; i < n; i++)
         if (!kvt_rec_ok(c, ci, first_idx + i, recs + (size_t)i * c->L.esz))
@@ -129,8 +132,12 @@ uint32_t kvt_cluster_extents(const kvt_coll *c, const kvt_cluster *k, const kvt_
     if (token(c)) { /* runs of consecutive ids in the log, records unpadded in place */
         for (uint32_t i0 = 0; i0 < k->n;) {
             uint32_t i1 = token_run_end(k, i0);
-            out[m++] = (kvt_extent){token_offset(c, kvt_members(k)[i0]), (uint64_t)(i1 - i0) * L->esz,
-                                    (uint64_t)i0 * L->esz, i1 - i0, i0, 0};
+            out[m++] = (kvt_extent){token_offset(c, kvt_members(k)[i0]),
+                                    (uint64_t)(i1 - i0) * L->esz,
+                                    (uint64_t)i0 * L->esz,
+                                    i1 - i0,
+                                    i0,
+                                    0};
             i0 = i1;
         }
         return m;
@@ -188,9 +195,12 @@ int kvt_settle_segs(kvt_coll *c, int mode, uint32_t ci, const kvt_seg *segs, uin
     for (uint32_t g = 0; g < nseg; g++) slots += segs[g].n;
     for (uint32_t i = 0; i < slots; i++) {
         const uint8_t *rec = buf + (size_t)i * L->esz;
-        if (kvt_rec_ok(c, ci, i, rec)) live++;
-        else if (slot_dead(c, ci, i, rec)) dead++;
-        else bad++;
+        if (kvt_rec_ok(c, ci, i, rec))
+            live++;
+        else if (slot_dead(c, ci, i, rec))
+            dead++;
+        else
+            bad++;
     }
     if (kept) *kept = flash;
     if (!bad && live == flash && dead == k->dead) { /* intact: the live records, in order */
@@ -263,7 +273,10 @@ static uint32_t clamp_extents(kvt_coll *c, extent *ex, uint32_t m, uint8_t *buf,
 }
 
 /* A merged read: extents a..e-1 (sorted by offset), and its buffer when it merges several. */
-typedef struct run_plan { uint32_t a, e; uint8_t *run; } run_plan;
+typedef struct run_plan {
+    uint32_t a, e;
+    uint8_t *run;
+} run_plan;
 
 static int by_offset(const void *a, const void *b) {
     uint64_t x = ((const extent *)a)->off, y = ((const extent *)b)->off;
@@ -278,9 +291,7 @@ static void place_run(const extent *ex, uint32_t a, uint32_t e, const uint8_t *r
 
 /* The bytes between two extents that are no gap: the unused end of a page or pool (an extent
  * ends at its last record, the next may start at the next page), read with the page anyway. */
-static uint64_t page_slack(const kvt_layout *L) {
-    return kvt_pool_slack(L);
-}
+static uint64_t page_slack(const kvt_layout *L) { return kvt_pool_slack(L); }
 
 /* Counts the gaps between extents a..e-1 (sorted by offset) that one merged read crossed. */
 static void count_gaps(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e) {
@@ -324,7 +335,7 @@ static int read_run(kvt_coll *c, const extent *ex, uint32_t a, uint32_t e, uint8
  * their extents on flash and the merged reads planned over them. */
 typedef struct batch {
     uint32_t nb, nex, nrun;
-    uint64_t meta;              /* the bookkeeping below, reserved against the budget */
+    uint64_t meta; /* the bookkeeping below, reserved against the budget */
     uint8_t **buf;
     kvt_cache_ent **ent;
     uint64_t *owned;
@@ -367,7 +378,8 @@ static int batch_alloc(kvt_coll *c, uint32_t nb, uint32_t nseg, batch *B) {
     B->ex = malloc((size_t)nseg * sizeof *B->ex + 1);
     B->plan = malloc((size_t)nseg * sizeof *B->plan + 1);
     B->req = malloc((size_t)nseg * sizeof *B->req + 1);
-    if (!B->buf || !B->ent || !B->owned || !B->ex || !B->plan || !B->req) return kvt_fail(ENOMEM, "read: out of memory");
+    if (!B->buf || !B->ent || !B->owned || !B->ex || !B->plan || !B->req)
+        return kvt_fail(ENOMEM, "read: out of memory");
     return 0;
 }
 
@@ -556,7 +568,10 @@ int kvt_visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx) {
     return kvt_visit_clusters(c, &ci, 1, fn, ctx);
 }
 
-typedef struct collect_ctx { uint8_t *dst; size_t esz; } collect_ctx;
+typedef struct collect_ctx {
+    uint8_t *dst;
+    size_t esz;
+} collect_ctx;
 
 static void collect(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
     collect_ctx *x = vctx;
@@ -567,7 +582,7 @@ static void collect(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
 /* All records of cluster j in one buffer: the cached copy, pinned (*pinned), or a reserved
  * buffer read from flash (*owned = its bytes; those reads are counted as a split's). */
 int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned,
-                        uint64_t *read_bytes) {
+                     uint64_t *read_bytes) {
     kvt_cluster *k = &c->cl[j];
     *owned = 0;
     *pinned = NULL;

@@ -48,8 +48,8 @@ int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec)
  * KVT_READ_SKIP they are listed, counted in *bad (dead slots, format 3, are not: read.c 2;
  * may be NULL otherwise) and 0 is returned, the caller leaving out those kvt_rec_ok rejects;
  * else KVT_ECORRUPT. */
-int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
-                  uint64_t off, uint32_t *bad);
+int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off,
+                  uint32_t *bad);
 /* 1 if cluster ci was found damaged by the call in progress. */
 int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci);
 /* Packs and checks a stacked read of cluster ci's segments (its own, or a loader job's copy),
@@ -71,7 +71,8 @@ int kvt_visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx);
 
 /* All records of cluster j in one buffer: the cached copy, pinned, or a reserved buffer read
  * from flash (its reads added to *read_bytes); kvt_release_records undoes it. */
-int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned, uint64_t *read_bytes);
+int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned,
+                     uint64_t *read_bytes);
 void kvt_release_records(kvt_coll *c, uint8_t *recs, uint64_t owned, kvt_cache_ent *pinned, int consumed);
 
 #endif

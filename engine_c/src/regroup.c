@@ -42,7 +42,11 @@ typedef struct groups {
     uint32_t nt;
     uint8_t *sorted, **grp;
     uint32_t *cnt, *dst, *wcnt; /* wcnt: records written to flash (cnt without the tail) */
-    struct { uint8_t *p; uint64_t cap; kvt_cside *x; } *tails; /* x: its side record, ready */
+    struct {
+        uint8_t *p;
+        uint64_t cap;
+        kvt_cside *x;
+    } * tails; /* x: its side record, ready */
     float *x;
     /* in place (invariant 4): the group that stays, its records already on flash (the first
      * of its records), and the parent's slots before the regroup */
@@ -61,7 +65,8 @@ static int sort_groups(kvt_coll *c, const uint8_t *recs, uint32_t n, const uint3
     }
     uint32_t *fill = calloc(nt, 4);
     if (!fill) return kvt_fail(ENOMEM, "split: out of memory");
-    for (uint32_t i = 0; i < n; i++) memcpy(G->grp[part[i]] + (size_t)fill[part[i]]++ * esz, recs + (size_t)i * esz, esz);
+    for (uint32_t i = 0; i < n; i++)
+        memcpy(G->grp[part[i]] + (size_t)fill[part[i]]++ * esz, recs + (size_t)i * esz, esz);
     free(fill);
     return 0;
 }
@@ -79,7 +84,8 @@ static void choose_stay(kvt_coll *c, uint32_t src, const uint8_t *recs, uint32_t
     kvt_cluster *k = &c->cl[src];
     uint32_t flash[2] = {0, 0};
     G->slots0 = k->n - k->pend + k->dead;
-    for (uint32_t i = 0; i < n; i++) flash[part[i]] += (uint32_t)on_flash(c, src, recs + (size_t)i * c->L.esz, G->slots0);
+    for (uint32_t i = 0; i < n; i++)
+        flash[part[i]] += (uint32_t)on_flash(c, src, recs + (size_t)i * c->L.esz, G->slots0);
     G->stay = flash[1] > flash[0];
     G->kept = flash[G->stay];
 }
@@ -93,7 +99,10 @@ static int reserve_tails(kvt_coll *c, groups *G) {
         return kvt_fail(ENOMEM, "split: out of memory");
     int rc = 0;
     for (uint32_t t = 0; t < G->nt && !rc; t++) {
-        uint32_t keep = !buffering(c) ? 0 : G->in_place && t == G->stay ? G->cnt[t] - G->kept : rpp ? G->cnt[t] % rpp : 0;
+        uint32_t keep = !buffering(c)                 ? 0
+                        : G->in_place && t == G->stay ? G->cnt[t] - G->kept
+                        : rpp                         ? G->cnt[t] % rpp
+                                                      : 0;
         G->wcnt[t] = G->cnt[t] - keep;
         if (!keep) continue;
         rc = kvt_grow_as(c, KVT_USE_PENDING, (void **)&G->tails[t].p, c->L.esz, &G->tails[t].cap, keep);
@@ -170,8 +179,10 @@ static int write_groups(kvt_coll *c, uint32_t src, groups *G, seg_save *old, uin
         rc = kvt_append_flash(c, src, &s, more, NULL, 0, &log);
     }
     if (!rc) rc = kvt_write_fresh(c, &G->dst[move], &G->grp[move], &counts[move], 1);
-    if (rc) kvt_rollback(c, &log);
-    else *written = more + counts[move];
+    if (rc)
+        kvt_rollback(c, &log);
+    else
+        *written = more + counts[move];
     free(log.u);
     return rc;
 }
@@ -234,8 +245,18 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     uint64_t bytes = (uint64_t)n * c->L.esz, extra = (uint64_t)nt * (sizeof(uint8_t *) + 12) + (uint64_t)c->p.dim * 8;
     int rc = kvt_mem_reserve(m, bytes + extra);
     if (rc) return rc;
-    groups G = {nt, malloc(bytes + 8), calloc(nt, sizeof(uint8_t *)), calloc(nt, 4), calloc(nt, 4), NULL, NULL,
-                malloc((size_t)c->p.dim * 8), 0, 0, 0, 0}; /* x: a key and a mean in float32 (kvt_stats_from_records) */
+    groups G = {nt,
+                malloc(bytes + 8),
+                calloc(nt, sizeof(uint8_t *)),
+                calloc(nt, 4),
+                calloc(nt, 4),
+                NULL,
+                NULL,
+                malloc((size_t)c->p.dim * 8),
+                0,
+                0,
+                0,
+                0}; /* x: a key and a mean in float32 (kvt_stats_from_records) */
     if (!G.sorted || !G.grp || !G.cnt || !G.dst || !G.x) rc = kvt_fail(ENOMEM, "split: out of memory");
     G.in_place = why == REGROUP_SPLIT && nt == 2 && c->pools.sized && !token(c) && c->cl[src].nseg;
     if (!rc && G.in_place) choose_stay(c, src, recs, n, part, &G);
@@ -244,8 +265,10 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     for (uint32_t t = 0; t < nt && !rc; t++)
         if (t != G.stay) rc = kvt_new_cluster(c, &G.dst[t]);
     if (!rc && (buffering(c) || G.in_place)) rc = reserve_tails(c, &G);
-    if (!rc) rc = replace(c, src, &G, ncl0, why);
-    else c->ncl = ncl0; /* the slots it took are free again */
+    if (!rc)
+        rc = replace(c, src, &G, ncl0, why);
+    else
+        c->ncl = ncl0; /* the slots it took are free again */
     if (!rc && G.in_place && kvt_wants_consolidation(c, src) && kvt_consolidate(c, src, G.grp[G.stay]))
         kvt_clear_error(); /* it keeps its dead slots: read as they are, tidied another time */
     if (!rc && first_new) *first_new = ncl0;
@@ -255,8 +278,8 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     return rc;
 }
 
-int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt,
-                uint32_t *first_new, uint32_t *kept_by) {
+int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt, uint32_t *first_new,
+                uint32_t *kept_by) {
     return regroup(c, src, recs, part, nt, REGROUP_SPLIT, first_new, kept_by);
 }
 

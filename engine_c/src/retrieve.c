@@ -52,9 +52,9 @@ typedef struct fill_ctx {
     const float *q;
     uint64_t nq;
     uint32_t part_cl, part_n;
-    float *sc, *x;       /* scratch of the partial cluster: a score per entry, a key */
+    float *sc, *x; /* scratch of the partial cluster: a score per entry, a key */
     uint32_t *ord;
-    uint8_t *keep;       /* its records, when the policy wants them (NULL otherwise) */
+    uint8_t *keep; /* its records, when the policy wants them (NULL otherwise) */
 } fill_ctx;
 
 static void fill_result(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
@@ -67,7 +67,8 @@ static void fill_result(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n
         x->r->n = keep + n;
         return;
     }
-    for (uint32_t i = 0; i < n; i++) x->sc[i] = group_entry_score(x->c, kvt_rec_key(recs + (size_t)i * L->esz), x->q, x->nq, x->x);
+    for (uint32_t i = 0; i < n; i++)
+        x->sc[i] = group_entry_score(x->c, kvt_rec_key(recs + (size_t)i * L->esz), x->q, x->nq, x->x);
     uint32_t m = x->part_n < n ? x->part_n : n;
     kvt_top_by_score(x->ord, n, m, x->sc);
     for (uint32_t i = 0; i < m; i++) kvt_put_result(x->r, L, recs + (size_t)x->ord[i] * L->esz, (int32_t)ci);
@@ -100,8 +101,8 @@ static int select_step(retrieval *R, const float *q, uint64_t nq, uint64_t budge
     r->ncl = R->taken;
     if (est) {
         double scale = est->scale > 0 ? est->scale : 1.0 / sqrt((double)c->p.dim);
-        rc = kvt_estimate(c, q, nq, R->sel.scores, R->sel.idx, R->taken, est->clusters, scale, est->variance, r->est_lse,
-                          r->est_val, &r->est_ncl, &r->est_n);
+        rc = kvt_estimate(c, q, nq, R->sel.scores, R->sel.idx, R->taken, est->clusters, scale, est->variance,
+                          r->est_lse, r->est_val, &r->est_ncl, &r->est_n);
     }
     return rc ? rc : kvt_result_alloc(r, &c->L, R->total);
 }
@@ -245,8 +246,8 @@ static uint32_t tidy_candidates(retrieval *R, uint32_t *tidy) {
     return m;
 }
 
-static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
-                             const kvt_estimate_opts *est, kvt_result *r) {
+static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, const kvt_estimate_opts *est,
+                             kvt_result *r) {
     retrieval R = {.c = c, .r = r};
     R.fx = (fill_ctx){c, r, &c->L, NULL, q, nq, KVT_NONE, 0, NULL, NULL, NULL, NULL};
     int rc = select_step(&R, q, nq, budget, est);
@@ -273,8 +274,8 @@ static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t 
     return rc;
 }
 
-static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
-                           const kvt_estimate_opts *est, kvt_result **out) {
+static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, const kvt_estimate_opts *est,
+                           kvt_result **out) {
     int rc = 0;
     kvt_result *r = calloc(1, sizeof *r);
     if (!r) return kvt_fail(ENOMEM, "retrieve: out of memory");
@@ -283,13 +284,16 @@ static int retrieve_locked(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     if (est && (!(r->est_lse = malloc(nq * 4)) || !(r->est_val = calloc(nq * c->p.value_dim + 1, 4))))
         rc = kvt_fail(ENOMEM, "retrieve: out of memory for the estimate");
     for (uint64_t i = 0; !rc && est && i < nq; i++) r->est_lse[i] = -INFINITY;
-    if (!rc) rc = c->ops->retrieve ? c->ops->retrieve(c, q, nq, budget, r) : retrieve_clusters(c, q, nq, budget, est, r);
+    if (!rc)
+        rc = c->ops->retrieve ? c->ops->retrieve(c, q, nq, budget, r) : retrieve_clusters(c, q, nq, budget, est, r);
     if (!rc && budget) { /* mean fill: returned entries / budget, every policy alike */
         c->ctr.fill_retrieves++;
         c->ctr.fill_sum += (double)r->n / (double)budget;
     }
-    if (rc) kvt_result_free(r);
-    else *out = r;
+    if (rc)
+        kvt_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -313,13 +317,14 @@ int kvt_coll_retrieve(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     return rc;
 }
 
-int kvt_coll_retrieve_est(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
-                          const kvt_estimate_opts *est, kvt_result **out) {
+int kvt_coll_retrieve_est(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, const kvt_estimate_opts *est,
+                          kvt_result **out) {
     kvt_clear_error();
     int mode = kvt_read_begin();
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "retrieve: query_group must hold at least one query");
     if (!est) return kvt_fail(KVT_EINVAL, "retrieve: estimate options expected");
-    if (!(est->scale >= 0) || !isfinite(est->scale)) return kvt_fail(KVT_EINVAL, "scale: a finite value > 0 (or 0 for 1/sqrt(dim)) expected");
+    if (!(est->scale >= 0) || !isfinite(est->scale))
+        return kvt_fail(KVT_EINVAL, "scale: a finite value > 0 (or 0 for 1/sqrt(dim)) expected");
     int rc;
     RUN_READY(c, retrieve_in_mode(c, mode, q, nq, budget, est, out));
     return rc;

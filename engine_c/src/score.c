@@ -62,9 +62,7 @@ void kvt_order_by_score(uint32_t *idx, uint32_t n, const float *scores) {
 /* Puts the m best indices (descending score, ties by index) first, in order, without
  * sorting the rest: a quickselect partition, then a sort of the m. A search probes a few
  * of thousands of clusters per query, where a full sort would dominate its time. */
-static inline int better(const float *sc, uint32_t a, uint32_t b) {
-    return sc[a] > sc[b] || (sc[a] == sc[b] && a < b);
-}
+static inline int better(const float *sc, uint32_t a, uint32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a < b); }
 
 void kvt_top_by_score(uint32_t *idx, uint32_t n, uint32_t m, const float *scores) {
     for (uint32_t i = 0; i < n; i++) idx[i] = i;
@@ -76,26 +74,45 @@ void kvt_top_by_score(uint32_t *idx, uint32_t n, uint32_t m, const float *scores
     while (hi - lo > 1) {
         uint32_t a = idx[lo], b = idx[lo + (hi - lo) / 2], c3 = idx[hi - 1], pivot;
         /* median of three */
-        if (better(scores, a, b)) { uint32_t t = a; a = b; b = t; }
-        if (better(scores, b, c3)) { uint32_t t = b; b = c3; c3 = t; }
-        if (better(scores, a, b)) { uint32_t t = a; a = b; b = t; }
+        if (better(scores, a, b)) {
+            uint32_t t = a;
+            a = b;
+            b = t;
+        }
+        if (better(scores, b, c3)) {
+            uint32_t t = b;
+            b = c3;
+            c3 = t;
+        }
+        if (better(scores, a, b)) {
+            uint32_t t = a;
+            a = b;
+            b = t;
+        }
         pivot = b;
         uint32_t i = lo, j = hi;
         for (uint32_t k = lo; k < j;) {
             if (better(scores, idx[k], pivot)) {
-                uint32_t t = idx[k]; idx[k] = idx[i]; idx[i] = t;
+                uint32_t t = idx[k];
+                idx[k] = idx[i];
+                idx[i] = t;
                 i++, k++;
             } else if (better(scores, pivot, idx[k])) {
                 j--;
-                uint32_t t = idx[k]; idx[k] = idx[j]; idx[j] = t;
+                uint32_t t = idx[k];
+                idx[k] = idx[j];
+                idx[j] = t;
             } else {
                 k++;
             }
         }
         /* [lo,i) better than pivot, [i,j) equal to it (just the pivot: ties break by index), [j,hi) worse */
-        if (m <= i) hi = i;
-        else if (m <= j) break;
-        else lo = j;
+        if (m <= i)
+            hi = i;
+        else if (m <= j)
+            break;
+        else
+            lo = j;
     }
     sort_scores = scores;
     qsort(idx, m, sizeof *idx, by_score_desc);
@@ -127,8 +144,10 @@ void kvt_result_free(kvt_result *r) {
 
 void kvt_result_estimate(const kvt_result *r, float *lse, float *values, uint64_t *clusters, uint64_t *entries) {
     for (uint64_t i = 0; lse && i < r->nq; i++) lse[i] = r->est_lse ? r->est_lse[i] : -INFINITY;
-    if (values && r->est_val) memcpy(values, r->est_val, r->nq * r->vdim * 4);
-    else if (values) memset(values, 0, r->nq * r->vdim * 4);
+    if (values && r->est_val)
+        memcpy(values, r->est_val, r->nq * r->vdim * 4);
+    else if (values)
+        memset(values, 0, r->nq * r->vdim * 4);
     if (clusters) *clusters = r->est_ncl;
     if (entries) *entries = r->est_n;
 }
@@ -184,8 +203,8 @@ void kvt_selection_free(kvt_coll *c, selection *sel) {
  * taken in part (*part_out entries, its best, chosen when it is read: retrieve.c), so the
  * budget is filled. Only the best few need ordering: twice the clusters the budget holds at
  * the mean size, and all of them if that falls short. */
-void kvt_select_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, float *scores,
-                            float *q2, uint32_t *idx, uint64_t *taken_out, uint64_t *total_out, uint32_t *part_out) {
+void kvt_select_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, float *scores, float *q2,
+                         uint32_t *idx, uint64_t *taken_out, uint64_t *total_out, uint32_t *part_out) {
     kvt_score_clusters(c, q, nq, scores, q2);
     uint64_t total = 0, taken = 0, part = 0;
     uint64_t mean = c->ncl ? c->n / c->ncl + 1 : 1, guess = 2 * (budget / mean) + 16;

@@ -24,13 +24,13 @@
 
 typedef struct search_ctx {
     kvt_coll *c;
-    const float *q;          /* all queries */
-    const uint32_t *qlist;   /* queries probing the current cluster */
+    const float *q;        /* all queries */
+    const uint32_t *qlist; /* queries probing the current cluster */
     uint32_t nql, k;
-    int64_t *ids;            /* nq * k min-heaps */
+    int64_t *ids; /* nq * k min-heaps */
     float *scores;
     uint32_t *fill;
-    float *x;                /* key as float32 (l2) */
+    float *x; /* key as float32 (l2) */
 } search_ctx;
 
 static void heap_push(int64_t *ids, float *sc, uint32_t *fill, uint32_t k, int64_t id, float s) {
@@ -41,7 +41,10 @@ static void heap_push(int64_t *ids, float *sc, uint32_t *fill, uint32_t k, int64
         for (;;) {
             uint32_t l = 2 * i + 1, r = l + 1, m = i;
             float mv = s;
-            if (l < k && sc[l] < mv) { m = l; mv = sc[l]; }
+            if (l < k && sc[l] < mv) {
+                m = l;
+                mv = sc[l];
+            }
             if (r < k && sc[r] < mv) m = r;
             if (m == i) break;
             sc[i] = sc[m];
@@ -96,10 +99,15 @@ static void sort_hits(int64_t *ids, float *sc, uint32_t n) {
     }
 }
 
-typedef struct { uint32_t cl, q; } probe;
+typedef struct {
+    uint32_t cl, q;
+} probe;
 
 /* Policy none: one entry scored against every query of the search. */
-typedef struct exact_ctx { search_ctx *sx; uint64_t nq; } exact_ctx;
+typedef struct exact_ctx {
+    search_ctx *sx;
+    uint64_t nq;
+} exact_ctx;
 
 static void exact_hit(void *vctx, uint64_t id, const void *key) {
     exact_ctx *e = vctx;
@@ -116,8 +124,8 @@ static int by_probe(const void *a, const void *b) {
     return x->q < y->q ? -1 : x->q > y->q;
 }
 
-static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe,
-                         int64_t *ids_out, float *scores_out) {
+static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe, int64_t *ids_out,
+                         float *scores_out) {
     kvt_store *s = c->st;
     int rc = 0;
     uint32_t *fill = NULL, *idx = NULL, *qlist = NULL;
@@ -206,8 +214,8 @@ static int search_in_mode(kvt_coll *c, int mode, const float *q, uint64_t nq, ui
     return rc;
 }
 
-int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe,
-                    int64_t *ids_out, float *scores_out) {
+int kvt_coll_search(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe, int64_t *ids_out,
+                    float *scores_out) {
     kvt_clear_error();
     int mode = kvt_read_begin();
     if (!q || nq == 0 || k == 0) return kvt_fail(KVT_EINVAL, "search: need at least one query and k >= 1");
@@ -270,7 +278,9 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
             uint64_t off;
             uint32_t bad = 0;
             rc = kvt_record_offset(c, (uint64_t)ids[i], &off);
-            if (!rc) rc = mode == KVT_READ_SKIP ? kvt_read_clamped(c, off, L->esz, buf, 1) : kvt_file_read(c->f, off, L->esz, buf, 1);
+            if (!rc)
+                rc = mode == KVT_READ_SKIP ? kvt_read_clamped(c, off, L->esz, buf, 1)
+                                           : kvt_file_read(c->f, off, L->esz, buf, 1);
             if (!rc) rc = kvt_check_run(c, mode, lc.cl, lc.idx, buf, 1, off, &bad);
             if (rc) break;
             if (bad || !kvt_rec_ok(c, lc.cl, lc.idx, buf)) { /* skip mode: its rows are zeros, its id listed */

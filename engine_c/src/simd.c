@@ -28,7 +28,10 @@ float kvt_half_to_float(uint16_t h) {
             bits = sign;
         } else { /* subnormal: renormalise */
             exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
             man &= 0x3FF;
             bits = sign | (exp << 23) | (man << 13);
         }
@@ -85,8 +88,7 @@ static void f16_to_f32_scalar(const uint16_t *src, float *dst, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = kvt_half_to_float(src[i]);
 }
 
-static const kvt_kernels scalar_kernels = {"scalar", dot_f32_scalar, dot_f16_f32_scalar,
-                                           f16_to_f32_scalar};
+static const kvt_kernels scalar_kernels = {"scalar", dot_f32_scalar, dot_f16_f32_scalar, f16_to_f32_scalar};
 
 #if defined(__x86_64__) && !defined(KVT_NO_AVX2)
 #include <immintrin.h>
@@ -133,8 +135,7 @@ AVX2 static float dot_f16_f32_avx2(const uint16_t *a, const float *b, size_t n) 
 
 AVX2 static void f16_to_f32_avx2(const uint16_t *src, float *dst, size_t n) {
     size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     for (; i < n; i++) dst[i] = kvt_half_to_float(src[i]);
 }
 
@@ -170,8 +171,7 @@ static float dot_f16_f32_neon(const uint16_t *a, const float *b, size_t n) {
 }
 static void f16_to_f32_neon(const uint16_t *src, float *dst, size_t n) {
     size_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
+    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
     for (; i < n; i++) dst[i] = kvt_half_to_float(src[i]);
 }
 static const kvt_kernels neon_kernels = {"neon", dot_f32_neon, dot_f16_f32_neon, f16_to_f32_neon};
@@ -222,8 +222,7 @@ static float dot_f16_f32_neon_fp16(const uint16_t *a, const float *b, size_t n) 
     for (; i < n; i++) s += kvt_half_to_float(a[i]) * b[i];
     return s;
 }
-static const kvt_kernels neon_fp16_kernels = {"neon-fp16", dot_f32_neon, dot_f16_f32_neon_fp16,
-                                              f16_to_f32_neon};
+static const kvt_kernels neon_fp16_kernels = {"neon-fp16", dot_f32_neon, dot_f16_f32_neon_fp16, f16_to_f32_neon};
 
 static int cpu_has_fp16_arith(void) {
 #ifdef __linux__
@@ -244,8 +243,8 @@ const kvt_kernels *kvt_simd_named(const char *name) {
     if (strcmp(name, "scalar") == 0) return &scalar_kernels;
 #if defined(__x86_64__) && !defined(KVT_NO_AVX2)
     __builtin_cpu_init();
-    if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
         return &avx2_kernels;
 #endif
 #if defined(__aarch64__) && !defined(KVT_NO_NEON)
@@ -273,8 +272,8 @@ static void choose(void) {
         if (f)
             chosen = f;
         else
-            fprintf(stderr, "kvtier: KVTIER_SIMD=%s is not available in this build or CPU; using %s\n",
-                    force, chosen->name);
+            fprintf(stderr, "kvtier: KVTIER_SIMD=%s is not available in this build or CPU; using %s\n", force,
+                    chosen->name);
     }
 }
 

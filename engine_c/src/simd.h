@@ -28,8 +28,7 @@ float kvt_half_to_float(uint16_t h);
 uint16_t kvt_float_to_half(float f);
 
 /* Dot product of a key stored in `dtype` (enum kvt_dtype) with a float32 vector. */
-static inline float kvt_dot_key(const kvt_kernels *k, int dtype, const void *key, const float *q,
-                                size_t n) {
+static inline float kvt_dot_key(const kvt_kernels *k, int dtype, const void *key, const float *q, size_t n) {
     return dtype ? k->dot_f16_f32((const uint16_t *)key, q, n) : k->dot_f32((const float *)key, q, n);
 }
 

@@ -73,6 +73,7 @@ int kvt_coll_value_sums(kvt_coll *c, uint32_t *sizes, float *sums, uint64_t cap,
     *n_clusters = rc ? 0 : c->ncl;
     if (!rc) kvt_peek_end(c, was_parked);
     UNLOCK(c->st);
-    if (!rc && !kvt_vsum_kept(c)) rc = kvt_fail(KVT_EINVAL, "value_sums: this collection keeps none (policy none or value_dim 0)");
+    if (!rc && !kvt_vsum_kept(c))
+        rc = kvt_fail(KVT_EINVAL, "value_sums: this collection keeps none (policy none or value_dim 0)");
     return rc;
 }

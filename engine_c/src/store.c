@@ -64,7 +64,9 @@ static int cache_policy_known(int policy) {
 int kvt_store_open(const char *dir, const kvt_store_opts *opts, kvt_store **out) {
     kvt_clear_error();
     if (!dir || !opts || !out) return kvt_fail(KVT_EINVAL, "store_open: NULL argument");
-    if (opts->dram_budget < 4096) return kvt_fail(KVT_EINVAL, "dram_budget: at least 4096 bytes expected, got %llu", (unsigned long long)opts->dram_budget);
+    if (opts->dram_budget < 4096)
+        return kvt_fail(KVT_EINVAL, "dram_budget: at least 4096 bytes expected, got %llu",
+                        (unsigned long long)opts->dram_budget);
     kvt_store *s = calloc(1, sizeof *s);
     if (!s || !(s->dir = strdup(dir))) {
         free(s);
@@ -241,8 +243,10 @@ int kvt_coll_create(kvt_store *s, uint32_t no, const kvt_coll_params *p, kvt_col
         rc = kvt_file_write(c->f, 0, page, sizeof page);
         /* the new file's directory entry must be durable before a catalog commit names it */
         if (!rc) rc = kvt_dir_sync(s->dir);
-        if (rc) kvt_coll_forget(s, c);
-        else *out = c;
+        if (rc)
+            kvt_coll_forget(s, c);
+        else
+            *out = c;
     }
     UNLOCK(s);
     return rc;

@@ -32,10 +32,10 @@ typedef struct kvt_cside {
      * pending budget, so the write buffer (sized from the DRAM budget) never decides when the
      * pending budget overflows */
     uint32_t ptail;
-    uint64_t wtick;        /* the collection's append clock at the cluster's last append */
-    uint32_t *mem;         /* token layout: the member ids, ascending (the records' order) */
+    uint64_t wtick; /* the collection's append clock at the cluster's last append */
+    uint32_t *mem;  /* token layout: the member ids, ascending (the records' order) */
     uint32_t memcap;
-    int use;               /* the budget use this record is reserved under (enum kvt_use) */
+    int use; /* the budget use this record is reserved under (enum kvt_use) */
 } kvt_cside;
 
 /* A cluster of a collection, as every cluster of the resident index keeps it: its size,
@@ -45,18 +45,18 @@ typedef struct kvt_cside {
  * size is part of the resident index every collection reserves per cluster (index.c,
  * budget.c), so it stays small: docs/design.md §2.3. */
 typedef struct kvt_cluster {
-    kvt_seg *segs;         /* in insertion order; the last one takes appends */
-    kvt_cside *x;          /* buffers and member list, or NULL */
-    uint32_t n;            /* entries */
+    kvt_seg *segs; /* in insertion order; the last one takes appends */
+    kvt_cside *x;  /* buffers and member list, or NULL */
+    uint32_t n;    /* entries */
     uint32_t nseg, segcap;
-    uint32_t pend;         /* its last pend entries wait in DRAM (x->pbuf), not on flash */
+    uint32_t pend; /* its last pend entries wait in DRAM (x->pbuf), not on flash */
     /* format 3: slots of its segments that hold no live record of it (a split kept this
      * cluster in its parent's segments; the other child's records there are dead). Its
      * segments' slots add up to n - pend + dead; the id map names each live record's slot.
      * (It fills what was padding: the struct stays 48 bytes.) */
     uint32_t dead;
-    float m2;              /* sum of squared distances to the mean (Welford) */
-    kvt_adapt_cluster ad;  /* adaptive (adapt.c): flagged for a split, and why */
+    float m2;             /* sum of squared distances to the mean (Welford) */
+    kvt_adapt_cluster ad; /* adaptive (adapt.c): flagged for a split, and why */
     /* the cache policy's memory of the cluster while it is not cached: its heat (float16)
      * and the low 16 bits of the collection's read count when it was last read (cache.h,
      * kvt_cache_owner; heat is zero beyond KVT_HEAT_HORIZON reads, so 16 bits tell it) */
@@ -70,17 +70,19 @@ static inline uint32_t kvt_ptail(const kvt_cluster *k) { return k->x ? k->x->pta
 static inline uint32_t *kvt_members(const kvt_cluster *k) { return k->x ? k->x->mem : NULL; }
 static inline uint64_t kvt_wtick(const kvt_cluster *k) { return k->x ? k->x->wtick : 0; }
 
-typedef struct kvt_loc { uint32_t cl, idx; } kvt_loc;
+typedef struct kvt_loc {
+    uint32_t cl, idx;
+} kvt_loc;
 
 /* A prefetch job: one cluster to read into its (pinned, loading) cache entry. The segments
  * are copied at submission; no operation changes a collection while it has jobs in flight. */
 typedef struct kvt_job {
     struct kvt_job *next;
     kvt_coll *c;
-    uint32_t cl, nseg;          /* cl == KVT_SWAP_JOB: a swap-in of nseg collections' images */
+    uint32_t cl, nseg; /* cl == KVT_SWAP_JOB: a swap-in of nseg collections' images */
     kvt_cache_ent *e;
-    kvt_coll **run;             /* swap-in: the collections, images consecutive from run[0]'s */
-    uint8_t *swap_buf;          /* swap-in: their images, swap_len bytes reserved */
+    kvt_coll **run;    /* swap-in: the collections, images consecutive from run[0]'s */
+    uint8_t *swap_buf; /* swap-in: their images, swap_len bytes reserved */
     uint64_t swap_len;
     /* NULL: read cluster cl into e. Otherwise the job's own work (a swap-in), so that the
      * loader, which runs every job, need not know the layers that submit them. */
@@ -90,7 +92,9 @@ typedef struct kvt_job {
 #define KVT_SWAP_JOB UINT32_MAX
 
 /* A free range of the swap file. */
-typedef struct kvt_range { uint64_t off, len; } kvt_range;
+typedef struct kvt_range {
+    uint64_t off, len;
+} kvt_range;
 
 #define KVT_LOADERS 4
 
@@ -102,26 +106,26 @@ struct kvt_store {
     pthread_t loaders[KVT_LOADERS];
     int nloaders, shutdown;
     uint64_t prefetch_issued, prefetch_hits, prefetch_errors;
-    uint64_t loading_bytes;  /* records of prefetches queued or loading (pinned) */
+    uint64_t loading_bytes; /* records of prefetches queued or loading (pinned) */
     double io_wait_seconds;
     kvt_io io;
-    kvt_mem mem;            /* the DRAM ledger: the budget and what holds it */
-    kvt_cache cache;        /* cached clusters, what gives way in the ledger */
+    kvt_mem mem;                 /* the DRAM ledger: the budget and what holds it */
+    kvt_cache cache;             /* cached clusters, what gives way in the ledger */
     const struct kvt_kernels *K; /* simd.h */
     char *dir;
-    uint64_t merge_gap;     /* bytes: extents of one read batch closer than this are read as one */
-    uint64_t write_buffer;  /* bytes for the page-aligned write buffers, shared by the collections */
-    int tight;              /* a call runs again for want of budget: it buffers no new entries */
+    uint64_t merge_gap;    /* bytes: extents of one read batch closer than this are read as one */
+    uint64_t write_buffer; /* bytes for the page-aligned write buffers, shared by the collections */
+    int tight;             /* a call runs again for want of budget: it buffers no new entries */
     kvt_coll **colls;
     uint32_t ncolls, collcap;
     /* group virtualization (docs/design.md §2.3): parked collections' images in a volatile swap file */
     kvt_file *swap;
-    kvt_range *sfree;       /* free ranges of the swap file, sorted by offset, coalesced */
+    kvt_range *sfree; /* free ranges of the swap file, sorted by offset, coalesced */
     uint32_t nsfree, sfreecap;
-    uint64_t swap_end;      /* the file's used size */
+    uint64_t swap_end; /* the file's used size */
     uint64_t swap_outs, swap_ins, swap_demand_ins, swap_write_bytes, swap_read_bytes;
     uint64_t swap_pressure_outs; /* of swap_outs, made by kvt_page_out (demand paging) */
-    uint64_t op_clock;      /* one tick per operation made ready (kvt_ready): collections' recency */
+    uint64_t op_clock;           /* one tick per operation made ready (kvt_ready): collections' recency */
 };
 
 struct kvt_coll {
@@ -130,42 +134,42 @@ struct kvt_coll {
     kvt_coll_params p;
     kvt_layout L;
     kvt_file *f;
-    uint64_t n;                 /* entries; ids are 0..n-1 */
+    uint64_t n; /* entries; ids are 0..n-1 */
     kvt_cluster *cl;
     /* clcap * dim representatives (the mean keys) in float16, and their squared norms: half
      * the resident bytes of float32 means, which were most of the index; scoring converts on
      * the fly (simd.h dot_f16_f32) and accumulates in float32 (index.c 3) */
     uint16_t *cent;
     float *cnorm;
-    float *m2d;                 /* clcap * dim: per-dimension sums of squared distances */
-    float *vsum;                /* clcap * value_dim: value sums (estimate.c), or NULL */
-    uint32_t ncl, clcap;        /* clusters with n == 0 are free slots */
+    float *m2d;          /* clcap * dim: per-dimension sums of squared distances */
+    float *vsum;         /* clcap * value_dim: value sums (estimate.c), or NULL */
+    uint32_t ncl, clcap; /* clusters with n == 0 are free slots */
     kvt_pools pools;
-    kvt_loc *loc;               /* id -> (cluster, index in cluster) */
+    kvt_loc *loc; /* id -> (cluster, index in cluster) */
     uint64_t loccap;
-    uint64_t *mod;              /* per id-map chunk: change counter value of its last change */
+    uint64_t *mod; /* per id-map chunk: change counter value of its last change */
     uint64_t modcap;
     uint64_t modc, committed_mod; /* change counter; its value at the last committed checkpoint */
-    const kvt_policy_ops *ops;  /* its policy (policy.h), and each policy's state: */
-    kvt_adapt_coll adapt;       /* ... adaptive (adapt.c) */
-    kvt_local_coll local;       /* ... local (local.c) */
-    kvt_exact_coll exact;       /* ... none (token.c) */
-    uint64_t pending_total;     /* entries in pending buffers, both kinds */
-    uint64_t tail_total;        /* ... of them, write-buffer tails (layout.c 2) */
-    uint64_t wclock;            /* append clock: one tick per add */
-    uint16_t *cofreq;           /* co-location: nco x nco co-retrieval counts, until relayout */
+    const kvt_policy_ops *ops;    /* its policy (policy.h), and each policy's state: */
+    kvt_adapt_coll adapt;         /* ... adaptive (adapt.c) */
+    kvt_local_coll local;         /* ... local (local.c) */
+    kvt_exact_coll exact;         /* ... none (token.c) */
+    uint64_t pending_total;       /* entries in pending buffers, both kinds */
+    uint64_t tail_total;          /* ... of them, write-buffer tails (layout.c 2) */
+    uint64_t wclock;              /* append clock: one tick per add */
+    uint16_t *cofreq;             /* co-location: nco x nco co-retrieval counts, until relayout */
     uint32_t nco, retrieves;
-    kvt_coll_stats ctr;         /* the event counters of kvt_coll_stats */
-    uint32_t inflight;          /* prefetch jobs queued or running */
-    uint64_t acct;              /* budget bytes reserved for the structures above (KVT_USE_INDEX) */
-    uint64_t acct_pend;         /* ... for pending buffers (KVT_USE_PENDING) */
+    kvt_coll_stats ctr; /* the event counters of kvt_coll_stats */
+    uint32_t inflight;  /* prefetch jobs queued or running */
+    uint64_t acct;      /* budget bytes reserved for the structures above (KVT_USE_INDEX) */
+    uint64_t acct_pend; /* ... for pending buffers (KVT_USE_PENDING) */
     /* parked: cl, cent, cnorm, m2d, vsum, loc, exact.keys, cofreq and cached clusters live only in the
      * swap image [swap_off, swap_off + swap_len); ncl, n and the pool table stay */
     int parked;
     uint64_t swap_off, swap_len;
     kvt_coll_stats parked_stats; /* its cluster statistics when it was parked */
-    uint64_t resident_tick;     /* cache tick when it was last brought in (0: never parked) */
-    uint64_t used_at;           /* store->op_clock at its last operation: demand paging's LRU order */
+    uint64_t resident_tick;      /* cache tick when it was last brought in (0: never parked) */
+    uint64_t used_at;            /* store->op_clock at its last operation: demand paging's LRU order */
     kvt_cache_owner cache_state; /* its reads, as the cache policy counts them */
     /* the call in progress (read.c, damaged records): how a damaged record is met (enum
      * kvt_read_mode, coll.h), and the clusters it found damaged, which it must not cache,

@@ -11,10 +11,10 @@
 
 #include "kvtier.h"
 
-#define STAT_ENTRY_(type, ctype, name, kind, key, also)                                                          \
+#define STAT_ENTRY_(type, ctype, name, kind, key, also)                                                                \
     {#name, key, also, KVT_STAT_CTYPE_##ctype, KVT_STAT_KIND_##kind, offsetof(type, name)},
 #define STORE_ENTRY_(ctype, name, kind, key, also) STAT_ENTRY_(kvt_store_stats, ctype, name, kind, key, also)
-#define COLL_ENTRY_(ctype, name, kind, key, also) STAT_ENTRY_(kvt_coll_stats, ctype, name, kind, key, also)
+#define COLL_ENTRY_(ctype, name, kind, key, also)  STAT_ENTRY_(kvt_coll_stats, ctype, name, kind, key, also)
 
 static const kvt_stat_field store_fields[] = {KVT_STORE_STATS(STORE_ENTRY_)};
 static const kvt_stat_field coll_fields[] = {KVT_COLL_STATS(COLL_ENTRY_)};

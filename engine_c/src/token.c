@@ -187,8 +187,10 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
             uint64_t size = kvt_file_size(c->f);
             nread = 0;
             for (uint32_t t = 0; t < nr; t++) {
-                if (req[t].off + req[t].len > size) memset(req[t].dst, 0, req[t].len);
-                else req[nread++] = req[t];
+                if (req[t].off + req[t].len > size)
+                    memset(req[t].dst, 0, req[t].len);
+                else
+                    req[nread++] = req[t];
             }
         }
         if (!rc) rc = kvt_file_read_batch(c->f, req, nread);
@@ -282,14 +284,20 @@ static void image_put(kvt_coll *c, kvt_put_fn put, void *w) {
 static int image_get(kvt_coll *c, kvt_rbuf *r) {
     uint64_t bytes = c->n * c->L.key_bytes;
     int had = c->exact.keys_in_image;
-    if (c->exact.keys) kvt_rbuf_get(r, c->exact.keys, bytes);
-    else if (had && bytes > r->len - r->pos) return -1;
-    else if (had) r->pos += bytes; /* the image's keys, skipped */
+    if (c->exact.keys)
+        kvt_rbuf_get(r, c->exact.keys, bytes);
+    else if (had && bytes > r->len - r->pos)
+        return -1;
+    else if (had)
+        r->pos += bytes; /* the image's keys, skipped */
     return 0;
 }
 
 /* Policy none keeps its keys in DRAM when they fit: read back from the records on reopen. */
-typedef struct take_ctx { kvt_coll *c; uint8_t *keys; } take_ctx;
+typedef struct take_ctx {
+    kvt_coll *c;
+    uint8_t *keys;
+} take_ctx;
 
 static void take_key(void *vctx, uint64_t id, const void *key) {
     take_ctx *kc = vctx;

@@ -53,7 +53,8 @@ static int verify_records(kvt_coll *c, uint8_t *buf, uint64_t cap, kvt_verify_t 
                 uint32_t i1 = token_run_end(k, i0);
                 if (i1 > k->n - k->pend) i1 = k->n - k->pend;
                 uint32_t m = i1 - i0 < cap / L->esz ? i1 - i0 : (uint32_t)(cap / L->esz);
-                rc = check_extent(c, j, i0, m, token_offset(c, kvt_members(k)[i0]), (uint64_t)m * L->esz, NULL, buf, out);
+                rc = check_extent(c, j, i0, m, token_offset(c, kvt_members(k)[i0]), (uint64_t)m * L->esz, NULL, buf,
+                                  out);
                 i0 += m;
             }
             continue;
@@ -89,7 +90,8 @@ int kvt_coll_verify(kvt_coll *c, kvt_verify_t *out) {
     if (!rc) { /* the header page */
         int fields_ok;
         rc = kvt_read_clamped(c, 0, KVT_DATA_HEADER, buf, 0);
-        if (!rc) out->header_damaged = kvt_data_header_check(&c->L, &c->p, buf, &fields_ok, &out->header_checksummed) != 0;
+        if (!rc)
+            out->header_damaged = kvt_data_header_check(&c->L, &c->p, buf, &fields_ok, &out->header_checksummed) != 0;
     }
     c->ndmg_cl = 0;
     if (!rc) rc = verify_records(c, buf, cap, out);

@@ -186,7 +186,8 @@ static void swap_alloc(kvt_store *s, uint64_t len, uint64_t *off) {
             *off = s->sfree[i].off;
             s->sfree[i].off += len;
             s->sfree[i].len -= len;
-            if (!s->sfree[i].len) memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree), s->nsfree--;
+            if (!s->sfree[i].len)
+                memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree), s->nsfree--;
             return;
         }
     *off = s->swap_end;
@@ -407,11 +408,13 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         if (!r.bad && token(c)) rc = kvt_rebuild_members(c);
     }
     if (!rc) install_cached(c, &r, ncached, ncl);
-    if (!rc && (r.bad || r.len - r.pos < 4)) rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u is inconsistent", c->no);
+    if (!rc && (r.bad || r.len - r.pos < 4))
+        rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u is inconsistent", c->no);
     if (!rc) {
         uint32_t crc;
         memcpy(&crc, r.p + r.pos, 4);
-        if (crc != kvt_crc32c(0, img, r.pos)) rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u fails its checksum", c->no);
+        if (crc != kvt_crc32c(0, img, r.pos))
+            rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u fails its checksum", c->no);
     }
     if (rc) {
         drop_resident(c);
@@ -503,7 +506,8 @@ int kvt_give_way(kvt_store *s) {
 static int check_group(kvt_store *s, kvt_coll *const *colls, size_t n) {
     if (!colls && n) return kvt_fail(KVT_EINVAL, "collections: NULL list");
     for (size_t i = 0; i < n; i++) {
-        if (!colls[i] || colls[i]->st != s) return kvt_fail(KVT_EINVAL, "collections: entry %zu is not a collection of this store", i);
+        if (!colls[i] || colls[i]->st != s)
+            return kvt_fail(KVT_EINVAL, "collections: entry %zu is not a collection of this store", i);
         for (size_t t = 0; t < i; t++)
             if (colls[t] == colls[i]) return kvt_fail(KVT_EINVAL, "collections: entry %zu repeats entry %zu", i, t);
     }
@@ -593,8 +597,10 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) 
             memcpy(j->run, &v[a], (e - a) * sizeof(kvt_coll *));
             for (size_t t = a; t < e; t++) v[t]->inflight++;
             s->loading_bytes += len;
-            if (s->jobs_tail) s->jobs_tail->next = j;
-            else s->jobs = j;
+            if (s->jobs_tail)
+                s->jobs_tail->next = j;
+            else
+                s->jobs = j;
             s->jobs_tail = j;
             ops++;
             bytes += len;

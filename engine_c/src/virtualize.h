@@ -30,27 +30,27 @@ void kvt_peek_end(kvt_coll *c, int was_parked);
  * collections parked, least recently used first, until what it lacked is free), until it
  * fits or nothing is left to park. A failed add, retrieve or search changes nothing a later
  * run depends on. Sets rc. */
-#define RUN_READY(c, call)                                                                     \
-    do {                                                                                       \
-        LOCK((c)->st);                                                                         \
-        rc = kvt_ready(c);                                                                     \
-        if (!rc) rc = (call);                                                                  \
-        if (rc == KVT_EBUDGET && ((c)->st->loading_bytes || kvt_give_way((c)->st))) {          \
-            while ((c)->st->loading_bytes) pthread_cond_wait(&(c)->st->done_cv, &(c)->st->mu); \
-            kvt_give_way((c)->st);                                                             \
-            kvt_clear_error();                                                                 \
-            (c)->st->tight = 1;                                                                \
-            rc = kvt_ready(c);                                                                 \
-            if (!rc) rc = (call);                                                              \
-            (c)->st->tight = 0;                                                                \
-        }                                                                                      \
-        while (rc == KVT_EBUDGET && kvt_page_out((c)->st, (c), (c)->st->mem.short_by)) {       \
-            (c)->st->tight = 1;                                                                \
-            rc = kvt_ready(c);                                                                 \
-            if (!rc) rc = (call);                                                              \
-            (c)->st->tight = 0;                                                                \
-        }                                                                                      \
-        UNLOCK((c)->st);                                                                       \
+#define RUN_READY(c, call)                                                                                             \
+    do {                                                                                                               \
+        LOCK((c)->st);                                                                                                 \
+        rc = kvt_ready(c);                                                                                             \
+        if (!rc) rc = (call);                                                                                          \
+        if (rc == KVT_EBUDGET && ((c)->st->loading_bytes || kvt_give_way((c)->st))) {                                  \
+            while ((c)->st->loading_bytes) pthread_cond_wait(&(c)->st->done_cv, &(c)->st->mu);                         \
+            kvt_give_way((c)->st);                                                                                     \
+            kvt_clear_error();                                                                                         \
+            (c)->st->tight = 1;                                                                                        \
+            rc = kvt_ready(c);                                                                                         \
+            if (!rc) rc = (call);                                                                                      \
+            (c)->st->tight = 0;                                                                                        \
+        }                                                                                                              \
+        while (rc == KVT_EBUDGET && kvt_page_out((c)->st, (c), (c)->st->mem.short_by)) {                               \
+            (c)->st->tight = 1;                                                                                        \
+            rc = kvt_ready(c);                                                                                         \
+            if (!rc) rc = (call);                                                                                      \
+            (c)->st->tight = 0;                                                                                        \
+        }                                                                                                              \
+        UNLOCK((c)->st);                                                                                               \
     } while (0)
 
 #endif

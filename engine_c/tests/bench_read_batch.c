@@ -30,8 +30,10 @@ static double now(void) {
 
 /* Runs batches of k reads for `seconds` with the backend the environment selects. */
 static int run(const char *path, int uring, size_t k, double seconds, uint64_t seed) {
-    if (uring) unsetenv("KVTIER_IO_URING");
-    else setenv("KVTIER_IO_URING", "0", 1);
+    if (uring)
+        unsetenv("KVTIER_IO_URING");
+    else
+        setenv("KVTIER_IO_URING", "0", 1);
     kvt_device dev = {0, 0, 0, 0, 0, 0}; /* no device model: only real time counts */
     kvt_io io;
     kvt_file *f;
@@ -58,7 +60,8 @@ static int run(const char *path, int uring, size_t k, double seconds, uint64_t s
         reads += k;
         t = now();
     }
-    if (rc) fprintf(stderr, "bench: %s\n", kvt_last_error());
+    if (rc)
+        fprintf(stderr, "bench: %s\n", kvt_last_error());
     else
         printf("  K=%-4zu %-8s %8.1f MB/s %9.0f reads/s  (direct %d)\n", k, kvt_io_backend_name(&io),
                (double)bytes / 1e6 / (t - t0), (double)reads / (t - t0), kvt_file_is_direct(f));

@@ -10,8 +10,8 @@
 #include <unistd.h>
 
 #include "cache.h"
-#include "common.h"
 #include "cluster.h"
+#include "common.h"
 #include "io.h"
 #include "kvtier.h"
 #include "pool.h"
@@ -20,24 +20,24 @@
 #include "token.h" /* kvt_record_offset, for the damage tests */
 
 static int failures, checks;
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        checks++;                                                                        \
-        if (!(cond)) {                                                                   \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, \
-                    #cond, kvt_last_error());                                            \
-        }                                                                                \
+#define CHECK(cond)                                                                                                    \
+    do {                                                                                                               \
+        checks++;                                                                                                      \
+        if (!(cond)) {                                                                                                 \
+            failures++;                                                                                                \
+            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,                   \
+                    kvt_last_error());                                                                                 \
+        }                                                                                                              \
     } while (0)
-#define CHECK_OK(expr)                                                                   \
-    do {                                                                                 \
-        int rc_ = (expr);                                                                \
-        checks++;                                                                        \
-        if (rc_) {                                                                       \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: %s returned %s (%s)\n", __FILE__, __LINE__, #expr,   \
-                    kvt_strerror(rc_), kvt_last_error());                                \
-        }                                                                                \
+#define CHECK_OK(expr)                                                                                                 \
+    do {                                                                                                               \
+        int rc_ = (expr);                                                                                              \
+        checks++;                                                                                                      \
+        if (rc_) {                                                                                                     \
+            failures++;                                                                                                \
+            fprintf(stderr, "%s:%d: %s returned %s (%s)\n", __FILE__, __LINE__, #expr, kvt_strerror(rc_),              \
+                    kvt_last_error());                                                                                 \
+        }                                                                                                              \
     } while (0)
 
 static char *make_dir(void) {
@@ -109,8 +109,8 @@ static void check_kernels(const kvt_kernels *K) {
     }
     CHECK(fabs(K->dot_f16_f32(hb, big, 64) - bref) < 1e-6 * bref);
     if (fp16_arith)
-        printf("simd: %s dot_f16 worst error %.3g of sum|a_i*b_i| (%.2f of its documented bound)\n",
-               K->name, worst_rel, worst);
+        printf("simd: %s dot_f16 worst error %.3g of sum|a_i*b_i| (%.2f of its documented bound)\n", K->name, worst_rel,
+               worst);
 }
 
 static void test_simd(void) {
@@ -126,7 +126,7 @@ static void test_simd(void) {
     /* conversions: exact values, rounding, specials */
     CHECK(kvt_half_to_float(kvt_float_to_half(1.5f)) == 1.5f);
     CHECK(kvt_half_to_float(kvt_float_to_half(-2.0f)) == -2.0f);
-    CHECK(kvt_float_to_half(65520.0f) == 0x7C00); /* rounds to +inf */
+    CHECK(kvt_float_to_half(65520.0f) == 0x7C00);       /* rounds to +inf */
     CHECK(kvt_half_to_float(0x0001) == ldexpf(1, -24)); /* smallest subnormal */
     CHECK(isnan(kvt_half_to_float(kvt_float_to_half(NAN))));
 }
@@ -152,8 +152,9 @@ static void test_io(void) {
     kvt_io_stats_get(&io, &st);
     CHECK(st.read_ops == 1 && st.read_entries == 3);
     /* a direct read moves the aligned window around [1234, 6234): 8192 bytes at 4 KiB */
-    CHECK(st.read_bytes == (kvt_file_is_direct(f) ? kvt_round_up(1234 + 5000, KVT_IO_ALIGN) - kvt_round_down(1234, KVT_IO_ALIGN)
-                                                  : 5000u));
+    CHECK(
+        st.read_bytes ==
+        (kvt_file_is_direct(f) ? kvt_round_up(1234 + 5000, KVT_IO_ALIGN) - kvt_round_down(1234, KVT_IO_ALIGN) : 5000u));
     printf("io: direct reads %s here, alignment %u\n", kvt_file_is_direct(f) ? "on" : "off", (unsigned)KVT_IO_ALIGN);
 #ifdef KVT_NO_DIRECT
     /* this build never opens O_DIRECT, and refuses a store that requires it */
@@ -242,7 +243,8 @@ static void test_pool(void) {
                 CHECK(o / KVT_LAYOUT_PAGE == (o + P2.esz - 1) / KVT_LAYOUT_PAGE);
                 CHECK(o + P2.esz <= 4 * P2.pool_bytes);
             }
-        CHECK(kvt_slot_offset(&P2, &q0, 1, 0) == KVT_DATA_HEADER + P2.pool_bytes - KVT_LAYOUT_PAGE + (uint64_t)(P2.rpp - 1) * P2.esz);
+        CHECK(kvt_slot_offset(&P2, &q0, 1, 0) ==
+              KVT_DATA_HEADER + P2.pool_bytes - KVT_LAYOUT_PAGE + (uint64_t)(P2.rpp - 1) * P2.esz);
         CHECK(kvt_span(&P2, 0, P2.rpp) == (uint64_t)P2.rpp * P2.esz);
         CHECK(kvt_span(&P2, P2.rpp - 1, 2) == KVT_LAYOUT_PAGE + P2.esz - (uint64_t)(P2.rpp - 1) * P2.esz);
         CHECK(kvt_run_span(&P2, &q0, 1, 0, P2.rpp + 1) == kvt_span(&P2, P2.pool_cap - P2.rpp - 1, P2.rpp + 1));
@@ -432,7 +434,10 @@ static void test_cluster(void) {
 
 /* ---- cache -------------------------------------------------------------------------------- */
 static int evicted[8];
-static void note_evict(void *owner, const kvt_cache_ent *e) { (void)owner; evicted[e->cluster]++; }
+static void note_evict(void *owner, const kvt_cache_ent *e) {
+    (void)owner;
+    evicted[e->cluster]++;
+}
 
 static void test_cache(void) {
     kvt_mem m;
@@ -483,7 +488,9 @@ static void test_cache_policies(void) {
 enum { NL = 30, PER = 4 };
 static kvt_cache_owner layer_state[NL];
 static int layer_evicted[NL][PER + 1];
-static void note_layer_evict(void *owner, const kvt_cache_ent *e) { layer_evicted[(kvt_cache_owner *)owner - layer_state][e->cluster]++; }
+static void note_layer_evict(void *owner, const kvt_cache_ent *e) {
+    layer_evicted[(kvt_cache_owner *)owner - layer_state][e->cluster]++;
+}
 static kvt_cache_owner *layer_owner(void *owner) { return owner; }
 
 static kvt_cache_ent *layer_ents[NL][PER + 1];
@@ -531,7 +538,7 @@ static int updated_survives(double reserve_share) {
         for (int l = 0; l < NL; l++) layer_turn(&c, l, -1);
         kvt_cache_step(&c);
     }
-    layer_turn(&c, 0, 1 << 2); /* layer 0 reads cluster 2 ... */
+    layer_turn(&c, 0, 1 << 2);                                      /* layer 0 reads cluster 2 ... */
     if (!layer_evicted[0][0]) kvt_cache_drop(&c, layer_ents[0][0]); /* ... and splits 0 */
     kvt_cache_ent *child = kvt_cache_admit(&c, &layer_state[0], 0, 10, 100);
     CHECK(child != NULL);
@@ -600,17 +607,17 @@ static void test_cache_cluster_policy(void) {
     CHECK(!child_survives(0.5, 1));
     /* whole clusters only: every eviction frees one entry, records and all (invariant 2) */
     CHECK(updated_survives(0.25));
-    CHECK(layer_evicted[0][1] == 1);     /* the stale, not updated cluster of layer 0 went */
+    CHECK(layer_evicted[0][1] == 1); /* the stale, not updated cluster of layer 0 went */
     /* under a budget for half of the clusters, the cycle keeps a stable half cached where LRU
      * would miss every read: count misses over the last steps */
     for (int pol = KVT_CACHE_LRU; pol <= KVT_CACHE_CLUSTER; pol += KVT_CACHE_CLUSTER - KVT_CACHE_LRU) {
         kvt_mem m;
-    kvt_cache c;
+        kvt_cache c;
         memset(layer_state, 0, sizeof layer_state);
         memset(layer_evicted, 0, sizeof layer_evicted);
         memset(layer_ents, 0, sizeof layer_ents);
         kvt_mem_init(&m, (sizeof(kvt_cache_ent) + 10 * 100) * NL * PER / 2 + KVT_CACHE_TABLE_BYTES);
-    kvt_cache_init(&c, &m, note_layer_evict);
+        kvt_cache_init(&c, &m, note_layer_evict);
         c.policy = pol;
         c.owner_state = layer_owner;
         for (int step = 0; step < 4; step++) {
@@ -620,8 +627,10 @@ static void test_cache_cluster_policy(void) {
         uint64_t ev0 = c.evictions;
         for (int l = 0; l < NL; l++) layer_turn(&c, l, -1);
         uint64_t misses = c.evictions - ev0; /* one eviction per admission once full */
-        if (pol == KVT_CACHE_LRU) CHECK(misses == NL * PER);
-        else CHECK(misses <= NL * PER / 2 + PER);
+        if (pol == KVT_CACHE_LRU)
+            CHECK(misses == NL * PER);
+        else
+            CHECK(misses <= NL * PER / 2 + PER);
         kvt_cache_destroy(&c);
     }
 }
@@ -674,16 +683,16 @@ static void test_cache_spare(void) {
         CHECK(e[j] != NULL);
         if (e[j]) e[j]->pins--;
     }
-    CHECK(!kvt_cache_spare(&c, 1));          /* full, and all just read */
+    CHECK(!kvt_cache_spare(&c, 1)); /* full, and all just read */
     kvt_cache_owner_read(&c, &layer_state[0]);
     kvt_cache_touch(&c, e[0]);
     kvt_cache_touch(&c, e[1]);
-    CHECK(!kvt_cache_spare(&c, 1));          /* e[2], e[3] skipped by one read only */
+    CHECK(!kvt_cache_spare(&c, 1)); /* e[2], e[3] skipped by one read only */
     kvt_cache_owner_read(&c, &layer_state[0]);
     kvt_cache_touch(&c, e[0]);
-    CHECK(kvt_cache_spare(&c, 2 * ent));     /* e[2], e[3] skipped twice: room for two */
+    CHECK(kvt_cache_spare(&c, 2 * ent)); /* e[2], e[3] skipped twice: room for two */
     CHECK(!kvt_cache_spare(&c, 2 * ent + 1));
-    e[2]->pins++;                             /* a pinned entry is never room */
+    e[2]->pins++; /* a pinned entry is never room */
     CHECK(!kvt_cache_spare(&c, 2 * ent));
     e[2]->pins--;
     kvt_cache_destroy(&c);
@@ -734,7 +743,8 @@ static void test_store(void) {
     CHECK_OK(kvt_coll_get(c, ids, N, gk, gv));
     int same = 1;
     for (int i = 0; i < N; i++)
-        same &= memcmp(gk + i * 16, keys + (N - 1 - i) * 16, 32) == 0 && memcmp(gv + i * 8, vals + (N - 1 - i) * 8, 16) == 0;
+        same &= memcmp(gk + i * 16, keys + (N - 1 - i) * 16, 32) == 0 &&
+                memcmp(gv + i * 8, vals + (N - 1 - i) * 8, 16) == 0;
     CHECK(same);
     int64_t bad = N;
     CHECK(kvt_coll_get(c, &bad, 1, gk, gv) == KVT_ENOTFOUND);
@@ -1419,8 +1429,10 @@ static void test_io_backend(void) {
     CHECK_OK(kvt_io_init(&io, &dev, KVT_DIRECT_AUTO));
     CHECK(strcmp(kvt_io_backend_name(&io), expected_backend()) == 0);
     kvt_io_destroy(&io);
-    if (keep) setenv("KVTIER_IO_URING", keep, 1);
-    else unsetenv("KVTIER_IO_URING");
+    if (keep)
+        setenv("KVTIER_IO_URING", keep, 1);
+    else
+        unsetenv("KVTIER_IO_URING");
     free(keep);
 }
 
@@ -1439,8 +1451,10 @@ static void test_read_batch(void) {
     uint8_t *dst = malloc((size_t)N * 9000);
     uint64_t s = 5;
     for (int pass = 0; pass < 4; pass++) {
-        if (pass < 2) unsetenv("KVTIER_IO_URING");
-        else setenv("KVTIER_IO_URING", "0", 1);
+        if (pass < 2)
+            unsetenv("KVTIER_IO_URING");
+        else
+            setenv("KVTIER_IO_URING", "0", 1);
         kvt_io io;
         CHECK_OK(kvt_io_init(&io, &dev, pass % 2 ? KVT_DIRECT_OFF : KVT_DIRECT_AUTO));
         write_pattern(&io, path, size);
@@ -1518,7 +1532,8 @@ static void test_read_batch(void) {
         random_reqs(r, 6, size, 3000, dst, &s);
         CHECK_OK(kvt_io_inject(&io, 'r', 2, EIO));
         CHECK(kvt_file_read_batch(f, r, 6) == EIO);
-        CHECK(strstr(kvt_last_error(), "pread") && strstr(kvt_last_error(), "injected") && strstr(kvt_last_error(), "b.dat"));
+        CHECK(strstr(kvt_last_error(), "pread") && strstr(kvt_last_error(), "injected") &&
+              strstr(kvt_last_error(), "b.dat"));
         kvt_io_stats_get(&io, &st);
         CHECK(st.read_ops == 2);
         CHECK(is_pattern(r[0].dst, r[0].off, r[0].len) && is_pattern(r[1].dst, r[1].off, r[1].len));
@@ -1532,8 +1547,10 @@ static void test_read_batch(void) {
         kvt_file_close(f);
         kvt_io_destroy(&io);
     }
-    if (keep) setenv("KVTIER_IO_URING", keep, 1);
-    else unsetenv("KVTIER_IO_URING");
+    if (keep)
+        setenv("KVTIER_IO_URING", keep, 1);
+    else
+        unsetenv("KVTIER_IO_URING");
     free(keep);
     free(dst);
     remove_dir(d);
@@ -1626,7 +1643,6 @@ static void test_read_batch_threads(void) {
     remove_dir(d);
 }
 
-
 /* ---- group virtualization and the token layout -------------------------------------------- */
 
 /* ids of a retrieve (at most cap), their count in *n */
@@ -1653,7 +1669,8 @@ static int cmp_i64(const void *a, const void *b) {
 /* Adds in batches no budget splits into chunks: the clusters then do not depend on the budget. */
 static void add_in_batches(kvt_coll *c, const float *k, uint64_t n) {
     int64_t first;
-    for (uint64_t i = 0; i < n; i += 200) CHECK_OK(kvt_coll_add(c, k + i * 16, NULL, n - i < 200 ? n - i : 200, &first));
+    for (uint64_t i = 0; i < n; i += 200)
+        CHECK_OK(kvt_coll_add(c, k + i * 16, NULL, n - i < 200 ? n - i : 200, &first));
 }
 
 static void test_demand_paging(void) {
@@ -1668,7 +1685,7 @@ static void test_demand_paging(void) {
     static int64_t want[H][ROUNDS][300];
     uint64_t nwant[H][ROUNDS], index_total;
     kvt_store_stats st_big, st_small;
-    {   /* the reference: a budget that holds every index */
+    { /* the reference: a budget that holds every index */
         char *d = make_dir();
         kvt_store_opts o = {64 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
         kvt_store *st;
@@ -1816,7 +1833,8 @@ static void wb_check_all(kvt_coll *c, const float *k, int n) {
     CHECK(kvt_result_count(r) == (uint64_t)n);
     kvt_result_copy(r, ids, gk, NULL, NULL);
     int ok = 1;
-    for (int i = 0; i < n; i++) ok &= ids[i] >= 0 && ids[i] < n && memcmp(gk + (size_t)i * 16, k + (size_t)ids[i] * 16, 64) == 0;
+    for (int i = 0; i < n; i++)
+        ok &= ids[i] >= 0 && ids[i] < n && memcmp(gk + (size_t)i * 16, k + (size_t)ids[i] * 16, 64) == 0;
     CHECK(ok);
     kvt_result_free(r);
     free(ids);
@@ -1830,8 +1848,8 @@ static void test_write_buffer(void) {
     for (int pi = 0; pi < 2; pi++) {
         for (int small = 0; small < 2; small++) {
             char *d = make_dir();
-            kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_LRU,
-                                small ? 8 * 80 : 64 << 10};
+            kvt_store_opts o = {1 << 20,       {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096,
+                                KVT_CACHE_LRU, small ? 8 * 80 : 64 << 10};
             kvt_store *st;
             CHECK_OK(kvt_store_open(d, &o, &st));
             kvt_coll_params p = params(KVT_F32);
@@ -2148,7 +2166,6 @@ static void test_retrieve_batch(void) {
     remove_dir(d);
 }
 
-
 /* Every read call on empty, one-entry and tiny collections of every policy and layout: a
  * right answer (padded rows, min(budget, n) entries) and never a crash, before any add,
  * after adds, and after a checkpoint and reopen. (search on an empty clustered collection
@@ -2167,8 +2184,10 @@ static void check_reads(kvt_coll *c, uint64_t n, uint64_t *s) {
             for (uint64_t j = 0; j < K; j++) {
                 int64_t id = ids[r * K + j];
                 /* nprobe past the cluster count reads every cluster: exact, so full rows */
-                if (j >= n || (nprobes[t] == 1000 && j < n && id < 0)) ok &= j >= n ? id == -1 && isinf(sc[r * K + j]) : 0;
-                else ok &= id >= -1 && id < (int64_t)n;
+                if (j >= n || (nprobes[t] == 1000 && j < n && id < 0))
+                    ok &= j >= n ? id == -1 && isinf(sc[r * K + j]) : 0;
+                else
+                    ok &= id >= -1 && id < (int64_t)n;
             }
         CHECK(ok);
     }
@@ -2262,7 +2281,12 @@ static void test_empty_and_tiny(void) {
 /* ---- damaged records ---------------------------------------------------------------------- */
 
 /* A committed state, copied out of a checkpoint (what the catalog would hold). */
-typedef struct saved { void *dir; size_t dl, nch; void *chunks[4]; size_t lens[4]; } saved;
+typedef struct saved {
+    void *dir;
+    size_t dl, nch;
+    void *chunks[4];
+    size_t lens[4];
+} saved;
 
 static void save_and_close(kvt_store *st, kvt_coll *c, saved *sv) {
     kvt_checkpoint *cp;
