@@ -82,8 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", help="show a store's collections, clusters, pools, format and stats",
         description="Opens STORE (it takes the store's exclusive lock: close other users first), prints "
                     "its format version, each collection's parameters, entries, cluster count and size "
-                    "distribution, pools and data file bytes, then the store's stats. Closing commits an "
-                    "unchanged catalog; nothing stored changes.")
+                    "distribution, pools and data file bytes, the nprobe search uses by default, what the "
+                    "last `kvtier verify` found, then the store's stats. Closing commits the catalog "
+                    "(with the default nprobe it measured, if it had to); no entry changes.")
     i.add_argument("store", metavar="STORE", help="a store directory (made by kvtier.open)")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--dram-budget", default="256MiB", metavar="SIZE",
@@ -274,7 +275,15 @@ def inspect_store(path: str, dram_budget="256MiB") -> dict:
             sizes = np.asarray(coll.cluster_sizes())
             data_file = f"c{coll.params['no']}.kvd"  # the engine's naming (README "On disk")
             params = {k: coll.params[k] for k in _PARAM_ORDER if k in coll.params}
-            params.update({k: v for k, v in sorted(coll.params.items()) if k not in params and k != "no"})
+            params.update({k: v for k, v in sorted(coll.params.items())
+                           if k not in params and k not in ("no", "nprobe_auto")})
+            # the nprobe search uses when not told: given at creation, else measured (and kept)
+            if coll.policy != "none" and params.get("nprobe") is None:
+                params["nprobe"] = coll.default_nprobe()
+                auto = coll.params.get("nprobe_auto")
+                params["nprobe_chosen"] = (
+                    f"measured: recall@{auto['k']} {auto['recall']:.2f} on {auto['queries']} sample queries "
+                    f"at {auto['entries']:,} entries" if auto else "every cluster (a small collection)")
             dist = ({"min": int(sizes.min()), "p10": float(np.percentile(sizes, 10)),
                      "median": float(np.median(sizes)), "p90": float(np.percentile(sizes, 90)),
                      "max": int(sizes.max()), "mean": float(sizes.mean())} if sizes.size else None)
