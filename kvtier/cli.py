@@ -98,16 +98,18 @@ def _parser() -> argparse.ArgumentParser:
                     "(SmolLM2-135M: 30 x 3 = 90 collections, dim 64).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("n_entries", metavar="N", type=int, help="entries per collection")
-    e.add_argument("--dim", type=int, required=True, help="key dimension")
-    e.add_argument("--value-dim", type=int, default=None, help="value dimension (None: the key dimension)")
+    e.add_argument("--dim", type=int, required=True, default=argparse.SUPPRESS, help="key dimension (required)")
+    e.add_argument("--value-dim", type=int, default=argparse.SUPPRESS,
+                   help="value dimension (default: the key dimension; 0 for keys alone)")
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="keys' and values' dtype")
     e.add_argument("--policy", default="adaptive", choices=["adaptive", "static", "local", "none"],
                    help="clustering policy")
     e.add_argument("--collections", type=int, default=1, help="collections of that size")
     e.add_argument("--fetch", type=float, default=0.1, help="share of the entries one retrieve fetches")
-    e.add_argument("--dram-budget", default=None, metavar="SIZE",
-                   help="the budget you plan (it sizes the write buffer as kvtier.open does)")
-    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--dram-budget", default=argparse.SUPPRESS, metavar="SIZE",
+                   help="the budget you plan: it sizes the write buffer as kvtier.open does (default: none "
+                        "planned, the write buffer sized from the recommended budget)")
+    e.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
     v = sub.add_parser(
         "verify", help="read every record back and check it; name what is damaged",
@@ -217,10 +219,11 @@ def _calibrate(args) -> int:
 # -- estimate -----------------------------------------------------------------------------------
 
 def _estimate(args) -> int:
-    e = kvtier.estimate(args.n_entries, dim=args.dim, value_dim=args.value_dim, dtype=args.dtype,
+    # options left out are absent (argparse.SUPPRESS keeps '(default: None)' out of --help)
+    e = kvtier.estimate(args.n_entries, dim=args.dim, value_dim=getattr(args, "value_dim", None), dtype=args.dtype,
                         policy=args.policy, collections=args.collections, fetch=args.fetch,
-                        dram_budget=args.dram_budget)
-    if args.json:
+                        dram_budget=getattr(args, "dram_budget", None))
+    if getattr(args, "json", False):
         print(json.dumps(e.as_dict(), indent=1))
     else:
         print(e)
