@@ -14,9 +14,12 @@ def bench_arguments(p) -> None:
     from kvtier.config import PROFILES
 
     p.add_argument("--quick", action="store_true",
-                   help="the small preset: 3 layers, 512+1024 tokens, retrieval every 8th step, one device, "
-                        "a 20000-key W4 set; under 10 minutes on 2 cores. Without it the full preset runs "
-                        "every device profile and more of everything (hours)")
+                   help="the small preset: 3 layers, 512+1024 tokens (W1's tokens ship with kvtier: one forward "
+                        "pass to capture), retrieval every 8th step, one device, a 20000-key W4 set from the same "
+                        "W1 trace; about 3 minutes of CPU from a fresh checkout (longer in wall time on a busy "
+                        "machine). Without it the full preset runs every "
+                        "device profile and more of everything (hours). A stopped run resumes where it was when "
+                        "started again with the same options (the finished replays are kept in DIR/.partial)")
     # required: a full run takes hours and `python -m bench.report` reads bench/results, so where
     # results land is the caller's explicit choice
     p.add_argument("--out", metavar="DIR", required=True,
@@ -28,7 +31,7 @@ def bench_arguments(p) -> None:
                         "on DIR) or saved profile files; quick: ufs4.0; full: every profile")
     p.add_argument("--dram-budgets", nargs="+", metavar="B",
                    help="DRAM budgets: shares of the replayed KV bytes (25%%, 0.25) or sizes (4MiB); "
-                        "quick: 20%%,50%%,100%%; full: 10%%,20%%,50%%,100%%")
+                        "quick: 20%%,100%%; full: 10%%,20%%,50%%,100%%")
     p.add_argument("--policies", nargs="+", metavar="P", help="of none, static, local, adaptive; default all")
     p.add_argument("--layouts", nargs="+", metavar="L", help="of clustered, colocated; default both")
     p.add_argument("--cache-policies", nargs="+", metavar="C", help="of lru, lfu, cluster; default all")

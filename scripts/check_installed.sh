@@ -26,7 +26,9 @@ CHECKOUT=$CHECKOUT "$PY" -c '
 import os, kvtier, kvtier.bench, kvtier._engine
 where = os.path.realpath(kvtier.__file__)
 assert not where.startswith(os.environ["CHECKOUT"] + os.sep), f"kvtier imported from the checkout: {where}"
-print("installed kvtier", kvtier.__version__, "at", os.path.dirname(where))'
+print("installed kvtier", kvtier.__version__, "at", os.path.dirname(where))
+from kvtier.bench import capture
+assert capture.shipped_w1_tokens(0) is not None, "the W1 tokens of kvtier/bench/data are not in the wheel"'
 "$TMP/venv/bin/kvtier" bench --help >/dev/null
 "$PY" - <<'EOF'
 # a W1 trace of the real one's shape (2 layers, 2 KV heads, 4 query heads, dim 32), random

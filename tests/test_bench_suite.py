@@ -300,3 +300,96 @@ def test_replay_switch_takes_turns_without_changing_results():
     # every turn brings back its conversation's collections (2 layers x 2 KV heads): A takes
     # 3 turns of 16 steps, B 4
     assert both["store"]["swap_ins"] == (3 + 4) * 2 * 2
+
+
+class _Killed(BaseException):
+    """Stands for a kill: raised out of the suite's log after some replays."""
+
+
+def test_a_stopped_run_resumes_with_its_finished_replays(trace_dir, tmp_path):
+    s = settings(trace_dir, devices=["ufs4.0"], calibrate=False, workloads=["W1"], repeats=1)
+    whole = suite.run_suite(s, tmp_path / "whole", log=lambda m: None)
+    seen = []
+
+    def log(msg):
+        seen.append(msg)
+        if sum(m.startswith("[") for m in seen) == 7:
+            raise _Killed()
+    with pytest.raises(_Killed):
+        suite.run_suite(settings(trace_dir, devices=["ufs4.0"], calibrate=False, workloads=["W1"], repeats=1),
+                        tmp_path / "r", log=log)
+    jsonl = tmp_path / "r" / suite.PARTIAL / "replays.jsonl"
+    kept = jsonl.read_text().splitlines()
+    assert len(kept) >= 7
+    with open(jsonl, "a") as f:
+        f.write('{"key": "a line cut by the kill')  # not trusted, and not in the way of the next appends
+    (tmp_path / "r" / "kvtier-bench-killed").mkdir()  # the store a killed replay had open
+    (tmp_path / "r" / "kvtier-bench-killed" / "c0.kvd").write_bytes(b"x" * 4096)
+    msgs = []
+    again = suite.run_suite(settings(trace_dir, devices=["ufs4.0"], calibrate=False, workloads=["W1"], repeats=1),
+                            tmp_path / "r", log=msgs.append)
+    assert again["resumed_replays"] == len(kept) and any(m.startswith("resuming:") for m in msgs)
+    assert not (tmp_path / "r" / suite.PARTIAL).exists()  # complete: nothing left to resume
+    assert not list((tmp_path / "r").glob("kvtier-bench-*"))  # nor the killed replay's store
+    strip = ("wall_s", "real_retrieve_ms_per_step", "runs_real_retrieve_s_total", "real_retrieve_s_total")
+    rows = lambda r: [{k: v for k, v in x.items() if k not in strip} for x in r["replays"]["grid"]]  # noqa: E731
+    assert rows(again) == rows(whole)  # the resumed rows are the rows an unstopped run makes
+    # other settings do not take a stopped run's replays
+    with pytest.raises(_Killed):
+        seen.clear()
+        suite.run_suite(settings(trace_dir, devices=["ufs4.0"], calibrate=False, workloads=["W1"], repeats=1),
+                        tmp_path / "o", log=log)
+    other = suite.run_suite(settings(trace_dir, devices=["ufs4.0"], calibrate=False, workloads=["W1"], repeats=1,
+                                     every=16), tmp_path / "o", log=lambda m: None)
+    assert other["resumed_replays"] == 0
+
+
+def test_w1_sampling_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    from kvtier.bench import capture
+
+    prompt = np.arange(5, dtype=np.int64)
+    monkeypatch.setattr(capture, "w1_prompt_tokens", lambda: prompt)
+    monkeypatch.setattr(capture, "shipped_w1_tokens", lambda seed: None)
+    asked = {}
+
+    def fake_sample(ids, n_new, desc, progress, checkpoint=None):
+        asked.update(ids=ids[0].tolist(), n_new=n_new)
+        streamer = capture._Checkpoint(checkpoint, ids, every=4)
+        streamer.put(ids)
+        out = ids
+        for t in range(n_new):
+            tok = torch.tensor([[1000 + t]])
+            streamer.put(tok[0])
+            out = torch.cat([out, tok], dim=1)
+        streamer.end()
+        return out
+
+    monkeypatch.setattr(capture, "_sample", fake_sample)
+    ck = tmp_path / "W1.tokens.npz"
+    tokens, plen = capture.w1_tokens(30, 0, False, ck)
+    assert plen == 5 and tokens.size == 30 and ck.exists()  # the checkpoint kept as sampling went
+    with np.load(ck) as saved:
+        assert saved["tokens"].size >= 5 + 20 and np.array_equal(saved["tokens"][:5], prompt)
+    # a killed capture's checkpoint: 12 tokens kept; the next capture goes on from them
+    np.savez(ck, tokens=np.r_[prompt, np.arange(500, 507)], rng=torch.get_rng_state().numpy())
+    meta = {}
+    tokens, _ = capture.w1_tokens(30, 0, False, ck, meta)
+    assert asked["ids"] == list(np.r_[prompt, np.arange(500, 507)]) and asked["n_new"] == 30 - 12
+    assert meta["resumed_at"] == 12 and tokens[:12].tolist() == asked["ids"]
+
+
+def test_shipped_w1_tokens_are_the_quick_traces():
+    from kvtier.bench import capture
+
+    t = capture.shipped_w1_tokens(0)
+    assert t is not None and t.size >= suite.Settings.preset(True).prefill + suite.Settings.preset(True).decode
+
+
+def test_a_cut_line_of_kept_replays_is_dropped(tmp_path):
+    jsonl = tmp_path / "replays.jsonl"
+    jsonl.write_text('{"key": "a", "run": {"x": 1}}\n{"key": "b", "run": {"x"')
+    runner = suite.Runner(suite.Settings(), str(tmp_path), {}, lambda m: None, partial=jsonl)
+    assert runner.kept == {"a": [{"x": 1}]}
+    assert jsonl.read_text() == '{"key": "a", "run": {"x": 1}}\n'  # the next run's appends start on a line

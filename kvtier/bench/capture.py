@@ -192,13 +192,11 @@ def model_path() -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def load_model():
-    """Load (model, tokenizer) once per process; the model is float32 in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) once per process (:func:`kvtier.models.smollm2`: float32, eval mode),
+    with the capturing attention registered."""
+    from kvtier import models
 
-    directory, name = model_path()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
-    model.eval()
+    model, tokenizer = models.smollm2()
     _register_capture_attention()
     return model, tokenizer
 
@@ -326,12 +324,48 @@ def w1_prompt_tokens() -> np.ndarray:
     return np.asarray(encoded["input_ids"], np.int64).reshape(-1)
 
 
-def _sample(ids, n_new: int, desc: str, progress: bool):
-    """``ids`` (a [1, T] tensor) followed by ``n_new`` tokens sampled as W1 samples."""
+class _Checkpoint:
+    """A ``generate()`` streamer that keeps the tokens sampled so far, with the sampling RNG's
+    state, in ``path`` every ``every`` tokens (written atomically), so that a capture killed
+    while sampling resumes where it was rather than starting over."""
+
+    def __init__(self, path: Path, ids, every: int = 64, bar=None):
+        self.path, self.every, self.bar = path, every, bar
+        self.tokens = [int(t) for t in ids[0]]
+        self._prompt_seen = False
+        self._since = 0
+
+    def put(self, value) -> None:
+        import torch
+
+        if self.bar is not None:
+            self.bar.put(value)
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        self.tokens += [int(t) for t in value.reshape(-1)]
+        self._since += int(value.numel())
+        if self._since >= self.every:
+            self._since = 0
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, tokens=np.asarray(self.tokens, np.int64), rng=torch.get_rng_state().numpy())
+            os.replace(tmp, self.path)
+
+    def end(self) -> None:
+        if self.bar is not None:
+            self.bar.end()
+
+
+def _sample(ids, n_new: int, desc: str, progress: bool, checkpoint: Path | None = None):
+    """``ids`` (a [1, T] tensor) followed by ``n_new`` tokens sampled as W1 samples. With
+    ``checkpoint``, the tokens so far are kept there as they come (see _Checkpoint)."""
     import torch
 
     model, tokenizer = load_model()
     streamer = _TqdmStreamer(n_new, desc) if progress else None
+    if checkpoint is not None:
+        streamer = _Checkpoint(checkpoint, ids, bar=streamer)
     with torch.inference_mode():
         return model.generate(
             ids,
@@ -345,16 +379,65 @@ def _sample(ids, n_new: int, desc: str, progress: bool):
         )
 
 
-def w1_tokens(total: int, seed: int, progress: bool = True) -> tuple[np.ndarray, int]:
-    """Sample a W1 sequence of ``total`` tokens; return (tokens, prompt length)."""
+SHIPPED_DIR = Path(__file__).resolve().parent / "data"
+
+
+def shipped_w1_tokens(seed: int) -> np.ndarray | None:
+    """W1 tokens sampled once with this recipe and seed and shipped with kvtier
+    (``kvtier/bench/data/W1-s<seed>-<recipe digest>.tokens.npy``, 1536 tokens for seed 0: the
+    quick benchmark's 512 + 1024), so that a fresh checkout's W1 capture is one forward pass
+    instead of minutes of sampling; the same tokens a capture samples (sampling is sequential,
+    so a shorter trace is a prefix of a longer one). None when there is no such file."""
+    path = SHIPPED_DIR / f"W1-s{seed}-{_recipe_digest('W1')}.tokens.npy"
+    return np.load(path) if path.exists() else None
+
+
+def ship_w1_tokens(trace: Trace, n: int) -> Path:
+    """Write the first ``n`` tokens of a W1 ``trace`` where :func:`shipped_w1_tokens` finds them
+    (int32, ``n`` x 4 bytes): how the file shipped with kvtier was made (data/README.md)."""
+    if trace.workload != "W1":
+        raise ValueError(f"only W1's sampled tokens are shipped, not {trace.workload}'s")
+    if not 0 < n <= trace.tokens.size:
+        raise ValueError(f"n must be in 1..{trace.tokens.size} (the trace's length), got {n}")
+    path = SHIPPED_DIR / f"W1-s{trace.meta['seed']}-{_recipe_digest('W1')}.tokens.npy"
+    np.save(path, np.asarray(trace.tokens[:n], np.int32))
+    return path
+
+
+def w1_tokens(total: int, seed: int, progress: bool = True, checkpoint: Path | None = None,
+              meta: dict | None = None) -> tuple[np.ndarray, int]:
+    """Sample a W1 sequence of ``total`` tokens; return (tokens, prompt length). Tokens shipped
+    with kvtier (:func:`shipped_w1_tokens`) are used when they cover ``total``. With
+    ``checkpoint`` (a file), sampled tokens are kept there as they come, and a checkpoint left
+    by a killed capture of the same trace is resumed: its tokens are kept and sampling goes on
+    from its RNG state (the continuation is the same sampling process, though not bit for bit
+    what an uninterrupted run would have drawn: the resumed prefix is recomputed in one pass;
+    ``meta["resumed_at"]`` records where)."""
     import torch
 
     prompt = w1_prompt_tokens()
     n_new = total - prompt.size
     if n_new < 1:
         raise ValueError(f"W1 needs more than the {prompt.size}-token prompt, asked for {total}")
+    shipped = shipped_w1_tokens(seed)
+    if shipped is not None and shipped.size >= total and np.array_equal(shipped[:prompt.size], prompt):
+        if meta is not None:
+            meta["tokens_from"] = "shipped"
+        return shipped[:total].astype(np.int64), int(prompt.size)
     torch.manual_seed(seed)
-    tokens = _sample(torch.from_numpy(prompt)[None, :], n_new, "W1 sampling", progress)[0].numpy()
+    ids = torch.from_numpy(prompt)[None, :]
+    if checkpoint is not None and checkpoint.exists():
+        try:
+            with np.load(checkpoint) as saved:
+                done, rng = saved["tokens"], saved["rng"]
+            if done.size > prompt.size and np.array_equal(done[:prompt.size], prompt) and done.size < total:
+                ids = torch.from_numpy(done.astype(np.int64))[None, :]
+                torch.set_rng_state(torch.from_numpy(rng))
+                if meta is not None:
+                    meta["resumed_at"] = int(done.size)
+        except (OSError, ValueError, KeyError):
+            pass  # an unreadable checkpoint: sample from the start
+    tokens = _sample(ids, total - ids.shape[1], "W1 sampling", progress, checkpoint)[0].numpy()
     if tokens.size != total:
         raise RuntimeError(f"generation produced {tokens.size} tokens, expected {total}")
     return tokens, int(prompt.size)
@@ -427,11 +510,15 @@ def _recipe(workload: str) -> dict[str, Any]:
     return recipe
 
 
+def _recipe_digest(workload: str) -> str:
+    """8 hex digits naming the recipe in file names: another recipe, other files."""
+    return hashlib.sha1(json.dumps(_recipe(workload), sort_keys=True).encode()).hexdigest()[:8]
+
+
 def trace_path(workload: str, prefill: int, decode: int, seed: int, cache: Path) -> Path:
-    digest = hashlib.sha1(json.dumps(_recipe(workload), sort_keys=True).encode()).hexdigest()
     # W2 is deterministic text: the seed does not enter its name.
     seed_part = f"-s{seed}" if workload in ("W1", "W3") else ""
-    return cache / f"{workload}-p{prefill}-d{decode}{seed_part}-{digest[:8]}.npz"
+    return cache / f"{workload}-p{prefill}-d{decode}{seed_part}-{_recipe_digest(workload)}.npz"
 
 
 def _check_args(workload: str, prefill: int, decode: int) -> None:
@@ -447,8 +534,10 @@ def capture_trace(
     decode: int = 2048,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> Trace:
-    """Run the model and return a fresh (uncached) trace."""
+    """Run the model and return a fresh (uncached) trace. ``checkpoint``: where W1's sampled
+    tokens are kept as they come, and resumed from (see :func:`w1_tokens`)."""
     import torch
     import transformers
 
@@ -462,7 +551,7 @@ def capture_trace(
 
     started = time.perf_counter()
     if workload == "W1":
-        tokens, prompt_len = w1_tokens(total, seed, progress)
+        tokens, prompt_len = w1_tokens(total, seed, progress, checkpoint, meta)
         meta["prompt_len"] = prompt_len
     elif workload == "W3":
         tokens, prompt_len, user_spans = w3_tokens(total, prefill, seed, progress)
@@ -554,8 +643,11 @@ def load_trace(
     path = trace_path(workload, prefill, decode, seed, resolve_cache_dir(cache_dir))
     if path.exists() and not refresh:
         return read_trace(path)
-    trace = capture_trace(workload, prefill, decode, seed, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = path.with_name(path.name + ".tokens.npz")  # a killed capture resumes from it
+    trace = capture_trace(workload, prefill, decode, seed, progress, checkpoint)
     save_trace(trace, path)
+    checkpoint.unlink(missing_ok=True)
     return trace
 
 
@@ -642,6 +734,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-keys", type=int, default=200_000, help="W4: data vectors")
     parser.add_argument("--n-queries", type=int, default=1000, help="W4: query vectors")
     parser.add_argument("--w4-seed", type=int, default=0, help="W4: seed of the draws")
+    parser.add_argument("--ship", type=int, default=0, metavar="N",
+                        help="W1: write the trace's first N tokens into kvtier/bench/data, where a capture "
+                             "takes them instead of sampling (default 0: do not)")
     return parser.parse_args(argv)
 
 
@@ -676,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"  capture time (s): {json.dumps(meta['seconds'])}")
     print(f"  this run: {time.perf_counter() - started:.1f} s")
+    if args.ship:
+        print(f"  shipped: {ship_w1_tokens(trace, args.ship)}")
     if args.show_text:
         _, tokenizer = load_model()
         print(tokenizer.decode(trace.tokens.tolist())[: args.show_text])

@@ -43,6 +43,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,9 @@ CALIBRATED = "calibrated"  # device name: the profile measured on --out by this 
 # bytes per stored entry besides the key and value (id and bookkeeping), as bench.cache counts
 ENTRY_OVERHEAD = 16
 NA = "n/a"  # layout and cache policy of policy none (token-level: no clusters, no cluster cache)
+# what a run keeps as it goes (finished replays, the W4 stage's settings), under --out; removed
+# when the run completes, so that only a stopped run is resumed
+PARTIAL = ".partial"
 
 
 @dataclasses.dataclass
@@ -83,7 +87,7 @@ class Settings:
     quick: bool = True
     workloads: list = dataclasses.field(default_factory=lambda: list(WORKLOADS))
     devices: list = dataclasses.field(default_factory=lambda: ["ufs4.0"])
-    dram_budgets: list = dataclasses.field(default_factory=lambda: ["20%", "50%", "100%"])
+    dram_budgets: list = dataclasses.field(default_factory=lambda: ["20%", "100%"])
     policies: list = dataclasses.field(default_factory=lambda: list(POLICIES))
     layouts: list = dataclasses.field(default_factory=lambda: ["clustered", "colocated"])  # full: + token
     cache_policies: list = dataclasses.field(default_factory=lambda: list(CACHE_POLICIES))
@@ -103,7 +107,7 @@ class Settings:
     w4_queries: int = 200
     w4_repeats: int = 3
     w4_methods: list = dataclasses.field(default_factory=lambda: ["exact", "hnswlib", "faiss-ivf", "kvtier"])
-    w4_trace_decode: int = 2048                    # the W1 capture W4's vectors come from
+    w4_trace_decode: int = 1024                    # the W1 capture W4's vectors come from (quick: the replays')
     cache_dir: Optional[str] = None                # trace cache (default: capture.DEFAULT_CACHE_DIR)
 
     @classmethod
@@ -112,7 +116,7 @@ class Settings:
             return cls(quick=True)
         return cls(quick=False, devices=[n for n in PROFILES], dram_budgets=["10%", "20%", "50%", "100%"],
                    layouts=list(LAYOUTS), budgets=[0.02, 0.05, 0.1, 0.2, 0.3], every=4, decode=2048, repeats=3,
-                   w4_keys=200_000, w4_queries=1000)
+                   w4_keys=200_000, w4_queries=1000, w4_trace_decode=2048)
 
     def replay_layers(self, n_layers: int) -> list[int]:
         if self.layers is not None:
@@ -215,7 +219,9 @@ def load_cached_trace(workload: str, prefill: int, decode: int, seed: int = 0,
         d, p = min(longer)
         return slice_trace(read_trace(p), prefill + decode), {"file": p.name, "cut_from_decode": d}
     log(f"no cached {workload} trace of {prefill}+{decode} tokens (or longer) in the trace cache: "
-        "capturing it with the real model (minutes)")
+        "capturing it with the real model (one forward pass when its tokens are at hand: W2 is Python's own "
+        "docs, W1's 512+1024 ship with kvtier; else minutes of sampling, kept as they come so that a stopped "
+        "capture resumes)")
     t = load_trace(workload, prefill, decode, seed, cache_dir)
     return t, {"file": exact.name, "cut_from_decode": None, "captured_now": True}
 
@@ -236,9 +242,14 @@ class Config:
 
 
 class Runner:
-    """Runs replays, each configuration once per repeat however many measurements ask for it."""
+    """Runs replays, each configuration once per repeat however many measurements ask for it.
+    Every finished replay is appended to ``partial`` (JSON lines) as it ends: a run that was
+    stopped and is started again with the same settings takes them from there instead of
+    replaying them (resumed_replays counts them). A replay is kept under its configuration and
+    its trace (workload, lengths, seed, when it was captured): a recaptured trace replays anew."""
 
-    def __init__(self, settings: Settings, store_root: str, devices: dict, log: Callable[[str], None]):
+    def __init__(self, settings: Settings, store_root: str, devices: dict, log: Callable[[str], None],
+                 partial: Optional[Path] = None):
         self.s = settings
         self.store_root = store_root
         self.devices = devices          # name -> DeviceProfile
@@ -246,16 +257,55 @@ class Runner:
         self.runs: dict[Config, list] = {}
         self.done = 0
         self.planned = 0
+        self.resumed = 0
+        self.measured = 0  # rows that replayed something in this run
         self.t0 = time.perf_counter()
+        self.partial = partial
+        self.kept: dict[str, list] = {}
+        if partial is not None and partial.exists():
+            lines = partial.read_text().splitlines(keepends=True)
+            good = 0
+            for line in lines:
+                try:
+                    d = json.loads(line)
+                    self.kept.setdefault(d["key"], []).append(d["run"])
+                except (ValueError, KeyError):
+                    break  # a line cut by the kill: what follows it is not trusted
+                good += 1
+            if good < len(lines) or (lines and not lines[-1].endswith("\n")):
+                partial.write_text("".join(lines[:good]).rstrip("\n") + ("\n" if good else ""))  # appends start clean
+
+    def _key(self, trace: Trace, layers: list[int], cfg: Config) -> str:
+        s = self.s
+        return json.dumps([dataclasses.asdict(cfg), layers, trace.workload, trace.prefill, trace.decode,
+                           trace.meta.get("seed"), trace.meta.get("resumed_at"), trace.meta.get("created"),
+                           s.sinks, s.window, s.every],
+                          sort_keys=True)
 
     def run(self, trace: Trace, layers: list[int], cfg: Config, repeats: int = 1) -> dict:
         runs = self.runs.setdefault(cfg, [])
+        key = self._key(trace, layers, cfg)
+        kept = self.kept.get(key, [])
+        ran = False
         while len(runs) < repeats and not (runs and "error" in runs[0]):
+            if len(runs) < len(kept):
+                runs.append(kept[len(runs)])
+                self.resumed += 1
+                continue
             runs.append(self._one(trace, layers, cfg))
+            ran = True
+            if self.partial is not None:
+                with open(self.partial, "a") as f:
+                    f.write(json.dumps({"key": key, "run": runs[-1]}, default=json_default) + "\n")
         self.done += 1
+        self.measured += ran
         row = _combine(cfg, runs[:repeats], layers)
         el = time.perf_counter() - self.t0
-        self.log(f"[{self.done}/{self.planned} {int(el // 60)}m{int(el % 60):02d}s] " + _describe(row))
+        # the time left at this run's pace: rows it measured (not those kept from a stopped run)
+        left = (f"about {el / self.measured * (self.planned - self.done) / 60:.1f} min left" if self.measured
+                else "time left: after the first replay of this run")
+        self.log(f"[{self.done}/{self.planned} {int(el // 60)}m{int(el % 60):02d}s, {left}] " + _describe(row)
+                 + ("" if ran or not kept else " (kept from the stopped run)"))
         return row
 
     def _one(self, trace: Trace, layers: list[int], cfg: Config) -> dict:
@@ -355,6 +405,16 @@ def run_suite(settings: Settings, out, log: Callable[[str], None] = print, comma
     _need_matplotlib()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL
+    settings_now = json.dumps(_public_settings(settings), default=json_default, sort_keys=True)
+    if partial.exists() and (not (partial / "settings.json").exists()
+                             or (partial / "settings.json").read_text() != settings_now):
+        shutil.rmtree(partial)  # a stopped run with other settings: nothing of it applies
+    for stale in out.glob("kvtier-bench-*"):  # the store a replay had open when its run was stopped
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    partial.mkdir(exist_ok=True)
+    (partial / "settings.json").write_text(settings_now)
     started = time.perf_counter()
     from kvtier.bench.w4_search import machine_info, versions
 
@@ -429,6 +489,7 @@ def run_suite(settings: Settings, out, log: Callable[[str], None] = print, comma
     report["machine"]["load_average_end"] = _loadavg()
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=json_default) + "\n")
     (out / "bench.md").write_text(markdown(report) + "\n")
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)  # complete: nothing to resume
     return report
 
 
@@ -437,7 +498,10 @@ def _replays(settings, out, report, workloads, grid_devices, devices, log):
     base_device = grid_devices[0]
     base_layout = _pick("colocated", s.layouts)
     base_cache = _pick("cluster", s.cache_policies)
-    runner = Runner(s, str(out), devices, log)
+    runner = Runner(s, str(out), devices, log, partial=out / PARTIAL / "replays.jsonl")
+    if runner.kept:
+        log(f"resuming: {sum(map(len, runner.kept.values()))} replays of a stopped run with these settings are "
+            f"kept in {out / PARTIAL}")
     plan = []
     for w in workloads:
         trace, origin = load_cached_trace(w, s.prefill, s.decode, s.seed, s.cache_dir, log)
@@ -457,6 +521,7 @@ def _replays(settings, out, report, workloads, grid_devices, devices, log):
     runner.planned = len(plan) * (len(grid_devices) * len(s.dram_budgets) * n_combos
                                   + len(s.policies) * (len(s.budgets) + s.context_points))
     log(f"replays: {runner.planned} measurements planned (configurations shared between them run once)")
+    runner.t0 = time.perf_counter()  # the time left is estimated from the replays alone
 
     def cfg(w, dev, dram_spec, drams, pol, lay, cache, budget, decode):
         if pol == "none":
@@ -496,6 +561,7 @@ def _replays(settings, out, report, workloads, grid_devices, devices, log):
                "device": base_device, "layout": base_layout, "cache_policy": base_cache}
         report["traces"][w]["reference"] = ref
         report["replays"]["io_vs_context"] += _context(runner, trace, layers, w, ref, drams, cfg, add_fraction)
+    report["resumed_replays"] = runner.resumed
 
 
 def _context(runner, trace, layers, w, ref, drams, cfg, add_fraction) -> list[dict]:
@@ -553,8 +619,13 @@ def _w4(settings: Settings, out: Path, log) -> dict:
                  "--kvtier-nprobe", "4,8,16,32,64,128,256"]
     if s.cache_dir:
         argv += ["--cache-dir", str(s.cache_dir)]
-    log("W4 search: python -m bench.w4_search " + " ".join(shlex.quote(a) for a in argv))
-    w4_search.main(argv)
+    done = out / PARTIAL / "w4_argv.json"
+    if done.exists() and json.loads(done.read_text()) == argv and (out / "w4" / "w4_search.json").exists():
+        log("W4 search: finished by the stopped run with these settings; kept")
+    else:
+        log("W4 search: python -m bench.w4_search " + " ".join(shlex.quote(a) for a in argv))
+        w4_search.main(argv)
+        done.write_text(json.dumps(argv))
     res = json.loads((out / "w4" / "w4_search.json").read_text())
     # the arguments as given, with this machine's paths written relative to the output directory
     res["argv"] = [a.replace(str(out), "<out>") if a.startswith(str(out)) else a for a in argv]
