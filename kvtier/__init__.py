@@ -31,7 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "open", "estimate", "Estimate", "Store", "Collection", "SearchHits", "Retrieved", "RetrievedMany", "Entries",
     "verify", "VerifyReport", "DeviceProfile", "PROFILES",
-    "parse_size", "calibrate", "load_profile", "CalibrationResult", "KvtierError", "InvalidArgumentError", "CorruptionError", "BudgetError",
+    "parse_size", "calibrate", "load_profile", "CalibrationResult",
+    "KvtierError", "InvalidArgumentError", "CorruptionError", "BudgetError",
     "NotFoundError", "FormatVersionError", "StoreClosedError", "StoreLockedError",
     "StorageIOError", "StorageFullError", "InjectedFaultError", "__version__",
 ]

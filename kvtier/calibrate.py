@@ -22,6 +22,7 @@ Why these choices:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -34,14 +35,14 @@ import shutil
 import statistics
 import time
 import uuid
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from tabulate import tabulate
 
 from kvtier.config import PROFILE_FORMAT, PROFILE_FORMAT_VERSION, DeviceProfile, load_profile, parse_size  # noqa: F401 (load_profile re-exported)
 from kvtier.errors import InvalidArgumentError
-
 
 #: 4 KiB .. 4 MiB in powers of two: the phone-flash knee (~24 KB) sits in the middle.
 DEFAULT_SIZES = tuple(4096 << i for i in range(11))
@@ -51,8 +52,8 @@ _MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "devtmpfs", "hugetlbfs")
 
 # Defaults keep a full run near 20 s (11 sizes x 2 depths x 5 runs x 0.15 s + writing the
 # file); quick mode stays near 1 s for tests.
-_DEFAULTS = {"file_size": 256 << 20, "duration": 0.15, "runs": 5, "max_bytes_per_run": 1 << 30}
-_QUICK = {"file_size": 16 << 20, "duration": 0.03, "runs": 3, "max_bytes_per_run": 64 << 20}
+_DEFAULTS: dict[str, Any] = {"file_size": 256 << 20, "duration": 0.15, "runs": 5, "max_bytes_per_run": 1 << 30}
+_QUICK: dict[str, Any] = {"file_size": 16 << 20, "duration": 0.03, "runs": 3, "max_bytes_per_run": 64 << 20}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,7 @@ class CalibrationResult:
             },
         }
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Writes the profile (and the curve it came from) as JSON for :func:`load_profile`."""
         tmp = os.fspath(path) + ".tmp"
         with open(tmp, "w") as f:
@@ -145,7 +146,7 @@ class CalibrationResult:
             f.write("\n")
         os.replace(tmp, path)
 
-    def plot(self, path: Union[str, os.PathLike]) -> None:
+    def plot(self, path: str | os.PathLike) -> None:
         """PNG of bandwidth vs request size per queue depth (log-log), with the profile's
         model min(bandwidth, IOPS * size) dashed for comparison."""
         try:
@@ -185,11 +186,11 @@ class CalibrationResult:
         fig.savefig(os.fspath(path))
 
 
-def calibrate(path: Union[str, os.PathLike], sizes: Optional[Sequence[int]] = None,
-              queue_depths: Iterable[int] = DEFAULT_QUEUE_DEPTHS, duration: Optional[float] = None,
-              runs: Optional[int] = None, max_bytes_per_run: Union[int, str, None] = None,
-              file_size: Union[int, str, None] = None, quick: bool = False,
-              save: Union[str, os.PathLike, None] = None, name: Optional[str] = None,
+def calibrate(path: str | os.PathLike, sizes: Sequence[int] | None = None,
+              queue_depths: Iterable[int] = DEFAULT_QUEUE_DEPTHS, duration: float | None = None,
+              runs: int | None = None, max_bytes_per_run: int | str | None = None,
+              file_size: int | str | None = None, quick: bool = False,
+              save: str | os.PathLike | None = None, name: str | None = None,
               seed: int = 0) -> CalibrationResult:
     """Measures random-read bandwidth vs request size on the device holding directory ``path``.
 
@@ -267,10 +268,8 @@ def calibrate(path: Union[str, os.PathLike], sizes: Optional[Sequence[int]] = No
     finally:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(test_file)
-        except FileNotFoundError:
-            pass
     elapsed = time.perf_counter() - t_start
 
     fs = _filesystem_of(path)

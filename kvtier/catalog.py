@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from typing import Any
 
 import lmdb
 
@@ -23,7 +24,7 @@ from kvtier.errors import CorruptionError, FormatVersionError, StorageIOError, S
 
 CATALOG_FORMAT = 1
 
-_kill = {"name": None, "left": -1}
+_kill: dict[str, Any] = {"name": None, "left": -1}
 
 
 def kill_point(name: str) -> None:
@@ -207,10 +208,10 @@ class _lmdb_errors:
 
 # A collection record's fields and their types: a record missing one or holding another type
 # is damaged (JSON carries no checksum of its own).
-_PARAM_TYPES = {"no": int, "dim": int, "value_dim": int, "dtype": str, "metric": str, "policy": str,
-                "init_cluster_size": int, "max_cluster_size": int, "kmeans_iters": int, "seed": int,
-                "tau_factor": (int, float), "pending_budget": int, "local_window": int,
-                "local_cluster_size": int}
+_PARAM_TYPES: dict[str, type | tuple[type, ...]] = {
+    "no": int, "dim": int, "value_dim": int, "dtype": str, "metric": str, "policy": str,
+    "init_cluster_size": int, "max_cluster_size": int, "kmeans_iters": int, "seed": int,
+    "tau_factor": (int, float), "pending_budget": int, "local_window": int, "local_cluster_size": int}
 
 
 def _check_params(name: str, p) -> dict:

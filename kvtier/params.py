@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from kvtier.config import DTYPES, LAYOUTS, METRICS, POLICIES
 from kvtier.errors import InvalidArgumentError
@@ -13,7 +14,7 @@ from kvtier.errors import InvalidArgumentError
 DEFAULT_POLICY = "adaptive"
 
 
-def as_matrix(name: str, x: Any, dim: int, dtype: np.dtype, allow_1d: bool = True) -> tuple[np.ndarray, bool]:
+def as_matrix(name: str, x: Any, dim: int, dtype: DTypeLike, allow_1d: bool = True) -> tuple[np.ndarray, bool]:
     """A C-contiguous [n, dim] array of dtype; rejects wrong shapes, non-numbers, NaN/inf."""
     try:
         a = np.asarray(x)
@@ -98,10 +99,11 @@ def new_params(dim, value_dim, dtype, metric, policy, init_cluster_size, max_clu
             "colocate_after": colocate_after, "layout": layout, "value_sums": bool(value_sums)}
 
 
-def budget_arg(v: Any, name: str = "budget") -> "int | float":
+def budget_arg(v: Any, name: str = "budget") -> int | float:
     """A fetch budget as given: a share in [0, 1] (float) or an entry count (int >= 0)."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise InvalidArgumentError(f"{name}: a share (float in [0, 1]) or an entry count (int >= 0) expected, got {v!r}")
+        raise InvalidArgumentError(
+            f"{name}: a share (float in [0, 1]) or an entry count (int >= 0) expected, got {v!r}")
     if isinstance(v, (float, np.floating)):
         if math.isnan(v) or not 0.0 <= v <= 1.0:
             raise InvalidArgumentError(f"{name}: a share in [0, 1] expected, got {v!r}")
@@ -111,10 +113,10 @@ def budget_arg(v: Any, name: str = "budget") -> "int | float":
     return int(v)
 
 
-def budget_entries(budget: "int | float", n: int) -> int:
+def budget_entries(budget: int | float, n: int) -> int:
     """Entries a checked budget (``budget_arg``) allows out of ``n``: an int is a count, a
     float the share ceil(budget * n). ``n`` is what the caller budgets: the entries a
     collection stores for ``Collection.retrieve``, the tokens of the context for the
     adapters (sinks and window included), as the paper states its fetch budget."""
     # a count past any collection (2**70) means "all of it": capped where the engine's 64 bits hold it
-    return min(budget, 1 << 62) if isinstance(budget, int) else int(math.ceil(budget * n))
+    return min(budget, 1 << 62) if isinstance(budget, int) else math.ceil(budget * n)

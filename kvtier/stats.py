@@ -10,7 +10,7 @@ key once. The grouping is by key name, so keys the engine adds later land in a g
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 GROUPS = ("adapter", "engine", "cache", "io", "other")
 

@@ -6,24 +6,24 @@ with the GIL released.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
 from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
-from kvtier.config import DeviceProfile, parse_size, resolve_device
+from kvtier.config import parse_size, resolve_device
 from kvtier.errors import BudgetError, CorruptionError, InvalidArgumentError, NotFoundError, StoreClosedError
 from kvtier.params import DEFAULT_POLICY, budget_arg, budget_entries, new_params  # noqa: F401 (DEFAULT_POLICY: kvtier.store.DEFAULT_POLICY)
 from kvtier.params import as_matrix as _as_matrix
-from kvtier.stats import Stats
 from kvtier.params import positive_int as _positive_int
-
+from kvtier.stats import Stats
 
 DEFAULT_DRAM_BUDGET = "256MiB"
 _DIRECT = {"auto": -1, False: 0, True: 1}
@@ -68,8 +68,8 @@ class Retrieved:
     #: ``est_lse`` [rows] float32, log sum over the estimated clusters of n_j exp(scale q.mean_j)
     #: (-inf when none); ``est_values`` [rows, value_dim] float32, their mass-weighted mean
     #: value; ``est_clusters`` / ``est_entries`` how many clusters and entries it stands for.
-    est_lse: Optional[np.ndarray] = None
-    est_values: Optional[np.ndarray] = None
+    est_lse: np.ndarray | None = None
+    est_values: np.ndarray | None = None
     est_clusters: int = 0
     est_entries: int = 0
     #: With ``on_corrupt="skip"``: the ids of damaged entries left out (int64, sorted).
@@ -85,6 +85,9 @@ class Entries(tuple):
     for, in their order; with ``on_corrupt="skip"`` without the damaged ones) and
     ``.unreadable`` the damaged ids left out (sorted; empty when all was intact)."""
 
+    ids: np.ndarray
+    unreadable: np.ndarray
+
     def __new__(cls, keys: np.ndarray, values: np.ndarray, ids: np.ndarray, unreadable: np.ndarray):
         self = super().__new__(cls, (keys, values))
         self.ids = ids
@@ -92,7 +95,7 @@ class Entries(tuple):
         return self
 
     @property
-    def keys(self) -> np.ndarray:  # type: ignore[override]
+    def keys(self) -> np.ndarray:
         return self[0]
 
     @property
@@ -158,7 +161,7 @@ class _Gate:
 class Collection:
     """A named set of (key, value) entries with stable int64 ids 0, 1, 2, … in insertion order."""
 
-    def __init__(self, store: "Store", name: str, params: dict, handle):
+    def __init__(self, store: Store, name: str, params: dict, handle):
         self._store = store
         self.name = name
         self.params = params
@@ -199,7 +202,7 @@ class Collection:
 
     def add(self, keys, values=None) -> np.ndarray:
         """Appends entries; returns their ids (int64, consecutive). Nothing is added on error."""
-        k, one = _as_matrix("keys", keys, self.dim, self.dtype)
+        k, _ = _as_matrix("keys", keys, self.dim, self.dtype)
         if values is None:
             if self.value_dim:
                 raise InvalidArgumentError(
@@ -229,8 +232,8 @@ class Collection:
                 raise self._store._budget_error(e, self, k.shape[0]) from None
         return np.arange(first, first + k.shape[0], dtype=np.int64)
 
-    def search(self, queries, k: int = 10, nprobe: Optional[int] = None,
-               on_corrupt: Optional[str] = None) -> SearchHits:
+    def search(self, queries, k: int = 10, nprobe: int | None = None,
+               on_corrupt: str | None = None) -> SearchHits:
         """Approximate top-k per query: representatives are scored, the ``nprobe`` best
         clusters are read and their entries rescored exactly. A 1-d query gives 1-d rows.
         ``on_corrupt`` ("raise" or "skip"; default the store's): what a damaged entry does,
@@ -305,7 +308,7 @@ class Collection:
             self.params["nprobe_auto"] = out
         return out
 
-    def _tune_queries(self) -> Optional[np.ndarray]:
+    def _tune_queries(self) -> np.ndarray | None:
         """Sample queries for tune_nprobe: a Gaussian fitted to up to 4096 stored keys."""
         n = len(self)
         if not n:
@@ -321,9 +324,9 @@ class Collection:
     def _entries(self, budget) -> int:
         return budget_entries(budget_arg(budget), self._h.count())
 
-    def retrieve(self, query_group, budget: Union[int, float] = 0.1, estimate: Union[bool, int, None] = False,
-                 scale: Optional[float] = None, variance: bool = False,
-                 on_corrupt: Optional[str] = None) -> Retrieved:
+    def retrieve(self, query_group, budget: int | float = 0.1, estimate: bool | int | None = False,
+                 scale: float | None = None, variance: bool = False,
+                 on_corrupt: str | None = None) -> Retrieved:
         """Whole clusters, best first by the group's max score, whose sizes fit in ``budget``
         entries: an int count, or a float fraction of ``len(self)`` in (0, 1].
 
@@ -358,7 +361,8 @@ class Collection:
             m = int(estimate)
         else:
             raise InvalidArgumentError(
-                f"estimate: False, True/None (all clusters not fetched) or a cluster count >= 0 expected, got {estimate!r}")
+                "estimate: False, True/None (all clusters not fetched) or a cluster count >= 0 expected, "
+                f"got {estimate!r}")
         if scale is None:
             s = 0.0
         elif isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool) \
@@ -380,7 +384,7 @@ class Collection:
             bad = self._unreadable()
         return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent, bad)
 
-    def prefetch(self, query_group, budget: Union[int, float] = 0.1) -> int:
+    def prefetch(self, query_group, budget: int | float = 0.1) -> int:
         """Starts reading in the background what ``retrieve(query_group, budget)`` would read
         from flash, and returns at once (the number of clusters queued). A later call on this
         collection waits only for what is still loading; results are exactly retrieve's."""
@@ -388,7 +392,7 @@ class Collection:
         with self._store._gate:
             return int(self._h.prefetch(q, self._entries(budget)))
 
-    def get(self, ids, on_corrupt: Optional[str] = None) -> Entries:
+    def get(self, ids, on_corrupt: str | None = None) -> Entries:
         """Keys and values of the given ids, in the given order: the pair ``(keys, values)``
         (an :class:`Entries`, which also has ``.ids`` and ``.unreadable``). ``on_corrupt``
         ("raise" or "skip"; default the store's): with "skip" the rows of damaged entries are
@@ -407,8 +411,8 @@ class Collection:
         with self._store._gate:
             n = self._h.count()
             if a.size and (a.min() < 0 or a.max() >= n):
-                bad = int(a[(a < 0) | (a >= n)][0])
-                raise NotFoundError(f"ids: id {bad} is not in collection {self.name!r} (valid ids are 0..{n - 1})")
+                missing = int(a[(a < 0) | (a >= n)][0])
+                raise NotFoundError(f"ids: id {missing} is not in collection {self.name!r} (valid ids are 0..{n - 1})")
             keys, values = self._read(self._h.get, a, mode)
             bad = self._unreadable() if a.size else _no_ids()
         if bad.size:
@@ -455,9 +459,9 @@ class Collection:
 class Store:
     """An open store: a directory with an LMDB catalog and one data file per collection."""
 
-    def __init__(self, path: Union[str, os.PathLike], dram_budget=DEFAULT_DRAM_BUDGET, device=None,
-                 direct_io: Union[bool, str] = "auto", merge_gap=None, cache_policy: str = "cluster",
-                 write_buffer=None, on_corrupt: str = "raise", create: Optional[bool] = None):
+    def __init__(self, path: str | os.PathLike, dram_budget=DEFAULT_DRAM_BUDGET, device=None,
+                 direct_io: bool | str = "auto", merge_gap=None, cache_policy: str = "cluster",
+                 write_buffer=None, on_corrupt: str = "raise", create: bool | None = None):
         path = os.fspath(path)
         self.on_corrupt = on_corrupt_arg(on_corrupt)
         budget = parse_size(dram_budget, "dram_budget")
@@ -497,7 +501,7 @@ class Store:
         self._next_no = self._catalog.next_no()
 
     # -- context manager --------------------------------------------------------------------
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc):
@@ -516,14 +520,14 @@ class Store:
         with self._meta:
             return sorted(set(self._committed) | set(self._colls))
 
-    def collection(self, name: str, dim: Optional[int] = None, value_dim: Optional[int] = None,
-                   dtype: Optional[str] = None, metric: Optional[str] = None, policy: Optional[str] = None,
+    def collection(self, name: str, dim: int | None = None, value_dim: int | None = None,
+                   dtype: str | None = None, metric: str | None = None, policy: str | None = None,
                    init_cluster_size: int = 32, max_cluster_size: int = 64, kmeans_iters: int = 10,
-                   seed: int = 0, nprobe: Optional[int] = None, tau: Optional[float] = None,
+                   seed: int = 0, nprobe: int | None = None, tau: float | None = None,
                    tau_factor: float = 1.0, pending_budget: int = 16, local_window: int = 64,
                    local_cluster_size: int = 16, score_temp: float = 0.0,
-                   colocate_after: int = 32, layout: Optional[str] = None,
-                   value_sums: Optional[bool] = None) -> Collection:
+                   colocate_after: int = 32, layout: str | None = None,
+                   value_sums: bool | None = None) -> Collection:
         """Creates or reopens a collection. Reopening checks that what is given matches.
 
         ``dim`` key dimension; ``value_dim`` value dimension (default: ``dim``); ``dtype``
@@ -541,7 +545,8 @@ class Store:
         which ``retrieve(..., estimate=)`` needs.
         """
         if not isinstance(name, str) or not name or "/" in name or len(name.encode()) > 400:
-            raise InvalidArgumentError(f"name: a non-empty string without '/' (at most 400 bytes) expected, got {name!r}")
+            raise InvalidArgumentError(
+                f"name: a non-empty string without '/' (at most 400 bytes) expected, got {name!r}")
         given = {"dim": dim, "value_dim": value_dim, "dtype": dtype, "metric": metric, "policy": policy,
                  "layout": layout, "value_sums": value_sums}
         with self._gate, self._meta:
@@ -576,10 +581,8 @@ class Store:
             if v is None:
                 continue
             if key == "dtype":
-                try:
+                with contextlib.suppress(TypeError):
                     v = np.dtype(v).name
-                except TypeError:
-                    pass
             if v != params.get(key, {"layout": "colocated", "value_sums": False}.get(key)):
                 raise InvalidArgumentError(
                     f"{key}: collection {name!r} exists with {key}={params.get(key, False)!r}, got {v!r}")
@@ -623,7 +626,7 @@ class Store:
             self._catalog.close()
             self._lock.release()
 
-    def _budget_error(self, e: BudgetError, coll: "Collection", adding: int) -> BudgetError:
+    def _budget_error(self, e: BudgetError, coll: Collection, adding: int) -> BudgetError:
         """The engine's BudgetError, with the minimum budget the store's collections need
         (kvtier.estimate at their sizes, ``coll`` counting the ``adding`` entries)."""
         from kvtier.budget import PARAMS, estimate
@@ -641,7 +644,8 @@ class Store:
         hint = (f" The minimum for this store's collections is {need:,} bytes (kvtier.estimate: index "
                 f"{index:,} + buffers {buffers:,}); the dram_budget is {self._engine.stats()['dram_budget']:,}.")
         if need <= self._engine.stats()["dram_budget"]:
-            hint += " The index fits: lower write_buffer or pending_budget, add in smaller batches, or raise dram_budget."
+            hint += (" The index fits: lower write_buffer or pending_budget, add in smaller batches, "
+                     "or raise dram_budget.")
         else:
             hint += " Raise dram_budget, or use larger clusters (init_cluster_size, max_cluster_size)."
         return type(e)(str(e) + hint, e.code)
@@ -651,7 +655,7 @@ class Store:
         """DRAM (bytes, budget, peak), cache and I/O counters, the device model's time: a dict of
         flat keys, also grouped (``.engine``, ``.cache``, ``.io``; ``print()`` shows the groups)."""
         with self._gate:
-            s = self._engine.stats()
+            s: dict[str, Any] = dict(self._engine.stats())
         s["device"] = self.device.name if self.device else None
         s["cache_policy"] = self.cache_policy
         s["simd"] = _engine.simd_kernel()
@@ -669,12 +673,13 @@ class Store:
         total = 0
         for coll, query_group, budget in requests:
             if not isinstance(coll, Collection) or coll._store is not self:
-                raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {coll!r}")
+                raise InvalidArgumentError(
+                    f"requests: (collection of this store, query_group, budget) expected, got {coll!r}")
             total += coll.prefetch(query_group, budget)
         return total
 
-    def retrieve_many(self, requests, out: Optional[RetrievedMany] = None,
-                      on_corrupt: Optional[str] = None) -> RetrievedMany:
+    def retrieve_many(self, requests, out: RetrievedMany | None = None,
+                      on_corrupt: str | None = None) -> RetrievedMany:
         """``retrieve`` for a group of collections of one shape (for an LLM: the KV heads of
         one layer) in one engine call: ``requests`` is an iterable of ``(collection,
         query_group, budget)``, every query group with the same number of queries. Results go
@@ -685,26 +690,30 @@ class Store:
         try:
             reqs = list(requests)
         except TypeError:
-            raise InvalidArgumentError(f"requests: an iterable of (collection, query_group, budget) expected, got {requests!r}") from None
+            raise InvalidArgumentError(
+                f"requests: an iterable of (collection, query_group, budget) expected, got {requests!r}") from None
         if not reqs:
             raise InvalidArgumentError("requests: at least one (collection, query_group, budget) expected")
         for r in reqs:
             if not (isinstance(r, tuple) and len(r) == 3):
-                raise InvalidArgumentError(f"requests: (collection of this store, query_group, budget) expected, got {r!r}")
+                raise InvalidArgumentError(
+                    f"requests: (collection of this store, query_group, budget) expected, got {r!r}")
         colls = self._group([r[0] for r in reqs], "retrieve_many", arg="requests")
-        qs = []
+        qs: list[np.ndarray] = []
         c0 = colls[0]
         for c in colls:
             if (c.dim, c._h.value_dim, c._h.dtype) != (c0.dim, c0._h.value_dim, c0._h.dtype):
-                raise InvalidArgumentError(f"requests: collections of one dim, value_dim and dtype expected; {c.name!r} differs from {c0.name!r}")
-        for c, (_, qg, _) in zip(colls, reqs):
+                raise InvalidArgumentError("requests: collections of one dim, value_dim and dtype expected; "
+                                           f"{c.name!r} differs from {c0.name!r}")
+        for _, qg, _ in reqs:
             q, _ = _as_matrix("query_group", qg, c0.dim, np.float32)
             if qs and q.shape[0] != qs[0].shape[0]:
-                raise InvalidArgumentError(f"query_group: {qs[0].shape[0]} queries per collection expected (as the first request), got {q.shape[0]}")
+                raise InvalidArgumentError(f"query_group: {qs[0].shape[0]} queries per collection expected "
+                                           f"(as the first request), got {q.shape[0]}")
             qs.append(q)
         n, dt = len(colls), c0._h.dtype
         with self._gate:
-            b = np.array([c._entries(r[2]) for c, r in zip(colls, reqs)], dtype=np.uint64)
+            b = np.array([c._entries(r[2]) for c, r in zip(colls, reqs, strict=True)], dtype=np.uint64)
             cap = int(b.max())
             if out is not None:
                 if not isinstance(out, RetrievedMany):
@@ -741,7 +750,8 @@ class Store:
         try:
             group = list(collections)
         except TypeError:
-            raise InvalidArgumentError(f"{arg}: an iterable of collections of this store expected, got {collections!r}") from None
+            raise InvalidArgumentError(
+                f"{arg}: an iterable of collections of this store expected, got {collections!r}") from None
         for c in group:
             if not isinstance(c, Collection) or c._store is not self:
                 raise InvalidArgumentError(f"{arg}: collections of this store expected in {what}, got {c!r}")
@@ -792,7 +802,7 @@ class Store:
             self._engine.inject_fault(op, nth, code)
 
 
-def _prepare_dir(path: str, create: Optional[bool]) -> None:
+def _prepare_dir(path: str, create: bool | None) -> None:
     """Where a store may be opened (see ``open``'s ``create``); makes the directory."""
     if create not in (None, True, False):
         raise InvalidArgumentError(f"create: None, True or False expected, got {create!r}")
@@ -825,7 +835,7 @@ def on_corrupt_arg(v: Any) -> str:
     return v
 
 
-def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", merge_gap=None,  # noqa: A001
+def open(path, dram_budget=DEFAULT_DRAM_BUDGET, device=None, direct_io="auto", merge_gap=None,
          cache_policy="cluster", write_buffer=None, on_corrupt="raise", create=None) -> Store:
     """Opens (creating if needed) the store at ``path``.
 

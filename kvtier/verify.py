@@ -16,7 +16,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +31,7 @@ def id_ranges(ids, limit: int = 12) -> str:
     breaks = np.flatnonzero(np.diff(ids) != 1)
     starts = np.r_[ids[0], ids[breaks + 1]]
     ends = np.r_[ids[breaks], ids[-1]]
-    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts[:limit], ends[:limit])]
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in zip(starts[:limit], ends[:limit], strict=True)]
     more = f", ... ({ids.size:,} ids in {len(starts):,} ranges)" if len(starts) > limit else ""
     return ", ".join(parts) + more
 
@@ -63,7 +63,8 @@ class VerifyReport:
     def summary(self) -> str:
         lines = [f"store {self.path}: {'intact' if self.ok else 'DAMAGED'} "
                  f"({len(self.collections)} collection{'s' if len(self.collections) != 1 else ''}, "
-                 f"{sum(int(c.get('records', 0)) for c in self.collections):,} records checked in {self.seconds:.1f} s)"]
+                 f"{sum(int(c.get('records', 0)) for c in self.collections):,} records checked "
+                 f"in {self.seconds:.1f} s)"]
         for c in self.collections:
             head = f"  collection {c['name']!r} ({c.get('data_file', '?')})"
             if c.get("error"):
@@ -81,8 +82,8 @@ class VerifyReport:
             state = "DAMAGED: " + "; ".join(what) if what else "intact"
             extra = f", {c['in_dram']:,} not on flash" if c.get("in_dram") else ""
             lines.append(f"{head}: {c['records']:,} records checked{extra}: {state}")
-        for f in self.orphans:
-            lines.append(f"  {f}: a data file no collection names (left from a crash or a lost catalog record)")
+        lines.extend(f"  {f}: a data file no collection names (left from a crash or a lost catalog record)"
+                     for f in self.orphans)
         if not self.ok:
             lines.append("  read what is intact with kvtier.open(path, on_corrupt='skip')")
         return "\n".join(lines)
@@ -120,7 +121,7 @@ def verify(path, dram_budget="256MiB", record: bool = True) -> VerifyReport:
             no = store._committed.get(name, {}).get("no")
             data_file = f"c{no}.kvd" if no is not None else "?"
             named.add(data_file)
-            entry = {"name": name, "data_file": data_file}
+            entry: dict[str, Any] = {"name": name, "data_file": data_file}
             if no is not None and not os.path.exists(os.path.join(path, data_file)):
                 entry["error"] = f"its data file {data_file} is missing"
                 report.collections.append(entry)
@@ -141,7 +142,7 @@ def verify(path, dram_budget="256MiB", record: bool = True) -> VerifyReport:
     return report
 
 
-def last_verified(catalog) -> Optional[dict]:
+def last_verified(catalog) -> dict | None:
     """The short form of the last ``verify`` of a store (None if never verified)."""
     raw = catalog.get_meta("verify")
     if raw is None:

@@ -39,7 +39,6 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 
 from kvtier.bench.runtime import kv_bytes as _kv_bytes_dynamic
 from kvtier.bench.runtime import rss as _rss
@@ -96,7 +95,7 @@ def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> di
             dt = time.perf_counter() - t0
         r = {"cache": kind, "context": context, "tokens": tokens, "tok_s": tokens / dt,
              "step_ms": 1e3 * dt / tokens, "rss_bytes": _rss()}
-        if tiered:
+        if s0 is not None:  # tiered
             _tiered_figures(r, s0, cache.stats(), dt, tokens)
         else:
             r.update(store_ms=0.0, compute_ms=r["step_ms"], io_wait_ms=0.0, modeled_io_ms=0.0, overlap_ms=0.0,
@@ -139,7 +138,7 @@ def run_prefilled(model, kind: str, dense, first: int, tokens: int, device=None)
             dt = time.perf_counter() - t0
         r = {"cache": kind, "context": n, "tokens": tokens, "tok_s": tokens / dt, "step_ms": 1e3 * dt / tokens,
              "rss_bytes": _rss()}
-        if tiered:
+        if s0 is not None:  # tiered
             s1 = _tiered_figures(r, s0, cache.stats(), dt, tokens)
             r.update(engine_dram_peak_bytes=s1["engine_dram_peak_bytes"], engine_dram_budget=s1["engine_dram_budget"],
                      global_kv_float16_bytes=s1["global_kv_float16_bytes"])
@@ -185,10 +184,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
                               f"{mib(r['prefill_peak_rss'])} MiB" for r in pre)]
     eng = [r for r in rows if r.get("engine_dram_peak_bytes") is not None]
     if eng:
-        lines += ["", "Engine DRAM peak against the full-attention layers' float16 KV: "
-                  + "; ".join(f"{r['context']} {r['cache']}: {mib(r['engine_dram_peak_bytes'])} MiB of "
-                              f"{mib(r['global_kv_float16_bytes'])} MiB "
-                              f"({100 * r['engine_dram_peak_bytes'] / r['global_kv_float16_bytes']:.1f}%)" for r in eng)]
+        peaks = (f"{r['context']} {r['cache']}: {mib(r['engine_dram_peak_bytes'])} MiB of "
+                 f"{mib(r['global_kv_float16_bytes'])} MiB "
+                 f"({100 * r['engine_dram_peak_bytes'] / r['global_kv_float16_bytes']:.1f}%)" for r in eng)
+        lines += ["", "Engine DRAM peak against the full-attention layers' float16 KV: " + "; ".join(peaks)]
     if meta["skipped"]:
         lines += ["", "Not run: " + "; ".join(meta["skipped"])]
     return "\n".join(lines) + "\n"
@@ -236,7 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="2048,8192", help="prompt lengths (comma-separated)")
     p.add_argument("--tokens", type=int, default=256, help="decoded tokens per run")
     p.add_argument("--runs", type=int, default=3, help="interleaved rounds (the tables give medians)")
-    p.add_argument("--caches", default="dynamic,quantized-quanto,quantized-hqq,tiered-static,tiered-adaptive,tiered-local",
+    p.add_argument("--caches",
+                   default="dynamic,quantized-quanto,quantized-hqq,tiered-static,tiered-adaptive,tiered-local",
                    help="caches to compare (comma-separated)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the other core for loader threads)")
     p.add_argument("--device", default=None,
@@ -275,12 +275,12 @@ def main(argv=None) -> int:
         ids = document_prompt(tok, context + a.tokens + 8)[:, : context + a.tokens]
         if ids.shape[1] < context:
             raise SystemExit(f"the document prompt has only {ids.shape[1]} tokens, fewer than context {context}")
-        runs = {k: [] for k in kinds}
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
         if context == contexts[0]:  # warm-up, untimed: first-call costs (kernel selection, quanto's setup)
             for k in kinds:
                 run_one(model, k, ids, min(context, 256), 2)
         done = _rounds(a, meta, rows, runs, kinds, contexts, context, done, planned, t0,
-                       lambda k: run_one(model, k, ids, context, a.tokens, a.device))
+                       lambda k, ids=ids, context=context: run_one(model, k, ids, context, a.tokens, a.device))
         rows += _medians(runs, kinds)
     md = _write(a, meta, rows, contexts, final=True)
     print(md)
@@ -332,15 +332,15 @@ def _main_prefilled(a, argv) -> int:
         pre_s, pre_rss = time.perf_counter() - t1, runtime.peak_rss()
         print(f"ctx {context}: prefill {pre_s:.0f} s, peak RSS {pre_rss / 2**20:.0f} MiB", file=sys.stderr, flush=True)
 
-        def one(k):
+        def one(k, dense=dense, context=context, pre_s=pre_s, pre_rss=pre_rss):
             r = run_prefilled(model, k, dense, ids[context], a.tokens, a.device)
             r["prefill_seconds"], r["prefill_peak_rss"] = pre_s, pre_rss
             return r
 
-        runs = {k: [] for k in kinds}
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
         done = _rounds(a, meta, rows, runs, kinds, contexts, context, done, planned, t0, one)
         rows += _medians(runs, kinds)
-        del dense
+        del one, dense  # the prefilled KV goes before the next context's prefill
     print(_write(a, meta, rows, contexts, final=True))
     return 0
 
@@ -351,7 +351,8 @@ def _medians(runs: dict, kinds: list) -> list:
     for k in kinds:
         if k not in med:
             continue
-        ratios = [x["tok_s"] / y["tok_s"] for x, y in zip(runs[k], runs["dynamic"])] if runs.get("dynamic") else []
+        pairs = zip(runs[k], runs.get("dynamic") or [], strict=False)  # rounds both ran
+        ratios = [x["tok_s"] / y["tok_s"] for x, y in pairs]
         med[k]["ratio"] = statistics.median(ratios) if ratios else float("nan")
         out.append(med[k])
     return out

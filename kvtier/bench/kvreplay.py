@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 import numpy as np
 
@@ -71,14 +71,14 @@ def _softmax_rows(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def group_recall(trace, l: int, h: int, t: int, ids: np.ndarray, n_budget: int, sinks: int,
+def group_recall(trace, layer: int, h: int, t: int, ids: np.ndarray, n_budget: int, sinks: int,
                  in_store: int) -> tuple[float, float]:
     """Attention recall at step t of the entries ``ids`` (store ids: position - sinks) that
     layer l, KV head h fetched, and the token-level oracle's at the same budget; the store
     holds positions [sinks, in_store)."""
     g = trace.group_size
-    q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
-    logits = (q @ trace.keys[l, h, :t + 1].astype(np.float32).T) * (1.0 / math.sqrt(trace.head_dim))
+    q = trace.queries[layer, h * g:(h + 1) * g, t].astype(np.float32)
+    logits = (q @ trace.keys[layer, h, :t + 1].astype(np.float32).T) * (1.0 / math.sqrt(trace.head_dim))
     p = _softmax_rows(logits)
     stored = p[:, sinks:in_store]
     mass = stored.sum(axis=1)
@@ -94,9 +94,9 @@ def group_recall(trace, l: int, h: int, t: int, ids: np.ndarray, n_budget: int, 
 
 
 def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, window: int = 32,
-           every: int = 4, layers: Optional[Iterable[int]] = None, dram_budget="256MiB",
-           device="ufs4.0", store_dir: Optional[str] = None, progress=None, direct_io="auto",
-           collect_stats: bool = False, store_kwargs: Optional[dict] = None,
+           every: int = 4, layers: Iterable[int] | None = None, dram_budget="256MiB",
+           device="ufs4.0", store_dir: str | None = None, progress=None, direct_io="auto",
+           collect_stats: bool = False, store_kwargs: dict | None = None,
            virtualize: bool = False, park_keep_cache: bool = True, prefetch: bool = False,
            order: str = "step", **collection_kwargs) -> ReplayResult:
     """Runs the replay and returns averaged metrics. ``budget`` is a fraction of the
@@ -120,7 +120,7 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
     g = trace.group_size
     d = trace.head_dim
     P, T = trace.prefill, trace.length
-    if P <= sinks + window:
+    if sinks + window >= P:
         raise ValueError(f"prefill ({P}) must exceed sinks + window ({sinks + window})")
     tmp = None
     if store_dir is None:
@@ -128,7 +128,7 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
         store_dir = tmp.name
     steps = list(range(P, T, every))
     recalls, oracle = [], []
-    per_layer: dict[int, list] = {l: [] for l in layers}
+    per_layer: dict[int, list] = {layer: [] for layer in layers}
     fetched = 0
     n_retrieves = 0
     retrieve_s = 0.0
@@ -137,15 +137,15 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
                         **(store_kwargs or {}))
     try:
         colls = {}
-        for l in layers:
+        for layer in layers:
             for h in range(trace.n_kv_heads):
-                c = store.collection(f"L{l}.H{h}", dim=d, value_dim=d, dtype="float16",
+                c = store.collection(f"L{layer}.H{h}", dim=d, value_dim=d, dtype="float16",
                                      policy=policy, **collection_kwargs)
-                c.add(trace.keys[l, h, sinks:P - window], trace.values[l, h, sinks:P - window])
-                colls[l, h] = c
+                c.add(trace.keys[layer, h, sinks:P - window], trace.values[layer, h, sinks:P - window])
+                colls[layer, h] = c
             if virtualize:
-                store.park([colls[l, h] for h in range(trace.n_kv_heads)])
-        group = {l: [colls[l, h] for h in range(trace.n_kv_heads)] for l in layers}
+                store.park([colls[layer, h] for h in range(trace.n_kv_heads)])
+        group = {layer: [colls[layer, h] for h in range(trace.n_kv_heads)] for layer in layers}
         store.reset_io_stats()
         if virtualize:  # the first layer, ahead of the first step (later ones: one layer ahead)
             store.unpark(group[layers[0]], wait=False)
@@ -153,40 +153,40 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
 
         last_q: dict = {}  # (layer, head) -> the query group of its last retrieve
 
-        def recall_head(l, h, t, n_budget, in_store):
+        def recall_head(layer, h, t, n_budget, in_store):
             nonlocal fetched, n_retrieves, retrieve_s
-            q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
-            last_q[l, h] = q
+            q = trace.queries[layer, h * g:(h + 1) * g, t].astype(np.float32)
+            last_q[layer, h] = q
             t1 = time.perf_counter()
-            got = colls[l, h].retrieve(q, budget=n_budget)
+            got = colls[layer, h].retrieve(q, budget=n_budget)
             retrieve_s += time.perf_counter() - t1
             n_retrieves += 1
             fetched += len(got)
-            r, o = group_recall(trace, l, h, t, got.ids, n_budget, sinks, in_store)
+            r, o = group_recall(trace, layer, h, t, got.ids, n_budget, sinks, in_store)
             recalls.append(r)
             oracle.append(o)
-            per_layer[l].append(r)
+            per_layer[layer].append(r)
 
-        def recall_layer(l, t, n_budget):
+        def recall_layer(layer, t, n_budget):
             for h in range(trace.n_kv_heads):
-                recall_head(l, h, t, n_budget, in_store)
+                recall_head(layer, h, t, n_budget, in_store)
 
         user = np.zeros(T, bool)  # positions of user turns after the prefill (W3)
         for a, b in trace.meta.get("user_spans", []):
             user[a:b] = True
         steps = [t for t in steps if not user[t]]
         if order == "collection":
-            pairs = [(l, h) for l in layers for h in range(trace.n_kv_heads)]
+            pairs = [(layer, h) for layer in layers for h in range(trace.n_kv_heads)]
             it_c = pairs if progress is None else progress(pairs, desc=f"replay {policy}", unit="collection")
-            for l, h in it_c:
+            for layer, h in it_c:
                 stored = P - window
                 for t in range(P, T):
                     lo, stored = stored, max(stored, t - window + 1)
                     if lo < stored:
-                        colls[l, h].add(trace.keys[l, h, lo:stored], trace.values[l, h, lo:stored])
+                        colls[layer, h].add(trace.keys[layer, h, lo:stored], trace.values[layer, h, lo:stored])
                     if (t - P) % every == 0 and not user[t]:
-                        n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
-                        recall_head(l, h, t, n_budget, stored)
+                        n_budget = math.ceil(budget * (t + 1)) if isinstance(budget, float) else int(budget)
+                        recall_head(layer, h, t, n_budget, stored)
         it = range(P, T) if order == "step" else range(0)
         if progress is not None and order == "step":
             it = progress(it, desc=f"replay {policy}", unit="step")
@@ -195,21 +195,21 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
             lo = in_store
             in_store = max(in_store, t - window + 1)
             sampled = (t - P) % every == 0 and not user[t]
-            n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
-            for i, l in enumerate(layers):
+            n_budget = math.ceil(budget * (t + 1)) if isinstance(budget, float) else int(budget)
+            for i, layer in enumerate(layers):
                 if virtualize:
                     store.unpark(group[layers[(i + 1) % len(layers)]], wait=False)
                 if lo < in_store:
                     for h in range(trace.n_kv_heads):
-                        colls[l, h].add(trace.keys[l, h, lo:in_store], trace.values[l, h, lo:in_store])
+                        colls[layer, h].add(trace.keys[layer, h, lo:in_store], trace.values[layer, h, lo:in_store])
                 if sampled:
                     nxt = layers[(i + 1) % len(layers)]
                     if prefetch and (nxt, 0) in last_q:
                         for h in range(trace.n_kv_heads):
                             colls[nxt, h].prefetch(last_q[nxt, h], n_budget)
-                    recall_layer(l, t, n_budget)
+                    recall_layer(layer, t, n_budget)
                 if virtualize:
-                    store.park(group[l], keep_cache=park_keep_cache)
+                    store.park(group[layer], keep_cache=park_keep_cache)
             if not user[t]:
                 store.step()
 
@@ -232,15 +232,15 @@ def replay(trace, policy: str = "static", budget: float = 0.1, sinks: int = 4, w
         mean_variance=float(np.mean([c["mean_variance"] for c in cs])),
         dram_peak_bytes=st["dram_peak_bytes"], dram_budget=st["dram_budget"],
         wall_s=time.perf_counter() - t0,
-        per_layer_recall={l: float(np.mean(v)) for l, v in per_layer.items() if v},
+        per_layer_recall={layer: float(np.mean(v)) for layer, v in per_layer.items() if v},
         extra={"store": st, "collections": cs, "read_seconds": retrieve_s} if collect_stats else {},
     )
 
 
 def replay_switch(traces: dict, policy: str = "adaptive", budget: float = 0.1, sinks: int = 4,
-                  window: int = 32, every: int = 4, layers: Optional[Iterable[int]] = None,
+                  window: int = 32, every: int = 4, layers: Iterable[int] | None = None,
                   dram_budget="256MiB", device="ufs4.0", turn: int = 256, direct_io=False,
-                  store_kwargs: Optional[dict] = None, **collection_kwargs) -> dict:
+                  store_kwargs: dict | None = None, **collection_kwargs) -> dict:
     """Several conversations in one store under one DRAM budget, taking turns (the session
     tiering a chat app on a phone needs): ``traces`` maps a name to a trace. Each conversation
     has its own collections (``<name>.L<l>.H<h>``), prefilled in turn and then parked. They
@@ -266,18 +266,18 @@ def replay_switch(traces: dict, policy: str = "adaptive", budget: float = 0.1, s
             if tr.prefill <= sinks + window:
                 raise ValueError(f"{name}: prefill ({tr.prefill}) must exceed sinks + window ({sinks + window})")
             colls = {}
-            for l in ls:
+            for layer in ls:
                 for h in range(tr.n_kv_heads):
-                    c = store.collection(f"{name}.L{l}.H{h}", dim=tr.head_dim, value_dim=tr.head_dim,
+                    c = store.collection(f"{name}.L{layer}.H{h}", dim=tr.head_dim, value_dim=tr.head_dim,
                                          dtype="float16", policy=policy, **collection_kwargs)
-                    c.add(tr.keys[l, h, sinks:tr.prefill - window], tr.values[l, h, sinks:tr.prefill - window])
-                    colls[l, h] = c
+                    c.add(tr.keys[layer, h, sinks:tr.prefill - window], tr.values[layer, h, sinks:tr.prefill - window])
+                    colls[layer, h] = c
             user = np.zeros(tr.length, bool)
             for a, b in tr.meta.get("user_spans", []):
                 user[a:b] = True
             # parked and brought back a layer (its KV heads) at a time, as the torch adapter
             # does: one layer's image at a time in DRAM
-            groups = [[colls[l, h] for h in range(tr.n_kv_heads)] for l in ls]
+            groups = [[colls[layer, h] for h in range(tr.n_kv_heads)] for layer in ls]
             conv[name] = {"trace": tr, "layers": ls, "colls": colls, "groups": groups, "t": tr.prefill,
                           "in_store": tr.prefill - window, "user": user}
             for grp in groups:
@@ -294,15 +294,17 @@ def replay_switch(traces: dict, policy: str = "adaptive", budget: float = 0.1, s
                 for t in range(cv["t"], min(cv["t"] + turn, tr.length)):
                     lo, cv["in_store"] = cv["in_store"], max(cv["in_store"], t - window + 1)
                     sampled = (t - tr.prefill) % every == 0 and not user[t]
-                    n_budget = int(math.ceil(budget * (t + 1))) if isinstance(budget, float) else int(budget)
-                    for l in cv["layers"]:
+                    n_budget = math.ceil(budget * (t + 1)) if isinstance(budget, float) else int(budget)
+                    for layer in cv["layers"]:
                         for h in range(tr.n_kv_heads):
                             if lo < cv["in_store"]:
-                                colls[l, h].add(tr.keys[l, h, lo:cv["in_store"]], tr.values[l, h, lo:cv["in_store"]])
+                                hi = cv["in_store"]
+                                colls[layer, h].add(tr.keys[layer, h, lo:hi], tr.values[layer, h, lo:hi])
                             if sampled:
-                                q = tr.queries[l, h * tr.group_size:(h + 1) * tr.group_size, t].astype(np.float32)
-                                got = colls[l, h].retrieve(q, budget=n_budget)
-                                recalls.append(group_recall(tr, l, h, t, got.ids, n_budget, sinks, cv["in_store"])[0])
+                                q = tr.queries[layer, h * tr.group_size:(h + 1) * tr.group_size, t].astype(np.float32)
+                                got = colls[layer, h].retrieve(q, budget=n_budget)
+                                r, _ = group_recall(tr, layer, h, t, got.ids, n_budget, sinks, cv["in_store"])
+                                recalls.append(r)
                                 n_retrieves += 1
                     if not user[t]:
                         store.step()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -53,7 +52,7 @@ def exact_top(keys: np.ndarray, queries: np.ndarray, k: int = K, block: int = 50
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]))
 
 
 def load(name: str, seed: int, n_queries: int):
@@ -126,7 +125,8 @@ def main(argv=None) -> int:
             rows.append(run_one(name, root, args.seed, args.queries, args.dram_budget))
             r = rows[-1]
             print(f"  recall@10 {r['recall_at_default']:.3f} at the default nprobe {r['default_nprobe']} of "
-                  f"{r['clusters']} clusters (old rule {r['old_rule_nprobe']}: {r['recall_at_old_rule']:.3f})", flush=True)
+                  f"{r['clusters']} clusters (old rule {r['old_rule_nprobe']}: {r['recall_at_old_rule']:.3f})",
+                  flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     command = "python -m kvtier.bench.nprobe_default " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = {"command": command.strip(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__, "python": platform.python_version()},
+                "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__,
+                             "python": platform.python_version()},
                 "params": vars(args), "results": rows}
         with open(os.path.join(args.out, "nprobe_default.json"), "w") as f:
             json.dump(meta, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))

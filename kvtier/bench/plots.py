@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from typing import Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def _workload_panels(rows: Sequence[dict], min_width: float, total_width: float,
     workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
     fig, axes = _figure(1, len(workloads), width=max(min_width, total_width / len(workloads)))
     panels = []
-    for ax, w in zip(axes[0], workloads):
+    for ax, w in zip(axes[0], workloads, strict=True):
         wr = [r for r in rows if r["workload"] == w]
         if not wr:
             _empty(ax, empty)
@@ -147,7 +147,7 @@ def io_vs_context(rows: Sequence[dict], path, subtitle: str = "", device: str = 
     workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
     fig, axes = _figure(len(workloads), 2, width=5.4, height=3.6)
     seen: dict = {}
-    for (ax_m, ax_r), w in zip(axes, workloads):
+    for (ax_m, ax_r), w in zip(axes, workloads, strict=True):
         wr = [r for r in rows if r["workload"] == w]
         mixed = len({r.get("dram") for r in wr}) > 1  # e.g. none at the least budget it fits in
         for ax, key, ls in ((ax_m, "modeled_us_per_step_layer", "-"), (ax_r, "real_us_per_step_layer", "--")):
@@ -162,9 +162,9 @@ def io_vs_context(rows: Sequence[dict], path, subtitle: str = "", device: str = 
                 label = pol + (f" (DRAM {pr[0]['dram']})" if mixed and pr else "")
                 x = [r["context_tokens"] for r in shown]
                 ax.plot(x, [_median(r[key]) for r in shown], color=colour, marker=marker, ls=ls, label=label)
-                lo, hi = (zip(*[_spread(r[key]) for r in shown])) if shown else ((), ())
-                lo = [max(v, 1e-3) for v in lo]
-                if any(a != b for a, b in zip(lo, hi)):
+                spreads = [_spread(r[key]) for r in shown]
+                lo, hi = [max(s[0], 1e-3) for s in spreads], [s[1] for s in spreads]
+                if any(a != b for a, b in zip(lo, hi, strict=True)):
                     ax.fill_between(x, lo, hi, color=colour, alpha=0.15)
             ax.set_xlabel("context length (tokens; middle of the measured span)" + (
                 f"\n{hidden} span(s) not drawn: " + ("no reads (all cached)" if key.startswith("modeled")
@@ -186,7 +186,7 @@ def io_vs_context(rows: Sequence[dict], path, subtitle: str = "", device: str = 
 
 # -- bandwidth vs request size --------------------------------------------------------------------
 
-def bandwidth_vs_request_size(calibration: Optional[dict], profiles: Mapping[str, dict], path,
+def bandwidth_vs_request_size(calibration: dict | None, profiles: Mapping[str, dict], path,
                               achieved: Sequence[dict] = (), subtitle: str = "") -> str:
     """Read bandwidth against request size: the curve measured by ``kvtier.calibrate`` (its
     ``to_dict()``; medians with a min-max band per queue depth), each device profile's model
@@ -256,7 +256,7 @@ def hit_rate_vs_dram(rows: Sequence[dict], path, subtitle: str = "") -> str:
     workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
     fig, axes = _figure(len(workloads), 2, width=5.2, height=3.4)
     seen: dict = {}
-    for (ax_h, ax_b), w in zip(axes, workloads):
+    for (ax_h, ax_b), w in zip(axes, workloads, strict=True):
         wr = [r for r in rows if r["workload"] == w]
         for pol in _ordered((r["cache_policy"] for r in wr), list(CACHE_STYLE)):
             pr = sorted((r for r in wr if r["cache_policy"] == pol), key=lambda r: r["dram_fraction"])
@@ -328,7 +328,7 @@ def io_by_policy_layout(rows: Sequence[dict], path, subtitle: str = "") -> str:
     rows = _ok(rows)
     workloads = sorted({r["workload"] for r in rows}) or ["(none)"]
     fig, axes = _figure(len(workloads), 2, width=5.2, height=3.4)
-    for (ax_t, ax_e), w in zip(axes, workloads):
+    for (ax_t, ax_e), w in zip(axes, workloads, strict=True):
         wr = [r for r in rows if r["workload"] == w]
         pols = _ordered((r["policy"] for r in wr), list(POLICY_STYLE))
         lays = _ordered((r["layout"] for r in wr), list(LAYOUT_HATCH))
@@ -383,7 +383,8 @@ def pipeline_steps(rows: Mapping[str, dict], path, subtitle: str = "") -> str:
             [m for m in rows if m not in ("compute", "io", "sequential", "pipelined")]
     med = [rows[m]["step_ms"] for m in modes]
     runs = [rows[m].get("step_ms_all") or [rows[m]["step_ms"]] for m in modes]
-    err = np.array([[v - min(r) for v, r in zip(med, runs)], [max(r) - v for v, r in zip(med, runs)]])
+    err = np.array([[v - min(r) for v, r in zip(med, runs, strict=True)],
+                    [max(r) - v for v, r in zip(med, runs, strict=True)]])
     colours = ["tab:gray", "tab:blue", "tab:red", "tab:green", "tab:purple"]
     for i, m in enumerate(modes):
         ax.bar([i], [med[i]], yerr=err[:, i:i + 1], capsize=4, color=colours[i % len(colours)],
@@ -431,4 +432,5 @@ def delta_nll_vs_budget(rows: Sequence[dict], path, subtitle: str = "") -> str:
         ax.grid(True, alpha=0.3, which="both")
         if wr:
             ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, path, "ΔNLL vs fetch budget, with and without the estimated zone" + (f"\n{subtitle}" if subtitle else ""))
+    title = "ΔNLL vs fetch budget, with and without the estimated zone"
+    return _save(fig, path, title + (f"\n{subtitle}" if subtitle else ""))

@@ -3,7 +3,7 @@ models at a dtype, a dense prefill in chunks, and the memory figures they report
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def load(model_name: str, dtype: str):

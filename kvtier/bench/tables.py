@@ -1,7 +1,7 @@
 """The Markdown tables of the benchmark reports, laid out by tabulate."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from tabulate import tabulate
 

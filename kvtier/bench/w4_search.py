@@ -45,8 +45,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def exact_topk(keys: np.ndarray, queries: np.ndarray, k: int, chunk: int = 256) 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |found ∩ truth| / k."""
     k = truth.shape[1]
-    hits = sum(len(np.intersect1d(f, t, assume_unique=False)) for f, t in zip(found, truth))
+    hits = sum(len(np.intersect1d(f, t, assume_unique=False)) for f, t in zip(found, truth, strict=True))
     return hits / (k * truth.shape[0])
 
 
@@ -102,7 +103,9 @@ def peak_rss_bytes() -> int:
 
 def timed_passes(search: Callable[[], np.ndarray], repeats: int) -> tuple[np.ndarray, list[float]]:
     """Run ``search`` ``repeats`` times; return (last result, seconds per pass)."""
-    seconds, result = [], None
+    if repeats < 1:
+        raise ValueError(f"repeats: at least 1 expected, got {repeats}")
+    seconds: list[float] = []
     for _ in range(repeats):
         started = time.perf_counter()
         result = search()
@@ -192,7 +195,7 @@ def _run_faiss(data_dir: str, cfg: dict) -> dict:
     queries, truth = _load(data_dir)
     rss0 = rss_bytes()
     keys = np.load(Path(data_dir) / "keys.npy")
-    nlist = cfg["ivf_nlist"] or int(round(4 * np.sqrt(len(keys))))
+    nlist = cfg["ivf_nlist"] or round(4 * np.sqrt(len(keys)))
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     quantizer = faiss.IndexFlatIP(keys.shape[1])
     index = faiss.IndexIVFFlat(quantizer, keys.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
@@ -278,7 +281,7 @@ def _run_kvtier(data_dir: str, cfg: dict) -> dict:
                 if nprobe > coll_stats["clusters"]:
                     continue
                 phase = f"search with nprobe={nprobe}"
-                search = lambda: coll.search(queries, k=K, nprobe=nprobe).ids  # noqa: E731
+                search = lambda nprobe=nprobe: coll.search(queries, k=K, nprobe=nprobe).ids  # noqa: E731
                 # The first pass starts from whatever the previous point left cached (the
                 # first point starts cold); the timed passes after it give the steady state.
                 store.reset_io_stats()

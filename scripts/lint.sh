@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The static checks CI runs (.ci/run), in one command: ruff and mypy over the Python package
+# (configured in pyproject.toml: ruff over kvtier/ and adapters/, mypy over kvtier/), then the
+# C engine's checks (make -C engine_c check: the clang-format layout and the engine's shape).
+# Fails on the first check that finds anything.
+#
+#   scripts/lint.sh        everything
+#   PYTHON=...             the interpreter with ruff and mypy (default: .venv/bin/python)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+echo "== ruff check kvtier adapters"
+"$PY" -m ruff check kvtier adapters
+echo "== mypy (kvtier/)"
+"$PY" -m mypy
+echo "== make -C engine_c check"
+make -C engine_c check
