@@ -400,7 +400,9 @@ int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, u
 /* Starts reading, in the background, the clusters kvt_coll_retrieve(coll, queries, nq,
  * budget) would read from flash, and returns at once; the reads land in the cache, and a
  * later retrieve waits only for what is still loading. Charged to the device model as one
- * batch. `queued` (may be NULL) receives the number of clusters queued. Errors: KVT_EINVAL,
+ * batch. `queued` (may be NULL) receives the number of clusters queued. A hint: it uses idle
+ * room only, brings a parked collection in only if its image fits as the budget stands (it
+ * parks nothing to make room), and queues nothing where there is no room. Errors: KVT_EINVAL,
  * ENOMEM. Reads that fail are counted and retried by the call that needs the cluster. */
 int kvt_coll_prefetch(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget, uint64_t *queued);
 

@@ -30,7 +30,13 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     if (!q || nq == 0) return kvt_fail(KVT_EINVAL, "prefetch: query_group must hold at least one query");
     kvt_store *s = c->st;
     LOCK(s);
-    int rc = kvt_ready(c);
+    int rc = kvt_ready_for_hint(c);
+    if (rc == KVT_EBUDGET) { /* parked, and its image does not fit beside what is in use */
+        kvt_clear_error();
+        UNLOCK(s);
+        if (queued) *queued = 0;
+        return 0;
+    }
     if (rc) {
         UNLOCK(s);
         return rc;
@@ -39,6 +45,11 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     selection sel = {0};
     if (!c->ops->clustered) goto out; /* nothing to prefetch: no clusters */
     rc = kvt_selection_alloc(c, nq, &sel);
+    if (rc == KVT_EBUDGET) { /* read-ahead uses idle room: with none to choose in, it queues nothing */
+        kvt_clear_error();
+        rc = 0;
+        goto out;
+    }
     if (rc) goto out;
     uint32_t *idx = sel.idx;
     uint64_t taken, total;

@@ -169,7 +169,8 @@ struct kvt_coll {
     uint64_t swap_off, swap_len;
     kvt_coll_stats parked_stats; /* its cluster statistics when it was parked */
     uint64_t resident_tick;      /* cache tick when it was last brought in (0: never parked) */
-    uint64_t used_at;            /* store->op_clock at its last operation: demand paging's LRU order */
+    uint64_t used_at;            /* store->op_clock at its last operation: demand paging's order */
+    float use_gap;               /* the usual op_clock gap between its operations (idle detection) */
     kvt_cache_owner cache_state; /* its reads, as the cache policy counts them */
     /* the call in progress (read.c, damaged records): how a damaged record is met (enum
      * kvt_read_mode, coll.h), and the clusters it found damaged, which it must not cache,

@@ -269,20 +269,23 @@ static int park_one(kvt_coll *c, int keep_cache) {
     if (rc) return rc;
     /* the staging buffer: the image's size up to swap_stage. Reserving it may evict some of
      * c's cached clusters, so the image is sized again after. A budget too full for it (the
-     * case demand paging meets) stages one alignment unit at a time: more, smaller writes */
+     * case demand paging meets: parking is what makes room) stages one alignment unit at a
+     * time in the call's stack frame, like any call's locals: more, smaller writes */
+    uint8_t frame[KVT_IO_ALIGN];
     swap_writer count = {0};
     write_image(c, &count, keep_cache);
-    uint64_t sb = kvt_round_up(count.total, KVT_IO_ALIGN), len, off;
+    uint64_t sb = kvt_round_up(count.total, KVT_IO_ALIGN), held = 0, len, off;
     if (sb > swap_stage(s)) sb = swap_stage(s);
-    if (kvt_mem_reserve(&s->mem, sb)) {
+    uint8_t *stage = frame;
+    if (!kvt_mem_reserve(&s->mem, sb)) {
+        held = sb;
+        if (!(stage = malloc(sb))) {
+            kvt_mem_release(&s->mem, sb);
+            return kvt_fail(ENOMEM, "park: out of memory");
+        }
+    } else {
         kvt_clear_error();
         sb = KVT_IO_ALIGN;
-        if ((rc = kvt_mem_reserve(&s->mem, sb))) return rc;
-    }
-    uint8_t *stage = malloc(sb);
-    if (!stage) {
-        kvt_mem_release(&s->mem, sb);
-        return kvt_fail(ENOMEM, "park: out of memory");
     }
     count = (swap_writer){0};
     write_image(c, &count, keep_cache);
@@ -296,8 +299,10 @@ static int park_one(kvt_coll *c, int keep_cache) {
         w.len += pad;
         sw_flush(&w);
     }
-    free(stage);
-    kvt_mem_release(&s->mem, sb);
+    if (held) {
+        free(stage);
+        kvt_mem_release(&s->mem, held);
+    }
     if (w.rc) {
         swap_free(s, off, len);
         return w.rc;
@@ -447,19 +452,55 @@ static int unpark_now(kvt_coll *c, int demand) {
     return rc;
 }
 
+/* A parked c brought in; an image that does not fit pages other collections out first (the
+ * callers run before any operation is under way, invariant 4). */
+static int bring_in(kvt_coll *c, int demand) {
+    int rc = c->parked ? unpark_now(c, demand) : 0;
+    while (rc == KVT_EBUDGET && kvt_page_out(c->st, c, c->st->mem.short_by)) rc = unpark_now(c, demand);
+    return rc;
+}
+
+/* A hint's start (prefetch): no loader busy with c; a parked c comes in only if its image fits
+ * as the budget stands (KVT_EBUDGET otherwise: nothing is paged out for a guess). A hint is
+ * no use, so it leaves the recency demand paging goes by as it was. */
+int kvt_ready_for_hint(kvt_coll *c) {
+    kvt_wait_idle(c);
+    return c->parked ? unpark_now(c, 0) : 0;
+}
+
 /* Every operation on a collection starts here: no loader busy with it, and it is resident. */
 int kvt_ready(kvt_coll *c) {
     kvt_wait_idle(c);
-    c->used_at = ++c->st->op_clock;
-    return c->parked ? unpark_now(c, 1) : 0;
+    uint64_t now = ++c->st->op_clock;
+    if (c->used_at) /* the usual gap between its uses: a running mean that follows a change */
+        c->use_gap = c->use_gap ? 0.75f * c->use_gap + 0.25f * (float)(now - c->used_at) : (float)(now - c->used_at);
+    c->used_at = now;
+    return bring_in(c, 1);
 }
 
-/* Demand paging (docs/design.md §2.3; invariant 4): parks resident collections, least
- * recently used first, until `need` bytes of the budget are free again or none is left to
- * park. Never `keep` (the collection whose call asked), nor one with reads in flight; its
- * cached clusters leave with it (clean copies of the data file). An LLM's layers are used in
- * turn, so the layer that waits longest for its next turn is the one that leaves: the index
- * held in DRAM shrinks towards the layers in use. 1 if any was parked. */
+/* Whether c is idle: not used for more than KVT_PAGE_IDLE_GAPS of its usual gaps between
+ * uses (and KVT_PAGE_IDLE_MIN operations of the store): its turn is not coming round. */
+#define KVT_PAGE_IDLE_GAPS 3.0f
+#define KVT_PAGE_IDLE_MIN  16u
+static int idle(const kvt_store *s, const kvt_coll *c) {
+    uint64_t since = s->op_clock - c->used_at;
+    return since > KVT_PAGE_IDLE_MIN && (!c->use_gap || (float)since > KVT_PAGE_IDLE_GAPS * c->use_gap);
+}
+
+/* The collection to park: idle ones first, least recently used first (a vector store queried
+ * one collection after another); among collections all in use, the most recently used,
+ * because an LLM uses its layers in a cycle, and the layer just used comes round again last
+ * (LRU would park the layer needed next, and page every layer in at every step). */
+static int better_victim(const kvt_store *s, const kvt_coll *c, const kvt_coll *v) {
+    int ic = idle(s, c), iv = idle(s, v);
+    if (ic != iv) return ic;
+    return ic ? c->used_at < v->used_at : c->used_at > v->used_at;
+}
+
+/* Demand paging (docs/design.md §2.3; invariant 4): parks resident collections (better_victim
+ * first) until `need` bytes of the budget are free again or none is left to park. Never
+ * `keep` (the collection whose call asked), nor one with reads in flight; its cached clusters
+ * leave with it (clean copies of the data file). 1 if any was parked. */
 int kvt_page_out(kvt_store *s, const kvt_coll *keep, uint64_t need) {
     uint64_t freed = 0;
     int any = 0;
@@ -468,7 +509,7 @@ int kvt_page_out(kvt_store *s, const kvt_coll *keep, uint64_t need) {
         for (uint32_t i = 0; i < s->ncolls; i++) {
             kvt_coll *c = s->colls[i];
             if (!c || c == keep || c->parked || c->inflight || !(c->acct + c->acct_pend)) continue;
-            if (!v || c->used_at < v->used_at) v = c;
+            if (!v || better_victim(s, c, v)) v = c;
         }
         uint64_t before = s->mem.used;
         if (!v || park_one(v, 0)) break; /* a failed park leaves v resident and unchanged */
@@ -533,9 +574,7 @@ int kvt_store_park(kvt_store *s, kvt_coll *const *colls, size_t n, int keep_cach
 int kvt_peek_begin(kvt_coll *c, int *was_parked) {
     kvt_wait_idle(c);
     *was_parked = c->parked;
-    int rc = c->parked ? unpark_now(c, 0) : 0;
-    while (rc == KVT_EBUDGET && kvt_page_out(c->st, c, c->st->mem.short_by)) rc = unpark_now(c, 0);
-    return rc;
+    return bring_in(c, 0);
 }
 
 void kvt_peek_end(kvt_coll *c, int was_parked) {

@@ -12,10 +12,12 @@
 
 /* Every operation on a collection starts here: no loader busy with it, and it is resident. */
 int kvt_ready(kvt_coll *c);
+/* ... for a hint (prefetch): brought in only if it fits without paging anything out. */
+int kvt_ready_for_hint(kvt_coll *c);
 /* Frees what can give way under budget pressure (virtualize.c 3); 1 if anything was freed. */
 int kvt_give_way(kvt_store *s);
-/* Demand paging: parks the least recently used resident collections other than keep until
- * need bytes are free or none is left (virtualize.c 4); 1 if any was parked. */
+/* Demand paging: parks resident collections other than keep (idle ones first, else the most
+ * recently used) until need bytes are free or none is left (virtualize.c 4); 1 if any was parked. */
 int kvt_page_out(kvt_store *s, const kvt_coll *keep, uint64_t need);
 /* Operations that only look (stats, checkpoints) leave a parked collection parked. */
 int kvt_peek_begin(kvt_coll *c, int *was_parked);
@@ -27,7 +29,7 @@ void kvt_peek_end(kvt_coll *c, int was_parked);
  * buffers are written to flash, token-level keys dropped and array slack given back
  * (kvt_give_way); the second run buffers nothing new and grows no slack (store->tight). A
  * call still short of room runs again after each round of demand paging (kvt_page_out: other
- * collections parked, least recently used first, until what it lacked is free), until it
+ * collections parked, idle ones first, until what it lacked is free), until it
  * fits or nothing is left to park. A failed add, retrieve or search changes nothing a later
  * run depends on. Sets rc. */
 #define RUN_READY(c, call)                                                                                             \

@@ -1624,14 +1624,18 @@ static void test_read_batch_threads(void) {
     uint64_t s = 77;
     random_reqs(r, 40, size, 5000, dst, &s);
     fflush(NULL);
-    pid_t child = fork();
-    if (child == 0) {
-        int ok = kvt_file_read_batch(f, r, 40) == 0;
-        for (int i = 0; i < 40; i++) ok &= is_pattern(r[i].dst, r[i].off, r[i].len);
-        _exit(ok ? 0 : 1);
+    if (getenv("KVTIER_TEST_NO_FORK")) { /* under qemu-user (run-aarch64.sh says why) */
+        printf("io: the forked reader is not checked here (KVTIER_TEST_NO_FORK)\n");
+    } else {
+        pid_t child = fork();
+        if (child == 0) {
+            int ok = kvt_file_read_batch(f, r, 40) == 0;
+            for (int i = 0; i < 40; i++) ok &= is_pattern(r[i].dst, r[i].off, r[i].len);
+            _exit(ok ? 0 : 1);
+        }
+        int status = -1;
+        CHECK(child > 0 && waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
     }
-    int status = -1;
-    CHECK(child > 0 && waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
     memset(dst, 0, 40 * 5000);
     CHECK_OK(kvt_file_read_batch(f, r, 40));
     int exact = 1;
@@ -1721,6 +1725,9 @@ static void test_demand_paging(void) {
     }
     for (int r = 0; r < ROUNDS; r++)
         for (int h = 0; h < H; h++) {
+            /* the next collection's prefetch, as the adapters issue it: a parked one comes in */
+            uint64_t queued;
+            CHECK_OK(kvt_coll_prefetch(c[(h + 1) % H], q, 2, 100, &queued));
             retrieve_ids(c[h], q, 100 + 50 * (uint64_t)r, got, 300, &ngot);
             qsort(got, ngot, 8, cmp_i64); /* the same entries; their order follows the cache */
             CHECK(ngot == nwant[h][r] && memcmp(got, want[h][r], ngot * 8) == 0);
