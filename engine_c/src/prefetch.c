@@ -31,19 +31,13 @@ int kvt_coll_prefetch(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget,
     kvt_store *s = c->st;
     LOCK(s);
     int rc = kvt_ready_for_hint(c);
-    if (rc == KVT_EBUDGET) { /* parked, and its image does not fit beside what is in use */
-        kvt_clear_error();
-        UNLOCK(s);
-        if (queued) *queued = 0;
-        return 0;
-    }
     if (rc) {
         UNLOCK(s);
         return rc;
     }
     uint64_t nq_out = 0, ops = 0, bytes = 0;
     selection sel = {0};
-    if (!c->ops->clustered) goto out; /* nothing to prefetch: no clusters */
+    if (!c->ops->clustered || c->parked) goto out; /* no clusters, or no room to bring them in */
     rc = kvt_selection_alloc(c, nq, &sel);
     if (rc == KVT_EBUDGET) { /* read-ahead uses idle room: with none to choose in, it queues nothing */
         kvt_clear_error();

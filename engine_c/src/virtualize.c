@@ -461,11 +461,16 @@ static int bring_in(kvt_coll *c, int demand) {
 }
 
 /* A hint's start (prefetch): no loader busy with c; a parked c comes in only if its image fits
- * as the budget stands (KVT_EBUDGET otherwise: nothing is paged out for a guess). A hint is
- * no use, so it leaves the recency demand paging goes by as it was. */
+ * as the budget stands (else it stays parked, and 0: nothing is paged out for a guess). A
+ * hint is no use, so it leaves the recency demand paging goes by as it was. */
 int kvt_ready_for_hint(kvt_coll *c) {
     kvt_wait_idle(c);
-    return c->parked ? unpark_now(c, 0) : 0;
+    int rc = c->parked ? unpark_now(c, 0) : 0;
+    if (rc == KVT_EBUDGET) { /* its image does not fit beside what is in use: it stays parked */
+        kvt_clear_error();
+        rc = 0;
+    }
+    return rc;
 }
 
 /* Every operation on a collection starts here: no loader busy with it, and it is resident. */

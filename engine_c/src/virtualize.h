@@ -12,7 +12,8 @@
 
 /* Every operation on a collection starts here: no loader busy with it, and it is resident. */
 int kvt_ready(kvt_coll *c);
-/* ... for a hint (prefetch): brought in only if it fits without paging anything out. */
+/* ... for a hint (prefetch): brought in only if it fits without paging anything out (else it
+ * stays parked, and 0). */
 int kvt_ready_for_hint(kvt_coll *c);
 /* Frees what can give way under budget pressure (virtualize.c 3); 1 if anything was freed. */
 int kvt_give_way(kvt_store *s);
