@@ -27,8 +27,10 @@ reference predictions and prompt state, and, per prefill configuration, TieredLl
 right after the prompt (its store and record; a dense prefill's is shared by every dense
 configuration, whose decoding settings only apply after it). A cached run continues exactly as
 an uncached one (a session reloads bit for bit); the prefill tok/s columns come from the run
-that filled the cache. llama.cpp runs ``--threads`` threads (default 1: on a shared 2-core
-machine, spinning threads slow decoding several-fold).
+that filled the cache. A configuration's ``sdram`` (kvtier's DRAM budget while decoding) reopens
+the prefill's store, made with ``--store-dram-budget``, with that budget. llama.cpp runs
+``--threads`` threads (default 1: on a shared 2-core machine, spinning threads slow decoding
+several-fold).
 
     python -m kvtier.bench.llama_cpp quality --contexts 1900:256,7900:128 \\
         --configs "dense;bounded/cap=0.25" --out bench/results/llama_cpp_quality.json
@@ -72,6 +74,8 @@ CONFIG_KEYS = {
     "chunk": ("prefill_chunk", int, "prompt tokens per bounded chunk"),
     "policy": ("policy", str, "kvtier policy"),
     "prefetch": ("prefetch", int, "1: the next layer's reads start while a layer retrieves; 0: off"),
+    "sdram": ("store_dram_budget", str, "kvtier's DRAM budget while decoding (a size; the prefill's store, "
+                                        "cached, is made with --store-dram-budget)"),
 }
 #: Bumped when what TieredLlama's prefill leaves behind changes: cached prefills of another
 #: version are not reused.
@@ -294,6 +298,8 @@ def tiered_after_prompt(a, model: str, tokens: list[int], P: int, D: int, kw: di
     now (and cached); returns (llm, prefill facts)."""
     from kvtier.adapters.llama_cpp import TieredLlama
 
+    kw = dict(kw)
+    dec = kw.pop("store_dram_budget", None)      # a decoding-only store budget (config key sdram)
     sb = store_budget(kw.get("budget", 0.1), P + D) if a.store_dram_budget == "auto" else \
         parse_size(a.store_dram_budget, "--store-dram-budget")
     key = _prefill_key(kw, model, P, sb)
@@ -301,14 +307,31 @@ def tiered_after_prompt(a, model: str, tokens: list[int], P: int, D: int, kw: di
     common = dict(n_batch=a.n_batch, n_threads=a.threads, n_threads_batch=a.threads, device=a.device,
                   direct_io=a.direct_io, store_dram_budget=sb, verbose=False, **kw)
     store = os.path.join(tmp, "store")
+    facts = None
     if (cache / "prefill.json").exists():
         shutil.copytree(cache / "store", store)
+        facts = json.loads((cache / "prefill.json").read_text())
+    else:
         llm = TieredLlama(model, store=store, **common)
-        llm.load_session("default")
-        return llm, json.loads((cache / "prefill.json").read_text())
+        facts = _prefill(a, llm, tokens[:P], cache, store)
+        if dec is None:
+            return llm, facts
+        llm.close()
+    if dec is not None:
+        common["store_dram_budget"] = parse_size(dec, "sdram")
     llm = TieredLlama(model, store=store, **common)
+    llm.load_session("default")
+    # the cells the session brings back are the prefill's (counted in its facts): the decoding
+    # peak starts with the first step, as in a run that prefilled here
+    llm._peak.update(decode_cells=0, decode_allocated=0)
+    return llm, facts
+
+
+def _prefill(a, llm, prompt: list[int], cache: Path, store: str) -> dict:
+    """Prefills ``prompt``, saves the session and copies the store into the prefill cache."""
+    P = len(prompt)
     t0 = time.perf_counter()
-    llm.eval(tokens[:P])
+    llm.eval(prompt)
     prefill_s = time.perf_counter() - t0
     s = llm.stats()
     facts = {"prefill_s": prefill_s, "prefill_tok_s": P / prefill_s,
@@ -322,7 +345,7 @@ def tiered_after_prompt(a, model: str, tokens: list[int], P: int, D: int, kw: di
         (part / "prefill.json").write_text(json.dumps(facts))
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(part, cache)
-    return llm, facts
+    return facts
 
 
 @contextlib.contextmanager
@@ -588,12 +611,64 @@ def _meta(a, argv) -> dict:
             + ", teacher-forced)",
             "adapter_defaults": DEFAULTS,
             "params": {k: v for k, v in vars(a).items() if k not in ("func",)},
-            "command": " ".join(["python -m kvtier.bench.llama_cpp"] + list(argv))}
+            "command": _command(argv)}
+
+
+def _command(argv) -> str:
+    return " ".join(["python -m kvtier.bench.llama_cpp"] + list(argv))
 
 
 def _partial(a, what: str, rows: list) -> None:
     if a.out:
-        Path(a.out + ".partial").write_text(json.dumps({what: rows}, indent=1, default=str))
+        Path(a.out + ".partial").write_text(json.dumps({"command": _command(a.argv), what: rows}, indent=1,
+                                                       default=str))
+
+
+def torch_rows(path: str, context: int, workload: str = "W2") -> list[dict]:
+    """TieredCache's rows of a bench.torch_quality result for ``workload`` (W2, or stdlib-docs:
+    the held-out text; the same tokens, budget and convention) as reference lines for the
+    quality table."""
+    d = json.loads(Path(path).read_text())
+    p = d.get("params", {})
+    return [{"context": context, "method": r["method"], "agreement": r["top1"], "dnll": r["delta_nll"],
+             "dnll_se": r["delta_nll_se"], "budget": r.get("budget"), "window": p.get("window"),
+             "source": os.path.basename(path)}
+            for r in d.get("rows", []) if r.get("workload") == workload and r.get("method") != "full"
+            and r.get("delta_nll") is not None]
+
+
+def merge(a, argv) -> None:
+    """One table from several runs' rows (full results or the .partial of a run cut short), each
+    run's command listed; with --torch, TieredCache's rows on the same text beside them."""
+    rows, sources = [], []
+    for path in a.inputs:
+        d = json.loads(Path(path).read_text())
+        got = d.get(a.kind, [])
+        rows += got
+        sources.append({"file": os.path.basename(path), "command": d.get("command", "(not recorded)"),
+                        "rows": len(got), "complete": not path.endswith(".partial")})
+    workload = "W2" if a.text == "w2" else a.text
+    ref = [r for t in a.torch for r in torch_rows(t.partition(":")[2], int(t.partition(":")[0]), workload)]
+    out = Path(a.out)
+    meta = _meta(a, argv)
+    out.write_text(json.dumps({**meta, "sources": sources, a.kind: rows, "tiered_cache": ref}, indent=1,
+                              default=str))
+    head, cells = {"quality": (QUALITY_HEAD, _quality_cells), "speed": (SPEED_HEAD, _speed_cells),
+                   "switch": (SWITCH_HEAD, _switch_cells)}[a.kind]
+    runs = "\n".join(f"- `{x['command']}` ({x['rows']} rows{'' if x['complete'] else ', cut short: its partial file'})"
+                     for x in sources)
+    md = (f"# llama.cpp with a bounded KV cache (TieredLlama): {a.kind}\n\n`{meta['command']}` merged the rows of:\n\n"
+          f"{runs}\n\nSmolLM2-135M-Instruct Q4_1, {meta['workload']}, llama.cpp threads 1, n_batch 256, kvtier device ufs4.0; adapter "
+          f"defaults {meta['adapter_defaults']}; configurations name what differs from them.\n\n"
+          f"{md_table(head, [cells(r) for r in rows], 'l' * len(head))}\n")
+    if ref:
+        md += (f"\nTieredCache (transformers, bench.torch_quality) on the same {workload} tokens, budget and convention "
+               "(4 sinks, its window below; ΔNLL against the torch model with the whole context):\n\n" +
+               md_table(["context", "method (policy)", "window", "top-1", "ΔNLL", "from"],
+                        [[r["context"], r["method"], r["window"], f"{r['agreement']:.3f}",
+                          f"{r['dnll']:+.3f} ± {r['dnll_se']:.3f}", r["source"]] for r in ref], "l" * 6) + "\n")
+    out.with_suffix(".md").write_text(md)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def write(a, argv, what: str, rows: list) -> None:
@@ -653,7 +728,18 @@ def main(argv=None):
         else:
             p.add_argument("--contexts", default="2048", help="conversation lengths")
             p.add_argument("--switches", type=int, default=5)
+    m = sub.add_parser("merge", help="one table from several runs' result files (or .partial files)")
+    m.add_argument("kind", choices=("quality", "speed", "switch"))
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("--torch", action="append", default=[],
+                   help="CONTEXT:PATH of a bench.torch_quality result: TieredCache's W2 rows beside the table")
+    m.add_argument("--text", default="w2", choices=TEXTS, help="the text the runs read")
+    m.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    a.argv = argv
+    if a.what == "merge":
+        merge(a, argv)
+        return 0
     if a.configs.strip() == "help":
         for k, (arg, typ, what) in CONFIG_KEYS.items():
             print(f"{k:10} {arg:15} {typ.__name__:6} {what}")
