@@ -26,7 +26,10 @@ budget 0: the sparse baseline that cannot see the pass key, showing the cue real
 and TieredCache with the store policies ``none`` (token-level top-k), ``static``, ``local``,
 ``adaptive`` at the same fetch budget (default 10% of the context), each policy at its default
 settings. The store is read through the page cache unless ``--direct-io`` (the same entries are
-read either way: the answers do not depend on it).
+read either way: the answers do not depend on it). The same cases through llama.cpp (the GGUF of
+the same model, kvtier.bench.llama_cpp): ``llama.cpp`` (the whole context), ``tiered-llama``
+(TieredLlama at its defaults but ``--budget``) and ``tiered-llama-bounded`` (a bounded prefill
+in cells capped at a quarter of the prompt).
 
     python -m bench.needle --lengths 1000,2000,3000,4000 --positions 0.1,0.5 --seeds 3 \\
         --methods full,adaptive --out bench/results

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -598,6 +599,12 @@ def _fmt_switch(r: dict) -> str:
 
 
 # -- output -------------------------------------------------------------------------------
+def _portable(v):
+    """A path under the home directory written from ``~``: results carry no machine's paths."""
+    home = os.path.expanduser("~")
+    return "~" + v[len(home):] if isinstance(v, str) and v.startswith(home + os.sep) else v
+
+
 def _meta(a, argv) -> dict:
     import llama_cpp
 
@@ -610,12 +617,12 @@ def _meta(a, argv) -> dict:
             "workload": ("W2 (pydoc_data.topics" if a.text == "w2" else "held-out text (standard-library module docstrings")
             + ", teacher-forced)",
             "adapter_defaults": DEFAULTS,
-            "params": {k: v for k, v in vars(a).items() if k not in ("func",)},
+            "params": {k: _portable(v) for k, v in vars(a).items() if k not in ("func", "argv")},
             "command": _command(argv)}
 
 
 def _command(argv) -> str:
-    return " ".join(["python -m kvtier.bench.llama_cpp"] + list(argv))
+    return "python -m kvtier.bench.llama_cpp " + shlex.join(argv)
 
 
 def _partial(a, what: str, rows: list) -> None:
@@ -657,7 +664,7 @@ def merge(a, argv) -> None:
                    "switch": (SWITCH_HEAD, _switch_cells)}[a.kind]
     runs = "\n".join(f"- `{x['command']}` ({x['rows']} rows{'' if x['complete'] else ', cut short: its partial file'})"
                      for x in sources)
-    md = (f"# llama.cpp with a bounded KV cache (TieredLlama): {a.kind}\n\n`{meta['command']}` merged the rows of:\n\n"
+    md = (f"# llama.cpp with a bounded KV cache (TieredLlama): {a.kind}\n\n`{meta['command']}`\n\nThe rows of these runs:\n\n"
           f"{runs}\n\nSmolLM2-135M-Instruct Q4_1, {meta['workload']}, llama.cpp threads 1, n_batch 256, kvtier device ufs4.0; adapter "
           f"defaults {meta['adapter_defaults']}; configurations name what differs from them.\n\n"
           f"{md_table(head, [cells(r) for r in rows], 'l' * len(head))}\n")
@@ -667,6 +674,7 @@ def merge(a, argv) -> None:
                md_table(["context", "method (policy)", "window", "top-1", "ΔNLL", "from"],
                         [[r["context"], r["method"], r["window"], f"{r['agreement']:.3f}",
                           f"{r['dnll']:+.3f} ± {r['dnll_se']:.3f}", r["source"]] for r in ref], "l" * 6) + "\n")
+    md += "".join(f"\n{n}\n" for n in a.note)
     out.with_suffix(".md").write_text(md)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
@@ -734,6 +742,7 @@ def main(argv=None):
     m.add_argument("--torch", action="append", default=[],
                    help="CONTEXT:PATH of a bench.torch_quality result: TieredCache's W2 rows beside the table")
     m.add_argument("--text", default="w2", choices=TEXTS, help="the text the runs read")
+    m.add_argument("--note", action="append", default=[], help="a paragraph under the table")
     m.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     a.argv = argv
