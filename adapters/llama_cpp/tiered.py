@@ -252,6 +252,24 @@ class TieredLlama(Llama):
     collections are ``<session>.g<n>.L<layer>.H<head>``). ``compress_level``: zstd level of
     session records. ``n_ctx`` (in ``llama_kwargs``): the logical context length (0, the default:
     the model's training context). Other ``llama_kwargs`` go to ``llama_cpp.Llama``.
+
+    Defaults, for a phone user (SmolLM2-135M, W2 teacher-forced at 10%,
+    bench/results/llama_cpp_quality_2k.md, _8k.md, llama_cpp_speed.md):
+
+    - ``prefill="dense"``: the answer's quality is TieredCache's (ΔNLL 0.010 at 2K, 0.14 at 8K;
+      TieredCache with the same policy: -0.016 and 0.12) for a prefill peak of the prompt's KV
+      (174 MiB at 7900 tokens for this model), held only while the prompt is computed and
+      reported by ``stats()["prefill_kv_mib_peak"]``. Where that peak does not fit, choose
+      ``prefill="bounded"`` with ``dram_tokens`` a quarter of the prompt: ΔNLL 0.050 at 2K and
+      0.27 at 8K for a quarter of the peak (a tenth: 0.26 and 0.41).
+    - ``refresh_every=1``, ``query_tokens=1``: every decoded token retrieves, per layer, with its
+      own query; every 4 or 16 tokens gave ΔNLL 1.45 or 2.08 at 8K, close to sink + window alone
+      (2.64). It is also what decoding spends its time on: on a shared 2-core x86 machine 0.24x
+      llama.cpp's tokens/s at 2K and 0.28x at 8K (0.42x at both with kvtier's DRAM budget at
+      128 MiB), where sink + window alone runs 2.2-2.65x (the cells it attends to are fewer).
+    - ``budget=0.1``, ``dram_tokens=1024`` (22.5 MiB of cells for this model: room for 10% of a
+      context up to about 8.9K tokens), ``window=64`` (32 and 128 measured the same),
+      ``overfetch=1.0`` (2.0: top-1 +0.02 at 2K for 4x the retrieval time), ``sinks=4``.
     """
 
     def __init__(self, model_path: str, budget: Union[int, float] = DEFAULTS["budget"],
