@@ -69,9 +69,14 @@ static float heat_now(const kvt_cache *c, const kvt_cache_ent *e) {
 
 /* ---- the lookup table ---------------------------------------------------------------------- */
 
-static uint64_t bucket_of(const kvt_cache *c, const void *owner, uint32_t cluster) {
+/* the bucket of (owner, cluster) in a table of nb buckets (a power of two) */
+static uint64_t bucket_in(uint64_t nb, const void *owner, uint32_t cluster) {
     uint64_t h = (uint64_t)(uintptr_t)owner * 0x9E3779B97F4A7C15ull ^ (uint64_t)cluster * 0xBF58476D1CE4E5B9ull;
-    return (h ^ (h >> 29)) & (c->nbuckets - 1);
+    return (h ^ (h >> 29)) & (nb - 1);
+}
+
+static uint64_t bucket_of(const kvt_cache *c, const void *owner, uint32_t cluster) {
+    return bucket_in(c->nbuckets, owner, cluster);
 }
 
 kvt_cache_ent *kvt_cache_find(const kvt_cache *c, const void *owner, uint32_t cluster) {
@@ -95,7 +100,7 @@ static void unhash(kvt_cache *c, kvt_cache_ent *e) {
  * The table is cache bytes that no eviction frees, so it follows the entries down too. */
 static void resize_table(kvt_cache *c, uint64_t nb) {
     if (c->resizing) return;
-    uint64_t old = c->nbuckets * sizeof *c->buckets, now = nb * sizeof *c->buckets;
+    uint64_t old = c->nbuckets * sizeof(kvt_cache_ent *), now = nb * sizeof(kvt_cache_ent *);
     if (now > old) {
         c->resizing = 1; /* the room may come from evictions, which must not resize meanwhile */
         int rc = kvt_mem_reserve_as(c->mem, KVT_USE_CACHE, now - old);
@@ -105,17 +110,15 @@ static void resize_table(kvt_cache *c, uint64_t nb) {
             return;
         }
     }
-    kvt_cache_ent **b = nb ? calloc(nb, sizeof *b) : NULL;
+    kvt_cache_ent **b = nb ? calloc(nb, sizeof(kvt_cache_ent *)) : NULL;
     if (nb && !b) {
         if (now > old) kvt_mem_release_as(c->mem, KVT_USE_CACHE, now - old);
         return;
     }
-    for (uint64_t i = 0; i < c->nbuckets; i++)
+    for (uint64_t i = 0; b && i < c->nbuckets; i++) /* no table (nb 0) only once no entry is left */
         for (kvt_cache_ent *x = c->buckets[i], *nx; x; x = nx) {
             nx = x->hnext;
-            uint64_t h =
-                (uint64_t)(uintptr_t)x->owner * 0x9E3779B97F4A7C15ull ^ (uint64_t)x->cluster * 0xBF58476D1CE4E5B9ull;
-            h = (h ^ (h >> 29)) & (nb - 1);
+            uint64_t h = bucket_in(nb, x->owner, x->cluster);
             x->hnext = b[h];
             b[h] = x;
         }

@@ -147,7 +147,7 @@ int kvt_relayout(kvt_coll *c) {
     uint64_t meta = (uint64_t)k * (4 + 4 + 4) + 16, sbytes = (uint64_t)L->pool_cap * L->esz, written = 0;
     int rc = kvt_mem_reserve(&s->mem, meta);
     if (rc) goto spent;
-    uint32_t *chain = malloc((size_t)k * 4 + 4), *placed = calloc(k + 1, 4), *pool_of = malloc((size_t)k * 4 + 8);
+    uint32_t *chain = malloc((size_t)k * 4 + 4), *placed = calloc(k + 1, 4), *pool_of = calloc(k + 2, 4);
     uint8_t *scratch = NULL;
     if (!chain || !placed || !pool_of) rc = kvt_fail(ENOMEM, "relayout: out of memory");
     if (!rc) m = build_chain(c, k, chain, placed);

@@ -13,7 +13,14 @@
 
 /* Records `code` with a printf-style detail for kvt_last_error() and returns code, so that an
  * error site reads `return kvt_fail(KVT_EINVAL, "dim %u > %u", d, max);`. */
-int kvt_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int(kvt_fail)(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* ... and the macro makes the value `code` itself, so that a reader (and a static analyzer)
+ * sees at the call that a failure returns what it names, never 0. */
+static inline int kvt_failed(int recorded, int code) {
+    (void)recorded;
+    return code;
+}
+#define kvt_fail(code, ...) kvt_failed((kvt_fail)((code), __VA_ARGS__), (code))
 void kvt_clear_error(void);
 /* The calling thread's on_corrupt choice (kvt_set_on_corrupt), and its list of unreadable
  * entries (kvt_last_unreadable): emptied when a read call starts, added to as it meets damage. */

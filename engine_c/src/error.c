@@ -18,10 +18,10 @@
 
 static _Thread_local char last_error[512];
 
-int kvt_fail(int code, const char *fmt, ...) {
+int(kvt_fail)(int code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    (void)vsnprintf(last_error, sizeof last_error, fmt, ap); /* a longer message is cut, as it may be */
     va_end(ap);
     return code;
 }
@@ -143,7 +143,7 @@ void kvt_kill_point(const char *name) {
     pthread_mutex_lock(&kill_mu);
     long left = kill_count--;
     pthread_mutex_unlock(&kill_mu);
-    if (left == 0) raise(SIGKILL);
+    if (left == 0) (void)raise(SIGKILL);
 }
 
 static uint32_t crc_table[8][256];

@@ -104,7 +104,7 @@ int kvt_estimate(kvt_coll *c, const float *q, uint64_t nq, const float *scores, 
             if (variance) { /* m2 sums are over n entries: var = m2 / n */
                 float inv_n = 1.0f / (float)c->cl[j].n;
                 s[t] += half_t2 * inv_n *
-                        (c->m2d ? K->dot_f32(q2, c->m2d + (size_t)j * d, d) : qq * (float)(c->cl[j].m2 / d));
+                        (c->m2d ? K->dot_f32(q2, c->m2d + (size_t)j * d, d) : qq * (float)(c->cl[j].m2 / (float)d));
             }
             if (s[t] > mx) mx = s[t];
         }

@@ -158,7 +158,8 @@ int kvt_ensure_clusters(kvt_coll *c, uint32_t need) {
     if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(uint16_t), &cap2, to);
     if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap3, to);
     if (!rc && m2d) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, to);
-    if (!rc && vs) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, to);
+    if (!rc && vs && c->p.value_dim)
+        rc = grow_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, to);
     if (rc) return rc;
     for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
     c->clcap = (uint32_t)cap; /* all grew to the same capacity */
@@ -250,14 +251,20 @@ int kvt_rebuild_members(kvt_coll *c) {
         kvt_cluster *k = &c->cl[j];
         int rc = kvt_ensure_mem(c, k, k->n);
         if (rc) return rc;
-        for (uint32_t i = 0; i < k->n; i++) k->x->mem[i] = UINT32_MAX;
+        uint32_t *mem = kvt_members(k); /* NULL only when k holds no entry */
+        for (uint32_t i = 0; mem && i < k->n; i++) mem[i] = UINT32_MAX;
     }
-    for (uint64_t id = 0; id < c->n; id++) c->cl[c->loc[id].cl].x->mem[c->loc[id].idx] = (uint32_t)id;
-    for (uint32_t j = 0; j < c->ncl; j++)
-        for (uint32_t i = 0; i < c->cl[j].n; i++)
-            if (c->cl[j].x->mem[i] == UINT32_MAX || (i && c->cl[j].x->mem[i] <= c->cl[j].x->mem[i - 1]))
+    for (uint64_t id = 0; id < c->n; id++) { /* load_chunk checked that each place is in its cluster */
+        uint32_t *mem = kvt_members(&c->cl[c->loc[id].cl]);
+        if (mem) mem[c->loc[id].idx] = (uint32_t)id;
+    }
+    for (uint32_t j = 0; j < c->ncl; j++) {
+        const uint32_t *mem = kvt_members(&c->cl[j]);
+        for (uint32_t i = 0; mem && i < c->cl[j].n; i++)
+            if (mem[i] == UINT32_MAX || (i && mem[i] <= mem[i - 1]))
                 return kvt_fail(KVT_ECORRUPT, "catalog: cluster %u of collection %u has an inconsistent member list", j,
                                 c->no);
+    }
     return 0;
 }
 
@@ -352,7 +359,7 @@ void kvt_stats_from_records(kvt_coll *c, uint32_t j, const uint8_t *recs, uint32
     kvt_update_norm(c, j);
 }
 
-double kvt_variance(const kvt_cluster *k) { return k->n ? k->m2 / k->n : 0; }
+double kvt_variance(const kvt_cluster *k) { return k->n ? k->m2 / (float)k->n : 0; }
 
 /* ---- collections ------------------------------------------------------------------------- */
 
@@ -421,7 +428,10 @@ int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int trunca
     kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION, !kvt_token_log(p));
     c->pools.sized = c->L.format >= 3; /* pools sized to what they hold (pool.h) */
     char path[4096];
-    snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no);
+    if (snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no) >= (int)sizeof path) {
+        free(c);
+        return kvt_fail(KVT_EINVAL, "dir: the store's path is too long (%zu bytes)", strlen(s->dir));
+    }
     rc = kvt_file_open(&s->io, path, truncate, &c->f);
     if (rc) {
         free(c);
@@ -429,7 +439,7 @@ int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int trunca
     }
     if (s->ncolls == s->collcap) {
         uint32_t cap = s->collcap ? s->collcap * 2 : 8;
-        kvt_coll **a = realloc(s->colls, cap * sizeof *a);
+        kvt_coll **a = realloc(s->colls, cap * sizeof(kvt_coll *));
         if (!a) {
             kvt_coll_free(c);
             return kvt_fail(ENOMEM, "out of memory");

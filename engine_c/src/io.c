@@ -1,5 +1,6 @@
 /*
- * io.c — files, direct reads, accounting and the device model.
+ * io.c — files, direct reads, accounting and the device model; the pread backend (the
+ * io_uring one is uring.c).
  *
  * Invariants:
  * 1. Every read and write goes through the backend table chosen in kvt_io_init; nothing
@@ -15,17 +16,10 @@
  *    so (direct_io = 0), and "on" fails at open with an error that names the build option.
  * 6. Every read is a transfer of a batch (kvt_file_read is a batch of one, and a batch of
  *    one is a pread under every backend: a ring has nothing to overlap it with). With
- *    io_uring a ring serves one batch at a time: a caller takes an idle ring of its io
- *    context, submits and reaps the whole batch on it, and gives it back. Rings are made on
- *    demand, up to KVT_IO_RINGS per context, so that the store's thread and the loader
- *    threads keep their reads in flight together as their preads did; one ring behind a
- *    mutex held across the reap would queue them behind each other. A caller that finds no
- *    ring idle and may make no other reads by pread: correct, only not batched.
- * 7. A read that io_uring cannot finish (a short transfer before end of file, EINTR/EAGAIN,
- *    a ring that failed to submit) is finished by pread, so both backends return the same
- *    bytes, the same short reads at end of file and the same errors.
- * 8. A forked child never uses its parent's rings (they share memory with the parent's
- *    kernel ring); it reads by pread.
+ *    io_uring a ring serves one batch at a time (uring.c 1).
+ * 7. A read that io_uring cannot finish is finished by pread, so both backends return the
+ *    same bytes, the same short reads at end of file and the same errors (uring.c 2).
+ * 8. A forked child never uses its parent's rings; it reads by pread (uring.c 3).
  * 9. A batch is timed as a whole, from its first submission to its last completion (the
  *    reads overlap: none has a time of its own), and the time is split across its reads in
  *    proportion to their bytes.
@@ -47,19 +41,6 @@
 #include "common.h"
 #include "io.h"
 
-#ifdef KVT_HAVE_IO_URING
-#include <liburing.h>
-#endif
-/* The kernel fills io_uring's buffers behind valgrind's back; tell memcheck they are set. */
-#if defined(__has_include)
-#if __has_include(<valgrind/memcheck.h>)
-#include <valgrind/memcheck.h>
-#endif
-#endif
-#ifndef VALGRIND_MAKE_MEM_DEFINED
-#define VALGRIND_MAKE_MEM_DEFINED(p, n) ((void)(p), (void)(n))
-#endif
-
 struct kvt_file {
     kvt_io *io;
     int fd;  /* buffered */
@@ -70,7 +51,7 @@ struct kvt_file {
     char path[];
 };
 
-static int posix_pread_full(int fd, void *buf, size_t len, uint64_t off, size_t *got) {
+int kvt_posix_pread_full(int fd, void *buf, size_t len, uint64_t off, size_t *got) {
     size_t done = 0;
     while (done < len) {
         ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
@@ -86,164 +67,9 @@ static int posix_pread_full(int fd, void *buf, size_t len, uint64_t off, size_t 
     return 0;
 }
 
-static int posix_datasync(int fd) { return fdatasync(fd) ? errno : 0; }
+int kvt_posix_datasync(int fd) { return fdatasync(fd) ? errno : 0; }
 
-static const kvt_io_backend posix_backend = {"pread", posix_pread_full, posix_datasync, NULL};
-
-#ifdef KVT_HAVE_IO_URING
-/* Incremented in the child at every fork (invariant 8). */
-static unsigned fork_gen;
-static void on_fork_child(void) { fork_gen++; }
-static pthread_once_t fork_hook_once = PTHREAD_ONCE_INIT;
-static void fork_hook(void) { pthread_atfork(NULL, NULL, on_fork_child); }
-
-/* 64 reads in flight per ring is deeper than a phone's UFS queue (32) and than a retrieve's
- * usual batch; a larger batch goes in ring-fulls. */
-#define KVT_RING_ENTRIES 64u
-#define KVT_IO_RINGS     8u
-#define KVT_URING_VIA    "io_uring_enter, IORING_OP_READV"
-#define KVT_IN_FLIGHT    (-1)
-/* EAGAIN/EBUSY from a submission is the kernel short of memory for a moment; a ring that
- * keeps answering so is retired and its batch read by pread. */
-#define KVT_SUBMIT_RETRIES 100
-
-struct kvt_ring {
-    struct io_uring ring;
-    struct kvt_ring *next;
-};
-
-static struct kvt_ring *ring_new(void) {
-    struct kvt_ring *r = calloc(1, sizeof *r);
-    if (r && io_uring_queue_init(KVT_RING_ENTRIES, &r->ring, 0) < 0) {
-        free(r);
-        r = NULL;
-    }
-    return r;
-}
-
-static void ring_free(struct kvt_ring *r) {
-    io_uring_queue_exit(&r->ring);
-    free(r);
-}
-
-/* An idle ring, a new one, or NULL (read by pread): invariants 6 and 8. A failed attempt
- * counts against the limit, so that a refusing kernel is not asked again on every read. */
-static struct kvt_ring *ring_take(kvt_io *io) {
-    if (io->ring_fork_gen != fork_gen) return NULL;
-    pthread_mutex_lock(&io->ring_mu);
-    struct kvt_ring *r = io->rings_idle;
-    if (r) {
-        io->rings_idle = r->next;
-    } else if (io->rings_tried < KVT_IO_RINGS) {
-        io->rings_tried++;
-        r = ring_new();
-    }
-    pthread_mutex_unlock(&io->ring_mu);
-    return r;
-}
-
-static void ring_give(kvt_io *io, struct kvt_ring *r, int broken) {
-    if (broken) {
-        ring_free(r);
-        return;
-    }
-    pthread_mutex_lock(&io->ring_mu);
-    r->next = io->rings_idle;
-    io->rings_idle = r;
-    pthread_mutex_unlock(&io->ring_mu);
-}
-
-/* Records a completion; what io_uring left unfinished is finished by pread (invariant 7). */
-static void uring_complete(kvt_io_xfer *t, int res) {
-    t->via = KVT_URING_VIA;
-    if (res == -EINTR || res == -EAGAIN) {
-        t->err = posix_pread_full(t->fd, t->buf, t->len, t->off, &t->got);
-        t->via = "pread";
-        return;
-    }
-    if (res < 0) {
-        t->got = 0;
-        t->err = -res;
-        return;
-    }
-    VALGRIND_MAKE_MEM_DEFINED(t->buf, (size_t)res);
-    t->got = (size_t)res;
-    t->err = 0;
-    if (res > 0 && (size_t)res < t->len) {
-        size_t more = 0;
-        t->err = posix_pread_full(t->fd, (char *)t->buf + res, t->len - (size_t)res, t->off + (uint64_t)res, &more);
-        t->got += more;
-    }
-}
-
-/* Submits a ring-full at a time with one io_uring_enter that also waits for all of it, and
- * reaps it. Returns how many leading transfers were done; the caller preads the rest. */
-static size_t uring_read_batch(kvt_io *io, kvt_io_xfer *x, size_t n) {
-    struct kvt_ring *r = ring_take(io);
-    if (!r) return 0;
-    struct iovec iov[KVT_RING_ENTRIES];
-    size_t done = 0;
-    int broken = 0;
-    while (done < n && !broken) {
-        unsigned k = n - done < KVT_RING_ENTRIES ? (unsigned)(n - done) : KVT_RING_ENTRIES;
-        for (unsigned j = 0; j < k; j++) {
-            kvt_io_xfer *t = &x[done + j];
-            struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring); /* never NULL: ring drained */
-            iov[j].iov_base = t->buf;
-            iov[j].iov_len = t->len;
-            /* READV rather than READ: every kernel with io_uring (5.1+) has it */
-            io_uring_prep_readv(sqe, t->fd, &iov[j], 1, t->off);
-            io_uring_sqe_set_data(sqe, t);
-            t->err = KVT_IN_FLIGHT;
-        }
-        unsigned submitted = 0;
-        int retries = 0;
-        while (submitted < k) {
-            int s = io_uring_submit_and_wait(&r->ring, submitted ? 0 : k);
-            if (s == -EINTR) continue;
-            if ((s == -EAGAIN || s == -EBUSY) && ++retries < KVT_SUBMIT_RETRIES) continue;
-            if (s <= 0) { /* e.g. a sandbox that allows io_uring_setup but not io_uring_enter */
-                broken = 1;
-                break;
-            }
-            submitted += (unsigned)s;
-        }
-        for (unsigned reaped = 0; reaped < submitted;) {
-            struct io_uring_cqe *cqe;
-            int w = io_uring_wait_cqe(&r->ring, &cqe);
-            if (w == -EINTR || w == -EAGAIN || w == -ETIME) continue;
-            if (w < 0) {
-                /* Not seen with a valid ring: fail what is still in flight, retire the ring. */
-                for (unsigned j = 0; j < submitted; j++)
-                    if (x[done + j].err == KVT_IN_FLIGHT) {
-                        x[done + j].err = -w;
-                        x[done + j].got = 0;
-                        x[done + j].via = KVT_URING_VIA;
-                    }
-                broken = 1;
-                break;
-            }
-            kvt_io_xfer *t = io_uring_cqe_get_data(cqe);
-            int res = cqe->res;
-            io_uring_cqe_seen(&r->ring, cqe);
-            uring_complete(t, res);
-            reaped++;
-        }
-        done += submitted;
-    }
-    ring_give(io, r, broken);
-    return done;
-}
-
-static const kvt_io_backend uring_backend = {"io_uring", posix_pread_full, posix_datasync, uring_read_batch};
-
-/* KVTIER_IO_URING=0 (or off, no, false) asks for pread. */
-static int uring_disabled_by_env(void) {
-    const char *v = getenv("KVTIER_IO_URING");
-    if (!v) return 0;
-    return !strcmp(v, "0") || !strcasecmp(v, "off") || !strcasecmp(v, "no") || !strcasecmp(v, "false");
-}
-#endif
+static const kvt_io_backend posix_backend = {"pread", kvt_posix_pread_full, kvt_posix_datasync, NULL};
 
 int kvt_io_init(kvt_io *io, const kvt_device *dev, int direct_mode) {
     memset(io, 0, sizeof *io);
@@ -259,31 +85,12 @@ int kvt_io_init(kvt_io *io, const kvt_device *dev, int direct_mode) {
         pthread_mutex_destroy(&io->mu);
         return e;
     }
-#ifdef KVT_HAVE_IO_URING
-    pthread_once(&fork_hook_once, fork_hook);
-    io->ring_fork_gen = fork_gen;
-    /* The first ring decides the backend: a kernel without io_uring, a seccomp filter
-     * (EPERM/ENOSYS) or kernel.io_uring_disabled fail here, and reads silently stay preads. */
-    if (!uring_disabled_by_env()) {
-        struct kvt_ring *r = ring_new();
-        if (r) {
-            io->be = &uring_backend;
-            io->rings_idle = r;
-            io->rings_tried = 1;
-        }
-    }
-#endif
+    kvt_uring_open(io); /* io_uring when built in and granted (uring.c); else reads stay preads */
     return 0;
 }
 
 void kvt_io_destroy(kvt_io *io) {
-#ifdef KVT_HAVE_IO_URING
-    while (io->rings_idle) {
-        struct kvt_ring *r = io->rings_idle;
-        io->rings_idle = r->next;
-        ring_free(r);
-    }
-#endif
+    kvt_uring_close(io);
     pthread_mutex_destroy(&io->ring_mu);
     pthread_mutex_destroy(&io->mu);
 }
@@ -513,9 +320,60 @@ static void issue_reads(kvt_io *io, kvt_io_xfer *x, size_t n) {
     }
 }
 
-/* Batches up to this size keep their transfers on the stack (a single read allocates only
- * its bounce buffer, as before batches existed). */
+/* Batches up to this size keep their transfers on the stack. */
 #define KVT_BATCH_ON_STACK 8
+
+/* Direct reads: each request's window of whole alignment units, all of them in one aligned
+ * bounce buffer (every window a multiple of the alignment, so every part stays aligned). */
+static int direct_windows(kvt_file *f, const kvt_read_req *reqs, size_t issue, int dfd, kvt_io_xfer *x, char **bounce) {
+    size_t total = 0;
+    for (size_t i = 0; i < issue; i++) {
+        uint64_t a0 = kvt_round_down(reqs[i].off, KVT_IO_ALIGN);
+        size_t alen = (size_t)(kvt_round_up(reqs[i].off + reqs[i].len, KVT_IO_ALIGN) - a0);
+        x[i] = (kvt_io_xfer){.fd = dfd, .len = alen, .off = a0};
+        total = total + alen < total ? SIZE_MAX : total + alen; /* saturates: too much to allocate */
+    }
+    if (total == SIZE_MAX || posix_memalign((void **)bounce, KVT_IO_ALIGN, total))
+        return kvt_fail(ENOMEM, "pread(%s): cannot allocate %zu aligned bytes", f->path, total);
+    for (size_t i = 0, pos = 0; i < issue; pos += x[i].len, i++) x[i].buf = *bounce + pos;
+    return 0;
+}
+
+/* The file system accepted O_DIRECT at open but not a transfer (EINVAL): fall back for good to
+ * buffered reads on this file rather than fail, and redo those reads. */
+static void redo_refused(kvt_file *f, const kvt_read_req *reqs, kvt_io_xfer *x, size_t issue, int dfd) {
+    kvt_io *io = f->io;
+    for (size_t i = 0; i < issue; i++) {
+        if (x[i].err != EINVAL) continue;
+        if (f->dfd == dfd) {
+            f->dfd = -1;
+            f->dfd_refused = dfd;
+        }
+        x[i] = (kvt_io_xfer){.buf = reqs[i].dst, .len = reqs[i].len, .off = reqs[i].off, .via = "pread", .fd = f->fd};
+        x[i].err = io->be->pread_full(x[i].fd, x[i].buf, x[i].len, x[i].off, &x[i].got);
+    }
+}
+
+/* Each read's outcome, in request order: the first error, else its bytes copied out of its
+ * window (direct reads). */
+static int finish_reads(kvt_file *f, const kvt_read_req *reqs, const kvt_io_xfer *x, size_t issue, int dfd) {
+    int rc = 0;
+    for (size_t i = 0; i < issue && !rc; i++) {
+        const kvt_read_req *q = &reqs[i];
+        int direct = dfd >= 0 && x[i].fd == dfd;
+        size_t skip = direct ? (size_t)(q->off - x[i].off) : 0;
+        if (x[i].err)
+            rc = kvt_fail(x[i].err, "pread(%s, offset %llu, %zu bytes%s): %s (syscall %s)", f->path,
+                          (unsigned long long)x[i].off, x[i].len, direct ? ", O_DIRECT" : "", strerror(x[i].err),
+                          x[i].via);
+        else if (x[i].got < skip + q->len)
+            rc = kvt_fail(KVT_ECORRUPT, "pread(%s, offset %llu, %zu bytes): file ends early (short read of %zu)",
+                          f->path, (unsigned long long)q->off, q->len, x[i].got);
+        else if (direct)
+            memcpy(q->dst, (char *)x[i].buf + skip, q->len);
+    }
+    return rc;
+}
 
 int kvt_file_read_batch(kvt_file *f, const kvt_read_req *reqs, size_t n) {
     kvt_io *io = f->io;
@@ -534,63 +392,24 @@ int kvt_file_read_batch(kvt_file *f, const kvt_read_req *reqs, size_t n) {
     int rc = 0;
     if (issue > KVT_BATCH_ON_STACK && !(x = malloc(issue * sizeof *x)))
         return kvt_fail(ENOMEM, "pread(%s): out of memory for a batch of %zu reads", f->path, n);
-    /* One read of f->dfd: another thread may retire it (below) while this batch runs. */
+    /* One read of f->dfd: another thread may retire it (redo_refused) while this batch runs. */
     int dfd = f->dfd;
-    if (dfd >= 0 && issue) {
-        size_t total = 0;
-        for (size_t i = 0; i < issue; i++) {
-            uint64_t a0 = kvt_round_down(reqs[i].off, KVT_IO_ALIGN);
-            size_t alen = (size_t)(kvt_round_up(reqs[i].off + reqs[i].len, KVT_IO_ALIGN) - a0);
-            x[i] = (kvt_io_xfer){dfd, NULL, alen, a0, 0, 0, NULL};
-            total = total + alen < total ? SIZE_MAX : total + alen; /* saturates: too much to allocate */
-        }
-        if (total == SIZE_MAX || posix_memalign((void **)&bounce, KVT_IO_ALIGN, total)) {
-            rc = kvt_fail(ENOMEM, "pread(%s): cannot allocate %zu aligned bytes", f->path, total);
-            goto out;
-        }
-        /* each window is a multiple of the alignment, so every part stays aligned */
-        for (size_t i = 0, pos = 0; i < issue; pos += x[i].len, i++) x[i].buf = bounce + pos;
-    } else {
+    if (dfd >= 0 && issue)
+        rc = direct_windows(f, reqs, issue, dfd, x, &bounce);
+    else
         for (size_t i = 0; i < issue; i++)
-            x[i] = (kvt_io_xfer){f->fd, reqs[i].dst, reqs[i].len, reqs[i].off, 0, 0, NULL};
-    }
-
-    double t0 = now_seconds();
-    issue_reads(io, x, issue);
-    if (dfd >= 0) {
-        for (size_t i = 0; i < issue; i++) {
-            if (x[i].err != EINVAL) continue;
-            /* The file system accepted O_DIRECT at open but not this transfer: fall back for
-             * good to buffered reads on this file rather than fail, and redo the read. */
-            if (f->dfd == dfd) {
-                f->dfd = -1;
-                f->dfd_refused = dfd;
-            }
-            x[i] = (kvt_io_xfer){f->fd, reqs[i].dst, reqs[i].len, reqs[i].off, 0, 0, "pread"};
-            x[i].err = io->be->pread_full(x[i].fd, x[i].buf, x[i].len, x[i].off, &x[i].got);
-        }
-    }
-    account_batch(io, x, reqs, issue, now_seconds() - t0);
-
-    for (size_t i = 0; i < issue && !rc; i++) {
-        const kvt_read_req *q = &reqs[i];
-        int direct = dfd >= 0 && x[i].fd == dfd;
-        size_t skip = direct ? (size_t)(q->off - x[i].off) : 0;
-        if (x[i].err)
-            rc = kvt_fail(x[i].err, "pread(%s, offset %llu, %zu bytes%s): %s (syscall %s)", f->path,
-                          (unsigned long long)x[i].off, x[i].len, direct ? ", O_DIRECT" : "", strerror(x[i].err),
-                          x[i].via);
-        else if (x[i].got < skip + q->len)
-            rc = kvt_fail(KVT_ECORRUPT, "pread(%s, offset %llu, %zu bytes): file ends early (short read of %zu)",
-                          f->path, (unsigned long long)q->off, q->len, x[i].got);
-        else if (direct)
-            memcpy(q->dst, (char *)x[i].buf + skip, q->len);
+            x[i] = (kvt_io_xfer){.buf = reqs[i].dst, .len = reqs[i].len, .off = reqs[i].off, .fd = f->fd};
+    if (!rc) {
+        double t0 = now_seconds();
+        issue_reads(io, x, issue);
+        if (dfd >= 0) redo_refused(f, reqs, x, issue, dfd);
+        account_batch(io, x, reqs, issue, now_seconds() - t0);
+        rc = finish_reads(f, reqs, x, issue, dfd);
     }
     if (!rc && fault)
         rc = kvt_fail(fault, "pread(%s, offset %llu, %zu bytes): injected fault (syscall %s)", f->path,
                       (unsigned long long)reqs[issue].off, reqs[issue].len,
                       n > 1 && io->be->read_batch ? "io_uring_enter" : "pread");
-out:
     free(bounce);
     if (x != on_stack) free(x);
     return rc;

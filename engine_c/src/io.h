@@ -45,13 +45,12 @@ typedef struct kvt_io kvt_io;
  * The backend sets `got` (bytes read; fewer only at end of file), `err` (0 or an errno) and
  * `via` (the system call that moved the bytes, for error messages). */
 typedef struct kvt_io_xfer {
-    int fd;
     void *buf;
     size_t len;
     uint64_t off;
     size_t got;
-    int err;
     const char *via;
+    int fd, err;
 } kvt_io_xfer;
 
 /* A read backend: chosen once when the io context is made (writes are always pwritev). Every
@@ -87,7 +86,7 @@ typedef struct kvt_io_stats {
     uint64_t size_bytes[24]; /* bytes of the reads in size_hist, by the same buckets */
 } kvt_io_stats;
 
-struct kvt_ring; /* io.c */
+struct kvt_ring; /* uring.c */
 
 struct kvt_io {
     const kvt_io_backend *be;
@@ -100,7 +99,7 @@ struct kvt_io {
     /* fault injection: fail the nth next op of a kind */
     int fault_code[3];
     uint64_t fault_countdown[3];
-    /* io_uring rings not in use (io.c, invariant 6), guarded by ring_mu */
+    /* io_uring rings not in use (uring.c 1), guarded by ring_mu */
     pthread_mutex_t ring_mu;
     struct kvt_ring *rings_idle;
     unsigned rings_tried, ring_fork_gen;
@@ -113,6 +112,13 @@ int kvt_io_init(kvt_io *io, const kvt_device *dev, int direct_mode);
 void kvt_io_destroy(kvt_io *io);
 /* The read backend in force: "io_uring" or "pread". */
 const char *kvt_io_backend_name(const kvt_io *io);
+/* The backends: pread (io.c), whose reads and syncs the io_uring backend (uring.c) shares;
+ * the io_uring backend offered to a new context (taken when the kernel grants a ring) and
+ * its rings freed. */
+int kvt_posix_pread_full(int fd, void *buf, size_t len, uint64_t off, size_t *got);
+int kvt_posix_datasync(int fd);
+void kvt_uring_open(kvt_io *io);
+void kvt_uring_close(kvt_io *io);
 
 /* Opens `path` (creating it; truncating when `truncate`). Direct reads are tried when the
  * io's direct mode allows and silently fall back to buffered when the file system refuses.

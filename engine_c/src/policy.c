@@ -19,5 +19,5 @@ const kvt_policy_ops kvt_policy_static = {.clustered = 1};
 static const kvt_policy_ops *const table[] = {KVT_POLICIES(ENTRY_)};
 
 const kvt_policy_ops *kvt_policy_ops_for(int policy) {
-    return policy >= 0 && (size_t)policy < sizeof table / sizeof *table ? table[policy] : NULL;
+    return policy >= 0 && (size_t)policy < sizeof table / sizeof(table[0]) ? table[policy] : NULL;
 }

@@ -54,7 +54,8 @@ typedef void (*kvt_put_fn)(void *w, const void *p, size_t n);
 
 typedef struct kvt_policy_ops {
     /* 0: the policy keeps no clusters to score, split or estimate (none): one chain of
-     * entries in token order, retrieved exactly (retrieve, search_scan) */
+     * entries in token order, retrieved exactly (its retrieve hook) and searched by scanning
+     * every key (search.c, token.c) */
     int clustered;
 
     /* ---- parameters and sizes (kvt_coll_create, budget.c) */
@@ -106,7 +107,7 @@ typedef struct kvt_policy_ops {
     int (*held)(const kvt_coll *c, const struct kvt_cluster *k);
 
     /* ---- a retrieve (retrieve.c's pipeline) */
-    /* the whole retrieve, for a policy without clusters (into r, allocated and empty) */
+    /* the whole retrieve, for a policy without clusters (into r, an empty result) */
     int (*retrieve)(kvt_coll *c, const float *q, uint64_t nq, uint64_t budget, kvt_result *r);
     /* whether the policy wants cluster j's records once read; then it gets them, in order,
      * in a buffer it may permute (rc 0), or learns why not (recs NULL, rc an error) */
@@ -115,7 +116,11 @@ typedef struct kvt_policy_ops {
     void (*after_read)(kvt_coll *c); /* upkeep after the records were handed over */
 } kvt_policy_ops;
 
-extern const kvt_policy_ops kvt_policy_static, kvt_policy_adaptive, kvt_policy_local, kvt_policy_none;
+/* Each policy of KVT_POLICIES (kvtier.h) has its hooks in kvt_policy_<name>, defined in its
+ * file (static: policy.c). */
+#define KVT_POLICY_OPS_DECL_(id, value, name) extern const kvt_policy_ops kvt_policy_##name;
+KVT_POLICIES(KVT_POLICY_OPS_DECL_)
+#undef KVT_POLICY_OPS_DECL_
 
 /* The policy of enum kvt_policy value `policy`, or NULL (policy.c: the one table). */
 const kvt_policy_ops *kvt_policy_ops_for(int policy);

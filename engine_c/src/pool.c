@@ -128,7 +128,7 @@ void kvt_data_header(const kvt_layout *L, const kvt_coll_params *p, uint8_t page
     if (!w.oom) memcpy(page, w.p, w.len);
     free(w.p);
     uint8_t *t = page + KVT_DATA_HEADER - HEADER_TRAILER;
-    memcpy(t, HEADER_TAG, 8);
+    memcpy(t, HEADER_TAG, 8); // NOLINT(bugprone-not-null-terminated-result): 8 bytes of tag, no string
     crc = kvt_crc32c(0, page, KVT_DATA_HEADER - 4);
     memcpy(t + 8, &crc, 4);
 }
@@ -290,9 +290,13 @@ int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t n
     uint32_t want = P->sized ? (need ? need : 1) : 1, pair_want = P->sized ? want + want / 2 : 1;
     for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 8; looked++) {
         uint32_t idx = P->avail[i];
-        kvt_pool *p = idx < P->n ? &P->p[idx] : NULL;
-        int h0 = p && p->owner[0] == KVT_HEAD_FREE, h1 = p && p->owner[1] == KVT_HEAD_FREE;
-        if (!p || !p->units || (!h0 && !h1) || kvt_pool_room(L, p) == 0) {
+        if (idx >= P->n) { /* stale: the table was cut since */
+            P->avail[i] = P->avail[--P->navail];
+            continue;
+        }
+        kvt_pool *p = &P->p[idx];
+        int h0 = p->owner[0] == KVT_HEAD_FREE, h1 = p->owner[1] == KVT_HEAD_FREE;
+        if (!p->units || (!h0 && !h1) || kvt_pool_room(L, p) == 0) {
             P->avail[i] = P->avail[--P->navail];
             continue;
         }

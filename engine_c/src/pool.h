@@ -43,8 +43,12 @@
 
 #define KVT_DATA_MAGIC "KVTDATA1"
 /* The header page: one I/O alignment unit, so that pools start aligned (16 KiB builds too). */
-#define KVT_DATA_HEADER (KVT_IO_ALIGN > 4096u ? KVT_IO_ALIGN : 4096u)
-#define KVT_REC_HEADER  16u
+#if KVT_IO_ALIGN > 4096
+#define KVT_DATA_HEADER KVT_IO_ALIGN
+#else
+#define KVT_DATA_HEADER 4096u
+#endif
+#define KVT_REC_HEADER 16u
 /* The page that format-2 files pad records to: the smallest flash page of the profiles. */
 #define KVT_LAYOUT_PAGE 4096u
 
@@ -61,7 +65,11 @@ typedef struct kvt_layout {
 /* The unit pools are made of (format 3): a layout page, or the I/O alignment if larger, so
  * that pools never share an aligned page and direct reads of one pool never touch bytes
  * another writer is appending. */
-#define KVT_POOL_UNIT (KVT_IO_ALIGN > KVT_LAYOUT_PAGE ? KVT_IO_ALIGN : KVT_LAYOUT_PAGE)
+#if KVT_IO_ALIGN > KVT_LAYOUT_PAGE
+#define KVT_POOL_UNIT KVT_IO_ALIGN
+#else
+#define KVT_POOL_UNIT KVT_LAYOUT_PAGE
+#endif
 
 typedef struct kvt_seg {
     uint32_t pool, head, n;

@@ -63,7 +63,7 @@ static void format_ids(char *buf, size_t cap, const int64_t *ids, uint32_t n, ui
         at += w > 0 ? (size_t)w : 0;
         i = j + 1;
     }
-    if (total > n && at + 6 < cap) snprintf(buf + at, cap - at, ", ...");
+    if (total > n && at + 6 < cap) (void)snprintf(buf + at, cap - at, ", ...");
 }
 
 /* A run with a damaged record: the ids the id map puts at its damaged positions, found in one
@@ -372,8 +372,8 @@ static int batch_alloc(kvt_coll *c, uint32_t nb, uint32_t nseg, batch *B) {
         B->meta = 0;
         return rc;
     }
-    B->buf = calloc(nb, sizeof *B->buf);
-    B->ent = calloc(nb, sizeof *B->ent);
+    B->buf = calloc(nb, sizeof(uint8_t *));
+    B->ent = calloc(nb, sizeof(kvt_cache_ent *));
     B->owned = calloc(nb, sizeof *B->owned);
     B->ex = malloc((size_t)nseg * sizeof *B->ex + 1);
     B->plan = malloc((size_t)nseg * sizeof *B->plan + 1);

@@ -125,6 +125,7 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t, int why) {
     kvt_cluster *kj = &c->cl[j];
     kvt_stats_from_records(c, j, G->grp[t], cnt, G->x);
     kvt_policy_cluster_load(c, kj, fresh, 1);
+    uint32_t *mem = token(c) ? kvt_members(kj) : NULL; /* a token log's member list (replace made it) */
     if (kj->x) kj->x->ptail = 0;
     if (G->tails && G->tails[t].p) {
         kj->pend = cnt - G->wcnt[t];
@@ -140,7 +141,7 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t, int why) {
         int64_t id;
         memcpy(&id, G->grp[t] + (size_t)i * L->esz, 8);
         set_loc(c, (uint64_t)id, j, slot + i - kept);
-        if (token(c)) kj->x->mem[i] = (uint32_t)id;
+        if (mem) mem[i] = (uint32_t)id;
     }
     kvt_cache_ent *e = why == REGROUP_SPLIT ? kvt_cache_admit(&c->st->cache, c, j, cnt, L->esz) : NULL;
     if (e) {
@@ -237,50 +238,65 @@ static void groups_free(kvt_coll *c, groups *G) {
 }
 
 /* A regroup of cluster src into nt groups (nt == 1 with why == REGROUP_CONSOLIDATE: the
- * cluster rewritten whole into one head). *kept_by gets the group that kept index src. */
+ * cluster rewritten whole into one head). Its staging *G (charged to the ledger as *held)
+ * stays allocated, the groups' records in DRAM for a consolidation after it: regroup_end
+ * frees it, whatever the outcome. */
 static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt, int why,
-                   uint32_t *first_new, uint32_t *kept_by) {
-    kvt_mem *m = &c->st->mem;
+                   groups *G, uint64_t *held) {
     uint32_t n = c->cl[src].n, ncl0 = c->ncl;
     uint64_t bytes = (uint64_t)n * c->L.esz, extra = (uint64_t)nt * (sizeof(uint8_t *) + 12) + (uint64_t)c->p.dim * 8;
-    int rc = kvt_mem_reserve(m, bytes + extra);
+    *G = (groups){0};
+    *held = 0;
+    int rc = kvt_mem_reserve(&c->st->mem, bytes + extra);
     if (rc) return rc;
-    groups G = {nt,
-                malloc(bytes + 8),
-                calloc(nt, sizeof(uint8_t *)),
-                calloc(nt, 4),
-                calloc(nt, 4),
-                NULL,
-                NULL,
-                malloc((size_t)c->p.dim * 8),
-                0,
-                0,
-                0,
-                0}; /* x: a key and a mean in float32 (kvt_stats_from_records) */
-    if (!G.sorted || !G.grp || !G.cnt || !G.dst || !G.x) rc = kvt_fail(ENOMEM, "split: out of memory");
-    G.in_place = why == REGROUP_SPLIT && nt == 2 && c->pools.sized && !token(c) && c->cl[src].nseg;
-    if (!rc && G.in_place) choose_stay(c, src, recs, n, part, &G);
-    if (!rc) rc = sort_groups(c, recs, n, part, &G);
-    G.dst[G.stay] = src;
+    *held = bytes + extra;
+    *G = (groups){nt,
+                  malloc(bytes + 8),
+                  calloc(nt, sizeof(uint8_t *)),
+                  calloc(nt, 4),
+                  calloc(nt, 4),
+                  NULL,
+                  NULL,
+                  malloc((size_t)c->p.dim * 8),
+                  0,
+                  0,
+                  0,
+                  0}; /* x: a key and a mean in float32 (kvt_stats_from_records) */
+    if (!G->sorted || !G->grp || !G->cnt || !G->dst || !G->x) rc = kvt_fail(ENOMEM, "split: out of memory");
+    G->in_place = why == REGROUP_SPLIT && nt == 2 && c->pools.sized && !token(c) && c->cl[src].nseg;
+    if (!rc && G->in_place) choose_stay(c, src, recs, n, part, G);
+    if (!rc) rc = sort_groups(c, recs, n, part, G);
+    if (!rc) G->dst[G->stay] = src;
     for (uint32_t t = 0; t < nt && !rc; t++)
-        if (t != G.stay) rc = kvt_new_cluster(c, &G.dst[t]);
-    if (!rc && (buffering(c) || G.in_place)) rc = reserve_tails(c, &G);
+        if (t != G->stay) rc = kvt_new_cluster(c, &G->dst[t]);
+    if (!rc && (buffering(c) || G->in_place)) rc = reserve_tails(c, G);
     if (!rc)
-        rc = replace(c, src, &G, ncl0, why);
+        rc = replace(c, src, G, ncl0, why);
     else
         c->ncl = ncl0; /* the slots it took are free again */
-    if (!rc && G.in_place && kvt_wants_consolidation(c, src) && kvt_consolidate(c, src, G.grp[G.stay]))
-        kvt_clear_error(); /* it keeps its dead slots: read as they are, tidied another time */
-    if (!rc && first_new) *first_new = ncl0;
-    if (!rc && kept_by) *kept_by = G.stay;
-    groups_free(c, &G);
-    kvt_mem_release(m, bytes + extra);
     return rc;
+}
+
+static void regroup_end(kvt_coll *c, groups *G, uint64_t held) {
+    groups_free(c, G);
+    kvt_mem_release(&c->st->mem, held);
 }
 
 int kvt_regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_t *part, uint32_t nt, uint32_t *first_new,
                 uint32_t *kept_by) {
-    return regroup(c, src, recs, part, nt, REGROUP_SPLIT, first_new, kept_by);
+    groups G;
+    uint64_t held;
+    uint32_t ncl0 = c->ncl;
+    int rc = regroup(c, src, recs, part, nt, REGROUP_SPLIT, &G, &held);
+    /* The group that kept the parent's place, consolidated while its records are in DRAM. One
+     * level deep: a consolidation is a regroup of one group, never in place, so it is never
+     * followed by another. */
+    if (!rc && G.in_place && kvt_wants_consolidation(c, src) && kvt_consolidate(c, src, G.grp[G.stay]))
+        kvt_clear_error(); /* it keeps its dead slots: read as they are, tidied another time */
+    if (!rc && first_new) *first_new = ncl0;
+    if (!rc && kept_by) *kept_by = G.stay;
+    regroup_end(c, &G, held);
+    return rc;
 }
 
 int kvt_wants_consolidation(const kvt_coll *c, uint32_t j) {
@@ -294,7 +310,10 @@ int kvt_wants_consolidation(const kvt_coll *c, uint32_t j) {
 int kvt_consolidate(kvt_coll *c, uint32_t j, const uint8_t *recs) {
     uint32_t zero = 0, *part = c->cl[j].n > 1 ? calloc(c->cl[j].n, 4) : &zero;
     if (!part) return kvt_fail(ENOMEM, "consolidate: out of memory");
-    int rc = regroup(c, j, recs, part, 1, REGROUP_CONSOLIDATE, NULL, NULL);
+    groups G;
+    uint64_t held;
+    int rc = regroup(c, j, recs, part, 1, REGROUP_CONSOLIDATE, &G, &held);
+    regroup_end(c, &G, held);
     if (part != &zero) free(part);
     return rc;
 }

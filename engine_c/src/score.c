@@ -64,6 +64,17 @@ void kvt_order_by_score(uint32_t *idx, uint32_t n, const float *scores) {
  * of thousands of clusters per query, where a full sort would dominate its time. */
 static inline int better(const float *sc, uint32_t a, uint32_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a < b); }
 
+/* The one of a, b, c that ranks neither first nor last (ties by index). */
+static uint32_t median3(const float *sc, uint32_t a, uint32_t b, uint32_t c) {
+    if (better(sc, a, b)) {
+        uint32_t t = a;
+        a = b;
+        b = t;
+    }                            /* now b ranks before a */
+    if (better(sc, b, c)) b = c; /* b: the later of b and c */
+    return better(sc, a, b) ? a : b;
+}
+
 void kvt_top_by_score(uint32_t *idx, uint32_t n, uint32_t m, const float *scores) {
     for (uint32_t i = 0; i < n; i++) idx[i] = i;
     if (m >= n) {
@@ -72,24 +83,7 @@ void kvt_top_by_score(uint32_t *idx, uint32_t n, uint32_t m, const float *scores
     }
     uint32_t lo = 0, hi = n; /* the m-th best lies in [lo, hi) */
     while (hi - lo > 1) {
-        uint32_t a = idx[lo], b = idx[lo + (hi - lo) / 2], c3 = idx[hi - 1], pivot;
-        /* median of three */
-        if (better(scores, a, b)) {
-            uint32_t t = a;
-            a = b;
-            b = t;
-        }
-        if (better(scores, b, c3)) {
-            uint32_t t = b;
-            b = c3;
-            c3 = t;
-        }
-        if (better(scores, a, b)) {
-            uint32_t t = a;
-            a = b;
-            b = t;
-        }
-        pivot = b;
+        uint32_t pivot = median3(scores, idx[lo], idx[lo + (hi - lo) / 2], idx[hi - 1]);
         uint32_t i = lo, j = hi;
         for (uint32_t k = lo; k < j;) {
             if (better(scores, idx[k], pivot)) {

@@ -141,7 +141,7 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
      * runs at the smallest budget too, a query at a time if it must */
     uint64_t per_query = (uint64_t)nprobe * sizeof(probe) + 4, fit = kvt_mem_left(&s->mem) / 4 / per_query;
     const uint64_t B = fit < 1 ? 1 : fit > 64 ? 64 : fit;
-    uint64_t transient = (uint64_t)c->ncl * 8 + B * nprobe * sizeof(probe) + B * 4 + nq * 4 + c->p.dim * 4;
+    uint64_t transient = (uint64_t)c->ncl * 8 + B * nprobe * sizeof(probe) + B * 4 + nq * 4 + (uint64_t)c->p.dim * 4;
     rc = kvt_mem_reserve(&s->mem, transient);
     if (rc) {
         transient = 0;

@@ -127,9 +127,8 @@ void kvt_store_close(kvt_store *s) {
     free(s->colls);
     if (s->swap) { /* volatile: nothing in it outlives the store */
         char path[4096];
-        snprintf(path, sizeof path, "%s/swap.kvs", s->dir);
         kvt_file_close(s->swap);
-        unlink(path);
+        if (snprintf(path, sizeof path, "%s/swap.kvs", s->dir) < (int)sizeof path) unlink(path);
     }
     free(s->sfree);
     kvt_cache_destroy(&s->cache);

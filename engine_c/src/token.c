@@ -332,8 +332,8 @@ static void stats(const kvt_coll *c, kvt_coll_stats *o) { o->keys_on_flash = (ui
 static void budget(const kvt_coll_params *p, uint64_t n, const kvt_layout *L, double fetch, uint64_t *keys,
                    uint64_t *read, uint64_t *pending) {
     *keys = n * L->key_bytes;
-    *read = 2 * (uint64_t)L->pool_bytes + 3 * KVT_IO_ALIGN + (uint64_t)ceil(fetch * (double)n) * 8 + L->esz +
-            2 * KVT_IO_ALIGN + 32 + (uint64_t)p->dim * 4;
+    *read = 2 * L->pool_bytes + 3 * (uint64_t)KVT_IO_ALIGN + (uint64_t)ceil(fetch * (double)n) * 8 + L->esz +
+            2 * (uint64_t)KVT_IO_ALIGN + 32 + (uint64_t)p->dim * 4;
 }
 
 const kvt_policy_ops kvt_policy_none = {

@@ -230,7 +230,8 @@ static void swap_free(kvt_store *s, uint64_t off, uint64_t len) {
 static int swap_open(kvt_store *s) {
     if (s->swap) return 0;
     char path[4096];
-    snprintf(path, sizeof path, "%s/swap.kvs", s->dir);
+    if (snprintf(path, sizeof path, "%s/swap.kvs", s->dir) >= (int)sizeof path)
+        return kvt_fail(KVT_EINVAL, "dir: the store's path is too long (%zu bytes)", strlen(s->dir));
     return kvt_file_open(&s->io, path, 1, &s->swap);
 }
 
@@ -560,7 +561,8 @@ static int check_group(kvt_store *s, kvt_coll *const *colls, size_t n) {
     return 0;
 }
 
-int kvt_store_park(kvt_store *s, kvt_coll *const *colls, size_t n, int keep_cache) {
+int kvt_store_park(kvt_store *s, kvt_coll *const *collections, size_t n, int keep_cache) {
+    kvt_coll *const *colls = collections;
     kvt_clear_error();
     LOCK(s);
     int rc = check_group(s, colls, n);
@@ -593,18 +595,60 @@ static int by_swap_off(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) {
+/* An asynchronous swap-in of the run v[0..k) of consecutive images (len bytes, read into
+ * img): queued on the loaders, which own img from here. On failure img is freed and its
+ * reservation released. */
+static int queue_swap_in(kvt_store *s, kvt_coll **v, size_t k, uint8_t *img, uint64_t len) {
+    kvt_job *j = malloc(sizeof *j);
+    kvt_coll **run = j ? malloc(k * sizeof(kvt_coll *)) : NULL;
+    if (!j || !run) {
+        free(j);
+        free(img);
+        kvt_mem_release(&s->mem, len);
+        return kvt_fail(ENOMEM, "unpark: out of memory");
+    }
+    *j = (kvt_job){NULL, v[0], KVT_SWAP_JOB, (uint32_t)k, NULL, run, img, len, run_swap_job};
+    memcpy(j->run, v, k * sizeof(kvt_coll *));
+    for (size_t t = 0; t < k; t++) v[t]->inflight++;
+    s->loading_bytes += len;
+    if (s->jobs_tail)
+        s->jobs_tail->next = j;
+    else
+        s->jobs = j;
+    s->jobs_tail = j;
+    return 0;
+}
+
+/* A swap-in of the run v[0..k) now: one read, each image installed; img freed after. */
+static int swap_in_now(kvt_store *s, kvt_coll **v, size_t k, uint8_t *img, uint64_t len) {
+    kvt_io_batch_begin(&s->io);
+    int rc = kvt_file_read(s->swap, v[0]->swap_off, len, img, 0);
+    kvt_io_batch_end(&s->io);
+    if (!rc) s->swap_read_bytes += len;
+    uint64_t at = 0;
+    for (size_t t = 0; t < k && !rc; t++) {
+        uint64_t l = v[t]->swap_len;
+        rc = install_image(v[t], img + at, l);
+        at += l;
+    }
+    free(img);
+    kvt_mem_release(&s->mem, len);
+    return rc;
+}
+
+int kvt_store_unpark(kvt_store *s, kvt_coll *const *collections, size_t n, int async) {
+    kvt_coll *const *colls = collections;
     kvt_clear_error();
     LOCK(s);
     int rc = check_group(s, colls, n);
     kvt_coll **v = NULL;
     size_t m = 0;
-    if (!rc && n && !(v = malloc(n * sizeof *v))) rc = kvt_fail(ENOMEM, "unpark: out of memory");
+    if (!rc && n && !(v = malloc(n * sizeof(kvt_coll *)))) rc = kvt_fail(ENOMEM, "unpark: out of memory");
     for (size_t i = 0; i < n && !rc; i++) {
         if (!async) kvt_wait_idle(colls[i]);
         if (colls[i]->parked && !colls[i]->inflight) v[m++] = colls[i];
     }
-    if (!rc && m) qsort(v, m, sizeof *v, by_swap_off);
+    if (!rc && m) qsort(v, m, sizeof(kvt_coll *), by_swap_off);
     if (async && !rc && m) kvt_start_loaders(s, &rc);
     uint64_t ops = 0, bytes = 0;
     for (size_t a = 0; a < m && !rc;) {
@@ -622,45 +666,10 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *colls, size_t n, int async) 
             rc = kvt_fail(ENOMEM, "unpark: out of memory");
             break;
         }
-        if (async) {
-            kvt_job *j = malloc(sizeof *j);
-            if (!j) {
-                free(img);
-                kvt_mem_release(&s->mem, len);
-                rc = kvt_fail(ENOMEM, "unpark: out of memory");
-                break;
-            }
-            *j = (kvt_job){NULL, v[a], KVT_SWAP_JOB, (uint32_t)(e - a), NULL, NULL, img, len, run_swap_job};
-            if (!(j->run = malloc((e - a) * sizeof(kvt_coll *)))) {
-                free(j);
-                free(img);
-                kvt_mem_release(&s->mem, len);
-                rc = kvt_fail(ENOMEM, "unpark: out of memory");
-                break;
-            }
-            memcpy(j->run, &v[a], (e - a) * sizeof(kvt_coll *));
-            for (size_t t = a; t < e; t++) v[t]->inflight++;
-            s->loading_bytes += len;
-            if (s->jobs_tail)
-                s->jobs_tail->next = j;
-            else
-                s->jobs = j;
-            s->jobs_tail = j;
+        rc = async ? queue_swap_in(s, v + a, e - a, img, len) : swap_in_now(s, v + a, e - a, img, len);
+        if (async && !rc) {
             ops++;
             bytes += len;
-        } else {
-            kvt_io_batch_begin(&s->io);
-            rc = kvt_file_read(s->swap, v[a]->swap_off, len, img, 0);
-            kvt_io_batch_end(&s->io);
-            if (!rc) s->swap_read_bytes += len;
-            uint64_t at = 0;
-            for (size_t t = a; t < e && !rc; t++) {
-                uint64_t l = v[t]->swap_len;
-                rc = install_image(v[t], img + at, l);
-                at += l;
-            }
-            free(img);
-            kvt_mem_release(&s->mem, len);
         }
         a = e;
     }
