@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The static checks CI runs (.ci/run), in one command: ruff and mypy over the Python package
 # (configured in pyproject.toml: ruff over kvtier/ and adapters/, mypy over kvtier/), then the
-# C engine's checks (make -C engine_c check: the clang-format layout and the engine's shape).
+# C engine's checks (make -C engine_c -j2 check: the clang-format layout, clang-tidy, the engine's
+# shape).
 # Fails on the first check that finds anything.
 #
 #   scripts/lint.sh        everything
@@ -14,4 +15,4 @@ echo "== ruff check kvtier adapters"
 echo "== mypy (kvtier/)"
 "$PY" -m mypy
 echo "== make -C engine_c check"
-make -C engine_c check
+make -C engine_c -j2 check
