@@ -1,6 +1,4 @@
-"""kvtier benchmark scripts (``python -m bench.NAME``) and their results (``bench/results/``).
-
-The measuring code they share (trace capture, replay, W4 search, the suite, plots) is the
-installed package ``kvtier.bench``; ``bench.suite``, ``bench.capture``, ``bench.w4_search`` and
-``bench.decode`` are its command lines, kept here so that ``python -m bench.NAME`` still runs them.
+"""kvtier's benchmark results (``bench/results/``), their report (``bench/REPORT.md``) and the
+script that writes it (``python -m bench.report``). The benchmarks themselves are the installed
+package ``kvtier.bench`` (``python -m kvtier.bench.NAME``; bench/README.md).
 """

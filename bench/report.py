@@ -71,9 +71,17 @@ def _md_parts(path: Path) -> tuple[Optional[str], str]:
     return cmd, "\n".join(keep).strip()
 
 
+# The benchmarks that were scripts of bench/ before they joined the installed package: results
+# recorded then name them by their old module (bench/README.md), the report by the new one.
+MOVED = {f"bench.{m}": f"kvtier.bench.{m}" for m in (
+    "adaptive16", "cache", "capture", "decode", "flash", "flash_real", "memory", "needle", "pipeline", "policies",
+    "suite", "torch_quality", "virtualize", "w4_search", "write_buffer")} | {"bench.llama_cpp_bench": "kvtier.bench.llama_cpp"}
+
+
 def portable(cmd: str, results_rel: str) -> str:
     """``cmd`` with output paths pointing into the results directory and any other absolute
-    path reduced to its file name, so no machine's directories end up in the report."""
+    path reduced to its file name, so no machine's directories end up in the report, and a
+    benchmark's old module (``python -m bench.cache``) spelled as it runs now (MOVED)."""
     try:
         parts = shlex.split(cmd)
     except ValueError:
@@ -84,6 +92,8 @@ def portable(cmd: str, results_rel: str) -> str:
         if "=" in part and part.startswith("--"):
             key, _, val = part.partition("=")
             out.append(f"{key}={_path_arg(key, val, results_rel)}")
+        elif prev == "-m":
+            out.append(MOVED.get(part, part))
         elif prev is not None and prev.startswith("--"):
             out.append(_path_arg(prev, part, results_rel))
         else:
@@ -184,7 +194,7 @@ def _plot_policies(rows, plots_dir, args):
     from kvtier.bench import plots
     return plots.recall_vs_budget(
         rows, plots_dir / "policies_recall_vs_budget.png",
-        f"python -m bench.policies: layers {args.get('layers', '?')}, every {args.get('every', '?')} steps, "
+        f"python -m kvtier.bench.policies: layers {args.get('layers', '?')}, every {args.get('every', '?')} steps, "
         f"prefill {args.get('prefill', '?')} + decode {args.get('decode', '?')}, DRAM {args.get('dram_budget', '?')}")
 
 
@@ -192,7 +202,7 @@ def _plot_flash(rows, plots_dir, args):
     from kvtier.bench import plots
     return plots.io_by_policy_layout(
         rows, plots_dir / "flash_io_by_policy_layout.png",
-        f"python -m bench.flash: device {args.get('device', '?')}, DRAM {args.get('dram_budget', '?')}, "
+        f"python -m kvtier.bench.flash: device {args.get('device', '?')}, DRAM {args.get('dram_budget', '?')}, "
         f"fetch budget {args.get('budget', '?')}, layers {args.get('layers', '?')}")
 
 
@@ -200,32 +210,32 @@ def _plot_cache(rows, plots_dir, args):
     from kvtier.bench import plots
     return plots.hit_rate_vs_dram(
         rows, plots_dir / "cache_hit_rate_vs_dram.png",
-        f"python -m bench.cache: policy adaptive, fetch budget 10%, layers {args.get('layers', '?')}, "
+        f"python -m kvtier.bench.cache: policy adaptive, fetch budget 10%, layers {args.get('layers', '?')}, "
         f"every {args.get('every', '?')} steps")
 
 
 policies_section = _results_section(
-    "Clustering policies: attention recall on real traces", "policies", "bench.policies", _plot_policies,
+    "Clustering policies: attention recall on real traces", "policies", "kvtier.bench.policies", _plot_policies,
     fallback_table=("workload", "budget", "policy", "recall", "oracle_recall", "clusters", "mean_cluster_size",
                     "read_ops_per_retrieve"))
-flash_section = _results_section("Flash layout: what the device sees", "flash", "bench.flash", _plot_flash)
-flash_gap0_section = _results_section("Flash layout: contiguous runs (merge gap 0)", "flash_gap0", "bench.flash")
-flash_8k_section = _results_section("Flash layout at an 8K context (W2, 4096 + 4096 tokens)", "flash_8k", "bench.flash")
+flash_section = _results_section("Flash layout: what the device sees", "flash", "kvtier.bench.flash", _plot_flash)
+flash_gap0_section = _results_section("Flash layout: contiguous runs (merge gap 0)", "flash_gap0", "kvtier.bench.flash")
+flash_8k_section = _results_section("Flash layout at an 8K context (W2, 4096 + 4096 tokens)", "flash_8k", "kvtier.bench.flash")
 flash_real_section = _results_section("Retrieval reads on this disk vs calibrate (O_DIRECT)", "flash_real",
-                                      "bench.flash_real")
+                                      "kvtier.bench.flash_real")
 write_buffer_section = _results_section("Page-aligned write buffers: partial-page writes vs buffer size",
-                                        "write_buffer", "bench.write_buffer")
-cache_section = _results_section("Cache policies: hit rate and flash reads vs DRAM budget", "cache", "bench.cache",
+                                        "write_buffer", "kvtier.bench.write_buffer")
+cache_section = _results_section("Cache policies: hit rate and flash reads vs DRAM budget", "cache", "kvtier.bench.cache",
                                  _plot_cache, args_key="args")
 virtualize_section = _results_section("Group virtualization: DRAM against I/O, 30 layers", "virtualize_W1",
-                                      "bench.virtualize")
+                                      "kvtier.bench.virtualize")
 
 
 def pipeline_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
     title = "Pipelining: prefetch against per-layer compute"
     data = _load(results / "pipeline.json")
     if data is None:
-        return Section(title, f"python -m bench.pipeline --out {rr}", missing=True)
+        return Section(title, f"python -m kvtier.bench.pipeline --out {rr}", missing=True)
     rows = data.get("rows", {})
     lines = [md_table(["mode", "step ms (median)", "runs ms", "modeled I/O ms/step", "waited for I/O ms/step",
                        "prefetch hits / issued"],
@@ -241,9 +251,9 @@ def pipeline_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) 
     args = data.get("args", {})
     made = _try_plot(lambda: plots.pipeline_steps(
         rows, plots_dir / "pipeline_step_time.png",
-        f"python -m bench.pipeline: {args.get('compute_ms', '?')} ms compute per layer, {args.get('steps', '?')} steps, "
+        f"python -m kvtier.bench.pipeline: {args.get('compute_ms', '?')} ms compute per layer, {args.get('steps', '?')} steps, "
         f"DRAM {args.get('dram_budget', '?')}, UFS 4.0 throttled"), notes)
-    return Section(title, _args_command("bench.pipeline", args, extra=f"--out {rr}"),
+    return Section(title, _args_command("kvtier.bench.pipeline", args, extra=f"--out {rr}"),
                    "\n".join(lines) + ("\n\n" + "\n\n".join(notes) if notes else ""), made)
 
 
@@ -252,7 +262,7 @@ def w4_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Sec
     data = _load(results / "w4_search.json")
     _, table = _md_parts(results / "w4_search.md")
     if data is None:
-        return Section(title, f"python -m bench.w4_search --out {rr}", missing=True)
+        return Section(title, f"python -m kvtier.bench.w4_search --out {rr}", missing=True)
     from kvtier.bench import plots, w4_search
     params = data.get("parameters", {})
     defaults = vars(w4_search.parse_args([]))
@@ -265,7 +275,7 @@ def w4_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Sec
         f"{params.get('threads', 1)} search thread(s)"), notes)
     if not table:
         table = w4_search.markdown_table(data.get("results", []), params.get("data_bytes", 0))
-    return Section(title, _args_command("bench.w4_search", changed, extra=f"--out {rr}"),
+    return Section(title, _args_command("kvtier.bench.w4_search", changed, extra=f"--out {rr}"),
                    "\n\n".join([table] + notes), made)
 
 
@@ -273,8 +283,8 @@ def torch_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     title = "Model quality: kvtier as the KV cache of SmolLM2 (torch)"
     data = _load(results / "torch_quality.json")
     if data is None:
-        return Section(title, f"python -m bench.torch_quality --out {rr}/torch_quality.json", missing=True)
-    from bench import torch_quality
+        return Section(title, f"python -m kvtier.bench.torch_quality --out {rr}/torch_quality.json", missing=True)
+    from kvtier.bench import torch_quality
     try:
         table = torch_quality.markdown(data["rows"])
     except (KeyError, TypeError) as e:
@@ -282,7 +292,7 @@ def torch_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
     lines = [table, ""] + [f"- {t}" for t in data.get("targets", [])]
     if data.get("prefetch"):
         lines.append(f"- prefetch: {data['prefetch']}")
-    return Section(title, _args_command("bench.torch_quality", data.get("params", {}),
+    return Section(title, _args_command("kvtier.bench.torch_quality", data.get("params", {}),
                                         extra=f"--out {rr}/torch_quality.json"), "\n".join(lines))
 
 

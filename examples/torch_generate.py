@@ -110,7 +110,7 @@ def main(argv=None):
         ("modeled UFS 4.0 read time per step", f"{1e3 * st['modeled_io_seconds'] / max(st['decode_steps'], 1):.2f} ms"),
         ("top-1 agreement with full attention", f"{100 * agree.float().mean():.1f}% "
          f"(second half: {100 * agree[half:].float().mean():.1f}%)"),
-        # kvtier sampled these tokens, so they favour kvtier: bench/torch_quality.py measures
+        # kvtier sampled these tokens, so they favour kvtier: kvtier/bench/torch_quality.py measures
         # ΔNLL teacher-forced on fixed text instead
         ("NLL of its own samples, kvtier - full", f"{(full_lp - kv_lp).mean():+.4f} nats/token"),
     ]

@@ -7,7 +7,7 @@ import numpy as np
 
 
 def bench_arguments(p) -> None:
-    """The options of ``kvtier bench`` (``python -m bench.suite`` takes the same). They are
+    """The options of ``kvtier bench`` (``python -m kvtier.bench.suite`` takes the same). They are
     declared here, in the library, rather than in the suite, so that ``--help`` works, and every other
     command stays independent of the source tree; the presets' numbers quoted in the help are
     checked against kvtier.bench.suite.Settings by the tests."""

@@ -478,7 +478,7 @@ class Store:
             raise InvalidArgumentError(f"cache_policy: one of {sorted(CACHE_POLICIES)} expected, got {cache_policy!r}")
         self.cache_policy = cache_policy
         # a thirty-second of the budget: its DRAM comes out of the cache, so it is kept small
-        # (bench.write_buffer: the tail evictions it saves against the cache hits it costs)
+        # (kvtier.bench.write_buffer: the tail evictions it saves against the cache hits it costs)
         write_buffer = budget // 32 if write_buffer is None else parse_size(write_buffer, "write_buffer")
         if write_buffer > budget // 2:
             raise InvalidArgumentError(f"write_buffer: at most half the dram_budget ({budget // 2} bytes) expected, "

@@ -1,4 +1,4 @@
-"""bench/needle.py (the pass-key check) on a tiny random Llama and a byte-level tokenizer.
+"""kvtier/bench/needle.py (the pass-key check) on a tiny random Llama and a byte-level tokenizer.
 
 The real check runs SmolLM2 for many minutes; here the prompt construction and the decoding
 loop run in seconds: the pass key sits where the case says, the cue is tokenized apart, and a
@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:  # bench/ is a source-tree package
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from bench import needle  # noqa: E402
+from kvtier.bench import needle  # noqa: E402
 
 
 class ByteTokenizer:

@@ -28,8 +28,8 @@ Python use::
 
 Command line::
 
-    python -m bench.capture --workload W1 --prefill 512 --decode 2048
-    python -m bench.capture --workload W4 --n-keys 200000 --n-queries 1000
+    python -m kvtier.bench.capture --workload W1 --prefill 512 --decode 2048
+    python -m kvtier.bench.capture --workload W4 --n-keys 200000 --n-queries 1000
 
 The cache directory is ``bench/.cache/`` in a source checkout (``~/.cache/kvtier/traces``
 for an installed package) unless ``--cache-dir`` or the environment variable
@@ -718,7 +718,7 @@ def _draw(
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.capture", description=__doc__.split("\n\n")[0]
+        prog="python -m kvtier.bench.capture", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--workload", choices=("W1", "W2", "W3", "W4"), default="W1")
     parser.add_argument("--prefill", type=int, default=512, help="context tokens (default 512)")

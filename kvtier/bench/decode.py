@@ -17,7 +17,7 @@ cache at the final context, reading flash with O_DIRECT (``tiered-<policy>``) or
 page cache (``tiered-<policy>-pagecache``: on a machine whose disk is a virtual one, its
 latency is not a phone's; the modeled I/O column gives the UFS 4.0 time either way).
 
-    python -m bench.decode [--contexts 2048,8192] [--tokens 256] [--runs 3] [--out bench/results]
+    python -m kvtier.bench.decode [--contexts 2048,8192] [--tokens 256] [--runs 3] [--out bench/results]
 
 Gemma 3 270M (``--model gemma3``, a hybrid model: TieredCache tiers its 3 full-attention
 layers, the 15 sliding ones keep their 512-token window) to 32K: each context is prefilled once
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     from kvtier import models
 
     model, tok = models.smollm2()
-    meta = {"command": "python -m bench.decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": "python -m kvtier.bench.decode " + " ".join(argv if argv is not None else sys.argv[1:]),
             "runs": a.runs, "threads": a.threads, "skipped": skipped, "torch": torch.__version__}
     os.makedirs(a.out, exist_ok=True)
     rows: list = []

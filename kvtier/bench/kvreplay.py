@@ -34,7 +34,7 @@ import numpy as np
 
 import kvtier
 
-#: The store options of each flash layout the benchmarks compare (bench.flash, kvtier bench).
+#: The store options of each flash layout the benchmarks compare (kvtier.bench.flash, kvtier bench).
 LAYOUTS = {"token": {"layout": "token"}, "clustered": {"layout": "clustered"},
            "colocated": {"layout": "colocated", "colocate_after": 32}}
 

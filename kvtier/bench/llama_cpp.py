@@ -8,7 +8,7 @@ one at a time (teacher-forced); the predictions of tokens P+1 .. P+D-1, all made
 steps, are compared with plain llama.cpp's (context P + D) on the same tokens: **top-1
 agreement** (the method's argmax equals llama.cpp's) and **ΔNLL** (mean NLL of the real next
 token minus llama.cpp's, nats/token, with its standard error). This is the convention of
-``bench.torch_quality`` (TieredCache), so ``1900:256`` and ``7900:128`` compare with
+``kvtier.bench.torch_quality`` (TieredCache), so ``1900:256`` and ``7900:128`` compare with
 ``torch_quality_2k.md`` and ``torch_quality_8k.md`` token for token (the GGUF's tokenizer gives
 W2 the same tokens). Each ``--configs`` entry is one TieredLlama configuration (``--configs
 help`` lists the keys); peak cells and KV MiB are reported for the prefill and for decoding.
@@ -227,7 +227,7 @@ def _logits(llm) -> np.ndarray:
 def teacher_forced(llm, follow: list[int]) -> dict:
     """Feeds ``follow`` one token at a time after a prefilled prompt; per step after the first,
     the argmax and the log-probability of the next real token (the predictions of decoding
-    steps only, as bench.torch_quality counts them)."""
+    steps only, as kvtier.bench.torch_quality counts them)."""
     argmax, logp, times = [], [], []
     for i, tok in enumerate(follow[:-1]):
         t0 = time.perf_counter()
@@ -468,9 +468,9 @@ def _speed_cells(r: dict) -> list:
             f"{r['store_reads_per_step']:.0f}" if "store_reads_per_step" in r else ""]
 
 
-# -- pass key (bench.needle's llama.cpp methods) --------------------------------------------------
+# -- pass key (kvtier.bench.needle's llama.cpp methods) --------------------------------------------------
 def needle_llm(method: str, model: str, tokens: int, budget: float, threads: int = 1, n_batch: int = 256):
-    """The llama.cpp model a bench.needle method answers with, for a case of ``tokens`` tokens:
+    """The llama.cpp model a kvtier.bench.needle method answers with, for a case of ``tokens`` tokens:
     ``llama.cpp`` (the whole context), ``tiered-llama`` (TieredLlama at its defaults but the
     budget), ``tiered-llama-bounded`` (bounded prefill, cells capped at a quarter of the
     prompt)."""
@@ -632,7 +632,7 @@ def _partial(a, what: str, rows: list) -> None:
 
 
 def torch_rows(path: str, context: int, workload: str = "W2") -> list[dict]:
-    """TieredCache's rows of a bench.torch_quality result for ``workload`` (W2, or stdlib-docs:
+    """TieredCache's rows of a kvtier.bench.torch_quality result for ``workload`` (W2, or stdlib-docs:
     the held-out text; the same tokens, budget and convention) as reference lines for the
     quality table."""
     d = json.loads(Path(path).read_text())
@@ -669,7 +669,7 @@ def merge(a, argv) -> None:
           f"defaults {meta['adapter_defaults']}; configurations name what differs from them.\n\n"
           f"{md_table(head, [cells(r) for r in rows], 'l' * len(head))}\n")
     if ref:
-        md += (f"\nTieredCache (transformers, bench.torch_quality) on the same {workload} tokens, budget and convention "
+        md += (f"\nTieredCache (transformers, kvtier.bench.torch_quality) on the same {workload} tokens, budget and convention "
                "(4 sinks, its window below; ΔNLL against the torch model with the whole context):\n\n" +
                md_table(["context", "method (policy)", "window", "top-1", "ΔNLL", "from"],
                         [[r["context"], r["method"], r["window"], f"{r['agreement']:.3f}",
@@ -740,7 +740,7 @@ def main(argv=None):
     m.add_argument("kind", choices=("quality", "speed", "switch"))
     m.add_argument("inputs", nargs="+")
     m.add_argument("--torch", action="append", default=[],
-                   help="CONTEXT:PATH of a bench.torch_quality result: TieredCache's W2 rows beside the table")
+                   help="CONTEXT:PATH of a kvtier.bench.torch_quality result: TieredCache's W2 rows beside the table")
     m.add_argument("--text", default="w2", choices=TEXTS, help="the text the runs read")
     m.add_argument("--note", action="append", default=[], help="a paragraph under the table")
     m.add_argument("--out", required=True)

@@ -375,7 +375,7 @@ def io_by_policy_layout(rows: Sequence[dict], path, subtitle: str = "") -> str:
 # -- pipelining ---------------------------------------------------------------------------------
 
 def pipeline_steps(rows: Mapping[str, dict], path, subtitle: str = "") -> str:
-    """Step time per mode of ``bench.pipeline`` (median with a min-max bar over its repeats)
+    """Step time per mode of ``kvtier.bench.pipeline`` (median with a min-max bar over its repeats)
     against the target 1.15 x max(compute, I/O)."""
     fig, axes = _figure(1, 1, width=7.0, height=4.2)
     ax = axes[0][0]
@@ -408,7 +408,7 @@ def delta_nll_vs_budget(rows: Sequence[dict], path, subtitle: str = "") -> str:
     (solid: exact zone only; dashed: with the estimated zone), one panel per workload; the
     sinks + window baseline as a dotted level.
 
-    Rows (bench.torch_quality): ``workload``, ``method``, ``budget``, ``estimate`` ("off",
+    Rows (kvtier.bench.torch_quality): ``workload``, ``method``, ``budget``, ``estimate`` ("off",
     "all" or a cluster count), ``delta_nll``."""
     rows = [r for r in _ok(rows) if r.get("method") not in (None, "full")]
     fig, panels = _workload_panels(rows, 5.8, 9.0, "no successful run")

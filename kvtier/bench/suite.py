@@ -24,7 +24,7 @@ repeated figures as median, min, max and the runs), ``bench.md`` (tables) and ``
 
 DRAM budgets are given as a share of the replayed KV bytes (``25%`` or ``0.25``: entries of
 the replayed layers x KV heads x tokens, key + value + 16 bytes of id and bookkeeping, as
-bench.cache counts them) or as sizes (``4MiB``). A configuration the engine refuses (a budget
+kvtier.bench.cache counts them) or as sizes (``4MiB``). A configuration the engine refuses (a budget
 too small for what must stay resident) is a row with its error, not a failed run.
 
 Traces come from kvtier.bench.capture's trace cache (``bench/.cache`` in a checkout). A
@@ -32,7 +32,7 @@ shorter trace is cut from a longer cached capture of the same prefill when there
 (attention is causal, so the prefix of a sequence's keys, values and queries is the shorter
 sequence's), else it is captured (minutes).
 
-    python -m bench.suite --quick --out DIR        (the same as: kvtier bench --quick --out DIR)
+    python -m kvtier.bench.suite --quick --out DIR        (the same as: kvtier bench --quick --out DIR)
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ WORKLOADS = REPLAY_WORKLOADS + ("W4",)
 POLICIES = CLUSTERINGS  # the baselines, then the method (kvtier.config.POLICIES)
 CACHE_POLICIES = tuple(_CACHE_POLICIES)
 CALIBRATED = "calibrated"  # device name: the profile measured on --out by this run
-# bytes per stored entry besides the key and value (id and bookkeeping), as bench.cache counts
+# bytes per stored entry besides the key and value (id and bookkeeping), as kvtier.bench.cache counts
 ENTRY_OVERHEAD = 16
 NA = "n/a"  # layout and cache policy of policy none (token-level: no clusters, no cluster cache)
 # what a run keeps as it goes (finished replays, the W4 stage's settings), under --out; removed
@@ -607,7 +607,7 @@ def _context(runner, trace, layers, w, ref, drams, cfg, add_fraction) -> list[di
 
 
 def _w4(settings: Settings, out: Path, log) -> dict:
-    """bench.w4_search on a small W4 set; its own files go to ``out/w4``."""
+    """kvtier.bench.w4_search on a small W4 set; its own files go to ``out/w4``."""
     from kvtier.bench import w4_search
 
     s = settings
@@ -623,7 +623,7 @@ def _w4(settings: Settings, out: Path, log) -> dict:
     if done.exists() and json.loads(done.read_text()) == argv and (out / "w4" / "w4_search.json").exists():
         log("W4 search: finished by the stopped run with these settings; kept")
     else:
-        log("W4 search: python -m bench.w4_search " + " ".join(shlex.quote(a) for a in argv))
+        log("W4 search: python -m kvtier.bench.w4_search " + " ".join(shlex.quote(a) for a in argv))
         w4_search.main(argv)
         done.write_text(json.dumps(argv))
     res = json.loads((out / "w4" / "w4_search.json").read_text())
@@ -903,11 +903,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from kvtier.benchargs import bench_arguments
 
-    p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvtier.bench.suite", description=__doc__.split("\n\n")[0])
     bench_arguments(p)
     a = p.parse_args(argv)
     s, out = settings_from_args(a)
-    report = run_suite(s, out, command=command_line(sys.argv[1:] if argv is None else argv, "python -m bench.suite"))
+    report = run_suite(s, out, command=command_line(sys.argv[1:] if argv is None else argv, "python -m kvtier.bench.suite"))
     return 1 if report["stage_errors"] else 0
 
 

@@ -23,8 +23,8 @@ single-threaded); builds use all cores. Results go to ``<out>/w4_search.json`` (
 versions, parameters, results), ``<out>/w4_search.md`` (the table printed at the end) and
 ``<out>/w4_search.png`` (recall@10 against queries/s).
 
-    python -m bench.w4_search --out bench/results
-    python -m bench.w4_search --n-keys 50000 --n-queries 200 --methods hnswlib,kvtier
+    python -m kvtier.bench.w4_search --out bench/results
+    python -m kvtier.bench.w4_search --n-keys 50000 --n-queries 200 --methods hnswlib,kvtier
 """
 
 from __future__ import annotations
@@ -539,7 +539,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.w4_search",
+    p = argparse.ArgumentParser(prog="python -m kvtier.bench.w4_search",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results",
                    help="output directory (default bench/results)")

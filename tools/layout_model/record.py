@@ -14,7 +14,7 @@ Build the probed engine in a scratch copy of the checkout (never in the worktree
     (cd SCRATCH && python setup.py build_ext --inplace)
     PYTHONPATH=SCRATCH python tools/layout_model/record.py --workload W2 --out events-W2.txt
 
-The replay is bench.flash's setting (10 layers, 10% fetch budget every 4 steps, UFS 4.0,
+The replay is kvtier.bench.flash's setting (10 layers, 10% fetch budget every 4 steps, UFS 4.0,
 merge gap 0), one policy per process, so that the probe's file holds one store's events.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ budget, adaptive policy, co-located layout), once per write-buffer size, and rep
 
 A flush at the end writes the tails; it is not counted (the counts are taken before it).
 
-    python -m bench.write_buffer --out bench/results [--workload W1] [--sizes 0,16KiB,64KiB,...]
+    python -m kvtier.bench.write_buffer --out bench/results [--workload W1] [--sizes 0,16KiB,64KiB,...]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import kvtier
 from kvtier.bench.capture import load_trace
-from bench.flash import add_setting_args
+from kvtier.bench.flash import add_setting_args
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import md_table
 
@@ -96,7 +96,7 @@ def main(argv=None):
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         with open(os.path.join(a.out, "write_buffer.md"), "w") as f:
             f.write(f"# Page-aligned write buffers on real traces\n\n"
-                    f"`python -m bench.write_buffer {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+                    f"`python -m kvtier.bench.write_buffer {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 
 

@@ -11,7 +11,7 @@ measures the time per decoding step:
   and pipelined (prefetch layer l+1, retrieve layer l, compute layer l);
 - the target: pipelined <= 1.15 x max(compute, I/O).
 
-    python -m bench.pipeline [--compute-ms 1.0] [--steps 48] [--dram-budget 4MiB] [--out DIR]
+    python -m kvtier.bench.pipeline [--compute-ms 1.0] [--steps 48] [--dram-budget 4MiB] [--out DIR]
 """
 from __future__ import annotations
 

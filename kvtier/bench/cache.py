@@ -12,11 +12,11 @@ deterministic, so one run per point gives exact ratios.
 The summary compares the policies at 1, 2 and 4 MiB: per workload, the median over those
 budgets of LRU's bytes / cluster's bytes and LFU's bytes / cluster's bytes.
 
-    python -m bench.cache --out bench/results [--workloads W1,W2,W3] [--budgets 0.5,1,2,4,all]
-    python -m bench.cache --switch ...        # the workloads as conversations taking turns
-    python -m bench.cache --prefetch ...      # with the torch adapter's next-layer read-ahead
-    python -m bench.cache --clustering static # recall must not depend on the cache policy
-    python -m bench.cache --order collection  # one collection's whole sequence, then the next
+    python -m kvtier.bench.cache --out bench/results [--workloads W1,W2,W3] [--budgets 0.5,1,2,4,all]
+    python -m kvtier.bench.cache --switch ...        # the workloads as conversations taking turns
+    python -m kvtier.bench.cache --prefetch ...      # with the torch adapter's next-layer read-ahead
+    python -m kvtier.bench.cache --clustering static # recall must not depend on the cache policy
+    python -m kvtier.bench.cache --order collection  # one collection's whole sequence, then the next
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def main(argv=None):
         with open(os.path.join(a.out, f"{name}.json"), "w") as f:
             json.dump({"args": vars(a), "rows": rows, "summary": summ}, f, indent=1)
         with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-            f.write(f"# Cache policies on real traces\n\n`python -m bench.cache {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+            f.write(f"# Cache policies on real traces\n\n`python -m kvtier.bench.cache {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 
 

@@ -7,7 +7,7 @@ recall, the splits by trigger (variance rule, size cap, pending overflow), the m
 entry budget (returned entries / budget) and the cluster count and size at the end; then the
 ratios the targets are stated in.
 
-    python -m bench.adaptive16 --out bench/results [--workloads W1,W2] [--budget 0.1]
+    python -m kvtier.bench.adaptive16 --out bench/results [--workloads W1,W2] [--budget 0.1]
         [--every 4,16] [--decode 2048] [--dram-budgets 64MiB,2MiB]
 """
 from __future__ import annotations
@@ -23,10 +23,9 @@ import numpy as np
 
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
+from kvtier.bench.policies import save
 from kvtier.bench.tables import md_table
 from kvtier.config import POLICIES  # the baselines, then the method
-
-from bench.policies import save
 
 TRIGGERS = ("splits_variance", "splits_size", "splits_pending")
 
@@ -126,7 +125,7 @@ def main(argv=None):
     print()
     print(md)
     if a.out:
-        save(a.out, a.name, "Adaptive accuracy (issue 16)", "bench.adaptive16", argv, a, t0,
+        save(a.out, a.name, "Adaptive accuracy (issue 16)", "kvtier.bench.adaptive16", argv, a, t0,
              {"rows": rows, "summary": summary}, md)
     return 0
 

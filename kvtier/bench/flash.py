@@ -22,7 +22,7 @@ cluster contiguous in a dual-head pool head, no co-location),
 ``colocated`` (the same, rewritten once after the first retrieves so that clusters fetched
 together are neighbours, and neighbouring extents of a retrieve merged into one read).
 
-    python -m bench.flash --out bench/results [--workloads W1,W2] [--layers 0,3,6,...]
+    python -m kvtier.bench.flash --out bench/results [--workloads W1,W2] [--layers 0,3,6,...]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from kvtier.bench.tables import md_table
 
 
 def add_setting_args(ap):
-    """The replay setting of this benchmark (also bench.write_buffer's): 10 layers, 512 + 2048
+    """The replay setting of this benchmark (also kvtier.bench.write_buffer's): 10 layers, 512 + 2048
     tokens, 10% fetch budget every 4 steps, 4 MiB of DRAM, UFS 4.0."""
     ap.add_argument("--layers", default="0,3,6,9,12,15,18,21,24,27")
     ap.add_argument("--prefill", type=int, default=512)
@@ -181,7 +181,7 @@ def main(argv=None):
         with open(os.path.join(a.out, f"flash{a.tag}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         with open(os.path.join(a.out, f"flash{a.tag}.md"), "w") as f:
-            f.write(f"# Flash layout on real traces\n\n`python -m bench.flash {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+            f.write(f"# Flash layout on real traces\n\n`python -m kvtier.bench.flash {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 
 

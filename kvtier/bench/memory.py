@@ -18,7 +18,7 @@ The data of ``small`` and ``large`` is a Gaussian mixture (seeded): clustered li
 so recall measures the index and not the noise. Numbers are from one deterministic run per
 setting (the engine is deterministic; wall times are not reported as results).
 
-    python -m bench.memory --out bench/results [--cases small,kv,large]
+    python -m kvtier.bench.memory --out bench/results [--cases small,kv,large]
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ import numpy as np
 import kvtier
 from kvtier.bench.tables import md_table
 from kvtier.config import POLICIES
-
 
 
 def mixture(n: int, d: int, seed: int, centers: int = 512):
@@ -239,7 +238,7 @@ def main(argv=None):
             json.dump({"args": vars(a), "rows": rows, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
                       f, indent=1, default=str)
         with open(os.path.join(a.out, f"{tag}.md"), "w") as f:
-            f.write(f"# Memory-bounded engine\n\n`python -m bench.memory {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+            f.write(f"# Memory-bounded engine\n\n`python -m kvtier.bench.memory {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 
 

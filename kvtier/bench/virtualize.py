@@ -17,7 +17,7 @@ resident budget whose modeled I/O per step is no worse.
 Every decoding step retrieves (``--every 1``): a virtualized layer is parked and brought back
 at every step, so sampling steps would charge swap traffic to steps that read nothing.
 
-    python -m bench.virtualize --out bench/results [--workload W1] [--budgets-kib 512,1024,...]
+    python -m kvtier.bench.virtualize --out bench/results [--workload W1] [--budgets-kib 512,1024,...]
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import md_table
-
 
 MODES = {"resident": (False, True), "virtualized": (True, True), "virtualized-index": (True, False)}
 
@@ -124,7 +123,7 @@ def main(argv=None):
         with open(os.path.join(a.out, f"virtualize_{a.workload}.json"), "w") as f:
             json.dump({"rows": rows, "saving": sv, "args": vars(a)}, f, indent=1)
         with open(os.path.join(a.out, f"virtualize_{a.workload}.md"), "w") as f:
-            f.write(f"# Group virtualization\n\n`python -m bench.virtualize {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+            f.write(f"# Group virtualization\n\n`python -m kvtier.bench.virtualize {' '.join(argv or sys.argv[1:])}`\n\n{md}")
 
 
 if __name__ == "__main__":

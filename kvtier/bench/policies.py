@@ -6,7 +6,7 @@ policy and fetch budget, and reports attention recall beside cluster count, mean
 variance and reads per retrieve. Every policy runs on the same trace, the same store code and
 the same I/O path, at the same number of fetched entries per step.
 
-    python -m bench.policies --out bench/results [--workloads W1,W2] [--budgets 0.05,0.1,0.2]
+    python -m kvtier.bench.policies --out bench/results [--workloads W1,W2] [--budgets 0.05,0.1,0.2]
         [--policies none,static,local,adaptive] [--layers 0,5,10,...] [--decode 2048]
         [--param adaptive.tau_factor=1.0 ...]
 """
@@ -112,7 +112,7 @@ def main(argv=None):
     print()
     print(md)
     if a.out:
-        save(a.out, "policies", "Policies on real traces", "bench.policies", argv, a, t0, {"rows": rows}, md)
+        save(a.out, "policies", "Policies on real traces", "kvtier.bench.policies", argv, a, t0, {"rows": rows}, md)
     return 0
 
 

@@ -14,7 +14,7 @@ measured side by side), entries fetched per retrieve, DRAM peak (adapter tensors
 against the full cache, and the store's I/O per step on the modeled device. Policies the
 store does not implement in this build are reported as unavailable, not replaced.
 
-    python -m bench.torch_quality --workloads W1,W2 --prefill 512 --decode 512 \\
+    python -m kvtier.bench.torch_quality --workloads W1,W2 --prefill 512 --decode 512 \\
         --out bench/results/torch_quality.json
 
 Long contexts (W2's tokens come straight from its text, any length up to about 110K; W1's are
@@ -22,9 +22,9 @@ cut from the cached 512 + 2048-token capture; ``--md`` also writes the tables wi
 SmolLM2's context is 8192 tokens; at 8K the static policy's index alone outgrows a 16 MiB
 engine budget, hence 64 MiB there:
 
-    python -m bench.torch_quality --workloads W1,W2 --prefill 1900 --decode 256 --md \
+    python -m kvtier.bench.torch_quality --workloads W1,W2 --prefill 1900 --decode 256 --md \
         --out bench/results/torch_quality_2k.json
-    python -m bench.torch_quality --workloads W2 --prefill 7900 --decode 128 --dram-budget 64MiB \
+    python -m kvtier.bench.torch_quality --workloads W2 --prefill 7900 --decode 128 --dram-budget 64MiB \
         --methods none,static,local,adaptive --md --out bench/results/torch_quality_8k.json
 
 Pipelining (TieredCache's ``prefetch``: the next layer's reads overlap this layer's compute):
@@ -34,7 +34,7 @@ time retrieves waited for loads and the prefetch hit count. Reads only take real
 throttled device model (``--throttle``: every read sleeps to its modeled time) and only reach
 flash under a small engine DRAM budget:
 
-    python -m bench.torch_quality --workloads W1 --methods adaptive --prefill 512 --decode 256 \\
+    python -m kvtier.bench.torch_quality --workloads W1 --methods adaptive --prefill 512 --decode 256 \\
         --dram-budget 6MiB --throttle --prefetch both --repeats 3 \\
         --out bench/results/torch_pipelining.json
 
@@ -45,7 +45,7 @@ sizes, mean keys and value sums, merged by log-sum-exp): ``--budgets`` sweeps fe
 error of the attention output against full attention over every cached token of the same
 run (same queries and keys: the error the layer's sparse attention adds at that step):
 
-    python -m bench.torch_quality --workloads W2 --prefill 512 --decode 256 \\
+    python -m kvtier.bench.torch_quality --workloads W2 --prefill 512 --decode 256 \\
         --budgets 0.025,0.05,0.1,0.2 --estimate off,all --attn-error \\
         --out bench/results/torch_estimate.json
 """
@@ -443,7 +443,7 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.torch_quality", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvtier.bench.torch_quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default="W1,W2")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=512, help="tokens after the prefill that are decoded")
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
                     help="runs per method (alternating prefetch settings); the median tokens/s is reported")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: steadier timings on a shared machine)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "torch_quality.json"))
+    ap.add_argument("--out", default=str(Path("bench") / "results" / "torch_quality.json"))
     ap.add_argument("--md", action="store_true",
                     help="also write the tables, with this command, to a Markdown file beside --out")
     ap.add_argument("--no-progress", action="store_true")
@@ -552,7 +552,7 @@ def main(argv=None) -> int:
     print("\n" + text)
     if args.md:
         md = out.with_suffix(".md")
-        md.write_text(f"# Model quality through TieredCache\n\nCommand: `python -m bench.torch_quality "
+        md.write_text(f"# Model quality through TieredCache\n\nCommand: `python -m kvtier.bench.torch_quality "
                       f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{text}\n")
         print(f"written {md}")
     print(f"\nwritten {out}")

@@ -31,7 +31,7 @@ the same model, kvtier.bench.llama_cpp): ``llama.cpp`` (the whole context), ``ti
 (TieredLlama at its defaults but ``--budget``) and ``tiered-llama-bounded`` (a bounded prefill
 in cells capped at a quarter of the prompt).
 
-    python -m bench.needle --lengths 1000,2000,3000,4000 --positions 0.1,0.5 --seeds 3 \\
+    python -m kvtier.bench.needle --lengths 1000,2000,3000,4000 --positions 0.1,0.5 --seeds 3 \\
         --methods full,adaptive --out bench/results
 
 (bench/results/needle.md: 24 cases; about 20 minutes on a shared 2-core machine: a 4K case takes
@@ -49,9 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from kvtier.bench.policies import save
 from kvtier.bench.tables import md_table
-
-from bench.policies import save
 
 METHODS = ("full", "sink+window", "none", "static", "local", "adaptive")
 # the same cases through llama.cpp (the GGUF the torch model is read from): kvtier.bench.llama_cpp
@@ -182,7 +181,7 @@ def markdown(rows: list[dict], methods: list[str], summ: dict, args) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.needle", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvtier.bench.needle", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="1000,2000,4000,7800", help="prompt lengths in tokens (about)")
     ap.add_argument("--positions", default="0.1,0.25,0.5", help="relative positions of the pass key")
     ap.add_argument("--seeds", type=int, default=2, help="pass keys per length and position")
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
                          "answers are the same either way, only the time differs)")
     ap.add_argument("--answer", type=int, default=8, help="tokens decoded greedily after the cue")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=os.path.join("bench", "results"), help="results directory (default: bench/results)")
     ap.add_argument("--name", default="needle", help="stem of the result files")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
         rows += run(model, tokenizer, [c], methods, args, log=lambda s: print(s, flush=True))
         summ = summary(rows, methods)
         md = markdown(rows, methods, summ, args)
-        save(args.out, args.name, "Pass-key retrieval on SmolLM2-135M (task-level check)", "bench.needle", argv,
+        save(args.out, args.name, "Pass-key retrieval on SmolLM2-135M (task-level check)", "kvtier.bench.needle", argv,
              args, t0, {"methods": methods, "cases_planned": len(cases), "summary": summ, "cases": rows}, md)
     print(md)
     return 0

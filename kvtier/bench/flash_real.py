@@ -18,7 +18,7 @@ measures at the same request sizes.
 Real timings on a shared machine are noisy: the retrieval pass is repeated and the median of
 the per-pass figures is reported.
 
-    python -m bench.flash_real --out bench/results [--dir DIR] [--workload W1] [--repeats 3]
+    python -m kvtier.bench.flash_real --out bench/results [--dir DIR] [--workload W1] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def main(argv=None):
                                                                  "calibrated_qd32_Bps": q32}}, f, indent=1)
         with open(os.path.join(a.out, "flash_real.md"), "w") as f:
             f.write(f"# Retrieval reads vs calibrate on this disk (O_DIRECT)\n\n"
-                    f"`python -m bench.flash_real {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+                    f"`python -m kvtier.bench.flash_real {' '.join(argv or sys.argv[1:])}`\n\n{md}")
     return 0
 
 
