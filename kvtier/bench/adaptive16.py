@@ -23,8 +23,7 @@ import numpy as np
 
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
-from kvtier.bench.policies import save
-from kvtier.bench.tables import md_table
+from kvtier.bench.tables import md_table, save
 from kvtier.config import POLICIES  # the baselines, then the method
 
 TRIGGERS = ("splits_variance", "splits_size", "splits_pending")
@@ -49,7 +48,8 @@ def one(trace, workload, policy, budget, every, dram_budget, layers=None):
     row["mean_fill"] = float(np.mean(fills)) if fills else None
     row["store_read_ops"] = st["read_ops"]
     row["split_errors"] = _sum(cs, "split_errors")
-    print(f"{workload} every={every} {policy:9s} dram={dram_budget:6s} recall={r.recall:.3f} (oracle {r.oracle_recall:.3f}) "
+    print(f"{workload} every={every} {policy:9s} dram={dram_budget:6s} recall={r.recall:.3f} "
+          f"(oracle {r.oracle_recall:.3f}) "
           f"clusters={r.clusters:.0f} size={r.mean_cluster_size:.1f} splits={row['splits']} "
           f"(var {row['splits_variance']}, size {row['splits_size']}, pending {row['splits_pending']}) "
           f"fill={row['mean_fill']} skipped={row['split_skipped']} errors={row['split_errors']} "
@@ -64,18 +64,16 @@ def run(workloads, budget, everys, prefill, decode, dram_budgets, dram_layers):
     for w in workloads:
         trace = load_trace(w, prefill=prefill, decode=decode, progress=False)
         for every in everys:
-            for pol in POLICIES:
-                rows.append(one(trace, w, pol, budget, every, dram_budgets[0]))
-            for db in dram_budgets:
-                rows.append(one(trace, w, "adaptive", budget, every, db, dram_layers))
+            rows += [one(trace, w, pol, budget, every, dram_budgets[0]) for pol in POLICIES]
+            rows += [one(trace, w, "adaptive", budget, every, db, dram_layers) for db in dram_budgets]
     return rows
 
 
 def table(rows) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
-    return md_table(["workload", "every", "policy", "layers", "DRAM", "recall", "oracle", "clusters", "mean size", "splits",
-                     "by variance", "by size cap", "by pending", "mean fill", "entries/read"],
+    return md_table(["workload", "every", "policy", "layers", "DRAM", "recall", "oracle", "clusters", "mean size",
+                     "splits", "by variance", "by size cap", "by pending", "mean fill", "entries/read"],
                     [[r["workload"], r["every"], r["policy"], r["layers"], r["dram_budget_arg"], f"{r['recall']:.3f}",
                       f"{r['oracle_recall']:.3f}", f"{r['clusters']:.0f}", f"{r['mean_cluster_size']:.1f}",
                       r["splits"], r["splits_variance"], r["splits_size"], r["splits_pending"],
@@ -98,7 +96,8 @@ def ratios(rows, dram_budgets) -> tuple[str, dict]:
         for r in sub[1:]:
             s[f"recall {big} - {r['dram_budget_arg']} (layers {r['layers']})"] = sub[0]["recall"] - r["recall"]
         summary[f"{w} every {every}"] = s
-        out.append(f"- {w}, retrieve every {every}: " + ", ".join(f"{k} = {'-' if v is None else format(v, '.3f')}" for k, v in s.items()))
+        out.append(f"- {w}, retrieve every {every}: "
+                   + ", ".join(f"{k} = {'-' if v is None else format(v, '.3f')}" for k, v in s.items()))
     return "\n".join(out) + "\n", summary
 
 

@@ -1,12 +1,12 @@
 """Cache replacement on real KV traces: hit rate and bytes read against the DRAM budget.
 
 Replays captured SmolLM2 traces (kvtier.bench.capture, kvtier.bench.kvreplay) with the adaptive
-clustering policy (``--clustering`` for another) at a 10% fetch budget on the UFS 4.0 profile, for each cache policy (lru, lfu, cluster) and each
-DRAM budget, and reports the cache hit rate (hits / cluster lookups), bytes read from flash
-per decoding step and per retrieve, modeled device time, attention recall and the engine's
-DRAM peak. ``all`` as a budget means the whole cache: enough DRAM for every replayed entry
-and the index, so nothing is evicted. The replay marks every decoding step
-(``Store.step()``). Policies run side by side on the same trace and the engine is
+clustering policy (``--clustering`` for another) at a 10% fetch budget on the UFS 4.0 profile,
+for each cache policy (lru, lfu, cluster) and each DRAM budget, and reports the cache hit rate
+(hits / cluster lookups), bytes read from flash per decoding step and per retrieve, modeled
+device time, attention recall and the engine's DRAM peak. ``all`` as a budget means the whole
+cache: enough DRAM for every replayed entry and the index, so nothing is evicted. The replay
+marks every decoding step (``Store.step()``). Policies run side by side on the same trace and the engine is
 deterministic, so one run per point gives exact ratios.
 
 The summary compares the policies at 1, 2 and 4 MiB: per workload, the median over those
@@ -21,7 +21,6 @@ budgets of LRU's bytes / cluster's bytes and LFU's bytes / cluster's bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay, replay_switch
-from kvtier.bench.tables import md_table
+from kvtier.bench.tables import command, md_table, write_results
 
 MIB = 1 << 20
 SUMMARY_BUDGETS = (1.0, 2.0, 4.0)  # MiB: the acceptance budgets (EVAL.md, "Cache")
@@ -44,7 +43,7 @@ def kv_bytes(trace, layers) -> int:
 
 def parse_budgets(text: str) -> list:
     """'0.5,1,all' -> [0.5, 1.0, 'all'] (MiB, or the whole cache)."""
-    out = []
+    out: list[float | str] = []
     for x in text.split(","):
         x = x.strip()
         if x == "all":
@@ -79,8 +78,8 @@ def run_point(trace, workload, layers, every, budget_mib, whole, policy, prefetc
               order="step") -> dict:
     budget = whole if budget_mib == "all" else int(budget_mib * MIB)
     r = replay(trace, policy=clustering, budget=0.1, layers=layers, every=every, dram_budget=budget,
-               device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy}, prefetch=prefetch,
-               order=order)
+               device="ufs4.0", direct_io=False, collect_stats=True, store_kwargs={"cache_policy": policy},
+               prefetch=prefetch, order=order)
     decode_steps = trace.length - trace.prefill - sum(b - a for a, b in trace.meta.get("user_spans", []))
     return _row(workload, budget_mib, budget, policy, r.extra["store"], r.recall, decode_steps, r.retrieves, prefetch)
 
@@ -99,7 +98,7 @@ def summary(rows) -> list[dict]:
     out = []
     for w in dict.fromkeys(r["workload"] for r in rows):
         by = {(r["dram_mib"], r["cache_policy"]): r["read_bytes"] for r in rows if r["workload"] == w}
-        ratios = {"lru": [], "lfu": []}
+        ratios: dict[str, list[float]] = {"lru": [], "lfu": []}
         for b in SUMMARY_BUDGETS:
             c = by.get((b, "cluster"))
             for base in ratios:
@@ -142,7 +141,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--workloads", default="W1,W2,W3")
-    ap.add_argument("--budgets", default="0.5,1,1.5,2,3,4,6,all", help="DRAM budgets in MiB, or 'all' (the whole cache)")
+    ap.add_argument("--budgets", default="0.5,1,1.5,2,3,4,6,all",
+                    help="DRAM budgets in MiB, or 'all' (the whole cache)")
     ap.add_argument("--policies", default="lru,lfu,cluster")
     ap.add_argument("--layers", default="6,12,17,23", help="replayed layers (four, spread over the depth)")
     ap.add_argument("--every", type=int, default=4, help="retrieve every this many decoding steps")
@@ -158,7 +158,8 @@ def main(argv=None):
     ap.add_argument("--turn", type=int, default=256, help="decoding steps per turn with --switch")
     ap.add_argument("--order", choices=("step", "collection"), default="step",
                     help="step: every layer per decoding step, as decoding runs (default); collection: one "
-                         "collection's whole sequence, then the next, no steps marked (writes cache_collection.json/.md)")
+                         "collection's whole sequence, then the next, no steps marked "
+                         "(writes cache_collection.json/.md)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
@@ -193,16 +194,13 @@ def main(argv=None):
     print()
     print(md)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
         name = "cache_switch" if a.switch else "cache_prefetch" if a.prefetch else "cache"
         if a.order == "collection":
             name = "cache_collection"
         if a.clustering != "adaptive":
             name += "_" + a.clustering
-        with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-            json.dump({"args": vars(a), "rows": rows, "summary": summ}, f, indent=1)
-        with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-            f.write(f"# Cache policies on real traces\n\n`python -m kvtier.bench.cache {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+        write_results(a.out, name, {"args": vars(a), "rows": rows, "summary": summ}, "Cache policies on real traces",
+                      command("kvtier.bench.cache", argv), md)
     return 0
 
 

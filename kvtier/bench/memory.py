@@ -23,7 +23,6 @@ setting (the engine is deterministic; wall times are not reported as results).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -35,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 import kvtier
-from kvtier.bench.tables import md_table
+from kvtier.bench.tables import command, md_table, write_results
 from kvtier.config import POLICIES
 
 
@@ -59,7 +58,7 @@ def exact_top(keys: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
 
 
 def recall_at(ids: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(), truth.tolist())]))
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids.tolist(), truth.tolist(), strict=True)]))
 
 
 def rss_bytes() -> int:
@@ -138,7 +137,8 @@ def case_small(policies, out_rows):
                 out_rows.append(r)
                 print(f"small {policy:8s} batch {batch:6d} DRAM {budget:>9,}: {r['add'][:60]:60s} "
                       f"recall@10 {r.get('recall@10', float('nan')):.3f} peak {r['dram_peak_bytes']:,} "
-                      f"fixed peak {r['dram_fixed_peak_bytes']:,} estimate min {r['estimate']['minimum']:,}", flush=True)
+                      f"fixed peak {r['dram_fixed_peak_bytes']:,} estimate min {r['estimate']['minimum']:,}",
+                      flush=True)
 
 
 def case_kv(policies, out_rows, layers, every):
@@ -182,8 +182,9 @@ def case_large(out_rows, policy, coll_kwargs):
     r["case"] = "large"
     r["collection_params"] = coll_kwargs
     out_rows.append(r)
-    print(f"large {policy} {coll_kwargs} DRAM {budget:,}: {r['add'][:80]} recall@10 {r.get('recall@10', float('nan')):.3f} "
-          f"reopen {r.get('reopen_count')} peak {r['dram_peak_bytes']:,} resident {r['resident_bytes_per_entry']:.2f} B/entry "
+    print(f"large {policy} {coll_kwargs} DRAM {budget:,}: {r['add'][:80]} "
+          f"recall@10 {r.get('recall@10', float('nan')):.3f} reopen {r.get('reopen_count')} "
+          f"peak {r['dram_peak_bytes']:,} resident {r['resident_bytes_per_entry']:.2f} B/entry "
           f"RSS growth {r['rss_growth_bytes']:,} estimate min {r['estimate']['minimum']:,}", flush=True)
 
 
@@ -219,7 +220,7 @@ def main(argv=None):
     ap.add_argument("--name", default=None,
                     help="file stem of the JSON and Markdown written under --out (default memory_<cases>)")
     a = ap.parse_args(argv)
-    rows = []
+    rows: list[dict] = []
     policies = a.policies.split(",")
     cases = a.cases.split(",")
     if "small" in cases:
@@ -232,13 +233,10 @@ def main(argv=None):
     md = markdown(rows)
     print(md)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
         tag = a.name or "memory_" + "_".join(cases)
-        with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
-            json.dump({"args": vars(a), "rows": rows, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss},
-                      f, indent=1, default=str)
-        with open(os.path.join(a.out, f"{tag}.md"), "w") as f:
-            f.write(f"# Memory-bounded engine\n\n`python -m kvtier.bench.memory {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        write_results(a.out, tag, {"args": vars(a), "rows": rows, "maxrss_kib": maxrss}, "Memory-bounded engine",
+                      command("kvtier.bench.memory", argv), md, default=str)
     return 0
 
 

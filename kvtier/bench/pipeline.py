@@ -16,7 +16,6 @@ measures the time per decoding step:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 
 import kvtier
 from kvtier.bench.capture import load_trace
+from kvtier.bench.tables import write_results
 
 
 def _compute(a, b, reps):
@@ -47,31 +47,32 @@ def run(trace, mode, steps, compute_reps, dram_budget, budget=0.1, sinks=4, wind
     a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
     with tempfile.TemporaryDirectory() as d, kvtier.open(d, dram_budget=dram_budget, device=prof) as s:
         colls = {}
-        for l in range(trace.n_layers):
+        for layer in range(trace.n_layers):
             for h in range(trace.n_kv_heads):
-                c = s.collection(f"L{l}.H{h}", dim=trace.head_dim, value_dim=trace.head_dim,
+                c = s.collection(f"L{layer}.H{h}", dim=trace.head_dim, value_dim=trace.head_dim,
                                  policy="static", colocate_after=0)
-                c.add(trace.keys[l, h, sinks:P - window], trace.values[l, h, sinks:P - window])
-                colls[l, h] = c
+                c.add(trace.keys[layer, h, sinks:P - window], trace.values[layer, h, sinks:P - window])
+                colls[layer, h] = c
         s.reset_io_stats()
         t0 = time.perf_counter()
         for t in range(P, P + steps):
             n_budget = int(np.ceil(budget * (t + 1)))
-            for l in range(trace.n_layers):
-                if mode == "pipelined" and l + 1 < trace.n_layers:
+            for layer in range(trace.n_layers):
+                if mode == "pipelined" and layer + 1 < trace.n_layers:
                     for h in range(trace.n_kv_heads):
-                        qp = trace.queries[l + 1, h * g:(h + 1) * g, t - 1].astype(np.float32)
-                        colls[l + 1, h].prefetch(qp, budget=n_budget)
+                        qp = trace.queries[layer + 1, h * g:(h + 1) * g, t - 1].astype(np.float32)
+                        colls[layer + 1, h].prefetch(qp, budget=n_budget)
                 if mode != "compute":
                     for h in range(trace.n_kv_heads):
-                        q = trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32)
-                        colls[l, h].retrieve(q, budget=n_budget)
+                        q = trace.queries[layer, h * g:(h + 1) * g, t].astype(np.float32)
+                        colls[layer, h].retrieve(q, budget=n_budget)
                 if mode != "io":
                     _compute(a, a, compute_reps)
         wall = time.perf_counter() - t0
         st = s.stats()
-    return {"mode": mode, "step_ms": wall / steps * 1e3, "modeled_io_ms_per_step": st["modeled_io_seconds"] / steps * 1e3,
-            "read_ops": st["read_ops"], "prefetch_hits": st["prefetch_hits"], "prefetch_issued": st["prefetch_issued"],
+    return {"mode": mode, "step_ms": wall / steps * 1e3,
+            "modeled_io_ms_per_step": st["modeled_io_seconds"] / steps * 1e3, "read_ops": st["read_ops"],
+            "prefetch_hits": st["prefetch_hits"], "prefetch_issued": st["prefetch_issued"],
             "io_wait_ms_per_step": st["io_wait_seconds"] / steps * 1e3, "dram_peak_bytes": st["dram_peak_bytes"]}
 
 
@@ -104,9 +105,7 @@ def main(argv=None):
     print(f"\npipelined / max(compute, I/O) = {ratio:.2f} (target <= 1.15); "
           f"sequential / max = {rows['sequential']['step_ms'] / bound:.2f}")
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "pipeline.json"), "w") as f:
-            json.dump({"args": vars(a), "matmuls_per_layer": reps, "rows": rows, "ratio": ratio}, f, indent=1)
+        write_results(a.out, "pipeline", {"args": vars(a), "matmuls_per_layer": reps, "rows": rows, "ratio": ratio})
     return 0
 
 

@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
-
-import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
-from kvtier.bench.tables import md_table
+from kvtier.bench.tables import md_table, save
 
 POLICIES = ("none", "static", "local", "adaptive")
 
@@ -66,8 +62,9 @@ def run(workloads, budgets, policies, layers, prefill, decode, every, dram_budge
 def table(rows) -> str:
     return md_table(["workload", "budget", "policy", "recall", "oracle", "clusters", "mean size", "mean variance",
                      "reads/retrieve", "entries/read", "modeled I/O us/retrieve"],
-                    [[r["workload"], f"{r['budget']:.0%}", r["policy"], f"{r['recall']:.3f}", f"{r['oracle_recall']:.3f}",
-                      f"{r['clusters']:.0f}", f"{r['mean_cluster_size']:.1f}", f"{r['mean_variance']:.2f}",
+                    [[r["workload"], f"{r['budget']:.0%}", r["policy"], f"{r['recall']:.3f}",
+                      f"{r['oracle_recall']:.3f}", f"{r['clusters']:.0f}", f"{r['mean_cluster_size']:.1f}",
+                      f"{r['mean_variance']:.2f}",
                       f"{r['read_ops_per_retrieve']:.2f}", f"{r['mean_read_entries']:.1f}",
                       f"{r['modeled_io_s_per_retrieve'] * 1e6:.1f}"] for r in rows], "lrl" + "r" * 8) + "\n"
 
@@ -114,20 +111,6 @@ def main(argv=None):
     if a.out:
         save(a.out, "policies", "Policies on real traces", "kvtier.bench.policies", argv, a, t0, {"rows": rows}, md)
     return 0
-
-
-def save(out, stem, title, module, argv, args, t0, payload, md):
-    """Writes out/stem.json (the machine, versions, arguments and run time, then payload) and
-    out/stem.md (title, the command, md)."""
-    os.makedirs(out, exist_ok=True)
-    meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "python": sys.version.split()[0]},
-            "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__},
-            "args": vars(args), "seconds": time.time() - t0}
-    with open(os.path.join(out, f"{stem}.json"), "w") as f:
-        json.dump({"meta": meta, **payload}, f, indent=1)
-    with open(os.path.join(out, f"{stem}.md"), "w") as f:
-        f.write(f"# {title}\n\n`python -m {module} {' '.join(argv or sys.argv[1:])}`\n\n{md}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -121,7 +122,7 @@ def _est_label(est) -> str:
 def _parse_estimate(text: str) -> list:
     """--estimate: off -> False, all -> None (every cluster not fetched), var -> all with the
     keys' variance (estimate_variance), M -> int."""
-    out = []
+    out: list[bool | str | int | None] = []
     for t in (x.strip() for x in text.split(",") if x.strip()):
         if t == "off":
             out.append(False)
@@ -152,23 +153,23 @@ class AttnErrorProbe:
         self._inner = cache._attend_unchecked
         cache._attend_unchecked = self._attend
 
-    def _attend(self, l, query, key, value, mask, scaling):
+    def _attend(self, layer, query, key, value, mask, scaling):
         torch = self.torch
-        out = self._inner(l, query, key, value, mask, scaling)
-        k = torch.cat([self.shadow_k[l], key[0]], 1) if l in self.shadow_k else key[0]
-        v = torch.cat([self.shadow_v[l], value[0]], 1) if l in self.shadow_v else value[0]
-        self.shadow_k[l], self.shadow_v[l] = k, v
+        out = self._inner(layer, query, key, value, mask, scaling)
+        k = torch.cat([self.shadow_k[layer], key[0]], 1) if layer in self.shadow_k else key[0]
+        v = torch.cat([self.shadow_v[layer], value[0]], 1) if layer in self.shadow_v else value[0]
+        self.shadow_k[layer], self.shadow_v[layer] = k, v
         if query.shape[2] == 1:
             g = query.shape[1] // k.shape[0]
             full = torch.nn.functional.scaled_dot_product_attention(
                 query[0].float(), k.repeat_interleave(g, 0).float(), v.repeat_interleave(g, 0).float(), scale=scaling)
             got = out[0].transpose(0, 1).float()  # [q_heads, 1, d]
             e = float(torch.linalg.vector_norm(got - full) / torch.linalg.vector_norm(full))
-            self.err.setdefault(l, []).append(e)
+            self.err.setdefault(layer, []).append(e)
         return out
 
     def per_layer(self) -> list[float]:
-        return [float(np.mean(self.err[l])) for l in sorted(self.err)]
+        return [float(np.mean(self.err[layer])) for layer in sorted(self.err)]
 
 
 def workload_tokens(workload: str, total: int, trace_prefill: int, trace_decode: int, progress: bool) -> np.ndarray:
@@ -203,7 +204,8 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
 
     tokens = workload_tokens(workload, args.prefill + args.decode, args.trace_prefill, args.trace_decode,
                              progress is not None)
-    bar = (lambda desc: (lambda it: progress(it, desc=desc, unit="tok", leave=False))) if progress else (lambda desc: None)
+    def bar(desc):
+        return (lambda it: progress(it, desc=desc, unit="tok", leave=False)) if progress else None
 
     full_runs = []
     for _ in range(args.repeats):
@@ -223,25 +225,23 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
              "dram_peak_bytes": full_bytes, "full_cache_bytes": full_bytes}]
     device = _device(args)
     # (method, budget, estimate) in order; sink+window once (budget 0), none never estimates
-    runs_todo = []
+    runs_todo: list[tuple[str, float, bool | str | int | None]] = []
     for method in args.methods:
         if method == "sink+window":
             runs_todo.append((method, 0, False))
             continue
-        for b in args.budgets:
-            for est in args.estimates:
-                if est is False or method != "none":
-                    runs_todo.append((method, b, est))
+        runs_todo += [(method, b, est) for b in args.budgets for est in args.estimates
+                      if est is False or method != "none"]
     for method, budget, est in runs_todo:
         policy = None if method == "sink+window" else method
         # budget 0 never retrieves, so there is nothing to prefetch: one setting is enough
         modes = [False] if method == "sink+window" else args.prefetch_modes
-        runs = {pf: [] for pf in modes}
+        runs: dict[bool, list] = {pf: [] for pf in modes}
         unavailable = None
         for _ in range(args.repeats):  # alternating settings: drift on a shared machine hits both
             for pf in modes:
-                row = {"workload": workload, "method": method, "policy": policy, "budget": budget, "prefetch": pf,
-                       "estimate": _est_label(est)}
+                row: dict[str, Any] = {"workload": workload, "method": method, "policy": policy, "budget": budget,
+                                       "prefetch": pf, "estimate": _est_label(est)}
                 try:
                     cache = TieredCache(model, budget=budget, policy=policy, sinks=args.sinks, window=args.window,
                                         dram_budget=args.dram_budget, device=device, prefetch=pf,
@@ -398,7 +398,7 @@ def estimate_targets(rows: list[dict]) -> list[str]:
                      and r.get("estimate") == e), None)
 
     for w in sorted({r["workload"] for r in ok}):
-        for e in sorted({r.get("estimate") for r in ok if r["method"] == "adaptive" and r.get("estimate") != "off"}):
+        for e in sorted({r["estimate"] for r in ok if r["method"] == "adaptive" and r.get("estimate", "off") != "off"}):
             a10, n10 = find(w, "adaptive", 0.1, e), find(w, "none", 0.1, "off")
             if a10 and n10:
                 out.append(f"{w}: 10%: ΔNLL(adaptive, estimate {e}) {a10['delta_nll']:+.4f} <= ΔNLL(none) "
@@ -407,8 +407,9 @@ def estimate_targets(rows: list[dict]) -> list[str]:
                            f"{'met' if a10['top1'] >= n10['top1'] else 'NOT met'}")
             a5, o5 = find(w, "adaptive", 0.05, e), find(w, "adaptive", 0.05, "off")
             if a5 and o5:
+                met = a5["delta_nll"] <= 0.5 * o5["delta_nll"]
                 out.append(f"{w}: 5%: ΔNLL(adaptive, estimate {e}) {a5['delta_nll']:+.4f} <= 1/2 ΔNLL(adaptive, off) "
-                           f"{o5['delta_nll']:+.4f}: {'met' if a5['delta_nll'] <= 0.5 * o5['delta_nll'] else 'NOT met'}")
+                           f"{o5['delta_nll']:+.4f}: {'met' if met else 'NOT met'}")
     return out
 
 
@@ -417,7 +418,7 @@ def targets(rows: list[dict]) -> list[str]:
     out = []
     for w in sorted({r["workload"] for r in rows}):
         # quality does not depend on prefetch (checked below): the first row of each method
-        by = {}
+        by: dict[str, dict] = {}
         for r in rows:
             if r["workload"] == w and r["status"] == "ok":
                 by.setdefault(r["method"], r)
@@ -426,8 +427,8 @@ def targets(rows: list[dict]) -> list[str]:
             if len({r["prefetch"] for r in pair}) == 2:
                 same = len({(r["nll"], r["top1"]) for r in pair}) == 1
                 out.append(f"{w}: {m} NLL and top-1 identical with and without prefetch: {'yes' if same else 'NO'}")
-        if len({r.get("budget") for r in rows if r["workload"] == w and r["method"] not in ("full", "sink+window")}) > 1 \
-                or any(r.get("estimate", "off") != "off" for r in rows):
+        budgets = {r.get("budget") for r in rows if r["workload"] == w and r["method"] not in ("full", "sink+window")}
+        if len(budgets) > 1 or any(r.get("estimate", "off") != "off" for r in rows):
             continue  # a budget or estimate sweep: estimate_targets speaks for it
         if "adaptive" in by and "static" in by:
             ok = by["adaptive"]["delta_nll"] <= 0.5 * by["static"]["delta_nll"]
@@ -508,7 +509,7 @@ def main(argv=None) -> int:
     from kvtier.bench.capture import load_model
 
     torch.set_num_threads(args.threads)
-    progress = None
+    progress: Any = None
     if not args.no_progress:
         from tqdm.auto import tqdm as progress
     model, _ = load_model()
@@ -545,7 +546,8 @@ def main(argv=None) -> int:
             rows, args.plot, f"SmolLM2-135M, {args.prefill} prefill + {args.decode} decoded tokens")))
     pipe = pipelining_markdown(rows)
     if pipe:
-        parts += ["", "Pipelining: without vs with prefetch (tok/s: decoding only, median of the runs listed)", "", pipe]
+        parts += ["", "Pipelining: without vs with prefetch (tok/s: decoding only, median of the runs listed)", "",
+                  pipe]
     parts += [f"{r['workload']} {r['method']}: {r['reason']}" for r in rows if r["status"] != "ok"]
     parts += [""] + [f"- {line}" for line in result["targets"]]
     text = "\n".join(parts)

@@ -22,9 +22,7 @@ at every step, so sampling steps would charge swap traffic to steps that read no
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
-from kvtier.bench.tables import md_table
+from kvtier.bench.tables import command, md_table, write_results
 
 MODES = {"resident": (False, True), "virtualized": (True, True), "virtualized-index": (True, False)}
 
@@ -74,6 +72,16 @@ def saving(rows):
     return out
 
 
+def _cells(r) -> list[str]:
+    """A row's measured cells, or why it has none."""
+    if not r["fits"]:
+        return ["does not fit"]
+    swap = r["read_bytes_by_cause_per_step"]["swap"]
+    return [f"{r['dram_peak_bytes'] / 2**20:.2f}", f"{r['modeled_io_ms_per_step']:.3f}",
+            f"{r['read_bytes_per_step'] / 1024:.1f} ({swap / 1024:.1f})",
+            f"{r['swap_write_bytes_per_step'] / 1024:.1f}", f"{r['recall']:.3f}"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="W1")
@@ -98,18 +106,16 @@ def main(argv=None):
             rows.append(row)
             if row["fits"]:
                 print(f"{kib:6d} KiB {mode:17s} peak {row['dram_peak_bytes'] / 2**20:6.2f} MiB "
-                      f"I/O {row['modeled_io_ms_per_step']:7.3f} ms/step read {row['read_bytes_per_step'] / 1024:8.1f} KiB/step "
-                      f"swap write {row['swap_write_bytes_per_step'] / 1024:7.1f} KiB/step recall {row['recall']:.3f}", flush=True)
+                      f"I/O {row['modeled_io_ms_per_step']:7.3f} ms/step "
+                      f"read {row['read_bytes_per_step'] / 1024:8.1f} KiB/step "
+                      f"swap write {row['swap_write_bytes_per_step'] / 1024:7.1f} KiB/step recall {row['recall']:.3f}",
+                      flush=True)
             else:
                 print(f"{kib:6d} KiB {mode:17s} does not fit ({row['error']})", flush=True)
     sv = saving(rows)
     md = md_table(["DRAM budget", "mode", "DRAM peak MiB", "modeled I/O ms/step", "KiB read/step (swap)",
                    "swap KiB written/step", "recall"],
-                  [[f"{r['dram_budget'] >> 10} KiB", r["mode"]]
-                   + ([f"{r['dram_peak_bytes'] / 2**20:.2f}", f"{r['modeled_io_ms_per_step']:.3f}",
-                       f"{r['read_bytes_per_step'] / 1024:.1f} ({r['read_bytes_by_cause_per_step']['swap'] / 1024:.1f})",
-                       f"{r['swap_write_bytes_per_step'] / 1024:.1f}", f"{r['recall']:.3f}"] if r["fits"] else ["does not fit"])
-                   for r in rows], "rlrrrrr")
+                  [[f"{r['dram_budget'] >> 10} KiB", r["mode"], *_cells(r)] for r in rows], "rlrrrrr")
     md += "\n\n" + md_table(
         ["mode", "budget", "its peak MiB", "I/O ms/step", "resident peak MiB for no more I/O", "saving"],
         [[s["mode"], f"{s['virtualized_budget'] >> 10} KiB", f"{s['virtualized_peak'] / 2**20:.2f}",
@@ -119,11 +125,8 @@ def main(argv=None):
     print()
     print(md)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"virtualize_{a.workload}.json"), "w") as f:
-            json.dump({"rows": rows, "saving": sv, "args": vars(a)}, f, indent=1)
-        with open(os.path.join(a.out, f"virtualize_{a.workload}.md"), "w") as f:
-            f.write(f"# Group virtualization\n\n`python -m kvtier.bench.virtualize {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+        write_results(a.out, f"virtualize_{a.workload}", {"rows": rows, "saving": sv, "args": vars(a)},
+                      "Group virtualization", command("kvtier.bench.virtualize", argv), md)
 
 
 if __name__ == "__main__":

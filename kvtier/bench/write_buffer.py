@@ -21,7 +21,6 @@ A flush at the end writes the tails; it is not counted (the counts are taken bef
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.flash import add_setting_args
 from kvtier.bench.kvreplay import replay
-from kvtier.bench.tables import md_table
+from kvtier.bench.tables import command, md_table, write_results
 
 
 def main(argv=None):
@@ -77,26 +76,24 @@ def main(argv=None):
     md = md_table(["write buffer", "partial-page writes", "per 1k appends", "tail evictions", "buffered at end",
                    "write ops", "MiB written", "modeled I/O ms/step", "hit rate", "recall"],
                   [[f"{r['write_buffer'] // 1024} KiB", r["partial_page_writes"], f"{r['partial_per_1k_appends']:.0f}",
-                    r["write_buffer_evictions"], r["buffered_at_end"], r["write_ops"], f"{r['write_bytes'] / 2**20:.1f}",
-                    f"{r['modeled_io_ms_per_step']:.3f}", f"{r['cache_hit_rate']:.3f}", f"{r['recall']:.3f}"]
+                    r["write_buffer_evictions"], r["buffered_at_end"], r["write_ops"],
+                    f"{r['write_bytes'] / 2**20:.1f}", f"{r['modeled_io_ms_per_step']:.3f}",
+                    f"{r['cache_hit_rate']:.3f}", f"{r['recall']:.3f}"]
                    for r in rows], "r" * 10) + "\n"
     off = next((r for r in rows if r["write_buffer"] == 0), None)
     if off and off["partial_page_writes"]:
         md += "\n" + "\n".join(
-            f"{r['write_buffer'] // 1024} KiB: partial-page writes x{r['partial_page_writes'] / off['partial_page_writes']:.3f} "
+            f"{r['write_buffer'] // 1024} KiB: "
+            f"partial-page writes x{r['partial_page_writes'] / off['partial_page_writes']:.3f} "
             f"of no buffer, modeled I/O per step x{r['modeled_io_ms_per_step'] / off['modeled_io_ms_per_step']:.3f}"
             for r in rows if r["write_buffer"]) + "\n"
     print()
     print(md)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
         meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                 "versions": {"kvtier": kvtier.__version__}, "args": vars(a), "seconds": time.time() - t0}
-        with open(os.path.join(a.out, "write_buffer.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(os.path.join(a.out, "write_buffer.md"), "w") as f:
-            f.write(f"# Page-aligned write buffers on real traces\n\n"
-                    f"`python -m kvtier.bench.write_buffer {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+        write_results(a.out, "write_buffer", {"meta": meta, "rows": rows}, "Page-aligned write buffers on real traces",
+                      command("kvtier.bench.write_buffer", argv), md)
     return 0
 
 
