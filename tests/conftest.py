@@ -16,6 +16,18 @@ def store(store_path):
     s.close()
 
 
+def torch_adapter_stack():
+    """(torch, transformers) for a test module of the torch adapter, or that module skipped with
+    the reason: torch or transformers missing, or a transformers other than 5.x (what the
+    adapter supports). Call it at the module's top, before importing from either."""
+    torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
+    transformers = pytest.importorskip("transformers", reason="the torch adapter needs transformers")
+    if int(transformers.__version__.split(".")[0]) != 5:
+        pytest.skip(f"the torch adapter supports transformers 5.x, found {transformers.__version__}",
+                    allow_module_level=True)
+    return torch, transformers
+
+
 def make_data(n, dim=16, value_dim=8, seed=0, dtype=np.float16):
     rng = np.random.default_rng(seed)
     keys = rng.standard_normal((n, dim)).astype(dtype)

@@ -10,11 +10,9 @@ import warnings
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
-transformers = pytest.importorskip("transformers", reason="the torch adapter needs transformers")
-if int(transformers.__version__.split(".")[0]) != 5:
-    pytest.skip(f"the torch adapter supports transformers 5.x, found {transformers.__version__}",
-                allow_module_level=True)
+from conftest import torch_adapter_stack
+
+torch, _ = torch_adapter_stack()
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 

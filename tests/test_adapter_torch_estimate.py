@@ -3,11 +3,9 @@ attention than without the estimate at a partial budget, arguments checked."""
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
-transformers = pytest.importorskip("transformers", reason="the torch adapter needs transformers")
-if int(transformers.__version__.split(".")[0]) != 5:
-    pytest.skip(f"the torch adapter supports transformers 5.x, found {transformers.__version__}",
-                allow_module_level=True)
+from conftest import torch_adapter_stack
+
+torch, _ = torch_adapter_stack()
 
 import kvtier  # noqa: E402
 from kvtier.adapters.torch import TieredCache  # noqa: E402

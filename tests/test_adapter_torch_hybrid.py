@@ -9,11 +9,9 @@ it was; the models still refused say why.
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
-transformers = pytest.importorskip("transformers", reason="the torch adapter needs transformers")
-if int(transformers.__version__.split(".")[0]) != 5:
-    pytest.skip(f"the torch adapter supports transformers 5.x, found {transformers.__version__}",
-                allow_module_level=True)
+from conftest import torch_adapter_stack
+
+torch, _ = torch_adapter_stack()
 
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
