@@ -10,7 +10,6 @@ reserves against the budget, so they cannot drift from what ``stats()`` later ac
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 from kvtier import _engine
 from kvtier.config import parse_size
@@ -27,9 +26,9 @@ class Estimate:
     are used a group at a time (an LLM's layers, each a group of KV heads) and the engine
     pages idle groups out to the swap file when the budget is short (demand paging,
     ``stats()["swap_pressure_outs"]``), so the minimum holds one group's index, one more
-    collection's image being brought in, and the buffers: not every collection's index. ``recommended``: room for the index
-    to grow, the write buffers and pending entries, and a cache holding one retrieve of
-    ``fetch`` x the entries of every collection. ``index`` is what stays resident per
+    collection's image being brought in, and the buffers: not every collection's index.
+    ``recommended``: room for the index to grow, the write buffers and pending entries, and a
+    cache holding one retrieve of ``fetch`` x the entries of every collection. ``index`` is what stays resident per
     collection (directory, representatives, id map, pool table); ``keys`` the token-level
     policy's resident keys (``none`` scans them from flash when they do not fit);
     ``buffers`` the working memory of one add chunk or one cluster read; ``pending`` the
@@ -80,7 +79,7 @@ PARAMS = dict(metric=None, init_cluster_size=32, max_cluster_size=64, kmeans_ite
               local_cluster_size=16, score_temp=0.0, colocate_after=0, layout=None)
 
 
-def estimate(n_entries: int, dim: int, value_dim: Optional[int] = None, dtype="float16",
+def estimate(n_entries: int, dim: int, value_dim: int | None = None, dtype="float16",
              policy: str = "adaptive", *, collections: int = 1, groups: int = 1, fetch: float = 0.1,
              dram_budget=None, write_buffer=None, **collection_params) -> Estimate:
     """The minimum and the recommended DRAM budget for ``collections`` collections of
@@ -117,7 +116,7 @@ def estimate(n_entries: int, dim: int, value_dim: Optional[int] = None, dtype="f
     if wb is None and budget is None:  # the default write buffer is a 32nd of the budget
         rec = rec * 32 // 31 + 1
         pending += rec // 32
-    return Estimate(n_entries=n, collections=ncoll, groups=ngroups, entry_bytes=e["entry_bytes"], clusters=e["clusters"],
-                    index=index, keys=e["keys"] * ncoll, buffers=buffers, pending=pending,
+    return Estimate(n_entries=n, collections=ncoll, groups=ngroups, entry_bytes=e["entry_bytes"],
+                    clusters=e["clusters"], index=index, keys=e["keys"] * ncoll, buffers=buffers, pending=pending,
                     cache=e["cache"] * ncoll, minimum=minimum, recommended=max(rec, minimum),
                     resident_bytes_per_entry=e["resident_per_entry"])

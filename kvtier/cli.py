@@ -8,12 +8,14 @@ does not have yet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import textwrap
 import time as _time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:2] == ["bench", "decode"]:  # the decode-speed benchmark: its own options (kvtier.bench.decode)
         from kvtier.bench.decode import main as decode
@@ -261,9 +263,9 @@ def inspect_store(path: str, dram_budget="256MiB") -> dict:
     # kvtier.open would create a store where there is none; inspect must not.
     if not os.path.isdir(os.path.join(path, "catalog")):
         raise InvalidArgumentError(f"STORE: {path!r} is not a kvtier store (no catalog/ directory in it)")
-    out = {"path": os.path.abspath(path), "kvtier": kvtier.__version__,
-           "format": {"catalog": CATALOG_FORMAT, "data": int(_engine.FORMAT_VERSION), "data_files": []},
-           "collections": []}
+    out: dict[str, Any] = {"path": os.path.abspath(path), "kvtier": kvtier.__version__,
+                           "format": {"catalog": CATALOG_FORMAT, "data": int(_engine.FORMAT_VERSION), "data_files": []},
+                           "collections": []}
     from kvtier.verify import last_verified
 
     with kvtier.open(path, dram_budget=dram_budget, create=False) as store:
@@ -308,14 +310,14 @@ def inspect_store(path: str, dram_budget="256MiB") -> dict:
     return out
 
 
-def _file_size(path: str) -> Optional[int]:
+def _file_size(path: str) -> int | None:
     try:
         return os.stat(path).st_size
     except FileNotFoundError:  # a collection created but never written
         return None
 
 
-def _data_format(path: str) -> Optional[int]:
+def _data_format(path: str) -> int | None:
     """The format version in a data file's header (README "On disk"), None if unreadable."""
     try:
         with open(path, "rb") as f:
@@ -329,10 +331,8 @@ def _du(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):  # gone since the walk listed it
                 total += os.stat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
     return total
 
 
@@ -345,7 +345,8 @@ def _inspect(args) -> int:
     print(f"store {info['path']}")
     found = ", ".join(str(v) for v in info["format"]["data_files"]) or "none yet"
     print(f"  format: catalog {info['format']['catalog']}, data files {found} "
-          f"(kvtier {info['kvtier']} reads data formats 1 to {info['format']['data']}, writes {info['format']['data']})")
+          f"(kvtier {info['kvtier']} reads data formats 1 to {info['format']['data']}, "
+          f"writes {info['format']['data']})")
     print(f"  disk: {info['disk_bytes']['data_files']:,} bytes allocated in data files, "
           f"{info['disk_bytes']['catalog']:,} bytes of catalog")
     print(f"  {len(colls)} collection{'s' if len(colls) != 1 else ''}")

@@ -49,8 +49,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -363,7 +364,7 @@ def _sample(ids, n_new: int, desc: str, progress: bool, checkpoint: Path | None 
     import torch
 
     model, tokenizer = load_model()
-    streamer = _TqdmStreamer(n_new, desc) if progress else None
+    streamer: Any = _TqdmStreamer(n_new, desc) if progress else None
     if checkpoint is not None:
         streamer = _Checkpoint(checkpoint, ids, bar=streamer)
     with torch.inference_mode():
@@ -763,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"trace {trace.path}")
     for name in ("keys", "values", "queries", "tokens", "nll"):
         array = getattr(trace, name)
-        print(f"  {name:8s}{str(array.shape):24s}{array.dtype}")
+        print(f"  {name:8s}{array.shape!s:24s}{array.dtype}")
     meta = trace.meta
     print(
         f"  prefill {trace.prefill}, decode {trace.decode}, prompt {meta['prompt_len']} tokens; "
