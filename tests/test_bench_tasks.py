@@ -205,9 +205,42 @@ def test_methods_parse_and_refuse():
     m = T.parse_method("adaptive@0.05+est")
     assert (m.policy, m.budget, m.estimate, m.tiered) == ("adaptive", 0.05, True, True)
     assert T.parse_method("sink+window").budget == 0 and not T.parse_method("full").tiered
-    for bad in ("adaptive", "bogus@0.1", "none@0.1+est", "adaptive@1.5", "adaptive@0"):
+    for bad in ("adaptive", "bogus@0.1", "none@0.1+est", "adaptive@1.5", "adaptive@0", "none@0.1:8",
+                "adaptive@0.1:1", "adaptive@0.1:", "adaptive@0.1+est:8", "none@0.1+var", "adaptive@0.1+est+var"):
         with pytest.raises(ValueError):
             T.parse_method(bad)
+    m = T.parse_method("adaptive@0.1:8+est")
+    assert (m.policy, m.budget, m.cluster, m.estimate) == ("adaptive", 0.1, 8, True)
+    assert T.parse_method("adaptive@0.1").cluster == 0 and T.cluster_options(0) is None
+    m = T.parse_method("static@0.05:16+var+est")
+    assert (m.cluster, m.variance, m.estimate) == (16, True, True) and not T.parse_method("static@0.1").variance
+    assert T.cluster_options(0, 0.0625) == {"score_temp": 0.0625}
+
+
+def test_cluster_size_reaches_the_collections(model, tok, hay):
+    """``<policy>@<budget>:<n>`` partitions the tiered layers' prefill into clusters of about n
+    entries (the largest 2n), the store's default (32) without it."""
+    from kvtier.bench.runtime import prefill
+
+    c = T.make_case("niah_single", 700, 0, tok, hay, base_seed=1, reserve=120)
+    dense = prefill(model, tok(c.context).input_ids, 256)
+    sizes = {}
+    for name in ("static@0.1:8", "static@0.1"):
+        cache = T.make_cache(model, T.parse_method(name), dense, args())
+        try:
+            coll = cache.layers[cache.tiered[0]].colls[0]
+            sizes[name] = (cache.cluster_stats()["mean_cluster_size"], coll.params["max_cluster_size"])
+        finally:
+            cache.close()
+    assert sizes["static@0.1:8"][1] == 16 and sizes["static@0.1"][1] == 64
+    # +var: the collections rank clusters with the model's own attention scale
+    cache = T.make_cache(model, T.parse_method("static@0.1+var"), dense, args())
+    try:
+        temp = cache.layers[cache.tiered[0]].colls[0].params["score_temp"]
+    finally:
+        cache.close()
+    assert temp == T.attention_scale(model) == model.model.layers[1].self_attn.scaling > 0
+    assert sizes["static@0.1:8"][0] < 12 < sizes["static@0.1"][0]
 
 
 def _row(task, L, case, q, method, score, **kw):

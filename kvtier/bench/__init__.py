@@ -9,7 +9,8 @@ tasks of the torch caches), ``policies`` and ``adaptive16`` (clustering policies
 buffers), ``cache`` (cache policies against the DRAM budget), ``memory`` (phone-sized budgets),
 ``virtualize`` (group virtualization), ``pipeline`` (prefetch behind compute), ``w4_search``
 (search against hnswlib and faiss), ``nprobe_default``, ``torch_quality`` and ``needle`` (model
-quality and a pass key through TieredCache), ``llama_cpp`` (TieredLlama against llama.cpp).
+quality and a pass key through TieredCache), ``llama_cpp`` (TieredLlama against llama.cpp),
+``task_recall`` (on the task cases, what each tiered layer fetches while the answer is decoded).
 
 What they share: ``capture`` records real key/value/query traces of SmolLM2-135M-Instruct (the
 workloads of docs/design.md §8) and caches them; ``kvreplay`` replays a trace through the

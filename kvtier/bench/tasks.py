@@ -34,8 +34,13 @@ scored by the share of its expected strings that the answer contains (case-insen
 Methods: ``full`` (DynamicCache), ``llama.cpp`` (full attention in llama-cpp-python on the
 model's GGUF, every cell kept: it prefills each case itself, once, and each question starts from
 the end of that prefill), ``sink+window`` (TieredCache, budget 0) and
-``<policy>@<budget>[+est]`` (TieredCache with that store policy and fetch budget, with
-``estimate=True``), e.g. ``adaptive@0.1``, ``adaptive@0.05+est``, ``none@0.1``.
+``<policy>@<budget>[:<cluster size>][+var][+est]`` (TieredCache with that store policy and
+fetch budget, the first partition's clusters of that size instead of the store's 32 (the
+largest twice that), clusters ranked by their expected attention rather than their mean key
+(``+var``: the collections' ``score_temp`` set to the model's attention scale s, so a cluster
+scores q.mean + s/2 sum_k q_k^2 var_k, its Gaussian log-mean-exp over s), with
+``estimate=True``), e.g. ``adaptive@0.1``, ``adaptive@0.1:8``, ``adaptive@0.1+var``,
+``adaptive@0.05+est``, ``none@0.1``.
 TieredCache runs with ``--sinks`` + ``--window`` tokens in DRAM and an engine DRAM budget of
 ``--dram-share`` of the tiered layers' float16 KV at that length (at least 4 MiB).
 
@@ -339,6 +344,8 @@ class Method:
     policy: Optional[str] = None  # None: full attention (DynamicCache)
     budget: float = 0.0
     estimate: bool = False
+    cluster: int = 0  # the collections' first-partition cluster size (0: the store's default)
+    variance: bool = False  # clusters ranked by their expected attention (score_temp: the model's scale)
 
     @property
     def tiered(self) -> bool:
@@ -355,16 +362,20 @@ def parse_method(text: str) -> Method:
         return Method(t)
     if t == "sink+window":
         return Method(t, policy="adaptive", budget=0.0)
-    m = re.fullmatch(r"([a-z]+)@([0-9.]+)(\+est)?", t)
+    m = re.fullmatch(r"([a-z]+)@([0-9.]+)(?::([0-9]+))?(\+var)?(\+est)?", t)
     if not m or m.group(1) not in POLICIES:
-        raise ValueError(f"method {t!r}: 'full', '{LLAMA_CPP}', 'sink+window' or <policy>@<budget>[+est] with a policy of "
-                         f"{POLICIES} expected")
+        raise ValueError(f"method {t!r}: 'full', '{LLAMA_CPP}', 'sink+window' or "
+                         f"<policy>@<budget>[:<cluster size>][+var][+est] with a policy of {POLICIES} expected")
+    cluster = int(m.group(3) or 0)
+    if m.group(3) and (m.group(1) == "none" or not 2 <= cluster <= 4096):
+        raise ValueError(f"method {t!r}: a cluster size in [2, 4096] of a clustering policy expected")
     budget = float(m.group(2))
     if not 0 < budget <= 1:
         raise ValueError(f"method {t!r}: a budget in (0, 1] expected")
-    if m.group(3) and m.group(1) == "none":
-        raise ValueError(f"method {t!r}: the none policy has no clusters to estimate")
-    return Method(t, policy=m.group(1), budget=budget, estimate=bool(m.group(3)))
+    if (m.group(4) or m.group(5)) and m.group(1) == "none":
+        raise ValueError(f"method {t!r}: the none policy has no clusters to rank by variance or to estimate")
+    return Method(t, policy=m.group(1), budget=budget, estimate=bool(m.group(5)), cluster=cluster,
+                  variance=bool(m.group(4)))
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -378,13 +389,36 @@ def make_cache(model, method: Method, dense, args):
     n = dense.get_seq_length()
     dram = max(int(args.dram_share * global_kv_f16(model, n)), 4 << 20)
     cache = TieredCache(model, budget=method.budget, policy=method.policy, sinks=args.sinks, window=args.window,
-                        dram_budget=dram, device=args.device, direct_io=False, estimate=method.estimate)
+                        dram_budget=dram, device=args.device, direct_io=False, estimate=method.estimate,
+                        collection_options=cluster_options(method.cluster, attention_scale(model) if method.variance else 0))
     try:
         cache.prefill_from(dense)
     except BaseException:
         cache.close()
         raise
     return cache
+
+
+def cluster_options(size: int, score_temp: float = 0.0) -> Optional[dict]:
+    """The collections' options: a first partition of ``size``-entry clusters (0: the store's
+    default; the largest cluster stays twice the first size, as the store's defaults have it),
+    and ``score_temp`` (0: off) to rank clusters by their expected attention."""
+    out: dict = {}
+    if size:
+        out.update(init_cluster_size=size, max_cluster_size=2 * size)
+    if score_temp:
+        out["score_temp"] = float(score_temp)
+    return out or None
+
+
+def attention_scale(model) -> float:
+    """The scale the model's attention applies to q.k (its attention modules' ``scaling``, e.g.
+    Gemma 3's query_pre_attn_scalar ** -0.5), else 1/sqrt(head_dim)."""
+    for mod in model.modules():
+        if hasattr(mod, "layer_idx") and isinstance(getattr(mod, "scaling", None), float):
+            return float(mod.scaling)
+    cfg = model.config
+    return float(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) ** -0.5
 
 
 class TorchSteps:
@@ -965,7 +999,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="contexts per task and length: one number, or task:n pairs (niah_single:20,vt:10,...) "
                         "with an optional default first (5,fwe:3)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="full, sink+window, <policy>@<budget>[+est]; a method may be limited to lengths up to L "
+                   help="full, sink+window, <policy>@<budget>[:<cluster size>][+var][+est]; a method may be limited to lengths up to L "
                         "with <method>/L and to the first N cases of each task and length with <method>#N, e.g. "
                         "static@0.05/8192#5")
     p.add_argument("--sinks", type=int, default=4)
