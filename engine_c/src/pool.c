@@ -284,11 +284,13 @@ static void push_avail(kvt_pools *P, uint32_t pool) {
 }
 
 int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t need, uint32_t live, kvt_seg *seg) {
-    /* Look at the few most recently freed pools; drop stale entries, skip pools whose only
-     * free head would pair a cluster with itself (another cluster can still use them), and
-     * (format 3) pools too small for what the claim writes. */
-    uint32_t want = P->sized ? (need ? need : 1) : 1, pair_want = P->sized ? want + want / 2 : 1;
-    for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 8; looked++) {
+    /* Look at the most recently freed pools; drop stale entries, skip pools whose only free
+     * head would pair a cluster with itself (another cluster can still use them), and
+     * (format 3) pools too small for what the claim writes and a quarter more: a pool made
+     * for one cluster keeps half its size free, which a smaller partner (a split's moved
+     * child) fills instead of a pool of its own (docs/design.md §2.2). */
+    uint32_t want = P->sized ? (need ? need : 1) : 1, pair_want = P->sized ? want + want / 4 : 1;
+    for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 32; looked++) {
         uint32_t idx = P->avail[i];
         if (idx >= P->n) { /* stale: the table was cut since */
             P->avail[i] = P->avail[--P->navail];
@@ -311,10 +313,11 @@ int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t n
     uint32_t idx = 0;
     int rc = new_slot(P, &idx);
     if (rc) return rc;
-    if (P->sized) { /* room for twice its size: a partner of its size fits beside it */
-        uint64_t size = live < L->pool_cap / 2 ? live : L->pool_cap / 2;
+    if (P->sized) { /* room for half as much again: to grow into, or for a smaller partner */
+        uint64_t most = (uint64_t)L->pool_cap * 2 / 3, size = live < most ? live : most;
         if (size < want) size = want;
-        uint32_t units = kvt_pool_units(L, 2 * size < L->pool_cap ? 2 * size : L->pool_cap);
+        uint64_t room = size + size / 2;
+        uint32_t units = kvt_pool_units(L, room < L->pool_cap ? room : L->pool_cap);
         P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}, take_units(P, units), units};
     } else {
         P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}, 0, 0};

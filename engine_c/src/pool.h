@@ -9,8 +9,8 @@
  *
  * Pool sizes (format 3): a pool is a run of allocation units (KVT_POOL_UNIT bytes: a layout
  * page, or the I/O alignment when that is larger) sized when it is made to what claims it:
- * room for twice what the claiming cluster writes, so that a partner of its size fits beside
- * it (docs/design.md §2.2). Freed pools give their units back to a first-fit list of free runs
+ * room for half as much again as the claiming cluster writes, to grow into or for a smaller
+ * partner (docs/design.md §2.2). Freed pools give their units back to a first-fit list of free runs
  * that later pools reuse; the file only grows when no run fits. Files of formats 1 and 2 keep
  * pools of one size, `pool_bytes` (twice max_cluster_size records), and are read and appended
  * to as they are.
@@ -193,11 +193,11 @@ int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const u
 
 /* Claims a head for `owner`, a cluster with `live` records on flash already, that will take
  * `need` records now: a free head of a pool whose other head belongs to another cluster (so
- * two clusters pair up) with room for them and half as many again to grow into (format 1/2:
- * room for one), else a new pool. Format
- * 3 sizes it for twice the cluster's size (`need`, or `live` up to max_cluster_size when it
- * grows a chain), so that a partner of its size fits beside it, and never larger than a
- * format-2 pool (a larger write chains pools), from the free runs or the file's end; format
+ * two clusters pair up) with room for them and a quarter as many again to grow into (format
+ * 1/2: room for one), else a new pool. Format 3 sizes it for one and a half times the
+ * cluster's size (`need`, or `live` up to two thirds of a format-2 pool when it grows a
+ * chain), to grow into or for a smaller partner, and never larger than a format-2 pool (a
+ * larger write chains pools), from the free runs or the file's end; format
  * 1/2 takes a free pool, else one at the end of the file. The table must have room
  * (kvt_pools_reserve). */
 int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t need, uint32_t live, kvt_seg *seg);
