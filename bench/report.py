@@ -299,7 +299,7 @@ def torch_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> 
 def llama_section(results: Path, plots_dir: Path, report_dir: Path, rr: str) -> Section:
     title = "llama.cpp with a bounded KV cache (TieredLlama)"
     stems = ("llama_cpp_quality_2k", "llama_cpp_quality_8k", "llama_cpp_quality_heldout_2k", "llama_cpp_speed",
-             "llama_cpp_switch")
+             "llama_cpp_speed_ufs40", "llama_cpp_switch")
     found = [(stem,) + _md_parts(results / f"{stem}.md") for stem in stems if (results / f"{stem}.md").exists()]
     if not found:
         return Section(title, f"python -m kvtier.bench.llama_cpp quality --out {rr}/llama_cpp_quality.json",

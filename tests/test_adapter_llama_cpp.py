@@ -243,8 +243,11 @@ def test_unsupported_parameters_are_refused(model):
             TieredLlama(model, verbose=False, **kw)
     with pytest.raises(kvtier.InvalidArgumentError, match="policy"):
         TieredLlama(model, policy="bogus", dram_tokens=256, window=16, **COMMON)
+    with pytest.raises(kvtier.InvalidArgumentError, match="cache_policy"):
+        TieredLlama(model, cache_policy="mru", dram_tokens=256, window=16, **COMMON)
     llm = TieredLlama(model, dram_tokens=256, window=16, **COMMON)
     try:
+        assert llm.stats()["store"]["cache_policy"] == "lru"    # the store it opened (the default)
         with pytest.raises(NotImplementedError, match="save_session"):
             llm.save_state()
     finally:

@@ -59,6 +59,22 @@ Choices and what they cost (``python -m kvtier.bench.llama_cpp``; bench/results/
 - Per-layer retrieval costs one Python call per layer and step (``stats()["seconds"]
   ["retrieve"]``); kvtier's DRAM budget should hold one step's fetch over all layers (~ layers x
   heads x slots x 256 bytes), or every step reads it from flash again.
+- Where a decoding step's time goes (W2 at 7900 + 112 tokens, 10%, kvtier DRAM 55 MiB, one
+  llama.cpp thread; cProfile, thread CPU time and perf): llama.cpp's own compute 35-45 ms over
+  1024 cells (plain llama.cpp over the whole context: 160-180 ms), the 30 per-layer retrievals'
+  Python side ~25 ms, kvtier's retrieves ~200 ms of wall time of which ~40 ms CPU: the rest
+  waits for the store's reads (O_DIRECT, 4.5 MiB and ~500 reads per step on average; the first
+  32 steps read most: the cache is cold after the prompt, and each collection is rewritten once
+  for co-location after its first 32 retrieves; from step 64 on, ~100-130 reads per step).
+- The store the adapter opens caches clusters by LRU (``cache_policy="lru"``), not by kvtier's
+  cluster-aligned default: that one reads slightly fewer bytes but chooses each victim by
+  scanning up to 2048 cached clusters in three passes, and a step at 8K evicts hundreds; its
+  victim choice was 30% of the process's perf samples and decoding ran 0.32x llama.cpp against
+  LRU's 0.60x (llama_cpp_speed.md). What is retrieved does not depend on the cache.
+- No prefetch by default: the previous token's queries predict few of a step's misses (3.7K
+  prefetch hits for 64K misses over 112 steps at 8K), and the extra selection and loader reads
+  cost as much as they hide on two shared cores (0.63x against 0.60x at 8K, 0.49x against 0.44x
+  at 2K, medians of 3 interleaved rounds).
 
 Sessions (``save_session`` / ``load_session`` / ``switch_session``): the history already lives
 in the session's collections; a record adds the token ids, the id map, the recent queries, the
@@ -116,7 +132,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SYNC_TOKENS = 16
 #: The defaults, chosen for a phone user (why: the class docstring and the module's notes).
 DEFAULTS = {"budget": 0.1, "dram_tokens": 1024, "sinks": 4, "window": 64, "prefill": "dense",
-            "refresh_every": 1, "query_tokens": 1, "overfetch": 1.0, "prefetch": True}
+            "refresh_every": 1, "query_tokens": 1, "overfetch": 1.0, "prefetch": False, "cache_policy": "lru"}
 
 # llama kwargs this adapter refuses, with the reason.
 _REFUSED = {
@@ -247,7 +263,8 @@ class TieredLlama(Llama):
     (more recall for more I/O). ``prefetch``: while a layer retrieves, the next layer's reads
     start, chosen by its queries of the previous token (what they miss is read as without).
     ``store``: a kvtier store path or an open ``kvtier.Store`` (None: a
-    temporary store removed on close); ``store_dram_budget``/``device``/``direct_io`` open it;
+    temporary store removed on close); ``store_dram_budget``/``device``/``direct_io``/``cache_policy`` open it
+    (a ``kvtier.Store`` passed in keeps its own);
     ``collection_kwargs`` go to ``Store.collection``. ``session``: name of the conversation (its
     collections are ``<session>.g<n>.L<layer>.H<head>``). ``compress_level``: zstd level of
     session records. ``n_ctx`` (in ``llama_kwargs``): the logical context length (0, the default:
@@ -264,9 +281,11 @@ class TieredLlama(Llama):
       0.27 at 8K for a quarter of the peak (a tenth: 0.26 and 0.41).
     - ``refresh_every=1``, ``query_tokens=1``: every decoded token retrieves, per layer, with its
       own query; every 4 or 16 tokens gave ΔNLL 1.45 or 2.08 at 8K, close to sink + window alone
-      (2.64). It is also what decoding spends its time on: on a shared 2-core x86 machine 0.24x
-      llama.cpp's tokens/s at 2K and 0.28x at 8K (0.42x at both with kvtier's DRAM budget at
-      128 MiB), where sink + window alone runs 2.2-2.65x (the cells it attends to are fewer).
+      (2.64). It is also what decoding spends its time on: on a shared 2-core x86 machine,
+      kvtier's DRAM at 1.5x one step's fetch, reading this machine's virtual disk, 0.49x
+      llama.cpp's tokens/s at 2K and 0.63x at 8K (0.51x and 0.78x over the second half of 112
+      steps), where sink + window alone runs 2.2-2.65x (the cells it attends to are fewer).
+    - ``cache_policy="lru"``, ``prefetch=False``: what decodes fastest here (module notes).
     - ``budget=0.1``, ``dram_tokens=1024`` (22.5 MiB of cells for this model: room for 10% of a
       context up to about 8.9K tokens), ``window=64`` (32 and 128 measured the same),
       ``overfetch=1.0`` (2.0: top-1 +0.02 at 2K for 4x the retrieval time), ``sinks=4``.
@@ -281,6 +300,7 @@ class TieredLlama(Llama):
                  prefetch: bool = DEFAULTS["prefetch"],
                  store: Union[None, str, os.PathLike, "kvtier.Store"] = None,
                  store_dram_budget="64MiB", device=None, direct_io: Union[bool, str] = "auto",
+                 cache_policy: str = DEFAULTS["cache_policy"],
                  session: str = "default", collection_kwargs: Optional[dict] = None, compress_level: int = 1,
                  **llama_kwargs):
         self._store = None
@@ -353,7 +373,7 @@ class TieredLlama(Llama):
             self._stamp = 0
             self._span_off = np.arange(self._n_head_kv, dtype=np.int64)[:, None] * (self._logical_n_ctx + 1)
             self._rows = np.arange(self._n_head_kv)[:, None]
-            self._open_store(store, store_dram_budget, device, direct_io)
+            self._open_store(store, store_dram_budget, device, direct_io, cache_policy)
             self._reset_counters()
             self._start(session)
         except BaseException:
@@ -451,15 +471,16 @@ class TieredLlama(Llama):
         llama_cpp.llama_memory_clear(self._mem, True)
         hook.reset(ring)            # the probe token's queries are not the conversation's
 
-    def _open_store(self, store, dram_budget, device, direct_io):
+    def _open_store(self, store, dram_budget, device, direct_io, cache_policy):
+        opts = dict(dram_budget=dram_budget, device=device, direct_io=direct_io, cache_policy=cache_policy)
         if store is None:
             self._tmpdir = tempfile.mkdtemp(prefix="kvtier-llama-")
-            self._store = kvtier.open(self._tmpdir, dram_budget=dram_budget, device=device, direct_io=direct_io)
+            self._store = kvtier.open(self._tmpdir, **opts)
             self._owns_store = "temp"
         elif isinstance(store, kvtier.Store):
             self._store = store
         elif isinstance(store, (str, os.PathLike)):
-            self._store = kvtier.open(store, dram_budget=dram_budget, device=device, direct_io=direct_io)
+            self._store = kvtier.open(store, **opts)
             self._owns_store = "path"
         else:
             raise InvalidArgumentError(f"store: None, a path or a kvtier.Store expected, got {store!r}")
@@ -776,8 +797,9 @@ class TieredLlama(Llama):
             # rows come in the clusters' score order (the partly taken cluster last)
             pick = None
         else:
-            # the first b eligible rows: what a retrieve of b entries without the others gives
-            pick = np.stack([np.flatnonzero(ok[h])[:b] for h in range(H)])
+            # the first b eligible rows: what a retrieve of b entries without the others gives (a
+            # stable sort puts every head's eligible rows first, in order)
+            pick = np.argsort(~ok, axis=1, kind="stable")[:, :b]
         newp = pos[:, :b] if pick is None else np.take_along_axis(pos, pick, axis=1)
         self._place(layer, newp, many.keys, many.values, pick)
         self._t["retrieve"] += time.perf_counter() - t0

@@ -75,6 +75,7 @@ CONFIG_KEYS = {
     "chunk": ("prefill_chunk", int, "prompt tokens per bounded chunk"),
     "policy": ("policy", str, "kvtier policy"),
     "prefetch": ("prefetch", int, "1: the next layer's reads start while a layer retrieves; 0: off"),
+    "cpol": ("cache_policy", str, "the store's cache policy (lru, lfu, cluster)"),
     "sdram": ("store_dram_budget", str, "kvtier's DRAM budget while decoding (a size; the prefill's store, "
                                         "cached, is made with --store-dram-budget)"),
 }
@@ -237,8 +238,12 @@ def teacher_forced(llm, follow: list[int]) -> dict:
         argmax.append(int(lg.argmax()))
         logp.append(_log_softmax_at(lg, follow[i + 1]))
     # tokens/s of the steps after the first (the first also moves the prompt into decoding shape)
+    # and of the second half of the steps: past TieredLlama's one-time costs after a prompt (the
+    # cold kvtier cache, the collections' co-location rewrite after their first retrieves)
+    late = times[len(times) // 2:]
     return {"argmax": argmax, "logp": logp, "decode_s": float(sum(times)), "first_step_s": times[0],
-            "decode_tok_s": (len(times) - 1) / sum(times[1:]) if len(times) > 1 else 1 / times[0]}
+            "decode_tok_s": (len(times) - 1) / sum(times[1:]) if len(times) > 1 else 1 / times[0],
+            "late_tok_s": len(late) / sum(late)}
 
 
 def _plain(model, n_ctx, a):
@@ -305,7 +310,7 @@ def tiered_after_prompt(a, model: str, tokens: list[int], P: int, D: int, kw: di
         parse_size(a.store_dram_budget, "--store-dram-budget")
     key = _prefill_key(kw, model, P, sb)
     cache = Path(a.cache_dir) / f"tiered_{a.text}_{P}_{key}"
-    common = dict(n_batch=a.n_batch, n_threads=a.threads, n_threads_batch=a.threads, device=a.device,
+    common = dict(n_batch=a.n_batch, n_threads=a.threads, n_threads_batch=a.threads, device=_device(a),
                   direct_io=a.direct_io, store_dram_budget=sb, verbose=False, **kw)
     store = os.path.join(tmp, "store")
     facts = None
@@ -424,19 +429,24 @@ def speed_rows(a, model: str, tokens: list[int]) -> list[dict]:
         K = min(a.tokens, D - 1)
         follow = tokens[P:P + K + 1]
         runs: dict = {"llama.cpp": []}
+        late: dict = {"llama.cpp": []}
         mem: dict = {"llama.cpp": {"kv_mib": pad256(P + D + 1) * 30 * 3 * 64 * 4 / 2**20}}
         for cfg in a.configs:
-            runs[cfg["label"]] = []
+            runs[cfg["label"]], late[cfg["label"]] = [], []
         for rnd in range(a.rounds):
             llm = plain_from_state(a, model, tokens, P, D)
             try:
-                runs["llama.cpp"].append(teacher_forced(llm, follow)["decode_tok_s"])
+                res = teacher_forced(llm, follow)
+                runs["llama.cpp"].append(res["decode_tok_s"])
+                late["llama.cpp"].append(res["late_tok_s"])
             finally:
                 llm.close()
             for cfg in a.configs:
                 kw = tiered_kwargs(cfg["kwargs"], P, P + D)
                 with tiered_run(a, model, tokens, P, D, kw) as (llm, _):
-                    runs[cfg["label"]].append(teacher_forced(llm, follow)["decode_tok_s"])
+                    res = teacher_forced(llm, follow)
+                    runs[cfg["label"]].append(res["decode_tok_s"])
+                    late[cfg["label"]].append(res["late_tok_s"])
                     st = llm.stats()
                     mem[cfg["label"]] = {
                         "kv_mib": st["decode_kv_mib_peak"], "store_dram_peak_mib": st["store"]["dram_peak_bytes"] / 2**20,
@@ -445,25 +455,32 @@ def speed_rows(a, model: str, tokens: list[int]) -> list[dict]:
                         "store_reads_per_step": st["store"]["read_ops"] / max(st["decode_steps"], 1)}
             print(f"{P}: round {rnd + 1}/{a.rounds}: " +
                   ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
-        base = runs["llama.cpp"]
+        base, late_base = runs["llama.cpp"], late["llama.cpp"]
         for label, tps in runs.items():
             ratios = [t / b for t, b in zip(tps, base)]
+            late_ratios = [t / b for t, b in zip(late[label], late_base)]
             rows.append({"context": P, "tokens": K, "method": label, "tok_s_runs": tps,
                          "tok_s_median": statistics.median(tps), "vs_llama_runs": ratios,
                          "vs_llama_median": statistics.median(ratios), "vs_llama_min": min(ratios),
-                         "vs_llama_max": max(ratios), **mem.get(label, {})})
+                         "vs_llama_max": max(ratios), "late_tok_s_runs": late[label],
+                         "late_vs_llama_runs": late_ratios, "late_vs_llama_median": statistics.median(late_ratios),
+                         "late_vs_llama_min": min(late_ratios), "late_vs_llama_max": max(late_ratios),
+                         **mem.get(label, {})})
         _partial(a, "speed", rows)
     return rows
 
 
 SPEED_HEAD = ["context", "method", "decode tok/s (median)", "vs llama.cpp (median of rounds)", "range over rounds",
-              "KV MiB + store DRAM peak MiB", "retrieve ms/step", "store reads/step"]
+              "second half: vs llama.cpp (range)", "KV MiB + store DRAM peak MiB", "retrieve ms/step",
+              "store reads/step"]
 
 
 def _speed_cells(r: dict) -> list:
     dram = f"{r.get('kv_mib', 0):.1f}" + (f" + {r['store_dram_peak_mib']:.1f}" if "store_dram_peak_mib" in r else "")
     return [r["context"], r["method"], f"{r['tok_s_median']:.1f}", f"{r['vs_llama_median']:.2f}x",
-            f"{r['vs_llama_min']:.2f}-{r['vs_llama_max']:.2f}x", dram,
+            f"{r['vs_llama_min']:.2f}-{r['vs_llama_max']:.2f}x",
+            f"{r['late_vs_llama_median']:.2f}x ({r['late_vs_llama_min']:.2f}-{r['late_vs_llama_max']:.2f}x)"
+            if "late_vs_llama_median" in r else "", dram,
             f"{r['retrieve_ms_per_step']:.1f}" if "retrieve_ms_per_step" in r else "",
             f"{r['store_reads_per_step']:.0f}" if "store_reads_per_step" in r else ""]
 
@@ -550,7 +567,7 @@ def switch_rows(a, model: str, tokens: list[int]) -> list[dict]:
             llm.close()
             kw = tiered_kwargs(a.configs[0]["kwargs"], L, L + 16)
             llm = TieredLlama(model, store=os.path.join(tmp, "store"), session="conv0", n_batch=a.n_batch,
-                              n_threads=a.threads, n_threads_batch=a.threads, device=a.device,
+                              n_threads=a.threads, n_threads_batch=a.threads, device=_device(a),
                               store_dram_budget=store_budget(kw.get("budget", 0.1), 2 * L)
                               if a.store_dram_budget == "auto" else parse_size(a.store_dram_budget, "--store-dram-budget"),
                               verbose=False, **kw)
@@ -599,6 +616,16 @@ def _fmt_switch(r: dict) -> str:
 
 
 # -- output -------------------------------------------------------------------------------
+def _device(a):
+    """The store's device: the profile's name, or with --throttle the profile throttled."""
+    if not getattr(a, "throttle", False):
+        return a.device
+    from kvtier.config import PROFILES
+    if a.device not in PROFILES:
+        raise SystemExit(f"--throttle: --device must be one of {sorted(PROFILES)}, got {a.device!r}")
+    return PROFILES[a.device].replace(throttle=True)
+
+
 def _portable(v):
     """A path under the home directory written from ``~``: results carry no machine's paths."""
     home = os.path.expanduser("~")
@@ -689,9 +716,11 @@ def write(a, argv, what: str, rows: list) -> None:
     head, cells = {"quality": (QUALITY_HEAD, _quality_cells), "speed": (SPEED_HEAD, _speed_cells),
                    "switch": (SWITCH_HEAD, _switch_cells)}[what]
     table = md_table(head, [cells(r) for r in rows], "l" * len(head))
+    throttled = " (throttled: the store's reads take its modeled time)" if getattr(a, "throttle", False) else ""
     md = (f"# llama.cpp with a bounded KV cache (TieredLlama): {what}\n\n"
           f"`{meta['command']}`\n\nSmolLM2-135M-Instruct Q4_1, {meta['workload']}, llama.cpp threads "
-          f"{a.threads}, n_batch {a.n_batch}, kvtier device {a.device}; adapter defaults {meta['adapter_defaults']}.\n\n"
+          f"{a.threads}, n_batch {a.n_batch}, kvtier device {a.device}{throttled}; adapter defaults "
+          f"{meta['adapter_defaults']}.\n\n"
           f"{table}\n")
     out.with_suffix(".md").write_text(md)
     Path(a.out + ".partial").unlink(missing_ok=True)
@@ -716,7 +745,10 @@ def main(argv=None):
                        help="TieredLlama configurations: key=value/key=value;... ('help' lists the keys)")
         p.add_argument("--n-batch", type=int, default=256)
         p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: stable on a shared machine)")
-        p.add_argument("--device", default="ufs4.0", help="kvtier device profile (accounting only)")
+        p.add_argument("--device", default="ufs4.0", help="kvtier device profile (accounting only, unless --throttle)")
+        p.add_argument("--throttle", action="store_true",
+                       help="the store's reads take the device profile's modeled time: read through the page cache "
+                            "(direct I/O off) and slept to the profile, emulating that flash instead of this disk")
         p.add_argument("--direct-io", default="auto", type=lambda v: {"on": True, "off": False}.get(v, v),
                        help="the store's reads: auto (O_DIRECT where the file system allows), on, off (page cache)")
         p.add_argument("--store-dram-budget", default="auto",
@@ -754,6 +786,8 @@ def main(argv=None):
             print(f"{k:10} {arg:15} {typ.__name__:6} {what}")
         return 0
     a.configs = parse_configs(a.configs)
+    if a.throttle:
+        a.direct_io = False     # the page cache serves the bytes; the profile sets the time
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = model_path()
     tokens = text_tokens(model, a.text)
