@@ -146,23 +146,42 @@ uint64_t kvt_cluster_slot_bytes(const kvt_coll_params *p) {
                 : 0);
 }
 
+/* One reservation for every per-cluster array, so that a budget that fails part way grows
+ * none of them: growing them one by one leaked the accounting of those that grew before the
+ * one that failed (they were charged, clcap stayed, and they were freed as clcap's) — under
+ * demand paging, a parked collection kept ~5 KB of phantom index per failed growth. */
 int kvt_ensure_clusters(kvt_coll *c, uint32_t need) {
     if (need <= c->clcap) return 0;
-    uint64_t cap = c->clcap, cap2 = c->clcap, cap3 = c->clcap, cap4 = c->clcap, cap5 = c->clcap;
     /* per-dimension variances only serve the Gaussian score: kept only when it is on;
      * estimate.c: value sums beside the representatives */
     int m2d = c->p.score_temp > 0, vs = kvt_vsum_kept(c);
-    uint64_t per = kvt_cluster_slot_bytes(&c->p);
-    uint64_t to = grow_target(c, KVT_USE_INDEX, c->clcap, need, per); /* one capacity for all */
-    int rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cl, sizeof *c->cl, &cap, to);
-    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cent, (size_t)c->p.dim * sizeof(uint16_t), &cap2, to);
-    if (!rc) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->cnorm, sizeof(float), &cap3, to);
-    if (!rc && m2d) rc = grow_to(c, KVT_USE_INDEX, (void **)&c->m2d, (size_t)c->p.dim * sizeof(float), &cap4, to);
-    if (!rc && vs && c->p.value_dim)
-        rc = grow_to(c, KVT_USE_INDEX, (void **)&c->vsum, (size_t)c->p.value_dim * sizeof(float), &cap5, to);
+    uint64_t per = kvt_cluster_slot_bytes(&c->p), old = c->clcap;
+    uint64_t to = grow_target(c, KVT_USE_INDEX, old, need, per); /* one capacity for all */
+    int rc = kvt_mem_reserve_as(&c->st->mem, KVT_USE_INDEX, (to - old) * per);
     if (rc) return rc;
-    for (uint64_t j = c->clcap; j < cap; j++) c->cnorm[j] = FLT_MAX;
-    c->clcap = (uint32_t)cap; /* all grew to the same capacity */
+    struct {
+        void **p;
+        size_t size;
+    } arr[5] = {{(void **)&c->cl, sizeof *c->cl},
+                {(void **)&c->cent, (size_t)c->p.dim * sizeof(uint16_t)},
+                {(void **)&c->cnorm, sizeof(float)},
+                {(void **)&c->m2d, m2d ? (size_t)c->p.dim * sizeof(float) : 0},
+                {(void **)&c->vsum, vs ? (size_t)c->p.value_dim * sizeof(float) : 0}};
+    for (int i = 0; i < 5; i++) {
+        if (!arr[i].size) continue;
+        /* a realloc that fails leaves the array as it was; one that succeeded before it holds
+         * more than clcap says, unaccounted and unused, until the next growth */
+        void *p = realloc(*arr[i].p, to * arr[i].size);
+        if (!p) {
+            kvt_mem_release_as(&c->st->mem, KVT_USE_INDEX, (to - old) * per);
+            return kvt_fail(ENOMEM, "out of memory growing the cluster table to %llu", (unsigned long long)to);
+        }
+        memset((char *)p + old * arr[i].size, 0, (to - old) * arr[i].size);
+        *arr[i].p = p;
+    }
+    for (uint64_t j = old; j < to; j++) c->cnorm[j] = FLT_MAX;
+    c->acct += (to - old) * per;
+    c->clcap = (uint32_t)to; /* all grew to the same capacity */
     return 0;
 }
 

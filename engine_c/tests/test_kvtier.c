@@ -1749,6 +1749,47 @@ static void test_demand_paging(void) {
     free(k);
 }
 
+/* Decoding's pattern under demand paging: adaptive collections take one entry each in turn
+ * and retrieve, at a budget that holds a few of their indexes. Every failed growth of the
+ * cluster table is retried after a page-out; none may leave bytes charged that a parked
+ * collection does not hold (they leaked once: each parked layer kept phantom index until
+ * no budget was left, and a 512 KiB replay failed). Parked, a collection holds its pool
+ * table and chunk counters, and nothing else. */
+static void test_parked_index_accounting(void) {
+    enum { N = 1200, H = 8 };
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    p.policy = KVT_POLICY_ADAPTIVE;
+    p.init_cluster_size = 8;
+    float *k = drift_data(N, 0, 31);
+    char *d = make_dir();
+    kvt_store_opts o = {160 << 10, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
+    kvt_store *st;
+    kvt_coll *c[H];
+    int64_t first, got[64];
+    uint64_t ngot;
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    for (int h = 0; h < H; h++) {
+        CHECK_OK(kvt_coll_create(st, (uint32_t)h, &p, &c[h]));
+        CHECK_OK(kvt_coll_add(c[h], k + (size_t)h * 16, NULL, 64, &first));
+    }
+    for (uint64_t i = 64; i < N - H; i++)
+        for (int h = 0; h < H; h++) {
+            CHECK_OK(kvt_coll_add(c[h], k + (i + (uint64_t)h) * 16, NULL, 1, &first));
+            if (i % 16 == 0) retrieve_ids(c[h], k + i * 16, 30, got, 64, &ngot);
+        }
+    kvt_store_stats ss;
+    CHECK_OK(kvt_store_stats_get(st, &ss));
+    CHECK(ss.swap_pressure_outs > 0 && ss.dram_peak_bytes <= ss.dram_budget);
+    CHECK_OK(kvt_store_park(st, c, H, 0));
+    for (int h = 0; h < H; h++)
+        CHECK(c[h]->parked &&
+              c[h]->acct == (uint64_t)c[h]->pools.cap * KVT_POOL_BYTES + c[h]->modcap * sizeof *c[h]->mod);
+    kvt_store_close(st);
+    remove_dir(d);
+    free(k);
+}
+
 static void test_park(void) {
     char *d = make_dir();
     kvt_store_opts o = {2 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
@@ -2526,6 +2567,7 @@ int main(void) {
     test_read_batch_threads();
     test_park();
     test_demand_paging();
+    test_parked_index_accounting();
     test_token_layout();
     test_write_buffer();
     test_estimate();
