@@ -141,36 +141,43 @@ def case_small(policies, out_rows):
                       flush=True)
 
 
-def case_kv(policies, out_rows, layers, every):
+def case_kv(policies, out_rows, layers, every, workloads=("W1",), drams=(1 << 20, 64 << 20)):
     from kvtier.bench.capture import load_trace
+    for wl in workloads:
+        trace = load_trace(wl, prefill=512, decode=2048, progress=False)
+        for policy in policies:
+            for dram in drams:
+                case_kv_one(trace, wl, policy, dram, out_rows, layers, every)
+
+
+def case_kv_one(trace, wl, policy, dram, out_rows, layers, every):
     from kvtier.bench.kvreplay import replay
-    trace = load_trace("W1", prefill=512, decode=2048, progress=False)
     n_per = trace.length
-    for policy in policies:
-        for dram in (1 << 20, 64 << 20):
-            row = {"case": "kv", "policy": policy, "dram_budget": dram, "layers": layers, "every": every}
-            est = kvtier.estimate(n_per, trace.head_dim, policy=policy, collections=len(layers) * trace.n_kv_heads,
-                                  dram_budget=dram)
-            row["estimate"] = est.as_dict()
-            try:
-                r = replay(trace, policy=policy, budget=0.1, layers=layers, every=every, dram_budget=dram,
-                           device="ufs4.0", direct_io=False, collect_stats=True)
-            except kvtier.BudgetError as e:
-                row["result"] = f"BudgetError: {e}"
-                print(f"kv {policy:8s} DRAM {dram:>9,}: {row['result'][:100]}", flush=True)
-                out_rows.append(row)
-                continue
-            st = r.extra["store"]
-            steps = max(1, r.retrieves // (len(layers) * trace.n_kv_heads))
-            row.update(result="ok", recall=r.recall, retrieves=r.retrieves,
-                       read_bytes_per_step=st["read_bytes"] / steps, read_ops_per_step=st["read_ops"] / steps,
-                       modeled_io_ms_per_step=st["modeled_io_seconds"] / steps * 1e3,
-                       dram_peak_bytes=st["dram_peak_bytes"], dram_fixed_peak_bytes=st["dram_fixed_peak_bytes"],
-                       dram_peak_by_use=st["dram_peak_by_use"])
-            out_rows.append(row)
-            print(f"kv {policy:8s} DRAM {dram:>9,}: recall {r.recall:.4f} read {row['read_bytes_per_step'] / 1024:.1f} "
-                  f"KiB/step modeled {row['modeled_io_ms_per_step']:.3f} ms/step peak {st['dram_peak_bytes']:,} "
-                  f"fixed peak {st['dram_fixed_peak_bytes']:,} estimate min {est.minimum:,}", flush=True)
+    row = {"case": "kv" if wl == "W1" else f"kv {wl}", "policy": policy, "dram_budget": dram, "layers": layers,
+           "every": every, "workload": wl}
+    est = kvtier.estimate(n_per, trace.head_dim, policy=policy, collections=len(layers) * trace.n_kv_heads,
+                          dram_budget=dram)
+    row["estimate"] = est.as_dict()
+    try:
+        r = replay(trace, policy=policy, budget=0.1, layers=layers, every=every, dram_budget=dram,
+                   device="ufs4.0", direct_io=False, collect_stats=True)
+    except kvtier.BudgetError as e:
+        row["result"] = f"BudgetError: {e}"
+        print(f"kv {wl} {policy:8s} DRAM {dram:>9,}: {row['result'][:100]}", flush=True)
+        out_rows.append(row)
+        return
+    st = r.extra["store"]
+    steps = max(1, r.retrieves // (len(layers) * trace.n_kv_heads))
+    row.update(result="ok", recall=r.recall, retrieves=r.retrieves,
+               read_bytes_per_step=st["read_bytes"] / steps, read_ops_per_step=st["read_ops"] / steps,
+               modeled_io_ms_per_step=st["modeled_io_seconds"] / steps * 1e3,
+               dram_peak_bytes=st["dram_peak_bytes"], dram_fixed_peak_bytes=st["dram_fixed_peak_bytes"],
+               dram_peak_by_use=st["dram_peak_by_use"], swap_pressure_outs=st["swap_pressure_outs"],
+               swap_write_bytes_per_step=st["swap_write_bytes"] / steps)
+    out_rows.append(row)
+    print(f"kv {wl} {policy:8s} DRAM {dram:>9,}: recall {r.recall:.4f} read {row['read_bytes_per_step'] / 1024:.1f} "
+          f"KiB/step modeled {row['modeled_io_ms_per_step']:.3f} ms/step peak {st['dram_peak_bytes']:,} "
+          f"fixed peak {st['dram_fixed_peak_bytes']:,} estimate min {est.minimum:,}", flush=True)
 
 
 def case_large(out_rows, policy, coll_kwargs):
@@ -213,6 +220,8 @@ def main(argv=None):
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--layers", default="0,10,20,29")
     ap.add_argument("--every", type=int, default=16)
+    ap.add_argument("--workloads", default="W1", help="kv case: comma-separated traces (W1,W2,W3)")
+    ap.add_argument("--kv-budgets", default="1MiB,64MiB", help="kv case: comma-separated DRAM budgets")
     ap.add_argument("--large-policy", default="adaptive")
     ap.add_argument("--large-cluster-size", type=int, default=128,
                     help="init_cluster_size of the large case (max_cluster_size twice it)")
@@ -226,7 +235,8 @@ def main(argv=None):
     if "small" in cases:
         case_small(policies, rows)
     if "kv" in cases:
-        case_kv(policies, rows, [int(x) for x in a.layers.split(",")], a.every)
+        drams = [kvtier.parse_size(x) for x in a.kv_budgets.split(",")]
+        case_kv(policies, rows, [int(x) for x in a.layers.split(",")], a.every, a.workloads.split(","), drams)
     if "large" in cases:
         cs = a.large_cluster_size
         case_large(rows, a.large_policy, {"init_cluster_size": cs, "max_cluster_size": 2 * cs})
