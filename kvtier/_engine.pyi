@@ -66,6 +66,7 @@ class StoreStats(TypedDict):
     swap_demand_ins: int
     swap_pressure_outs: int
     swap_write_bytes: int
+    swap_unchanged_bytes: int
     swap_read_bytes: int
     swap_file_bytes: int
     partial_page_writes: int

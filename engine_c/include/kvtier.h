@@ -260,6 +260,8 @@ void kvt_store_close(kvt_store *store);
      * full (demand paging: the least recently used collection first) */                     \
     X(U64, swap_pressure_outs, INT, "swap_pressure_outs", "")                                                          \
     X(U64, swap_write_bytes, INT, "swap_write_bytes", "")                                                              \
+    /* image pages a park found as the collection's swap slot held them, and did not write */                          \
+    X(U64, swap_unchanged_bytes, INT, "swap_unchanged_bytes", "")                                                      \
     X(U64, swap_read_bytes, INT, "swap_read_bytes", "read_bytes_by_cause.swap")                                        \
     X(U64, swap_file_bytes, INT, "swap_file_bytes", "")                                                                \
     /* bytes read by cause: split_read_bytes (forced loads) and relayout_read_bytes of every      \

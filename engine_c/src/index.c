@@ -401,6 +401,7 @@ void kvt_coll_free(kvt_coll *c) {
     free(c->cofreq);
     free(c->loc);
     free(c->mod);
+    free(c->swap_pgh);
     if (c->ops && c->ops->drop) c->ops->drop(c);
     kvt_pools_free(&c->pools);
     kvt_file_close(c->f);

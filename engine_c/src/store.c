@@ -184,6 +184,7 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     o->swap_demand_ins = s->swap_demand_ins;
     o->swap_pressure_outs = s->swap_pressure_outs;
     o->swap_write_bytes = s->swap_write_bytes;
+    o->swap_unchanged_bytes = s->swap_unchanged_bytes;
     o->swap_read_bytes = s->swap_read_bytes;
     o->swap_file_bytes = s->swap_end;
     for (uint32_t i = 0; i < s->ncolls; i++) {
@@ -206,7 +207,7 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
 int kvt_store_reset_io_stats(kvt_store *s) {
     LOCK(s);
     kvt_io_stats_reset(&s->io);
-    s->swap_read_bytes = s->swap_write_bytes = 0;
+    s->swap_read_bytes = s->swap_write_bytes = s->swap_unchanged_bytes = 0;
     s->swap_ins = s->swap_outs = s->swap_demand_ins = s->swap_pressure_outs = 0;
     s->cache.hits = s->cache.misses = s->cache.evictions = 0;
     kvt_mem_reset_peaks(&s->mem);

@@ -124,8 +124,9 @@ struct kvt_store {
     uint32_t nsfree, sfreecap;
     uint64_t swap_end; /* the file's used size */
     uint64_t swap_outs, swap_ins, swap_demand_ins, swap_write_bytes, swap_read_bytes;
-    uint64_t swap_pressure_outs; /* of swap_outs, made by kvt_page_out (demand paging) */
-    uint64_t op_clock;           /* one tick per operation made ready (kvt_ready): collections' recency */
+    uint64_t swap_pressure_outs;   /* of swap_outs, made by kvt_page_out (demand paging) */
+    uint64_t swap_unchanged_bytes; /* image pages a park found unchanged in the slot, not written */
+    uint64_t op_clock;             /* one tick per operation made ready (kvt_ready): collections' recency */
 };
 
 struct kvt_coll {
@@ -164,9 +165,17 @@ struct kvt_coll {
     uint64_t acct;      /* budget bytes reserved for the structures above (KVT_USE_INDEX) */
     uint64_t acct_pend; /* ... for pending buffers (KVT_USE_PENDING) */
     /* parked: cl, cent, cnorm, m2d, vsum, loc, exact.keys, cofreq and cached clusters live only in the
-     * swap image [swap_off, swap_off + swap_len); ncl, n and the pool table stay */
+     * swap image [swap_off, swap_off + swap_len); ncl, n, the pool table and the page hashes stay */
     int parked;
-    uint64_t swap_off, swap_len;
+    uint64_t swap_off, swap_len; /* its image in the swap file: where, and its bytes */
+    /* its slot there (swap.c), kept while it is resident so that the next park rewrites only
+     * the pages that changed: the slot's bytes (0: none yet), a hash per page (index, charged
+     * like the pool table), whether they describe what the slot holds, and the image's array
+     * capacities, which fix the arrays' offsets in it */
+    uint64_t swap_cap, *swap_pgh, swap_pghcap;
+    int swap_hashed;
+    uint32_t img_cl;
+    uint64_t img_n;
     kvt_coll_stats parked_stats; /* its cluster statistics when it was parked */
     uint64_t resident_tick;      /* cache tick when it was last brought in (0: never parked) */
     uint64_t used_at;            /* store->op_clock at its last operation: demand paging's order */

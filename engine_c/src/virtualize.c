@@ -30,6 +30,7 @@
 #include "policy.h"
 #include "simd.h"
 #include "store.h"
+#include "swap.h"
 #include "virtualize.h"
 
 static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len);
@@ -45,12 +46,10 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
     LOCK(s);
     if (!rc) s->swap_read_bytes += j->swap_len;
     s->loading_bytes -= j->swap_len;
-    uint64_t at = 0;
     for (uint32_t t = 0; t < j->nseg; t++) {
         kvt_coll *c = j->run[t];
-        uint64_t l = c->swap_len;
-        if (rc || install_image(c, j->swap_buf + at, l)) s->prefetch_errors++;
-        at += l;
+        uint64_t at = c->swap_off - j->run[0]->swap_off; /* slots back to back, each read whole */
+        if (rc || install_image(c, j->swap_buf + at, c->swap_len)) s->prefetch_errors++;
         c->inflight--;
     }
     free(j->swap_buf);
@@ -64,24 +63,30 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
 /* ---- group virtualization: parking collections in the swap file --------------------------- */
 
 /* A parked collection's image: everything it holds in DRAM except the pool table and its
- * counters, written as one contiguous range of the store's swap file "swap.kvs". The file
- * is volatile (recreated at the first park of each run): a parked collection's durable
- * state is its data file and catalog as ever, so a crash while parked loses nothing a
- * checkpoint had made durable.
+ * counters, written to the collection's slot of the store's swap file "swap.kvs" (swap.c).
+ * The file is volatile (recreated at the first park of each run): a parked collection's
+ * durable state is its data file and catalog as ever, so a crash while parked loses nothing
+ * a checkpoint had made durable.
  *
- *   "KVTSWAP3" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d
+ *   "KVTSWAP5" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d, u32 img_cl, u64 img_n
+ *   img_cl x dim f16 representatives [, img_cl x dim f32 per-dimension m2]
+ *   [, img_cl x value_dim f32 value sums (estimate.c)]
+ *   img_n x kvt_loc id map                          (rows past ncl, past n: zeros)
+ *   the policy's section (none: [n x key keys])
  *   per cluster: u32 n, nseg, pend, 2 words of policy state (policy.h), ptail, dead; f32 heat,
  *                u32 heat_visit (its cache entry's when cached); f64 m2; nseg x (u32 pool,
  *                head, n);
  *                pend records (its pending buffer)
- *   ncl x dim f32 representatives [, ncl x dim f32 per-dimension m2]
- *   [, ncl x value_dim f32 value sums (estimate.c)]
- *   n x kvt_loc id map, the policy's section (none: [n x key keys])
  *   [, nco x nco u16 co-retrieval counts]
  *   ncached x (u32 cluster, u32 n, n records)     the cached clusters, most recent last
  *   u32 CRC-32C of all the above, then zeros to the I/O alignment
+ *
+ * The large per-cluster and per-entry arrays come first, at offsets fixed by the image's
+ * capacities (img_cl clusters, img_n entries, kept per collection and grown with slack), so
+ * that a layer parked again after a step finds most pages as it wrote them: the writer
+ * skips those (swap.c) and a park writes what changed, page by page, not the whole index.
  */
-#define SWAP_MAGIC "KVTSWAP4" /* 3: ptail per cluster; 4: dead slots per cluster */
+#define SWAP_MAGIC "KVTSWAP5" /* 3: ptail per cluster; 4: dead slots; 5: fixed-offset arrays first */
 
 /* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
  * I/O alignment, so the image's zero tail always fits in it). */
@@ -90,44 +95,50 @@ static uint64_t swap_stage(const kvt_store *s) {
     return b < KVT_IO_ALIGN ? KVT_IO_ALIGN : b > (256u << 10) ? (256u << 10) : b;
 }
 
-/* Streams an image to the swap file through a staging buffer; with f == NULL it only
- * counts, so the same code sizes the range before writing it. */
-typedef struct swap_writer {
-    kvt_file *f;
-    uint64_t off, total;
-    uint8_t *buf;
-    size_t len, cap;
-    uint32_t crc;
-    int rc;
-} swap_writer;
+static void put(void *w, const void *p, size_t n) { kvt_sw_put(w, p, n); } /* for the policy (kvt_put_fn) */
 
-static void sw_flush(swap_writer *w) {
-    if (!w->len || w->rc) return;
-    if (w->f) w->rc = kvt_file_write(w->f, w->off, w->buf, w->len);
-    w->off += w->len;
-    w->len = 0;
-}
-
-static void sw_put(swap_writer *w, const void *p, size_t n) {
-    w->total += n;
-    if (!w->f || !n) return; /* p may be NULL when n is 0 (an empty table) */
-    w->crc = kvt_crc32c(w->crc, p, n);
-    const uint8_t *src = p;
-    while (n && !w->rc) {
-        size_t take = w->cap - w->len < n ? w->cap - w->len : n;
-        memcpy(w->buf + w->len, src, take);
-        w->len += take;
-        src += take;
-        n -= take;
-        if (w->len == w->cap) sw_flush(w);
+static void write_clusters(kvt_coll *c, kvt_swap_writer *w) {
+    const kvt_layout *L = &c->L;
+    for (uint32_t j = 0; j < c->ncl; j++) {
+        kvt_cluster *k = &c->cl[j];
+        uint32_t f[7] = {k->n, k->nseg, k->pend, 0, 0, kvt_ptail(k), k->dead};
+        kvt_policy_cluster_save(c, k, f + 3); /* the policy's two words (policy.h) */
+        kvt_sw_put(w, f, sizeof f);
+        /* the cache policy's memory of it: re-admitted, it is as hot as it was */
+        const kvt_cache_ent *e = kvt_cached(c, j);
+        float heat = e ? e->heat : kvt_half_to_float(k->heat);
+        uint32_t hv = e ? (uint32_t)e->use_visit : k->heat_visit;
+        double m2 = k->m2;
+        kvt_sw_put(w, &heat, 4);
+        kvt_sw_u32(w, hv);
+        kvt_sw_put(w, &m2, 8);
+        for (uint32_t g = 0; g < k->nseg; g++) {
+            uint32_t sg[3] = {k->segs[g].pool, k->segs[g].head, k->segs[g].n};
+            kvt_sw_put(w, sg, sizeof sg);
+        }
+        kvt_sw_put(w, kvt_pbuf(k), (size_t)k->pend * L->esz);
     }
 }
 
-static void sw_u32(swap_writer *w, uint32_t v) { sw_put(w, &v, 4); }
+/* The fixed-offset arrays: each written up to its capacity in the image, zeros past what
+ * it holds. */
+static void write_arrays(kvt_coll *c, kvt_swap_writer *w) {
+    uint64_t dim = c->p.dim, at = w->total, ic = c->img_cl;
+    kvt_sw_put(w, c->cent, (size_t)(c->ncl * dim * 2));
+    kvt_sw_zeros(w, at += ic * dim * 2);
+    if (c->m2d) {
+        kvt_sw_put(w, c->m2d, (size_t)(c->ncl * dim * 4));
+        kvt_sw_zeros(w, at += ic * dim * 4);
+    }
+    if (c->vsum) {
+        kvt_sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
+        kvt_sw_zeros(w, at += ic * c->p.value_dim * 4);
+    }
+    kvt_sw_put(w, c->loc, c->n * sizeof(kvt_loc));
+    kvt_sw_zeros(w, at + c->img_n * sizeof(kvt_loc));
+}
 
-static void put(void *w, const void *p, size_t n) { sw_put(w, p, n); } /* for the policy (kvt_put_fn) */
-
-static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
+static void write_image(kvt_coll *c, kvt_swap_writer *w, int keep_cache) {
     const kvt_layout *L = &c->L;
     /* the working set: clusters used (read, appended to, split) since the collection was
      * last brought in. The rest are clean copies of the data file, read again from it if
@@ -137,102 +148,27 @@ static void write_image(kvt_coll *c, swap_writer *w, int keep_cache) {
         const kvt_cache_ent *e = kvt_cached(c, j);
         ncached += e != NULL && e->last_use > c->resident_tick;
     }
-    sw_put(w, SWAP_MAGIC, 8);
-    sw_u32(w, c->ncl);
-    sw_u32(w, c->cofreq ? c->nco : 0);
-    sw_put(w, &c->n, 8);
-    sw_u32(w, ncached);
-    sw_u32(w, c->m2d != NULL);
-    for (uint32_t j = 0; j < c->ncl; j++) {
-        kvt_cluster *k = &c->cl[j];
-        uint32_t f[7] = {k->n, k->nseg, k->pend, 0, 0, kvt_ptail(k), k->dead};
-        kvt_policy_cluster_save(c, k, f + 3); /* the policy's two words (policy.h) */
-        sw_put(w, f, sizeof f);
-        /* the cache policy's memory of it: re-admitted, it is as hot as it was */
-        const kvt_cache_ent *e = kvt_cached(c, j);
-        float heat = e ? e->heat : kvt_half_to_float(k->heat);
-        uint32_t hv = e ? (uint32_t)e->use_visit : k->heat_visit;
-        double m2 = k->m2;
-        sw_put(w, &heat, 4);
-        sw_u32(w, hv);
-        sw_put(w, &m2, 8);
-        for (uint32_t g = 0; g < k->nseg; g++) {
-            uint32_t sg[3] = {k->segs[g].pool, k->segs[g].head, k->segs[g].n};
-            sw_put(w, sg, sizeof sg);
-        }
-        sw_put(w, kvt_pbuf(k), (size_t)k->pend * L->esz);
-    }
-    sw_put(w, c->cent, (size_t)c->ncl * c->p.dim * 2);
-    if (c->m2d) sw_put(w, c->m2d, (size_t)c->ncl * c->p.dim * 4);
-    if (c->vsum) sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
-    sw_put(w, c->loc, c->n * sizeof(kvt_loc));
+    kvt_sw_put(w, SWAP_MAGIC, 8);
+    kvt_sw_u32(w, c->ncl);
+    kvt_sw_u32(w, c->cofreq ? c->nco : 0);
+    kvt_sw_put(w, &c->n, 8);
+    kvt_sw_u32(w, ncached);
+    kvt_sw_u32(w, c->m2d != NULL);
+    kvt_sw_u32(w, c->img_cl);
+    kvt_sw_put(w, &c->img_n, 8);
+    write_arrays(c, w);
     if (c->ops->image_put) c->ops->image_put(c, put, w); /* policy none: its resident keys */
-    if (c->cofreq) sw_put(w, c->cofreq, (size_t)c->nco * c->nco * 2);
+    write_clusters(c, w);
+    if (c->cofreq) kvt_sw_put(w, c->cofreq, (size_t)c->nco * c->nco * 2);
     /* cached clusters oldest first, so that re-admitting them in order restores recency */
     for (kvt_cache_ent *e = c->st->cache.lru.prev; e != &c->st->cache.lru; e = e->prev) {
         if (!keep_cache || e->owner != c || e->last_use <= c->resident_tick) continue;
-        sw_u32(w, e->cluster);
-        sw_u32(w, e->n);
-        sw_put(w, e->rec, (size_t)e->n * L->esz);
+        kvt_sw_u32(w, e->cluster);
+        kvt_sw_u32(w, e->n);
+        kvt_sw_put(w, e->rec, (size_t)e->n * L->esz);
     }
     uint32_t crc = w->crc;
-    sw_u32(w, crc);
-}
-
-/* The swap file's free ranges: first fit, coalesced on free. */
-static void swap_alloc(kvt_store *s, uint64_t len, uint64_t *off) {
-    for (uint32_t i = 0; i < s->nsfree; i++)
-        if (s->sfree[i].len >= len) {
-            *off = s->sfree[i].off;
-            s->sfree[i].off += len;
-            s->sfree[i].len -= len;
-            if (!s->sfree[i].len)
-                memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree), s->nsfree--;
-            return;
-        }
-    *off = s->swap_end;
-    s->swap_end += len;
-}
-
-static void swap_free(kvt_store *s, uint64_t off, uint64_t len) {
-    if (!len) return;
-    if (off + len == s->swap_end) {
-        s->swap_end = off;
-        /* the range before may now end the file too */
-        while (s->nsfree && s->sfree[s->nsfree - 1].off + s->sfree[s->nsfree - 1].len == s->swap_end)
-            s->swap_end = s->sfree[--s->nsfree].off;
-        return;
-    }
-    if (s->nsfree == s->sfreecap) {
-        uint32_t cap = s->sfreecap ? s->sfreecap * 2 : 16;
-        kvt_range *r = realloc(s->sfree, cap * sizeof *r);
-        if (!r) return; /* the range leaks until the file is recreated: harmless */
-        s->sfree = r;
-        s->sfreecap = cap;
-    }
-    uint32_t i = 0;
-    while (i < s->nsfree && s->sfree[i].off < off) i++;
-    memmove(&s->sfree[i + 1], &s->sfree[i], (s->nsfree - i) * sizeof *s->sfree);
-    s->sfree[i] = (kvt_range){off, len};
-    s->nsfree++;
-    if (i + 1 < s->nsfree && s->sfree[i].off + s->sfree[i].len == s->sfree[i + 1].off) {
-        s->sfree[i].len += s->sfree[i + 1].len;
-        memmove(&s->sfree[i + 1], &s->sfree[i + 2], (s->nsfree - i - 2) * sizeof *s->sfree);
-        s->nsfree--;
-    }
-    if (i > 0 && s->sfree[i - 1].off + s->sfree[i - 1].len == s->sfree[i].off) {
-        s->sfree[i - 1].len += s->sfree[i].len;
-        memmove(&s->sfree[i], &s->sfree[i + 1], (s->nsfree - i - 1) * sizeof *s->sfree);
-        s->nsfree--;
-    }
-}
-
-static int swap_open(kvt_store *s) {
-    if (s->swap) return 0;
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s/swap.kvs", s->dir) >= (int)sizeof path)
-        return kvt_fail(KVT_EINVAL, "dir: the store's path is too long (%zu bytes)", strlen(s->dir));
-    return kvt_file_open(&s->io, path, 1, &s->swap);
+    kvt_sw_u32(w, crc);
 }
 
 /* Frees what a resident collection holds in DRAM besides the pool table (park, or a failed
@@ -261,21 +197,55 @@ static void drop_resident(kvt_coll *c) {
     c->loccap = 0;
 }
 
-/* Writes c's image to a fresh range of the swap file and frees what it holds in DRAM.
+/* The image's capacities (write_arrays): grown with slack when the collection outgrew them,
+ * which moves every array in the image (1: nothing in the slot can be kept). */
+static int image_capacities(kvt_coll *c) {
+    if (c->img_cl && c->ncl <= c->img_cl && c->n <= c->img_n) return 0;
+    c->img_cl = c->ncl + (c->ncl / 16 > 8 ? c->ncl / 16 : 8);
+    c->img_n = c->n + (c->n / 32 > 128 ? c->n / 32 : 128);
+    return 1;
+}
+
+/* c's slot for an image of len bytes: kept when the image fits it and its arrays did not
+ * move (the writer then skips the pages it holds already), else a new one with an eighth to
+ * grow into. The page hashes are index, charged to the budget; without room for them every
+ * page is written. */
+static void image_slot(kvt_coll *c, uint64_t len, int moved, kvt_swap_writer *w) {
+    kvt_store *s = c->st;
+    int keep = c->swap_cap && !moved && len <= c->swap_cap;
+    if (!keep) {
+        kvt_swap_free(s, c->swap_off, c->swap_cap);
+        c->swap_cap = kvt_round_up(len + len / 8, KVT_IO_ALIGN);
+        kvt_swap_alloc(s, c->swap_cap, &c->swap_off);
+    }
+    uint64_t npg = c->swap_cap / KVT_IO_ALIGN;
+    w->reuse = keep && c->swap_hashed;
+    if (kvt_grow_array(c, (void **)&c->swap_pgh, sizeof *c->swap_pgh, &c->swap_pghcap, npg)) {
+        kvt_clear_error();
+        w->reuse = 0;
+    } else {
+        w->pgh = c->swap_pgh;
+        w->npg = (uint32_t)npg;
+    }
+    c->swap_hashed = 0; /* until this write completes */
+    w->base = w->off = c->swap_off;
+}
+
+/* Writes c's image to its slot of the swap file and frees what it holds in DRAM.
  * On a write error c stays resident and unchanged. */
 static int park_one(kvt_coll *c, int keep_cache) {
     kvt_store *s = c->st;
     if (c->parked) return 0;
-    int rc = swap_open(s);
+    int rc = kvt_swap_open(s), moved = image_capacities(c);
     if (rc) return rc;
     /* the staging buffer: the image's size up to swap_stage. Reserving it may evict some of
      * c's cached clusters, so the image is sized again after. A budget too full for it (the
      * case demand paging meets: parking is what makes room) stages one alignment unit at a
      * time in the call's stack frame, like any call's locals: more, smaller writes */
     uint8_t frame[KVT_IO_ALIGN];
-    swap_writer count = {0};
-    write_image(c, &count, keep_cache);
-    uint64_t sb = kvt_round_up(count.total, KVT_IO_ALIGN), held = 0, len, off;
+    kvt_swap_writer w = {0};
+    write_image(c, &w, keep_cache);
+    uint64_t sb = kvt_round_up(w.total, KVT_IO_ALIGN), held = 0;
     if (sb > swap_stage(s)) sb = swap_stage(s);
     uint8_t *stage = frame;
     if (!kvt_mem_reserve(&s->mem, sb)) {
@@ -288,35 +258,28 @@ static int park_one(kvt_coll *c, int keep_cache) {
         kvt_clear_error();
         sb = KVT_IO_ALIGN;
     }
-    count = (swap_writer){0};
-    write_image(c, &count, keep_cache);
-    len = kvt_round_up(count.total, KVT_IO_ALIGN);
-    swap_alloc(s, len, &off);
-    swap_writer w = {s->swap, off, 0, stage, 0, (size_t)sb, 0, 0};
+    w = (kvt_swap_writer){0};
     write_image(c, &w, keep_cache);
-    if (!w.rc && w.len) { /* zero the tail to the alignment: a direct read covers it */
-        size_t pad = (size_t)(kvt_round_up(w.off + w.len, KVT_IO_ALIGN) - (w.off + w.len));
-        memset(w.buf + w.len, 0, pad);
-        w.len += pad;
-        sw_flush(&w);
-    }
+    uint64_t len = kvt_round_up(w.total, KVT_IO_ALIGN);
+    w = (kvt_swap_writer){.f = s->swap, .buf = stage, .cap = (size_t)sb};
+    image_slot(c, len, moved, &w);
+    write_image(c, &w, keep_cache);
+    kvt_sw_finish(&w);
     if (held) {
         free(stage);
         kvt_mem_release(&s->mem, held);
     }
-    if (w.rc) {
-        swap_free(s, off, len);
-        return w.rc;
-    }
+    s->swap_write_bytes += w.written;
+    s->swap_unchanged_bytes += w.skipped;
+    if (w.rc) return w.rc; /* the slot's content is unknown now: its next image is written whole */
+    c->swap_hashed = w.pgh != NULL;
     uint32_t ncl = c->ncl;
     kvt_cluster_stats(c, &c->parked_stats);
     drop_resident(c);
     c->ncl = ncl;
     c->parked = 1;
-    c->swap_off = off;
     c->swap_len = len;
     s->swap_outs++;
-    s->swap_write_bytes += len;
     return 0;
 }
 
@@ -383,13 +346,42 @@ static void install_cached(kvt_coll *c, kvt_rbuf *r, uint32_t ncached, uint32_t 
 }
 
 /* Rebuilds c from its image (len bytes at img). On failure c stays parked, holding nothing. */
+/* The fixed-offset arrays (write_arrays) from an image whose capacities are ic, in. */
+static void install_arrays(kvt_coll *c, kvt_rbuf *r, uint64_t ic, uint64_t in) {
+    uint64_t dim = c->p.dim, vd = c->p.value_dim;
+    if (ic < c->ncl || in < c->n || ic > (r->len - r->pos) / (dim * 2) || in > (r->len - r->pos) / sizeof(kvt_loc)) {
+        r->bad = 1;
+        return;
+    }
+    size_t at = r->pos;
+    kvt_rbuf_get(r, c->cent, (size_t)(c->ncl * dim * 2));
+    r->pos = at += (size_t)(ic * dim * 2);
+    if (c->m2d) {
+        kvt_rbuf_get(r, c->m2d, (size_t)(c->ncl * dim * 4));
+        r->pos = at += (size_t)(ic * dim * 4);
+    }
+    if (c->vsum) {
+        kvt_rbuf_get(r, c->vsum, (size_t)(c->ncl * vd * 4));
+        r->pos = at += (size_t)(ic * vd * 4);
+    }
+    if (at > r->len) {
+        r->bad = 1;
+        return;
+    }
+    kvt_rbuf_get(r, c->loc, c->n * sizeof(kvt_loc));
+    r->pos = at + (size_t)(in * sizeof(kvt_loc));
+    if (r->pos > r->len) r->bad = 1;
+}
+
+/* Rebuilds c from its image (len bytes at img). On failure c stays parked, holding nothing;
+ * on success its slot keeps the image (the next park writes only the pages that change). */
 static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
     kvt_store *s = c->st;
-    uint32_t dim = c->p.dim;
     kvt_rbuf r = {img, (size_t)len, 8, 0};
     uint32_t ncl = kvt_rbuf_u32(&r), nco = kvt_rbuf_u32(&r);
     uint64_t n = kvt_rbuf_u64(&r);
-    uint32_t ncached = kvt_rbuf_u32(&r), has_m2d = kvt_rbuf_u32(&r);
+    uint32_t ncached = kvt_rbuf_u32(&r), has_m2d = kvt_rbuf_u32(&r), ic = kvt_rbuf_u32(&r);
+    uint64_t in = kvt_rbuf_u64(&r);
     if (memcmp(img, SWAP_MAGIC, 8) != 0 || r.bad || ncl != c->ncl || n != c->n || has_m2d != (c->p.score_temp > 0))
         return kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u at offset %llu is damaged", c->no,
                         (unsigned long long)c->swap_off);
@@ -402,18 +394,17 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
     }
     c->ncl = ncl;
     c->nco = nco ? nco : c->nco;
-    if (!rc) rc = install_clusters(c, &r, ncl);
     if (!rc) {
-        kvt_rbuf_get(&r, c->cent, (size_t)ncl * dim * 2);
-        if (c->m2d) kvt_rbuf_get(&r, c->m2d, (size_t)ncl * dim * 4);
-        if (c->vsum) kvt_rbuf_get(&r, c->vsum, (size_t)ncl * c->p.value_dim * 4);
-        kvt_rbuf_get(&r, c->loc, n * sizeof(kvt_loc));
-        if (c->ops->image_get && c->ops->image_get(c, &r)) r.bad = 1;
+        install_arrays(c, &r, ic, in);
+        if (!r.bad && c->ops->image_get && c->ops->image_get(c, &r)) r.bad = 1;
+        if (!r.bad) rc = install_clusters(c, &r, ncl);
+    }
+    if (!rc && !r.bad) {
         if (nco) kvt_rbuf_get(&r, c->cofreq, (size_t)nco * nco * 2);
         for (uint32_t j = 0; j < ncl; j++) kvt_update_norm(c, j);
         if (!r.bad && token(c)) rc = kvt_rebuild_members(c);
     }
-    if (!rc) install_cached(c, &r, ncached, ncl);
+    if (!rc && !r.bad) install_cached(c, &r, ncached, ncl);
     if (!rc && (r.bad || r.len - r.pos < 4))
         rc = kvt_fail(KVT_ECORRUPT, "swap: the image of collection %u is inconsistent", c->no);
     if (!rc) {
@@ -427,10 +418,8 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
         c->ncl = ncl;
         return rc;
     }
-    swap_free(s, c->swap_off, c->swap_len);
     c->resident_tick = s->cache.tick;
     c->parked = 0;
-    c->swap_off = c->swap_len = 0;
     s->swap_ins++;
     return 0;
 }
@@ -439,7 +428,7 @@ static int install_image(kvt_coll *c, const uint8_t *img, uint64_t len) {
 static int unpark_now(kvt_coll *c, int demand) {
     kvt_store *s = c->st;
     if (!c->parked) return 0;
-    uint64_t len = c->swap_len; /* an install clears c->swap_len */
+    uint64_t len = c->swap_len;
     int rc = kvt_mem_reserve(&s->mem, len);
     if (rc) return rc;
     uint8_t *img = malloc(len);
@@ -595,7 +584,7 @@ static int by_swap_off(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* An asynchronous swap-in of the run v[0..k) of consecutive images (len bytes, read into
+/* An asynchronous swap-in of the run v[0..k) of back-to-back slots (len bytes, read into
  * img): queued on the loaders, which own img from here. On failure img is freed and its
  * reservation released. */
 static int queue_swap_in(kvt_store *s, kvt_coll **v, size_t k, uint8_t *img, uint64_t len) {
@@ -625,12 +614,8 @@ static int swap_in_now(kvt_store *s, kvt_coll **v, size_t k, uint8_t *img, uint6
     int rc = kvt_file_read(s->swap, v[0]->swap_off, len, img, 0);
     kvt_io_batch_end(&s->io);
     if (!rc) s->swap_read_bytes += len;
-    uint64_t at = 0;
-    for (size_t t = 0; t < k && !rc; t++) {
-        uint64_t l = v[t]->swap_len;
-        rc = install_image(v[t], img + at, l);
-        at += l;
-    }
+    for (size_t t = 0; t < k && !rc; t++) /* slots back to back, each read whole */
+        rc = install_image(v[t], img + (v[t]->swap_off - v[0]->swap_off), v[t]->swap_len);
     free(img);
     kvt_mem_release(&s->mem, len);
     return rc;
@@ -653,8 +638,9 @@ int kvt_store_unpark(kvt_store *s, kvt_coll *const *collections, size_t n, int a
     uint64_t ops = 0, bytes = 0;
     for (size_t a = 0; a < m && !rc;) {
         size_t e = a + 1;
-        uint64_t len = v[a]->swap_len;
-        while (e < m && v[e]->swap_off == v[a]->swap_off + len) len += v[e++]->swap_len;
+        /* slots back to back form one read (a slot's unused end is read along) */
+        while (e < m && v[e]->swap_off == v[e - 1]->swap_off + v[e - 1]->swap_cap) e++;
+        uint64_t len = v[e - 1]->swap_off + v[e - 1]->swap_len - v[a]->swap_off;
         if (kvt_mem_reserve(&s->mem, len) != 0) { /* no room for the whole run: one at a time */
             e = a + 1;
             len = v[a]->swap_len;

@@ -1754,7 +1754,7 @@ static void test_demand_paging(void) {
  * cluster table is retried after a page-out; none may leave bytes charged that a parked
  * collection does not hold (they leaked once: each parked layer kept phantom index until
  * no budget was left, and a 512 KiB replay failed). Parked, a collection holds its pool
- * table and chunk counters, and nothing else. */
+ * table, chunk counters and swap page hashes, and nothing else. */
 static void test_parked_index_accounting(void) {
     enum { N = 1200, H = 8 };
     kvt_coll_params p = params(KVT_F32);
@@ -1783,8 +1783,9 @@ static void test_parked_index_accounting(void) {
     CHECK(ss.swap_pressure_outs > 0 && ss.dram_peak_bytes <= ss.dram_budget);
     CHECK_OK(kvt_store_park(st, c, H, 0));
     for (int h = 0; h < H; h++)
-        CHECK(c[h]->parked &&
-              c[h]->acct == (uint64_t)c[h]->pools.cap * KVT_POOL_BYTES + c[h]->modcap * sizeof *c[h]->mod);
+        CHECK(c[h]->parked && c[h]->acct == (uint64_t)c[h]->pools.cap * KVT_POOL_BYTES +
+                                                c[h]->modcap * sizeof *c[h]->mod +
+                                                c[h]->swap_pghcap * sizeof *c[h]->swap_pgh);
     kvt_store_close(st);
     remove_dir(d);
     free(k);
@@ -1835,6 +1836,16 @@ static void test_park(void) {
     }
     retrieve_ids(c[0], q, 200, got, 300, &ngot);
     CHECK(ngot > 0 && ngot <= 200);
+    /* parked again after reads only: its slot still holds the last image, and only the pages
+     * that changed (the header, the clusters' heat) are written; the id map's are not */
+    CHECK_OK(kvt_store_reset_io_stats(st));
+    CHECK_OK(kvt_store_park(st, c + 1, 1, 0));
+    CHECK_OK(kvt_store_stats_get(st, &after));
+    CHECK(after.swap_unchanged_bytes >= 2 * 4096 &&
+          after.swap_write_bytes + after.swap_unchanged_bytes == c[1]->swap_len);
+    CHECK_OK(kvt_store_unpark(st, c + 1, 1, 0));
+    retrieve_ids(c[1], q, 200, got, 300, &ngot);
+    CHECK(ngot == nwant[1] && memcmp(got, want[1], ngot * 8) == 0);
     /* on demand, and asynchronously */
     CHECK_OK(kvt_store_park(st, c, H, 1));
     retrieve_ids(c[1], q, 200, got, 300, &ngot);
