@@ -121,31 +121,13 @@ def test_budget_error_says_what_uses_dram(tmp_path):
 
 # -- tiny budgets -----------------------------------------------------------------------------
 
-# Known gaps at the estimated minimum, measured: a cluster is read whole, and static grows
-# clusters past what this budget can read at once when the first batch (97 entries) makes
-# the partition. Strict: it must start passing to be removed.
-GAPS = {
-    (97, "static"): "static never splits: the first 97 entries make one cluster that grows past the budget",
-    # With float16 representatives the minimum shrank with the index, and what it leaves for
-    # one read no longer holds the largest clusters: static's grow without bound, and one
-    # 6000-entry first add leaves a 409-entry cluster (33 KB to read) under adaptive too. The
-    # cure is a cluster read in pieces (issue 26), not a larger minimum.
-    (1000, "static"): "a cluster is read whole, and static's largest outgrows what the minimum leaves for a read",
-    (6000, "static"): "a cluster is read whole, and static's largest outgrows what the minimum leaves for a read",
-    (6000, "adaptive"): "a cluster is read whole: one 6000-entry first add leaves a 409-entry cluster (33 KB)",
-}
-
-
-def gap(batch, policy):
-    reason = GAPS.get((batch, policy))
-    return [pytest.mark.xfail(raises=kvtier.BudgetError, strict=True, reason=reason)] if reason else []
-
-
-@pytest.mark.parametrize("policy,batch", [pytest.param(p, b, marks=gap(b, p))
-                                          for b in (97, 1000, 6000) for p in POLICIES])
+@pytest.mark.parametrize("policy,batch", [(p, b) for b in (97, 1000, 6000) for p in POLICIES])
 def test_tiny_budget_at_the_estimated_minimum_works(tmp_path, policy, batch):
     """At the budget estimate() calls the minimum (a few pages beyond the index) every policy
-    ingests, searches and retrieves; the engine's DRAM never exceeds it."""
+    ingests, searches and retrieves; the engine's DRAM never exceeds it. Static's clusters
+    grow without bound (97 entries make its partition) and one 6000-entry first add leaves
+    adaptive a 409-entry cluster: what the minimum leaves cannot hold them whole, and they are
+    read in pieces (pieces.c)."""
     n, d = 6000, 16
     keys, vals = data(n, d)
     est = kvtier.estimate(n, d, policy=policy, write_buffer=0)

@@ -38,7 +38,7 @@ int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec)
 
 /* Format 3: 1 if the record at slot idx of cluster ci is intact but the id map puts it
  * elsewhere: a dead slot (a split moved that record to the other child). */
-static int slot_dead(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec) {
+int kvt_slot_dead(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec) {
     int64_t id;
     return c->cl[ci].dead && !kvt_rec_check(&c->L, rec, &id) && id >= 0 && (uint64_t)id < c->n &&
            (c->loc[id].cl != ci || c->loc[id].idx != idx);
@@ -68,15 +68,15 @@ static void format_ids(char *buf, size_t cap, const int64_t *ids, uint32_t n, ui
 
 /* A run with a damaged record: the ids the id map puts at its damaged positions, found in one
  * pass over the id map (damage is rare; the engine keeps no map from positions to ids). */
-static int damaged(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
-                   uint64_t off, uint32_t *bad) {
+int kvt_damaged_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
+                    uint64_t off, uint32_t *bad) {
     enum { SHOWN = 24 };
     int64_t shown[SHOWN];
     uint32_t nshown = 0, rejects = 0;
     uint64_t named = 0;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *rec = recs + (size_t)i * c->L.esz;
-        rejects += !kvt_rec_ok(c, ci, first_idx + i, rec) && !slot_dead(c, ci, first_idx + i, rec);
+        rejects += !kvt_rec_ok(c, ci, first_idx + i, rec) && !kvt_slot_dead(c, ci, first_idx + i, rec);
     }
     for (uint64_t id = 0; id < c->n; id++) {
         kvt_loc l = c->loc[id];
@@ -110,7 +110,7 @@ int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const 
     if (bad) *bad = 0;
     for (uint32_t i = 0; i < n; i++)
         if (!kvt_rec_ok(c, ci, first_idx + i, recs + (size_t)i * c->L.esz))
-            return damaged(c, mode, ci, first_idx, recs, n, off, bad);
+            return kvt_damaged_run(c, mode, ci, first_idx, recs, n, off, bad);
     return 0;
 }
 
@@ -197,7 +197,7 @@ int kvt_settle_segs(kvt_coll *c, int mode, uint32_t ci, const kvt_seg *segs, uin
         const uint8_t *rec = buf + (size_t)i * L->esz;
         if (kvt_rec_ok(c, ci, i, rec))
             live++;
-        else if (slot_dead(c, ci, i, rec))
+        else if (kvt_slot_dead(c, ci, i, rec))
             dead++;
         else
             bad++;
@@ -212,7 +212,7 @@ int kvt_settle_segs(kvt_coll *c, int mode, uint32_t ci, const kvt_seg *segs, uin
     }
     uint32_t rejects = 0; /* the ids the map puts in these slots whose records are not there */
     uint64_t off = nseg ? kvt_run_offset(L, &c->pools.p[segs[0].pool], segs[0].head, 0, segs[0].n ? segs[0].n : 1) : 0;
-    int rc = damaged(c, mode, ci, 0, buf, slots, off, &rejects);
+    int rc = kvt_damaged_run(c, mode, ci, 0, buf, slots, off, &rejects);
     if (rc) return rc;
     uint32_t m = keep_intact(c, ci, buf, slots);
     if (kept) *kept = m;
@@ -541,6 +541,11 @@ static int finish_batch(kvt_coll *c, const uint32_t *list, batch *B, int rc, vis
  * then each read cluster is completed, handed out and cached when the budget allows
  * (finish). */
 int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx) {
+    return kvt_visit_clusters_or_pieces(c, list, nlist, fn, NULL, ctx);
+}
+
+int kvt_visit_clusters_or_pieces(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, visit_fn pieces,
+                                 void *ctx) {
     const kvt_layout *L = &c->L;
     const kvt_mem *m = &c->st->mem;
     /* a batch pins its misses until it finishes: a quarter of the budget, and at most half of
@@ -559,6 +564,10 @@ int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_
         if (!rc) rc = issue_batch(c, &B, merge_batch(c, &B, max_batch));
         rc = finish_batch(c, list + i, &B, rc, fn, ctx);
         batch_free(c, &B);
+        if (rc == KVT_EBUDGET && pieces && end == i + 1) { /* alone, it was a miss: fn never saw it */
+            kvt_clear_error();
+            rc = kvt_visit_cluster_pieces(c, list[i], pieces, ctx);
+        }
         i = end;
     }
     return rc;

@@ -50,6 +50,14 @@ int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec)
  * else KVT_ECORRUPT. */
 int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off,
                   uint32_t *bad);
+/* Format 3: 1 if the record at slot idx of cluster ci is intact but the id map puts it
+ * elsewhere: a dead slot (a split moved that record to the other child). */
+int kvt_slot_dead(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec);
+/* n records of cluster ci, slots first_idx.., in slot order, at least one not intact: the
+ * damaged ones (dead slots are not) named by id through the id map; in KVT_READ_SKIP listed
+ * and counted in *bad, and 0; else KVT_ECORRUPT. */
+int kvt_damaged_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
+                    uint64_t off, uint32_t *bad);
 /* 1 if cluster ci was found damaged by the call in progress. */
 int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci);
 /* Packs and checks a stacked read of cluster ci's segments (its own, or a loader job's copy),
@@ -69,6 +77,15 @@ typedef void (*visit_fn)(void *ctx, uint32_t cluster, const uint8_t *recs, uint3
 int kvt_visit_clusters(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, void *ctx);
 int kvt_visit_cluster(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx);
 
+/* Cluster ci's live records handed to fn in pieces (runs, in order: fn is called several
+ * times for the cluster) that fit what the budget leaves (pieces.c): what reads a cluster too
+ * large for the free room (kvt_visit_cluster's KVT_EBUDGET) without failing the call. A
+ * cached cluster is one piece. */
+int kvt_visit_cluster_pieces(kvt_coll *c, uint32_t ci, visit_fn fn, void *ctx);
+/* kvt_visit_clusters, where a cluster no buffer fits for (alone in its batch) goes to
+ * `pieces` instead of failing the call with KVT_EBUDGET. */
+int kvt_visit_clusters_or_pieces(kvt_coll *c, const uint32_t *list, uint32_t nlist, visit_fn fn, visit_fn pieces,
+                                 void *ctx);
 /* All records of cluster j in one buffer: the cached copy, pinned, or a reserved buffer read
  * from flash (its reads added to *read_bytes); kvt_release_records undoes it. */
 int kvt_load_records(kvt_coll *c, uint32_t j, uint8_t **recs, uint64_t *owned, kvt_cache_ent **pinned,

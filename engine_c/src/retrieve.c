@@ -55,6 +55,10 @@ typedef struct fill_ctx {
     float *sc, *x; /* scratch of the partial cluster: a score per entry, a key */
     uint32_t *ord;
     uint8_t *keep; /* its records, when the policy wants them (NULL otherwise) */
+    /* a cluster read in pieces (the call's last run, RUN_READY): where its next piece goes,
+     * and how many of the partial cluster's rows are filled (then keep is not) */
+    uint32_t piece_cl, part_have;
+    uint64_t piece_at;
 } fill_ctx;
 
 static void fill_result(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
@@ -74,6 +78,50 @@ static void fill_result(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n
     for (uint32_t i = 0; i < m; i++) kvt_put_result(x->r, L, recs + (size_t)x->ord[i] * L->esz, (int32_t)ci);
     if (x->keep) memcpy(x->keep, recs, (size_t)n * L->esz);
     x->r->n = keep + m;
+}
+
+/* The partial cluster's best part_n entries so far, in its rows, their scores in sc: a
+ * piece's entries replace the worst while they score better (their rows' order is then that
+ * of arrival, not of score). */
+static void fill_partial_piece(fill_ctx *x, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    const kvt_layout *L = x->L;
+    uint64_t keep = x->r->n, added = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *rec = recs + (size_t)i * L->esz;
+        float s = group_entry_score(x->c, kvt_rec_key(rec), x->q, x->nq, x->x);
+        uint32_t slot = x->part_have;
+        if (slot < x->part_n) {
+            x->part_have++;
+            added++;
+        } else {
+            slot = 0;
+            for (uint32_t j = 1; j < x->part_n; j++)
+                if (x->sc[j] < x->sc[slot]) slot = j;
+            if (!(s > x->sc[slot])) continue;
+        }
+        x->sc[slot] = s;
+        x->r->n = x->rows[ci] + slot;
+        kvt_put_result(x->r, L, rec, (int32_t)ci);
+    }
+    x->r->n = keep + added;
+}
+
+/* fill_result for a cluster handed over in pieces, one run of its records at a time. */
+static void fill_piece(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    fill_ctx *x = vctx;
+    if (ci == x->part_cl) {
+        fill_partial_piece(x, ci, recs, n);
+        return;
+    }
+    if (ci != x->piece_cl) {
+        x->piece_cl = ci;
+        x->piece_at = 0;
+    }
+    uint64_t keep = x->r->n;
+    x->r->n = x->rows[ci] + x->piece_at;
+    for (uint32_t i = 0; i < n; i++) kvt_put_result(x->r, x->L, recs + (size_t)i * x->L->esz, (int32_t)ci);
+    x->piece_at += n;
+    x->r->n = keep + n;
 }
 
 /* A clustered retrieve in flight: the selection (idx[0..taken), the last one taken in part
@@ -141,7 +189,9 @@ static int read_step(retrieval *R) {
     for (uint64_t i = 0; c->read_mode == KVT_READ_SKIP && i < R->total; i++) R->r->ids[i] = -1; /* close_up */
     kvt_io_batch_begin(&s->io);
     kvt_cache_owner_read(&s->cache, &c->cache_state);
-    int rc = kvt_visit_clusters(c, R->sel.idx, (uint32_t)R->taken, fill_result, &R->fx);
+    R->fx.piece_cl = KVT_NONE;
+    int rc = kvt_visit_clusters_or_pieces(c, R->sel.idx, (uint32_t)R->taken, fill_result, s->pieces ? fill_piece : NULL,
+                                          &R->fx);
     if (!rc) kvt_count_coretrieval(c, R->sel.idx, R->taken);
     kvt_io_batch_end(&s->io);
     return rc;
@@ -181,8 +231,8 @@ static void hand_over_step(retrieval *R) {
     for (uint64_t t = 0; t < R->taken; t++) {
         uint32_t j = R->sel.idx[t];
         if (!ops->wants_records(c, j) || kvt_cluster_damaged(c, j)) continue; /* invariant 4 */
-        if (j == R->fx.part_cl) {
-            if (R->fx.keep) ops->records_read(c, j, R->fx.keep, 0);
+        if (j == R->fx.part_cl) { /* read in pieces, its records were never all in DRAM at once */
+            if (R->fx.keep && !R->fx.part_have) ops->records_read(c, j, R->fx.keep, 0);
             continue;
         }
         uint64_t bytes = (uint64_t)c->cl[j].n * c->L.esz;

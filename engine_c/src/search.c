@@ -6,6 +6,8 @@
  * 1. Search and get never change clusters: no split, no relayout.
  * 2. They read in the calling thread's on_corrupt mode (read.c 2): in skip mode a damaged
  *    record is not a candidate of search, and get leaves its rows zero and lists its id.
+ * 3. Search scores a cluster too large for what the budget leaves in pieces (pieces.c), so
+ *    that no cluster's size makes a search above the estimated minimum fail.
  */
 #include <errno.h>
 #include <math.h>
@@ -124,6 +126,27 @@ static int by_probe(const void *a, const void *b) {
     return x->q < y->q ? -1 : x->q > y->q;
 }
 
+/* A block's probes, sorted by cluster: each cluster read once and scored against the
+ * queries that probe it. */
+static int visit_probes(kvt_coll *c, probe *pr, uint64_t np, uint32_t *qlist, search_ctx *sx) {
+    int rc = 0;
+    qsort(pr, np, sizeof *pr, by_probe);
+    kvt_io_batch_begin(&c->st->io);
+    for (uint64_t a = 0; a < np && !rc;) {
+        uint64_t e = a;
+        sx->nql = 0;
+        while (e < np && pr[e].cl == pr[a].cl) qlist[sx->nql++] = pr[e++].q;
+        rc = kvt_visit_cluster(c, pr[a].cl, score_entries, sx);
+        if (rc == KVT_EBUDGET) { /* no room for it whole: scoring takes it in pieces */
+            kvt_clear_error();
+            rc = kvt_visit_cluster_pieces(c, pr[a].cl, score_entries, sx);
+        }
+        a = e;
+    }
+    kvt_io_batch_end(&c->st->io);
+    return rc;
+}
+
 static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, uint32_t nprobe, int64_t *ids_out,
                          float *scores_out) {
     kvt_store *s = c->st;
@@ -170,16 +193,7 @@ static int search_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, u
             kvt_top_by_score(idx, c->ncl, nprobe, scores);
             for (uint32_t j = 0; j < nprobe; j++) pr[np++] = (probe){idx[j], (uint32_t)i};
         }
-        qsort(pr, np, sizeof *pr, by_probe);
-        kvt_io_batch_begin(&s->io);
-        for (uint64_t a = 0; a < np && !rc;) {
-            uint64_t e = a;
-            sx.nql = 0;
-            while (e < np && pr[e].cl == pr[a].cl) qlist[sx.nql++] = pr[e++].q;
-            rc = kvt_visit_cluster(c, pr[a].cl, score_entries, &sx);
-            a = e;
-        }
-        kvt_io_batch_end(&s->io);
+        rc = visit_probes(c, pr, np, qlist, &sx);
     }
     if (!rc) {
         for (uint64_t i = 0; i < nq; i++) {

@@ -116,6 +116,7 @@ struct kvt_store {
     uint64_t merge_gap;    /* bytes: extents of one read batch closer than this are read as one */
     uint64_t write_buffer; /* bytes for the page-aligned write buffers, shared by the collections */
     int tight;             /* a call runs again for want of budget: it buffers no new entries */
+    int pieces;            /* ... for the last time: a cluster too large for what is left is read in pieces */
     kvt_coll **colls;
     uint32_t ncolls, collcap;
     /* group virtualization (docs/design.md §2.3): parked collections' images in a volatile swap file */

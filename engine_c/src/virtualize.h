@@ -31,8 +31,10 @@ void kvt_peek_end(kvt_coll *c, int was_parked);
  * (kvt_give_way); the second run buffers nothing new and grows no slack (store->tight). A
  * call still short of room runs again after each round of demand paging (kvt_page_out: other
  * collections parked, idle ones first, until what it lacked is free), until it
- * fits or nothing is left to park. A failed add, retrieve or search changes nothing a later
- * run depends on. Sets rc. */
+ * fits or nothing is left to park; then once more with store->pieces, where a retrieve reads
+ * a cluster too large for what is left in pieces (pieces.c) rather than fail: only then, so
+ * that whenever a whole read fits, results and splits are those of a larger budget. A failed
+ * add, retrieve or search changes nothing a later run depends on. Sets rc. */
 #define RUN_READY(c, call)                                                                                             \
     do {                                                                                                               \
         LOCK((c)->st);                                                                                                 \
@@ -52,6 +54,13 @@ void kvt_peek_end(kvt_coll *c, int was_parked);
             rc = kvt_ready(c);                                                                                         \
             if (!rc) rc = (call);                                                                                      \
             (c)->st->tight = 0;                                                                                        \
+        }                                                                                                              \
+        if (rc == KVT_EBUDGET) { /* the last run: clusters too large for what is left come in pieces */                \
+            kvt_clear_error();                                                                                         \
+            (c)->st->tight = (c)->st->pieces = 1;                                                                      \
+            rc = kvt_ready(c);                                                                                         \
+            if (!rc) rc = (call);                                                                                      \
+            (c)->st->tight = (c)->st->pieces = 0;                                                                      \
         }                                                                                                              \
         UNLOCK((c)->st);                                                                                               \
     } while (0)

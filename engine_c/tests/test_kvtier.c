@@ -1791,6 +1791,56 @@ static void test_parked_index_accounting(void) {
     free(k);
 }
 
+/* A static collection whose clusters grew past what the budget leaves for one read: search
+ * scores them in pieces (pieces.c) and finds what it finds with room to spare, in every
+ * on_corrupt mode, and so does a retrieve, in its last run. */
+static void test_search_in_pieces(void) {
+    enum { N = 12000, NQ = 4, K = 10 };
+    kvt_coll_params p = params(KVT_F32);
+    p.value_dim = 0;
+    p.policy = KVT_POLICY_STATIC;
+    float *k = drift_data(N, 0, 37);
+    int64_t want[NQ * K], got[NQ * K], first;
+    float sw[NQ * K], sg[NQ * K];
+    static int64_t rwant[2][3000], rgot[2][3000];
+    uint64_t nr[2][2];
+    uint64_t budgets[2] = {64 << 20, 160 << 10};
+    for (int b = 0; b < 2; b++) {
+        char *d = make_dir();
+        kvt_store_opts o = {budgets[b], {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 0, KVT_CACHE_CLUSTER};
+        kvt_store *st;
+        kvt_coll *c;
+        CHECK_OK(kvt_store_open(d, &o, &st));
+        CHECK_OK(kvt_coll_create(st, 0, &p, &c));
+        CHECK_OK(kvt_coll_add(c, k, NULL, 97, &first)); /* the partition: a few clusters */
+        CHECK_OK(kvt_coll_add(c, k + 97 * 16, NULL, N - 97, &first));
+        kvt_coll_stats cs;
+        CHECK_OK(kvt_coll_stats_get(c, &cs));
+        /* no buffer for the largest cluster fits beside the id map */
+        if (b) CHECK(cs.max_cluster_size * 80 + N * 8 > budgets[b]);
+        for (int mode = KVT_ON_CORRUPT_RAISE; mode <= KVT_ON_CORRUPT_SKIP; mode++) {
+            kvt_set_on_corrupt(mode);
+            CHECK_OK(kvt_coll_search(c, k + 5 * 16, NQ, K, 2, b ? got : want, b ? sg : sw));
+        }
+        kvt_set_on_corrupt(KVT_ON_CORRUPT_RAISE);
+        /* a retrieve takes whole clusters and the best of the next: at the small budget its
+         * last run reads them in pieces (RUN_READY), and returns the same entries */
+        for (int t = 0; t < 2; t++) {
+            retrieve_ids(c, k + (5 + 700 * (uint64_t)t) * 16, 2500, b ? rgot[t] : rwant[t], 3000, &nr[b][t]);
+            qsort(b ? rgot[t] : rwant[t], nr[b][t], 8, cmp_i64);
+        }
+        kvt_store_stats ss;
+        CHECK_OK(kvt_store_stats_get(st, &ss));
+        CHECK(ss.dram_peak_bytes <= ss.dram_budget);
+        kvt_store_close(st);
+        remove_dir(d);
+    }
+    CHECK(memcmp(got, want, sizeof got) == 0 && memcmp(sg, sw, sizeof sg) == 0);
+    for (int t = 0; t < 2; t++)
+        CHECK(nr[0][t] == 2500 && nr[1][t] == nr[0][t] && memcmp(rgot[t], rwant[t], nr[0][t] * 8) == 0);
+    free(k);
+}
+
 static void test_park(void) {
     char *d = make_dir();
     kvt_store_opts o = {2 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
@@ -2579,6 +2629,7 @@ int main(void) {
     test_park();
     test_demand_paging();
     test_parked_index_accounting();
+    test_search_in_pieces();
     test_token_layout();
     test_write_buffer();
     test_estimate();
