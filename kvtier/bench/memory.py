@@ -1,13 +1,16 @@
 """A memory-bounded engine at phone-sized DRAM budgets: does it run, what does it cost, and
 did ``kvtier.estimate`` say so in advance.
 
-Three cases (issue 17):
+Four cases (issues 17 and 26):
 
 - ``small``: 49,152 entries of 64-d float16 keys and values (12.6 MB) in one collection at a
   DRAM budget of 10% of the data, added in batches of 4096 and in one batch, for every
   policy: whether the adds succeed, search recall@10 against exact top-10 (and the same run
   at 64 MiB, side by side), the engine's DRAM peak by use against the budget, and the
   estimate beside the measured peaks.
+- ``real``: 49,152 real keys and values (SmolLM2's W2 trace at 8K tokens, layers 0 and 10)
+  in one collection at 10% of the data, in batches of 4096 and in one batch: adds, search
+  recall@10, a retrieve and a get of 1,000 ids, beside the same at 64 MiB.
 - ``kv``: a captured SmolLM2 trace replayed as a KV cache (bench.kvreplay), 4 layers x 3 KV
   heads, 10% fetch budget, UFS 4.0 profile, at 1 MiB and at 64 MiB of DRAM: recall of every
   policy at both, and the I/O per decoding step.
@@ -99,6 +102,13 @@ def run_collection(keys, vals, q, truth, budget, policy, batch, coll_kwargs=None
                 row["recall@10"] = recall_at(hits.ids, truth)
                 cs = c.stats()
                 row["clusters"] = cs["clusters"]
+                # the other reads a user makes, under the same budget: a retrieve of 10% and a
+                # get of a thousand ids spread over the collection
+                r = c.retrieve(q[:4], budget=0.1)
+                ids = np.linspace(0, n - 1, 1000).astype(np.int64)
+                got = c.get(ids)
+                row["retrieve_entries"] = len(r.ids)
+                row["get_ok"] = bool(np.array_equal(np.asarray(got.keys, np.float16), keys[ids]))
             st = s.stats()
             row["dram_peak_bytes"] = st["dram_peak_bytes"]
             row["dram_fixed_peak_bytes"] = st["dram_fixed_peak_bytes"]
@@ -139,6 +149,30 @@ def case_small(policies, out_rows):
                       f"recall@10 {r.get('recall@10', float('nan')):.3f} peak {r['dram_peak_bytes']:,} "
                       f"fixed peak {r['dram_fixed_peak_bytes']:,} estimate min {r['estimate']['minimum']:,}",
                       flush=True)
+
+
+def case_real(policies, out_rows):
+    """49,152 real keys and values in one collection (SmolLM2, W2 at 8K tokens: layers 0 and
+    10, 3 KV heads each) at 10% of the data, added in batches of 4096 and in one batch."""
+    from kvtier.bench.capture import load_trace
+    tr = load_trace("W2", prefill=4096, decode=4096, progress=False)
+    keys = np.ascontiguousarray(tr.keys[[0, 10]].reshape(-1, tr.head_dim), np.float16)
+    vals = np.ascontiguousarray(tr.values[[0, 10]].reshape(-1, tr.head_dim), np.float16)
+    rng = np.random.default_rng(3)
+    qs = tr.queries[[0, 10]].reshape(-1, tr.head_dim)
+    q = qs[rng.choice(len(qs), 200, replace=False)].astype(np.float32)
+    truth = exact_top(keys, q)
+    data = keys.nbytes + vals.nbytes
+    for policy in policies:
+        for batch in (4096, len(keys)):
+            for budget in (data // 10, 64 << 20):
+                r = run_collection(keys, vals, q, truth, budget, policy, batch)
+                r["case"] = "real"
+                r["dram_share"] = budget / data
+                out_rows.append(r)
+                print(f"real {policy:8s} batch {batch:6d} DRAM {budget:>9,}: {r['add'][:60]:60s} "
+                      f"recall@10 {r.get('recall@10', float('nan')):.3f} retrieve {r.get('retrieve_entries')} "
+                      f"get {r.get('get_ok')} peak {r['dram_peak_bytes']:,}", flush=True)
 
 
 def case_kv(policies, out_rows, layers, every, workloads=("W1",), drams=(1 << 20, 64 << 20)):
@@ -234,6 +268,8 @@ def main(argv=None):
     cases = a.cases.split(",")
     if "small" in cases:
         case_small(policies, rows)
+    if "real" in cases:
+        case_real(policies, rows)
     if "kv" in cases:
         drams = [kvtier.parse_size(x) for x in a.kv_budgets.split(",")]
         case_kv(policies, rows, [int(x) for x in a.layers.split(",")], a.every, a.workloads.split(","), drams)
