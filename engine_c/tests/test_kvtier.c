@@ -1891,8 +1891,9 @@ static void test_park(void) {
     CHECK_OK(kvt_store_reset_io_stats(st));
     CHECK_OK(kvt_store_park(st, c + 1, 1, 0));
     CHECK_OK(kvt_store_stats_get(st, &after));
-    CHECK(after.swap_unchanged_bytes >= 2 * 4096 &&
-          after.swap_write_bytes + after.swap_unchanged_bytes == c[1]->swap_len);
+    CHECK(after.swap_write_bytes + after.swap_unchanged_bytes == c[1]->swap_len);
+    /* (16 KiB pages leave the image too few pages for any to stay clean) */
+    if (c[1]->swap_len >= 4 * (uint64_t)KVT_IO_ALIGN) CHECK(after.swap_unchanged_bytes >= 2 * (uint64_t)KVT_IO_ALIGN);
     CHECK_OK(kvt_store_unpark(st, c + 1, 1, 0));
     retrieve_ids(c[1], q, 200, got, 300, &ngot);
     CHECK(ngot == nwant[1] && memcmp(got, want[1], ngot * 8) == 0);
