@@ -150,6 +150,31 @@ def test_slots_hold_what_the_store_holds(model, text, flash_attn):
         tiered.close()
 
 
+def test_layer_read_ahead_changes_no_logits(model, text):
+    """prefetch=True queues every KV head's reads of a layer on the loader threads before the
+    layer's retrieve (same queries, same budget): the decoded logits are bit-identical to
+    prefetch=False, and with a store DRAM budget far below the history the retrieves find what
+    the loaders read (prefetch hits), where without it they read on their own."""
+    logits, stats = {}, {}
+    for pf in (False, True):
+        llm = TieredLlama(model, budget=0.1, dram_tokens=256, window=16, prefetch=pf, store_dram_budget="4MiB",
+                          **COMMON)
+        try:
+            prompt = llm.tokenize(text[:2400].encode())
+            llm.eval(prompt)
+            rows = []
+            for tok in prompt[100:116]:
+                llm.eval([tok])
+                rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                                  shape=(llm.n_vocab(),)).copy())
+            logits[pf], stats[pf] = np.array(rows), llm.stats()
+        finally:
+            llm.close()
+    assert np.array_equal(logits[False], logits[True])
+    assert stats[False]["prefetch_issued"] == 0 and stats[False]["cache_misses"] > 0
+    assert stats[True]["prefetch_hits"] > 0 and stats[True]["retrievals"] == stats[False]["retrievals"] >= 16
+
+
 def test_session_saved_after_a_dense_prefill_continues_exactly(model, text, tmp_path):
     """A session saved right after a dense prefill (no cells of the decoding shape yet) and loaded
     by another instance decodes the same greedy tokens as the instance that saved it, reloading

@@ -60,21 +60,28 @@ Choices and what they cost (``python -m kvtier.bench.llama_cpp``; bench/results/
   ["retrieve"]``); kvtier's DRAM budget should hold one step's fetch over all layers (~ layers x
   heads x slots x 256 bytes), or every step reads it from flash again.
 - Where a decoding step's time goes (W2 at 7900 + 112 tokens, 10%, kvtier DRAM 55 MiB, one
-  llama.cpp thread; cProfile, thread CPU time and perf): llama.cpp's own compute 35-45 ms over
-  1024 cells (plain llama.cpp over the whole context: 160-180 ms), the 30 per-layer retrievals'
-  Python side ~25 ms, kvtier's retrieves ~200 ms of wall time of which ~40 ms CPU: the rest
-  waits for the store's reads (O_DIRECT, 4.5 MiB and ~500 reads per step on average; the first
-  32 steps read most: the cache is cold after the prompt, and each collection is rewritten once
-  for co-location after its first 32 retrieves; from step 64 on, ~100-130 reads per step).
+  llama.cpp thread; cProfile, thread CPU time, perf and the store's counters per step):
+  llama.cpp's own compute 35-45 ms over 1024 cells (plain llama.cpp over the whole context:
+  150-180 ms), the 30 per-layer retrievals' Python side ~25 ms, kvtier's CPU ~40 ms, and waits
+  for the store's reads (O_DIRECT). The first ~48 steps cost most: the cache is cold after the
+  prompt (~780 reads, 6 MiB per step) and each collection is rewritten once for co-location
+  after its first 32 retrieves (8 MiB more per step while it runs); past them, ~130-270 reads
+  of 8-10 KiB per step.
 - The store the adapter opens caches clusters by LRU (``cache_policy="lru"``), not by kvtier's
   cluster-aligned default: that one reads slightly fewer bytes but chooses each victim by
   scanning up to 2048 cached clusters in three passes, and a step at 8K evicts hundreds; its
   victim choice was 30% of the process's perf samples and decoding ran 0.32x llama.cpp against
   LRU's 0.60x (llama_cpp_speed.md). What is retrieved does not depend on the cache.
-- No prefetch by default: the previous token's queries predict few of a step's misses (3.7K
-  prefetch hits for 64K misses over 112 steps at 8K), and the extra selection and loader reads
-  cost as much as they hide on two shared cores (0.63x against 0.60x at 8K, 0.49x against 0.44x
-  at 2K, medians of 3 interleaved rounds).
+- Each layer's KV heads read together (``prefetch=True``): before a layer's retrieve, every
+  head's reads are queued on the store's loader threads with that head's own queries and budget
+  (what the retrieve would read, so nothing changes but when the reads start; with the
+  ``adaptive`` policy, when clusters split may). Without it the heads' retrieves ran one after
+  another, each waiting for its own reads: at 7900 + 96 tokens past the first 48 steps, ~130-270
+  reads per step of 8-10 KiB, a 94% cache hit rate, and still ~175 ms per step waiting on the
+  reads (90 round trips of ~2 ms), against ~85 ms of CPU. Read together: ~60 ms of waits, a step
+  0.182 s instead of 0.286 s (2K: 0.097 s instead of 0.170 s). Prefetching the *next* layer with
+  the previous token's queries (the first design) predicted few reads (3.7K hits for 64K misses):
+  a third of each step's selection is new.
 
 Sessions (``save_session`` / ``load_session`` / ``switch_session``): the history already lives
 in the session's collections; a record adds the token ids, the id map, the recent queries, the
@@ -132,7 +139,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SYNC_TOKENS = 16
 #: The defaults, chosen for a phone user (why: the class docstring and the module's notes).
 DEFAULTS = {"budget": 0.1, "dram_tokens": 1024, "sinks": 4, "window": 64, "prefill": "dense",
-            "refresh_every": 1, "query_tokens": 1, "overfetch": 1.0, "prefetch": False, "cache_policy": "lru"}
+            "refresh_every": 1, "query_tokens": 1, "overfetch": 1.0, "prefetch": True, "cache_policy": "lru"}
 
 # llama kwargs this adapter refuses, with the reason.
 _REFUSED = {
@@ -260,8 +267,9 @@ class TieredLlama(Llama):
     when its queries are computed, before its attention). ``query_tokens``: recent tokens whose
     queries join the current ones in each retrieval's query group. ``overfetch``: kvtier is asked
     for overfetch x budget entries per head, of which the best ``budget`` by exact score are shown
-    (more recall for more I/O). ``prefetch``: while a layer retrieves, the next layer's reads
-    start, chosen by its queries of the previous token (what they miss is read as without).
+    (more recall for more I/O). ``prefetch``: a layer's KV heads queue their reads together on
+    the store's loader threads before the layer retrieves (exactly what each head's retrieve
+    reads; off: each head reads in turn).
     ``store``: a kvtier store path or an open ``kvtier.Store`` (None: a
     temporary store removed on close); ``store_dram_budget``/``device``/``direct_io``/``cache_policy`` open it
     (a ``kvtier.Store`` passed in keeps its own);
@@ -281,11 +289,13 @@ class TieredLlama(Llama):
       0.27 at 8K for a quarter of the peak (a tenth: 0.26 and 0.41).
     - ``refresh_every=1``, ``query_tokens=1``: every decoded token retrieves, per layer, with its
       own query; every 4 or 16 tokens gave ΔNLL 1.45 or 2.08 at 8K, close to sink + window alone
-      (2.64). It is also what decoding spends its time on: on a shared 2-core x86 machine,
-      kvtier's DRAM at 1.5x one step's fetch, reading this machine's virtual disk, 0.49x
-      llama.cpp's tokens/s at 2K and 0.63x at 8K (0.51x and 0.78x over the second half of 112
-      steps), where sink + window alone runs 2.2-2.65x (the cells it attends to are fewer).
-    - ``cache_policy="lru"``, ``prefetch=False``: what decodes fastest here (module notes).
+      (2.64). It is also what decoding spends its time on: on a shared 2-core x86 machine
+      (load average 7-8), kvtier's DRAM at 1.5x one step's fetch, reading this machine's
+      virtual disk, 0.53x llama.cpp's tokens/s at 2K and 0.61x at 8K over 112 steps (0.77x and
+      0.82x over their second half, past the cold cache and the co-location rewrite), where
+      sink + window alone runs 2.2-2.65x (the cells it attends to are fewer).
+    - ``cache_policy="lru"``, ``prefetch=True``: what decodes fastest here (module notes; at 8K
+      prefetch off: 0.53x, second half 0.63x, in the same interleaved rounds).
     - ``budget=0.1``, ``dram_tokens=1024`` (22.5 MiB of cells for this model: room for 10% of a
       context up to about 8.9K tokens), ``window=64`` (32 and 128 measured the same),
       ``overfetch=1.0`` (2.0: top-1 +0.02 at 2K for 4x the retrieval time), ``sinks=4``.
@@ -761,14 +771,6 @@ class TieredLlama(Llama):
         n_ids = self._ids.n
         want = min(n_ids, math.ceil(b * self._overfetch) + (n_ids - (self._tail_lo - self._S)))
         qh = np.ascontiguousarray(q.reshape(q.shape[0], H, g, D).transpose(1, 0, 2, 3).reshape(H, -1, D))
-        if self._prefetch and layer + 1 < self._n_layer and self._hook.last is not None:
-            # the next layer's reads start on the store's loader threads, chosen by that layer's
-            # queries of the previous token, while this layer retrieves and llama.cpp computes
-            nxt = self._hook.last[layer + 1].reshape(H, g, D)
-            store = self._store
-            with store._gate:
-                for h, handle in enumerate(self._handles[layer + 1]):
-                    handle.prefetch(nxt[h], want)
         many = self._retrieve_layer(layer, qh, want)
         counts = many.counts
         m = int(counts.max())
@@ -821,6 +823,12 @@ class TieredLlama(Llama):
             self._rout[layer] = out
         budgets = np.full(H, want, np.uint64)
         with store._gate:
+            if self._prefetch:
+                # every head's reads queued on the loader threads first, with the same queries
+                # and budget (so they are exactly what each retrieve reads): the heads' reads are
+                # in flight together, and each retrieve waits only for what is still loading
+                for h, handle in enumerate(self._handles[layer]):
+                    handle.prefetch(qh[h], want)
             store._engine.retrieve_batch(self._handles[layer], qh, budgets, out.ids, out.keys, out.values,
                                          out.clusters, out.counts)
         return out

@@ -74,7 +74,7 @@ CONFIG_KEYS = {
     "sinks": ("sinks", int, "first tokens always visible"),
     "chunk": ("prefill_chunk", int, "prompt tokens per bounded chunk"),
     "policy": ("policy", str, "kvtier policy"),
-    "prefetch": ("prefetch", int, "1: the next layer's reads start while a layer retrieves; 0: off"),
+    "prefetch": ("prefetch", int, "1: a layer's heads queue their reads together on the loader threads; 0: off"),
     "cpol": ("cache_policy", str, "the store's cache policy (lru, lfu, cluster)"),
     "sdram": ("store_dram_budget", str, "kvtier's DRAM budget while decoding (a size; the prefill's store, "
                                         "cached, is made with --store-dram-budget)"),
@@ -452,7 +452,8 @@ def speed_rows(a, model: str, tokens: list[int]) -> list[dict]:
                         "kv_mib": st["decode_kv_mib_peak"], "store_dram_peak_mib": st["store"]["dram_peak_bytes"] / 2**20,
                         "store_dram_budget_mib": st["store"]["dram_budget"] / 2**20,
                         "retrieve_ms_per_step": 1e3 * st["seconds"]["retrieve"] / max(st["decode_steps"], 1),
-                        "store_reads_per_step": st["store"]["read_ops"] / max(st["decode_steps"], 1)}
+                        "store_reads_per_step": st["store"]["read_ops"] / max(st["decode_steps"], 1),
+                        **_io_figures(st["store"], max(st["decode_steps"], 1))}
             print(f"{P}: round {rnd + 1}/{a.rounds}: " +
                   ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
         base, late_base = runs["llama.cpp"], late["llama.cpp"]
@@ -470,9 +471,21 @@ def speed_rows(a, model: str, tokens: list[int]) -> list[dict]:
     return rows
 
 
+def _io_figures(st: dict, steps: int) -> dict:
+    """A step's reads: the cache hit rate (a prefetched cluster found loaded or loading is a
+    hit), their mean size, the share the loader threads read, the seconds in read calls (every
+    thread's) and the seconds retrieves waited for reads still loading."""
+    hits, misses = st["cache_hits"], st["cache_misses"]
+    return {"cache_hit_rate": hits / max(hits + misses, 1),
+            "read_kib_mean": st["read_bytes"] / max(st["read_ops"], 1) / 1024,
+            "prefetched_share": st["read_bytes_by_cause"]["prefetch"] / max(st["read_bytes"], 1),
+            "read_ms_per_step": 1e3 * st["read_seconds"] / steps,
+            "load_wait_ms_per_step": 1e3 * st["io_wait_seconds"] / steps}
+
+
 SPEED_HEAD = ["context", "method", "decode tok/s (median)", "vs llama.cpp (median of rounds)", "range over rounds",
               "second half: vs llama.cpp (range)", "KV MiB + store DRAM peak MiB", "retrieve ms/step",
-              "store reads/step"]
+              "store reads/step", "cache hits", "read ms/step (all threads)", "waits for loads ms/step"]
 
 
 def _speed_cells(r: dict) -> list:
@@ -482,7 +495,10 @@ def _speed_cells(r: dict) -> list:
             f"{r['late_vs_llama_median']:.2f}x ({r['late_vs_llama_min']:.2f}-{r['late_vs_llama_max']:.2f}x)"
             if "late_vs_llama_median" in r else "", dram,
             f"{r['retrieve_ms_per_step']:.1f}" if "retrieve_ms_per_step" in r else "",
-            f"{r['store_reads_per_step']:.0f}" if "store_reads_per_step" in r else ""]
+            f"{r['store_reads_per_step']:.0f}" if "store_reads_per_step" in r else "",
+            f"{r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else "",
+            f"{r['read_ms_per_step']:.1f}" if "read_ms_per_step" in r else "",
+            f"{r['load_wait_ms_per_step']:.1f}" if "load_wait_ms_per_step" in r else ""]
 
 
 # -- pass key (kvtier.bench.needle's llama.cpp methods) --------------------------------------------------
