@@ -23,13 +23,14 @@ from kvtier.errors import (
     StoreClosedError,
     StoreLockedError,
 )
-from kvtier.store import Collection, Entries, Retrieved, RetrievedMany, SearchHits, Store, open
+from kvtier.store import Collection, Entries, Retrieved, RetrievedMany, SearchHits, StepOut, Store, open
 from kvtier.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "estimate", "Estimate", "Store", "Collection", "SearchHits", "Retrieved", "RetrievedMany", "Entries",
+    "open", "estimate", "Estimate", "Store", "Collection", "SearchHits", "Retrieved", "RetrievedMany", "StepOut",
+    "Entries",
     "verify", "VerifyReport", "DeviceProfile", "PROFILES",
     "parse_size", "calibrate", "load_profile", "CalibrationResult",
     "KvtierError", "InvalidArgumentError", "CorruptionError", "BudgetError",

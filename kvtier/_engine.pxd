@@ -88,6 +88,35 @@ cdef extern from "kvtier.h" nogil:
         int variance
     int kvt_coll_retrieve_est(kvt_coll *coll, const float *queries, uint64_t nq, uint64_t budget,
                               const kvt_estimate_opts *est, kvt_result **out)
+    ctypedef struct kvt_step_args:
+        kvt_coll *const *add_colls
+        size_t n_add
+        const void *add_keys
+        const void *add_values
+        uint64_t add_rows
+        kvt_coll *const *prefetch_colls
+        size_t n_prefetch
+        const float *prefetch_queries
+        uint64_t prefetch_nq
+        const uint64_t *prefetch_budgets
+        kvt_coll *const *colls
+        size_t n
+        const float *queries
+        uint64_t nq
+        const uint64_t *budgets
+        uint64_t cap
+        uint64_t stride
+        int64_t *ids
+        int32_t *clusters
+        uint64_t *counts
+        void *keys
+        void *values
+        int out_f32
+        const kvt_estimate_opts *est
+        float *est_lse
+        float *est_values
+        uint64_t *est_entries
+    int kvt_step_batch(const kvt_step_args *args, uint64_t *queued)
     int kvt_coll_value_sums(kvt_coll *coll, uint32_t *sizes, float *sums, uint64_t cap, uint64_t *n_clusters)
     void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint64_t *clusters,
                              uint64_t *entries)

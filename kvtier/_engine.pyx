@@ -4,6 +4,7 @@ buffers, releases the GIL around every engine call, frees engine memory in ``fin
 maps each error code to one exception class (kvtier.errors)."""
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
 from kvtier._engine cimport *
 
@@ -255,15 +256,9 @@ cdef class Engine:
         cdef int64_t *ip = &ids[0, 0] if cap else NULL
         cdef int32_t *cp = &clusters[0, 0] if cap else NULL
         cdef uint64_t nq = q.shape[1]
-        cdef kvt_coll **v = <kvt_coll **>malloc(n * sizeof(kvt_coll *))
+        cdef kvt_coll **v = self._handles(colls, "retrieve_batch")
         cdef int rc, prev
-        if v is NULL:
-            raise MemoryError()
         try:
-            for i in range(n):
-                v[i] = (<Coll?>colls[i]).live()
-                if (<Coll>colls[i]).owner is not self:
-                    raise ValueError("retrieve_batch: collections of this engine expected")
             with nogil:
                 prev = kvt_set_on_corrupt(on_corrupt)
                 rc = kvt_retrieve_batch(<kvt_coll *const *>v, n, &q[0, 0, 0], nq, &budgets[0], cap,
@@ -272,6 +267,105 @@ cdef class Engine:
             check(rc)
         finally:
             free(v)
+
+    cdef kvt_coll **_handles(self, list colls, str what) except? NULL:
+        """A malloc'd array of the live handles of ``colls`` (Coll of this engine); NULL if empty."""
+        cdef size_t n = len(colls), i
+        if n == 0:
+            return NULL
+        cdef kvt_coll **v = <kvt_coll **>malloc(n * sizeof(kvt_coll *))
+        if v is NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                v[i] = (<Coll?>colls[i]).live()
+                if (<Coll>colls[i]).owner is not self:
+                    raise ValueError(f"{what}: collections of this engine expected")
+        except BaseException:
+            free(v)
+            raise
+        return v
+
+    def step_batch(self, list add_colls, add_keys, add_values, list pf_colls, pf_q, pf_budgets,
+                   list colls, q, budgets, ids, clusters, counts, keys, values, uint64_t offset=0,
+                   est=None, lse=None, est_values=None, est_entries=None, int on_corrupt=0):
+        """kvt_step_batch: adds (add_keys (n_add, rows, dim), add_values in the collections'
+        dtype), prefetches (pf_q (n_pf, nq, dim) float32, pf_budgets uint64) and the retrieve
+        of ``colls`` (q (n, nq, dim) float32, budgets, ids and clusters (n, cap), counts (n,)),
+        its keys and values written at rows [offset, offset + cap) of keys (n, rows, dim) and
+        values (n, rows, value_dim), float32 or the collections' dtype; est (clusters, scale,
+        variance) or None, with lse (n, nq), est_values (n, nq, value_dim) float32 and
+        est_entries (n,) uint64. Every array C-contiguous. Returns the clusters queued."""
+        cdef kvt_step_args a
+        cdef kvt_estimate_opts eo
+        cdef uint64_t queued = 0
+        cdef int rc, prev
+        memset(&a, 0, sizeof(a))
+        self.live()
+        cdef const unsigned char[::1] akb, avb
+        cdef const float[:, :, ::1] pq, rq
+        cdef const uint64_t[::1] pb, rb
+        cdef int64_t[:, ::1] rid
+        cdef int32_t[:, ::1] rcl
+        cdef uint64_t[::1] rcn, ren
+        cdef unsigned char[::1] kb, vb
+        cdef float[:, ::1] rlse
+        cdef float[:, :, ::1] rev
+        cdef size_t kout, vout
+        try:
+            a.n_add = len(add_colls)
+            if a.n_add:
+                a.add_rows = add_keys.shape[1]
+                akb = add_keys.reshape(-1).view(np.uint8)
+                avb = add_values.reshape(-1).view(np.uint8)
+                a.add_keys = &akb[0] if akb.shape[0] else NULL
+                a.add_values = &avb[0] if avb.shape[0] else NULL
+                a.add_colls = self._handles(add_colls, "step_batch")
+            a.n_prefetch = len(pf_colls)
+            if a.n_prefetch:
+                pq, pb = pf_q, pf_budgets
+                if pq.shape[0] != a.n_prefetch or pb.shape[0] != a.n_prefetch:
+                    raise ValueError("step_batch: pf_q and pf_budgets need one row per prefetched collection")
+                a.prefetch_queries, a.prefetch_nq, a.prefetch_budgets = &pq[0, 0, 0], pq.shape[1], &pb[0]
+                a.prefetch_colls = self._handles(pf_colls, "step_batch")
+            a.n = len(colls)
+            if a.n:
+                rq, rb, rid, rcl, rcn = q, budgets, ids, clusters, counts
+                if rq.shape[0] != a.n or rb.shape[0] != a.n or rid.shape[0] != a.n or rcl.shape[0] != a.n \
+                        or rcn.shape[0] != a.n or rcl.shape[1] != rid.shape[1]:
+                    raise ValueError("step_batch: q, budgets, ids, clusters and counts need one row per collection")
+                a.cap, a.stride = rid.shape[1], keys.shape[1]
+                c0 = <Coll?>colls[0]
+                a.out_f32 = keys.dtype == np.float32 and c0.dtype != np.float32
+                if not a.out_f32 and keys.dtype != c0.dtype or values.dtype != keys.dtype \
+                        or tuple(keys.shape) != (a.n, a.stride, c0.dim) \
+                        or tuple(values.shape) != (a.n, a.stride, c0.value_dim) or offset + a.cap > a.stride \
+                        or not keys.flags.c_contiguous or not values.flags.c_contiguous:
+                    raise ValueError("step_batch: keys (n, rows, dim) and values (n, rows, value_dim) expected, "
+                                     "C-contiguous, float32 or the collections' dtype, offset + cap <= rows")
+                kb, vb = keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8)
+                kout, vout = keys.itemsize * c0.dim, values.itemsize * c0.value_dim
+                a.keys = &kb[offset * kout] if kb.shape[0] else NULL
+                a.values = &vb[offset * vout] if vb.shape[0] and vout else NULL
+                a.queries, a.nq, a.budgets = &rq[0, 0, 0], rq.shape[1], &rb[0]
+                a.ids = &rid[0, 0] if a.cap else NULL
+                a.clusters = &rcl[0, 0] if a.cap else NULL
+                a.counts = &rcn[0]
+                if est is not None:
+                    eo.clusters, eo.scale, eo.variance = est
+                    rlse, rev, ren = lse, est_values, est_entries
+                    a.est, a.est_lse, a.est_values, a.est_entries = &eo, &rlse[0, 0], &rev[0, 0, 0], &ren[0]
+                a.colls = self._handles(colls, "step_batch")
+            with nogil:
+                prev = kvt_set_on_corrupt(on_corrupt)
+                rc = kvt_step_batch(&a, &queued)
+                kvt_set_on_corrupt(prev)
+            check(rc)
+            return queued
+        finally:
+            free(<void *>a.add_colls)
+            free(<void *>a.prefetch_colls)
+            free(<void *>a.colls)
 
     def reset_io_stats(self):
         cdef kvt_store *p = self.live()

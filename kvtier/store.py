@@ -127,6 +127,79 @@ class RetrievedMany:
         return Retrieved(self.ids[i, :m], self.keys[i, :m], self.values[i, :m], self.clusters[i, :m],
                          unreadable=self.unreadable.get(i, _no_ids()))
 
+def _estimate_args(estimate, scale, variance) -> tuple[int, float, int]:
+    """``retrieve``'s estimate arguments as the engine takes them: (clusters, -1 for all;
+    scale, 0 for 1/sqrt(dim); variance 0 or 1)."""
+    if estimate is True or estimate is None:
+        m = -1
+    elif isinstance(estimate, (int, np.integer)) and not isinstance(estimate, (bool, np.bool_)) and estimate >= 0:
+        m = int(estimate)
+    else:
+        raise InvalidArgumentError(
+            "estimate: False, True/None (all clusters not fetched) or a cluster count >= 0 expected, "
+            f"got {estimate!r}")
+    if scale is None:
+        s = 0.0
+    elif isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool) \
+            and math.isfinite(scale) and scale > 0:
+        s = float(scale)
+    else:
+        raise InvalidArgumentError(f"scale: a finite number > 0 expected (None: 1/sqrt(dim)), got {scale!r}")
+    if not isinstance(variance, (bool, np.bool_)):
+        raise InvalidArgumentError(f"variance: True or False expected, got {variance!r}")
+    return m, s, int(bool(variance))
+
+
+@dataclass
+class StepOut:
+    """Where ``Store.step_layer`` puts a group of n collections' retrieve, reused step after
+    step: member i's entries are ``ids[i, :counts[i]]`` and ``clusters[i, :counts[i]]``
+    ((n, cap) arrays, later rows -1), and rows ``[offset, offset + counts[i])`` of ``keys[i]``
+    and ``values[i]`` ((n, rows, dim) and (n, rows, value_dim), float32 — a float16
+    collection's entries widened exactly — or the collections' dtype; the other rows are not
+    touched). So ``keys`` and ``values`` may be numpy views of buffers that hold other rows
+    too: for an LLM, a layer's attention keys and values with the sinks and the window beside
+    the fetched entries (``torch.from_numpy`` / ``tensor.numpy()`` share the memory). With an
+    estimate: ``lse`` (n, nq), ``est_values`` (n, nq, value_dim) float32 and ``est_entries``
+    (n,): ``Retrieved``'s ``est_lse``, ``est_values`` and ``est_entries`` per member."""
+
+    ids: np.ndarray
+    clusters: np.ndarray
+    counts: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+    offset: int = 0
+    lse: np.ndarray | None = None
+    est_values: np.ndarray | None = None
+    est_entries: np.ndarray | None = None
+    #: With ``on_corrupt="skip"``: member index -> ids of damaged entries left out
+    unreadable: dict = field(default_factory=dict)
+
+    @classmethod
+    def allocate(cls, n: int, cap: int, dim: int, value_dim: int, dtype=np.float32, keys=None, values=None,
+                 offset: int = 0) -> StepOut:
+        """ids, clusters and counts for n members of ``cap`` rows; keys and values given (views
+        of the caller's buffers) or new (n, cap, dim) and (n, cap, value_dim) zeros of ``dtype``."""
+        if keys is None:
+            keys = np.zeros((n, cap, dim), dtype)
+        if values is None:
+            values = np.zeros((n, cap, value_dim), dtype)
+        return cls(np.full((n, cap), -1, np.int64), np.full((n, cap), -1, np.int32), np.zeros(n, np.uint64),
+                   keys, values, offset)
+
+    @property
+    def cap(self) -> int:
+        return self.ids.shape[1]
+
+    def member(self, i: int) -> Retrieved:
+        """Member i's entries as a ``Retrieved`` (views, no copy; the estimate stays in
+        ``lse``, ``est_values`` and ``est_entries``)."""
+        m = int(self.counts[i])
+        o = self.offset
+        return Retrieved(self.ids[i, :m], self.keys[i, o:o + m], self.values[i, o:o + m], self.clusters[i, :m],
+                         unreadable=self.unreadable.get(i, _no_ids()))
+
+
 class _Gate:
     """Lets many calls run at once and ``close`` wait for them (GIL is released inside)."""
 
@@ -355,34 +428,21 @@ class Collection:
                     raise self._store._budget_error(e, self, 0) from None
                 bad = self._unreadable()
             return Retrieved(ids, keys, values, clusters, unreadable=bad)
-        if estimate is True or estimate is None:
-            m = -1
-        elif isinstance(estimate, (int, np.integer)) and not isinstance(estimate, (bool, np.bool_)) and estimate >= 0:
-            m = int(estimate)
-        else:
-            raise InvalidArgumentError(
-                "estimate: False, True/None (all clusters not fetched) or a cluster count >= 0 expected, "
-                f"got {estimate!r}")
-        if scale is None:
-            s = 0.0
-        elif isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool) \
-                and math.isfinite(scale) and scale > 0:
-            s = float(scale)
-        else:
-            raise InvalidArgumentError(f"scale: a finite number > 0 expected (None: 1/sqrt(dim)), got {scale!r}")
-        if not isinstance(variance, (bool, np.bool_)):
-            raise InvalidArgumentError(f"variance: True or False expected, got {variance!r}")
-        if not self.params.get("value_sums") and self.policy != "none":
-            raise InvalidArgumentError(
-                f"estimate: collection {self.name!r} keeps no value sums (create it with value_sums=True)")
+        m, s, v = _estimate_args(estimate, scale, variance)
+        self._check_value_sums()
         with self._store._gate:
             try:
                 ids, keys, values, clusters, lse, ev, ecl, ent = self._read(
-                    self._h.retrieve_est, q, self._entries(budget), m, s, int(bool(variance)), mode)
+                    self._h.retrieve_est, q, self._entries(budget), m, s, v, mode)
             except BudgetError as e:
                 raise self._store._budget_error(e, self, 0) from None
             bad = self._unreadable()
         return Retrieved(ids, keys, values, clusters, lse, ev, ecl, ent, bad)
+
+    def _check_value_sums(self) -> None:
+        if not self.params.get("value_sums") and self.policy != "none":
+            raise InvalidArgumentError(
+                f"estimate: collection {self.name!r} keeps no value sums (create it with value_sums=True)")
 
     def prefetch(self, query_group, budget: int | float = 0.1) -> int:
         """Starts reading in the background what ``retrieve(query_group, budget)`` would read
@@ -742,6 +802,132 @@ class Store:
             bad = u[u[:, 0] == c.params["no"], 1]
             if bad.size:
                 out.unreadable[i] = bad.copy()
+        return out
+
+    def step_layer(self, retrieve=None, out: StepOut | None = None, *, add=None, prefetch=None,
+                   estimate: bool | int | None = False, scale: float | None = None, variance: bool = False,
+                   on_corrupt: str | None = None) -> tuple[StepOut | None, int]:
+        """What a decoding step does with a layer's collections, in one engine call (the GIL
+        released): ``add`` = (collections, keys (n, rows, dim), values (n, rows, value_dim)):
+        each collection appends its rows (for an LLM: the tokens that left the previous
+        layer's window); ``prefetch`` = (collections, query groups (n, nq, dim), budget): as
+        ``Store.prefetch`` (the next layer's); ``retrieve`` = (collections, query groups
+        (n, nq, dim), budget): as ``retrieve_many`` (``retrieve`` with ``estimate``,
+        ``scale``, ``variance``) into ``out`` (a ``StepOut`` whose cap is at least the
+        budget in entries; None: a new one, float32 keys and values). The parts run in that
+        order, each with the result of the separate call; any may be None. Returns (out or
+        None without a retrieve, the clusters the prefetch queued). A refused call changes
+        nothing stored."""
+        mode = _engine.ON_CORRUPT[self.on_corrupt if on_corrupt is None else on_corrupt_arg(on_corrupt)]
+        a_colls, a_k, a_v = self._step_add(add)
+        p_colls, p_q, p_b = self._step_group(prefetch, "prefetch")
+        r_colls, r_q, r_b = self._step_group(retrieve, "retrieve")
+        est = None
+        if estimate is not False:
+            est = _estimate_args(estimate, scale, variance)
+            for c in r_colls:
+                c._check_value_sums()
+        elif scale is not None or variance:
+            raise InvalidArgumentError("scale, variance: only meaningful with estimate=")
+        res: StepOut | None = None
+        with self._gate:
+            pb = np.array([c._entries(p_b) for c in p_colls], np.uint64)
+            rb = np.array([c._entries(r_b) for c in r_colls], np.uint64)
+            if r_colls:
+                res = self._step_out(out, r_colls, int(rb.max()), r_q.shape[1], est is not None)
+            ids = clusters = counts = keys = values = lse = est_values = est_entries = None
+            offset = 0
+            if res is not None:
+                ids, clusters, counts, keys, values, offset = (res.ids, res.clusters, res.counts, res.keys,
+                                                               res.values, res.offset)
+                if est is not None:
+                    lse, est_values, est_entries = res.lse, res.est_values, res.est_entries
+            try:
+                queued = self._engine.step_batch(
+                    [c._h for c in a_colls], a_k, a_v, [c._h for c in p_colls], p_q, pb, [c._h for c in r_colls],
+                    r_q, rb, ids, clusters, counts, keys, values, offset, est, lse, est_values, est_entries,
+                    on_corrupt=mode)
+            except BudgetError as e:
+                c0 = (a_colls or r_colls or p_colls)[0]
+                raise self._budget_error(e, c0, a_k.shape[1] if a_colls else 0) from None
+            except CorruptionError as e:
+                u = getattr(e, "unreadable", None)
+                if u is not None and len(u):
+                    c = next((c for c in r_colls if c.params["no"] == u[0, 0]), None)
+                    e.collection, e.ids = (c.name if c else None), u[u[:, 0] == u[0, 0], 1].copy()
+                raise
+            u = _engine.last_unreadable()
+        if res is None:
+            return None, int(queued)
+        res.unreadable.clear()
+        for i, c in enumerate(r_colls):
+            bad = u[u[:, 0] == c.params["no"], 1]
+            if bad.size:
+                res.unreadable[i] = bad.copy()
+        return res, int(queued)
+
+    def _step_add(self, add) -> tuple[list, Any, Any]:
+        if add is None:
+            return [], None, None
+        if not (isinstance(add, tuple) and len(add) == 3):
+            raise InvalidArgumentError(f"add: (collections, keys, values) expected, got {add!r}")
+        colls = self._group(add[0], "step_layer", arg="add")
+        c0 = self._one_shape(colls, "add")
+        k, v = np.asarray(add[1]), np.asarray(add[2])
+        n = len(colls)
+        if k.ndim != 3 or k.shape[0] != n or k.shape[2] != c0.dim:
+            raise InvalidArgumentError(f"add: keys of shape ({n}, rows, {c0.dim}) expected, got {k.shape}")
+        if v.shape != (n, k.shape[1], c0.value_dim):
+            raise InvalidArgumentError(
+                f"add: values of shape ({n}, {k.shape[1]}, {c0.value_dim}) expected, got {v.shape}")
+        if k.shape[1] == 0:
+            raise InvalidArgumentError("add: at least one row per collection expected")
+        return colls, np.ascontiguousarray(k, c0.dtype), np.ascontiguousarray(v, c0.dtype)
+
+    def _step_group(self, part, what: str) -> tuple[list, Any, Any]:
+        if part is None:
+            return [], None, None
+        if not (isinstance(part, tuple) and len(part) == 3):
+            raise InvalidArgumentError(f"{what}: (collections, query groups, budget) expected, got {part!r}")
+        colls = self._group(part[0], "step_layer", arg=what)
+        c0 = self._one_shape(colls, what)
+        q = np.asarray(part[1])
+        if q.ndim != 3 or q.shape[0] != len(colls) or q.shape[2] != c0.dim or q.shape[1] == 0:
+            raise InvalidArgumentError(
+                f"{what}: query groups of shape ({len(colls)}, queries >= 1, {c0.dim}) expected, got {q.shape}")
+        if not np.isfinite(q).all():
+            raise InvalidArgumentError(f"{what}: query groups must be finite")
+        budget_arg(part[2])
+        return colls, np.ascontiguousarray(q, np.float32), part[2]
+
+    def _one_shape(self, colls: list, what: str):
+        if not colls:
+            raise InvalidArgumentError(f"{what}: at least one collection expected")
+        c0 = colls[0]
+        for c in colls:
+            if (c.dim, c._h.value_dim, c._h.dtype) != (c0.dim, c0._h.value_dim, c0._h.dtype):
+                raise InvalidArgumentError(f"{what}: collections of one dim, value_dim and dtype expected; "
+                                           f"{c.name!r} differs from {c0.name!r}")
+        return c0
+
+    def _step_out(self, out, colls: list, cap: int, nq: int, est: bool) -> StepOut:
+        c0, n = colls[0], len(colls)
+        if out is None:
+            out = StepOut.allocate(n, max(cap, 1), c0.dim, c0.value_dim)
+        if not isinstance(out, StepOut):
+            raise InvalidArgumentError(f"out: a StepOut expected, got {out!r}")
+        rows = out.offset + out.cap
+        ok = (out.ids.shape == (n, out.cap) and out.clusters.shape == out.ids.shape and out.counts.shape == (n,)
+              and out.cap >= cap and out.keys.shape[0] == n and out.keys.shape[1] >= rows
+              and out.keys.shape[2:] == (c0.dim,) and out.values.shape == (*out.keys.shape[:2], c0.value_dim)
+              and out.keys.dtype in (np.float32, c0.dtype) and out.values.dtype == out.keys.dtype)
+        if not ok:
+            raise InvalidArgumentError(
+                f"out: a StepOut for {n} collections with cap >= {cap} rows, keys (n, >= offset + cap, {c0.dim}) "
+                f"and values (n, rows, {c0.value_dim}) of float32 or {c0.dtype} expected")
+        if est and (out.lse is None or out.lse.shape != (n, nq)):
+            out.lse, out.est_values = np.empty((n, nq), np.float32), np.empty((n, nq, c0.value_dim), np.float32)
+            out.est_entries = np.empty(n, np.uint64)
         return out
 
     def _group(self, collections, what: str, arg: str = "collections") -> list:

@@ -399,6 +399,52 @@ void kvt_result_estimate(const kvt_result *res, float *lse, float *values, uint6
 int kvt_retrieve_batch(kvt_coll *const *colls, size_t n, const float *queries, uint64_t nq, const uint64_t *budgets,
                        uint64_t cap, int64_t *ids, void *keys, void *values, int32_t *clusters, uint64_t *counts);
 
+/* What a decoding step does with one layer's collections, in one call (kvt_step_batch):
+ * 1. adds: add_rows entries to each of n_add collections of one shape (for an LLM: the
+ *    tokens that left the previous layer's window), add_keys n_add x add_rows x dim and
+ *    add_values n_add x add_rows x value_dim in their dtype, member i's rows first, each
+ *    exactly kvt_coll_add;
+ * 2. prefetch: kvt_coll_prefetch for each of n_prefetch collections (the next layer's),
+ *    prefetch_queries n_prefetch x prefetch_nq x dim, with prefetch_budgets[i];
+ * 3. retrieve: as kvt_retrieve_batch for the n collections (n = 0: none), except that
+ *    member i's keys and values start at row i * stride of keys and values (stride 0: cap;
+ *    else at least cap), so that they can land inside a larger buffer that also holds other
+ *    rows, and are written as float32 when out_f32 (a float16 collection's values widened,
+ *    exactly); with est (kvt_estimate_opts), each member is kvt_coll_retrieve_est, its
+ *    estimate in est_lse (n x nq), est_values (n x nq x value_dim) and est_entries (n).
+ * Any part may be empty. */
+typedef struct kvt_step_args {
+    kvt_coll *const *add_colls;
+    size_t n_add;
+    const void *add_keys, *add_values;
+    uint64_t add_rows;
+    kvt_coll *const *prefetch_colls;
+    size_t n_prefetch;
+    const float *prefetch_queries;
+    uint64_t prefetch_nq;
+    const uint64_t *prefetch_budgets;
+    kvt_coll *const *colls;
+    size_t n;
+    const float *queries;
+    uint64_t nq;
+    const uint64_t *budgets;
+    uint64_t cap, stride;
+    int64_t *ids;
+    int32_t *clusters;
+    uint64_t *counts;
+    void *keys, *values;
+    int out_f32;
+    const kvt_estimate_opts *est;
+    float *est_lse, *est_values;
+    uint64_t *est_entries;
+} kvt_step_args;
+/* Runs the parts in the order above (the order of the separate calls a decoding adapter
+ * makes: the previous layer's adds, the next layer's prefetch, this layer's retrieve), each
+ * with the result of the separate call. `queued` (may be NULL) receives the clusters the
+ * prefetches queued. Errors: KVT_EINVAL (every part's arguments checked before any part
+ * runs), then those of the parts, in which case the parts before have run. */
+int kvt_step_batch(const kvt_step_args *args, uint64_t *queued);
+
 /* Starts reading, in the background, the clusters kvt_coll_retrieve(coll, queries, nq,
  * budget) would read from flash, and returns at once; the reads land in the cache, and a
  * later retrieve waits only for what is still loading. Charged to the device model as one

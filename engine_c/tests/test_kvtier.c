@@ -2276,6 +2276,138 @@ static void test_retrieve_batch(void) {
     remove_dir(d);
 }
 
+/* kvt_step_batch: a decoding run of two layers x H heads through it equals the same run through
+ * the separate calls (kvt_coll_add, kvt_coll_prefetch, kvt_retrieve_batch / _est) on a twin
+ * store, row for row, its keys and values widened to float32 inside a larger buffer; a
+ * refused call adds nothing. */
+enum { SB_H = 3, SB_N = 300, SB_CAP = 48, SB_STRIDE = 60 };
+typedef struct sb_out {
+    int64_t ids[SB_H * SB_CAP];
+    int32_t cl[SB_H * SB_CAP];
+    uint64_t counts[SB_H], ent[SB_H];
+    uint16_t k16[SB_H * SB_CAP * 16], v16[SB_H * SB_CAP * 8];
+    float k32[SB_H * SB_STRIDE * 16], v32[SB_H * SB_STRIDE * 8], lse[SB_H * 2], ev[SB_H * 2 * 8];
+} sb_out;
+
+static int sb_same(const sb_out *a, const sb_out *b, int est) {
+    int same = 1;
+    for (int h = 0; h < SB_H; h++) {
+        uint64_t m = a->counts[h];
+        same &= m == b->counts[h] && m > 0;
+        same &= memcmp(a->ids + h * SB_CAP, b->ids + h * SB_CAP, SB_CAP * 8) == 0;
+        same &= memcmp(a->cl + h * SB_CAP, b->cl + h * SB_CAP, SB_CAP * 4) == 0;
+        for (uint64_t i = 0; i < m * 16; i++)
+            same &= kvt_half_to_float(a->k16[h * SB_CAP * 16 + i]) == b->k32[h * SB_STRIDE * 16 + i];
+        for (uint64_t i = 0; i < m * 8; i++)
+            same &= kvt_half_to_float(a->v16[h * SB_CAP * 8 + i]) == b->v32[h * SB_STRIDE * 8 + i];
+        for (uint64_t i = m * 16; i < SB_STRIDE * 16; i++)
+            same &= b->k32[h * SB_STRIDE * 16 + i] == 7.0f; /* untouched */
+    }
+    if (est)
+        same &= memcmp(a->lse, b->lse, sizeof a->lse) == 0 && memcmp(a->ev, b->ev, sizeof a->ev) == 0 &&
+                memcmp(a->ent, b->ent, sizeof a->ent) == 0;
+    return same;
+}
+
+static void sb_open(const char *d, kvt_store **st, kvt_coll **c, const uint16_t *keys, const uint16_t *vals) {
+    kvt_store_opts o = {1 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
+    CHECK_OK(kvt_store_open(d, &o, st));
+    kvt_coll_params p = params(KVT_F16);
+    p.policy = KVT_POLICY_ADAPTIVE;
+    for (int i = 0; i < 2 * SB_H; i++) {
+        int64_t first;
+        CHECK_OK(kvt_coll_create(*st, (uint32_t)i, &p, &c[i]));
+        CHECK_OK(kvt_coll_add(c[i], keys + (size_t)i * SB_N * 16, vals + (size_t)i * SB_N * 8, SB_N, &first));
+    }
+}
+
+static void test_step_batch(void) {
+    char *da = make_dir(), *db = make_dir();
+    static uint16_t keys[2 * SB_H * SB_N * 16], vals[2 * SB_H * SB_N * 8], nk[SB_H * 16], nv[SB_H * 8];
+    static float kf[2 * SB_H * SB_N * 16], vf[2 * SB_H * SB_N * 8], nkf[SB_H * 16], nvf[SB_H * 8];
+    static sb_out A, B;
+    uint64_t s = 41;
+    fill(keys, kf, sizeof keys / 2, &s);
+    fill(vals, vf, sizeof vals / 2, &s);
+    kvt_store *sa, *sb;
+    kvt_coll *ca[2 * SB_H], *cb[2 * SB_H];
+    sb_open(da, &sa, ca, keys, vals);
+    sb_open(db, &sb, cb, keys, vals);
+    uint64_t budgets[SB_H] = {SB_CAP, 30, SB_CAP}, queued = 0;
+    float q[SB_H * 2 * 16];
+    kvt_estimate_opts eo = {4, 0.25, 0};
+    uint64_t pb[SB_H] = {20, 20, 20};
+    kvt_step_args a = {.add_colls = cb,
+                       .n_add = SB_H,
+                       .add_keys = nk,
+                       .add_values = nv,
+                       .add_rows = 1,
+                       .prefetch_colls = cb,
+                       .n_prefetch = SB_H,
+                       .prefetch_queries = q,
+                       .prefetch_nq = 2,
+                       .prefetch_budgets = pb,
+                       .colls = cb + SB_H,
+                       .n = SB_H,
+                       .queries = q,
+                       .nq = 2,
+                       .budgets = budgets,
+                       .cap = SB_CAP,
+                       .stride = SB_STRIDE,
+                       .ids = B.ids,
+                       .clusters = B.cl,
+                       .counts = B.counts,
+                       .keys = B.k32,
+                       .values = B.v32,
+                       .out_f32 = 1,
+                       .est_lse = B.lse,
+                       .est_values = B.ev,
+                       .est_entries = B.ent};
+    for (int t = 0; t < 24; t++) { /* step t: layer 0 spilled a token; prefetch layer 0, retrieve layer 1 */
+        for (int i = 0; i < SB_H * 2 * 16; i++) q[i] = frand(&s);
+        fill(nk, nkf, SB_H * 16, &s);
+        fill(nv, nvf, SB_H * 8, &s);
+        int est = t % 3 == 2;
+        for (int h = 0; h < SB_H; h++) {
+            int64_t first;
+            uint64_t got;
+            CHECK_OK(kvt_coll_add(ca[h], nk + h * 16, nv + h * 8, 1, &first));
+            CHECK_OK(kvt_coll_prefetch(ca[h], q + h * 32, 2, 20, &got));
+        }
+        if (est)
+            for (int h = 0; h < SB_H; h++) {
+                kvt_result *r;
+                CHECK_OK(kvt_coll_retrieve_est(ca[SB_H + h], q + h * 32, 2, budgets[h], &eo, &r));
+                A.counts[h] = kvt_result_count(r);
+                memset(A.ids + h * SB_CAP, 0xff, SB_CAP * 8);
+                memset(A.cl + h * SB_CAP, 0xff, SB_CAP * 4);
+                kvt_result_copy(r, A.ids + h * SB_CAP, A.k16 + h * SB_CAP * 16, A.v16 + h * SB_CAP * 8,
+                                A.cl + h * SB_CAP);
+                kvt_result_estimate(r, A.lse + h * 2, A.ev + h * 16, NULL, A.ent + h);
+                kvt_result_free(r);
+            }
+        else
+            CHECK_OK(kvt_retrieve_batch(ca + SB_H, SB_H, q, 2, budgets, SB_CAP, A.ids, A.k16, A.v16, A.cl, A.counts));
+        for (size_t i = 0; i < sizeof B.k32 / 4; i++) B.k32[i] = 7.0f;
+        a.est = est ? &eo : NULL;
+        CHECK_OK(kvt_step_batch(&a, &queued));
+        CHECK(sb_same(&A, &B, est));
+    }
+    kvt_step_args bad = a;
+    bad.stride = SB_CAP - 1;
+    uint64_t before = kvt_coll_count(cb[0]);
+    CHECK(kvt_step_batch(&bad, NULL) == KVT_EINVAL);
+    bad.stride = 0;
+    bad.add_colls = (kvt_coll *const[]){cb[0], cb[0]};
+    bad.n_add = 2;
+    CHECK(kvt_step_batch(&bad, NULL) == KVT_EINVAL);
+    CHECK(kvt_coll_count(cb[0]) == before); /* refused calls added nothing */
+    kvt_store_close(sa);
+    kvt_store_close(sb);
+    remove_dir(da);
+    remove_dir(db);
+}
+
 /* Every read call on empty, one-entry and tiny collections of every policy and layout: a
  * right answer (padded rows, min(budget, n) entries) and never a crash, before any add,
  * after adds, and after a checkpoint and reopen. (search on an empty clustered collection
@@ -2635,6 +2767,7 @@ int main(void) {
     test_write_buffer();
     test_estimate();
     test_retrieve_batch();
+    test_step_batch();
     test_empty_and_tiny();
     test_damage();
     printf("%d checks, %d failures\n", checks, failures);
