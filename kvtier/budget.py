@@ -76,7 +76,7 @@ def _size(b: int) -> str:
 # the collection parameters estimate() takes, with Store.collection's defaults
 PARAMS = dict(metric=None, init_cluster_size=32, max_cluster_size=64, kmeans_iters=10, seed=0,
               nprobe=None, tau=None, tau_factor=1.0, pending_budget=16, local_window=64,
-              local_cluster_size=16, score_temp=0.0, colocate_after=0, layout=None)
+              local_cluster_size=16, score_temp=0.0, colocate_after=32, layout=None, value_sums=None)
 
 
 def estimate(n_entries: int, dim: int, value_dim: int | None = None, dtype="float16",

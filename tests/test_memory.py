@@ -26,6 +26,22 @@ def test_estimate_orders_and_grows(policy):
     assert "minimum DRAM budget" in str(a)
 
 
+def test_estimate_takes_what_collection_takes():
+    """estimate() prices a collection "created with these parameters (as Store.collection takes
+    them)": every keyword of Store.collection, with Store.collection's default; value sums
+    (kept per cluster beside the representatives) cost index."""
+    import inspect
+
+    from kvtier.budget import PARAMS
+
+    own = {"self", "name", "dim", "value_dim", "dtype", "policy"}
+    wanted = {k: p.default for k, p in inspect.signature(kvtier.Store.collection).parameters.items() if k not in own}
+    assert {k: PARAMS.get(k, "missing") for k in wanted} == wanted
+    plain = kvtier.estimate(100_000, 64, value_dim=64)
+    sums = kvtier.estimate(100_000, 64, value_dim=64, value_sums=True)
+    assert sums.index > plain.index and sums.clusters == plain.clusters
+
+
 def test_estimate_bigger_clusters_need_less_index():
     small = kvtier.estimate(100_000, 64, init_cluster_size=32, max_cluster_size=64)
     big = kvtier.estimate(100_000, 64, init_cluster_size=128, max_cluster_size=256)
