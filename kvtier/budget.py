@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from kvtier import _engine
-from kvtier.config import parse_size
+from kvtier.config import MIN_DRAM_BUDGET, parse_size
 from kvtier.errors import InvalidArgumentError
 from kvtier.params import new_params, positive_int
 
@@ -22,7 +22,9 @@ class Estimate:
     """DRAM a store needs for ``collections`` collections of ``n_entries`` entries each.
 
     ``minimum``: below it an operation raises :class:`kvtier.BudgetError`; at it the engine
-    works with an empty cache and without write buffers. With ``groups`` > 1 the collections
+    works with an empty cache and without write buffers. It is never below the 64 KiB
+    ``kvtier.open`` accepts (``MIN_DRAM_BUDGET``), so ``open(path, dram_budget=e.minimum)``
+    always opens. With ``groups`` > 1 the collections
     are used a group at a time (an LLM's layers, each a group of KV heads) and the engine
     pages idle groups out to the swap file when the budget is short (demand paging,
     ``stats()["swap_pressure_outs"]``), so the minimum holds one group's index, one more
@@ -110,7 +112,7 @@ def estimate(n_entries: int, dim: int, value_dim: int | None = None, dtype="floa
     per_group = ncoll // ngroups
     # paged: one group resident, and while a collection of the next comes in, its image
     # read into a buffer beside the arrays it installs (virtualize.c unpark_now)
-    minimum = (index if ngroups == 1 else e["index"] * (per_group + 2)) + buffers
+    minimum = max((index if ngroups == 1 else e["index"] * (per_group + 2)) + buffers, MIN_DRAM_BUDGET)
     pending = e["pending"] * ncoll
     rec = (e["index_grown"] + e["keys"] + e["pending"] + e["cache"]) * ncoll + buffers
     if wb is None and budget is None:  # the default write buffer is a 32nd of the budget

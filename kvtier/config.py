@@ -144,6 +144,8 @@ def load_profile(path: str | os.PathLike) -> DeviceProfile:
 #: The clustering policies, from the engine's table (kvtier.h KVT_POLICIES): the baselines,
 #: then the method.
 POLICIES = tuple(_engine.POLICIES)
+# the least dram_budget kvtier.open accepts (and so the least minimum kvtier.estimate gives)
+MIN_DRAM_BUDGET = 64 * 1024
 METRICS = ("ip", "l2")
 DTYPES = ("float16", "float32")
 LAYOUTS = ("colocated", "clustered", "token")

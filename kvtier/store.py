@@ -18,7 +18,7 @@ import numpy as np
 
 from kvtier import _engine
 from kvtier.catalog import Catalog, StoreLock
-from kvtier.config import parse_size, resolve_device
+from kvtier.config import MIN_DRAM_BUDGET, parse_size, resolve_device
 from kvtier.errors import BudgetError, CorruptionError, InvalidArgumentError, NotFoundError, StoreClosedError
 from kvtier.params import DEFAULT_POLICY, budget_arg, budget_entries, new_params  # noqa: F401 (DEFAULT_POLICY: kvtier.store.DEFAULT_POLICY)
 from kvtier.params import as_matrix as _as_matrix
@@ -525,8 +525,9 @@ class Store:
         path = os.fspath(path)
         self.on_corrupt = on_corrupt_arg(on_corrupt)
         budget = parse_size(dram_budget, "dram_budget")
-        if budget < 64 * 1024:
-            raise InvalidArgumentError(f"dram_budget: at least 64KiB expected, got {budget} bytes")
+        if budget < MIN_DRAM_BUDGET:
+            raise InvalidArgumentError(
+                f"dram_budget: at least {MIN_DRAM_BUDGET // 1024}KiB expected, got {budget} bytes")
         self.device, dev = resolve_device(device)
         if direct_io not in _DIRECT:
             raise InvalidArgumentError(f"direct_io: True, False or 'auto' expected, got {direct_io!r}")

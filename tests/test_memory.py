@@ -42,6 +42,19 @@ def test_estimate_takes_what_collection_takes():
     assert sums.index > plain.index and sums.clusters == plain.clusters
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_estimated_minimum_of_a_tiny_collection_opens(tmp_path, policy):
+    """A few entries need a few KiB, but kvtier.open takes 64 KiB at least: the minimum
+    estimate() gives is one open() takes, and the collection works at it."""
+    est = kvtier.estimate(3, 8, value_dim=4, policy=policy)
+    assert est.minimum == 64 * 1024 <= est.recommended
+    keys = np.eye(3, 8, dtype=np.float16)
+    with kvtier.open(tmp_path / "s", dram_budget=est.minimum) as s:
+        c = s.collection("c", dim=8, value_dim=4, policy=policy)
+        c.add(keys, np.ones((3, 4), np.float16))
+        assert c.search(keys[0], k=1).ids.tolist() == [0]
+
+
 def test_estimate_bigger_clusters_need_less_index():
     small = kvtier.estimate(100_000, 64, init_cluster_size=32, max_cluster_size=64)
     big = kvtier.estimate(100_000, 64, init_cluster_size=128, max_cluster_size=256)
