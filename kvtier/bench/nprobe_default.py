@@ -9,7 +9,7 @@ the recall at the rule used before (1/16 of the clusters, at least 8) and the re
 
 Data sets:
   ``random10k``  10,000 standard-normal 64-d keys, 1,000 standard-normal queries
-  ``random1m``   1,000,000 of them, 1,000 queries (about 2.5 minutes to build here)
+  ``random1m``   1,000,000 of them, 1,000 queries (about 11 minutes to build here, niced)
   ``real``       W4: post-RoPE keys of SmolLM2 pooled over layers and heads, with the model's
                  own queries (``kvtier.bench.capture.w4_vectors``, from a trace under
                  KVTIER_TRACE_DIR; 200,000 keys, 1,000 queries)
@@ -20,7 +20,6 @@ Data sets:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,7 @@ import time
 import numpy as np
 
 import kvtier
-from kvtier.bench.tables import md_table
+from kvtier.bench.tables import md_table, write_results
 
 DATASETS = ("random10k", "random1m", "real")
 K = 10
@@ -104,6 +103,33 @@ def run_one(name: str, root: str, seed: int, n_queries: int, budget: str) -> dic
             "read_bytes_per_query": st["read_bytes"] / len(queries), "dram_budget": budget}
 
 
+def write(args, command: str, rows: list[dict], final: bool) -> None:
+    """Prints the table (at the end) and, with --out, writes nprobe_default.json and .md."""
+    head = ["data set", "entries", "clusters", "default nprobe", "share read", "recall@10", "old rule nprobe",
+            "old rule recall@10", "ms/query", "KiB read/query", "choice took s"]
+    table = md_table(head, [[r["dataset"], f"{r['entries']:,}", f"{r['clusters']:,}", r["default_nprobe"],
+                             f"{r['share_probed']:.1%}", f"{r['recall_at_default']:.3f}", r["old_rule_nprobe"],
+                             f"{r['recall_at_old_rule']:.3f}", f"{r['search_ms_per_query']:.2f}",
+                             f"{r['read_bytes_per_query'] / 1024:.0f}", f"{r['tune_seconds']:.1f}"] for r in rows],
+                     "lrrrrrrrrrr")
+    md = (f"{table}\n\n"
+          + "\n".join(f"- {r['dataset']}: {r['what']}; {r['queries']} queries; built in {r['build_seconds']:.0f} s"
+                      for r in rows) + "\n\n"
+          "The default nprobe is measured on the collection (`Collection.tune_nprobe`: the fewest clusters "
+          "with which 64 sample queries drawn from a Gaussian fitted to the stored keys find 95% of their "
+          "true top-10) and kept; the recall column is on the data set's own queries. The old rule probed "
+          "1/16 of the clusters, at least 8.\n")
+    if final:
+        print(md)
+    if args.out:
+        meta = {"command": command, "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__,
+                             "python": platform.python_version()},
+                "params": vars(args), "complete": final, "results": rows}
+        write_results(args.out, "nprobe_default", meta, "Recall@10 at search's default nprobe", command, md,
+                      default=lambda o: o.item() if hasattr(o, "item") else str(o))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvtier.bench.nprobe_default", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -117,8 +143,9 @@ def main(argv=None) -> int:
     bad = [d for d in names if d not in DATASETS]
     if bad:
         ap.error(f"--datasets: unknown {bad}; choose from {DATASETS}")
+    command = "python -m kvtier.bench.nprobe_default " + " ".join(argv if argv is not None else sys.argv[1:])
     root = tempfile.mkdtemp(prefix="kvt-nprobe-")
-    rows = []
+    rows: list[dict] = []
     try:
         for name in names:
             print(f"{name} ...", flush=True)
@@ -127,33 +154,10 @@ def main(argv=None) -> int:
             print(f"  recall@10 {r['recall_at_default']:.3f} at the default nprobe {r['default_nprobe']} of "
                   f"{r['clusters']} clusters (old rule {r['old_rule_nprobe']}: {r['recall_at_old_rule']:.3f})",
                   flush=True)
+            # the rows so far, after each data set: a killed run keeps what it finished
+            write(args, command.strip(), rows, final=len(rows) == len(names))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    command = "python -m kvtier.bench.nprobe_default " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = ["data set", "entries", "clusters", "default nprobe", "share read", "recall@10", "old rule nprobe",
-            "old rule recall@10", "ms/query", "KiB read/query", "choice took s"]
-    table = md_table(head, [[r["dataset"], f"{r['entries']:,}", f"{r['clusters']:,}", r["default_nprobe"],
-                             f"{r['share_probed']:.1%}", f"{r['recall_at_default']:.3f}", r["old_rule_nprobe"],
-                             f"{r['recall_at_old_rule']:.3f}", f"{r['search_ms_per_query']:.2f}",
-                             f"{r['read_bytes_per_query'] / 1024:.0f}", f"{r['tune_seconds']:.1f}"] for r in rows],
-                     "lrrrrrrrrrr")
-    md = (f"# Recall@10 at search's default nprobe\n\n`{command.strip()}`\n\n{table}\n\n"
-          + "\n".join(f"- {r['dataset']}: {r['what']}; {r['queries']} queries" for r in rows) + "\n\n"
-          "The default nprobe is measured on the collection (`Collection.tune_nprobe`: the fewest clusters "
-          "with which 64 sample queries drawn from a Gaussian fitted to the stored keys find 95% of their "
-          "true top-10) and kept; the recall column is on the data set's own queries. The old rule probed "
-          "1/16 of the clusters, at least 8.\n")
-    print(md)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        meta = {"command": command.strip(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                "versions": {"kvtier": kvtier.__version__, "numpy": np.__version__,
-                             "python": platform.python_version()},
-                "params": vars(args), "results": rows}
-        with open(os.path.join(args.out, "nprobe_default.json"), "w") as f:
-            json.dump(meta, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
-        with open(os.path.join(args.out, "nprobe_default.md"), "w") as f:
-            f.write(md)
     return 0
 
 
