@@ -27,6 +27,8 @@ CALLS = [
     "retrieve_estimate", "prefetch", "get_none", "get_all", "get_past_end", "stats", "cluster_sizes",
     "value_sums", "verify_coll", "park_unpark", "retrieve_many", "store_prefetch", "flush_reopen",
     "store_stats", "step", "reset_io_stats", "kvtier_verify", "inspect", "skip_reads",
+    "retrieve_many_skip", "tune_nprobe", "retrieve_estimate_m", "park_drop_cache", "tight_budget",
+    "estimate", "cli_verify", "cli_inspect", "cli_estimate", "collections",
 ]
 
 
@@ -177,6 +179,56 @@ def worker(cases: list[dict], root: str) -> None:
                 hits_ok(c.search(q, k=4, on_corrupt="skip"), 4)
                 e = c.get(np.arange(n), on_corrupt="skip")
                 assert e.unreadable.size == 0 and len(e.ids) == n
+            elif call == "retrieve_many_skip":
+                c2 = s.collection("d", **kw)
+                m = s.retrieve_many([(c, q, 2), (c2, q, 5)], on_corrupt="skip")
+                assert int(m.counts[0]) == min(2, n) and int(m.counts[1]) == 0
+                assert all(u.size == 0 for u in m.unreadable)
+            elif call == "tune_nprobe":
+                t = c.tune_nprobe(q, k=3)
+                assert 1 <= t["nprobe"] <= max(1, c.stats()["clusters"]) and t["entries"] == n
+                assert c.default_nprobe() >= 1
+                return hits_ok(c.search(q, k=3), 3)
+            elif call == "retrieve_estimate_m":  # the next cluster only, with variances
+                g = c.retrieve(q, budget=1, estimate=1, variance=True)
+                got_ok(g, 1)
+                assert g.est_lse.shape == (2,) and not np.isnan(g.est_lse).any()
+            elif call == "park_drop_cache":
+                s.park([c], keep_cache=False)
+                assert c.parked or n == 0 or policy == "none"
+                hits_ok(c.search(q, k=4), 4)  # a parked collection comes back on its own
+                s.park([c])
+                s.unpark([c], wait=False)
+                got_ok(c.retrieve(q, budget=3), 3)
+            elif call == "tight_budget":  # reopened at the least budget that opens it
+                s.close()
+                e = kvtier.estimate(max(n, 1), 8, 4, policy=policy, init_cluster_size=2, max_cluster_size=4,
+                                    local_window=4, local_cluster_size=2, value_sums=True)
+                s = kvtier.open(path, dram_budget=e.minimum)
+                c = s.collection("c")
+                hits_ok(c.search(q, k=4), 4)
+                got_ok(c.retrieve(q, budget=1.0), n)
+                k, v = c.get(np.arange(n))
+                assert np.array_equal(k, keys[:n]) and np.array_equal(v, vals[:n])
+            elif call == "estimate":
+                e = kvtier.estimate(n, 8, 4, policy=policy, collections=2)
+                assert 0 < e.minimum <= e.recommended
+            elif call in ("cli_verify", "cli_inspect", "cli_estimate"):
+                import contextlib
+                import io
+
+                from kvtier.cli import main
+
+                s.close()
+                out = io.StringIO()
+                argv = {"cli_verify": ["verify", path], "cli_inspect": ["inspect", path],
+                        "cli_estimate": ["estimate", str(n), "--dim", "8", "--policy", policy]}[call]
+                with contextlib.redirect_stdout(out):
+                    rc = main(argv)
+                assert rc == 0, (rc, out.getvalue()[-500:])
+                assert call != "cli_verify" or "intact" in out.getvalue()
+            elif call == "collections":
+                assert s.collections() == ["c"] and "c" in repr(s)
             else:
                 return f"WRONG: unknown call {call}"
             return "ok"
