@@ -103,7 +103,7 @@ def main(argv=None):
         ("DRAM peak: kvtier (adapter + engine, bound)", f"{st['dram_peak_bytes'] / mib:.1f} MiB"),
         ("DRAM: full cache at this length", f"{st['full_cache_bytes'] / mib:.1f} MiB ({model.dtype})"),
         ("tokens in the store / in DRAM", f"{st['stored_tokens']} / {st['resident_tokens']} per layer and KV head"),
-        ("entries fetched per retrieve", f"{st['fetched_per_step']:.1f}"),
+        ("entries fetched per retrieve", f"{st['fetched_per_retrieve']:.1f}"),
         ("clusters per collection / mean size", f"{health['clusters']:.1f} / {health['mean_cluster_size']:.1f}"),
         ("reads per step / entries per read", f"{st['read_ops'] / max(st['decode_steps'], 1):.1f} / "
          f"{st['mean_read_entries']:.1f}"),

@@ -270,7 +270,7 @@ def run_demo(model, prompt, *, new_tokens: int = 256, budget=0.1, policy: str | 
         "full_tokens_per_s": full_tps, "full_prefill_seconds": full_prefill_s,
         "top1_agreement": float(agree.mean()),
         "top1_agreement_second_half": float(agree[len(agree) // 2:].mean()),
-        "stored_tokens": st["stored_tokens"], "fetched_per_step": st["fetched_per_step"],
+        "stored_tokens": st["stored_tokens"], "fetched_per_step": st["fetched_per_retrieve"],
         "reads_per_step": st["read_ops"] / steps, "entries_per_read": st["mean_read_entries"],
         "read_kib_per_step": st["read_bytes"] / steps / 1024,
         "modeled_io_ms_per_step": 1e3 * st["modeled_io_seconds"] / steps,

@@ -120,3 +120,36 @@ def budget_entries(budget: int | float, n: int) -> int:
     adapters (sinks and window included), as the paper states its fetch budget."""
     # a count past any collection (2**70) means "all of it": capped where the engine's 64 bits hold it
     return min(budget, 1 << 62) if isinstance(budget, int) else math.ceil(budget * n)
+
+
+def flag(name: str, v: Any) -> bool:
+    """True or False (numpy's bool too)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{name}: True or False expected, got {v!r}")
+    return bool(v)
+
+
+def one_of(name: str, v: Any, choices: tuple) -> Any:
+    """``v`` when it is one of ``choices``."""
+    if v not in choices:
+        raise InvalidArgumentError(f"{name}: one of {choices} expected, got {v!r}")
+    return v
+
+
+def options(name: str, v: Any) -> dict:
+    """A copy of a dict of keyword arguments; None is an empty one."""
+    if v is not None and not isinstance(v, dict):
+        raise InvalidArgumentError(f"{name}: a dict expected, got {type(v).__name__}")
+    return dict(v or {})
+
+
+def estimate_clusters(v: Any, default: int) -> int | bool | None:
+    """The adapters' ``estimate``: False (off), True (``default`` clusters), "all" (None: every
+    cluster not fetched) or a cluster count >= 0, as the clusters estimated per retrieve."""
+    if isinstance(v, (bool, np.bool_)):
+        return default if v else False
+    if isinstance(v, str) and v == "all":
+        return None
+    if isinstance(v, (int, np.integer)) and v >= 0:
+        return int(v)
+    raise InvalidArgumentError(f"estimate: True, False, 'all' or a cluster count >= 0 expected, got {v!r}")

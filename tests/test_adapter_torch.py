@@ -77,7 +77,11 @@ def test_full_budget_equals_full_attention(model, tokens, sinks, window):
     assert "\n  store " not in str(st) and "adapter:" in str(st)  # the store's stats once, grouped
     assert st["retrieves"] == 90 * 2 * 2  # steps x layers x KV heads (none at the prefill)
     # everything outside sinks + window was fetched at every step: 60 - s - w, ..., 149 - s - w
-    assert st["fetched_per_step"] == pytest.approx(np.mean(np.arange(60, 150)) - sinks - window)
+    assert st["fetched_per_retrieve"] == pytest.approx(np.mean(np.arange(60, 150)) - sinks - window)
+    # the old names stay for one release, equal to the new ones and out of the grouped views
+    assert st["fetched_per_step"] == st["fetched_per_retrieve"] and st["fetched_entries"] > 0
+    assert st["estimated_per_step"] == st["estimated_per_retrieve"] == 0
+    assert "fetched_per_step" not in str(st) and "fetched_per_step" not in st.adapter
 
 
 def test_full_budget_with_chunks_and_int_budget(model, tokens):
@@ -189,7 +193,7 @@ def test_generate_sparse_budget(model, tokens):
         out = model.generate(prompt, cache=cache, max_new_tokens=30, do_sample=False)
         st = cache.stats()
     assert out.shape == (1, 130)
-    assert 0 < st["fetched_per_step"] <= 16
+    assert 0 < st["fetched_per_retrieve"] <= 16
     assert st["policy"] == "static"
 
 
@@ -200,7 +204,7 @@ def test_budget_fraction_is_respected(model, tokens):
         st = cache.stats()
     # one retrieve per layer x KV head x step, each under ceil(0.1 * context) entries
     assert st["retrieves"] == 50 * 2 * 2
-    assert 0 < st["fetched_per_step"] <= np.ceil(0.1 * 150)
+    assert 0 < st["fetched_per_retrieve"] <= np.ceil(0.1 * 150)
 
 
 def test_sink_window_only_never_reads(model, tokens):
@@ -212,7 +216,7 @@ def test_sink_window_only_never_reads(model, tokens):
     assert torch.isfinite(logits).all()
     # attention fetches nothing; the store may still read for its own upkeep (an adaptive
     # collection force-loads a cluster to split it when its pending budget overflows)
-    assert st["retrieves"] == 0 and st["fetched_per_step"] == 0.0
+    assert st["retrieves"] == 0 and st["fetched_per_retrieve"] == 0.0
     assert st["prefetch_calls"] == 0 and st["prefetch_issued"] == 0
     assert st["stored_tokens"] == 120 - 12
 
@@ -224,7 +228,7 @@ def test_stats_are_sane(model, tokens):
         run(model, cache, tokens[:, :160], prefill=100)
         st = cache.stats()
     layers, kv, d = 2, 2, 16
-    for key in ("tokens_seen", "fetched_per_step", "dram_bytes", "read_ops", "read_bytes",
+    for key in ("tokens_seen", "fetched_per_retrieve", "dram_bytes", "read_ops", "read_bytes",
                 "mean_read_entries", "modeled_io_seconds", "dram_peak_bytes", "full_cache_bytes"):
         assert key in st, key
     assert st["tokens_seen"] == 160 and st["decode_steps"] == 60 and st["forwards"] == 61

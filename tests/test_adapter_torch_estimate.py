@@ -29,7 +29,7 @@ def test_full_budget_with_estimate_equals_full_attention(model, tokens, estimate
         got = run(model, cache, tokens, prefill=60, chunks=(9,))
         st = cache.stats()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert st["estimated_per_step"] == 0 and st["retrieves"] > 0
+    assert st["estimated_per_retrieve"] == 0 and st["retrieves"] > 0
 
 
 def estimate_errors(model, tokens, policy=None):
@@ -43,7 +43,7 @@ def estimate_errors(model, tokens, policy=None):
             got = run(model, cache, tokens, prefill=60, chunks=(5,))
             st = cache.stats()
         err[est] = float((got[60:] - ref[60:]).pow(2).mean())
-        assert (st["estimated_per_step"] > 0) == (est == "all")
+        assert (st["estimated_per_retrieve"] > 0) == (est == "all")
     return err
 
 

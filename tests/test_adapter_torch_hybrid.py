@@ -84,7 +84,7 @@ def test_sparse_budget_differs_from_full_and_respects_budget(model, tokens):
         got = run(model, cache, tokens, prefill=60)
         st = cache.stats()
     assert not torch.allclose(got[60:], ref[60:], atol=1e-3)
-    assert 0 < st["fetched_per_step"] <= 0.1 * 150 + 1
+    assert 0 < st["fetched_per_retrieve"] <= 0.1 * 150 + 1
 
 
 def test_stats_count_both_kinds_of_layer(model, tokens):
@@ -211,7 +211,7 @@ def test_estimate_on_a_hybrid_model(model, tokens):
         assert all(c.params["value_sums"] for i in cache.tiered for c in cache.layers[i].colls)
         st = cache.stats()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert st["estimated_per_step"] == 0 and st["sliding_layers"] == 3
+    assert st["estimated_per_retrieve"] == 0 and st["sliding_layers"] == 3
     err = estimate_errors(model, tokens)
     assert err["all"] < 0.5 * err[False], err
 

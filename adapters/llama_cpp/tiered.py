@@ -107,9 +107,7 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 import time
 import weakref
 from typing import Any, Optional, Sequence, Union
@@ -121,9 +119,9 @@ from llama_cpp import _internals as internals
 from threadpoolctl import ThreadpoolController
 
 import kvtier
+from kvtier.adapters import _core
 from kvtier.errors import InvalidArgumentError
 from kvtier.params import budget_arg, budget_entries, positive_int
-from kvtier.stats import Stats
 
 from ._graph import GraphHook
 from ._kvbuf import KVBufferError, KVBuffers
@@ -314,7 +312,7 @@ class TieredLlama(Llama):
                  session: str = "default", collection_kwargs: Optional[dict] = None, compress_level: int = 1,
                  **llama_kwargs):
         self._store = None
-        self._owns_store = None          # "temp", "path" or None (caller's Store)
+        self._owner: Optional[_core.StoreOwner] = None   # what close() closes or removes
         self._contexts: list = []
         self._budget = budget_arg(budget)
         self._dram = positive_int("dram_tokens", dram_tokens, 2, 1 << 24)
@@ -482,26 +480,16 @@ class TieredLlama(Llama):
         hook.reset(ring)            # the probe token's queries are not the conversation's
 
     def _open_store(self, store, dram_budget, device, direct_io, cache_policy):
-        opts = dict(dram_budget=dram_budget, device=device, direct_io=direct_io, cache_policy=cache_policy)
-        if store is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="kvtier-llama-")
-            self._store = kvtier.open(self._tmpdir, **opts)
-            self._owns_store = "temp"
-        elif isinstance(store, kvtier.Store):
-            self._store = store
-        elif isinstance(store, (str, os.PathLike)):
-            self._store = kvtier.open(store, **opts)
-            self._owns_store = "path"
-        else:
-            raise InvalidArgumentError(f"store: None, a path or a kvtier.Store expected, got {store!r}")
+        self._owner = _core.StoreOwner(store, prefix="kvtier-llama-", dram_budget=dram_budget, device=device,
+                                       direct_io=direct_io, cache_policy=cache_policy)
+        self._store = self._owner.store
 
     def _reset_counters(self):
-        self._t = {"decode": 0.0, "retrieve": 0.0, "sync": 0.0, "dense_prefill": 0.0, "load": 0.0,
-                   "session_save": 0.0, "session_load": 0.0}
-        self._c = {"decode_steps": 0, "prefill_chunks": 0, "retrievals": 0, "retrieves": 0,
-                   "fetched_entries": 0, "slot_writes": 0, "visible_slots": 0, "syncs": 0,
-                   "dense_prefills": 0, "rebuilds": 0, "compactions": 0, "session_saves": 0,
-                   "session_loads": 0}
+        self._counters = _core.Counters(
+            ("decode_steps", "prefill_chunks", "retrievals", "slot_writes", "visible_slots", "syncs",
+             "dense_prefills", "rebuilds", "compactions", "session_saves", "session_loads"),
+            ("decode", "retrieve", "sync", "dense_prefill", "load", "session_save", "session_load"))
+        self._c, self._t = self._counters.c, self._counters.t
         self._peak = {"prefill_cells": 0, "prefill_allocated": 0, "decode_cells": 0, "decode_allocated": 0}
         self._n_peak = 0
 
@@ -550,13 +538,12 @@ class TieredLlama(Llama):
 
     def _set_colls(self, colls: list) -> None:
         self._colls = colls
-        self._handles = [[c._h for c in row] for row in colls]     # for _retrieve_layer
 
     def _collections(self, session: str, gen: int) -> list:
         d = self._layout.head_dim
-        return [[self._store.collection(f"{session}.g{gen}.L{layer}.H{h}", dim=d, value_dim=d, dtype="float16",
-                                        metric="ip", policy=self._policy, **self._coll_kwargs)
-                 for h in range(self._n_head_kv)] for layer in range(self._n_layer)]
+        return _core.open_grid(self._store, f"{session}.g{gen}.L{{layer}}.H{{head}}", self._tiered_layers,
+                               self._n_head_kv, dim=d, value_dim=d, dtype="float16", metric="ip",
+                               policy=self._policy, **self._coll_kwargs)
 
     # -- llama.cpp state helpers ------------------------------------------------------------
     def _seq_blob(self, seq: int) -> np.ndarray:
@@ -604,12 +591,8 @@ class TieredLlama(Llama):
         if not len(pos):
             return
         first = self._ids.n
-        for layer, row in enumerate(self._colls):
-            for h, coll in enumerate(row):
-                ids = coll.add(k[layer, :, h], v[layer, :, h])
-                if ids[0] != first:
-                    raise RuntimeError(f"internal: collection {coll.name} is out of step "
-                                       f"(id {ids[0]}, expected {first})")
+        for layer, row in enumerate(self._colls):    # k, v [L, m, H, D]: a layer's heads first
+            _core.add_layer(row, zip(k[layer].swapaxes(0, 1), v[layer].swapaxes(0, 1), strict=True), first)
         self._ids.append(pos)
 
     # -- eval -------------------------------------------------------------------------------
@@ -811,27 +794,13 @@ class TieredLlama(Llama):
         engine is called directly: the arguments are the adapter's own (the collections, float32
         queries of one shape, one budget), and the public call's checks cost more than the
         engine's work at a few hundred entries per head."""
-        out = self._rout.get(layer)
-        H = self._n_head_kv
-        store = self._store
-        if out is None or out.ids.shape[1] < want:
-            cap = want + want // 4 + 64           # the budget grows with the context: room ahead
-            d = self._layout.head_dim
-            out = kvtier.RetrievedMany(np.empty((H, cap), np.int64), np.empty((H, cap, d), np.float16),
-                                       np.empty((H, cap, d), np.float16), np.empty((H, cap), np.int32),
-                                       np.empty(H, np.uint64))
-            self._rout[layer] = out
-        budgets = np.full(H, want, np.uint64)
-        with store._gate:
-            if self._prefetch:
-                # every head's reads queued on the loader threads first, with the same queries
-                # and budget (so they are exactly what each retrieve reads): the heads' reads are
-                # in flight together, and each retrieve waits only for what is still loading
-                for h, handle in enumerate(self._handles[layer]):
-                    handle.prefetch(qh[h], want)
-            store._engine.retrieve_batch(self._handles[layer], qh, budgets, out.ids, out.keys, out.values,
-                                         out.clusters, out.counts)
-        return out
+        d = self._layout.head_dim
+        out = self._rout[layer] = _core.layer_buffers(self._rout.get(layer), self._n_head_kv, want, d, d, np.float16)
+        # with prefetch, every head's reads are queued on the loader threads first, with the same
+        # queries and budget (exactly what each retrieve reads): the heads' reads are in flight
+        # together, and each retrieve waits only for what is still loading
+        return _core.retrieve_layer(self._store, self._colls[layer], qh, want, out, checked=False,
+                                    read_ahead=self._prefetch)
 
     def _retrieve_more(self, layer: int, qh: np.ndarray, want: int, b: int, n_ok: np.ndarray) -> None:
         """Heads whose fetched clusters held fewer than b eligible entries ask again, alone, with
@@ -940,16 +909,13 @@ class TieredLlama(Llama):
         a, hi = self._synced, max(self._S, total - self._W)
         cells = self._cell_of[a:hi]
         first = self._ids.n
-        d = self._layout.head_dim
+        d, vt = self._layout.head_dim, self._layout.v_trans
         for layer, row in enumerate(self._colls if hi > a else ()):
             kl, vl = self._kv.k[layer], self._kv.v[layer]
-            for h, coll in enumerate(row):
-                k = kl[cells, h * d:(h + 1) * d]
-                v = vl[h * d:(h + 1) * d, cells].T if self._layout.v_trans else vl[cells, h * d:(h + 1) * d]
-                ids = coll.add(k, v)
-                if ids[0] != first:
-                    raise RuntimeError(f"internal: collection {coll.name} is out of step "
-                                       f"(id {ids[0]}, expected {first})")
+            # one head's copy at a time (a generator)
+            _core.add_layer(row, ((kl[cells, h * d:(h + 1) * d],
+                                   vl[h * d:(h + 1) * d, cells].T if vt else vl[cells, h * d:(h + 1) * d])
+                                  for h in range(len(row))), first)
         self._ids.append(np.arange(a, hi, dtype=np.int64))
         self._synced = hi
         self._c["dense_prefills"] += 1
@@ -1302,7 +1268,7 @@ class TieredLlama(Llama):
             "mean_slots": self._c["visible_slots"] / r,
             "stored_entries": self._ids.n,
             "dead_entries": self._ids.dead,
-            "fetched_per_retrieve": self._c["fetched_entries"] / max(self._c["retrieves"], 1),
+            "fetched_per_retrieve": self._counters.per_retrieve(),
             "slot_writes_per_retrieval": self._c["slot_writes"] / r,
             **self._c,
             "seconds": dict(self._t),
@@ -1310,11 +1276,10 @@ class TieredLlama(Llama):
         }
         # the store's figures, grouped beside the adapter's (engine, cache, io); "store" keeps them
         # as one dict for older scripts
-        return Stats({**own, **{k: v for k, v in st.items() if k not in own}, "store": st},
-                     adapter_keys=own, hidden=("store",))
+        return _core.adapter_stats(own, st)
 
     def close(self) -> None:
-        store, owns = getattr(self, "_store", None), getattr(self, "_owns_store", None)
+        owner = getattr(self, "_owner", None)
         try:
             self._kv = None
             for c in getattr(self, "_contexts", ()):
@@ -1322,8 +1287,5 @@ class TieredLlama(Llama):
             if hasattr(self, "_stack"):
                 super().close()
         finally:
-            if store is not None and owns and not store.closed:
-                store.close()
-            if owns == "temp":
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._owns_store = None
+            if owner is not None:
+                owner.close()

@@ -43,8 +43,6 @@ How it binds (why it looks the way it does):
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -59,11 +57,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvtier
+from kvtier.adapters import _core
 from kvtier.adapters.torch import estimate as _estimate
 from kvtier.config import DTYPES
 from kvtier.errors import InvalidArgumentError
-from kvtier.params import DEFAULT_POLICY, budget_arg, budget_entries, positive_int
-from kvtier.stats import Stats
+from kvtier.params import (
+    DEFAULT_POLICY,
+    budget_arg,
+    budget_entries,
+    estimate_clusters,
+    flag,
+    one_of,
+    options,
+    positive_int,
+)
 
 #: transformers versions this adapter is written against: [5.0, 6). It relies on 5.x's
 #: ``CacheLayerMixin`` layers, ``get_layer_types_and_kwargs`` and the mask interface.
@@ -309,16 +316,6 @@ def _tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _release(store, tmpdir, model_ref) -> None:
-    """Closes the store, removes a temporary one, unbinds the model (close() or garbage)."""
-    try:
-        store.close()
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        _unbind(model_ref)
-
-
 class TieredCache(Cache):
     """A transformers ``Cache`` keeping sinks and a recent window in DRAM and everything
     older in a kvtier store, from which each step fetches only the relevant clusters.
@@ -374,84 +371,56 @@ class TieredCache(Cache):
                  direct_io: Union[bool, str] = "auto"):
         geo = check_model(model)
         # the estimated zone (adapters/torch/estimate.py): False off, else the clusters per retrieve
-        if isinstance(estimate, (bool, np.bool_)):
-            self.estimate = DEFAULT_ESTIMATE if estimate else False
-        elif estimate == "all":
-            self.estimate = None
-        elif isinstance(estimate, (int, np.integer)) and estimate >= 0:
-            self.estimate = int(estimate)
-        else:
-            raise InvalidArgumentError(f"estimate: True, False, 'all' or a cluster count >= 0 expected, got {estimate!r}")
-        if not isinstance(estimate_variance, (bool, np.bool_)):
-            raise InvalidArgumentError(f"estimate_variance: True or False expected, got {estimate_variance!r}")
-        self.estimate_variance = bool(estimate_variance)
-        if not isinstance(prefetch, (bool, np.bool_)):
-            raise InvalidArgumentError(f"prefetch: True or False expected, got {prefetch!r}")
-        if not isinstance(virtualize, (bool, np.bool_)):
-            raise InvalidArgumentError(f"virtualize: True or False expected, got {virtualize!r}")
-        self.virtualize = bool(virtualize)
+        self.estimate = estimate_clusters(estimate, DEFAULT_ESTIMATE)
+        self.estimate_variance = flag("estimate_variance", estimate_variance)
         # not ``self.prefetch``: that is transformers' Cache.prefetch (offloading), kept intact
-        self.prefetching = bool(prefetch)
+        self.prefetching = flag("prefetch", prefetch)
+        self.virtualize = flag("virtualize", virtualize)
         self.budget = budget_arg(budget)
         self.sinks = positive_int("sinks", sinks, 0, 1 << 20)
         self.window = positive_int("window", window, 0, 1 << 20)
-        if store_dtype not in DTYPES:
-            raise InvalidArgumentError(f"store_dtype: one of {DTYPES} expected, got {store_dtype!r}")
-        if collection_options is not None and not isinstance(collection_options, dict):
-            raise InvalidArgumentError(f"collection_options: a dict expected, got {type(collection_options).__name__}")
+        self._store_dtype = one_of("store_dtype", store_dtype, DTYPES)
+        self._collection_options = options("collection_options", collection_options)
         self.n_layers, self.n_kv, self.head_dim = geo["layers"], geo["kv_heads"], geo["head_dim"]
-        self._store_dtype, self._dram_budget = store_dtype, dram_budget
-        self._collection_options = dict(collection_options or {})
+        self._dram_budget = dram_budget
         self.group = geo["q_heads"] // geo["kv_heads"]
 
-        self._tmpdir = None
-        if path is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="kvtier-cache-")
-            path = self._tmpdir
-        try:
-            open_kw = {} if dram_budget is None else {"dram_budget": dram_budget}
-            if write_buffer is not None:
-                open_kw["write_buffer"] = write_buffer
-            self.store = kvtier.open(path, device=device, direct_io=direct_io, **open_kw)
-        except BaseException:
-            if self._tmpdir:
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
-            raise
+        open_kw = {} if dram_budget is None else {"dram_budget": dram_budget}
+        if write_buffer is not None:
+            open_kw["write_buffer"] = write_buffer
+        owner = _core.StoreOwner(path, prefix="kvtier-cache-", arg="path", device=device, direct_io=direct_io,
+                                 **open_kw)
+        self.store = owner.store
         try:
             if self.store.collections():
                 raise InvalidArgumentError(
                     f"path: the store at {path!r} already holds collections; TieredCache needs a new or empty store")
-            opts = dict(collection_options or {})
-            layers = []
-            for l, w in enumerate(geo["sliding_windows"]):
-                if w is not None:  # a sliding-window layer keeps its window in DRAM, as the model defines it
-                    layers.append(DynamicSlidingWindowLayer(sliding_window=w))
-                    continue
-                # value sums (the estimate's summaries) only when the estimate is on
-                colls = [self.store.collection(f"L{l}.H{h}", dim=self.head_dim, value_dim=self.head_dim,
-                                               dtype=store_dtype, metric="ip", policy=policy,
-                                               value_sums=self.estimate is not False, **opts)
-                         for h in range(self.n_kv)]
-                layers.append(_TieredLayer(colls))
             #: indices of the layers tiered into the store (full attention); the others slide
             self.tiered = [l for l, w in enumerate(geo["sliding_windows"]) if w is None]
+            # value sums (the estimate's summaries) only when the estimate is on
+            grid = iter(_core.open_grid(self.store, "L{layer}.H{head}", self.tiered, self.n_kv, dim=self.head_dim,
+                                        value_dim=self.head_dim, dtype=store_dtype, metric="ip", policy=policy,
+                                        value_sums=self.estimate is not False, **self._collection_options))
+            # a sliding-window layer keeps its window in DRAM, as the model defines it
+            layers = [_TieredLayer(next(grid)) if w is None else DynamicSlidingWindowLayer(sliding_window=w)
+                      for w in geo["sliding_windows"]]
             self.policy = layers[self.tiered[0]].colls[0].policy
             _bind(model)
         except BaseException:
-            _release(self.store, self._tmpdir, lambda: None)
+            owner.close()
             raise
         super().__init__(layers=layers)
         self._model_ref = weakref.ref(model)
-        self._finalizer = weakref.finalize(self, _release, self.store, self._tmpdir, self._model_ref)
+        owner.on_close(_unbind, self._model_ref)
+        self._finalizer = owner.finalize(self)
         self._pending: Optional[int] = None
         self._broken: Optional[str] = None
         self._seen = [0] * self.n_layers  # tokens each layer has been given
         self._resident = 0  # adapter tensors: tiered layers' sinks and windows, sliding layers' windows
         self._peak = 0
-        self._counts = {"decode_steps": 0, "forwards": 0, "retrieves": 0, "fetched": 0, "adds": 0,
-                        "overlap": 0, "overlap_of": 0, "prefetches": 0, "prefetched": 0,
-                        "estimated": 0}
-        self._seconds = {"retrieve": 0.0, "add": 0.0, "prefetch": 0.0}
+        self._counters = _core.Counters(("decode_steps", "forwards", "adds", "overlap", "overlap_of", "prefetches",
+                                         "prefetched", "estimated"), ("retrieve", "add", "prefetch"))
+        self._counts, self._seconds = self._counters.c, self._counters.t
 
     # -- context manager / lifetime --------------------------------------------------------
     def __enter__(self) -> "TieredCache":
@@ -651,7 +620,7 @@ class TieredCache(Cache):
         if layer.prev_query is None or not layer.stored or not n_budget:
             return
         t0 = time.perf_counter()
-        queued = self.store.prefetch([(coll, layer.prev_query[h], n_budget) for h, coll in enumerate(layer.colls)])
+        queued = _core.prefetch_layer(self.store, layer.colls, layer.prev_query, n_budget)
         self._seconds["prefetch"] += time.perf_counter() - t0
         self._counts["prefetches"] += len(layer.colls)
         self._counts["prefetched"] += queued
@@ -665,21 +634,15 @@ class TieredCache(Cache):
         with ``estimate``, else None)."""
         qn = np.ascontiguousarray(qg.detach().to(torch.float32).cpu().numpy())
         layer.prev_query = qn  # the next step's prefetch for this layer (a fresh array each call)
-        out = layer.fetch_out
-        if out is None or out.ids.shape[1] < n_budget:
-            # zeros, not empty: the rows past a head's count are masked in attention, and a
-            # masked row must hold finite numbers (a NaN key or value would leak through SDPA)
-            # headroom: the budget grows with the context, reallocate every quarter, not every step
-            cap, c0 = n_budget + n_budget // 4 + 64, layer.colls[0]
-            out = layer.fetch_out = kvtier.RetrievedMany(
-                np.full((len(layer.colls), cap), -1, np.int64), np.zeros((len(layer.colls), cap, c0.dim), c0.dtype),
-                np.zeros((len(layer.colls), cap, c0.value_dim), c0.dtype), np.full((len(layer.colls), cap), -1, np.int32),
-                np.zeros(len(layer.colls), np.uint64))
+        # the rows past a head's count are masked in attention: layer_buffers' zeros keep them
+        # finite (a NaN key or value would leak through SDPA)
+        c0 = layer.colls[0]
+        out = layer.fetch_out = _core.layer_buffers(layer.fetch_out, len(layer.colls), n_budget, c0.dim,
+                                                    c0.value_dim, c0.dtype)
         t0 = time.perf_counter()
         got = None
         if self.estimate is False:
-            out = layer.fetch_out = self.store.retrieve_many(
-                [(coll, qn[h], n_budget) for h, coll in enumerate(layer.colls)], out=out)
+            out = layer.fetch_out = _core.retrieve_layer(self.store, layer.colls, qn, n_budget, out)
         else:
             got = [coll.retrieve(qn[h], budget=n_budget, estimate=self.estimate, scale=scaling,
                                  variance=self.estimate_variance)
@@ -694,7 +657,7 @@ class TieredCache(Cache):
         c["retrieves"] += len(layer.colls)
         counts = out.counts.astype(np.int64)
         for h, m in enumerate(counts.tolist()):
-            c["fetched"] += m
+            c["fetched_entries"] += m
             cl = out.clusters[h, :m]
             prev = layer.prev_clusters[h]
             if prev is not None and m:  # entries in clusters this head fetched last time
@@ -727,8 +690,7 @@ class TieredCache(Cache):
             # clone: a slice would keep the whole prompt's tensor alive after a prefill
             win_k, win_v = win_k[:, over:].clone(), win_v[:, over:].clone()
             t0 = time.perf_counter()
-            for h, coll in enumerate(layer.colls):
-                coll.add(out_k[h], out_v[h])
+            _core.add_layer(layer.colls, zip(out_k, out_v, strict=True))
             self._seconds["add"] += time.perf_counter() - t0
             layer.stored += over
             self._counts["adds"] += len(layer.colls)
@@ -823,9 +785,9 @@ class TieredCache(Cache):
         ``tokens_seen``; ``tiered_layers`` / ``sliding_layers`` (a hybrid model's full
         attention layers are tiered, its sliding-window layers keep their window in DRAM);
         ``stored_tokens`` / ``resident_tokens`` per tiered (layer, KV head) in the store and in
-        DRAM; ``sliding_dram_bytes`` the sliding layers' windows; ``decode_steps`` forwards of one token; ``retrieves`` calls and
-        ``fetched_per_step`` mean entries fetched per retrieve (one retrieve per layer, KV
-        head and step); ``add_calls`` (one per layer and KV head whenever tokens leave the
+        DRAM; ``sliding_dram_bytes`` the sliding layers' windows; ``decode_steps`` forwards of one token; ``retrieves`` calls (one per layer, KV
+        head and step), ``fetched_entries`` the entries they returned and ``fetched_per_retrieve``
+        their mean (``fetched_per_step``: its old name, kept for one release); ``add_calls`` (one per layer and KV head whenever tokens leave the
         window); ``prefetchable_share`` of the fetched entries, those in clusters the
         same layer and head fetched at its previous retrieve (what prefetching the previous
         step's clusters could overlap); ``adapter_dram_bytes`` the sink and window tensors
@@ -848,7 +810,8 @@ class TieredCache(Cache):
         ``io_wait_seconds`` (time retrieves waited for prefetches still loading),
         ``swap_ins`` / ``swap_demand_ins`` / ``swap_read_bytes`` / ``swap_write_bytes`` (with
         ``virtualize``), ...) and ``store`` its whole stats; ``estimate`` the clusters estimated per retrieve (False: off,
-        None: all) and ``estimated_per_step`` the entries they stood for, per retrieve.
+        None: all) and ``estimated_per_retrieve`` the entries they stood for, per retrieve
+        (``estimated_per_step``: its old name, kept for one release).
         """
         s = self.store.stats()
         c = self._counts
@@ -870,10 +833,9 @@ class TieredCache(Cache):
                                       for l in sliding if self.layers[l].is_initialized),
             "decode_steps": c["decode_steps"],
             "forwards": c["forwards"],
-            "retrieves": c["retrieves"],
+            **self._counters.retrieval(),
             "add_calls": c["adds"],
-            "fetched_per_step": c["fetched"] / c["retrieves"] if c["retrieves"] else 0.0,
-            "estimated_per_step": c["estimated"] / c["retrieves"] if c["retrieves"] else 0.0,
+            "estimated_per_retrieve": self._counters.per_retrieve("estimated"),
             "estimate": self.estimate,
             "prefetchable_share": c["overlap"] / c["overlap_of"] if c["overlap_of"] else 0.0,
             "adapter_dram_bytes": self._resident,
@@ -898,19 +860,16 @@ class TieredCache(Cache):
             "sinks": self.sinks,
             "window": self.window,
         }
-        own = set(out)
         # the store's main I/O and cache figures beside the adapter's; the engine's DRAM stays
         # under engine_* (dram_bytes and dram_peak_bytes above are the adapter's and the engine's
-        # together, so the peak is never below the current value)
-        for k in ("read_ops", "read_bytes", "read_entries", "mean_read_entries", "modeled_io_seconds",
-                  "cache_hits", "cache_misses", "evictions", "write_ops", "write_bytes", "device",
-                  "prefetch_issued", "prefetch_hits", "prefetch_read_bytes", "prefetch_errors", "io_wait_seconds",
-                  "swap_ins", "swap_demand_ins", "swap_read_bytes", "swap_write_bytes"):
-            if k in s:
-                out[k] = s[k]
-        out["store"] = s  # the store's stats as they are (older scripts read them here)
-        return Stats(out, adapter_keys=own - {"engine_dram_bytes", "engine_dram_peak_bytes", "engine_dram_budget"},
-                     hidden=("store",))
+        # together, so the peak is never below the current value); the store's stats as they are
+        # under "store" (older scripts read them there)
+        return _core.adapter_stats(
+            out, s, keep=("read_ops", "read_bytes", "read_entries", "mean_read_entries", "modeled_io_seconds",
+                          "cache_hits", "cache_misses", "evictions", "write_ops", "write_bytes", "device",
+                          "prefetch_issued", "prefetch_hits", "prefetch_read_bytes", "prefetch_errors",
+                          "io_wait_seconds", "swap_ins", "swap_demand_ins", "swap_read_bytes", "swap_write_bytes"),
+            engine=("engine_dram_bytes", "engine_dram_peak_bytes", "engine_dram_budget"), aliases=_core.ALIASES)
 
     def cluster_stats(self) -> dict:
         """Mean clusters, cluster size and variance over all collections (cluster health)."""

@@ -573,7 +573,7 @@ def cache_memory(cache, method: Method) -> dict:
     s = cache.stats()
     keep = ("dram_bytes", "dram_peak_bytes", "engine_dram_bytes", "engine_dram_peak_bytes", "engine_dram_budget",
             "adapter_dram_bytes", "sliding_dram_bytes", "full_cache_bytes", "global_kv_float16_bytes",
-            "fetched_per_step", "estimated_per_step", "read_bytes", "modeled_io_seconds", "retrieve_seconds")
+            "fetched_per_retrieve", "estimated_per_retrieve", "read_bytes", "modeled_io_seconds", "retrieve_seconds")
     return {k: s[k] for k in keep if k in s}
 
 

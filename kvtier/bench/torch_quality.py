@@ -267,7 +267,7 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
                     status="ok", policy=st["policy"], steps=steps, nll=float(nll.mean()),
                     delta_nll=float(d.mean()), delta_nll_se=float(d.std(ddof=1) / math.sqrt(len(d))),
                     top1=float((top == top_ref).mean()), tokens_per_s=steps / dec_s, prefill_s=pre_s,
-                    fetched_per_step=st["fetched_per_step"], prefetchable_share=st["prefetchable_share"],
+                    fetched_per_step=st["fetched_per_retrieve"], prefetchable_share=st["prefetchable_share"],
                     dram_peak_bytes=st["dram_peak_bytes"], adapter_dram_peak_bytes=st["adapter_dram_peak_bytes"],
                     engine_dram_peak_bytes=st["engine_dram_peak_bytes"], engine_dram_budget=st["engine_dram_budget"],
                     full_cache_bytes=st["full_cache_bytes"],
@@ -281,7 +281,7 @@ def run_workload(model, workload: str, args, progress=None) -> list[dict]:
                     prefetch_issued=st["prefetch_issued"], prefetch_hits=st["prefetch_hits"],
                     prefetch_read_bytes_per_step=st["prefetch_read_bytes"] / per_step,
                     cache_hits=st["cache_hits"], cache_misses=st["cache_misses"],
-                    estimated_per_step=st.get("estimated_per_step", 0.0),
+                    estimated_per_step=st.get("estimated_per_retrieve", 0.0),
                     **health)
                 if summaries:
                     row.update(summaries)
