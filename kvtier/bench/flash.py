@@ -89,7 +89,8 @@ def main(argv=None):
                                collect_stats=True, **LAYOUTS[lay],
                                store_kwargs={} if a.merge_gap is None else {"merge_gap": a.merge_gap})
                 except kvtier.BudgetError as e:  # a baseline whose index does not fit: say so
-                    print(f"{w} {pol:9s} {lay:10s} does not fit in {a.dram_budget}: {str(e).split(' — ')[0]}", flush=True)
+                    why = str(e).split(" — ")[0]
+                    print(f"{w} {pol:9s} {lay:10s} does not fit in {a.dram_budget}: {why}", flush=True)
                     rows.append({"workload": w, "policy": pol, "layout": lay, "fits": False, "error": "BudgetError"})
                     continue
                 st = r.extra["store"]
@@ -127,7 +128,8 @@ def main(argv=None):
                 print(f"{w} {pol:9s} {lay:10s} recall={r.recall:.3f} entries/read={row['entries_per_read']:.1f} "
                       f"contiguous={row['entries_per_contiguous_read']:.1f} gap={row['gap_kib_per_retrieve']:.1f}KiB "
                       f"reads/retrieve={row['reads_per_retrieve']:.2f} bw={row['effective_bw_GBps']:.2f}GB/s "
-                      f"modeled={row['modeled_io_ms_per_step']:.3f}ms/step real={row['real_read_ms_per_step']:.2f}ms/step "
+                      f"modeled={row['modeled_io_ms_per_step']:.3f}ms/step "
+                      f"real={row['real_read_ms_per_step']:.2f}ms/step "
                       f"moved={moved / 2**20:.1f}MiB naive={naive / 2**20:.1f}MiB [{r.wall_s:.0f}s]", flush=True)
     md = md_table(["workload", "policy", "layout", "recall", "entries/read", "entries/contiguous read",
                    "gap KiB/retrieve", "reads/retrieve", "KiB/retrieve",
@@ -139,7 +141,8 @@ def main(argv=None):
                       [f"{r['recall']:.3f}", f"{r['entries_per_read']:.1f}",
                        f"{r['entries_per_contiguous_read']:.1f}", f"{r['gap_kib_per_retrieve']:.1f}",
                        f"{r['reads_per_retrieve']:.2f}",
-                       f"{r['kib_per_retrieve']:.1f}", f"{r['effective_bw_GBps']:.2f}", f"{r['bw_share_of_profile']:.0%}",
+                       f"{r['kib_per_retrieve']:.1f}", f"{r['effective_bw_GBps']:.2f}",
+                       f"{r['bw_share_of_profile']:.0%}",
                        f"{r['modeled_io_ms_per_step']:.3f}", f"{r['real_read_ms_per_step']:.2f}",
                        f"{r['cache_hit_rate']:.2f}", f"{r['moved_bytes'] / 2**20:.1f}",
                        f"{r['naive_move_bytes'] / 2**20:.1f}", f"{r['split_write_kib_per_step']:.1f}",
@@ -165,7 +168,8 @@ def main(argv=None):
         # entries than it may, so its I/O per step is also shown per entry fetched
         for base in ("static", "local", "none"):
             b = by.get((w, base, "colocated")) or by.get((w, base, "clustered"))
-            if b and b.get("fetched_per_retrieve") and best.get("fetched_per_retrieve") and best["modeled_io_ms_per_step"]:
+            if (b and b.get("fetched_per_retrieve") and best.get("fetched_per_retrieve")
+                    and best["modeled_io_ms_per_step"]):
                 per = lambda r: r["modeled_io_ms_per_step"] / r["fetched_per_retrieve"]  # noqa: E731
                 notes.append(f"{w}: entries fetched per retrieve, {base} {b['fetched_per_retrieve']:.0f} vs adaptive "
                              f"{best['fetched_per_retrieve']:.0f}; modeled I/O per entry fetched, {base} / adaptive = "
@@ -181,7 +185,8 @@ def main(argv=None):
         with open(os.path.join(a.out, f"flash{a.tag}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
         with open(os.path.join(a.out, f"flash{a.tag}.md"), "w") as f:
-            f.write(f"# Flash layout on real traces\n\n`python -m kvtier.bench.flash {' '.join(argv or sys.argv[1:])}`\n\n{md}")
+            cmd = " ".join(argv or sys.argv[1:])
+            f.write(f"# Flash layout on real traces\n\n`python -m kvtier.bench.flash {cmd}`\n\n{md}")
     return 0
 
 

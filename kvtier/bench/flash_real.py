@@ -35,6 +35,8 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import itertools
+
 import numpy as np
 
 import kvtier
@@ -58,7 +60,7 @@ def cal_bw(cal, size: float, qd: int) -> float:
     pts = sorted((p.size, p.bandwidth_Bps) for p in cal.points if p.queue_depth == qd)
     if size <= pts[0][0]:
         return pts[0][1]
-    for (s0, b0), (s1, b1) in zip(pts, pts[1:]):
+    for (s0, b0), (s1, b1) in itertools.pairwise(pts):
         if size <= s1:
             f = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
             return math.exp(math.log(b0) + f * (math.log(b1) - math.log(b0)))
@@ -67,14 +69,14 @@ def cal_bw(cal, size: float, qd: int) -> float:
 
 def build(trace, path, layers, policy, layout):
     with kvtier.open(path, dram_budget="256MiB", direct_io=True) as s:
-        for l in layers:
+        for layer in layers:
             for h in range(trace.n_kv_heads):
-                c = s.collection(f"L{l}.H{h}", dim=trace.head_dim, value_dim=trace.head_dim,
+                c = s.collection(f"L{layer}.H{h}", dim=trace.head_dim, value_dim=trace.head_dim,
                                  dtype="float16", policy=policy, layout=layout)
                 P = trace.prefill
-                c.add(trace.keys[l, h, :P], trace.values[l, h, :P])
+                c.add(trace.keys[layer, h, :P], trace.values[layer, h, :P])
                 for t in range(P, trace.length, 16):  # decoding appends, a few at a time
-                    c.add(trace.keys[l, h, t:t + 16], trace.values[l, h, t:t + 16])
+                    c.add(trace.keys[layer, h, t:t + 16], trace.values[layer, h, t:t + 16])
 
 
 def retrieval_pass(trace, path, layers, dram, steps, backend):
@@ -84,13 +86,13 @@ def retrieval_pass(trace, path, layers, dram, steps, backend):
     else:
         os.environ.pop("KVTIER_IO_URING", None)
     with kvtier.open(path, dram_budget=dram, direct_io=True) as s:
-        colls = {(l, h): s.collection(f"L{l}.H{h}") for l in layers for h in range(trace.n_kv_heads)}
+        colls = {(layer, h): s.collection(f"L{layer}.H{h}") for layer in layers for h in range(trace.n_kv_heads)}
         g = trace.group_size
         s.reset_io_stats()
         t0 = time.perf_counter()
         for t in steps:
-            for (l, h), c in colls.items():
-                c.retrieve(trace.queries[l, h * g:(h + 1) * g, t].astype(np.float32), budget=0.1)
+            for (layer, h), c in colls.items():
+                c.retrieve(trace.queries[layer, h * g:(h + 1) * g, t].astype(np.float32), budget=0.1)
         wall = time.perf_counter() - t0
         st = s.stats()
     return st, wall
@@ -122,14 +124,15 @@ def main(argv=None):
         shutil.rmtree(store, ignore_errors=True)
         build(trace, store, layers, a.policy, a.layout)
         steps = list(np.linspace(trace.prefill + 64, trace.length - 1, a.steps).astype(int))
-        by_backend = {}
+        by_backend: dict[str, list] = {}
         for r in range(a.repeats):
             for be in a.backends.split(","):
                 st, wall = retrieval_pass(trace, store, layers, a.dram_budget, steps, be)
                 by_backend.setdefault(be, []).append((st, wall))
-                print(f"pass {r + 1}: asked {be}, backend {st['io_backend']}, direct {st['direct_io']}, {st['read_ops']} reads, "
-                  f"{st['read_bytes'] / 2**20:.1f} MiB in {st['read_seconds']:.3f} s of read calls "
-                  f"({st['read_bytes'] / max(st['read_seconds'], 1e-12) / 1e6:.0f} MB/s), wall {wall:.2f} s", flush=True)
+                mbps = st["read_bytes"] / max(st["read_seconds"], 1e-12) / 1e6
+                print(f"pass {r + 1}: asked {be}, backend {st['io_backend']}, direct {st['direct_io']}, "
+                      f"{st['read_ops']} reads, {st['read_bytes'] / 2**20:.1f} MiB in {st['read_seconds']:.3f} s "
+                      f"of read calls ({mbps:.0f} MB/s), wall {wall:.2f} s", flush=True)
     finally:
         os.environ.pop("KVTIER_IO_URING", None)
         if a.dir is None:
@@ -172,11 +175,12 @@ def main(argv=None):
                      f"{r['calibrated_qd32_Bps'] / 1e6:.0f}", f"{r['vs_qd1']:.2f}", f"{r['vs_qd32']:.2f}"]
                     for r in rows], "r" * 8) + "\n"
     for be, ps in by_backend.items():
-        md += (f"\n{be}: retrieval reads at {statistics.median(p[0]['read_bytes'] / max(p[0]['read_seconds'], 1e-12) for p in ps) / 1e6:.0f} MB/s "
+        mbps = statistics.median(p[0]["read_bytes"] / max(p[0]["read_seconds"], 1e-12) for p in ps) / 1e6
+        md += (f"\n{be}: retrieval reads at {mbps:.0f} MB/s "
                f"in their read calls (backend in force: {ps[0][0]['io_backend']}; median of {len(ps)})")
-    md += (f"\n\nOverall ({a.backends.split(',')[0]}): retrieval {real / 1e6:.0f} MB/s in its read calls; the calibrated curve at the same "
-           f"request sizes gives {q1 / 1e6:.0f} MB/s at QD1 ({real / q1:.2f}x) and {q32 / 1e6:.0f} MB/s at QD32 "
-           f"({real / q32:.2f}x).\n")
+    md += (f"\n\nOverall ({a.backends.split(',')[0]}): retrieval {real / 1e6:.0f} MB/s in its read calls; "
+           f"the calibrated curve at the same request sizes gives {q1 / 1e6:.0f} MB/s at QD1 ({real / q1:.2f}x) "
+           f"and {q32 / 1e6:.0f} MB/s at QD32 ({real / q32:.2f}x).\n")
     print()
     print(md)
     if a.out:

@@ -29,14 +29,15 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 import kvtier
 
 #: The store options of each flash layout the benchmarks compare (kvtier.bench.flash, kvtier bench).
-LAYOUTS = {"token": {"layout": "token"}, "clustered": {"layout": "clustered"},
-           "colocated": {"layout": "colocated", "colocate_after": 32}}
+LAYOUTS: dict[str, dict[str, Any]] = {"token": {"layout": "token"}, "clustered": {"layout": "clustered"},
+                                      "colocated": {"layout": "colocated", "colocate_after": 32}}
 
 @dataclass
 class ReplayResult:

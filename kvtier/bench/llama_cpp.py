@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -449,7 +450,8 @@ def speed_rows(a, model: str, tokens: list[int]) -> list[dict]:
                     late[cfg["label"]].append(res["late_tok_s"])
                     st = llm.stats()
                     mem[cfg["label"]] = {
-                        "kv_mib": st["decode_kv_mib_peak"], "store_dram_peak_mib": st["store"]["dram_peak_bytes"] / 2**20,
+                        "kv_mib": st["decode_kv_mib_peak"],
+                        "store_dram_peak_mib": st["store"]["dram_peak_bytes"] / 2**20,
                         "store_dram_budget_mib": st["store"]["dram_budget"] / 2**20,
                         "retrieve_ms_per_step": 1e3 * st["seconds"]["retrieve"] / max(st["decode_steps"], 1),
                         "store_reads_per_step": st["store"]["read_ops"] / max(st["decode_steps"], 1),
@@ -458,8 +460,9 @@ def speed_rows(a, model: str, tokens: list[int]) -> list[dict]:
                   ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
         base, late_base = runs["llama.cpp"], late["llama.cpp"]
         for label, tps in runs.items():
-            ratios = [t / b for t, b in zip(tps, base)]
-            late_ratios = [t / b for t, b in zip(late[label], late_base)]
+            # every round timed every method (or raised): one run each
+            ratios = [t / b for t, b in zip(tps, base, strict=True)]
+            late_ratios = [t / b for t, b in zip(late[label], late_base, strict=True)]
             rows.append({"context": P, "tokens": K, "method": label, "tok_s_runs": tps,
                          "tok_s_median": statistics.median(tps), "vs_llama_runs": ratios,
                          "vs_llama_median": statistics.median(ratios), "vs_llama_min": min(ratios),
@@ -510,7 +513,7 @@ def needle_llm(method: str, model: str, tokens: int, budget: float, threads: int
     from llama_cpp import Llama
 
     from kvtier.adapters.llama_cpp import TieredLlama
-    common = dict(n_batch=n_batch, n_threads=threads, n_threads_batch=threads, verbose=False)
+    common: dict[str, Any] = dict(n_batch=n_batch, n_threads=threads, n_threads_batch=threads, verbose=False)
     if method == "llama.cpp":
         return Llama(model, n_ctx=pad256(tokens), **common)
     kw = tiered_kwargs({"budget": budget} if method == "tiered-llama" else
@@ -544,6 +547,7 @@ def _fsync(path: str) -> None:
 
 def switch_rows(a, model: str, tokens: list[int]) -> list[dict]:
     import llama_cpp
+
     from kvtier.adapters.llama_cpp import TieredLlama
 
     rows = []
@@ -582,11 +586,11 @@ def switch_rows(a, model: str, tokens: list[int]) -> list[dict]:
                              "bytes_read": size, "kv_cells_allocated": llama_cpp.llama_n_ctx(llm.ctx)})
             llm.close()
             kw = tiered_kwargs(a.configs[0]["kwargs"], L, L + 16)
+            dram = (store_budget(kw.get("budget", 0.1), 2 * L) if a.store_dram_budget == "auto"
+                    else parse_size(a.store_dram_budget, "--store-dram-budget"))
             llm = TieredLlama(model, store=os.path.join(tmp, "store"), session="conv0", n_batch=a.n_batch,
                               n_threads=a.threads, n_threads_batch=a.threads, device=_device(a),
-                              store_dram_budget=store_budget(kw.get("budget", 0.1), 2 * L)
-                              if a.store_dram_budget == "auto" else parse_size(a.store_dram_budget, "--store-dram-budget"),
-                              verbose=False, **kw)
+                              store_dram_budget=dram, verbose=False, **kw)
             llm.eval(convs[0])
             llm.eval(convs[1][:1])          # a decoding step: the cells are the decoding ones
             llm.save_session()
@@ -657,8 +661,8 @@ def _meta(a, argv) -> dict:
             "versions": {"kvtier": kvtier.__version__, "llama_cpp_python": llama_cpp.__version__,
                          "numpy": np.__version__},
             "model": os.path.basename(model_path()),
-            "workload": ("W2 (pydoc_data.topics" if a.text == "w2" else "held-out text (standard-library module docstrings")
-            + ", teacher-forced)",
+            "workload": ("W2 (pydoc_data.topics" if a.text == "w2"
+                         else "held-out text (standard-library module docstrings") + ", teacher-forced)",
             "adapter_defaults": DEFAULTS,
             "params": {k: _portable(v) for k, v in vars(a).items() if k not in ("func", "argv")},
             "command": _command(argv)}
@@ -707,13 +711,14 @@ def merge(a, argv) -> None:
                    "switch": (SWITCH_HEAD, _switch_cells)}[a.kind]
     runs = "\n".join(f"- `{x['command']}` ({x['rows']} rows{'' if x['complete'] else ', cut short: its partial file'})"
                      for x in sources)
-    md = (f"# llama.cpp with a bounded KV cache (TieredLlama): {a.kind}\n\n`{meta['command']}`\n\nThe rows of these runs:\n\n"
-          f"{runs}\n\nSmolLM2-135M-Instruct Q4_1, {meta['workload']}, llama.cpp threads 1, n_batch 256, kvtier device ufs4.0; adapter "
-          f"defaults {meta['adapter_defaults']}; configurations name what differs from them.\n\n"
+    md = (f"# llama.cpp with a bounded KV cache (TieredLlama): {a.kind}\n\n`{meta['command']}`\n\n"
+          f"The rows of these runs:\n\n{runs}\n\nSmolLM2-135M-Instruct Q4_1, {meta['workload']}, llama.cpp threads 1, "
+          f"n_batch 256, kvtier device ufs4.0; adapter defaults {meta['adapter_defaults']}; configurations name what "
+          "differs from them.\n\n"
           f"{md_table(head, [cells(r) for r in rows], 'l' * len(head))}\n")
     if ref:
-        md += (f"\nTieredCache (transformers, kvtier.bench.torch_quality) on the same {workload} tokens, budget and convention "
-               "(4 sinks, its window below; ΔNLL against the torch model with the whole context):\n\n" +
+        md += (f"\nTieredCache (transformers, kvtier.bench.torch_quality) on the same {workload} tokens, budget and "
+               "convention (4 sinks, its window below; ΔNLL against the torch model with the whole context):\n\n" +
                md_table(["context", "method (policy)", "window", "top-1", "ΔNLL", "from"],
                         [[r["context"], r["method"], r["window"], f"{r['agreement']:.3f}",
                           f"{r['dnll']:+.3f} ± {r['dnll_se']:.3f}", r["source"]] for r in ref], "l" * 6) + "\n")

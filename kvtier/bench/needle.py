@@ -44,6 +44,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,7 +70,7 @@ def make_case(tokenizer, length: int, position: float, seed: int) -> dict:
     per = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
     n = max(1, (length - len(tokenizer(INSTRUCTION + NEEDLE.format(key=key) + CUE, add_special_tokens=False).input_ids))
             // per)
-    k = int(round(position * n))
+    k = round(position * n)
     context = (INSTRUCTION + FILLER * k + NEEDLE.format(key=key) + FILLER * (n - k)).rstrip(" ")
     # the space before the cue is part of its first token, as when the whole prompt is tokenized
     ctx = tokenizer(context, add_special_tokens=False).input_ids
@@ -122,6 +123,7 @@ def run(model, tokenizer, cases: list[dict], methods: list[str], args, log=print
                 log(f"L={c['length']} pos={c['position']} seed={c['seed']} key={c['key']} {m}: {text!r} "
                     f"{'solved' if c['key'] in text else 'missed'} ({secs:.1f} s)")
                 continue
+            cache: Any
             if m == "full":
                 cache = DynamicCache(config=model.config)
             else:
@@ -157,10 +159,11 @@ def markdown(rows: list[dict], methods: list[str], summ: dict, args) -> str:
     head = ["method"] + [f"{L} tokens ({per_len[L]})" for L in lengths] + ["all", "seconds"]
     lines = [[m] + [summ[m]["by_length"][str(L)] for L in lengths]
              + [f"{summ[m]['solved']} / {summ[m]['cases']}", f"{summ[m]['seconds']:.0f}"] for m in methods]
-    parts = [f"{len(rows)} cases. SmolLM2-135M-Instruct, pass key planted at relative positions {args.positions} of the filler, "
-             f"{args.seeds} seed(s) per length and position; cue fed as decoding steps, {args.answer} tokens "
-             f"decoded greedily. TieredCache: fetch budget {args.budget:g} of the context, {args.sinks} sinks + "
-             f"{args.window}-token window, engine DRAM budget {args.dram_budget}; each policy at its defaults.",
+    parts = [f"{len(rows)} cases. SmolLM2-135M-Instruct, pass key planted at relative positions {args.positions} "
+             f"of the filler, {args.seeds} seed(s) per length and position; cue fed as decoding steps, "
+             f"{args.answer} tokens decoded greedily. TieredCache: fetch budget {args.budget:g} of the context, "
+             f"{args.sinks} sinks + {args.window}-token window, engine DRAM budget {args.dram_budget}; "
+             "each policy at its defaults.",
              "", "Cases solved (the pass key appears in the greedy answer), per prompt length:", "",
              md_table(head, lines, "l" + "r" * (len(head) - 1)), ""]
     if "full" in methods:
@@ -172,7 +175,7 @@ def markdown(rows: list[dict], methods: list[str], summ: dict, args) -> str:
             parts.append(f"- {m}: {summ[m]['solved']} solved against full attention's {summ['full']['solved']} "
                          f"({lost} of full's cases missed, {gained} solved that full missed)")
         parts.append("")
-    cols = ["length", "position", "seed", "pass key"] + methods
+    cols = ["length", "position", "seed", "pass key", *methods]
     parts += ["Every case (the answer's first characters; ✓ solved):", "",
               md_table(cols, [[r["context_tokens"] + r["cue_tokens"], r["position"], r["seed"], r["key"]]
                               + [("✓ " if r[m]["solved"] else "✗ ") + repr(r[m]["answer"][:16]) for m in methods]
@@ -197,7 +200,8 @@ def main(argv=None) -> int:
                          "answers are the same either way, only the time differs)")
     ap.add_argument("--answer", type=int, default=8, help="tokens decoded greedily after the cue")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--out", default=os.path.join("bench", "results"), help="results directory (default: bench/results)")
+    ap.add_argument("--out", default=os.path.join("bench", "results"),
+                    help="results directory (default: bench/results)")
     ap.add_argument("--name", default="needle", help="stem of the result files")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]

@@ -49,26 +49,26 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from kvtier.bench.capture import Trace, load_trace, read_trace, resolve_cache_dir, trace_path
+from kvtier.bench.kvreplay import LAYOUTS, replay
+from kvtier.bench.tables import md_table
 from kvtier.benchargs import json_default
 from kvtier.config import POLICIES as CLUSTERINGS
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
 from kvtier.store import CACHE_POLICIES as _CACHE_POLICIES
 
-from kvtier.bench.capture import Trace, load_trace, read_trace, resolve_cache_dir, trace_path
-from kvtier.bench.kvreplay import LAYOUTS, replay
-from kvtier.bench.tables import md_table
-
 FORMAT = 1
 REPLAY_WORKLOADS = ("W1", "W2")
-WORKLOADS = REPLAY_WORKLOADS + ("W4",)
+WORKLOADS = (*REPLAY_WORKLOADS, "W4")
 POLICIES = CLUSTERINGS  # the baselines, then the method (kvtier.config.POLICIES)
 CACHE_POLICIES = tuple(_CACHE_POLICIES)
 CALIBRATED = "calibrated"  # device name: the profile measured on --out by this run
@@ -93,7 +93,7 @@ class Settings:
     cache_policies: list = dataclasses.field(default_factory=lambda: list(CACHE_POLICIES))
     fetch_budget: float = 0.1                      # the grid's, docs/design.md §8's 10%
     budgets: list = dataclasses.field(default_factory=lambda: [0.05, 0.1, 0.2])  # recall sweep
-    layers: Optional[list] = None                  # None: 3 spread layers (quick), every 3rd (full)
+    layers: list | None = None                  # None: 3 spread layers (quick), every 3rd (full)
     every: int = 8                                 # retrieve every N decoding steps
     prefill: int = 512
     decode: int = 1024
@@ -108,24 +108,24 @@ class Settings:
     w4_repeats: int = 3
     w4_methods: list = dataclasses.field(default_factory=lambda: ["exact", "hnswlib", "faiss-ivf", "kvtier"])
     w4_trace_decode: int = 1024                    # the W1 capture W4's vectors come from (quick: the replays')
-    cache_dir: Optional[str] = None                # trace cache (default: capture.DEFAULT_CACHE_DIR)
+    cache_dir: str | None = None                # trace cache (default: capture.DEFAULT_CACHE_DIR)
 
     @classmethod
-    def preset(cls, quick: bool) -> "Settings":
+    def preset(cls, quick: bool) -> Settings:
         if quick:
             return cls(quick=True)
-        return cls(quick=False, devices=[n for n in PROFILES], dram_budgets=["10%", "20%", "50%", "100%"],
+        return cls(quick=False, devices=list(PROFILES), dram_budgets=["10%", "20%", "50%", "100%"],
                    layouts=list(LAYOUTS), budgets=[0.02, 0.05, 0.1, 0.2, 0.3], every=4, decode=2048, repeats=3,
                    w4_keys=200_000, w4_queries=1000, w4_trace_decode=2048)
 
     def replay_layers(self, n_layers: int) -> list[int]:
         if self.layers is not None:
-            bad = [l for l in self.layers if not 0 <= l < n_layers]
+            bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
             if bad:
                 raise InvalidArgumentError(f"--layers: the traces have layers 0..{n_layers - 1}, got {bad}")
             return sorted(set(self.layers))
         if self.quick:  # three layers spread over the depth, away from the first and the last
-            return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, 5)[1:-1]})
+            return sorted({round(x) for x in np.linspace(0, n_layers - 1, 5)[1:-1]})
         return list(range(0, n_layers, 3))
 
     def validate(self) -> None:
@@ -150,7 +150,7 @@ class Settings:
             raise InvalidArgumentError(f"--devices: {CALIBRATED!r} needs the calibration (drop --no-calibrate)")
         for spec in self.dram_budgets:
             parse_dram(spec)
-        for b in self.budgets + [self.fetch_budget]:
+        for b in [*self.budgets, self.fetch_budget]:
             if not 0 < b <= 1:
                 raise InvalidArgumentError(f"--budgets: fractions of the context in (0, 1] expected, got {b}")
         for name in ("every", "prefill", "decode", "context_points", "repeats", "w4_keys", "w4_queries",
@@ -249,7 +249,7 @@ class Runner:
     its trace (workload, lengths, seed, when it was captured): a recaptured trace replays anew."""
 
     def __init__(self, settings: Settings, store_root: str, devices: dict, log: Callable[[str], None],
-                 partial: Optional[Path] = None):
+                 partial: Path | None = None):
         self.s = settings
         self.store_root = store_root
         self.devices = devices          # name -> DeviceProfile
@@ -435,7 +435,8 @@ def run_suite(settings: Settings, out, log: Callable[[str], None] = print, comma
         try:
             from kvtier.calibrate import calibrate
 
-            log(f"calibrating read bandwidth vs request size on the output directory ({'quick' if settings.quick else 'full'})")
+            how = "quick" if settings.quick else "full"
+            log(f"calibrating read bandwidth vs request size on the output directory ({how})")
             cal = calibrate(out, quick=settings.quick, name=CALIBRATED)
             d = cal.to_dict()
             d["calibration"]["path"] = "<out>"  # this machine's path stays out of the results
@@ -475,7 +476,7 @@ def run_suite(settings: Settings, out, log: Callable[[str], None] = print, comma
         t = time.perf_counter()
         try:
             report["w4_search"] = _w4(settings, out, log)
-        except Exception as e:  # noqa: BLE001 - a failed stage is reported, the others still count
+        except Exception as e:  # a failed stage is reported, the others still count
             report["w4_search"] = {"error": f"{type(e).__name__}: {e}"}
             report["stage_errors"].append(f"W4 search: {type(e).__name__}: {e}")
             log(traceback.format_exc())
@@ -529,7 +530,7 @@ def _replays(settings, out, report, workloads, grid_devices, devices, log):
         return Config(w, dev, dram_spec, drams[dram_spec], pol, lay, cache, budget, decode)
 
     for w, trace, layers, kvb, drams in plan:
-        def add_fraction(row):
+        def add_fraction(row, kvb=kvb):
             row["dram_fraction"] = row["dram_budget_bytes"] / kvb
             return row
         # grid: every tier configuration
@@ -554,7 +555,7 @@ def _replays(settings, out, report, workloads, grid_devices, devices, log):
                     and r["cache_policy"] in (base_cache, NA) and "error" not in r):
                 ok.setdefault(r["dram"], set()).add(r["policy"])
 
-        def smallest(pols):
+        def smallest(pols, ok=ok, drams=drams, big=big):
             fits = [sp for sp in s.dram_budgets if ok.get(sp, set()) >= set(pols)]
             return min(fits, key=lambda sp: drams[sp]) if fits else big
         ref = {"dram": smallest([p for p in s.policies if p != "none"]), "none_dram": smallest(["none"]),
@@ -570,7 +571,7 @@ def _context(runner, trace, layers, w, ref, drams, cfg, add_fraction) -> list[di
     dev, layout, cache = ref["device"], ref["layout"], ref["cache_policy"]
     n = s.context_points
     # spans end on multiples of `every`, so a prefix's retrieval steps are the first ones of the whole
-    ends = sorted({max(s.every, int(round(trace.decode * k / n / s.every)) * s.every) for k in range(1, n + 1)})
+    ends = sorted({max(s.every, round(trace.decode * k / n / s.every) * s.every) for k in range(1, n + 1)})
     ends[-1] = trace.decode
     rows = []
     for pol in s.policies:
@@ -589,7 +590,7 @@ def _context(runner, trace, layers, w, ref, drams, cfg, add_fraction) -> list[di
             modeled = row["modeled_io_s_total"] - (prev["modeled_io_s_total"] if prev else 0.0)
             real = [a - b for a, b in zip(row["runs_real_retrieve_s_total"],
                                           prev["runs_real_retrieve_s_total"] if prev else
-                                          [0.0] * len(row["runs_real_retrieve_s_total"]))]
+                                          [0.0] * len(row["runs_real_retrieve_s_total"]), strict=True)]
             per = steps * len(layers)
             real_us = [x / per * 1e6 for x in real]
             rows.append({
@@ -654,8 +655,8 @@ def make_plots(report: dict, plot_dir, prefix: str = "bench_") -> list[str]:
             rep["recall_vs_budget"], plot_dir / f"{prefix}recall_vs_budget.png",
             f"{mode}: {lay_txt}, every {p.get('every')} steps, prefill {p.get('prefill')} + decode {p.get('decode')}"))
     if rep.get("io_vs_context"):
-        refs = [t["reference"] for t in report.get("traces", {}).values() if t.get("reference")]
-        drams = sorted({r["dram"] for r in refs}) or ["?"]
+        drams = sorted({t["reference"]["dram"] for t in report.get("traces", {}).values() if t.get("reference")}) \
+            or ["?"]
         made.append(plots.io_vs_context(
             rep["io_vs_context"], plot_dir / f"{prefix}io_vs_context.png",
             f"{mode}: fetch budget {p.get('fetch_budget', 0.1):.0%}, DRAM budget {'/'.join(drams)} of the KV bytes "
@@ -667,7 +668,9 @@ def make_plots(report: dict, plot_dir, prefix: str = "bench_") -> list[str]:
 
     def at_reference(r, any_layout=False):
         ref = refs.get(r["workload"])
-        return bool(ref) and r["device"] == ref["device"] and \
+        if not ref:
+            return False
+        return r["device"] == ref["device"] and \
             r["dram"] == (ref["none_dram"] if r["policy"] == "none" else ref["dram"]) and \
             (any_layout or r["layout"] in (ref["layout"], NA)) and r["cache_policy"] in (ref["cache_policy"], NA)
     first = next(iter(refs), None)
@@ -717,7 +720,7 @@ def _fmt(v, spec: str = ".3f") -> str:
     return f"{v:{spec}}"
 
 
-def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Optional[Sequence[str]] = None) -> str:
+def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Sequence[str] | None = None) -> str:
     """The run's tables: tier configurations, recall vs budget, I/O vs context, calibration, W4.
     Plots are linked as ``plot_prefix + name`` when ``plots_made`` (default: the report's own
     list) holds them."""
@@ -731,8 +734,9 @@ def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Optional[Seq
     if report.get("command"):
         L += [f"`{report['command']}`", ""]
     la0, la1 = m.get("load_average_start"), m.get("load_average_end")
+    ver = report.get("versions", {})
     L.append(f"{report.get('created', '')}; {m.get('processor', '?')}, {m.get('cpus_usable', m.get('cpu_count'))} "
-             f"CPUs; kvtier {report.get('versions', {}).get('kvtier')} ({report.get('versions', {}).get('git_commit')}); "
+             f"CPUs; kvtier {ver.get('kvtier')} ({ver.get('git_commit')}); "
              f"{report.get('seconds', {}).get('total', 0):.0f} s.")
     L.append("")
     if la0 and la1:
@@ -742,8 +746,8 @@ def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Optional[Seq
                     "deterministic and unaffected." if busy else "."))
         L.append("")
     for w, t in report.get("traces", {}).items():
-        L.append(f"- {w}: prefill {t['prefill']} + decode {t['decode']} tokens "
-                 f"({t['file']}{', cut from a ' + str(t['cut_from_decode']) + '-token decode' if t.get('cut_from_decode') else ''}); "
+        cut = f", cut from a {t['cut_from_decode']}-token decode" if t.get("cut_from_decode") else ""
+        L.append(f"- {w}: prefill {t['prefill']} + decode {t['decode']} tokens ({t['file']}{cut}); "
                  f"layers {t['layers']} x {t['kv_heads']} KV heads; {t['replayed_kv_bytes'] / 2**20:.1f} MiB of KV")
     L.append(f"- retrieval every {p.get('every')} steps, {p.get('sinks')} sinks + {p.get('window')}-token window, "
              f"fetch budget {p.get('fetch_budget', 0.1):.0%} of the context in the grid")
@@ -804,12 +808,13 @@ def markdown(report: dict, plot_prefix: str = "plots/", plots_made: Optional[Seq
             qds = sorted({x["queue_depth"] for x in c["points"]})
             pts = {(x["size"], x["queue_depth"]): x for x in c["points"]}
             L.append(md_table(["request"] + [f"qd{q} MB/s (min–max)" for q in qds],
-                              [[f"{size // 1024} KiB"] + [f"{pt['bandwidth_Bps'] / 1e6:.0f} ({min(pt['runs_Bps']) / 1e6:.0f}"
-                                                          f"–{max(pt['runs_Bps']) / 1e6:.0f})"
-                                                          for pt in (pts[size, q] for q in qds)]
+                              [[f"{size // 1024} KiB"]
+                               + [f"{pt['bandwidth_Bps'] / 1e6:.0f} ({min(pt['runs_Bps']) / 1e6:.0f}"
+                                  f"–{max(pt['runs_Bps']) / 1e6:.0f})" for pt in (pts[size, q] for q in qds)]
                                for size in sorted({x["size"] for x in c["points"]})], "r" * (1 + len(qds))))
+            note = f"; note: {c['note']}" if c.get("note") else ""
             L += ["", f"O_DIRECT: {'yes' if c['direct'] else 'no'}; file system {c['filesystem']}; medians of "
-                      f"{c['runs']} runs of {c['duration_s']:g} s" + (f"; note: {c['note']}" if c.get("note") else ""), ""]
+                      f"{c['runs']} runs of {c['duration_s']:g} s{note}", ""]
     w4 = report.get("w4_search")
     if w4:
         L += ["## W4 search", "", *img("bench_search_recall_vs_qps.png", "search recall vs queries/s")]
@@ -827,17 +832,18 @@ def _need_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise InvalidArgumentError("kvtier bench draws PNG plots: it needs matplotlib (pip install 'kvtier[bench]')") from None
+        raise InvalidArgumentError(
+            "kvtier bench draws PNG plots: it needs matplotlib (pip install 'kvtier[bench]')") from None
 
 
-def _loadavg() -> Optional[list]:
+def _loadavg() -> list | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
 
 
-def _version(dist: str) -> Optional[str]:
+def _version(dist: str) -> str | None:
     import importlib.metadata as md
     try:
         return md.version(dist)
@@ -875,7 +881,7 @@ def settings_from_args(a) -> tuple[Settings, str]:
         if getattr(a, name) is not None:
             setattr(s, name, getattr(a, name))
     if s.fetch_budget not in s.budgets:
-        s.budgets = sorted(s.budgets + [s.fetch_budget])
+        s.budgets = sorted([*s.budgets, s.fetch_budget])
     s.calibrate = not a.no_calibrate
     s.cache_dir = a.trace_dir
     return s, a.out
@@ -898,7 +904,7 @@ def command_line(argv: Sequence[str], prog: str = "kvtier bench") -> str:
     return " ".join([prog] + [shlex.quote(x) for x in args])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from kvtier.benchargs import bench_arguments
@@ -907,7 +913,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench_arguments(p)
     a = p.parse_args(argv)
     s, out = settings_from_args(a)
-    report = run_suite(s, out, command=command_line(sys.argv[1:] if argv is None else argv, "python -m kvtier.bench.suite"))
+    cmd = command_line(sys.argv[1:] if argv is None else argv, "python -m kvtier.bench.suite")
+    report = run_suite(s, out, command=cmd)
     return 1 if report["stage_errors"] else 0
 
 

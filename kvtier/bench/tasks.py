@@ -71,7 +71,7 @@ import statistics
 import sys
 import time
 import zlib
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -117,14 +117,16 @@ FWE_HEADER = "Read the following text and track the frequency of each word.\n"
 FWE_QUESTION = ("\nQuestion: What are the three most frequently appeared words in the above text? "
                 "Answer: According to the text above, the three most frequently appeared words are:")
 # keys of the needles: an adjective and a noun (about 2,500 pairs)
-ADJECTIVES = ("ancient bitter brave calm clever cold curious damp eager early faint fancy fierce gentle "
-              "gloomy golden grumpy hidden hollow humble icy jolly kind lazy lively lonely loud lucky "
-              "mellow misty modest narrow noisy odd pale polite proud quiet rapid rough rusty shy silent "
-              "silver sleepy smooth sour steady sticky stormy sunny tender tidy").split()
-NOUNS = ("anchor apple badger basket beacon bridge candle canyon castle cellar comet compass cottage "
-         "crystal dolphin donkey falcon feather fiddle forest fountain garden glacier harbor helmet island "
-         "kettle ladder lantern lemon meadow mirror needle orchard otter parrot pebble pillow planet puzzle "
-         "quarry rabbit river saddle spider teapot thimble tulip violin walnut wizard").split()
+ADJECTIVES = ["ancient", "bitter", "brave", "calm", "clever", "cold", "curious", "damp", "eager", "early", "faint",
+              "fancy", "fierce", "gentle", "gloomy", "golden", "grumpy", "hidden", "hollow", "humble", "icy", "jolly",
+              "kind", "lazy", "lively", "lonely", "loud", "lucky", "mellow", "misty", "modest", "narrow", "noisy",
+              "odd", "pale", "polite", "proud", "quiet", "rapid", "rough", "rusty", "shy", "silent", "silver", "sleepy",
+              "smooth", "sour", "steady", "sticky", "stormy", "sunny", "tender", "tidy"]
+NOUNS = ["anchor", "apple", "badger", "basket", "beacon", "bridge", "candle", "canyon", "castle", "cellar", "comet",
+         "compass", "cottage", "crystal", "dolphin", "donkey", "falcon", "feather", "fiddle", "forest", "fountain",
+         "garden", "glacier", "harbor", "helmet", "island", "kettle", "ladder", "lantern", "lemon", "meadow", "mirror",
+         "needle", "orchard", "otter", "parrot", "pebble", "pillow", "planet", "puzzle", "quarry", "rabbit", "river",
+         "saddle", "spider", "teapot", "thimble", "tulip", "violin", "walnut", "wizard"]
 FILLER_WORD = re.compile(r"\b[a-z]{4,9}\b")
 VT_CHAIN = 4  # variables per chain: three hops from the asked one, then its value
 VT_NAME = re.compile(r"\b([A-Z]{5})\b")
@@ -181,6 +183,7 @@ class Haystack:
             [tokenizer(ln, add_special_tokens=False).input_ids for ln in self.lines]
         self.tokens = np.array([len(e) + 1 for e in enc], np.int64)  # +1: the line break
         self.words = sorted(set(FILLER_WORD.findall(text)))
+        self.ids: list | None = None  # the whole text's tokens, when a heldout case needs them
 
     def take(self, rng, n_tokens: int) -> list:
         """Consecutive lines from a random start (wrapping around) adding up to about n_tokens."""
@@ -209,9 +212,9 @@ def _n_tokens(tokenizer, text: str) -> int:
 
 def _insert(lines: list, items: list, depths) -> str:
     """The lines with each item placed before the line at its relative depth."""
-    at = {}
-    for item, d in zip(items, depths):
-        at.setdefault(min(len(lines), int(round(d * len(lines)))), []).append(item)
+    at: dict[int, list] = {}
+    for item, d in zip(items, depths, strict=True):
+        at.setdefault(min(len(lines), round(d * len(lines))), []).append(item)
     out = []
     for i in range(len(lines) + 1):
         out += at.get(i, [])
@@ -221,7 +224,7 @@ def _insert(lines: list, items: list, depths) -> str:
 
 
 def _keys(rng, n: int) -> list:
-    pairs = set()
+    pairs: set[str] = set()
     while len(pairs) < n:
         pairs.add(f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}")
     return sorted(pairs, key=lambda _: rng.random())
@@ -278,16 +281,17 @@ def make_case(task: str, length: int, index: int, tokenizer, hay: Haystack, base
                          + [VT_NEXT.format(name=names[i], prev=names[i - 1]) for i in range(1, VT_CHAIN)])
         fixed = _n_tokens(tokenizer, VT_HEADER) + sum(_n_tokens(tokenizer, s) + 1 for c in stmts for s in c)
         lines = hay.take(rng, max(budget - fixed, 16))
-        items, depths = [], []
+        items: list = []
+        chain_depths: list = []
         for c in stmts:  # each chain in order, at increasing depths
             d = np.sort(rng.uniform(0.0, 1.0, len(c)))
             items += c
-            depths += list(d)
-        context = VT_HEADER + _insert(lines, items, depths)
+            chain_depths += list(d)
+        context = VT_HEADER + _insert(lines, items, chain_depths)
         # asked from the last variable: the answers are the earlier names, then the value
-        questions = [Question(VT_QUESTION.format(last=names[-1]), names[-2::-1] + [v], 10, "chain", VT_FOLLOW)
+        questions = [Question(VT_QUESTION.format(last=names[-1]), [*names[-2::-1], v], 10, "chain", VT_FOLLOW)
                      for v, names in chains]
-        notes["depths"] = [float(d) for d in depths]
+        notes["depths"] = [float(d) for d in chain_depths]
     elif task == "fwe":
         vocab = list(rng.choice(hay.words, size=min(400, len(hay.words)), replace=False))
         ranks = np.arange(1, len(vocab) + 1, dtype=np.float64)
@@ -310,8 +314,9 @@ def make_case(task: str, length: int, index: int, tokenizer, hay: Haystack, base
         questions = [Question(FWE_QUESTION, top, 16)]
         notes["top_counts"] = [int(c) for c in np.sort(counts)[::-1][:4]]
     else:  # heldout: the document itself; the question slot carries the continuation
-        ids = tokenizer(hay.text, add_special_tokens=False).input_ids if not hasattr(hay, "_ids") else hay._ids
-        hay._ids = ids
+        if hay.ids is None:  # tokenized once per run
+            hay.ids = tokenizer(hay.text, add_special_tokens=False).input_ids
+        ids = hay.ids
         start = int(rng.integers(0, max(1, len(ids) - length - 1)))
         context = tokenizer.decode(ids[start:start + budget])
         follow = tokenizer.decode(ids[start + budget:start + budget + reserve])
@@ -341,7 +346,7 @@ def answer_text(text: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    policy: Optional[str] = None  # None: full attention (DynamicCache)
+    policy: str | None = None  # None: full attention (DynamicCache)
     budget: float = 0.0
     estimate: bool = False
     cluster: int = 0  # the collections' first-partition cluster size (0: the store's default)
@@ -390,7 +395,8 @@ def make_cache(model, method: Method, dense, args):
     dram = max(int(args.dram_share * global_kv_f16(model, n)), 4 << 20)
     cache = TieredCache(model, budget=method.budget, policy=method.policy, sinks=args.sinks, window=args.window,
                         dram_budget=dram, device=args.device, direct_io=False, estimate=method.estimate,
-                        collection_options=cluster_options(method.cluster, attention_scale(model) if method.variance else 0))
+                        collection_options=cluster_options(method.cluster,
+                                                           attention_scale(model) if method.variance else 0))
     try:
         cache.prefill_from(dense)
     except BaseException:
@@ -399,7 +405,7 @@ def make_cache(model, method: Method, dense, args):
     return cache
 
 
-def cluster_options(size: int, score_temp: float = 0.0) -> Optional[dict]:
+def cluster_options(size: int, score_temp: float = 0.0) -> dict | None:
     """The collections' options: a first partition of ``size``-entry clusters (0: the store's
     default; the largest cluster stays twice the first size, as the store's defaults have it),
     and ``score_temp`` (0: off) to rank clusters by their expected attention."""
@@ -467,8 +473,10 @@ def ask(model, tokenizer, cache, question: Question, steps_through=None) -> dict
 
     step = steps_through or TorchSteps(model, cache)
     eos = getattr(tokenizer, "eos_token_id", None)
-    steps, answer_tokens, parts = 0, 0, []
-    feed, pending = question.cue, []  # pending: the last decoded token, not yet fed
+    steps, answer_tokens = 0, 0
+    parts: list[str] = []
+    feed = question.cue
+    pending: list[int] = []  # the last decoded token, not yet fed
     t0 = time.perf_counter()
     with torch.inference_mode():
         rounds = len(question.answers) if question.kind != "line" else 1
@@ -483,7 +491,7 @@ def ask(model, tokenizer, cache, question: Question, steps_through=None) -> dict
                 out.append(nxt)
                 text = tokenizer.decode(out)
                 body_text = text.lstrip()
-                if (nxt == eos or "\n" in body_text or score(" ".join(parts + [text]), question.answers) == 1.0
+                if (nxt == eos or "\n" in body_text or score(" ".join([*parts, text]), question.answers) == 1.0
                         or (question.kind != "line" and body_text.endswith("."))):
                     break
             steps += len(out)
@@ -654,7 +662,7 @@ def run_case(model, tokenizer, case: Case, methods: Sequence[Method], args, rows
         try:
             if case.task == "heldout":
                 follow = tokenizer(q.cue, add_special_tokens=False).input_ids[:args.heldout_tokens + 1]
-                got = teacher_force(model, cache, [ids[-1]] + follow, steps)
+                got = teacher_force(model, cache, [ids[-1], *follow], steps)
                 res = {"nll": got["nll"], "top": got["top"], "steps": got["steps"], "seconds": got["seconds"],
                        "mean_nll": float(np.mean(got["nll"]))}
                 if m.name == "full":
@@ -667,7 +675,7 @@ def run_case(model, tokenizer, case: Case, methods: Sequence[Method], args, rows
                 res["expected"] = q.answers
             res.update(cache_memory(cache, m) if steps is None else llama_memory(steps.llm), **extra)
         finally:
-            if m.tiered:
+            if m.tiered and cache is not None:
                 cache.close()
             del cache
         r = dict(base, question=qi, method=m.name, build_seconds=t_build, tok_s=res["steps"] / res["seconds"],
@@ -725,7 +733,7 @@ def calibrate(model, tokenizer, hay: Haystack, args, log=print) -> CostModel:
         pts[len(ids)] = (tp, td, tt, tb)
         log(f"calibration at {len(ids)} tokens: prefill {tp:.1f} s, step {td * 1e3:.0f} ms dense, "
             f"{tt * 1e3:.0f} ms tiered, TieredCache build {tb:.1f} s")
-    (L1, (p1, d1, t1, b1)), (L2, (p2, d2, t2, b2)) = sorted(pts.items())
+    (L1, (p1, d1, t1, _)), (L2, (p2, d2, t2, b2)) = sorted(pts.items())
     # prefill: a*L + b*L^2 through both points (b >= 0)
     b = max(0.0, (p2 / L2 - p1 / L1) / (L2 - L1))
     a = max(1e-9, p2 / L2 - b * L2)
@@ -835,7 +843,8 @@ def acceptance(summ: dict, target_method: str = "adaptive@0.1", lengths=(8192, 1
             ok = (r >= ratio or (fs == 0 and t["score"] == 0)) and n >= min_questions
             lines.append(f"{task} at {L}: {target_method} {t['score']:.3f} vs full {fs:.3f} = {r:.2f}x "
                          f"over {n} questions ({t['contexts']} contexts): "
-                         + ("met" if ok else "NOT met" + ("" if n >= min_questions else f" (fewer than {min_questions} questions)")))
+                         + ("met" if ok else "NOT met"
+                            + ("" if n >= min_questions else f" (fewer than {min_questions} questions)")))
     return lines
 
 
@@ -863,14 +872,14 @@ def markdown(summ: dict, methods: Sequence[str], meta: dict) -> str:
                        + f", {v['questions']})") if f and fs > 0 and m != "full" else \
                     (f" ({v['questions']})" if m != "full" else "")
                 cells.append(f"{v['score']:.3f}{rel}")
-            body.append([m] + cells)
+            body.append([m, *cells])
         ns = [summ.get(f"{task}|{L}|full") or next(v for v in summ.values() if v["task"] == task and v["length"] == L)
               for L in Ls]
         parts += [f"**{task}** — mean score (share of expected answers found) per context length; in brackets "
                   "the ratio to full attention's score on the same questions (that score when a method ran on "
                   "fewer questions than full) and the number of questions. Full attention's questions (contexts) "
                   "per length: "
-                  + ", ".join(f"{L}: {n['questions']} ({n['contexts']})" for L, n in zip(Ls, ns)), "",
+                  + ", ".join(f"{L}: {n['questions']} ({n['contexts']})" for L, n in zip(Ls, ns, strict=True)), "",
                   md_table(head, body, "l" + "r" * len(Ls)), ""]
     if "heldout" in tasks:
         Ls = [L for L in lengths if any(v["task"] == "heldout" and v["length"] == L for v in summ.values())]
@@ -882,7 +891,7 @@ def markdown(summ: dict, methods: Sequence[str], meta: dict) -> str:
             for L in Ls:
                 v = summ.get(f"heldout|{L}|{m}")
                 cells.append("—" if not v else f"{v['dnll']:+.3f} ± {v['dnll_se']:.3f} / {100 * v['top1']:.1f}%")
-            body.append([m] + cells)
+            body.append([m, *cells])
         parts += ["**heldout** — the document teacher-forced after the prefill: ΔNLL against full attention "
                   "(nats/token, ± standard error over contexts) / top-1 agreement with full attention", "",
                   md_table(["method"] + [str(L) for L in Ls], body, "l" + "r" * len(Ls)), ""]
@@ -900,8 +909,10 @@ def markdown(summ: dict, methods: Sequence[str], meta: dict) -> str:
             body.append([L, m, f"{tok:.2f}", _mib(dram), _mib(peak), _mib(eng)])
     parts += ["Decoding speed and memory per context length (medians over the rows of every task): tok/s of the "
               "question and answer steps; KV held at the end of the answer (DynamicCache: its tensors; TieredCache: "
-              "adapter tensors, sliding windows included, plus the engine's DRAM) and its peak; the engine's DRAM peak.", "",
-              md_table(["length", "method", "tok/s", "KV held MiB", "KV peak MiB", "engine peak MiB"], body, "llrrrr"), ""]
+              "adapter tensors, sliding windows included, plus the engine's DRAM) and its peak; the engine's DRAM "
+              "peak.", "",
+              md_table(["length", "method", "tok/s", "KV held MiB", "KV peak MiB", "engine peak MiB"], body, "llrrrr"),
+              ""]
     pre = []
     for L in lengths:
         vs = [v for v in summ.values() if v["length"] == L and v["method"] == "full"] or \
@@ -949,7 +960,7 @@ def _mib(b):
     return "—" if not b else f"{b / 2**20:.1f}"
 
 
-def plot(summ: dict, methods: Sequence[str], path: str, title: str) -> Optional[str]:
+def plot(summ: dict, methods: Sequence[str], path: str, title: str) -> str | None:
     try:
         import matplotlib
     except ImportError:
@@ -963,7 +974,7 @@ def plot(summ: dict, methods: Sequence[str], path: str, title: str) -> Optional[
     seen = _ordered({v["method"] for v in summ.values()}, methods)
     n = len(tasks)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         for m in seen:
             pts = sorted((v["length"], v["score"]) for v in summ.values() if v["task"] == task and v["method"] == m)
             if pts:
@@ -989,7 +1000,8 @@ def plot(summ: dict, methods: Sequence[str], path: str, title: str) -> Optional[
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier bench tasks", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Lists take commas. Results resume: rerun the same command to finish a killed run.")
+                                epilog="Lists take commas. Results resume: rerun the same command to finish a "
+                                       "killed run.")
     p.add_argument("--model", default="gemma3", choices=sorted(MODELS))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="the model's dtype (bfloat16: the prefill about 3.5x faster on a CPU with avx512_bf16)")
@@ -999,9 +1011,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="contexts per task and length: one number, or task:n pairs (niah_single:20,vt:10,...) "
                         "with an optional default first (5,fwe:3)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="full, sink+window, <policy>@<budget>[:<cluster size>][+var][+est]; a method may be limited to lengths up to L "
-                        "with <method>/L and to the first N cases of each task and length with <method>#N, e.g. "
-                        "static@0.05/8192#5")
+                   help="full, sink+window, <policy>@<budget>[:<cluster size>][+var][+est]; a method may be "
+                        "limited to lengths up to L with <method>/L and to the first N cases of each task and "
+                        "length with <method>#N, e.g. static@0.05/8192#5")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--dram-share", type=float, default=0.25,
@@ -1037,7 +1049,7 @@ def _cases_per(text: str, tasks: Sequence[str]) -> dict:
     return {t: out.get(t, default if default is not None else 5) for t in tasks}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     tasks = [t for t in a.tasks.split(",") if t]
@@ -1059,7 +1071,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if n_cases:
                 first[m.name] = int(n_cases)
         except ValueError as e:
-            raise SystemExit(f"--methods: {e}")
+            raise SystemExit(f"--methods: {e}") from None
         methods.append(m)
     k, n = (int(x) for x in a.shard.split("/"))
     name = a.name or f"tasks_{a.model}"
@@ -1079,21 +1091,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, tok = load(a.model, a.dtype)
     hay = Haystack(tok)
     # round-robin over (task, length): a run cut short still covers every cell
-    cases = []
-    for i in range(max(per.values())):
-        for L in lengths:
-            for t in tasks:
-                if i < per[t]:
-                    cases.append(make_case(t, L, i, tok, hay, a.seed, fwe_alpha=a.fwe_alpha))
+    cases = [make_case(t, L, i, tok, hay, a.seed, fwe_alpha=a.fwe_alpha)
+             for i in range(max(per.values())) for L in lengths for t in tasks if i < per[t]]
     cases = cases[k::n]
 
     def methods_for(c: Case):
-        return [m for m in methods if limit.get(m.name, c.length) >= c.length and c.index < first.get(m.name, c.index + 1)]
+        return [m for m in methods
+                if limit.get(m.name, c.length) >= c.length and c.index < first.get(m.name, c.index + 1)]
 
     cost = None
     if a.calibrate:
         cost = calibrate(model, tok, hay, a, log=lambda s: print(s, flush=True))
-        est = {}
+        est: dict = {}
         for c in cases:
             for key, s in plan([c], methods_for(c), cost, tok).items():
                 est[key] = est.get(key, 0.0) + s
