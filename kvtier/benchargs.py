@@ -3,6 +3,8 @@ point one way (cli -> library, bench -> library): the options of ``kvtier bench`
 JSON encoding of numpy values."""
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 
@@ -52,6 +54,16 @@ def bench_arguments(p) -> None:
     p.add_argument("--trace-dir", metavar="DIR",
                    help="trace cache (default $KVTIER_TRACE_DIR, else bench/.cache in a source checkout, "
                         "else ~/.cache/kvtier/traces)")
+
+
+def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Makes ``--help`` show each option's default (where its help does not already say it):
+    what every benchmark's parser passes through, so ``kvtier bench NAME --help`` lists them."""
+    for a in p._actions:
+        if (a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and a.nargs != 0
+                and "default" not in (a.help or "") and a.help != argparse.SUPPRESS):
+            a.help = f"{a.help} (default: %(default)s)" if a.help else "default: %(default)s"
+    return p
 
 
 def json_default(o):

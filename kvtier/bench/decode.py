@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from kvtier.bench.runtime import kv_bytes as _kv_bytes_dynamic
 from kvtier.bench.runtime import rss as _rss
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 
 def _make_cache(kind: str, model, full_bytes: int, device=None):
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-once", action="store_true",
                    help="prefill each context once (dense, in chunks) and start every run from a copy "
                         "(always with --model gemma3: a 32K prefill takes minutes here)")
-    a = p.parse_args(argv)
+    a = show_defaults(p).parse_args(argv)
     if a.model == "gemma3" or a.prefill_once:
         return _main_prefilled(a, argv)
     import torch

@@ -41,6 +41,7 @@ import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import LAYOUTS, replay
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 
 def add_setting_args(ap):
@@ -66,7 +67,7 @@ def main(argv=None):
                          "request, so entries/read is the mean contiguous run length")
     ap.add_argument("--tag", default="", help="suffix of the output files (flash<tag>.json/.md)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
     prof = kvtier.PROFILES[a.device]
     rows = []

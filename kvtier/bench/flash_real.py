@@ -42,6 +42,7 @@ import numpy as np
 import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 SIZES = tuple(4096 << i for i in range(7))  # 4 KiB .. 256 KiB: where retrieval reads fall
 
@@ -111,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--backends", default="io_uring,pread",
                     help="read backends to compare (the first is the one reported per bucket)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
     trace = load_trace(a.workload, prefill=512, decode=2048)
     root = a.dir or tempfile.mkdtemp(prefix="kvtier-flash-real-")

@@ -60,6 +60,7 @@ import numpy as np
 
 from kvtier import parse_size
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 N_LAYER, N_KV_HEAD, HEAD_DIM = 30, 3, 64     # SmolLM2-135M: 90 collections, 256-byte entries
 CONFIG_KEYS = {
@@ -797,7 +798,7 @@ def main(argv=None):
     m.add_argument("--text", default="w2", choices=TEXTS, help="the text the runs read")
     m.add_argument("--note", action="append", default=[], help="a paragraph under the table")
     m.add_argument("--out", required=True)
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     a.argv = argv
     if a.what == "merge":
         merge(a, argv)

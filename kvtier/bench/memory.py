@@ -38,6 +38,7 @@ import numpy as np
 
 import kvtier
 from kvtier.bench.tables import command, md_table, write_results
+from kvtier.benchargs import show_defaults
 from kvtier.config import POLICIES
 
 
@@ -262,7 +263,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default=None,
                     help="file stem of the JSON and Markdown written under --out (default memory_<cases>)")
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     rows: list[dict] = []
     policies = a.policies.split(",")
     cases = a.cases.split(",")

@@ -52,6 +52,7 @@ import numpy as np
 
 from kvtier.bench.policies import save
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 METHODS = ("full", "sink+window", "none", "static", "local", "adaptive")
 # the same cases through llama.cpp (the GGUF the torch model is read from): kvtier.bench.llama_cpp
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("bench", "results"),
                     help="results directory (default: bench/results)")
     ap.add_argument("--name", default="needle", help="stem of the result files")
-    args = ap.parse_args(argv)
+    args = show_defaults(ap).parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS + LLAMA_METHODS]
     if bad:

@@ -31,6 +31,7 @@ import numpy as np
 
 import kvtier
 from kvtier.bench.tables import md_table, write_results
+from kvtier.benchargs import show_defaults
 
 DATASETS = ("random10k", "random1m", "real")
 K = 10
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random data and the query draws")
     ap.add_argument("--dram-budget", default="256MiB", help="the store's DRAM budget")
     ap.add_argument("--out", default=None, help="directory for nprobe_default.json and .md (default: print only)")
-    args = ap.parse_args(argv)
+    args = show_defaults(ap).parse_args(argv)
     names = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in names if d not in DATASETS]
     if bad:

@@ -33,6 +33,7 @@ import numpy as np
 import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.tables import write_results
+from kvtier.benchargs import show_defaults
 
 
 def _compute(a, b, reps):
@@ -83,7 +84,7 @@ def main(argv=None):
     ap.add_argument("--dram-budget", default="4MiB")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     trace = load_trace("W1", prefill=512, decode=2048)
     # calibrate the matmul count that takes compute-ms here
     x = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import md_table, save
+from kvtier.benchargs import show_defaults
 
 POLICIES = ("none", "static", "local", "adaptive")
 
@@ -99,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--dram-budget", default="64MiB")
     ap.add_argument("--param", action="append", help="policy.name=value, e.g. adaptive.tau_factor=1.2")
     ap.add_argument("--out", default=None, help="directory for policies.json and policies.md")
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     layers = None if a.layers == "all" else [int(x) for x in a.layers.split(",")]
     budgets = [float(x) for x in a.budgets.split(",")]
     t0 = time.time()

@@ -60,7 +60,7 @@ import numpy as np
 from kvtier.bench.capture import Trace, load_trace, read_trace, resolve_cache_dir, trace_path
 from kvtier.bench.kvreplay import LAYOUTS, replay
 from kvtier.bench.tables import md_table
-from kvtier.benchargs import json_default
+from kvtier.benchargs import json_default, show_defaults
 from kvtier.config import POLICIES as CLUSTERINGS
 from kvtier.config import PROFILES, DeviceProfile, parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
@@ -911,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m kvtier.bench.suite", description=__doc__.split("\n\n")[0])
     bench_arguments(p)
-    a = p.parse_args(argv)
+    a = show_defaults(p).parse_args(argv)
     s, out = settings_from_args(a)
     cmd = command_line(sys.argv[1:] if argv is None else argv, "python -m kvtier.bench.suite")
     report = run_suite(s, out, command=cmd)

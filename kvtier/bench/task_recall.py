@@ -36,6 +36,7 @@ import numpy as np
 from kvtier.bench import tasks as T
 from kvtier.bench.runtime import load, prefill
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 
 def answer_positions(context: str, offsets, answers: Sequence[str]) -> list:
@@ -194,7 +195,7 @@ def measure_cases(a, methods, path: str, have: set, done: list) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = show_defaults(_parser()).parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         methods = [T.parse_method(x) for x in a.methods.split(",") if x]

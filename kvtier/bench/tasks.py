@@ -83,6 +83,7 @@ from kvtier.bench.runtime import kv_bytes as dense_bytes
 from kvtier.bench.runtime import peak_rss as _peak_rss
 from kvtier.bench.runtime import rss as _rss
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "fwe", "heldout")
 #: the tasks whose answer is a fact stated somewhere in the context
@@ -1050,7 +1051,7 @@ def _cases_per(text: str, tasks: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = show_defaults(_parser()).parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     tasks = [t for t in a.tasks.split(",") if t]
     bad = [t for t in tasks if t not in TASKS]

@@ -66,6 +66,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 METHODS = ("sink+window", "none", "static", "local", "adaptive")
 
@@ -481,7 +482,7 @@ def main(argv=None) -> int:
                     help="also write the tables, with this command, to a Markdown file beside --out")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of an earlier result file")
-    args = ap.parse_args(argv)
+    args = show_defaults(ap).parse_args(argv)
     if args.report:
         result = json.loads(Path(args.report).read_text())
         print(markdown(result["rows"]))

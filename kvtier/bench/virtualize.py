@@ -31,6 +31,7 @@ import kvtier
 from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import command, md_table, write_results
+from kvtier.benchargs import show_defaults
 
 MODES = {"resident": (False, True), "virtualized": (True, True), "virtualized-index": (True, False)}
 
@@ -95,7 +96,7 @@ def main(argv=None):
                          "virtualized-index (only the index is parked, cached clusters dropped)")
     ap.add_argument("--decode", type=int, default=1024)
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     trace = load_trace(a.workload, prefill=512, decode=a.decode)
     layers = list(range(trace.n_layers))
     rows = []

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.bench.tables import md_table
+from kvtier.benchargs import show_defaults
 
 METHODS = ("exact", "hnswlib", "faiss-ivf", "kvtier")
 K = 10
@@ -573,7 +574,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="device profile for modeled I/O time, or 'none' (default ufs4.0)")
     p.add_argument("--workdir", default=None,
                    help="where kvtier stores live during the run (default: the trace cache)")
-    args = p.parse_args(argv)
+    args = show_defaults(p).parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
     if unknown:

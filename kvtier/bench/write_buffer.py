@@ -33,6 +33,7 @@ from kvtier.bench.capture import load_trace
 from kvtier.bench.flash import add_setting_args
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import command, md_table, write_results
+from kvtier.benchargs import show_defaults
 
 
 def main(argv=None):
@@ -43,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="0,64KiB,128KiB,256KiB,1MiB",
                     help="write-buffer sizes (128KiB is the default at a 4 MiB budget: a thirty-second)")
     ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
+    a = show_defaults(ap).parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
     trace = load_trace(a.workload, prefill=a.prefill, decode=a.decode)
     heads = len(layers) * trace.n_kv_heads
