@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def ggml_op_id(op_name: str) -> int:
 class CacheTensor:
     """One layer's K or V cache tensor as the graph showed it: address, shape, strides, type."""
 
-    __slots__ = ("data", "ne", "nb", "type")
+    __slots__ = ("data", "nb", "ne", "type")
 
     def __init__(self, t: GgmlTensor):
         self.data = int(t.data or 0)
@@ -116,17 +116,17 @@ class GraphHook:
         import llama_cpp
 
         self.n_layer, self.n_head, self.keep = n_layer, n_head, keep
-        self.q: Optional[np.ndarray] = None     # [keep, n_layer, n_head, head_dim], on first use
-        self.last: Optional[np.ndarray] = None  # [n_layer, n_head, head_dim]: each layer's latest token
+        self.q: np.ndarray | None = None     # [keep, n_layer, n_head, head_dim], on first use
+        self.last: np.ndarray | None = None  # [n_layer, n_head, head_dim]: each layer's latest token
         self.filled = 0
         self._next = 0                          # ring slot of the next token
         self._rows = np.zeros(0, np.int64)      # ring slots of the current ubatch's captured tokens
         self._tok = np.zeros(0, np.int64)       # which tokens of the ubatch they are
         self._before = 0                        # rows of earlier tokens valid during this ubatch
         self.seen = np.zeros(n_layer, dtype=bool)
-        self.cells: Optional[np.ndarray] = None
-        self.error: Optional[str] = None
-        self.on_layer: Optional[Callable[[int, np.ndarray], None]] = None
+        self.cells: np.ndarray | None = None
+        self.error: str | None = None
+        self.on_layer: Callable[[int, np.ndarray], None] | None = None
         self.discover = False
         self.k_tensors: dict[int, CacheTensor] = {}
         self.v_tensors: dict[int, CacheTensor] = {}
@@ -222,6 +222,7 @@ class GraphHook:
         if self.on_layer is not None:
             # the previous tokens' rows, before this ubatch overwrites its ring slots
             self.on_layer(layer, cur)
+        assert self.q is not None and self.last is not None  # allocated above; on_layer keeps them
         self.q[self._rows, layer] = cur[self._tok]
         self.last[layer] = cur[n - 1]
         self.seen[layer] = True
@@ -241,13 +242,13 @@ class GraphHook:
         start = int(self._rows[0]) if len(self._rows) else self._next
         return self.q[(start - 1 - np.arange(k)) % self.keep, layer]
 
-    def recent(self) -> Optional[np.ndarray]:
+    def recent(self) -> np.ndarray | None:
         """A copy of the valid rows, oldest first: [rows, n_layer, n_head, head_dim]."""
         if self.q is None or not self.filled:
             return None
         return self.q[(self._next - self.filled + np.arange(self.filled)) % self.keep]   # oldest first
 
-    def reset(self, rows: Optional[np.ndarray] = None) -> None:
+    def reset(self, rows: np.ndarray | None = None) -> None:
         """Empties the ring, or fills it with ``rows`` (as returned by :meth:`recent`)."""
         self.filled = 0
         self._next = 0
@@ -255,7 +256,7 @@ class GraphHook:
         self._rows = np.zeros(0, np.int64)
         if rows is not None and len(rows):
             if self.q is None:
-                self.q = np.zeros((self.keep,) + rows.shape[1:], np.float32)
+                self.q = np.zeros((self.keep, *rows.shape[1:]), np.float32)
             m = min(len(rows), self.keep)
             self.q[:m] = rows[-m:]
             self.filled = m

@@ -69,9 +69,9 @@ class KVLayout:
 
     # -- reading -----------------------------------------------------------------------------
     @classmethod
-    def from_probe(cls, blob: np.ndarray, n_layer: int, n_head_kv: int) -> "KVLayout":
+    def from_probe(cls, blob: np.ndarray, n_layer: int, n_head_kv: int) -> KVLayout:
         """Derives (and checks) the layout from the blob of a one-cell sequence."""
-        b = memoryview(np.ascontiguousarray(blob, dtype=np.uint8))
+        b = np.ascontiguousarray(blob, dtype=np.uint8).data
         hdr = np.frombuffer(b[:16], dtype="<u4")
         if hdr[0] != MAGIC:
             raise StateFormatError(f"unknown state magic {hdr[0]:#x}")
@@ -114,6 +114,8 @@ class KVLayout:
                 off += size
         if off != len(b):
             raise StateFormatError(f"{len(b) - off} unexplained bytes at the end of the state blob")
+        if row is None:
+            raise StateFormatError("the state blob holds no layer")
         if row % n_head_kv:
             raise StateFormatError(f"K rows of {row} elements do not split into {n_head_kv} KV heads")
         return cls(n_layer=int(nl), n_head_kv=n_head_kv, head_dim=row // n_head_kv, v_trans=bool(v_trans))

@@ -101,7 +101,6 @@ outnumber the live, the live ones are copied to fresh collections.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import math
@@ -110,7 +109,8 @@ import re
 import struct
 import time
 import weakref
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -136,8 +136,9 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: time); with the prompt chunk, the room the cells keep beside sinks, slots and window.
 SYNC_TOKENS = 16
 #: The defaults, chosen for a phone user (why: the class docstring and the module's notes).
-DEFAULTS = {"budget": 0.1, "dram_tokens": 1024, "sinks": 4, "window": 64, "prefill": "dense",
-            "refresh_every": 1, "query_tokens": 1, "overfetch": 1.0, "prefetch": True, "cache_policy": "lru"}
+DEFAULTS: dict[str, Any] = {"budget": 0.1, "dram_tokens": 1024, "sinks": 4, "window": 64, "prefill": "dense",
+                            "refresh_every": 1, "query_tokens": 1, "overfetch": 1.0, "prefetch": True,
+                            "cache_policy": "lru"}
 
 # llama kwargs this adapter refuses, with the reason.
 _REFUSED = {
@@ -146,7 +147,8 @@ _REFUSED = {
     "draft_model": (lambda v: v is not None, "speculative decoding is not supported"),
     "lora_path": (lambda v: v is not None, "LoRA adapters are not supported (the context is rebuilt)"),
     "vocab_only": (lambda v: bool(v), "a vocab-only model cannot decode"),
-    "n_gpu_layers": (lambda v: v not in (0, None), "CPU only: the adapter reads and writes the KV cache in host memory"),
+    "n_gpu_layers": (lambda v: v not in (0, None),
+                     "CPU only: the adapter reads and writes the KV cache in host memory"),
     "type_k": (lambda v: v not in (None, llama_cpp.GGML_TYPE_F16), "the KV cache must stay float16"),
     "type_v": (lambda v: v not in (None, llama_cpp.GGML_TYPE_F16), "the KV cache must stay float16"),
     "n_seq_max": (lambda v: True, "the adapter sets it (it uses parking sequence ids)"),
@@ -233,7 +235,7 @@ class _TieredContext(internals.LlamaContext):
     """The llama context with Llama.generate's rollbacks (``kv_cache_seq_rm(-1, p, -1)``) routed
     to the adapter, which also has to forget the rolled-back tokens in kvtier."""
 
-    def __init__(self, owner: "TieredLlama", **kw):
+    def __init__(self, owner: TieredLlama, **kw):
         super().__init__(**kw)
         self._owner = weakref.ref(owner)
 
@@ -299,20 +301,25 @@ class TieredLlama(Llama):
       ``overfetch=1.0`` (2.0: top-1 +0.02 at 2K for 4x the retrieval time), ``sinks=4``.
     """
 
-    def __init__(self, model_path: str, budget: Union[int, float] = DEFAULTS["budget"],
-                 dram_tokens: int = DEFAULTS["dram_tokens"], policy: Optional[str] = None, *,
+    # Set up in __init__: the store (_open_store), the KV layout and the cache tensors (the probe
+    # decode of _new_context). _kv is None only while a context is replaced or after close().
+    _store: kvtier.Store
+    _layout: KVLayout
+    _kv: KVBuffers
+
+    def __init__(self, model_path: str, budget: int | float = DEFAULTS["budget"],
+                 dram_tokens: int = DEFAULTS["dram_tokens"], policy: str | None = None, *,
                  sinks: int = DEFAULTS["sinks"], window: int = DEFAULTS["window"],
-                 prefill: str = DEFAULTS["prefill"], prefill_budget: Union[None, int, float] = None,
-                 prefill_chunk: Optional[int] = None, refresh_every: int = DEFAULTS["refresh_every"],
+                 prefill: str = DEFAULTS["prefill"], prefill_budget: int | float | None = None,
+                 prefill_chunk: int | None = None, refresh_every: int = DEFAULTS["refresh_every"],
                  query_tokens: int = DEFAULTS["query_tokens"], overfetch: float = DEFAULTS["overfetch"],
                  prefetch: bool = DEFAULTS["prefetch"],
-                 store: Union[None, str, os.PathLike, "kvtier.Store"] = None,
-                 store_dram_budget="64MiB", device=None, direct_io: Union[bool, str] = "auto",
+                 store: str | os.PathLike | kvtier.Store | None = None,
+                 store_dram_budget="64MiB", device=None, direct_io: bool | str = "auto",
                  cache_policy: str = DEFAULTS["cache_policy"],
-                 session: str = "default", collection_kwargs: Optional[dict] = None, compress_level: int = 1,
+                 session: str = "default", collection_kwargs: dict | None = None, compress_level: int = 1,
                  **llama_kwargs):
-        self._store = None
-        self._owner: Optional[_core.StoreOwner] = None   # what close() closes or removes
+        self._owner: _core.StoreOwner | None = None   # what close() closes or removes
         self._contexts: list = []
         self._budget = budget_arg(budget)
         self._dram = positive_int("dram_tokens", dram_tokens, 2, 1 << 24)
@@ -366,7 +373,7 @@ class TieredLlama(Llama):
             self._hook = GraphHook(self._n_layer, self._n_head, keep=self._R)
             self._hook.on_layer = self._on_layer
             self._rout: dict = {}               # per layer: retrieve_many's buffers, reused
-            self._layout: Optional[KVLayout] = None
+            self._layout = None  # type: ignore[assignment]  # the first probe below sets it
             # The per-head rescoring is many tiny matmuls: handing each to OpenBLAS's thread pool
             # costs milliseconds on a busy machine (and competes with llama.cpp's threads).
             self._blas = ThreadpoolController()
@@ -412,7 +419,7 @@ class TieredLlama(Llama):
     def _new_context(self, n_cells: int) -> None:
         """Replaces the llama context by a new one of ``n_cells`` cells (parking sequences, the
         graph hook) and finds its KV buffers with a probe decode."""
-        self._kv = None
+        self._kv = None  # type: ignore[assignment]  # the old context's tensors: gone
         old = getattr(self, "_ctx", None)
         if old is not None:
             old.close()
@@ -453,12 +460,14 @@ class TieredLlama(Llama):
             missing = np.flatnonzero(~hook.seen).tolist()
             raise UnsupportedModelError(
                 f"model_path: the eval callback did not deliver post-RoPE queries (Qcur-<layer>) "
-                f"for layers {missing[:8]}{'...' if len(missing) > 8 else ''}: {hook.error or 'not found in the graph'}")
+                f"for layers {missing[:8]}{'...' if len(missing) > 8 else ''}: "
+                f"{hook.error or 'not found in the graph'}")
         blob = self._seq_blob(SEQ_DUMP)
         try:
             layout = KVLayout.from_probe(blob, self._n_layer, self._n_head_kv)
         except StateFormatError as e:
             raise UnsupportedModelError(f"model_path: unsupported KV cache layout: {e}") from None
+        assert hook.q is not None  # every layer's queries were seen
         if layout.head_dim != hook.q.shape[3]:
             raise UnsupportedModelError(f"model_path: key head size {layout.head_dim} differs from query head "
                                         f"size {hook.q.shape[3]}")
@@ -494,7 +503,7 @@ class TieredLlama(Llama):
         self._n_peak = 0
 
     # -- conversation state -----------------------------------------------------------------
-    def _start(self, session: str, gen: Optional[int] = None):
+    def _start(self, session: str, gen: int | None = None):
         """An empty conversation in fresh collections ``<session>.g<gen>.*``."""
         self._leave_dense()
         llama_cpp.llama_memory_clear(self._mem, True)
@@ -508,7 +517,8 @@ class TieredLlama(Llama):
         self._synced = 0            # positions [0, synced) are in the store
         self._tail_lo = self._S     # positions [tail_lo, n) and [0, sinks) sit in cells of their own
         self._cell_of = np.full(self._logical_n_ctx, -1, np.int64)    # their cell indices
-        self._set_slots(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
+        self._set_slots(np.empty(0, np.int64), np.empty(0, np.int64),
+                        np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
         self._cells = 0             # cells llama.cpp holds in the main sequence (checked against it)
         self._stale = False         # resident cells no longer match the positions (deep rollback)
         self._since_retrieval = 0   # decoded tokens since the slots were last retrieved
@@ -745,7 +755,7 @@ class TieredLlama(Llama):
             return
         t0 = time.perf_counter()
         c = q.shape[0]
-        if self._R > c:
+        if c < self._R:
             prev = self._hook.previous(layer, self._R - c)
             if len(prev):
                 q = np.concatenate([q, prev], axis=0)
@@ -834,14 +844,14 @@ class TieredLlama(Llama):
         self._t["retrieve"] += time.perf_counter() - t0
 
     def _place(self, layer: int, newp: np.ndarray, keys: np.ndarray, values: np.ndarray,
-               pick: Optional[np.ndarray]) -> None:
+               pick: np.ndarray | None) -> None:
         """Makes the slots of every KV head of ``layer`` hold the positions ``newp`` [H, b], whose
         K and V are rows ``pick`` [H, b] (None: 0..b-1) of keys, values [H, m, D]: slots already
-        holding one keep it, the free ones receive the rest (only their rows are gathered). When every slot of the layer is free (its first fill), the newcomers go in position
-        order into slot order (which is nominal position order), so that when every entry is
+        holding one keep it, the free ones receive the rest (only their rows are gathered). When
+        every slot of the layer is free (its first fill), the newcomers go in position order into
+        slot order (which is nominal position order), so that when every entry is
         selected each sits at its own position. Set membership is read from stamps: one int64
         per (head, position), stamped with a fresh value per call, never cleared."""
-        H = self._n_head_kv
         cur = self._slot_pos[layer]                       # [H, b], -1: unwritten
         span = self._logical_n_ctx + 1
         newf = newp + self._span_off
@@ -1179,7 +1189,11 @@ class TieredLlama(Llama):
             resident, header = resident[:16], dict(header, cells=0, tail_lo=self._S)
             arrays = dict(arrays, slot_nom=np.empty(0, np.int64),
                           slot_pos=np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
-        pos, k, v = self._layout.parse(resident) if header["cells"] else (np.empty(0, np.int32), None, None)
+        k: np.ndarray | None = None
+        v: np.ndarray | None = None
+        pos = np.empty(0, np.int32)
+        if header["cells"]:
+            pos, k, v = self._layout.parse(resident)
         nom = np.asarray(arrays["slot_nom"], np.int64)
         tail_lo = header["tail_lo"]
         own = (pos < self._S) | (pos >= tail_lo)
@@ -1195,7 +1209,8 @@ class TieredLlama(Llama):
         self._set_colls(colls)
         self._n, self._synced, self._tail_lo = header["n"], header["synced"], tail_lo
         self._cell_of[:] = -1
-        cells = self._load_cells(pos.astype(np.int64), k, v) if len(pos) else np.empty(0, np.int64)
+        cells = (self._load_cells(pos.astype(np.int64), k, v) if k is not None and v is not None and len(pos)
+                 else np.empty(0, np.int64))
         self._cell_of[pos[own]] = cells[own]
         slot_cell = np.empty(len(nom), np.int64)
         slot_cell[j] = cells[~own]
@@ -1281,7 +1296,7 @@ class TieredLlama(Llama):
     def close(self) -> None:
         owner = getattr(self, "_owner", None)
         try:
-            self._kv = None
+            self._kv = None  # type: ignore[assignment]  # closed: the tensors go with the contexts
             for c in getattr(self, "_contexts", ()):
                 c.close()
             if hasattr(self, "_stack"):

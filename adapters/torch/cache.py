@@ -46,7 +46,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +113,8 @@ def _kvtier_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     for name in ("s_aux", "sinks", "position_bias", "sliding_window"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(
-                f"TieredCache: this model passes {name!r} to its attention, which kvtier's sparse attention does not handle")
+                f"TieredCache: this model passes {name!r} to its attention, which kvtier's sparse attention does "
+                "not handle")
     if dropout and module.training:
         raise NotImplementedError("TieredCache is for inference: attention dropout in training mode is not supported")
     if scaling is None:
@@ -130,7 +131,7 @@ AttentionInterface.register(ATTENTION_NAME, _kvtier_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, _kvtier_mask)
 
 # model -> [attention implementation before binding, live TieredCaches bound to it]
-_BINDINGS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_BINDINGS: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 _BIND_LOCK = threading.Lock()
 
 
@@ -173,10 +174,12 @@ def check_model(model) -> dict:
     cfg = model.config
     name = f"{type(model).__name__} ({getattr(cfg, 'model_type', '?')})"
     if getattr(cfg, "is_encoder_decoder", False):
-        raise InvalidArgumentError(f"model: {name} is an encoder-decoder model; TieredCache supports decoder-only models")
+        raise InvalidArgumentError(
+            f"model: {name} is an encoder-decoder model; TieredCache supports decoder-only models")
     text = cfg.get_text_config(decoder=True)
     if text is not cfg:
-        raise InvalidArgumentError(f"model: {name} is a composite (multimodal) model; TieredCache supports text decoders")
+        raise InvalidArgumentError(
+            f"model: {name} is a composite (multimodal) model; TieredCache supports text decoders")
     layer_types, layer_kwargs = get_layer_types_and_kwargs(cfg)
     odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
     if odd:
@@ -190,9 +193,11 @@ def check_model(model) -> dict:
         raise InvalidArgumentError(
             f"model: {name} has only sliding-window layers (window {getattr(cfg, 'sliding_window', '?')}): "
             "nothing grows past the window, so there is nothing for TieredCache to tier; use DynamicCache")
-    windows = {kw.get("sliding_window") for t, kw in zip(layer_types, layer_kwargs) if t == "sliding_attention"}
+    windows = {kw.get("sliding_window") for t, kw in zip(layer_types, layer_kwargs, strict=True)
+               if t == "sliding_attention"}
     if any(not isinstance(w, int) or w < 1 for w in windows):
-        raise InvalidArgumentError(f"model: {name} has sliding-window layers without a positive sliding_window ({windows})")
+        raise InvalidArgumentError(
+            f"model: {name} has sliding-window layers without a positive sliding_window ({windows})")
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise InvalidArgumentError(
             f"model: {name} caps its attention logits (attn_logit_softcapping={cfg.attn_logit_softcapping}), "
@@ -202,19 +207,21 @@ def check_model(model) -> dict:
     if not getattr(model, "_supports_attention_backend", False):
         raise InvalidArgumentError(
             f"model: {name} does not compute attention through transformers' AttentionInterface")
-    n_q, n_kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+    n_q = getattr(cfg, "num_attention_heads", None)
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_q
     if not n_q or not n_kv or n_q % n_kv:
-        raise InvalidArgumentError(f"model: {name} has {n_q} query heads and {n_kv} KV heads; a whole number of query heads per KV head expected")
+        raise InvalidArgumentError(f"model: {name} has {n_q} query heads and {n_kv} KV heads; a whole number of "
+                                   "query heads per KV head expected")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
     return {"layers": len(layer_types), "q_heads": int(n_q), "kv_heads": int(n_kv), "head_dim": int(head_dim),
             "layer_types": list(layer_types),
             "sliding_windows": [kw.get("sliding_window") if t == "sliding_attention" else None
-                                for t, kw in zip(layer_types, layer_kwargs)]}
+                                for t, kw in zip(layer_types, layer_kwargs, strict=True)]}
 
 
-def estimate_dram(model, context: int, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
+def estimate_dram(model, context: int, budget: int | float = 0.1, policy: str | None = None,
                   sinks: int = 4, window: int = 32, store_dtype: str = "float16", dram_budget=None,
-                  collection_options: Optional[dict] = None) -> dict:
+                  collection_options: dict | None = None) -> dict:
     """DRAM a TieredCache for ``model`` holds at ``context`` tokens, before running it.
 
     Counts both kinds of layer: the sliding-window layers' windows (``sliding_bytes``, as
@@ -268,7 +275,11 @@ class _TieredLayer(CacheLayerMixin):
         self.colls = colls
         self.seen = 0          # tokens this layer has cached
         self.stored = 0        # of which in the store (same count in every KV head)
-        self.sink_k = self.sink_v = self.win_k = self.win_v = None  # [kv_heads, n, head_dim]
+        # [kv_heads, n, head_dim] each, from lazy_initialization on (is_initialized)
+        self.sink_k: Any = None
+        self.sink_v: Any = None
+        self.win_k: Any = None
+        self.win_v: Any = None
         self.prev_clusters: list = [None] * len(colls)
         self.prev_query = None  # [kv_heads, rows, head_dim] float32: the last retrieve's query groups
         self.fetch_out = None   # kvtier.RetrievedMany: the layer's fetch buffers, reused every step
@@ -363,12 +374,16 @@ class TieredCache(Cache):
     ``cache=``); one sequence (batch size 1), no padding; inference only.
     """
 
-    def __init__(self, model, budget: Union[int, float] = 0.1, policy: Optional[str] = None,
+    #: one per model layer: a _TieredLayer (full attention) or transformers'
+    #: DynamicSlidingWindowLayer (``tiered`` lists the former)
+    layers: list[Any]
+
+    def __init__(self, model, budget: int | float = 0.1, policy: str | None = None,
                  sinks: int = 4, window: int = 32, dram_budget=None, device=None, path=None, *,
                  prefetch: bool = True, store_dtype: str = "float16",
-                 collection_options: Optional[dict] = None, virtualize: bool = False, write_buffer=None,
-                 estimate: Union[bool, int, str] = False, estimate_variance: bool = False,
-                 direct_io: Union[bool, str] = "auto"):
+                 collection_options: dict | None = None, virtualize: bool = False, write_buffer=None,
+                 estimate: bool | int | str = False, estimate_variance: bool = False,
+                 direct_io: bool | str = "auto"):
         geo = check_model(model)
         # the estimated zone (adapters/torch/estimate.py): False off, else the clusters per retrieve
         self.estimate = estimate_clusters(estimate, DEFAULT_ESTIMATE)
@@ -396,14 +411,14 @@ class TieredCache(Cache):
                 raise InvalidArgumentError(
                     f"path: the store at {path!r} already holds collections; TieredCache needs a new or empty store")
             #: indices of the layers tiered into the store (full attention); the others slide
-            self.tiered = [l for l, w in enumerate(geo["sliding_windows"]) if w is None]
+            self.tiered = [i for i, w in enumerate(geo["sliding_windows"]) if w is None]
             # value sums (the estimate's summaries) only when the estimate is on
             grid = iter(_core.open_grid(self.store, "L{layer}.H{head}", self.tiered, self.n_kv, dim=self.head_dim,
                                         value_dim=self.head_dim, dtype=store_dtype, metric="ip", policy=policy,
                                         value_sums=self.estimate is not False, **self._collection_options))
             # a sliding-window layer keeps its window in DRAM, as the model defines it
-            layers = [_TieredLayer(next(grid)) if w is None else DynamicSlidingWindowLayer(sliding_window=w)
-                      for w in geo["sliding_windows"]]
+            layers: list[Any] = [_TieredLayer(next(grid)) if w is None else DynamicSlidingWindowLayer(sliding_window=w)
+                                 for w in geo["sliding_windows"]]
             self.policy = layers[self.tiered[0]].colls[0].policy
             _bind(model)
         except BaseException:
@@ -413,8 +428,8 @@ class TieredCache(Cache):
         self._model_ref = weakref.ref(model)
         owner.on_close(_unbind, self._model_ref)
         self._finalizer = owner.finalize(self)
-        self._pending: Optional[int] = None
-        self._broken: Optional[str] = None
+        self._pending: int | None = None
+        self._broken: str | None = None
         self._seen = [0] * self.n_layers  # tokens each layer has been given
         self._resident = 0  # adapter tensors: tiered layers' sinks and windows, sliding layers' windows
         self._peak = 0
@@ -423,7 +438,7 @@ class TieredCache(Cache):
         self._counts, self._seconds = self._counters.c, self._counters.t
 
     # -- context manager / lifetime --------------------------------------------------------
-    def __enter__(self) -> "TieredCache":
+    def __enter__(self) -> TieredCache:
         return self
 
     def __exit__(self, *exc):
@@ -471,7 +486,8 @@ class TieredCache(Cache):
             self._counts["decode_steps"] += q == 1
         elif self._seen[layer_idx] != self._seen[0] - q:
             self._broken = "layers out of step"
-            raise RuntimeError("TieredCache: layers are out of step (an earlier forward was interrupted); make a new cache")
+            raise RuntimeError(
+                "TieredCache: layers are out of step (an earlier forward was interrupted); make a new cache")
         self._seen[layer_idx] += q
         if not isinstance(layer, _TieredLayer):
             # a sliding-window layer: transformers' own layer keeps the last window - 1 tokens and
@@ -499,18 +515,18 @@ class TieredCache(Cache):
         return None if model is None else model.config._attn_implementation
 
     # -- the sparse attention ------------------------------------------------------------
-    def _attend(self, l: int, query, key, value, mask, scaling: float):
+    def _attend(self, idx: int, query, key, value, mask, scaling: float):
         try:
-            out = self._attend_unchecked(l, query, key, value, mask, scaling)
+            out = self._attend_unchecked(idx, query, key, value, mask, scaling)
         except BaseException as e:
-            self._broken = f"{type(e).__name__} in layer {l}: {e}"
+            self._broken = f"{type(e).__name__} in layer {idx}: {e}"
             raise
         finally:
             self._pending = None
         return out
 
-    def _attend_unchecked(self, l, query, key, value, mask, scaling):
-        layer: _TieredLayer = self.layers[l]
+    def _attend_unchecked(self, idx, query, key, value, mask, scaling):
+        layer: _TieredLayer = self.layers[idx]
         g, n_kv, d = self.group, self.n_kv, self.head_dim
         q_len = query.shape[2]
         if mask is not None:
@@ -518,7 +534,7 @@ class TieredCache(Cache):
         new_k, new_v = key[0].detach(), value[0].detach()  # [kv_heads, q_len, d]
         fetched = est = None
         n_budget = self._entries(layer.seen)
-        t = self.tiered.index(l)  # this layer's place among the tiered ones (sliding layers skipped)
+        t = self.tiered.index(idx)  # this layer's place among the tiered ones (sliding layers skipped)
         if self.virtualize:
             ahead = self.layers[self.tiered[(t + (2 if self.prefetching else 1)) % len(self.tiered)]]
             self.store.unpark(ahead.colls, wait=False)
@@ -556,8 +572,8 @@ class TieredCache(Cache):
             parts_v.append(torch.from_numpy(fv[:, :width]).to(dev, dt))
             if int(lens.min()) < width:
                 valid = torch.arange(width, device=dev)[None, :] < torch.from_numpy(lens).to(dev)[:, None]
-        keys = torch.cat(parts_k + [layer.sink_k, layer.win_k, new_k], dim=1)
-        values = torch.cat(parts_v + [layer.sink_v, layer.win_v, new_v], dim=1)
+        keys = torch.cat([*parts_k, layer.sink_k, layer.win_k, new_k], dim=1)
+        values = torch.cat([*parts_v, layer.sink_v, layer.win_v, new_v], dim=1)
         attn_mask = None
         if valid is not None:  # [kv_heads, 1, keys], broadcast over the group's queries
             attn_mask = torch.ones((n_kv, 1, keys.shape[1]), dtype=torch.bool, device=dev)
@@ -585,8 +601,8 @@ class TieredCache(Cache):
                 m = int(fetched[2][h])
                 parts_k.append(torch.from_numpy(fetched[0][h, :m]).to(dev, dt))
                 parts_v.append(torch.from_numpy(fetched[1][h, :m]).to(dev, dt))
-            keys = torch.cat(parts_k + [layer.sink_k[h], layer.win_k[h], new_k[h]])[None]
-            values = torch.cat(parts_v + [layer.sink_v[h], layer.win_v[h], new_v[h]])[None]
+            keys = torch.cat([*parts_k, layer.sink_k[h], layer.win_k[h], new_k[h]])[None]
+            values = torch.cat([*parts_v, layer.sink_v[h], layer.win_v[h], new_v[h]])[None]
             qh = query[0, h * g:(h + 1) * g]  # [g, q_len, d]
             past = keys.shape[1] - q_len
             mask_bytes = 0
@@ -716,30 +732,31 @@ class TieredCache(Cache):
                 f"cache: a DynamicCache of the same model ({self.n_layers} layers) expected, got {type(cache).__name__}"
                 + (f" with {len(src)} layers" if src is not None else ""))
         n = None
-        for l, (mine, theirs) in enumerate(zip(self.layers, src)):
+        for i, (mine, theirs) in enumerate(zip(self.layers, src, strict=True)):
             sliding = not isinstance(mine, _TieredLayer)
             ok = (isinstance(theirs, DynamicSlidingWindowLayer) and theirs.sliding_window == mine.sliding_window
                   if sliding else type(theirs).__name__ == "DynamicLayer")
             if not ok or not theirs.is_initialized:
                 raise InvalidArgumentError(
-                    f"cache: layer {l} is {type(theirs).__name__}"
+                    f"cache: layer {i} is {type(theirs).__name__}"
                     f"{'' if theirs.is_initialized else ' (empty)'}; a filled "
                     + (f"DynamicSlidingWindowLayer of window {mine.sliding_window}" if sliding else "DynamicLayer")
                     + " expected (DynamicCache(config=model.config) after a prefill)")
             k = theirs.keys
             if k.dim() != 4 or k.shape[0] != 1 or k.shape[1] != self.n_kv or k.shape[3] != self.head_dim:
                 raise InvalidArgumentError(
-                    f"cache: layer {l} holds keys of shape {tuple(k.shape)}; (1, {self.n_kv}, tokens, {self.head_dim}) expected")
+                    f"cache: layer {i} holds keys of shape {tuple(k.shape)}; (1, {self.n_kv}, tokens, "
+                    f"{self.head_dim}) expected")
             m = theirs.get_seq_length()
             if n is None:
                 n = m
             elif m != n:
-                raise InvalidArgumentError(f"cache: layer {l} has seen {m} tokens, layer 0 {n}")
+                raise InvalidArgumentError(f"cache: layer {i} has seen {m} tokens, layer 0 {n}")
             if not sliding and k.shape[2] != m:
-                raise InvalidArgumentError(f"cache: full layer {l} holds {k.shape[2]} of its {m} tokens")
+                raise InvalidArgumentError(f"cache: full layer {i} holds {k.shape[2]} of its {m} tokens")
         if not n:
             raise InvalidArgumentError("cache: holds no tokens")
-        for mine, theirs in zip(self.layers, src):
+        for mine, theirs in zip(self.layers, src, strict=True):
             k, v = theirs.keys.detach(), theirs.values.detach()
             mine.lazy_initialization(k, v)
             if isinstance(mine, _TieredLayer):
@@ -785,10 +802,11 @@ class TieredCache(Cache):
         ``tokens_seen``; ``tiered_layers`` / ``sliding_layers`` (a hybrid model's full
         attention layers are tiered, its sliding-window layers keep their window in DRAM);
         ``stored_tokens`` / ``resident_tokens`` per tiered (layer, KV head) in the store and in
-        DRAM; ``sliding_dram_bytes`` the sliding layers' windows; ``decode_steps`` forwards of one token; ``retrieves`` calls (one per layer, KV
-        head and step), ``fetched_entries`` the entries they returned and ``fetched_per_retrieve``
-        their mean (``fetched_per_step``: its old name, kept for one release); ``add_calls`` (one per layer and KV head whenever tokens leave the
-        window); ``prefetchable_share`` of the fetched entries, those in clusters the
+        DRAM; ``sliding_dram_bytes`` the sliding layers' windows; ``decode_steps`` forwards of
+        one token; ``retrieves`` calls (one per layer, KV head and step), ``fetched_entries`` the
+        entries they returned and ``fetched_per_retrieve`` their mean (``fetched_per_step``: its
+        old name, kept for one release); ``add_calls`` (one per layer and KV head whenever tokens
+        leave the window); ``prefetchable_share`` of the fetched entries, those in clusters the
         same layer and head fetched at its previous retrieve (what prefetching the previous
         step's clusters could overlap); ``adapter_dram_bytes`` the sink and window tensors
         (the sliding layers' windows included),
@@ -809,8 +827,8 @@ class TieredCache(Cache):
         ``prefetch_hits`` (prefetched clusters a retrieve then used), ``prefetch_read_bytes``,
         ``io_wait_seconds`` (time retrieves waited for prefetches still loading),
         ``swap_ins`` / ``swap_demand_ins`` / ``swap_read_bytes`` / ``swap_write_bytes`` (with
-        ``virtualize``), ...) and ``store`` its whole stats; ``estimate`` the clusters estimated per retrieve (False: off,
-        None: all) and ``estimated_per_retrieve`` the entries they stood for, per retrieve
+        ``virtualize``), ...) and ``store`` its whole stats; ``estimate`` the clusters estimated
+        per retrieve (False: off, None: all) and ``estimated_per_retrieve`` the entries they stood for, per retrieve
         (``estimated_per_step``: its old name, kept for one release).
         """
         s = self.store.stats()
@@ -819,18 +837,18 @@ class TieredCache(Cache):
         seen = self._seen[0]
         elem = first.sink_k.element_size() if first.is_initialized else 4
         per_token = self.n_kv * self.head_dim * 2  # key and value numbers per token and layer
-        sliding = [l for l in range(self.n_layers) if l not in self.tiered]
+        sliding = [i for i in range(self.n_layers) if i not in self.tiered]
         global_tokens = len(self.tiered) * seen
         # what DynamicCache would hold: every token of a full layer, window - 1 of a sliding one
-        dense_tokens = global_tokens + sum(min(seen, self.layers[l].sliding_window - 1) for l in sliding)
+        dense_tokens = global_tokens + sum(min(seen, self.layers[i].sliding_window - 1) for i in sliding)
         out = {
             "tokens_seen": seen,
             "tiered_layers": len(self.tiered),
             "sliding_layers": len(sliding),
             "stored_tokens": first.stored,
             "resident_tokens": seen - first.stored,
-            "sliding_dram_bytes": sum(_tensor_bytes(self.layers[l].keys, self.layers[l].values)
-                                      for l in sliding if self.layers[l].is_initialized),
+            "sliding_dram_bytes": sum(_tensor_bytes(self.layers[i].keys, self.layers[i].values)
+                                      for i in sliding if self.layers[i].is_initialized),
             "decode_steps": c["decode_steps"],
             "forwards": c["forwards"],
             **self._counters.retrieval(),
@@ -873,7 +891,7 @@ class TieredCache(Cache):
 
     def cluster_stats(self) -> dict:
         """Mean clusters, cluster size and variance over all collections (cluster health)."""
-        cs = [c.stats() for l in self.tiered for c in self.layers[l].colls]
+        cs = [c.stats() for i in self.tiered for c in self.layers[i].colls]
         return {"clusters": float(np.mean([c["clusters"] for c in cs])),
                 "mean_cluster_size": float(np.mean([c["mean_cluster_size"] for c in cs])),
                 "mean_variance": float(np.mean([c["mean_variance"] for c in cs]))}

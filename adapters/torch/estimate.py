@@ -15,8 +15,6 @@ any magnitudes (every exponent is <= 0). Computed in float32 whatever the model'
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -45,14 +43,14 @@ def merge(out_e, lse_e, val_z, lse_z):
     return out, m + torch.log(den)
 
 
-def attend(q, k, v, scale: float, mask=None, est_lse: Optional[torch.Tensor] = None,
-           est_val: Optional[torch.Tensor] = None):
+def attend(q, k, v, scale: float, mask=None, est_lse: torch.Tensor | None = None,
+           est_val: torch.Tensor | None = None):
     """Exact attention over (k, v), merged with the estimated zone when one is given.
 
     q [..., T, d]; k, v [..., N, d|dv] (broadcast against q's leading dims, e.g. one KV head
     for a GQA group of query heads); est_lse [..., T] and est_val [..., T, dv] per query row.
     Returns out [..., T, dv] in q's dtype."""
     out, lse = exact_attention(q, k, v, scale, mask)
-    if est_lse is not None:
+    if est_lse is not None and est_val is not None:
         out, _ = merge(out, lse, est_val.to(out.device), est_lse.to(out.device))
     return out.to(q.dtype)
