@@ -22,8 +22,9 @@ import numpy as np
 import kvtier
 from kvtier.bench import BENCHMARKS
 from kvtier.benchargs import bench_arguments, json_default, show_defaults
-from kvtier.config import parse_size
+from kvtier.config import POLICIES, parse_size
 from kvtier.errors import InvalidArgumentError, KvtierError
+from kvtier.params import DEFAULT_POLICY
 
 EXIT_ERROR = 1
 EXIT_UNAVAILABLE = 2
@@ -108,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--value-dim", type=int, default=argparse.SUPPRESS,
                    help="value dimension (default: the key dimension; 0 for keys alone)")
     e.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="keys' and values' dtype")
-    e.add_argument("--policy", default="adaptive", choices=["adaptive", "static", "local", "none"],
+    e.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
                    help="clustering policy")
     e.add_argument("--collections", type=int, default=1, help="collections of that size")
     e.add_argument("--fetch", type=float, default=0.1, help="share of the entries one retrieve fetches")

@@ -107,6 +107,27 @@ def test_policy_names_are_the_headers_table():
     assert {n: int(v) for v, n in cache} == _engine.CACHE_POLICIES == store.CACHE_POLICIES
 
 
+def test_no_other_source_lists_the_policies():
+    """The policy list is spelled once (the header's table): no Python source of the package,
+    the adapters or the benchmarks writes all the policy names, or all the cache-policy names,
+    in one literal sequence again (they take kvtier.config.POLICIES / kvtier.store.CACHE_POLICIES)."""
+    names = "|".join(config.POLICIES)
+    cache = "|".join(store.CACHE_POLICIES)
+    seq = [re.compile(r"[\"']({0})[\"']\s*,\s*".format(n) * (k - 1) + r"[\"']({0})[\"']".format(n))
+           for n, k in ((names, len(config.POLICIES)), (cache, len(store.CACHE_POLICIES)))]
+    # a comma-separated default in one string ("none,static,local,adaptive") counts too
+    joined = [re.compile(r"[\"']" + r",".join([f"({n})"] * k) + r"[\"']")
+              for n, k in ((names, len(config.POLICIES)), (cache, len(store.CACHE_POLICIES)))]
+    found = []
+    for tree in ("kvtier", "adapters"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, tree)):
+            for f in files:
+                if f.endswith((".py", ".pyx", ".pyi")):
+                    text = open(os.path.join(dirpath, f), encoding="utf-8").read()
+                    found += [f"{f}: {m.group(0)}" for r in seq + joined for m in r.finditer(text)]
+    assert not found, found
+
+
 def test_a_policy_goes_to_the_engine_by_its_table_value(tmp_path):
     """Every policy name creates a collection that reports back its own name."""
     s = kvtier.open(str(tmp_path / "s"), dram_budget="8MiB")

@@ -31,6 +31,7 @@ from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay, replay_switch
 from kvtier.bench.tables import command, md_table, write_results
 from kvtier.benchargs import show_defaults
+from kvtier.store import CACHE_POLICIES
 
 MIB = 1 << 20
 SUMMARY_BUDGETS = (1.0, 2.0, 4.0)  # MiB: the acceptance budgets (EVAL.md, "Cache")
@@ -144,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--workloads", default="W1,W2,W3")
     ap.add_argument("--budgets", default="0.5,1,1.5,2,3,4,6,all",
                     help="DRAM budgets in MiB, or 'all' (the whole cache)")
-    ap.add_argument("--policies", default="lru,lfu,cluster")
+    ap.add_argument("--policies", default=",".join(CACHE_POLICIES))
     ap.add_argument("--layers", default="6,12,17,23", help="replayed layers (four, spread over the depth)")
     ap.add_argument("--every", type=int, default=4, help="retrieve every this many decoding steps")
     ap.add_argument("--clustering", default="adaptive",

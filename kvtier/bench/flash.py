@@ -42,6 +42,7 @@ from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import LAYOUTS, replay
 from kvtier.bench.tables import md_table
 from kvtier.benchargs import show_defaults
+from kvtier.config import POLICIES
 
 
 def add_setting_args(ap):
@@ -59,7 +60,7 @@ def add_setting_args(ap):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default="W1,W2")
-    ap.add_argument("--policies", default="none,static,local,adaptive")
+    ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--layouts", default="token,clustered,colocated")
     add_setting_args(ap)
     ap.add_argument("--merge-gap", type=int, default=None,

@@ -53,8 +53,9 @@ import numpy as np
 from kvtier.bench.policies import save
 from kvtier.bench.tables import md_table
 from kvtier.benchargs import show_defaults
+from kvtier.config import POLICIES
 
-METHODS = ("full", "sink+window", "none", "static", "local", "adaptive")
+METHODS = ("full", "sink+window", *POLICIES)
 # the same cases through llama.cpp (the GGUF the torch model is read from): kvtier.bench.llama_cpp
 LLAMA_METHODS = ("llama.cpp", "tiered-llama", "tiered-llama-bounded")
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "

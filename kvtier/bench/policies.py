@@ -24,8 +24,7 @@ from kvtier.bench.capture import load_trace
 from kvtier.bench.kvreplay import replay
 from kvtier.bench.tables import md_table, save
 from kvtier.benchargs import show_defaults
-
-POLICIES = ("none", "static", "local", "adaptive")
+from kvtier.config import POLICIES  # the baselines, then the method
 
 
 def _parse_params(items):

@@ -84,11 +84,11 @@ from kvtier.bench.runtime import peak_rss as _peak_rss
 from kvtier.bench.runtime import rss as _rss
 from kvtier.bench.tables import md_table
 from kvtier.benchargs import show_defaults
+from kvtier.config import POLICIES
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "fwe", "heldout")
 #: the tasks whose answer is a fact stated somewhere in the context
 RETRIEVAL = ("niah_single", "niah_multikey", "niah_multivalue", "vt")
-POLICIES = ("none", "static", "local", "adaptive")
 DEFAULT_METHODS = ("full,sink+window,none@0.1,static@0.1,local@0.1,adaptive@0.1,adaptive@0.1+est,"
                    "none@0.05,static@0.05,local@0.05,adaptive@0.05,adaptive@0.05+est,static@0.1+est,"
                    "local@0.1+est,static@0.05+est,local@0.05+est")

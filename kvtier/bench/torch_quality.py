@@ -67,8 +67,9 @@ import numpy as np
 
 from kvtier.bench.tables import md_table
 from kvtier.benchargs import show_defaults
+from kvtier.config import POLICIES
 
-METHODS = ("sink+window", "none", "static", "local", "adaptive")
+METHODS = ("sink+window", *POLICIES)
 
 
 def teacher_forced(model, cache, tokens: np.ndarray, prefill: int, progress=None):
