@@ -113,6 +113,7 @@ static int split_cluster(kvt_coll *c, uint32_t j, uint8_t *recs, int forced, uin
     if (!rc)
         rc = kvt_kmeans(c->st->K, c->p.dtype, recs + KVT_REC_HEADER, c->p.dim, esz, NULL, n, 2, c->p.kmeans_iters,
                         c->p.seed + j, cent, part);
+    if (!rc) kvt_split_labels(c, j, recs, n, part);
     int split = 0;
     uint32_t ones = 0;
     for (uint32_t i = 0; !rc && i < n; i++) ones += part[i];

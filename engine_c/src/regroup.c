@@ -7,8 +7,9 @@
  * 1. What a regroup writes goes to fresh heads before the directory changes; only then are
  *    replaced heads retired (until the next committed checkpoint names them no more, adapt.c
  *    3), so a failed regroup leaves the cluster as it was.
- * 2. Each group's statistics (mean, m2, value sum) are computed exactly from its records;
- *    its entries' places in the id map follow the group's order.
+ * 2. Each group of a split has its statistics (mean, m2, value sum) computed exactly from its
+ *    records; a consolidated cluster keeps its statistics and policy state, since only its
+ *    layout changed. Entries' places in the id map follow the group's order.
  * 3. With write buffers, a group's last partial page stays in DRAM as its tail (layout.c 2),
  *    so that its next appends complete that page instead of programming it a second time.
  * 4. Format 3, two groups of a clustered layout: the group with more records on the parent's
@@ -78,15 +79,37 @@ static int on_flash(const kvt_coll *c, uint32_t src, const uint8_t *rec, uint32_
     return c->loc[id].cl == src && c->loc[id].idx < slots;
 }
 
-/* Invariant 4: the group that stays is the one with more records on the parent's flash;
- * every record of it on flash comes first in its group (records come in slot order). */
+/* The records of cluster src on its flash or in its tail, by group of a two-group split:
+ * those that were there before the cluster was held for its split. A tail counts as flash
+ * because whether a record sits in a tail or was already written depends on the write
+ * buffer, which the DRAM budget sizes (adapt.c 2). */
+static void early_counts(const kvt_coll *c, uint32_t src, const uint8_t *recs, uint32_t n, const uint32_t *part,
+                         uint32_t early[2]) {
+    const kvt_cluster *k = &c->cl[src];
+    uint32_t end = k->n - k->pend + k->dead + kvt_ptail(k);
+    early[0] = early[1] = 0;
+    for (uint32_t i = 0; i < n; i++) early[part[i]] += (uint32_t)on_flash(c, src, recs + (size_t)i * c->L.esz, end);
+}
+
+void kvt_split_labels(const kvt_coll *c, uint32_t src, const uint8_t *recs, uint32_t n, uint32_t *part) {
+    uint32_t early[2];
+    early_counts(c, src, recs, n, part, early);
+    if (early[1] > early[0])
+        for (uint32_t i = 0; i < n; i++) part[i] = 1 - part[i];
+}
+
+/* Invariant 4: the group that stays is the one with more records on the parent's flash or
+ * in its tail (group 0 on a tie, and after kvt_split_labels group 0 always: the group that
+ * keeps the parent's index is then the same whatever the layout, in place or not); every
+ * record of it on flash comes first in its group (records come in slot order). */
 static void choose_stay(kvt_coll *c, uint32_t src, const uint8_t *recs, uint32_t n, const uint32_t *part, groups *G) {
     kvt_cluster *k = &c->cl[src];
-    uint32_t flash[2] = {0, 0};
+    uint32_t flash[2] = {0, 0}, early[2];
     G->slots0 = k->n - k->pend + k->dead;
     for (uint32_t i = 0; i < n; i++)
         flash[part[i]] += (uint32_t)on_flash(c, src, recs + (size_t)i * c->L.esz, G->slots0);
-    G->stay = flash[1] > flash[0];
+    early_counts(c, src, recs, n, part, early);
+    G->stay = early[1] > early[0];
     G->kept = flash[G->stay];
 }
 
@@ -114,7 +137,7 @@ static int reserve_tails(kvt_coll *c, groups *G) {
 /* What a regroup is: a split or reclustered window (counted as splits), or a consolidation. */
 enum { REGROUP_SPLIT, REGROUP_CONSOLIDATE };
 
-/* Group t becomes cluster dst[t]: its statistics, its tail, its entries' places, and a cached
+/* Group t becomes cluster dst[t]: its statistics (a split's), its tail, its entries' places, and a cached
  * copy when the budget allows (it was just updated: likely read soon; a consolidated cluster
  * keeps the cached copy it had, its records unchanged). The group that stays in place keeps
  * the slots of its records on flash; the rest follow them. */
@@ -123,8 +146,13 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t, int why) {
     const kvt_layout *L = &c->L;
     uint32_t j = G->dst[t], cnt = G->cnt[t], kept = G->in_place && t == G->stay ? G->kept : 0;
     kvt_cluster *kj = &c->cl[j];
-    kvt_stats_from_records(c, j, G->grp[t], cnt, G->x);
-    kvt_policy_cluster_load(c, kj, fresh, 1);
+    if (why == REGROUP_SPLIT) { /* a consolidation keeps what the cluster was: its statistics as
+                                 * the adds left them and its policy state (a flag, a hold), so
+                                 * that tidying the layout, which the budget and the write
+                                 * buffer decide, never changes which clusters exist (adapt.c 2) */
+        kvt_stats_from_records(c, j, G->grp[t], cnt, G->x);
+        kvt_policy_cluster_load(c, kj, fresh, 1);
+    }
     uint32_t *mem = token(c) ? kvt_members(kj) : NULL; /* a token log's member list (replace made it) */
     if (kj->x) kj->x->ptail = 0;
     if (G->tails && G->tails[t].p) {
@@ -265,6 +293,12 @@ static int regroup(kvt_coll *c, uint32_t src, const uint8_t *recs, const uint32_
     if (!G->sorted || !G->grp || !G->cnt || !G->dst || !G->x) rc = kvt_fail(ENOMEM, "split: out of memory");
     G->in_place = why == REGROUP_SPLIT && nt == 2 && c->pools.sized && !token(c) && c->cl[src].nseg;
     if (!rc && G->in_place) choose_stay(c, src, recs, n, part, G);
+    /* a group that stays with none of its records on the parent's flash would keep only dead
+     * slots: both groups are written fresh instead (group 0 keeps the index) */
+    if (G->in_place && !G->kept) {
+        G->in_place = 0;
+        G->stay = 0;
+    }
     if (!rc) rc = sort_groups(c, recs, n, part, G);
     if (!rc) G->dst[G->stay] = src;
     for (uint32_t t = 0; t < nt && !rc; t++)

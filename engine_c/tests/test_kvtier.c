@@ -1749,6 +1749,67 @@ static void test_demand_paging(void) {
     free(k);
 }
 
+/* Which clusters exist must not depend on the DRAM budget or the write buffer it sizes
+ * (adapt.c 2): decoding's pattern (one entry at a time, a retrieve every fourth) on three
+ * stores, without a write buffer, with a large one and with a small one that keeps evicting
+ * tails, gives the same retrieves and the same clusters, index by index. It failed twice:
+ * a split's child that kept the parent's index was the one with more records on flash (a
+ * tail is not), and a consolidation recomputed the statistics and reset the split hold of
+ * the cluster it rewrote; a child's index seeds its later splits. */
+static void test_splits_independent_of_buffers(void) {
+    enum { N0 = 300, N1 = 1500, NS = 3, CAP = 512 };
+    static const uint64_t wbuf[NS] = {0, 1 << 20, 4096};
+    kvt_coll_params p = params(KVT_F32);
+    p.policy = KVT_POLICY_ADAPTIVE;
+    p.value_dim = 0;
+    float *k = drift_data(N0, N1, 41);
+    char *d[NS];
+    kvt_store *st[NS];
+    kvt_coll *c[NS];
+    for (int s = 0; s < NS; s++) {
+        kvt_store_opts o = {64 << 20, {0}, KVT_DIRECT_AUTO, 0, KVT_CACHE_CLUSTER, wbuf[s]};
+        d[s] = make_dir();
+        CHECK_OK(kvt_store_open(d[s], &o, &st[s]));
+        CHECK_OK(kvt_coll_create(st[s], 1, &p, &c[s]));
+        CHECK_OK(kvt_coll_create(st[s], 2, &p, &c[s])); /* a second collection halves the share */
+        int64_t first;
+        CHECK_OK(kvt_coll_add(c[s], k, NULL, N0, &first));
+    }
+    static int64_t ids[NS][CAP];
+    uint64_t n[NS];
+    int same = 1;
+    for (int i = N0; i < N0 + N1 && same; i++)
+        for (int s = 0; s < NS; s++) {
+            int64_t first;
+            CHECK_OK(kvt_coll_add(c[s], k + (size_t)i * 16, NULL, 1, &first));
+            if (i % 4) continue;
+            retrieve_ids(c[s], k + (size_t)(i - 1) * 16, (uint64_t)i / 10, ids[s], CAP, &n[s]);
+            qsort(ids[s], n[s], 8, cmp_i64);
+            if (s && (n[s] != n[0] || memcmp(ids[s], ids[0], n[s] * 8) != 0)) same = 0;
+        }
+    CHECK(same);
+    static uint32_t sizes[NS][CAP];
+    uint64_t ncl[NS];
+    kvt_coll_stats cs[NS];
+    kvt_store_stats ss;
+    for (int s = 0; s < NS; s++) {
+        CHECK_OK(kvt_coll_cluster_sizes(c[s], sizes[s], CAP, &ncl[s]));
+        CHECK_OK(kvt_coll_stats_get(c[s], &cs[s]));
+    }
+    CHECK(cs[0].splits > 10); /* the test splits */
+    CHECK_OK(kvt_store_stats_get(st[2], &ss));
+    CHECK(ss.write_buffer_evictions > 0); /* and the small buffer evicts tails */
+    for (int s = 1; s < NS; s++) {
+        CHECK(ncl[s] == ncl[0] && memcmp(sizes[s], sizes[0], ncl[0] * 4) == 0);
+        CHECK(cs[s].splits == cs[0].splits);
+    }
+    for (int s = 0; s < NS; s++) {
+        kvt_store_close(st[s]);
+        remove_dir(d[s]);
+    }
+    free(k);
+}
+
 /* Decoding's pattern under demand paging: adaptive collections take one entry each in turn
  * and retrieve, at a budget that holds a few of their indexes. Every failed growth of the
  * cluster table is retried after a page-out; none may leave bytes charged that a parked
@@ -2761,6 +2822,7 @@ int main(void) {
     test_read_batch_threads();
     test_park();
     test_demand_paging();
+    test_splits_independent_of_buffers();
     test_parked_index_accounting();
     test_search_in_pieces();
     test_token_layout();
