@@ -13,11 +13,12 @@
  * 3. With write buffers, a group's last partial page stays in DRAM as its tail (layout.c 2),
  *    so that its next appends complete that page instead of programming it a second time.
  * 4. Format 3, two groups of a clustered layout: the group with more records on the parent's
- *    flash keeps the parent's index and segments (one child in place); the other group's
- *    records there become its dead slots, and only that group is written. A cluster whose
- *    dead slots outnumber its live ones on flash, or that holds more than one segment, is
- *    consolidated when a regroup or a read has its records in DRAM anyway, within a budget
- *    of bytes (KVT_CONSOLIDATE_SHARE of the bytes appended).
+ *    flash or in its tail (those it held before its split was due) keeps the parent's index
+ *    and segments (one child in place), provided some of its records are on that flash; the
+ *    other group's records there become its dead slots, and only that group is written. A
+ *    cluster whose dead slots outnumber its live ones on flash, or that holds more than one
+ *    segment, is consolidated when a regroup or a read has its records in DRAM anyway,
+ *    within a budget of bytes (KVT_CONSOLIDATE_SHARE of the bytes appended).
  */
 #include <errno.h>
 #include <stdlib.h>
