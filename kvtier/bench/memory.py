@@ -134,22 +134,26 @@ def run_collection(keys, vals, q, truth, budget, policy, batch, coll_kwargs=None
     return row
 
 
-def case_small(policies, out_rows):
-    n, d = 49_152, 64
-    keys, vals, q = mixture(n, d, 0)
-    truth = exact_top(keys, q)
+def _sweep(name, keys, vals, q, truth, policies, out_rows, more):
+    """One collection per policy, added in batches of 4096 and in one batch, at 10% of the data
+    and at 64 MiB; ``more(r)`` is what the progress line adds for the case."""
     data = keys.nbytes + vals.nbytes
     for policy in policies:
-        for batch in (4096, n):
+        for batch in (4096, len(keys)):
             for budget in (data // 10, 64 << 20):
                 r = run_collection(keys, vals, q, truth, budget, policy, batch)
-                r["case"] = "small"
+                r["case"] = name
                 r["dram_share"] = budget / data
                 out_rows.append(r)
-                print(f"small {policy:8s} batch {batch:6d} DRAM {budget:>9,}: {r['add'][:60]:60s} "
-                      f"recall@10 {r.get('recall@10', float('nan')):.3f} peak {r['dram_peak_bytes']:,} "
-                      f"fixed peak {r['dram_fixed_peak_bytes']:,} estimate min {r['estimate']['minimum']:,}",
-                      flush=True)
+                print(f"{name} {policy:8s} batch {batch:6d} DRAM {budget:>9,}: {r['add'][:60]:60s} "
+                      f"recall@10 {r.get('recall@10', float('nan')):.3f} {more(r)}", flush=True)
+
+
+def case_small(policies, out_rows):
+    keys, vals, q = mixture(49_152, 64, 0)
+    _sweep("small", keys, vals, q, exact_top(keys, q), policies, out_rows,
+           lambda r: f"peak {r['dram_peak_bytes']:,} fixed peak {r['dram_fixed_peak_bytes']:,} "
+                     f"estimate min {r['estimate']['minimum']:,}")
 
 
 def case_real(policies, out_rows):
@@ -162,18 +166,8 @@ def case_real(policies, out_rows):
     rng = np.random.default_rng(3)
     qs = tr.queries[[0, 10]].reshape(-1, tr.head_dim)
     q = qs[rng.choice(len(qs), 200, replace=False)].astype(np.float32)
-    truth = exact_top(keys, q)
-    data = keys.nbytes + vals.nbytes
-    for policy in policies:
-        for batch in (4096, len(keys)):
-            for budget in (data // 10, 64 << 20):
-                r = run_collection(keys, vals, q, truth, budget, policy, batch)
-                r["case"] = "real"
-                r["dram_share"] = budget / data
-                out_rows.append(r)
-                print(f"real {policy:8s} batch {batch:6d} DRAM {budget:>9,}: {r['add'][:60]:60s} "
-                      f"recall@10 {r.get('recall@10', float('nan')):.3f} retrieve {r.get('retrieve_entries')} "
-                      f"get {r.get('get_ok')} peak {r['dram_peak_bytes']:,}", flush=True)
+    _sweep("real", keys, vals, q, exact_top(keys, q), policies, out_rows,
+           lambda r: f"retrieve {r.get('retrieve_entries')} get {r.get('get_ok')} peak {r['dram_peak_bytes']:,}")
 
 
 def case_kv(policies, out_rows, layers, every, workloads=("W1",), drams=(1 << 20, 64 << 20)):
