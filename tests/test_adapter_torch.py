@@ -101,10 +101,13 @@ def test_float16_store_is_close(model, tokens):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
 
 
-def _record_retrieves(monkeypatch, record):
+def _record_retrieves(monkeypatch, record, record_prefetch=None):
     """Calls record(collection name, query group, budget, fetched ids) for every member of
-    every ``Store.retrieve_many`` (the adapter's one engine call per layer), in order."""
-    real = kvtier.Store.retrieve_many
+    every ``Store.retrieve_many`` and of the retrieve of every ``Store.step_layer`` (the
+    adapter's one engine call per layer: ``retrieve_many`` until sinks and window are full,
+    ``step_layer`` then), in order; record_prefetch(name, query group, budget) for every
+    member of a ``step_layer``'s prefetch, which runs before its retrieve."""
+    real, real_step = kvtier.Store.retrieve_many, kvtier.Store.step_layer
 
     def recording(self, requests, out=None):
         reqs = list(requests)
@@ -113,7 +116,19 @@ def _record_retrieves(monkeypatch, record):
             record(coll.name, np.array(q, np.float32), budget, got.member(i).ids.copy())
         return got
 
+    def recording_step(self, retrieve=None, out=None, **kw):
+        if kw.get("prefetch") is not None and record_prefetch is not None:
+            colls, qs, budget = kw["prefetch"]
+            for c, q in zip(colls, qs):
+                record_prefetch(c.name, np.array(q, np.float32), budget)
+        got, queued = real_step(self, retrieve, out, **kw)
+        if retrieve is not None:
+            for i, (c, q) in enumerate(zip(retrieve[0], retrieve[1])):
+                record(c.name, np.array(q, np.float32), retrieve[2], got.member(i).ids.copy())
+        return got, queued
+
     monkeypatch.setattr(kvtier.Store, "retrieve_many", recording)
+    monkeypatch.setattr(kvtier.Store, "step_layer", recording_step)
 
 
 def test_partial_budget_is_exact_attention_over_what_was_fetched(model, tokens, monkeypatch):
@@ -439,7 +454,8 @@ def test_prefetch_uses_previous_step_queries_of_the_next_layer(tokens, monkeypat
     model = tiny_llama(seed=5, layers=3)
     events = []  # (kind, collection, query group, budget) in call order
     real_prefetch = kvtier.Collection.prefetch
-    _record_retrieves(monkeypatch, lambda name, q, budget, ids: events.append(("r", name, q, budget)))
+    _record_retrieves(monkeypatch, lambda name, q, budget, ids: events.append(("r", name, q, budget)),
+                      lambda name, q, budget: events.append(("p", name, q, budget)))
 
     def prefetch(self, query_group, budget=0.1):
         events.append(("p", self.name, np.array(query_group, np.float32), budget))

@@ -283,6 +283,12 @@ class _TieredLayer(CacheLayerMixin):
         self.prev_clusters: list = [None] * len(colls)
         self.prev_query = None  # [kv_heads, rows, head_dim] float32: the last retrieve's query groups
         self.fetch_out = None   # kvtier.RetrievedMany: the layer's fetch buffers, reused every step
+        # the decoding path (TieredCache._attend_ring): sinks and window in one tensor
+        # [kv_heads, sinks + window, head_dim] whose window part is a ring; ``ring`` the slot of
+        # the oldest window token (the next to leave), None outside that path, where sink_k and
+        # win_k are tensors of their own, the window in token order
+        self.sw_k = self.sw_v = None
+        self.ring: Optional[int] = None
 
     def lazy_initialization(self, key_states, value_states):
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -321,6 +327,13 @@ class _TieredLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices):
         raise NotImplementedError("TieredCache holds one sequence: batch selection is not supported")
+
+
+def _clock() -> tuple[float, float]:
+    """(wall, this thread's CPU) seconds: a store call's wall time minus its CPU time in the
+    calling thread is the time that thread waited (reads, prefetches still loading, a
+    descheduled thread on a busy machine)."""
+    return time.perf_counter(), time.thread_time()
 
 
 def _tensor_bytes(*tensors) -> int:
@@ -434,8 +447,18 @@ class TieredCache(Cache):
         self._resident = 0  # adapter tensors: tiered layers' sinks and windows, sliding layers' windows
         self._peak = 0
         self._counters = _core.Counters(("decode_steps", "forwards", "adds", "overlap", "overlap_of", "prefetches",
-                                         "prefetched", "estimated"), ("retrieve", "add", "prefetch"))
+                                         "prefetched", "estimated"),
+                                        ("retrieve", "add", "prefetch", "step", "other", "engine_cpu", "attend",
+                                         "attention"))
+        # seconds: wall time in store calls by kind; "engine_cpu" the calling thread's CPU time
+        # in them; "attend" wall time in the tiered layers' attention function (store calls,
+        # attention arithmetic and the Python around them); "attention" its arithmetic (SDPA)
         self._counts, self._seconds = self._counters.c, self._counters.t
+        # the decoding path: the token the last layer's step spilled, added by the next engine
+        # call ((collections, keys, values) or None); the attention buffer and its StepOut
+        self._pending_add: tuple | None = None
+        self._att_kv: tuple | None = None
+        self._att_out: kvtier.StepOut | None = None
 
     # -- context manager / lifetime --------------------------------------------------------
     def __enter__(self) -> TieredCache:
@@ -481,7 +504,9 @@ class TieredCache(Cache):
         layer = self.layers[layer_idx]
         if layer_idx == 0:
             if self._counts["forwards"]:  # the previous forward ran every layer: a step ended
+                t0 = _clock()
                 self.store.step()
+                self._store_time("other", t0)
             self._counts["forwards"] += 1
             self._counts["decode_steps"] += q == 1
         elif self._seen[layer_idx] != self._seen[0] - q:
@@ -516,6 +541,7 @@ class TieredCache(Cache):
 
     # -- the sparse attention ------------------------------------------------------------
     def _attend(self, idx: int, query, key, value, mask, scaling: float):
+        t0 = time.perf_counter()
         try:
             out = self._attend_unchecked(idx, query, key, value, mask, scaling)
         except BaseException as e:
@@ -523,7 +549,14 @@ class TieredCache(Cache):
             raise
         finally:
             self._pending = None
+            self._seconds["attend"] += time.perf_counter() - t0
         return out
+
+    def _store_time(self, kind: str, t0: tuple[float, float]) -> None:
+        """Adds the wall and calling-thread CPU seconds since ``t0`` (``_clock()``) to ``kind``."""
+        wall, cpu = _clock()
+        self._seconds[kind] += wall - t0[0]
+        self._seconds["engine_cpu"] += cpu - t0[1]
 
     def _attend_unchecked(self, idx, query, key, value, mask, scaling):
         layer: _TieredLayer = self.layers[idx]
@@ -537,7 +570,19 @@ class TieredCache(Cache):
         t = self.tiered.index(idx)  # this layer's place among the tiered ones (sliding layers skipped)
         if self.virtualize:
             ahead = self.layers[self.tiered[(t + (2 if self.prefetching else 1)) % len(self.tiered)]]
+            t0 = _clock()
             self.store.unpark(ahead.colls, wait=False)
+            self._store_time("other", t0)
+        if self._ring_path(layer, q_len):
+            out = self._attend_ring(t, layer, query, new_k, new_v, n_budget, scaling)
+            if self.virtualize:  # the spill before the park, as below: no add brings a parked layer back
+                self._flush_adds()
+                t0 = _clock()
+                self.store.park(layer.colls)
+                self._store_time("other", t0)
+            return out
+        self._flush_adds()  # the spill an earlier layer left to this one's engine call
+        self._leave_ring(layer)
         if self.prefetching:
             # before this layer's own retrieve, so the next tiered layer's reads overlap it too
             if t + 1 < len(self.tiered):  # the next tiered layer is about to see the same tokens
@@ -554,8 +599,162 @@ class TieredCache(Cache):
         self._peak = max(self._peak, self._resident + transient)
         self._spill(layer, new_k, new_v)
         if self.virtualize:
+            t0 = _clock()
             self.store.park(layer.colls)
+            self._store_time("other", t0)
         return out.transpose(0, 1).unsqueeze(0)  # [1, q_len, q_heads, d], as transformers' attention returns
+
+    # -- the decoding path: one engine call per layer, attention over one reused buffer ----------
+    def _ring_path(self, layer, q_len: int) -> bool:
+        """Whether this step of ``layer`` takes ``_attend_ring``: one new token, sinks and window
+        full, tensors on the CPU (the engine writes into their memory) in float32 or the store's
+        dtype (what it writes)."""
+        if q_len != 1 or not self.window or layer.device.type != "cpu":
+            return False
+        if layer.dtype != torch.float32 and not (layer.dtype == torch.float16 and self._store_dtype == "float16"):
+            return False
+        return layer.ring is not None or (layer.sink_k.shape[1] == self.sinks and layer.win_k.shape[1] == self.window)
+
+    def _attend_ring(self, t: int, layer, query, new_k, new_v, n_budget: int, scaling: float):
+        """One decoding step of a tiered layer with one engine call (``Store.step_layer``): the
+        previous tiered layer's spilled token is added, the next one's clusters prefetched and
+        this layer's retrieved — the separate calls' order, so the store does exactly what
+        they did — the fetched keys and values landing (widened to float32 by the engine)
+        in the attention buffer beside a copy of the sinks, the window and the new token: no
+        concatenation and no dtype conversion in Python. The window is a ring: the token
+        leaving it is replaced in place by the new one and handed to the next engine call.
+        The attention sees the same keys as ``_attend_step``, in another order (the logits
+        equal to float rounding)."""
+        g, n_kv, d, S, W = self.group, self.n_kv, self.head_dim, self.sinks, self.window
+        if layer.ring is None:  # sinks and window into one tensor, outside inference mode so that
+            with torch.inference_mode(False):  # it can be written in place under no_grad too
+                layer.sw_k = torch.cat([layer.sink_k, layer.win_k], dim=1)
+                layer.sw_v = torch.cat([layer.sink_v, layer.win_v], dim=1)
+            layer.sink_k, layer.win_k = layer.sw_k[:, :S], layer.sw_k[:, S:]
+            layer.sink_v, layer.win_v = layer.sw_v[:, :S], layer.sw_v[:, S:]
+            layer.ring = 0
+        pf = None
+        if self.prefetching:  # as _prefetch: the next tiered layer, or the first of the next step
+            nxt, nb = ((self.layers[self.tiered[t + 1]], n_budget) if t + 1 < len(self.tiered)
+                       else (self.layers[self.tiered[0]], self._entries(layer.seen + 1)))
+            if nxt.prev_query is not None and nxt.stored and nb:
+                pf = (nxt.colls, nxt.prev_query, nb)
+        ret = out = None
+        if layer.stored and n_budget:
+            qn = np.ascontiguousarray(query[0].reshape(n_kv, g, d).detach().to(torch.float32).numpy())
+            layer.prev_query = qn
+            ret, out = (layer.colls, qn, n_budget), self._step_buffers(layer, n_budget)
+        add, self._pending_add = self._pending_add, None
+        est_on = self.estimate is not False and ret is not None
+        t0 = _clock()
+        out, queued = self.store.step_layer(ret, out, add=add, prefetch=pf,
+                                            estimate=self.estimate if est_on else False,
+                                            scale=scaling if est_on else None,
+                                            variance=self.estimate_variance if est_on else False)
+        self._store_time("step", t0)
+        c = self._counts
+        if pf is not None:
+            c["prefetches"] += n_kv
+            c["prefetched"] += queued
+        if add is not None:
+            c["adds"] += n_kv
+        A = S + W
+        keys, values = self._att_kv if self._att_kv is not None else (None, None)
+        if keys is None or ret is None:  # nothing retrieved yet: a buffer of sinks, window and the token
+            keys = torch.empty((n_kv, A + 1, d), dtype=layer.dtype)
+            values = torch.empty_like(keys)
+        width, attn_mask, est = 0, None, None
+        if ret is not None:
+            counts = self._count_fetched(layer, out)
+            width = int(counts.max())
+            if int(counts.min()) < width:  # [kv_heads, 1, keys], rows past a head's count masked
+                attn_mask = torch.ones((n_kv, 1, A + 1 + width), dtype=torch.bool)
+                attn_mask[:, 0, A + 1:] = torch.arange(width)[None, :] < torch.from_numpy(counts)[:, None]
+            if est_on:
+                c["estimated"] += int(out.est_entries.sum())
+                est = torch.from_numpy(out.lse), torch.from_numpy(out.est_values)
+        keys[:, :A].copy_(layer.sw_k)
+        values[:, :A].copy_(layer.sw_v)
+        keys[:, A], values[:, A] = new_k[:, 0], new_v[:, 0]
+        keys, values = keys[:, :A + 1 + width], values[:, :A + 1 + width]
+        qg = query[0].reshape(n_kv, g, d)
+        t1 = time.perf_counter()
+        if est is not None:
+            o = _estimate.attend(qg, keys, values, scaling, attn_mask, est[0], est[1])
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=attn_mask, scale=scaling)
+        self._seconds["attention"] += time.perf_counter() - t1
+        # the working set of one attention call: the buffer (kept between calls) and the mask
+        transient = (attn_mask.numel() if attn_mask is not None else 0) + _tensor_bytes(*self._att_kv or ())
+        self._peak = max(self._peak, self._resident + transient)
+        # the spill: the oldest window token leaves for the store (in the next engine call), the
+        # new one takes its slot
+        slot = S + layer.ring
+        dt = torch.float16 if self._store_dtype == "float16" else torch.float32
+        gone_k = layer.sw_k[:, slot:slot + 1].to(dt, copy=True).numpy()  # a copy: the slot is overwritten
+        gone_v = layer.sw_v[:, slot:slot + 1].to(dt, copy=True).numpy()
+        layer.sw_k[:, slot], layer.sw_v[:, slot] = new_k[:, 0], new_v[:, 0]
+        layer.ring = (layer.ring + 1) % W
+        layer.stored += 1
+        self._pending_add = (layer.colls, gone_k, gone_v)
+        if t + 1 == len(self.tiered):
+            self._flush_adds()  # the step's last engine call: nothing is left pending between forwards
+        return o.reshape(n_kv * g, 1, d).transpose(0, 1).unsqueeze(0)
+
+    def _step_buffers(self, layer, n_budget: int):
+        """The attention buffer every tiered layer's decoding step reuses: keys and values
+        [kv_heads, sinks + window + 1 + cap, head_dim] (the model's dtype) and the
+        ``kvtier.StepOut`` viewing them, into which the engine writes the fetched entries from
+        row sinks + window + 1; reallocated with headroom when the budget outgrows cap."""
+        out = self._att_out
+        if out is not None and out.cap >= n_budget and self._att_kv[0].dtype == layer.dtype:
+            return out
+        A, cap = self.sinks + self.window + 1, n_budget + n_budget // 4 + 64
+        # zeros: rows past a head's count are masked and must hold finite numbers
+        with torch.inference_mode(False):
+            k = torch.zeros((self.n_kv, A + cap, self.head_dim), dtype=layer.dtype)
+            v = torch.zeros_like(k)
+        self._att_kv = (k, v)
+        self._att_out = kvtier.StepOut.allocate(self.n_kv, cap, self.head_dim, self.head_dim, keys=k.numpy(),
+                                                values=v.numpy(), offset=A)
+        return self._att_out
+
+    def _count_fetched(self, layer, out) -> np.ndarray:
+        """Counts a retrieve's entries (and those in clusters the head fetched last time);
+        returns its per-head counts."""
+        c = self._counts
+        c["retrieves"] += len(layer.colls)
+        counts = out.counts.astype(np.int64)
+        for h, m in enumerate(counts.tolist()):
+            c["fetched_entries"] += m
+            cl = out.clusters[h, :m]
+            prev = layer.prev_clusters[h]
+            if prev is not None and m:  # entries in clusters this head fetched last time
+                c["overlap"] += int(np.isin(cl, prev).sum())
+                c["overlap_of"] += m
+            layer.prev_clusters[h] = cl.copy()  # the buffer is reused by the next call
+        return counts
+
+    def _flush_adds(self) -> None:
+        """Adds the token a decoding step's layer left for the next engine call, on its own."""
+        if self._pending_add is None:
+            return
+        add, self._pending_add = self._pending_add, None
+        t0 = _clock()
+        self.store.step_layer(add=add)
+        self._store_time("add", t0)
+        self._counts["adds"] += len(add[0])
+
+    def _leave_ring(self, layer) -> None:
+        """Back from the decoding path: sinks and window as tensors of their own, the window in
+        token order (the oldest first, as ``_spill`` takes it)."""
+        if layer.ring is None:
+            return
+        S = self.sinks
+        layer.sink_k, layer.sink_v = layer.sw_k[:, :S].clone(), layer.sw_v[:, :S].clone()
+        layer.win_k = torch.roll(layer.sw_k[:, S:], -layer.ring, dims=1)
+        layer.win_v = torch.roll(layer.sw_v[:, S:], -layer.ring, dims=1)
+        layer.sw_k = layer.sw_v = layer.ring = None
 
     def _attend_step(self, layer, query, new_k, new_v, fetched, scaling, est=None):
         """One new token: all KV heads in one batched SDPA; the fetched part is padded to the
@@ -579,11 +778,13 @@ class TieredCache(Cache):
             attn_mask = torch.ones((n_kv, 1, keys.shape[1]), dtype=torch.bool, device=dev)
             attn_mask[:, 0, : valid.shape[1]] = valid
         qg = query[0].reshape(n_kv, g, d)
+        t0 = time.perf_counter()
         if est is not None:  # [kv_heads, g] and [kv_heads, g, d]: one row per query head
             out = _estimate.attend(qg, keys, values, scaling, attn_mask, est[0], est[1])
         else:
             out = torch.nn.functional.scaled_dot_product_attention(
                 qg, keys.to(qg.dtype), values.to(qg.dtype), attn_mask=attn_mask, scale=scaling)
+        self._seconds["attention"] += time.perf_counter() - t0
         transient = 2 * keys.numel() * keys.element_size() + (attn_mask.numel() if attn_mask is not None else 0)
         return out.reshape(n_kv * g, 1, d), transient
 
@@ -604,6 +805,7 @@ class TieredCache(Cache):
             keys = torch.cat([*parts_k, layer.sink_k[h], layer.win_k[h], new_k[h]])[None]
             values = torch.cat([*parts_v, layer.sink_v[h], layer.win_v[h], new_v[h]])[None]
             qh = query[0, h * g:(h + 1) * g]  # [g, q_len, d]
+            t0 = time.perf_counter()
             past = keys.shape[1] - q_len
             mask_bytes = 0
             if est is not None:  # rows of head h: [g * q_len] -> [g, q_len]
@@ -621,6 +823,7 @@ class TieredCache(Cache):
                 o = torch.nn.functional.scaled_dot_product_attention(
                     qh, keys.to(qh.dtype), values.to(qh.dtype), attn_mask=attn_mask, scale=scaling)
                 mask_bytes = attn_mask.numel()
+            self._seconds["attention"] += time.perf_counter() - t0
             outs.append(o)
             # one head's keys, values and mask are alive at a time
             transient = max(transient, 2 * keys.numel() * keys.element_size() + mask_bytes)
@@ -635,9 +838,9 @@ class TieredCache(Cache):
         has retrieved yet)."""
         if layer.prev_query is None or not layer.stored or not n_budget:
             return
-        t0 = time.perf_counter()
+        t0 = _clock()
         queued = _core.prefetch_layer(self.store, layer.colls, layer.prev_query, n_budget)
-        self._seconds["prefetch"] += time.perf_counter() - t0
+        self._store_time("prefetch", t0)
         self._counts["prefetches"] += len(layer.colls)
         self._counts["prefetched"] += queued
 
@@ -655,7 +858,7 @@ class TieredCache(Cache):
         c0 = layer.colls[0]
         out = layer.fetch_out = _core.layer_buffers(layer.fetch_out, len(layer.colls), n_budget, c0.dim,
                                                     c0.value_dim, c0.dtype)
-        t0 = time.perf_counter()
+        t0 = _clock()
         got = None
         if self.estimate is False:
             out = layer.fetch_out = _core.retrieve_layer(self.store, layer.colls, qn, n_budget, out)
@@ -668,21 +871,11 @@ class TieredCache(Cache):
             for h, r in enumerate(got):
                 out.keys[h, :len(r)], out.values[h, :len(r)], out.clusters[h, :len(r)] = r.keys, r.values, r.clusters
                 out.counts[h] = len(r)
-        self._seconds["retrieve"] += time.perf_counter() - t0
-        c = self._counts
-        c["retrieves"] += len(layer.colls)
-        counts = out.counts.astype(np.int64)
-        for h, m in enumerate(counts.tolist()):
-            c["fetched_entries"] += m
-            cl = out.clusters[h, :m]
-            prev = layer.prev_clusters[h]
-            if prev is not None and m:  # entries in clusters this head fetched last time
-                c["overlap"] += int(np.isin(cl, prev).sum())
-                c["overlap_of"] += m
-            layer.prev_clusters[h] = cl.copy()  # the buffer is reused by the next call
+        self._store_time("retrieve", t0)
+        counts = self._count_fetched(layer, out)
         est = None
         if got is not None:
-            c["estimated"] += sum(r.est_entries for r in got)
+            self._counts["estimated"] += sum(r.est_entries for r in got)
             est = (torch.from_numpy(np.stack([r.est_lse for r in got])).to(layer.device),
                    torch.from_numpy(np.stack([r.est_values for r in got])).to(layer.device))
         return (out.keys, out.values, counts), est
@@ -705,9 +898,9 @@ class TieredCache(Cache):
             out_v = win_v[:, :over].to(dt).cpu().numpy()
             # clone: a slice would keep the whole prompt's tensor alive after a prefill
             win_k, win_v = win_k[:, over:].clone(), win_v[:, over:].clone()
-            t0 = time.perf_counter()
+            t0 = _clock()
             _core.add_layer(layer.colls, zip(out_k, out_v, strict=True))
-            self._seconds["add"] += time.perf_counter() - t0
+            self._store_time("add", t0)
             layer.stored += over
             self._counts["adds"] += len(layer.colls)
         layer.win_k, layer.win_v = win_k, win_v
@@ -819,7 +1012,16 @@ class TieredCache(Cache):
         now (sliding layers at their window); ``global_kv_bytes`` / ``global_kv_float16_bytes``
         the full-attention layers' share of it, at the model's dtype and at float16;
         ``retrieve_seconds`` / ``add_seconds`` / ``prefetch_seconds`` wall time in store
-        calls (with prefetch, ``retrieve_seconds`` includes waiting for reads still loading);
+        calls (with prefetch, ``retrieve_seconds`` includes waiting for reads still loading),
+        ``step_seconds`` in the one call per layer of the decoding path (``Store.step_layer``:
+        the previous layer's add, the next layer's prefetch and this layer's retrieve),
+        ``other_store_seconds`` in the others (``step``, and ``park``/``unpark`` with
+        ``virtualize``), ``engine_cpu_seconds`` the calling thread's CPU time in all of them
+        (their wall time minus it is time that thread waited: reads, prefetches still loading,
+        or the machine's other work); ``attend_seconds`` wall time in the tiered layers'
+        attention function (store calls, the attention arithmetic, and the Python that
+        assembles its inputs and spills the window), ``attention_seconds`` its arithmetic
+        (the scaled dot-product attention calls);
         ``prefetch`` whether pipelining is on, ``prefetch_calls`` collections asked (one per
         layer, KV head and step), ``prefetch_queued`` clusters they queued; the store's I/O
         figures (``read_ops``, ``read_bytes``, ``mean_read_entries``, ``modeled_io_seconds``,
@@ -869,6 +1071,11 @@ class TieredCache(Cache):
             "retrieve_seconds": self._seconds["retrieve"],
             "add_seconds": self._seconds["add"],
             "prefetch_seconds": self._seconds["prefetch"],
+            "step_seconds": self._seconds["step"],
+            "other_store_seconds": self._seconds["other"],
+            "engine_cpu_seconds": self._seconds["engine_cpu"],
+            "attend_seconds": self._seconds["attend"],
+            "attention_seconds": self._seconds["attention"],
             "prefetch": self.prefetching,
             "virtualize": self.virtualize,
             "prefetch_calls": c["prefetches"],

@@ -6,16 +6,17 @@ round (``--runs`` rounds), so that each ratio compares runs made side by side on
 machine; the tables give medians over rounds.
 
 Per cache and context: tok/s; ms per step split into compute (the step minus the time spent
-in kvtier calls), store (kvtier calls: retrieve_many, add, prefetch), I/O wait (the part of
-store time retrieves waited for prefetches still loading) and modeled I/O (the device
-model's time for the reads, UFS 4.0, accounted, not slept) with the overlap: the modeled I/O
-not waited for; DRAM: the KV bytes held at the end (DynamicCache: its tensors; TieredCache:
-adapter sinks and window plus engine DRAM) and the process RSS.
+in kvtier calls and the adapter's glue), engine, wait and glue (``_tiered_figures``: the
+profile of a step, so that a regression shows where it came from) and modeled I/O (the
+device model's time for the reads, UFS 4.0, accounted, not slept); DRAM: the KV bytes held
+at the end (DynamicCache: its tensors; TieredCache: adapter sinks and window plus engine
+DRAM) and the process RSS.
 
-TieredCache runs with a 10% fetch budget and an engine DRAM budget of 10% of the full KV
-cache at the final context, reading flash with O_DIRECT (``tiered-<policy>``) or through the
-page cache (``tiered-<policy>-pagecache``: on a machine whose disk is a virtual one, its
-latency is not a phone's; the modeled I/O column gives the UFS 4.0 time either way).
+TieredCache runs with a 10% fetch budget and an engine DRAM budget of 10% of the float16 KV
+cache at the final context (issue 31's setting), reading flash with O_DIRECT
+(``tiered-<policy>``) or through the page cache (``tiered-<policy>-pagecache``: on a
+machine whose disk is a virtual one, its latency is not a phone's; the modeled I/O column
+gives the UFS 4.0 time either way).
 
     python -m kvtier.bench.decode [--contexts 2048,8192] [--tokens 256] [--runs 3] [--out bench/results]
 
@@ -46,7 +47,7 @@ from kvtier.bench.tables import md_table
 from kvtier.benchargs import show_defaults
 
 
-def _make_cache(kind: str, model, full_bytes: int, device=None):
+def _make_cache(kind: str, model, kv_f16_bytes: int, device=None):
     from transformers import DynamicCache
 
     if kind == "dynamic":
@@ -58,17 +59,36 @@ def _make_cache(kind: str, model, full_bytes: int, device=None):
     from kvtier.adapters.torch import TieredCache
 
     policy = kind.split("-")[1]
-    return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(full_bytes // 10, 1 << 20), device=device,
+    return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(kv_f16_bytes // 10, 1 << 20), device=device,
                        direct_io=False if kind.endswith("-pagecache") else "auto")
 
 
 def _tiered_figures(r: dict, s0: dict, s1: dict, dt: float, tokens: int) -> dict:
-    """Adds a TieredCache run's per-step split (compute, store, I/O wait, modeled I/O) and
-    DRAM to ``r``, from its stats before (``s0``) and after (``s1``); returns ``s1``."""
-    d = {k: s1[k] - s0[k] for k in ("retrieve_seconds", "add_seconds", "prefetch_seconds",
+    """Adds a TieredCache run's profile of a step and its DRAM to ``r``, from its stats before
+    (``s0``) and after (``s1``); returns ``s1``. Per step, in ms:
+
+    - ``store_ms``: wall time in store calls (retrieve, add, prefetch, step, park/unpark);
+    - ``engine_ms``: the calling thread's CPU time inside them (the engine's own work);
+    - ``wait_ms``: the rest of the store time, when the calling thread did not run: reads it
+      waited for (O_DIRECT reads, prefetches still loading) or the machine's other work;
+      ``io_wait_ms`` is the part of it the engine counted waiting for prefetches;
+    - ``glue_ms``: the adapter's Python around the store calls and the attention arithmetic
+      (queries to numpy, fetched entries to torch, concatenations, the spill);
+    - ``compute_ms``: the rest of the step (the model's layers, the attention arithmetic, the
+      LM head); ``modeled_io_ms``: the device model's time for the step's reads (UFS 4.0),
+      accounted, not slept, and ``overlap_ms`` the part of it no retrieve waited for;
+    - ``store_share``: (engine + wait + glue) / step, what issue 31 asks to bring under 15%."""
+    d = {k: s1[k] - s0[k] for k in ("retrieve_seconds", "add_seconds", "prefetch_seconds", "step_seconds",
+                                     "other_store_seconds",
+                                     "engine_cpu_seconds", "attend_seconds", "attention_seconds",
                                      "io_wait_seconds", "modeled_io_seconds")}
-    store = d["retrieve_seconds"] + d["add_seconds"] + d["prefetch_seconds"]
-    r.update(store_ms=1e3 * store / tokens, compute_ms=1e3 * (dt - store) / tokens,
+    store = sum(d[k] for k in ("retrieve_seconds", "add_seconds", "prefetch_seconds", "step_seconds",
+                                "other_store_seconds"))
+    glue = max(0.0, d["attend_seconds"] - d["attention_seconds"] - store + d["other_store_seconds"])
+    engine = min(d["engine_cpu_seconds"], store)
+    r.update(store_ms=1e3 * store / tokens, engine_ms=1e3 * engine / tokens, wait_ms=1e3 * (store - engine) / tokens,
+             glue_ms=1e3 * glue / tokens, compute_ms=1e3 * (dt - store - glue) / tokens,
+             store_share=(store + glue) / dt,
              io_wait_ms=1e3 * d["io_wait_seconds"] / tokens,
              modeled_io_ms=1e3 * d["modeled_io_seconds"] / tokens,
              overlap_ms=1e3 * max(0.0, d["modeled_io_seconds"] - d["io_wait_seconds"]) / tokens,
@@ -77,12 +97,16 @@ def _tiered_figures(r: dict, s0: dict, s1: dict, dt: float, tokens: int) -> dict
     return s1
 
 
+_DENSE_PROFILE = {"store_ms": 0.0, "engine_ms": 0.0, "wait_ms": 0.0, "glue_ms": 0.0, "store_share": 0.0,
+                  "io_wait_ms": 0.0, "modeled_io_ms": 0.0, "overlap_ms": 0.0}
+
+
 def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> dict:
     import torch
 
-    full = model.config.num_hidden_layers * model.config.num_key_value_heads * \
-        (model.config.hidden_size // model.config.num_attention_heads) * 2 * 4 * (context + tokens)
-    cache = _make_cache(kind, model, full, device)
+    from kvtier.bench.runtime import global_kv_f16
+
+    cache = _make_cache(kind, model, global_kv_f16(model, context + tokens), device)
     tiered = kind.startswith("tiered-")
     try:
         with torch.inference_mode():
@@ -99,7 +123,7 @@ def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> di
         if s0 is not None:  # tiered
             _tiered_figures(r, s0, cache.stats(), dt, tokens)
         else:
-            r.update(store_ms=0.0, compute_ms=r["step_ms"], io_wait_ms=0.0, modeled_io_ms=0.0, overlap_ms=0.0,
+            r.update(_DENSE_PROFILE, compute_ms=r["step_ms"],
                      kv_bytes=_kv_bytes_dynamic(cache) if kind == "dynamic" else None)
         return r
     finally:
@@ -144,8 +168,7 @@ def run_prefilled(model, kind: str, dense, first: int, tokens: int, device=None)
             r.update(engine_dram_peak_bytes=s1["engine_dram_peak_bytes"], engine_dram_budget=s1["engine_dram_budget"],
                      global_kv_float16_bytes=s1["global_kv_float16_bytes"])
         else:
-            r.update(store_ms=0.0, compute_ms=r["step_ms"], io_wait_ms=0.0, modeled_io_ms=0.0, overlap_ms=0.0,
-                     kv_bytes=_kv_bytes_dynamic(cache))
+            r.update(_DENSE_PROFILE, compute_ms=r["step_ms"], kv_bytes=_kv_bytes_dynamic(cache))
         return r
     finally:
         if tiered:
@@ -171,12 +194,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Command: `{meta['command']}`. Medians of {meta['runs']} interleaved rounds; "
              f"{meta['threads']} torch threads on a shared 2-core machine. "
              "Ratio: tok/s over DynamicCache's at the same context, medians of the same rounds.", "",
-             md_table(["context", "cache", "tok/s", "ratio", "step ms", "compute", "store", "I/O wait", "modeled I/O",
-                       "overlap", "KV held MiB", "RSS MiB"],
+             "Profile of a step (ms): compute (the model's layers, attention arithmetic, LM head), engine "
+             "(the calling thread's CPU inside store calls), wait (store time that thread did not run: reads, "
+             "prefetches still loading, or the machine's other work; of which prefetch wait: the engine's own "
+             "count), glue (the adapter's Python around them); store share = (engine + wait + glue) / step. "
+             "Modeled I/O: the UFS 4.0 model's time for the step's reads (accounted, not slept).", "",
+             md_table(["context", "cache", "tok/s", "ratio", "step ms", "compute", "engine", "wait",
+                       "of which prefetch wait", "glue", "store share", "modeled I/O", "KV held MiB", "RSS MiB"],
                       [[r["context"], r["cache"], f"{r['tok_s']:.2f}", f"{r['ratio']:.2f}", f"{r['step_ms']:.1f}",
-                        f"{r['compute_ms']:.1f}", f"{r['store_ms']:.1f}", f"{r['io_wait_ms']:.2f}",
-                        f"{r['modeled_io_ms']:.2f}", f"{r['overlap_ms']:.2f}", mib(r["kv_bytes"]), mib(r["rss_bytes"])]
-                       for r in rows], "ll" + "r" * 10)]
+                        f"{r['compute_ms']:.1f}", f"{r['engine_ms']:.1f}", f"{r['wait_ms']:.1f}",
+                        f"{r['io_wait_ms']:.2f}", f"{r['glue_ms']:.1f}", f"{100 * r['store_share']:.0f}%",
+                        f"{r['modeled_io_ms']:.2f}", mib(r["kv_bytes"]), mib(r["rss_bytes"])]
+                       for r in rows], "ll" + "r" * 12)]
     pre = [r for r in rows if r.get("prefill_seconds") is not None and r["cache"] == rows[0]["cache"]]
     if pre:
         lines += ["", "Each context prefilled once (dense, in chunks; every cache decodes from a copy of that "
@@ -298,7 +327,9 @@ def _rounds(a, meta, rows, runs, kinds, contexts, context, done, planned, t0, on
             done += 1
             el = time.perf_counter() - t0  # later contexts take longer: the estimate is a floor
             print(f"[{done}/{planned}, {el / 60:.1f} min, at least {el / done * (planned - done) / 60:.1f} min left] "
-                  f"ctx {context} round {rnd} {k}: {r['tok_s']:.2f} tok/s, store {r['store_ms']:.1f} ms/step",
+                  f"ctx {context} round {rnd} {k}: {r['tok_s']:.2f} tok/s, step {r['step_ms']:.1f} ms = compute "
+                  f"{r['compute_ms']:.1f} + engine {r['engine_ms']:.1f} + wait {r['wait_ms']:.1f} + glue "
+                  f"{r['glue_ms']:.1f} (store share {100 * r['store_share']:.0f}%)",
                   file=sys.stderr, flush=True)
         # what is measured so far, rewritten after every round: a stopped run keeps it
         _write(a, meta, rows + _medians(runs, kinds), contexts, final=False)
