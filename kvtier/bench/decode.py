@@ -16,7 +16,10 @@ TieredCache runs with a 10% fetch budget and an engine DRAM budget of 10% of the
 cache at the final context (issue 31's setting), reading flash with O_DIRECT
 (``tiered-<policy>``) or through the page cache (``tiered-<policy>-pagecache``: on a
 machine whose disk is a virtual one, its latency is not a phone's; the modeled I/O column
-gives the UFS 4.0 time either way).
+gives the UFS 4.0 time either way). A ``-separate`` suffix (``tiered-adaptive-separate``,
+``tiered-adaptive-pagecache-separate``) decodes through the former path, for comparison in
+the same rounds: a retrieve, adds and prefetches as separate engine calls per layer and the
+attention's inputs concatenated and converted in Python (issue 31's "before").
 
     python -m kvtier.bench.decode [--contexts 2048,8192] [--tokens 256] [--runs 3] [--out bench/results]
 
@@ -59,8 +62,17 @@ def _make_cache(kind: str, model, kv_f16_bytes: int, device=None):
     from kvtier.adapters.torch import TieredCache
 
     policy = kind.split("-")[1]
-    return TieredCache(model, budget=0.1, policy=policy, dram_budget=max(kv_f16_bytes // 10, 1 << 20), device=device,
-                       direct_io=False if kind.endswith("-pagecache") else "auto")
+    cache = TieredCache(model, budget=0.1, policy=policy, dram_budget=max(kv_f16_bytes // 10, 1 << 20),
+                        device=device, direct_io=False if "-pagecache" in kind else "auto")
+    return _separate(cache, kind)
+
+
+def _separate(cache, kind: str):
+    """With a ``-separate`` kind, the cache decodes through its former path (separate engine
+    calls, the attention's inputs concatenated in Python): its decoding path switched off."""
+    if kind.endswith("-separate"):
+        cache._ring_path = lambda layer, q_len: False
+    return cache
 
 
 def _tiered_figures(r: dict, s0: dict, s1: dict, dt: float, tokens: int) -> dict:
@@ -147,8 +159,8 @@ def run_prefilled(model, kind: str, dense, first: int, tokens: int, device=None)
         from kvtier.adapters.torch import TieredCache
 
         budget = max(global_kv_f16(model, n + tokens) // 10, 1 << 20)
-        cache = TieredCache(model, budget=0.1, policy=kind.split("-")[1], dram_budget=budget, device=device,
-                            direct_io=False if kind.endswith("-pagecache") else "auto")
+        cache = _separate(TieredCache(model, budget=0.1, policy=kind.split("-")[1], dram_budget=budget,
+                                      device=device, direct_io=False if "-pagecache" in kind else "auto"), kind)
         cache.prefill_from(dense)
     else:
         cache = copy.deepcopy(dense)
