@@ -31,5 +31,10 @@ def test_prefilled_runs(model, tmp_path, monkeypatch, capsys):  # noqa: F811
     assert t["global_kv_float16_bytes"] == 16 * 2 * 2 * 604
     assert t["engine_dram_budget"] == 1 << 20 and t["engine_dram_peak_bytes"] <= t["engine_dram_budget"]
     assert rows[2]["ratio"] == 1.0
+    # the profile of a step (medians of two rounds: means, so the parts still add up)
+    parts = t["compute_ms"] + t["engine_ms"] + t["wait_ms"] + t["glue_ms"]
+    assert abs(parts - t["step_ms"]) <= 1e-6 * t["step_ms"]
+    assert t["engine_ms"] >= 0 and t["wait_ms"] >= 0 and t["glue_ms"] >= 0 and 0 < t["store_share"] < 1
+    assert rows[2]["store_share"] == 0.0
     md = (tmp_path / "d.md").read_text()
     assert "prefilled once" in md and "Engine DRAM peak" in md and "quantized-quanto" in md

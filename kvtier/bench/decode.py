@@ -106,6 +106,11 @@ def _tiered_figures(r: dict, s0: dict, s1: dict, dt: float, tokens: int) -> dict
              overlap_ms=1e3 * max(0.0, d["modeled_io_seconds"] - d["io_wait_seconds"]) / tokens,
              kv_bytes=s1["dram_bytes"], kv_peak_bytes=s1["dram_peak_bytes"],
              full_kv_bytes=s1["full_cache_bytes"])
+    # where the reads came from, per step (JSON only): the store's bytes and requests, the
+    # prefetches' share, the cache's hits and misses, and what fetching itself needed
+    for k in ("read_bytes", "read_ops", "prefetch_read_bytes", "cache_hits", "cache_misses"):
+        r[k + "_per_step"] = (s1.get(k, 0) - s0.get(k, 0)) / tokens
+    r["fetched_per_retrieve"] = s1["fetched_per_step"]
     return s1
 
 

@@ -93,6 +93,9 @@ def measure(model, tok, case, method, args, log=print) -> list:
             return got
 
         cache._fetch = recording
+        # decode through the path that calls _fetch (the one-call-per-layer path fetches the
+        # same entries, tests/test_adapter_torch_step.py, but inside Store.step_layer)
+        cache._ring_path = lambda layer, q_len: False
         try:
             res = T.ask(model, tok, cache, question)
             sinks = cache.sinks
