@@ -288,7 +288,7 @@ class _TieredLayer(CacheLayerMixin):
         # the oldest window token (the next to leave), None outside that path, where sink_k and
         # win_k are tensors of their own, the window in token order
         self.sw_k = self.sw_v = None
-        self.ring: Optional[int] = None
+        self.ring: int | None = None
 
     def lazy_initialization(self, key_states, value_states):
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -707,7 +707,8 @@ class TieredCache(Cache):
         ``kvtier.StepOut`` viewing them, into which the engine writes the fetched entries from
         row sinks + window + 1; reallocated with headroom when the budget outgrows cap."""
         out = self._att_out
-        if out is not None and out.cap >= n_budget and self._att_kv[0].dtype == layer.dtype:
+        kv = self._att_kv
+        if out is not None and kv is not None and out.cap >= n_budget and kv[0].dtype == layer.dtype:
             return out
         A, cap = self.sinks + self.window + 1, n_budget + n_budget // 4 + 64
         # zeros: rows past a head's count are masked and must hold finite numbers
