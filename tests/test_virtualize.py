@@ -222,3 +222,55 @@ def test_threads_park_and_retrieve(tmp_path):
         for t in ts:
             t.join()
         assert not errors, errors[0]
+
+
+def _decode_like(path, budget, layers=8, heads=3, prefill=2400, steps=24, d=16):
+    """A decoding-shaped workload over layers x heads adaptive collections: one large first
+    add each (a prefill), then per step one new entry and one retrieve per collection, with
+    keys that drift so that clusters split. Returns each step's retrieved ids, the cluster
+    sizes at the end, and the store's stats."""
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((24, d)).astype(np.float32) * 3
+    total = prefill + steps
+
+    def keys_of(n, shift):
+        k = centers[rng.integers(0, len(centers), n)] + rng.standard_normal((n, d)).astype(np.float32)
+        return (k + shift).astype(np.float16)
+
+    data = {(la, h): keys_of(total, np.linspace(0, 2, total)[:, None].astype(np.float32)) for la in range(layers)
+            for h in range(heads)}
+    queries = {k: v[prefill:].astype(np.float32) + 0.1 for k, v in data.items()}
+    got = []
+    with kvtier.open(path, dram_budget=budget, write_buffer=0) as s:
+        colls = {}
+        for (la, h), k in data.items():
+            colls[la, h] = s.collection(f"L{la}.H{h}", dim=d, value_dim=d, dtype="float16", policy="adaptive")
+            colls[la, h].add(k[:prefill], k[:prefill])
+        for t in range(steps):
+            for key, c in colls.items():
+                k = data[key]
+                c.add(k[prefill + t:prefill + t + 1], k[prefill + t:prefill + t + 1])
+                got.append(sorted(c.retrieve(queries[key][t:t + 1], budget=0.1).ids.tolist()))
+            s.step()
+        sizes = {key: c.cluster_sizes().tolist() for key, c in colls.items()}
+        splits = sum(c.stats()["splits"] for c in colls.values())
+        return got, sizes, splits, s.stats()
+
+
+def test_splits_do_not_depend_on_paging(tmp_path):
+    """Issue 26: the clusters, and so every retrieve, are the same whether the budget holds
+    every collection or pages most of them out. A first add's chunk, the entries a flagged
+    cluster holds for its split and the room a split needs are decided by parameters and
+    reserved before anything changes (RUN_READY pages other collections out to make it), not
+    taken from what happens to be free. Before, the tight store partitioned later
+    collections' first adds in smaller chunks, wrote held entries early and skipped splits."""
+    big = _decode_like(tmp_path / "big", 64 << 20)
+    est = kvtier.estimate(2424, 16, 16, collections=24, groups=8)
+    tight_budget = max(est.minimum, 6 * est.recommended // 24)  # about 6 of 24 collections' share
+    tight = _decode_like(tmp_path / "tight", tight_budget)
+    assert tight[3]["swap_pressure_outs"] > 0 and big[3]["swap_pressure_outs"] == 0  # paging happened
+    assert big[2] > 0  # clusters split
+    assert tight[1] == big[1]
+    assert tight[0] == big[0]
+    assert tight[2] == big[2]
+    assert tight[3]["dram_peak_bytes"] <= tight_budget

@@ -40,7 +40,10 @@
  *    switches the directory; the old heads are retired until the next committed checkpoint,
  *    because the committed catalog still names them.
  * 4. Entries that join a flagged cluster wait in its pending buffer, while the pending budget
- *    has room or behind entries already waiting (plan, below), and stay retrievable.
+ *    has room or behind entries already waiting (plan, below), and stay retrievable. Neither
+ *    they nor a split's scratch are given up for want of DRAM while paging other
+ *    collections out can make the room (virtualize.h RUN_READY; records_room): only a
+ *    call's last run writes them early or skips a split.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -260,13 +263,14 @@ static void split_oversized(kvt_coll *c, uint32_t j) {
 
 /* plan: entries joining a flagged cluster wait in its pending buffer (invariant 4) while the
  * pending budget has room, or behind entries already waiting (a tail kept from before the
- * flag, ptail, does not count): the same whatever is cached. They take at most a quarter of
- * what the index and the buffers leave of the budget (the cache gives way to them): under a
- * tight budget the rest is written now and its cluster splits when it is next read. */
+ * flag, ptail, does not count): the same whatever is cached, and whatever the DRAM budget.
+ * A pending buffer the budget cannot hold fails the add's run (nothing is written yet), so
+ * that RUN_READY pages other collections out and runs it again; only its last run, when
+ * nothing is left to page out, writes them now (counted: pending_flushes), and then their
+ * cluster splits when it is next read. */
 static void plan_begin(kvt_coll *c, kvt_add *a) {
     uint64_t waiting = c->pending_total - c->tail_total;
     a->wait_room = c->p.pending_budget > waiting ? c->p.pending_budget - waiting : 0;
-    a->wait_bytes = kvt_mem_left(&c->st->mem) / 4;
 }
 
 static int plan(kvt_coll *c, kvt_add *a, uint32_t j, int *rc) {
@@ -281,10 +285,8 @@ static int plan(kvt_coll *c, kvt_add *a, uint32_t j, int *rc) {
     }
     a->topend[j] = 1;
     a->wait_room -= m < a->wait_room ? m : a->wait_room;
-    uint64_t more = (uint64_t)m * c->L.esz;
-    *rc = more <= a->wait_bytes ? kvt_ensure_pbuf(c, k, k->pend + m) : KVT_EBUDGET;
-    if (!*rc) a->wait_bytes -= more;
-    if (*rc == KVT_EBUDGET) { /* no room to wait in: written now, the split waits for a read */
+    *rc = kvt_ensure_pbuf(c, k, k->pend + m);
+    if (*rc == KVT_EBUDGET && c->st->pieces) { /* the last run: written now, the split waits for a read */
         kvt_clear_error();
         *rc = 0;
         a->topend[j] = 0;
@@ -317,6 +319,20 @@ static void records_read(kvt_coll *c, uint32_t j, uint8_t *recs, int rc) {
         c->ctr.split_errors++;
     else
         split_records(c, j, recs, 0);
+}
+
+/* records_room: split_records' DRAM beside the records of cluster j — split_cluster's
+ * scratch (labels, means, k-means, then the permuted copy) and kvt_regroup's staging, given
+ * back, and what a split keeps: the two children's tails, a new cluster's slot, segments and
+ * pools (grown exactly when the budget is short, index.c). A split of a child takes less than
+ * its parent's. */
+static uint64_t records_room(const kvt_coll *c, uint32_t j, uint64_t *scratch) {
+    uint64_t n = c->cl[j].n, esz = c->L.esz;
+    uint64_t split = n * 4 + 2ull * c->p.dim * 4 + kvt_kmeans_bytes(n, 2, c->p.dim);
+    uint64_t stage = n * esz + 2 * (sizeof(uint8_t *) + 12) + (uint64_t)c->p.dim * 8;
+    *scratch = split + stage;
+    return 2ull * c->L.rpp * esz + 2 * sizeof(kvt_cside) + kvt_cluster_slot_bytes(&c->p) + 2 * sizeof(kvt_seg) +
+           2 * KVT_POOL_BYTES;
 }
 
 static void after_read(kvt_coll *c) {
@@ -367,5 +383,6 @@ const kvt_policy_ops kvt_policy_adaptive = {
     .held = held,
     .wants_records = wants_records,
     .records_read = records_read,
+    .records_room = records_room,
     .after_read = after_read,
 };

@@ -13,9 +13,10 @@
  * 2. Ids are 0..n-1 in insertion order: an add of m entries gives ids n..n+m-1 or none.
  * 3. Welford's update keeps each cluster's mean and m2 exact without rereading (store.c 3).
  * 4. What an add stages in DRAM is bounded whatever its size: the batch is consumed in
- *    chunks of at most what the budget leaves after the index and pending buffers (never
- *    fewer than KVT_ADD_CHUNK_MIN entries); the cache gives way first, then pending
- *    buffers (entries that would wait for a split or a page are written now instead).
+ *    chunks whose staging takes at most KVT_ADD_STAGE_SHARE of the budget (never fewer than
+ *    KVT_ADD_CHUNK_MIN entries); to make the room the cache gives way, then write-buffer
+ *    tails, then other collections are paged out (RUN_READY). The chunks, and so the
+ *    clusters, depend on the batch and the budget, not on what else is resident.
  *    Until step 4 the chunks' cluster numbers live in the id map's slots past n, which are
  *    nobody's, so invariants 1 and 2 hold for the whole batch, not per chunk.
  */
@@ -60,9 +61,13 @@ static uint64_t add_transient(const kvt_coll *c, uint64_t ch, int first_batch, u
  * so a failed add changes nothing. With one chunk it is the one-pass add: same records, same
  * order, same clusters. */
 
-/* prepare: the chunk (the whole add if its staging fits in what the index and pending
- * buffers leave of the budget, the cache giving way; else halved until it does), its
- * staging reserved and allocated. Nothing is made that a failure would have to undo. */
+/* prepare: the chunk, its staging reserved and allocated. The chunk is the whole add if its
+ * staging takes at most KVT_ADD_STAGE_SHARE of the budget, else halved until it does: decided
+ * by the budget and the batch, never by what the cache or other collections hold at the
+ * moment, so that a first partition (and every cluster after it) is the same whether or not
+ * other collections had to be paged out to make room (RUN_READY). Only the call's last run,
+ * with nothing left to page out, stages what is free. Nothing is made that a failure would
+ * have to undo. */
 static int add_prepare(kvt_coll *c, kvt_add *a) {
     kvt_store *s = c->st;
     if (a->n > UINT32_MAX || a->n0 + a->n > ((uint64_t)1 << 40) || (token(c) && a->n0 + a->n > KVT_TOKEN_MAX_ENTRIES))
@@ -70,7 +75,7 @@ static int add_prepare(kvt_coll *c, kvt_add *a) {
     int rc = kvt_ensure_ids(c, a->n0 + a->n);
     if (rc) return rc;
     a->first_batch = c->ops->clustered && c->ncl == 0;
-    a->avail = kvt_mem_left(&s->mem);
+    a->avail = s->pieces ? kvt_mem_left(&s->mem) : (uint64_t)((double)s->mem.budget * KVT_ADD_STAGE_SHARE);
     a->avail -= a->avail / 8; /* the index grows during the add too (segments, pool table) */
     uint64_t ch = a->n;
     while (ch > KVT_ADD_CHUNK_MIN && add_transient(c, ch, a->first_batch, NULL) > a->avail) ch = (ch + 1) / 2;
@@ -173,6 +178,13 @@ static int plan_written(kvt_coll *c, kvt_add *a, uint32_t j) {
     return rc;
 }
 
+/* A second run for want of budget (RUN_READY): what joins cluster j is written now, with the
+ * tail it had; no tail is kept in DRAM. */
+static int written_now(kvt_coll *c, kvt_add *a, uint32_t j) {
+    a->wnow[j] = c->cl[j].pend + a->cnt[j];
+    return 0;
+}
+
 /* plan: per cluster, how many join it (cnt), how many of its tail and then new entries are
  * written (wnow), whether the rest waits in its pending buffer (topend). Room is made first,
  * so that nothing can fail after the writes. A cluster's records are its flash segments
@@ -196,10 +208,9 @@ static int add_plan(kvt_coll *c, kvt_add *a) {
         if (!m) continue;
         if (token(c))
             rc = kvt_ensure_mem(c, cl, cl->n + m); /* nothing waits: records go to the log */
-        else if (s->tight)
-            a->wnow[j] = cl->pend + m; /* a second run for want of budget: all written */
-        else if (!(c->ops->plan && c->ops->plan(c, a, j, &rc)))
-            rc = plan_written(c, a, j);
+        else if (!(c->ops->plan &&
+                   c->ops->plan(c, a, j, &rc))) /* held for a split: the policy's, whatever the budget */
+            rc = s->tight ? written_now(c, a, j) : plan_written(c, a, j);
         kvt_cache_ent *e = kvt_cached(c, j);
         if (e && kvt_cache_grow(&s->cache, e, m)) kvt_cache_drop(&s->cache, e);
     }

@@ -14,7 +14,7 @@ typedef struct kvt_add {
     const void *keys, *values; /* the caller's rows */
     uint64_t n, n0;            /* entries added; the first new id */
     uint64_t ch;               /* chunk: the most rows staged at once */
-    uint64_t avail;            /* what the budget leaves beside the index and pending buffers */
+    uint64_t avail;            /* what the chunk's staging may take (add.c 4) */
     uint64_t transient;        /* bytes reserved for the staging */
     uint32_t ncl0;             /* clusters before the add */
     uint32_t k;                /* clusters the plan spans: 0..k-1 */
@@ -28,12 +28,11 @@ typedef struct kvt_add {
      * publish steps) the new entries met so far */
     uint32_t *cnt, *wnow, *seen;
     uint8_t *topend;
-    uint64_t new_room;   /* write-buffer share left for new tails, in entries */
-    uint64_t wait_room;  /* adaptive: entries that may still wait for splits */
-    uint64_t wait_bytes; /* ... and the bytes of DRAM they may take */
-    uint8_t *scratch;    /* sr records for encoding */
-    float *x;            /* one key as float32, then a mean (2 x dim floats) */
-    undo_log log;        /* the appends made, for a rollback */
+    uint64_t new_room;  /* write-buffer share left for new tails, in entries */
+    uint64_t wait_room; /* adaptive: entries that may still wait for splits */
+    uint8_t *scratch;   /* sr records for encoding */
+    float *x;           /* one key as float32, then a mean (2 x dim floats) */
+    undo_log log;       /* the appends made, for a rollback */
 } kvt_add;
 
 /* Default assignment (static, adaptive): every entry joins its nearest cluster. */

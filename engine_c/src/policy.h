@@ -113,6 +113,11 @@ typedef struct kvt_policy_ops {
      * in a buffer it may permute (rc 0), or learns why not (recs NULL, rc an error) */
     int (*wants_records)(const kvt_coll *c, uint32_t j);
     void (*records_read)(kvt_coll *c, uint32_t j, uint8_t *recs, int rc);
+    /* the DRAM records_read takes beside cluster j's records: *scratch while it works (given
+     * back), plus what stays taken after it (returned); retrieve.c reserves it with the read,
+     * before anything changes, so that the policy's work never depends on what the budget
+     * left free (a short budget pages other collections out first) */
+    uint64_t (*records_room)(const kvt_coll *c, uint32_t j, uint64_t *scratch);
     void (*after_read)(kvt_coll *c); /* upkeep after the records were handed over */
 } kvt_policy_ops;
 

@@ -134,6 +134,7 @@ typedef struct retrieval {
     uint32_t part;
     fill_ctx fx;
     uint64_t part_bytes; /* reserved for the partial cluster's scratch */
+    uint64_t room;       /* reserved for the policy's work on the records (room_step) */
 } retrieval;
 
 /* select: every cluster scored against the query group, the best taken while they fit the
@@ -172,6 +173,31 @@ static int partial_step(retrieval *R) {
         !(R->fx.x = malloc((size_t)c->p.dim * 4)) || (keep && !(R->fx.keep = malloc((size_t)k->n * c->L.esz))))
         return kvt_fail(ENOMEM, "retrieve: out of memory");
     return 0;
+}
+
+/* room: the DRAM the policy's work on the records it wants will take (policy.h
+ * records_room: the largest one's scratch and records, every one's lasting part), reserved
+ * before the read, when a failure changes nothing and RUN_READY can page other collections
+ * out to make it, and given back as the records are handed over. So a split happens when
+ * its cluster is read, whatever the budget. The call's last run (pieces) reserves none, its
+ * read taking what is free: a split that then finds no room waits for a later read (adapt.c,
+ * split_skipped). */
+static int room_step(retrieval *R) {
+    kvt_coll *c = R->c;
+    if (!c->ops->records_room || c->st->pieces) return 0;
+    uint64_t most = 0, lasting = 0;
+    for (uint64_t t = 0; t < R->taken; t++) {
+        uint32_t j = R->sel.idx[t];
+        if (!c->ops->wants_records(c, j)) continue;
+        uint64_t s;
+        lasting += c->ops->records_room(c, j, &s);
+        if (j != R->fx.part_cl) s += (uint64_t)c->cl[j].n * c->L.esz; /* records_of; the partial one's are kept */
+        most = s > most ? s : most;
+    }
+    if (!(most + lasting)) return 0;
+    int rc = kvt_mem_reserve(&c->st->mem, most + lasting);
+    if (!rc) R->room = most + lasting;
+    return rc;
 }
 
 /* read: the scores are spent, their buffer holds each taken cluster's first result row; the
@@ -228,6 +254,8 @@ static void hand_over_step(retrieval *R) {
     const kvt_policy_ops *ops = c->ops;
     if (!ops->records_read) return;
     kvt_selection_release_budget(c, &R->sel); /* room for the policy's work; idx is still read */
+    kvt_mem_release(&c->st->mem, R->room);    /* ... which room_step kept for it */
+    R->room = 0;
     for (uint64_t t = 0; t < R->taken; t++) {
         uint32_t j = R->sel.idx[t];
         if (!ops->wants_records(c, j) || kvt_cluster_damaged(c, j)) continue; /* invariant 4 */
@@ -303,6 +331,7 @@ static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t 
     int rc = select_step(&R, q, nq, budget, est);
     R.fx.rows = R.sel.rows;
     if (!rc && R.part) rc = partial_step(&R);
+    if (!rc) rc = room_step(&R);
     if (!rc) rc = read_step(&R);
     int mode = c->read_mode;
     c->read_mode = KVT_READ_OWN; /* invariant 4: the policy's work and co-location read for the engine */
@@ -319,7 +348,7 @@ static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t 
     free(R.fx.ord);
     free(R.fx.x);
     free(R.fx.keep);
-    kvt_mem_release(&c->st->mem, R.part_bytes);
+    kvt_mem_release(&c->st->mem, R.part_bytes + R.room);
     kvt_selection_free(c, &R.sel);
     return rc;
 }

@@ -236,6 +236,9 @@ static inline uint32_t token_run_end(const kvt_cluster *k, uint32_t i0) {
 /* An add larger than the budget can stage is consumed in chunks; no chunk is smaller than
  * this many entries (or the whole add), so the minimum budget covers staging one. */
 #define KVT_ADD_CHUNK_MIN 256u
+/* The share of the DRAM budget one add may stage (add.c 4): a batch whose staging needs more
+ * is consumed in chunks. A quarter leaves the largest group's index and a read beside it. */
+#define KVT_ADD_STAGE_SHARE 0.25
 
 static inline void set_loc(kvt_coll *c, uint64_t id, uint32_t cl, uint32_t idx) {
     c->loc[id] = (kvt_loc){cl, idx};

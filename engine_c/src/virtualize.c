@@ -10,9 +10,10 @@
  * 2. The swap file is volatile: a parked collection's durable state is its data file and
  *    catalog, so a crash while parked loses nothing a checkpoint made durable.
  * 3. Giving way under budget pressure (kvt_give_way, which RUN_READY calls before running a
- *    call once more) only moves state whose flash copy serves readers the same: pending
- *    buffers are written as they are, token-level keys dropped, array slack given back;
- *    results never change.
+ *    call once more) only moves state whose flash copy serves readers the same and that no
+ *    policy decision reads: write-buffer tails are written as they are, token-level keys
+ *    dropped, array slack given back; entries held for a split stay but in a call's last
+ *    run. Results never change; splits do not while paging can make the room.
  * 4. Demand paging (kvt_page_out) parks only collections no call is using: never the one
  *    whose call asked for room, none with reads in flight, and only between two runs of a
  *    call (RUN_READY), when no operation holds pointers into any collection's arrays.
@@ -517,19 +518,22 @@ int kvt_page_out(kvt_store *s, const kvt_coll *keep, uint64_t need) {
     return 1;
 }
 
-/* The budget is tight: after the cache (evicted by every reservation), the pending buffers,
- * the token-level keys and the arrays' growth slack give way. Writes every pending buffer of
- * the store's resident collections to flash (a flagged cluster stays flagged: its split waits
- * until it is read), drops the resident keys of policy-none collections (scanned from flash
- * instead) and gives back the slack of their arrays (kvt_trim_slack). Collections with reads
- * in flight are left alone (a job copied their segments). 1 if anything was freed. */
-int kvt_give_way(kvt_store *s) {
+/* The budget is tight: after the cache (evicted by every reservation), the write buffers'
+ * tails, the token-level keys and the arrays' growth slack give way. Writes the tails of the
+ * store's resident collections to flash, drops the resident keys of policy-none collections
+ * (scanned from flash instead) and gives back the slack of their arrays (kvt_trim_slack).
+ * The entries a policy holds for a split (kvt_held) stay unless `held`: when a cluster splits
+ * and what each child keeps must not depend on the budget, so they leave DRAM with their
+ * collection's image when it is paged out (kvt_page_out), and are written only for a call's
+ * last run, when nothing is left to page out. Collections with reads in flight are left
+ * alone (a job copied their segments). 1 if anything was freed. */
+int kvt_give_way(kvt_store *s, int held) {
     int freed = 0;
     for (uint32_t i = 0; i < s->ncolls; i++) {
         kvt_coll *c = s->colls[i];
         if (!c || c->parked || c->inflight) continue;
         for (uint32_t j = 0; j < c->ncl; j++)
-            if (c->cl[j].pend && !kvt_write_pending(c, j)) {
+            if (c->cl[j].pend && (held || !kvt_held(c, &c->cl[j])) && !kvt_write_pending(c, j)) {
                 c->ctr.pending_flushes++;
                 freed = 1;
             }
