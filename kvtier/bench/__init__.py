@@ -32,6 +32,7 @@ BENCHMARKS = {
     "adaptive16": "the adaptive policy's accuracy, splits and clusters on replayed KV traces",
     "cache": "cache policies: hit rate and bytes read against the DRAM budget",
     "memory": "phone-sized DRAM budgets: does the engine run, and at what cost",
+    "paging": "splits and retrieves at a tight DRAM budget against a large one, in lockstep",
     "virtualize": "group virtualization of a 30-layer model's collections: DRAM against I/O",
     "pipeline": "does prefetch hide flash reads behind per-layer compute",
     "flash": "the flash layout on replayed traces: reads, contiguity, modeled I/O",
