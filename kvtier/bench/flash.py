@@ -57,6 +57,24 @@ def add_setting_args(ap):
     ap.add_argument("--device", default="ufs4.0")
 
 
+def parse_params(ap, items):
+    """NAME=VALUE strings as collection keyword arguments (int, then float, else the string)."""
+    out: dict = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            ap.error(f"--adaptive: NAME=VALUE expected, got {item!r}")
+        value: object = text
+        for conv in (int, float):
+            try:
+                value = conv(text)
+                break
+            except ValueError:
+                pass
+        out[name] = value
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default="W1,W2")
@@ -66,10 +84,14 @@ def main(argv=None):
     ap.add_argument("--merge-gap", type=int, default=None,
                     help="bytes (default: the device's knee); 0 reads only touching extents as one "
                          "request, so entries/read is the mean contiguous run length")
+    ap.add_argument("--adaptive", action="append", default=[], metavar="NAME=VALUE",
+                    help="a collection parameter of the adaptive policy's collections (repeatable), "
+                         "e.g. tau_factor=0.5 or init_cluster_size=16: the split threshold / cluster size sweep")
     ap.add_argument("--tag", default="", help="suffix of the output files (flash<tag>.json/.md)")
     ap.add_argument("--out", default=None)
     a = show_defaults(ap).parse_args(argv)
     layers = [int(x) for x in a.layers.split(",")]
+    adaptive_params = parse_params(ap, a.adaptive)
     prof = kvtier.PROFILES[a.device]
     rows = []
     t0 = time.time()
@@ -89,6 +111,7 @@ def main(argv=None):
                     r = replay(trace, policy=pol, budget=a.budget, layers=layers, every=a.every,
                                dram_budget=dram, device=a.device, direct_io=True,
                                collect_stats=True, **LAYOUTS[lay],
+                               **(adaptive_params if pol == "adaptive" else {}),
                                store_kwargs={} if a.merge_gap is None else {"merge_gap": a.merge_gap})
                 except kvtier.BudgetError as e:  # a baseline whose index does not fit: say so
                     why = str(e).split(" — ")[0]
@@ -106,6 +129,7 @@ def main(argv=None):
                 bw = st["read_bytes"] / st["modeled_io_seconds"] if st["modeled_io_seconds"] else 0.0
                 row = {
                     "workload": w, "policy": pol, "layout": lay, "recall": r.recall,
+                    "params": adaptive_params if pol == "adaptive" else {},
                     "entries_per_read": st["mean_read_entries"],
                     # reads as a gap-free layout counts them (a merged read: one per piece)
                     "entries_per_contiguous_read": st["mean_contiguous_entries"],
