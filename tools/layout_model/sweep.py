@@ -21,10 +21,11 @@ def main(argv=None):
     ap.add_argument("results", nargs="+")
     ap.add_argument("--md")
     a = ap.parse_args(argv)
-    base, rows = {}, []
+    base, rows, meta_of = {}, [], {}
     for p in a.results:
         with open(p) as f:
             d = json.load(f)
+        meta_of[os.path.basename(p)] = d["meta"]
         for r in d["rows"]:
             if r.get("fits") is False:
                 continue
@@ -35,13 +36,17 @@ def main(argv=None):
                 setting = " ".join(f"{n}={v}" for n, v in sorted(r.get("params", {}).items())) or "default"
                 rows.append((k, setting, r, os.path.basename(p)))
     out = ["| workload | tokens | adaptive setting | recall | / token-level | modeled I/O ms/step | local / adaptive "
-           "| entries per gap-free read | data file / token | split writes / appended | real read ms/step | results |",
+           "| entries per gap-free read | data file / token | split writes / decoding's appends | real read ms/step | results |",
            "|:--|--:|:--|--:|--:|--:|--:|--:|--:|--:|--:|:--|"]
     order = {"default": 0}
     rows.sort(key=lambda x: (x[0], order.get(x[1], 1), x[1]))
     for k, setting, r, src in rows:
         loc, tok = base.get(k + ("local",)), base.get(k + ("none",))
-        appended = r["appended_bytes"] / max(1, r["steps"]) / 1024
+        # appended_bytes counts the prefill's adds too; decoding's share of the stored tokens is
+        # decode / (prefill + decode - sinks - window) (kvreplay's sinks 4 and window 32)
+        args = meta_of[src]["args"]
+        decoded = args["decode"] / (args["prefill"] + args["decode"] - 36)
+        appended = r["appended_bytes"] * decoded / max(1, r["steps"]) / 1024
         cells = [k[0], f"{k[1]}", setting, f"{r['recall']:.3f}",
                  f"{r['recall'] / tok['recall']:.2f}" if tok else "",
                  f"{r['modeled_io_ms_per_step']:.3f}",
