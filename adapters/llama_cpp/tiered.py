@@ -92,8 +92,27 @@ context; a record whose cells do not fit the loading instance (saved right after
 prefill, or with a wider window) is continued from the store. ``durable=True`` also flushes the
 store (fsync of every dirty collection and one catalog commit), which dominates its cost.
 
-Refused, each with a clear error: recurrent/hybrid, encoder-decoder, diffusion and
-sliding-window models; models without RoPE (ALiBi or absolute positions) or with multi-axis
+Models with sliding-window layers (Gemma 2/3; ``llama_model_n_swa`` > 0): llama.cpp keeps
+those layers in a cache of its own (iSWA: two KV caches, the global layers' and the sliding
+ones'), which the adapter never touches but to move it between contexts; only the global
+layers are tiered (``stats()["tiered_layers"]``; collections ``L<layer>`` of those layers).
+The public API reaches the two caches apart: a state blob is the header, the global cache's
+state, then the sliding cache's (``_state.py``), and ``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``
+reads or replaces the sliding part alone; the eval callback shows each layer's own cache tensor
+and destination cells, and the probe matches the blob's global layers to them by content. It
+does not separate the sequence operations: ``llama_memory_seq_rm`` removes a position from both
+caches. So a position leaves the global layers' cells (tail -> store or slot) only once it has
+left the sliding window too: the tail is at least ``n_swa`` tokens (``window`` is raised to it;
+``stats()["window"]``), and ``dram_tokens`` must hold sinks + ``n_swa`` + the sync room. After a
+dense prefill the shrunk context receives the sliding cache's last ``n_swa`` positions with the
+sinks and tail, and that window is kept (``stats()["swa_checkpoint_bytes"]``) to put back when
+a rollback returns to the prefill's end after llama.cpp reused its cells. Refused on such a
+model, with a clear error: a rollback to before the tail and sessions (both need the sliding
+layers' older KV, which neither llama.cpp nor the store keeps). ``stats()`` adds the sliding
+cache's cells and bytes (``swa_cells``, ``swa_kv_bytes``).
+
+Refused, each with a clear error: recurrent/hybrid (SSM), encoder-decoder and diffusion
+models; models without RoPE (ALiBi or absolute positions) or with multi-axis
 RoPE; per-layer KV widths (MLA); quantized KV (``type_k``/``type_v``); GPU offload;
 ``logits_all`` (logprobs); embeddings; LoRA and draft models; ``save_state``/``load_state``
 (use sessions). Rolled-back tokens stay in the append-only store, marked dead; when the dead
@@ -124,8 +143,8 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.params import budget_arg, budget_entries, positive_int
 
 from ._graph import GraphHook
-from ._kvbuf import KVBufferError, KVBuffers
-from ._state import KVLayout, StateFormatError
+from ._kvbuf import KVBufferError, KVBuffers, cache_rows
+from ._state import EMPTY_STATE, KVLayout, StateFormatError, trailing_state, with_header
 
 SEQ_MAIN, SEQ_DUMP, SEQ_LOAD = 0, 1, 2
 SESSION_DIR = "llama_sessions"
@@ -367,9 +386,12 @@ class TieredLlama(Llama):
                 raise UnsupportedModelError(f"{self._n_head} query heads do not group over "
                                             f"{self._n_head_kv} KV heads")
             self._g = self._n_head // self._n_head_kv
-            # Every layer of a plain RoPE model is tiered; a model with layers kept whole (a
-            # sliding-window cache) would list only the others here.
-            self._tiered_layers = list(range(self._n_layer))
+            self._hybrid_window()
+            # Every layer of a plain RoPE model is tiered; of a model with sliding-window layers,
+            # only the others (the probe finds which: _probe).
+            self._tiered_layers: list[int] = []
+            self._tidx = np.full(self._n_layer, -1, np.int64)   # model layer -> row of _colls
+            self._swa_ckpt: tuple[int, np.ndarray] | None = None  # (position, sliding state) to roll back to
             self._hook = GraphHook(self._n_layer, self._n_head, keep=self._R)
             self._hook.on_layer = self._on_layer
             self._rout: dict = {}               # per layer: retrieve_many's buffers, reused
@@ -396,6 +418,30 @@ class TieredLlama(Llama):
             raise
 
     # -- setup ------------------------------------------------------------------------------
+    def _hybrid_window(self) -> None:
+        """A model with sliding-window layers (Gemma 2/3, ...): llama.cpp keeps those layers' KV
+        in a cache of its own (iSWA), which the adapter leaves alone; only the other layers are
+        tiered. llama.cpp's sequence operations (``llama_memory_seq_rm``) act on both caches at
+        once, so a cell may leave the global layers' cells only once its position has left the
+        sliding window too: the tail is at least the window (``n_swa``) tokens."""
+        self._n_swa = max(0, int(llama_cpp.llama_model_n_swa(self.model)))
+        self._hybrid = self._n_swa > 0
+        if not self._hybrid or self._n_swa <= self._W:
+            return
+        self._W = self._n_swa
+        self._B_max = self._dram - self._S - self._W - self._room
+        if self._B_max < 0:
+            raise InvalidArgumentError(
+                f"dram_tokens: {self._dram} cannot hold sinks ({self._S}) + the model's sliding window "
+                f"({self._n_swa}, the least tail of a model with sliding-window layers) + "
+                f"max({SYNC_TOKENS}, prefill_chunk) ({self._room}); raise it")
+
+    def _not_hybrid(self, what: str) -> None:
+        if self._hybrid:
+            raise UnsupportedModelError(
+                f"{what} is not supported for a model with sliding-window layers: llama.cpp keeps their KV "
+                f"only for the last {self._n_swa} positions, and the adapter does not store it")
+
     def _check_model(self):
         m = self.model
         desc = self.metadata.get("general.architecture", "this model")
@@ -404,7 +450,6 @@ class TieredLlama(Llama):
             (llama_cpp.llama_model_is_hybrid(m), "it is hybrid (part of its state is recurrent)"),
             (llama_cpp.llama_model_has_encoder(m), "it is an encoder-decoder model"),
             (llama_cpp.llama_model_is_diffusion(m), "it is a diffusion (non-causal) model"),
-            (llama_cpp.llama_model_n_swa(m) > 0, "it uses sliding-window attention (a two-part iSWA cache)"),
             (llama_cpp.llama_model_rope_type(m) == llama_cpp.LLAMA_ROPE_TYPE_NONE,
              "it has no RoPE (ALiBi or absolute positions): only the cells of RoPE models, whose keys "
              "carry their position, can be re-placed"),
@@ -432,6 +477,7 @@ class TieredLlama(Llama):
         p.n_batch = p.n_ubatch = self.n_batch
         p.cb_eval = self._hook.callback
         p.cb_eval_user_data = None
+        p.swa_full = False   # the sliding layers' cache holds their window, not every cell
         self._ctx = _TieredContext(self, model=self._model, params=p, verbose=self.verbose)
         self._contexts.append(self._ctx)
         self._mem = llama_cpp.llama_get_memory(self.ctx)
@@ -464,7 +510,9 @@ class TieredLlama(Llama):
                 f"{hook.error or 'not found in the graph'}")
         blob = self._seq_blob(SEQ_DUMP)
         try:
-            layout = KVLayout.from_probe(blob, self._n_layer, self._n_head_kv)
+            if self._hybrid:   # the global layers' part: the sliding layers' stays with llama.cpp
+                blob, _ = trailing_state(blob)
+            layout = KVLayout.from_probe(blob, None if self._hybrid else self._n_layer, self._n_head_kv)
         except StateFormatError as e:
             raise UnsupportedModelError(f"model_path: unsupported KV cache layout: {e}") from None
         assert hook.q is not None  # every layer's queries were seen
@@ -475,10 +523,19 @@ class TieredLlama(Llama):
             raise RuntimeError(f"internal: a new context has KV layout {layout}, the first had {self._layout}")
         self._layout = layout
         try:
-            kv = KVBuffers(layout, hook.k_tensors, hook.v_tensors)
+            _, k, v = layout.parse(blob)
+            tiered = self._find_tiered(layout, k)
+            if self._tiered_layers and tiered != self._tiered_layers:
+                raise RuntimeError(f"internal: a new context tiers layers {tiered}, the first {self._tiered_layers}")
+            self._tiered_layers = tiered
+            self._tidx[:] = -1
+            self._tidx[tiered] = np.arange(len(tiered))
+            hook.read_cells_of(tiered[0])
+            hook.cells = hook.layer_cells.get(tiered[0])
+            kv = KVBuffers(layout, {j: hook.k_tensors[il] for j, il in enumerate(tiered)},
+                           {j: hook.v_tensors[il] for j, il in enumerate(tiered) if il in hook.v_tensors})
             if hook.cells is None or len(hook.cells) != 1:
                 raise KVBufferError("the graph showed no destination cell for the probe token")
-            _, k, v = layout.parse(blob)
             k2, v2 = kv.read(hook.cells)
             if not (np.array_equal(k, k2) and np.array_equal(v, v2)):
                 raise KVBufferError("the cache tensors found in the graph do not hold what the state blob holds")
@@ -487,6 +544,26 @@ class TieredLlama(Llama):
         self._kv = kv
         llama_cpp.llama_memory_clear(self._mem, True)
         hook.reset(ring)            # the probe token's queries are not the conversation's
+
+    def _find_tiered(self, layout: KVLayout, k: np.ndarray) -> list[int]:
+        """The model layers whose K the probe blob holds, in its order: every layer, or (a model
+        with sliding-window layers) the cache tensors whose probe row equals the blob's."""
+        hook = self._hook
+        if not self._hybrid:
+            if sorted(hook.k_tensors) != list(range(self._n_layer)):
+                raise KVBufferError(f"the graph showed K cache tensors for layers {sorted(hook.k_tensors)[:8]}")
+            return list(range(self._n_layer))
+        out = []
+        for j in range(layout.n_layer):
+            want = k[j].reshape(-1)
+            hits = [il for il, t in sorted(hook.k_tensors.items()) if il in hook.layer_cells
+                    and np.array_equal(cache_rows(t, il, hook.layer_cells[il], layout.row).reshape(-1), want)]
+            if len(hits) != 1:
+                raise KVBufferError(f"layer {j} of the global cache matches the K cache tensors of layers {hits}")
+            out += hits
+        if out != sorted(set(out)) or not out:
+            raise KVBufferError(f"the global cache's layers {out} are not in model order")
+        return out
 
     def _open_store(self, store, dram_budget, device, direct_io, cache_policy):
         self._owner = _core.StoreOwner(store, prefix="kvtier-llama-", dram_budget=dram_budget, device=device,
@@ -518,7 +595,7 @@ class TieredLlama(Llama):
         self._tail_lo = self._S     # positions [tail_lo, n) and [0, sinks) sit in cells of their own
         self._cell_of = np.full(self._logical_n_ctx, -1, np.int64)    # their cell indices
         self._set_slots(np.empty(0, np.int64), np.empty(0, np.int64),
-                        np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
+                        np.empty((len(self._tiered_layers), self._n_head_kv, 0), np.int64))
         self._cells = 0             # cells llama.cpp holds in the main sequence (checked against it)
         self._stale = False         # resident cells no longer match the positions (deep rollback)
         self._since_retrieval = 0   # decoded tokens since the slots were last retrieved
@@ -572,21 +649,52 @@ class TieredLlama(Llama):
             raise RuntimeError(f"llama_state_seq_set_data refused a blob of {len(blob)} bytes "
                                f"(not enough free cells in the context?)")
 
-    def _load_cells(self, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def _load_cells(self, pos: np.ndarray, k: np.ndarray, v: np.ndarray, swa: np.ndarray | None = None) -> np.ndarray:
         """Adds cells (pos[i], k[:, i], v[:, i]) to the main sequence; returns their cell indices.
         Loaded through a state blob into a parking sequence (whose cells llama.cpp picks), then
-        moved to the main one; the cells are found by a tag in layer 0's keys (``_kvbuf.py``)."""
+        moved to the main one; the cells are found by a tag in layer 0's keys (``_kvbuf.py``).
+        A model with sliding-window layers: ``swa`` (a state of their cache, :meth:`_swa_state`)
+        comes along into that cache; None adds nothing there."""
         if not len(pos):
             return np.empty(0, np.int64)
         k = k.copy()
         real0 = self._kv.tag(k)
-        self._set_blob(self._layout.build(pos.astype(np.int32), k, v, SEQ_LOAD), SEQ_LOAD)
+        blob = self._layout.build(pos.astype(np.int32), k, v, SEQ_LOAD)
+        if self._hybrid:
+            blob = np.concatenate([blob, EMPTY_STATE if swa is None else swa])
+        self._set_blob(blob, SEQ_LOAD)
         llama_cpp.llama_memory_seq_cp(self._mem, SEQ_LOAD, SEQ_MAIN, -1, -1)
         llama_cpp.llama_memory_seq_rm(self._mem, SEQ_LOAD, -1, -1)
         return self._kv.locate(real0)
 
     def _cells_now(self) -> int:
-        return self._layout.cells_from_size(llama_cpp.llama_state_seq_get_size(self.ctx, SEQ_MAIN))
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, SEQ_MAIN)
+        if self._hybrid:   # the global part alone: the sliding part's size comes apart
+            size -= llama_cpp.llama_state_seq_get_size_ext(self.ctx, SEQ_MAIN,
+                                                            llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) - 8
+        return self._layout.cells_from_size(size)
+
+    def _swa_state(self, seq: int) -> np.ndarray:
+        """The sliding layers' cache state of ``seq`` (without the blob header)."""
+        flag = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, seq, flag)
+        buf = np.empty(size, np.uint8)
+        got = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                     size, seq, flag)
+        if got != size:
+            raise RuntimeError(f"llama_state_seq_get_data_ext copied {got} of {size} bytes")
+        return buf[8:]
+
+    def _swa_cell_bytes(self) -> int:
+        """Bytes of one position in the sliding layers' cache (float16 K and V of each)."""
+        return (self._n_layer - len(self._tiered_layers)) * self._layout.row * 2 * 2 if self._hybrid else 0
+
+    def _swa_cells(self) -> int:
+        """Cells of the main sequence in the sliding layers' cache (0 for other models)."""
+        if not self._hybrid:
+            return 0
+        lo = llama_cpp.llama_memory_seq_pos_min(self._mem, SEQ_MAIN)
+        return 0 if lo < 0 else llama_cpp.llama_memory_seq_pos_max(self._mem, SEQ_MAIN) - lo + 1
 
     def _observe_cells(self, prefill: bool) -> None:
         now = self._cells_now()
@@ -713,7 +821,7 @@ class TieredLlama(Llama):
             self._cells -= keep_from - lo
         if r:
             pos = np.arange(keep_from, new_lo, dtype=np.int64)
-            content = np.broadcast_to(pos, (self._n_layer, self._n_head_kv, r))
+            content = np.broadcast_to(pos, (len(self._colls), self._n_head_kv, r))
             inv = self._invalid
             self._set_slots(np.concatenate([self._slot_cell, cells[keep_from - lo:]]),
                             np.concatenate([self._slot_nom, pos]),
@@ -750,8 +858,10 @@ class TieredLlama(Llama):
         the store, the first ``nslot`` eligible entries (stored positions in [sinks, tail_lo);
         with ``overfetch``, the best by exact score) are kept, and the slots whose entries left
         that selection are overwritten in llama.cpp's cache with the newcomers. The KV heads of a
-        layer are handled together (one engine call, array operations over heads)."""
-        if not self._retrieving:
+        layer are handled together (one engine call, array operations over heads). A sliding
+        layer is not tiered: llama.cpp's own cache serves it. From here on ``layer`` is the row
+        of the tiered layers (``_colls``, the slots, the KV buffers)."""
+        if not self._retrieving or self._tidx[layer] < 0:
             return
         t0 = time.perf_counter()
         c = q.shape[0]
@@ -759,6 +869,7 @@ class TieredLlama(Llama):
             prev = self._hook.previous(layer, self._R - c)
             if len(prev):
                 q = np.concatenate([q, prev], axis=0)
+        layer = int(self._tidx[layer])
         H, D, g = self._n_head_kv, self._layout.head_dim, self._g
         b = self._nslot
         n_ids = self._ids.n
@@ -887,13 +998,16 @@ class TieredLlama(Llama):
         t0 = time.perf_counter()
         n0, m = self._n, len(tokens)
         total = n0 + m
+        swa = None
         if n0:
             hist = np.arange(n0, dtype=np.int64)
             hk, hv = self._kv.read(self._cell_of[:n0])
+            if self._hybrid:
+                swa = self._swa_state(SEQ_MAIN)
         self._new_context(total)
         self._dense = True
         if n0:
-            self._cell_of[:n0] = self._load_cells(hist, hk, hv)
+            self._cell_of[:n0] = self._load_cells(hist, hk, hv, swa)
             del hk, hv
         self._cells = n0
         hook = self._hook
@@ -941,15 +1055,21 @@ class TieredLlama(Llama):
             self._store_resident(win_lo)   # a rollback and new tokens since the prefill
         keep = np.concatenate([np.arange(s), np.arange(win_lo, n)]).astype(np.int64)
         kk, vv = self._kv.read(self._cell_of[keep])
+        swa = None
+        if self._hybrid:
+            # the sliding layers' window, as llama.cpp would keep it (this context is dropped next)
+            llama_cpp.llama_memory_seq_rm(self._mem, SEQ_MAIN, 0, max(0, n - self._n_swa))
+            swa = self._swa_state(SEQ_MAIN)
+            self._swa_ckpt = (n, swa)
         self._new_context(self._dram)
         self._dense = False
         self._cell_of[:n] = -1
         self._tail_lo = win_lo
         self._cells = 0
-        self._place_resident(keep, kk, vv)
+        self._place_resident(keep, kk, vv, swa)
         self._t["dense_prefill"] += time.perf_counter() - t0
 
-    def _place_resident(self, fixed: np.ndarray, fk: np.ndarray, fv: np.ndarray) -> None:
+    def _place_resident(self, fixed: np.ndarray, fk: np.ndarray, fv: np.ndarray, swa: np.ndarray | None = None) -> None:
         """Loads, into an emptied main sequence, the sinks and tail (``fixed`` positions with
         their K/V) and the slots the decoding budget allows, at nominal positions sinks ..
         sinks + b - 1, unwritten: the next decode's retrieval fills them, in position order (so
@@ -957,14 +1077,14 @@ class TieredLlama(Llama):
         s = int(np.searchsorted(fixed, self._S))
         b = self._slot_target(self._n, False)
         nom = np.arange(self._S, self._S + b, dtype=np.int64)
-        blank = np.zeros((self._n_layer, b, self._n_head_kv, self._layout.head_dim), np.float16)
+        blank = np.zeros((len(self._colls), b, self._n_head_kv, self._layout.head_dim), np.float16)
         pos = np.concatenate([fixed[:s], nom, fixed[s:]])
         k = np.concatenate([fk[:, :s], blank, fk[:, s:]], axis=1)
         v = np.concatenate([fv[:, :s], blank, fv[:, s:]], axis=1)
-        cells = self._load_cells(pos, k, v)
+        cells = self._load_cells(pos, k, v, swa)
         self._cell_of[fixed[:s]] = cells[:s]
         self._cell_of[fixed[s:]] = cells[s + b:]
-        self._set_slots(cells[s:s + b], nom, np.full((self._n_layer, self._n_head_kv, b), -1, np.int64))
+        self._set_slots(cells[s:s + b], nom, np.full((len(self._colls), self._n_head_kv, b), -1, np.int64))
         self._cells = len(pos)
         self._observe_cells(False)
 
@@ -973,6 +1093,8 @@ class TieredLlama(Llama):
         """Forgets positions >= p (Llama.generate rolls back to a common prefix)."""
         if p >= self._n:
             return
+        if self._hybrid and self._S < p < self._tail_lo:
+            self._not_hybrid(f"rolling back to position {p}, before the tail (from {self._tail_lo}),")
         self._ids.truncate(p)
         self._synced = min(self._synced, p)
         if p >= self._tail_lo or p <= self._S:
@@ -980,17 +1102,39 @@ class TieredLlama(Llama):
             llama_cpp.llama_memory_seq_rm(self._mem, SEQ_MAIN, p, -1)
             if p <= self._S:
                 self._set_slots(np.empty(0, np.int64), np.empty(0, np.int64),
-                                np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
+                                np.empty((len(self._tiered_layers), self._n_head_kv, 0), np.int64))
                 self._tail_lo = self._S
             self._cell_of[p:self._n] = -1
             self._n = p
             self._cells = min(self._S, p) + self._nslot + max(0, p - self._tail_lo)
+            if self._hybrid:
+                self._swa_restore(p)
         else:
             self._n = p
             self._stale = True
         self.n_tokens = min(self.n_tokens, p)
         if self._ids.dead >= 64 and self._ids.dead > self._ids.n - self._ids.dead:
             self._compact()
+
+    def _swa_restore(self, p: int) -> None:
+        """After a rollback to ``p`` on a model with sliding-window layers: llama.cpp's sliding
+        cache may have reused the cells of positions the token at ``p`` must see (it keeps the
+        window of the newest token only). The window as it was at the end of the last dense
+        prefill is put back when ``p`` is that end; elsewhere a loss is an error, not a silently
+        narrower window."""
+        lo = llama_cpp.llama_memory_seq_pos_min(self._mem, SEQ_MAIN)
+        need = max(0, p - self._n_swa + 1)
+        if p == 0 or 0 <= lo <= need:
+            return
+        ckpt = self._swa_ckpt
+        if ckpt is None or ckpt[0] != p:
+            self._not_hybrid(f"rolling back to position {p} (the sliding layers' cache starts at {lo})")
+        assert ckpt is not None
+        blob = with_header(ckpt[1], SEQ_MAIN)
+        got = llama_cpp.llama_state_seq_set_data_ext(self.ctx, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                     len(blob), SEQ_MAIN, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+        if got == 0:
+            raise RuntimeError("llama_state_seq_set_data_ext refused the sliding layers' window")
 
     def _compact(self) -> None:
         """Moves the live entries to fresh collections (the store cannot delete entries)."""
@@ -1002,7 +1146,7 @@ class TieredLlama(Llama):
         positions = self._ids.pos[live].copy()
         self._ids = _IdMap(self._logical_n_ctx)
         if len(live):
-            for layer in range(self._n_layer):
+            for layer in range(len(old)):
                 for h in range(self._n_head_kv):
                     keys, vals = old[layer][h].get(live)
                     self._colls[layer][h].add(keys, vals)
@@ -1014,7 +1158,7 @@ class TieredLlama(Llama):
         ids = self._ids.pos_id[positions]
         if (ids < 0).any():
             raise RuntimeError("internal: positions needed again are not in the store")
-        L, H, D = self._n_layer, self._n_head_kv, self._layout.head_dim
+        L, H, D = len(self._colls), self._n_head_kv, self._layout.head_dim
         fk = np.empty((L, len(ids), H, D), np.float16)
         fv = np.empty_like(fk)
         for layer in range(L):
@@ -1062,6 +1206,7 @@ class TieredLlama(Llama):
         """Saves the current conversation: its new tokens go to its collections, and a record with
         the token ids, id map, last queries and resident cells (zstd) goes next to the store.
         ``durable``: flush the store and fsync the record (crash-safe) before returning."""
+        self._not_hybrid("a session record")
         zstandard = _zstd()
 
         t0 = time.perf_counter()
@@ -1070,7 +1215,7 @@ class TieredLlama(Llama):
         if self._synced < self._n:
             self._store_resident(self._n)
         # a dense prefill's cells are not kept: the next load rebuilds the resident ones
-        resident = self._layout.build(np.empty(0, np.int32), *(np.empty((self._n_layer, 0), np.float16),) * 2) \
+        resident = self._layout.build(np.empty(0, np.int32), *(np.empty((len(self._colls), 0), np.float16),) * 2) \
             if self._dense else self._seq_blob(SEQ_MAIN)
         n_ids = self._ids.n
         arrays = {
@@ -1127,6 +1272,7 @@ class TieredLlama(Llama):
     def load_session(self, name: str) -> dict:
         """Makes the saved conversation ``name`` the current one (the current one is dropped
         from llama.cpp; save it first to keep it). Continues exactly where it was saved."""
+        self._not_hybrid("a session record")
         zstandard = _zstd()
 
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -1188,7 +1334,7 @@ class TieredLlama(Llama):
         if not as_saved:
             resident, header = resident[:16], dict(header, cells=0, tail_lo=self._S)
             arrays = dict(arrays, slot_nom=np.empty(0, np.int64),
-                          slot_pos=np.empty((self._n_layer, self._n_head_kv, 0), np.int64))
+                          slot_pos=np.empty((len(self._tiered_layers), self._n_head_kv, 0), np.int64))
         k: np.ndarray | None = None
         v: np.ndarray | None = None
         pos = np.empty(0, np.int32)
@@ -1269,6 +1415,14 @@ class TieredLlama(Llama):
             "decode_kv_cells_peak": pk["decode_cells"],
             "decode_kv_mib_peak": pk["decode_allocated"] * cell / 2**20,
             "kv_cells": self._cells_now(),
+            "tiered_layers": list(self._tiered_layers),
+            "window": self._W,
+            "sliding_window": self._n_swa,
+            # the sliding layers' cells of the conversation (llama.cpp's iSWA cache), their bytes
+            # and the bytes llama.cpp allocates for that cache (its cells x their layers)
+            "swa_cells": self._swa_cells(),
+            "swa_kv_bytes": self._swa_cells() * self._swa_cell_bytes(),
+            "swa_checkpoint_bytes": 0 if self._swa_ckpt is None else int(self._swa_ckpt[1].nbytes),
             "dram_tokens": self._dram,
             "kv_cells_allocated": allocated,
             "kv_bytes_per_cell": cell,

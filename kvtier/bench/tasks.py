@@ -33,7 +33,9 @@ scored by the share of its expected strings that the answer contains (case-insen
 
 Methods: ``full`` (DynamicCache), ``llama.cpp`` (full attention in llama-cpp-python on the
 model's GGUF, every cell kept: it prefills each case itself, once, and each question starts from
-the end of that prefill), ``sink+window`` (TieredCache, budget 0) and
+the end of that prefill), ``llama.cpp+<policy>@<budget>`` (TieredLlama on the same GGUF, its own
+dense prefill once per case, each question rolled back to its end; on Gemma 3 its global layers
+tiered, the sliding ones in llama.cpp's own cache), ``sink+window`` (TieredCache, budget 0) and
 ``<policy>@<budget>[:<cluster size>][+var][+est]`` (TieredCache with that store policy and
 fetch budget, the first partition's clusters of that size instead of the store's 32 (the
 largest twice that), clusters ranked by their expected attention rather than their mean key
@@ -352,6 +354,7 @@ class Method:
     estimate: bool = False
     cluster: int = 0  # the collections' first-partition cluster size (0: the store's default)
     variance: bool = False  # clusters ranked by their expected attention (score_temp: the model's scale)
+    llama: bool = False  # through llama.cpp (LLAMA_CPP: every cell kept; else TieredLlama)
 
     @property
     def tiered(self) -> bool:
@@ -365,13 +368,20 @@ LLAMA_CPP = "llama.cpp"
 def parse_method(text: str) -> Method:
     t = text.strip()
     if t in ("full", LLAMA_CPP):
-        return Method(t)
+        return Method(t, llama=t == LLAMA_CPP)
+    if t.startswith(LLAMA_CPP + "+"):  # TieredLlama: llama.cpp's cells bounded, the history in kvtier
+        inner = parse_method(t[len(LLAMA_CPP) + 1:])
+        if inner.name == "sink+window" or inner.estimate or inner.variance or inner.cluster:
+            raise ValueError(f"method {t!r}: {LLAMA_CPP}+<policy>@<budget> expected (TieredLlama takes no "
+                             f"cluster size, +var or +est here)")
+        return dataclasses.replace(inner, name=t, llama=True)
     if t == "sink+window":
         return Method(t, policy="adaptive", budget=0.0)
     m = re.fullmatch(r"([a-z]+)@([0-9.]+)(?::([0-9]+))?(\+var)?(\+est)?", t)
     if not m or m.group(1) not in POLICIES:
-        raise ValueError(f"method {t!r}: 'full', '{LLAMA_CPP}', 'sink+window' or "
-                         f"<policy>@<budget>[:<cluster size>][+var][+est] with a policy of {POLICIES} expected")
+        raise ValueError(f"method {t!r}: 'full', '{LLAMA_CPP}', 'sink+window', "
+                         f"<policy>@<budget>[:<cluster size>][+var][+est] with a policy of {POLICIES} "
+                         f"or {LLAMA_CPP}+<policy>@<budget> expected")
     cluster = int(m.group(3) or 0)
     if m.group(3) and (m.group(1) == "none" or not 2 <= cluster <= 4096):
         raise ValueError(f"method {t!r}: a cluster size in [2, 4096] of a clustering policy expected")
@@ -567,10 +577,46 @@ def llama_context(model_name: str, n_ctx: int, threads: int):
     return llm
 
 
+def tiered_llama(model_name: str, method: Method, n_ctx: int, args):
+    """A TieredLlama of the model's GGUF for ``method`` with a logical context of ``n_ctx``
+    tokens: ``dram_tokens`` holds the sinks, the tail (on a model with sliding-window layers, at
+    least the window: the adapter's docstring), its sync room and the budget's slots at
+    ``n_ctx``; the store's DRAM is ``--dram-share`` of the tiered layers' float16 KV."""
+    from kvtier import models
+    from kvtier.adapters.llama_cpp import TieredLlama
+    from kvtier.adapters.llama_cpp.tiered import DEFAULTS, SYNC_TOKENS
+
+    path = {"gemma3": models.gemma3_gguf, "smollm2": models.smollm2_gguf}[model_name]()
+    window = max(args.window, DEFAULTS["window"])
+    kw = dict(n_ctx=n_ctx, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False, seed=1)
+    probe = TieredLlama(path, budget=0, dram_tokens=args.sinks + window + 512 + 64, sinks=args.sinks,
+                        window=window, **kw)
+    try:
+        s = probe.stats()
+        tail, per_token = s["window"], s["kv_bytes_per_cell"]
+    finally:
+        probe.close()
+    slots = math.ceil(method.budget * n_ctx)
+    dram = args.sinks + tail + max(SYNC_TOKENS, 64) + slots
+    store_dram = max(int(args.dram_share * per_token * n_ctx), 4 << 20)
+    return TieredLlama(path, budget=method.budget, dram_tokens=dram, policy=method.policy, sinks=args.sinks,
+                       window=window, store_dram_budget=store_dram, device=args.device, direct_io=False, **kw)
+
+
 def llama_memory(llm) -> dict:
-    """The llama.cpp context's KV cells for the sequence (its state's size, every cell kept)."""
+    """The llama.cpp context's KV cells for the sequence (its state's size, every cell kept);
+    of a TieredLlama, its cells (the tiered layers', the sliding layers') and the store's DRAM."""
     import llama_cpp
 
+    if hasattr(llm, "stats") and callable(llm.stats):
+        s = llm.stats()
+        kv = s["kv_cells"] * s["kv_bytes_per_cell"] + s["swa_kv_bytes"]
+        peak = s["decode_kv_cells_peak"] * s["kv_bytes_per_cell"] + s["swa_kv_bytes"]
+        return {"dram_bytes": kv + s["dram_bytes"], "dram_peak_bytes": peak + s["dram_peak_bytes"],
+                "engine_dram_bytes": s["dram_bytes"], "engine_dram_peak_bytes": s["dram_peak_bytes"],
+                "adapter_dram_bytes": kv, "sliding_dram_bytes": s["swa_kv_bytes"], "slots": s["slots"],
+                "fetched_per_retrieve": s["fetched_per_retrieve"], "read_bytes": s["read_bytes"],
+                "modeled_io_seconds": s["modeled_io_seconds"]}
     b = int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
     return {"dram_bytes": b, "dram_peak_bytes": b, "engine_dram_bytes": 0, "engine_dram_peak_bytes": 0}
 
@@ -634,9 +680,11 @@ def run_case(model, tokenizer, case: Case, methods: Sequence[Method], args, rows
     # the continuation's first token), so the prefill stops before it
     pre = ids[:-1] if case.task == "heldout" else ids
     t0 = time.perf_counter()
-    dense = prefill(model, pre, args.chunk) if any(m.name != LLAMA_CPP for _, m in todo) else None
+    dense = prefill(model, pre, args.chunk) if any(not m.llama for _, m in todo) else None
     t_prefill = time.perf_counter() - t0
-    llama_prefill = None  # llama.cpp's own prefill of this case, once (seconds), then rolled back per question
+    # per llama.cpp method: its own prefill of this case, once (seconds), rolled back per question
+    llama_prefill: dict = {}
+    llamas: dict = {}  # the TieredLlama of each such method, closed with the case
     base = {"model": model_name, "task": case.task, "length": case.length, "case": case.index, "seed": case.seed,
             "context_tokens": len(ids), "prefill_seconds": t_prefill, "prefill_peak_rss": _peak_rss()}
     ref_top = {}
@@ -645,47 +693,58 @@ def run_case(model, tokenizer, case: Case, methods: Sequence[Method], args, rows
         if order and order[0][1].tiered and (model_name, case.task, case.length, case.index, 0, "full") in rows.done:
             ref_top[0] = rows.done[(model_name, case.task, case.length, case.index, 0, "full")]["top"]
         todo = order
-    for qi, m in todo:
-        q = case.questions[qi]
-        t1 = time.perf_counter()
-        steps, extra = None, {}
-        if m.name == LLAMA_CPP:
-            cache, steps = None, LlamaSteps(llama_context(model_name, case.length + 1024, args.threads))
-            if llama_prefill is None:
-                steps.llm.reset()
-                steps.llm.eval(list(pre))
-                llama_prefill = time.perf_counter() - t1
-            steps.llm.n_tokens = len(pre)  # back to the end of the prefill: eval drops the cells after it
-            extra = {"prefill_seconds": llama_prefill, "dense_prefill_seconds": t_prefill}  # its own prefill
-        else:
-            cache = make_cache(model, m, dense, args)
-        t_build = time.perf_counter() - t1
-        try:
-            if case.task == "heldout":
-                follow = tokenizer(q.cue, add_special_tokens=False).input_ids[:args.heldout_tokens + 1]
-                got = teacher_force(model, cache, [ids[-1], *follow], steps)
-                res = {"nll": got["nll"], "top": got["top"], "steps": got["steps"], "seconds": got["seconds"],
-                       "mean_nll": float(np.mean(got["nll"]))}
-                if m.name == "full":
-                    ref_top[qi] = got["top"]
-                if qi in ref_top:
-                    res["top1"] = float(np.mean(np.asarray(got["top"]) == np.asarray(ref_top[qi])))
-                res["score"] = float("nan")
+    try:
+        for qi, m in todo:
+            q = case.questions[qi]
+            t1 = time.perf_counter()
+            steps, extra = None, {}
+            if m.llama:
+                if m.name == LLAMA_CPP:
+                    llm = llama_context(model_name, case.length + 1024, args.threads)
+                else:
+                    if m.name not in llamas:
+                        llamas[m.name] = tiered_llama(model_name, m, case.length + 1024, args)
+                    llm = llamas[m.name]
+                cache, steps = None, LlamaSteps(llm)
+                if m.name not in llama_prefill:
+                    steps.llm.reset()
+                    steps.llm.eval(list(pre))
+                    llama_prefill[m.name] = time.perf_counter() - t1
+                steps.llm.n_tokens = len(pre)  # back to the end of the prefill: eval drops the cells after it
+                # its own prefill
+                extra = {"prefill_seconds": llama_prefill[m.name], "dense_prefill_seconds": t_prefill}
             else:
-                res = ask(model, tokenizer, cache, q, steps)
-                res["expected"] = q.answers
-            res.update(cache_memory(cache, m) if steps is None else llama_memory(steps.llm), **extra)
-        finally:
-            if m.tiered and cache is not None:
-                cache.close()
-            del cache
-        r = dict(base, question=qi, method=m.name, build_seconds=t_build, tok_s=res["steps"] / res["seconds"],
-                 rss=_rss())
-        r.update(res)
-        rows.add(r)
-        if case.task != "heldout":
-            log(f"  {case.task} L={case.length} case {case.index} q{qi} {m.name}: {res['score']:.2f} "
-                f"{res['answer'][:40]!r} ({res['seconds']:.1f} s + build {t_build:.1f} s)")
+                cache = make_cache(model, m, dense, args)
+            t_build = time.perf_counter() - t1
+            try:
+                if case.task == "heldout":
+                    follow = tokenizer(q.cue, add_special_tokens=False).input_ids[:args.heldout_tokens + 1]
+                    got = teacher_force(model, cache, [ids[-1], *follow], steps)
+                    res = {"nll": got["nll"], "top": got["top"], "steps": got["steps"], "seconds": got["seconds"],
+                           "mean_nll": float(np.mean(got["nll"]))}
+                    if m.name == "full":
+                        ref_top[qi] = got["top"]
+                    if qi in ref_top:
+                        res["top1"] = float(np.mean(np.asarray(got["top"]) == np.asarray(ref_top[qi])))
+                    res["score"] = float("nan")
+                else:
+                    res = ask(model, tokenizer, cache, q, steps)
+                    res["expected"] = q.answers
+                res.update(cache_memory(cache, m) if steps is None else llama_memory(steps.llm), **extra)
+            finally:
+                if m.tiered and cache is not None:
+                    cache.close()
+                del cache
+            r = dict(base, question=qi, method=m.name, build_seconds=t_build, tok_s=res["steps"] / res["seconds"],
+                     rss=_rss())
+            r.update(res)
+            rows.add(r)
+            if case.task != "heldout":
+                log(f"  {case.task} L={case.length} case {case.index} q{qi} {m.name}: {res['score']:.2f} "
+                    f"{res['answer'][:40]!r} ({res['seconds']:.1f} s + build {t_build:.1f} s)")
+    finally:
+        for llm in llamas.values():
+            llm.close()
     return {"prefill_seconds": t_prefill, "ran": len(todo)}
 
 
@@ -917,17 +976,18 @@ def markdown(summ: dict, methods: Sequence[str], meta: dict) -> str:
     pre = []
     for L in lengths:
         vs = [v for v in summ.values() if v["length"] == L and v["method"] == "full"] or \
-             [v for v in summ.values() if v["length"] == L and v["method"] != LLAMA_CPP]
+             [v for v in summ.values() if v["length"] == L and not v["method"].startswith(LLAMA_CPP)]
         p = _median([v["prefill_seconds"] for v in vs])
         rss = max([v["prefill_peak_rss"] or 0 for v in vs], default=0)
         pre.append([L, f"{p:.1f}" if p is not None else "—", _mib(rss)])
     parts += ["Dense prefill per context (once per case, shared by every method): median seconds and the process's "
               "peak RSS.", "", md_table(["length", "prefill s", "peak RSS MiB"], pre, "lrr"), ""]
-    own = [(L, v["prefill_seconds"]) for L in lengths for v in summ.values()
-           if v["length"] == L and v["method"] == LLAMA_CPP and v["prefill_seconds"] is not None]
+    own = [(v["method"], L, v["prefill_seconds"]) for L in lengths for v in summ.values()
+           if v["length"] == L and v["method"].startswith(LLAMA_CPP) and v["prefill_seconds"] is not None]
     if own:
-        parts += [f"{LLAMA_CPP} prefills each context itself (every cell kept): median seconds "
-                  + ", ".join(f"{L}: {p:.1f}" for L, p in own)
+        parts += [f"The {LLAMA_CPP} methods prefill each context themselves ({LLAMA_CPP}: every cell kept; "
+                  f"{LLAMA_CPP}+<policy>: TieredLlama's dense prefill): median seconds "
+                  + ", ".join(f"{m} at {L}: {p:.1f}" for m, L, p in own)
                   + " (several tasks at one length: one figure each, in the order of the tables).", ""]
     acc = acceptance(summ)
     if acc:
@@ -1085,7 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     t_start = time.time()
-    if all(m.name == LLAMA_CPP for m in methods):  # llama.cpp alone: the tokenizer, not the torch model
+    if all(m.llama for m in methods):  # llama.cpp alone: the tokenizer, not the torch model
         model, tok = None, _tokenizer(a.model)
         a.calibrate = 0
     else:
