@@ -56,6 +56,7 @@ class StoreStats(TypedDict):
     read_size_histogram: list[int]
     prefetch_issued: int
     prefetch_hits: int
+    prefetch_evicted: int
     prefetch_read_bytes: int
     read_bytes_by_cause: ReadBytesByCause
     prefetch_errors: int

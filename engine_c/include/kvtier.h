@@ -245,6 +245,8 @@ void kvt_store_close(kvt_store *store);
     X(U64, prefetch_issued, INT, "prefetch_issued", "") /* clusters queued by prefetch */                              \
     /* of those, found (loaded or loading) by a later read */                                                          \
     X(U64, prefetch_hits, INT, "prefetch_hits", "")                                                                    \
+    /* prefetched clusters evicted before any read used them (a guess not taken, or room lost) */                      \
+    X(U64, prefetch_evicted, INT, "prefetch_evicted", "")                                                              \
     X(U64, prefetch_read_bytes, INT, "prefetch_read_bytes", "read_bytes_by_cause.prefetch")                            \
     /* prefetch reads that failed (the cluster is read again on use) */                                                \
     X(U64, prefetch_errors, INT, "prefetch_errors", "")                                                                \

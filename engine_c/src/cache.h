@@ -15,7 +15,10 @@
  *    `half_life` steps; the victim is the coolest entry, the most recently used among entries
  *    of about the same heat. Decoding reads the layers in a cycle, so the entry used last is
  *    the one needed last: evicting it keeps a stable part of the cycle cached where LRU
- *    would evict each entry just before its layer comes round again.
+ *    would evict each entry just before its layer comes round again;
+ *  - an entry a prefetch loaded stays while its owner has not read since: it is what the
+ *    owner's next read is expected to use (as cool and as recent as an entry gets, the rule
+ *    above would evict it first).
  */
 #ifndef KVT_CACHE_H
 #define KVT_CACHE_H
@@ -79,7 +82,8 @@ typedef struct kvt_cache {
     uint32_t half_life;                /* cluster policy: heat halves over this many steps */
     float decay[KVT_HEAT_HORIZON + 1]; /* decay[d] = 2^(-d / half_life) */
     uint64_t cache_bytes, cached, hits, misses, evictions;
-    kvt_cache_ent lru; /* sentinel */
+    uint64_t prefetch_evicted; /* entries a prefetch loaded, evicted before any read used them */
+    kvt_cache_ent lru;         /* sentinel */
     /* the lookup table: entries by (owner, cluster), chained, nbuckets a power of two grown
      * with the entries (its bytes are cache bytes, KVT_USE_CACHE). Owners find their cached
      * clusters here instead of keeping a pointer per cluster in their resident index. */

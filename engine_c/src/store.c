@@ -176,6 +176,7 @@ int kvt_store_stats_get(kvt_store *s, kvt_store_stats *o) {
     o->direct_io = s->ncolls ? kvt_file_is_direct(s->colls[0]->f) : (s->io.direct_mode != KVT_DIRECT_OFF);
     o->prefetch_issued = s->prefetch_issued;
     o->prefetch_hits = s->prefetch_hits;
+    o->prefetch_evicted = s->cache.prefetch_evicted;
     o->prefetch_errors = s->prefetch_errors;
     o->prefetch_read_bytes = io.prefetch_read_bytes;
     o->io_wait_seconds = s->io_wait_seconds;
@@ -209,7 +210,7 @@ int kvt_store_reset_io_stats(kvt_store *s) {
     kvt_io_stats_reset(&s->io);
     s->swap_read_bytes = s->swap_write_bytes = s->swap_unchanged_bytes = 0;
     s->swap_ins = s->swap_outs = s->swap_demand_ins = s->swap_pressure_outs = 0;
-    s->cache.hits = s->cache.misses = s->cache.evictions = 0;
+    s->cache.hits = s->cache.misses = s->cache.evictions = s->cache.prefetch_evicted = 0;
     kvt_mem_reset_peaks(&s->mem);
     UNLOCK(s);
     return 0;
