@@ -36,5 +36,9 @@ def test_prefilled_runs(model, tmp_path, monkeypatch, capsys):  # noqa: F811
     assert abs(parts - t["step_ms"]) <= 1e-6 * t["step_ms"]
     assert t["engine_ms"] >= 0 and t["wait_ms"] >= 0 and t["glue_ms"] >= 0 and 0 < t["store_share"] < 1
     assert rows[2]["store_share"] == 0.0
+    # measured I/O wait beside the modeled time, and the step's reads with what prefetch did
+    assert 0 <= t["read_wait_ms"] <= t["engine_ms"] + t["wait_ms"] and rows[2]["read_wait_ms"] == 0.0
+    assert min(t["prefetch_issued_per_step"], t["prefetch_hits_per_step"], t["prefetch_evicted_per_step"]) >= 0
     md = (tmp_path / "d.md").read_text()
     assert "prefilled once" in md and "Engine DRAM peak" in md and "quantized-quanto" in md
+    assert "Reads per step" in md and "read calls" in md

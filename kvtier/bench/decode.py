@@ -84,6 +84,9 @@ def _tiered_figures(r: dict, s0: dict, s1: dict, dt: float, tokens: int) -> dict
     - ``wait_ms``: the rest of the store time, when the calling thread did not run: reads it
       waited for (O_DIRECT reads, prefetches still loading) or the machine's other work;
       ``io_wait_ms`` is the part of it the engine counted waiting for prefetches;
+    - ``read_wait_ms``: wall time of the calling thread's read system calls (reads on demand,
+      the engine's own clock; their CPU time is in ``engine_ms``, the rest in ``wait_ms``):
+      I/O wait as measured, beside ``modeled_io_ms``;
     - ``glue_ms``: the adapter's Python around the store calls and the attention arithmetic
       (queries to numpy, fetched entries to torch, concatenations, the spill);
     - ``compute_ms``: the rest of the step (the model's layers, the attention arithmetic, the
@@ -106,16 +109,23 @@ def _tiered_figures(r: dict, s0: dict, s1: dict, dt: float, tokens: int) -> dict
              overlap_ms=1e3 * max(0.0, d["modeled_io_seconds"] - d["io_wait_seconds"]) / tokens,
              kv_bytes=s1["dram_bytes"], kv_peak_bytes=s1["dram_peak_bytes"],
              full_kv_bytes=s1["full_cache_bytes"])
-    # where the reads came from, per step (JSON only): the store's bytes and requests, the
-    # prefetches' share, the cache's hits and misses, and what fetching itself needed
+    # I/O wait as measured, apart from the modeled time: the calling thread's read system calls
+    # (the store's read_seconds: reads on demand; loader threads' reads are not in it) and
+    # its waits for prefetches still loading (io_wait_ms)
+    st0, st1 = s0.get("store", {}), s1.get("store", {})
+    r["read_wait_ms"] = 1e3 * (st1.get("read_seconds", 0.0) - st0.get("read_seconds", 0.0)) / tokens
+    # where the reads came from, per step: the store's bytes and requests, the prefetches'
+    # share and those evicted unused, the cache's hits and misses
     for k in ("read_bytes", "read_ops", "prefetch_read_bytes", "cache_hits", "cache_misses"):
         r[k + "_per_step"] = (s1.get(k, 0) - s0.get(k, 0)) / tokens
+    for k in ("prefetch_issued", "prefetch_hits", "prefetch_evicted"):
+        r[k + "_per_step"] = (st1.get(k, 0) - st0.get(k, 0)) / tokens
     r["fetched_per_retrieve"] = s1["fetched_per_step"]
     return s1
 
 
 _DENSE_PROFILE = {"store_ms": 0.0, "engine_ms": 0.0, "wait_ms": 0.0, "glue_ms": 0.0, "store_share": 0.0,
-                  "io_wait_ms": 0.0, "modeled_io_ms": 0.0, "overlap_ms": 0.0}
+                  "io_wait_ms": 0.0, "read_wait_ms": 0.0, "modeled_io_ms": 0.0, "overlap_ms": 0.0}
 
 
 def run_one(model, kind: str, ids, context: int, tokens: int, device=None) -> dict:
@@ -213,16 +223,34 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "Ratio: tok/s over DynamicCache's at the same context, medians of the same rounds.", "",
              "Profile of a step (ms): compute (the model's layers, attention arithmetic, LM head), engine "
              "(the calling thread's CPU inside store calls), wait (store time that thread did not run: reads, "
-             "prefetches still loading, or the machine's other work; of which prefetch wait: the engine's own "
-             "count), glue (the adapter's Python around them); store share = (engine + wait + glue) / step. "
-             "Modeled I/O: the UFS 4.0 model's time for the step's reads (accounted, not slept).", "",
+             "prefetches still loading, or the machine's other work; prefetch wait: the engine's own count), "
+             "read calls (wall time of the calling thread's read system calls, reads on demand, the engine's own "
+             "clock: I/O wait as measured; its CPU is in engine, the rest in wait), glue (the adapter's Python "
+             "around them); store share = (engine + wait + glue) / step. Modeled I/O: the UFS 4.0 model's time "
+             "for the step's reads (accounted, not slept).",
+             "",
              md_table(["context", "cache", "tok/s", "ratio", "step ms", "compute", "engine", "wait",
-                       "of which prefetch wait", "glue", "store share", "modeled I/O", "KV held MiB", "RSS MiB"],
+                       "read calls", "of which prefetch wait", "glue", "store share", "modeled I/O",
+                       "KV held MiB", "RSS MiB"],
                       [[r["context"], r["cache"], f"{r['tok_s']:.2f}", f"{r['ratio']:.2f}", f"{r['step_ms']:.1f}",
                         f"{r['compute_ms']:.1f}", f"{r['engine_ms']:.1f}", f"{r['wait_ms']:.1f}",
-                        f"{r['io_wait_ms']:.2f}", f"{r['glue_ms']:.1f}", f"{100 * r['store_share']:.0f}%",
-                        f"{r['modeled_io_ms']:.2f}", mib(r["kv_bytes"]), mib(r["rss_bytes"])]
-                       for r in rows], "ll" + "r" * 12)]
+                        f"{r.get('read_wait_ms', 0.0):.1f}", f"{r['io_wait_ms']:.2f}", f"{r['glue_ms']:.1f}",
+                        f"{100 * r['store_share']:.0f}%", f"{r['modeled_io_ms']:.2f}", mib(r["kv_bytes"]),
+                        mib(r["rss_bytes"])]
+                       for r in rows], "ll" + "r" * 13)]
+    io_rows = [r for r in rows if r.get("read_ops_per_step") is not None]
+    if io_rows:
+        lines += ["", "Reads per step (medians of the same rounds): requests and MiB read (prefetches' included), "
+                  "the cache's hits and misses (clusters), clusters prefetched, used, and evicted before any read "
+                  "used them.", "",
+                  md_table(["context", "cache", "reads", "MiB read", "of which prefetched", "hits", "misses",
+                            "prefetched", "prefetch used", "prefetch evicted unused"],
+                           [[r["context"], r["cache"], f"{r['read_ops_per_step']:.0f}",
+                             f"{r['read_bytes_per_step'] / 2**20:.2f}",
+                             f"{r['prefetch_read_bytes_per_step'] / 2**20:.2f}", f"{r['cache_hits_per_step']:.0f}",
+                             f"{r['cache_misses_per_step']:.0f}", f"{r.get('prefetch_issued_per_step', 0):.0f}",
+                             f"{r.get('prefetch_hits_per_step', 0):.0f}",
+                             f"{r.get('prefetch_evicted_per_step', 0):.0f}"] for r in io_rows], "ll" + "r" * 8)]
     pre = [r for r in rows if r.get("prefill_seconds") is not None and r["cache"] == rows[0]["cache"]]
     if pre:
         lines += ["", "Each context prefilled once (dense, in chunks; every cache decodes from a copy of that "
