@@ -20,7 +20,7 @@ typedef struct kvt_add {
     uint32_t k;                /* clusters the plan spans: 0..k-1 */
     uint32_t sr;               /* scratch records */
     int first_batch;           /* the collection's first partition is made by this add */
-    /* assignment: each entry's cluster waits in the id map's slot past n (c->loc[n0+i].cl) */
+    /* assignment: each entry's cluster waits in the id map's slot past n (c->loc[n0+i]) */
     uint32_t *row;   /* chunk rows grouped by cluster (write step) */
     uint32_t *start; /* k + 1: where each cluster's rows start in row */
     /* the plan, per cluster (k + 1 each): entries joining it, how many of its tail and new

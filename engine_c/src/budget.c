@@ -77,7 +77,7 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
     uint64_t mem = tok ? 4 : 0;
     for (int slack = 0; slack < 2; slack++) {
         uint64_t b = grown(ncl, slack) * cl_bytes + ncl * seg_bytes + pools_cap(pools) * KVT_POOL_BYTES +
-                     grown(n, slack) * (sizeof(kvt_loc) + mem) + grown(chunks, slack) * 8;
+                     grown(n, slack) * (sizeof(uint32_t) + mem) + grown(chunks, slack) * 8;
         if (slack)
             o->index_grown = b;
         else

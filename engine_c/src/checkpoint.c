@@ -33,7 +33,8 @@
  * existed) is read and its sums recomputed from the stored values on open. */
 #define DIR_MAGIC_VSUM "KVTDIR02"
 
-#define LOC_MAGIC "KVTLOC01"
+#define LOC_MAGIC    "KVTLOC02" /* u32 cluster per id */
+#define LOC_MAGIC_V1 "KVTLOC01" /* u32 cluster, u32 slot per id: read, the slot ignored (store.c 2) */
 
 struct kvt_checkpoint {
     void *dir;
@@ -135,7 +136,7 @@ static int export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len) {
     kvt_wbuf_put(&w, LOC_MAGIC, 8);
     kvt_wbuf_u64(&w, chunk);
     kvt_wbuf_u32(&w, cnt);
-    kvt_wbuf_put(&w, c->loc + lo, (size_t)cnt * sizeof(kvt_loc));
+    kvt_wbuf_put(&w, c->loc + lo, (size_t)cnt * sizeof *c->loc);
     return seal_blob(&w, blob, len);
 }
 
@@ -329,8 +330,11 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing
     return 0;
 }
 
+/* An id map chunk, either format (its words per id: 1, or 2 with the slot the first format
+ * kept); each cluster's count is checked against the directory by the caller. */
 static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len, uint32_t *counts) {
-    if (!blob_crc_ok(blob, len) || memcmp(blob, LOC_MAGIC, 8) != 0)
+    int v1 = blob_crc_ok(blob, len) && memcmp(blob, LOC_MAGIC_V1, 8) == 0;
+    if (!v1 && (!blob_crc_ok(blob, len) || memcmp(blob, LOC_MAGIC, 8) != 0))
         return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u fails its checksum",
                         (unsigned long long)chunk, c->no);
     kvt_rbuf r = {blob, len - 4, 8, 0};
@@ -338,16 +342,18 @@ static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len,
     uint32_t cnt = kvt_rbuf_u32(&r);
     uint64_t lo = chunk * KVT_LOC_CHUNK;
     uint64_t want = c->n - lo < KVT_LOC_CHUNK ? c->n - lo : KVT_LOC_CHUNK;
-    if (r.bad || ch != chunk || cnt != want || r.len - r.pos != (size_t)cnt * sizeof(kvt_loc))
+    size_t words = v1 ? 2 : 1;
+    if (r.bad || ch != chunk || cnt != want || r.len - r.pos != (size_t)cnt * words * 4)
         return kvt_fail(KVT_ECORRUPT, "catalog: id map chunk %llu of collection %u is inconsistent",
                         (unsigned long long)chunk, c->no);
-    memcpy(c->loc + lo, (const uint8_t *)blob + r.pos, (size_t)cnt * sizeof(kvt_loc));
     for (uint32_t i = 0; i < cnt; i++) {
-        kvt_loc l = c->loc[lo + i];
-        if (l.cl >= c->ncl || (uint64_t)l.idx >= (uint64_t)c->cl[l.cl].n + c->cl[l.cl].dead)
+        uint32_t cl;
+        memcpy(&cl, (const uint8_t *)blob + r.pos + (size_t)i * words * 4, 4);
+        if (cl >= c->ncl)
             return kvt_fail(KVT_ECORRUPT, "catalog: id %llu of collection %u maps outside the directory",
                             (unsigned long long)(lo + i), c->no);
-        counts[l.cl]++;
+        c->loc[lo + i] = cl;
+        counts[cl]++;
     }
     return 0;
 }

@@ -121,12 +121,7 @@ static int move_cluster(kvt_coll *c, uint32_t j, uint32_t pool, uint32_t head, u
     } else {
         *written += (uint64_t)(kj->n - kj->pend) * L->esz;
         kvt_retire_segs(c, old);
-        for (uint32_t i = 0; i < kj->n; i++) { /* slots are positions now */
-            int64_t id;
-            memcpy(&id, recs + (size_t)i * L->esz, 8);
-            set_loc(c, (uint64_t)id, j, i);
-        }
-        kj->dead = 0;
+        kj->dead = 0; /* slots are positions now; the id map, which names clusters, is unchanged */
     }
     free(log.u);
     kvt_release_records(c, recs, owned, pinned, 0);

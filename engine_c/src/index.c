@@ -263,8 +263,8 @@ int kvt_ensure_mem(kvt_coll *c, kvt_cluster *k, uint32_t need) {
     return rc;
 }
 
-/* Token layout: every cluster's member list from the id map (after a load); KVT_ECORRUPT if
- * the map does not name each (cluster, index) once, in ascending id order. */
+/* Token layout: every cluster's member list from the id map (after a load): its ids in
+ * ascending order (store.c 2); KVT_ECORRUPT if the map does not name each cluster's n. */
 int kvt_rebuild_members(kvt_coll *c) {
     for (uint32_t j = 0; j < c->ncl; j++) {
         kvt_cluster *k = &c->cl[j];
@@ -273,10 +273,18 @@ int kvt_rebuild_members(kvt_coll *c) {
         uint32_t *mem = kvt_members(k); /* NULL only when k holds no entry */
         for (uint32_t i = 0; mem && i < k->n; i++) mem[i] = UINT32_MAX;
     }
-    for (uint64_t id = 0; id < c->n; id++) { /* load_chunk checked that each place is in its cluster */
-        uint32_t *mem = kvt_members(&c->cl[c->loc[id].cl]);
-        if (mem) mem[c->loc[id].idx] = (uint32_t)id;
+    uint64_t tmp = (uint64_t)c->ncl * 4 + 4;
+    int rc = kvt_mem_reserve(&c->st->mem, tmp);
+    if (rc) return rc;
+    uint32_t *fill = calloc(c->ncl + 1, 4);
+    int made = fill != NULL;
+    for (uint64_t id = 0; made && id < c->n; id++) { /* load_chunk checked each cluster's count */
+        uint32_t j = c->loc[id], *mem = kvt_members(&c->cl[j]);
+        if (mem && fill[j] < c->cl[j].n) mem[fill[j]++] = (uint32_t)id;
     }
+    free(fill);
+    kvt_mem_release(&c->st->mem, tmp);
+    if (!made) return kvt_fail(ENOMEM, "catalog: out of memory");
     for (uint32_t j = 0; j < c->ncl; j++) {
         const uint32_t *mem = kvt_members(&c->cl[j]);
         for (uint32_t i = 0; mem && i < c->cl[j].n; i++)

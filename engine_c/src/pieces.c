@@ -46,9 +46,8 @@ static int read_piece(kvt_coll *c, uint32_t ci, const kvt_seg *sg, uint32_t base
     if (sg->head == 1) kvt_rec_reverse(L, buf, n);
     uint32_t bad = 0, m = 0;
     for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *rec = buf + (size_t)i * L->esz;
-        if (kvt_rec_ok(c, ci, base + s0 + i, rec)) continue;
-        if (kvt_slot_dead(c, ci, base + s0 + i, rec))
+        if (kvt_rec_ok(c, ci, buf, i)) continue;
+        if (kvt_slot_dead(c, ci, buf, i))
             (*dead)++;
         else
             bad++;
@@ -56,7 +55,7 @@ static int read_piece(kvt_coll *c, uint32_t ci, const kvt_seg *sg, uint32_t base
     if (bad && (rc = kvt_damaged_run(c, c->read_mode, ci, base + s0, buf, n, off, NULL))) return rc;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *rec = buf + (size_t)i * L->esz;
-        if (!kvt_rec_ok(c, ci, base + s0 + i, rec)) continue;
+        if (!kvt_rec_ok(c, ci, buf, i)) continue; /* record i-1 is still in place (m <= i) */
         if (m != i) memmove(buf + (size_t)m * L->esz, rec, L->esz);
         m++;
     }

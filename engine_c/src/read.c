@@ -7,9 +7,11 @@
  * 1. A cached cluster's records equal its live records on flash plus its pending buffer, in
  *    order.
  * 2. Every record read is checked against the id map (store.c 2) before anyone sees it: the
- *    map names its slot, or (format 3) the slot is dead (its record, intact, belongs to another
- *    cluster now), and live and dead slots add up to what the directory says. A mismatch is
- *    KVT_ECORRUPT naming the ids the id map puts there, never silent garbage. In skip mode
+ *    map names its cluster, or (format 3) the slot is dead (its record, intact, belongs to
+ *    another cluster now); its id is above the previous slot's (ids ascend along a cluster's
+ *    slots, so a record of the cluster in another's slot is found); and live and dead slots
+ *    add up to what the directory says. A mismatch is KVT_ECORRUPT naming the ids the id map
+ *    puts there (a slot's by its rank among the cluster's ids), never silent garbage. In skip mode
  *    (kvtier.h, kvt_set_on_corrupt) the damaged records are listed and left out, and their
  *    cluster is not cached.
  * 3. The read buffers are reserved against the budget before the reads are issued.
@@ -30,18 +32,33 @@ int kvt_read_begin(void) {
     return kvt_on_corrupt() == KVT_ON_CORRUPT_SKIP ? KVT_READ_SKIP : KVT_READ_RAISE;
 }
 
-int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec) {
+/* The id of an intact record of the collection, else -1. */
+static int64_t intact_id(const kvt_coll *c, const uint8_t *rec) {
     int64_t id;
-    return !kvt_rec_check(&c->L, rec, &id) && id >= 0 && (uint64_t)id < c->n && c->loc[id].cl == ci &&
-           c->loc[id].idx == idx;
+    return !kvt_rec_check(&c->L, rec, &id) && id >= 0 && (uint64_t)id < c->n ? id : -1;
 }
 
-/* Format 3: 1 if the record at slot idx of cluster ci is intact but the id map puts it
- * elsewhere: a dead slot (a split moved that record to the other child). */
-int kvt_slot_dead(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec) {
-    int64_t id;
-    return c->cl[ci].dead && !kvt_rec_check(&c->L, rec, &id) && id >= 0 && (uint64_t)id < c->n &&
-           (c->loc[id].cl != ci || c->loc[id].idx != idx);
+/* Whether record i of a run of consecutive slots comes after record i-1 in id order (store.c
+ * 2); a damaged record i-1 orders nothing. The raw id is compared first, so that an intact
+ * run costs one checksum a record. */
+static int in_order(const kvt_coll *c, const uint8_t *recs, uint32_t i, int64_t id) {
+    if (!i) return 1;
+    int64_t prev;
+    memcpy(&prev, recs + (size_t)(i - 1) * c->L.esz, 8);
+    return prev < id || intact_id(c, recs + (size_t)(i - 1) * c->L.esz) < 0;
+}
+
+int kvt_rec_ok(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t i) {
+    int64_t id = intact_id(c, recs + (size_t)i * c->L.esz);
+    return id >= 0 && c->loc[id] == ci && in_order(c, recs, i, id);
+}
+
+/* Format 3: 1 if record i of a run of cluster ci is intact and in order but the id map puts
+ * it in another cluster: a dead slot (a split moved that record to the other child). */
+int kvt_slot_dead(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t i) {
+    if (!c->cl[ci].dead) return 0;
+    int64_t id = intact_id(c, recs + (size_t)i * c->L.esz);
+    return id >= 0 && c->loc[id] != ci && in_order(c, recs, i, id);
 }
 
 int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci) {
@@ -66,27 +83,74 @@ static void format_ids(char *buf, size_t cap, const int64_t *ids, uint32_t n, ui
     if (total > n && at + 6 < cap) (void)snprintf(buf + at, cap - at, ", ...");
 }
 
+/* A run's positions: intact and live (RUN_OK, with its id), a dead slot, or damaged; and the
+ * ids of the nearest intact records before and after each (-1 and n past the run's ends). */
+enum { RUN_BAD = 0, RUN_OK = 1, RUN_DEAD = 2 };
+typedef struct run_map {
+    uint8_t *st;
+    int64_t *id, *lo, *hi;
+} run_map;
+
+static int map_run(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t n, run_map *m) {
+    m->st = malloc((size_t)n + 1);
+    m->id = malloc((size_t)n * 24 + 8);
+    if (!m->st || !m->id) return -1;
+    m->lo = m->id + n;
+    m->hi = m->lo + n;
+    int64_t last = -1;
+    for (uint32_t i = 0; i < n; i++) {
+        m->st[i] = kvt_rec_ok(c, ci, recs, i) ? RUN_OK : kvt_slot_dead(c, ci, recs, i) ? RUN_DEAD : RUN_BAD;
+        m->id[i] = m->st[i] ? intact_id(c, recs + (size_t)i * c->L.esz) : -1;
+        m->lo[i] = last;
+        if (m->st[i]) last = m->id[i];
+    }
+    last = (int64_t)c->n;
+    for (uint32_t i = n; i-- > 0;) {
+        m->hi[i] = last;
+        if (m->st[i]) last = m->id[i];
+    }
+    return 0;
+}
+
+/* Whether cluster ci's live id of rank r, not among the run's intact records, sat in a damaged
+ * position of the run (slots first..): its slot is r plus the dead slots before it (store.c
+ * 2), so r without dead slots, else one of r..r+dead between the intact ids around it. */
+static int names(const kvt_coll *c, uint32_t ci, uint32_t first, uint32_t n, const run_map *m, uint64_t r, int64_t id) {
+    if (!n) return 0;
+    uint64_t dead = c->cl[ci].dead, a = r > first ? r : first,
+             b = r + dead < first + n - 1ull ? r + dead : first + n - 1ull;
+    for (uint64_t s = a; s <= b; s++) {
+        uint64_t p = s - first;
+        if (m->st[p] == RUN_BAD && (!dead || (m->lo[p] < id && id < m->hi[p]))) return 1;
+    }
+    return 0;
+}
+
 /* A run with a damaged record: the ids the id map puts at its damaged positions, found in one
- * pass over the id map (damage is rare; the engine keeps no map from positions to ids). */
+ * pass over the id map by rank (damage is rare; the engine keeps no map from positions to ids). */
 int kvt_damaged_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n,
                     uint64_t off, uint32_t *bad) {
     enum { SHOWN = 24 };
     int64_t shown[SHOWN];
-    uint32_t nshown = 0, rejects = 0;
-    uint64_t named = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *rec = recs + (size_t)i * c->L.esz;
-        rejects += !kvt_rec_ok(c, ci, first_idx + i, rec) && !kvt_slot_dead(c, ci, first_idx + i, rec);
-    }
-    for (uint64_t id = 0; id < c->n; id++) {
-        kvt_loc l = c->loc[id];
-        if (l.cl != ci || l.idx < first_idx || l.idx - first_idx >= n ||
-            kvt_rec_ok(c, ci, l.idx, recs + (size_t)(l.idx - first_idx) * c->L.esz))
-            continue;
+    uint32_t nshown = 0, rejects = 0, q = 0;
+    uint64_t named = 0, rank = 0;
+    run_map m;
+    int mapped = map_run(c, ci, recs, n, &m) == 0;
+    for (uint32_t i = 0; mapped && i < n; i++) rejects += m.st[i] == RUN_BAD;
+    for (uint64_t id = 0; mapped && id < c->n; id++) {
+        if (c->loc[id] != ci) continue;
+        uint64_t r = rank++;
+        if (r >= (uint64_t)first_idx + n) break;
+        if (r + c->cl[ci].dead < first_idx) continue;
+        while (q < n && (m.st[q] != RUN_OK || m.id[q] < (int64_t)id)) q++;
+        if ((q < n && m.id[q] == (int64_t)id) || !names(c, ci, first_idx, n, &m, r, (int64_t)id)) continue;
         named++;
         if (nshown < SHOWN) shown[nshown++] = (int64_t)id;
         if (mode != KVT_READ_OWN) kvt_unreadable_add(c->no, (int64_t)id);
     }
+    if (!mapped) rejects = n; /* out of memory naming them: every record counts as damaged */
+    free(m.st);
+    free(m.id);
     c->ctr.damaged_reads += rejects;
     if (c->ndmg_cl < KVT_DMG_SLOTS)
         c->dmg_cl[c->ndmg_cl++] = ci;
@@ -109,8 +173,7 @@ int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const 
                   uint32_t *bad) {
     if (bad) *bad = 0;
     for (uint32_t i = 0; i < n; i++)
-        if (!kvt_rec_ok(c, ci, first_idx + i, recs + (size_t)i * c->L.esz))
-            return kvt_damaged_run(c, mode, ci, first_idx, recs, n, off, bad);
+        if (!kvt_rec_ok(c, ci, recs, i)) return kvt_damaged_run(c, mode, ci, first_idx, recs, n, off, bad);
     return 0;
 }
 
@@ -179,7 +242,7 @@ static uint32_t keep_intact(kvt_coll *c, uint32_t ci, uint8_t *buf, uint32_t n) 
     uint32_t m = 0;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *rec = buf + (size_t)i * L->esz;
-        if (!kvt_rec_ok(c, ci, i, rec)) continue;
+        if (!kvt_rec_ok(c, ci, buf, i)) continue; /* record i-1 is still in place (m <= i) */
         if (m != i) memmove(buf + (size_t)m * L->esz, rec, L->esz);
         m++;
     }
@@ -194,10 +257,9 @@ int kvt_settle_segs(kvt_coll *c, int mode, uint32_t ci, const kvt_seg *segs, uin
     kvt_unpack_segs(c, segs, nseg, buf);
     for (uint32_t g = 0; g < nseg; g++) slots += segs[g].n;
     for (uint32_t i = 0; i < slots; i++) {
-        const uint8_t *rec = buf + (size_t)i * L->esz;
-        if (kvt_rec_ok(c, ci, i, rec))
+        if (kvt_rec_ok(c, ci, buf, i))
             live++;
-        else if (kvt_slot_dead(c, ci, i, rec))
+        else if (kvt_slot_dead(c, ci, buf, i))
             dead++;
         else
             bad++;

@@ -40,9 +40,10 @@ enum kvt_read_mode {
 };
 /* The mode of a read call starting on this thread (and its unreadable list emptied). */
 int kvt_read_begin(void);
-/* 1 if the record at position idx of cluster ci is intact: its checksum holds and it is the
- * record the id map puts there. */
-int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec);
+/* 1 if record i of recs, a run of consecutive slots of cluster ci, is intact: its checksum
+ * holds, the id map puts its id in ci, and it comes after record i-1 in id order when that
+ * one is intact (store.c 2). */
+int kvt_rec_ok(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t i);
 /* Checks n records read from flash at offset off, slots first_idx.. of cluster ci, in
  * `mode`. All intact: 0. Else the damaged ones are named by id (through the id map): in
  * KVT_READ_SKIP they are listed, counted in *bad (dead slots, format 3, are not: read.c 2;
@@ -50,9 +51,9 @@ int kvt_rec_ok(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec)
  * else KVT_ECORRUPT. */
 int kvt_check_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, const uint8_t *recs, uint32_t n, uint64_t off,
                   uint32_t *bad);
-/* Format 3: 1 if the record at slot idx of cluster ci is intact but the id map puts it
- * elsewhere: a dead slot (a split moved that record to the other child). */
-int kvt_slot_dead(const kvt_coll *c, uint32_t ci, uint32_t idx, const uint8_t *rec);
+/* Format 3: 1 if record i of recs (as kvt_rec_ok) is intact and in order but the id map puts
+ * it in another cluster: a dead slot (a split moved that record to the other child). */
+int kvt_slot_dead(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t i);
 /* n records of cluster ci, slots first_idx.., in slot order, at least one not intact: the
  * damaged ones (dead slots are not) named by id through the id map; in KVT_READ_SKIP listed
  * and counted in *bad, and 0; else KVT_ECORRUPT. */

@@ -73,11 +73,19 @@ static int sort_groups(kvt_coll *c, const uint8_t *recs, uint32_t n, const uint3
     return 0;
 }
 
-/* Whether record rec (of cluster src) is on flash: the id map names one of src's slots. */
-static int on_flash(const kvt_coll *c, uint32_t src, const uint8_t *rec, uint32_t slots) {
+/* The id of cluster k's pending record i, or INT64_MAX past them: records of k with smaller
+ * ids come before it in k's slots (store.c 2). */
+static int64_t pending_id(const kvt_coll *c, const kvt_cluster *k, uint32_t i) {
+    int64_t id = INT64_MAX;
+    if (i < k->pend) memcpy(&id, kvt_pbuf(k) + (size_t)i * c->L.esz, 8);
+    return id;
+}
+
+/* Whether record rec (of cluster src) sits in one of src's slots before the one of id lim. */
+static int on_flash(const kvt_coll *c, uint32_t src, const uint8_t *rec, int64_t lim) {
     int64_t id;
     memcpy(&id, rec, 8);
-    return c->loc[id].cl == src && c->loc[id].idx < slots;
+    return c->loc[id] == src && id < lim;
 }
 
 /* The records of cluster src on its flash or in its tail, by group of a two-group split:
@@ -87,7 +95,7 @@ static int on_flash(const kvt_coll *c, uint32_t src, const uint8_t *rec, uint32_
 static void early_counts(const kvt_coll *c, uint32_t src, const uint8_t *recs, uint32_t n, const uint32_t *part,
                          uint32_t early[2]) {
     const kvt_cluster *k = &c->cl[src];
-    uint32_t end = k->n - k->pend + k->dead + kvt_ptail(k);
+    int64_t end = pending_id(c, k, kvt_ptail(k));
     early[0] = early[1] = 0;
     for (uint32_t i = 0; i < n; i++) early[part[i]] += (uint32_t)on_flash(c, src, recs + (size_t)i * c->L.esz, end);
 }
@@ -108,7 +116,7 @@ static void choose_stay(kvt_coll *c, uint32_t src, const uint8_t *recs, uint32_t
     uint32_t flash[2] = {0, 0}, early[2];
     G->slots0 = k->n - k->pend + k->dead;
     for (uint32_t i = 0; i < n; i++)
-        flash[part[i]] += (uint32_t)on_flash(c, src, recs + (size_t)i * c->L.esz, G->slots0);
+        flash[part[i]] += (uint32_t)on_flash(c, src, recs + (size_t)i * c->L.esz, pending_id(c, k, 0));
     early_counts(c, src, recs, n, part, early);
     G->stay = early[1] > early[0];
     G->kept = flash[G->stay];
@@ -165,11 +173,10 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t, int why) {
         c->pending_total += kj->pend;
         c->tail_total += kj->pend;
     }
-    uint32_t slot = kept ? G->slots0 : 0; /* where the records after the kept ones go */
-    for (uint32_t i = kept; i < cnt; i++) {
+    for (uint32_t i = kept; i < cnt; i++) { /* after the kept ones, in order (store.c 2) */
         int64_t id;
         memcpy(&id, G->grp[t] + (size_t)i * L->esz, 8);
-        set_loc(c, (uint64_t)id, j, slot + i - kept);
+        if (c->loc[id] != j) set_loc(c, (uint64_t)id, j);
         if (mem) mem[i] = (uint32_t)id;
     }
     kvt_cache_ent *e = why == REGROUP_SPLIT ? kvt_cache_admit(&c->st->cache, c, j, cnt, L->esz) : NULL;

@@ -8,6 +8,10 @@
  *    record is not a candidate of search, and get leaves its rows zero and lists its id.
  * 3. Search scores a cluster too large for what the budget leaves in pieces (pieces.c), so
  *    that no cluster's size makes a search above the estimated minimum fail.
+ * 4. get reads each cluster of the requested ids once, as search does (the id map names a
+ *    record's cluster, not its slot: store.c 2), and finds each record by id; a damaged
+ *    record beside a requested one fails nothing. Without clusters (policy none) and in the
+ *    token layout it reads each record alone, its slot known.
  */
 #include <errno.h>
 #include <math.h>
@@ -253,40 +257,48 @@ static const uint8_t *cached_record(const kvt_layout *L, const kvt_cluster *k, c
     return NULL;
 }
 
-int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
-    kvt_clear_error();
-    int mode = kvt_read_begin();
+/* The slot of id in its chain where slots are known without reading: policy none keeps one
+ * chain in id order, the token layout a member list (ascending ids, store.c 2). */
+static uint32_t chain_slot(const kvt_coll *c, const kvt_cluster *k, int64_t id) {
+    const uint32_t *mem = kvt_members(k);
+    if (!c->ops->clustered || !mem) return (uint32_t)id;
+    uint32_t lo = 0, hi = k->n;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (mem[mid] < (uint64_t)id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static void put_row(const kvt_layout *L, const uint8_t *rec, uint64_t i, void *keys_out, void *values_out) {
+    memcpy((uint8_t *)keys_out + i * L->key_bytes, kvt_rec_key(rec), L->key_bytes);
+    if (values_out) memcpy((uint8_t *)values_out + i * L->value_bytes, kvt_rec_value(L, rec), L->value_bytes);
+}
+
+/* get where each record's slot is known (chain_slot): one record read per id. */
+static int get_by_slot(kvt_coll *c, int mode, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
     kvt_store *s = c->st;
     const kvt_layout *L = &c->L;
-    LOCK(s);
-    int rc = kvt_ready(c);
-    if (rc) {
-        UNLOCK(s);
-        return rc;
-    }
-    c->read_mode = mode;
-    for (uint64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || (uint64_t)ids[i] >= c->n) {
-            rc = kvt_fail(KVT_ENOTFOUND, "ids: id %lld is not in the collection (0..%llu)", (long long)ids[i],
-                          (unsigned long long)c->n);
-            goto out;
-        }
     uint64_t need = L->esz + kvt_file_read_scratch(c->f, 0, L->esz) + KVT_IO_ALIGN;
-    rc = kvt_mem_reserve(&s->mem, need);
-    if (rc) goto out;
+    int rc = kvt_mem_reserve(&s->mem, need);
+    if (rc) return rc;
     uint8_t *buf = malloc(L->esz);
     if (!buf) rc = kvt_fail(ENOMEM, "get: out of memory");
     kvt_io_batch_begin(&s->io);
     for (uint64_t i = 0; i < n && !rc; i++) {
-        kvt_loc lc = c->loc[ids[i]];
-        kvt_cluster *k = &c->cl[lc.cl];
+        uint32_t cl = c->loc[ids[i]];
+        kvt_cluster *k = &c->cl[cl];
+        uint32_t slot = chain_slot(c, k, ids[i]);
         const uint8_t *rec;
-        kvt_cache_ent *e = kvt_cached(c, lc.cl);
+        kvt_cache_ent *e = kvt_cached(c, cl);
         uint32_t slots = k->n - k->pend + k->dead; /* on flash; the pending ones follow */
-        if (e && (rec = cached_record(L, k, e, ids[i], lc.idx))) {
+        if (e && (rec = cached_record(L, k, e, ids[i], slot))) {
             s->cache.hits++;
-        } else if (lc.idx >= slots) {
-            rec = k->x->pbuf + (size_t)(lc.idx - slots) * L->esz;
+        } else if (slot >= slots) {
+            rec = k->x->pbuf + (size_t)(slot - slots) * L->esz;
         } else {
             s->cache.misses++;
             uint64_t off;
@@ -295,21 +307,157 @@ int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, vo
             if (!rc)
                 rc = mode == KVT_READ_SKIP ? kvt_read_clamped(c, off, L->esz, buf, 1)
                                            : kvt_file_read(c->f, off, L->esz, buf, 1);
-            if (!rc) rc = kvt_check_run(c, mode, lc.cl, lc.idx, buf, 1, off, &bad);
+            if (!rc) rc = kvt_check_run(c, mode, cl, slot, buf, 1, off, &bad);
             if (rc) break;
-            if (bad || !kvt_rec_ok(c, lc.cl, lc.idx, buf)) { /* skip mode: its rows are zeros, its id listed */
+            if (bad || !kvt_rec_ok(c, cl, buf, 0)) { /* skip mode: its rows are zeros, its id listed */
                 memset((uint8_t *)keys_out + i * L->key_bytes, 0, L->key_bytes);
                 if (values_out) memset((uint8_t *)values_out + i * L->value_bytes, 0, L->value_bytes);
                 continue;
             }
             rec = buf;
         }
-        memcpy((uint8_t *)keys_out + i * L->key_bytes, kvt_rec_key(rec), L->key_bytes);
-        if (values_out) memcpy((uint8_t *)values_out + i * L->value_bytes, kvt_rec_value(L, rec), L->value_bytes);
+        put_row(L, rec, i, keys_out, values_out);
     }
     kvt_io_batch_end(&s->io);
     free(buf);
     kvt_mem_release(&s->mem, need);
+    return rc;
+}
+
+/* get from clusters, which keep no slot map (store.c 2): the rows sorted by cluster, then id;
+ * each cluster read once, as search reads it, and each row found among its records by id. */
+typedef struct get_row {
+    int64_t id;
+    uint64_t row;
+    uint32_t cl;
+} get_row;
+
+typedef struct get_ctx {
+    const kvt_layout *L;
+    const get_row *rows;   /* by (cluster, id) */
+    const uint32_t *list;  /* the clusters, ascending */
+    const uint64_t *start; /* list[t]'s rows: rows[start[t] .. start[t+1]) */
+    uint32_t nlist;
+    uint8_t *found;
+    void *keys_out, *values_out;
+} get_ctx;
+
+static int by_cluster(const void *a, const void *b) {
+    const get_row *x = a, *y = b;
+    if (x->cl != y->cl) return x->cl < y->cl ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/* The first of the n records (ascending ids) whose id is not below id. */
+static uint32_t lower_bound(const kvt_layout *L, const uint8_t *recs, uint32_t n, int64_t id) {
+    uint32_t a = 0, b = n;
+    while (a < b) {
+        uint32_t mid = a + (b - a) / 2;
+        int64_t x;
+        memcpy(&x, recs + (size_t)mid * L->esz, 8);
+        if (x < id)
+            a = mid + 1;
+        else
+            b = mid;
+    }
+    return a;
+}
+
+static void get_visit(void *vctx, uint32_t ci, const uint8_t *recs, uint32_t n) {
+    const get_ctx *g = vctx;
+    const kvt_layout *L = g->L;
+    uint32_t lo = 0, hi = g->nlist;
+    while (lo < hi) { /* ci's place in the list */
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (g->list[mid] < ci)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == g->nlist || g->list[lo] != ci) return;
+    for (uint64_t t = g->start[lo]; t < g->start[lo + 1]; t++) {
+        const get_row *w = &g->rows[t];
+        uint32_t a = lower_bound(L, recs, n, w->id);
+        int64_t x = -1;
+        if (a < n) memcpy(&x, recs + (size_t)a * L->esz, 8);
+        if (x != w->id) continue;
+        put_row(L, recs + (size_t)a * L->esz, w->row, g->keys_out, g->values_out);
+        g->found[w->row] = 1;
+    }
+}
+
+static int get_by_cluster(kvt_coll *c, int mode, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
+    const kvt_layout *L = &c->L;
+    uint64_t need = n * (sizeof(get_row) + 13) + 32;
+    int rc = kvt_mem_reserve(&c->st->mem, need);
+    if (rc) return rc;
+    get_row *rows = malloc(n * sizeof(get_row));
+    uint64_t *start = malloc(n * 8 + 16);
+    uint32_t *list = malloc(n * 4 + 4);
+    uint8_t *found = calloc(n + 1, 1);
+    get_ctx g = {L, rows, list, start, 0, found, keys_out, values_out};
+    if (!rows || !start || !list || !found) rc = kvt_fail(ENOMEM, "get: out of memory");
+    if (!rc) {
+        for (uint64_t i = 0; i < n; i++) rows[i] = (get_row){ids[i], i, c->loc[ids[i]]};
+        qsort(rows, n, sizeof *rows, by_cluster);
+        for (uint64_t t = 0; t < n; t++) {
+            if (!g.nlist || list[g.nlist - 1] != rows[t].cl) {
+                start[g.nlist] = t;
+                list[g.nlist++] = rows[t].cl;
+            }
+        }
+        start[g.nlist] = n;
+        /* read as skip mode reads (a damaged neighbour of a requested record fails nothing),
+         * then only the requested ids no intact record held are listed, and raise fails */
+        c->read_mode = KVT_READ_SKIP;
+        rc = kvt_visit_clusters_or_pieces(c, list, g.nlist, get_visit, get_visit, &g);
+        c->read_mode = mode;
+        kvt_unreadable_clear();
+    }
+    uint64_t missing = 0;
+    int64_t first = -1;
+    for (uint64_t i = 0; !rc && i < n; i++) {
+        if (found[i]) continue;
+        if (!missing++) first = ids[i];
+        kvt_unreadable_add(c->no, ids[i]);
+        memset((uint8_t *)keys_out + i * L->key_bytes, 0, L->key_bytes); /* skip mode: zeros */
+        if (values_out) memset((uint8_t *)values_out + i * L->value_bytes, 0, L->value_bytes);
+    }
+    if (!rc && missing && mode != KVT_READ_SKIP)
+        rc =
+            kvt_fail(KVT_ECORRUPT, "%s: collection %u: %llu damaged record%s (id %lld%s): checksum or catalog mismatch",
+                     kvt_file_path(c->f), c->no, (unsigned long long)missing, missing == 1 ? "" : "s", (long long)first,
+                     missing == 1 ? "" : ", ...");
+    free(rows);
+    free(start);
+    free(list);
+    free(found);
+    kvt_mem_release(&c->st->mem, need);
+    return rc;
+}
+
+int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
+    kvt_clear_error();
+    int mode = kvt_read_begin();
+    kvt_store *s = c->st;
+    LOCK(s);
+    int rc = kvt_ready(c);
+    if (rc) {
+        UNLOCK(s);
+        return rc;
+    }
+    c->read_mode = mode;
+    c->ndmg_cl = 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || (uint64_t)ids[i] >= c->n) {
+            rc = kvt_fail(KVT_ENOTFOUND, "ids: id %lld is not in the collection (0..%llu)", (long long)ids[i],
+                          (unsigned long long)c->n);
+            goto out;
+        }
+    if (!c->ops->clustered || token(c))
+        rc = get_by_slot(c, mode, ids, n, keys_out, values_out);
+    else if (n)
+        rc = get_by_cluster(c, mode, ids, n, keys_out, values_out);
 out:
     c->read_mode = KVT_READ_OWN;
     UNLOCK(s);

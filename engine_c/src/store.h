@@ -70,10 +70,6 @@ static inline uint32_t kvt_ptail(const kvt_cluster *k) { return k->x ? k->x->pta
 static inline uint32_t *kvt_members(const kvt_cluster *k) { return k->x ? k->x->mem : NULL; }
 static inline uint64_t kvt_wtick(const kvt_cluster *k) { return k->x ? k->x->wtick : 0; }
 
-typedef struct kvt_loc {
-    uint32_t cl, idx;
-} kvt_loc;
-
 /* A prefetch job: one cluster to read into its (pinned, loading) cache entry. The segments
  * are copied at submission; no operation changes a collection while it has jobs in flight. */
 typedef struct kvt_job {
@@ -147,7 +143,10 @@ struct kvt_coll {
     float *vsum;         /* clcap * value_dim: value sums (estimate.c), or NULL */
     uint32_t ncl, clcap; /* clusters with n == 0 are free slots */
     kvt_pools pools;
-    kvt_loc *loc; /* id -> (cluster, index in cluster) */
+    /* id -> its cluster (4 bytes an entry). A record's slot in its cluster is not kept: ids
+     * increase along a cluster's slots (store.c 2), so a record is found among the cluster's
+     * records by its id, and a slot's id by its rank among the cluster's ids (read.c 2) */
+    uint32_t *loc;
     uint64_t loccap;
     uint64_t *mod; /* per id-map chunk: change counter value of its last change */
     uint64_t modcap;
@@ -240,8 +239,8 @@ static inline uint32_t token_run_end(const kvt_cluster *k, uint32_t i0) {
  * is consumed in chunks. A quarter leaves the largest group's index and a read beside it. */
 #define KVT_ADD_STAGE_SHARE 0.25
 
-static inline void set_loc(kvt_coll *c, uint64_t id, uint32_t cl, uint32_t idx) {
-    c->loc[id] = (kvt_loc){cl, idx};
+static inline void set_loc(kvt_coll *c, uint64_t id, uint32_t cl) {
+    c->loc[id] = cl;
     c->mod[id / KVT_LOC_CHUNK] = ++c->modc;
 }
 

@@ -26,19 +26,43 @@
 #include "store.h"
 #include "token.h"
 
-/* File offset of the record of id (which must be on flash). */
+/* The file offset of slot `slot` of cluster k (on flash), or KVT_ECORRUPT. */
+static int slot_offset(kvt_coll *c, const kvt_cluster *k, uint64_t id, uint64_t slot, uint64_t *off) {
+    uint32_t g = 0;
+    while (g < k->nseg && slot >= k->segs[g].n) slot -= k->segs[g++].n;
+    if (g == k->nseg) return kvt_fail(KVT_ECORRUPT, "id %llu maps outside its cluster", (unsigned long long)id);
+    *off = kvt_slot_offset(&c->L, &c->pools.p[k->segs[g].pool], k->segs[g].head, (uint32_t)slot);
+    return 0;
+}
+
+/* File offset of the record of id (which must be on flash). The token layout and policy none
+ * (one chain whose slot i holds id i) know it; a cluster keeps no slot map (store.c 2): its
+ * live id of rank r sits in slot r plus the dead slots before it, found among slots
+ * r..r+dead by the ids they hold, which ascend (one pass over the id map and a few record
+ * reads: for the damage tests and tools, not a read path). */
 int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
+    *off = 0;
     if (token(c)) {
         *off = token_offset(c, id);
         return 0;
     }
-    kvt_loc lc = c->loc[id];
-    kvt_cluster *k = &c->cl[lc.cl];
-    uint32_t slot = lc.idx, g = 0;
-    while (g < k->nseg && slot >= k->segs[g].n) slot -= k->segs[g++].n;
-    if (g == k->nseg) return kvt_fail(KVT_ECORRUPT, "id %llu maps outside its cluster", (unsigned long long)id);
-    *off = kvt_slot_offset(&c->L, &c->pools.p[k->segs[g].pool], k->segs[g].head, slot);
-    return 0;
+    const kvt_cluster *k = &c->cl[c->loc[id]];
+    if (!c->ops->clustered) return slot_offset(c, k, id, id, off);
+    uint64_t r = 0;
+    for (uint64_t i = 0; i < id; i++) r += c->loc[i] == c->loc[id];
+    uint64_t lo = r, hi = r + k->dead; /* the slot holding id is in [lo, hi] */
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2, at;
+        int64_t x;
+        int rc = slot_offset(c, k, id, mid, &at);
+        if (!rc) rc = kvt_file_read(c->f, at, 8, &x, 0);
+        if (rc) return rc;
+        if (x < (int64_t)id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return slot_offset(c, k, id, lo, off);
 }
 
 /* Policy none: calls fn(ctx, id, key) for every entry. From the resident keys when they fit;
@@ -75,7 +99,7 @@ int kvt_scan_keys(kvt_coll *c, key_fn fn, void *ctx) {
                 rc = kvt_check_run(c, c->read_mode, 0, first, buf, sg->n, off, &bad);
             }
             for (uint32_t i = 0; i < sg->n && !rc; i++) /* skip mode: only the intact ones */
-                if (!bad || kvt_rec_ok(c, 0, first + i, buf + (size_t)i * L->esz))
+                if (!bad || kvt_rec_ok(c, 0, buf, i))
                     fn(ctx, (uint64_t)first + i, kvt_rec_key(buf + (size_t)i * L->esz));
         }
         first += sg->n;
@@ -175,9 +199,9 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
     for (uint64_t i0 = 0; i0 < m && !rc; i0 += TOKEN_BATCH) {
         uint32_t nb = (uint32_t)(m - i0 < TOKEN_BATCH ? m - i0 : TOKEN_BATCH), nr = 0;
         for (uint32_t t = 0; t < nb && !rc; t++) {
-            const kvt_loc lc = c->loc[idx[i0 + t]];
-            const kvt_cluster *k = &c->cl[lc.cl];
-            if (lc.idx >= k->n - k->pend) continue; /* in the write buffer's tail, not on flash yet */
+            const uint32_t slot = idx[i0 + t]; /* one chain in id order */
+            const kvt_cluster *k = &c->cl[c->loc[slot]];
+            if (slot >= k->n - k->pend) continue; /* in the write buffer's tail, not on flash yet */
             rc = kvt_record_offset(c, idx[i0 + t], &offs[nr]);
             req[nr] = (kvt_read_req){offs[nr], L->esz, rec + (size_t)nr * L->esz, 1};
             nr++;
@@ -195,14 +219,15 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
         }
         if (!rc) rc = kvt_file_read_batch(c->f, req, nread);
         for (uint32_t t = 0, got = 0; t < nb && !rc; t++) {
-            const kvt_loc lc = c->loc[idx[i0 + t]];
-            const kvt_cluster *k = &c->cl[lc.cl];
-            if (lc.idx >= k->n - k->pend) {
-                kvt_put_result(r, L, k->x->pbuf + (size_t)(lc.idx - (k->n - k->pend)) * L->esz, -1);
+            const uint32_t slot = idx[i0 + t];
+            const kvt_cluster *k = &c->cl[c->loc[slot]];
+            if (slot >= k->n - k->pend) {
+                kvt_put_result(r, L, k->x->pbuf + (size_t)(slot - (k->n - k->pend)) * L->esz, -1);
                 continue;
             }
+            if (got == nr) break; /* cannot happen: the same test chose the reads */
             uint32_t bad = 0;
-            rc = kvt_check_run(c, c->read_mode, lc.cl, lc.idx, rec + (size_t)got * L->esz, 1, offs[got], &bad);
+            rc = kvt_check_run(c, c->read_mode, c->loc[slot], slot, rec + (size_t)got * L->esz, 1, offs[got], &bad);
             if (!rc && !bad) kvt_put_result(r, L, rec + (size_t)got * L->esz, -1);
             got++;
         }
@@ -225,7 +250,7 @@ static int assign(kvt_coll *c, kvt_add *a) {
     uint32_t first;
     int rc = c->ncl == 0 ? kvt_new_cluster(c, &first) : 0;
     if (rc) return rc;
-    for (uint64_t i = 0; i < a->n; i++) c->loc[a->n0 + i].cl = 0;
+    for (uint64_t i = 0; i < a->n; i++) c->loc[a->n0 + i] = 0;
     a->k = 1;
     return 0;
 }

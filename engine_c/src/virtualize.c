@@ -69,10 +69,10 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  * durable state is its data file and catalog as ever, so a crash while parked loses nothing
  * a checkpoint had made durable.
  *
- *   "KVTSWAP5" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d, u32 img_cl, u64 img_n
+ *   "KVTSWAP6" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d, u32 img_cl, u64 img_n
  *   img_cl x dim f16 representatives [, img_cl x dim f32 per-dimension m2]
  *   [, img_cl x value_dim f32 value sums (estimate.c)]
- *   img_n x kvt_loc id map                          (rows past ncl, past n: zeros)
+ *   img_n x u32 id map (cluster)                        (rows past ncl, past n: zeros)
  *   the policy's section (none: [n x key keys])
  *   per cluster: u32 n, nseg, pend, 2 words of policy state (policy.h), ptail, dead; f32 heat,
  *                u32 heat_visit (its cache entry's when cached); f64 m2; nseg x (u32 pool,
@@ -87,7 +87,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  * that a layer parked again after a step finds most pages as it wrote them: the writer
  * skips those (swap.c) and a park writes what changed, page by page, not the whole index.
  */
-#define SWAP_MAGIC "KVTSWAP5" /* 3: ptail per cluster; 4: dead slots; 5: fixed-offset arrays first */
+#define SWAP_MAGIC "KVTSWAP6" /* 3: ptail per cluster; 4: dead slots; 5: fixed-offset arrays first; 6: u32 id map */
 
 /* The writer's staging buffer: up to 256 KiB, less under a small budget (a multiple of the
  * I/O alignment, so the image's zero tail always fits in it). */
@@ -135,8 +135,8 @@ static void write_arrays(kvt_coll *c, kvt_swap_writer *w) {
         kvt_sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
         kvt_sw_zeros(w, at += ic * c->p.value_dim * 4);
     }
-    kvt_sw_put(w, c->loc, c->n * sizeof(kvt_loc));
-    kvt_sw_zeros(w, at + c->img_n * sizeof(kvt_loc));
+    kvt_sw_put(w, c->loc, c->n * sizeof *c->loc);
+    kvt_sw_zeros(w, at + c->img_n * sizeof *c->loc);
 }
 
 static void write_image(kvt_coll *c, kvt_swap_writer *w, int keep_cache) {
@@ -350,7 +350,7 @@ static void install_cached(kvt_coll *c, kvt_rbuf *r, uint32_t ncached, uint32_t 
 /* The fixed-offset arrays (write_arrays) from an image whose capacities are ic, in. */
 static void install_arrays(kvt_coll *c, kvt_rbuf *r, uint64_t ic, uint64_t in) {
     uint64_t dim = c->p.dim, vd = c->p.value_dim;
-    if (ic < c->ncl || in < c->n || ic > (r->len - r->pos) / (dim * 2) || in > (r->len - r->pos) / sizeof(kvt_loc)) {
+    if (ic < c->ncl || in < c->n || ic > (r->len - r->pos) / (dim * 2) || in > (r->len - r->pos) / sizeof *c->loc) {
         r->bad = 1;
         return;
     }
@@ -369,8 +369,8 @@ static void install_arrays(kvt_coll *c, kvt_rbuf *r, uint64_t ic, uint64_t in) {
         r->bad = 1;
         return;
     }
-    kvt_rbuf_get(r, c->loc, c->n * sizeof(kvt_loc));
-    r->pos = at + (size_t)(in * sizeof(kvt_loc));
+    kvt_rbuf_get(r, c->loc, c->n * sizeof *c->loc);
+    r->pos = at + (size_t)(in * sizeof *c->loc);
     if (r->pos > r->len) r->bad = 1;
 }
 
