@@ -320,3 +320,30 @@ def test_failed_add_changes_nothing(tmp_path, policy):
         assert (hits.ids < 200).all()
         c.add(keys[200:400], vals[200:400])  # and it goes on working
         assert len(c) == 400
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "static", "local"])
+def test_get_at_the_minimum_of_paged_collections(tmp_path, policy):
+    """get reads the clusters of the ids it is asked for (the id map keeps no slot): at the
+    minimum budget of four collections used one at a time, a get of ids spread over many
+    clusters pages the others out, or reads cluster by cluster, rather than raise BudgetError
+    (review of f3f391b: 69 of 80 adaptive gets raised)."""
+    n, d, ncoll = 6000, 16, 4
+    rng = np.random.default_rng(0)
+    est = kvtier.estimate(n, d, policy=policy, write_buffer=0, collections=ncoll, groups=ncoll)
+    budget = max(est.minimum, 64 * 1024)
+    with kvtier.open(tmp_path / "s", dram_budget=budget, write_buffer=0) as s:
+        colls = []
+        for j in range(ncoll):
+            c = s.collection(f"c{j}", dim=d, dtype="float16", policy=policy)
+            k = rng.standard_normal((n, d)).astype(np.float16)
+            for i in range(0, n, 500):
+                c.add(k[i:i + 500], k[i:i + 500])
+            colls.append((c, k))
+        for c, k in colls:
+            for _ in range(5):
+                ids = rng.choice(n, size=48, replace=False)
+                keys, vals = c.get(ids)
+                np.testing.assert_array_equal(keys, k[ids])
+                np.testing.assert_array_equal(vals, k[ids])
+        assert s.stats()["dram_peak_bytes"] <= budget

@@ -411,6 +411,12 @@ static int get_by_cluster(kvt_coll *c, int mode, const int64_t *ids, uint64_t n,
          * then only the requested ids no intact record held are listed, and raise fails */
         c->read_mode = KVT_READ_SKIP;
         rc = kvt_visit_clusters_or_pieces(c, list, g.nlist, get_visit, get_visit, &g);
+        if (rc == KVT_EBUDGET && c->st->pieces) { /* the last run: a cluster at a time, in pieces if need be */
+            kvt_clear_error();
+            rc = 0;
+            for (uint32_t t = 0; t < g.nlist && !rc; t++)
+                rc = kvt_visit_clusters_or_pieces(c, list + t, 1, get_visit, get_visit, &g);
+        }
         c->read_mode = mode;
         kvt_unreadable_clear();
     }
@@ -436,30 +442,28 @@ static int get_by_cluster(kvt_coll *c, int mode, const int64_t *ids, uint64_t n,
     return rc;
 }
 
+static int get_locked(kvt_coll *c, int mode, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
+    int rc = 0;
+    c->read_mode = mode;
+    c->ndmg_cl = 0;
+    for (uint64_t i = 0; i < n && !rc; i++)
+        if (ids[i] < 0 || (uint64_t)ids[i] >= c->n)
+            rc = kvt_fail(KVT_ENOTFOUND, "ids: id %lld is not in the collection (0..%llu)", (long long)ids[i],
+                          (unsigned long long)c->n);
+    if (!rc && (!c->ops->clustered || token(c)))
+        rc = get_by_slot(c, mode, ids, n, keys_out, values_out);
+    else if (!rc && n)
+        rc = get_by_cluster(c, mode, ids, n, keys_out, values_out);
+    c->read_mode = KVT_READ_OWN;
+    return rc;
+}
+
+/* A get reads whole clusters (get_by_cluster): short of room, it runs again as every call
+ * does (RUN_READY: what can give way, then other collections paged out, then in pieces). */
 int kvt_coll_get(kvt_coll *c, const int64_t *ids, uint64_t n, void *keys_out, void *values_out) {
     kvt_clear_error();
     int mode = kvt_read_begin();
-    kvt_store *s = c->st;
-    LOCK(s);
-    int rc = kvt_ready(c);
-    if (rc) {
-        UNLOCK(s);
-        return rc;
-    }
-    c->read_mode = mode;
-    c->ndmg_cl = 0;
-    for (uint64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || (uint64_t)ids[i] >= c->n) {
-            rc = kvt_fail(KVT_ENOTFOUND, "ids: id %lld is not in the collection (0..%llu)", (long long)ids[i],
-                          (unsigned long long)c->n);
-            goto out;
-        }
-    if (!c->ops->clustered || token(c))
-        rc = get_by_slot(c, mode, ids, n, keys_out, values_out);
-    else if (n)
-        rc = get_by_cluster(c, mode, ids, n, keys_out, values_out);
-out:
-    c->read_mode = KVT_READ_OWN;
-    UNLOCK(s);
+    int rc;
+    RUN_READY(c, get_locked(c, mode, ids, n, keys_out, values_out));
     return rc;
 }
