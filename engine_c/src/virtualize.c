@@ -11,9 +11,9 @@
  *    catalog, so a crash while parked loses nothing a checkpoint made durable.
  * 3. Giving way under budget pressure (kvt_give_way, which RUN_READY calls before running a
  *    call once more) only moves state whose flash copy serves readers the same and that no
- *    policy decision reads: write-buffer tails are written as they are, token-level keys
- *    dropped, array slack given back; entries held for a split stay but in a call's last
- *    run. Results never change; splits do not while paging can make the room.
+ *    policy decision reads: the tails of clusters no policy holds are written as they are,
+ *    token-level keys dropped, array slack given back; a held cluster's buffer (its old tail
+ *    and the entries waiting for its split) stays but in a call's last run. Results never change; splits do not while paging can make the room.
  * 4. Demand paging (kvt_page_out) parks only collections no call is using: never the one
  *    whose call asked for room, none with reads in flight, and only between two runs of a
  *    call (RUN_READY), when no operation holds pointers into any collection's arrays.
@@ -522,7 +522,8 @@ int kvt_page_out(kvt_store *s, const kvt_coll *keep, uint64_t need) {
  * tails, the token-level keys and the arrays' growth slack give way. Writes the tails of the
  * store's resident collections to flash, drops the resident keys of policy-none collections
  * (scanned from flash instead) and gives back the slack of their arrays (kvt_trim_slack).
- * The entries a policy holds for a split (kvt_held) stay unless `held`: when a cluster splits
+ * A cluster a policy holds for a split (kvt_held) keeps its buffer, old tail included, unless
+ * `held`: when a cluster splits
  * and what each child keeps must not depend on the budget, so they leave DRAM with their
  * collection's image when it is paged out (kvt_page_out), and are written only for a call's
  * last run, when nothing is left to page out. Collections with reads in flight are left

@@ -46,7 +46,7 @@ def run(workload: str, prefill: int, steps: int, budgets: list[str], fetch: floa
         window: int = 32, trace_prefill: int = 4096, trace_decode: int = 4096) -> dict:
     from kvtier.bench.capture import load_trace
     tr = load_trace(workload, prefill=trace_prefill, decode=trace_decode, progress=False)
-    if not sinks + window < prefill and prefill + steps <= tr.length:
+    if not (sinks + window < prefill and prefill + steps <= tr.length):
         raise ValueError(f"prefill + steps must lie inside the trace ({tr.length} tokens) and prefill exceed "
                          f"sinks + window")
     g, d = tr.group_size, tr.head_dim
