@@ -254,6 +254,68 @@ def test_one_batch_add_is_chunked(tmp_path):
     assert recall[512 * 1024] >= recall[64 << 20] - 0.05
 
 
+def halves(n, d=16, seed=0):
+    """A batch whose two halves come from different places: its first half from 8 blobs, its
+    second from 2 blobs far from them (like a KV cache's first rows: one head's first tokens)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((8, d)) * 4, rng.standard_normal((2, d)) * 4 + 40
+    keys = np.concatenate([a[rng.integers(0, 8, n // 2)], b[rng.integers(0, 2, n - n // 2)]])
+    keys = (keys + rng.standard_normal((n, d))).astype(np.float32)
+    return keys, rng.random((n, 4)).astype(np.float32)
+
+
+def test_first_partition_of_a_chunked_batch_samples_all_of_it(tmp_path):
+    """A first add larger than its staging trains the first partition on rows spread over the
+    whole batch, not on its first rows: the second half's blobs get clusters of their own
+    instead of joining, whole, the nearest of the clusters fitted to the first half (which
+    made a cluster of 4,207 of the 8,192 entries)."""
+    n = 8192
+    keys, vals = halves(n)
+    with kvtier.open(tmp_path / "s", dram_budget=256 * 1024) as s:
+        c = s.collection("c", dim=16, value_dim=4)
+        c.add(keys, vals)
+        st = c.stats()
+        assert st["clusters"] < n // 32  # staged in chunks: fewer clusters than a whole-batch partition
+        assert st["max_cluster_size"] <= n // 8
+        assert s.stats()["dram_peak_bytes"] <= 256 * 1024
+
+
+def test_tune_nprobe_reads_a_cluster_too_large_in_pieces(tmp_path):
+    """tune_nprobe reads the whole collection; a cluster larger than what the budget leaves is
+    read in pieces, as search reads it, so it runs wherever search runs, with the same
+    answer as with DRAM to spare."""
+    keys, vals = halves(8192, seed=1)
+    q = keys[::97] + np.float32(0.5)
+    got = {}
+    for budget in (128 * 1024, 64 << 20):
+        with kvtier.open(tmp_path / f"s{budget}", dram_budget=budget) as s:
+            c = s.collection("c", dim=16, value_dim=4, policy="static", nprobe=1)
+            for i in range(0, len(keys), 97):  # the first 97 make static's partition: clusters grow
+                c.add(keys[i:i + 97], vals[i:i + 97])
+            assert c.stats()["max_cluster_size"] * 96 > 128 * 1024 // 2
+            got[budget] = c.tune_nprobe(q, k=10, target=0.95, keep=False)
+            assert s.stats()["dram_peak_bytes"] <= budget
+    assert got[128 * 1024] == got[64 << 20]
+
+
+@pytest.mark.parametrize("n,seed", [(9000, 2), (12000, 0), (12000, 1)])
+def test_retrieve_at_the_minimum_after_one_large_first_add(tmp_path, n, seed):
+    """One first add far larger than the estimated minimum can stage leaves clusters of
+    ~1,000 entries, flagged for splits. A retrieve that takes one of them in part runs in
+    its last run (nothing left to page out) without keeping that cluster's records for a
+    split, which would leave its read no room (12000/0 raised BudgetError so); the split
+    waits for a later read."""
+    d = 16
+    keys, vals = data(n, d, seed)
+    budget = max(kvtier.estimate(n, d, policy="adaptive", write_buffer=0).minimum, 64 * 1024)
+    with kvtier.open(tmp_path / "s", dram_budget=budget, write_buffer=0) as s:
+        c = s.collection("c", dim=d, dtype="float16", policy="adaptive")
+        c.add(keys, vals)
+        got = c.retrieve(keys[:2].astype(np.float32), budget=0.05)
+        assert len(got) == n // 20
+        assert s.stats()["dram_peak_bytes"] <= budget
+
+
 def test_pending_buffers_and_keys_give_way_to_another_collection(tmp_path):
     """When an add needs the budget, the write-buffer tails of the other collections are
     written out and a policy-none collection's resident keys are dropped (scanned from flash

@@ -11,7 +11,8 @@
  *    neighbours with r < p.
  * 2. It changes no cluster and nothing stored (reads go through the cache like any read).
  * 3. Its DRAM (a heap per query, a score per cluster, the ranks) is reserved against the budget,
- *    and it reads one cluster at a time, as search does.
+ *    and it reads clusters in batches as search does, a cluster too large for what the budget
+ *    leaves in pieces (pieces.c): it runs at any budget that search runs at.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -90,12 +91,12 @@ static int tune_locked(kvt_coll *c, const float *q, uint64_t nq, uint32_t k, dou
     uint32_t m = 0;
     for (uint32_t j = 0; !rc && j < c->ncl; j++)
         if (c->cl[j].n) list[m++] = j;
-    if (!rc) { /* 1: the true top-k of every query, in one pass, a cluster at a time as search
+    if (!rc) { /* 1: the true top-k of every query, in one pass, the clusters read as search
                 * reads them (so that it needs no more DRAM than a search) */
         tune_ctx t = {c, q, nq, k, hs, hcl, fill, x};
         kvt_cache_owner_read(&s->cache, &c->cache_state);
         kvt_io_batch_begin(&s->io);
-        for (uint32_t i = 0; i < m && !rc; i++) rc = kvt_visit_cluster(c, list[i], score_all, &t);
+        rc = kvt_visit_clusters_or_pieces(c, list, m, score_all, score_all, &t);
         kvt_io_batch_end(&s->io);
     }
     uint64_t nr = 0;

@@ -157,12 +157,18 @@ static int select_step(retrieval *R, const float *q, uint64_t nq, uint64_t budge
 }
 
 /* The partial cluster's scratch: a score and an order slot per entry, a key, and its records
- * when the policy wants them. */
+ * when the policy wants them. Not in the call's last run (pieces), whose read takes what is
+ * free: the policy's work on them (a split) then waits for a later read, as room_step's does
+ * (counted in split_skipped), and the retrieve itself runs. */
 static int partial_step(retrieval *R) {
     kvt_coll *c = R->c;
     uint32_t j = R->sel.idx[R->taken - 1];
     kvt_cluster *k = &c->cl[j];
     int keep = c->ops->wants_records && c->ops->wants_records(c, j);
+    if (keep && c->st->pieces) {
+        keep = 0;
+        c->ctr.split_skipped++;
+    }
     uint64_t bytes = (uint64_t)k->n * 8 + (uint64_t)c->p.dim * 4 + (keep ? (uint64_t)k->n * c->L.esz : 0);
     int rc = kvt_mem_reserve(&c->st->mem, bytes);
     if (rc) return rc;
