@@ -347,13 +347,15 @@ def _tasks_section(title: str, stem: str):
 
 
 tasks_gemma3_section = _tasks_section("Long-context tasks through each cache: Gemma 3 270M", "tasks_gemma3")
+tasks_gemma3_8k_section = _tasks_section("Long-context tasks at 8K, 20 questions per task: Gemma 3 270M",
+                                         "tasks_gemma3_8k_s6")
 tasks_smollm2_section = _tasks_section("Long-context tasks through each cache: SmolLM2-135M", "tasks_smollm2")
 decode_gemma3_section = _results_section("Decode speed at long context: Gemma 3 270M", "decode_gemma3",
                                          "kvtier.bench.decode")
 
 SECTIONS = (suite_section, policies_section, flash_section, flash_gap0_section, flash_8k_section, flash_real_section,
             write_buffer_section, cache_section, virtualize_section, pipeline_section, w4_section, torch_section, llama_section, micro_section,
-            tasks_gemma3_section, tasks_smollm2_section, decode_gemma3_section)
+            tasks_gemma3_section, tasks_gemma3_8k_section, tasks_smollm2_section, decode_gemma3_section)
 
 
 def plots_table(rows: list, keys: tuple) -> str:
