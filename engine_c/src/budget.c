@@ -34,12 +34,6 @@ static uint64_t grown(uint64_t n, int slack) {
     return cap;
 }
 
-static uint64_t pools_cap(uint64_t pools) {
-    uint64_t cap = 16;
-    while (cap < pools) cap *= 2;
-    return cap;
-}
-
 int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buffer, double fetch, kvt_budget_t *o) {
     kvt_clear_error();
     if (!p || !o) return kvt_fail(KVT_EINVAL, "estimate: NULL argument");
@@ -76,7 +70,7 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
     if (ops->budget) ops->budget(p, n, &L, fetch, &keys, &own_read, &waiting);
     uint64_t mem = tok ? 4 : 0;
     for (int slack = 0; slack < 2; slack++) {
-        uint64_t b = grown(ncl, slack) * cl_bytes + ncl * seg_bytes + pools_cap(pools) * KVT_POOL_BYTES +
+        uint64_t b = grown(ncl, slack) * cl_bytes + ncl * seg_bytes + grown(pools, slack) * KVT_POOL_BYTES +
                      grown(n, slack) * (sizeof(uint32_t) + mem) + grown(chunks, slack) * 8;
         if (slack)
             o->index_grown = b;

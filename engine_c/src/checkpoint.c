@@ -43,7 +43,7 @@ struct kvt_checkpoint {
     void **blob;
     size_t *len;
     uint64_t mod_at;
-    uint32_t retired_at;
+    uint32_t capture; /* the pool table's capture number (kvt_pools_named) */
 };
 
 void kvt_checkpoint_free(kvt_checkpoint *cp) {
@@ -174,8 +174,7 @@ int kvt_coll_checkpoint(kvt_coll *c, kvt_checkpoint **out) {
     }
     if (cp) {
         cp->mod_at = c->modc;
-        cp->retired_at = c->pools.nretired;
-        kvt_pools_named(&c->pools); /* this checkpoint names every head owned now */
+        cp->capture = kvt_pools_named(&c->pools); /* it names every head owned now */
     }
     if (cp && !c->parked) kvt_peek_end(c, was_parked);
     UNLOCK(c->st);
@@ -196,7 +195,7 @@ int kvt_coll_changed(kvt_coll *c) {
 int kvt_coll_committed(kvt_coll *c, const kvt_checkpoint *cp) {
     LOCK(c->st);
     if (cp->mod_at > c->committed_mod) c->committed_mod = cp->mod_at;
-    kvt_pools_committed(&c->pools, cp->retired_at);
+    kvt_pools_committed(&c->pools, cp->capture);
     UNLOCK(c->st);
     return 0;
 }
@@ -236,13 +235,13 @@ static int load_cluster(kvt_coll *c, kvt_rbuf *r, uint32_t j, uint32_t npools, i
         sg.pool = kvt_rbuf_u32(r);
         sg.head = kvt_rbuf_u32(r);
         sg.n = kvt_rbuf_u32(r);
-        if (sg.pool >= npools || sg.head > 1 || c->pools.p[sg.pool].owner[sg.head] != KVT_HEAD_FREE ||
+        if (sg.pool >= npools || sg.head > 1 || kvt_head_state(&c->pools, sg.pool, sg.head) != KVT_HEAD_FREE ||
             !c->pools.p[sg.pool].units) {
             r->bad = 1;
             break;
         }
         kvt_pool *pl = &c->pools.p[sg.pool];
-        pl->owner[sg.head] = (int32_t)j;
+        kvt_head_set(&c->pools, sg.pool, sg.head, KVT_HEAD_OWNED);
         pl->used[sg.head] = sg.n;
         if ((uint64_t)pl->used[0] + pl->used[1] > kvt_pool_cap(&c->L, pl)) {
             r->bad = 1;
@@ -301,7 +300,7 @@ static int load_dir(kvt_coll *c, const void *blob, size_t len, int *sums_missing
     if (rc) return rc;
     if (c->ops->load_dir) c->ops->load_dir(c, tau, staging);
     c->pools.n = npools;
-    for (uint32_t p = 0; p < npools; p++) c->pools.p[p] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+    for (uint32_t p = 0; p < npools; p++) kvt_pools_blank(&c->pools, p);
     if (c->pools.sized) { /* where each pool lies, checked to stay inside the file's reach */
         if (npools > (r.len - r.pos) / 8) r.bad = 1;
         for (uint32_t p = 0; p < npools && !r.bad; p++) {

@@ -86,9 +86,7 @@ static int chain_pools(kvt_coll *c, const uint32_t *chain, uint32_t m, uint32_t 
             rc = kvt_pools_append(&c->pools, kvt_pool_units(L, 2 * pair < L->pool_cap ? 2 * pair : L->pool_cap),
                                   &pool_of[i]);
         } else {
-            pool_of[i] = c->pools.n++;
-            c->pools.p[pool_of[i]] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
-            kvt_pools_fixed(&c->pools, L, pool_of[i]);
+            rc = kvt_pools_append_fixed(&c->pools, L, &pool_of[i]);
         }
     }
     return rc;
@@ -109,8 +107,7 @@ static int move_cluster(kvt_coll *c, uint32_t j, uint32_t pool, uint32_t head, u
     undo_log log = {0}; /* on failure restore_segs gives back every head this cluster holds */
     rc = kvt_ensure_segs(c, kj, 1);
     if (!rc) {
-        c->pools.p[pool].owner[head] = (int32_t)j;
-        c->pools.fresh[pool] |= (uint8_t)(1u << head);
+        kvt_pools_own(&c->pools, pool, head);
         kj->segs[0] = (kvt_seg){pool, head, 0};
         kj->nseg = 1;
         rec_src src = {.recs = recs};
@@ -161,8 +158,9 @@ int kvt_relayout(kvt_coll *c) {
         rc = move_cluster(c, chain[done], pool_of[done / 2], done % 2, scratch, &written);
     uint32_t lo = UINT32_MAX;
     for (uint32_t i = 0; i < npools; i++) { /* pools of the chain that no cluster took go back */
-        kvt_pool *pl = &c->pools.p[pool_of[i]];
-        if (c->pools.sized && pl->owner[0] == KVT_HEAD_FREE && pl->owner[1] == KVT_HEAD_FREE)
+        const kvt_pools *P = &c->pools;
+        if (P->sized && kvt_head_state(P, pool_of[i], 0) == KVT_HEAD_FREE &&
+            kvt_head_state(P, pool_of[i], 1) == KVT_HEAD_FREE)
             kvt_pools_unclaim(&c->pools, &(kvt_seg){pool_of[i], 0, 0});
         else if (pool_of[i] < lo)
             lo = pool_of[i];

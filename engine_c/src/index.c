@@ -98,6 +98,17 @@ uint64_t kvt_shrink_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, u
     return shrink_to(c, KVT_USE_INDEX, ptr, size, cap, target);
 }
 
+/* Gives back the pool table's slack: its capacity becomes the slots it uses. */
+static uint64_t trim_pools(kvt_coll *c) {
+    uint32_t old = c->pools.cap;
+    if (!c->pools.n || c->pools.n >= old) return 0;
+    (void)kvt_pools_reserve(&c->pools, c->pools.n); /* shrinking never fails */
+    uint64_t less = (uint64_t)(old - c->pools.cap) * KVT_POOL_BYTES;
+    kvt_mem_release_as(&c->st->mem, KVT_USE_INDEX, less);
+    c->acct -= less;
+    return less;
+}
+
 /* Gives back the growth slack of the arrays that scale with the entries and clusters (the id
  * map, its chunk counters, token-level keys, the per-cluster arrays): under budget pressure an
  * array holds what it holds, so that the budget kvt_budget_estimate calls the minimum (the
@@ -106,6 +117,7 @@ uint64_t kvt_trim_slack(kvt_coll *c) {
     uint64_t freed = shrink_to(c, KVT_USE_INDEX, (void **)&c->loc, sizeof *c->loc, &c->loccap, c->n);
     freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->mod, sizeof *c->mod, &c->modcap, c->n / KVT_LOC_CHUNK + 1);
     if (c->ops->trim) freed += c->ops->trim(c); /* the policy's arrays: token-level keys */
+    freed += trim_pools(c);
     /* the per-cluster arrays, when the slots past ncl own nothing (a slot keeps its buffers
      * for reuse) */
     for (uint32_t j = c->ncl; j < c->clcap; j++)
@@ -306,10 +318,11 @@ int kvt_ensure_pbuf(kvt_coll *c, kvt_cluster *k, uint32_t need) {
     return rc;
 }
 
+/* The pool table grows like the other arrays (grow_target: the growth step when the budget
+ * has room for it, else exactly what is needed), as one array of KVT_POOL_BYTES per pool. */
 int kvt_ensure_pools(kvt_coll *c, uint32_t need) {
     if (need <= c->pools.cap) return 0;
-    uint32_t old = c->pools.cap, nc = old ? old : 16;
-    while (nc < need) nc *= 2;
+    uint32_t old = c->pools.cap, nc = (uint32_t)grow_target(c, KVT_USE_INDEX, old, need, KVT_POOL_BYTES);
     uint64_t more = (uint64_t)(nc - old) * KVT_POOL_BYTES;
     int rc = kvt_mem_reserve_as(&c->st->mem, KVT_USE_INDEX, more);
     if (rc) return rc;

@@ -126,7 +126,7 @@ int kvt_append_flash(kvt_coll *c, uint32_t ci, const rec_src *src, uint32_t m, u
             kvt_seg sg;
             uint32_t live = 0;
             for (uint32_t g = 0; g < k->nseg; g++) live += k->segs[g].n;
-            rc = kvt_pools_claim(&c->pools, L, (int32_t)ci, m - done, live, &sg);
+            rc = kvt_pools_claim(&c->pools, L, k->segs, k->nseg, m - done, live, &sg);
             if (rc) return rc;
             k->segs[k->nseg++] = sg;
             claimed = 1;
@@ -211,9 +211,7 @@ int kvt_write_fresh(kvt_coll *c, const uint32_t *dst, uint8_t *const *recs, cons
         rc = kvt_ensure_segs(c, &c->cl[dst[0]], 1);
         if (!rc) rc = kvt_ensure_segs(c, &c->cl[dst[1]], 1);
         if (!rc) rc = kvt_ensure_pools(c, c->pools.n + 2);
-        if (!rc)
-            rc = kvt_pools_claim_pair(&c->pools, &c->L, (int32_t)dst[0], counts[0], (int32_t)dst[1], counts[1], &sg[0],
-                                      &sg[1]);
+        if (!rc) rc = kvt_pools_claim_pair(&c->pools, &c->L, counts[0], counts[1], &sg[0], &sg[1]);
         for (uint32_t t = 0; t < 2 && !rc; t++) {
             c->cl[dst[t]].segs[0] = sg[t];
             c->cl[dst[t]].nseg = 1;

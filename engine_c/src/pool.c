@@ -3,7 +3,8 @@
  *
  * Invariants:
  * 1. A record's bytes depend only on (id, key, value) and the layout; its CRC covers them all.
- * 2. For every pool, used[0] + used[1] <= its capacity, and a head with used > 0 has an owner.
+ * 2. For every pool, used[0] + used[1] <= its capacity, and a head with used > 0 is owned or
+ *    retired.
  * 3. Pools are whole I/O-alignment units (pool_bytes, or format 3's KVT_POOL_UNIT), so pools
  *    never share an aligned page and direct reads of one pool never touch bytes another writer
  *    is appending.
@@ -169,27 +170,31 @@ int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const u
     return *fields_ok && page_ok ? 0 : KVT_ECORRUPT;
 }
 
+/* A table array resized: a failed shrink keeps the larger block, a failed growth clears *ok. */
+static void *resize(void *ptr, size_t bytes, int grow, int *ok) {
+    if (!*ok) return ptr;
+    void *q = realloc(ptr, bytes);
+    if (!q && grow) *ok = 0;
+    return q ? q : ptr;
+}
+
 int kvt_pools_reserve(kvt_pools *P, uint32_t need) {
-    if (need <= P->cap) return 0;
-    uint32_t cap = P->cap ? P->cap : 16;
-    while (cap < need) cap *= 2;
-    kvt_pool *p = realloc(P->p, (size_t)cap * sizeof *p);
-    if (p) P->p = p;
-    /* each pool appears at most twice in avail (pushed per freed head) and has two heads */
-    uint32_t *a = p ? realloc(P->avail, (size_t)cap * 2 * sizeof *a) : NULL;
-    if (a) P->avail = a;
-    uint32_t *r = a ? realloc(P->retired, (size_t)cap * 2 * sizeof *r) : NULL;
-    if (r) P->retired = r;
-    uint8_t *f = r ? realloc(P->fresh, cap) : NULL;
-    if (f) {
-        P->fresh = f;
-        memset(f + P->cap, 0, cap - P->cap);
-    }
-    /* free runs lie between pools: at most one more than the pools */
-    kvt_run *u = f ? realloc(P->runs, ((size_t)cap + 1) * sizeof *u) : NULL;
-    if (u) P->runs = u;
-    if (!p || !a || !r || !f || !u) return kvt_fail(ENOMEM, "pool table: out of memory");
-    P->cap = cap;
+    if (need == P->cap || !need) return 0;
+    if (need < P->n) return kvt_fail(KVT_EINVAL, "pool table: %u pools do not fit in %u", P->n, need);
+    /* avail lists a pool once (KVT_POOL_LISTED): entries past the table go (a table cut) */
+    uint32_t keep = 0;
+    for (uint32_t i = 0; i < P->navail; i++)
+        if (P->avail[i] < need && keep < need) P->avail[keep++] = P->avail[i];
+    P->navail = keep;
+    int ok = 1, grow = need > P->cap;
+    P->p = resize(P->p, (size_t)need * sizeof *P->p, grow, &ok);
+    P->avail = resize(P->avail, (size_t)need * sizeof *P->avail, grow, &ok);
+    P->st = resize(P->st, need, grow, &ok);
+    /* free runs lie between live pools: at most one more than the pools */
+    P->runs = resize(P->runs, ((size_t)need + 1) * sizeof *P->runs, grow, &ok);
+    if (!ok) return kvt_fail(ENOMEM, "pool table: out of memory"); /* arrays grown so far are just larger */
+    if (grow) memset(P->st + P->cap, 0, need - P->cap);
+    P->cap = need;
     return 0;
 }
 
@@ -251,15 +256,30 @@ static void give_units(kvt_pools *P, uint32_t base, uint32_t units) {
     }
 }
 
+/* Table slot idx holds pool v, its heads in states st (fresh bits included); whether it is
+ * listed in avail stays as it was (the list still holds it). */
+static void put_pool(kvt_pools *P, uint32_t idx, kvt_pool v, unsigned st) {
+    P->p[idx] = v;
+    P->st[idx] = (uint8_t)((P->st[idx] & KVT_POOL_LISTED) | st);
+}
+
+void kvt_pools_blank(kvt_pools *P, uint32_t pool) { put_pool(P, pool, (kvt_pool){{0, 0}, 0, 0}, 0); }
+
+void kvt_pools_own(kvt_pools *P, uint32_t pool, uint32_t head) {
+    kvt_head_set(P, pool, head, KVT_HEAD_OWNED);
+    P->st[pool] |= (uint8_t)KVT_POOL_FRESH(head);
+}
+
 /* A table slot for a new pool: a given-back one, else the next. */
 static int new_slot(kvt_pools *P, uint32_t *idx) {
     if (P->nspare) { /* given-back slots are chained through their base field */
         *idx = P->spare_head;
         P->spare_head = P->p[*idx].base;
         P->nspare--;
-    } else if (P->n < P->cap)
+    } else if (P->n < P->cap) {
         *idx = P->n++;
-    else
+        P->st[*idx] = 0; /* a slot past a cut table may keep stale bits */
+    } else
         return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
     return 0;
 }
@@ -271,19 +291,42 @@ int kvt_pools_append(kvt_pools *P, uint32_t units, uint32_t *pool) {
     uint32_t base = P->end;
     P->end += units;
     if (P->end > P->peak) P->peak = P->end;
-    P->p[idx] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, base, units};
-    P->fresh[idx] = 0;
+    put_pool(P, idx, (kvt_pool){{0, 0}, base, units}, 0);
     *pool = idx;
     return 0;
 }
 
-static void push_avail(kvt_pools *P, uint32_t pool) {
-    /* dedupe the common case; stale or repeated entries are filtered when popped */
-    if (P->navail && P->avail[P->navail - 1] == pool) return;
-    if (P->navail < 2 * P->cap) P->avail[P->navail++] = pool;
+int kvt_pools_append_fixed(kvt_pools *P, const kvt_layout *L, uint32_t *pool) {
+    if (P->n >= P->cap) return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
+    *pool = P->n++;
+    P->st[*pool] = 0;
+    put_pool(P, *pool, (kvt_pool){{0, 0}, 0, 0}, 0);
+    kvt_pools_fixed(P, L, *pool);
+    return 0;
 }
 
-int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t need, uint32_t live, kvt_seg *seg) {
+static void push_avail(kvt_pools *P, uint32_t pool) {
+    /* listed once: stale entries (the pool changed since) are filtered when popped */
+    if (P->st[pool] & KVT_POOL_LISTED || P->navail >= P->cap) return;
+    P->st[pool] |= KVT_POOL_LISTED;
+    P->avail[P->navail++] = pool;
+}
+
+/* Takes entry i out of avail (the last one takes its place). */
+static void unlist(kvt_pools *P, uint32_t i) {
+    uint32_t idx = P->avail[i];
+    if (idx < P->n) P->st[idx] &= (uint8_t)~KVT_POOL_LISTED;
+    P->avail[i] = P->avail[--P->navail];
+}
+
+static int is_own(const kvt_seg *own, uint32_t nown, uint32_t pool) {
+    for (uint32_t g = 0; g < nown; g++)
+        if (own[g].pool == pool) return 1;
+    return 0;
+}
+
+int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, const kvt_seg *own, uint32_t nown, uint32_t need, uint32_t live,
+                    kvt_seg *seg) {
     /* Look at the most recently freed pools; drop stale entries, skip pools whose only free
      * head would pair a cluster with itself (another cluster can still use them), and
      * (format 3) pools too small for what the claim writes and a quarter more: a pool made
@@ -293,20 +336,19 @@ int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t n
     for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 32; looked++) {
         uint32_t idx = P->avail[i];
         if (idx >= P->n) { /* stale: the table was cut since */
-            P->avail[i] = P->avail[--P->navail];
+            unlist(P, i);
             continue;
         }
         kvt_pool *p = &P->p[idx];
-        int h0 = p->owner[0] == KVT_HEAD_FREE, h1 = p->owner[1] == KVT_HEAD_FREE;
+        int h0 = kvt_head_state(P, idx, 0) == KVT_HEAD_FREE, h1 = kvt_head_state(P, idx, 1) == KVT_HEAD_FREE;
         if (!p->units || (!h0 && !h1) || kvt_pool_room(L, p) == 0) {
-            P->avail[i] = P->avail[--P->navail];
+            unlist(P, i);
             continue;
         }
-        int head = h0 && p->owner[1] != owner ? 0 : h1 && p->owner[0] != owner ? 1 : -1;
-        if (head < 0 || kvt_pool_room(L, p) < pair_want) continue;
-        p->owner[head] = owner;
-        P->fresh[idx] |= (uint8_t)(1u << head);
-        if (p->owner[1 - head] != KVT_HEAD_FREE) P->avail[i] = P->avail[--P->navail];
+        if (is_own(own, nown, idx) || kvt_pool_room(L, p) < pair_want) continue;
+        int head = h0 ? 0 : 1;
+        kvt_pools_own(P, idx, (uint32_t)head);
+        if (!h0 || !h1) unlist(P, i);
         *seg = (kvt_seg){idx, (uint32_t)head, 0};
         return 0;
     }
@@ -318,44 +360,36 @@ int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t n
         if (size < want) size = want;
         uint64_t room = size + size / 2;
         uint32_t units = kvt_pool_units(L, room < L->pool_cap ? room : L->pool_cap);
-        P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}, take_units(P, units), units};
+        put_pool(P, idx, (kvt_pool){{0, 0}, take_units(P, units), units}, 0);
     } else {
-        P->p[idx] = (kvt_pool){{owner, KVT_HEAD_FREE}, {0, 0}, 0, 0};
+        put_pool(P, idx, (kvt_pool){{0, 0}, 0, 0}, 0);
         kvt_pools_fixed(P, L, idx);
     }
-    P->fresh[idx] = 1;
+    kvt_pools_own(P, idx, 0);
     push_avail(P, idx);
     *seg = (kvt_seg){idx, 0, 0};
     return 0;
 }
 
-int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32_t n0, int32_t own1, uint32_t n1,
-                         kvt_seg *s0, kvt_seg *s1) {
+int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, uint32_t n0, uint32_t n1, kvt_seg *s0, kvt_seg *s1) {
     uint32_t a = UINT32_MAX;
     for (uint32_t i = P->navail, looked = 0; i-- > 0 && looked < 32 && a == UINT32_MAX; looked++) {
         uint32_t x = P->avail[i];
         if (x + 1 >= P->n) continue;
-        const kvt_pool *p = &P->p[x], *q = &P->p[x + 1];
-        /* never pair a cluster with itself in a pool: its two heads would meet */
-        if (p->owner[1] == KVT_HEAD_FREE && q->owner[0] == KVT_HEAD_FREE && p->owner[0] != own0 &&
-            q->owner[1] != own1 && kvt_pool_room(L, p) >= n0 && kvt_pool_room(L, q) >= n1)
+        if (kvt_head_state(P, x, 1) == KVT_HEAD_FREE && kvt_head_state(P, x + 1, 0) == KVT_HEAD_FREE &&
+            kvt_pool_room(L, &P->p[x]) >= n0 && kvt_pool_room(L, &P->p[x + 1]) >= n1)
             a = x;
     }
     if (a == UINT32_MAX) {
         if (P->n + 2 > P->cap) return kvt_fail(KVT_EINVAL, "pool table full (reserve first)");
-        a = P->n;
-        P->n += 2;
-        P->p[a] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
-        P->p[a + 1] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
-        kvt_pools_fixed(P, L, a);
-        P->fresh[a] = P->fresh[a + 1] = 0;
+        uint32_t b = 0;
+        (void)kvt_pools_append_fixed(P, L, &a); /* room checked above */
+        (void)kvt_pools_append_fixed(P, L, &b);
         push_avail(P, a); /* their other heads are free for anyone */
-        push_avail(P, a + 1);
+        push_avail(P, b);
     }
-    P->p[a].owner[1] = own0;
-    P->p[a + 1].owner[0] = own1;
-    P->fresh[a] |= 2;
-    P->fresh[a + 1] |= 1;
+    kvt_pools_own(P, a, 1);
+    kvt_pools_own(P, a + 1, 0);
     *s0 = (kvt_seg){a, 1, 0};
     *s1 = (kvt_seg){a + 1, 0, 0};
     return 0;
@@ -365,53 +399,55 @@ int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32
 static void release_pool(kvt_pools *P, uint32_t idx) {
     kvt_pool *p = &P->p[idx];
     give_units(P, p->base, p->units);
-    *p = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 0};
-    P->fresh[idx] = 0;
-    p->base = P->spare_head;
+    put_pool(P, idx, (kvt_pool){{0, 0}, P->spare_head, 0}, 0);
     P->spare_head = idx;
     P->nspare++;
 }
 
 void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg) {
     kvt_pool *p = &P->p[seg->pool];
-    p->owner[seg->head] = KVT_HEAD_FREE;
+    kvt_head_set(P, seg->pool, seg->head, KVT_HEAD_FREE);
     p->used[seg->head] = 0;
-    P->fresh[seg->pool] &= (uint8_t) ~(1u << seg->head);
-    if (P->sized && p->owner[1 - seg->head] == KVT_HEAD_FREE)
+    P->st[seg->pool] &= (uint8_t)~KVT_POOL_FRESH(seg->head);
+    if (P->sized && kvt_head_state(P, seg->pool, 1 - seg->head) == KVT_HEAD_FREE)
         release_pool(P, seg->pool);
     else
         push_avail(P, seg->pool);
 }
 
 void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg) {
-    if (P->fresh[seg->pool] & (1u << seg->head)) { /* no catalog names it: free now */
+    if (P->st[seg->pool] & KVT_POOL_FRESH(seg->head)) { /* no catalog names it: free now */
         kvt_pools_unclaim(P, seg);
         return;
     }
-    P->p[seg->pool].owner[seg->head] = KVT_HEAD_RETIRED;
-    P->retired[P->nretired++] = seg->pool << 1 | seg->head;
+    kvt_head_set(P, seg->pool, seg->head, KVT_HEAD_RETIRED);
+    P->nretired++;
 }
 
-void kvt_pools_committed(kvt_pools *P, uint32_t count) {
-    if (count > P->nretired) count = P->nretired;
-    for (uint32_t i = 0; i < count; i++) {
-        kvt_seg s = {P->retired[i] >> 1, P->retired[i] & 1, 0};
-        if (s.pool < P->n && P->p[s.pool].owner[s.head] == KVT_HEAD_RETIRED) kvt_pools_unclaim(P, &s);
-    }
-    if (count) memmove(P->retired, P->retired + count, (P->nretired - count) * sizeof *P->retired);
-    P->nretired -= count;
+void kvt_pools_committed(kvt_pools *P, uint32_t capture) {
+    if (capture != P->captures || !P->nretired) return;
+    for (uint32_t i = 0; i < P->n; i++)
+        for (uint32_t h = 0; h < 2; h++)
+            if (kvt_head_state(P, i, h) == KVT_HEAD_DUE) {
+                P->nretired--;
+                kvt_pools_unclaim(P, &(kvt_seg){i, h, 0});
+            }
 }
 
 void kvt_pools_push_free(kvt_pools *P, const kvt_layout *L, uint32_t from) {
     for (uint32_t i = from; i < P->n; i++) {
-        kvt_pool *p = &P->p[i];
-        if (p->units && (p->owner[0] == KVT_HEAD_FREE || p->owner[1] == KVT_HEAD_FREE) && kvt_pool_room(L, p) > 0)
-            push_avail(P, i);
+        int free0 = kvt_head_state(P, i, 0) == KVT_HEAD_FREE, free1 = kvt_head_state(P, i, 1) == KVT_HEAD_FREE;
+        if (P->p[i].units && (free0 || free1) && kvt_pool_room(L, &P->p[i]) > 0) push_avail(P, i);
     }
 }
 
-void kvt_pools_named(kvt_pools *P) {
-    if (P->n) memset(P->fresh, 0, P->n);
+uint32_t kvt_pools_named(kvt_pools *P) {
+    for (uint32_t i = 0; i < P->n; i++) {
+        P->st[i] &= (uint8_t) ~(KVT_POOL_FRESH(0) | KVT_POOL_FRESH(1));
+        for (uint32_t h = 0; h < 2; h++)
+            if (kvt_head_state(P, i, h) == KVT_HEAD_RETIRED) kvt_head_set(P, i, h, KVT_HEAD_DUE);
+    }
+    return ++P->captures;
 }
 
 static int by_base(const void *a, const void *b) {
@@ -422,22 +458,23 @@ static int by_base(const void *a, const void *b) {
 int kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
     P->navail = 0;
     P->nretired = 0;
-    kvt_pools_named(P); /* loaded heads are the catalog's */
-    for (uint32_t i = 0; i < P->n; i++)
-        for (int h = 0; h < 2; h++)
-            if (P->p[i].owner[h] < 0) {
-                P->p[i].owner[h] = KVT_HEAD_FREE;
+    for (uint32_t i = 0; i < P->n; i++) { /* loaded heads are the catalog's: none fresh */
+        P->st[i] &= (uint8_t)(3u | 3u << 2);
+        for (uint32_t h = 0; h < 2; h++)
+            if (kvt_head_state(P, i, h) != KVT_HEAD_OWNED) {
+                kvt_head_set(P, i, h, KVT_HEAD_FREE);
                 P->p[i].used[h] = 0;
             }
+    }
     if (P->sized) { /* the free runs: what no owned pool covers; unowned pools are given back */
         P->nruns = P->nspare = 0;
         uint32_t nlive = 0;
         for (uint32_t i = 0; i < P->n; i++) {
             kvt_pool *p = &P->p[i];
-            if (p->units && (p->owner[0] >= 0 || p->owner[1] >= 0))
+            if (p->units && P->st[i])
                 P->runs[nlive++] = (kvt_run){p->base, p->units};
             else {
-                *p = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, P->spare_head, 0};
+                put_pool(P, i, (kvt_pool){{0, 0}, P->spare_head, 0}, 0);
                 P->spare_head = i;
                 P->nspare++;
             }
@@ -463,8 +500,7 @@ int kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L) {
 void kvt_pools_free(kvt_pools *P) {
     free(P->p);
     free(P->avail);
-    free(P->retired);
-    free(P->fresh);
+    free(P->st);
     free(P->runs);
     memset(P, 0, sizeof *P);
 }

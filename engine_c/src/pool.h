@@ -74,11 +74,11 @@ typedef struct kvt_layout {
 typedef struct kvt_seg {
     uint32_t pool, head, n;
 } kvt_seg;
-/* A pool: its heads' owners and slots used, and where it lies: `units` allocation units from
- * unit `base` (a format-1/2 pool: base = index x units). units == 0: a free slot of the
- * table (format 3: the pool was given back). */
+/* A pool: its heads' slots used, and where it lies: `units` allocation units from unit `base`
+ * (a format-1/2 pool: base = index x units). units == 0: a free slot of the table (format 3:
+ * the pool was given back). Its heads' states are in the table's byte per pool (kvt_pools.st):
+ * 16 bytes here and one there are all a pool keeps resident (issue 26). */
 typedef struct kvt_pool {
-    int32_t owner[2];
     uint32_t used[2];
     uint32_t base, units;
 } kvt_pool;
@@ -87,21 +87,29 @@ typedef struct kvt_run {
     uint32_t base, units;
 } kvt_run;
 
-/* The pool table. Heads are free (owner -1), owned by a cluster (owner >= 0), or retired
- * (owner -2): released since the last catalog commit and not reusable until it, because the
- * committed catalog may still name their data. A head claimed since the last checkpoint was
- * captured (its bit in fresh) is named by no catalog: released, it is free at once, so a
- * decoding run that never commits reuses the heads its splits give up. */
-#define KVT_HEAD_FREE    (-1)
-#define KVT_HEAD_RETIRED (-2)
+/* The pool table. A head is free, owned by a cluster (the cluster's segment list names it: a
+ * head does not know its owner), or retired: released since a checkpoint named it and not
+ * reusable before a commit of a later checkpoint, because the committed catalog may still name
+ * its data. A retired head is due once a checkpoint was captured after it was retired: the
+ * commit of the latest capture frees the due heads. A head claimed since the last checkpoint
+ * was captured (fresh) is named by no catalog: released, it is free at once, so a decoding run
+ * that never commits reuses the heads its splits give up. */
+#define KVT_HEAD_FREE    0
+#define KVT_HEAD_OWNED   1
+#define KVT_HEAD_RETIRED 2
+#define KVT_HEAD_DUE     3
+/* A pool's state byte: two bits per head (its KVT_HEAD_ state), a fresh bit per head, and
+ * whether the pool is listed in avail. */
+#define KVT_POOL_FRESH(h) (0x10u << (h))
+#define KVT_POOL_LISTED   0x40u
 typedef struct kvt_pools {
     kvt_pool *p;
+    uint8_t *st; /* per pool: head states, fresh bits, listed (above) */
     uint32_t n, cap;
-    uint32_t *avail; /* pools that had a free head when pushed (checked when popped) */
+    uint32_t *avail; /* pools that had a free head when listed (checked when popped), each once */
     uint32_t navail;
-    uint32_t *retired; /* heads released since the last commit: pool << 1 | head */
-    uint32_t nretired;
-    uint8_t *fresh; /* per pool, bit h: head h claimed since the last checkpoint */
+    uint32_t nretired; /* heads retired or due */
+    uint32_t captures; /* checkpoints captured (kvt_pools_named) */
     /* format 3: pools sized when made, their units from free runs or the file's end */
     int sized;
     kvt_run *runs; /* free runs of units, sorted by base, coalesced */
@@ -110,6 +118,13 @@ typedef struct kvt_pools {
     uint32_t spare_head, nspare;
     uint32_t end, peak; /* units up to the last pool's end; the most it ever was */
 } kvt_pools;
+
+static inline int kvt_head_state(const kvt_pools *P, uint32_t pool, uint32_t head) {
+    return (P->st[pool] >> (2 * head)) & 3;
+}
+static inline void kvt_head_set(kvt_pools *P, uint32_t pool, uint32_t head, int state) {
+    P->st[pool] = (uint8_t)((P->st[pool] & ~(3u << (2 * head))) | (unsigned)state << (2 * head));
+}
 
 /* format: the data file's (1 packs records; 2 pads them to pages when that pays). `padded`:
  * 0 never pads (the token layout's log: L->log). */
@@ -191,26 +206,32 @@ uint32_t kvt_data_header_version(const uint8_t page[KVT_DATA_HEADER]);
 int kvt_data_header_check(const kvt_layout *L, const kvt_coll_params *p, const uint8_t page[KVT_DATA_HEADER],
                           int *fields_ok, int *checksummed);
 
-/* Claims a head for `owner`, a cluster with `live` records on flash already, that will take
- * `need` records now: a free head of a pool whose other head belongs to another cluster (so
- * two clusters pair up) with room for them and a quarter as many again to grow into (format
+/* Claims a head for a cluster whose segments are own[0..nown-1], with `live` records on flash
+ * already, that will take `need` records now: a free head of a pool that is none of its own
+ * (so two clusters pair up) with room for them and a quarter as many again to grow into (format
  * 1/2: room for one), else a new pool. Format 3 sizes it for one and a half times the
  * cluster's size (`need`, or `live` up to two thirds of a format-2 pool when it grows a
  * chain), to grow into or for a smaller partner, and never larger than a format-2 pool (a
  * larger write chains pools), from the free runs or the file's end; format
  * 1/2 takes a free pool, else one at the end of the file. The table must have room
  * (kvt_pools_reserve). */
-int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, int32_t owner, uint32_t need, uint32_t live, kvt_seg *seg);
-/* Format 1/2: claims the back head (1) of one pool for own0 and the front head (0) of the
- * next pool for own1, so that what they hold lies back to back across the pool boundary:
+int kvt_pools_claim(kvt_pools *P, const kvt_layout *L, const kvt_seg *own, uint32_t nown, uint32_t need, uint32_t live,
+                    kvt_seg *seg);
+/* Format 1/2: claims the back head (1) of one pool and the front head (0) of the next pool
+ * for two clusters that own no segments (a split's children), so that what they hold lies back to back across the pool boundary:
  * head 1 fills a pool from its end, head 0 the next from its start. Looks among recently
  * freed pools for such a pair with room for n0 and n1 records, else appends two pools
  * (reserve two first). */
-int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, int32_t own0, uint32_t n0, int32_t own1, uint32_t n1,
-                         kvt_seg *s0, kvt_seg *s1);
+int kvt_pools_claim_pair(kvt_pools *P, const kvt_layout *L, uint32_t n0, uint32_t n1, kvt_seg *s0, kvt_seg *s1);
 /* Format 3: makes a pool of `units` units at the file's end (never from a free run), both
  * heads free, and returns its index: the co-location rewrite lays pools back to back. */
 int kvt_pools_append(kvt_pools *P, uint32_t units, uint32_t *pool);
+/* Format 1/2: appends a pool slot, both heads free, where the file's fixed-size pools lie. */
+int kvt_pools_append_fixed(kvt_pools *P, const kvt_layout *L, uint32_t *pool);
+/* Table slot `pool` made empty: no units, both heads free (loading a catalog). */
+void kvt_pools_blank(kvt_pools *P, uint32_t pool);
+/* Head `head` of pool `pool`, free, becomes a cluster's, claimed now (co-location). */
+void kvt_pools_own(kvt_pools *P, uint32_t pool, uint32_t head);
 /* Format 3: the units a pool needs to hold `records` records. */
 uint32_t kvt_pool_units(const kvt_layout *L, uint64_t records);
 /* Gives back a head claimed in this same uncommitted operation (its data was never named). */
@@ -218,13 +239,16 @@ void kvt_pools_unclaim(kvt_pools *P, const kvt_seg *seg);
 /* Releases a head: free at once when no checkpoint was captured since it was claimed (no
  * catalog can name it), else retired until the commit of a later checkpoint. */
 void kvt_pools_retire(kvt_pools *P, const kvt_seg *seg);
-/* After a catalog commit: the first `count` retired heads (those retired before the
- * committed state was captured) become free. */
-void kvt_pools_committed(kvt_pools *P, uint32_t count);
+/* After a catalog commit of the checkpoint captured as number `capture` (kvt_pools_named's):
+ * if it was the latest capture, the due heads (retired before it) become free; an older one
+ * frees nothing, since the table cannot tell which due heads it still names (the commit of
+ * the latest capture frees them). */
+void kvt_pools_committed(kvt_pools *P, uint32_t capture);
 /* Offers the free heads of pools from..n-1 to later claims. */
 void kvt_pools_push_free(kvt_pools *P, const kvt_layout *L, uint32_t from);
-/* A checkpoint is being captured: every head owned now is named by it. */
-void kvt_pools_named(kvt_pools *P);
+/* A checkpoint is being captured: every head owned now is named by it, and every retired
+ * head is due (the checkpoint does not name it). Returns the capture's number. */
+uint32_t kvt_pools_named(kvt_pools *P);
 /* Rebuilds the free lists from owners (after loading): heads nobody owns are free, and
  * (format 3) pools with no owner give their units back. */
 int kvt_pools_rebuild(kvt_pools *P, const kvt_layout *L); /* KVT_ECORRUPT: pools overlap */
@@ -236,10 +260,12 @@ static inline uint64_t kvt_pools_file_bytes(const kvt_pools *P, const kvt_layout
     return P->sized ? KVT_DATA_HEADER + (uint64_t)P->peak * KVT_POOL_UNIT
                     : KVT_DATA_HEADER + (uint64_t)P->n * L->pool_bytes;
 }
-/* Makes room for `need` pools (and their list entries). */
+/* Makes room for exactly `need` pools (and their list entries), growing or, when every pool
+ * of the table is below `need`, shrinking the table. */
 int kvt_pools_reserve(kvt_pools *P, uint32_t need);
-/* Bytes of memory per pool of capacity, for budget accounting. */
-#define KVT_POOL_BYTES (sizeof(kvt_pool) + sizeof(uint32_t) * 4 + 1 + sizeof(kvt_run))
+/* Bytes of memory per pool of capacity, for budget accounting: the pool, its state byte, its
+ * place in avail, and a free run (runs lie between pools: at most one more than the pools). */
+#define KVT_POOL_BYTES (sizeof(kvt_pool) + 1 + sizeof(uint32_t) + sizeof(kvt_run))
 void kvt_pools_free(kvt_pools *P);
 
 #endif

@@ -215,7 +215,7 @@ static void test_io(void) {
 /* Pool i of a file of pools of one size (formats 1 and 2). */
 static kvt_pool fixed_pool(const kvt_layout *L, uint32_t i) {
     uint32_t units = (uint32_t)(L->pool_bytes / KVT_POOL_UNIT);
-    return (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, i * units, units};
+    return (kvt_pool){{0, 0}, i * units, units};
 }
 
 static void test_pool(void) {
@@ -280,37 +280,49 @@ static void test_pool(void) {
     CHECK(kvt_rec_check(&L, rec, &id) == KVT_ECORRUPT);
     /* claims: two clusters pair in one pool, a third gets a new pool */
     kvt_pools P = {0};
-    CHECK_OK(kvt_pools_reserve(&P, 4));
+    CHECK_OK(kvt_pools_reserve(&P, 7));
+    CHECK(P.cap == 7); /* exactly what is asked: the caller (kvt_ensure_pools) picks the growth */
     kvt_seg a, b, c;
-    CHECK_OK(kvt_pools_claim(&P, &L, 0, 1, 0, &a));
-    CHECK_OK(kvt_pools_claim(&P, &L, 1, 1, 0, &b));
-    CHECK_OK(kvt_pools_claim(&P, &L, 2, 1, 0, &c));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 1, 0, &a));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 1, 0, &b));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 1, 0, &c));
     CHECK(a.pool == 0 && a.head == 0 && b.pool == 0 && b.head == 1 && c.pool == 1 && c.head == 0);
-    /* a cluster never takes the back head of its own pool */
+    CHECK(kvt_head_state(&P, 0, 0) == KVT_HEAD_OWNED && kvt_head_state(&P, 1, 1) == KVT_HEAD_FREE);
+    /* a cluster never takes the back head of its own pool (its segments name the pool) */
     kvt_seg d2;
-    CHECK_OK(kvt_pools_claim(&P, &L, 2, 1, 0, &d2));
+    CHECK_OK(kvt_pools_claim(&P, &L, &c, 1, 1, 0, &d2));
     CHECK(d2.pool == 2);
     /* a split's children: the back head of one pool and the front head of the next, so that
      * their records meet at the pool boundary (the pool's unused tail aside). Pool 2's back
      * head is free but no pool follows it: two pools are added */
     kvt_seg e0, e1, f0, f1;
-    CHECK_OK(kvt_pools_claim_pair(&P, &L, 5, 10, 6, 12, &e0, &e1));
+    CHECK_OK(kvt_pools_claim_pair(&P, &L, 10, 12, &e0, &e1));
     CHECK(e0.head == 1 && e1.head == 0 && e1.pool == e0.pool + 1);
     uint64_t end0 = kvt_run_offset(&L, &P.p[e0.pool], 1, 0, 10) + kvt_run_span(&L, &P.p[e0.pool], 1, 0, 10);
     uint64_t slack = kvt_pool_tail(&L, &P.p[e0.pool]), start1 = kvt_run_offset(&L, &P.p[e1.pool], 0, 0, 12);
     CHECK(slack <= kvt_pool_slack(&L) && end0 <= start1 && start1 - end0 <= slack);
     CHECK(e0.pool == 3 && P.n == 5);
-    CHECK_OK(kvt_pools_claim_pair(&P, &L, 7, 10, 8, 10, &f0, &f1));
+    CHECK_OK(kvt_pools_claim_pair(&P, &L, 10, 10, &f0, &f1));
     CHECK(f1.pool == f0.pool + 1 && !(f0.pool == e0.pool && f0.head == e0.head));
     /* a head claimed since the last checkpoint is named by no catalog: released, it is free at
-     * once; one a checkpoint named waits, retired, for the commit */
+     * once; one a checkpoint named waits, retired, for the commit of a checkpoint captured
+     * after it was retired (not of one captured before) */
     kvt_pools_retire(&P, &f0);
-    CHECK(P.p[f0.pool].owner[f0.head] == KVT_HEAD_FREE && P.nretired == 0);
-    kvt_pools_named(&P);
+    CHECK(kvt_head_state(&P, f0.pool, f0.head) == KVT_HEAD_FREE && P.nretired == 0);
+    uint32_t cap1 = kvt_pools_named(&P);
     kvt_pools_retire(&P, &f1);
-    CHECK(P.p[f1.pool].owner[f1.head] == KVT_HEAD_RETIRED && P.nretired == 1);
-    kvt_pools_committed(&P, 1);
-    CHECK(P.p[f1.pool].owner[f1.head] == KVT_HEAD_FREE && P.nretired == 0);
+    CHECK(kvt_head_state(&P, f1.pool, f1.head) == KVT_HEAD_RETIRED && P.nretired == 1);
+    kvt_pools_committed(&P, cap1); /* that catalog names f1 */
+    CHECK(kvt_head_state(&P, f1.pool, f1.head) == KVT_HEAD_RETIRED && P.nretired == 1);
+    uint32_t cap2 = kvt_pools_named(&P);
+    CHECK(kvt_head_state(&P, f1.pool, f1.head) == KVT_HEAD_DUE);
+    uint32_t cap3 = kvt_pools_named(&P);
+    kvt_pools_committed(&P, cap2); /* not the latest capture: it cannot tell, frees nothing */
+    CHECK(kvt_head_state(&P, f1.pool, f1.head) == KVT_HEAD_DUE && P.nretired == 1);
+    kvt_pools_committed(&P, cap3);
+    CHECK(kvt_head_state(&P, f1.pool, f1.head) == KVT_HEAD_FREE && P.nretired == 0);
+    /* the table shrinks to the slots it uses, never below them */
+    CHECK(kvt_pools_reserve(&P, P.n - 1) == KVT_EINVAL && P.cap == 7);
     kvt_pools_free(&P);
 }
 
@@ -324,24 +336,24 @@ static void test_pool_sized(void) {
     CHECK_OK(kvt_pools_reserve(&P, 8));
     /* a 20-record cluster gets room for half as much again; a smaller partner pairs with it */
     kvt_seg a, b, c, d;
-    CHECK_OK(kvt_pools_claim(&P, &L, 0, 20, 0, &a));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 20, 0, &a));
     CHECK(a.pool == 0 && a.head == 0 && P.p[0].units == kvt_pool_units(&L, 30) && P.p[0].base == 0);
     CHECK(kvt_pool_cap(&L, &P.p[0]) >= 30 && kvt_pool_cap(&L, &P.p[0]) < 30 + per_unit);
     P.p[0].used[0] = 20;
     /* a partner pairs only with room for a quarter as much again to grow into */
     uint32_t room = kvt_pool_room(&L, &P.p[0]);
-    CHECK_OK(kvt_pools_claim(&P, &L, 1, room, 0, &b));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, room, 0, &b));
     CHECK(b.pool == 1);
     kvt_pools_unclaim(&P, &b);
     CHECK(P.end == P.p[0].units && P.nspare == 1);
-    CHECK_OK(kvt_pools_claim(&P, &L, 1, room * 4 / 5, 0, &b));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, room * 4 / 5, 0, &b));
     CHECK(b.pool == 0 && b.head == 1);
     P.p[0].used[1] = room * 4 / 5;
     /* no pool is larger than a format-2 pool; a chain claims room for the cluster's size */
-    CHECK_OK(kvt_pools_claim(&P, &L, 2, 1000, 0, &c));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 1000, 0, &c));
     CHECK(c.pool == 1 && P.p[1].base == P.p[0].units && kvt_pool_cap(&L, &P.p[1]) <= L.pool_cap);
     P.p[1].used[0] = kvt_pool_cap(&L, &P.p[1]); /* full: the next claim cannot pair in it */
-    CHECK_OK(kvt_pools_claim(&P, &L, 3, 5, 30, &d));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 5, 30, &d));
     CHECK(d.pool == 2 && kvt_pool_cap(&L, &P.p[2]) >= 45 && kvt_pool_cap(&L, &P.p[2]) < 45 + per_unit);
     uint32_t end = P.end;
     CHECK(end == P.p[0].units + P.p[1].units + P.p[2].units && P.peak == end);
@@ -354,7 +366,7 @@ static void test_pool_sized(void) {
     CHECK(P.p[0].units == 0 && P.nruns == 1 && P.runs[0].base == 0 && P.nspare == 1);
     kvt_seg e;
     P.p[2].used[0] = kvt_pool_cap(&L, &P.p[2]);
-    CHECK_OK(kvt_pools_claim(&P, &L, 4, 10, 0, &e));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 10, 0, &e));
     CHECK(e.pool == 0 && P.p[0].base == 0 && P.end == end); /* the slot and the run reused */
     kvt_pools_unclaim(&P, &e);
     kvt_pools_unclaim(&P, &d);
@@ -363,27 +375,31 @@ static void test_pool_sized(void) {
     CHECK(P.end == 0 && P.nruns == 0);
     /* a head a checkpoint named waits for the commit before its pool goes */
     kvt_seg f, g;
-    CHECK_OK(kvt_pools_claim(&P, &L, 5, 15, 0, &f));
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 15, 0, &f));
     kvt_pools_named(&P);
     kvt_pools_retire(&P, &f);
-    CHECK(P.p[f.pool].units && P.p[f.pool].owner[f.head] == KVT_HEAD_RETIRED);
-    CHECK_OK(kvt_pools_claim(&P, &L, 6, 15, 0, &g));
+    CHECK(P.p[f.pool].units && kvt_head_state(&P, f.pool, f.head) == KVT_HEAD_RETIRED);
+    CHECK_OK(kvt_pools_claim(&P, &L, NULL, 0, 15, 0, &g));
     CHECK(g.pool != f.pool || g.head != f.head);
-    kvt_pools_committed(&P, 1);
-    CHECK(P.p[f.pool].owner[f.head] == KVT_HEAD_FREE);
+    kvt_pools_committed(&P, kvt_pools_named(&P));
+    CHECK(kvt_head_state(&P, f.pool, f.head) == KVT_HEAD_FREE && P.nretired == 0);
     /* rebuilt from owners (after loading): unowned pools give their units back, the gaps
      * between owned pools are the free runs, and overlapping pools are refused */
     kvt_pools Q = {0};
     Q.sized = 1;
     CHECK_OK(kvt_pools_reserve(&Q, 4));
     Q.n = 3;
-    Q.p[0] = (kvt_pool){{0, KVT_HEAD_FREE}, {5, 0}, 4, 2};
-    Q.p[1] = (kvt_pool){{KVT_HEAD_FREE, KVT_HEAD_FREE}, {0, 0}, 0, 4};
-    Q.p[2] = (kvt_pool){{KVT_HEAD_FREE, 1}, {0, 7}, 9, 1};
+    Q.p[0] = (kvt_pool){{5, 0}, 4, 2};
+    Q.p[1] = (kvt_pool){{0, 0}, 0, 4};
+    Q.p[2] = (kvt_pool){{0, 7}, 9, 1};
+    kvt_head_set(&Q, 0, 0, KVT_HEAD_OWNED);
+    kvt_head_set(&Q, 2, 1, KVT_HEAD_OWNED);
+    kvt_head_set(&Q, 1, 1, KVT_HEAD_RETIRED); /* a catalog never holds one: it is free */
     CHECK_OK(kvt_pools_rebuild(&Q, &L));
     CHECK(Q.nruns == 2 && Q.runs[0].base == 0 && Q.runs[0].units == 4 && Q.runs[1].base == 6 && Q.runs[1].units == 3);
     CHECK(Q.end == 10 && Q.p[1].units == 0 && Q.nspare == 1);
-    Q.p[1] = (kvt_pool){{2, KVT_HEAD_FREE}, {1, 0}, 5, 2};
+    Q.p[1] = (kvt_pool){{1, 0}, 5, 2};
+    kvt_head_set(&Q, 1, 0, KVT_HEAD_OWNED);
     Q.nspare = 0;
     CHECK(kvt_pools_rebuild(&Q, &L) == KVT_ECORRUPT);
     kvt_pools_free(&Q);

@@ -7,6 +7,7 @@ The benchmarks: ``suite`` (what ``kvtier bench`` runs: the grid of tier configur
 tasks of the torch caches), ``policies`` and ``adaptive16`` (clustering policies' recall),
 ``flash``, ``flash_real`` and ``write_buffer`` (the flash layout: modeled, on this disk, write
 buffers), ``cache`` (cache policies against the DRAM budget), ``memory`` (phone-sized budgets),
+``resident`` (the resident index per stored entry, estimated and measured on real keys),
 ``virtualize`` (group virtualization), ``pipeline`` (prefetch behind compute), ``w4_search``
 (search against hnswlib and faiss), ``nprobe_default``, ``torch_quality`` and ``needle`` (model
 quality and a pass key through TieredCache), ``llama_cpp`` (TieredLlama against llama.cpp),
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "adaptive16": "the adaptive policy's accuracy, splits and clusters on replayed KV traces",
     "cache": "cache policies: hit rate and bytes read against the DRAM budget",
     "memory": "phone-sized DRAM budgets: does the engine run, and at what cost",
+    "resident": "the resident index per stored entry: the estimate and what real keys take",
     "paging": "splits and retrieves at a tight DRAM budget against a large one, in lockstep",
     "virtualize": "group virtualization of a 30-layer model's collections: DRAM against I/O",
     "pipeline": "does prefetch hide flash reads behind per-layer compute",
