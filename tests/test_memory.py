@@ -322,7 +322,10 @@ def test_pending_buffers_and_keys_give_way_to_another_collection(tmp_path):
     from then on): the add succeeds and nothing is lost."""
     d = 16
     keys, vals = data(12000, d, seed=7)
-    budget = 384 * 1024
+    # small enough that b's add needs what the tails and the keys hold (with the 2-byte id map
+    # 384 KiB held all of it), large enough that t's keys fit before b comes (they do down to
+    # 304 KiB; at 288 KiB t's own add already puts them on flash)
+    budget = 320 * 1024
     with kvtier.open(tmp_path / "s", dram_budget=budget, write_buffer="64KiB") as s:
         a = s.collection("a", dim=d, dtype="float16", policy="static")
         a.add(keys[:2000], vals[:2000])

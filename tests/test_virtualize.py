@@ -112,16 +112,18 @@ def test_park_bounds_dram_by_the_active_group(tmp_path):
     # without explicit parks the engine pages the idle groups out itself (demand paging),
     # least recently used first, with the same results and within the same budget
     # (adds of 250: the engine stages an add larger than the budget holds in chunks, which
-    # changes its clusters; these are never chunked, so the clusters do not depend on it)
+    # changes its clusters; these are never chunked, so the clusters do not depend on it;
+    # 1,000 entries a collection: with the 2-byte id map 500 took 53,893 B of index in all,
+    # less than the least budget kvtier.open takes)
     with kvtier.open(tmp_path / "u", dram_budget="64MiB") as u:
-        roomy = [_group(u, layer, n=500, batch=250) for layer in range(8)]
+        roomy = [_group(u, layer, n=1000, batch=250) for layer in range(8)]
         index = u.stats()["dram_by_use"]["index"]
         # half of what every group's index takes, or the least kvtier.open takes, which is
         # still less than that index: idle groups must be paged out
         budget = max(index // 2, MIN_DRAM_BUDGET)
         assert budget < index
         with kvtier.open(tmp_path / "t", dram_budget=budget) as t:
-            paged = [_group(t, layer, n=500, batch=250) for layer in range(8)]
+            paged = [_group(t, layer, n=1000, batch=250) for layer in range(8)]
             for _ in range(2):
                 for g, h in zip(paged, roomy):
                     for c, d in zip(g, h):

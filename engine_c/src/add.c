@@ -55,7 +55,7 @@ static uint64_t add_transient(const kvt_coll *c, uint64_t ch, int first_batch, u
 
 /* An add runs in passes over chunks of at most `ch` entries, so that what it stages is bounded
  * whatever n is: (assign) every entry's cluster, kept in the id map's slot for it
- * (c->loc[id]; ids >= c->n are nobody's yet); (plan) what is written, what waits in a
+ * (kvt_loc(c, id); ids >= c->n are nobody's yet); (plan) what is written, what waits in a
  * pending buffer, per cluster; (write) the writes, chunk by chunk, each cluster's records in
  * id order after the tail entries written with them; (publish) the metadata, in id order.
  * Nothing readers see changes before publish, and the writes are undone whole if one fails,
@@ -112,6 +112,7 @@ static int first_partition(kvt_coll *c, kvt_add *a) {
     uint32_t *assign = malloc(a->ch * 4), *remap = calloc(k, 4);
     float *cent = malloc((size_t)k * d * 4), *cnorm0 = malloc((size_t)k * 4);
     if (!assign || !remap || !cent || !cnorm0) rc = kvt_fail(ENOMEM, "add: out of memory");
+    if (!rc) rc = kvt_widen_ids(c, (uint64_t)c->ncl + k); /* the map names them before they are made */
     if (!rc)
         rc = kvt_kmeans(K, c->p.dtype, a->keys, d, c->L.key_bytes * step, NULL, a->ch, k, c->p.kmeans_iters, c->p.seed,
                         cent, assign);
@@ -121,11 +122,11 @@ static int first_partition(kvt_coll *c, kvt_add *a) {
             uint32_t j = i % step == 0 && i / step < a->ch
                              ? assign[i / step]
                              : kvt_nearest(K, c->p.dtype, kvt_add_key(c, a, i), cent, cnorm0, k, d);
-            c->loc[a->n0 + i] = j;
+            kvt_loc_put(c, a->n0 + i, j);
             remap[j] = 1;
         }
         for (uint32_t j = 0; j < k; j++) remap[j] = remap[j] ? kept++ : UINT32_MAX;
-        for (uint64_t i = 0; i < a->n; i++) c->loc[a->n0 + i] = remap[c->loc[a->n0 + i]];
+        for (uint64_t i = 0; i < a->n; i++) kvt_loc_put(c, a->n0 + i, remap[kvt_loc(c, a->n0 + i)]);
         for (uint32_t j = 0; j < kept && !rc; j++) {
             uint32_t slot;
             rc = kvt_new_cluster(c, &slot);
@@ -142,8 +143,9 @@ static int first_partition(kvt_coll *c, kvt_add *a) {
 int kvt_add_nearest(kvt_coll *c, kvt_add *a) {
     a->k = c->ncl;
     for (uint64_t i = 0; i < a->n; i++)
-        c->loc[a->n0 + i] =
-            kvt_nearest_rep(c->st->K, c->p.dtype, kvt_add_key(c, a, i), c->cent, c->cnorm, c->ncl, c->p.dim, a->x);
+        kvt_loc_put(
+            c, a->n0 + i,
+            kvt_nearest_rep(c->st->K, c->p.dtype, kvt_add_key(c, a, i), c->cent, c->cnorm, c->ncl, c->p.dim, a->x));
     return 0;
 }
 
@@ -203,7 +205,7 @@ static int add_plan(kvt_coll *c, kvt_add *a) {
     a->topend = calloc(k1, 1);
     a->wnow = calloc(k1, 4);
     if (!a->start || !a->cnt || !a->seen || !a->topend || !a->wnow) return kvt_fail(ENOMEM, "add: out of memory");
-    for (uint64_t i = 0; i < a->n; i++) a->cnt[c->loc[a->n0 + i]]++;
+    for (uint64_t i = 0; i < a->n; i++) a->cnt[kvt_loc(c, a->n0 + i)]++;
     a->new_room = buffering(c) ? kvt_tail_share(c) : 0;
     if (c->ops->plan_begin) c->ops->plan_begin(c, a);
     int rc = 0;
@@ -228,9 +230,9 @@ static int add_plan(kvt_coll *c, kvt_add *a) {
 static int write_chunk(kvt_coll *c, kvt_add *a, uint64_t c0, uint64_t cn) {
     uint32_t k = a->k, *start = a->start;
     memset(start, 0, ((size_t)k + 1) * 4);
-    for (uint64_t i = 0; i < cn; i++) start[c->loc[a->n0 + c0 + i] + 1]++;
+    for (uint64_t i = 0; i < cn; i++) start[kvt_loc(c, a->n0 + c0 + i) + 1]++;
     for (uint32_t j = 0; j < k; j++) start[j + 1] += start[j];
-    for (uint64_t i = 0; i < cn; i++) a->row[start[c->loc[a->n0 + c0 + i]]++] = (uint32_t)(c0 + i);
+    for (uint64_t i = 0; i < cn; i++) a->row[start[kvt_loc(c, a->n0 + c0 + i)]++] = (uint32_t)(c0 + i);
     for (uint32_t j = k; j > 0; j--) start[j] = start[j - 1];
     start[0] = 0;
     int rc = 0;
@@ -270,7 +272,7 @@ static int add_write(kvt_coll *c, kvt_add *a) {
 static void publish_row(kvt_coll *c, kvt_add *a, uint64_t r) {
     const kvt_layout *L = &c->L;
     uint64_t id = a->n0 + r;
-    uint32_t j = c->loc[id], t = a->seen[j]++;
+    uint32_t j = kvt_loc(c, id), t = a->seen[j]++;
     kvt_cluster *cl = &c->cl[j];
     const uint8_t *key = kvt_add_key(c, a, r), *val = (const uint8_t *)a->values + (size_t)r * L->value_bytes;
     if (kvt_members(cl) && token(c)) cl->x->mem[cl->n] = (uint32_t)id;

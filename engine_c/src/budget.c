@@ -69,9 +69,11 @@ int kvt_budget_estimate(const kvt_coll_params *p, uint64_t n, uint64_t write_buf
     uint64_t keys = 0, own_read = 0, waiting = 0;
     if (ops->budget) ops->budget(p, n, &L, fetch, &keys, &own_read, &waiting);
     uint64_t mem = tok ? 4 : 0;
+    /* the id map: 2 bytes an entry while the clusters fit KVT_LOC_NARROW slots (store.h) */
+    uint64_t locw = ncl > KVT_LOC_NARROW ? 4 : 2;
     for (int slack = 0; slack < 2; slack++) {
         uint64_t b = grown(ncl, slack) * cl_bytes + ncl * seg_bytes + grown(pools, slack) * KVT_POOL_BYTES +
-                     grown(n, slack) * (sizeof(uint32_t) + mem) + grown(chunks, slack) * 8;
+                     grown(n, slack) * (locw + mem) + grown(chunks, slack) * 8;
         if (slack)
             o->index_grown = b;
         else

@@ -136,7 +136,7 @@ static int export_chunk(kvt_coll *c, uint64_t chunk, void **blob, size_t *len) {
     kvt_wbuf_put(&w, LOC_MAGIC, 8);
     kvt_wbuf_u64(&w, chunk);
     kvt_wbuf_u32(&w, cnt);
-    kvt_wbuf_put(&w, c->loc + lo, (size_t)cnt * sizeof *c->loc);
+    for (uint32_t i = 0; i < cnt; i++) kvt_wbuf_u32(&w, kvt_loc(c, lo + i)); /* u32 whatever locw is */
     return seal_blob(&w, blob, len);
 }
 
@@ -351,7 +351,7 @@ static int load_chunk(kvt_coll *c, uint64_t chunk, const void *blob, size_t len,
         if (cl >= c->ncl)
             return kvt_fail(KVT_ECORRUPT, "catalog: id %llu of collection %u maps outside the directory",
                             (unsigned long long)(lo + i), c->no);
-        c->loc[lo + i] = cl;
+        kvt_loc_put(c, lo + i, cl);
         counts[cl]++;
     }
     return 0;

@@ -114,7 +114,7 @@ static uint64_t trim_pools(kvt_coll *c) {
  * array holds what it holds, so that the budget kvt_budget_estimate calls the minimum (the
  * index without slack) is enough. Bytes freed. */
 uint64_t kvt_trim_slack(kvt_coll *c) {
-    uint64_t freed = shrink_to(c, KVT_USE_INDEX, (void **)&c->loc, sizeof *c->loc, &c->loccap, c->n);
+    uint64_t freed = shrink_to(c, KVT_USE_INDEX, &c->loc, c->locw, &c->loccap, c->n);
     freed += shrink_to(c, KVT_USE_INDEX, (void **)&c->mod, sizeof *c->mod, &c->modcap, c->n / KVT_LOC_CHUNK + 1);
     if (c->ops->trim) freed += c->ops->trim(c); /* the policy's arrays: token-level keys */
     freed += trim_pools(c);
@@ -158,6 +158,29 @@ uint64_t kvt_cluster_slot_bytes(const kvt_coll_params *p) {
                 : 0);
 }
 
+/* The id map at 4 bytes an entry, before the cluster table grows past KVT_LOC_NARROW slots:
+ * a new array, reserved first, then converted (a parked collection's map is not resident:
+ * its width is all that changes, and its next image is laid out anew). */
+int kvt_widen_ids(kvt_coll *c, uint64_t need) {
+    if (c->locw == 4 || need <= KVT_LOC_NARROW) return 0;
+    uint32_t *wide = NULL;
+    if (c->loccap) {
+        int rc = kvt_mem_reserve_as(&c->st->mem, KVT_USE_INDEX, c->loccap * 4);
+        if (rc) return rc;
+        if (!(wide = malloc(c->loccap * 4))) {
+            kvt_mem_release_as(&c->st->mem, KVT_USE_INDEX, c->loccap * 4);
+            return kvt_fail(ENOMEM, "out of memory widening the id map");
+        }
+        c->acct += c->loccap * 4;
+        for (uint64_t id = 0; id < c->loccap; id++) wide[id] = ((const uint16_t *)c->loc)[id];
+        kvt_free_array(c, c->loc, c->loccap, 2);
+    }
+    c->loc = wide;
+    c->locw = 4;
+    c->img_cl = 0; /* the swap image's id map doubles: its arrays move (virtualize.c) */
+    return 0;
+}
+
 /* One reservation for every per-cluster array, so that a budget that fails part way grows
  * none of them: growing them one by one leaked the accounting of those that grew before the
  * one that failed (they were charged, clcap stayed, and they were freed as clcap's) — under
@@ -169,7 +192,11 @@ int kvt_ensure_clusters(kvt_coll *c, uint32_t need) {
     int m2d = c->p.score_temp > 0, vs = kvt_vsum_kept(c);
     uint64_t per = kvt_cluster_slot_bytes(&c->p), old = c->clcap;
     uint64_t to = grow_target(c, KVT_USE_INDEX, old, need, per); /* one capacity for all */
-    int rc = kvt_mem_reserve_as(&c->st->mem, KVT_USE_INDEX, (to - old) * per);
+    /* slots a 2-byte id map names: its slack stops at KVT_LOC_NARROW, past it the map widens */
+    if (c->locw == 2 && need <= KVT_LOC_NARROW && to > KVT_LOC_NARROW) to = KVT_LOC_NARROW;
+    int rc = kvt_widen_ids(c, to);
+    if (rc) return rc;
+    rc = kvt_mem_reserve_as(&c->st->mem, KVT_USE_INDEX, (to - old) * per);
     if (rc) return rc;
     struct {
         void **p;
@@ -291,7 +318,7 @@ int kvt_rebuild_members(kvt_coll *c) {
     uint32_t *fill = calloc(c->ncl + 1, 4);
     int made = fill != NULL;
     for (uint64_t id = 0; made && id < c->n; id++) { /* load_chunk checked each cluster's count */
-        uint32_t j = c->loc[id], *mem = kvt_members(&c->cl[j]);
+        uint32_t j = kvt_loc(c, id), *mem = kvt_members(&c->cl[j]);
         if (mem && fill[j] < c->cl[j].n) mem[fill[j]++] = (uint32_t)id;
     }
     free(fill);
@@ -336,7 +363,7 @@ int kvt_ensure_pools(kvt_coll *c, uint32_t need) {
 }
 
 int kvt_ensure_ids(kvt_coll *c, uint64_t need) {
-    int rc = kvt_grow_array(c, (void **)&c->loc, sizeof *c->loc, &c->loccap, need);
+    int rc = kvt_grow_array(c, &c->loc, c->locw, &c->loccap, need);
     if (!rc) rc = kvt_grow_array(c, (void **)&c->mod, sizeof *c->mod, &c->modcap, need / KVT_LOC_CHUNK + 1);
     if (!rc && c->ops->grow_ids) rc = c->ops->grow_ids(c, need); /* token-level keys (store.c 5) */
     return rc;
@@ -468,6 +495,7 @@ int kvt_coll_new(kvt_store *s, uint32_t no, const kvt_coll_params *p, int trunca
     if (c->ops->init) c->ops->init(c);
     kvt_layout_init(&c->L, p->dim, p->value_dim, p->dtype, p->max_cluster_size, KVT_FORMAT_VERSION, !kvt_token_log(p));
     c->pools.sized = c->L.format >= 3; /* pools sized to what they hold (pool.h) */
+    c->locw = 2;                       /* until the cluster table passes KVT_LOC_NARROW */
     char path[4096];
     if (snprintf(path, sizeof path, "%s/c%u.kvd", s->dir, no) >= (int)sizeof path) {
         free(c);

@@ -34,6 +34,9 @@ void kvt_side_attach(kvt_coll *c, kvt_cluster *k, kvt_cside *x, uint8_t *pbuf, u
 void kvt_side_free(kvt_coll *c, kvt_cluster *k);
 int kvt_ensure_pools(kvt_coll *c, uint32_t need);
 int kvt_ensure_ids(kvt_coll *c, uint64_t need);
+/* The id map widened to 4 bytes an entry if cluster slots up to `need` (exclusive) do not
+ * all fit its 2 (KVT_LOC_NARROW): before any such slot is named in it. */
+int kvt_widen_ids(kvt_coll *c, uint64_t need);
 uint64_t kvt_shrink_array(kvt_coll *c, void **ptr, size_t size, uint64_t *cap, uint64_t target);
 uint64_t kvt_trim_slack(kvt_coll *c);
 

@@ -95,10 +95,11 @@ static int assign(kvt_coll *c, kvt_add *a) {
     float keep = c->cnorm[st];
     c->cnorm[st] = FLT_MAX; /* nothing joins it here */
     for (uint64_t i = 0; i < direct; i++)
-        c->loc[a->n0 + i] =
-            kvt_nearest_rep(c->st->K, c->p.dtype, kvt_add_key(c, a, i), c->cent, c->cnorm, c->ncl, c->p.dim, a->x);
+        kvt_loc_put(
+            c, a->n0 + i,
+            kvt_nearest_rep(c->st->K, c->p.dtype, kvt_add_key(c, a, i), c->cent, c->cnorm, c->ncl, c->p.dim, a->x));
     c->cnorm[st] = keep;
-    for (uint64_t i = direct; i < n; i++) c->loc[a->n0 + i] = st;
+    for (uint64_t i = direct; i < n; i++) kvt_loc_put(c, a->n0 + i, st);
     a->k = c->ncl;
     return 0;
 }

@@ -50,7 +50,7 @@ static int in_order(const kvt_coll *c, const uint8_t *recs, uint32_t i, int64_t 
 
 int kvt_rec_ok(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t i) {
     int64_t id = intact_id(c, recs + (size_t)i * c->L.esz);
-    return id >= 0 && c->loc[id] == ci && in_order(c, recs, i, id);
+    return id >= 0 && kvt_loc(c, id) == ci && in_order(c, recs, i, id);
 }
 
 /* Format 3: 1 if record i of a run of cluster ci is intact and in order but the id map puts
@@ -58,7 +58,7 @@ int kvt_rec_ok(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t i) 
 int kvt_slot_dead(const kvt_coll *c, uint32_t ci, const uint8_t *recs, uint32_t i) {
     if (!c->cl[ci].dead) return 0;
     int64_t id = intact_id(c, recs + (size_t)i * c->L.esz);
-    return id >= 0 && c->loc[id] != ci && in_order(c, recs, i, id);
+    return id >= 0 && kvt_loc(c, id) != ci && in_order(c, recs, i, id);
 }
 
 int kvt_cluster_damaged(const kvt_coll *c, uint32_t ci) {
@@ -138,7 +138,7 @@ int kvt_damaged_run(kvt_coll *c, int mode, uint32_t ci, uint32_t first_idx, cons
     int mapped = map_run(c, ci, recs, n, &m) == 0;
     for (uint32_t i = 0; mapped && i < n; i++) rejects += m.st[i] == RUN_BAD;
     for (uint64_t id = 0; mapped && id < c->n; id++) {
-        if (c->loc[id] != ci) continue;
+        if (kvt_loc(c, id) != ci) continue;
         uint64_t r = rank++;
         if (r >= (uint64_t)first_idx + n) break;
         if (r + c->cl[ci].dead < first_idx) continue;

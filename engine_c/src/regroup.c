@@ -85,7 +85,7 @@ static int64_t pending_id(const kvt_coll *c, const kvt_cluster *k, uint32_t i) {
 static int on_flash(const kvt_coll *c, uint32_t src, const uint8_t *rec, int64_t lim) {
     int64_t id;
     memcpy(&id, rec, 8);
-    return c->loc[id] == src && id < lim;
+    return kvt_loc(c, id) == src && id < lim;
 }
 
 /* The records of cluster src on its flash or in its tail, by group of a two-group split:
@@ -176,7 +176,7 @@ static void install_group(kvt_coll *c, groups *G, uint32_t t, int why) {
     for (uint32_t i = kept; i < cnt; i++) { /* after the kept ones, in order (store.c 2) */
         int64_t id;
         memcpy(&id, G->grp[t] + (size_t)i * L->esz, 8);
-        if (c->loc[id] != j) set_loc(c, (uint64_t)id, j);
+        if (kvt_loc(c, id) != j) set_loc(c, (uint64_t)id, j);
         if (mem) mem[i] = (uint32_t)id;
     }
     kvt_cache_ent *e = why == REGROUP_SPLIT ? kvt_cache_admit(&c->st->cache, c, j, cnt, L->esz) : NULL;

@@ -349,7 +349,7 @@ static int retrieve_clusters(kvt_coll *c, const float *q, uint64_t nq, uint64_t 
     if (!rc && mode == KVT_READ_SKIP && c->ndmg_cl) close_up(r, R.total);
     if (!rc && kvt_relayout_due(c) && kvt_relayout(c)) c->ctr.split_errors++;
     /* name: the clusters the entries belong to now, after any split or relayout */
-    for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)c->loc[r->ids[i]];
+    for (uint64_t i = 0; !rc && i < r->n; i++) r->clusters[i] = (int32_t)kvt_loc(c, r->ids[i]);
     free(R.fx.sc);
     free(R.fx.ord);
     free(R.fx.x);

@@ -289,7 +289,7 @@ static int get_by_slot(kvt_coll *c, int mode, const int64_t *ids, uint64_t n, vo
     if (!buf) rc = kvt_fail(ENOMEM, "get: out of memory");
     kvt_io_batch_begin(&s->io);
     for (uint64_t i = 0; i < n && !rc; i++) {
-        uint32_t cl = c->loc[ids[i]];
+        uint32_t cl = kvt_loc(c, ids[i]);
         kvt_cluster *k = &c->cl[cl];
         uint32_t slot = chain_slot(c, k, ids[i]);
         const uint8_t *rec;
@@ -398,7 +398,7 @@ static int get_by_cluster(kvt_coll *c, int mode, const int64_t *ids, uint64_t n,
     get_ctx g = {L, rows, list, start, 0, found, keys_out, values_out};
     if (!rows || !start || !list || !found) rc = kvt_fail(ENOMEM, "get: out of memory");
     if (!rc) {
-        for (uint64_t i = 0; i < n; i++) rows[i] = (get_row){ids[i], i, c->loc[ids[i]]};
+        for (uint64_t i = 0; i < n; i++) rows[i] = (get_row){ids[i], i, kvt_loc(c, ids[i])};
         qsort(rows, n, sizeof *rows, by_cluster);
         for (uint64_t t = 0; t < n; t++) {
             if (!g.nlist || list[g.nlist - 1] != rows[t].cl) {

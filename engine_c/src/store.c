@@ -5,11 +5,12 @@
  * Invariants (of the whole collection layer; the other files refer to them by number):
  * 1. Every public call takes the store mutex for its whole duration; the structures of
  *    store.h are only touched under it.
- * 2. For every id < n, loc[id] = c, and exactly one live record of cluster c carries that
- *    id. Along a cluster's slots (segments in order, slots in order, then its pending buffer)
- *    ids strictly increase, dead slots (format 3) included: records are appended in id order
- *    and every rewrite keeps their order. So the live record of rank i among the ids the map
- *    puts in c is its i-th live record, and a record is found among its cluster's by its id.
+ * 2. For every id < n, the id map names its cluster c (kvt_loc), and exactly one live record
+ *    of cluster c carries that id. Along a cluster's slots (segments in order, slots in
+ *    order, then its pending buffer) ids strictly increase, dead slots (format 3) included:
+ *    records are appended in id order and every rewrite keeps their order. So the live
+ *    record of rank i among the ids the map puts in c is its i-th live record, and a record
+ *    is found among its cluster's by its id.
  *    The sum of cl[c].n is n; a cluster with n == 0 owns nothing and is a free slot.
  * 3. cent[c] is the mean of cluster c's keys, cnorm[c] its squared norm (FLT_MAX for free
  *    slots, so nothing joins them), cl[c].m2 the sum of squared distances to the mean.

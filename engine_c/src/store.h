@@ -143,11 +143,14 @@ struct kvt_coll {
     float *vsum;         /* clcap * value_dim: value sums (estimate.c), or NULL */
     uint32_t ncl, clcap; /* clusters with n == 0 are free slots */
     kvt_pools pools;
-    /* id -> its cluster (4 bytes an entry). A record's slot in its cluster is not kept: ids
-     * increase along a cluster's slots (store.c 2), so a record is found among the cluster's
-     * records by its id, and a slot's id by its rank among the cluster's ids (read.c 2) */
-    uint32_t *loc;
+    /* id -> its cluster: locw bytes an entry, 2 while the cluster table has at most
+     * KVT_LOC_NARROW slots, 4 from the first growth past it (kvt_loc_widen). A record's slot
+     * in its cluster is not kept: ids increase along a cluster's slots (store.c 2), so a
+     * record is found among the cluster's records by its id, and a slot's id by its rank
+     * among the cluster's ids (read.c 2). Read and written through kvt_loc / kvt_loc_put. */
+    void *loc;
     uint64_t loccap;
+    uint32_t locw;
     uint64_t *mod; /* per id-map chunk: change counter value of its last change */
     uint64_t modcap;
     uint64_t modc, committed_mod; /* change counter; its value at the last committed checkpoint */
@@ -239,8 +242,19 @@ static inline uint32_t token_run_end(const kvt_cluster *k, uint32_t i0) {
  * is consumed in chunks. A quarter leaves the largest group's index and a read beside it. */
 #define KVT_ADD_STAGE_SHARE 0.25
 
+/* The most cluster slots a 2-byte id map names. */
+#define KVT_LOC_NARROW 65536u
+static inline uint32_t kvt_loc(const kvt_coll *c, uint64_t id) {
+    return c->locw == 2 ? ((const uint16_t *)c->loc)[id] : ((const uint32_t *)c->loc)[id];
+}
+static inline void kvt_loc_put(kvt_coll *c, uint64_t id, uint32_t cl) {
+    if (c->locw == 2)
+        ((uint16_t *)c->loc)[id] = (uint16_t)cl;
+    else
+        ((uint32_t *)c->loc)[id] = cl;
+}
 static inline void set_loc(kvt_coll *c, uint64_t id, uint32_t cl) {
-    c->loc[id] = cl;
+    kvt_loc_put(c, id, cl);
     c->mod[id / KVT_LOC_CHUNK] = ++c->modc;
 }
 

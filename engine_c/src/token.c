@@ -46,10 +46,10 @@ int kvt_record_offset(kvt_coll *c, uint64_t id, uint64_t *off) {
         *off = token_offset(c, id);
         return 0;
     }
-    const kvt_cluster *k = &c->cl[c->loc[id]];
+    const kvt_cluster *k = &c->cl[kvt_loc(c, id)];
     if (!c->ops->clustered) return slot_offset(c, k, id, id, off);
     uint64_t r = 0;
-    for (uint64_t i = 0; i < id; i++) r += c->loc[i] == c->loc[id];
+    for (uint64_t i = 0; i < id; i++) r += kvt_loc(c, i) == kvt_loc(c, id);
     uint64_t lo = r, hi = r + k->dead; /* the slot holding id is in [lo, hi] */
     while (lo < hi) {
         uint64_t mid = lo + (hi - lo) / 2, at;
@@ -200,7 +200,7 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
         uint32_t nb = (uint32_t)(m - i0 < TOKEN_BATCH ? m - i0 : TOKEN_BATCH), nr = 0;
         for (uint32_t t = 0; t < nb && !rc; t++) {
             const uint32_t slot = idx[i0 + t]; /* one chain in id order */
-            const kvt_cluster *k = &c->cl[c->loc[slot]];
+            const kvt_cluster *k = &c->cl[kvt_loc(c, slot)];
             if (slot >= k->n - k->pend) continue; /* in the write buffer's tail, not on flash yet */
             rc = kvt_record_offset(c, idx[i0 + t], &offs[nr]);
             req[nr] = (kvt_read_req){offs[nr], L->esz, rec + (size_t)nr * L->esz, 1};
@@ -220,14 +220,14 @@ static int retrieve_tokens(kvt_coll *c, const float *q, uint64_t nq, uint64_t bu
         if (!rc) rc = kvt_file_read_batch(c->f, req, nread);
         for (uint32_t t = 0, got = 0; t < nb && !rc; t++) {
             const uint32_t slot = idx[i0 + t];
-            const kvt_cluster *k = &c->cl[c->loc[slot]];
+            const kvt_cluster *k = &c->cl[kvt_loc(c, slot)];
             if (slot >= k->n - k->pend) {
                 kvt_put_result(r, L, k->x->pbuf + (size_t)(slot - (k->n - k->pend)) * L->esz, -1);
                 continue;
             }
             if (got == nr) break; /* cannot happen: the same test chose the reads */
             uint32_t bad = 0;
-            rc = kvt_check_run(c, c->read_mode, c->loc[slot], slot, rec + (size_t)got * L->esz, 1, offs[got], &bad);
+            rc = kvt_check_run(c, c->read_mode, kvt_loc(c, slot), slot, rec + (size_t)got * L->esz, 1, offs[got], &bad);
             if (!rc && !bad) kvt_put_result(r, L, rec + (size_t)got * L->esz, -1);
             got++;
         }
@@ -250,7 +250,7 @@ static int assign(kvt_coll *c, kvt_add *a) {
     uint32_t first;
     int rc = c->ncl == 0 ? kvt_new_cluster(c, &first) : 0;
     if (rc) return rc;
-    for (uint64_t i = 0; i < a->n; i++) c->loc[a->n0 + i] = 0;
+    for (uint64_t i = 0; i < a->n; i++) kvt_loc_put(c, a->n0 + i, 0);
     a->k = 1;
     return 0;
 }

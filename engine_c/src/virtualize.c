@@ -72,7 +72,7 @@ static void run_swap_job(kvt_store *s, kvt_job *j) {
  *   "KVTSWAP6" u32 ncl, u32 nco, u64 n, u32 ncached, u32 has_m2d, u32 img_cl, u64 img_n
  *   img_cl x dim f16 representatives [, img_cl x dim f32 per-dimension m2]
  *   [, img_cl x value_dim f32 value sums (estimate.c)]
- *   img_n x u32 id map (cluster)                        (rows past ncl, past n: zeros)
+ *   img_n x locw id map (cluster)                        (rows past ncl, past n: zeros)
  *   the policy's section (none: [n x key keys])
  *   per cluster: u32 n, nseg, pend, 2 words of policy state (policy.h), ptail, dead; f32 heat,
  *                u32 heat_visit (its cache entry's when cached); f64 m2; nseg x (u32 pool,
@@ -135,8 +135,8 @@ static void write_arrays(kvt_coll *c, kvt_swap_writer *w) {
         kvt_sw_put(w, c->vsum, (size_t)c->ncl * c->p.value_dim * 4);
         kvt_sw_zeros(w, at += ic * c->p.value_dim * 4);
     }
-    kvt_sw_put(w, c->loc, c->n * sizeof *c->loc);
-    kvt_sw_zeros(w, at + c->img_n * sizeof *c->loc);
+    kvt_sw_put(w, c->loc, c->n * c->locw);
+    kvt_sw_zeros(w, at + c->img_n * c->locw);
 }
 
 static void write_image(kvt_coll *c, kvt_swap_writer *w, int keep_cache) {
@@ -186,7 +186,7 @@ static void drop_resident(kvt_coll *c) {
     kvt_free_array(c, c->cnorm, c->clcap, 4);
     if (c->m2d) kvt_free_array(c, c->m2d, c->clcap, (size_t)c->p.dim * 4);
     if (c->vsum) kvt_free_array(c, c->vsum, c->clcap, (size_t)c->p.value_dim * 4);
-    kvt_free_array(c, c->loc, c->loccap, sizeof *c->loc);
+    kvt_free_array(c, c->loc, c->loccap, c->locw);
     if (c->ops->drop) c->ops->drop(c); /* policy none: its resident keys */
     if (c->cofreq) kvt_free_array(c, c->cofreq, (uint64_t)c->nco * c->nco, 2);
     c->cl = NULL;
@@ -350,7 +350,7 @@ static void install_cached(kvt_coll *c, kvt_rbuf *r, uint32_t ncached, uint32_t 
 /* The fixed-offset arrays (write_arrays) from an image whose capacities are ic, in. */
 static void install_arrays(kvt_coll *c, kvt_rbuf *r, uint64_t ic, uint64_t in) {
     uint64_t dim = c->p.dim, vd = c->p.value_dim;
-    if (ic < c->ncl || in < c->n || ic > (r->len - r->pos) / (dim * 2) || in > (r->len - r->pos) / sizeof *c->loc) {
+    if (ic < c->ncl || in < c->n || ic > (r->len - r->pos) / (dim * 2) || in > (r->len - r->pos) / c->locw) {
         r->bad = 1;
         return;
     }
@@ -369,8 +369,8 @@ static void install_arrays(kvt_coll *c, kvt_rbuf *r, uint64_t ic, uint64_t in) {
         r->bad = 1;
         return;
     }
-    kvt_rbuf_get(r, c->loc, c->n * sizeof *c->loc);
-    r->pos = at + (size_t)(in * sizeof *c->loc);
+    kvt_rbuf_get(r, c->loc, c->n * c->locw);
+    r->pos = at + (size_t)(in * c->locw);
     if (r->pos > r->len) r->bad = 1;
 }
 

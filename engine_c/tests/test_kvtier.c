@@ -12,6 +12,7 @@
 #include "cache.h"
 #include "cluster.h"
 #include "common.h"
+#include "index.h" /* kvt_widen_ids, for the id map width test */
 #include "io.h"
 #include "kvtier.h"
 #include "pool.h"
@@ -1762,7 +1763,11 @@ static void test_demand_paging(void) {
         remove_dir(d);
     }
     char *d = make_dir();
-    uint64_t budget = kvt_round_up(index_total / 2, 4096);
+    /* below every index together, above one retrieve's working set (its collection's index,
+     * the clusters it pins, a read buffer of 16 KiB in a 16 KiB-aligned build): half the
+     * indexes was that until the id map took 2 bytes an entry, when it fell to 32 KiB */
+    uint64_t budget = kvt_round_up(index_total * 3 / 4, 4096);
+    CHECK(budget < index_total);
     kvt_store_opts o = {budget, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO, 4096, KVT_CACHE_CLUSTER};
     kvt_store *st;
     kvt_coll *c[H];
@@ -2890,7 +2895,7 @@ static void test_records_out_of_order(void) {
         save_and_close(st, c, &sv);
         CHECK_OK(reopen_saved(d, &sv, &p, &st, &c));
         int64_t a = 10, b = a + 1;
-        while (b < DMG_N && c->loc[b] != c->loc[a]) b++;
+        while (b < DMG_N && kvt_loc(c, b) != kvt_loc(c, a)) b++;
         uint64_t oa = 0, ob = 0;
         size_t esz = c->L.esz;
         CHECK(b < DMG_N);
@@ -2912,6 +2917,73 @@ static void test_records_out_of_order(void) {
         saved_free(&sv);
         remove_dir(d);
     }
+}
+
+/* The id map keeps 2 bytes an entry until the cluster table passes KVT_LOC_NARROW slots, then
+ * 4: widened in place of a collection (here directly, as kvt_ensure_clusters and a first
+ * partition do before naming such a slot), every entry keeps its cluster, through adds, a
+ * park and unpark (the swap image's map doubles), a checkpoint and a reopen (the catalog's
+ * chunks are u32 either way), and the index is charged for the wider map. */
+static void check_all(kvt_coll *c, const uint16_t *keys, int n) {
+    int64_t ids[400];
+    uint16_t gk[400 * 16], gv[400 * 8];
+    for (int i = 0; i < n; i++) ids[i] = i;
+    CHECK_OK(kvt_coll_get(c, ids, (uint64_t)n, gk, gv));
+    CHECK(memcmp(gk, keys, (size_t)n * 32) == 0);
+}
+
+static void test_id_map_width(void) {
+    char *d = make_dir();
+    kvt_coll_params p = params(KVT_F16);
+    kvt_store *st;
+    kvt_coll *c;
+    store_with(d, 4 << 20, &p, &st, &c);
+    enum { N = 400 };
+    uint64_t s = 29;
+    uint16_t keys[N * 16], vals[N * 8];
+    float kf[N * 16], vf[N * 8];
+    fill(keys, kf, N * 16, &s);
+    fill(vals, vf, N * 8, &s);
+    int64_t first;
+    CHECK_OK(kvt_coll_add(c, keys, vals, 300, &first));
+    CHECK(c->locw == 2);
+    uint32_t before[300];
+    for (int i = 0; i < 300; i++) before[i] = kvt_loc(c, (uint64_t)i);
+    uint64_t acct = c->acct, cap = c->loccap;
+    CHECK_OK(kvt_widen_ids(c, KVT_LOC_NARROW)); /* slots 0..65535 still fit */
+    CHECK(c->locw == 2);
+    CHECK_OK(kvt_widen_ids(c, KVT_LOC_NARROW + 1));
+    CHECK(c->locw == 4 && c->acct == acct + cap * 2);
+    int same = 1;
+    for (int i = 0; i < 300; i++) same &= kvt_loc(c, (uint64_t)i) == before[i];
+    CHECK(same);
+    check_all(c, keys, 300);
+    CHECK_OK(kvt_coll_add(c, keys + 300 * 16, vals + 300 * 8, 100, &first));
+    check_all(c, keys, N);
+    CHECK_OK(kvt_store_park(st, &c, 1, 0));
+    CHECK_OK(kvt_store_unpark(st, &c, 1, 0));
+    check_all(c, keys, N);
+    kvt_checkpoint *cp;
+    CHECK_OK(kvt_coll_checkpoint(c, &cp));
+    size_t blen, clen;
+    uint64_t chidx;
+    void *blob = malloc(1 << 16), *chunk = malloc(1 << 16);
+    const void *bp = kvt_checkpoint_dir(cp, &blen), *chp = kvt_checkpoint_chunk(cp, 0, &chidx, &clen);
+    memcpy(blob, bp, blen);
+    memcpy(chunk, chp, clen);
+    CHECK_OK(kvt_coll_committed(c, cp));
+    kvt_checkpoint_free(cp);
+    kvt_store_close(st);
+    kvt_store_opts o = {4 << 20, {0.0001, 100000, 1e9, 32, 4096, 0}, KVT_DIRECT_AUTO};
+    CHECK_OK(kvt_store_open(d, &o, &st));
+    const void *chunks[1] = {chunk};
+    CHECK_OK(kvt_coll_open(st, 0, &p, blob, blen, chunks, &clen, 1, &c));
+    CHECK(c->locw == 2); /* reopened with few clusters: narrow again */
+    check_all(c, keys, N);
+    free(blob);
+    free(chunk);
+    kvt_store_close(st);
+    remove_dir(d);
 }
 
 int main(void) {
@@ -2954,6 +3026,7 @@ int main(void) {
     test_empty_and_tiny();
     test_damage();
     test_records_out_of_order();
+    test_id_map_width();
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
